@@ -1,0 +1,56 @@
+# fieldline: `make demo` runs the demo, `make test` runs lint, type checks and every test.
+# Both install what is missing first (Debian packages when root or with sudo, then a venv).
+
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.stamp-deps
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DEMO_ARGS ?=
+
+.PHONY: setup system-deps demo test lint typecheck unit bench soak clean grafana
+
+setup: system-deps $(STAMP)
+
+system-deps:
+	@missing=""; \
+	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto mosquitto-clients"; \
+	command -v influxd >/dev/null 2>&1 || missing="$$missing influxdb"; \
+	$(PY) -c 'import ensurepip, venv' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+demo: setup
+	$(BIN)/fieldline demo $(DEMO_ARGS)
+
+lint: setup
+	$(BIN)/ruff check devices edge cloud simulators fieldline tests bench
+
+typecheck: setup
+	$(BIN)/mypy
+
+unit: setup
+	$(BIN)/pytest -q
+
+test: lint typecheck unit
+
+bench: setup
+	$(BIN)/python -m bench.run
+
+soak: setup
+	$(BIN)/pytest -q -m soak --timeout 3600
+
+grafana: setup
+	$(BIN)/fieldline grafana export deploy/grafana
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build *.egg-info

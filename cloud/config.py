@@ -1,0 +1,106 @@
+"""Cloud worker configuration (TOML); see ``deploy/cloud.toml`` for a commented example."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from devices.catalog import Catalog
+from devices.errors import ConfigError
+from devices.mqtt import BrokerAddress, parse_broker_url
+from devices.settings import Section, load_toml
+
+
+@dataclass(frozen=True, kw_only=True)
+class InfluxConfig:
+    version: int = 1
+    url: str = "http://127.0.0.1:8086"
+    database: str = "fieldline"  # 1.x
+    username: str | None = None
+    password: str | None = None
+    token: str | None = None  # 1.x token auth, or 2.x API token
+    org: str | None = None  # 2.x
+    bucket: str | None = None  # 2.x
+    create_database: bool = True
+    batch_points: int = 5_000
+    flush_interval_ms: int = 1_000
+    timeout_ms: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.version not in (1, 2):
+            raise ConfigError("influxdb.version", "must be 1 (1.x HTTP API) or 2 (2.x/3.x client)")
+        if self.version == 2 and not (self.token and self.org and self.bucket):
+            raise ConfigError("influxdb.token" if not self.token else
+                              "influxdb.org" if not self.org else "influxdb.bucket",
+                              "is required with version = 2")
+        if not self.url.startswith(("http://", "https://")):
+            raise ConfigError("influxdb.url", f"must be an http(s) URL, got {self.url!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CloudConfig:
+    worker_id: str
+    broker: BrokerAddress
+    influx: InfluxConfig
+    registry_path: Path | None = None
+    partitions: int = 1
+    detectors: list[str] = field(default_factory=lambda: ["threshold", "robust_z"])
+    detector_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    health_interval_ms: int = 5_000
+    catalog: Catalog = field(default_factory=Catalog)
+
+
+def load_cloud_config(path: str | Path) -> CloudConfig:
+    return cloud_config_from(load_toml(path))
+
+
+def cloud_config_from(root: Section) -> CloudConfig:
+    from cloud.detect import DETECTORS
+
+    w = root.section("worker")
+    ingest = root.section("ingest", required=True)
+    ix = root.section("influxdb")
+    det = root.section("detect")
+    catalog = Catalog.from_mapping(root.raw("catalog", {}))
+    influx = InfluxConfig(
+        version=ix.integer("version", 1),
+        url=ix.text("url", "http://127.0.0.1:8086"),
+        database=ix.text("database", "fieldline"),
+        username=ix.text("username", None),
+        password=ix.text("password", None),
+        token=ix.text("token", None),
+        org=ix.text("org", None),
+        bucket=ix.text("bucket", None),
+        create_database=ix.flag("create_database", True),
+        batch_points=ix.integer("batch_points", 5_000, minimum=1),
+        flush_interval_ms=ix.duration_ms("flush_interval", 1_000, minimum=10),
+        timeout_ms=ix.duration_ms("timeout", 10_000, minimum=100),
+    )
+    names = det.str_list("detectors", ["threshold", "robust_z"])
+    options: dict[str, dict[str, Any]] = {}
+    for name in names:
+        if name not in DETECTORS:
+            raise ConfigError(det.key("detectors"), f"unknown detector {name!r}; known: "
+                              f"{', '.join(sorted(DETECTORS))}", source=root.source)
+        opts = det.section(name)
+        options[name] = {k: opts.raw(k) for k in opts.keys()}  # noqa: SIM118  # checked by build_detectors
+    registry = w.text("registry", None)
+    cfg = CloudConfig(
+        worker_id=w.text("id", "cloud-1"),
+        registry_path=Path(registry) if registry else None,
+        broker=parse_broker_url(ingest.text("broker"), ingest.key("broker"),
+                                ca_file=ingest.text("ca_file", None),
+                                cert_file=ingest.text("cert_file", None),
+                                key_file=ingest.text("key_file", None)),
+        partitions=ingest.integer("partitions", 1, minimum=1, maximum=4096),
+        influx=influx,
+        detectors=names,
+        detector_options=options,
+        health_interval_ms=w.duration_ms("health_interval", 5_000, minimum=100),
+        catalog=catalog,
+    )
+    for s in (w, ingest, ix, det):
+        s.done()
+    root.done()
+    return cfg

@@ -1,0 +1,222 @@
+"""Anomaly detection on enriched window results.
+
+The detector contract has two methods, as in River: ``score`` judges rows against what the
+detector knows, ``learn`` folds rows into that knowledge. Detectors are kept per (device, metric,
+window width) and keyed by window start, so a revised result *replaces* what was learned from the
+earlier revision: a detector never learns twice from one window.
+
+Built in, by config name (``DETECTORS``):
+
+* ``threshold``: the registry's alarm limits, checked against the window's max and min.
+* ``robust_z``: a robust z-score (median and MAD over the last ``history`` windows) of the
+  window's max, min and mean. Spikes show in the extremes long before they move a mean; level
+  shifts and drifts show in the mean. Scores are only given once ``min_history`` windows are known.
+
+Detection is vectorised per batch; when a batch holds several windows of one series (a replay
+after an outage) they are taken in rounds, oldest first, so each is judged against its past.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from cloud.enrich import EnrichedResults
+from devices.readings import I64
+
+MAD_TO_SIGMA = 1.4826
+
+
+@dataclass(frozen=True, kw_only=True)
+class Anomaly:
+    row: int  # index into the EnrichedResults it came from
+    detector: str
+    direction: str  # high | low | level
+    score: float
+    value: float
+    reference: float  # the limit or the typical value it was judged against
+    message: str
+
+
+class Detector(Protocol):
+    name: str
+
+    def score(self, rows: EnrichedResults, idx: I64) -> list[Anomaly]: ...
+
+    def learn(self, rows: EnrichedResults, idx: I64) -> None: ...
+
+
+class ThresholdDetector:
+    """Registry limits: the window's max above ``high`` or its min below ``low``."""
+
+    name = "threshold"
+
+    def score(self, rows: EnrichedResults, idx: I64) -> list[Anomaly]:
+        out: list[Anomaly] = []
+        with np.errstate(invalid="ignore"):
+            over = rows.max[idx] > rows.high[idx]
+            under = rows.min[idx] < rows.low[idx]
+        for i in idx[over].tolist():
+            out.append(Anomaly(
+                row=i, detector=self.name, direction="high",
+                score=float((rows.max[i] - rows.high[i]) / rows.scale_floor[i]),
+                value=float(rows.max[i]), reference=float(rows.high[i]),
+                message=f"{rows.metric[i]} max {rows.max[i]:.3g} above limit {rows.high[i]:.3g}",
+            ))
+        for i in idx[under & ~over].tolist():
+            out.append(Anomaly(
+                row=i, detector=self.name, direction="low",
+                score=float((rows.low[i] - rows.min[i]) / rows.scale_floor[i]),
+                value=float(rows.min[i]), reference=float(rows.low[i]),
+                message=f"{rows.metric[i]} min {rows.min[i]:.3g} below limit {rows.low[i]:.3g}",
+            ))
+        return out
+
+    def learn(self, rows: EnrichedResults, idx: I64) -> None:
+        """Limits come from the registry; there is nothing to learn."""
+
+
+class RobustZDetector:
+    """Median/MAD z-scores of window max, min and mean against the series' recent windows."""
+
+    name = "robust_z"
+
+    def __init__(self, *, history: int = 60, min_history: int = 20,
+                 threshold: float = 8.0) -> None:
+        if history < 3 or not 2 <= min_history <= history or threshold <= 0:
+            raise ValueError("robust_z needs history >= 3, 2 <= min_history <= history, "
+                             "threshold > 0")
+        self.history = history
+        self.min_history = min_history
+        self.threshold = threshold
+        self._slots: dict[tuple[str, str, int], int] = {}
+        self._starts = np.full((0, history), -1, np.int64)
+        self._vals = np.full((3, 0, history), np.nan)  # max, min, mean
+        self._pos = np.zeros(0, np.int64)
+
+    def _slot_of(self, rows: EnrichedResults, idx: I64) -> I64:
+        slots = np.empty(len(idx), np.int64)
+        for j, i in enumerate(idx.tolist()):
+            key = (rows.device[i], rows.metric[i], int(rows.width[i]))
+            s = self._slots.get(key)
+            if s is None:
+                s = len(self._slots)
+                self._slots[key] = s
+            slots[j] = s
+        n = len(self._slots)
+        if n > len(self._pos):
+            grow = max(n, 2 * len(self._pos), 64)
+            starts = np.full((grow, self.history), -1, np.int64)
+            starts[: len(self._pos)] = self._starts
+            vals = np.full((3, grow, self.history), np.nan)
+            vals[:, : len(self._pos)] = self._vals
+            pos = np.zeros(grow, np.int64)
+            pos[: len(self._pos)] = self._pos
+            self._starts, self._vals, self._pos = starts, vals, pos
+        return slots
+
+    def score(self, rows: EnrichedResults, idx: I64) -> list[Anomaly]:
+        if len(idx) == 0:
+            return []
+        slots = self._slot_of(rows, idx)
+        same = self._starts[slots] == rows.start[idx][:, None]  # the window's own earlier rev
+        hist = np.where(same[None], np.nan, self._vals[:, slots])  # (3, k, H)
+        n_valid = (~np.isnan(hist[0])).sum(axis=1)
+        ready = n_valid >= self.min_history
+        if not ready.any():
+            return []
+        h = hist[:, ready]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            med = np.nanmedian(h, axis=2)  # (3, r)
+            mad = np.nanmedian(np.abs(h - med[:, :, None]), axis=2) * MAD_TO_SIGMA
+        r_idx = idx[ready]
+        floor = rows.scale_floor[r_idx]
+        scale = np.maximum(mad, floor[None, :])
+        z = np.stack([
+            (rows.max[r_idx] - med[0]) / scale[0],  # high extreme
+            (med[1] - rows.min[r_idx]) / scale[1],  # low extreme
+            np.abs(rows.mean[r_idx] - med[2]) / scale[2],  # level
+        ])
+        best = np.argmax(z, axis=0)
+        best_z = z[best, np.arange(z.shape[1])]
+        out: list[Anomaly] = []
+        for j in np.flatnonzero(best_z > self.threshold).tolist():
+            i = int(r_idx[j])
+            which = int(best[j])
+            value = (rows.max[i], rows.min[i], rows.mean[i])[which]
+            ref = float(med[which, j])
+            direction = ("high", "low", "high" if value > ref else "low")[which]
+            what = ("max", "min", "mean")[which]
+            out.append(Anomaly(
+                row=i, detector=self.name, direction=direction if which < 2 else "level",
+                score=float(best_z[j]), value=float(value), reference=ref,
+                message=f"{rows.metric[i]} {what} {value:.4g} vs typical {ref:.4g} "
+                        f"(robust z {best_z[j]:.1f})",
+            ))
+        return out
+
+    def learn(self, rows: EnrichedResults, idx: I64) -> None:
+        if len(idx) == 0:
+            return
+        slots = self._slot_of(rows, idx)
+        start = rows.start[idx]
+        same = self._starts[slots] == start[:, None]
+        has = same.any(axis=1)
+        col = np.where(has, np.argmax(same, axis=1), self._pos[slots])
+        self._starts[slots, col] = start
+        self._vals[0, slots, col] = rows.max[idx]
+        self._vals[1, slots, col] = rows.min[idx]
+        self._vals[2, slots, col] = rows.mean[idx]
+        adv = slots[~has]
+        self._pos[adv] = (self._pos[adv] + 1) % self.history
+
+    @property
+    def series(self) -> int:
+        return len(self._slots)
+
+
+DETECTORS: dict[str, Callable[..., Detector]] = {
+    "threshold": ThresholdDetector,
+    "robust_z": RobustZDetector,
+}
+
+
+def rounds(rows: EnrichedResults) -> list[I64]:
+    """Row indices in rounds: each round holds at most one window per series, oldest first."""
+    n = len(rows)
+    if n == 0:
+        return []
+    keys = [(rows.device[i], rows.metric[i], int(rows.width[i])) for i in range(n)]
+    order = sorted(range(n), key=lambda i: (keys[i], int(rows.start[i])))
+    occurrence = np.zeros(n, np.int64)
+    prev = None
+    k = 0
+    for i in order:
+        k = k + 1 if keys[i] == prev else 0
+        occurrence[i] = k
+        prev = keys[i]
+    return [np.flatnonzero(occurrence == r) for r in range(int(occurrence.max()) + 1)]
+
+
+class DetectionStage:
+    """Runs every configured detector over a batch: score, then learn, round by round."""
+
+    def __init__(self, detectors: list[Detector]) -> None:
+        self.detectors = detectors
+        self.anomalies = 0
+
+    def run(self, rows: EnrichedResults) -> list[Anomaly]:
+        found: list[Anomaly] = []
+        for idx in rounds(rows):
+            for det in self.detectors:
+                found.extend(det.score(rows, idx))
+                det.learn(rows, idx)
+        self.anomalies += len(found)
+        return found
+
+

@@ -1,0 +1,114 @@
+"""Enrichment: join each window result with the device registry (reference data).
+
+Adds site, kind and unit; applies the device's calibration offset (an offset shifts sum, min,
+max, mean, first and last and leaves the spread unchanged, so mergeability is kept); carries the
+alarm thresholds to the detectors. Results of devices missing from the registry are still
+written, under site ``unknown``, and counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from devices.catalog import Catalog
+from devices.contract import ResultBatch
+from devices.readings import F64, I64
+from devices.registry import Registry
+
+UNKNOWN_SITE = "unknown"
+
+
+@dataclass(frozen=True)
+class EnrichedResults:
+    """One batch of results, calibrated, with reference data per row."""
+
+    gateway: str
+    device: list[str]
+    metric: list[str]
+    site: list[str]
+    unit: list[str]
+    known: npt.NDArray[np.bool_]
+    start: I64
+    width: I64
+    rev: I64
+    count: I64
+    sum: F64
+    min: F64
+    max: F64
+    mean: F64
+    std: F64
+    first: F64
+    last: F64
+    low: F64  # alarm thresholds (NaN when none)
+    high: F64
+    scale_floor: F64  # smallest meaningful spread for the metric (for robust scores)
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+
+class Enricher:
+    def __init__(self, registry: Registry, catalog: Catalog) -> None:
+        self.registry = registry
+        self.catalog = catalog
+        self.unknown_results = 0
+        self.unknown_devices: set[str] = set()
+
+    def enrich(self, batch: ResultBatch) -> EnrichedResults:
+        r = batch.results
+        nd = len(batch.devices)
+        site = [UNKNOWN_SITE] * nd
+        offset_by_dev = np.zeros(nd)
+        kind_by_dev: list[str | None] = [None] * nd
+        low_by_dev = np.full(nd, np.nan)
+        high_by_dev = np.full(nd, np.nan)
+        known_by_dev = np.zeros(nd, bool)
+        for i, name in enumerate(batch.devices):
+            dev = self.registry.get(name)
+            if dev is None:
+                continue
+            known_by_dev[i] = True
+            site[i] = dev.site
+            kind_by_dev[i] = dev.kind
+            offset_by_dev[i] = dev.calibration_offset
+            low_by_dev[i] = np.nan if dev.low is None else dev.low
+            high_by_dev[i] = np.nan if dev.high is None else dev.high
+
+        unit_by_met = []
+        floor_by_met = np.zeros(len(batch.metrics))
+        for j, metric_name in enumerate(batch.metrics):
+            k = self.catalog.get(metric_name)
+            unit_by_met.append(k.unit if k else "")
+            floor_by_met[j] = 1e-3 * (k.high - k.low) if k else 1e-6
+
+        d = r.device
+        m = r.metric
+        # thresholds and calibration apply to the device's own kind only
+        own_kind = np.fromiter(
+            (kind_by_dev[di] == batch.metrics[mi]
+             for di, mi in zip(d.tolist(), m.tolist(), strict=True)),
+            dtype=np.bool_, count=len(d),
+        )
+        off = np.where(own_kind, offset_by_dev[d], 0.0)
+        known = known_by_dev[d]
+        n_unknown = int((~known).sum())
+        if n_unknown:
+            self.unknown_results += n_unknown
+            self.unknown_devices.update(batch.devices[i] for i in set(d[~known].tolist()))
+        return EnrichedResults(
+            gateway=batch.gateway,
+            device=[batch.devices[i] for i in d.tolist()],
+            metric=[batch.metrics[i] for i in m.tolist()],
+            site=[site[i] for i in d.tolist()],
+            unit=[unit_by_met[i] for i in m.tolist()],
+            known=known,
+            start=r.start, width=r.width, rev=r.rev, count=r.count,
+            sum=r.sum + off * r.count, min=r.min + off, max=r.max + off, mean=r.mean + off,
+            std=np.sqrt(r.variance()), first=r.first + off, last=r.last + off,
+            low=np.where(own_kind, low_by_dev[d], np.nan),
+            high=np.where(own_kind, high_by_dev[d], np.nan),
+            scale_floor=floor_by_met[m],
+        )

@@ -1,0 +1,167 @@
+"""The sink contract and the buffered, retrying writer in front of every sink."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
+
+from devices.clock import Clock
+
+log = logging.getLogger("fieldline.cloud.sink")
+
+
+class SinkError(Exception):
+    """A write failed. ``retryable`` says whether sending the same lines again may succeed;
+    ``rejected`` counts points the server refused for good (the rest were written)."""
+
+    def __init__(self, message: str, *, retryable: bool, rejected: int = 0,
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.rejected = rejected
+        self.retry_after_s = retry_after_s
+
+
+class Sink(Protocol):
+    """Writes line-protocol points; returns once the server confirmed them."""
+
+    name: str
+
+    def write(self, lines: list[str]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class MemorySink:
+    """Keeps lines in memory (tests and dry runs)."""
+
+    name = "memory"
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def write(self, lines: list[str]) -> None:
+        self.lines.extend(lines)
+
+    def close(self) -> None:
+        pass
+
+
+class BufferedWriter:
+    """Batches lines, writes them off the event loop, retries with capped jittered backoff.
+
+    ``on_written`` is called (in the event loop) with each batch's tokens once the sink confirmed
+    it: that is the only moment a result counts as written.
+    """
+
+    def __init__(
+        self,
+        sink: Sink,
+        *,
+        clock: Clock,
+        batch_points: int = 5_000,
+        flush_interval_ms: int = 1_000,
+        max_backoff_ms: int = 30_000,
+        on_written: Callable[[list[object]], None] | None = None,
+    ) -> None:
+        self.sink = sink
+        self.clock = clock
+        self.batch_points = batch_points
+        self.flush_interval_ms = flush_interval_ms
+        self.max_backoff_ms = max_backoff_ms
+        self.on_written = on_written
+        self._lines: deque[str] = deque()
+        self._tokens: deque[tuple[int, object]] = deque()  # (lines added when queued, token)
+        self._added = 0
+        self._done = 0
+        self._wake = asyncio.Event()
+        self.points_written = 0
+        self.points_rejected = 0
+        self.write_errors = 0
+        self.writes = 0
+        self.last_error: str | None = None
+
+    @property
+    def buffered(self) -> int:
+        return len(self._lines)
+
+    def add(self, lines: list[str], token: object = None) -> None:
+        """Queue points; ``token`` is handed to ``on_written`` once they are confirmed."""
+        self._lines.extend(lines)
+        self._added += len(lines)
+        if token is not None:
+            self._tokens.append((self._added, token))
+        if len(self._lines) >= self.batch_points:
+            self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Flush whenever a batch is full or the interval passed; on stop, flush what is left."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.flush_interval_ms / 1000)
+            self._wake.clear()
+            await self.flush(stop)
+        await self.flush(None, attempts=3)
+
+    async def flush(self, stop: asyncio.Event | None, attempts: int | None = None) -> bool:
+        """Write everything buffered; True when the buffer is empty afterwards."""
+        while self._lines or self._tokens:
+            n = min(self.batch_points, len(self._lines))
+            lines = [self._lines[i] for i in range(n)]
+            ok = await self._write_with_retry(lines, stop, attempts)
+            if not ok:
+                return False
+            for _ in range(n):
+                self._lines.popleft()
+            self._done += n
+            confirmed = []
+            while self._tokens and self._tokens[0][0] <= self._done:
+                confirmed.append(self._tokens.popleft()[1])
+            if confirmed and self.on_written is not None:
+                self.on_written(confirmed)
+        return True
+
+    async def _write_with_retry(self, lines: list[str], stop: asyncio.Event | None,
+                                attempts: int | None) -> bool:
+        backoff = 200
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                if lines:
+                    await asyncio.to_thread(self.sink.write, lines)
+                    self.writes += 1
+                self.points_written += len(lines)
+                return True
+            except SinkError as exc:
+                self.write_errors += 1
+                self.last_error = str(exc)
+                if not exc.retryable:
+                    # The server refused some points for good and kept the rest (1.x partial
+                    # write): count them, never resend the batch forever.
+                    self.points_rejected += exc.rejected or len(lines)
+                    self.points_written += len(lines) - (exc.rejected or len(lines))
+                    log.error("sink %s rejected %d point(s): %s", self.sink.name,
+                              exc.rejected or len(lines), exc)
+                    return True
+                log.warning("sink %s write failed (attempt %d, retrying): %s",
+                            self.sink.name, tries, exc)
+                if attempts is not None and tries >= attempts:
+                    return False
+                delay = exc.retry_after_s * 1000 if exc.retry_after_s else backoff
+                delay = min(delay, self.max_backoff_ms) * (0.5 + random.random() / 2)
+                backoff = min(backoff * 2, self.max_backoff_ms)
+                if stop is not None:
+                    try:
+                        await asyncio.wait_for(stop.wait(), delay / 1000)
+                        if attempts is None:
+                            attempts = tries + 2  # stopping: a couple more tries, then give up
+                    except TimeoutError:
+                        pass
+                else:
+                    await asyncio.sleep(delay / 1000)

@@ -1,0 +1,150 @@
+"""InfluxDB 1.x sink: the ``/write`` HTTP API with line protocol, precision ms.
+
+Errors are classified at this boundary (RELIABILITY.md):
+
+* 204: written. 413: the batch is split in halves and each half written.
+* 400 ``partial write … dropped=N``: N points refused for good (bad type, retention policy), the
+  rest kept: not retryable, counted.
+* 404 (database missing, e.g. dropped under us): created again, then retried.
+* 429, 5xx, timeouts, refused connections: retryable.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import re
+from urllib.parse import urlencode, urlsplit
+
+from cloud.sinks.base import SinkError
+
+log = logging.getLogger("fieldline.cloud.influx")
+
+_DROPPED = re.compile(r"dropped=(\d+)")
+
+
+class InfluxV1Client:
+    """A minimal, dependency-free client for the InfluxDB 1.x HTTP API."""
+
+    def __init__(self, url: str, database: str, *, username: str | None = None,
+                 password: str | None = None, token: str | None = None,
+                 timeout_s: float = 10.0, retention_policy: str | None = None) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"InfluxDB URL must be http(s)://host:port, got {url!r}")
+        self.url = url.rstrip("/")
+        self.database = database
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = parts.port or (443 if self._https else 8086)
+        self._timeout = timeout_s
+        self._auth: dict[str, str] = {}
+        if username:
+            self._auth = {"u": username, "p": password or ""}
+        self._headers = {"Authorization": f"Token {token}"} if token else {}
+        self._rp = retention_policy
+        self._conn: http.client.HTTPConnection | None = None
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+            self._conn = cls(self._host, self._port, timeout=self._timeout)
+        return self._conn
+
+    def request(self, method: str, path: str, params: dict[str, str],
+                body: bytes | None = None) -> tuple[int, bytes]:
+        q = urlencode({**params, **self._auth})
+        headers = dict(self._headers)
+        if body is not None:
+            headers["Content-Type"] = "text/plain; charset=utf-8"
+        try:
+            conn = self._connection()
+            conn.request(method, f"{path}?{q}", body=body, headers=headers)
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        except (TimeoutError, OSError, http.client.HTTPException) as exc:
+            self.close()
+            raise SinkError(f"InfluxDB {self.url} unreachable: {exc!r}", retryable=True) from exc
+
+    def query(self, q: str, *, epoch: str = "ms", database: str | None = None) -> object:
+        """Run InfluxQL; returns the decoded JSON body (raises SinkError on failure)."""
+        import orjson
+
+        status, body = self.request("POST", "/query",
+                                    {"q": q, "db": database or self.database, "epoch": epoch})
+        if status != 200:
+            raise SinkError(f"query failed ({status}): {body[:200]!r}", retryable=status >= 500)
+        doc = orjson.loads(body)
+        for res in doc.get("results", []):
+            if "error" in res:
+                raise SinkError(f"query error: {res['error']}", retryable=False)
+        return doc
+
+    def create_database(self) -> None:
+        name = self.database.replace('"', '\\"')
+        self.query(f'CREATE DATABASE "{name}"', database="")
+
+    def ping(self) -> bool:
+        try:
+            status, _ = self.request("GET", "/ping", {})
+        except SinkError:
+            return False
+        return status == 204
+
+    def write_lines(self, lines: list[str]) -> None:
+        params = {"db": self.database, "precision": "ms"}
+        if self._rp:
+            params["rp"] = self._rp
+        body = ("\n".join(lines)).encode()
+        status, resp = self.request("POST", "/write", params, body)
+        if status == 204:
+            return
+        text = resp.decode(errors="replace")[:500]
+        if status == 413 and len(lines) > 1:
+            mid = len(lines) // 2
+            log.info("InfluxDB said 413 for %d points: splitting", len(lines))
+            self.write_lines(lines[:mid])
+            self.write_lines(lines[mid:])
+            return
+        if status == 404 and "database not found" in text:
+            self.create_database()
+            raise SinkError(f"database {self.database} was missing, created", retryable=True)
+        if status == 400:
+            m = _DROPPED.search(text)
+            rejected = int(m.group(1)) if m else len(lines)
+            raise SinkError(f"InfluxDB refused points: {text}", retryable=False,
+                            rejected=rejected)
+        if status == 413:
+            raise SinkError(f"single point too large: {text}", retryable=False, rejected=1)
+        raise SinkError(f"InfluxDB write failed ({status}): {text}",
+                        retryable=status == 429 or status >= 500 or status in (401, 403))
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+class InfluxV1Sink:
+    """Writes to one InfluxDB 1.x database (created at start unless told not to)."""
+
+    name = "influxdb1"
+
+    def __init__(self, url: str, database: str, *, username: str | None = None,
+                 password: str | None = None, token: str | None = None,
+                 create_database: bool = True, retention_policy: str | None = None,
+                 timeout_s: float = 10.0) -> None:
+        self.client = InfluxV1Client(url, database, username=username, password=password,
+                                     token=token, retention_policy=retention_policy,
+                                     timeout_s=timeout_s)
+        self._create = create_database
+        self._created = False
+
+    def write(self, lines: list[str]) -> None:
+        if self._create and not self._created:
+            self.client.create_database()
+            self._created = True
+        self.client.write_lines(lines)
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,214 @@
+"""The cloud worker's composition root: ingest -> dedup -> enrich -> detect -> InfluxDB.
+
+Three named tasks: ``consume`` (reads the partitioned source and runs the synchronous stages),
+``write`` (the buffered sink writer) and ``health`` (the worker's own pipeline point). Bad uplink
+messages are counted by reason and logged; they never stop the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter, deque
+from typing import Any
+
+import numpy as np
+
+from cloud.config import CloudConfig
+from cloud.dedup import BatchDedup
+from cloud.detect import DETECTORS, DetectionStage, Detector
+from cloud.enrich import Enricher
+from cloud.ingest import MqttSource, PartitionedSource, SourceMessage
+from cloud.points import aggregate_lines, anomaly_lines, pipeline_line
+from cloud.sinks import sink_class
+from cloud.sinks.base import BufferedWriter, Sink
+from devices.clock import Clock, SystemClock
+from devices.contract import HealthReport, ResultBatch, decode_uplink
+from devices.errors import ConfigError, ContractError
+from devices.registry import Registry
+from devices.rejects import RejectLog
+
+log = logging.getLogger("fieldline.cloud")
+
+
+def build_detectors(config: CloudConfig) -> list[Detector]:
+    out = []
+    for name in config.detectors:
+        try:
+            out.append(DETECTORS[name](**config.detector_options.get(name, {})))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"detect.{name}", str(exc)) from None
+    return out
+
+
+def build_sink(config: CloudConfig) -> Sink:
+    ix = config.influx
+    if ix.version == 1:
+        sink: Sink = sink_class("influxdb1")(
+            ix.url, ix.database, username=ix.username, password=ix.password, token=ix.token,
+            create_database=ix.create_database, timeout_s=ix.timeout_ms / 1000)
+    else:
+        sink = sink_class("influxdb2")(ix.url, token=ix.token, org=ix.org, bucket=ix.bucket,
+                                       timeout_s=ix.timeout_ms / 1000)
+    return sink
+
+
+def _percentile(values: deque[int], q: float) -> float:
+    if not values:
+        return 0.0
+    return float(np.percentile(np.fromiter(values, np.int64, len(values)), q))
+
+
+class CloudWorker:
+    def __init__(self, config: CloudConfig, *, clock: Clock | None = None,
+                 sink: Sink | None = None, source: PartitionedSource | None = None,
+                 registry: Registry | None = None) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        if registry is None:
+            if config.registry_path is None:
+                log.warning("no registry configured: every device will be reported unknown")
+                registry = Registry()
+            else:
+                registry = Registry.load(config.registry_path)
+                registry.check_kinds(config.catalog, source=str(config.registry_path))
+        self.registry = registry
+        self.source = source or MqttSource(config.broker, partitions=config.partitions,
+                                           client_id=f"fieldline-cloud-{config.worker_id}")
+        self.sink = sink or build_sink(config)
+        self.writer = BufferedWriter(self.sink, clock=self.clock,
+                                     batch_points=config.influx.batch_points,
+                                     flush_interval_ms=config.influx.flush_interval_ms,
+                                     on_written=self._on_written)
+        self.dedup = BatchDedup()
+        self.enricher = Enricher(registry, config.catalog)
+        self.detection = DetectionStage(build_detectors(config))
+        self.rejects = RejectLog(log)
+        self.counters: Counter[str] = Counter()
+        self.lag_ms: deque[int] = deque(maxlen=5000)  # edge publish -> InfluxDB confirmed
+        self.freshness_ms: deque[int] = deque(maxlen=5000)  # window end -> InfluxDB confirmed
+        self.edge_health: dict[str, HealthReport] = {}
+
+    # ---- synchronous stages -------------------------------------------------------------
+
+    def handle(self, msg: SourceMessage) -> None:
+        self.counters["messages_in"] += 1
+        try:
+            up = decode_uplink(msg.payload)
+        except ContractError as exc:
+            self.rejects.reject(exc.reason, f"{msg.topic}: {exc.detail}")
+            return
+        topic_gw = msg.topic.split("/")[2] if msg.topic.count("/") >= 3 else None
+        if topic_gw != up.gateway:
+            self.rejects.reject("gateway_mismatch",
+                                f"{msg.topic} carries gateway {up.gateway!r}")
+            return
+        if isinstance(up, HealthReport):
+            self._handle_health(up)
+        else:
+            self._handle_results(up)
+
+    def _handle_health(self, rep: HealthReport) -> None:
+        self.counters["health_in"] += 1
+        self.edge_health[rep.gateway] = rep
+        ln = pipeline_line("edge", {"gateway": rep.gateway}, rep.counters, rep.gauges, rep.ts)
+        if ln:
+            self.writer.add([ln])
+
+    def _handle_results(self, batch: ResultBatch) -> None:
+        if self.dedup.check_and_record(batch.gateway, batch.seq):
+            self.counters["duplicate_batches"] += 1
+            return
+        self.counters["batches_in"] += 1
+        self.counters["results_in"] += len(batch.results)
+        rows = self.enricher.enrich(batch)
+        found = self.detection.run(rows)
+        lines = aggregate_lines(rows) + anomaly_lines(rows, found)
+        self.counters["anomalies"] += len(found)
+        max_end = int((batch.results.start + batch.results.width).max()) if len(rows) else 0
+        self.writer.add(lines, token=(batch.sent_ms, max_end, len(rows)))
+
+    def _on_written(self, tokens: list[object]) -> None:
+        now = self.clock.now_ms()
+        for tok in tokens:
+            assert isinstance(tok, tuple)
+            sent: int = tok[0]
+            max_end: int = tok[1]
+            n: int = tok[2]
+            self.counters["results_written"] += n
+            self.lag_ms.append(now - sent)
+            if max_end:
+                self.freshness_ms.append(now - max_end)
+
+    def stats(self) -> dict[str, float]:
+        c = self.counters
+        s: dict[str, float] = {
+            "messages_in": c["messages_in"],
+            "batches_in": c["batches_in"],
+            "duplicate_batches": c["duplicate_batches"],
+            "results_in": c["results_in"],
+            "results_written": c["results_written"],
+            "rejected_messages": self.rejects.total,
+            "unknown_device_results": self.enricher.unknown_results,
+            "anomalies": c["anomalies"],
+            "points_written": self.writer.points_written,
+            "points_rejected": self.writer.points_rejected,
+            "write_errors": self.writer.write_errors,
+            "buffered_points": self.writer.buffered,
+            "lag_p50_ms": _percentile(self.lag_ms, 50),
+            "lag_p99_ms": _percentile(self.lag_ms, 99),
+            "freshness_p50_ms": _percentile(self.freshness_ms, 50),
+        }
+        for reason, n in self.rejects.counts.items():
+            s["rejected_" + reason] = n
+        return s
+
+    def _health_line(self) -> str | None:
+        s = self.stats()
+        gauges = {"buffered_points", "lag_p50_ms", "lag_p99_ms", "freshness_p50_ms"}
+        return pipeline_line(
+            "cloud", {"worker": self.config.worker_id},
+            {k: int(v) for k, v in s.items() if k not in gauges},
+            {k: float(v) for k, v in s.items() if k in gauges}, self.clock.now_ms())
+
+    # ---- async shell --------------------------------------------------------------------
+
+    async def _consume(self) -> None:
+        async for msg in self.source.messages():
+            try:
+                self.handle(msg)
+            except Exception:  # a bug must not stop ingest; it is logged with the message
+                self.counters["internal_errors"] += 1
+                log.exception("failed to handle message on %s", msg.topic)
+
+    async def _health(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.config.health_interval_ms / 1000)
+            ln = self._health_line()
+            if ln:
+                self.writer.add([ln])
+
+    async def run(self, stop: asyncio.Event) -> None:
+        log.info("cloud worker %s: %s -> %s", self.config.worker_id, self.config.broker.url,
+                 self.config.influx.url)
+        consume = asyncio.create_task(self._consume(), name="cloud-consume")
+        writer_stop = asyncio.Event()
+        write = asyncio.create_task(self.writer.run(writer_stop), name="cloud-write")
+        health = asyncio.create_task(self._health(stop), name="cloud-health")
+        try:
+            await stop.wait()
+        finally:
+            consume.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await consume
+            await health
+            writer_stop.set()
+            await write
+            await asyncio.to_thread(self.sink.close)
+            log.info("cloud worker %s stopped", self.config.worker_id)
+
+    def describe(self) -> dict[str, Any]:
+        return {"worker": self.config.worker_id, "broker": self.config.broker.url,
+                "influxdb": self.config.influx.url, "database": self.config.influx.database}

@@ -1,0 +1,253 @@
+"""Device payload codecs: what sensors publish, decoded straight into columns.
+
+Three shapes are understood, told apart by the payload itself so one gateway can serve a mixed
+fleet:
+
+* a single reading, a JSON object:
+  ``{"device": "t-001", "metric": "temperature", "ts": 1700000000000, "value": 21.5, "seq": 42}``
+* a batch from one device, a JSON object with ``readings``:
+  ``{"device": "t-001", "readings": [{"metric": "humidity", "ts": ..., "value": ..., "seq": 1}]}``
+* a SenML pack (RFC 8428), a JSON array: ``[{"bn": "t-001:", "bt": 1700000000.0,
+  "n": "temperature", "u": "Cel", "v": 21.5}]``; the device is the base name up to its last
+  ``:`` or ``/``, times are seconds (relative to now when below 2**28, as the RFC says).
+
+``ts`` is event time in integer epoch milliseconds. ``device`` may be omitted when the topic
+carries it. ``seq`` is optional: a per-device counter that lets duplicates and gaps be seen.
+
+One bad reading in a batch rejects that reading, never its neighbours; every rejection is counted
+under its reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from typing import Any
+
+import orjson
+
+from devices import rejects
+from devices.readings import NO_SEQ, ColumnBuilder, Interner, ReadingColumns
+
+MAX_DEVICE_ID = 128
+SENML_RELATIVE_LIMIT = 2**28  # RFC 8428 4.5.3: smaller times are relative to "now"
+
+
+def _loads(payload: bytes) -> tuple[Any, str | None]:
+    try:
+        return orjson.loads(payload), None
+    except orjson.JSONDecodeError:
+        # orjson is strict JSON; devices written in Python happily emit NaN/Infinity. Parse those
+        # with the lenient decoder so they are rejected as not_finite, not as garbage.
+        if b"NaN" in payload or b"Infinity" in payload:
+            try:
+                return json.loads(payload), None
+            except (ValueError, UnicodeDecodeError):
+                pass
+        return None, rejects.MALFORMED_JSON
+
+
+def _valid_device_id(d: object) -> bool:
+    return (
+        isinstance(d, str)
+        and 0 < len(d) <= MAX_DEVICE_ID
+        and not any(c in d for c in "/+# \n")
+    )
+
+
+class PayloadDecoder:
+    """Decodes raw MQTT messages into ``ReadingColumns``, counting what it cannot use."""
+
+    def __init__(
+        self,
+        devices: Interner,
+        metrics: Interner,
+        *,
+        device_topic_level: int | None = 1,
+        max_payload_bytes: int = 256 * 1024,
+    ) -> None:
+        self.devices = devices
+        self.metrics = metrics
+        self.device_topic_level = device_topic_level
+        self.max_payload_bytes = max_payload_bytes
+
+    def _topic_device(self, topic: str) -> str | None:
+        if self.device_topic_level is None:
+            return None
+        parts = topic.split("/")
+        if self.device_topic_level < len(parts):
+            return parts[self.device_topic_level]
+        return None
+
+    def decode(
+        self, messages: list[tuple[str, bytes, int]]
+    ) -> tuple[ReadingColumns, Counter[str], list[str]]:
+        """Decode ``(topic, payload, recv_ms)`` triples.
+
+        Returns the readings, rejection counts by reason, and up to a few sample details of the
+        rejections for the log.
+        """
+        out = ColumnBuilder()
+        bad: Counter[str] = Counter()
+        samples: list[str] = []
+
+        def reject(reason: str, detail: str) -> None:
+            bad[reason] += 1
+            if len(samples) < 5:
+                samples.append(f"{reason}: {detail}")
+
+        for topic, payload, recv in messages:
+            if len(payload) > self.max_payload_bytes:
+                reject(rejects.PAYLOAD_TOO_LARGE, f"{topic}: {len(payload)} bytes")
+                continue
+            doc, err = _loads(payload)
+            if err is not None:
+                reject(err, f"{topic}: {payload[:60]!r}")
+                continue
+            if isinstance(doc, dict):
+                device = doc.get("device")
+                if device is None:
+                    device = self._topic_device(topic)
+                if not _valid_device_id(device):
+                    reject(rejects.MISSING_FIELD if device is None else rejects.WRONG_TYPE,
+                           f"{topic}: bad or missing device id {device!r}")
+                    continue
+                assert isinstance(device, str)
+                readings = doc.get("readings")
+                if readings is None:
+                    self._one(doc, device, recv, out, reject)
+                elif isinstance(readings, list):
+                    for r in readings:
+                        if isinstance(r, dict):
+                            self._one(r, device, recv, out, reject)
+                        else:
+                            reject(rejects.MALFORMED_PAYLOAD, f"{topic}: reading is not an object")
+                else:
+                    reject(rejects.MALFORMED_PAYLOAD, f"{topic}: 'readings' is not a list")
+            elif isinstance(doc, list):
+                self._senml(doc, topic, recv, out, reject)
+            else:
+                reject(rejects.MALFORMED_PAYLOAD, f"{topic}: top level is {type(doc).__name__}")
+        return out.build(), bad, samples
+
+    def _one(self, r: dict[str, Any], device: str, recv: int, out: ColumnBuilder,
+             reject: Any) -> None:
+        metric = r.get("metric")
+        ts = r.get("ts")
+        value = r.get("value")
+        seq = r.get("seq", NO_SEQ)
+        if metric is None or ts is None or value is None:
+            reject(rejects.MISSING_FIELD, f"{device}: needs metric, ts and value")
+            return
+        if not isinstance(metric, str) or not metric:
+            reject(rejects.WRONG_TYPE, f"{device}: metric {metric!r}")
+            return
+        if type(ts) is float and ts.is_integer():
+            ts = int(ts)
+        if type(ts) is not int:
+            reject(rejects.WRONG_TYPE, f"{device}: ts {ts!r} is not integer epoch ms")
+            return
+        if type(value) is int:
+            value = float(value)
+        elif type(value) is not float:
+            reject(rejects.WRONG_TYPE, f"{device}: value {value!r}")
+            return
+        if type(seq) is not int or seq < NO_SEQ:
+            reject(rejects.WRONG_TYPE, f"{device}: seq {seq!r}")
+            return
+        if not math.isfinite(value):
+            reject(rejects.NOT_FINITE, f"{device}/{metric}: {value}")
+            return
+        d = self.devices.intern(device)
+        m = self.metrics.intern(metric)
+        if d < 0 or m < 0:
+            reject(rejects.INTAKE_OVERFLOW, f"too many distinct ids ({device}/{metric})")
+            return
+        out.append(d, m, ts, value, seq, recv)
+
+    def _senml(self, pack: list[Any], topic: str, recv: int, out: ColumnBuilder,
+               reject: Any) -> None:
+        bn = ""
+        bt = 0.0
+        for rec in pack:
+            if not isinstance(rec, dict):
+                reject(rejects.MALFORMED_PAYLOAD, f"{topic}: SenML record is not an object")
+                continue
+            if "bn" in rec:
+                if not isinstance(rec["bn"], str):
+                    reject(rejects.WRONG_TYPE, f"{topic}: SenML bn {rec['bn']!r}")
+                    continue
+                bn = rec["bn"]
+            if "bt" in rec:
+                if type(rec["bt"]) not in (int, float):
+                    reject(rejects.WRONG_TYPE, f"{topic}: SenML bt {rec['bt']!r}")
+                    continue
+                bt = float(rec["bt"])
+            name = bn + str(rec.get("n", ""))
+            cut = max(name.rfind(":"), name.rfind("/"))
+            if cut >= 0:
+                device: str | None = name[:cut]
+                metric = name[cut + 1:]
+            else:
+                device, metric = self._topic_device(topic), name
+            t = rec.get("t", 0.0)
+            v = rec.get("v")
+            if v is None:
+                other_value = bool({"vs", "vb", "vd"} & rec.keys())
+                reject(rejects.WRONG_TYPE if other_value else rejects.MISSING_FIELD,
+                       f"{topic}: SenML record without numeric v")
+                continue
+            if type(t) not in (int, float):
+                reject(rejects.WRONG_TYPE, f"{topic}: SenML t {t!r}")
+                continue
+            seconds = bt + float(t)
+            if not math.isfinite(seconds):
+                reject(rejects.BAD_TIMESTAMP, f"{topic}: SenML time {seconds}")
+                continue
+            ts = round(seconds * 1000)
+            if abs(seconds) < SENML_RELATIVE_LIMIT:
+                ts = recv + ts
+            if not _valid_device_id(device):
+                reject(rejects.MISSING_FIELD, f"{topic}: SenML name {name!r} names no device")
+                continue
+            assert device is not None
+            seq = rec.get("seq", NO_SEQ)
+            self._one({"metric": metric, "ts": ts, "value": v, "seq": seq}, device, recv, out,
+                      reject)
+
+
+# ---- encoders (simulators and tests use them) ----------------------------------------------
+
+
+def encode_single(device: str, metric: str, ts: int, value: float, seq: int | None = None) -> bytes:
+    doc: dict[str, object] = {"device": device, "metric": metric, "ts": ts, "value": value}
+    if seq is not None:
+        doc["seq"] = seq
+    return orjson.dumps(doc)
+
+
+def encode_batch(device: str, readings: list[tuple[str, int, float, int | None]]) -> bytes:
+    rs = []
+    for metric, ts, value, seq in readings:
+        r: dict[str, object] = {"metric": metric, "ts": ts, "value": value}
+        if seq is not None:
+            r["seq"] = seq
+        rs.append(r)
+    return orjson.dumps({"device": device, "readings": rs})
+
+
+def encode_senml(device: str, readings: list[tuple[str, int, float, int | None]],
+                 units: dict[str, str] | None = None) -> bytes:
+    """A SenML pack; event times are written as absolute seconds with millisecond precision."""
+    recs: list[dict[str, object]] = []
+    for i, (metric, ts, value, seq) in enumerate(readings):
+        rec: dict[str, object] = {"n": metric, "t": ts / 1000.0, "v": value}
+        if i == 0:
+            rec["bn"] = f"{device}:"
+        if units and metric in units:
+            rec["u"] = units[metric]
+        if seq is not None:
+            rec["seq"] = seq
+        recs.append(rec)
+    return orjson.dumps(recs)

@@ -1,0 +1,85 @@
+"""The one seam to MQTT brokers shared by every process: broker URLs and paho client setup.
+
+``mqtt://[user:pass@]host[:port]`` or ``mqtts://…`` (TLS, optional CA and client certificate).
+Clients speak MQTT 5 so PUBACK reason codes (not authorised, no subscribers, quota exceeded) are
+visible instead of hidden behind a normal-looking MQTT 3.1.1 PUBACK.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from devices.errors import ConfigError
+
+# MQTT 5 reason codes that mean "your PUBLISH did not get through" (RELIABILITY.md).
+NO_MATCHING_SUBSCRIBERS = 0x10
+
+
+@dataclass(frozen=True, kw_only=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def parse_broker_url(url: str, key: str = "broker", *, ca_file: str | None = None,
+                     cert_file: str | None = None, key_file: str | None = None) -> BrokerAddress:
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(key, f"bad broker URL {url!r}: {exc}") from None
+    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+        raise ConfigError(key, f"broker URL must start with mqtt:// or mqtts://, got {url!r}")
+    if not parts.hostname:
+        raise ConfigError(key, f"broker URL has no host: {url!r}")
+    tls = parts.scheme in ("mqtts", "ssl")
+    return BrokerAddress(
+        host=parts.hostname,
+        port=port or (8883 if tls else 1883),
+        tls=tls,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        ca_file=ca_file,
+        cert_file=cert_file,
+        key_file=key_file,
+    )
+
+
+def make_client(address: BrokerAddress, client_id: str, *, session_expiry_s: int = 0
+                ) -> tuple[mqtt.Client, Properties | None]:
+    """A paho MQTT 5 client (not yet connected) and the CONNECT properties to pass to connect()."""
+    client = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=mqtt.MQTTv5,
+    )
+    if address.username is not None:
+        client.username_pw_set(address.username, address.password)
+    if address.tls:
+        ctx = ssl.create_default_context(cafile=address.ca_file)
+        if address.cert_file:
+            ctx.load_cert_chain(address.cert_file, address.key_file)
+        client.tls_set_context(ctx)
+    client.reconnect_delay_set(min_delay=1, max_delay=30)
+    props: Properties | None = None
+    if session_expiry_s > 0:
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = session_expiry_s
+    return client, props

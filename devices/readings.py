@@ -1,0 +1,141 @@
+"""Columnar readings: the unit of work on every hot path.
+
+A micro-batch of readings is five parallel numpy arrays (device index, metric index, event time,
+value, sequence number) plus the receive time. Device and metric names are dictionary-encoded by an
+``Interner`` owned by the process, so the windowing engine only ever sees small integers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+I32 = npt.NDArray[np.int32]
+I64 = npt.NDArray[np.int64]
+F64 = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
+
+NO_SEQ = -1  # a reading that carried no sequence number
+
+
+class Interner:
+    """Maps names to dense integer ids and back. Ids are never reused or reassigned."""
+
+    def __init__(self, names: list[str] | None = None, *, limit: int = 1 << 20) -> None:
+        self._ids: dict[str, int] = {}
+        self.names: list[str] = []
+        self.limit = limit
+        for n in names or []:
+            self.intern(n)
+
+    def intern(self, name: str) -> int:
+        """The id of ``name``, allocating one if new; -1 once ``limit`` ids exist."""
+        i = self._ids.get(name)
+        if i is None:
+            if len(self.names) >= self.limit:
+                return -1
+            i = len(self.names)
+            self._ids[name] = i
+            self.names.append(name)
+        return i
+
+    def get(self, name: str) -> int | None:
+        return self._ids.get(name)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+@dataclass(frozen=True)
+class ReadingColumns:
+    """A micro-batch of readings, one row per reading, in arrival order."""
+
+    device: I32
+    metric: I32
+    ts: I64  # event time, epoch ms
+    value: F64
+    seq: I64  # per-device sequence number, NO_SEQ when absent
+    recv: I64  # gateway receive time, epoch ms
+
+    def __post_init__(self) -> None:
+        n = len(self.device)
+        for name in ("metric", "ts", "value", "seq", "recv"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"column {name} has {len(getattr(self, name))} rows, expected {n}")
+
+    def __len__(self) -> int:
+        return len(self.device)
+
+    def take(self, mask_or_index: BoolArray | I64) -> ReadingColumns:
+        """The rows selected by a boolean mask or an index array."""
+        return ReadingColumns(
+            self.device[mask_or_index],
+            self.metric[mask_or_index],
+            self.ts[mask_or_index],
+            self.value[mask_or_index],
+            self.seq[mask_or_index],
+            self.recv[mask_or_index],
+        )
+
+    @staticmethod
+    def empty() -> ReadingColumns:
+        return ReadingColumns(
+            np.empty(0, np.int32),
+            np.empty(0, np.int32),
+            np.empty(0, np.int64),
+            np.empty(0, np.float64),
+            np.empty(0, np.int64),
+            np.empty(0, np.int64),
+        )
+
+    @staticmethod
+    def concat(parts: list[ReadingColumns]) -> ReadingColumns:
+        if not parts:
+            return ReadingColumns.empty()
+        if len(parts) == 1:
+            return parts[0]
+        return ReadingColumns(
+            np.concatenate([p.device for p in parts]),
+            np.concatenate([p.metric for p in parts]),
+            np.concatenate([p.ts for p in parts]),
+            np.concatenate([p.value for p in parts]),
+            np.concatenate([p.seq for p in parts]),
+            np.concatenate([p.recv for p in parts]),
+        )
+
+
+class ColumnBuilder:
+    """Appends decoded readings to Python lists, then turns them into arrays once per batch."""
+
+    __slots__ = ("device", "metric", "recv", "seq", "ts", "value")
+
+    def __init__(self) -> None:
+        self.device: list[int] = []
+        self.metric: list[int] = []
+        self.ts: list[int] = []
+        self.value: list[float] = []
+        self.seq: list[int] = []
+        self.recv: list[int] = []
+
+    def append(self, device: int, metric: int, ts: int, value: float, seq: int, recv: int) -> None:
+        self.device.append(device)
+        self.metric.append(metric)
+        self.ts.append(ts)
+        self.value.append(value)
+        self.seq.append(seq)
+        self.recv.append(recv)
+
+    def __len__(self) -> int:
+        return len(self.device)
+
+    def build(self) -> ReadingColumns:
+        return ReadingColumns(
+            np.array(self.device, dtype=np.int32),
+            np.array(self.metric, dtype=np.int32),
+            np.array(self.ts, dtype=np.int64),
+            np.array(self.value, dtype=np.float64),
+            np.array(self.seq, dtype=np.int64),
+            np.array(self.recv, dtype=np.int64),
+        )

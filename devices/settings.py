@@ -1,0 +1,150 @@
+"""Reading TOML configuration so that every mistake names its key.
+
+``Section`` wraps one table of a config file. Each accessor checks type and range and raises
+``ConfigError`` with the dotted key; ``done()`` rejects keys nobody read, so a typo such as
+``windw_size`` fails at start-up instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from devices.errors import ConfigError
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+_MISSING: Any = object()
+
+
+def parse_duration_ms(raw: object, key: str, source: str | None = None) -> int:
+    """``"10s"``, ``"500ms"``, ``"2m"``, ``"1h"`` or an integer number of milliseconds."""
+    if type(raw) is int:
+        return raw
+    if isinstance(raw, str):
+        m = _DURATION.match(raw)
+        if m:
+            return round(float(m.group(1)) * _UNIT_MS[m.group(2)])
+    raise ConfigError(key, f"not a duration: {raw!r} (use e.g. 500ms, 10s, 5m or an integer of ms)",
+                      source=source)
+
+
+def load_toml(path: str | Path) -> Section:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("config", f"file not found: {p}")
+    try:
+        with p.open("rb") as fh:
+            return Section(tomllib.load(fh), "", str(p))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"invalid TOML: {exc}", source=str(p)) from None
+
+
+class Section:
+    """One table of a configuration, read with checks."""
+
+    def __init__(self, data: Mapping[str, Any], path: str = "", source: str | None = None) -> None:
+        self._data = dict(data)
+        self._path = path
+        self.source = source
+        self._read: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self._path}.{name}" if self._path else name
+
+    def keys(self) -> list[str]:
+        return list(self._data)
+
+    def has(self, name: str) -> bool:
+        return name in self._data
+
+    def _get(self, name: str, default: Any) -> Any:
+        self._read.add(name)
+        if name in self._data:
+            return self._data[name]
+        if default is _MISSING:
+            raise ConfigError(self.key(name), "is required", source=self.source)
+        return default
+
+    def _fail(self, name: str, problem: str) -> ConfigError:
+        return ConfigError(self.key(name), problem, source=self.source)
+
+    def text(self, name: str, default: Any = _MISSING) -> Any:
+        v = self._get(name, default)
+        if v is not None and not isinstance(v, str):
+            raise self._fail(name, f"must be a string, got {v!r}")
+        return v
+
+    def integer(self, name: str, default: Any = _MISSING, *, minimum: int | None = None,
+            maximum: int | None = None) -> Any:
+        v = self._get(name, default)
+        if v is None:
+            return v
+        if type(v) is not int:
+            raise self._fail(name, f"must be an integer, got {v!r}")
+        if minimum is not None and v < minimum:
+            raise self._fail(name, f"must be >= {minimum}, got {v}")
+        if maximum is not None and v > maximum:
+            raise self._fail(name, f"must be <= {maximum}, got {v}")
+        return v
+
+    def number(self, name: str, default: Any = _MISSING, *, minimum: float | None = None,
+              maximum: float | None = None) -> Any:
+        v = self._get(name, default)
+        if v is None:
+            return v
+        if type(v) not in (int, float):
+            raise self._fail(name, f"must be a number, got {v!r}")
+        v = float(v)
+        if minimum is not None and v < minimum:
+            raise self._fail(name, f"must be >= {minimum}, got {v}")
+        if maximum is not None and v > maximum:
+            raise self._fail(name, f"must be <= {maximum}, got {v}")
+        return v
+
+    def flag(self, name: str, default: Any = _MISSING) -> Any:
+        v = self._get(name, default)
+        if not isinstance(v, bool):
+            raise self._fail(name, f"must be true or false, got {v!r}")
+        return v
+
+    def duration_ms(self, name: str, default: Any = _MISSING, *, minimum: int = 0) -> Any:
+        v = self._get(name, default)
+        if v is None:
+            return v
+        ms = parse_duration_ms(v, self.key(name), self.source)
+        if ms < minimum:
+            raise self._fail(name, f"must be at least {minimum} ms, got {ms} ms")
+        return ms
+
+    def choice(self, name: str, choices: tuple[str, ...], default: Any = _MISSING) -> Any:
+        v = self.text(name, default)
+        if v not in choices:
+            raise self._fail(name, f"must be one of {', '.join(choices)}; got {v!r}")
+        return v
+
+    def str_list(self, name: str, default: Any = _MISSING) -> Any:
+        v = self._get(name, default)
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+            raise self._fail(name, f"must be a list of strings, got {v!r}")
+        return list(v)
+
+    def section(self, name: str, *, required: bool = False) -> Section:
+        v = self._get(name, _MISSING if required else {})
+        if not isinstance(v, Mapping):
+            raise self._fail(name, "must be a table")
+        return Section(v, self.key(name), self.source)
+
+    def raw(self, name: str, default: Any = _MISSING) -> Any:
+        return self._get(name, default)
+
+    def done(self) -> None:
+        """Fail on any key that no accessor asked for (a typo, or an option that does not exist)."""
+        unknown = sorted(set(self._data) - self._read)
+        if unknown:
+            raise ConfigError(self.key(unknown[0]), "unknown key (typo?)", source=self.source)

@@ -1,0 +1,121 @@
+"""Gateway agent configuration (TOML), checked at start-up with every error naming its key.
+
+See ``deploy/gateway.toml`` for a commented example.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from devices.catalog import Catalog
+from devices.errors import ConfigError
+from devices.mqtt import BrokerAddress, parse_broker_url
+from devices.registry import Registry
+from devices.settings import Section, load_toml
+from edge.windows import WindowSpec
+
+
+@dataclass(frozen=True, kw_only=True)
+class EdgeConfig:
+    gateway: str
+    intake_broker: BrokerAddress
+    uplink_broker: BrokerAddress
+    window: WindowSpec
+    topics: list[str] = field(default_factory=lambda: ["devices/+/readings"])
+    device_topic_level: int | None = 1
+    intake_qos: int = 1
+    max_pending: int = 200_000
+    max_payload_bytes: int = 256 * 1024
+    max_future_ms: int = 5 * 60_000
+    max_past_ms: int = 7 * 86_400_000
+    registry_path: Path | None = None
+    unknown_devices: str = "reject"  # with a registry: reject or accept readings of unknown ids
+    state_dir: Path | None = None
+    tick_ms: int = 200
+    max_batch_messages: int = 50_000
+    health_interval_ms: int = 5_000
+    max_results_per_batch: int = 5_000
+    uplink_max_queued: int = 10_000
+    flush_on_stop: bool = False
+    catalog: Catalog = field(default_factory=Catalog)
+
+    def __post_init__(self) -> None:
+        if not self.gateway or any(c in self.gateway for c in "/+# "):
+            raise ConfigError("gateway.id", f"must be non-empty without / + # or spaces: "
+                                            f"{self.gateway!r}")
+        if self.unknown_devices not in ("reject", "accept"):
+            raise ConfigError("gateway.unknown_devices", "must be reject or accept")
+
+    def load_registry(self) -> Registry | None:
+        if self.registry_path is None:
+            return None
+        reg = Registry.load(self.registry_path)
+        reg.check_kinds(self.catalog, source=str(self.registry_path))
+        return reg
+
+
+def _window_spec(w: Section) -> WindowSpec:
+    try:
+        spec = WindowSpec(
+            size_ms=w.duration_ms("size", 10_000, minimum=100),
+            out_of_orderness_ms=w.duration_ms("out_of_orderness", 2_000),
+            allowed_lateness_ms=w.duration_ms("allowed_lateness", 30_000),
+            idle_timeout_ms=w.duration_ms("idle_timeout", 30_000, minimum=1),
+        )
+    except ValueError as exc:
+        raise ConfigError(w.key("size"), str(exc), source=w.source) from None
+    w.done()
+    return spec
+
+
+def load_edge_config(path: str | Path) -> EdgeConfig:
+    root = load_toml(path)
+    return edge_config_from(root)
+
+
+def edge_config_from(root: Section) -> EdgeConfig:
+    gw = root.section("gateway", required=True)
+    intake = root.section("intake", required=True)
+    uplink = root.section("uplink", required=True)
+    windows = root.section("windows")
+    validate = root.section("validate")
+    agent = root.section("agent")
+    catalog = Catalog.from_mapping(root.raw("catalog", {}))
+
+    state_dir = gw.text("state_dir", None)
+    registry = gw.text("registry", None)
+    level = intake.integer("device_topic_level", 1, minimum=-1)
+    cfg = EdgeConfig(
+        gateway=gw.text("id"),
+        state_dir=Path(state_dir) if state_dir else None,
+        registry_path=Path(registry) if registry else None,
+        unknown_devices=gw.choice("unknown_devices", ("reject", "accept"), "reject"),
+        intake_broker=parse_broker_url(intake.text("broker"), intake.key("broker"),
+                                       ca_file=intake.text("ca_file", None),
+                                       cert_file=intake.text("cert_file", None),
+                                       key_file=intake.text("key_file", None)),
+        topics=intake.str_list("topics", ["devices/+/readings"]),
+        device_topic_level=None if level < 0 else level,
+        intake_qos=intake.integer("qos", 1, minimum=0, maximum=2),
+        max_pending=intake.integer("max_pending", 200_000, minimum=1),
+        max_payload_bytes=intake.integer("max_payload_bytes", 256 * 1024, minimum=64),
+        uplink_broker=parse_broker_url(uplink.text("broker"), uplink.key("broker"),
+                                       ca_file=uplink.text("ca_file", None),
+                                       cert_file=uplink.text("cert_file", None),
+                                       key_file=uplink.text("key_file", None)),
+        max_results_per_batch=uplink.integer("max_results_per_batch", 5_000, minimum=1),
+        uplink_max_queued=uplink.integer("max_queued", 10_000, minimum=1),
+        window=_window_spec(windows),
+        max_future_ms=validate.duration_ms("max_future", 5 * 60_000),
+        max_past_ms=validate.duration_ms("max_past", 7 * 86_400_000),
+        tick_ms=agent.duration_ms("tick", 200, minimum=10),
+        max_batch_messages=agent.integer("max_batch_messages", 50_000, minimum=1),
+        health_interval_ms=agent.duration_ms("health_interval", 5_000, minimum=100),
+        flush_on_stop=agent.flag("flush_on_stop", False),
+        catalog=catalog,
+    )
+    for s in (gw, intake, uplink, validate, agent):
+        s.done()
+    root.done()
+    return cfg

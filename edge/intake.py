@@ -1,0 +1,99 @@
+"""Intake: subscribe to the gateway broker and buffer raw messages for the fold loop.
+
+paho's network thread only appends ``(topic, payload, receive time)`` to a bounded deque; it never
+decodes, never takes an application lock and never blocks (paho callbacks run under paho's locks).
+The agent drains the deque once per tick and decodes the whole micro-batch at once. When the
+buffer is full, messages are shed and counted (``intake_overflow``), never silently lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from devices.clock import Clock
+from devices.mqtt import BrokerAddress, make_client
+
+log = logging.getLogger("fieldline.edge.intake")
+
+
+class MqttIntake:
+    """Receives device messages from the gateway's MQTT broker."""
+
+    def __init__(
+        self,
+        address: BrokerAddress,
+        topics: list[str],
+        *,
+        clock: Clock,
+        client_id: str,
+        qos: int = 1,
+        max_pending: int = 200_000,
+        session_expiry_s: int = 3600,
+    ) -> None:
+        self.address = address
+        self.topics = topics
+        self.qos = qos
+        self.max_pending = max_pending
+        self._clock = clock
+        self._pending: deque[tuple[str, bytes, int]] = deque()
+        self.received = 0
+        self.overflowed = 0
+        self.connected = threading.Event()
+        self._client, self._props = make_client(address, client_id,
+                                                session_expiry_s=session_expiry_s)
+        self._client.on_message = self._on_message
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+
+    # paho thread ---------------------------------------------------------------------------
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode,
+                    _p: Any = None) -> None:
+        if rc.is_failure:
+            log.error("intake connect to %s refused: %s", self.address.url, rc)
+            return
+        opts = SubscribeOptions(qos=self.qos)
+        client.subscribe([(t, opts) for t in self.topics])
+        self.connected.set()
+        log.info("intake connected to %s, subscribed to %s", self.address.url, self.topics)
+
+    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode,
+                       _p: Any = None) -> None:
+        self.connected.clear()
+        if rc.value != 0:
+            log.warning("intake disconnected from %s: %s (reconnecting)", self.address.url, rc)
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        self.received += 1
+        if len(self._pending) >= self.max_pending:
+            self.overflowed += 1
+            return
+        self._pending.append((msg.topic, bytes(msg.payload), self._clock.now_ms()))
+
+    # agent side ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._client.connect_async(self.address.host, self.address.port, keepalive=30,
+                                   clean_start=False, properties=self._props)
+        self._client.loop_start()
+
+    def stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def drain(self, limit: int) -> list[tuple[str, bytes, int]]:
+        """Take up to ``limit`` buffered messages, oldest first."""
+        pending = self._pending
+        n = min(limit, len(pending))
+        return [pending.popleft() for _ in range(n)]
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)

@@ -1,0 +1,226 @@
+"""Mosquitto and InfluxDB 1.x as child processes: free loopback ports, temporary data dirs.
+
+Used by ``fieldline demo`` when no services are configured, and by the test fixtures. Mosquitto
+cannot bind port 0 (``listener 0`` means a unix socket), so a free port is picked and the start
+retried on a clash; InfluxDB binds port 0 and the port is read back from its log.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+from devices.mqtt import BrokerAddress
+
+
+class ServiceError(RuntimeError):
+    pass
+
+
+def find_binary(name: str, extra_dirs: tuple[str, ...] = ("/usr/sbin", "/usr/bin",
+                                                           "/usr/local/sbin")) -> str:
+    found = shutil.which(name)
+    if found:
+        return found
+    for d in extra_dirs:
+        p = Path(d) / name
+        if p.exists():
+            return str(p)
+    raise ServiceError(f"{name} not found: install it (Debian: apt-get install -y "
+                       f"{'mosquitto' if name == 'mosquitto' else 'influxdb'})")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class _Child:
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would (fault tests)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+    def pause(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGCONT)
+
+
+class Mosquitto(_Child):
+    """A Mosquitto broker on 127.0.0.1 with its own config and data directory."""
+
+    def __init__(self, workdir: Path, *, persistence: bool = False, extra_conf: str = "",
+                 port: int | None = None) -> None:
+        super().__init__()
+        self.workdir = workdir
+        self.persistence = persistence
+        self.extra_conf = extra_conf
+        self.port = port or 0
+        self.binary = find_binary("mosquitto")
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    @property
+    def address(self) -> BrokerAddress:
+        return BrokerAddress(host="127.0.0.1", port=self.port)
+
+    def _write_conf(self) -> Path:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        data = self.workdir / "data"
+        data.mkdir(exist_ok=True)
+        lines = [
+            f"listener {self.port} 127.0.0.1",
+            "allow_anonymous true",
+            f"persistence {'true' if self.persistence else 'false'}",
+            f"persistence_location {data}/",
+            "autosave_interval 1",
+            # test and demo brokers must never shed silently (RELIABILITY.md)
+            "max_queued_messages 1000000",
+            "max_inflight_messages 1000",
+            f"log_dest file {self.workdir / 'mosquitto.log'}",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+        ]
+        if os.geteuid() == 0:
+            lines.append("user root")  # keep access to the temporary data directory
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text("\n".join(lines) + "\n" + self.extra_conf + "\n")
+        return conf
+
+    def start(self, timeout_s: float = 10.0) -> Mosquitto:
+        fixed = self.port != 0
+        for _attempt in range(5):
+            if not fixed:
+                self.port = free_port()
+            conf = self._write_conf()
+            self.proc = subprocess.Popen([self.binary, "-c", str(conf)],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    break
+                if _port_open(self.port):
+                    return self
+                time.sleep(0.02)
+            err = b""
+            if self.proc.poll() is not None and self.proc.stderr is not None:
+                err = self.proc.stderr.read()
+            self.stop()
+            if fixed:
+                break
+            del err
+        log = self.workdir / "mosquitto.log"
+        tail = log.read_text()[-800:] if log.exists() else ""
+        raise ServiceError(f"mosquitto did not start on port {self.port}: {tail}")
+
+    def restart(self) -> Mosquitto:
+        """Start again on the same port (after stop or kill)."""
+        port = self.port
+        self.stop()
+        self.port = port
+        return self.start()
+
+
+class InfluxDB(_Child):
+    """InfluxDB 1.x (``influxd``) on 127.0.0.1 with its own data directories."""
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__()
+        self.workdir = workdir
+        self.port = 0
+        self.binary = find_binary("influxd")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> InfluxDB:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / "influxdb.conf"
+        w = self.workdir
+        conf.write_text(f"""reporting-enabled = false
+bind-address = "127.0.0.1:0"
+[meta]
+  dir = "{w}/meta"
+[data]
+  dir = "{w}/data"
+  wal-dir = "{w}/wal"
+  query-log-enabled = false
+  index-version = "inmem"
+[monitor]
+  store-enabled = false
+[http]
+  bind-address = "127.0.0.1:0"
+  log-enabled = false
+[continuous_queries]
+  enabled = false
+[subscriber]
+  enabled = false
+""")
+        logpath = self.workdir / "influxd.log"
+        with logpath.open("wb") as logfh:
+            self.proc = subprocess.Popen([self.binary, "run", "-config", str(conf)],
+                                         stdout=logfh, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout_s
+        pat = re.compile(r'msg="Listening on HTTP".*addr=127\.0\.0\.1:(\d+)')
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            m = pat.search(logpath.read_text(errors="replace"))
+            if m:
+                self.port = int(m.group(1))
+                if self._ping():
+                    return self
+            time.sleep(0.05)
+        tail = logpath.read_text(errors="replace")[-1500:]
+        self.stop()
+        raise ServiceError(f"influxd did not start: {tail}")
+
+    def _ping(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/ping", timeout=1) as r:
+                return bool(r.status == 204)
+        except OSError:
+            return False

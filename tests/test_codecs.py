@@ -1,0 +1,93 @@
+"""Device payload decoding: every shape, and every kind of bad input counted with its reason."""
+
+from __future__ import annotations
+
+import orjson
+
+from devices import rejects
+from devices.codecs import PayloadDecoder, encode_batch, encode_senml, encode_single
+from devices.readings import NO_SEQ, Interner
+
+T = 1_700_000_000_000
+
+
+def decoder() -> PayloadDecoder:
+    return PayloadDecoder(Interner(), Interner(), device_topic_level=1)
+
+
+def test_single_batch_and_senml_decode_to_the_same_columns() -> None:
+    readings = [("temperature", T, 21.5, 1), ("temperature", T + 1000, 21.75, 2)]
+    single = [("devices/d1/readings", encode_single("d1", m, t, v, s), 0)
+              for m, t, v, s in readings]
+    batch = [("devices/d1/readings", encode_batch("d1", readings), 0)]
+    senml = [("devices/d1/readings", encode_senml("d1", readings), 0)]
+    results = []
+    for msgs in (single, batch, senml):
+        d = decoder()
+        cols, bad, _ = d.decode(msgs)
+        assert not bad
+        results.append((cols.ts.tolist(), cols.value.tolist(), cols.seq.tolist(),
+                        [d.devices.names[i] for i in cols.device],
+                        [d.metrics.names[i] for i in cols.metric]))
+    assert results[0] == results[1] == results[2]
+    assert results[0][0] == [T, T + 1000]
+
+
+def test_device_comes_from_topic_when_payload_has_none() -> None:
+    d = decoder()
+    payload = orjson.dumps({"metric": "humidity", "ts": T, "value": 50})
+    cols, bad, _ = d.decode([("devices/abc/readings", payload, 0)])
+    assert not bad
+    assert d.devices.names[cols.device[0]] == "abc"
+    assert cols.value.tolist() == [50.0]
+    assert cols.seq.tolist() == [NO_SEQ]
+
+
+def test_bad_inputs_are_counted_by_reason_and_do_not_poison_neighbours() -> None:
+    good = encode_single("d1", "temperature", T, 20.0, 7)
+    msgs = [
+        ("devices/d1/readings", b"not json at all", 0),
+        ("devices/d1/readings", b'{"device": "d1", "metric": "temperature", "ts": 1, '
+                                b'"value": NaN}', 0),
+        ("devices/d1/readings", b'{"device": "d1", "metric": "temperature", "value": 1.0}', 0),
+        ("devices/d1/readings", b'{"device": "d1", "metric": "temperature", "ts": "x", '
+                                b'"value": 1.0}', 0),
+        ("devices/d1/readings", b'"just a string"', 0),
+        ("devices/d1/readings", b'{"device": "d1", "metric": "t", "ts": 1, "value": true}', 0),
+        ("devices/d1/readings", good, 0),
+        ("devices/d1/readings", b"x" * 300_000, 0),
+    ]
+    cols, bad, samples = decoder().decode(msgs)
+    assert len(cols) == 1
+    assert cols.seq.tolist() == [7]
+    assert bad == {
+        rejects.MALFORMED_JSON: 1, rejects.NOT_FINITE: 1, rejects.MISSING_FIELD: 1,
+        rejects.WRONG_TYPE: 2, rejects.MALFORMED_PAYLOAD: 1, rejects.PAYLOAD_TOO_LARGE: 1,
+    }
+    assert samples
+
+
+def test_one_bad_reading_in_a_batch_rejects_only_itself() -> None:
+    payload = orjson.dumps({"device": "d1", "readings": [
+        {"metric": "temperature", "ts": T, "value": 1.0},
+        {"metric": "temperature", "ts": T + 1, "value": "warm"},
+        "garbage",
+        {"metric": "temperature", "ts": T + 2, "value": 3.0},
+    ]})
+    cols, bad, _ = decoder().decode([("devices/d1/readings", payload, 0)])
+    assert cols.value.tolist() == [1.0, 3.0]
+    assert bad == {rejects.WRONG_TYPE: 1, rejects.MALFORMED_PAYLOAD: 1}
+
+
+def test_senml_relative_time_is_relative_to_receive_time() -> None:
+    payload = orjson.dumps([{"bn": "dev9:", "n": "temperature", "t": -2.5, "v": 20}])
+    cols, bad, _ = decoder().decode([("x/y", payload, T)])
+    assert not bad
+    assert cols.ts.tolist() == [T - 2500]
+
+
+def test_invalid_device_ids_are_rejected() -> None:
+    payload = orjson.dumps({"device": "a/b", "metric": "temperature", "ts": T, "value": 1})
+    cols, bad, _ = decoder().decode([("devices/ok/readings", payload, 0)])
+    assert len(cols) == 0
+    assert bad == {rejects.WRONG_TYPE: 1}

@@ -1,0 +1,78 @@
+"""The edge->cloud wire contract: round trip, and garbage refused with a countable reason."""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import pytest
+
+from devices.contract import (
+    HealthReport,
+    ResultBatch,
+    ResultColumns,
+    decode_uplink,
+    gateway_from_topic,
+    results_topic,
+)
+from devices.errors import ContractError
+from devices.rejects import BAD_UPLINK, UNSUPPORTED_VERSION
+
+
+def sample_batch(n: int = 3) -> ResultBatch:
+    i = np.arange(n, dtype=np.int64)
+    f = np.linspace(1.0, 2.0, n)
+    res = ResultColumns(device=i % 2, metric=np.zeros(n, np.int64),
+                        start=1_700_000_000_000 + i * 10_000,
+                        width=np.full(n, 10_000, np.int64), rev=np.zeros(n, np.int64),
+                        count=i + 1, sum=f * (i + 1), min=f - 1, max=f + 1, mean=f, m2=f * 0.5,
+                        first_ts=1_700_000_000_000 + i * 10_000, first=f,
+                        last_ts=1_700_000_000_000 + i * 10_000 + 9_000, last=f)
+    return ResultBatch(gateway="gw-1", seq=42, watermark=123, sent_ms=456,
+                       devices=["a", "b"], metrics=["temperature"], results=res)
+
+
+def test_results_round_trip_bit_identical() -> None:
+    b = sample_batch()
+    back = decode_uplink(b.encode())
+    assert isinstance(back, ResultBatch)
+    assert (back.gateway, back.seq, back.watermark, back.sent_ms) == ("gw-1", 42, 123, 456)
+    for k, v in b.results.to_cols().items():
+        assert np.array_equal(back.results.to_cols()[k], v), k
+    assert back.encode() == b.encode()
+
+
+def test_health_round_trip() -> None:
+    h = HealthReport(gateway="gw-2", ts=5, counters={"a": 1}, gauges={"b": 2.5})
+    assert decode_uplink(h.encode()) == h
+
+
+def test_topics() -> None:
+    assert gateway_from_topic(results_topic("gw-7")) == "gw-7"
+    assert gateway_from_topic("other/topic") is None
+
+
+@pytest.mark.parametrize(("payload", "reason"), [
+    (b"\x00\x01garbage", BAD_UPLINK),
+    (b"[1,2,3]", BAD_UPLINK),
+    (orjson.dumps({"v": 99, "kind": "results", "gw": "g"}), UNSUPPORTED_VERSION),
+    (orjson.dumps({"v": 1, "kind": "weird", "gw": "g"}), BAD_UPLINK),
+    (orjson.dumps({"v": 1, "kind": "results", "gw": "g", "seq": 1, "wm": 0, "sent": 0,
+                   "dev": ["a"], "met": ["m"], "cols": {"d": [0]}}), BAD_UPLINK),
+    (orjson.dumps({"v": 1, "kind": "health", "gw": "g", "ts": 1, "counters": {"x": "y"}}),
+     BAD_UPLINK),
+])
+def test_garbage_is_refused_with_a_reason(payload: bytes, reason: str) -> None:
+    with pytest.raises(ContractError) as info:
+        decode_uplink(payload)
+    assert info.value.reason == reason
+
+
+def test_index_out_of_range_and_non_integers_are_refused() -> None:
+    doc = orjson.loads(sample_batch().encode())
+    doc["cols"]["d"][0] = 5
+    with pytest.raises(ContractError, match="device index"):
+        decode_uplink(orjson.dumps(doc))
+    doc = orjson.loads(sample_batch().encode())
+    doc["cols"]["n"][0] = 1.5
+    with pytest.raises(ContractError, match="non-integer"):
+        decode_uplink(orjson.dumps(doc))
