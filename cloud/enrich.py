@@ -82,7 +82,7 @@ class Enricher:
         for j, metric_name in enumerate(batch.metrics):
             k = self.catalog.get(metric_name)
             unit_by_met.append(k.unit if k else "")
-            floor_by_met[j] = 1e-3 * (k.high - k.low) if k else 1e-6
+            floor_by_met[j] = 1e-4 * (k.high - k.low) if k else 1e-6
 
         d = r.device
         m = r.metric

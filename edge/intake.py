@@ -46,11 +46,13 @@ class MqttIntake:
         self.received = 0
         self.overflowed = 0
         self.connected = threading.Event()
+        self.subscribed = threading.Event()  # set once the broker acknowledged the subscription
         self._client, self._props = make_client(address, client_id,
                                                 session_expiry_s=session_expiry_s)
         self._client.on_message = self._on_message
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
+        self._client.on_subscribe = self._on_subscribe
 
     # paho thread ---------------------------------------------------------------------------
 
@@ -64,9 +66,18 @@ class MqttIntake:
         self.connected.set()
         log.info("intake connected to %s, subscribed to %s", self.address.url, self.topics)
 
+    def _on_subscribe(self, _c: mqtt.Client, _u: Any, _mid: int, rcs: list[ReasonCode],
+                      _p: Any = None) -> None:
+        refused = [rc for rc in rcs if rc.is_failure]
+        if refused:
+            log.error("intake subscription to %s refused: %s", self.topics, refused)
+        else:
+            self.subscribed.set()
+
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode,
                        _p: Any = None) -> None:
         self.connected.clear()
+        self.subscribed.clear()
         if rc.value != 0:
             log.warning("intake disconnected from %s: %s (reconnecting)", self.address.url, rc)
 

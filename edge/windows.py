@@ -309,6 +309,11 @@ class WindowEngine:
     def open_windows(self) -> int:
         return len(self.keys)
 
+    @property
+    def active_devices(self) -> int:
+        """Devices that sent event time and have not gone idle."""
+        return int(((self.idle_state == 0) & (self.max_ts != NEVER)).sum())
+
     def idle_devices(self) -> I64:
         return np.flatnonzero(self.idle_state > 0)
 

@@ -9,6 +9,8 @@ Faults (fractions are per reading):
 
 * ``spike``: one reading off by the kind's spike magnitude (written to ground truth).
 * ``disorder``: the reading is held back one interval (out of order, within tolerance).
+* ``straggler``: the reading is held back ``straggler_delay_ms`` (late, but within the agent's
+  allowed lateness: its window is revised).
 * ``late``: the reading is held back ``late_delay_ms`` (beyond the agent's allowed lateness).
 * ``malformed``: a payload that is not JSON is sent instead of the reading.
 * ``out_of_range``: the value is replaced by one outside the kind's physical range.
@@ -43,6 +45,8 @@ class FleetSpec:
     spike_after_ms: int = 300_000  # no spikes before detectors have a history
     spike_spacing_ms: int = 600_000  # at least this much between two spikes of one device
     disorder_fraction: float = 0.05
+    straggler_fraction: float = 0.0
+    straggler_delay_ms: int = 15_000
     late_fraction: float = 0.0
     late_delay_ms: int = 60_000
     malformed_fraction: float = 0.0
@@ -58,7 +62,7 @@ class FleetSpec:
             raise ValueError("payload must be json, batch or senml")
         if self.interval_ms < 1:
             raise ValueError("interval_ms must be >= 1")
-        for name in ("spike_fraction", "disorder_fraction", "late_fraction",
+        for name in ("spike_fraction", "disorder_fraction", "late_fraction", "straggler_fraction",
                      "malformed_fraction", "out_of_range_fraction"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
@@ -152,7 +156,7 @@ class FleetSimulator:
         n = len(self.device_ids)
         ts = t0 + self.offset
         values = self.signals.values(ts, rng)
-        u = rng.random((5, n))
+        u = rng.random((6, n))
         spike = (u[0] < spec.spike_fraction) & (ts - self.start_ms >= spec.spike_after_ms) & (
             ts - self.last_spike >= spec.spike_spacing_ms)
         sign = np.where(rng.random(n) < 0.5, -1.0, 1.0)
@@ -161,7 +165,8 @@ class FleetSimulator:
         oor = u[1] < spec.out_of_range_fraction
         malformed = u[2] < spec.malformed_fraction
         late = u[3] < spec.late_fraction
-        disorder = (u[4] < spec.disorder_fraction) & ~late
+        straggler = (u[5] < spec.straggler_fraction) & ~late
+        disorder = (u[4] < spec.disorder_fraction) & ~late & ~straggler
 
         out = Tick(t0, {gw: [] for gw in spec.gateway_ids()})
         # release held-back readings whose time has come (before this tick's own)
@@ -207,6 +212,13 @@ class FleetSimulator:
                 if rec is not None:
                     rec = Published(gw, dev, kind, t, v, seq, fault or "late")
                 self.held.append((t0 + spec.late_delay_ms, d, topic, payload, rec))
+            elif straggler[d] and not malformed[d]:
+                self.truth.append({"type": "straggler", "gateway": gw, "device": dev,
+                                   "metric": kind, "ts": t, "seq": seq,
+                                   "delay_ms": spec.straggler_delay_ms})
+                if rec is not None:
+                    rec = Published(gw, dev, kind, t, v, seq, fault or "straggler")
+                self.held.append((t0 + spec.straggler_delay_ms, d, topic, payload, rec))
             elif disorder[d] and not malformed[d]:
                 if rec is not None and not fault:
                     rec = Published(gw, dev, kind, t, v, seq, "disorder")

@@ -1,0 +1,211 @@
+"""The ``fieldline`` command.
+
+    fieldline demo [--duration S] [--gateways N] [--devices N] [--headless]
+    fieldline edge run --config gateway.toml
+    fieldline cloud run --config cloud.toml
+    fieldline simulate --config fleet.toml
+    fieldline grafana export DIR | push --url URL --token T --influx-url URL
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from devices.errors import ConfigError, FieldlineError
+
+
+def _stop_event() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fieldline.demo import DemoOptions, run_demo
+
+    headless = args.headless or args.duration is not None
+    if headless:
+        logging.basicConfig(level=logging.ERROR,
+                            format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    opts = DemoOptions(gateways=args.gateways, devices=args.devices, duration_s=args.duration,
+                       headless=headless, mqtt_url=args.mqtt_url, influx_url=args.influx_url,
+                       database=args.database, workdir=args.workdir, keep=args.keep,
+                       backfill_s=args.backfill, window_s=args.window, seed=args.seed)
+    return asyncio.run(run_demo(opts))
+
+
+def cmd_edge_run(args: argparse.Namespace) -> int:
+    from edge.agent import EdgeAgent
+    from edge.config import load_edge_config
+
+    cfg = load_edge_config(args.config)
+    agent = EdgeAgent(cfg)
+
+    async def main() -> None:
+        await agent.run(_stop_event())
+
+    asyncio.run(main())
+    return 0
+
+
+def cmd_cloud_run(args: argparse.Namespace) -> int:
+    from cloud.config import load_cloud_config
+    from cloud.worker import CloudWorker
+
+    cfg = load_cloud_config(args.config)
+    worker = CloudWorker(cfg)
+
+    async def main() -> None:
+        await worker.run(_stop_event())
+
+    asyncio.run(main())
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from simulators.config import load_sim_config
+    from simulators.fleet import FleetSimulator
+    from simulators.publisher import FleetPublisher
+
+    cfg = load_sim_config(args.config)
+    start = time.time_ns() // 1_000_000 - cfg.backfill_ms
+    sim = FleetSimulator(cfg.spec, start)
+    if cfg.registry_path:
+        sim.registry().to_csv(cfg.registry_path)
+        print(f"registry of {len(sim.device_ids)} devices written to {cfg.registry_path}")
+    pub = FleetPublisher(sim, cfg.brokers, qos=cfg.qos)
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    duration = args.duration if args.duration is not None else (
+        cfg.duration_ms / 1000 if cfg.duration_ms else None)
+    runner = threading.Thread(target=pub.run_realtime, args=(stop, duration), daemon=True)
+    runner.start()
+    t0 = time.monotonic()
+    last = 0
+    try:
+        while runner.is_alive():
+            runner.join(1.0)
+            n = pub.published
+            el = time.monotonic() - t0
+            sys.stderr.write(f"\r{len(sim.device_ids):,} devices  {n:,} published  "
+                             f"{n - last:,} msg/s  behind {pub.behind_ms / 1000:.1f}s  "
+                             f"faults {len(sim.truth):,}  {int(el)}s   ")
+            last = n
+    finally:
+        stop.set()
+        runner.join()
+        pub.close()
+        if cfg.truth_path:
+            pub.write_truth(cfg.truth_path)
+            print(f"\nground truth: {cfg.truth_path}")
+    print()
+    return 0
+
+
+def cmd_grafana_export(args: argparse.Namespace) -> int:
+    from cloud.dashboards import export
+
+    for p in export(Path(args.dir)):
+        print(p)
+    return 0
+
+
+def cmd_grafana_push(args: argparse.Namespace) -> int:
+    from cloud.dashboards import push
+
+    cred: str | tuple[str, str] | None = args.token
+    if args.user:
+        cred = (args.user, args.password or "")
+    result = push(args.url, credential=cred, influx_url=args.influx_url,
+                  database=args.database, influx_token=args.influx_token)
+    print(f"data source {result['datasource']}; dashboard: {result['dashboard']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fieldline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--log-level", default="INFO")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="run the whole platform locally with a simulated fleet")
+    d.add_argument("--duration", type=float, default=None,
+                   help="seconds to run headless, then print a summary (default: until Ctrl-C)")
+    d.add_argument("--gateways", type=int, default=3)
+    d.add_argument("--devices", type=int, default=200, help="devices per gateway")
+    d.add_argument("--headless", action="store_true", help="no live view")
+    d.add_argument("--mqtt-url", help="use this broker for everything instead of starting one")
+    d.add_argument("--influx-url", help="use this InfluxDB 1.x instead of starting one")
+    d.add_argument("--database", default="fieldline")
+    d.add_argument("--workdir", type=Path, help="keep services' data here (default: temp dir)")
+    d.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    d.add_argument("--backfill", type=int, default=300,
+                   help="seconds of history the fleet publishes at start (detectors warm up)")
+    d.add_argument("--window", type=int, default=10, help="window size in seconds")
+    d.add_argument("--seed", type=int, default=1)
+    d.set_defaults(func=cmd_demo)
+
+    e = sub.add_parser("edge", help="the gateway agent").add_subparsers(dest="sub", required=True)
+    er = e.add_parser("run", help="run the edge agent")
+    er.add_argument("--config", required=True, type=Path)
+    er.set_defaults(func=cmd_edge_run)
+
+    c = sub.add_parser("cloud", help="the cloud worker").add_subparsers(dest="sub", required=True)
+    cr = c.add_parser("run", help="run a cloud worker")
+    cr.add_argument("--config", required=True, type=Path)
+    cr.set_defaults(func=cmd_cloud_run)
+
+    s = sub.add_parser("simulate", help="publish a simulated fleet")
+    s.add_argument("--config", required=True, type=Path)
+    s.add_argument("--duration", type=float, default=None)
+    s.set_defaults(func=cmd_simulate)
+
+    g = sub.add_parser("grafana", help="dashboards").add_subparsers(dest="sub", required=True)
+    ge = g.add_parser("export", help="write provisioning files")
+    ge.add_argument("dir")
+    ge.set_defaults(func=cmd_grafana_export)
+    gp = g.add_parser("push", help="create/update data source and dashboard in a Grafana")
+    gp.add_argument("--url", required=True)
+    gp.add_argument("--token")
+    gp.add_argument("--user")
+    gp.add_argument("--password")
+    gp.add_argument("--influx-url", required=True)
+    gp.add_argument("--database", default="fieldline")
+    gp.add_argument("--influx-token")
+    gp.set_defaults(func=cmd_grafana_push)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command != "demo":
+        logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                            format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        rc: int = args.func(args)
+        return rc
+    except ConfigError as exc:
+        print(f"fieldline: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except FieldlineError as exc:
+        print(f"fieldline: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        with contextlib.suppress(Exception):
+            print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""``fieldline demo``: the whole platform on one machine, with a live terminal view.
+
+Starts Mosquitto (one broker per gateway plus the cloud broker) and InfluxDB as child processes
+on free loopback ports with temporary data directories (unless URLs are given), simulates a
+fleet, runs one edge agent per gateway and one cloud worker in this process, and shows what flows.
+Ctrl-C (or ``--duration``) stops everything in order: simulator, agents (which flush), worker
+(which writes what it holds), services.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cloud.config import CloudConfig, InfluxConfig
+from cloud.worker import CloudWorker
+from devices.mqtt import BrokerAddress, parse_broker_url
+from edge.agent import EdgeAgent
+from edge.config import EdgeConfig
+from edge.windows import WindowSpec
+from fieldline.services import InfluxDB, Mosquitto
+from simulators.fleet import FleetSimulator, FleetSpec
+from simulators.publisher import FleetPublisher
+
+log = logging.getLogger("fieldline.demo")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoOptions:
+    gateways: int = 3
+    devices: int = 200
+    duration_s: float | None = None
+    headless: bool = False
+    mqtt_url: str | None = None
+    influx_url: str | None = None
+    database: str = "fieldline"
+    workdir: Path | None = None
+    keep: bool = False
+    backfill_s: int = 300
+    window_s: int = 10
+    seed: int = 1
+
+
+GATEWAY_COLUMNS = [
+    ("gateway", "gateway", 8), ("msgs in", "messages_in", 9),
+    ("accepted", "readings_accepted", 9), ("rejected", "rejected", 9),
+    ("late rev", "late_revised", 9), ("late drop", "late_dropped", 9),
+    ("windows", "windows_emitted", 8), ("batches", "batches_sent", 8),
+    ("acked", "batches_acked", 8), ("open win", "open_windows", 9),
+    ("wm lag s", "watermark_lag_ms", 9),
+]
+
+
+def _fmt(v: float) -> str:
+    return f"{int(v):,}" if float(v).is_integer() else f"{v:,.1f}"
+
+
+def render(agents: list[EdgeAgent], worker: CloudWorker, pub: FleetPublisher | None,
+           opts: DemoOptions, influx_url: str, elapsed_s: float, final: bool = False) -> str:
+    lines = []
+    head = "fieldline demo summary" if final else "fieldline demo (Ctrl-C stops everything)"
+    lines.append(f"{head}: {opts.gateways} gateways x {opts.devices} devices, "
+                 f"{opts.window_s}s windows, running {int(elapsed_s)}s")
+    if pub is not None:
+        catching = " (catching up the backfill)" if pub.behind_ms > 2000 else ""
+        lines.append(f"simulator: {pub.published:,} readings published, "
+                     f"{len(pub.sim.truth):,} faults injected, behind schedule "
+                     f"{pub.behind_ms / 1000:.1f}s{catching}")
+    lines.append("")
+    lines.append(" ".join(f"{h:>{w}}" for h, _, w in GATEWAY_COLUMNS))
+    totals: dict[str, float] = {}
+    for a in agents:
+        s = a.stats()
+        row = []
+        for h, k, w in GATEWAY_COLUMNS:
+            if k == "gateway":
+                row.append(f"{a.config.gateway:>{w}}")
+                continue
+            v = s.get(k, 0)
+            if k == "watermark_lag_ms":
+                v = round(v / 1000, 1)
+            else:
+                totals[k] = totals.get(k, 0) + v
+            row.append(f"{_fmt(v):>{w}}")
+            del h
+        lines.append(" ".join(row))
+    lines.append(" ".join(
+        f"{'total':>{w}}" if k == "gateway" else
+        f"{_fmt(totals.get(k, 0)) if k != 'watermark_lag_ms' else '':>{w}}"
+        for _, k, w in GATEWAY_COLUMNS))
+    c = worker.stats()
+    lines.append("")
+    lines.append(f"cloud: {c['batches_in']:,.0f} batches ({c['duplicate_batches']:,.0f} duplicate,"
+                 f" {c['rejected_messages']:,.0f} bad), {c['results_in']:,.0f} window results, "
+                 f"{c['anomalies']:,.0f} anomalies, {c['unknown_device_results']:,.0f} unknown")
+    lines.append(f"influxdb: {c['points_written']:,.0f} points written, "
+                 f"{c['points_rejected']:,.0f} refused, {c['write_errors']:,.0f} write errors, "
+                 f"{c['buffered_points']:,.0f} buffered")
+    lines.append(f"end-to-end lag (edge publish -> InfluxDB): p50 {c['lag_p50_ms']:,.0f} ms, "
+                 f"p99 {c['lag_p99_ms']:,.0f} ms; window end -> InfluxDB p50 "
+                 f"{c['freshness_p50_ms'] / 1000:,.1f} s")
+    lines.append("")
+    lines.append(f"data: {influx_url}  database '{opts.database}'  (try: influx -port "
+                 f"{influx_url.rsplit(':', 1)[-1]} -database {opts.database} -execute "
+                 f"'SELECT * FROM anomalies LIMIT 5')")
+    lines.append("grafana: provision deploy/grafana/ (data source + 'fieldline fleet' dashboard) "
+                 "with FIELDLINE_INFLUX_URL set to the URL above, or run "
+                 "`fieldline grafana push --url http://GRAFANA:3000 --token TOKEN "
+                 f"--influx-url {influx_url} --database {opts.database}`")
+    return "\n".join(lines)
+
+
+async def run_demo(opts: DemoOptions) -> int:
+    workdir = opts.workdir or Path(tempfile.mkdtemp(prefix="fieldline-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not opts.headless:
+        logging.basicConfig(filename=workdir / "demo.log", level=logging.INFO, force=True,
+                            format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    services: list[Mosquitto | InfluxDB] = []
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    sim_stop = threading.Event()
+    agents: list[EdgeAgent] = []
+    pub: FleetPublisher | None = None
+    try:
+        spec = FleetSpec(
+            gateways=opts.gateways, devices_per_gateway=opts.devices, seed=opts.seed,
+            topic_template="{gateway}/devices/{device}/readings",
+            spike_fraction=1 / 3000, spike_after_ms=int(opts.window_s * 1000 * 22),
+            spike_spacing_ms=300_000, disorder_fraction=0.05, late_fraction=0.001,
+            straggler_fraction=0.002, straggler_delay_ms=int(opts.window_s * 1000 * 1.5),
+            late_delay_ms=opts.window_s * 1000 * 6, malformed_fraction=0.0005,
+            out_of_range_fraction=0.0005,
+        )
+        gw_ids = spec.gateway_ids()
+        print(f"starting services in {workdir} ...", file=sys.stderr)
+        gw_brokers: dict[str, BrokerAddress] = {}
+        if opts.mqtt_url:
+            shared = parse_broker_url(opts.mqtt_url, "--mqtt-url")
+            gw_brokers = dict.fromkeys(gw_ids, shared)
+            cloud_broker = shared
+        else:
+            for gw in gw_ids:
+                b = Mosquitto(workdir / f"mosquitto-{gw}").start()
+                services.append(b)
+                gw_brokers[gw] = b.address
+            cb = Mosquitto(workdir / "mosquitto-cloud").start()
+            services.append(cb)
+            cloud_broker = cb.address
+        if opts.influx_url:
+            influx_url = opts.influx_url
+        else:
+            ix = InfluxDB(workdir / "influxdb").start()
+            services.append(ix)
+            influx_url = ix.url
+
+        start_ms = time.time_ns() // 1_000_000 - opts.backfill_s * 1000
+        sim = FleetSimulator(spec, start_ms)
+        registry_path = workdir / "devices.csv"
+        sim.registry().to_csv(registry_path)
+        window = WindowSpec(size_ms=opts.window_s * 1000, out_of_orderness_ms=2000,
+                            allowed_lateness_ms=opts.window_s * 1000 * 3,
+                            idle_timeout_ms=30_000)
+        for gw in gw_ids:
+            agents.append(EdgeAgent(EdgeConfig(
+                gateway=gw, intake_broker=gw_brokers[gw], uplink_broker=cloud_broker,
+                topics=[f"{gw}/devices/+/readings"], device_topic_level=2, window=window,
+                registry_path=registry_path, state_dir=workdir / "state" / gw,
+                flush_on_stop=True, health_interval_ms=2000)))
+        worker = CloudWorker(CloudConfig(
+            worker_id="demo", broker=cloud_broker, registry_path=registry_path,
+            influx=InfluxConfig(url=influx_url, database=opts.database), health_interval_ms=2000))
+
+        worker_stop = asyncio.Event()
+        agent_stop = asyncio.Event()
+        tasks = [asyncio.create_task(worker.run(worker_stop), name="cloud-worker")]
+        tasks += [asyncio.create_task(a.run(agent_stop), name=f"edge-{a.config.gateway}")
+                  for a in agents]
+        await _wait_connected(agents, worker)
+        pub = FleetPublisher(sim, gw_brokers)
+        sim_task = asyncio.create_task(asyncio.to_thread(
+            pub.run_realtime, sim_stop, opts.duration_s), name="simulator")
+        t0 = time.monotonic()
+        while not stop.is_set() and not sim_task.done():
+            if not opts.headless:
+                sys.stdout.write("\x1b[H\x1b[2J" + render(agents, worker, pub, opts, influx_url,
+                                                          time.monotonic() - t0) + "\n")
+                sys.stdout.flush()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+        print("\nstopping: simulator, edge agents, cloud worker, services ...", file=sys.stderr)
+        sim_stop.set()
+        await sim_task
+        agent_stop.set()
+        await asyncio.gather(*tasks[1:])
+        emitted = sum(a.pipeline.counters["windows_emitted"] for a in agents)
+        deadline = time.monotonic() + 15
+        while worker.stats()["results_written"] < emitted and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        worker_stop.set()
+        await tasks[0]
+        print(render(agents, worker, pub, opts, influx_url, time.monotonic() - t0, final=True))
+        return 0
+    finally:
+        sim_stop.set()
+        if pub is not None:
+            pub.close()
+        for s in reversed(services):
+            s.stop()
+        if not opts.keep and opts.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+        elif opts.keep:
+            print(f"kept {workdir}", file=sys.stderr)
+
+
+async def _wait_connected(agents: list[EdgeAgent], worker: CloudWorker,
+                          timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    src = worker.source
+    while time.monotonic() < deadline:
+        ok = all(a.intake.subscribed.is_set() and a.uplink.connected.is_set() for a in agents)
+        ready = getattr(src, "connected", None)
+        if ok and (ready is None or ready.is_set()):
+            return
+        await asyncio.sleep(0.05)
+    raise RuntimeError("edge agents or cloud worker did not connect to their brokers")

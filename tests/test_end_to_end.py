@@ -1,0 +1,255 @@
+"""Simulator -> edge agents -> cloud worker -> InfluxDB, on real Mosquitto and InfluxDB 1.6.
+
+A seeded fleet (two gateways, out-of-order delivery, stragglers within lateness, readings beyond
+lateness, malformed payloads, out-of-range values and spikes) is published as fast as possible.
+Afterwards every window in InfluxDB is compared with an independent reference computation, the
+edge's counters must account for every reading, every spike must have produced an anomaly, and
+every Grafana panel query must return data from the same database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from cloud.config import CloudConfig, InfluxConfig
+from cloud.dashboards import panel_queries
+from cloud.sinks.influx_v1 import InfluxV1Client
+from cloud.worker import CloudWorker
+from devices.codecs import encode_single
+from devices.contract import results_topic
+from edge.agent import EdgeAgent
+from edge.config import EdgeConfig
+from edge.windows import WindowSpec
+from fieldline.services import Mosquitto
+from simulators.fleet import FleetSimulator, FleetSpec
+from simulators.publisher import FleetPublisher
+from tests.reference import reference_windows
+
+pytestmark = pytest.mark.integration
+
+SIZE, OOO, LATENESS = 10_000, 2_000, 30_000
+TICKS = 600
+
+
+def publish_raw(url_port: int, messages: list[tuple[str, bytes]]) -> None:
+    c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c.connect("127.0.0.1", url_port)
+    c.loop_start()
+    infos = [c.publish(t, p, qos=1) for t, p in messages]
+    for i in infos:
+        i.wait_for_publish(10)
+    c.disconnect()
+    c.loop_stop()
+
+
+def influx_rows(client: InfluxV1Client, q: str) -> list[dict[str, object]]:
+    doc = client.query(q)
+    assert isinstance(doc, dict)
+    out = []
+    for res in doc["results"]:
+        for s in res.get("series", []):
+            for v in s["values"]:
+                row = dict(zip(s["columns"], v, strict=True))
+                row.update(s.get("tags", {}))
+                out.append(row)
+    return out
+
+
+async def run_pipeline(gw_brokers: list[Mosquitto], cloud_broker: Mosquitto,
+                       influx: InfluxV1Client, tmp: Path) -> dict[str, object]:
+    spec = FleetSpec(
+        gateways=2, devices_per_gateway=12, seed=7,
+        topic_template="{gateway}/devices/{device}/readings",
+        spike_fraction=0.01, spike_after_ms=300_000, spike_spacing_ms=120_000,
+        disorder_fraction=0.05, straggler_fraction=0.01, straggler_delay_ms=15_000,
+        late_fraction=0.01, late_delay_ms=60_000, malformed_fraction=0.005,
+        out_of_range_fraction=0.005,
+    )
+    start = time.time_ns() // 1_000_000 - 15 * 60_000
+    sim = FleetSimulator(spec, start, record=True)
+    registry = tmp / "devices.csv"
+    sim.registry().to_csv(registry)
+    window = WindowSpec(size_ms=SIZE, out_of_orderness_ms=OOO, allowed_lateness_ms=LATENESS,
+                        idle_timeout_ms=5_000)
+    agents = [
+        EdgeAgent(EdgeConfig(
+            gateway=gw, intake_broker=gw_brokers[i].address, uplink_broker=cloud_broker.address,
+            topics=[f"{gw}/devices/+/readings"], device_topic_level=2, window=window,
+            registry_path=registry, unknown_devices="reject" if i == 0 else "accept",
+            state_dir=tmp / gw, tick_ms=50, health_interval_ms=500))
+        for i, gw in enumerate(spec.gateway_ids())
+    ]
+    worker = CloudWorker(CloudConfig(
+        worker_id="e2e", broker=cloud_broker.address, registry_path=registry,
+        influx=InfluxConfig(url=f"http://{influx.url.split('//')[1]}", database=influx.database,
+                            flush_interval_ms=200),
+        health_interval_ms=500))
+    stop_agents, stop_worker = asyncio.Event(), asyncio.Event()
+    wt = asyncio.create_task(worker.run(stop_worker))
+    ats = [asyncio.create_task(a.run(stop_agents)) for a in agents]
+    deadline = time.monotonic() + 15
+    while not (all(a.intake.subscribed.is_set() and a.uplink.connected.is_set() for a in agents)
+               and worker.source.connected.is_set()):
+        assert time.monotonic() < deadline, "services did not connect"
+        await asyncio.sleep(0.05)
+
+    pub = FleetPublisher(sim, {gw: gw_brokers[i].address
+                               for i, gw in enumerate(spec.gateway_ids())})
+    await asyncio.to_thread(pub.run_fast, TICKS)
+    pub.close()
+
+    mid = start + 300_000
+    bad_gw1 = [
+        ("gw-1/devices/gw-1-t0001/readings", b"garbage{"),
+        ("gw-1/devices/gw-1-t0001/readings",
+         b'{"metric": "temperature", "ts": %d, "value": NaN}' % mid),
+        ("gw-1/devices/gw-1-t0001/readings", encode_single("gw-1-t0001", "temperature", mid,
+                                                           500.0)),
+        ("gw-1/devices/gw-1-t0001/readings", b'{"metric": "temperature", "ts": "soon", '
+                                             b'"value": 1}'),
+        ("gw-1/devices/ghost-1/readings", encode_single("ghost-1", "temperature", mid, 20.0)),
+        ("gw-1/devices/gw-1-t0001/readings", encode_single("gw-1-t0001", "radiation", mid, 1.0)),
+    ]
+    ghost_ts = mid - mid % SIZE
+    bad_gw2 = [("gw-2/devices/ghost-2/readings",
+                encode_single("ghost-2", "humidity", ghost_ts + k * 1000, 40.0 + k, k))
+               for k in range(5)]
+    publish_raw(gw_brokers[0].port, bad_gw1)
+    publish_raw(gw_brokers[1].port, bad_gw2)
+    publish_raw(cloud_broker.port, [
+        (results_topic("gw-1"), b"garbage on the uplink"),
+        (results_topic("gw-1"), orjson.dumps({"v": 7, "kind": "results", "gw": "gw-1"})),
+    ])
+
+    # Wait until every device went idle (windows closed) and the cloud wrote every result.
+    deadline = time.monotonic() + 90
+    while True:
+        emitted = sum(a.pipeline.counters["windows_emitted"] for a in agents)
+        done = (all(a.intake.pending == 0 and a.pipeline.engine.active_devices == 0
+                    and a.uplink.inflight == 0 for a in agents)
+                and worker.stats()["results_written"] == emitted and emitted > 0)
+        if done:
+            break
+        assert time.monotonic() < deadline, (
+            f"pipeline did not settle: {[a.stats() for a in agents]} {worker.stats()}")
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(1.5)  # let a few more health points be written for the dashboards
+    stop_agents.set()
+    await asyncio.gather(*ats)
+    stop_worker.set()
+    await wt
+    return {"sim": sim, "agents": agents, "worker": worker, "start": start}
+
+
+def test_pipeline_end_to_end(mosquitto_factory: Callable[..., Mosquitto],
+                             influx_db: InfluxV1Client, tmp_path: Path) -> None:
+    gw_brokers = [mosquitto_factory(), mosquitto_factory()]
+    cloud = mosquitto_factory()
+    out = asyncio.run(run_pipeline(gw_brokers, cloud, influx_db, tmp_path))
+    sim: FleetSimulator = out["sim"]
+    agents: list[EdgeAgent] = out["agents"]
+    worker: CloudWorker = out["worker"]
+
+    # ---- the reference: what should be in every window --------------------------------
+    accepted_input = [(p.device, p.metric, p.ts, p.value) for p in sim.published
+                      if p.fault not in ("malformed", "out_of_range")]
+    ref = reference_windows(accepted_input, size_ms=SIZE, ooo_ms=OOO, lateness_ms=LATENESS)
+    assert ref.dropped, "the scenario must exercise readings beyond lateness"
+    assert ref.revised, "the scenario must exercise late readings within lateness"
+
+    rows = influx_rows(influx_db, 'SELECT "count", "min", "max", "mean", "rev", "site" '
+                                  'FROM "aggregates" GROUP BY "device", "metric"')
+    got = {(str(r["device"]), str(r["metric"]), int(r["time"])): r for r in rows}
+    ghost = {k: v for k, v in got.items() if k[0].startswith("ghost")}
+    got = {k: v for k, v in got.items() if not k[0].startswith("ghost")}
+
+    missing = set(ref.windows) - set(got)
+    unexpected = set(got) - set(ref.windows)
+    assert not missing, f"{len(missing)} windows missing, e.g. {sorted(missing)[:3]}"
+    assert not unexpected, f"{len(unexpected)} unexpected windows, e.g. {sorted(unexpected)[:3]}"
+    mismatched = [k for k, w in ref.windows.items() if got[k]["count"] != w.count]
+    assert not mismatched, f"{len(mismatched)} windows with a wrong count: {mismatched[:3]}"
+    for k, w in ref.windows.items():
+        r = got[k]
+        assert r["min"] == w.min
+        assert r["max"] == w.max
+        assert math.isclose(float(r["mean"]), math.fsum(w.values) / w.count,
+                            rel_tol=1e-9)
+    assert any(int(r["rev"]) > 0 for r in got.values()), "revisions must reach InfluxDB"
+
+    # ---- exact accounting per gateway -------------------------------------------------
+    published_by_gw = Counter(p.gateway for p in sim.published)
+    dropped_by_gw = Counter(d.rsplit("-", 1)[0] for d, _, _ in ref.dropped)
+    in_windows_by_gw: Counter[str] = Counter()
+    for (device, _, _), w in ref.windows.items():
+        in_windows_by_gw[device.rsplit("-", 1)[0]] += w.count
+    injected = Counter((p.gateway, p.fault) for p in sim.published)
+    for a in agents:
+        gw = a.config.gateway
+        s = a.stats()
+        extra = 6 if gw == "gw-1" else 5  # what the test sent by hand
+        assert s["readings_received"] == published_by_gw[gw] + extra
+        assert s["late_dropped"] == dropped_by_gw[gw]
+        assert s["readings_accepted"] == in_windows_by_gw[gw] + (5 if gw == "gw-2" else 0)
+        assert (s["readings_accepted"] + s["late_dropped"] + s["rejected"]
+                == s["readings_received"])
+        hand = gw == "gw-1"
+        assert s["rejected_malformed_json"] == injected[(gw, "malformed")] + hand
+        assert s["rejected_out_of_range"] == injected[(gw, "out_of_range")] + hand
+        assert s["rejected_not_finite"] == int(hand)
+        assert s["rejected_wrong_type"] == int(hand)
+        assert s["rejected_unknown_device"] == int(hand)
+        assert s["rejected_unknown_metric"] == int(hand)
+
+    # ---- unknown devices and garbage on the uplink ------------------------------------
+    ws = worker.stats()
+    assert ws["unknown_device_results"] == 1
+    assert len(ghost) == 1
+    (gk, gv), = ghost.items()
+    assert gk[0] == "ghost-2"
+    assert gv["count"] == 5
+    assert gv["site"] == "unknown"
+    assert ws["rejected_bad_uplink"] == 1
+    assert ws["rejected_unsupported_version"] == 1
+    assert ws["duplicate_batches"] == 0
+
+    # ---- every spike that was accepted produced an anomaly -----------------------------
+    dropped_set = set(ref.dropped)
+    spikes = [t for t in sim.truth if t["type"] == "spike"
+              and (t["device"], t["metric"], t["ts"]) not in dropped_set]
+    assert len(spikes) >= 10
+    anomalies = influx_rows(influx_db, 'SELECT "score", "detector" FROM "anomalies" '
+                                       'GROUP BY "device", "metric"')
+    flagged = {(str(a["device"]), str(a["metric"]), int(a["time"])) for a in anomalies}
+    unflagged = [s for s in spikes if (s["device"], s["metric"],
+                                       int(s["ts"]) - int(s["ts"]) % SIZE) not in flagged]
+    assert not unflagged, f"{len(unflagged)} of {len(spikes)} spikes not detected: {unflagged[:3]}"
+    spike_windows = {(s["device"], s["metric"], int(s["ts"]) - int(s["ts"]) % SIZE)
+                     for s in sim.truth if s["type"] == "spike"}
+    false_alarms = flagged - spike_windows
+    assert len(false_alarms) <= 0.01 * len(ref.windows), false_alarms
+
+    # ---- every Grafana panel query returns data from this database ---------------------
+    empty = []
+    for title, q in panel_queries():
+        sql = (q.replace("$timeFilter", "time > now() - 1h").replace("$__interval", "1s"))
+        sql = re.sub(r"\$(site|metric|device|window)\b", ".*", sql)
+        sql = sql.replace("/^.*$/", "/.*/")
+        doc = influx_db.query(sql)
+        assert isinstance(doc, dict)
+        series = [s for r in doc["results"] for s in r.get("series", [])]
+        values = [v for s in series for row in s["values"] for v in row[1:] if v is not None]
+        if not values:
+            empty.append(title)
+    assert not empty, f"panels without data: {empty}"
