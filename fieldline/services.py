@@ -166,10 +166,10 @@ class Mosquitto(_Child):
 class InfluxDB(_Child):
     """InfluxDB 1.x (``influxd``) on 127.0.0.1 with its own data directories."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, port: int = 0) -> None:
         super().__init__()
         self.workdir = workdir
-        self.port = 0
+        self.port = port  # 0: any free port, read back from the log
         self.binary = find_binary("influxd")
 
     @property
@@ -192,7 +192,7 @@ bind-address = "127.0.0.1:0"
 [monitor]
   store-enabled = false
 [http]
-  bind-address = "127.0.0.1:0"
+  bind-address = "127.0.0.1:{self.port}"
   log-enabled = false
 [continuous_queries]
   enabled = false

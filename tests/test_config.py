@@ -1,0 +1,100 @@
+"""Misconfiguration fails at start-up and names the key; the example configs in deploy/ load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cloud.config import load_cloud_config
+from devices.errors import ConfigError
+from devices.registry import Registry
+from edge.config import load_edge_config
+from simulators.config import load_sim_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+GOOD_EDGE = """
+[gateway]
+id = "gw-1"
+[intake]
+broker = "mqtt://127.0.0.1:1883"
+[uplink]
+broker = "mqtt://127.0.0.1:1884"
+[windows]
+size = "10s"
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "c.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_good_edge_config_loads(tmp_path: Path) -> None:
+    cfg = load_edge_config(write(tmp_path, GOOD_EDGE))
+    assert cfg.gateway == "gw-1"
+    assert cfg.window.size_ms == 10_000
+    assert cfg.uplink_broker.port == 1884
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    (GOOD_EDGE.replace('size = "10s"', 'size = "ten"'), "windows.size"),
+    (GOOD_EDGE.replace('size = "10s"', 'size = "10ms"'), "windows.size"),
+    (GOOD_EDGE.replace('size = "10s"', 'sise = "10s"'), "windows.sise"),
+    (GOOD_EDGE.replace('id = "gw-1"', 'id = "gw/1"'), "gateway.id"),
+    (GOOD_EDGE.replace("mqtt://127.0.0.1:1883", "http://x"), "intake.broker"),
+    (GOOD_EDGE.replace('[uplink]\nbroker = "mqtt://127.0.0.1:1884"', ""), "uplink"),
+    (GOOD_EDGE + '[agent]\ntick = -5\n', "agent.tick"),
+    (GOOD_EDGE + '[intake.extra]\n', "intake.extra"),
+])
+def test_bad_edge_config_names_the_key(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_edge_config(write(tmp_path, text))
+    assert info.value.key == key, str(info.value)
+    assert key in str(info.value)
+
+
+def test_bad_cloud_config_names_the_key(tmp_path: Path) -> None:
+    base = '[ingest]\nbroker = "mqtt://127.0.0.1:1883"\n'
+    with pytest.raises(ConfigError) as info:
+        load_cloud_config(write(tmp_path, base + '[influxdb]\nversion = 2\nurl = "http://x"\n'))
+    assert info.value.key == "influxdb.token"
+    with pytest.raises(ConfigError) as info:
+        load_cloud_config(write(tmp_path, base + '[detect]\ndetectors = ["magic"]\n'))
+    assert info.value.key == "detect.detectors"
+
+
+def test_bad_registry_rows_name_file_row_and_column(tmp_path: Path) -> None:
+    p = write(tmp_path, "device_id,gateway,site,kind,low,high\n"
+                        "d1,gw-1,s1,temperature,0,40\n"
+                        "d2,gw-1,s1,temperature,abc,40\n", "reg.csv")
+    with pytest.raises(ConfigError) as info:
+        Registry.load(p)
+    assert info.value.key == "low"
+    assert "reg.csv:3" in str(info.value)
+    p = write(tmp_path, "device_id,gateway,kind\nd1,gw,temperature\n", "reg2.csv")
+    with pytest.raises(ConfigError, match="site"):
+        Registry.load(p)
+
+
+def test_registry_round_trips_csv_and_loads_toml(tmp_path: Path) -> None:
+    p = write(tmp_path, '[[device]]\ndevice_id = "d1"\ngateway = "gw-1"\nsite = "hall A"\n'
+                        'kind = "humidity"\nhigh = 90.0\ncalibration_offset = -1.5\n', "r.toml")
+    reg = Registry.load(p)
+    d = reg.get("d1")
+    assert d is not None
+    assert (d.site, d.kind, d.low, d.high, d.calibration_offset) == (
+        "hall A", "humidity", None, 90.0, -1.5)
+    reg.to_csv(tmp_path / "r.csv")
+    again = Registry.load(tmp_path / "r.csv").get("d1")
+    assert again == d
+
+
+@pytest.mark.parametrize("name", ["gateway.toml", "cloud.toml", "fleet.toml"])
+def test_example_configs_in_deploy_load(name: str) -> None:
+    loader = {"gateway.toml": load_edge_config, "cloud.toml": load_cloud_config,
+              "fleet.toml": load_sim_config}[name]
+    cfg = loader(ROOT / "deploy" / name)
+    assert cfg is not None

@@ -1,0 +1,140 @@
+"""Sinks against a real InfluxDB 1.6: points land, bad points are refused by count, 413 splits,
+a dropped database is recreated, an unreachable server is retried, never dropped."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import threading
+from collections.abc import Iterator
+from typing import ClassVar
+
+import pytest
+
+from cloud.sinks.base import BufferedWriter, SinkError
+from cloud.sinks.influx_v1 import InfluxV1Client, InfluxV1Sink
+from cloud.sinks.lineproto import line
+from devices.clock import ManualClock
+from fieldline.services import InfluxDB, free_port
+
+pytestmark = pytest.mark.integration
+
+T = 1_700_000_000_000
+
+
+def count_points(client: InfluxV1Client, measurement: str = "m") -> int:
+    doc = client.query(f'SELECT count("v") FROM "{measurement}"')
+    assert isinstance(doc, dict)
+    series = doc["results"][0].get("series", [])
+    return int(series[0]["values"][0][1]) if series else 0
+
+
+def test_line_protocol_escapes_tags_and_strings() -> None:
+    ln = line("m", {"site": "hall A,b=c", "empty": ""}, {"v": 1.5, "n": 3, "s": 'say "hi"'}, T)
+    assert ln == f'm,site=hall\\ A\\,b\\=c v=1.5,n=3i,s="say \\"hi\\"" {T}'
+    assert line("m", {}, {"v": float("nan")}, T) is None
+
+
+def test_points_land_and_rewriting_is_idempotent(influx_db: InfluxV1Client) -> None:
+    sink = InfluxV1Sink(influx_db.url, influx_db.database)
+    lines = [f"m,d=a v={i}.5 {T + i}" for i in range(100)]
+    sink.write(lines)
+    sink.write(lines)  # the same identity again: overwritten, not duplicated
+    assert count_points(influx_db) == 100
+
+
+def test_one_bad_point_is_refused_and_the_rest_is_kept(influx_db: InfluxV1Client) -> None:
+    sink = InfluxV1Sink(influx_db.url, influx_db.database)
+    sink.write([f"m,d=a v=1.0 {T}"])  # v is a float field now
+    bad = [f"m,d=a v=2.0 {T + 1}", f'm,d=a v="text" {T + 2}', f"m,d=a v=3.0 {T + 3}"]
+    with pytest.raises(SinkError) as info:
+        sink.write(bad)
+    assert not info.value.retryable
+    assert info.value.rejected == 1
+    assert count_points(influx_db) == 3
+
+
+def test_a_dropped_database_is_recreated_and_the_write_retried(
+        influx_db: InfluxV1Client) -> None:
+    sink = InfluxV1Sink(influx_db.url, influx_db.database)
+    sink.write([f"m v=1.0 {T}"])
+    influx_db.query(f'DROP DATABASE "{influx_db.database}"', database="")
+    with pytest.raises(SinkError) as info:
+        sink.write([f"m v=2.0 {T + 1}"])
+    assert info.value.retryable
+    sink.write([f"m v=2.0 {T + 1}"])
+    assert count_points(influx_db) == 1
+
+
+class _TooLarge(http.server.BaseHTTPRequestHandler):
+    """A stand-in answering 413 for bodies over a limit (real 1.6 has max-body-size too, but
+    only at 25 MB; this fake makes the split observable with small batches)."""
+
+    limit = 300
+    bodies: ClassVar[list[bytes]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if len(body) > self.limit:
+            self.send_response(413)
+            self.end_headers()
+            self.wfile.write(b'{"error":"Request Entity Too Large"}')
+            return
+        type(self).bodies.append(body)
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def too_large_server() -> Iterator[str]:
+    _TooLarge.bodies = []
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TooLarge)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+
+
+def test_413_splits_the_batch_until_it_fits(too_large_server: str) -> None:
+    client = InfluxV1Client(too_large_server, "db")
+    lines = [f"m,d=dev{i:03d} v={i}.0 {T + i}" for i in range(40)]
+    client.write_lines(lines)
+    got = b"\n".join(_TooLarge.bodies).decode().split("\n")
+    assert sorted(got) == sorted(lines)
+    assert all(len(b) <= _TooLarge.limit for b in _TooLarge.bodies)
+
+
+def test_writer_retries_until_influxdb_is_back_and_loses_nothing(tmp_path) -> None:
+    port = free_port()
+    sink = InfluxV1Sink(f"http://127.0.0.1:{port}", "fl", timeout_s=1.0)
+    written: list[object] = []
+    writer = BufferedWriter(sink, clock=ManualClock(), batch_points=10, flush_interval_ms=50,
+                            max_backoff_ms=200, on_written=written.extend)
+
+    async def scenario() -> int:
+        stop = asyncio.Event()
+        task = asyncio.create_task(writer.run(stop))
+        writer.add([f"m v={i}.0 {T + i}" for i in range(25)], token="batch-1")
+        await asyncio.sleep(1.0)  # nothing listens on the port: every attempt fails
+        assert writer.write_errors >= 2
+        assert written == []
+        assert writer.buffered == 25
+        server = InfluxDB(tmp_path / "ix", port=port)  # InfluxDB comes up where it was expected
+        server.start()
+        try:
+            for _ in range(100):
+                if written:
+                    break
+                await asyncio.sleep(0.1)
+            stop.set()
+            await task
+            return count_points(InfluxV1Client(server.url, "fl"))
+        finally:
+            server.stop()
+
+    assert asyncio.run(scenario()) == 25
+    assert written == ["batch-1"]
+    assert writer.points_written == 25
