@@ -18,7 +18,6 @@ after an outage) they are taken in rounds, oldest first, so each is judged again
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -26,7 +25,7 @@ from typing import Protocol
 import numpy as np
 
 from cloud.enrich import EnrichedResults
-from devices.readings import I64
+from devices.readings import F64, I64
 
 MAD_TO_SIGMA = 1.4826
 
@@ -130,10 +129,9 @@ class RobustZDetector:
         if not ready.any():
             return []
         h = hist[:, ready]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            med = np.nanmedian(h, axis=2)  # (3, r)
-            mad = np.nanmedian(np.abs(h - med[:, :, None]), axis=2) * MAD_TO_SIGMA
+        nv = n_valid[ready]
+        med = _nanmedian_rows(h, nv)  # (3, r)
+        mad = _nanmedian_rows(np.abs(h - med[:, :, None]), nv) * MAD_TO_SIGMA
         r_idx = idx[ready]
         floor = rows.scale_floor[r_idx]
         scale = np.maximum(mad, floor[None, :])
@@ -178,6 +176,21 @@ class RobustZDetector:
     @property
     def series(self) -> int:
         return len(self._slots)
+
+
+def _nanmedian_rows(a: F64, n_valid: I64) -> F64:
+    """Median along the last axis ignoring NaN, where each row holds ``n_valid`` numbers.
+
+    np.nanmedian takes a slow masked path for small arrays; sorting puts NaN last, so the
+    median is the middle of the first ``n_valid`` entries of each row.
+    """
+    s = np.sort(a, axis=-1)
+    lo = ((n_valid - 1) // 2)[None, :, None]
+    hi = (n_valid // 2)[None, :, None]
+    lo = np.broadcast_to(lo, (*a.shape[:-1], 1))
+    hi = np.broadcast_to(hi, (*a.shape[:-1], 1))
+    out = 0.5 * (np.take_along_axis(s, lo, axis=-1) + np.take_along_axis(s, hi, axis=-1))
+    return np.asarray(out[..., 0], dtype=np.float64)
 
 
 DETECTORS: dict[str, Callable[..., Detector]] = {

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from cloud.detect import Anomaly
 from cloud.enrich import EnrichedResults
-from cloud.sinks.lineproto import line
+from cloud.sinks.lineproto import line, tag_prefix
 
 AGGREGATES = "aggregates"
 ANOMALIES = "anomalies"
@@ -28,23 +28,32 @@ def window_label(width_ms: int) -> str:
     return f"{width_ms}ms"
 
 
+_PREFIXES: dict[tuple[str, str, str, str, str, int], str] = {}
+
+
 def aggregate_lines(rows: EnrichedResults) -> list[str]:
-    out = []
-    start = rows.start.tolist()
+    """One line per result. The escaped tag set is built once per series and batch; fields are
+    finite by construction (validated readings), so no per-value checks are needed here."""
+    prefixes = _PREFIXES
+    if len(prefixes) > 200_000:  # a bound, not an LRU: series sets are stable in practice
+        prefixes.clear()
     width = rows.width.tolist()
-    count = rows.count.tolist()
-    rev = rows.rev.tolist()
-    s, mn, mx, mean, std = (rows.sum.tolist(), rows.min.tolist(), rows.max.tolist(),
-                            rows.mean.tolist(), rows.std.tolist())
-    first, last = rows.first.tolist(), rows.last.tolist()
-    for i in range(len(start)):
-        tags = {"gateway": rows.gateway, "site": rows.site[i], "device": rows.device[i],
-                "metric": rows.metric[i], "window": window_label(width[i]), "unit": rows.unit[i]}
-        fields = {"count": count[i], "sum": s[i], "min": mn[i], "max": mx[i], "mean": mean[i],
-                  "stddev": std[i], "first": first[i], "last": last[i], "rev": rev[i]}
-        ln = line(AGGREGATES, tags, fields, start[i])
-        if ln is not None:
-            out.append(ln)
+    out = []
+    for dev, met, site, unit, w, c, s, mn, mx, mean, sd, first, last, rev, t in zip(
+        rows.device, rows.metric, rows.site, rows.unit, width, rows.count.tolist(),
+        rows.sum.tolist(), rows.min.tolist(), rows.max.tolist(), rows.mean.tolist(),
+        rows.std.tolist(), rows.first.tolist(), rows.last.tolist(), rows.rev.tolist(),
+        rows.start.tolist(), strict=True,
+    ):
+        key = (rows.gateway, dev, met, site, unit, w)
+        prefix = prefixes.get(key)
+        if prefix is None:
+            prefix = tag_prefix(AGGREGATES, {"gateway": rows.gateway, "site": site,
+                                             "device": dev, "metric": met,
+                                             "window": window_label(w), "unit": unit})
+            prefixes[key] = prefix
+        out.append(f"{prefix} count={c}i,sum={s!r},min={mn!r},max={mx!r},mean={mean!r},"
+                   f"stddev={sd!r},first={first!r},last={last!r},rev={rev}i {t}")
     return out
 
 

@@ -155,20 +155,27 @@ def _int_col(name: str, raw: object, n: int) -> I64:
         raise ContractError(BAD_UPLINK, f"column {name!r} must be a list of {n} integers")
     if n == 0:
         return np.empty(0, np.int64)
-    if not all(type(x) is int for x in raw):
-        raise ContractError(BAD_UPLINK, f"column {name!r} holds a non-integer")
     try:
-        return np.array(raw, dtype=np.int64)
-    except OverflowError:
-        raise ContractError(BAD_UPLINK, f"column {name!r} overflows int64") from None
+        arr = np.asarray(raw)
+    except (ValueError, OverflowError):
+        raise ContractError(BAD_UPLINK, f"column {name!r} is not a flat list of integers") from None
+    if arr.ndim != 1 or arr.dtype.kind not in "iu":  # bools, floats, strings, None: refused
+        raise ContractError(BAD_UPLINK, f"column {name!r} holds a non-integer")
+    if arr.dtype.kind == "u" and arr.max() > np.iinfo(np.int64).max:
+        raise ContractError(BAD_UPLINK, f"column {name!r} overflows int64")
+    return arr.astype(np.int64, copy=False)
 
 
 def _float_col(name: str, raw: object, n: int) -> F64:
     if not isinstance(raw, list) or len(raw) != n:
         raise ContractError(BAD_UPLINK, f"column {name!r} must be a list of {n} numbers")
-    if not all(type(x) in (int, float) for x in raw):
+    try:
+        raw_arr = np.asarray(raw)
+    except (ValueError, OverflowError):
+        raise ContractError(BAD_UPLINK, f"column {name!r} is not a flat list of numbers") from None
+    if n and (raw_arr.ndim != 1 or raw_arr.dtype.kind not in "iuf"):
         raise ContractError(BAD_UPLINK, f"column {name!r} holds a non-number")
-    arr = np.array(raw, dtype=np.float64)
+    arr = raw_arr.astype(np.float64)
     if not np.isfinite(arr).all():
         raise ContractError(BAD_UPLINK, f"column {name!r} holds a non-finite number")
     return arr

@@ -16,6 +16,8 @@ from simulators.fleet import FleetSimulator, Tick
 
 log = logging.getLogger("fieldline.simulators")
 
+OUTSTANDING_LIMIT = 20_000
+
 
 class FleetPublisher:
     """One MQTT connection per distinct broker; gateways sharing a broker share the connection."""
@@ -44,6 +46,7 @@ class FleetPublisher:
         self.max_behind_ms = 0.0
         self.started = time.monotonic()
         self._last: list[mqtt.MQTTMessageInfo] = []
+        self._outstanding = 0
 
     def publish_tick(self, tick: Tick) -> int:
         n = 0
@@ -53,6 +56,11 @@ class FleetPublisher:
             for topic, payload in msgs:
                 info = client.publish(topic, payload, qos=self.qos)
                 n += 1
+                self._outstanding += 1
+                if self._outstanding >= OUTSTANDING_LIMIT:
+                    # paho has 65,535 message ids: wait for the broker before reusing them
+                    info.wait_for_publish(60)
+                    self._outstanding = 0
             if info is not None:
                 self._last.append(info)
         self.published += n

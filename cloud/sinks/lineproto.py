@@ -38,6 +38,13 @@ def field_value(v: object) -> str | None:
     return None
 
 
+def tag_prefix(measurement: str, tags: Mapping[str, str]) -> str:
+    """``measurement,k=v,...`` with tags sorted (InfluxDB's preferred order) and empty ones left
+    out."""
+    tagstr = "".join(f",{escape_tag(k)}={escape_tag(v)}" for k, v in sorted(tags.items()) if v)
+    return escape_measurement(measurement) + tagstr
+
+
 def line(measurement: str, tags: Mapping[str, str], fields: Mapping[str, object],
          ts_ms: int) -> str | None:
     """One point; None when no field is representable."""
@@ -48,5 +55,4 @@ def line(measurement: str, tags: Mapping[str, str], fields: Mapping[str, object]
             rendered.append(f"{escape_tag(k)}={fv}")
     if not rendered:
         return None
-    tagstr = "".join(f",{escape_tag(k)}={escape_tag(v)}" for k, v in sorted(tags.items()) if v)
-    return f"{escape_measurement(measurement)}{tagstr} {','.join(rendered)} {ts_ms}"
+    return f"{tag_prefix(measurement, tags)} {','.join(rendered)} {ts_ms}"

@@ -1,0 +1,45 @@
+"""Shared plumbing for benchmarks: services, timing, result files."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Figure:
+    name: str
+    value: float
+    unit: str
+    reference: float | None = None  # the same quantity for the reference, same run
+    reference_name: str = ""
+    ratio: float | None = None
+    note: str = ""
+
+
+def figure(name: str, value: float, unit: str, reference: float | None = None,
+           reference_name: str = "", note: str = "") -> Figure:
+    ratio = value / reference if reference else None
+    return Figure(name, value, unit, reference, reference_name, ratio, note)
+
+
+def report(bench: str, figures: list[Figure]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{bench}.json"
+    doc = {"bench": bench, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "machine": {"python": platform.python_version(), "cpu": platform.processor() or
+                       platform.machine()},
+           "figures": [asdict(f) for f in figures]}
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"\n== {bench} ==")
+    for f in figures:
+        ref = (f"  vs {f.reference_name} {f.reference:,.0f} {f.unit}: ratio {f.ratio:.2f}x"
+               if f.reference is not None and f.ratio is not None else "")
+        print(f"  {f.name}: {f.value:,.1f} {f.unit}{ref}{'  (' + f.note + ')' if f.note else ''}")
+    print(f"  -> {path}")
+    return path

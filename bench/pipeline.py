@@ -1,0 +1,227 @@
+"""Edge agent readings/s vs a bare paho-mqtt receive loop; cloud results/s to InfluxDB vs a raw
+line-protocol write loop. Real Mosquitto and InfluxDB 1.6, started here.
+
+Both sides of each comparison read the same input the same way: the broker holds a backlog of
+QoS 1 messages for a persistent session, and the timer runs from connect until everything was
+processed, so the publisher never competes with the measured process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from bench.common import Figure, figure, report
+from cloud.config import CloudConfig, InfluxConfig
+from cloud.sinks.influx_v1 import InfluxV1Client
+from cloud.worker import CloudWorker
+from devices.contract import ResultBatch, ResultColumns, results_topic
+from edge.agent import EdgeAgent
+from edge.config import EdgeConfig
+from edge.windows import WindowSpec
+from fieldline.services import InfluxDB, Mosquitto
+from simulators.fleet import FleetSimulator, FleetSpec
+
+N_DEVICES = 10_000
+
+
+def _client(cid: str) -> mqtt.Client:
+    c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=cid,
+                    protocol=mqtt.MQTTv5)
+    c.max_inflight_messages_set(1000)
+    c.max_queued_messages_set(0)
+    return c
+
+
+def _props() -> Properties:
+    p = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    p.SessionExpiryInterval = 3600
+    return p
+
+
+def register_session(broker: Mosquitto, cid: str, topic: str) -> None:
+    """Create a persistent session with a QoS 1 subscription, then go offline."""
+    done = threading.Event()
+    c = _client(cid)
+    c.on_subscribe = lambda *a: done.set()
+    c.connect(broker.address.host, broker.port, clean_start=False, properties=_props())
+    c.loop_start()
+    c.subscribe(topic, qos=1)
+    done.wait(10)
+    c.disconnect()
+    c.loop_stop()
+
+
+def publish_backlog(broker: Mosquitto, messages: list[tuple[str, bytes]]) -> None:
+    c = _client("bench-publisher")
+    c.connect(broker.address.host, broker.port)
+    c.loop_start()
+    info = None
+    for k, (t, p) in enumerate(messages):
+        info = c.publish(t, p, qos=1)
+        if k % 20_000 == 19_999:  # paho has 65,535 message ids: never have more outstanding
+            info.wait_for_publish(120)
+    if info is not None:
+        info.wait_for_publish(120)
+    time.sleep(0.5)
+    c.disconnect()
+    c.loop_stop()
+
+
+def bare_paho_drain(broker: Mosquitto, cid: str, n: int) -> float:
+    """Seconds for a bare paho callback loop to receive n queued messages."""
+    got = [0]
+    done = threading.Event()
+
+    def on_message(_c: mqtt.Client, _u: object, _m: mqtt.MQTTMessage) -> None:
+        got[0] += 1
+        if got[0] >= n:
+            done.set()
+
+    c = _client(cid)
+    c.on_message = on_message
+    t0 = time.perf_counter()
+    c.connect(broker.address.host, broker.port, clean_start=False, properties=_props())
+    c.loop_start()
+    done.wait(300)
+    dt = time.perf_counter() - t0
+    c.disconnect()
+    c.loop_stop()
+    assert got[0] >= n, f"bare loop received {got[0]} of {n}"
+    return dt
+
+
+def device_messages(n_readings: int, start_ms: int) -> list[tuple[str, bytes]]:
+    spec = FleetSpec(gateways=1, devices_per_gateway=N_DEVICES, disorder_fraction=0.05,
+                     topic_template="devices/{device}/readings")
+    sim = FleetSimulator(spec, start_ms)
+    out: list[tuple[str, bytes]] = []
+    while len(out) < n_readings:
+        out.extend(sim.tick().messages["gw-1"])
+    return out[:n_readings]
+
+
+def bench_edge(work: Path, n: int) -> list[Figure]:
+    gw = Mosquitto(work / "gw").start()
+    cloud = Mosquitto(work / "cloud").start()
+    try:
+        start = time.time_ns() // 1_000_000 - 3_600_000
+        msgs = device_messages(n, start)
+        register_session(gw, "bench-bare", "devices/+/readings")
+        register_session(gw, "fieldline-edge-gw-1-intake", "devices/+/readings")
+        publish_backlog(gw, msgs)
+
+        bare_s = bare_paho_drain(gw, "bench-bare", n)
+
+        cfg = EdgeConfig(gateway="gw-1", intake_broker=gw.address, uplink_broker=cloud.address,
+                         window=WindowSpec(size_ms=10_000), state_dir=work / "state",
+                         tick_ms=50, max_pending=2 * n)
+        agent = EdgeAgent(cfg)
+
+        async def run() -> float:
+            stop = asyncio.Event()
+            t0 = time.perf_counter()
+            task = asyncio.create_task(agent.run(stop))
+            while agent.pipeline.counters["readings_accepted"] + agent.pipeline.rejects.total < n:
+                await asyncio.sleep(0.01)
+            dt = time.perf_counter() - t0
+            stop.set()
+            await task
+            return dt
+
+        agent_s = asyncio.run(run())
+        return [
+            figure("edge agent readings/s (MQTT intake -> decode -> validate -> windows -> "
+                   "uplink)", n / agent_s, "readings/s", n / bare_s, "bare paho-mqtt loop",
+                   note=f"{n:,} JSON readings from {N_DEVICES:,} devices"),
+        ]
+    finally:
+        gw.stop()
+        cloud.stop()
+
+
+def result_batches(n_results: int, per_batch: int, start_ms: int) -> list[ResultBatch]:
+    rng = np.random.default_rng(3)
+    batches = []
+    n_dev = 2_000
+    for b in range(n_results // per_batch):
+        i = np.arange(per_batch, dtype=np.int64)
+        dev = i % n_dev
+        window = b * (per_batch // n_dev) + i // n_dev
+        mean = 20 + rng.standard_normal(per_batch)
+        res = ResultColumns(
+            device=dev, metric=np.zeros(per_batch, np.int64), start=start_ms + window * 10_000,
+            width=np.full(per_batch, 10_000, np.int64), rev=np.zeros(per_batch, np.int64),
+            count=np.full(per_batch, 10, np.int64), sum=mean * 10, min=mean - 1, max=mean + 1,
+            mean=mean, m2=np.full(per_batch, 0.4), first_ts=start_ms + window * 10_000,
+            first=mean, last_ts=start_ms + window * 10_000 + 9_000, last=mean)
+        batches.append(ResultBatch(gateway="gw-1", seq=b, watermark=0, sent_ms=start_ms,
+                                   devices=[f"gw-1-t{d:05d}" for d in range(n_dev)],
+                                   metrics=["temperature"], results=res))
+    return batches
+
+
+def bench_cloud(work: Path, n: int) -> list[Figure]:
+    cloud = Mosquitto(work / "cloud2").start()
+    ix = InfluxDB(work / "influx").start()
+    try:
+        start = time.time_ns() // 1_000_000 - 86_400_000
+        batches = result_batches(n, 5_000, start)
+        # reference: the same number of points, pre-formatted, written in 5,000-point batches
+        raw = InfluxV1Client(ix.url, "raw")
+        raw.create_database()
+        lines = [f"aggregates,device=d{i % 2000},metric=temperature,site=s count=10i,"
+                 f"mean={20 + (i % 7) * 0.1},min=19.0,max=21.0 {start + (i // 2000) * 10_000}"
+                 for i in range(n)]
+        t0 = time.perf_counter()
+        for k in range(0, n, 5_000):
+            raw.write_lines(lines[k:k + 5_000])
+        raw_s = time.perf_counter() - t0
+
+        cid = "fieldline-cloud-bench"
+        register_session(cloud, cid, "fieldline/v1/+/results")
+        publish_backlog(cloud, [(results_topic("gw-1"), b.encode()) for b in batches])
+        cfg = CloudConfig(worker_id="bench", broker=cloud.address,
+                          influx=InfluxConfig(url=ix.url, database="cloud", batch_points=5_000,
+                                              flush_interval_ms=100))
+        worker = CloudWorker(cfg)
+
+        async def run() -> float:
+            stop = asyncio.Event()
+            t0 = time.perf_counter()
+            task = asyncio.create_task(worker.run(stop))
+            while worker.stats()["results_written"] < n:
+                await asyncio.sleep(0.01)
+            dt = time.perf_counter() - t0
+            stop.set()
+            await task
+            return dt
+
+        cloud_s = asyncio.run(run())
+        return [figure("cloud window results/s to InfluxDB (MQTT -> decode -> dedup -> enrich -> "
+                       "detect -> line protocol -> /write)", n / cloud_s, "results/s", n / raw_s,
+                       "raw line-protocol write loop", note=f"{n:,} results in 5,000-row batches")]
+    finally:
+        cloud.stop()
+        ix.stop()
+
+
+def main(n_edge: int = 200_000, n_cloud: int = 100_000) -> list[Figure]:
+    with tempfile.TemporaryDirectory(prefix="fieldline-bench-") as d:
+        work = Path(d)
+        figs = bench_edge(work, n_edge) + bench_cloud(work, n_cloud)
+    report("pipeline", figs)
+    return figs
+
+
+if __name__ == "__main__":
+    main()
