@@ -52,7 +52,7 @@ def register_session(broker: Mosquitto, cid: str, topic: str) -> None:
     """Create a persistent session with a QoS 1 subscription, then go offline."""
     done = threading.Event()
     c = _client(cid)
-    c.on_subscribe = lambda *a: done.set()
+    c.on_subscribe = lambda *_: done.set()
     c.connect(broker.address.host, broker.port, clean_start=False, properties=_props())
     c.loop_start()
     c.subscribe(topic, qos=1)
