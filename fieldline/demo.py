@@ -16,7 +16,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from edge.config import EdgeConfig
 from edge.windows import WindowSpec
 from fieldline.services import InfluxDB, Mosquitto
 from simulators.fleet import FleetSimulator, FleetSpec
-from simulators.publisher import FleetPublisher
+from simulators.process import PublisherProcess
 
 log = logging.getLogger("fieldline.demo")
 
@@ -64,7 +63,7 @@ def _fmt(v: float) -> str:
     return f"{int(v):,}" if float(v).is_integer() else f"{v:,.1f}"
 
 
-def render(agents: list[EdgeAgent], worker: CloudWorker, pub: FleetPublisher | None,
+def render(agents: list[EdgeAgent], worker: CloudWorker, pub: PublisherProcess | None,
            opts: DemoOptions, influx_url: str, elapsed_s: float, final: bool = False) -> str:
     lines = []
     head = "fieldline demo summary" if final else "fieldline demo (Ctrl-C stops everything)"
@@ -73,7 +72,7 @@ def render(agents: list[EdgeAgent], worker: CloudWorker, pub: FleetPublisher | N
     if pub is not None:
         catching = " (catching up the backfill)" if pub.behind_ms > 2000 else ""
         lines.append(f"simulator: {pub.published:,} readings published, "
-                     f"{len(pub.sim.truth):,} faults injected, behind schedule "
+                     f"{pub.faults:,} faults injected, behind schedule "
                      f"{pub.behind_ms / 1000:.1f}s{catching}")
     lines.append("")
     lines.append(" ".join(f"{h:>{w}}" for h, _, w in GATEWAY_COLUMNS))
@@ -130,9 +129,8 @@ async def run_demo(opts: DemoOptions) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    sim_stop = threading.Event()
     agents: list[EdgeAgent] = []
-    pub: FleetPublisher | None = None
+    pub: PublisherProcess | None = None
     try:
         spec = FleetSpec(
             gateways=opts.gateways, devices_per_gateway=opts.devices, seed=opts.seed,
@@ -166,9 +164,8 @@ async def run_demo(opts: DemoOptions) -> int:
             influx_url = ix.url
 
         start_ms = time.time_ns() // 1_000_000 - opts.backfill_s * 1000
-        sim = FleetSimulator(spec, start_ms)
         registry_path = workdir / "devices.csv"
-        sim.registry().to_csv(registry_path)
+        FleetSimulator(spec, start_ms).registry().to_csv(registry_path)
         window = WindowSpec(size_ms=opts.window_s * 1000, out_of_orderness_ms=2000,
                             allowed_lateness_ms=opts.window_s * 1000 * 3,
                             idle_timeout_ms=30_000)
@@ -188,11 +185,11 @@ async def run_demo(opts: DemoOptions) -> int:
         tasks += [asyncio.create_task(a.run(agent_stop), name=f"edge-{a.config.gateway}")
                   for a in agents]
         await _wait_connected(agents, worker)
-        pub = FleetPublisher(sim, gw_brokers)
-        sim_task = asyncio.create_task(asyncio.to_thread(
-            pub.run_realtime, sim_stop, opts.duration_s), name="simulator")
+        pub = PublisherProcess(spec, gw_brokers, start_ms, duration_s=opts.duration_s,
+                               truth_path=workdir / "truth.jsonl")
+        pub.start()
         t0 = time.monotonic()
-        while not stop.is_set() and not sim_task.done():
+        while not stop.is_set() and not pub.finished:
             if not opts.headless:
                 sys.stdout.write("\x1b[H\x1b[2J" + render(agents, worker, pub, opts, influx_url,
                                                           time.monotonic() - t0) + "\n")
@@ -200,8 +197,12 @@ async def run_demo(opts: DemoOptions) -> int:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
         print("\nstopping: simulator, edge agents, cloud worker, services ...", file=sys.stderr)
-        sim_stop.set()
-        await sim_task
+        await asyncio.to_thread(pub.stop)
+        # let the agents take what their brokers still hold for them before they stop
+        deadline = time.monotonic() + 20
+        while (sum(a.pipeline.counters["messages_in"] for a in agents) < pub.published
+               and time.monotonic() < deadline):
+            await asyncio.sleep(0.2)
         agent_stop.set()
         await asyncio.gather(*tasks[1:])
         emitted = sum(a.pipeline.counters["windows_emitted"] for a in agents)
@@ -213,9 +214,8 @@ async def run_demo(opts: DemoOptions) -> int:
         print(render(agents, worker, pub, opts, influx_url, time.monotonic() - t0, final=True))
         return 0
     finally:
-        sim_stop.set()
         if pub is not None:
-            pub.close()
+            pub.stop()
         for s in reversed(services):
             s.stop()
         if not opts.keep and opts.workdir is None:

@@ -7,6 +7,7 @@ retried on a clash; InfluxDB binds port 0 and the port is read back from its log
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
@@ -15,13 +16,41 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from devices.mqtt import BrokerAddress
 
 
 class ServiceError(RuntimeError):
     pass
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn asking Linux to SIGTERM the child when its parent dies (PR_SET_PDEATHSIG),
+    so a demo killed with SIGKILL leaves no brokers or databases behind."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+
+    def set_pdeathsig() -> None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+    return set_pdeathsig
+
+
+_PREEXEC = _die_with_parent()
+
+
+def _spawn(args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    # Own session: a Ctrl-C in the terminal reaches only our process, which then stops the
+    # services in order (after the last writes), instead of every child dying at once.
+    # preexec_fn only calls prctl, resolved before the fork: no lock can be held in the child.
+    return subprocess.Popen(args, start_new_session=True, preexec_fn=_PREEXEC,  # noqa: PLW1509
+                            **kwargs)
 
 
 def find_binary(name: str, extra_dirs: tuple[str, ...] = ("/usr/sbin", "/usr/bin",
@@ -135,8 +164,9 @@ class Mosquitto(_Child):
             if not fixed:
                 self.port = free_port()
             conf = self._write_conf()
-            self.proc = subprocess.Popen([self.binary, "-c", str(conf)],
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            with (self.workdir / "mosquitto.stderr").open("wb") as errfh:
+                self.proc = _spawn([self.binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                   stderr=errfh)
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
@@ -144,15 +174,14 @@ class Mosquitto(_Child):
                 if _port_open(self.port):
                     return self
                 time.sleep(0.02)
-            err = b""
-            if self.proc.poll() is not None and self.proc.stderr is not None:
-                err = self.proc.stderr.read()
             self.stop()
             if fixed:
                 break
-            del err
-        log = self.workdir / "mosquitto.log"
-        tail = log.read_text()[-800:] if log.exists() else ""
+        tail = ""
+        for name in ("mosquitto.log", "mosquitto.stderr"):
+            f = self.workdir / name
+            if f.exists():
+                tail += f.read_text(errors="replace")[-800:]
         raise ServiceError(f"mosquitto did not start on port {self.port}: {tail}")
 
     def restart(self) -> Mosquitto:
@@ -201,8 +230,8 @@ bind-address = "127.0.0.1:0"
 """)
         logpath = self.workdir / "influxd.log"
         with logpath.open("wb") as logfh:
-            self.proc = subprocess.Popen([self.binary, "run", "-config", str(conf)],
-                                         stdout=logfh, stderr=subprocess.STDOUT)
+            self.proc = _spawn([self.binary, "run", "-config", str(conf)], stdout=logfh,
+                               stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
         pat = re.compile(r'msg="Listening on HTTP".*addr=127\.0\.0\.1:(\d+)')
         while time.monotonic() < deadline:
