@@ -83,6 +83,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if cfg.registry_path:
         sim.registry().to_csv(cfg.registry_path)
         print(f"registry of {len(sim.device_ids)} devices written to {cfg.registry_path}")
+    if args.registry_only:
+        if not cfg.registry_path:
+            raise ConfigError("output.registry", "is required with --registry-only")
+        return 0
     pub = FleetPublisher(sim, cfg.brokers, qos=cfg.qos)
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -109,7 +113,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if cfg.truth_path:
             pub.write_truth(cfg.truth_path)
             print(f"\nground truth: {cfg.truth_path}")
-    print()
+    print(f"\npublished {pub.published} readings from {len(sim.device_ids)} devices, "
+          f"{len(sim.truth)} faults injected")
     return 0
 
 
@@ -169,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("simulate", help="publish a simulated fleet")
     s.add_argument("--config", required=True, type=Path)
     s.add_argument("--duration", type=float, default=None)
+    s.add_argument("--registry-only", action="store_true",
+                   help="write the fleet's device registry (output.registry) and exit")
     s.set_defaults(func=cmd_simulate)
 
     g = sub.add_parser("grafana", help="dashboards").add_subparsers(dest="sub", required=True)
