@@ -12,6 +12,7 @@ import asyncio
 import tempfile
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,24 @@ def bare_paho_drain(broker: Mosquitto, cid: str, n: int) -> float:
     return dt
 
 
+def time_until(run: Callable[[asyncio.Event], Awaitable[None]],
+               done: Callable[[], bool]) -> float:
+    """Seconds from starting ``run`` until ``done()`` holds; then stop it cleanly."""
+
+    async def main() -> float:
+        stop = asyncio.Event()
+        t0 = time.perf_counter()
+        task = asyncio.create_task(run(stop))
+        while not done():
+            await asyncio.sleep(0.01)
+        dt = time.perf_counter() - t0
+        stop.set()
+        await task
+        return dt
+
+    return asyncio.run(main())
+
+
 def device_messages(n_readings: int, start_ms: int) -> list[tuple[str, bytes]]:
     spec = FleetSpec(gateways=1, devices_per_gateway=N_DEVICES, disorder_fraction=0.05,
                      topic_template="devices/{device}/readings")
@@ -126,19 +145,8 @@ def bench_edge(work: Path, n: int) -> list[Figure]:
                          window=WindowSpec(size_ms=10_000), state_dir=work / "state",
                          tick_ms=50, max_pending=2 * n)
         agent = EdgeAgent(cfg)
-
-        async def run() -> float:
-            stop = asyncio.Event()
-            t0 = time.perf_counter()
-            task = asyncio.create_task(agent.run(stop))
-            while agent.pipeline.counters["readings_accepted"] + agent.pipeline.rejects.total < n:
-                await asyncio.sleep(0.01)
-            dt = time.perf_counter() - t0
-            stop.set()
-            await task
-            return dt
-
-        agent_s = asyncio.run(run())
+        agent_s = time_until(agent.run, lambda: agent.pipeline.counters["readings_accepted"]
+                             + agent.pipeline.rejects.total >= n)
         return [
             figure("edge agent readings/s (MQTT intake -> decode -> validate -> windows -> "
                    "uplink)", n / agent_s, "readings/s", n / bare_s, "bare paho-mqtt loop",
@@ -194,19 +202,7 @@ def bench_cloud(work: Path, n: int) -> list[Figure]:
                           influx=InfluxConfig(url=ix.url, database="cloud", batch_points=5_000,
                                               flush_interval_ms=100))
         worker = CloudWorker(cfg)
-
-        async def run() -> float:
-            stop = asyncio.Event()
-            t0 = time.perf_counter()
-            task = asyncio.create_task(worker.run(stop))
-            while worker.stats()["results_written"] < n:
-                await asyncio.sleep(0.01)
-            dt = time.perf_counter() - t0
-            stop.set()
-            await task
-            return dt
-
-        cloud_s = asyncio.run(run())
+        cloud_s = time_until(worker.run, lambda: worker.stats()["results_written"] >= n)
         return [figure("cloud window results/s to InfluxDB (MQTT -> decode -> dedup -> enrich -> "
                        "detect -> line protocol -> /write)", n / cloud_s, "results/s", n / raw_s,
                        "raw line-protocol write loop", note=f"{n:,} results in 5,000-row batches")]
