@@ -8,6 +8,7 @@ written, under site ``unknown``, and counted.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,7 @@ from devices.readings import F64, I64
 from devices.registry import Registry
 
 UNKNOWN_SITE = "unknown"
+log = logging.getLogger("fieldline.cloud.enrich")
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,12 @@ class Enricher:
         n_unknown = int((~known).sum())
         if n_unknown:
             self.unknown_results += n_unknown
-            self.unknown_devices.update(batch.devices[i] for i in set(d[~known].tolist()))
+            for i in sorted(set(d[~known].tolist())):
+                name = batch.devices[i]
+                if name not in self.unknown_devices and len(self.unknown_devices) < 100_000:
+                    self.unknown_devices.add(name)
+                    log.warning("device %r of gateway %s is not in the registry: its results "
+                                "are written under site %r", name, batch.gateway, UNKNOWN_SITE)
         return EnrichedResults(
             gateway=batch.gateway,
             device=[batch.devices[i] for i in d.tolist()],

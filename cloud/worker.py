@@ -152,6 +152,7 @@ class CloudWorker:
             "rejected_messages": self.rejects.total,
             "unknown_device_results": self.enricher.unknown_results,
             "anomalies": c["anomalies"],
+            "internal_errors": c["internal_errors"],
             "points_written": self.writer.points_written,
             "points_rejected": self.writer.points_rejected,
             "write_errors": self.writer.write_errors,
@@ -197,9 +198,14 @@ class CloudWorker:
         writer_stop = asyncio.Event()
         write = asyncio.create_task(self.writer.run(writer_stop), name="cloud-write")
         health = asyncio.create_task(self._health(stop), name="cloud-health")
+        stopping = asyncio.create_task(stop.wait(), name="cloud-stop")
         try:
-            await stop.wait()
+            await asyncio.wait({stopping, consume}, return_when=asyncio.FIRST_COMPLETED)
+            if consume.done() and not consume.cancelled() and consume.exception():
+                log.error("ingest failed: %r; stopping the worker", consume.exception())
         finally:
+            stopping.cancel()
+            stop.set()
             consume.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await consume
@@ -208,6 +214,8 @@ class CloudWorker:
             await write
             await asyncio.to_thread(self.sink.close)
             log.info("cloud worker %s stopped", self.config.worker_id)
+        if consume.done() and not consume.cancelled() and consume.exception():
+            raise RuntimeError("cloud worker ingest failed") from consume.exception()
 
     def describe(self) -> dict[str, Any]:
         return {"worker": self.config.worker_id, "broker": self.config.broker.url,

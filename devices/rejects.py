@@ -22,6 +22,7 @@ UNKNOWN_DEVICE = "unknown_device"  # device not in the registry (when the regist
 BAD_TIMESTAMP = "bad_timestamp"  # implausible event time (gateway clock at 1970, far future...)
 PAYLOAD_TOO_LARGE = "payload_too_large"
 INTAKE_OVERFLOW = "intake_overflow"  # intake buffer full: shed, counted
+INTERNAL_ERROR = "internal_error"  # a bug hit the batch: counted, logged with a traceback
 LATE = "late"  # beyond allowed lateness
 
 # Uplink messages (cloud ingest)
@@ -40,6 +41,7 @@ READING_REASONS = (
     BAD_TIMESTAMP,
     PAYLOAD_TOO_LARGE,
     INTAKE_OVERFLOW,
+    INTERNAL_ERROR,
 )
 
 

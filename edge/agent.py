@@ -133,6 +133,7 @@ class EdgePipeline:
             "devices_seen": len(self.devices),
             "devices_idle": len(self.engine.idle_devices()),
             "watermark_lag_ms": (self.clock.now_ms() - wm) if wm is not None else 0,
+            "internal_errors": c["internal_errors"],
         }
         for reason in rejects.READING_REASONS:
             s["rejected_" + reason] = rej.get(reason, 0)
@@ -194,7 +195,12 @@ class EdgeAgent:
         if overflow:
             self._last_overflow += overflow
             self.pipeline.rejects.reject(rejects.INTAKE_OVERFLOW, "intake buffer full", overflow)
-        self.pipeline.process(msgs)
+        try:
+            self.pipeline.process(msgs)
+        except Exception:  # a bug: the batch is counted as rejected, the loop goes on
+            self.pipeline.counters["internal_errors"] += 1
+            self.pipeline.rejects.reject(rejects.INTERNAL_ERROR, "see traceback", len(msgs))
+            log.exception("processing a batch of %d messages failed", len(msgs))
         self._ship(self.pipeline.emit())
         return len(msgs)
 
@@ -240,7 +246,11 @@ class EdgeAgent:
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.config.tick_ms / 1000)
-                self.tick()
+                try:
+                    self.tick()
+                except Exception:  # a bug must not stop the gateway; it is counted and logged
+                    self.pipeline.counters["internal_errors"] += 1
+                    log.exception("edge tick failed")
                 if self.clock.monotonic_ms() >= next_health:
                     next_health = self.clock.monotonic_ms() + self.config.health_interval_ms
                     self.uplink.publish_health(self.health().encode())
