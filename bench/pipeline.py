@@ -28,7 +28,6 @@ from cloud.worker import CloudWorker
 from devices.contract import ResultBatch, ResultColumns, results_topic
 from edge.agent import EdgeAgent
 from edge.config import EdgeConfig
-from edge.windows import WindowSpec
 from fieldline.services import InfluxDB, Mosquitto
 from simulators.fleet import FleetSimulator, FleetSpec
 
@@ -142,7 +141,7 @@ def bench_edge(work: Path, n: int) -> list[Figure]:
         bare_s = bare_paho_drain(gw, "bench-bare", n)
 
         cfg = EdgeConfig(gateway="gw-1", intake_broker=gw.address, uplink_broker=cloud.address,
-                         window=WindowSpec(size_ms=10_000), state_dir=work / "state",
+                         state_dir=work / "state",
                          tick_ms=50, max_pending=2 * n)
         agent = EdgeAgent(cfg)
         agent_s = time_until(agent.run, lambda: agent.pipeline.counters["readings_accepted"]

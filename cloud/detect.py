@@ -2,7 +2,7 @@
 
 The detector contract has two methods, as in River: ``score`` judges rows against what the
 detector knows, ``learn`` folds rows into that knowledge. Detectors are kept per (device, metric,
-window width) and keyed by window start, so a revised result *replaces* what was learned from the
+window spec) and keyed by window start, so a revised result *replaces* what was learned from the
 earlier revision: a detector never learns twice from one window.
 
 Built in, by config name (``DETECTORS``):
@@ -92,7 +92,7 @@ class RobustZDetector:
         self.history = history
         self.min_history = min_history
         self.threshold = threshold
-        self._slots: dict[tuple[str, str, int], int] = {}
+        self._slots: dict[tuple[str, str, str], int] = {}
         self._starts = np.full((0, history), -1, np.int64)
         self._vals = np.full((3, 0, history), np.nan)  # max, min, mean
         self._pos = np.zeros(0, np.int64)
@@ -100,7 +100,7 @@ class RobustZDetector:
     def _slot_of(self, rows: EnrichedResults, idx: I64) -> I64:
         slots = np.empty(len(idx), np.int64)
         for j, i in enumerate(idx.tolist()):
-            key = (rows.device[i], rows.metric[i], int(rows.width[i]))
+            key = (rows.device[i], rows.metric[i], rows.window[i])
             s = self._slots.get(key)
             if s is None:
                 s = len(self._slots)
@@ -204,7 +204,7 @@ def rounds(rows: EnrichedResults) -> list[I64]:
     n = len(rows)
     if n == 0:
         return []
-    keys = [(rows.device[i], rows.metric[i], int(rows.width[i])) for i in range(n)]
+    keys = [(rows.device[i], rows.metric[i], rows.window[i]) for i in range(n)]
     order = sorted(range(n), key=lambda i: (keys[i], int(rows.start[i])))
     occurrence = np.zeros(n, np.int64)
     prev = None

@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from devices.catalog import Catalog
-from devices.contract import ResultBatch
+from devices.contract import ResultBatch, percentile_name
 from devices.readings import F64, I64
 from devices.registry import Registry
 
@@ -32,6 +32,7 @@ class EnrichedResults:
     metric: list[str]
     site: list[str]
     unit: list[str]
+    window: list[str]  # window spec label per row ("10s", "session:30s", ...)
     known: npt.NDArray[np.bool_]
     start: I64
     width: I64
@@ -47,6 +48,9 @@ class EnrichedResults:
     low: F64  # alarm thresholds (NaN when none)
     high: F64
     scale_floor: F64  # smallest meaningful spread for the metric (for robust scores)
+    rate: F64  # rate of change per second, first to last reading
+    pct: F64  # (rows, len(pct_names)), calibrated
+    pct_names: list[str]
 
     def __len__(self) -> int:
         return len(self.start)
@@ -105,8 +109,11 @@ class Enricher:
                     self.unknown_devices.add(name)
                     log.warning("device %r of gateway %s is not in the registry: its results "
                                 "are written under site %r", name, batch.gateway, UNKNOWN_SITE)
+        pct_names = [percentile_name(q) for q in batch.percentiles] if r.pct is not None else []
+        pct = (r.pct + off[:, None]) if r.pct is not None else np.empty((len(d), 0))
         return EnrichedResults(
-            gateway=batch.gateway,
+            gateway=batch.gateway, window=batch.spec_labels(),
+            rate=r.rate(), pct=pct, pct_names=pct_names,
             device=[batch.devices[i] for i in d.tolist()],
             metric=[batch.metrics[i] for i in m.tolist()],
             site=[site[i] for i in d.tolist()],

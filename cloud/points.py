@@ -10,6 +10,7 @@ Dashboards (``cloud.dashboards``) query exactly these names; change them togethe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 from cloud.detect import Anomaly
@@ -21,14 +22,7 @@ ANOMALIES = "anomalies"
 PIPELINE = "pipeline"
 
 
-def window_label(width_ms: int) -> str:
-    for unit, ms in (("h", 3_600_000), ("m", 60_000), ("s", 1000)):
-        if width_ms % ms == 0:
-            return f"{width_ms // ms}{unit}"
-    return f"{width_ms}ms"
-
-
-_PREFIXES: dict[tuple[str, str, str, str, str, int], str] = {}
+_PREFIXES: dict[tuple[str, str, str, str, str, str], str] = {}
 
 
 def aggregate_lines(rows: EnrichedResults) -> list[str]:
@@ -37,23 +31,28 @@ def aggregate_lines(rows: EnrichedResults) -> list[str]:
     prefixes = _PREFIXES
     if len(prefixes) > 200_000:  # a bound, not an LRU: series sets are stable in practice
         prefixes.clear()
-    width = rows.width.tolist()
+    # percentiles of empty sketches are NaN: line protocol cannot carry them, leave them out
+    pct_parts = [
+        [f",{name}={v!r}" if not math.isnan(v) else "" for v in rows.pct[:, j].tolist()]
+        for j, name in enumerate(rows.pct_names)
+    ]
+    pct = ["".join(p) for p in zip(*pct_parts, strict=True)] if pct_parts else [""] * len(rows)
     out = []
-    for dev, met, site, unit, w, c, s, mn, mx, mean, sd, first, last, rev, t in zip(
-        rows.device, rows.metric, rows.site, rows.unit, width, rows.count.tolist(),
+    for dev, met, site, unit, win, c, s, mn, mx, mean, sd, first, last, rate, rev, t, p in zip(
+        rows.device, rows.metric, rows.site, rows.unit, rows.window, rows.count.tolist(),
         rows.sum.tolist(), rows.min.tolist(), rows.max.tolist(), rows.mean.tolist(),
-        rows.std.tolist(), rows.first.tolist(), rows.last.tolist(), rows.rev.tolist(),
-        rows.start.tolist(), strict=True,
+        rows.std.tolist(), rows.first.tolist(), rows.last.tolist(), rows.rate.tolist(),
+        rows.rev.tolist(), rows.start.tolist(), pct, strict=True,
     ):
-        key = (rows.gateway, dev, met, site, unit, w)
+        key = (rows.gateway, dev, met, site, unit, win)
         prefix = prefixes.get(key)
         if prefix is None:
             prefix = tag_prefix(AGGREGATES, {"gateway": rows.gateway, "site": site,
-                                             "device": dev, "metric": met,
-                                             "window": window_label(w), "unit": unit})
+                                             "device": dev, "metric": met, "window": win,
+                                             "unit": unit})
             prefixes[key] = prefix
         out.append(f"{prefix} count={c}i,sum={s!r},min={mn!r},max={mx!r},mean={mean!r},"
-                   f"stddev={sd!r},first={first!r},last={last!r},rev={rev}i {t}")
+                   f"stddev={sd!r},first={first!r},last={last!r},rate={rate!r}{p},rev={rev}i {t}")
     return out
 
 
@@ -62,14 +61,50 @@ def anomaly_lines(rows: EnrichedResults, found: list[Anomaly]) -> list[str]:
     for a in found:
         i = a.row
         tags = {"gateway": rows.gateway, "site": rows.site[i], "device": rows.device[i],
-                "metric": rows.metric[i], "window": window_label(int(rows.width[i])),
-                "detector": a.detector}
+                "metric": rows.metric[i], "window": rows.window[i], "detector": a.detector}
         fields = {"score": a.score, "value": a.value, "reference": a.reference,
                   "direction": a.direction, "message": a.message, "rev": int(rows.rev[i]),
                   "window_end": int(rows.start[i] + rows.width[i])}
         ln = line(ANOMALIES, tags, fields, int(rows.start[i]))
         if ln is not None:
             out.append(ln)
+    return out
+
+
+DEVICES = "devices"
+
+
+def device_lines(gateway: str, report: Mapping[str, object], ts_ms: int) -> list[str]:
+    """Per-device health reported by an edge: silent devices and clock skew."""
+    out = []
+    silent = report.get("silent", [])
+    skew = report.get("skew_ms", {})
+    assert isinstance(silent, list)
+    assert isinstance(skew, dict)
+    for dev in silent:
+        ln = line(DEVICES, {"gateway": gateway, "device": str(dev)}, {"silent": True}, ts_ms)
+        if ln:
+            out.append(ln)
+    for dev, ms in skew.items():
+        ln = line(DEVICES, {"gateway": gateway, "device": str(dev)}, {"skew_ms": int(ms)}, ts_ms)
+        if ln:
+            out.append(ln)
+    return out
+
+
+def superseded_identities(gateway: str, batch_devices: list[str], batch_metrics: list[str],
+                          labels: list[str], site_of: Mapping[str, str],
+                          device: list[int], metric: list[int], spec: list[int],
+                          start: list[int]) -> list[tuple[str, dict[str, str], int]]:
+    """(measurement, tags, time) of results the edge withdrew, in every measurement that
+    carries them (aggregates and anomalies)."""
+    out = []
+    for d, m, k, s in zip(device, metric, spec, start, strict=True):
+        dev = batch_devices[d]
+        tags = {"gateway": gateway, "device": dev, "metric": batch_metrics[m],
+                "window": labels[k] if labels else "", "site": site_of.get(dev, "unknown")}
+        out.append((AGGREGATES, tags, s))
+        out.append((ANOMALIES, tags, s))
     return out
 
 

@@ -18,9 +18,15 @@ import numpy as np
 from cloud.config import CloudConfig
 from cloud.dedup import BatchDedup
 from cloud.detect import DETECTORS, DetectionStage, Detector
-from cloud.enrich import Enricher
+from cloud.enrich import UNKNOWN_SITE, Enricher
 from cloud.ingest import MqttSource, PartitionedSource, SourceMessage
-from cloud.points import aggregate_lines, anomaly_lines, pipeline_line
+from cloud.points import (
+    aggregate_lines,
+    anomaly_lines,
+    device_lines,
+    pipeline_line,
+    superseded_identities,
+)
 from cloud.sinks import sink_class
 from cloud.sinks.base import BufferedWriter, Sink
 from devices.clock import Clock, SystemClock
@@ -113,8 +119,10 @@ class CloudWorker:
         self.counters["health_in"] += 1
         self.edge_health[rep.gateway] = rep
         ln = pipeline_line("edge", {"gateway": rep.gateway}, rep.counters, rep.gauges, rep.ts)
-        if ln:
-            self.writer.add([ln])
+        lines = [ln] if ln else []
+        if rep.devices:
+            lines += device_lines(rep.gateway, rep.devices, rep.ts)
+        self.writer.add(lines)
 
     def _handle_results(self, batch: ResultBatch) -> None:
         if self.dedup.check_and_record(batch.gateway, batch.seq):
@@ -128,6 +136,15 @@ class CloudWorker:
         self.counters["anomalies"] += len(found)
         max_end = int((batch.results.start + batch.results.width).max()) if len(rows) else 0
         self.writer.add(lines, token=(batch.sent_ms, max_end, len(rows)))
+        sup = batch.results.superseded
+        if sup is not None and len(sup):
+            self.counters["superseded"] += len(sup)
+            sites = {d: (dev.site if (dev := self.registry.get(d)) else UNKNOWN_SITE)
+                     for d in (batch.devices[i] for i in sup.device.tolist())}
+            self.writer.delete(superseded_identities(
+                batch.gateway, batch.devices, batch.metrics, batch.specs, sites,
+                sup.device.tolist(), sup.metric.tolist(), sup.spec.tolist(),
+                sup.start.tolist()))
 
     def _on_written(self, tokens: list[object]) -> None:
         now = self.clock.now_ms()
@@ -155,6 +172,8 @@ class CloudWorker:
             "internal_errors": c["internal_errors"],
             "points_written": self.writer.points_written,
             "points_rejected": self.writer.points_rejected,
+            "points_deleted": self.writer.points_deleted,
+            "superseded": c["superseded"],
             "write_errors": self.writer.write_errors,
             "buffered_points": self.writer.buffered,
             "lag_p50_ms": _percentile(self.lag_ms, 50),

@@ -10,10 +10,16 @@ An uplink message is one JSON object (orjson, numpy arrays serialised natively) 
               "sum": [...], "min": [...], "max": [...], "mean": [...], "m2": [...],
               "ft": [...], "fv": [...], "lt": [...], "lv": [...]}}
 
-Row i is the aggregate of device ``dev[d[i]]``, metric ``met[m[i]]`` over the event-time window
-``[s[i], s[i] + w[i])``, revision ``r[i]`` (0 first, n+1 when a late reading revised it). Every
-aggregate is mergeable: ``m2`` is the sum of squared deviations from ``mean`` (Chan et al.), ``ft``/
-``fv`` and ``lt``/``lv`` the first and last reading by event time.
+Row i is the aggregate of device ``dev[d[i]]``, metric ``met[m[i]]`` over the window of spec
+``specs[k[i]]`` (``"10s"``, ``"1m/10s"``, ``"session:30s"``, ``"count:100"``) that starts at event
+time ``s[i]`` and spans ``w[i]`` ms, revision ``r[i]`` (0 first, n+1 when late readings revised
+it). Every aggregate is mergeable: ``m2`` is the sum of squared deviations from ``mean`` (Chan et
+al.), ``ft``/``fv`` and ``lt``/``lv`` the first and last reading by event time.
+
+Optional parts: percentile columns named in ``pq`` (``"p50"`` … for the fractions listed), the
+quantile sketches (``sk`` bucket keys and ``sc`` counts, row i owning ``so[i]:so[i+1]``, relative
+accuracy ``alpha``; see ``edge.sketch``), and ``sup``: results withdrawn because their identity
+changed (a session whose start moved), as columns ``d``, ``m``, ``k``, ``s``.
 
 ``health``: counters and gauges of one gateway agent at one instant.
 
@@ -43,12 +49,46 @@ INT_COLUMNS = ("d", "m", "s", "w", "r", "n", "ft", "lt")
 FLOAT_COLUMNS = ("sum", "min", "max", "mean", "m2", "fv", "lv")
 
 
+def percentile_name(q: float) -> str:
+    """0.5 -> "p50", 0.999 -> "p99_9" (a column and InfluxDB field name)."""
+    return "p" + f"{q * 100:.6g}".replace(".", "_")
+
+
+@dataclass(frozen=True)
+class SupersededRows:
+    """Result identities withdrawn by the edge (device/metric indices, spec index, start)."""
+
+    device: I64
+    metric: I64
+    spec: I64
+    start: I64
+
+    def __len__(self) -> int:
+        return len(self.device)
+
+    @staticmethod
+    def empty() -> SupersededRows:
+        e = np.empty(0, np.int64)
+        return SupersededRows(e, e, e, e)
+
+    def extend(self, device: I64, metric: I64, spec: I64, start: I64) -> SupersededRows:
+        return SupersededRows(np.concatenate([self.device, device]),
+                              np.concatenate([self.metric, metric]),
+                              np.concatenate([self.spec, spec]),
+                              np.concatenate([self.start, start]))
+
+
 def results_topic(gateway: str) -> str:
     return f"{TOPIC_ROOT}/{gateway}/results"
 
 
 def health_topic(gateway: str) -> str:
     return f"{TOPIC_ROOT}/{gateway}/health"
+
+
+def late_topic(gateway: str) -> str:
+    """Readings dropped as late, forwarded raw when the agent is configured to."""
+    return f"{TOPIC_ROOT}/{gateway}/late"
 
 
 def status_topic(gateway: str) -> str:
@@ -82,9 +122,20 @@ class ResultColumns:
     first: F64
     last_ts: I64
     last: F64
+    spec: I64 | None = None  # index into the batch's spec labels (None: one spec per width)
+    pct: F64 | None = None  # (rows, percentiles)
+    sk_keys: I64 | None = None
+    sk_counts: I64 | None = None
+    sk_offsets: I64 | None = None  # rows + 1
+    superseded: SupersededRows | None = None
 
     def __len__(self) -> int:
         return len(self.device)
+
+    def rate(self) -> F64:
+        """Rate of change per second, from the first to the last reading (0 for one instant)."""
+        dt = (self.last_ts - self.first_ts).astype(np.float64) / 1000.0
+        return np.where(dt > 0, (self.last - self.first) / np.where(dt > 0, dt, 1.0), 0.0)
 
     def variance(self) -> F64:
         """Sample variance (n-1 denominator); 0 for a single reading."""
@@ -99,9 +150,24 @@ class ResultColumns:
             "lt": self.last_ts, "lv": self.last,
         }
 
-    def take(self, idx: npt.NDArray[np.int64] | npt.NDArray[np.bool_]) -> ResultColumns:
+    def take(self, idx: npt.NDArray[np.int64]) -> ResultColumns:
+        """Rows ``idx`` (with their sketches); superseded identities are not carried."""
         c = self.to_cols()
-        return ResultColumns.from_cols({k: v[idx] for k, v in c.items()})
+        out = ResultColumns.from_cols({k: v[idx] for k, v in c.items()})
+        sk_keys, sk_counts, sk_offsets = None, None, None
+        if self.sk_offsets is not None and self.sk_keys is not None and self.sk_counts is not None:
+            lo, hi = self.sk_offsets[idx], self.sk_offsets[idx + 1]
+            sizes = hi - lo
+            sel = np.repeat(lo - np.concatenate(([0], np.cumsum(sizes)[:-1])), sizes) + np.arange(
+                int(sizes.sum()))
+            sk_keys, sk_counts = self.sk_keys[sel], self.sk_counts[sel]
+            sk_offsets = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
+        return ResultColumns(
+            **{f: getattr(out, f) for f in _BASE_FIELDS},
+            spec=None if self.spec is None else self.spec[idx],
+            pct=None if self.pct is None else self.pct[idx],
+            sk_keys=sk_keys, sk_counts=sk_counts, sk_offsets=sk_offsets,
+        )
 
     @staticmethod
     def from_cols(c: dict[str, npt.NDArray[Any]]) -> ResultColumns:
@@ -110,6 +176,10 @@ class ResultColumns:
             count=c["n"], sum=c["sum"], min=c["min"], max=c["max"], mean=c["mean"],
             m2=c["m2"], first_ts=c["ft"], first=c["fv"], last_ts=c["lt"], last=c["lv"],
         )
+
+
+_BASE_FIELDS = ("device", "metric", "start", "width", "rev", "count", "sum", "min", "max", "mean",
+                "m2", "first_ts", "first", "last_ts", "last")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,14 +193,46 @@ class ResultBatch:
     devices: list[str]
     metrics: list[str]
     results: ResultColumns
+    specs: list[str] = field(default_factory=list)  # labels for results.spec
+    percentiles: list[float] = field(default_factory=list)  # for results.pct columns
+    alpha: float | None = None  # sketch relative accuracy
+
+    def spec_labels(self) -> list[str]:
+        """The window label of every row."""
+        r = self.results
+        if r.spec is not None and self.specs:
+            return [self.specs[k] for k in r.spec.tolist()]
+        return [_width_label(int(w)) for w in r.width.tolist()]
 
     def encode(self) -> bytes:
-        doc = {
+        r = self.results
+        cols: dict[str, Any] = r.to_cols()
+        doc: dict[str, Any] = {
             "v": VERSION, "kind": "results", "gw": self.gateway, "seq": self.seq,
             "wm": self.watermark, "sent": self.sent_ms, "dev": self.devices, "met": self.metrics,
-            "cols": self.results.to_cols(),
         }
+        if r.spec is not None:
+            cols["k"] = r.spec
+            doc["specs"] = self.specs
+        if r.pct is not None and self.percentiles:
+            doc["pq"] = self.percentiles
+            for j, q in enumerate(self.percentiles):
+                cols[percentile_name(q)] = np.ascontiguousarray(r.pct[:, j])
+        if r.sk_keys is not None and r.sk_counts is not None and r.sk_offsets is not None:
+            doc["alpha"] = self.alpha
+            cols["sk"], cols["sc"], cols["so"] = r.sk_keys, r.sk_counts, r.sk_offsets
+        doc["cols"] = cols
+        if r.superseded is not None and len(r.superseded):
+            sp = r.superseded
+            doc["sup"] = {"d": sp.device, "m": sp.metric, "k": sp.spec, "s": sp.start}
         return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _width_label(ms: int) -> str:
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,10 +243,12 @@ class HealthReport:
     ts: int
     counters: dict[str, int] = field(default_factory=dict)
     gauges: dict[str, float] = field(default_factory=dict)
+    devices: dict[str, Any] = field(default_factory=dict)  # {"silent": [...], "skew_ms": {..}}
 
     def encode(self) -> bytes:
         return orjson.dumps({"v": VERSION, "kind": "health", "gw": self.gateway, "ts": self.ts,
-                             "counters": self.counters, "gauges": self.gauges})
+                             "counters": self.counters, "gauges": self.gauges,
+                             "devices": self.devices})
 
 
 Uplink = ResultBatch | HealthReport
@@ -166,9 +270,11 @@ def _int_col(name: str, raw: object, n: int) -> I64:
     return arr.astype(np.int64, copy=False)
 
 
-def _float_col(name: str, raw: object, n: int) -> F64:
+def _float_col(name: str, raw: object, n: int, *, allow_nan: bool = False) -> F64:
     if not isinstance(raw, list) or len(raw) != n:
         raise ContractError(BAD_UPLINK, f"column {name!r} must be a list of {n} numbers")
+    if allow_nan:  # orjson writes NaN as null (an empty window's percentile)
+        raw = [np.nan if x is None else x for x in raw]
     try:
         raw_arr = np.asarray(raw)
     except (ValueError, OverflowError):
@@ -176,7 +282,7 @@ def _float_col(name: str, raw: object, n: int) -> F64:
     if n and (raw_arr.ndim != 1 or raw_arr.dtype.kind not in "iuf"):
         raise ContractError(BAD_UPLINK, f"column {name!r} holds a non-number")
     arr = raw_arr.astype(np.float64)
-    if not np.isfinite(arr).all():
+    if not allow_nan and not np.isfinite(arr).all():
         raise ContractError(BAD_UPLINK, f"column {name!r} holds a non-finite number")
     return arr
 
@@ -219,8 +325,19 @@ def decode_uplink(payload: bytes) -> Uplink:
             for k, v in gauges.items()
         ):
             raise ContractError(BAD_UPLINK, "health gauges must map names to finite numbers")
+        devs = doc.get("devices", {})
+        if not isinstance(devs, dict):
+            raise ContractError(BAD_UPLINK, "health devices must be an object")
+        silent = devs.get("silent", [])
+        skew = devs.get("skew_ms", {})
+        if not (isinstance(silent, list) and all(isinstance(x, str) for x in silent)
+                and isinstance(skew, dict)
+                and all(isinstance(k, str) and type(v) is int for k, v in skew.items())):
+            raise ContractError(BAD_UPLINK, "health devices: silent is a list of ids, skew_ms "
+                                            "maps ids to integers")
         return HealthReport(gateway=gw, ts=_header_int(doc, "ts"), counters=counters,
-                            gauges={k: float(v) for k, v in gauges.items()})
+                            gauges={k: float(v) for k, v in gauges.items()},
+                            devices={"silent": silent, "skew_ms": skew} if devs else {})
     if kind != "results":
         raise ContractError(BAD_UPLINK, f"unknown kind {kind!r}")
     seq = _header_int(doc, "seq")
@@ -250,7 +367,55 @@ def decode_uplink(payload: bytes) -> Uplink:
             raise ContractError(BAD_UPLINK, "count and width must be >= 1, revision >= 0")
         if (parsed["min"] > parsed["max"]).any() or (parsed["m2"] < 0).any():
             raise ContractError(BAD_UPLINK, "min > max or negative m2")
+    spec = None
+    specs: list[str] = []
+    if "k" in cols:
+        specs = doc.get("specs", [])
+        if not isinstance(specs, list) or not all(isinstance(x, str) and x for x in specs):
+            raise ContractError(BAD_UPLINK, "'specs' must be a list of window labels")
+        spec = _int_col("k", cols["k"], n)
+        if n and (spec.min() < 0 or spec.max() >= len(specs)):
+            raise ContractError(BAD_UPLINK, "spec index out of range")
+    pct = None
+    qs: list[float] = []
+    if "pq" in doc:
+        qs = doc["pq"]
+        if not isinstance(qs, list) or not all(type(q) in (int, float) and 0 <= q <= 1
+                                               for q in qs):
+            raise ContractError(BAD_UPLINK, "'pq' must list fractions in [0, 1]")
+        pct = np.empty((n, len(qs)))
+        for j, q in enumerate(qs):
+            name = percentile_name(float(q))
+            pct[:, j] = _float_col(name, cols.get(name), n, allow_nan=True)
+    sk_keys = sk_counts = sk_offsets = None
+    alpha = None
+    if "so" in cols:
+        sk_offsets = _int_col("so", cols["so"], n + 1)
+        m = int(sk_offsets[-1]) if n + 1 else 0
+        sk_keys = _int_col("sk", cols.get("sk"), m)
+        sk_counts = _int_col("sc", cols.get("sc"), m)
+        if sk_offsets[0] != 0 or (np.diff(sk_offsets) < 0).any():
+            raise ContractError(BAD_UPLINK, "sketch offsets must start at 0 and not decrease")
+        alpha = doc.get("alpha")
+        if type(alpha) is not float or not 0 < alpha < 0.5:
+            raise ContractError(BAD_UPLINK, "'alpha' must be the sketch's relative accuracy")
+    sup = None
+    if "sup" in doc:
+        raw = doc["sup"]
+        if not isinstance(raw, dict) or not isinstance(raw.get("d"), list):
+            raise ContractError(BAD_UPLINK, "'sup' must be an object of columns")
+        k = len(raw["d"])
+        sup = SupersededRows(*(_int_col(c, raw.get(c), k) for c in ("d", "m", "k", "s")))
+        if k and (sup.device.max() >= len(devices) or sup.metric.max() >= len(metrics)
+                  or sup.device.min() < 0 or sup.metric.min() < 0
+                  or sup.spec.min() < 0 or sup.spec.max() >= max(len(specs), 1)):
+            raise ContractError(BAD_UPLINK, "superseded row index out of range")
+    base = ResultColumns.from_cols(parsed)
+    results = ResultColumns(
+        **{f: getattr(base, f) for f in _BASE_FIELDS}, spec=spec, pct=pct, sk_keys=sk_keys,
+        sk_counts=sk_counts, sk_offsets=sk_offsets, superseded=sup)
     return ResultBatch(
         gateway=gw, seq=seq, watermark=_header_int(doc, "wm"), sent_ms=_header_int(doc, "sent"),
-        devices=devices, metrics=metrics, results=ResultColumns.from_cols(parsed),
+        devices=devices, metrics=metrics, results=results, specs=specs,
+        percentiles=[float(q) for q in qs], alpha=alpha,
     )

@@ -19,11 +19,14 @@ NOT_FINITE = "not_finite"  # NaN or +-Infinity
 OUT_OF_RANGE = "out_of_range"  # outside the sensor kind's physical range
 UNKNOWN_METRIC = "unknown_metric"  # metric not in the sensor catalog
 UNKNOWN_DEVICE = "unknown_device"  # device not in the registry (when the registry is enforced)
-BAD_TIMESTAMP = "bad_timestamp"  # implausible event time (gateway clock at 1970, far future...)
+BAD_TIMESTAMP = "bad_timestamp"  # event time before 2020: a device clock at 1970
+CLOCK_FUTURE = "clock_future"  # event time further ahead of the gateway clock than max_future
+CLOCK_PAST = "clock_past"  # event time further behind the gateway clock than max_past
 PAYLOAD_TOO_LARGE = "payload_too_large"
 INTAKE_OVERFLOW = "intake_overflow"  # intake buffer full: shed, counted
 INTERNAL_ERROR = "internal_error"  # a bug hit the batch: counted, logged with a traceback
 LATE = "late"  # beyond allowed lateness
+DUPLICATE = "duplicate"  # same device and seq, or same device, event time and value
 
 # Uplink messages (cloud ingest)
 BAD_UPLINK = "bad_uplink"  # garbage on an uplink topic
@@ -39,6 +42,8 @@ READING_REASONS = (
     UNKNOWN_METRIC,
     UNKNOWN_DEVICE,
     BAD_TIMESTAMP,
+    CLOCK_FUTURE,
+    CLOCK_PAST,
     PAYLOAD_TOO_LARGE,
     INTAKE_OVERFLOW,
     INTERNAL_ERROR,

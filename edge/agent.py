@@ -18,20 +18,31 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 from devices import rejects
 from devices.clock import Clock, SystemClock
 from devices.codecs import PayloadDecoder
-from devices.contract import HealthReport, ResultBatch, ResultColumns
+from devices.contract import HealthReport, ResultBatch, ResultColumns, SupersededRows
 from devices.readings import Interner
 from devices.rejects import RejectLog
 from edge.config import EdgeConfig
+from edge.engine import WindowEngine
+from edge.eventtime import UNKNOWN_SKEW
 from edge.intake import MqttIntake
 from edge.uplink import MqttUplink
 from edge.validate import Validator
-from edge.windows import MAX_DEVICES, MAX_METRICS, WindowEngine
+from edge.windows import MAX_DEVICES, MAX_METRICS
 
 log = logging.getLogger("fieldline.edge")
+
+_BASE = ("device", "metric", "start", "width", "rev", "count", "sum", "min", "max", "mean", "m2",
+         "first_ts", "first", "last_ts", "last")
+
+
+def _field(label: str) -> str:
+    """A window label as part of a field name: "session:30s" -> "session_30s"."""
+    return "".join(c if c.isalnum() else "_" for c in label)
 
 CHECKPOINT = "windows.npz"
 
@@ -66,7 +77,9 @@ class EdgePipeline:
             registry=registry if config.unknown_devices == "reject" else None,
             max_future_ms=config.max_future_ms, max_past_ms=config.max_past_ms,
         )
-        self.engine = WindowEngine(config.window)
+        self.engine = WindowEngine(config.engine)
+        self.primary = config.engine.labels[0]
+        self.late_out: list[list[object]] = []  # late readings to forward raw
         self.rejects = RejectLog(log)
         self.counters: Counter[str] = Counter()
 
@@ -79,19 +92,35 @@ class EdgePipeline:
         if bad:
             for reason, n in bad.items():
                 self.rejects.reject(reason, samples[0] if samples else "", n)
+        cols = self.engine.adjust_time(cols, self.clock.monotonic_ms())
         ok, vbad = self.validator.check(cols, self.clock.now_ms())
         for reason, n in vbad.items():
             self.rejects.reject(reason, f"{n} reading(s) in a batch of {len(cols)}", n)
         good = cols.take(ok) if not ok.all() else cols
         out = self.engine.fold(good, self.clock.monotonic_ms())
-        self.counters["readings_accepted"] += out.accepted
-        self.counters["late_revised"] += out.late_revised
-        self.counters["late_dropped"] += out.late_dropped
+        late = out.late_dropped[self.primary]
+        self.counters["readings_accepted"] += out.accepted - late
+        self.counters["late_revised"] += out.late_revised[self.primary]
+        self.counters["late_dropped"] += late
+        self.counters["duplicates"] += out.duplicates
+        for label in self.config.engine.labels[1:]:
+            key = _field(label)
+            self.counters["late_dropped_" + key] += out.late_dropped[label]
+            self.counters["late_revised_" + key] += out.late_revised[label]
+        if self.config.forward_late and len(out.late_rows):
+            r = out.late_rows
+            dn, mn = self.devices.names, self.metrics.names
+            self.late_out.extend(
+                [dn[d], mn[m], t, v, q] for d, m, t, v, q in zip(
+                    good.device[r].tolist(), good.metric[r].tolist(), good.ts[r].tolist(),
+                    good.value[r].tolist(), good.seq[r].tolist(), strict=True))
 
     def emit(self, *, flush: bool = False) -> ResultColumns:
         res = self.engine.flush_all() if flush else self.engine.emit(self.clock.monotonic_ms())
         self.counters["windows_emitted"] += len(res)
         self.counters["revisions_emitted"] += int((res.rev > 0).sum())
+        if res.superseded is not None:
+            self.counters["windows_superseded"] += len(res.superseded)
         return res
 
     def to_batches(self, res: ResultColumns, next_seq: Any) -> list[ResultBatch]:
@@ -99,19 +128,34 @@ class EdgePipeline:
         out = []
         step = self.config.max_results_per_batch
         wm = self.engine.gateway_watermark()
-        for lo in range(0, len(res), step):
+        sup = res.superseded if res.superseded is not None else SupersededRows.empty()
+        eng = self.config.engine
+        for lo in range(0, max(len(res), 1 if len(sup) else 0), step):
             part = res.take(np.arange(lo, min(lo + step, len(res))))
-            ud, dinv = np.unique(part.device, return_inverse=True)
-            um, minv = np.unique(part.metric, return_inverse=True)
+            first = lo == 0
+            s_dev = sup.device if first else np.empty(0, np.int64)
+            s_met = sup.metric if first else np.empty(0, np.int64)
+            ud, dinv = np.unique(np.concatenate([part.device, s_dev]), return_inverse=True)
+            um, minv = np.unique(np.concatenate([part.metric, s_met]), return_inverse=True)
+            n = len(part)
             cols = part.to_cols()
-            cols["d"] = dinv.astype(np.int64)
-            cols["m"] = minv.astype(np.int64)
+            cols["d"] = dinv[:n].astype(np.int64)
+            cols["m"] = minv[:n].astype(np.int64)
+            base = ResultColumns.from_cols(cols)
+            results = ResultColumns(
+                **{f: getattr(base, f) for f in _BASE},
+                spec=part.spec, pct=part.pct, sk_keys=part.sk_keys, sk_counts=part.sk_counts,
+                sk_offsets=part.sk_offsets,
+                superseded=SupersededRows(dinv[n:].astype(np.int64), minv[n:].astype(np.int64),
+                                          sup.spec, sup.start) if first and len(sup) else None,
+            )
             out.append(ResultBatch(
                 gateway=self.config.gateway, seq=next_seq(),
                 watermark=wm if wm is not None else 0, sent_ms=self.clock.now_ms(),
                 devices=[self.devices.names[i] for i in ud],
                 metrics=[self.metrics.names[i] for i in um],
-                results=ResultColumns.from_cols(cols),
+                results=results, specs=eng.labels, percentiles=list(eng.percentiles),
+                alpha=eng.sketch_alpha,
             ))
         return out
 
@@ -129,15 +173,38 @@ class EdgePipeline:
             "late_dropped": c["late_dropped"],
             "windows_emitted": c["windows_emitted"],
             "revisions_emitted": c["revisions_emitted"],
+            "duplicates": c["duplicates"],
+            "windows_superseded": c["windows_superseded"],
             "open_windows": self.engine.open_windows,
+            "window_state_kb": self.engine.state_bytes() // 1024,
             "devices_seen": len(self.devices),
-            "devices_idle": len(self.engine.idle_devices()),
+            "devices_silent": len(self.engine.silent_devices()),
+            "clock_corrected": self.engine.corrected,
             "watermark_lag_ms": (self.clock.now_ms() - wm) if wm is not None else 0,
             "internal_errors": c["internal_errors"],
+            "windows_unshipped": c["windows_unshipped"],
         }
         for reason in rejects.READING_REASONS:
             s["rejected_" + reason] = rej.get(reason, 0)
+        for k, v in c.items():
+            if k.startswith(("late_dropped_", "late_revised_")):
+                s[k] = v
+        skew = self.engine.time.skew()
+        known = skew[skew != UNKNOWN_SKEW]
+        s["skew_max_abs_ms"] = int(np.abs(known).max()) if len(known) else 0
+        s["devices_skewed"] = int((np.abs(known) > self.config.engine.skew_tolerance_ms).sum())
         return s
+
+    def device_report(self, limit: int = 50) -> dict[str, object]:
+        """Silent devices and the most skewed clocks, by name (bounded, for health)."""
+        names = self.devices.names
+        silent = [names[i] for i in self.engine.silent_devices()[:limit].tolist()
+                  if i < len(names)]
+        skew = self.engine.time.skew()[: len(names)]
+        known = np.flatnonzero((skew != UNKNOWN_SKEW)
+                               & (np.abs(skew) > self.config.engine.skew_tolerance_ms))
+        worst = known[np.argsort(-np.abs(skew[known]))][:limit]
+        return {"silent": silent, "skew_ms": {names[i]: int(skew[i]) for i in worst.tolist()}}
 
     # ---- checkpoint ---------------------------------------------------------------------
 
@@ -201,11 +268,20 @@ class EdgeAgent:
             self.pipeline.counters["internal_errors"] += 1
             self.pipeline.rejects.reject(rejects.INTERNAL_ERROR, "see traceback", len(msgs))
             log.exception("processing a batch of %d messages failed", len(msgs))
-        self._ship(self.pipeline.emit())
+        res = self.pipeline.emit()
+        try:
+            self._ship(res)
+        except Exception:  # a bug: the windows are counted as unshipped, the loop goes on
+            self.pipeline.counters["internal_errors"] += 1
+            self.pipeline.counters["windows_unshipped"] += len(res)
+            log.exception("shipping %d window results failed", len(res))
+        if self.pipeline.late_out:
+            late, self.pipeline.late_out = self.pipeline.late_out, []
+            self.uplink.publish_late(orjson.dumps({"gw": self.config.gateway, "readings": late}))
         return len(msgs)
 
     def _ship(self, res: ResultColumns) -> None:
-        if len(res) == 0:
+        if len(res) == 0 and (res.superseded is None or len(res.superseded) == 0):
             return
         for batch in self.pipeline.to_batches(res, self.uplink.seq.next):
             self.uplink.publish_results(batch.encode())
@@ -227,12 +303,14 @@ class EdgeAgent:
 
     def health(self) -> HealthReport:
         s = self.stats()
-        gauges = {"open_windows", "devices_seen", "devices_idle", "watermark_lag_ms",
-                  "intake_pending", "uplink_inflight", "rss_mb"}
+        gauges = {"open_windows", "window_state_kb", "devices_seen", "devices_silent",
+                  "watermark_lag_ms", "intake_pending", "uplink_inflight", "rss_mb",
+                  "skew_max_abs_ms", "devices_skewed"}
         return HealthReport(
             gateway=self.config.gateway, ts=self.clock.now_ms(),
             counters={k: int(v) for k, v in s.items() if k not in gauges},
             gauges={k: float(v) for k, v in s.items() if k in gauges},
+            devices=self.pipeline.device_report(),
         )
 
     async def run(self, stop: asyncio.Event) -> None:

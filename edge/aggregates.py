@@ -54,32 +54,67 @@ class AggArrays:
         return AggArrays(*(np.concatenate([getattr(p, f) for p in parts]) for f in FIELDS))
 
 
-def fold_sorted(starts: I64, ts: F64 | I64, value: F64) -> AggArrays:
-    """Aggregate groups of rows already sorted by (group, ts, value).
+def fold_sorted(starts: I64, ts: I64, value: F64) -> AggArrays:
+    """Aggregate groups of rows that are contiguous (sorted by group, any order within).
 
-    ``starts`` are the first row index of each group (ascending, starting with 0).
+    ``starts`` are the first row index of each group (ascending, starting with 0). First and
+    last are chosen by event time, ties broken by value, so arrival order never matters.
     """
     n = len(value)
     counts = np.diff(np.append(starts, n)).astype(np.int64)
+    group = np.repeat(np.arange(len(starts)), counts)
     sums = np.add.reduceat(value, starts)
     mean = sums / counts
-    group = np.repeat(np.arange(len(starts)), counts)
     dev = value - mean[group]
-    m2 = np.add.reduceat(dev * dev, starts)
-    ends = starts + counts - 1
-    ts64 = ts.astype(np.int64, copy=False)
+    first_ts = np.minimum.reduceat(ts, starts)
+    last_ts = np.maximum.reduceat(ts, starts)
     return AggArrays(
         count=counts,
         sum=sums,
         min=np.minimum.reduceat(value, starts),
         max=np.maximum.reduceat(value, starts),
         mean=mean,
-        m2=m2,
-        first_ts=ts64[starts],
-        first=value[starts],
-        last_ts=ts64[ends],
-        last=value[ends],
+        m2=np.add.reduceat(dev * dev, starts),
+        first_ts=first_ts,
+        first=np.minimum.reduceat(np.where(ts == first_ts[group], value, np.inf), starts),
+        last_ts=last_ts,
+        last=np.maximum.reduceat(np.where(ts == last_ts[group], value, -np.inf), starts),
     )
+
+
+def merge_groups(starts: I64, items: AggArrays) -> AggArrays:
+    """Merge contiguous groups of aggregate states into one state per group (Chan, n-way)."""
+    n = len(items)
+    sizes = np.diff(np.append(starts, n))
+    group = np.repeat(np.arange(len(starts)), sizes)
+    count = np.add.reduceat(items.count, starts)
+    cnt = items.count.astype(np.float64)
+    mean = np.add.reduceat(cnt * items.mean, starts) / count
+    d = items.mean - mean[group]
+    first_ts = np.minimum.reduceat(items.first_ts, starts)
+    last_ts = np.maximum.reduceat(items.last_ts, starts)
+    return AggArrays(
+        count=count,
+        sum=np.add.reduceat(items.sum, starts),
+        min=np.minimum.reduceat(items.min, starts),
+        max=np.maximum.reduceat(items.max, starts),
+        mean=mean,
+        m2=np.add.reduceat(items.m2 + cnt * d * d, starts),
+        first_ts=first_ts,
+        first=np.minimum.reduceat(
+            np.where(items.first_ts == first_ts[group], items.first, np.inf), starts),
+        last_ts=last_ts,
+        last=np.maximum.reduceat(
+            np.where(items.last_ts == last_ts[group], items.last, -np.inf), starts),
+    )
+
+
+def singletons(ts: I64, value: F64) -> AggArrays:
+    """One aggregate state per reading."""
+    n = len(value)
+    return AggArrays(count=np.ones(n, np.int64), sum=value.copy(), min=value.copy(),
+                     max=value.copy(), mean=value.copy(), m2=np.zeros(n), first_ts=ts.copy(),
+                     first=value.copy(), last_ts=ts.copy(), last=value.copy())
 
 
 def merge_into(a: AggArrays, ia: I64, b: AggArrays) -> None:

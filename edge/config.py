@@ -13,6 +13,8 @@ from devices.errors import ConfigError
 from devices.mqtt import BrokerAddress, parse_broker_url
 from devices.registry import Registry
 from devices.settings import Section, load_toml
+from edge.engine import CLOCK_POLICIES, EngineConfig
+from edge.eventtime import EventTimeSpec
 from edge.windows import WindowSpec
 
 
@@ -21,7 +23,7 @@ class EdgeConfig:
     gateway: str
     intake_broker: BrokerAddress
     uplink_broker: BrokerAddress
-    window: WindowSpec
+    engine: EngineConfig = field(default_factory=EngineConfig)
     topics: list[str] = field(default_factory=lambda: ["devices/+/readings"])
     device_topic_level: int | None = 1
     intake_qos: int = 1
@@ -38,6 +40,7 @@ class EdgeConfig:
     max_results_per_batch: int = 5_000
     uplink_max_queued: int = 10_000
     flush_on_stop: bool = False
+    forward_late: bool = False  # publish readings dropped as late, raw, on fieldline/v1/<gw>/late
     catalog: Catalog = field(default_factory=Catalog)
 
     def __post_init__(self) -> None:
@@ -55,18 +58,46 @@ class EdgeConfig:
         return reg
 
 
-def _window_spec(w: Section) -> WindowSpec:
+def _engine_config(w: Section, clock: Section, dedup: Section) -> EngineConfig:
+    if w.has("size") and w.has("specs"):
+        raise ConfigError(w.key("specs"), "give either size (one tumbling window) or specs",
+                          source=w.source)
+    if w.has("specs"):
+        texts = w.str_list("specs")
+    else:
+        texts = [str(w.duration_ms("size", 10_000, minimum=100)) + "ms"]
+    specs = []
+    for i, text in enumerate(texts):
+        try:
+            specs.append(WindowSpec.parse(text))
+        except ValueError as exc:
+            raise ConfigError(w.key(f"specs[{i}]"), str(exc), source=w.source) from None
     try:
-        spec = WindowSpec(
-            size_ms=w.duration_ms("size", 10_000, minimum=100),
+        time = EventTimeSpec(
             out_of_orderness_ms=w.duration_ms("out_of_orderness", 2_000),
             allowed_lateness_ms=w.duration_ms("allowed_lateness", 30_000),
             idle_timeout_ms=w.duration_ms("idle_timeout", 30_000, minimum=1),
         )
     except ValueError as exc:
-        raise ConfigError(w.key("size"), str(exc), source=w.source) from None
-    w.done()
-    return spec
+        raise ConfigError(w.key("allowed_lateness"), str(exc), source=w.source) from None
+    pct = w.raw("percentiles", [0.5, 0.9, 0.95, 0.99])
+    if not isinstance(pct, list) or not all(type(q) in (int, float) and 0 <= q <= 1
+                                            for q in pct):
+        raise ConfigError(w.key("percentiles"), "must be a list of fractions in [0, 1], "
+                          "e.g. [0.5, 0.99]", source=w.source)
+    try:
+        cfg = EngineConfig(
+            windows=tuple(specs), time=time, percentiles=tuple(float(q) for q in pct),
+            sketch_alpha=w.number("sketch_accuracy", 0.01, minimum=0.0001, maximum=0.2),
+            clock_policy=clock.choice("policy", CLOCK_POLICIES, "trust"),
+            skew_tolerance_ms=clock.duration_ms("skew_tolerance", 2_000),
+            skew_period_ms=clock.duration_ms("skew_period", 60_000, minimum=1_000),
+            dedup=dedup.flag("enabled", True),
+            dedup_seq_tolerance_ms=dedup.duration_ms("seq_tolerance", 60_000),
+        )
+    except ValueError as exc:
+        raise ConfigError(w.key("specs"), str(exc), source=w.source) from None
+    return cfg
 
 
 def load_edge_config(path: str | Path) -> EdgeConfig:
@@ -79,6 +110,8 @@ def edge_config_from(root: Section) -> EdgeConfig:
     intake = root.section("intake", required=True)
     uplink = root.section("uplink", required=True)
     windows = root.section("windows")
+    clock = root.section("clock")
+    dedup = root.section("dedup")
     validate = root.section("validate")
     agent = root.section("agent")
     catalog = Catalog.from_mapping(root.raw("catalog", {}))
@@ -106,7 +139,8 @@ def edge_config_from(root: Section) -> EdgeConfig:
                                        key_file=uplink.text("key_file", None)),
         max_results_per_batch=uplink.integer("max_results_per_batch", 5_000, minimum=1),
         uplink_max_queued=uplink.integer("max_queued", 10_000, minimum=1),
-        window=_window_spec(windows),
+        engine=_engine_config(windows, clock, dedup),
+        forward_late=windows.flag("forward_late", False),
         max_future_ms=validate.duration_ms("max_future", 5 * 60_000),
         max_past_ms=validate.duration_ms("max_past", 7 * 86_400_000),
         tick_ms=agent.duration_ms("tick", 200, minimum=10),
@@ -115,7 +149,7 @@ def edge_config_from(root: Section) -> EdgeConfig:
         flush_on_stop=agent.flag("flush_on_stop", False),
         catalog=catalog,
     )
-    for s in (gw, intake, uplink, validate, agent):
+    for s in (gw, intake, uplink, validate, agent, windows, clock, dedup):
         s.done()
     root.done()
     return cfg

@@ -22,7 +22,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.reasoncodes import ReasonCode
 
 from devices.clock import Clock
-from devices.contract import health_topic, results_topic, status_topic
+from devices.contract import health_topic, late_topic, results_topic, status_topic
 from devices.mqtt import NO_MATCHING_SUBSCRIBERS, BrokerAddress, make_client
 
 log = logging.getLogger("fieldline.edge.uplink")
@@ -166,6 +166,9 @@ class MqttUplink:
 
     def publish_health(self, payload: bytes) -> bool:
         return self._publish(health_topic(self.gateway), payload, track=False)
+
+    def publish_late(self, payload: bytes) -> bool:
+        return self._publish(late_topic(self.gateway), payload, track=False)
 
     @property
     def inflight(self) -> int:

@@ -1,209 +1,238 @@
-"""The event-time windowing engine: per-device watermarks, allowed lateness, revisions.
+"""Window operators: tumbling, hopping, session and count windows over columnar micro-batches.
 
-Readings are folded a micro-batch at a time with numpy (sort, segment, reduce); the engine never
-builds a Python object per reading. Semantics, per device ``d``:
+Every operator keeps the state of its open windows as parallel numpy arrays sorted by a 63-bit
+key ``device (20 bits) | metric (8) | window number (35)``, with mergeable aggregates
+(``edge.aggregates``) and a quantile sketch per window (``edge.sketch``). Folding a batch is
+sort + reduce + ``searchsorted`` merge; no Python object is made per reading.
 
-* ``watermark(d) = max(event time seen from d) - out_of_orderness`` (raised further by idle
-  handling). A device's clock only ever affects its own windows: a device running ten minutes fast
-  cannot make another device's readings late.
-* The watermark a reading is judged against is the one *before* that reading, in arrival order
-  per device, so results do not depend on how the stream was cut into micro-batches.
-* A tumbling window ``[s, s + size)`` fires when ``watermark >= s + size``. A reading whose window
-  has fired but with ``watermark < end + allowed_lateness`` is *late but accepted*: the window is
-  updated and re-emitted with revision n+1. A reading with ``watermark >= end + allowed_lateness``
-  is dropped and counted as late; its window's state may already be gone.
-* A device silent for ``idle_timeout`` (processing time) has its open windows closed (emitted) and
-  no longer holds back the gateway watermark; after a further ``allowed_lateness`` of silence its
-  retained state is purged.
+Semantics (``wm`` is the reading's device watermark *before* it, see ``edge.eventtime``):
 
-``fold`` and ``emit`` are pure state transitions driven by an injected clock; the agent's event
-loop calls them. ``snapshot``/``restore`` make the state durable across restarts.
+* **tumbling** ``[s, s + size)`` and **hopping** (``size``, ``step``; a reading belongs to
+  ``size / step`` windows): a window fires when ``wm >= end``; a reading is added to each of its
+  windows unless ``wm >= end + allowed_lateness`` (it is then dropped from that window). A reading
+  dropped from all its windows counts as ``late_dropped``; a window updated after it fired is
+  re-emitted with revision n+1.
+* **session** (``gap``, optional ``max_length``): readings of a device and metric closer than
+  ``gap`` in event time form one session; a late reading can extend or bridge sessions. A session
+  fires when ``wm >= last + gap``; a reading is dropped when ``wm >= ts + allowed_lateness``. A
+  session is identified by its first event time: when a late reading moves that start, the result
+  under the old start is reported as *superseded* so the cloud can delete it. ``max_length``
+  caps a session's span; the cap is applied to what was merged so far, so under disorder a capped
+  session may be cut differently than a recomputation over the whole stream would.
+* **count** (``n``): every ``n`` accepted readings of a device and metric, in arrival order, form
+  a window; it fires when full (or partially when the device goes silent, then is revised).
+  Count windows never drop late readings. A count window is identified by the event time of its
+  first-arriving reading, moved forward by the fewest milliseconds that keep the identities of a
+  series' count windows strictly increasing (readings may share a timestamp).
 """
 
 from __future__ import annotations
 
+import itertools
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
-from devices.contract import ResultColumns
-from devices.readings import I64, ReadingColumns
-from edge.aggregates import FIELDS, AggArrays, fold_sorted, merge_into
+from devices.readings import F64, I64
+from edge.aggregates import FIELDS, AggArrays, fold_sorted, merge_groups, merge_into, singletons
+from edge.eventtime import NEVER, running_max_before
+from edge.sketch import SketchParams, SketchStore, quantiles_from_counts
 
-# Composite window key: device (20 bits) | metric (8 bits) | window index since EPOCH_BASE (35 bits)
 DEVICE_BITS = 20
 METRIC_BITS = 8
-WINDOW_BITS = 35
+NUMBER_BITS = 35
 MAX_DEVICES = 1 << DEVICE_BITS
 MAX_METRICS = 1 << METRIC_BITS
 EPOCH_BASE_MS = 1_577_836_800_000  # 2020-01-01T00:00:00Z; earlier event times are implausible
 MIN_WINDOW_MS = 100
-NEVER = np.iinfo(np.int64).min // 4  # "no event time seen yet" (far below any real time)
+KINDS = ("tumbling", "hopping", "session", "count")
+
+_DUR = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
+_UNIT = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def _dur(text: str) -> int:
+    m = _DUR.match(text.strip())
+    if not m:
+        raise ValueError(f"not a duration: {text!r}")
+    return round(float(m.group(1)) * _UNIT[m.group(2)])
+
+
+def _label(ms: int) -> str:
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms"
 
 
 @dataclass(frozen=True, kw_only=True)
 class WindowSpec:
-    """A tumbling event-time window and its lateness policy (all durations in ms)."""
+    """One kind of window. Parse the config form with ``WindowSpec.parse``:
+    ``"10s"`` or ``"tumbling:10s"``, ``"hopping:1m/10s"``, ``"session:30s"`` or
+    ``"session:30s/10m"`` (gap / max length), ``"count:100"``."""
 
-    size_ms: int
-    out_of_orderness_ms: int = 2_000
-    allowed_lateness_ms: int = 30_000
-    idle_timeout_ms: int = 30_000
+    kind: str = "tumbling"
+    size_ms: int = 0  # tumbling, hopping
+    step_ms: int = 0  # hopping (tumbling: = size)
+    gap_ms: int = 0  # session
+    max_length_ms: int = 0  # session (0: unbounded)
+    count: int = 0  # count
 
     def __post_init__(self) -> None:
-        if self.size_ms < MIN_WINDOW_MS:
-            raise ValueError(f"window size must be >= {MIN_WINDOW_MS} ms, got {self.size_ms}")
-        if self.out_of_orderness_ms < 0 or self.allowed_lateness_ms < 0:
-            raise ValueError("out_of_orderness and allowed_lateness must be >= 0")
-        if self.idle_timeout_ms <= 0:
-            raise ValueError("idle_timeout must be > 0")
+        if self.kind not in KINDS:
+            raise ValueError(f"window kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.kind in ("tumbling", "hopping"):
+            if self.size_ms < MIN_WINDOW_MS:
+                raise ValueError(f"window size must be >= {MIN_WINDOW_MS} ms, got {self.size_ms}")
+            step = self.step
+            if step < MIN_WINDOW_MS or self.size_ms % step:
+                raise ValueError(f"hopping step must be >= {MIN_WINDOW_MS} ms and divide the "
+                                 f"size ({self.size_ms} ms), got {step}")
+        if self.kind == "session" and (self.gap_ms < 1 or self.max_length_ms < 0):
+            raise ValueError("a session window needs a gap > 0 (and max_length >= 0)")
+        if self.kind == "count" and self.count < 1:
+            raise ValueError("a count window needs count >= 1")
+
+    @property
+    def step(self) -> int:
+        return self.step_ms or self.size_ms
 
     @property
     def label(self) -> str:
-        s = self.size_ms
-        for unit, ms in (("h", 3_600_000), ("m", 60_000), ("s", 1000)):
-            if s % ms == 0:
-                return f"{s // ms}{unit}"
-        return f"{s}ms"
+        """Stable name, used as the ``window`` tag in InfluxDB."""
+        if self.kind == "tumbling":
+            return _label(self.size_ms)
+        if self.kind == "hopping":
+            return f"{_label(self.size_ms)}/{_label(self.step)}"
+        if self.kind == "session":
+            cap = f"/{_label(self.max_length_ms)}" if self.max_length_ms else ""
+            return f"session:{_label(self.gap_ms)}{cap}"
+        return f"count:{self.count}"
+
+    @property
+    def reach_ms(self) -> int:
+        """How far beyond a device's newest reading one of its windows can end."""
+        if self.kind in ("tumbling", "hopping"):
+            return self.size_ms
+        if self.kind == "session":
+            return self.gap_ms
+        return 0
+
+    @classmethod
+    def parse(cls, text: str) -> WindowSpec:
+        kind, _, arg = text.partition(":")
+        if not arg:
+            kind, arg = "tumbling", kind
+        kind = kind.strip()
+        if kind == "tumbling":
+            return cls(kind=kind, size_ms=_dur(arg))
+        if kind == "hopping":
+            size, _, step = arg.partition("/")
+            if not step:
+                raise ValueError(f"hopping windows need size/step, got {text!r}")
+            return cls(kind=kind, size_ms=_dur(size), step_ms=_dur(step))
+        if kind == "session":
+            gap, _, cap = arg.partition("/")
+            return cls(kind=kind, gap_ms=_dur(gap), max_length_ms=_dur(cap) if cap else 0)
+        if kind == "count":
+            return cls(kind=kind, count=int(arg))
+        raise ValueError(f"unknown window kind {kind!r} in {text!r}")
 
 
 @dataclass
-class FoldOutcome:
-    """What happened to one micro-batch."""
+class WindowResults:
+    """Rows emitted by one operator."""
 
-    accepted: int = 0
-    late_revised: int = 0  # accepted into a window that had already fired
-    late_dropped: int = 0  # beyond allowed lateness
+    device: I64
+    metric: I64
+    start: I64
+    width: I64
+    rev: I64
+    agg: AggArrays
+    pct: F64  # (rows, len(percentiles))
+    sk_keys: I64
+    sk_counts: I64
+    sk_offsets: I64
+
+    def __len__(self) -> int:
+        return len(self.device)
+
+
+@dataclass
+class Superseded:
+    """Results withdrawn because their identity changed (sessions)."""
+
+    device: list[int] = field(default_factory=list)
+    metric: list[int] = field(default_factory=list)
+    start: list[int] = field(default_factory=list)
+
+
+@dataclass
+class OperatorFold:
+    accepted: int = 0  # readings in at least one window
+    late_dropped: int = 0  # readings in no window because of lateness
+    late_revised: int = 0  # readings added to a window that had already fired
     dropped_mask: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros(0, bool))
 
 
-def _grow(arr: I64, n: int, fill: int) -> I64:
-    if len(arr) >= n:
-        return arr
-    out = np.full(max(n, 2 * len(arr), 64), fill, dtype=np.int64)
-    out[: len(arr)] = arr
-    return out
+def series_code(dev: I64, met: I64) -> I64:
+    return (dev << METRIC_BITS) | met
 
 
-class WindowEngine:
-    """Open windows of every (device, metric), as sorted parallel arrays keyed by window key."""
+class WindowOperator:
+    """State shared by all kinds: sorted keys, aggregates, revisions, sketches by slot."""
 
-    def __init__(self, spec: WindowSpec) -> None:
+    def __init__(self, spec: WindowSpec, *, allowed_lateness_ms: int, sketch: SketchParams,
+                 percentiles: tuple[float, ...]) -> None:
         self.spec = spec
+        self.lateness = allowed_lateness_ms
+        self.percentiles = percentiles
+        self.sketches = SketchStore(sketch)
         self.keys: I64 = np.empty(0, np.int64)
         self.agg = AggArrays.empty()
-        self.rev: I64 = np.empty(0, np.int64)  # emissions so far (next revision number)
+        self.rev: I64 = np.empty(0, np.int64)  # emissions so far
         self.dirty = np.empty(0, bool)
-        # per device (indexed by interned device id)
-        self.max_ts: I64 = np.empty(0, np.int64)
-        self.wm_floor: I64 = np.empty(0, np.int64)
-        self.last_seen: I64 = np.empty(0, np.int64)  # monotonic ms of the last reading
-        self.idle_state: I64 = np.empty(0, np.int64)  # 0 active, 1 closed, 2 purged
-        self.late_dropped_by_device: I64 = np.empty(0, np.int64)
-        self.accepted_by_device: I64 = np.empty(0, np.int64)
+        self.slot: I64 = np.empty(0, np.int64)
+        self.anchor: I64 = np.empty(0, np.int64)  # identity time (window start)
+        self._next_slot = 0
+        self._free: I64 = np.empty(0, np.int64)
+        self.superseded = Superseded()
 
-    # ---- keys ---------------------------------------------------------------------------
+    # ---- slots ----------------------------------------------------------------------------
 
-    def window_start(self, ts: I64) -> I64:
-        size = self.spec.size_ms
-        return (ts // size) * size
+    def _alloc(self, k: int) -> I64:
+        take = min(k, len(self._free))
+        out = np.empty(k, np.int64)
+        if take:
+            out[:take] = self._free[len(self._free) - take:]
+            self._free = self._free[: len(self._free) - take]
+        fresh = k - take
+        if fresh:
+            out[take:] = np.arange(self._next_slot, self._next_slot + fresh)
+            self._next_slot += fresh
+        return out
 
-    def _key(self, device: I64, metric: I64, start: I64) -> I64:
-        widx = (start - EPOCH_BASE_MS) // self.spec.size_ms
-        return (device << (METRIC_BITS + WINDOW_BITS)) | (metric << WINDOW_BITS) | widx
+    def _release(self, slots: I64) -> None:
+        if len(slots):
+            self.sketches.drop(slots)
+            self._free = np.concatenate([self._free, slots])
 
-    def _unkey(self, keys: I64) -> tuple[I64, I64, I64]:
-        device = keys >> (METRIC_BITS + WINDOW_BITS)
-        metric = (keys >> WINDOW_BITS) & (MAX_METRICS - 1)
-        widx = keys & ((1 << WINDOW_BITS) - 1)
-        return device, metric, widx * self.spec.size_ms + EPOCH_BASE_MS
+    # ---- keyed state ----------------------------------------------------------------------
 
-    def _ensure_devices(self, n: int) -> None:
-        self.max_ts = _grow(self.max_ts, n, NEVER)
-        self.wm_floor = _grow(self.wm_floor, n, NEVER)
-        self.last_seen = _grow(self.last_seen, n, 0)
-        self.idle_state = _grow(self.idle_state, n, 0)
-        self.late_dropped_by_device = _grow(self.late_dropped_by_device, n, 0)
-        self.accepted_by_device = _grow(self.accepted_by_device, n, 0)
+    @staticmethod
+    def key(dev: I64, met: I64, number: I64) -> I64:
+        return (dev << (METRIC_BITS + NUMBER_BITS)) | (met << NUMBER_BITS) | number
 
-    def watermarks(self) -> I64:
-        """Per-device watermark (NEVER for devices with no event time yet)."""
-        raw = np.where(self.max_ts == NEVER, NEVER, self.max_ts - self.spec.out_of_orderness_ms)
-        return np.maximum(raw, self.wm_floor)
+    @staticmethod
+    def unkey(keys: I64) -> tuple[I64, I64, I64]:
+        return (keys >> (METRIC_BITS + NUMBER_BITS), (keys >> NUMBER_BITS) & (MAX_METRICS - 1),
+                keys & ((1 << NUMBER_BITS) - 1))
 
-    def gateway_watermark(self) -> int | None:
-        """Minimum watermark over devices that are not idle; None if there are none."""
-        wm = self.watermarks()
-        active = (self.idle_state == 0) & (wm != NEVER)
-        if not active.any():
-            return None
-        return int(wm[active].min())
-
-    # ---- folding ------------------------------------------------------------------------
-
-    def fold(self, batch: ReadingColumns, now_mono_ms: int) -> FoldOutcome:
-        """Fold validated readings (event times >= EPOCH_BASE_MS) into their windows."""
-        n = len(batch)
-        if n == 0:
-            return FoldOutcome()
-        dev = batch.device.astype(np.int64)
-        met = batch.metric.astype(np.int64)
-        ts = batch.ts
-        if dev.max() >= MAX_DEVICES or met.max() >= MAX_METRICS:
-            raise ValueError("device or metric id beyond the engine's key space")
-        if ts.min() < EPOCH_BASE_MS:
-            raise ValueError("event time before EPOCH_BASE_MS reached the engine; validate first")
-        self._ensure_devices(int(dev.max()) + 1)
-
-        # Watermark before each reading: running max of event time per device, in arrival order.
-        order = np.argsort(dev, kind="stable")
-        d_s = dev[order]
-        t_s = ts[order]
-        new_seg = np.empty(n, bool)
-        new_seg[0] = True
-        np.not_equal(d_s[1:], d_s[:-1], out=new_seg[1:])
-        seg = np.cumsum(new_seg) - 1
-        tmin = int(t_s.min())
-        span = int(t_s.max()) - tmin + 1
-        lifted = (t_s - tmin) + seg * span
-        inclusive = np.maximum.accumulate(lifted) - seg * span + tmin
-        exclusive = np.empty(n, np.int64)
-        exclusive[0] = NEVER
-        exclusive[1:] = inclusive[:-1]
-        exclusive[new_seg] = NEVER
-        seen = np.maximum(self.max_ts[d_s], exclusive)
-        wm_s = np.where(seen == NEVER, NEVER, seen - self.spec.out_of_orderness_ms)
-        wm_s = np.maximum(wm_s, self.wm_floor[d_s])
-        wm_before = np.empty(n, np.int64)
-        wm_before[order] = wm_s
-
-        start = self.window_start(ts)
-        end = start + self.spec.size_ms
-        dropped = wm_before >= end + self.spec.allowed_lateness_ms
-        revised = (~dropped) & (wm_before >= end)
-
-        # Device bookkeeping (all readings count as a sign of life and advance event time).
-        np.maximum.at(self.max_ts, dev, ts)
-        self.last_seen[dev] = now_mono_ms
-        self.idle_state[dev] = 0
-        if dropped.any():
-            np.add.at(self.late_dropped_by_device, dev[dropped], 1)
-        keep = ~dropped
-        if keep.any():
-            np.add.at(self.accepted_by_device, dev[keep], 1)
-            self._fold_accepted(
-                self._key(dev[keep], met[keep], start[keep]), ts[keep], batch.value[keep]
-            )
-        return FoldOutcome(
-            accepted=int(keep.sum()),
-            late_revised=int(revised.sum()),
-            late_dropped=int(dropped.sum()),
-            dropped_mask=dropped,
-        )
-
-    def _fold_accepted(self, keys: I64, ts: I64, value: npt.NDArray[np.float64]) -> None:
-        order = np.lexsort((value, ts, keys))
+    def _upsert(self, keys: I64, ts: I64, value: F64, anchor: I64) -> I64:
+        """Fold rows into the windows ``keys`` (created when new); returns each row's slot."""
+        order = np.argsort(keys, kind="stable")
         k = keys[order]
         first = np.empty(len(k), bool)
         first[0] = True
@@ -211,147 +240,422 @@ class WindowEngine:
         starts = np.flatnonzero(first).astype(np.int64)
         groups = fold_sorted(starts, ts[order], value[order])
         gkeys = k[starts]
+        group_of_row = np.empty(len(k), np.int64)
+        group_of_row[order] = np.cumsum(first) - 1
 
         pos = np.searchsorted(self.keys, gkeys)
         found = pos < len(self.keys)
         found[found] = self.keys[pos[found]] == gkeys[found]
+        gslot = np.empty(len(gkeys), np.int64)
         if found.any():
             hit = np.flatnonzero(found)
             merge_into(self.agg, pos[hit], groups.take(hit))
             self.dirty[pos[hit]] = True
+            gslot[hit] = self.slot[pos[hit]]
         if not found.all():
             miss = np.flatnonzero(~found)
             at = pos[miss]
             new = groups.take(miss)
+            slots = self._alloc(len(miss))
+            gslot[miss] = slots
+            first_anchor = anchor[order][starts]
             self.keys = np.insert(self.keys, at, gkeys[miss])
             self.agg = AggArrays(
-                *(np.insert(getattr(self.agg, f), at, getattr(new, f)) for f in FIELDS)
-            )
+                *(np.insert(getattr(self.agg, f), at, getattr(new, f)) for f in FIELDS))
             self.rev = np.insert(self.rev, at, 0)
             self.dirty = np.insert(self.dirty, at, True)
+            self.slot = np.insert(self.slot, at, slots)
+            self.anchor = np.insert(self.anchor, at, first_anchor[miss])
+        row_slot = gslot[group_of_row]
+        self.sketches.add(row_slot, self.sketches.params.keys(value))
+        return row_slot
 
-    # ---- emitting -----------------------------------------------------------------------
-
-    def emit(self, now_mono_ms: int) -> ResultColumns:
-        """Results of windows that fired (or were revised) since the last call; purge old state."""
-        self._handle_idle(now_mono_ms)
-        if len(self.keys) == 0:
-            return _empty_results()
-        dev, _, start = self._unkey(self.keys)
-        end = start + self.spec.size_ms
-        wm = self.watermarks()[dev]
-        ready = self.dirty & (wm >= end)
-        out = self._results(np.flatnonzero(ready))
-        self.rev[ready] += 1
-        self.dirty[ready] = False
-        purge = (~self.dirty) & (wm >= end + self.spec.allowed_lateness_ms)
-        if purge.any():
-            self._drop_rows(~purge)
-        return out
-
-    def flush_all(self) -> ResultColumns:
-        """Emit every dirty window now, fired or not (partial results; used on final shutdown)."""
-        idx = np.flatnonzero(self.dirty)
-        out = self._results(idx)
-        self.rev[idx] += 1
-        self.dirty[idx] = False
-        return out
-
-    def _results(self, idx: I64) -> ResultColumns:
-        dev, met, start = self._unkey(self.keys[idx])
-        a = self.agg.take(idx)
-        return ResultColumns(
-            device=dev, metric=met, start=start,
-            width=np.full(len(idx), self.spec.size_ms, np.int64), rev=self.rev[idx].copy(),
-            count=a.count, sum=a.sum, min=a.min, max=a.max, mean=a.mean, m2=a.m2,
-            first_ts=a.first_ts, first=a.first, last_ts=a.last_ts, last=a.last,
-        )
-
-    def _drop_rows(self, keep: npt.NDArray[np.bool_]) -> None:
+    def _keep(self, keep: npt.NDArray[np.bool_]) -> None:
+        self._release(self.slot[~keep])
         self.keys = self.keys[keep]
         self.agg = self.agg.take(np.flatnonzero(keep))
         self.rev = self.rev[keep]
         self.dirty = self.dirty[keep]
+        self.slot = self.slot[keep]
+        self.anchor = self.anchor[keep]
 
-    def _handle_idle(self, now_mono_ms: int) -> None:
-        """Close the windows of devices gone silent; purge them after the lateness has passed."""
-        if len(self.last_seen) == 0:
-            return
-        silent_for = now_mono_ms - self.last_seen
-        seen = self.max_ts != NEVER
-        to_close = seen & (self.idle_state == 0) & (silent_for >= self.spec.idle_timeout_ms)
-        to_purge = seen & (self.idle_state == 1) & (
-            silent_for >= self.spec.idle_timeout_ms + self.spec.allowed_lateness_ms
-        )
-        if not (to_close.any() or to_purge.any()):
-            return
-        dev, _, start = self._unkey(self.keys)
-        end = start + self.spec.size_ms
-        max_end = np.full(len(self.max_ts), NEVER, np.int64)
-        np.maximum.at(max_end, dev, end)
-        # also cover the window of the latest event time seen, in case it was dropped
-        latest_end = self.window_start(np.where(seen, self.max_ts, EPOCH_BASE_MS)) + (
-            self.spec.size_ms
-        )
-        close_to = np.maximum(max_end, latest_end)
-        self.wm_floor = np.where(to_close, np.maximum(self.wm_floor, close_to), self.wm_floor)
-        self.wm_floor = np.where(
-            to_purge,
-            np.maximum(self.wm_floor, close_to + self.spec.allowed_lateness_ms),
-            self.wm_floor,
-        )
-        self.idle_state[to_close] = 1
-        self.idle_state[to_purge] = 2
-
-    # ---- introspection and durability ----------------------------------------------------
+    def _results(self, idx: I64, width: I64) -> WindowResults:
+        dev, met, _ = self.unkey(self.keys[idx])
+        slots = self.slot[idx]
+        sk_keys, sk_counts, sk_off = self.sketches.export(slots)
+        pct = quantiles_from_counts(self.sketches.params, sk_keys, sk_counts, sk_off,
+                                    list(self.percentiles))
+        out = WindowResults(device=dev, metric=met, start=self.anchor[idx].copy(),
+                            width=width, rev=self.rev[idx].copy(), agg=self.agg.take(idx),
+                            pct=pct, sk_keys=sk_keys, sk_counts=sk_counts, sk_offsets=sk_off)
+        self.rev[idx] += 1
+        self.dirty[idx] = False
+        return out
 
     @property
     def open_windows(self) -> int:
         return len(self.keys)
 
-    @property
-    def active_devices(self) -> int:
-        """Devices that sent event time and have not gone idle."""
-        return int(((self.idle_state == 0) & (self.max_ts != NEVER)).sum())
+    # ---- kind-specific --------------------------------------------------------------------
 
-    def idle_devices(self) -> I64:
-        return np.flatnonzero(self.idle_state > 0)
+    def fold(self, dev: I64, met: I64, ts: I64, value: F64, wm_before: I64) -> OperatorFold:
+        raise NotImplementedError
 
-    def snapshot(self) -> dict[str, npt.NDArray[np.generic]]:
-        """All state as named arrays (np.savez-able)."""
+    def ends(self) -> I64:
+        """Event time at which each open window fires (watermark >= it)."""
+        raise NotImplementedError
+
+    def emit(self, wm_by_device: I64, silent: npt.NDArray[np.bool_]) -> WindowResults:
+        """Results of windows that fired (or were revised); purge state past lateness."""
+        if len(self.keys) == 0:
+            return self._results(np.empty(0, np.int64), np.empty(0, np.int64))
+        dev, _, _ = self.unkey(self.keys)
+        wm = wm_by_device[dev]
+        end = self.ends()
+        ready = np.flatnonzero(self.dirty & (wm >= end))
+        out = self._results(ready, self._width(ready))
+        purge = (~self.dirty) & (wm >= end + self.lateness)
+        if purge.any():
+            self._keep(~purge)
+        return out
+
+    def forget(self, purged_devices: npt.NDArray[np.bool_]) -> None:
+        """Drop the emitted windows of devices whose state was purged after going silent."""
+        if len(self.keys) and len(purged_devices):
+            dev, _, _ = self.unkey(self.keys)
+            drop = purged_devices[dev] & ~self.dirty
+            if drop.any():
+                self._keep(~drop)
+
+    def flush_all(self) -> WindowResults:
+        idx = np.flatnonzero(self.dirty)
+        return self._results(idx, self._width(idx))
+
+    def _width(self, idx: I64) -> I64:
+        raise NotImplementedError
+
+    # ---- durability ---------------------------------------------------------------------
+
+    def snapshot(self, prefix: str) -> dict[str, npt.NDArray[np.generic]]:
         snap: dict[str, npt.NDArray[np.generic]] = {
-            "keys": self.keys, "rev": self.rev, "dirty": self.dirty,
-            "max_ts": self.max_ts, "wm_floor": self.wm_floor, "idle_state": self.idle_state,
-            "late_dropped_by_device": self.late_dropped_by_device,
-            "accepted_by_device": self.accepted_by_device,
-            "spec": np.array([self.spec.size_ms, self.spec.out_of_orderness_ms,
-                              self.spec.allowed_lateness_ms], np.int64),
+            "keys": self.keys, "rev": self.rev, "dirty": self.dirty, "slot": self.slot,
+            "anchor": self.anchor, "free": self._free,
+            "next_slot": np.array([self._next_slot], np.int64),
+            "sk_codes": self.sketches.codes, "sk_counts": self.sketches.counts,
+            "label": np.array([self.spec.label]),
+            "sup": np.array([self.superseded.device, self.superseded.metric,
+                             self.superseded.start], np.int64).reshape(3, -1),
         }
         for f in FIELDS:
             snap["agg_" + f] = getattr(self.agg, f)
-        return {k: v.copy() for k, v in snap.items()}
+        snap.update(self._extra_snapshot())
+        return {prefix + k: np.asarray(v).copy() for k, v in snap.items()}
 
-    def restore(self, snap: dict[str, npt.NDArray[np.generic]], now_mono_ms: int) -> None:
-        """Continue from a snapshot; devices count as just seen (their idle timers restart)."""
-        spec = snap["spec"].astype(np.int64)
-        if int(spec[0]) != self.spec.size_ms:
-            raise ValueError(
-                f"snapshot has {int(spec[0])} ms windows, engine has {self.spec.size_ms} ms"
-            )
-        self.keys = snap["keys"].astype(np.int64)
-        self.rev = snap["rev"].astype(np.int64)
-        self.dirty = snap["dirty"].astype(bool)
-        self.max_ts = snap["max_ts"].astype(np.int64)
-        self.wm_floor = snap["wm_floor"].astype(np.int64)
-        self.idle_state = snap["idle_state"].astype(np.int64)
-        self.late_dropped_by_device = snap["late_dropped_by_device"].astype(np.int64)
-        self.accepted_by_device = snap["accepted_by_device"].astype(np.int64)
-        self.last_seen = np.full(len(self.max_ts), now_mono_ms, np.int64)
-        self.agg = AggArrays(*(snap["agg_" + f].copy() for f in FIELDS))  # type: ignore[arg-type]
+    def restore(self, snap: dict[str, npt.NDArray[np.generic]], prefix: str) -> None:
+        def get(name: str) -> npt.NDArray[np.generic]:
+            return snap[prefix + name]
+
+        label = str(get("label")[0])
+        if label != self.spec.label:
+            raise ValueError(f"checkpoint holds window {label!r}, configured {self.spec.label!r}")
+        self.keys = get("keys").astype(np.int64)
+        self.rev = get("rev").astype(np.int64)
+        self.dirty = get("dirty").astype(bool)
+        self.slot = get("slot").astype(np.int64)
+        self.anchor = get("anchor").astype(np.int64)
+        self._free = get("free").astype(np.int64)
+        self._next_slot = int(get("next_slot")[0])
+        self.sketches.codes = get("sk_codes").astype(np.int64)
+        self.sketches.counts = get("sk_counts").astype(np.int64)
+        sup = get("sup").astype(np.int64)
+        self.superseded = Superseded(sup[0].tolist(), sup[1].tolist(), sup[2].tolist())
+        self.agg = AggArrays(*(get("agg_" + f).copy() for f in FIELDS))  # type: ignore[arg-type]
+        self._extra_restore(get)
+
+    def _extra_snapshot(self) -> dict[str, npt.NDArray[np.generic]]:
+        return {}
+
+    def _extra_restore(self, get: object) -> None:
+        return None
 
 
-def _empty_results() -> ResultColumns:
-    i = np.empty(0, np.int64)
-    f = np.empty(0, np.float64)
-    return ResultColumns(device=i, metric=i, start=i, width=i, rev=i, count=i, sum=f, min=f,
-                         max=f, mean=f, m2=f, first_ts=i, first=f, last_ts=i, last=f)
+class FixedWindows(WindowOperator):
+    """Tumbling (step = size) and hopping windows aligned to the epoch."""
+
+    def fold(self, dev: I64, met: I64, ts: I64, value: F64, wm_before: I64) -> OperatorFold:
+        size, step = self.spec.size_ms, self.spec.step
+        k = size // step
+        n = len(ts)
+        base = (ts // step) * step
+        rows = np.repeat(np.arange(n), k)
+        start = base[rows] - np.tile(np.arange(k, dtype=np.int64), n) * step
+        end = start + size
+        ok_pair = wm_before[rows] < end + self.lateness
+        kept = np.bincount(rows[ok_pair], minlength=n) if n else np.zeros(0, np.int64)
+        revised_pair = ok_pair & (wm_before[rows] >= end)
+        if ok_pair.any():
+            r = rows[ok_pair]
+            number = (start[ok_pair] - EPOCH_BASE_MS) // step
+            self._upsert(self.key(dev[r], met[r], number), ts[r], value[r], start[ok_pair])
+        dropped = kept == 0
+        revised = np.zeros(n, bool)
+        revised[rows[revised_pair]] = True
+        return OperatorFold(accepted=int((~dropped).sum()), late_dropped=int(dropped.sum()),
+                            late_revised=int((revised & ~dropped).sum()), dropped_mask=dropped)
+
+    def ends(self) -> I64:
+        return self.anchor + self.spec.size_ms
+
+    def _width(self, idx: I64) -> I64:
+        return np.full(len(idx), self.spec.size_ms, np.int64)
+
+
+class CountWindows(WindowOperator):
+    """Every ``count`` accepted readings of a series, in arrival order."""
+
+    def __init__(self, spec: WindowSpec, **kw: object) -> None:
+        super().__init__(spec, **kw)  # type: ignore[arg-type]
+        self._series: I64 = np.empty(0, np.int64)  # sorted series codes
+        self._seen: I64 = np.empty(0, np.int64)  # readings counted per series
+        self._anchor: I64 = np.empty(0, np.int64)  # identity of the series' latest window
+
+    def fold(self, dev: I64, met: I64, ts: I64, value: F64, wm_before: I64) -> OperatorFold:
+        n = len(ts)
+        if n == 0:
+            return OperatorFold()
+        codes = series_code(dev, met)
+        order = np.argsort(codes, kind="stable")  # arrival order kept within a series
+        cs = codes[order]
+        first = np.empty(n, bool)
+        first[0] = True
+        np.not_equal(cs[1:], cs[:-1], out=first[1:])
+        seg_start = np.maximum.accumulate(np.where(first, np.arange(n), 0))
+        rank = np.arange(n) - seg_start
+        uniq = cs[first]
+        pos = np.searchsorted(self._series, uniq)
+        hit = pos < len(self._series)
+        hit[hit] = self._series[pos[hit]] == uniq[hit]
+        before = np.zeros(len(uniq), np.int64)
+        before[hit] = self._seen[pos[hit]]
+        grp = np.cumsum(first) - 1
+        index_s = before[grp] + rank  # in series-sorted order
+        index = np.empty(n, np.int64)
+        index[order] = index_s
+        number = index // self.spec.count
+        # identity of each window opened by this batch: its first reading's event time, made
+        # strictly increasing per series: a_j = max(f_j, a_{j-1} + 1) = j + cummax(f_i - i, ...)
+        prev_anchor = np.full(len(uniq), NEVER, np.int64)
+        prev_anchor[hit] = self._anchor[pos[hit]]
+        opens = np.flatnonzero(index_s % self.spec.count == 0)  # series-sorted positions
+        anchor_s = ts[order].copy()
+        last_anchor = prev_anchor.copy()
+        if len(opens):
+            og = grp[opens]
+            j = np.arange(len(opens)) - np.searchsorted(og, og)  # rank among the series' opens
+            lifted = ts[order][opens] - j
+            floor = np.where(prev_anchor[og] == NEVER, NEVER, prev_anchor[og] + 1)
+            inclusive = np.maximum(running_max_before(og, lifted, prev_anchor * 0 + NEVER),
+                                   lifted)
+            anchors = j + np.maximum(floor, inclusive)
+            anchor_s[opens] = anchors
+            np.maximum.at(last_anchor, og, anchors)
+        row_anchor = np.empty(n, np.int64)
+        row_anchor[order] = anchor_s
+        self._upsert(self.key(dev, met, number), ts, value, row_anchor)
+        counts_now = before + np.bincount(grp, minlength=len(uniq))
+        self._seen[pos[hit]] = counts_now[hit]
+        self._anchor[pos[hit]] = last_anchor[hit]
+        miss = ~hit
+        self._series = np.insert(self._series, pos[miss], uniq[miss])
+        self._seen = np.insert(self._seen, pos[miss], counts_now[miss])
+        self._anchor = np.insert(self._anchor, pos[miss], last_anchor[miss])
+        return OperatorFold(accepted=n, dropped_mask=np.zeros(n, bool))
+
+    def _upsert(self, keys: I64, ts: I64, value: F64, anchor: I64) -> I64:
+        # the anchor of a new window must be its first *arriving* row: stable order by key
+        return super()._upsert(keys, ts, value, anchor)
+
+    def emit(self, wm_by_device: I64, silent: npt.NDArray[np.bool_]) -> WindowResults:
+        if len(self.keys) == 0:
+            return self._results(np.empty(0, np.int64), np.empty(0, np.int64))
+        dev, _, _ = self.unkey(self.keys)
+        full = self.agg.count >= self.spec.count
+        quiet = silent[dev] if len(silent) else np.zeros(len(dev), bool)
+        ready = np.flatnonzero(self.dirty & (full | quiet))
+        out = self._results(ready, self._width(ready))
+        done = full & ~self.dirty
+        if done.any():
+            self._keep(~done)
+        return out
+
+    def ends(self) -> I64:
+        return self.agg.last_ts
+
+    def _width(self, idx: I64) -> I64:
+        return np.asarray(np.maximum(self.agg.last_ts[idx] - self.agg.first_ts[idx] + 1, 1),
+                          dtype=np.int64)
+
+    def _extra_snapshot(self) -> dict[str, npt.NDArray[np.generic]]:
+        return {"series": self._series, "seen": self._seen, "series_anchor": self._anchor}
+
+    def _extra_restore(self, get: object) -> None:
+        self._series = get("series").astype(np.int64)  # type: ignore[operator]
+        self._seen = get("seen").astype(np.int64)  # type: ignore[operator]
+        self._anchor = get("series_anchor").astype(np.int64)  # type: ignore[operator]
+
+
+class SessionWindows(WindowOperator):
+    """Sessions per series: readings closer than ``gap`` belong together."""
+
+    def __init__(self, spec: WindowSpec, **kw: object) -> None:
+        super().__init__(spec, **kw)  # type: ignore[arg-type]
+        self._next_id = 0
+
+    def fold(self, dev: I64, met: I64, ts: I64, value: F64, wm_before: I64) -> OperatorFold:
+        n = len(ts)
+        if n == 0:
+            return OperatorFold()
+        gap = self.spec.gap_ms
+        dropped = wm_before >= ts + self.lateness
+        keep = ~dropped
+        if not keep.any():
+            return OperatorFold(late_dropped=n, dropped_mask=dropped)
+        d, m, t, v, w = dev[keep], met[keep], ts[keep], value[keep], wm_before[keep]
+        codes = series_code(d, m)
+        touched = np.unique(codes)
+        cur_dev, cur_met, _ = self.unkey(self.keys)
+        cur_codes = series_code(cur_dev, cur_met)
+        old = np.isin(cur_codes, touched)
+        old_idx = np.flatnonzero(old)
+        old_closed = self.rev[old_idx] > 0  # already emitted once
+        # items: existing sessions of touched series, then the new readings as singletons
+        items = AggArrays.concat([self.agg.take(old_idx), singletons(t, v)])
+        item_code = np.concatenate([cur_codes[old_idx], codes])
+        item_start = items.first_ts
+        item_end = items.last_ts
+        n_old = len(old_idx)
+        order = np.lexsort((item_start, item_code))
+        ic, ist, ien = item_code[order], item_start[order], item_end[order]
+        new_series = np.empty(len(ic), bool)
+        new_series[0] = True
+        np.not_equal(ic[1:], ic[:-1], out=new_series[1:])
+        prev_end = running_max_before(np.cumsum(new_series) - 1, ien,
+                                      np.full(int(new_series.sum()), NEVER, np.int64))
+        boundary = new_series | (ist > prev_end + gap)
+        if self.spec.max_length_ms:
+            boundary = self._cap(boundary, ist, ien)
+        gstarts = np.flatnonzero(boundary).astype(np.int64)
+        merged = merge_groups(gstarts, items.take(order))
+        group_of = np.cumsum(boundary) - 1  # per sorted item
+        ng = len(gstarts)
+
+        # revisions, slots and superseded identities
+        is_old = order < n_old
+        old_pos = np.where(is_old, order, 0)
+        g_rev = np.zeros(ng, np.int64)
+        g_slot = np.full(ng, -1, np.int64)
+        if n_old:
+            ow = np.flatnonzero(is_old)
+            og = group_of[ow]
+            orow = old_idx[old_pos[ow]]
+            np.maximum.at(g_rev, og, self.rev[orow])
+            # keep the slot of the first old session of each group; move the others into it
+            ug, first_at = np.unique(og, return_index=True)
+            g_slot[ug] = self.slot[orow[first_at]]
+            absorbed = np.ones(len(og), bool)
+            absorbed[first_at] = False
+            if absorbed.any():
+                src = self.slot[orow[absorbed]]
+                self.sketches.move(src, g_slot[og[absorbed]])
+                self._free = np.concatenate([self._free, src])
+            # an emitted session whose start changed is withdrawn under its old start
+            moved = old_closed[old_pos[ow]] & (self.anchor[orow] != merged.first_ts[og])
+            for i in orow[moved].tolist():
+                self.superseded.device.append(int(cur_dev[i]))
+                self.superseded.metric.append(int(cur_met[i]))
+                self.superseded.start.append(int(self.anchor[i]))
+        fresh = g_slot < 0
+        g_slot[fresh] = self._alloc(int(fresh.sum()))
+        new_items = np.flatnonzero(~is_old)
+        reading_idx = order[new_items] - n_old
+        self.sketches.add(g_slot[group_of[new_items]], self.sketches.params.keys(v[reading_idx]))
+        g_dirty = np.zeros(ng, bool)
+        g_dirty[group_of[new_items]] = True
+        if n_old:
+            ow = np.flatnonzero(is_old)
+            g_dirty[group_of[ow]] |= self.dirty[old_idx[old_pos[ow]]]
+        g_code = ic[gstarts]
+        ids = np.arange(self._next_id, self._next_id + ng, dtype=np.int64) % (1 << NUMBER_BITS)
+        self._next_id += ng
+        g_keys = self.key(g_code >> METRIC_BITS, g_code & (MAX_METRICS - 1), ids)
+        revised = np.zeros(n, bool)
+        kept_idx = np.flatnonzero(keep)
+        revised[kept_idx] = w >= t + gap  # the session it joins may have fired already
+
+        # replace the touched series' sessions by the merged groups (slots already handled)
+        keep_rows = ~old
+        self.keys = self.keys[keep_rows]
+        self.agg = self.agg.take(np.flatnonzero(keep_rows))
+        self.rev = self.rev[keep_rows]
+        self.dirty = self.dirty[keep_rows]
+        self.slot = self.slot[keep_rows]
+        self.anchor = self.anchor[keep_rows]
+        at = np.searchsorted(self.keys, g_keys)
+        self.keys = np.insert(self.keys, at, g_keys)
+        self.agg = AggArrays(*(np.insert(getattr(self.agg, f), at, getattr(merged, f))
+                               for f in FIELDS))
+        self.rev = np.insert(self.rev, at, g_rev)
+        self.dirty = np.insert(self.dirty, at, g_dirty)
+        self.slot = np.insert(self.slot, at, g_slot)
+        self.anchor = np.insert(self.anchor, at, merged.first_ts)
+        if len(self.keys) > 1 and not (self.keys[1:] > self.keys[:-1]).all():
+            self._reorder(np.argsort(self.keys, kind="stable"))
+        return OperatorFold(accepted=int(keep.sum()), late_dropped=int(dropped.sum()),
+                            late_revised=int((revised & keep).sum()), dropped_mask=dropped)
+
+    def _reorder(self, order: I64) -> None:
+        self.keys = self.keys[order]
+        self.agg = self.agg.take(order)
+        self.rev = self.rev[order]
+        self.dirty = self.dirty[order]
+        self.slot = self.slot[order]
+        self.anchor = self.anchor[order]
+
+    def _cap(self, boundary: npt.NDArray[np.bool_], start: I64, end: I64
+             ) -> npt.NDArray[np.bool_]:
+        """Cut groups whose span exceeds max_length, greedily in start order (items atomic)."""
+        cap = self.spec.max_length_ms
+        b = boundary.copy()
+        gs = [*np.flatnonzero(b).tolist(), len(b)]
+        for lo, hi in itertools.pairwise(gs):
+            if int(end[lo:hi].max()) - int(start[lo]) <= cap:
+                continue
+            s0 = int(start[lo])
+            for i in range(lo + 1, hi):
+                if int(end[i]) - s0 > cap:
+                    b[i] = True
+                    s0 = int(start[i])
+        return b
+
+    def ends(self) -> I64:
+        return self.agg.last_ts + self.spec.gap_ms
+
+    def _width(self, idx: I64) -> I64:
+        return np.asarray(np.maximum(self.agg.last_ts[idx] - self.agg.first_ts[idx] + 1, 1),
+                          dtype=np.int64)
+
+    def _extra_snapshot(self) -> dict[str, npt.NDArray[np.generic]]:
+        return {"next_id": np.array([self._next_id], np.int64)}
+
+    def _extra_restore(self, get: object) -> None:
+        self._next_id = int(get("next_id")[0])  # type: ignore[operator]
+
+
+def make_operator(spec: WindowSpec, *, allowed_lateness_ms: int, sketch: SketchParams,
+                  percentiles: tuple[float, ...]) -> WindowOperator:
+    cls: type[WindowOperator] = {
+        "tumbling": FixedWindows, "hopping": FixedWindows, "session": SessionWindows,
+        "count": CountWindows,
+    }[spec.kind]
+    return cls(spec, allowed_lateness_ms=allowed_lateness_ms, sketch=sketch,
+               percentiles=percentiles)

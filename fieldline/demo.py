@@ -25,6 +25,8 @@ from cloud.worker import CloudWorker
 from devices.mqtt import BrokerAddress, parse_broker_url
 from edge.agent import EdgeAgent
 from edge.config import EdgeConfig
+from edge.engine import EngineConfig
+from edge.eventtime import EventTimeSpec
 from edge.windows import WindowSpec
 from fieldline.services import InfluxDB, Mosquitto
 from simulators.fleet import FleetSimulator, FleetSpec
@@ -166,13 +168,16 @@ async def run_demo(opts: DemoOptions) -> int:
         start_ms = time.time_ns() // 1_000_000 - opts.backfill_s * 1000
         registry_path = workdir / "devices.csv"
         FleetSimulator(spec, start_ms).registry().to_csv(registry_path)
-        window = WindowSpec(size_ms=opts.window_s * 1000, out_of_orderness_ms=2000,
-                            allowed_lateness_ms=opts.window_s * 1000 * 3,
-                            idle_timeout_ms=30_000)
+        engine = EngineConfig(
+            windows=(WindowSpec(size_ms=opts.window_s * 1000),
+                     WindowSpec(size_ms=opts.window_s * 6000)),
+            time=EventTimeSpec(out_of_orderness_ms=2000,
+                               allowed_lateness_ms=opts.window_s * 1000 * 3,
+                               idle_timeout_ms=30_000))
         for gw in gw_ids:
             agents.append(EdgeAgent(EdgeConfig(
                 gateway=gw, intake_broker=gw_brokers[gw], uplink_broker=cloud_broker,
-                topics=[f"{gw}/devices/+/readings"], device_topic_level=2, window=window,
+                topics=[f"{gw}/devices/+/readings"], device_topic_level=2, engine=engine,
                 registry_path=registry_path, state_dir=workdir / "state" / gw,
                 flush_on_stop=True, health_interval_ms=2000)))
         worker = CloudWorker(CloudConfig(

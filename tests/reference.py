@@ -61,3 +61,111 @@ def reference_windows(readings: Iterable[tuple[str, str, int, float]], *, size_m
         if w.last is None or (ts, value) > w.last:
             w.last = (ts, value)
     return RefResult(dict(windows), dropped, revised)
+
+
+# ---- the full engine: duplicates, then every window kind -------------------------------------
+
+Reading = tuple[int, int, int, float, int]  # device, metric, ts, value, seq (-1: none)
+Identity = tuple[str, int, int, int]  # spec label, device, metric, start
+
+
+def _bits(v: float) -> bytes:
+    import struct
+
+    return struct.pack("<d", v)
+
+
+def reference_engine(readings: list[Reading], specs: list[object], *, ooo_ms: int,
+                     lateness_ms: int, seq_tolerance_ms: int = 60_000
+                     ) -> tuple[dict[Identity, RefWindow], int, dict[str, int]]:
+    """Final windows by identity, the number of duplicates, and late drops per spec label.
+
+    ``specs`` are ``edge.windows.WindowSpec`` objects (typed loosely to keep this module free
+    of engine imports).
+    """
+    seen_seq: dict[tuple[int, int], int] = {}
+    seen_tv: set[tuple[int, int, bytes]] = set()
+    accepted: list[Reading] = []
+    dups = 0
+    for r in readings:
+        dev, _, ts, v, seq = r
+        if seq >= 0 and (dev, seq) in seen_seq and abs(seen_seq[(dev, seq)] - ts) <= (
+                seq_tolerance_ms):
+            dups += 1
+            continue
+        if (dev, ts, _bits(v)) in seen_tv:
+            dups += 1
+            continue
+        if seq >= 0:
+            seen_seq[(dev, seq)] = ts
+        seen_tv.add((dev, ts, _bits(v)))
+        accepted.append(r)
+    # watermark before each accepted reading
+    max_ts: dict[int, int] = {}
+    wm_before = []
+    for dev, _, ts, _, _ in accepted:
+        seen = max_ts.get(dev)
+        wm_before.append(None if seen is None else seen - ooo_ms)
+        max_ts[dev] = ts if seen is None else max(seen, ts)
+
+    out: dict[Identity, RefWindow] = {}
+    late: dict[str, int] = {}
+
+    def add(key: Identity, ts: int, v: float) -> None:
+        w = out.setdefault(key, RefWindow())
+        w.count += 1
+        w.sum += v
+        w.min = min(w.min, v)
+        w.max = max(w.max, v)
+        w.values.append(v)
+        if w.first is None or (ts, v) < w.first:
+            w.first = (ts, v)
+        if w.last is None or (ts, v) > w.last:
+            w.last = (ts, v)
+
+    for spec in specs:
+        label = spec.label  # type: ignore[attr-defined]
+        kind = spec.kind  # type: ignore[attr-defined]
+        late[label] = 0
+        if kind in ("tumbling", "hopping"):
+            size, step = spec.size_ms, spec.step  # type: ignore[attr-defined]
+            for (dev, met, ts, v, _), wm in zip(accepted, wm_before, strict=True):
+                starts = [ts - ts % step - j * step for j in range(size // step)]
+                kept = [s for s in starts if wm is None or wm < s + size + lateness_ms]
+                if not kept:
+                    late[label] += 1
+                for s in kept:
+                    add((label, dev, met, s), ts, v)
+        elif kind == "count":
+            n = spec.count  # type: ignore[attr-defined]
+            seen_n: dict[tuple[int, int], int] = defaultdict(int)
+            anchors: dict[tuple[int, int, int], int] = {}
+            last_anchor: dict[tuple[int, int], int] = {}
+            for dev, met, ts, v, _ in accepted:
+                idx = seen_n[(dev, met)] // n
+                seen_n[(dev, met)] += 1
+                if (dev, met, idx) not in anchors:  # identities strictly increase per series
+                    prev = last_anchor.get((dev, met))
+                    a = ts if prev is None else max(ts, prev + 1)
+                    anchors[(dev, met, idx)] = a
+                    last_anchor[(dev, met)] = a
+                add((label, dev, met, anchors[(dev, met, idx)]), ts, v)
+        else:  # session
+            gap = spec.gap_ms  # type: ignore[attr-defined]
+            by_series: dict[tuple[int, int], list[tuple[int, float]]] = defaultdict(list)
+            for (dev, met, ts, v, _), wm in zip(accepted, wm_before, strict=True):
+                if wm is not None and wm >= ts + lateness_ms:
+                    late[label] += 1
+                    continue
+                by_series[(dev, met)].append((ts, v))
+            for (dev, met), pts in by_series.items():
+                pts.sort()
+                start = None
+                prev = None
+                for ts, v in pts:
+                    if prev is None or ts > prev + gap:
+                        start = ts
+                    prev = ts if prev is None else max(prev, ts)
+                    assert start is not None
+                    add((label, dev, met, start), ts, v)
+    return out, dups, late

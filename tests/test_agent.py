@@ -16,6 +16,8 @@ from devices.codecs import encode_single
 from devices.mqtt import BrokerAddress
 from edge.agent import EdgeAgent, EdgePipeline
 from edge.config import EdgeConfig
+from edge.engine import EngineConfig
+from edge.eventtime import EventTimeSpec
 from edge.windows import WindowSpec
 from fieldline.services import Mosquitto
 
@@ -26,8 +28,8 @@ NOWHERE = BrokerAddress(host="127.0.0.1", port=1)
 def config(tmp: Path, **kw: object) -> EdgeConfig:
     base: dict[str, object] = {
         "gateway": "gw-1", "intake_broker": NOWHERE, "uplink_broker": NOWHERE,
-        "window": WindowSpec(size_ms=10_000, out_of_orderness_ms=0, allowed_lateness_ms=0,
-                          idle_timeout_ms=10**9),
+        "engine": EngineConfig(windows=(WindowSpec(size_ms=10_000),), time=EventTimeSpec(
+            out_of_orderness_ms=0, allowed_lateness_ms=0, idle_timeout_ms=10**9)),
         "state_dir": tmp, "max_past_ms": 10**12}
     base.update(kw)
     return EdgeConfig(**base)  # type: ignore[arg-type]

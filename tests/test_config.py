@@ -35,7 +35,7 @@ def write(tmp_path: Path, text: str, name: str = "c.toml") -> Path:
 def test_good_edge_config_loads(tmp_path: Path) -> None:
     cfg = load_edge_config(write(tmp_path, GOOD_EDGE))
     assert cfg.gateway == "gw-1"
-    assert cfg.window.size_ms == 10_000
+    assert cfg.engine.labels == ["10s"]
     assert cfg.uplink_broker.port == 1884
 
 
@@ -48,12 +48,29 @@ def test_good_edge_config_loads(tmp_path: Path) -> None:
     (GOOD_EDGE.replace('[uplink]\nbroker = "mqtt://127.0.0.1:1884"', ""), "uplink"),
     (GOOD_EDGE + '[agent]\ntick = -5\n', "agent.tick"),
     (GOOD_EDGE + '[intake.extra]\n', "intake.extra"),
+    (GOOD_EDGE.replace('size = "10s"', 'specs = ["10s", "hopping:1m/7s"]'), "windows.specs[1]"),
+    (GOOD_EDGE.replace('size = "10s"', 'specs = ["10s", "10s"]'), "windows.specs"),
+    (GOOD_EDGE + '[clock]\npolicy = "guess"\n', "clock.policy"),
+    (GOOD_EDGE.replace('size = "10s"', 'percentiles = [50]'), "windows.percentiles"),
 ])
 def test_bad_edge_config_names_the_key(tmp_path: Path, text: str, key: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_edge_config(write(tmp_path, text))
     assert info.value.key == key, str(info.value)
     assert key in str(info.value)
+
+
+def test_several_window_kinds_parse_from_config(tmp_path: Path) -> None:
+    text = GOOD_EDGE.replace('size = "10s"', 'specs = ["10s", "1m", "hopping:1m/10s", '
+                             '"session:30s/10m", "count:100"]\nforward_late = true\n'
+                             '[clock]\npolicy = "correct"\nskew_tolerance = "5s"\n'
+                             '[dedup]\nseq_tolerance = "2m"\n')
+    cfg = load_edge_config(write(tmp_path, text))
+    assert cfg.engine.labels == ["10s", "1m", "1m/10s", "session:30s/10m", "count:100"]
+    assert cfg.engine.clock_policy == "correct"
+    assert cfg.engine.skew_tolerance_ms == 5_000
+    assert cfg.engine.dedup_seq_tolerance_ms == 120_000
+    assert cfg.forward_late
 
 
 def test_bad_cloud_config_names_the_key(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from devices.contract import (
     HealthReport,
     ResultBatch,
     ResultColumns,
+    SupersededRows,
     decode_uplink,
     gateway_from_topic,
     results_topic,
@@ -39,6 +40,42 @@ def test_results_round_trip_bit_identical() -> None:
     for k, v in b.results.to_cols().items():
         assert np.array_equal(back.results.to_cols()[k], v), k
     assert back.encode() == b.encode()
+
+
+def test_optional_parts_round_trip() -> None:
+    """Spec labels, percentile columns, sketches and superseded rows survive the wire."""
+    b = sample_batch(3)
+    pct = np.array([[1.0, 2.0], [3.0, np.nan], [5.0, 6.0]])  # NaN: an empty sketch
+    full = ResultColumns(
+        **{f: getattr(b.results, f) for f in ("device", "metric", "start", "width", "rev",
+                                              "count", "sum", "min", "max", "mean", "m2",
+                                              "first_ts", "first", "last_ts", "last")},
+        spec=np.array([0, 1, 1], np.int64), pct=pct,
+        sk_keys=np.array([5, 9, 7, 7, 8], np.int64), sk_counts=np.array([1, 2, 3, 1, 1],
+                                                                        np.int64),
+        sk_offsets=np.array([0, 2, 3, 5], np.int64),
+        superseded=SupersededRows(np.array([1]), np.array([0]), np.array([1]),
+                                  np.array([1_699_999_990_000])))
+    batch = ResultBatch(gateway="gw-1", seq=1, watermark=0, sent_ms=0, devices=["a", "b"],
+                        metrics=["temperature"], results=full, specs=["10s", "session:30s"],
+                        percentiles=[0.5, 0.99], alpha=0.01)
+    back = decode_uplink(batch.encode())
+    assert isinstance(back, ResultBatch)
+    assert back.spec_labels() == ["10s", "session:30s", "session:30s"]
+    assert back.percentiles == [0.5, 0.99]
+    r = back.results
+    assert r.pct is not None
+    assert np.array_equal(r.pct, pct, equal_nan=True)
+    assert r.sk_offsets is not None
+    assert r.sk_keys is not None
+    assert r.sk_offsets.tolist() == [0, 2, 3, 5]
+    assert r.sk_keys.tolist() == [5, 9, 7, 7, 8]
+    assert r.superseded is not None
+    assert r.superseded.start.tolist() == [1_699_999_990_000]
+    one = r.take(np.array([2], np.int64))
+    assert one.sk_keys is not None
+    assert one.sk_keys.tolist() == [7, 8]
+    assert back.encode() == batch.encode()
 
 
 def test_health_round_trip() -> None:

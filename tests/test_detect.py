@@ -16,11 +16,13 @@ def rows(starts: list[int], maxes: list[float], *, device: str = "d1", rev: int 
     mx = np.array(maxes)
     return EnrichedResults(
         gateway="gw", device=[device] * n, metric=["temperature"] * n, site=["s"] * n,
-        unit=["degC"] * n, known=np.ones(n, bool), start=np.array(starts, np.int64),
+        unit=["degC"] * n, window=["10s"] * n, known=np.ones(n, bool),
+        start=np.array(starts, np.int64),
         width=np.full(n, 10_000, np.int64), rev=np.full(n, rev, np.int64),
         count=np.full(n, 10, np.int64), sum=mx * 10 - 5, min=mx - 1, max=mx, mean=mx - 0.5,
         std=np.full(n, 0.3), first=mx - 0.5, last=mx - 0.5, low=np.full(n, np.nan),
-        high=np.full(n, high), scale_floor=np.full(n, 0.01))
+        high=np.full(n, high), scale_floor=np.full(n, 0.01), rate=np.zeros(n),
+        pct=np.empty((n, 0)), pct_names=[])
 
 
 def test_robust_z_flags_a_spike_after_warm_up_only() -> None:
@@ -42,7 +44,7 @@ def test_a_revision_replaces_what_was_learned() -> None:
     stage.run(rows([T, T + 10_000, T + 20_000], [20.0, 20.1, 19.9]))
     for rev in range(1, 6):  # the same window revised again and again
         stage.run(rows([T + 20_000], [19.9 + rev * 0.01], rev=rev))
-    slot = det._slots[("d1", "temperature", 10_000)]
+    slot = det._slots[("d1", "temperature", "10s")]
     learned = det._starts[slot][det._starts[slot] >= 0]
     assert sorted(learned.tolist()) == [T, T + 10_000, T + 20_000]
 

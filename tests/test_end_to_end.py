@@ -30,6 +30,8 @@ from devices.codecs import encode_single
 from devices.contract import results_topic
 from edge.agent import EdgeAgent
 from edge.config import EdgeConfig
+from edge.engine import EngineConfig
+from edge.eventtime import EventTimeSpec
 from edge.windows import WindowSpec
 from fieldline.services import Mosquitto
 from simulators.fleet import FleetSimulator, FleetSpec
@@ -80,12 +82,12 @@ async def run_pipeline(gw_brokers: list[Mosquitto], cloud_broker: Mosquitto,
     sim = FleetSimulator(spec, start, record=True)
     registry = tmp / "devices.csv"
     sim.registry().to_csv(registry)
-    window = WindowSpec(size_ms=SIZE, out_of_orderness_ms=OOO, allowed_lateness_ms=LATENESS,
-                        idle_timeout_ms=5_000)
+    engine = EngineConfig(windows=(WindowSpec(size_ms=SIZE),), time=EventTimeSpec(
+        out_of_orderness_ms=OOO, allowed_lateness_ms=LATENESS, idle_timeout_ms=5_000))
     agents = [
         EdgeAgent(EdgeConfig(
             gateway=gw, intake_broker=gw_brokers[i].address, uplink_broker=cloud_broker.address,
-            topics=[f"{gw}/devices/+/readings"], device_topic_level=2, window=window,
+            topics=[f"{gw}/devices/+/readings"], device_topic_level=2, engine=engine,
             registry_path=registry, unknown_devices="reject" if i == 0 else "accept",
             state_dir=tmp / gw, tick_ms=50, health_interval_ms=500))
         for i, gw in enumerate(spec.gateway_ids())

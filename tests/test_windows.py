@@ -1,4 +1,11 @@
-"""The windowing engine: property tests against the plain-Python reference, plus examples."""
+"""The windowing engine: property tests against the plain-Python reference, plus examples.
+
+For random streams (random devices, event times, values, arrival order, exact duplicates) cut
+into random micro-batches, the final result of every window of every kind must equal the
+reference computed one reading at a time; watermarks never go back; every reading is either
+in windows or counted (duplicate or late), never both; a snapshot restored mid-stream changes
+nothing; percentiles stay within the sketch's bound.
+"""
 
 from __future__ import annotations
 
@@ -11,76 +18,112 @@ from hypothesis import strategies as st
 
 from devices.contract import ResultColumns
 from devices.readings import ReadingColumns
-from edge.aggregates import AggArrays, fold_sorted, merge_into
-from edge.windows import NEVER, WindowEngine, WindowSpec
-from tests.reference import reference_windows
+from edge.aggregates import AggArrays, fold_sorted, merge_groups, merge_into
+from edge.engine import EngineConfig, WindowEngine
+from edge.eventtime import NEVER, EventTimeSpec
+from edge.windows import WindowSpec
+from tests.reference import reference_engine, reference_windows
 
 BASE = 1_700_000_000_000
 SIZE, OOO, LATE = 1_000, 300, 2_000
+ALPHA = 0.01
 
-readings_st = st.lists(
-    st.tuples(st.integers(0, 3), st.integers(0, 1), st.integers(0, 12_000),
-              st.floats(-1e3, 1e3, allow_nan=False, allow_subnormal=False)),
-    min_size=1, max_size=150,
-)
+SPECS = [WindowSpec.parse(s) for s in ("1s", "hopping:2s/500ms", "session:700ms", "count:3")]
+
+reading_st = st.tuples(st.integers(0, 2), st.integers(0, 1), st.integers(0, 12_000),
+                       st.floats(-1e3, 1e3, allow_nan=False, allow_subnormal=False))
 
 
-def cols(rows: list[tuple[int, int, int, float]]) -> ReadingColumns:
+@st.composite
+def streams(draw: st.DrawFn) -> list[tuple[int, int, int, float, int]]:
+    base = draw(st.lists(reading_st, min_size=1, max_size=120))
+    rows = [(d, m, t, v, i) for i, (d, m, t, v) in enumerate(base)]
+    dups = draw(st.lists(st.integers(0, len(rows) - 1), max_size=10))
+    for i in dups:  # exact re-deliveries, later in the stream
+        at = draw(st.integers(i + 1, len(rows)))
+        rows.insert(at, rows[i])
+    return rows
+
+
+def cols(rows: list[tuple[int, int, int, float, int]]) -> ReadingColumns:
     n = len(rows)
     return ReadingColumns(
         np.array([r[0] for r in rows], np.int32), np.array([r[1] for r in rows], np.int32),
         np.array([BASE + r[2] for r in rows], np.int64), np.array([r[3] for r in rows]),
-        np.full(n, -1, np.int64), np.zeros(n, np.int64))
+        np.array([r[4] for r in rows], np.int64), np.zeros(n, np.int64))
 
 
-Final = dict[tuple[int, int, int], dict[str, float]]
+def engine(specs: list[WindowSpec] = SPECS) -> WindowEngine:
+    return WindowEngine(EngineConfig(
+        windows=tuple(specs), sketch_alpha=ALPHA, percentiles=(0.0, 0.5, 0.9, 1.0),
+        time=EventTimeSpec(out_of_orderness_ms=OOO, allowed_lateness_ms=LATE,
+                           idle_timeout_ms=10**9)))
 
 
-def run_engine(rows: list[tuple[int, int, int, float]], cuts: list[int],
-               snapshot_at: int | None = None) -> tuple[Final, int, list[ResultColumns]]:
-    spec = WindowSpec(size_ms=SIZE, out_of_orderness_ms=OOO, allowed_lateness_ms=LATE,
-                      idle_timeout_ms=10**9)
-    eng = WindowEngine(spec)
+Final = dict[tuple[str, int, int, int], dict[str, object]]
+
+
+def run(rows: list[tuple[int, int, int, float, int]], cuts: list[int],
+        snapshot_at: int | None = None, specs: list[WindowSpec] = SPECS
+        ) -> tuple[Final, int, dict[str, int]]:
+    eng = engine(specs)
+    labels = eng.config.labels
     bounds = sorted({0, len(rows), *[c % (len(rows) + 1) for c in cuts]})
-    emitted: list[ResultColumns] = []
-    dropped = 0
+    final: Final = {}
+    dups = 0
+    late: dict[str, int] = dict.fromkeys(labels, 0)
     prev_wm = None
+
+    def take(res: ResultColumns) -> None:
+        sup = res.superseded
+        if sup is not None:
+            for d, m, k, s in zip(sup.device.tolist(), sup.metric.tolist(), sup.spec.tolist(),
+                                  sup.start.tolist(), strict=True):
+                final.pop((labels[k], d, m, s))
+        assert res.spec is not None
+        assert res.pct is not None
+        for j in range(len(res)):
+            key = (labels[int(res.spec[j])], int(res.device[j]), int(res.metric[j]),
+                   int(res.start[j]))
+            if key in final:  # revisions count up
+                assert int(res.rev[j]) > int(final[key]["rev"])  # type: ignore[call-overload]
+            final[key] = {f: float(getattr(res, f)[j]) for f in (
+                "count", "sum", "min", "max", "mean", "m2", "first_ts", "first", "last_ts",
+                "last", "rev")}
+            final[key]["pct"] = res.pct[j].tolist()
+
     for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
         if snapshot_at is not None and i == snapshot_at:
             snap = eng.snapshot()
-            eng = WindowEngine(spec)
+            eng = engine(specs)
             eng.restore(snap, 0)
         out = eng.fold(cols(rows[lo:hi]), 0)
-        dropped += out.late_dropped
-        emitted.append(eng.emit(0))
+        dups += out.duplicates
+        for k, v in out.late_dropped.items():
+            late[k] += v
+        take(eng.emit(0))
         wm = eng.watermarks()
         if prev_wm is not None:  # watermarks never regress
             assert (wm[: len(prev_wm)] >= prev_wm).all()
         prev_wm = wm.copy()
-    emitted.append(eng.flush_all())
-    final: Final = {}
-    for res in emitted:
-        for j in range(len(res)):
-            key = (int(res.device[j]), int(res.metric[j]), int(res.start[j]))
-            if key in final:
-                assert res.rev[j] == final[key]["rev"] + 1  # revisions count up by one
-            final[key] = {f: float(getattr(res, f)[j]) for f in (
-                "count", "sum", "min", "max", "mean", "m2", "first_ts", "first", "last_ts",
-                "last", "rev")}
-    return final, dropped, emitted
+    take(eng.flush_all())
+    return final, dups, late
 
 
-def check_against_reference(rows: list[tuple[int, int, int, float]],
-                            final: Final,
-                            dropped: int) -> None:
-    ref = reference_windows([(f"d{d}", f"m{m}", BASE + t, v) for d, m, t, v in rows],
-                            size_ms=SIZE, ooo_ms=OOO, lateness_ms=LATE)
-    expected = {(int(k[0][1:]), int(k[1][1:]), k[2]): w for k, w in ref.windows.items()}
-    assert set(final) == set(expected)
-    assert dropped == len(ref.dropped)
-    # nothing is both in a window and dropped
-    assert sum(int(f["count"]) for f in final.values()) + dropped == len(rows)
-    for k, w in expected.items():
+def check(rows: list[tuple[int, int, int, float, int]], final: Final, dups: int,
+          late: dict[str, int], specs: list[WindowSpec] = SPECS) -> None:
+    ref, ref_dups, ref_late = reference_engine(
+        [(d, m, BASE + t, v, s) for d, m, t, v, s in rows], specs, ooo_ms=OOO,
+        lateness_ms=LATE)
+    assert dups == ref_dups
+    assert late == ref_late
+    assert set(final) == set(ref), (sorted(set(final) ^ set(ref))[:5])
+    for spec in specs:  # every accepted reading is in windows or counted late, never both
+        if spec.kind in ("tumbling", "session", "count"):
+            inside = sum(int(f["count"]) for k, f in final.items()  # type: ignore[call-overload]
+                         if k[0] == spec.label)
+            assert inside + late[spec.label] + dups == len(rows)
+    for k, w in ref.items():
         f = final[k]
         assert f["count"] == w.count
         assert f["min"] == w.min
@@ -90,41 +133,43 @@ def check_against_reference(rows: list[tuple[int, int, int, float]],
         assert (f["first_ts"], f["first"]) == w.first
         assert (f["last_ts"], f["last"]) == w.last
         exact_mean = math.fsum(w.values) / w.count
-        assert math.isclose(f["mean"], exact_mean, rel_tol=1e-9, abs_tol=1e-9)
+        assert math.isclose(f["mean"], exact_mean, rel_tol=1e-9, abs_tol=1e-9)  # type: ignore[arg-type]
         exact_m2 = math.fsum((v - exact_mean) ** 2 for v in w.values)
-        assert math.isclose(f["m2"], exact_m2, rel_tol=1e-7, abs_tol=1e-6)
+        assert math.isclose(f["m2"], exact_m2, rel_tol=1e-7, abs_tol=1e-6)  # type: ignore[arg-type]
+        vals = sorted(w.values)
+        for q, est in zip((0.0, 0.5, 0.9, 1.0), f["pct"], strict=True):  # type: ignore[call-overload]
+            exact = vals[math.floor(q * (len(vals) - 1))]
+            assert abs(est - exact) <= ALPHA * abs(exact) + 1e-9, (q, est, exact)
 
 
 @settings(max_examples=300, deadline=None)
-@given(readings_st, st.lists(st.integers(0, 200), max_size=8))
-def test_results_equal_reference_whatever_the_micro_batches(rows, cuts) -> None:
-    final, dropped, _ = run_engine(rows, cuts)
-    check_against_reference(rows, final, dropped)
+@given(streams(), st.lists(st.integers(0, 200), max_size=8))
+def test_every_window_kind_equals_the_reference_whatever_the_micro_batches(rows, cuts) -> None:
+    final, dups, late = run(rows, cuts)
+    check(rows, final, dups, late)
 
 
 @settings(max_examples=150, deadline=None)
-@given(readings_st, st.lists(st.integers(0, 200), min_size=2, max_size=8),
-       st.integers(1, 4))
-def test_snapshot_restored_mid_stream_gives_the_same_results(rows, cuts, at) -> None:
-    straight, d1, _ = run_engine(rows, cuts)
-    resumed, d2, _ = run_engine(rows, cuts, snapshot_at=at)
-    assert d1 == d2
-    assert straight.keys() == resumed.keys()
-    for k in straight:
-        for f in ("count", "min", "max", "first", "last", "rev"):
-            assert straight[k][f] == resumed[k][f]
-        assert math.isclose(straight[k]["mean"], resumed[k]["mean"], rel_tol=1e-12,
-                            abs_tol=1e-12)
+@given(streams(), st.lists(st.integers(0, 200), min_size=2, max_size=8), st.integers(1, 4))
+def test_a_snapshot_restored_mid_stream_gives_the_same_results(rows, cuts, at) -> None:
+    straight = run(rows, cuts)
+    resumed = run(rows, cuts, snapshot_at=at)
+    assert straight[1:] == resumed[1:]
+    assert straight[0].keys() == resumed[0].keys()
+    for k, f in straight[0].items():
+        g = resumed[0][k]
+        for name in ("count", "min", "max", "first", "last", "rev", "pct"):
+            assert f[name] == g[name], name
+        assert math.isclose(f["mean"], g["mean"], rel_tol=1e-12, abs_tol=1e-12)  # type: ignore[arg-type]
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 100), st.floats(-1e6, 1e6, allow_nan=False)),
-                min_size=2, max_size=60), st.integers(1, 59))
-def test_merge_of_two_parts_equals_folding_the_whole(pairs, cut) -> None:
+                min_size=2, max_size=60), st.integers(1, 59), st.integers(1, 59))
+def test_merging_parts_equals_folding_the_whole(pairs, cut, cut2) -> None:
     cut = min(cut, len(pairs) - 1)
 
     def fold(part: list[tuple[int, float]]) -> AggArrays:
-        part = sorted(part, key=lambda p: (p[0], p[1]))
         ts = np.array([p[0] for p in part], np.int64)
         v = np.array([p[1] for p in part])
         return fold_sorted(np.array([0], np.int64), ts, v)
@@ -132,23 +177,28 @@ def test_merge_of_two_parts_equals_folding_the_whole(pairs, cut) -> None:
     whole = fold(pairs)
     a = fold(pairs[:cut])
     merge_into(a, np.array([0], np.int64), fold(pairs[cut:]))
-    for f in ("count", "min", "max", "first_ts", "first", "last_ts", "last"):
-        assert getattr(a, f)[0] == getattr(whole, f)[0], f
-    assert math.isclose(a.mean[0], whole.mean[0], rel_tol=1e-9, abs_tol=1e-6)
-    assert math.isclose(a.m2[0], whole.m2[0], rel_tol=1e-7, abs_tol=1e-3)
+    cuts = sorted({0, cut, min(cut2, len(pairs) - 1)})
+    parts = AggArrays.concat([fold(pairs[lo:hi]) for lo, hi in
+                              zip(cuts, [*cuts[1:], len(pairs)], strict=True) if hi > lo])
+    n_way = merge_groups(np.array([0], np.int64), parts)
+    for merged in (a, n_way):
+        for f in ("count", "min", "max", "first_ts", "first", "last_ts", "last"):
+            assert getattr(merged, f)[0] == getattr(whole, f)[0], f
+        assert math.isclose(merged.mean[0], whole.mean[0], rel_tol=1e-9, abs_tol=1e-6)
+        assert math.isclose(merged.m2[0], whole.m2[0], rel_tol=1e-7, abs_tol=1e-3)
 
 
 def test_a_device_with_a_fast_clock_does_not_make_others_late() -> None:
-    eng = WindowEngine(WindowSpec(size_ms=10_000, out_of_orderness_ms=1_000,
-                                  allowed_lateness_ms=0, idle_timeout_ms=10**9))
+    eng = WindowEngine(EngineConfig(windows=(WindowSpec(size_ms=10_000),), time=EventTimeSpec(
+        out_of_orderness_ms=1_000, allowed_lateness_ms=0, idle_timeout_ms=10**9)))
     skew = 10 * 60_000  # device 1's clock runs ten minutes ahead
     rows = []
     for s in range(120):
-        rows.append((0, 0, s * 1000, float(s)))
-        rows.append((1, 0, s * 1000 + skew, float(s)))
+        rows.append((0, 0, s * 1000, float(s), s))
+        rows.append((1, 0, s * 1000 + skew, float(s), s))
     out = eng.fold(cols(rows), 0)
-    assert out.late_dropped == 0
-    assert out.late_revised == 0
+    assert out.late_dropped["10s"] == 0
+    assert out.late_revised["10s"] == 0
     res = eng.emit(0)
     dev0 = res.device == 0
     assert int(res.count[dev0].sum()) == 110  # all but the window still open (wm 119 s - 1 s)
@@ -156,18 +206,65 @@ def test_a_device_with_a_fast_clock_does_not_make_others_late() -> None:
     assert eng.watermarks()[1] == BASE + 119_000 + skew - 1_000
 
 
-def test_idle_devices_close_their_windows_and_stop_holding_the_gateway_back() -> None:
-    eng = WindowEngine(WindowSpec(size_ms=1_000, out_of_orderness_ms=0,
-                                  allowed_lateness_ms=5_000, idle_timeout_ms=2_000))
-    eng.fold(cols([(0, 0, 100, 1.0), (1, 0, 50_000, 2.0)]), now_mono_ms=0)
+def test_silent_devices_close_their_windows_and_stop_holding_the_gateway_back() -> None:
+    eng = WindowEngine(EngineConfig(windows=(WindowSpec(size_ms=1_000),), time=EventTimeSpec(
+        out_of_orderness_ms=0, allowed_lateness_ms=5_000, idle_timeout_ms=2_000)))
+    eng.fold(cols([(0, 0, 100, 1.0, 0), (1, 0, 50_000, 2.0, 0)]), now_mono_ms=0)
     assert eng.gateway_watermark() == BASE + 100
     assert len(eng.emit(1_000)) == 0  # nothing has fired yet
-    eng.fold(cols([(1, 0, 51_000, 3.0)]), now_mono_ms=1_500)
-    res = eng.emit(2_500)  # device 0 silent for 2.5 s: idle, its window closes
+    eng.fold(cols([(1, 0, 51_000, 3.0, 1)]), now_mono_ms=1_500)
+    res = eng.emit(2_500)  # device 0 silent for 2.5 s: its window closes
     assert (res.device == 0).sum() == 1
     assert (res.device == 1).sum() == 1  # device 1's first window fired normally
     assert eng.gateway_watermark() == BASE + 51_000  # device 0 no longer counts
     assert eng.active_devices == 1
-    eng.emit(10_000)  # idle beyond idle_timeout + lateness: device 0's state is purged
+    assert eng.silent_devices().tolist() == [0]
+    eng.emit(10_000)  # silent beyond idle_timeout + lateness: device 0's state is purged
     assert eng.watermarks()[0] >= BASE + 1_000 + 5_000
-    assert eng.max_ts[0] != NEVER
+    assert eng.time.max_ts[0] != NEVER
+
+
+def test_a_late_reading_that_moves_a_session_start_supersedes_the_old_result() -> None:
+    eng = WindowEngine(EngineConfig(windows=(WindowSpec.parse("session:1s"),),
+                                    time=EventTimeSpec(out_of_orderness_ms=0,
+                                                       allowed_lateness_ms=60_000,
+                                                       idle_timeout_ms=10**9)))
+    eng.fold(cols([(0, 0, 5_000, 1.0, 0), (0, 0, 5_500, 2.0, 1), (0, 0, 9_000, 3.0, 2)]), 0)
+    first = eng.emit(0)
+    assert first.start.tolist() == [BASE + 5_000]
+    eng.fold(cols([(0, 0, 4_200, 4.0, 3)]), 0)  # late, within 1 s of the session: extends it
+    second = eng.emit(0)
+    assert second.superseded is not None
+    assert second.superseded.start.tolist() == [BASE + 5_000]
+    assert [(int(s), int(c), int(r)) for s, c, r in zip(
+        second.start, second.count, second.rev, strict=True)] == [(BASE + 4_200, 3, 1)]
+    flushed = eng.flush_all()  # the session still open
+    assert [(int(s), int(c)) for s, c in zip(flushed.start, flushed.count, strict=True)] == [
+        (BASE + 9_000, 1)]
+
+
+def test_duplicates_by_seq_are_dropped_but_a_rebooted_counter_is_not() -> None:
+    eng = engine([WindowSpec(size_ms=1_000)])
+    out = eng.fold(cols([(0, 0, 100, 1.0, 7), (0, 0, 100, 1.0, 7), (0, 0, 150, 9.0, 7)]), 0)
+    assert out.duplicates == 2  # exact copy, and same seq 50 ms apart (re-stamped resend)
+    out = eng.fold(cols([(0, 0, 600_000, 5.0, 7)]), 0)  # seq 7 again ten minutes later: reboot
+    assert out.duplicates == 0
+
+
+def test_several_window_specs_per_metric_at_once() -> None:
+    specs = [WindowSpec.parse("1s"), WindowSpec.parse("5s")]
+    rows = [(0, 0, t, float(t), t) for t in range(0, 12_000, 250)]
+    final, dups, late = run(rows, [17, 31], specs=specs)
+    check(rows, final, dups, late, specs)
+    assert sum(1 for k in final if k[0] == "1s") == 12
+    assert sum(1 for k in final if k[0] == "5s") == 3
+
+
+def test_reference_of_the_old_tumbling_only_api_still_agrees() -> None:
+    rows = [(0, 0, t, float(t % 7), -1) for t in (0, 900, 1_800, 400, 5_000, 700, 12_000, 2)]
+    final, dups, late = run(rows, [3], specs=[WindowSpec(size_ms=SIZE)])
+    ref = reference_windows([(str(d), str(m), BASE + t, v) for d, m, t, v, _ in rows],
+                            size_ms=SIZE, ooo_ms=OOO, lateness_ms=LATE)
+    assert late["1s"] == len(ref.dropped)
+    assert sorted(k[3] for k in final) == sorted(k[2] for k in ref.windows)
+    assert dups == 0

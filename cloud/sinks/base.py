@@ -27,12 +27,19 @@ class SinkError(Exception):
         self.retry_after_s = retry_after_s
 
 
+Identity = tuple[str, dict[str, str], int]  # measurement, tag set, time (ms)
+
+
 class Sink(Protocol):
     """Writes line-protocol points; returns once the server confirmed them."""
 
     name: str
 
     def write(self, lines: list[str]) -> None: ...
+
+    def delete(self, points: list[Identity]) -> None:
+        """Delete points by identity (results the edge withdrew)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -44,9 +51,13 @@ class MemorySink:
 
     def __init__(self) -> None:
         self.lines: list[str] = []
+        self.deleted: list[Identity] = []
 
     def write(self, lines: list[str]) -> None:
         self.lines.extend(lines)
+
+    def delete(self, points: list[Identity]) -> None:
+        self.deleted.extend(points)
 
     def close(self) -> None:
         pass
@@ -76,12 +87,14 @@ class BufferedWriter:
         self.max_backoff_ms = max_backoff_ms
         self.on_written = on_written
         self._lines: deque[str] = deque()
+        self._deletes: list[Identity] = []
         self._tokens: deque[tuple[int, object]] = deque()  # (lines added when queued, token)
         self._added = 0
         self._done = 0
         self._wake = asyncio.Event()
         self.points_written = 0
         self.points_rejected = 0
+        self.points_deleted = 0
         self.write_errors = 0
         self.writes = 0
         self.last_error: str | None = None
@@ -89,6 +102,11 @@ class BufferedWriter:
     @property
     def buffered(self) -> int:
         return len(self._lines)
+
+    def delete(self, points: list[Identity]) -> None:
+        """Delete these identities after everything queued so far has been written."""
+        self._deletes.extend(points)
+        self._wake.set()
 
     def add(self, lines: list[str], token: object = None) -> None:
         """Queue points; ``token`` is handed to ``on_written`` once they are confirmed."""
@@ -110,7 +128,7 @@ class BufferedWriter:
 
     async def flush(self, stop: asyncio.Event | None, attempts: int | None = None) -> bool:
         """Write everything buffered; True when the buffer is empty afterwards."""
-        while self._lines or self._tokens:
+        while self._lines or self._tokens:  # the writes; deletes follow them
             n = min(self.batch_points, len(self._lines))
             lines = [self._lines[i] for i in range(n)]
             ok = await self._write_with_retry(lines, stop, attempts)
@@ -124,6 +142,19 @@ class BufferedWriter:
                 confirmed.append(self._tokens.popleft()[1])
             if confirmed and self.on_written is not None:
                 self.on_written(confirmed)
+        if self._deletes:
+            todo, self._deletes = self._deletes, []
+            try:
+                await asyncio.to_thread(self.sink.delete, todo)
+                self.points_deleted += len(todo)
+            except SinkError as exc:
+                self.write_errors += 1
+                if exc.retryable:
+                    self._deletes = todo + self._deletes
+                    log.warning("sink %s delete failed (will retry): %s", self.sink.name, exc)
+                    return False
+                log.error("sink %s refused to delete %d point(s): %s", self.sink.name,
+                          len(todo), exc)
         return True
 
     async def _write_with_retry(self, lines: list[str], stop: asyncio.Event | None,

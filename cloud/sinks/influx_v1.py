@@ -23,6 +23,14 @@ log = logging.getLogger("fieldline.cloud.influx")
 _DROPPED = re.compile(r"dropped=(\d+)")
 
 
+def _ident(name: str) -> str:
+    return name.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _quote(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("'", "\\'")
+
+
 class InfluxV1Client:
     """A minimal, dependency-free client for the InfluxDB 1.x HTTP API."""
 
@@ -119,6 +127,17 @@ class InfluxV1Client:
         raise SinkError(f"InfluxDB write failed ({status}): {text}",
                         retryable=status == 429 or status >= 500 or status in (401, 403))
 
+    def delete(self, points: list[tuple[str, dict[str, str], int]]) -> None:
+        """InfluxQL DELETE by measurement, tags and exact time; many statements per request."""
+        stmts = []
+        for measurement, tags, ts in points:
+            cond = " AND ".join(f'"{_ident(k)}" = \'{_quote(v)}\'' for k, v in sorted(tags.items())
+                                if v)
+            stmts.append(f'DELETE FROM "{_ident(measurement)}" WHERE {cond} AND '
+                         f"time >= {ts}ms AND time <= {ts}ms")
+        for i in range(0, len(stmts), 200):
+            self.query("; ".join(stmts[i:i + 200]))
+
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
@@ -145,6 +164,9 @@ class InfluxV1Sink:
             self.client.create_database()
             self._created = True
         self.client.write_lines(lines)
+
+    def delete(self, points: list[tuple[str, dict[str, str], int]]) -> None:
+        self.client.delete(points)
 
     def close(self) -> None:
         self.client.close()

@@ -48,6 +48,19 @@ class InfluxV2Sink:
         except Exception as exc:  # urllib3/socket errors: the server was not reached
             raise SinkError(f"InfluxDB 2.x unreachable: {exc!r}", retryable=True) from exc
 
+    def delete(self, points: list[tuple[str, dict[str, str], int]]) -> None:
+        from datetime import UTC, datetime
+
+        api = self._client.delete_api()
+        for measurement, tags, ts in points:
+            pred = " AND ".join([f'_measurement="{measurement}"'] + [
+                f'{k}="{v}"' for k, v in sorted(tags.items()) if v])
+            at = datetime.fromtimestamp(ts / 1000, tz=UTC)
+            try:
+                api.delete(start=at, stop=at, predicate=pred, bucket=self.bucket, org=self.org)
+            except Exception as exc:
+                raise SinkError(f"InfluxDB 2.x delete failed: {exc!r}", retryable=True) from exc
+
     def close(self) -> None:
         self._client.close()  # type: ignore[no-untyped-call]
 

@@ -1,0 +1,261 @@
+"""The windowing engine of one gateway: clock policy, duplicates, event time, window operators.
+
+Per micro-batch (all vectorised):
+
+1. ``adjust_time``: estimate each device's clock offset and apply the clock policy
+   (``trust`` device time, ``correct`` devices whose offset exceeds the tolerance, or use
+   ``receive_time``). Runs before validation so a corrected reading is judged by its corrected
+   time.
+2. ``fold``: drop duplicates (counted), compute each reading's watermark-before, and fold the
+   readings into every configured window spec (several per metric: ``10s`` and ``1m`` and a
+   session, say). The first spec is the *primary* one: its late drops are the ``late_dropped``
+   of the gateway's accounting; the others are reported per spec.
+3. ``emit``: idle transitions, then every operator's fired windows, with percentiles from the
+   sketches, plus the superseded session identities.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from devices.contract import ResultColumns, SupersededRows
+from devices.readings import I64, ReadingColumns
+from edge.aggregates import FIELDS, AggArrays
+from edge.duplicates import DuplicateFilter
+from edge.eventtime import PURGED, UNKNOWN_SKEW, DeviceTime, EventTimeSpec
+from edge.sketch import SketchParams
+from edge.windows import (
+    EPOCH_BASE_MS,
+    MAX_DEVICES,
+    MAX_METRICS,
+    WindowOperator,
+    WindowResults,
+    WindowSpec,
+    make_operator,
+)
+
+CLOCK_POLICIES = ("trust", "correct", "receive_time")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    windows: tuple[WindowSpec, ...] = (WindowSpec(size_ms=10_000),)
+    time: EventTimeSpec = field(default_factory=EventTimeSpec)
+    percentiles: tuple[float, ...] = (0.5, 0.9, 0.95, 0.99)
+    sketch_alpha: float = 0.01
+    clock_policy: str = "trust"
+    skew_tolerance_ms: int = 2_000
+    skew_period_ms: int = 60_000
+    dedup: bool = True
+    dedup_seq_tolerance_ms: int = 60_000
+
+    def __post_init__(self) -> None:
+        if not self.windows:
+            raise ValueError("at least one window spec is needed")
+        labels = [w.label for w in self.windows]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"window specs must differ, got {labels}")
+        if self.clock_policy not in CLOCK_POLICIES:
+            raise ValueError(f"clock policy must be one of {', '.join(CLOCK_POLICIES)}")
+        if not all(0.0 <= q <= 1.0 for q in self.percentiles):
+            raise ValueError("percentiles are fractions within [0, 1], e.g. 0.99")
+        SketchParams(self.sketch_alpha)
+
+    @property
+    def labels(self) -> list[str]:
+        return [w.label for w in self.windows]
+
+
+@dataclass
+class EngineFold:
+    accepted: int = 0  # not duplicate; folded into the primary spec or dropped there as late
+    duplicates: int = 0
+    late_dropped: Counter[str] = field(default_factory=Counter)  # by spec label
+    late_revised: Counter[str] = field(default_factory=Counter)
+    late_rows: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
+
+
+class WindowEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        reach = max(w.reach_ms for w in config.windows)
+        self.time = DeviceTime(config.time, reach_ms=reach + 1,
+                               skew_period_ms=config.skew_period_ms)
+        self.dedup = DuplicateFilter(seq_tolerance_ms=config.dedup_seq_tolerance_ms)
+        sketch = SketchParams(config.sketch_alpha)
+        self.operators: list[WindowOperator] = [
+            make_operator(w, allowed_lateness_ms=config.time.allowed_lateness_ms, sketch=sketch,
+                          percentiles=config.percentiles) for w in config.windows]
+        self._horizon = config.time.allowed_lateness_ms + reach + config.time.out_of_orderness_ms
+        self._folds = 0
+        self.corrected = 0
+
+    # ---- time ----------------------------------------------------------------------------
+
+    def adjust_time(self, batch: ReadingColumns, now_mono_ms: int) -> ReadingColumns:
+        """Learn clock offsets from the batch and apply the clock policy."""
+        if len(batch) == 0:
+            return batch
+        dev = batch.device.astype(np.int64)
+        self.time.ensure(int(dev.max()) + 1)
+        self.time.observe_skew(dev, batch.ts, batch.recv, now_mono_ms)
+        policy = self.config.clock_policy
+        if policy == "trust":
+            return batch
+        if policy == "receive_time":
+            ts = batch.recv.copy()
+        else:
+            skew = self.time.skew()[dev]
+            fix = (skew != UNKNOWN_SKEW) & (np.abs(skew) > self.config.skew_tolerance_ms)
+            self.corrected += int(fix.sum())
+            ts = np.where(fix, batch.ts + skew, batch.ts)
+        return ReadingColumns(batch.device, batch.metric, ts, batch.value, batch.seq,
+                              batch.recv)
+
+    # ---- folding ---------------------------------------------------------------------------
+
+    def fold(self, batch: ReadingColumns, now_mono_ms: int) -> EngineFold:
+        """Fold validated readings (event times >= EPOCH_BASE_MS) into every window spec."""
+        out = EngineFold()
+        if len(batch) == 0:
+            return out
+        dev = batch.device.astype(np.int64)
+        met = batch.metric.astype(np.int64)
+        if dev.max() >= MAX_DEVICES or met.max() >= MAX_METRICS:
+            raise ValueError("device or metric id beyond the engine's key space")
+        if batch.ts.min() < EPOCH_BASE_MS:
+            raise ValueError("event time before EPOCH_BASE_MS reached the engine; validate first")
+        self.time.ensure(int(dev.max()) + 1)
+        rows = np.arange(len(batch))
+        if self.config.dedup:
+            dup = self.dedup.check(dev, batch.ts, batch.value, batch.seq)
+            out.duplicates = int(dup.sum())
+            if out.duplicates:
+                rows = rows[~dup]
+                dev, met = dev[~dup], met[~dup]
+        ts = batch.ts[rows]
+        value = batch.value[rows]
+        wm_before = self.time.before(dev, ts)
+        self.time.observe(dev, ts, now_mono_ms)
+        out.accepted = len(rows)
+        for i, op in enumerate(self.operators):
+            res = op.fold(dev, met, ts, value, wm_before)
+            label = op.spec.label
+            out.late_dropped[label] += res.late_dropped
+            out.late_revised[label] += res.late_revised
+            if i == 0 and res.late_dropped:
+                out.late_rows = rows[res.dropped_mask]
+        self._folds += 1
+        if self.config.dedup and self._folds % 20 == 0:
+            self.dedup.expire(self.time.watermarks() - self._horizon)
+        return out
+
+    # ---- emitting --------------------------------------------------------------------------
+
+    def emit(self, now_mono_ms: int) -> ResultColumns:
+        self.time.idle_step(now_mono_ms)
+        silent = self.time.state != 0
+        wm = self.time.watermarks()
+        purged = self.time.state == PURGED
+        parts = []
+        for k, op in enumerate(self.operators):
+            parts.append((k, op.emit(wm, silent)))
+            if purged.any():
+                op.forget(purged)
+        return self._combine(parts)
+
+    def flush_all(self) -> ResultColumns:
+        """Every dirty window now, fired or not (partial results; for a final shutdown)."""
+        return self._combine([(k, op.flush_all()) for k, op in enumerate(self.operators)])
+
+    def _combine(self, parts: list[tuple[int, WindowResults]]) -> ResultColumns:
+        nq = len(self.config.percentiles)
+        rows = [p for _, p in parts]
+        n = sum(len(p) for p in rows)
+        sk_keys, sk_counts, offsets = [], [], [np.zeros(1, np.int64)]
+        base = 0
+        for p in rows:
+            sk_keys.append(p.sk_keys)
+            sk_counts.append(p.sk_counts)
+            offsets.append(p.sk_offsets[1:] + base)
+            base += int(p.sk_offsets[-1]) if len(p.sk_offsets) else 0
+        sup = SupersededRows.empty()
+        for k, op in enumerate(self.operators):
+            s = op.superseded
+            if s.device:
+                sup = sup.extend(np.array(s.device, np.int64), np.array(s.metric, np.int64),
+                                 np.full(len(s.device), k, np.int64),
+                                 np.array(s.start, np.int64))
+                s.device.clear()
+                s.metric.clear()
+                s.start.clear()
+        cat = np.concatenate
+        agg = AggArrays.concat([p.agg for p in rows]) if n else AggArrays.empty()
+        return ResultColumns(
+            device=cat([p.device for p in rows]) if n else np.empty(0, np.int64),
+            metric=cat([p.metric for p in rows]) if n else np.empty(0, np.int64),
+            start=cat([p.start for p in rows]) if n else np.empty(0, np.int64),
+            width=cat([p.width for p in rows]) if n else np.empty(0, np.int64),
+            rev=cat([p.rev for p in rows]) if n else np.empty(0, np.int64),
+            spec=cat([np.full(len(p), k, np.int64) for k, p in parts]) if n
+            else np.empty(0, np.int64),
+            count=agg.count, sum=agg.sum, min=agg.min, max=agg.max, mean=agg.mean, m2=agg.m2,
+            first_ts=agg.first_ts, first=agg.first, last_ts=agg.last_ts, last=agg.last,
+            pct=cat([p.pct for p in rows]) if n else np.empty((0, nq)),
+            sk_keys=cat(sk_keys) if n else np.empty(0, np.int64),
+            sk_counts=cat(sk_counts) if n else np.empty(0, np.int64),
+            sk_offsets=cat(offsets),
+            superseded=sup,
+        )
+
+    # ---- introspection ----------------------------------------------------------------------
+
+    def watermarks(self) -> I64:
+        return self.time.watermarks()
+
+    def gateway_watermark(self) -> int | None:
+        return self.time.gateway_watermark()
+
+    @property
+    def active_devices(self) -> int:
+        return self.time.active_devices
+
+    def silent_devices(self) -> I64:
+        return self.time.silent_devices()
+
+    @property
+    def open_windows(self) -> int:
+        return sum(op.open_windows for op in self.operators)
+
+    def state_bytes(self) -> int:
+        """Memory held by window state (arrays, sketches, duplicate memory), in bytes."""
+        total = 0
+        for op in self.operators:
+            total += op.keys.nbytes + op.rev.nbytes + op.dirty.nbytes + op.slot.nbytes
+            total += op.anchor.nbytes + op.sketches.codes.nbytes + op.sketches.counts.nbytes
+            total += sum(getattr(op.agg, f).nbytes for f in FIELDS)
+        d = self.dedup.snapshot()
+        return total + sum(v.nbytes for v in d.values())
+
+    # ---- durability ---------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, npt.NDArray[np.generic]]:
+        snap = self.time.snapshot()
+        snap.update(self.dedup.snapshot())
+        snap["labels"] = np.array(self.config.labels)
+        for k, op in enumerate(self.operators):
+            snap.update(op.snapshot(f"op{k}_"))
+        return snap
+
+    def restore(self, snap: dict[str, npt.NDArray[np.generic]], now_mono_ms: int) -> None:
+        labels = [str(x) for x in snap["labels"].tolist()]
+        if labels != self.config.labels:
+            raise ValueError(f"checkpoint has windows {labels}, configured {self.config.labels}")
+        self.time.restore(snap, now_mono_ms)
+        self.dedup.restore(snap)
+        for k, op in enumerate(self.operators):
+            op.restore(snap, f"op{k}_")

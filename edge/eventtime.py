@@ -1,0 +1,195 @@
+"""Event time per device: watermarks, idle devices, and clock skew.
+
+* ``watermark(d) = max(event time seen from d) - out_of_orderness``, raised by idle handling.
+  The watermark a reading is judged against is the one *before* it, in arrival order per
+  device; it is computed for a whole micro-batch at once with a segmented cumulative maximum, so
+  results never depend on how the stream was cut into micro-batches.
+* A device silent for ``idle_timeout`` (processing time) is *silent*: its watermark is lifted past
+  every window it could still be in, so they close, and it no longer holds back the gateway
+  watermark (the minimum over active devices). After a further ``allowed_lateness`` its retained
+  state is purged.
+* Clock skew: for every device the minimum of ``receive time - event time`` over a period of
+  processing time estimates its clock offset (plus the smallest transport delay): a device whose
+  clock runs ahead shows a negative offset at once; buffered old data (a backfill) shows a large
+  offset only until live readings come in, which is why estimates are used once a full period
+  has been observed.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from devices.readings import I64
+
+NEVER = np.iinfo(np.int64).min // 4  # "no event time seen yet"
+UNKNOWN_SKEW = np.iinfo(np.int64).max // 4
+
+ACTIVE, SILENT, PURGED = 0, 1, 2
+
+
+@dataclass(frozen=True, kw_only=True)
+class EventTimeSpec:
+    out_of_orderness_ms: int = 2_000
+    allowed_lateness_ms: int = 30_000
+    idle_timeout_ms: int = 30_000
+
+    def __post_init__(self) -> None:
+        if self.out_of_orderness_ms < 0 or self.allowed_lateness_ms < 0:
+            raise ValueError("out_of_orderness and allowed_lateness must be >= 0")
+        if self.idle_timeout_ms <= 0:
+            raise ValueError("idle_timeout must be > 0")
+
+
+def _grow(arr: I64, n: int, fill: int) -> I64:
+    if len(arr) >= n:
+        return arr
+    out = np.full(max(n, 2 * len(arr), 64), fill, dtype=np.int64)
+    out[: len(arr)] = arr
+    return out
+
+
+def running_max_before(dev: I64, ts: I64, prior: I64) -> I64:
+    """For each row, the max of ``prior[dev]`` and the ``ts`` of earlier rows of the same device.
+
+    Rows are in arrival order. Vectorised: stable sort by device, lift each device's segment
+    above the previous one, cumulative maximum, shift by one within segments.
+    """
+    n = len(dev)
+    if n == 0:
+        return np.empty(0, np.int64)
+    order = np.argsort(dev, kind="stable")
+    d_s = dev[order]
+    t_s = ts[order]
+    new_seg = np.empty(n, bool)
+    new_seg[0] = True
+    np.not_equal(d_s[1:], d_s[:-1], out=new_seg[1:])
+    seg = np.cumsum(new_seg) - 1
+    tmin = int(t_s.min())
+    span = int(t_s.max()) - tmin + 1
+    if int(seg[-1]) * span >= (1 << 62):  # cannot lift safely: fall back per segment
+        inclusive = t_s.copy()
+        bounds = [*np.flatnonzero(new_seg).tolist(), n]
+        for lo, hi in itertools.pairwise(bounds):
+            inclusive[lo:hi] = np.maximum.accumulate(t_s[lo:hi])
+    else:
+        lifted = (t_s - tmin) + seg * span
+        inclusive = np.maximum.accumulate(lifted) - seg * span + tmin
+    exclusive = np.empty(n, np.int64)
+    exclusive[0] = NEVER
+    exclusive[1:] = inclusive[:-1]
+    exclusive[new_seg] = NEVER
+    out = np.empty(n, np.int64)
+    out[order] = np.maximum(prior[d_s], exclusive)
+    return out
+
+
+class DeviceTime:
+    """Per-device event-time state, indexed by interned device id."""
+
+    def __init__(self, spec: EventTimeSpec, *, reach_ms: int, skew_period_ms: int = 60_000
+                 ) -> None:
+        self.spec = spec
+        self.reach_ms = reach_ms  # how far past its newest reading a device's windows can end
+        self.skew_period_ms = skew_period_ms
+        self.max_ts: I64 = np.empty(0, np.int64)
+        self.wm_floor: I64 = np.empty(0, np.int64)
+        self.last_seen: I64 = np.empty(0, np.int64)
+        self.state: I64 = np.empty(0, np.int64)
+        self.skew_cur: I64 = np.empty(0, np.int64)  # min(recv - ts) in the current period
+        self.skew_est: I64 = np.empty(0, np.int64)  # ... over the last complete period
+        self.skew_period_start: int | None = None
+
+    def ensure(self, n: int) -> None:
+        self.max_ts = _grow(self.max_ts, n, NEVER)
+        self.wm_floor = _grow(self.wm_floor, n, NEVER)
+        self.last_seen = _grow(self.last_seen, n, 0)
+        self.state = _grow(self.state, n, ACTIVE)
+        self.skew_cur = _grow(self.skew_cur, n, UNKNOWN_SKEW)
+        self.skew_est = _grow(self.skew_est, n, UNKNOWN_SKEW)
+
+    # ---- watermarks ---------------------------------------------------------------------
+
+    def watermarks(self) -> I64:
+        raw = np.where(self.max_ts == NEVER, NEVER, self.max_ts - self.spec.out_of_orderness_ms)
+        return np.maximum(raw, self.wm_floor)
+
+    def before(self, dev: I64, ts: I64) -> I64:
+        """The watermark each reading is judged against (state is not changed)."""
+        seen = running_max_before(dev, ts, self.max_ts)
+        wm = np.where(seen == NEVER, NEVER, seen - self.spec.out_of_orderness_ms)
+        return np.maximum(wm, self.wm_floor[dev])
+
+    def observe(self, dev: I64, ts: I64, now_mono_ms: int) -> None:
+        np.maximum.at(self.max_ts, dev, ts)
+        self.last_seen[dev] = now_mono_ms
+        self.state[dev] = ACTIVE
+
+    def gateway_watermark(self) -> int | None:
+        wm = self.watermarks()
+        active = (self.state == ACTIVE) & (wm != NEVER)
+        return int(wm[active].min()) if active.any() else None
+
+    @property
+    def active_devices(self) -> int:
+        return int(((self.state == ACTIVE) & (self.max_ts != NEVER)).sum())
+
+    def silent_devices(self) -> I64:
+        return np.flatnonzero((self.state != ACTIVE) & (self.max_ts != NEVER))
+
+    def idle_step(self, now_mono_ms: int) -> npt.NDArray[np.bool_]:
+        """Apply idle transitions; returns the mask of devices that went silent just now."""
+        seen = self.max_ts != NEVER
+        quiet = now_mono_ms - self.last_seen
+        to_silent = seen & (self.state == ACTIVE) & (quiet >= self.spec.idle_timeout_ms)
+        to_purge = seen & (self.state == SILENT) & (
+            quiet >= self.spec.idle_timeout_ms + self.spec.allowed_lateness_ms)
+        if to_silent.any():
+            self.wm_floor = np.where(to_silent, np.maximum(
+                self.wm_floor, self.max_ts + self.reach_ms), self.wm_floor)
+            self.state[to_silent] = SILENT
+        if to_purge.any():
+            self.wm_floor = np.where(to_purge, np.maximum(
+                self.wm_floor, self.max_ts + self.reach_ms + self.spec.allowed_lateness_ms),
+                self.wm_floor)
+            self.state[to_purge] = PURGED
+        return np.asarray(to_silent, dtype=bool)
+
+    # ---- clock skew ---------------------------------------------------------------------
+
+    def observe_skew(self, dev: I64, ts: I64, recv: I64, now_mono_ms: int) -> None:
+        if self.skew_period_start is None:
+            self.skew_period_start = now_mono_ms
+        elif now_mono_ms - self.skew_period_start >= self.skew_period_ms:
+            done = self.skew_cur != UNKNOWN_SKEW
+            self.skew_est = np.where(done, self.skew_cur, self.skew_est)
+            self.skew_cur = np.full(len(self.skew_cur), UNKNOWN_SKEW, np.int64)
+            self.skew_period_start = now_mono_ms
+        np.minimum.at(self.skew_cur, dev, recv - ts)
+
+    def skew(self) -> I64:
+        """Estimated offset ``receive - event`` time per device (UNKNOWN_SKEW if none yet).
+
+        Negative: the device clock runs ahead. The current period counts once the previous one
+        has completed, so a device's estimate settles after one full period.
+        """
+        both = np.minimum(self.skew_est, self.skew_cur)
+        return np.where(self.skew_est == UNKNOWN_SKEW, UNKNOWN_SKEW, both)
+
+    # ---- durability ---------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, npt.NDArray[np.generic]]:
+        return {"dt_max_ts": self.max_ts.copy(), "dt_wm_floor": self.wm_floor.copy(),
+                "dt_state": self.state.copy(), "dt_skew_est": self.skew_est.copy(),
+                "dt_skew_cur": self.skew_cur.copy()}
+
+    def restore(self, snap: dict[str, npt.NDArray[np.generic]], now_mono_ms: int) -> None:
+        self.max_ts = snap["dt_max_ts"].astype(np.int64)
+        self.wm_floor = snap["dt_wm_floor"].astype(np.int64)
+        self.state = snap["dt_state"].astype(np.int64)
+        self.skew_est = snap["dt_skew_est"].astype(np.int64)
+        self.skew_cur = snap["dt_skew_cur"].astype(np.int64)
+        self.last_seen = np.full(len(self.max_ts), now_mono_ms, np.int64)
