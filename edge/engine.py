@@ -51,7 +51,7 @@ class EngineConfig:
     skew_tolerance_ms: int = 2_000
     skew_period_ms: int = 60_000
     dedup: bool = True
-    dedup_seq_tolerance_ms: int = 60_000
+    dedup_memory: int = 64  # readings remembered per device
 
     def __post_init__(self) -> None:
         if not self.windows:
@@ -85,13 +85,11 @@ class WindowEngine:
         reach = max(w.reach_ms for w in config.windows)
         self.time = DeviceTime(config.time, reach_ms=reach + 1,
                                skew_period_ms=config.skew_period_ms)
-        self.dedup = DuplicateFilter(seq_tolerance_ms=config.dedup_seq_tolerance_ms)
+        self.dedup = DuplicateFilter(memory=config.dedup_memory)
         sketch = SketchParams(config.sketch_alpha)
         self.operators: list[WindowOperator] = [
             make_operator(w, allowed_lateness_ms=config.time.allowed_lateness_ms, sketch=sketch,
                           percentiles=config.percentiles) for w in config.windows]
-        self._horizon = config.time.allowed_lateness_ms + reach + config.time.out_of_orderness_ms
-        self._folds = 0
         self.corrected = 0
 
     # ---- time ----------------------------------------------------------------------------
@@ -139,7 +137,7 @@ class WindowEngine:
                 dev, met = dev[~dup], met[~dup]
         ts = batch.ts[rows]
         value = batch.value[rows]
-        wm_before = self.time.before(dev, ts)
+        wm_before = self.time.before(dev, ts, self._first_late(ts))
         self.time.observe(dev, ts, now_mono_ms)
         out.accepted = len(rows)
         for i, op in enumerate(self.operators):
@@ -149,10 +147,18 @@ class WindowEngine:
             out.late_revised[label] += res.late_revised
             if i == 0 and res.late_dropped:
                 out.late_rows = rows[res.dropped_mask]
-        self._folds += 1
-        if self.config.dedup and self._folds % 20 == 0:
-            self.dedup.expire(self.time.watermarks() - self._horizon)
         return out
+
+    def _first_late(self, ts: I64) -> I64:
+        """The earliest watermark at which any operator could treat a reading as late."""
+        first = np.full(len(ts), np.iinfo(np.int64).max, np.int64)
+        for w in self.config.windows:
+            if w.kind in ("tumbling", "hopping"):
+                first = np.minimum(first, (ts // w.step) * w.step - (w.size_ms - w.step)
+                                   + w.size_ms)
+            elif w.kind == "session":
+                first = np.minimum(first, ts)
+        return first
 
     # ---- emitting --------------------------------------------------------------------------
 
@@ -238,8 +244,7 @@ class WindowEngine:
             total += op.keys.nbytes + op.rev.nbytes + op.dirty.nbytes + op.slot.nbytes
             total += op.anchor.nbytes + op.sketches.codes.nbytes + op.sketches.counts.nbytes
             total += sum(getattr(op.agg, f).nbytes for f in FIELDS)
-        d = self.dedup.snapshot()
-        return total + sum(v.nbytes for v in d.values())
+        return total + self.dedup.nbytes()
 
     # ---- durability ---------------------------------------------------------------------------
 

@@ -117,11 +117,37 @@ class DeviceTime:
         raw = np.where(self.max_ts == NEVER, NEVER, self.max_ts - self.spec.out_of_orderness_ms)
         return np.maximum(raw, self.wm_floor)
 
-    def before(self, dev: I64, ts: I64) -> I64:
-        """The watermark each reading is judged against (state is not changed)."""
+    def before(self, dev: I64, ts: I64, first_end: I64 | None = None) -> I64:
+        """The watermark each reading is judged against (state is not changed).
+
+        With ``first_end`` (the earliest event time at which each reading could count as late,
+        e.g. the end of its first window), rows whose device cannot reach it within this batch
+        get an upper bound instead of the exact value (both are below ``first_end``, which is
+        all that callers compare): only the others pay for the per-device running maximum.
+        """
+        ooo = self.spec.out_of_orderness_ms
+        floor = self.wm_floor[dev]
+        if first_end is not None:
+            batch_max = self.max_ts.copy()
+            np.maximum.at(batch_max, dev, ts)
+            bm = batch_max[dev]
+            bound = np.maximum(np.where(bm == NEVER, NEVER, bm - ooo), floor)
+            exact = bound >= first_end
+            if not exact.any():
+                return bound
+            if exact.mean() < 0.5:
+                # only the devices of rows that may be late need the exact running maximum
+                devs = np.zeros(len(batch_max), bool)
+                devs[dev[exact]] = True
+                rows = np.flatnonzero(devs[dev])
+                out = bound.copy()
+                seen = running_max_before(dev[rows], ts[rows], self.max_ts)
+                wm = np.where(seen == NEVER, NEVER, seen - ooo)
+                out[rows] = np.maximum(wm, floor[rows])
+                return out
         seen = running_max_before(dev, ts, self.max_ts)
-        wm = np.where(seen == NEVER, NEVER, seen - self.spec.out_of_orderness_ms)
-        return np.maximum(wm, self.wm_floor[dev])
+        wm = np.where(seen == NEVER, NEVER, seen - ooo)
+        return np.maximum(wm, floor)
 
     def observe(self, dev: I64, ts: I64, now_mono_ms: int) -> None:
         np.maximum.at(self.max_ts, dev, ts)

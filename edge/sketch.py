@@ -98,14 +98,26 @@ class SketchStore:
     def __len__(self) -> int:
         return len(self.codes)
 
-    def add(self, slots: I64, keys: I64, counts: I64 | None = None) -> None:
-        """Add ``counts`` (default 1) of ``keys`` to the sketches of ``slots`` (row-aligned)."""
+    def add(self, slots: I64, keys: I64, counts: I64 | None = None, *,
+            presorted: bool = False) -> None:
+        """Add ``counts`` (default 1) of ``keys`` to the sketches of ``slots`` (row-aligned).
+
+        ``presorted``: rows come grouped by window, so a stable sort is near-linear.
+        """
         if len(slots) == 0:
             return
         codes = (slots << 32) | (keys + KEY_BIAS)
-        weights = np.ones(len(codes), np.int64) if counts is None else counts
-        uniq, inv = np.unique(codes, return_inverse=True)
-        add = np.bincount(inv, weights=weights).astype(np.int64)
+        order = np.argsort(codes, kind="stable" if presorted else "quicksort")
+        c = codes[order]
+        first = np.empty(len(c), bool)
+        first[0] = True
+        np.not_equal(c[1:], c[:-1], out=first[1:])
+        uniq = c[first]
+        starts = np.flatnonzero(first)
+        if counts is None:
+            add = np.diff(np.append(starts, len(c))).astype(np.int64)
+        else:
+            add = np.add.reduceat(counts[order], starts).astype(np.int64)
         pos: I64 = np.asarray(np.searchsorted(self.codes, uniq), dtype=np.int64)
         hit = pos < len(self.codes)
         hit[hit] = self.codes[pos[hit]] == uniq[hit]

@@ -266,9 +266,11 @@ class WindowOperator:
             self.dirty = np.insert(self.dirty, at, True)
             self.slot = np.insert(self.slot, at, slots)
             self.anchor = np.insert(self.anchor, at, first_anchor[miss])
-        row_slot = gslot[group_of_row]
-        self.sketches.add(row_slot, self.sketches.params.keys(value))
-        return row_slot
+        # sketch entries in window-key order: the codes are then sorted by slot run by run,
+        # which a stable (merge) sort handles in near-linear time
+        sk_keys = self.sketches.params.keys(value[order])
+        self.sketches.add(gslot[group_of_row[order]], sk_keys, presorted=True)
+        return gslot[group_of_row]
 
     def _keep(self, keep: npt.NDArray[np.bool_]) -> None:
         self._release(self.slot[~keep])

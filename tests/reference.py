@@ -76,29 +76,24 @@ def _bits(v: float) -> bytes:
 
 
 def reference_engine(readings: list[Reading], specs: list[object], *, ooo_ms: int,
-                     lateness_ms: int, seq_tolerance_ms: int = 60_000
-                     ) -> tuple[dict[Identity, RefWindow], int, dict[str, int]]:
+                     lateness_ms: int) -> tuple[dict[Identity, RefWindow], int, dict[str, int]]:
     """Final windows by identity, the number of duplicates, and late drops per spec label.
 
     ``specs`` are ``edge.windows.WindowSpec`` objects (typed loosely to keep this module free
     of engine imports).
     """
-    seen_seq: dict[tuple[int, int], int] = {}
-    seen_tv: set[tuple[int, int, bytes]] = set()
+    # a reading is identified by (device, seq), or (device, event time, value bits) without seq;
+    # the engine remembers a device's last N readings; N is large enough here to hold them all
+    seen: set[tuple[int, object]] = set()
     accepted: list[Reading] = []
     dups = 0
     for r in readings:
         dev, _, ts, v, seq = r
-        if seq >= 0 and (dev, seq) in seen_seq and abs(seen_seq[(dev, seq)] - ts) <= (
-                seq_tolerance_ms):
+        ident: object = seq if seq >= 0 else (ts, _bits(v))
+        if (dev, ident) in seen:
             dups += 1
             continue
-        if (dev, ts, _bits(v)) in seen_tv:
-            dups += 1
-            continue
-        if seq >= 0:
-            seen_seq[(dev, seq)] = ts
-        seen_tv.add((dev, ts, _bits(v)))
+        seen.add((dev, ident))
         accepted.append(r)
     # watermark before each accepted reading
     max_ts: dict[int, int] = {}

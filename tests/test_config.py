@@ -64,12 +64,12 @@ def test_several_window_kinds_parse_from_config(tmp_path: Path) -> None:
     text = GOOD_EDGE.replace('size = "10s"', 'specs = ["10s", "1m", "hopping:1m/10s", '
                              '"session:30s/10m", "count:100"]\nforward_late = true\n'
                              '[clock]\npolicy = "correct"\nskew_tolerance = "5s"\n'
-                             '[dedup]\nseq_tolerance = "2m"\n')
+                             '[dedup]\nmemory = 128\n')
     cfg = load_edge_config(write(tmp_path, text))
     assert cfg.engine.labels == ["10s", "1m", "1m/10s", "session:30s/10m", "count:100"]
     assert cfg.engine.clock_policy == "correct"
     assert cfg.engine.skew_tolerance_ms == 5_000
-    assert cfg.engine.dedup_seq_tolerance_ms == 120_000
+    assert cfg.engine.dedup_memory == 128
     assert cfg.forward_late
 
 
