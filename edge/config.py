@@ -93,7 +93,7 @@ def _engine_config(w: Section, clock: Section, dedup: Section) -> EngineConfig:
             skew_tolerance_ms=clock.duration_ms("skew_tolerance", 2_000),
             skew_period_ms=clock.duration_ms("skew_period", 60_000, minimum=1_000),
             dedup=dedup.flag("enabled", True),
-            dedup_memory=dedup.integer("memory", 64, minimum=1, maximum=65_536),
+            dedup_memory=dedup.integer("memory", 32, minimum=1, maximum=65_536),
         )
     except ValueError as exc:
         raise ConfigError(w.key("specs"), str(exc), source=w.source) from None

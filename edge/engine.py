@@ -24,7 +24,7 @@ import numpy.typing as npt
 
 from devices.contract import ResultColumns, SupersededRows
 from devices.readings import I64, ReadingColumns
-from edge.aggregates import FIELDS, AggArrays
+from edge.aggregates import AggArrays
 from edge.duplicates import DuplicateFilter
 from edge.eventtime import PURGED, UNKNOWN_SKEW, DeviceTime, EventTimeSpec
 from edge.sketch import SketchParams
@@ -32,7 +32,7 @@ from edge.windows import (
     EPOCH_BASE_MS,
     MAX_DEVICES,
     MAX_METRICS,
-    WindowOperator,
+    Operator,
     WindowResults,
     WindowSpec,
     make_operator,
@@ -51,7 +51,8 @@ class EngineConfig:
     skew_tolerance_ms: int = 2_000
     skew_period_ms: int = 60_000
     dedup: bool = True
-    dedup_memory: int = 64  # readings remembered per device
+    dedup_memory: int = 32  # readings remembered per device
+    dense: bool = True  # dense layout for tumbling/hopping windows (edge.dense)
 
     def __post_init__(self) -> None:
         if not self.windows:
@@ -87,9 +88,11 @@ class WindowEngine:
                                skew_period_ms=config.skew_period_ms)
         self.dedup = DuplicateFilter(memory=config.dedup_memory)
         sketch = SketchParams(config.sketch_alpha)
-        self.operators: list[WindowOperator] = [
-            make_operator(w, allowed_lateness_ms=config.time.allowed_lateness_ms, sketch=sketch,
-                          percentiles=config.percentiles) for w in config.windows]
+        self.operators: list[Operator] = [
+            make_operator(w, allowed_lateness_ms=config.time.allowed_lateness_ms,
+                          out_of_orderness_ms=config.time.out_of_orderness_ms, sketch=sketch,
+                          percentiles=config.percentiles, dense=config.dense)
+            for w in config.windows]
         self.corrected = 0
 
     # ---- time ----------------------------------------------------------------------------
@@ -129,14 +132,14 @@ class WindowEngine:
             raise ValueError("event time before EPOCH_BASE_MS reached the engine; validate first")
         self.time.ensure(int(dev.max()) + 1)
         rows = np.arange(len(batch))
+        ts, value = batch.ts, batch.value
         if self.config.dedup:
             dup = self.dedup.check(dev, batch.ts, batch.value, batch.seq)
             out.duplicates = int(dup.sum())
             if out.duplicates:
                 rows = rows[~dup]
                 dev, met = dev[~dup], met[~dup]
-        ts = batch.ts[rows]
-        value = batch.value[rows]
+                ts, value = ts[rows], value[rows]
         wm_before = self.time.before(dev, ts, self._first_late(ts))
         self.time.observe(dev, ts, now_mono_ms)
         out.accepted = len(rows)
@@ -239,12 +242,7 @@ class WindowEngine:
 
     def state_bytes(self) -> int:
         """Memory held by window state (arrays, sketches, duplicate memory), in bytes."""
-        total = 0
-        for op in self.operators:
-            total += op.keys.nbytes + op.rev.nbytes + op.dirty.nbytes + op.slot.nbytes
-            total += op.anchor.nbytes + op.sketches.codes.nbytes + op.sketches.counts.nbytes
-            total += sum(getattr(op.agg, f).nbytes for f in FIELDS)
-        return total + self.dedup.nbytes()
+        return sum(op.nbytes() for op in self.operators) + self.dedup.nbytes()
 
     # ---- durability ---------------------------------------------------------------------------
 

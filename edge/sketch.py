@@ -49,10 +49,14 @@ class SketchParams:
         return 1 - int(np.ceil(np.log(MIN_VALUE) / np.log(self.gamma)))
 
     def keys(self, values: F64) -> I64:
+        if len(values) and values.min() >= MIN_VALUE:  # the common case: positive readings
+            k = np.ceil(np.log(values) * (1.0 / np.log(self.gamma)))
+            return np.asarray(k.astype(np.int64) + self.offset, dtype=np.int64)
         mag = np.abs(values)
         small = mag < MIN_VALUE
         with np.errstate(divide="ignore"):
-            k = np.ceil(np.log(np.where(small, 1.0, mag)) / np.log(self.gamma)).astype(np.int64)
+            k = np.ceil(np.log(np.where(small, 1.0, mag)) * (1.0 / np.log(self.gamma))).astype(
+                np.int64)
         k = k + self.offset
         return np.where(small, 0, np.where(values < 0, -k, k)).astype(np.int64)
 
@@ -156,8 +160,9 @@ class SketchStore:
 
     def export(self, slots: I64) -> tuple[I64, I64, I64]:
         """Flat form of the sketches of ``slots`` (in that order): keys, counts, offsets."""
-        if len(slots) == 0:
-            return np.empty(0, np.int64), np.empty(0, np.int64), np.zeros(1, np.int64)
+        if len(slots) == 0 or len(self.codes) == 0:
+            return (np.empty(0, np.int64), np.empty(0, np.int64),
+                    np.zeros(len(slots) + 1, np.int64))
         sel = self._mask(slots)
         codes = self.codes[sel]
         counts = self.counts[sel]

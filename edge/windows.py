@@ -31,6 +31,7 @@ from __future__ import annotations
 import itertools
 import re
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -297,6 +298,12 @@ class WindowOperator:
     @property
     def open_windows(self) -> int:
         return len(self.keys)
+
+    def nbytes(self) -> int:
+        arrays = [self.keys, self.rev, self.dirty, self.slot, self.anchor, self._free,
+                  self.sketches.codes, self.sketches.counts]
+        return sum(int(a.nbytes) for a in arrays) + sum(
+            int(getattr(self.agg, f).nbytes) for f in FIELDS)
 
     # ---- kind-specific --------------------------------------------------------------------
 
@@ -653,11 +660,45 @@ class SessionWindows(WindowOperator):
         self._next_id = int(get("next_id")[0])  # type: ignore[operator]
 
 
-def make_operator(spec: WindowSpec, *, allowed_lateness_ms: int, sketch: SketchParams,
-                  percentiles: tuple[float, ...]) -> WindowOperator:
-    cls: type[WindowOperator] = {
-        "tumbling": FixedWindows, "hopping": FixedWindows, "session": SessionWindows,
-        "count": CountWindows,
-    }[spec.kind]
+class Operator(Protocol):
+    """What the engine needs of a window operator (sparse or dense layout)."""
+
+    spec: WindowSpec
+    superseded: Superseded
+
+    def fold(self, dev: I64, met: I64, ts: I64, value: F64, wm_before: I64
+             ) -> OperatorFold: ...
+
+    def emit(self, wm_by_device: I64, silent: npt.NDArray[np.bool_]) -> WindowResults: ...
+
+    def flush_all(self) -> WindowResults: ...
+
+    def forget(self, purged_devices: npt.NDArray[np.bool_]) -> None: ...
+
+    @property
+    def open_windows(self) -> int: ...
+
+    def nbytes(self) -> int: ...
+
+    def snapshot(self, prefix: str) -> dict[str, npt.NDArray[np.generic]]: ...
+
+    def restore(self, snap: dict[str, npt.NDArray[np.generic]], prefix: str) -> None: ...
+
+
+def make_operator(spec: WindowSpec, *, allowed_lateness_ms: int, out_of_orderness_ms: int,
+                  sketch: SketchParams, percentiles: tuple[float, ...],
+                  dense: bool = True) -> Operator:
+    """The operator for a spec: tumbling and hopping windows use the dense layout
+    (``edge.dense``) unless ``dense`` is False; sessions and count windows the sparse one."""
+    if spec.kind in ("tumbling", "hopping"):
+        if dense:
+            from edge.dense import DenseFixedWindows
+
+            return DenseFixedWindows(spec, allowed_lateness_ms=allowed_lateness_ms,
+                                     out_of_orderness_ms=out_of_orderness_ms, sketch=sketch,
+                                     percentiles=percentiles)
+        return FixedWindows(spec, allowed_lateness_ms=allowed_lateness_ms, sketch=sketch,
+                            percentiles=percentiles)
+    cls: type[WindowOperator] = SessionWindows if spec.kind == "session" else CountWindows
     return cls(spec, allowed_lateness_ms=allowed_lateness_ms, sketch=sketch,
                percentiles=percentiles)

@@ -54,10 +54,10 @@ def cols(rows: list[tuple[int, int, int, float, int]]) -> ReadingColumns:
         np.array([r[4] for r in rows], np.int64), np.zeros(n, np.int64))
 
 
-def engine(specs: list[WindowSpec] = SPECS) -> WindowEngine:
+def engine(specs: list[WindowSpec] = SPECS, dense: bool = True) -> WindowEngine:
     return WindowEngine(EngineConfig(
         windows=tuple(specs), sketch_alpha=ALPHA, percentiles=(0.0, 0.5, 0.9, 1.0),
-        dedup_memory=1024,
+        dedup_memory=1024, dense=dense,
         time=EventTimeSpec(out_of_orderness_ms=OOO, allowed_lateness_ms=LATE,
                            idle_timeout_ms=10**9)))
 
@@ -66,9 +66,9 @@ Final = dict[tuple[str, int, int, int], dict[str, object]]
 
 
 def run(rows: list[tuple[int, int, int, float, int]], cuts: list[int],
-        snapshot_at: int | None = None, specs: list[WindowSpec] = SPECS
+        snapshot_at: int | None = None, specs: list[WindowSpec] = SPECS, dense: bool = True
         ) -> tuple[Final, int, dict[str, int]]:
-    eng = engine(specs)
+    eng = engine(specs, dense)
     labels = eng.config.labels
     bounds = sorted({0, len(rows), *[c % (len(rows) + 1) for c in cuts]})
     final: Final = {}
@@ -97,7 +97,7 @@ def run(rows: list[tuple[int, int, int, float, int]], cuts: list[int],
     for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
         if snapshot_at is not None and i == snapshot_at:
             snap = eng.snapshot()
-            eng = engine(specs)
+            eng = engine(specs, dense)
             eng.restore(snap, 0)
         out = eng.fold(cols(rows[lo:hi]), 0)
         dups += out.duplicates
@@ -144,18 +144,20 @@ def check(rows: list[tuple[int, int, int, float, int]], final: Final, dups: int,
             assert abs(est - exact) <= ALPHA * abs(exact) + 1e-9, (q, est, exact)
 
 
-@settings(max_examples=300, deadline=None)
-@given(streams(), st.lists(st.integers(0, 200), max_size=8))
-def test_every_window_kind_equals_the_reference_whatever_the_micro_batches(rows, cuts) -> None:
-    final, dups, late = run(rows, cuts)
+@settings(max_examples=400, deadline=None)
+@given(streams(), st.lists(st.integers(0, 200), max_size=8), st.booleans())
+def test_every_window_kind_equals_the_reference_whatever_the_micro_batches(rows, cuts,
+                                                                           dense) -> None:
+    final, dups, late = run(rows, cuts, dense=dense)
     check(rows, final, dups, late)
 
 
 @settings(max_examples=150, deadline=None)
-@given(streams(), st.lists(st.integers(0, 200), min_size=2, max_size=8), st.integers(1, 4))
-def test_a_snapshot_restored_mid_stream_gives_the_same_results(rows, cuts, at) -> None:
-    straight = run(rows, cuts)
-    resumed = run(rows, cuts, snapshot_at=at)
+@given(streams(), st.lists(st.integers(0, 200), min_size=2, max_size=8), st.integers(1, 4),
+       st.booleans())
+def test_a_snapshot_restored_mid_stream_gives_the_same_results(rows, cuts, at, dense) -> None:
+    straight = run(rows, cuts, dense=dense)
+    resumed = run(rows, cuts, snapshot_at=at, dense=dense)
     assert straight[1:] == resumed[1:]
     assert straight[0].keys() == resumed[0].keys()
     for k, f in straight[0].items():

@@ -1,0 +1,410 @@
+"""Tumbling and hopping windows in a dense layout: the agent's hot path, with no sort at all.
+
+Every series (device x metric) owns a ring of ``W`` cells; window number ``w`` (its start
+divided by the step) lives in cell ``series * W + w % W``. ``W`` covers every window that can be
+open at once (those not yet past allowed lateness, up to the newest), so in steady state every
+reading finds its cell directly. A micro-batch is folded with ``bincount`` and ``ufunc.at``:
+count, sum, min, max, mean and M2 (Chan), first and last by event time; no grouping sort, no
+``searchsorted``, no inserts.
+
+Each cell also holds a small dense histogram of sketch buckets (``H`` counters centred on the
+bucket of its first reading, ~±37 % around it at 1 % accuracy), which is where sensor noise lands.
+Everything that does not fit falls back to the sparse structures with the same semantics: a
+window whose ring cell is held by another live window (a device clock jumping far ahead, say)
+goes to an ``edge.windows.FixedWindows`` overflow operator, and a bucket outside a cell's
+histogram goes to a sparse ``SketchStore`` keyed by cell.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from devices.readings import F64, I64
+from edge.aggregates import FIELDS, AggArrays
+from edge.sketch import SketchParams, SketchStore, quantiles_from_counts
+from edge.windows import (
+    EPOCH_BASE_MS,
+    FixedWindows,
+    OperatorFold,
+    Superseded,
+    WindowResults,
+    WindowSpec,
+)
+
+H = 32  # dense histogram buckets per cell (uint16: a cell switches to the sparse store
+HIST_MAX = 65_000  # for readings beyond this count, so no counter can overflow)
+FREE = -1
+INF = np.inf
+NO_CLAIM = np.iinfo(np.int32).max
+
+
+class DenseFixedWindows:
+    def __init__(self, spec: WindowSpec, *, allowed_lateness_ms: int, out_of_orderness_ms: int,
+                 sketch: SketchParams, percentiles: tuple[float, ...]) -> None:
+        self.spec = spec
+        self.lateness = allowed_lateness_ms
+        self.percentiles = percentiles
+        self.params = sketch
+        self.step = spec.step
+        self.k = spec.size_ms // self.step
+        span = out_of_orderness_ms + allowed_lateness_ms + spec.size_ms
+        # cells per series: every window that can be open at once, plus the next one
+        self.W = -(-span // self.step) + 1
+        self.overflow = FixedWindows(spec, allowed_lateness_ms=allowed_lateness_ms,
+                                     sketch=sketch, percentiles=percentiles)
+        self.sparse_sketch = SketchStore(sketch)
+        self.superseded = Superseded()  # fixed windows never supersede
+        # series table: (device, metric) -> series id
+        self.series_of: npt.NDArray[np.int64] = np.full((0, 0), -1, np.int64)
+        self.series_dev: I64 = np.empty(0, np.int64)
+        self.series_met: I64 = np.empty(0, np.int64)
+        self.n_series = 0
+        self._alloc_cells(0)
+
+    # ---- storage ----------------------------------------------------------------------------
+
+    def _alloc_cells(self, series_cap: int) -> None:
+        c = series_cap * self.W
+        self.widx: I64 = np.full(c, FREE, np.int64)
+        self.agg = AggArrays(
+            count=np.zeros(c, np.int64), sum=np.zeros(c), min=np.full(c, INF),
+            max=np.full(c, -INF), mean=np.zeros(c), m2=np.zeros(c),
+            first_ts=np.full(c, np.iinfo(np.int64).max, np.int64), first=np.full(c, INF),
+            last_ts=np.full(c, np.iinfo(np.int64).min, np.int64), last=np.full(c, -INF))
+        self.rev: I64 = np.zeros(c, np.int64)
+        self.dirty = np.zeros(c, bool)
+        self.hist: npt.NDArray[np.uint16] = np.zeros((c, H), np.uint16)
+        self.hbase: I64 = np.zeros(c, np.int64)
+        # scratch, one per cell: first the claims of free cells, then cell -> touched index
+        self._map: npt.NDArray[np.int32] = np.full(c, NO_CLAIM, np.int32)
+
+    def _grow_cells(self, series_needed: int) -> None:
+        old = len(self.widx) // self.W if self.W else 0
+        if series_needed <= old:
+            return
+        keep = {f: getattr(self.agg, f) for f in FIELDS}
+        widx, rev, dirty, hist, hbase = self.widx, self.rev, self.dirty, self.hist, self.hbase
+        self._alloc_cells(max(series_needed, old * 5 // 4, 64))
+        n = len(widx)
+        self.widx[:n], self.rev[:n], self.dirty[:n] = widx, rev, dirty
+        self.hist[:n], self.hbase[:n] = hist, hbase
+        for f, arr in keep.items():
+            getattr(self.agg, f)[:n] = arr
+
+    def _series(self, dev: I64, met: I64) -> I64:
+        """Series id of every row, allocating new series."""
+        nd, nm = self.series_of.shape
+        if dev.max() >= nd or met.max() >= nm:
+            grown = np.full((max(int(dev.max()) + 1, nd * 5 // 4), max(int(met.max()) + 1, nm)),
+                            -1, np.int64)
+            grown[:nd, :nm] = self.series_of
+            self.series_of = grown
+        cols = self.series_of.shape[1]
+        sid = self.series_of.reshape(-1)[dev * cols + met]  # flat: much faster than [dev, met]
+        new = sid < 0
+        if new.any():
+            pairs = np.unique((dev[new] << 8) | met[new])
+            ids = np.arange(self.n_series, self.n_series + len(pairs), dtype=np.int64)
+            pd, pm = pairs >> 8, pairs & 0xFF
+            self.series_of[pd, pm] = ids
+            self.series_dev = np.concatenate([self.series_dev, pd])
+            self.series_met = np.concatenate([self.series_met, pm])
+            self.n_series += len(pairs)
+            self._grow_cells(self.n_series)
+            sid = self.series_of.reshape(-1)[dev * cols + met]
+        return np.asarray(sid, dtype=np.int64)
+
+    def _reset(self, cells: I64) -> None:
+        self.widx[cells] = FREE
+        a = self.agg
+        a.count[cells] = 0
+        a.sum[cells] = 0.0
+        a.min[cells] = INF
+        a.max[cells] = -INF
+        a.mean[cells] = 0.0
+        a.m2[cells] = 0.0
+        a.first_ts[cells] = np.iinfo(np.int64).max
+        a.first[cells] = INF
+        a.last_ts[cells] = np.iinfo(np.int64).min
+        a.last[cells] = -INF
+        self.rev[cells] = 0
+        self.dirty[cells] = False
+        self.hist[cells] = 0
+        if len(self.sparse_sketch):
+            self.sparse_sketch.drop(cells)
+
+    # ---- folding ------------------------------------------------------------------------------
+
+    def fold(self, dev: I64, met: I64, ts: I64, value: F64, wm_before: I64) -> OperatorFold:
+        n = len(ts)
+        if n == 0:
+            return OperatorFold()
+        size, step, k = self.spec.size_ms, self.step, self.k
+        sid = self._series(dev, met)
+        base = (ts // step) * step
+        if k == 1:
+            rows = np.arange(n)
+            start = base
+        else:
+            rows = np.repeat(np.arange(n), k)
+            start = base[rows] - np.tile(np.arange(k, dtype=np.int64), n) * step
+        end = start + size
+        ok = wm_before[rows] < end + self.lateness
+        kept = np.bincount(rows[ok], minlength=n)
+        revised_pair = ok & (wm_before[rows] >= end)
+        if not ok.all():
+            rows, start = rows[ok], start[ok]
+        widx = (start - EPOCH_BASE_MS) // step
+        cell = sid[rows] * self.W + widx % self.W
+        occupant = self.widx[cell]
+        # a free cell is claimed by the oldest window of this batch that maps to it, unless that
+        # window already lives in the overflow operator
+        free = occupant == FREE
+        if free.any():
+            fc = cell[free]
+            cand = widx[free]
+            if self.overflow.open_windows:
+                in_over = self._in_overflow(dev[rows[free]], met[rows[free]], cand)
+                cand = np.where(in_over, np.iinfo(np.int64).max, cand)
+            # the claim is stored relative to the batch's oldest window (int32 scratch)
+            wbase = int(widx[free].min())
+            rel = np.where(cand == np.iinfo(np.int64).max, NO_CLAIM,
+                           np.minimum(cand - wbase, NO_CLAIM - 1)).astype(np.int32)
+            np.minimum.at(self._map, fc, rel)
+            won = self._map[fc].astype(np.int64)
+            self._map[fc] = NO_CLAIM
+            claimed = won != NO_CLAIM
+            self.widx[fc[claimed]] = won[claimed] + wbase
+            occupant = self.widx[cell]
+        dense = occupant == widx
+        if not dense.all():
+            spill = ~dense
+            r = rows[spill]
+            self.overflow._upsert(self.overflow.key(dev[r], met[r], widx[spill]), ts[r],
+                                  value[r], start[spill])
+            rows, cell = rows[dense], cell[dense]
+        if len(rows):
+            self._fold_dense(cell, ts[rows], value[rows])
+        dropped = kept == 0
+        revised = np.zeros(n, bool)
+        revised[np.repeat(np.arange(n), k)[revised_pair] if k > 1 else
+                np.flatnonzero(revised_pair)] = True
+        return OperatorFold(accepted=int((~dropped).sum()), late_dropped=int(dropped.sum()),
+                            late_revised=int((revised & ~dropped).sum()), dropped_mask=dropped)
+
+    def _in_overflow(self, dev: I64, met: I64, widx: I64) -> npt.NDArray[np.bool_]:
+        keys = self.overflow.key(dev, met, widx)
+        pos = np.searchsorted(self.overflow.keys, keys)
+        pos = np.minimum(pos, len(self.overflow.keys) - 1)
+        return np.asarray(self.overflow.keys[pos] == keys, dtype=bool)
+
+    def _fold_dense(self, cell: I64, ts: I64, v: F64) -> None:
+        a = self.agg
+        counts = np.bincount(cell, minlength=len(self.widx))
+        touched = np.flatnonzero(counts > 0)
+        t = len(touched)
+        self._map[touched] = np.arange(t, dtype=np.int32)
+        g = self._map[cell].astype(np.int64)
+        self._map[touched] = NO_CLAIM
+        bn = counts[touched]
+        bsum = np.bincount(g, weights=v, minlength=t)
+        bmean = bsum / bn
+        d = v - bmean[g]
+        bm2 = np.bincount(g, weights=d * d, minlength=t)
+        # Chan's parallel update of mean and M2
+        na = a.count[touched].astype(np.float64)
+        nb = bn.astype(np.float64)
+        tot = na + nb
+        delta = bmean - a.mean[touched]
+        a.m2[touched] = a.m2[touched] + bm2 + delta * delta * (na * nb / tot)
+        a.mean[touched] = a.mean[touched] + delta * (nb / tot)
+        a.count[touched] += bn
+        a.sum[touched] += bsum
+        # per-batch extremes in touched space (small, cache-friendly), then merged
+        bmin = np.full(t, INF)
+        np.minimum.at(bmin, g, v)
+        bmax = np.full(t, -INF)
+        np.maximum.at(bmax, g, v)
+        a.min[touched] = np.minimum(a.min[touched], bmin)
+        a.max[touched] = np.maximum(a.max[touched], bmax)
+        # first/last by event time, ties broken by value
+        bft = np.full(t, np.iinfo(np.int64).max, np.int64)
+        np.minimum.at(bft, g, ts)
+        tie = ts == bft[g]
+        bfv = np.full(t, INF)
+        np.minimum.at(bfv, g[tie], v[tie])
+        oft, ofv = a.first_ts[touched], a.first[touched]
+        take = (bft < oft) | ((bft == oft) & (bfv < ofv))
+        a.first_ts[touched] = np.where(take, bft, oft)
+        a.first[touched] = np.where(take, bfv, ofv)
+        blt = np.full(t, np.iinfo(np.int64).min, np.int64)
+        np.maximum.at(blt, g, ts)
+        tie = ts == blt[g]
+        blv = np.full(t, -INF)
+        np.maximum.at(blv, g[tie], v[tie])
+        olt, olv = a.last_ts[touched], a.last[touched]
+        take = (blt > olt) | ((blt == olt) & (blv > olv))
+        a.last_ts[touched] = np.where(take, blt, olt)
+        a.last[touched] = np.where(take, blv, olv)
+        self.dirty[touched] = True
+        # sketch: dense histogram around the first bucket of the cell, sparse beyond it
+        keys = self.params.keys(v)
+        fresh = touched[na == 0]
+        if len(fresh):
+            first_key = np.zeros(len(self.widx), np.int64)
+            first_key[cell] = keys  # any of the cell's first batch keys will do as a centre
+            self.hbase[fresh] = first_key[fresh] - H // 2
+        j = keys - self.hbase[cell]
+        inside = (j >= 0) & (j < H) & (a.count[cell] <= HIST_MAX)
+        # flat index and a uint32 operand keep ufunc.at on its fast path (40x faster)
+        np.add.at(self.hist.reshape(-1), cell[inside] * H + j[inside], np.uint16(1))
+        if not inside.all():
+            self.sparse_sketch.add(cell[~inside], keys[~inside])
+
+    # ---- emitting -----------------------------------------------------------------------------
+
+    def _ends(self, cells: I64) -> I64:
+        return EPOCH_BASE_MS + self.widx[cells] * self.step + self.spec.size_ms
+
+    def emit(self, wm_by_device: I64, silent: npt.NDArray[np.bool_]) -> WindowResults:
+        live = np.flatnonzero(self.widx != FREE)
+        dense = self._empty()
+        if len(live):
+            wm = wm_by_device[self.series_dev[live // self.W]]
+            end = self._ends(live)
+            ready = live[self.dirty[live] & (wm >= end)]
+            dense = self._results(ready)
+            purge = live[~self.dirty[live] & (wm >= end + self.lateness)]
+            if len(purge):
+                self._reset(purge)
+        return _concat([dense, self.overflow.emit(wm_by_device, silent)],
+                       len(self.percentiles))
+
+    def flush_all(self) -> WindowResults:
+        ready = np.flatnonzero(self.dirty)
+        return _concat([self._results(ready), self.overflow.flush_all()], len(self.percentiles))
+
+    def forget(self, purged_devices: npt.NDArray[np.bool_]) -> None:
+        live = np.flatnonzero(self.widx != FREE)
+        if len(live) and len(purged_devices):
+            drop = live[purged_devices[self.series_dev[live // self.W]] & ~self.dirty[live]]
+            if len(drop):
+                self._reset(drop)
+        self.overflow.forget(purged_devices)
+
+    def _empty(self) -> WindowResults:
+        e = np.empty(0, np.int64)
+        return WindowResults(device=e, metric=e, start=e, width=e, rev=e, agg=AggArrays.empty(),
+                             pct=np.empty((0, len(self.percentiles))), sk_keys=e, sk_counts=e,
+                             sk_offsets=np.zeros(1, np.int64))
+
+    def _results(self, cells: I64) -> WindowResults:
+        if len(cells) == 0:
+            return self._empty()
+        s = cells // self.W
+        keys, counts, offsets = self._sketches(cells)
+        pct = quantiles_from_counts(self.params, keys, counts, offsets, list(self.percentiles))
+        out = WindowResults(
+            device=self.series_dev[s].copy(), metric=self.series_met[s].copy(),
+            start=EPOCH_BASE_MS + self.widx[cells] * self.step,
+            width=np.full(len(cells), self.spec.size_ms, np.int64), rev=self.rev[cells].copy(),
+            agg=self.agg.take(cells), pct=pct, sk_keys=keys, sk_counts=counts,
+            sk_offsets=offsets)
+        self.rev[cells] += 1
+        self.dirty[cells] = False
+        return out
+
+    def _sketches(self, cells: I64) -> tuple[I64, I64, I64]:
+        """Flat (keys, counts, offsets) of the cells' sketches, keys ascending per cell."""
+        h = self.hist[cells]
+        nz = h != 0
+        r, j = np.nonzero(nz)  # row-major: rows ascending, buckets ascending within a row
+        keys = self.hbase[cells][r] + j
+        counts = h[nz].astype(np.int64)  # boolean mask: same row-major order, no 2-D gather
+        row = r
+        if len(self.sparse_sketch):
+            sk, sc, so = self.sparse_sketch.export(cells)
+            if len(sk):
+                srow = np.repeat(np.arange(len(cells)), np.diff(so))
+                keys = np.concatenate([keys, sk])
+                counts = np.concatenate([counts, sc])
+                row = np.concatenate([row, srow])
+                # two runs, each sorted by (row, key): a stable sort merges them in linear time
+                order = np.argsort((row << 32) | (keys + (1 << 31)), kind="stable")
+                keys, counts, row = keys[order], counts[order], row[order]
+        offsets = np.concatenate(([0], np.cumsum(np.bincount(row, minlength=len(cells)))))
+        return np.asarray(keys, np.int64), counts, offsets.astype(np.int64)
+
+    # ---- introspection and durability -----------------------------------------------------------
+
+    @property
+    def open_windows(self) -> int:
+        return int((self.widx != FREE).sum()) + self.overflow.open_windows
+
+    def nbytes(self) -> int:
+        arrays = [self.widx, self.rev, self.dirty, self.hist, self.hbase, self._map,
+                  self.series_of, self.sparse_sketch.codes, self.sparse_sketch.counts]
+        arrays += [getattr(self.agg, f) for f in FIELDS]
+        over = self.overflow
+        arrays += [over.keys, over.rev, over.slot, over.anchor, over.sketches.codes]
+        arrays += [getattr(over.agg, f) for f in FIELDS]
+        return sum(int(x.nbytes) for x in arrays)
+
+    def snapshot(self, prefix: str) -> dict[str, npt.NDArray[np.generic]]:
+        snap: dict[str, npt.NDArray[np.generic]] = {
+            "widx": self.widx, "rev": self.rev, "dirty": self.dirty, "hist": self.hist,
+            "hbase": self.hbase, "series_of": self.series_of, "series_dev": self.series_dev,
+            "series_met": self.series_met, "n_series": np.array([self.n_series]),
+            "ssk_codes": self.sparse_sketch.codes, "ssk_counts": self.sparse_sketch.counts,
+            "label": np.array([self.spec.label]), "W": np.array([self.W]),
+        }
+        for f in FIELDS:
+            snap["agg_" + f] = getattr(self.agg, f)
+        out = {prefix + k: np.asarray(v).copy() for k, v in snap.items()}
+        out.update(self.overflow.snapshot(prefix + "over_"))
+        return out
+
+    def restore(self, snap: dict[str, npt.NDArray[np.generic]], prefix: str) -> None:
+        def get(name: str) -> npt.NDArray[np.generic]:
+            return snap[prefix + name]
+
+        label = str(get("label")[0])
+        if label != self.spec.label or int(get("W")[0]) != self.W:
+            raise ValueError(f"checkpoint holds window {label!r} with {int(get('W')[0])} cells "
+                             f"per series; configured {self.spec.label!r} with {self.W}")
+        self.series_of = get("series_of").astype(np.int64)
+        self.series_dev = get("series_dev").astype(np.int64)
+        self.series_met = get("series_met").astype(np.int64)
+        self.n_series = int(get("n_series")[0])
+        self.widx = get("widx").astype(np.int64)
+        self.rev = get("rev").astype(np.int64)
+        self.dirty = get("dirty").astype(bool)
+        self.hist = get("hist").astype(np.uint16)
+        self.hbase = get("hbase").astype(np.int64)
+        self.agg = AggArrays(*(get("agg_" + f).copy() for f in FIELDS))  # type: ignore[arg-type]
+        self._map = np.full(len(self.widx), NO_CLAIM, np.int32)
+        self.sparse_sketch.codes = get("ssk_codes").astype(np.int64)
+        self.sparse_sketch.counts = get("ssk_counts").astype(np.int64)
+        self.overflow.restore(snap, prefix + "over_")
+
+
+def _concat(parts: list[WindowResults], nq: int) -> WindowResults:
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        e = np.empty(0, np.int64)
+        return WindowResults(device=e, metric=e, start=e, width=e, rev=e, agg=AggArrays.empty(),
+                             pct=np.empty((0, nq)), sk_keys=e, sk_counts=e,
+                             sk_offsets=np.zeros(1, np.int64))
+    if len(parts) == 1:
+        return parts[0]
+    cat = np.concatenate
+    base = np.cumsum([0] + [int(p.sk_offsets[-1]) for p in parts[:-1]])
+    return WindowResults(
+        device=cat([p.device for p in parts]), metric=cat([p.metric for p in parts]),
+        start=cat([p.start for p in parts]), width=cat([p.width for p in parts]),
+        rev=cat([p.rev for p in parts]), agg=AggArrays.concat([p.agg for p in parts]),
+        pct=cat([p.pct for p in parts]), sk_keys=cat([p.sk_keys for p in parts]),
+        sk_counts=cat([p.sk_counts for p in parts]),
+        sk_offsets=cat([[0]] + [p.sk_offsets[1:] + b for p, b in zip(parts, base,
+                                                                     strict=True)]))
