@@ -44,6 +44,7 @@ unit: setup
 test: lint typecheck unit
 
 bench: setup
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
 	$(BIN)/python -m bench.run
 
 soak: setup

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 
-from bench import pipeline
+from bench import engine, pipeline, sketches
 
 
 def main() -> None:
     logging.basicConfig(level=logging.ERROR)
+    engine.main()
+    sketches.main()
     pipeline.main()
 
 

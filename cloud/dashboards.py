@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cloud.points import AGGREGATES, ANOMALIES, PIPELINE
+from cloud.points import AGGREGATES, ANOMALIES, DEVICES, PIPELINE
 
 DATASOURCE_UID = "fieldline-influxdb"
 DASHBOARD_UID = "fieldline-fleet"
@@ -57,6 +57,11 @@ ROWS: list[tuple[str, list[Panel]]] = [
         Panel("Mean by site", "timeseries", (Query("A", (
             f'SELECT mean("mean") FROM "{AGGREGATES}" WHERE {SITE_SEL} AND $timeFilter '
             'GROUP BY time($__interval), "site" fill(none)'), "$tag_site"),)),
+        Panel("p50 and p99 by device", "timeseries", (Query("A", (
+            f'SELECT mean("p50") AS "p50", max("p99") AS "p99" FROM "{AGGREGATES}" '
+            f'WHERE {SEL} AND $timeFilter GROUP BY time($__interval), "device" fill(none)'),
+            "$tag_device $col"),),
+            description="Percentiles from each window's mergeable sketch (1 % relative error)."),
         Panel("Readings per interval by site", "timeseries", (Query("A", (
             f'SELECT sum("count") FROM "{AGGREGATES}" WHERE {SITE_SEL} AND $timeFilter '
             'GROUP BY time($__interval), "site" fill(0)'), "$tag_site"),),
@@ -99,6 +104,15 @@ ROWS: list[tuple[str, list[Panel]]] = [
             'SELECT max("lag_p50_ms") AS "p50", max("lag_p99_ms") AS "p99" '
             f'''FROM "{PIPELINE}" WHERE "component" = 'cloud' AND $timeFilter '''
             'GROUP BY time($__interval) fill(none)')),), unit="ms", width=8),
+        Panel("Edge: silent devices and skewed clocks", "timeseries", (Query("A", (
+            'SELECT max("devices_silent") AS "silent devices", max("devices_skewed") AS '
+            f'"skewed clocks" FROM "{PIPELINE}" WHERE "component" = \'edge\' AND $timeFilter '
+            'GROUP BY time($__interval), "gateway" fill(none)')),), width=8),
+        Panel("Devices: silent, clock offset", "table", (Query("A", (
+            'SELECT last("silent") AS "silent", last("skew_ms") AS "clock offset ms" '
+            f'FROM "{DEVICES}" WHERE $timeFilter GROUP BY "gateway", "device"'),
+            fmt="table"),), width=8,
+            description="Reported by the edge agents; a negative offset: the clock runs ahead."),
         Panel("Edge: open windows and memory", "timeseries", (Query("A", (
             'SELECT max("open_windows") AS "open windows", max("rss_mb") AS "RSS MiB" '
             f'''FROM "{PIPELINE}" WHERE "component" = 'edge' AND $timeFilter '''

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import orjson
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
@@ -111,3 +112,57 @@ def test_a_failing_tick_is_counted_and_the_agent_keeps_going(mosquitto: Mosquitt
     assert s["rejected_internal_error"] == 1  # the batch hit by the bug is counted, not lost
     assert s["readings_accepted"] == 1  # and the next one goes through
     assert np.isfinite(s["rss_mb"])
+
+
+@pytest.mark.integration
+def test_late_readings_are_forwarded_raw_and_silent_devices_reported(
+        mosquitto: Mosquitto, tmp_path: Path) -> None:
+    """A reading beyond allowed lateness goes out on fieldline/v1/<gw>/late; a device gone
+    quiet is listed as silent in the health report."""
+    agent = EdgeAgent(config(tmp_path, intake_broker=mosquitto.address,
+                             uplink_broker=mosquitto.address, tick_ms=20, forward_late=True,
+                             health_interval_ms=100, engine=EngineConfig(
+                                 windows=(WindowSpec(size_ms=1_000),), time=EventTimeSpec(
+                                     out_of_orderness_ms=0, allowed_lateness_ms=0,
+                                     idle_timeout_ms=300))))
+    got: dict[str, list[bytes]] = {"late": [], "health": []}
+
+    def on_message(_c: object, _u: object, m: mqtt.MQTTMessage) -> None:
+        got[m.topic.rsplit("/", 1)[1]].append(m.payload)
+
+    sub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    sub.on_message = on_message
+    sub.connect("127.0.0.1", mosquitto.port)
+    sub.subscribe([("fieldline/v1/+/late", 1), ("fieldline/v1/+/health", 1)])
+    sub.loop_start()
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(agent.run(stop))
+        while not agent.intake.subscribed.is_set():
+            await asyncio.sleep(0.02)
+        now = time.time_ns() // 1_000_000
+        pub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                          protocol=mqtt.MQTTv5)
+        pub.connect("127.0.0.1", mosquitto.port)
+        pub.loop_start()
+        for ts, seq in ((now - 5_000, 1), (now - 9_000, 2)):  # the second is beyond lateness
+            info = pub.publish("devices/d9/readings",
+                               encode_single("d9", "temperature", ts, 20.0, seq), qos=1)
+            info.wait_for_publish(5)
+        await asyncio.sleep(1.0)  # d9 goes silent (idle 300 ms)
+        pub.disconnect()
+        pub.loop_stop()
+        stop.set()
+        await task
+
+    asyncio.run(scenario())
+    sub.loop_stop()
+    assert agent.stats()["late_dropped"] == 1
+    late = [orjson.loads(p) for p in got["late"]]
+    forwarded = [r for doc in late for r in doc["readings"]]
+    assert len(forwarded) == 1
+    assert forwarded[0][:3] == ["d9", "temperature", forwarded[0][2]]
+    assert forwarded[0][3] == 20.0
+    reports = [orjson.loads(p) for p in got["health"]]
+    assert any("d9" in r["devices"].get("silent", []) for r in reports)

@@ -1,0 +1,66 @@
+"""The cloud worker's stages against a real InfluxDB (no MQTT: messages are handed in)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from cloud.config import CloudConfig, InfluxConfig
+from cloud.ingest import SourceMessage
+from cloud.sinks.influx_v1 import InfluxV1Client
+from cloud.worker import CloudWorker
+from devices.contract import ResultBatch, ResultColumns, SupersededRows, results_topic
+from devices.mqtt import BrokerAddress
+from devices.registry import Device, Registry
+
+pytestmark = pytest.mark.integration
+
+T = 1_700_000_000_000
+
+
+def session_batch(seq: int, start: int, count: int, sup: list[int]) -> ResultBatch:
+    one = np.array([0], np.int64)
+    res = ResultColumns(
+        device=one * 0, metric=one * 0, start=np.array([start], np.int64),
+        width=np.array([5_000], np.int64), rev=np.array([seq], np.int64),
+        count=np.array([count], np.int64), sum=np.array([20.0 * count]),
+        min=np.array([19.0]), max=np.array([21.0]), mean=np.array([20.0]),
+        m2=np.array([0.5]), first_ts=np.array([start], np.int64), first=np.array([19.0]),
+        last_ts=np.array([start + 4_999], np.int64), last=np.array([21.0]),
+        spec=one * 0, pct=np.array([[20.0, 21.0]]),
+        sk_keys=np.array([150, 152], np.int64), sk_counts=np.array([count - 1, 1], np.int64),
+        sk_offsets=np.array([0, 2], np.int64),
+        superseded=SupersededRows(np.zeros(len(sup), np.int64), np.zeros(len(sup), np.int64),
+                                  np.zeros(len(sup), np.int64), np.array(sup, np.int64))
+        if sup else None)
+    return ResultBatch(gateway="gw-1", seq=seq, watermark=0, sent_ms=T, devices=["dev-1"],
+                       metrics=["temperature"], results=res, specs=["session:30s"],
+                       percentiles=[0.5, 0.99], alpha=0.01)
+
+
+def test_percentiles_labels_and_superseded_sessions(influx_db: InfluxV1Client) -> None:
+    reg = Registry([Device(device_id="dev-1", gateway="gw-1", site="hall", kind="temperature")])
+    worker = CloudWorker(
+        CloudConfig(worker_id="t", broker=BrokerAddress(host="127.0.0.1", port=1),
+                    influx=InfluxConfig(url=influx_db.url, database=influx_db.database)),
+        registry=reg, source=object())  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        worker.handle(SourceMessage(0, 1, results_topic("gw-1"),
+                                    session_batch(0, T + 10_000, 4, []).encode()))
+        await worker.writer.flush(None)
+        # a late reading moved the session's start: new identity, the old one withdrawn
+        worker.handle(SourceMessage(0, 2, results_topic("gw-1"),
+                                    session_batch(1, T + 8_000, 5, [T + 10_000]).encode()))
+        await worker.writer.flush(None)
+
+    asyncio.run(scenario())
+    doc = influx_db.query('SELECT "count", "p50", "p99", "rate", "site" FROM "aggregates" '
+                          'WHERE "window" = \'session:30s\'')
+    assert isinstance(doc, dict)
+    rows = doc["results"][0]["series"][0]["values"]
+    assert rows == [[T + 8_000, 5, 20.0, 21.0, 2.0 / 4.999, "hall"]]
+    assert worker.stats()["superseded"] == 1
+    assert worker.writer.points_deleted == 2  # the aggregate and its (absent) anomaly point
