@@ -44,6 +44,7 @@ class CloudConfig:
     broker: BrokerAddress
     influx: InfluxConfig
     registry_path: Path | None = None
+    state_dir: Path | None = None  # dedup state that survives restarts
     partitions: int = 1
     detectors: list[str] = field(default_factory=lambda: ["threshold", "robust_z"])
     detector_options: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -86,7 +87,9 @@ def cloud_config_from(root: Section) -> CloudConfig:
         opts = det.section(name)
         options[name] = {k: opts.raw(k) for k in opts.keys()}  # noqa: SIM118  # checked by build_detectors
     registry = w.text("registry", None)
+    state_dir = w.text("state_dir", None)
     cfg = CloudConfig(
+        state_dir=Path(state_dir) if state_dir else None,
         worker_id=w.text("id", "cloud-1"),
         registry_path=Path(registry) if registry else None,
         broker=parse_broker_url(ingest.text("broker"), ingest.key("broker"),

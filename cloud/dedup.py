@@ -1,20 +1,36 @@
 """Dropping duplicate uplink batches, identified by (gateway, sequence number).
 
 QoS 1 delivers at least once and the edge re-sends what was not acknowledged, so the same batch
-can arrive twice. Per gateway the highest sequence seen and the set of sequences within
-``horizon`` below it are kept; anything older than the horizon counts as a duplicate (it was
-either seen already or is so old that the edge would have long replayed it).
+can arrive twice. Per gateway the highest sequence seen and the sets of sequences within
+``horizon`` below it are kept, in two states: *pending* (received, not yet confirmed by
+InfluxDB) and *written* (confirmed, acknowledged to the edge). A duplicate of a written batch is
+acknowledged again (the first acknowledgement may have been lost); a duplicate of a pending one
+waits for its original's acknowledgement. Anything older than the horizon counts as written.
+
+The state is snapshotted to disk by the worker, so a restarted worker still recognises the
+batches it wrote (and an old revision re-sent after a newer one cannot overwrite it).
 """
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+
+class Seen(Enum):
+    NEW = 0
+    PENDING = 1
+    WRITTEN = 2
 
 
 @dataclass
 class _GatewaySeqs:
     high: int = -1
-    recent: set[int] = field(default_factory=set)
+    pending: set[int] = field(default_factory=set)
+    written: set[int] = field(default_factory=set)
 
 
 class BatchDedup:
@@ -23,31 +39,60 @@ class BatchDedup:
         self._gw: dict[str, _GatewaySeqs] = {}
         self.duplicates = 0
 
-    def is_duplicate(self, gateway: str, seq: int) -> bool:
+    def state(self, gateway: str, seq: int) -> Seen:
         g = self._gw.get(gateway)
         if g is None:
-            return False
-        return seq in g.recent or seq <= g.high - self.horizon
+            return Seen.NEW
+        if seq in g.written or seq <= g.high - self.horizon:
+            return Seen.WRITTEN
+        if seq in g.pending:
+            return Seen.PENDING
+        return Seen.NEW
 
     def record(self, gateway: str, seq: int) -> None:
         g = self._gw.setdefault(gateway, _GatewaySeqs())
-        g.recent.add(seq)
+        g.pending.add(seq)
         if seq > g.high:
             g.high = seq
-            if len(g.recent) > 2 * self.horizon:
+            if len(g.written) > 2 * self.horizon:
                 floor = g.high - self.horizon
-                g.recent = {s for s in g.recent if s > floor}
+                g.written = {s for s in g.written if s > floor}
 
-    def check_and_record(self, gateway: str, seq: int) -> bool:
-        """True (and counted) if the batch was seen before; otherwise record it."""
-        if self.is_duplicate(gateway, seq):
+    def mark_written(self, gateway: str, seq: int) -> None:
+        g = self._gw.setdefault(gateway, _GatewaySeqs())
+        g.pending.discard(seq)
+        g.written.add(seq)
+
+    def check_and_record(self, gateway: str, seq: int) -> Seen:
+        """NEW (and now pending), or the state of the earlier copy (counted as a duplicate)."""
+        st = self.state(gateway, seq)
+        if st is Seen.NEW:
+            self.record(gateway, seq)
+        else:
             self.duplicates += 1
-            return True
-        self.record(gateway, seq)
-        return False
+        return st
+
+    # ---- durability --------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, list[int]]:
-        return {gw: [g.high, *sorted(g.recent)] for gw, g in self._gw.items()}
+        """Written sequences only: pending ones will be re-sent by the edge if we crash."""
+        return {gw: [g.high, *sorted(g.written)] for gw, g in self._gw.items()}
 
     def restore(self, snap: dict[str, list[int]]) -> None:
-        self._gw = {gw: _GatewaySeqs(high=v[0], recent=set(v[1:])) for gw, v in snap.items() if v}
+        self._gw = {gw: _GatewaySeqs(high=v[0], written=set(v[1:]))
+                    for gw, v in snap.items() if v}
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("w") as fh:
+            json.dump(self.snapshot(), fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    def load(self, path: Path) -> bool:
+        if not path.exists():
+            return False
+        with path.open() as fh:
+            self.restore(json.load(fh))
+        return True

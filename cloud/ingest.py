@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from devices.contract import TOPIC_ROOT
+from devices.contract import TOPIC_ROOT, ack_topic, encode_ack
 from devices.mqtt import BrokerAddress
 
 log = logging.getLogger("fieldline.cloud.ingest")
@@ -44,6 +45,11 @@ class PartitionedSource(Protocol):
 
     def messages(self) -> AsyncIterator[SourceMessage]: ...
 
+    async def ack(self, gateway: str, acked: list[int], rejected: list[int]) -> bool:
+        """Tell a gateway which batches are safely stored (and which are unusable);
+        False when it could not be sent now (the gateway will re-send, and be acked again)."""
+        ...
+
 
 class MqttSource:
     """Subscribes to every gateway's uplink topics on one MQTT broker (owns all partitions).
@@ -62,6 +68,8 @@ class MqttSource:
         self._position = 0
         self.connected = asyncio.Event()
         self.reconnects = 0
+        self._client: Any = None
+        self.acks_sent = 0
 
     async def messages(self) -> AsyncIterator[SourceMessage]:
         import aiomqtt
@@ -84,6 +92,7 @@ class MqttSource:
                     protocol=aiomqtt.ProtocolVersion.V5, clean_start=False, properties=props,
                     tls_params=tls, max_queued_incoming_messages=0,
                 ) as client:
+                    self._client = client
                     await client.subscribe(f"{TOPIC_ROOT}/+/results", qos=1)
                     await client.subscribe(f"{TOPIC_ROOT}/+/health", qos=1)
                     self.connected.set()
@@ -97,9 +106,24 @@ class MqttSource:
                         yield SourceMessage(partition_of(gw, self.partitions), self._position,
                                             topic, payload)
             except aiomqtt.MqttError as exc:
+                self._client = None
                 self.connected.clear()
                 self.reconnects += 1
                 log.warning("ingest lost %s: %s; reconnecting in %.1fs", self.address.url, exc,
                             backoff)
-                await asyncio.sleep(backoff)
+                await asyncio.sleep(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, 30.0)
+
+    async def ack(self, gateway: str, acked: list[int], rejected: list[int]) -> bool:
+        import aiomqtt
+
+        client = self._client
+        if client is None:
+            return False
+        try:
+            await client.publish(ack_topic(gateway), encode_ack(acked, rejected), qos=1)
+        except aiomqtt.MqttError as exc:
+            log.warning("could not acknowledge %d batch(es) of %s: %s", len(acked), gateway, exc)
+            return False
+        self.acks_sent += 1
+        return True

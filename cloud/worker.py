@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from cloud.config import CloudConfig
-from cloud.dedup import BatchDedup
+from cloud.dedup import BatchDedup, Seen
 from cloud.detect import DETECTORS, DetectionStage, Detector
 from cloud.enrich import UNKNOWN_SITE, Enricher
 from cloud.ingest import MqttSource, PartitionedSource, SourceMessage
@@ -30,7 +30,13 @@ from cloud.points import (
 from cloud.sinks import sink_class
 from cloud.sinks.base import BufferedWriter, Sink
 from devices.clock import Clock, SystemClock
-from devices.contract import HealthReport, ResultBatch, decode_uplink
+from devices.contract import (
+    HealthReport,
+    ResultBatch,
+    decode_uplink,
+    gateway_from_topic,
+    peek_batch_id,
+)
 from devices.errors import ConfigError, ContractError
 from devices.registry import Registry
 from devices.rejects import RejectLog
@@ -95,8 +101,19 @@ class CloudWorker:
         self.lag_ms: deque[int] = deque(maxlen=5000)  # edge publish -> InfluxDB confirmed
         self.freshness_ms: deque[int] = deque(maxlen=5000)  # window end -> InfluxDB confirmed
         self.edge_health: dict[str, HealthReport] = {}
+        self._acks: dict[str, tuple[list[int], list[int]]] = {}
+        self._ack_wake = asyncio.Event()
+        self._dedup_path = config.state_dir / "dedup.json" if config.state_dir else None
+        if self._dedup_path is not None:
+            config.state_dir.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
+            if self.dedup.load(self._dedup_path):
+                log.info("dedup state restored from %s", self._dedup_path)
 
     # ---- synchronous stages -------------------------------------------------------------
+
+    def _ack(self, gateway: str, seq: int, *, rejected: bool = False) -> None:
+        self._acks.setdefault(gateway, ([], []))[1 if rejected else 0].append(seq)
+        self._ack_wake.set()
 
     def handle(self, msg: SourceMessage) -> None:
         self.counters["messages_in"] += 1
@@ -104,6 +121,11 @@ class CloudWorker:
             up = decode_uplink(msg.payload)
         except ContractError as exc:
             self.rejects.reject(exc.reason, f"{msg.topic}: {exc.detail}")
+            ident = peek_batch_id(msg.payload)
+            if ident is not None and ident[0] == gateway_from_topic(msg.topic):
+                # a well-addressed batch we cannot use: say so, or the edge re-sends it forever
+                self.counters["batches_rejected"] += 1
+                self._ack(ident[0], ident[1], rejected=True)
             return
         topic_gw = msg.topic.split("/")[2] if msg.topic.count("/") >= 3 else None
         if topic_gw != up.gateway:
@@ -125,7 +147,12 @@ class CloudWorker:
         self.writer.add(lines)
 
     def _handle_results(self, batch: ResultBatch) -> None:
-        if self.dedup.check_and_record(batch.gateway, batch.seq):
+        seen = self.dedup.check_and_record(batch.gateway, batch.seq)
+        if seen is Seen.WRITTEN:  # written before: the edge missed our ack, say it again
+            self.counters["duplicate_batches"] += 1
+            self._ack(batch.gateway, batch.seq)
+            return
+        if seen is Seen.PENDING:  # its first copy is on its way to InfluxDB
             self.counters["duplicate_batches"] += 1
             return
         self.counters["batches_in"] += 1
@@ -135,7 +162,8 @@ class CloudWorker:
         lines = aggregate_lines(rows) + anomaly_lines(rows, found)
         self.counters["anomalies"] += len(found)
         max_end = int((batch.results.start + batch.results.width).max()) if len(rows) else 0
-        self.writer.add(lines, token=(batch.sent_ms, max_end, len(rows)))
+        self.writer.add(lines, token=(batch.gateway, batch.seq, batch.sent_ms, max_end,
+                                      len(rows)))
         sup = batch.results.superseded
         if sup is not None and len(sup):
             self.counters["superseded"] += len(sup)
@@ -150,9 +178,13 @@ class CloudWorker:
         now = self.clock.now_ms()
         for tok in tokens:
             assert isinstance(tok, tuple)
-            sent: int = tok[0]
-            max_end: int = tok[1]
-            n: int = tok[2]
+            gw: str = tok[0]
+            seq: int = tok[1]
+            sent: int = tok[2]
+            max_end: int = tok[3]
+            n: int = tok[4]
+            self.dedup.mark_written(gw, seq)
+            self._ack(gw, seq)
             self.counters["results_written"] += n
             self.lag_ms.append(now - sent)
             if max_end:
@@ -169,6 +201,9 @@ class CloudWorker:
             "rejected_messages": self.rejects.total,
             "unknown_device_results": self.enricher.unknown_results,
             "anomalies": c["anomalies"],
+            "acks_sent": c["acks_sent"],
+            "acks_unsent": c["acks_unsent"],
+            "batches_rejected": c["batches_rejected"],
             "internal_errors": c["internal_errors"],
             "points_written": self.writer.points_written,
             "points_rejected": self.writer.points_rejected,
@@ -202,6 +237,25 @@ class CloudWorker:
                 self.counters["internal_errors"] += 1
                 log.exception("failed to handle message on %s", msg.topic)
 
+    async def _acker(self, stop: asyncio.Event) -> None:
+        """Acknowledge confirmed batches: first persist the dedup state that covers them."""
+        while not stop.is_set() or self._acks:
+            if not self._acks:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._ack_wake.wait(), 0.5)
+                self._ack_wake.clear()
+                continue
+            todo, self._acks = self._acks, {}
+            if self._dedup_path is not None:
+                await asyncio.to_thread(self.dedup.save, self._dedup_path)
+            for gw, (acked, rejected) in todo.items():
+                if await self.source.ack(gw, acked, rejected):
+                    self.counters["acks_sent"] += len(acked) + len(rejected)
+                else:
+                    self.counters["acks_unsent"] += len(acked) + len(rejected)
+            if stop.is_set():
+                break
+
     async def _health(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
@@ -217,6 +271,8 @@ class CloudWorker:
         writer_stop = asyncio.Event()
         write = asyncio.create_task(self.writer.run(writer_stop), name="cloud-write")
         health = asyncio.create_task(self._health(stop), name="cloud-health")
+        acker_stop = asyncio.Event()
+        acker = asyncio.create_task(self._acker(acker_stop), name="cloud-ack")
         stopping = asyncio.create_task(stop.wait(), name="cloud-stop")
         try:
             await asyncio.wait({stopping, consume}, return_when=asyncio.FIRST_COMPLETED)
@@ -231,6 +287,9 @@ class CloudWorker:
             await health
             writer_stop.set()
             await write
+            acker_stop.set()
+            self._ack_wake.set()
+            await acker
             await asyncio.to_thread(self.sink.close)
             log.info("cloud worker %s stopped", self.config.worker_id)
         if consume.done() and not consume.cancelled() and consume.exception():

@@ -86,6 +86,30 @@ def health_topic(gateway: str) -> str:
     return f"{TOPIC_ROOT}/{gateway}/health"
 
 
+def ack_topic(gateway: str) -> str:
+    """The cloud worker's application-level acknowledgements to one gateway."""
+    return f"{TOPIC_ROOT}/{gateway}/ack"
+
+
+def encode_ack(acked: list[int], rejected: list[int] | None = None) -> bytes:
+    """Batches now in InfluxDB (``acked``), and batches the cloud cannot use (``rejected``)."""
+    return orjson.dumps({"v": VERSION, "acked": acked, "rejected": rejected or []})
+
+
+def decode_ack(payload: bytes) -> tuple[list[int], list[int]]:
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise ContractError(BAD_UPLINK, "ack is not JSON") from None
+    if not isinstance(doc, dict) or doc.get("v") != VERSION:
+        raise ContractError(UNSUPPORTED_VERSION, "ack version")
+    acked, rejected = doc.get("acked", []), doc.get("rejected", [])
+    if not (isinstance(acked, list) and isinstance(rejected, list)
+            and all(type(x) is int for x in acked + rejected)):
+        raise ContractError(BAD_UPLINK, "ack lists must hold integers")
+    return acked, rejected
+
+
 def late_topic(gateway: str) -> str:
     """Readings dropped as late, forwarded raw when the agent is configured to."""
     return f"{TOPIC_ROOT}/{gateway}/late"
@@ -299,6 +323,20 @@ def _header_int(doc: dict[str, Any], key: str) -> int:
     if type(v) is not int:
         raise ContractError(BAD_UPLINK, f"{key!r} must be an integer")
     return v
+
+
+def peek_batch_id(payload: bytes) -> tuple[str, int] | None:
+    """(gateway, seq) of a results message whose body may be unusable, if its header is fine."""
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(doc, dict) or doc.get("kind") != "results":
+        return None
+    gw, seq = doc.get("gw"), doc.get("seq")
+    if isinstance(gw, str) and gw and type(seq) is int and seq >= 0:
+        return gw, seq
+    return None
 
 
 def decode_uplink(payload: bytes) -> Uplink:

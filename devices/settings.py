@@ -32,6 +32,23 @@ def parse_duration_ms(raw: object, key: str, source: str | None = None) -> int:
                       source=source)
 
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)\s*$")
+_SIZE_UNIT = {"B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KiB": 1024, "MiB": 1024**2,
+              "GiB": 1024**3}
+
+
+def parse_size(raw: object, key: str, source: str | None = None) -> int:
+    """``"256MiB"``, ``"1GB"``, ``"500KB"`` or an integer number of bytes."""
+    if type(raw) is int and raw >= 0:
+        return raw
+    if isinstance(raw, str):
+        m = _SIZE.match(raw)
+        if m:
+            return round(float(m.group(1)) * _SIZE_UNIT[m.group(2)])
+    raise ConfigError(key, f"not a size: {raw!r} (use e.g. 500KB, 256MiB, 1GB or bytes)",
+                      source=source)
+
+
 def load_toml(path: str | Path) -> Section:
     p = Path(path)
     if not p.is_file():
@@ -119,6 +136,13 @@ class Section:
         if ms < minimum:
             raise self._fail(name, f"must be at least {minimum} ms, got {ms} ms")
         return ms
+
+    def size(self, name: str, default: Any = _MISSING, *, minimum: int = 0) -> Any:
+        v = self._get(name, default)
+        n = parse_size(v, self.key(name), self.source)
+        if n < minimum:
+            raise self._fail(name, f"must be at least {minimum} bytes")
+        return n
 
     def choice(self, name: str, choices: tuple[str, ...], default: Any = _MISSING) -> Any:
         v = self.text(name, default)

@@ -13,6 +13,8 @@ import contextlib
 import logging
 import os
 import resource
+import tempfile
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,8 @@ from edge.config import EdgeConfig
 from edge.engine import WindowEngine
 from edge.eventtime import UNKNOWN_SKEW
 from edge.intake import MqttIntake
-from edge.uplink import MqttUplink
+from edge.outbox import Outbox
+from edge.uplink import MqttUplink, Shipper
 from edge.validate import Validator
 from edge.windows import MAX_DEVICES, MAX_METRICS
 
@@ -238,64 +241,115 @@ class EdgePipeline:
 
 
 class EdgeAgent:
-    """One gateway's agent: the pipeline plus its MQTT intake and uplink."""
+    """One gateway's agent: the pipeline plus its MQTT intake, outbox and uplink."""
 
     def __init__(self, config: EdgeConfig, *, clock: Clock | None = None) -> None:
         self.config = config
         self.clock = clock or SystemClock()
         self.pipeline = EdgePipeline(config, self.clock)
         gw = config.gateway
+        state_dir = config.state_dir
+        if state_dir is None:
+            state_dir = Path(tempfile.mkdtemp(prefix=f"fieldline-{gw}-"))
+            log.warning("no gateway.state_dir configured: outbox and checkpoints go to %s and "
+                        "will not survive a reboot", state_dir)
+        self.state_dir = state_dir
         self.intake = MqttIntake(config.intake_broker, config.topics, clock=self.clock,
                                  client_id=f"fieldline-edge-{gw}-intake", qos=config.intake_qos,
                                  max_pending=config.max_pending)
         self.uplink = MqttUplink(config.uplink_broker, gw, clock=self.clock,
-                                 client_id=f"fieldline-edge-{gw}", state_dir=config.state_dir,
-                                 max_queued=config.uplink_max_queued)
-        if config.state_dir is not None:
-            self.pipeline.load_checkpoint(config.state_dir)
+                                 client_id=f"fieldline-edge-{gw}", state_dir=state_dir)
+        self.outbox = Outbox(state_dir / "outbox", max_bytes=config.outbox_max_bytes,
+                             max_age_ms=config.outbox_max_age_ms, policy=config.outbox_policy)
+        self.shipper = Shipper(self.outbox, self.uplink, self.clock,
+                               max_inflight=config.max_inflight_batches,
+                               ack_timeout_ms=config.ack_timeout_ms)
+        self.pipeline.load_checkpoint(state_dir)
         self._last_overflow = 0
+        self._unstored: list[tuple[int, bytes, int, int]] = []  # refused by the outbox
+
+    @property
+    def backpressure(self) -> bool:
+        """Under refuse_newest, a full outbox stops emitting and stops taking intake."""
+        return bool(self._unstored) or not self.outbox.has_room(
+            self.config.max_results_per_batch * 200)
 
     def tick(self) -> int:
-        """One turn of the pipeline; returns the number of messages processed."""
-        msgs = self.intake.drain(self.config.max_batch_messages)
-        overflow = self.intake.overflowed - self._last_overflow
-        if overflow:
-            self._last_overflow += overflow
-            self.pipeline.rejects.reject(rejects.INTAKE_OVERFLOW, "intake buffer full", overflow)
-        try:
-            self.pipeline.process(msgs)
-        except Exception:  # a bug: the batch is counted as rejected, the loop goes on
-            self.pipeline.counters["internal_errors"] += 1
-            self.pipeline.rejects.reject(rejects.INTERNAL_ERROR, "see traceback", len(msgs))
-            log.exception("processing a batch of %d messages failed", len(msgs))
-        res = self.pipeline.emit()
-        try:
-            self._ship(res)
-        except Exception:  # a bug: the windows are counted as unshipped, the loop goes on
-            self.pipeline.counters["internal_errors"] += 1
-            self.pipeline.counters["windows_unshipped"] += len(res)
-            log.exception("shipping %d window results failed", len(res))
+        """One turn: acks in, intake folded, results into the outbox (fsynced), batches out."""
+        self.shipper.apply_acks()
+        n = 0
+        if self._unstored:
+            self._store_pending()
+        if not self.backpressure:
+            msgs = self.intake.drain(self.config.max_batch_messages)
+            n = len(msgs)
+            overflow = self.intake.overflowed - self._last_overflow
+            if overflow:
+                self._last_overflow += overflow
+                self.pipeline.rejects.reject(rejects.INTAKE_OVERFLOW, "intake buffer full",
+                                             overflow)
+            try:
+                self.pipeline.process(msgs)
+            except Exception:  # a bug: the batch is counted as rejected, the loop goes on
+                self.pipeline.counters["internal_errors"] += 1
+                self.pipeline.rejects.reject(rejects.INTERNAL_ERROR, "see traceback", len(msgs))
+                log.exception("processing a batch of %d messages failed", len(msgs))
+            res = self.pipeline.emit()
+            try:
+                self._store(res)
+            except Exception:  # a bug: the windows are counted as unshipped, the loop goes on
+                self.pipeline.counters["internal_errors"] += 1
+                self.pipeline.counters["windows_unshipped"] += len(res)
+                log.exception("storing %d window results failed", len(res))
+        self.outbox.expire(self.clock.now_ms())
+        self.outbox.sync()  # group commit: one fsync for everything appended this tick
+        self.shipper.pump()
         if self.pipeline.late_out:
             late, self.pipeline.late_out = self.pipeline.late_out, []
             self.uplink.publish_late(orjson.dumps({"gw": self.config.gateway, "readings": late}))
-        return len(msgs)
+        return n
 
-    def _ship(self, res: ResultColumns) -> None:
+    def _store(self, res: ResultColumns) -> None:
         if len(res) == 0 and (res.superseded is None or len(res.superseded) == 0):
             return
         for batch in self.pipeline.to_batches(res, self.uplink.seq.next):
-            self.uplink.publish_results(batch.encode())
+            self._unstored.append((batch.seq, batch.encode(), len(batch.results),
+                                   int(batch.results.count.sum())))
+        self._store_pending()
+
+    def _store_pending(self) -> None:
+        now = self.clock.now_ms()
+        while self._unstored:
+            seq, payload, windows, readings = self._unstored[0]
+            if not self.outbox.append(seq, payload, windows=windows, readings=readings,
+                                      now_ms=now):
+                return  # refused: back-pressure until acknowledgements make room
+            self._unstored.pop(0)
 
     def stats(self) -> dict[str, float]:
         s = self.pipeline.stats()
+        ob = self.outbox
+        now = self.clock.now_ms()
         s.update({
             "intake_pending": self.intake.pending,
+            "outbox_depth": ob.depth,
+            "outbox_bytes": ob.bytes,
+            "outbox_oldest_age_ms": ob.oldest_age_ms(now),
+            "outbox_shed_batches": ob.shed_batches,
+            "windows_shed": ob.shed_windows,
+            "readings_shed": ob.shed_readings,
+            "outbox_expired": ob.expired_batches,
+            "outbox_refused": ob.refused,
+            "outbox_torn_records": ob.torn_records,
+            "backpressure": int(self.backpressure),
+            "batches_stored": ob.appended,
             "batches_sent": self.uplink.sent,
-            "batches_acked": self.uplink.acked,
+            "batches_resent": self.shipper.resent,
+            "batches_acked": self.shipper.acked,
+            "batches_rejected_by_cloud": self.shipper.rejected,
+            "uplink_inflight": len(self.shipper.inflight),
             "uplink_refused": self.uplink.refused,
             "uplink_no_subscribers": self.uplink.no_subscribers,
-            "uplink_queue_full": self.uplink.queue_full,
-            "uplink_inflight": self.uplink.inflight,
             "uplink_bytes": self.uplink.bytes_sent,
             "rss_mb": round(rss_mb(), 1),
         })
@@ -305,7 +359,8 @@ class EdgeAgent:
         s = self.stats()
         gauges = {"open_windows", "window_state_kb", "devices_seen", "devices_silent",
                   "watermark_lag_ms", "intake_pending", "uplink_inflight", "rss_mb",
-                  "skew_max_abs_ms", "devices_skewed"}
+                  "skew_max_abs_ms", "devices_skewed", "outbox_depth", "outbox_bytes",
+                  "outbox_oldest_age_ms", "backpressure"}
         return HealthReport(
             gateway=self.config.gateway, ts=self.clock.now_ms(),
             counters={k: int(v) for k, v in s.items() if k not in gauges},
@@ -313,38 +368,56 @@ class EdgeAgent:
             devices=self.pipeline.device_report(),
         )
 
+    def _report(self) -> None:
+        """Health (counters) and the retained status, ahead of any bulk replay."""
+        rep = self.health()
+        self.uplink.publish_health(rep.encode())
+        wm = self.pipeline.engine.gateway_watermark()
+        self.uplink.publish_status({
+            "last_seen": rep.ts, "outbox_depth": self.outbox.depth,
+            "outbox_oldest_age_ms": self.outbox.oldest_age_ms(rep.ts),
+            "watermark": wm if wm is not None else 0})
+
     async def run(self, stop: asyncio.Event) -> None:
-        """Run until ``stop`` is set, then stop cleanly (checkpoint or flush, drain uplink)."""
+        """Run until ``stop`` is set, then stop cleanly (checkpoint or flush, sync outbox)."""
         self.intake.start()
         self.uplink.start()
-        log.info("edge agent %s running: intake %s %s -> uplink %s", self.config.gateway,
-                 self.config.intake_broker.url, self.config.topics, self.config.uplink_broker.url)
+        log.info("edge agent %s running: intake %s %s -> uplink %s (outbox %d batches)",
+                 self.config.gateway, self.config.intake_broker.url, self.config.topics,
+                 self.config.uplink_broker.url, self.outbox.depth)
         next_health = self.clock.monotonic_ms()
         try:
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.config.tick_ms / 1000)
+                if self.clock.monotonic_ms() >= next_health:
+                    next_health = self.clock.monotonic_ms() + self.config.health_interval_ms
+                    self._report()
                 try:
                     self.tick()
                 except Exception:  # a bug must not stop the gateway; it is counted and logged
                     self.pipeline.counters["internal_errors"] += 1
                     log.exception("edge tick failed")
-                if self.clock.monotonic_ms() >= next_health:
-                    next_health = self.clock.monotonic_ms() + self.config.health_interval_ms
-                    self.uplink.publish_health(self.health().encode())
         finally:
             await asyncio.to_thread(self._shutdown)
 
     def _shutdown(self) -> None:
         self.intake.stop()
-        self.tick()  # what was already received still gets folded
-        if self.config.flush_on_stop or self.config.state_dir is None:
-            self._ship(self.pipeline.emit(flush=True))
-        if self.config.state_dir is not None:
-            self.pipeline.save_checkpoint(self.config.state_dir)
-        self.uplink.publish_health(self.health().encode())
-        if not self.uplink.wait_drained(5.0):
-            log.warning("%d result batches not confirmed by the broker at shutdown",
-                        self.uplink.inflight)
+        self.tick()  # what was already received still gets folded and stored
+        if self.config.flush_on_stop:
+            self._store(self.pipeline.emit(flush=True))
+            self.outbox.sync()
+        self.pipeline.save_checkpoint(self.state_dir)
+        # give the cloud a moment to acknowledge what is on the wire; the rest stays on disk
+        deadline = self.clock.monotonic_ms() + 3_000
+        while self.outbox.depth and self.uplink.connected.is_set() and (
+                self.clock.monotonic_ms() < deadline):
+            self.shipper.apply_acks()
+            self.shipper.pump()
+            threading.Event().wait(0.05)
+        self.shipper.apply_acks()
+        self._report()
+        self.outbox.close()
         self.uplink.stop()
-        log.info("edge agent %s stopped", self.config.gateway)
+        log.info("edge agent %s stopped (%d batches left in the outbox)", self.config.gateway,
+                 self.outbox.depth)

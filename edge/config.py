@@ -38,7 +38,11 @@ class EdgeConfig:
     max_batch_messages: int = 50_000
     health_interval_ms: int = 5_000
     max_results_per_batch: int = 5_000
-    uplink_max_queued: int = 10_000
+    max_inflight_batches: int = 32
+    ack_timeout_ms: int = 30_000
+    outbox_max_bytes: int = 256 * 2**20
+    outbox_max_age_ms: int = 7 * 86_400_000
+    outbox_policy: str = "drop_oldest"
     flush_on_stop: bool = False
     forward_late: bool = False  # publish readings dropped as late, raw, on fieldline/v1/<gw>/late
     catalog: Catalog = field(default_factory=Catalog)
@@ -111,6 +115,7 @@ def edge_config_from(root: Section) -> EdgeConfig:
     uplink = root.section("uplink", required=True)
     windows = root.section("windows")
     clock = root.section("clock")
+    outbox = root.section("outbox")
     dedup = root.section("dedup")
     validate = root.section("validate")
     agent = root.section("agent")
@@ -138,7 +143,11 @@ def edge_config_from(root: Section) -> EdgeConfig:
                                        cert_file=uplink.text("cert_file", None),
                                        key_file=uplink.text("key_file", None)),
         max_results_per_batch=uplink.integer("max_results_per_batch", 5_000, minimum=1),
-        uplink_max_queued=uplink.integer("max_queued", 10_000, minimum=1),
+        max_inflight_batches=uplink.integer("max_inflight", 32, minimum=1, maximum=10_000),
+        ack_timeout_ms=uplink.duration_ms("ack_timeout", 30_000, minimum=100),
+        outbox_max_bytes=outbox.size("max_bytes", 256 * 2**20, minimum=64 * 1024),
+        outbox_max_age_ms=outbox.duration_ms("max_age", 7 * 86_400_000, minimum=1_000),
+        outbox_policy=outbox.choice("policy", ("drop_oldest", "refuse_newest"), "drop_oldest"),
         engine=_engine_config(windows, clock, dedup),
         forward_late=windows.flag("forward_late", False),
         max_future_ms=validate.duration_ms("max_future", 5 * 60_000),
@@ -149,7 +158,7 @@ def edge_config_from(root: Section) -> EdgeConfig:
         flush_on_stop=agent.flag("flush_on_stop", False),
         catalog=catalog,
     )
-    for s in (gw, intake, uplink, validate, agent, windows, clock, dedup):
+    for s in (gw, intake, uplink, validate, agent, windows, clock, dedup, outbox):
         s.done()
     root.done()
     return cfg

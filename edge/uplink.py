@@ -1,19 +1,29 @@
-"""Uplink: ship result batches and health to the cloud broker over MQTT 5, QoS 1.
+"""Uplink: ship result batches from the outbox to the cloud broker, MQTT 5, QoS 1.
 
-Each result batch gets the next per-gateway sequence number; numbers are reserved on disk a block
-at a time (fsynced) so a restarted agent never reuses one and the cloud's (gateway, seq) dedup
-never mistakes a new batch for a replay. PUBACK reason codes are checked: a broker that refuses
-a publish (not authorised, quota) or has nobody subscribed is counted, not taken for delivery.
+The chain of custody on this side:
 
-A retained status message says whether the gateway is online; the broker publishes the Last Will
-(offline) when the agent vanishes.
+* every batch is in the fsynced outbox (``edge.outbox``) before it is published;
+* it is published with QoS 1 on a persistent session (session expiry), and PUBACK reason codes are
+  checked: a broker that refuses (not authorised, quota) or has nobody subscribed is counted;
+* it leaves the outbox only when the cloud worker's **application-level ack** arrives on
+  ``fieldline/v1/<gw>/ack``, sent after InfluxDB confirmed the write. A batch not acknowledged
+  within ``ack_timeout`` is published again (the cloud drops the duplicate and acknowledges it);
+* at most ``max_inflight`` batches are unacknowledged on the wire at once, oldest first, so a
+  replay after an outage is ordered and paced by the cloud's acknowledgements.
+
+Batch sequence numbers are reserved on disk a block at a time (fsynced), so a restarted agent
+never reuses one. A retained status message (online/offline, outbox depth and age, watermark) is
+refreshed with every health report; the broker publishes the Last Will (offline) when the agent
+vanishes. Reconnects back off exponentially with jitter.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import threading
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +32,15 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.reasoncodes import ReasonCode
 
 from devices.clock import Clock
-from devices.contract import health_topic, late_topic, results_topic, status_topic
+from devices.contract import (
+    ack_topic,
+    decode_ack,
+    health_topic,
+    late_topic,
+    results_topic,
+    status_topic,
+)
+from devices.errors import ContractError
 from devices.mqtt import NO_MATCHING_SUBSCRIBERS, BrokerAddress, make_client
 
 log = logging.getLogger("fieldline.edge.uplink")
@@ -33,26 +51,19 @@ SEQ_BLOCK = 1024
 class SequenceAllocator:
     """Per-gateway batch sequence numbers that survive restarts (reserved in fsynced blocks)."""
 
-    def __init__(self, state_dir: Path | None, clock: Clock) -> None:
-        self._path = state_dir / "uplink.seq" if state_dir else None
-        if self._path is None:
-            # No disk: start from the wall clock so restarts still move forward (best effort).
-            self._next = clock.now_ms() * 1000
-            self._ceiling = 1 << 62
-            log.warning("no state_dir: batch sequence numbers start from the wall clock")
-        else:
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                self._next = int(self._path.read_text().strip() or 0)
-            except FileNotFoundError:
-                self._next = 0
-            except ValueError:
-                raise RuntimeError(f"corrupt sequence file {self._path}") from None
-            self._ceiling = self._next
-            self._reserve()
+    def __init__(self, state_dir: Path, clock: Clock) -> None:
+        self._path = state_dir / "uplink.seq"
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._next = int(self._path.read_text().strip() or 0)
+        except FileNotFoundError:
+            self._next = 0
+        except ValueError:
+            raise RuntimeError(f"corrupt sequence file {self._path}") from None
+        self._ceiling = self._next
+        self._reserve()
 
     def _reserve(self) -> None:
-        assert self._path is not None
         self._ceiling = self._next + SEQ_BLOCK
         tmp = self._path.with_suffix(".tmp")
         with tmp.open("w") as fh:
@@ -70,7 +81,8 @@ class SequenceAllocator:
 
 
 class MqttUplink:
-    """Publishes to the cloud broker; counts what the broker confirmed and what it refused."""
+    """The MQTT side of the uplink. The agent's thread decides what to send; paho's thread
+    only records acknowledgements and connection changes (no application locks held there)."""
 
     def __init__(
         self,
@@ -79,8 +91,7 @@ class MqttUplink:
         *,
         clock: Clock,
         client_id: str,
-        state_dir: Path | None,
-        max_queued: int = 10_000,
+        state_dir: Path,
         session_expiry_s: int = 3600,
     ) -> None:
         self.address = address
@@ -89,23 +100,28 @@ class MqttUplink:
         self.seq = SequenceAllocator(state_dir, clock)
         self._client, self._props = make_client(address, client_id,
                                                 session_expiry_s=session_expiry_s)
-        self._client.max_queued_messages_set(max_queued)
+        self._client.max_queued_messages_set(0)  # bounded by the agent's in-flight window
+        self._client.max_inflight_messages_set(100)
         self._client.on_publish = self._on_publish
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
-        self._client.will_set(status_topic(gateway), self._status("offline"), qos=1, retain=True)
-        self._inflight: set[int] = set()
-        self._lock = threading.Lock()  # guards the counters below (never held in paho callbacks
-        self.connected = threading.Event()  # for long; only set/dict operations)
+        self._client.on_message = self._on_message
+        self._client.will_set(status_topic(gateway), self._status({"state": "offline"}), qos=1,
+                              retain=True)
+        self.connected = threading.Event()
+        self.acks: deque[tuple[list[int], list[int]]] = deque()  # filled by paho's thread
+        self.connects = 0  # incremented by paho's thread on every (re)connect
+        self._tracked: set[int] = set()  # mids of result publishes awaiting PUBACK
+        self._lock = threading.Lock()  # guards _tracked and the counters (short sections)
         self.sent = 0
-        self.acked = 0
+        self.puback_ok = 0
         self.refused = 0
         self.no_subscribers = 0
-        self.queue_full = 0
         self.bytes_sent = 0
+        self.bad_acks = 0
 
-    def _status(self, state: str) -> bytes:
-        return orjson.dumps({"gw": self.gateway, "state": state, "ts": self._clock.now_ms()})
+    def _status(self, extra: dict[str, Any]) -> bytes:
+        return orjson.dumps({"gw": self.gateway, "ts": self._clock.now_ms(), **extra})
 
     # paho thread ---------------------------------------------------------------------------
 
@@ -114,79 +130,134 @@ class MqttUplink:
         if rc.is_failure:
             log.error("uplink connect to %s refused: %s", self.address.url, rc)
             return
+        client.subscribe(ack_topic(self.gateway), qos=1)
+        client.publish(status_topic(self.gateway), self._status({"state": "online"}), qos=1,
+                       retain=True)
+        self.connects += 1
         self.connected.set()
-        client.publish(status_topic(self.gateway), self._status("online"), qos=1, retain=True)
         log.info("uplink connected to %s", self.address.url)
 
-    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode,
+    def _on_disconnect(self, client: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode,
                        _p: Any = None) -> None:
         self.connected.clear()
+        # exponential backoff with jitter, so a fleet does not reconnect in lockstep
+        client.reconnect_delay_set(min_delay=1 + int(random.random() * 2),
+                                   max_delay=20 + int(random.random() * 20))
         if rc.value != 0:
             log.warning("uplink disconnected from %s: %s (reconnecting)", self.address.url, rc)
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            self.acks.append(decode_ack(bytes(msg.payload)))
+        except ContractError as exc:
+            self.bad_acks += 1
+            log.warning("unusable ack on %s: %s", msg.topic, exc)
 
     def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, rc: ReasonCode,
                     _p: Any = None) -> None:
         with self._lock:
-            tracked = mid in self._inflight
-            self._inflight.discard(mid)
-            if not tracked:
+            if mid not in self._tracked:
                 return
+            self._tracked.discard(mid)
             if rc.is_failure:
                 self.refused += 1
             elif rc.value == NO_MATCHING_SUBSCRIBERS:
                 self.no_subscribers += 1
             else:
-                self.acked += 1
+                self.puback_ok += 1
         if rc.is_failure or rc.value == NO_MATCHING_SUBSCRIBERS:
-            log.warning("broker did not deliver publish mid=%d: %s", mid, rc)
+            log.warning("broker did not deliver a result batch (mid %d): %s; it stays in the "
+                        "outbox and will be sent again", mid, rc)
 
     # agent side ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._client.connect_async(self.address.host, self.address.port, keepalive=30,
+        self._client.connect_async(self.address.host, self.address.port, keepalive=15,
                                    clean_start=False, properties=self._props)
         self._client.loop_start()
 
-    def _publish(self, topic: str, payload: bytes, *, track: bool) -> bool:
-        info = self._client.publish(topic, payload, qos=1)
-        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
-            with self._lock:
-                self.queue_full += 1
-            log.error("uplink queue full: batch shed (counted as uplink_queue_full)")
-            return False
-        if track:
-            with self._lock:
-                self._inflight.add(info.mid)
-                self.sent += 1
-                self.bytes_sent += len(payload)
-        return True
-
-    def publish_results(self, payload: bytes) -> bool:
-        return self._publish(results_topic(self.gateway), payload, track=True)
-
-    def publish_health(self, payload: bytes) -> bool:
-        return self._publish(health_topic(self.gateway), payload, track=False)
-
-    def publish_late(self, payload: bytes) -> bool:
-        return self._publish(late_topic(self.gateway), payload, track=False)
-
-    @property
-    def inflight(self) -> int:
+    def publish_results(self, payload: bytes) -> None:
+        info = self._client.publish(results_topic(self.gateway), payload, qos=1)
         with self._lock:
-            return len(self._inflight)
+            self._tracked.add(info.mid)
+            self.sent += 1
+            self.bytes_sent += len(payload)
 
-    def wait_drained(self, timeout_s: float) -> bool:
-        """Block until every tracked publish was answered, or the timeout passes."""
-        deadline = self._clock.monotonic_ms() + int(timeout_s * 1000)
-        ev = threading.Event()
-        while self.inflight and self._clock.monotonic_ms() < deadline:
-            ev.wait(0.02)
-        return self.inflight == 0
+    def publish_health(self, payload: bytes) -> None:
+        self._client.publish(health_topic(self.gateway), payload, qos=1)
+
+    def publish_status(self, extra: dict[str, Any]) -> None:
+        self._client.publish(status_topic(self.gateway), self._status(
+            {"state": "online", **extra}), qos=1, retain=True)
+
+    def publish_late(self, payload: bytes) -> None:
+        self._client.publish(late_topic(self.gateway), payload, qos=1)
 
     def stop(self) -> None:
         if self.connected.is_set():
-            info = self._client.publish(status_topic(self.gateway), self._status("offline"),
-                                        qos=1, retain=True)
+            info = self._client.publish(status_topic(self.gateway),
+                                        self._status({"state": "offline"}), qos=1, retain=True)
             info.wait_for_publish(timeout=2.0)
         self._client.disconnect()
         self._client.loop_stop()
+
+
+class Shipper:
+    """Moves batches from the outbox to the uplink and back out on acknowledgement.
+
+    Runs in the agent's thread: decides what to (re)send, applies acks, counts."""
+
+    def __init__(self, outbox: Any, uplink: MqttUplink, clock: Clock, *, max_inflight: int = 32,
+                 ack_timeout_ms: int = 30_000) -> None:
+        self.outbox = outbox
+        self.uplink = uplink
+        self.clock = clock
+        self.max_inflight = max_inflight
+        self.ack_timeout_ms = ack_timeout_ms
+        self.inflight: dict[int, int] = {}  # seq -> monotonic ms of the last send
+        self._connects_seen = 0
+        self.resent = 0
+        self.acked = 0
+        self.rejected = 0
+
+    def apply_acks(self) -> None:
+        while self.uplink.acks:
+            acked, rejected = self.uplink.acks.popleft()
+            self.acked += self.outbox.ack(acked)
+            if rejected:
+                n = self.outbox.ack(rejected)  # the cloud cannot use them: keep them no longer
+                self.rejected += n
+                if n:
+                    log.error("cloud rejected %d batch(es) %s as unusable", n, rejected[:10])
+            for s in acked + rejected:
+                self.inflight.pop(s, None)
+
+    def pump(self) -> int:
+        """Send what fits in the window, oldest first; resend what timed out. Returns sends."""
+        if not self.uplink.connected.is_set():
+            return 0
+        if self.uplink.connects != self._connects_seen:
+            # a new session may have lost what was on the wire: everything unacked goes again
+            self._connects_seen = self.uplink.connects
+            self.inflight.clear()
+        now = self.clock.monotonic_ms()
+        sent = 0
+        for seq in list(self.inflight):
+            if seq not in self.outbox.entries:
+                del self.inflight[seq]
+            elif now - self.inflight[seq] >= self.ack_timeout_ms:
+                self.uplink.publish_results(self.outbox.read(seq))
+                self.inflight[seq] = now
+                self.resent += 1
+                sent += 1
+        if len(self.inflight) >= self.max_inflight:
+            return sent
+        for seq in self.outbox.pending():
+            if len(self.inflight) >= self.max_inflight:
+                break
+            if seq in self.inflight:
+                continue
+            self.uplink.publish_results(self.outbox.read(seq))
+            self.inflight[seq] = now
+            sent += 1
+        return sent

@@ -139,7 +139,7 @@ async def run_pipeline(gw_brokers: list[Mosquitto], cloud_broker: Mosquitto,
     while True:
         emitted = sum(a.pipeline.counters["windows_emitted"] for a in agents)
         done = (all(a.intake.pending == 0 and a.pipeline.engine.active_devices == 0
-                    and a.uplink.inflight == 0 for a in agents)
+                    and a.outbox.depth == 0 for a in agents)
                 and worker.stats()["results_written"] == emitted and emitted > 0)
         if done:
             break

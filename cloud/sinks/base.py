@@ -91,6 +91,7 @@ class BufferedWriter:
         self._tokens: deque[tuple[int, object]] = deque()  # (lines added when queued, token)
         self._added = 0
         self._done = 0
+        self._confirmed: list[object] = []
         self._wake = asyncio.Event()
         self.points_written = 0
         self.points_rejected = 0
@@ -127,7 +128,11 @@ class BufferedWriter:
         await self.flush(None, attempts=3)
 
     async def flush(self, stop: asyncio.Event | None, attempts: int | None = None) -> bool:
-        """Write everything buffered; True when the buffer is empty afterwards."""
+        """Write everything buffered, then run the queued deletes; True when all is done.
+
+        A token is confirmed (``on_written``) only once its lines *and* every delete queued
+        before the flush are done, so an acknowledgement never precedes a withdrawal.
+        """
         while self._lines or self._tokens:  # the writes; deletes follow them
             n = min(self.batch_points, len(self._lines))
             lines = [self._lines[i] for i in range(n)]
@@ -137,11 +142,8 @@ class BufferedWriter:
             for _ in range(n):
                 self._lines.popleft()
             self._done += n
-            confirmed = []
             while self._tokens and self._tokens[0][0] <= self._done:
-                confirmed.append(self._tokens.popleft()[1])
-            if confirmed and self.on_written is not None:
-                self.on_written(confirmed)
+                self._confirmed.append(self._tokens.popleft()[1])
         if self._deletes:
             todo, self._deletes = self._deletes, []
             try:
@@ -155,6 +157,10 @@ class BufferedWriter:
                     return False
                 log.error("sink %s refused to delete %d point(s): %s", self.sink.name,
                           len(todo), exc)
+        if self._confirmed:
+            confirmed, self._confirmed = self._confirmed, []
+            if self.on_written is not None:
+                self.on_written(confirmed)
         return True
 
     async def _write_with_retry(self, lines: list[str], stop: asyncio.Event | None,
