@@ -92,7 +92,9 @@ class CloudWorker:
         self.writer = BufferedWriter(self.sink, clock=self.clock,
                                      batch_points=config.influx.batch_points,
                                      flush_interval_ms=config.influx.flush_interval_ms,
-                                     on_written=self._on_written)
+                                     on_written=self._on_written,
+                                     dead_letter_path=config.state_dir / "dead-letter.jsonl"
+                                     if config.state_dir else None)
         self.dedup = BatchDedup()
         self.enricher = Enricher(registry, config.catalog)
         self.detection = DetectionStage(build_detectors(config))
@@ -217,6 +219,8 @@ class CloudWorker:
         }
         for reason, n in self.rejects.counts.items():
             s["rejected_" + reason] = n
+        for reason, n in self.writer.dead_letters.items():
+            s["dead_lettered_" + reason] = n
         return s
 
     def _health_line(self) -> str | None:

@@ -62,13 +62,16 @@ def parse_broker_url(url: str, key: str = "broker", *, ca_file: str | None = Non
     )
 
 
-def make_client(address: BrokerAddress, client_id: str, *, session_expiry_s: int = 0
-                ) -> tuple[mqtt.Client, Properties | None]:
-    """A paho MQTT 5 client (not yet connected) and the CONNECT properties to pass to connect()."""
+def make_client(address: BrokerAddress, client_id: str, *, session_expiry_s: int = 0,
+                manual_ack: bool = False) -> tuple[mqtt.Client, Properties | None]:
+    """A paho MQTT 5 client (not yet connected) and the CONNECT properties to pass to connect().
+
+    ``manual_ack``: received QoS 1 messages are acknowledged only by ``client.ack``."""
     client = mqtt.Client(
         callback_api_version=CallbackAPIVersion.VERSION2,
         client_id=client_id,
         protocol=mqtt.MQTTv5,
+        manual_ack=manual_ack,
     )
     if address.username is not None:
         client.username_pw_set(address.username, address.password)

@@ -35,6 +35,7 @@ from edge.intake import MqttIntake
 from edge.outbox import Outbox
 from edge.uplink import MqttUplink, Shipper
 from edge.validate import Validator
+from edge.wal import IntakeLog
 from edge.windows import MAX_DEVICES, MAX_METRICS
 
 log = logging.getLogger("fieldline.edge")
@@ -211,11 +212,15 @@ class EdgePipeline:
 
     # ---- checkpoint ---------------------------------------------------------------------
 
-    def save_checkpoint(self, state_dir: Path) -> Path:
+    def save_checkpoint(self, state_dir: Path, tick: int = 0) -> Path:
+        """Window state, names and counters as of intake-log tick ``tick`` (fsynced)."""
         state_dir.mkdir(parents=True, exist_ok=True)
         snap = self.engine.snapshot()
         snap["device_names"] = np.array(self.devices.names, dtype=str)
         snap["metric_names"] = np.array(self.metrics.names, dtype=str)
+        snap["tick"] = np.array([tick], np.int64)
+        snap["counters"] = np.array([orjson.dumps({"c": dict(self.counters),
+                                                   "r": dict(self.rejects.counts)}).decode()])
         path = state_dir / CHECKPOINT
         tmp = state_dir / (CHECKPOINT + ".tmp")
         with tmp.open("wb") as fh:
@@ -225,19 +230,26 @@ class EdgePipeline:
         os.replace(tmp, path)
         return path
 
-    def load_checkpoint(self, state_dir: Path) -> bool:
+    def load_checkpoint(self, state_dir: Path) -> int | None:
+        """Restore a checkpoint; returns the intake-log tick it covers (None: no checkpoint)."""
         path = state_dir / CHECKPOINT
         if not path.exists():
-            return False
+            return None
         with np.load(path, allow_pickle=False) as z:
             snap = {k: z[k] for k in z.files}
         for name in snap.pop("device_names").tolist():
             self.devices.intern(str(name))
         for name in snap.pop("metric_names").tolist():
             self.metrics.intern(str(name))
+        tick = int(snap.pop("tick")[0]) if "tick" in snap else 0
+        if "counters" in snap:
+            saved = orjson.loads(str(snap.pop("counters")[0]))
+            self.counters.update(saved["c"])
+            self.rejects.counts.update(saved["r"])
         self.engine.restore(snap, self.clock.monotonic_ms())
-        log.info("resumed %d open windows from %s", self.engine.open_windows, path)
-        return True
+        log.info("resumed %d open windows from %s (intake tick %d)", self.engine.open_windows,
+                 path, tick)
+        return tick
 
 
 class EdgeAgent:
@@ -256,7 +268,8 @@ class EdgeAgent:
         self.state_dir = state_dir
         self.intake = MqttIntake(config.intake_broker, config.topics, clock=self.clock,
                                  client_id=f"fieldline-edge-{gw}-intake", qos=config.intake_qos,
-                                 max_pending=config.max_pending)
+                                 max_pending=config.max_pending, manual_ack=config.durable)
+        self.wal = IntakeLog(state_dir / "intake") if config.durable else None
         self.uplink = MqttUplink(config.uplink_broker, gw, clock=self.clock,
                                  client_id=f"fieldline-edge-{gw}", state_dir=state_dir)
         self.outbox = Outbox(state_dir / "outbox", max_bytes=config.outbox_max_bytes,
@@ -264,9 +277,26 @@ class EdgeAgent:
         self.shipper = Shipper(self.outbox, self.uplink, self.clock,
                                max_inflight=config.max_inflight_batches,
                                ack_timeout_ms=config.ack_timeout_ms)
-        self.pipeline.load_checkpoint(state_dir)
         self._last_overflow = 0
         self._unstored: list[tuple[int, bytes, int, int]] = []  # refused by the outbox
+        self._recover()
+        self._next_checkpoint = self.clock.monotonic_ms() + config.checkpoint_interval_ms
+
+    def _recover(self) -> None:
+        """Checkpoint, then the intake log after it, in its original ticks."""
+        tick = self.pipeline.load_checkpoint(self.state_dir) or 0
+        if self.wal is None:
+            return
+        replayed = 0
+        for _t, msgs in self.wal.replay(tick):
+            self.pipeline.process(msgs)
+            self._store(self.pipeline.emit())
+            replayed += len(msgs)
+        self.outbox.sync()
+        self.pipeline.counters["replayed_on_start"] += replayed
+        if replayed:
+            log.info("replayed %d logged messages after the checkpoint of tick %d", replayed,
+                     tick)
 
     @property
     def backpressure(self) -> bool:
@@ -281,8 +311,13 @@ class EdgeAgent:
         if self._unstored:
             self._store_pending()
         if not self.backpressure:
-            msgs = self.intake.drain(self.config.max_batch_messages)
+            raw = self.intake.drain(self.config.max_batch_messages)
+            msgs = [(m[0], m[1], m[2]) for m in raw]
             n = len(msgs)
+            if self.wal is not None and raw:
+                self.wal.append(msgs)
+                self.wal.sync()  # group commit: durable before any of them is acknowledged
+                self.intake.ack(raw)
             overflow = self.intake.overflowed - self._last_overflow
             if overflow:
                 self._last_overflow += overflow
@@ -303,11 +338,22 @@ class EdgeAgent:
                 log.exception("storing %d window results failed", len(res))
         self.outbox.expire(self.clock.now_ms())
         self.outbox.sync()  # group commit: one fsync for everything appended this tick
+        if self.wal is not None and self.clock.monotonic_ms() >= self._next_checkpoint:
+            self.checkpoint()
         self.shipper.pump()
         if self.pipeline.late_out:
             late, self.pipeline.late_out = self.pipeline.late_out, []
             self.uplink.publish_late(orjson.dumps({"gw": self.config.gateway, "readings": late}))
         return n
+
+    def checkpoint(self) -> None:
+        """Window state as of the last logged tick; the log before it can go."""
+        tick = self.wal.last_tick if self.wal is not None else 0
+        self.pipeline.save_checkpoint(self.state_dir, tick)
+        if self.wal is not None:
+            self.wal.truncate_through(tick)
+        self._next_checkpoint = self.clock.monotonic_ms() + self.config.checkpoint_interval_ms
+        self.pipeline.counters["checkpoints"] += 1
 
     def _store(self, res: ResultColumns) -> None:
         if len(res) == 0 and (res.superseded is None or len(res.superseded) == 0):
@@ -407,7 +453,9 @@ class EdgeAgent:
         if self.config.flush_on_stop:
             self._store(self.pipeline.emit(flush=True))
             self.outbox.sync()
-        self.pipeline.save_checkpoint(self.state_dir)
+        self.checkpoint()
+        if self.wal is not None:
+            self.wal.close()
         # give the cloud a moment to acknowledge what is on the wire; the rest stays on disk
         deadline = self.clock.monotonic_ms() + 3_000
         while self.outbox.depth and self.uplink.connected.is_set() and (

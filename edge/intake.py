@@ -4,6 +4,10 @@ paho's network thread only appends ``(topic, payload, receive time)`` to a bound
 decodes, never takes an application lock and never blocks (paho callbacks run under paho's locks).
 The agent drains the deque once per tick and decodes the whole micro-batch at once. When the
 buffer is full, messages are shed and counted (``intake_overflow``), never silently lost.
+
+With ``manual_ack`` the broker gets a message's PUBACK only when the agent says so (after the
+message is in the fsynced intake log); until then the broker keeps it and re-delivers it to the
+persistent session if the agent dies.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from collections import deque
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
@@ -36,19 +42,27 @@ class MqttIntake:
         qos: int = 1,
         max_pending: int = 200_000,
         session_expiry_s: int = 3600,
+        manual_ack: bool = False,
     ) -> None:
         self.address = address
         self.topics = topics
         self.qos = qos
         self.max_pending = max_pending
         self._clock = clock
-        self._pending: deque[tuple[str, bytes, int]] = deque()
+        self.manual_ack = manual_ack
+        self._pending: deque[tuple[str, bytes, int, int, int]] = deque()  # + mid, qos
         self.received = 0
         self.overflowed = 0
         self.connected = threading.Event()
         self.subscribed = threading.Event()  # set once the broker acknowledged the subscription
         self._client, self._props = make_client(address, client_id,
-                                                session_expiry_s=session_expiry_s)
+                                                session_expiry_s=session_expiry_s,
+                                                manual_ack=manual_ack)
+        if manual_ack:
+            if self._props is None:
+                self._props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            # the broker never has more unacknowledged deliveries to us outstanding than this
+            self._props.ReceiveMaximum = max(1, min(max_pending, 65_535))
         self._client.on_message = self._on_message
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
@@ -83,10 +97,12 @@ class MqttIntake:
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         self.received += 1
-        if len(self._pending) >= self.max_pending:
+        if len(self._pending) >= self.max_pending and not (self.manual_ack and msg.qos):
+            # (with manual acks the broker's Receive Maximum already bounds what is pending)
             self.overflowed += 1
             return
-        self._pending.append((msg.topic, bytes(msg.payload), self._clock.now_ms()))
+        self._pending.append((msg.topic, bytes(msg.payload), self._clock.now_ms(), msg.mid,
+                              msg.qos))
 
     # agent side ----------------------------------------------------------------------------
 
@@ -99,11 +115,20 @@ class MqttIntake:
         self._client.disconnect()
         self._client.loop_stop()
 
-    def drain(self, limit: int) -> list[tuple[str, bytes, int]]:
-        """Take up to ``limit`` buffered messages, oldest first."""
+    def drain(self, limit: int) -> list[tuple[str, bytes, int, int, int]]:
+        """Take up to ``limit`` buffered messages, oldest first:
+        (topic, payload, receive ms, mid, qos)."""
         pending = self._pending
         n = min(limit, len(pending))
         return [pending.popleft() for _ in range(n)]
+
+    def ack(self, messages: list[tuple[str, bytes, int, int, int]]) -> None:
+        """PUBACK these (manual-ack mode), in the order they were received."""
+        if self.manual_ack:
+            client = self._client
+            for m in messages:
+                if m[4]:
+                    client.ack(m[3], m[4])
 
     @property
     def pending(self) -> int:

@@ -146,7 +146,7 @@ class Mosquitto(_Child):
             "autosave_interval 1",
             # test and demo brokers must never shed silently (RELIABILITY.md)
             "max_queued_messages 1000000",
-            "max_inflight_messages 1000",
+            "max_inflight_messages 0",  # unacknowledged deliveries: bounded by the client
             f"log_dest file {self.workdir / 'mosquitto.log'}",
             "log_type error",
             "log_type warning",

@@ -60,7 +60,7 @@ def test_restart_from_checkpoint_continues_open_windows(tmp_path: Path) -> None:
     out = [first.emit()]
     first.save_checkpoint(tmp_path / "b")
     second = EdgePipeline(config(tmp_path / "b"), clock)
-    assert second.load_checkpoint(tmp_path / "b")
+    assert second.load_checkpoint(tmp_path / "b") == 0
     second.process(msgs("d1", range(15, 35)))
     out += [second.emit(), second.emit(flush=True)]
     got = results_by_window(out)

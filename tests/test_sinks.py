@@ -4,6 +4,8 @@ a dropped database is recreated, an unreachable server is retried, never dropped
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 import http.server
 import threading
 from collections.abc import Iterator
@@ -20,6 +22,7 @@ from fieldline.services import InfluxDB, free_port
 pytestmark = pytest.mark.integration
 
 T = 1_700_000_000_000
+T_NOW = time.time_ns() // 1_000_000 - 60_000
 
 
 def count_points(client: InfluxV1Client, measurement: str = "m") -> int:
@@ -138,3 +141,26 @@ def test_writer_retries_until_influxdb_is_back_and_loses_nothing(tmp_path) -> No
     assert asyncio.run(scenario()) == 25
     assert written == ["batch-1"]
     assert writer.points_written == 25
+
+
+def test_r6_bad_points_are_dead_lettered_and_the_rest_lands(influx_db: InfluxV1Client,
+                                                            tmp_path) -> None:
+    """R6: a batch with a type-conflicting point and one beyond the retention policy."""
+    influx_db.query(f'CREATE RETENTION POLICY "short" ON "{influx_db.database}" DURATION 1h '
+                    'REPLICATION 1 DEFAULT', database="")
+    sink = InfluxV1Sink(influx_db.url, influx_db.database)
+    sink.write([f"m,d=a v=1.0 {T_NOW}"])  # v is a float from now on
+    dead = tmp_path / "dead.jsonl"
+    writer = BufferedWriter(sink, clock=ManualClock(), batch_points=100, flush_interval_ms=50,
+                            dead_letter_path=dead)
+    lines = [f"m,d=b{i} v={i}.5 {T_NOW + i}" for i in range(60)]
+    lines[17] = f'm,d=b17 v="seventeen" {T_NOW + 17}'  # type conflict
+    lines[42] = f"m,d=b42 v=42.5 {T_NOW - 3 * 3_600_000}"  # older than the retention policy
+    writer.add(lines, token="t")
+    ok = asyncio.run(writer.flush(None, attempts=3))
+    assert ok
+    assert count_points(influx_db) == 1 + 58
+    assert dict(writer.dead_letters) == {"field_type_conflict": 1, "beyond_retention": 1}
+    recorded = [json.loads(x) for x in dead.read_text().splitlines()]
+    assert sorted(r["line"].split(" ")[0] for r in recorded) == ["m,d=b17", "m,d=b42"]
+    assert writer.points_written == 58

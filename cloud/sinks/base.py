@@ -4,15 +4,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
 from devices.clock import Clock
 
 log = logging.getLogger("fieldline.cloud.sink")
+
+
+_REASONS = (
+    ("field type conflict", "field_type_conflict"),
+    ("beyond retention", "beyond_retention"),
+    ("unable to parse", "unparseable"),
+    ("invalid", "invalid"),
+    ("too large", "too_large"),
+    ("max-values-per-tag", "too_many_tag_values"),
+    ("max-series-per-database", "too_many_series"),
+)
+
+
+def classify(message: str) -> str:
+    """A short, countable reason for a point InfluxDB refused."""
+    low = message.lower()
+    for needle, reason in _REASONS:
+        if needle in low:
+            return reason
+    return "refused"
 
 
 class SinkError(Exception):
@@ -79,6 +101,7 @@ class BufferedWriter:
         flush_interval_ms: int = 1_000,
         max_backoff_ms: int = 30_000,
         on_written: Callable[[list[object]], None] | None = None,
+        dead_letter_path: Path | None = None,
     ) -> None:
         self.sink = sink
         self.clock = clock
@@ -96,6 +119,8 @@ class BufferedWriter:
         self.points_written = 0
         self.points_rejected = 0
         self.points_deleted = 0
+        self.dead_letters: Counter[str] = Counter()
+        self.dead_letter_path = dead_letter_path
         self.write_errors = 0
         self.writes = 0
         self.last_error: str | None = None
@@ -163,6 +188,45 @@ class BufferedWriter:
                 self.on_written(confirmed)
         return True
 
+    async def _isolate(self, lines: list[str], stop: asyncio.Event | None
+                       ) -> list[tuple[str, str]] | None:
+        """The lines the sink refuses for good, with the reason; the others are written
+        (writes are idempotent, so re-sending the good ones is harmless). None: gave up."""
+        if len(lines) == 1:
+            try:
+                await asyncio.to_thread(self.sink.write, lines)
+                return []
+            except SinkError as exc:
+                if exc.retryable:
+                    ok = await self._write_with_retry(lines, stop, 5)
+                    return [] if ok else None
+                return [(lines[0], classify(str(exc)))]
+        mid = len(lines) // 2
+        out: list[tuple[str, str]] = []
+        for half in (lines[:mid], lines[mid:]):
+            try:
+                await asyncio.to_thread(self.sink.write, half)
+                self.writes += 1
+            except SinkError as exc:
+                if exc.retryable and not await self._write_with_retry(half, stop, 5):
+                    return None
+                if not exc.retryable:
+                    sub = await self._isolate(half, stop)
+                    if sub is None:
+                        return None
+                    out += sub
+        return out
+
+    def _dead_letter(self, bad: list[tuple[str, str]]) -> None:
+        for line, reason in bad:
+            self.dead_letters[reason] += 1
+            log.error("dead-lettered a point (%s): %s", reason, line[:200])
+        if self.dead_letter_path is not None:
+            with self.dead_letter_path.open("a") as fh:
+                for line, reason in bad:
+                    fh.write(json.dumps({"ts": self.clock.now_ms(), "reason": reason,
+                                         "line": line}) + "\n")
+
     async def _write_with_retry(self, lines: list[str], stop: asyncio.Event | None,
                                 attempts: int | None) -> bool:
         backoff = 200
@@ -179,12 +243,14 @@ class BufferedWriter:
                 self.write_errors += 1
                 self.last_error = str(exc)
                 if not exc.retryable:
-                    # The server refused some points for good and kept the rest (1.x partial
-                    # write): count them, never resend the batch forever.
-                    self.points_rejected += exc.rejected or len(lines)
-                    self.points_written += len(lines) - (exc.rejected or len(lines))
-                    log.error("sink %s rejected %d point(s): %s", self.sink.name,
-                              exc.rejected or len(lines), exc)
+                    # The server refused some points for good (1.x keeps the rest): find them by
+                    # bisection, dead-letter them with the reason, never resend them forever.
+                    bad = await self._isolate(lines, stop)
+                    if bad is None:
+                        return False
+                    self.points_rejected += len(bad)
+                    self.points_written += len(lines) - len(bad)
+                    self._dead_letter(bad)
                     return True
                 log.warning("sink %s write failed (attempt %d, retrying): %s",
                             self.sink.name, tries, exc)
