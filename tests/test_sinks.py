@@ -4,10 +4,10 @@ a dropped database is recreated, an unreachable server is retried, never dropped
 from __future__ import annotations
 
 import asyncio
-import json
-import time
 import http.server
+import json
 import threading
+import time
 from collections.abc import Iterator
 from typing import ClassVar
 
