@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cloud.points import AGGREGATES, ANOMALIES, DEVICES, PIPELINE
+from cloud.points import AGGREGATES, ANOMALIES, DEVICES, LEDGER, PIPELINE
 
 DATASOURCE_UID = "fieldline-influxdb"
 DASHBOARD_UID = "fieldline-fleet"
@@ -77,6 +77,23 @@ ROWS: list[tuple[str, list[Panel]]] = [
             f'SELECT count("score") FROM "{ANOMALIES}" WHERE "site" =~ /^$site$/ AND '
             '$timeFilter GROUP BY time($__interval), "site" fill(0)'), "$tag_site"),),
             width=8),
+    ]),
+    ("Ledger: every reading accounted for", [
+        Panel("Per gateway (received = accepted + rejected + late + duplicates; "
+              "emitted = in InfluxDB + shed + pending)", "table", (Query("A", (
+                  'SELECT last("readings_received") AS "received", last("readings_accepted") '
+                  'AS "accepted", last("rejected") AS "rejected", last("late_dropped") AS '
+                  '"late", last("duplicates") AS "duplicates", last("windows_emitted") AS '
+                  '"windows emitted", last("windows_acked") AS "windows in InfluxDB", '
+                  'last("windows_shed") AS "windows shed", last("windows_pending") AS '
+                  f'"windows pending" FROM "{LEDGER}" WHERE "device" = \'_gateway\' AND '
+                  '$timeFilter GROUP BY "gateway"'), fmt="table"),), width=24, height=6),
+        Panel("Per device", "table", (Query("A", (
+            'SELECT last("received") AS "received", last("accepted") AS "accepted", '
+            'last("rejected") AS "rejected", last("late_dropped") AS "late", '
+            'last("duplicates") AS "duplicates", last("windows_emitted") AS "windows" '
+            f'FROM "{LEDGER}" WHERE "device" =~ /^$device$/ AND "device" != \'_gateway\' '
+            'AND $timeFilter GROUP BY "gateway", "device"'), fmt="table"),), width=24),
     ]),
     ("Pipeline health", [
         Panel("Edge: readings accepted /s", "timeseries", (Query("A", (

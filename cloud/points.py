@@ -72,6 +72,37 @@ def anomaly_lines(rows: EnrichedResults, found: list[Anomaly]) -> list[str]:
 
 
 DEVICES = "devices"
+LEDGER = "ledger"
+GATEWAY_ROW = "_gateway"
+LEDGER_GATEWAY_FIELDS = ("readings_received", "readings_accepted", "rejected", "late_dropped",
+                         "duplicates", "windows_emitted", "windows_acked", "windows_shed",
+                         "readings_shed", "windows_pending", "windows_superseded")
+
+
+def ledger_lines(gateway: str, counters: Mapping[str, int], ledger: Mapping[str, object],
+                 ts_ms: int, cloud_written: int | None) -> list[str]:
+    """The ledger: one row per device as the edge reports it, one for the whole gateway (which
+    must balance: received = accepted + rejected + late + duplicates; emitted = acknowledged +
+    shed + pending), and the cloud's count of that gateway's results written."""
+    out = []
+    gw_fields: dict[str, object] = {k: int(counters.get(k, 0)) for k in LEDGER_GATEWAY_FIELDS}
+    if cloud_written is not None:
+        gw_fields["results_written"] = cloud_written
+    ln = line(LEDGER, {"gateway": gateway, "device": GATEWAY_ROW}, gw_fields, ts_ms)
+    if ln:
+        out.append(ln)
+    names = ledger.get("devices", [])
+    assert isinstance(names, list)
+    cols = {k: v for k, v in ledger.items() if k not in ("devices", "rejected_by")}
+    by = ledger.get("rejected_by", {})
+    assert isinstance(by, dict)
+    cols.update({f"rejected_{k}": v for k, v in by.items()})
+    for i, dev in enumerate(names):
+        fields = {k: int(v[i]) for k, v in cols.items() if isinstance(v, list)}
+        ln = line(LEDGER, {"gateway": gateway, "device": str(dev)}, fields, ts_ms)
+        if ln:
+            out.append(ln)
+    return out
 
 
 def device_lines(gateway: str, report: Mapping[str, object], ts_ms: int) -> list[str]:

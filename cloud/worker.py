@@ -24,6 +24,7 @@ from cloud.points import (
     aggregate_lines,
     anomaly_lines,
     device_lines,
+    ledger_lines,
     pipeline_line,
     superseded_identities,
 )
@@ -104,6 +105,7 @@ class CloudWorker:
         self.freshness_ms: deque[int] = deque(maxlen=5000)  # window end -> InfluxDB confirmed
         self.edge_health: dict[str, HealthReport] = {}
         self._acks: dict[str, tuple[list[int], list[int]]] = {}
+        self.written_by_gateway: dict[str, int] = {}  # results written since this worker start
         self._ack_wake = asyncio.Event()
         self._dedup_path = config.state_dir / "dedup.json" if config.state_dir else None
         if self._dedup_path is not None:
@@ -146,6 +148,8 @@ class CloudWorker:
         lines = [ln] if ln else []
         if rep.devices:
             lines += device_lines(rep.gateway, rep.devices, rep.ts)
+        lines += ledger_lines(rep.gateway, rep.counters, rep.ledger, rep.ts,
+                              self.written_by_gateway.get(rep.gateway, 0))
         self.writer.add(lines)
 
     def _handle_results(self, batch: ResultBatch) -> None:
@@ -187,6 +191,7 @@ class CloudWorker:
             n: int = tok[4]
             self.dedup.mark_written(gw, seq)
             self._ack(gw, seq)
+            self.written_by_gateway[gw] = self.written_by_gateway.get(gw, 0) + n
             self.counters["results_written"] += n
             self.lag_ms.append(now - sent)
             if max_end:

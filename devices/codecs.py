@@ -71,6 +71,7 @@ class PayloadDecoder:
         self.metrics = metrics
         self.device_topic_level = device_topic_level
         self.max_payload_bytes = max_payload_bytes
+        self.rejected_devices: list[tuple[int, str]] = []
 
     def _topic_device(self, topic: str) -> str | None:
         if self.device_topic_level is None:
@@ -86,18 +87,27 @@ class PayloadDecoder:
         """Decode ``(topic, payload, recv_ms)`` triples.
 
         Returns the readings, rejection counts by reason, and up to a few sample details of the
-        rejections for the log.
+        rejections for the log. ``self.rejected_devices`` then holds, per rejection, the id of
+        its device when the device is already known (-1 otherwise: a garbage id is never
+        interned, so bad input cannot grow the agent's tables).
         """
         out = ColumnBuilder()
         bad: Counter[str] = Counter()
         samples: list[str] = []
+        rejected: list[tuple[int, str]] = []
+        self.rejected_devices = rejected
+        current: list[str | None] = [None]
 
         def reject(reason: str, detail: str) -> None:
             bad[reason] += 1
+            name = current[0]
+            idx = self.devices.get(name) if name is not None else None
+            rejected.append((-1 if idx is None else idx, reason))
             if len(samples) < 5:
                 samples.append(f"{reason}: {detail}")
 
         for topic, payload, recv in messages:
+            current[0] = self._topic_device(topic)
             if len(payload) > self.max_payload_bytes:
                 reject(rejects.PAYLOAD_TOO_LARGE, f"{topic}: {len(payload)} bytes")
                 continue
@@ -114,6 +124,7 @@ class PayloadDecoder:
                            f"{topic}: bad or missing device id {device!r}")
                     continue
                 assert isinstance(device, str)
+                current[0] = device
                 readings = doc.get("readings")
                 if readings is None:
                     self._one(doc, device, recv, out, reject)

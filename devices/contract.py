@@ -268,11 +268,16 @@ class HealthReport:
     counters: dict[str, int] = field(default_factory=dict)
     gauges: dict[str, float] = field(default_factory=dict)
     devices: dict[str, Any] = field(default_factory=dict)  # {"silent": [...], "skew_ms": {..}}
+    # per-device ledger, columnar: {"devices": [...], "<field>": [...], "rejected_by": {..}}
+    ledger: dict[str, Any] = field(default_factory=dict)
 
     def encode(self) -> bytes:
-        return orjson.dumps({"v": VERSION, "kind": "health", "gw": self.gateway, "ts": self.ts,
-                             "counters": self.counters, "gauges": self.gauges,
-                             "devices": self.devices})
+        doc: dict[str, Any] = {"v": VERSION, "kind": "health", "gw": self.gateway, "ts": self.ts,
+                               "counters": self.counters, "gauges": self.gauges,
+                               "devices": self.devices}
+        if self.ledger:
+            doc["ledger"] = self.ledger
+        return orjson.dumps(doc)
 
 
 Uplink = ResultBatch | HealthReport
@@ -373,9 +378,26 @@ def decode_uplink(payload: bytes) -> Uplink:
                 and all(isinstance(k, str) and type(v) is int for k, v in skew.items())):
             raise ContractError(BAD_UPLINK, "health devices: silent is a list of ids, skew_ms "
                                             "maps ids to integers")
+        ledger = doc.get("ledger", {})
+        if not isinstance(ledger, dict):
+            raise ContractError(BAD_UPLINK, "ledger must be an object")
+        if ledger:
+            names = ledger.get("devices")
+            if not isinstance(names, list) or not all(isinstance(x, str) for x in names):
+                raise ContractError(BAD_UPLINK, "ledger devices must be a list of ids")
+            by = ledger.get("rejected_by", {})
+            if not isinstance(by, dict):
+                raise ContractError(BAD_UPLINK, "ledger rejected_by must be an object")
+            lcols = {k: v for k, v in ledger.items() if k not in ("devices", "rejected_by")}
+            lcols.update({f"rejected_{k}": v for k, v in by.items()})
+            for k, v in lcols.items():
+                if not (isinstance(v, list) and len(v) == len(names)
+                        and all(type(x) is int for x in v)):
+                    raise ContractError(BAD_UPLINK, f"ledger column {k!r} malformed")
         return HealthReport(gateway=gw, ts=_header_int(doc, "ts"), counters=counters,
                             gauges={k: float(v) for k, v in gauges.items()},
-                            devices={"silent": silent, "skew_ms": skew} if devs else {})
+                            devices={"silent": silent, "skew_ms": skew} if devs else {},
+                            ledger=ledger)
     if kind != "results":
         raise ContractError(BAD_UPLINK, f"unknown kind {kind!r}")
     seq = _header_int(doc, "seq")

@@ -40,6 +40,10 @@ from edge.windows import MAX_DEVICES, MAX_METRICS
 
 log = logging.getLogger("fieldline.edge")
 
+LEDGER_FIELDS = ("received", "accepted", "late_dropped", "duplicates", "rejected",
+                 "windows_emitted")
+_REASON_INDEX = {r: i for i, r in enumerate(rejects.READING_REASONS)}
+
 _BASE = ("device", "metric", "start", "width", "rev", "count", "sum", "min", "max", "mean", "m2",
          "first_ts", "first", "last_ts", "last")
 
@@ -86,11 +90,45 @@ class EdgePipeline:
         self.late_out: list[list[object]] = []  # late readings to forward raw
         self.rejects = RejectLog(log)
         self.counters: Counter[str] = Counter()
+        # the ledger: per device, every reading's fate (and the windows it produced)
+        self.ledger: dict[str, np.ndarray] = {k: np.zeros(0, np.int64) for k in LEDGER_FIELDS}
+        self.ledger_rejects: np.ndarray = np.zeros((0, len(rejects.READING_REASONS)), np.int64)
+        self._ledger_sent: dict[str, np.ndarray] = {}
+
+    def _ledger_grow(self) -> None:
+        n = len(self.devices)
+        if n > len(self.ledger["accepted"]):
+            size = max(n, len(self.ledger["accepted"]) * 5 // 4, 64)
+            for k, arr in self.ledger.items():
+                grown = np.zeros(size, np.int64)
+                grown[: len(arr)] = arr
+                self.ledger[k] = grown
+            grown2 = np.zeros((size, len(rejects.READING_REASONS)), np.int64)
+            grown2[: len(self.ledger_rejects)] = self.ledger_rejects
+            self.ledger_rejects = grown2
+
+    def _count(self, field: str, devices: np.ndarray) -> None:
+        if len(devices):
+            np.add.at(self.ledger[field], devices, 1)
+
+    def _count_rejects(self, devices: np.ndarray, reason: str) -> None:
+        known = devices[devices >= 0]
+        if len(known):
+            np.add.at(self.ledger["rejected"], known, 1)
+            np.add.at(self.ledger_rejects[:, _REASON_INDEX[reason]], known, 1)
 
     def process(self, messages: list[tuple[str, bytes, int]]) -> None:
         """Decode, validate and fold one micro-batch of raw messages."""
         self.counters["messages_in"] += len(messages)
         cols, bad, samples = self.decoder.decode(messages)
+        self._ledger_grow()
+        by_reason: dict[str, list[int]] = {}
+        for dev, reason in self.decoder.rejected_devices:
+            by_reason.setdefault(reason, []).append(dev)
+        for reason, devs in by_reason.items():
+            arr = np.array(devs, np.int64)
+            self._count_rejects(arr, reason)
+            self._count("received", arr[arr >= 0])  # rejected before becoming a reading
         for s in samples:
             log.debug("rejected: %s", s)
         if bad:
@@ -100,8 +138,18 @@ class EdgePipeline:
         ok, vbad = self.validator.check(cols, self.clock.now_ms())
         for reason, n in vbad.items():
             self.rejects.reject(reason, f"{n} reading(s) in a batch of {len(cols)}", n)
+        for rows, reason in self.validator.row_reasons:
+            self._count_rejects(cols.device[rows].astype(np.int64), reason)
         good = cols.take(ok) if not ok.all() else cols
         out = self.engine.fold(good, self.clock.monotonic_ms())
+        gdev = good.device.astype(np.int64)
+        self._count("received", cols.device.astype(np.int64))
+        self._count("duplicates", gdev[out.dup_rows])
+        self._count("late_dropped", gdev[out.late_rows])
+        fine = np.ones(len(good), bool)
+        fine[out.dup_rows] = False
+        fine[out.late_rows] = False
+        self._count("accepted", gdev[fine])
         late = out.late_dropped[self.primary]
         self.counters["readings_accepted"] += out.accepted - late
         self.counters["late_revised"] += out.late_revised[self.primary]
@@ -122,6 +170,7 @@ class EdgePipeline:
     def emit(self, *, flush: bool = False) -> ResultColumns:
         res = self.engine.flush_all() if flush else self.engine.emit(self.clock.monotonic_ms())
         self.counters["windows_emitted"] += len(res)
+        self._count("windows_emitted", res.device)
         self.counters["revisions_emitted"] += int((res.rev > 0).sum())
         if res.superseded is not None:
             self.counters["windows_superseded"] += len(res.superseded)
@@ -199,6 +248,31 @@ class EdgePipeline:
         s["devices_skewed"] = int((np.abs(known) > self.config.engine.skew_tolerance_ms).sum())
         return s
 
+    def ledger_report(self, *, changed_only: bool = True) -> dict[str, object]:
+        """Per-device ledger (cumulative), columnar; by default only devices that changed."""
+        n = len(self.devices)
+        cur = {k: v[:n] for k, v in self.ledger.items()}
+        cur["_rejects"] = self.ledger_rejects[:n]
+        if changed_only and self._ledger_sent:
+            prev_n = len(self._ledger_sent["accepted"])
+            changed = np.zeros(n, bool)
+            changed[prev_n:] = True
+            if prev_n:
+                for k, v in cur.items():
+                    diff = v[:prev_n] != self._ledger_sent[k]
+                    changed[:prev_n] |= diff.any(axis=1) if diff.ndim == 2 else diff
+            idx = np.flatnonzero(changed)
+        else:
+            idx = np.arange(n)
+        self._ledger_sent = {k: v.copy() for k, v in cur.items()}
+        rej = cur["_rejects"][idx]
+        nz = np.flatnonzero(rej.any(axis=0))
+        return {
+            "devices": [self.devices.names[i] for i in idx.tolist()],
+            **{k: cur[k][idx].tolist() for k in LEDGER_FIELDS},
+            "rejected_by": {rejects.READING_REASONS[j]: rej[:, j].tolist() for j in nz.tolist()},
+        }
+
     def device_report(self, limit: int = 50) -> dict[str, object]:
         """Silent devices and the most skewed clocks, by name (bounded, for health)."""
         names = self.devices.names
@@ -219,6 +293,9 @@ class EdgePipeline:
         snap["device_names"] = np.array(self.devices.names, dtype=str)
         snap["metric_names"] = np.array(self.metrics.names, dtype=str)
         snap["tick"] = np.array([tick], np.int64)
+        for k, v in self.ledger.items():
+            snap["ledger_" + k] = v
+        snap["ledger_rejects"] = self.ledger_rejects
         snap["counters"] = np.array([orjson.dumps({"c": dict(self.counters),
                                                    "r": dict(self.rejects.counts)}).decode()])
         path = state_dir / CHECKPOINT
@@ -242,6 +319,11 @@ class EdgePipeline:
         for name in snap.pop("metric_names").tolist():
             self.metrics.intern(str(name))
         tick = int(snap.pop("tick")[0]) if "tick" in snap else 0
+        for k in LEDGER_FIELDS:
+            if "ledger_" + k in snap:
+                self.ledger[k] = snap.pop("ledger_" + k).astype(np.int64)
+        if "ledger_rejects" in snap:
+            self.ledger_rejects = snap.pop("ledger_rejects").astype(np.int64)
         if "counters" in snap:
             saved = orjson.loads(str(snap.pop("counters")[0]))
             self.counters.update(saved["c"])
@@ -281,6 +363,7 @@ class EdgeAgent:
         self._unstored: list[tuple[int, bytes, int, int]] = []  # refused by the outbox
         self._recover()
         self._next_checkpoint = self.clock.monotonic_ms() + config.checkpoint_interval_ms
+        self._next_ledger = self.clock.monotonic_ms()
 
     def _recover(self) -> None:
         """Checkpoint, then the intake log after it, in its original ticks."""
@@ -392,6 +475,10 @@ class EdgeAgent:
             "batches_sent": self.uplink.sent,
             "batches_resent": self.shipper.resent,
             "batches_acked": self.shipper.acked,
+            "windows_acked": ob.acked_windows,
+            "readings_acked": ob.acked_readings,
+            "windows_pending": sum(e.windows for e in ob.entries.values()) + sum(
+                u[2] for u in self._unstored),
             "batches_rejected_by_cloud": self.shipper.rejected,
             "uplink_inflight": len(self.shipper.inflight),
             "uplink_refused": self.uplink.refused,
@@ -417,6 +504,11 @@ class EdgeAgent:
     def _report(self) -> None:
         """Health (counters) and the retained status, ahead of any bulk replay."""
         rep = self.health()
+        if self.clock.monotonic_ms() >= self._next_ledger:
+            self._next_ledger = self.clock.monotonic_ms() + self.config.ledger_interval_ms
+            rep = HealthReport(gateway=rep.gateway, ts=rep.ts, counters=rep.counters,
+                               gauges=rep.gauges, devices=rep.devices,
+                               ledger=self.pipeline.ledger_report())
         self.uplink.publish_health(rep.encode())
         wm = self.pipeline.engine.gateway_watermark()
         self.uplink.publish_status({
@@ -436,10 +528,10 @@ class EdgeAgent:
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.config.tick_ms / 1000)
-                if self.clock.monotonic_ms() >= next_health:
-                    next_health = self.clock.monotonic_ms() + self.config.health_interval_ms
-                    self._report()
                 try:
+                    if self.clock.monotonic_ms() >= next_health:
+                        next_health = self.clock.monotonic_ms() + self.config.health_interval_ms
+                        self._report()
                     self.tick()
                 except Exception:  # a bug must not stop the gateway; it is counted and logged
                     self.pipeline.counters["internal_errors"] += 1
@@ -464,6 +556,7 @@ class EdgeAgent:
             self.shipper.pump()
             threading.Event().wait(0.05)
         self.shipper.apply_acks()
+        self._next_ledger = 0
         self._report()
         self.outbox.close()
         self.uplink.stop()

@@ -39,6 +39,7 @@ class EdgeConfig:
     tick_ms: int = 200
     max_batch_messages: int = 50_000
     health_interval_ms: int = 5_000
+    ledger_interval_ms: int = 60_000
     max_results_per_batch: int = 5_000
     max_inflight_batches: int = 32
     ack_timeout_ms: int = 30_000
@@ -159,6 +160,7 @@ def edge_config_from(root: Section) -> EdgeConfig:
         tick_ms=agent.duration_ms("tick", 200, minimum=10),
         max_batch_messages=agent.integer("max_batch_messages", 50_000, minimum=1),
         health_interval_ms=agent.duration_ms("health_interval", 5_000, minimum=100),
+        ledger_interval_ms=agent.duration_ms("ledger_interval", 60_000, minimum=100),
         flush_on_stop=agent.flag("flush_on_stop", False),
         catalog=catalog,
     )

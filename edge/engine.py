@@ -78,6 +78,7 @@ class EngineFold:
     late_dropped: Counter[str] = field(default_factory=Counter)  # by spec label
     late_revised: Counter[str] = field(default_factory=Counter)
     late_rows: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
+    dup_rows: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 class WindowEngine:
@@ -137,6 +138,7 @@ class WindowEngine:
             dup = self.dedup.check(dev, batch.ts, batch.value, batch.seq)
             out.duplicates = int(dup.sum())
             if out.duplicates:
+                out.dup_rows = np.flatnonzero(dup)
                 rows = rows[~dup]
                 dev, met = dev[~dup], met[~dup]
                 ts, value = ts[rows], value[rows]

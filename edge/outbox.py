@@ -69,6 +69,8 @@ class Outbox:
         # counters (monotonic since start)
         self.appended = 0
         self.acked = 0
+        self.acked_windows = 0
+        self.acked_readings = 0
         self.refused = 0
         self.shed_batches = 0
         self.shed_windows = 0
@@ -207,6 +209,8 @@ class Outbox:
             if e is None:
                 continue
             n += 1
+            self.acked_windows += e.windows
+            self.acked_readings += e.readings
             self._forget(e)
             self._acks.write(ACK.pack(seq))
         if n:

@@ -49,11 +49,13 @@ class Validator:
 
     def check(self, batch: ReadingColumns, now_ms: int
               ) -> tuple[npt.NDArray[np.bool_], Counter[str]]:
-        """Mask of accepted rows and rejection counts. Each row gets at most one reason."""
+        """Mask of accepted rows and rejection counts. Each row gets at most one reason;
+        ``self.row_reasons`` then maps every rejected row to its reason."""
         self._refresh()
         counts: Counter[str] = Counter()
         n = len(batch)
         ok = np.ones(n, bool)
+        self.row_reasons: list[tuple[npt.NDArray[np.int64], str]] = []
         if n == 0:
             return ok, counts
 
@@ -63,6 +65,7 @@ class Validator:
             if k:
                 counts[reason] += k
                 ok[hit] = False
+                self.row_reasons.append((np.flatnonzero(hit), reason))
 
         low = self._low[batch.metric]
         high = self._high[batch.metric]

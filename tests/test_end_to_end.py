@@ -89,7 +89,7 @@ async def run_pipeline(gw_brokers: list[Mosquitto], cloud_broker: Mosquitto,
             gateway=gw, intake_broker=gw_brokers[i].address, uplink_broker=cloud_broker.address,
             topics=[f"{gw}/devices/+/readings"], device_topic_level=2, engine=engine,
             registry_path=registry, unknown_devices="reject" if i == 0 else "accept",
-            state_dir=tmp / gw, tick_ms=50, health_interval_ms=500))
+            state_dir=tmp / gw, tick_ms=50, health_interval_ms=500, ledger_interval_ms=500))
         for i, gw in enumerate(spec.gateway_ids())
     ]
     worker = CloudWorker(CloudConfig(
@@ -213,6 +213,26 @@ def test_pipeline_end_to_end(mosquitto_factory: Callable[..., Mosquitto],
         assert s["rejected_wrong_type"] == int(hand)
         assert s["rejected_unknown_device"] == int(hand)
         assert s["rejected_unknown_metric"] == int(hand)
+
+    # ---- the ledger in InfluxDB balances ------------------------------------------------
+    ledger = influx_rows(influx_db, 'SELECT * FROM "ledger" GROUP BY "gateway", "device" '
+                                    'ORDER BY time DESC LIMIT 1')
+    for a in agents:
+        gw = a.config.gateway
+        row = next(r for r in ledger if r["gateway"] == gw and r["device"] == "_gateway")
+        assert row["readings_received"] == (row["readings_accepted"] + row["rejected"]
+                                            + row["late_dropped"] + row["duplicates"])
+        assert row["readings_received"] == a.stats()["readings_received"]
+        assert row["windows_emitted"] == row["windows_acked"] + row["windows_shed"] + row[
+            "windows_pending"]
+        assert row["windows_acked"] == row["windows_emitted"]  # everything is in InfluxDB
+        devs = [r for r in ledger if r["gateway"] == gw and r["device"] != "_gateway"]
+        assert sum(int(r["received"]) for r in devs) == row["readings_received"]
+        assert sum(int(r["accepted"]) for r in devs) == row["readings_accepted"]
+        assert sum(int(r["late_dropped"]) for r in devs) == row["late_dropped"]
+        assert sum(int(r["windows_emitted"]) for r in devs) == row["windows_emitted"]
+        assert all(int(r["received"]) == int(r["accepted"]) + int(r["rejected"])
+                   + int(r["late_dropped"]) + int(r["duplicates"]) for r in devs)
 
     # ---- unknown devices and garbage on the uplink ------------------------------------
     ws = worker.stats()
