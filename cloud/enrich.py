@@ -49,6 +49,9 @@ class EnrichedResults:
     high: F64
     scale_floor: F64  # smallest meaningful spread for the metric (for robust scores)
     rate: F64  # rate of change per second, first to last reading
+    seq_min: I64 | None  # readings' sequence numbers (None: the edge sent none)
+    seq_max: I64 | None
+    seq_sum: I64 | None
     pct: F64  # (rows, len(pct_names)), calibrated
     pct_names: list[str]
 
@@ -113,7 +116,8 @@ class Enricher:
         pct = (r.pct + off[:, None]) if r.pct is not None else np.empty((len(d), 0))
         return EnrichedResults(
             gateway=batch.gateway, window=batch.spec_labels(),
-            rate=r.rate(), pct=pct, pct_names=pct_names,
+            rate=r.rate(), pct=pct, pct_names=pct_names, seq_min=r.seq_min, seq_max=r.seq_max,
+            seq_sum=r.seq_sum,
             device=[batch.devices[i] for i in d.tolist()],
             metric=[batch.metrics[i] for i in m.tolist()],
             site=[site[i] for i in d.tolist()],

@@ -37,6 +37,11 @@ def aggregate_lines(rows: EnrichedResults) -> list[str]:
         for j, name in enumerate(rows.pct_names)
     ]
     pct = ["".join(p) for p in zip(*pct_parts, strict=True)] if pct_parts else [""] * len(rows)
+    if rows.seq_min is not None and rows.seq_max is not None and rows.seq_sum is not None:
+        # only windows whose readings all carried sequence numbers
+        pct = [p + (f",seq_min={a}i,seq_max={b}i,seq_sum={c}i" if a >= 0 else "")
+               for p, a, b, c in zip(pct, rows.seq_min.tolist(), rows.seq_max.tolist(),
+                                     rows.seq_sum.tolist(), strict=True)]
     out = []
     for dev, met, site, unit, win, c, s, mn, mx, mean, sd, first, last, rate, rev, t, p in zip(
         rows.device, rows.metric, rows.site, rows.unit, rows.window, rows.count.tolist(),

@@ -16,7 +16,8 @@ time ``s[i]`` and spans ``w[i]`` ms, revision ``r[i]`` (0 first, n+1 when late r
 it). Every aggregate is mergeable: ``m2`` is the sum of squared deviations from ``mean`` (Chan et
 al.), ``ft``/``fv`` and ``lt``/``lv`` the first and last reading by event time.
 
-Optional parts: percentile columns named in ``pq`` (``"p50"`` … for the fractions listed), the
+Optional parts: the readings' sequence numbers (``qn`` smallest, ``qx`` largest, ``qs`` wrapping
+sum, a checksum), percentile columns named in ``pq`` (``"p50"`` … for the fractions listed), the
 quantile sketches (``sk`` bucket keys and ``sc`` counts, row i owning ``so[i]:so[i+1]``, relative
 accuracy ``alpha``; see ``edge.sketch``), and ``sup``: results withdrawn because their identity
 changed (a session whose start moved), as columns ``d``, ``m``, ``k``, ``s``.
@@ -146,6 +147,9 @@ class ResultColumns:
     first: F64
     last_ts: I64
     last: F64
+    seq_min: I64 | None = None  # readings' sequence numbers: smallest, largest, wrapping sum
+    seq_max: I64 | None = None
+    seq_sum: I64 | None = None
     spec: I64 | None = None  # index into the batch's spec labels (None: one spec per width)
     pct: F64 | None = None  # (rows, percentiles)
     sk_keys: I64 | None = None
@@ -188,6 +192,9 @@ class ResultColumns:
             sk_offsets = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
         return ResultColumns(
             **{f: getattr(out, f) for f in _BASE_FIELDS},
+            seq_min=None if self.seq_min is None else self.seq_min[idx],
+            seq_max=None if self.seq_max is None else self.seq_max[idx],
+            seq_sum=None if self.seq_sum is None else self.seq_sum[idx],
             spec=None if self.spec is None else self.spec[idx],
             pct=None if self.pct is None else self.pct[idx],
             sk_keys=sk_keys, sk_counts=sk_counts, sk_offsets=sk_offsets,
@@ -238,6 +245,8 @@ class ResultBatch:
         if r.spec is not None:
             cols["k"] = r.spec
             doc["specs"] = self.specs
+        if r.seq_min is not None and r.seq_max is not None and r.seq_sum is not None:
+            cols["qn"], cols["qx"], cols["qs"] = r.seq_min, r.seq_max, r.seq_sum
         if r.pct is not None and self.percentiles:
             doc["pq"] = self.percentiles
             for j, q in enumerate(self.percentiles):
@@ -470,9 +479,11 @@ def decode_uplink(payload: bytes) -> Uplink:
                   or sup.device.min() < 0 or sup.metric.min() < 0
                   or sup.spec.min() < 0 or sup.spec.max() >= max(len(specs), 1)):
             raise ContractError(BAD_UPLINK, "superseded row index out of range")
+    seqs = [_int_col(c, cols[c], n) if c in cols else None for c in ("qn", "qx", "qs")]
     base = ResultColumns.from_cols(parsed)
     results = ResultColumns(
-        **{f: getattr(base, f) for f in _BASE_FIELDS}, spec=spec, pct=pct, sk_keys=sk_keys,
+        **{f: getattr(base, f) for f in _BASE_FIELDS}, seq_min=seqs[0], seq_max=seqs[1],
+        seq_sum=seqs[2], spec=spec, pct=pct, sk_keys=sk_keys,
         sk_counts=sk_counts, sk_offsets=sk_offsets, superseded=sup)
     return ResultBatch(
         gateway=gw, seq=seq, watermark=_header_int(doc, "wm"), sent_ms=_header_int(doc, "sent"),

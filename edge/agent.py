@@ -197,6 +197,7 @@ class EdgePipeline:
             base = ResultColumns.from_cols(cols)
             results = ResultColumns(
                 **{f: getattr(base, f) for f in _BASE},
+                seq_min=part.seq_min, seq_max=part.seq_max, seq_sum=part.seq_sum,
                 spec=part.spec, pct=part.pct, sk_keys=part.sk_keys, sk_counts=part.sk_counts,
                 sk_offsets=part.sk_offsets,
                 superseded=SupersededRows(dinv[n:].astype(np.int64), minv[n:].astype(np.int64),

@@ -1,7 +1,9 @@
 """Mergeable window aggregates, vectorised.
 
 An aggregate state is count, sum, min, max, mean, M2 (sum of squared deviations from the mean),
-and the first and last reading by event time. Every field merges exactly or, for mean and M2, with
+the first and last reading by event time, and the smallest, largest and sum of the readings'
+sequence numbers (so a reading missing from a window, or counted twice, shows even when a count
+happens to look right). Every field merges exactly or, for mean and M2, with
 the numerically stable pairwise update of Chan, Golub and LeVeque, so a window folded from any
 split of its readings (micro-batches, late arrivals, several intake processes, cloud roll-ups)
 gives the same result up to floating-point rounding, and count/min/max/first/last exactly.
@@ -18,7 +20,8 @@ import numpy.typing as npt
 
 from devices.readings import F64, I64
 
-FIELDS = ("count", "sum", "min", "max", "mean", "m2", "first_ts", "first", "last_ts", "last")
+FIELDS = ("count", "sum", "min", "max", "mean", "m2", "first_ts", "first", "last_ts", "last",
+          "seq_min", "seq_max", "seq_sum")
 
 
 @dataclass
@@ -35,6 +38,9 @@ class AggArrays:
     first: F64
     last_ts: I64
     last: F64
+    seq_min: I64
+    seq_max: I64
+    seq_sum: I64  # wraps around on overflow: a checksum, not a quantity
 
     def __len__(self) -> int:
         return len(self.count)
@@ -47,14 +53,14 @@ class AggArrays:
         i = np.empty(0, np.int64)
         f = np.empty(0, np.float64)
         return AggArrays(i, f, f.copy(), f.copy(), f.copy(), f.copy(), i.copy(), f.copy(),
-                         i.copy(), f.copy())
+                         i.copy(), f.copy(), i.copy(), i.copy(), i.copy())
 
     @staticmethod
     def concat(parts: list[AggArrays]) -> AggArrays:
         return AggArrays(*(np.concatenate([getattr(p, f) for p in parts]) for f in FIELDS))
 
 
-def fold_sorted(starts: I64, ts: I64, value: F64) -> AggArrays:
+def fold_sorted(starts: I64, ts: I64, value: F64, seq: I64) -> AggArrays:
     """Aggregate groups of rows that are contiguous (sorted by group, any order within).
 
     ``starts`` are the first row index of each group (ascending, starting with 0). First and
@@ -79,6 +85,9 @@ def fold_sorted(starts: I64, ts: I64, value: F64) -> AggArrays:
         first=np.minimum.reduceat(np.where(ts == first_ts[group], value, np.inf), starts),
         last_ts=last_ts,
         last=np.maximum.reduceat(np.where(ts == last_ts[group], value, -np.inf), starts),
+        seq_min=np.minimum.reduceat(seq, starts),
+        seq_max=np.maximum.reduceat(seq, starts),
+        seq_sum=np.add.reduceat(seq, starts),
     )
 
 
@@ -106,15 +115,19 @@ def merge_groups(starts: I64, items: AggArrays) -> AggArrays:
         last_ts=last_ts,
         last=np.maximum.reduceat(
             np.where(items.last_ts == last_ts[group], items.last, -np.inf), starts),
+        seq_min=np.minimum.reduceat(items.seq_min, starts),
+        seq_max=np.maximum.reduceat(items.seq_max, starts),
+        seq_sum=np.add.reduceat(items.seq_sum, starts),
     )
 
 
-def singletons(ts: I64, value: F64) -> AggArrays:
+def singletons(ts: I64, value: F64, seq: I64) -> AggArrays:
     """One aggregate state per reading."""
     n = len(value)
     return AggArrays(count=np.ones(n, np.int64), sum=value.copy(), min=value.copy(),
                      max=value.copy(), mean=value.copy(), m2=np.zeros(n), first_ts=ts.copy(),
-                     first=value.copy(), last_ts=ts.copy(), last=value.copy())
+                     first=value.copy(), last_ts=ts.copy(), last=value.copy(),
+                     seq_min=seq.copy(), seq_max=seq.copy(), seq_sum=seq.copy())
 
 
 def merge_into(a: AggArrays, ia: I64, b: AggArrays) -> None:
@@ -139,3 +152,6 @@ def merge_into(a: AggArrays, ia: I64, b: AggArrays) -> None:
     )
     a.last_ts[ia] = np.where(take_last, b.last_ts, a.last_ts[ia])
     a.last[ia] = np.where(take_last, b.last, a.last[ia])
+    a.seq_min[ia] = np.minimum(a.seq_min[ia], b.seq_min)
+    a.seq_max[ia] = np.maximum(a.seq_max[ia], b.seq_max)
+    a.seq_sum[ia] = a.seq_sum[ia] + b.seq_sum

@@ -71,7 +71,9 @@ class DenseFixedWindows:
             count=np.zeros(c, np.int64), sum=np.zeros(c), min=np.full(c, INF),
             max=np.full(c, -INF), mean=np.zeros(c), m2=np.zeros(c),
             first_ts=np.full(c, np.iinfo(np.int64).max, np.int64), first=np.full(c, INF),
-            last_ts=np.full(c, np.iinfo(np.int64).min, np.int64), last=np.full(c, -INF))
+            last_ts=np.full(c, np.iinfo(np.int64).min, np.int64), last=np.full(c, -INF),
+            seq_min=np.full(c, np.iinfo(np.int64).max, np.int64),
+            seq_max=np.full(c, np.iinfo(np.int64).min, np.int64), seq_sum=np.zeros(c, np.int64))
         self.rev: I64 = np.zeros(c, np.int64)
         self.dirty = np.zeros(c, bool)
         self.hist: npt.NDArray[np.uint16] = np.zeros((c, H), np.uint16)
@@ -128,6 +130,9 @@ class DenseFixedWindows:
         a.first[cells] = INF
         a.last_ts[cells] = np.iinfo(np.int64).min
         a.last[cells] = -INF
+        a.seq_min[cells] = np.iinfo(np.int64).max
+        a.seq_max[cells] = np.iinfo(np.int64).min
+        a.seq_sum[cells] = 0
         self.rev[cells] = 0
         self.dirty[cells] = False
         self.hist[cells] = 0
@@ -136,7 +141,8 @@ class DenseFixedWindows:
 
     # ---- folding ------------------------------------------------------------------------------
 
-    def fold(self, dev: I64, met: I64, ts: I64, value: F64, wm_before: I64) -> OperatorFold:
+    def fold(self, dev: I64, met: I64, ts: I64, value: F64, seq: I64, wm_before: I64
+             ) -> OperatorFold:
         n = len(ts)
         if n == 0:
             return OperatorFold()
@@ -182,10 +188,10 @@ class DenseFixedWindows:
             spill = ~dense
             r = rows[spill]
             self.overflow._upsert(self.overflow.key(dev[r], met[r], widx[spill]), ts[r],
-                                  value[r], start[spill])
+                                  value[r], seq[r], start[spill])
             rows, cell = rows[dense], cell[dense]
         if len(rows):
-            self._fold_dense(cell, ts[rows], value[rows])
+            self._fold_dense(cell, ts[rows], value[rows], seq[rows])
         dropped = kept == 0
         revised = np.zeros(n, bool)
         revised[np.repeat(np.arange(n), k)[revised_pair] if k > 1 else
@@ -199,7 +205,7 @@ class DenseFixedWindows:
         pos = np.minimum(pos, len(self.overflow.keys) - 1)
         return np.asarray(self.overflow.keys[pos] == keys, dtype=bool)
 
-    def _fold_dense(self, cell: I64, ts: I64, v: F64) -> None:
+    def _fold_dense(self, cell: I64, ts: I64, v: F64, seq: I64) -> None:
         a = self.agg
         counts = np.bincount(cell, minlength=len(self.widx))
         touched = np.flatnonzero(counts > 0)
@@ -247,6 +253,16 @@ class DenseFixedWindows:
         take = (blt > olt) | ((blt == olt) & (blv > olv))
         a.last_ts[touched] = np.where(take, blt, olt)
         a.last[touched] = np.where(take, blv, olv)
+        # sequence numbers: extremes and a wrapping sum (a checksum)
+        bq = np.full(t, np.iinfo(np.int64).max, np.int64)
+        np.minimum.at(bq, g, seq)
+        a.seq_min[touched] = np.minimum(a.seq_min[touched], bq)
+        bq.fill(np.iinfo(np.int64).min)
+        np.maximum.at(bq, g, seq)
+        a.seq_max[touched] = np.maximum(a.seq_max[touched], bq)
+        bq.fill(0)
+        np.add.at(bq, g, seq)
+        a.seq_sum[touched] += bq
         self.dirty[touched] = True
         # sketch: dense histogram around the first bucket of the cell, sparse beyond it
         keys = self.params.keys(v)

@@ -133,7 +133,7 @@ class WindowEngine:
             raise ValueError("event time before EPOCH_BASE_MS reached the engine; validate first")
         self.time.ensure(int(dev.max()) + 1)
         rows = np.arange(len(batch))
-        ts, value = batch.ts, batch.value
+        ts, value, seq = batch.ts, batch.value, batch.seq
         if self.config.dedup:
             dup = self.dedup.check(dev, batch.ts, batch.value, batch.seq)
             out.duplicates = int(dup.sum())
@@ -141,12 +141,12 @@ class WindowEngine:
                 out.dup_rows = np.flatnonzero(dup)
                 rows = rows[~dup]
                 dev, met = dev[~dup], met[~dup]
-                ts, value = ts[rows], value[rows]
+                ts, value, seq = ts[rows], value[rows], seq[rows]
         wm_before = self.time.before(dev, ts, self._first_late(ts))
         self.time.observe(dev, ts, now_mono_ms)
         out.accepted = len(rows)
         for i, op in enumerate(self.operators):
-            res = op.fold(dev, met, ts, value, wm_before)
+            res = op.fold(dev, met, ts, value, seq, wm_before)
             label = op.spec.label
             out.late_dropped[label] += res.late_dropped
             out.late_revised[label] += res.late_revised
@@ -216,6 +216,7 @@ class WindowEngine:
             else np.empty(0, np.int64),
             count=agg.count, sum=agg.sum, min=agg.min, max=agg.max, mean=agg.mean, m2=agg.m2,
             first_ts=agg.first_ts, first=agg.first, last_ts=agg.last_ts, last=agg.last,
+            seq_min=agg.seq_min, seq_max=agg.seq_max, seq_sum=agg.seq_sum,
             pct=cat([p.pct for p in rows]) if n else np.empty((0, nq)),
             sk_keys=cat(sk_keys) if n else np.empty(0, np.int64),
             sk_counts=cat(sk_counts) if n else np.empty(0, np.int64),

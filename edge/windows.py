@@ -231,7 +231,7 @@ class WindowOperator:
         return (keys >> (METRIC_BITS + NUMBER_BITS), (keys >> NUMBER_BITS) & (MAX_METRICS - 1),
                 keys & ((1 << NUMBER_BITS) - 1))
 
-    def _upsert(self, keys: I64, ts: I64, value: F64, anchor: I64) -> I64:
+    def _upsert(self, keys: I64, ts: I64, value: F64, seq: I64, anchor: I64) -> I64:
         """Fold rows into the windows ``keys`` (created when new); returns each row's slot."""
         order = np.argsort(keys, kind="stable")
         k = keys[order]
@@ -239,7 +239,7 @@ class WindowOperator:
         first[0] = True
         np.not_equal(k[1:], k[:-1], out=first[1:])
         starts = np.flatnonzero(first).astype(np.int64)
-        groups = fold_sorted(starts, ts[order], value[order])
+        groups = fold_sorted(starts, ts[order], value[order], seq[order])
         gkeys = k[starts]
         group_of_row = np.empty(len(k), np.int64)
         group_of_row[order] = np.cumsum(first) - 1
@@ -307,7 +307,8 @@ class WindowOperator:
 
     # ---- kind-specific --------------------------------------------------------------------
 
-    def fold(self, dev: I64, met: I64, ts: I64, value: F64, wm_before: I64) -> OperatorFold:
+    def fold(self, dev: I64, met: I64, ts: I64, value: F64, seq: I64, wm_before: I64
+             ) -> OperatorFold:
         raise NotImplementedError
 
     def ends(self) -> I64:
@@ -391,7 +392,8 @@ class WindowOperator:
 class FixedWindows(WindowOperator):
     """Tumbling (step = size) and hopping windows aligned to the epoch."""
 
-    def fold(self, dev: I64, met: I64, ts: I64, value: F64, wm_before: I64) -> OperatorFold:
+    def fold(self, dev: I64, met: I64, ts: I64, value: F64, seq: I64, wm_before: I64
+             ) -> OperatorFold:
         size, step = self.spec.size_ms, self.spec.step
         k = size // step
         n = len(ts)
@@ -405,7 +407,8 @@ class FixedWindows(WindowOperator):
         if ok_pair.any():
             r = rows[ok_pair]
             number = (start[ok_pair] - EPOCH_BASE_MS) // step
-            self._upsert(self.key(dev[r], met[r], number), ts[r], value[r], start[ok_pair])
+            self._upsert(self.key(dev[r], met[r], number), ts[r], value[r], seq[r],
+                         start[ok_pair])
         dropped = kept == 0
         revised = np.zeros(n, bool)
         revised[rows[revised_pair]] = True
@@ -428,7 +431,8 @@ class CountWindows(WindowOperator):
         self._seen: I64 = np.empty(0, np.int64)  # readings counted per series
         self._anchor: I64 = np.empty(0, np.int64)  # identity of the series' latest window
 
-    def fold(self, dev: I64, met: I64, ts: I64, value: F64, wm_before: I64) -> OperatorFold:
+    def fold(self, dev: I64, met: I64, ts: I64, value: F64, seq: I64, wm_before: I64
+             ) -> OperatorFold:
         n = len(ts)
         if n == 0:
             return OperatorFold()
@@ -470,7 +474,7 @@ class CountWindows(WindowOperator):
             np.maximum.at(last_anchor, og, anchors)
         row_anchor = np.empty(n, np.int64)
         row_anchor[order] = anchor_s
-        self._upsert(self.key(dev, met, number), ts, value, row_anchor)
+        self._upsert(self.key(dev, met, number), ts, value, seq, row_anchor)
         counts_now = before + np.bincount(grp, minlength=len(uniq))
         self._seen[pos[hit]] = counts_now[hit]
         self._anchor[pos[hit]] = last_anchor[hit]
@@ -480,9 +484,9 @@ class CountWindows(WindowOperator):
         self._anchor = np.insert(self._anchor, pos[miss], last_anchor[miss])
         return OperatorFold(accepted=n, dropped_mask=np.zeros(n, bool))
 
-    def _upsert(self, keys: I64, ts: I64, value: F64, anchor: I64) -> I64:
+    def _upsert(self, keys: I64, ts: I64, value: F64, seq: I64, anchor: I64) -> I64:
         # the anchor of a new window must be its first *arriving* row: stable order by key
-        return super()._upsert(keys, ts, value, anchor)
+        return super()._upsert(keys, ts, value, seq, anchor)
 
     def emit(self, wm_by_device: I64, silent: npt.NDArray[np.bool_]) -> WindowResults:
         if len(self.keys) == 0:
@@ -520,7 +524,8 @@ class SessionWindows(WindowOperator):
         super().__init__(spec, **kw)  # type: ignore[arg-type]
         self._next_id = 0
 
-    def fold(self, dev: I64, met: I64, ts: I64, value: F64, wm_before: I64) -> OperatorFold:
+    def fold(self, dev: I64, met: I64, ts: I64, value: F64, seq: I64, wm_before: I64
+             ) -> OperatorFold:
         n = len(ts)
         if n == 0:
             return OperatorFold()
@@ -530,6 +535,7 @@ class SessionWindows(WindowOperator):
         if not keep.any():
             return OperatorFold(late_dropped=n, dropped_mask=dropped)
         d, m, t, v, w = dev[keep], met[keep], ts[keep], value[keep], wm_before[keep]
+        q = seq[keep]
         codes = series_code(d, m)
         touched = np.unique(codes)
         cur_dev, cur_met, _ = self.unkey(self.keys)
@@ -538,7 +544,7 @@ class SessionWindows(WindowOperator):
         old_idx = np.flatnonzero(old)
         old_closed = self.rev[old_idx] > 0  # already emitted once
         # items: existing sessions of touched series, then the new readings as singletons
-        items = AggArrays.concat([self.agg.take(old_idx), singletons(t, v)])
+        items = AggArrays.concat([self.agg.take(old_idx), singletons(t, v, q)])
         item_code = np.concatenate([cur_codes[old_idx], codes])
         item_start = items.first_ts
         item_end = items.last_ts
@@ -666,7 +672,7 @@ class Operator(Protocol):
     spec: WindowSpec
     superseded: Superseded
 
-    def fold(self, dev: I64, met: I64, ts: I64, value: F64, wm_before: I64
+    def fold(self, dev: I64, met: I64, ts: I64, value: F64, seq: I64, wm_before: I64
              ) -> OperatorFold: ...
 
     def emit(self, wm_by_device: I64, silent: npt.NDArray[np.bool_]) -> WindowResults: ...

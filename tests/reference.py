@@ -23,6 +23,7 @@ class RefWindow:
     values: list[float] = field(default_factory=list)
     first: tuple[int, float] | None = None
     last: tuple[int, float] | None = None
+    seqs: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -32,14 +33,16 @@ class RefResult:
     revised: int
 
 
-def reference_windows(readings: Iterable[tuple[str, str, int, float]], *, size_ms: int,
+def reference_windows(readings: Iterable[tuple[str, str, int, float]]
+                      | Iterable[tuple[str, str, int, float, int]], *, size_ms: int,
                       ooo_ms: int, lateness_ms: int) -> RefResult:
-    """``readings``: (device, metric, event ts ms, value) in arrival order."""
+    """``readings``: (device, metric, event ts ms, value[, seq]) in arrival order."""
     max_ts: dict[str, int] = {}
     windows: dict[tuple[str, str, int], RefWindow] = defaultdict(RefWindow)
     dropped = []
     revised = 0
-    for device, metric, ts, value in readings:
+    for r in readings:
+        device, metric, ts, value = r[0], r[1], r[2], r[3]
         start = ts - ts % size_ms
         end = start + size_ms
         seen = max_ts.get(device)
@@ -56,6 +59,8 @@ def reference_windows(readings: Iterable[tuple[str, str, int, float]], *, size_m
         w.min = min(w.min, value)
         w.max = max(w.max, value)
         w.values.append(value)
+        if len(r) > 4:
+            w.seqs.append(r[4])  # type: ignore[misc]
         if w.first is None or (ts, value) < w.first:
             w.first = (ts, value)
         if w.last is None or (ts, value) > w.last:
@@ -106,8 +111,9 @@ def reference_engine(readings: list[Reading], specs: list[object], *, ooo_ms: in
     out: dict[Identity, RefWindow] = {}
     late: dict[str, int] = {}
 
-    def add(key: Identity, ts: int, v: float) -> None:
+    def add(key: Identity, ts: int, v: float, q: int) -> None:
         w = out.setdefault(key, RefWindow())
+        w.seqs.append(q)
         w.count += 1
         w.sum += v
         w.min = min(w.min, v)
@@ -124,19 +130,19 @@ def reference_engine(readings: list[Reading], specs: list[object], *, ooo_ms: in
         late[label] = 0
         if kind in ("tumbling", "hopping"):
             size, step = spec.size_ms, spec.step  # type: ignore[attr-defined]
-            for (dev, met, ts, v, _), wm in zip(accepted, wm_before, strict=True):
+            for (dev, met, ts, v, q), wm in zip(accepted, wm_before, strict=True):
                 starts = [ts - ts % step - j * step for j in range(size // step)]
                 kept = [s for s in starts if wm is None or wm < s + size + lateness_ms]
                 if not kept:
                     late[label] += 1
                 for s in kept:
-                    add((label, dev, met, s), ts, v)
+                    add((label, dev, met, s), ts, v, q)
         elif kind == "count":
             n = spec.count  # type: ignore[attr-defined]
             seen_n: dict[tuple[int, int], int] = defaultdict(int)
             anchors: dict[tuple[int, int, int], int] = {}
             last_anchor: dict[tuple[int, int], int] = {}
-            for dev, met, ts, v, _ in accepted:
+            for dev, met, ts, v, q in accepted:
                 idx = seen_n[(dev, met)] // n
                 seen_n[(dev, met)] += 1
                 if (dev, met, idx) not in anchors:  # identities strictly increase per series
@@ -144,23 +150,23 @@ def reference_engine(readings: list[Reading], specs: list[object], *, ooo_ms: in
                     a = ts if prev is None else max(ts, prev + 1)
                     anchors[(dev, met, idx)] = a
                     last_anchor[(dev, met)] = a
-                add((label, dev, met, anchors[(dev, met, idx)]), ts, v)
+                add((label, dev, met, anchors[(dev, met, idx)]), ts, v, q)
         else:  # session
             gap = spec.gap_ms  # type: ignore[attr-defined]
-            by_series: dict[tuple[int, int], list[tuple[int, float]]] = defaultdict(list)
-            for (dev, met, ts, v, _), wm in zip(accepted, wm_before, strict=True):
+            by_series: dict[tuple[int, int], list[tuple[int, float, int]]] = defaultdict(list)
+            for (dev, met, ts, v, q), wm in zip(accepted, wm_before, strict=True):
                 if wm is not None and wm >= ts + lateness_ms:
                     late[label] += 1
                     continue
-                by_series[(dev, met)].append((ts, v))
+                by_series[(dev, met)].append((ts, v, q))
             for (dev, met), pts in by_series.items():
                 pts.sort()
                 start = None
                 prev = None
-                for ts, v in pts:
+                for ts, v, q in pts:
                     if prev is None or ts > prev + gap:
                         start = ts
                     prev = ts if prev is None else max(prev, ts)
                     assert start is not None
-                    add((label, dev, met, start), ts, v)
+                    add((label, dev, met, start), ts, v, q)
     return out, dups, late

@@ -22,7 +22,7 @@ def rows(starts: list[int], maxes: list[float], *, device: str = "d1", rev: int 
         count=np.full(n, 10, np.int64), sum=mx * 10 - 5, min=mx - 1, max=mx, mean=mx - 0.5,
         std=np.full(n, 0.3), first=mx - 0.5, last=mx - 0.5, low=np.full(n, np.nan),
         high=np.full(n, high), scale_floor=np.full(n, 0.01), rate=np.zeros(n),
-        pct=np.empty((n, 0)), pct_names=[])
+        pct=np.empty((n, 0)), pct_names=[], seq_min=None, seq_max=None, seq_sum=None)
 
 
 def test_robust_z_flags_a_spike_after_warm_up_only() -> None:

@@ -164,13 +164,14 @@ def test_pipeline_end_to_end(mosquitto_factory: Callable[..., Mosquitto],
     worker: CloudWorker = out["worker"]
 
     # ---- the reference: what should be in every window --------------------------------
-    accepted_input = [(p.device, p.metric, p.ts, p.value) for p in sim.published
+    accepted_input = [(p.device, p.metric, p.ts, p.value, p.seq) for p in sim.published
                       if p.fault not in ("malformed", "out_of_range")]
     ref = reference_windows(accepted_input, size_ms=SIZE, ooo_ms=OOO, lateness_ms=LATENESS)
     assert ref.dropped, "the scenario must exercise readings beyond lateness"
     assert ref.revised, "the scenario must exercise late readings within lateness"
 
-    rows = influx_rows(influx_db, 'SELECT "count", "min", "max", "mean", "rev", "site" '
+    rows = influx_rows(influx_db, 'SELECT "count", "min", "max", "mean", "rev", "site", '
+                                  '"seq_min", "seq_max", "seq_sum" '
                                   'FROM "aggregates" GROUP BY "device", "metric"')
     got = {(str(r["device"]), str(r["metric"]), int(r["time"])): r for r in rows}
     ghost = {k: v for k, v in got.items() if k[0].startswith("ghost")}
@@ -186,6 +187,8 @@ def test_pipeline_end_to_end(mosquitto_factory: Callable[..., Mosquitto],
         r = got[k]
         assert r["min"] == w.min
         assert r["max"] == w.max
+        assert (r["seq_min"], r["seq_max"], r["seq_sum"]) == (min(w.seqs), max(w.seqs),
+                                                               sum(w.seqs))
         assert math.isclose(float(r["mean"]), math.fsum(w.values) / w.count,
                             rel_tol=1e-9)
     assert any(int(r["rev"]) > 0 for r in got.values()), "revisions must reach InfluxDB"

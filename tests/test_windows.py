@@ -92,6 +92,10 @@ def run(rows: list[tuple[int, int, int, float, int]], cuts: list[int],
             final[key] = {f: float(getattr(res, f)[j]) for f in (
                 "count", "sum", "min", "max", "mean", "m2", "first_ts", "first", "last_ts",
                 "last", "rev")}
+            assert res.seq_min is not None
+            assert res.seq_max is not None
+            assert res.seq_sum is not None
+            final[key]["seq"] = (int(res.seq_min[j]), int(res.seq_max[j]), int(res.seq_sum[j]))
             final[key]["pct"] = res.pct[j].tolist()
 
     for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
@@ -134,6 +138,7 @@ def check(rows: list[tuple[int, int, int, float, int]], final: Final, dups: int,
         assert w.last is not None
         assert (f["first_ts"], f["first"]) == w.first
         assert (f["last_ts"], f["last"]) == w.last
+        assert f["seq"] == (min(w.seqs), max(w.seqs), sum(w.seqs))
         exact_mean = math.fsum(w.values) / w.count
         assert math.isclose(f["mean"], exact_mean, rel_tol=1e-9, abs_tol=1e-9)  # type: ignore[arg-type]
         exact_m2 = math.fsum((v - exact_mean) ** 2 for v in w.values)
@@ -176,7 +181,7 @@ def test_merging_parts_equals_folding_the_whole(pairs, cut, cut2) -> None:
     def fold(part: list[tuple[int, float]]) -> AggArrays:
         ts = np.array([p[0] for p in part], np.int64)
         v = np.array([p[1] for p in part])
-        return fold_sorted(np.array([0], np.int64), ts, v)
+        return fold_sorted(np.array([0], np.int64), ts, v, ts * 7 + 3)  # seqs derived from ts
 
     whole = fold(pairs)
     a = fold(pairs[:cut])
@@ -186,7 +191,8 @@ def test_merging_parts_equals_folding_the_whole(pairs, cut, cut2) -> None:
                               zip(cuts, [*cuts[1:], len(pairs)], strict=True) if hi > lo])
     n_way = merge_groups(np.array([0], np.int64), parts)
     for merged in (a, n_way):
-        for f in ("count", "min", "max", "first_ts", "first", "last_ts", "last"):
+        for f in ("count", "min", "max", "first_ts", "first", "last_ts", "last", "seq_min",
+                  "seq_max", "seq_sum"):
             assert getattr(merged, f)[0] == getattr(whole, f)[0], f
         assert math.isclose(merged.mean[0], whole.mean[0], rel_tol=1e-9, abs_tol=1e-6)
         assert math.isclose(merged.m2[0], whole.m2[0], rel_tol=1e-7, abs_tol=1e-3)
