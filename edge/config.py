@@ -40,8 +40,8 @@ class EdgeConfig:
     max_batch_messages: int = 50_000
     health_interval_ms: int = 5_000
     ledger_interval_ms: int = 60_000
-    max_results_per_batch: int = 5_000
-    max_inflight_batches: int = 32
+    max_results_per_batch: int = 2_000
+    max_inflight_batches: int = 16
     ack_timeout_ms: int = 30_000
     outbox_max_bytes: int = 256 * 2**20
     outbox_max_age_ms: int = 7 * 86_400_000
@@ -147,8 +147,8 @@ def edge_config_from(root: Section) -> EdgeConfig:
                                        ca_file=uplink.text("ca_file", None),
                                        cert_file=uplink.text("cert_file", None),
                                        key_file=uplink.text("key_file", None)),
-        max_results_per_batch=uplink.integer("max_results_per_batch", 5_000, minimum=1),
-        max_inflight_batches=uplink.integer("max_inflight", 32, minimum=1, maximum=10_000),
+        max_results_per_batch=uplink.integer("max_results_per_batch", 2_000, minimum=1),
+        max_inflight_batches=uplink.integer("max_inflight", 16, minimum=1, maximum=10_000),
         ack_timeout_ms=uplink.duration_ms("ack_timeout", 30_000, minimum=100),
         outbox_max_bytes=outbox.size("max_bytes", 256 * 2**20, minimum=64 * 1024),
         outbox_max_age_ms=outbox.duration_ms("max_age", 7 * 86_400_000, minimum=1_000),

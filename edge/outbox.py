@@ -77,6 +77,9 @@ class Outbox:
         self.shed_readings = 0
         self.expired_batches = 0
         self.torn_records = 0
+        self.recovered_batches = 0
+        # shed batches the MQTT client may still deliver: seq -> (windows, readings)
+        self._shed_recently: OrderedDict[int, tuple[int, int]] = OrderedDict()
         self._recover()
 
     # ---- recovery -----------------------------------------------------------------------------
@@ -202,11 +205,23 @@ class Outbox:
     # ---- leaving --------------------------------------------------------------------------------
 
     def ack(self, seqs: list[int]) -> int:
-        """The cloud confirmed these batches; returns how many were still waiting."""
+        """The cloud confirmed these batches; returns how many were still waiting.
+
+        A batch shed from the outbox may still have been on the wire (the MQTT client
+        retransmits what it holds); if the cloud confirms it, it was not lost after all: its
+        counts move from shed back to acknowledged, so the ledger reports only real losses."""
         n = 0
         for seq in seqs:
             e = self.entries.pop(seq, None)
             if e is None:
+                gone = self._shed_recently.pop(seq, None)
+                if gone is not None:
+                    self.shed_batches -= 1
+                    self.shed_windows -= gone[0]
+                    self.shed_readings -= gone[1]
+                    self.acked_windows += gone[0]
+                    self.acked_readings += gone[1]
+                    self.recovered_batches += 1
                 continue
             n += 1
             self.acked_windows += e.windows
@@ -234,6 +249,9 @@ class Outbox:
         e = self.entries.pop(seq)
         self._forget(e)
         self._acks.write(ACK.pack(seq))
+        self._shed_recently[seq] = (e.windows, e.readings)
+        while len(self._shed_recently) > 100_000:
+            self._shed_recently.popitem(last=False)
         self.shed_batches += 1
         self.shed_windows += e.windows
         self.shed_readings += e.readings

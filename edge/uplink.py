@@ -93,8 +93,10 @@ class MqttUplink:
         client_id: str,
         state_dir: Path,
         session_expiry_s: int = 3600,
+        keepalive_s: int = 5,
     ) -> None:
         self.address = address
+        self.keepalive_s = keepalive_s
         self.gateway = gateway
         self._clock = clock
         self.seq = SequenceAllocator(state_dir, clock)
@@ -110,7 +112,7 @@ class MqttUplink:
                               retain=True)
         self.connected = threading.Event()
         self.acks: deque[tuple[list[int], list[int]]] = deque()  # filled by paho's thread
-        self.connects = 0  # incremented by paho's thread on every (re)connect
+        self.connects = 0  # incremented by paho's thread on every (re)connect (for tests)
         self._tracked: set[int] = set()  # mids of result publishes awaiting PUBACK
         self._lock = threading.Lock()  # guards _tracked and the counters (short sections)
         self.sent = 0
@@ -172,16 +174,27 @@ class MqttUplink:
     # agent side ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._client.connect_async(self.address.host, self.address.port, keepalive=15,
-                                   clean_start=False, properties=self._props)
+        # a short keepalive: a silently dead connection (a partition) is noticed within about
+        # two keepalives, and paho then reconnects and retransmits what it holds
+        self._client.connect_async(self.address.host, self.address.port,
+                                   keepalive=self.keepalive_s, clean_start=False,
+                                   properties=self._props)
         self._client.loop_start()
 
-    def publish_results(self, payload: bytes) -> None:
+    def publish_results(self, payload: bytes) -> int:
+        """Publish a batch; returns its MQTT message id."""
         info = self._client.publish(results_topic(self.gateway), payload, qos=1)
         with self._lock:
             self._tracked.add(info.mid)
             self.sent += 1
             self.bytes_sent += len(payload)
+        return info.mid
+
+    def on_the_wire(self, mid: int) -> bool:
+        """True while paho still holds this publish (not PUBACKed): it retransmits it itself
+        after a reconnect, so publishing it again would only queue a second copy."""
+        with self._lock:
+            return mid in self._tracked
 
     def publish_health(self, payload: bytes) -> None:
         self._client.publish(health_topic(self.gateway), payload, qos=1)
@@ -214,8 +227,7 @@ class Shipper:
         self.clock = clock
         self.max_inflight = max_inflight
         self.ack_timeout_ms = ack_timeout_ms
-        self.inflight: dict[int, int] = {}  # seq -> monotonic ms of the last send
-        self._connects_seen = 0
+        self.inflight: dict[int, tuple[int, int]] = {}  # seq -> (ms of the last send, mid)
         self.resent = 0
         self.acked = 0
         self.rejected = 0
@@ -236,18 +248,16 @@ class Shipper:
         """Send what fits in the window, oldest first; resend what timed out. Returns sends."""
         if not self.uplink.connected.is_set():
             return 0
-        if self.uplink.connects != self._connects_seen:
-            # a new session may have lost what was on the wire: everything unacked goes again
-            self._connects_seen = self.uplink.connects
-            self.inflight.clear()
         now = self.clock.monotonic_ms()
         sent = 0
-        for seq in list(self.inflight):
+        for seq, (when, mid) in list(self.inflight.items()):
             if seq not in self.outbox.entries:
                 del self.inflight[seq]
-            elif now - self.inflight[seq] >= self.ack_timeout_ms:
-                self.uplink.publish_results(self.outbox.read(seq))
-                self.inflight[seq] = now
+            elif now - when >= self.ack_timeout_ms:
+                if self.uplink.on_the_wire(mid):
+                    continue  # paho retransmits it after a reconnect; no second copy
+                # the broker has it but no acknowledgement came (a worker died holding it)
+                self.inflight[seq] = (now, self.uplink.publish_results(self.outbox.read(seq)))
                 self.resent += 1
                 sent += 1
         if len(self.inflight) >= self.max_inflight:
@@ -257,7 +267,6 @@ class Shipper:
                 break
             if seq in self.inflight:
                 continue
-            self.uplink.publish_results(self.outbox.read(seq))
-            self.inflight[seq] = now
+            self.inflight[seq] = (now, self.uplink.publish_results(self.outbox.read(seq)))
             sent += 1
         return sent

@@ -65,14 +65,24 @@ class InfluxV1Client:
         headers = dict(self._headers)
         if body is not None:
             headers["Content-Type"] = "text/plain; charset=utf-8"
-        try:
-            conn = self._connection()
-            conn.request(method, f"{path}?{q}", body=body, headers=headers)
-            resp = conn.getresponse()
-            return resp.status, resp.read()
-        except (TimeoutError, OSError, http.client.HTTPException) as exc:
-            self.close()
-            raise SinkError(f"InfluxDB {self.url} unreachable: {exc!r}", retryable=True) from exc
+        for attempt in (1, 2):
+            reused = self._conn is not None
+            try:
+                conn = self._connection()
+                conn.request(method, f"{path}?{q}", body=body, headers=headers)
+                resp = conn.getresponse()
+                return resp.status, resp.read()
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                # a kept-alive connection the server has since closed (a restart): one retry
+                # on a fresh connection; anything else is the server being unreachable
+                stale = reused and isinstance(exc, (http.client.RemoteDisconnected,
+                                                    ConnectionResetError, BrokenPipeError))
+                if attempt == 1 and stale:
+                    continue
+                raise SinkError(f"InfluxDB {self.url} unreachable: {exc!r}",
+                                retryable=True) from exc
+        raise AssertionError("unreachable")
 
     def query(self, q: str, *, epoch: str = "ms", database: str | None = None) -> object:
         """Run InfluxQL; returns the decoded JSON body (raises SinkError on failure)."""
