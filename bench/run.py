@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from bench import engine, pipeline, sketches
+from bench import custody, engine, pipeline, sketches
 
 
 def main() -> None:
@@ -12,6 +12,7 @@ def main() -> None:
     engine.main()
     sketches.main()
     pipeline.main()
+    custody.main()
 
 
 if __name__ == "__main__":

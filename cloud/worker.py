@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter, deque
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -32,8 +33,10 @@ from cloud.sinks import sink_class
 from cloud.sinks.base import BufferedWriter, Sink
 from devices.clock import Clock, SystemClock
 from devices.contract import (
+    BASE_FIELDS,
     HealthReport,
     ResultBatch,
+    ResultColumns,
     decode_uplink,
     gateway_from_topic,
     peek_batch_id,
@@ -106,6 +109,9 @@ class CloudWorker:
         self.edge_health: dict[str, HealthReport] = {}
         self._acks: dict[str, tuple[list[int], list[int]]] = {}
         self.written_by_gateway: dict[str, int] = {}  # results written since this worker start
+        # latest revision written per result identity (bounded; dedup covers older re-sends)
+        self._revisions: dict[tuple[str, str, str, str, int], int] = {}
+        self.max_tracked_revisions = 1_000_000
         self._ack_wake = asyncio.Event()
         self._dedup_path = config.state_dir / "dedup.json" if config.state_dir else None
         if self._dedup_path is not None:
@@ -163,6 +169,10 @@ class CloudWorker:
             return
         self.counters["batches_in"] += 1
         self.counters["results_in"] += len(batch.results)
+        batch = self._drop_stale_revisions(batch)
+        if len(batch.results) == 0 and batch.results.superseded is None:
+            self._ack(batch.gateway, batch.seq)  # nothing newer in it; done
+            return
         rows = self.enricher.enrich(batch)
         found = self.detection.run(rows)
         lines = aggregate_lines(rows) + anomaly_lines(rows, found)
@@ -179,6 +189,37 @@ class CloudWorker:
                 batch.gateway, batch.devices, batch.metrics, batch.specs, sites,
                 sup.device.tolist(), sup.metric.tolist(), sup.spec.tolist(),
                 sup.start.tolist()))
+
+    def _drop_stale_revisions(self, batch: ResultBatch) -> ResultBatch:
+        """Rows whose window was already written at a newer revision are left out: a revision
+        never overwrites a newer one, whatever order batches arrive in."""
+        r = batch.results
+        if len(r) == 0:
+            return batch
+        labels = batch.spec_labels()
+        keep = np.ones(len(r), bool)
+        latest = self._revisions
+        for i, (d, m, lab, s, rev) in enumerate(zip(r.device.tolist(), r.metric.tolist(), labels,
+                                                    r.start.tolist(), r.rev.tolist(),
+                                                    strict=True)):
+            key = (batch.gateway, batch.devices[d], batch.metrics[m], lab, s)
+            seen = latest.get(key)
+            if seen is not None and seen > rev:
+                keep[i] = False
+            else:
+                latest[key] = rev
+        while len(latest) > self.max_tracked_revisions:
+            latest.pop(next(iter(latest)))
+        if keep.all():
+            return batch
+        self.counters["stale_revisions"] += int((~keep).sum())
+        kept = r.take(np.flatnonzero(keep))
+        results = ResultColumns(
+            **{f: getattr(kept, f) for f in BASE_FIELDS}, seq_min=kept.seq_min,
+            seq_max=kept.seq_max, seq_sum=kept.seq_sum, spec=kept.spec, pct=kept.pct,
+            sk_keys=kept.sk_keys, sk_counts=kept.sk_counts, sk_offsets=kept.sk_offsets,
+            superseded=r.superseded)
+        return replace(batch, results=results)
 
     def _on_written(self, tokens: list[object]) -> None:
         now = self.clock.now_ms()
@@ -216,6 +257,7 @@ class CloudWorker:
             "points_rejected": self.writer.points_rejected,
             "points_deleted": self.writer.points_deleted,
             "superseded": c["superseded"],
+            "stale_revisions": c["stale_revisions"],
             "write_errors": self.writer.write_errors,
             "buffered_points": self.writer.buffered,
             "lag_p50_ms": _percentile(self.lag_ms, 50),

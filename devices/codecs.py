@@ -31,6 +31,7 @@ from devices import rejects
 from devices.readings import NO_SEQ, ColumnBuilder, Interner, ReadingColumns
 
 MAX_DEVICE_ID = 128
+INT_LIMIT = 1 << 62  # integers beyond this cannot be a time, a sequence number or a reading
 SENML_RELATIVE_LIMIT = 2**28  # RFC 8428 4.5.3: smaller times are relative to "now"
 
 
@@ -129,6 +130,8 @@ class PayloadDecoder:
                 if readings is None:
                     self._one(doc, device, recv, out, reject)
                 elif isinstance(readings, list):
+                    if not readings:
+                        reject(rejects.MALFORMED_PAYLOAD, f"{topic}: an empty batch")
                     for r in readings:
                         if isinstance(r, dict):
                             self._one(r, device, recv, out, reject)
@@ -137,6 +140,8 @@ class PayloadDecoder:
                 else:
                     reject(rejects.MALFORMED_PAYLOAD, f"{topic}: 'readings' is not a list")
             elif isinstance(doc, list):
+                if not doc:
+                    reject(rejects.MALFORMED_PAYLOAD, f"{topic}: an empty SenML pack")
                 self._senml(doc, topic, recv, out, reject)
             else:
                 reject(rejects.MALFORMED_PAYLOAD, f"{topic}: top level is {type(doc).__name__}")
@@ -159,12 +164,18 @@ class PayloadDecoder:
         if type(ts) is not int:
             reject(rejects.WRONG_TYPE, f"{device}: ts {ts!r} is not integer epoch ms")
             return
+        if not -INT_LIMIT < ts < INT_LIMIT:  # would not fit the int64 column
+            reject(rejects.BAD_TIMESTAMP, f"{device}: ts {ts} out of any plausible range")
+            return
         if type(value) is int:
+            if not -INT_LIMIT < value < INT_LIMIT:
+                reject(rejects.OUT_OF_RANGE, f"{device}/{metric}: value {value}")
+                return
             value = float(value)
         elif type(value) is not float:
             reject(rejects.WRONG_TYPE, f"{device}: value {value!r}")
             return
-        if type(seq) is not int or seq < NO_SEQ:
+        if type(seq) is not int or not NO_SEQ <= seq < INT_LIMIT:
             reject(rejects.WRONG_TYPE, f"{device}: seq {seq!r}")
             return
         if not math.isfinite(value):
@@ -191,7 +202,7 @@ class PayloadDecoder:
                     continue
                 bn = rec["bn"]
             if "bt" in rec:
-                if type(rec["bt"]) not in (int, float):
+                if type(rec["bt"]) not in (int, float) or abs(rec["bt"]) >= INT_LIMIT:
                     reject(rejects.WRONG_TYPE, f"{topic}: SenML bt {rec['bt']!r}")
                     continue
                 bt = float(rec["bt"])
@@ -209,11 +220,11 @@ class PayloadDecoder:
                 reject(rejects.WRONG_TYPE if other_value else rejects.MISSING_FIELD,
                        f"{topic}: SenML record without numeric v")
                 continue
-            if type(t) not in (int, float):
+            if type(t) not in (int, float) or abs(t) >= INT_LIMIT:
                 reject(rejects.WRONG_TYPE, f"{topic}: SenML t {t!r}")
                 continue
             seconds = bt + float(t)
-            if not math.isfinite(seconds):
+            if not math.isfinite(seconds) or abs(seconds) * 1000 >= INT_LIMIT:
                 reject(rejects.BAD_TIMESTAMP, f"{topic}: SenML time {seconds}")
                 continue
             ts = round(seconds * 1000)

@@ -209,8 +209,9 @@ class ResultColumns:
         )
 
 
-_BASE_FIELDS = ("device", "metric", "start", "width", "rev", "count", "sum", "min", "max", "mean",
-                "m2", "first_ts", "first", "last_ts", "last")
+BASE_FIELDS = ("device", "metric", "start", "width", "rev", "count", "sum", "min", "max", "mean",
+               "m2", "first_ts", "first", "last_ts", "last")
+_BASE_FIELDS = BASE_FIELDS
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -25,7 +25,13 @@ import orjson
 from devices import rejects
 from devices.clock import Clock, SystemClock
 from devices.codecs import PayloadDecoder
-from devices.contract import HealthReport, ResultBatch, ResultColumns, SupersededRows
+from devices.contract import (
+    BASE_FIELDS,
+    HealthReport,
+    ResultBatch,
+    ResultColumns,
+    SupersededRows,
+)
 from devices.readings import Interner
 from devices.rejects import RejectLog
 from edge.config import EdgeConfig
@@ -43,9 +49,6 @@ log = logging.getLogger("fieldline.edge")
 LEDGER_FIELDS = ("received", "accepted", "late_dropped", "duplicates", "rejected",
                  "windows_emitted")
 _REASON_INDEX = {r: i for i, r in enumerate(rejects.READING_REASONS)}
-
-_BASE = ("device", "metric", "start", "width", "rev", "count", "sum", "min", "max", "mean", "m2",
-         "first_ts", "first", "last_ts", "last")
 
 
 def _field(label: str) -> str:
@@ -196,7 +199,7 @@ class EdgePipeline:
             cols["m"] = minv[:n].astype(np.int64)
             base = ResultColumns.from_cols(cols)
             results = ResultColumns(
-                **{f: getattr(base, f) for f in _BASE},
+                **{f: getattr(base, f) for f in BASE_FIELDS},
                 seq_min=part.seq_min, seq_max=part.seq_max, seq_sum=part.seq_sum,
                 spec=part.spec, pct=part.pct, sk_keys=part.sk_keys, sk_counts=part.sk_counts,
                 sk_offsets=part.sk_offsets,
@@ -356,7 +359,8 @@ class EdgeAgent:
         self.uplink = MqttUplink(config.uplink_broker, gw, clock=self.clock,
                                  client_id=f"fieldline-edge-{gw}", state_dir=state_dir)
         self.outbox = Outbox(state_dir / "outbox", max_bytes=config.outbox_max_bytes,
-                             max_age_ms=config.outbox_max_age_ms, policy=config.outbox_policy)
+                             max_age_ms=config.outbox_max_age_ms, policy=config.outbox_policy,
+                             fsync=config.outbox_fsync)
         self.shipper = Shipper(self.outbox, self.uplink, self.clock,
                                max_inflight=config.max_inflight_batches,
                                ack_timeout_ms=config.ack_timeout_ms)

@@ -46,6 +46,7 @@ class EdgeConfig:
     outbox_max_bytes: int = 256 * 2**20
     outbox_max_age_ms: int = 7 * 86_400_000
     outbox_policy: str = "drop_oldest"
+    outbox_fsync: bool = True
     flush_on_stop: bool = False
     forward_late: bool = False  # publish readings dropped as late, raw, on fieldline/v1/<gw>/late
     catalog: Catalog = field(default_factory=Catalog)
@@ -153,6 +154,7 @@ def edge_config_from(root: Section) -> EdgeConfig:
         outbox_max_bytes=outbox.size("max_bytes", 256 * 2**20, minimum=64 * 1024),
         outbox_max_age_ms=outbox.duration_ms("max_age", 7 * 86_400_000, minimum=1_000),
         outbox_policy=outbox.choice("policy", ("drop_oldest", "refuse_newest"), "drop_oldest"),
+        outbox_fsync=outbox.flag("fsync", True),
         engine=_engine_config(windows, clock, dedup),
         forward_late=windows.flag("forward_late", False),
         max_future_ms=validate.duration_ms("max_future", 5 * 60_000),

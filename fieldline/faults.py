@@ -67,7 +67,8 @@ class FaultProxy:
         self.latency_ms = latency_ms
         self.mode = mode
         self._call(self._set_flow(mode not in ("blackhole", "hang"))).result(10)
-        if mode in ("reset",):
+        if mode in ("reset", "http_503"):
+            # existing (kept-alive) connections are cut, so every client meets the new mode
             self._call(self._abort_all()).result(10)
 
     async def _set_flow(self, flowing: bool) -> None:

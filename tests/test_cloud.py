@@ -64,3 +64,24 @@ def test_percentiles_labels_and_superseded_sessions(influx_db: InfluxV1Client) -
     assert rows == [[T + 8_000, 5, 20.0, 21.0, 2.0 / 4.999, "hall"]]
     assert worker.stats()["superseded"] == 1
     assert worker.writer.points_deleted == 2  # the aggregate and its (absent) anomaly point
+
+
+def test_an_older_revision_never_overwrites_a_newer_one(influx_db: InfluxV1Client) -> None:
+    worker = CloudWorker(
+        CloudConfig(worker_id="t", broker=BrokerAddress(host="127.0.0.1", port=1),
+                    influx=InfluxConfig(url=influx_db.url, database=influx_db.database)),
+        registry=Registry(), source=object())  # type: ignore[arg-type]
+    newer = session_batch(5, T + 10_000, 7, [])  # rev 5, count 7
+    older = session_batch(4, T + 10_000, 3, [])  # rev 4 of the same window, arriving later
+
+    async def scenario() -> None:
+        worker.handle(SourceMessage(0, 1, results_topic("gw-1"), newer.encode()))
+        await worker.writer.flush(None)
+        worker.handle(SourceMessage(0, 2, results_topic("gw-1"), older.encode()))
+        await worker.writer.flush(None)
+
+    asyncio.run(scenario())
+    doc = influx_db.query('SELECT "count", "rev" FROM "aggregates"')
+    assert isinstance(doc, dict)
+    assert doc["results"][0]["series"][0]["values"] == [[T + 10_000, 7, 5]]
+    assert worker.stats()["stale_revisions"] == 1

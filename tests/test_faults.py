@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 
 from cloud.sinks.influx_v1 import InfluxV1Client
@@ -73,9 +74,12 @@ def test_r2_partition_then_heal_drains_fast(rig: Rig) -> None:
     time.sleep(2)
     rig.run_fleet(16)
     time.sleep(3)
+    assert rig.agent is not None
+    rss0 = psutil.Process(rig.agent.pid).memory_info().rss
     rig.proxy.set_mode("blackhole")  # gateway <-> cloud partition
     partition = 6.0
     time.sleep(partition)
+    rss1 = psutil.Process(rig.agent.pid).memory_info().rss
     status = rig.agent_status()
     backlog = rig.in_influx()
     rig.proxy.set_mode("pass")
@@ -86,6 +90,7 @@ def test_r2_partition_then_heal_drains_fast(rig: Rig) -> None:
     assert status.get("outbox_depth", 0) >= 0
     reconnect_allowance = 3.0  # paho's backoff after the broken connection
     assert drain <= partition / 5 + reconnect_allowance, drain
+    assert (rss1 - rss0) / 2**20 < 15  # the backlog waits on disk, not in the agent's memory
 
 
 def test_r2b_partition_longer_than_the_outbox_sheds_by_policy(

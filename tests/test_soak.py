@@ -1,0 +1,79 @@
+"""The long tier of the fault catalogue (`make soak`): the same checks as test_faults.py, over
+minutes instead of seconds, many more kills, and a partition long enough to watch memory."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+
+from cloud.sinks.influx_v1 import InfluxV1Client
+from fieldline.services import Mosquitto
+from tests.rig import Rig
+from tests.test_faults import finish
+
+pytestmark = [pytest.mark.integration, pytest.mark.soak]
+
+
+@pytest.fixture
+def rig(tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto],
+        influx_db: InfluxV1Client) -> Rig:
+    r = Rig(tmp_path, mosquitto_factory, influx_db, devices=30)
+    yield r
+    r.stop()
+
+
+def test_soak_r1_worker_killed_every_six_seconds(rig: Rig) -> None:
+    rig.start_worker()
+    rig.start_agent()
+    time.sleep(2)
+    rig.run_fleet(120)
+    for _ in range(18):
+        time.sleep(6)
+        rig.kill_worker()
+        rig.start_worker()
+    rig.wait_fleet(300)
+    finish(rig)
+
+
+def test_soak_r2_long_partition_keeps_memory_flat(rig: Rig) -> None:
+    rig.start_worker()
+    rig.start_agent()
+    time.sleep(2)
+    rig.run_fleet(100)
+    time.sleep(10)
+    assert rig.agent is not None
+    agent = psutil.Process(rig.agent.pid)
+    rig.proxy.set_mode("blackhole")
+    rss = []
+    for _ in range(12):  # a 60 s partition
+        time.sleep(5)
+        rss.append(agent.memory_info().rss / 2**20)
+    rig.proxy.set_mode("pass")
+    rig.wait_fleet(300)
+    finish(rig)
+    assert max(rss) - rss[0] < 20, rss  # the backlog waits on disk, not in memory
+
+
+def test_soak_r4_agent_killed_twenty_times(rig: Rig) -> None:
+    rng = random.Random(9)
+    rig.start_worker()
+    rig.start_agent()
+    time.sleep(2)
+    rig.run_fleet(100)
+    state = rig.tmp / "edge-state"
+    for _ in range(20):
+        time.sleep(rng.uniform(1.0, 6.0))
+        rig.kill_agent()
+        for d, pattern in (("outbox", "*.seg"), ("intake", "*.wal")):
+            segs = sorted((state / d).glob(pattern))
+            if segs and rng.random() < 0.5:
+                with segs[-1].open("ab") as fh:
+                    fh.write(rng.randbytes(rng.randint(1, 40)))
+        rig.start_agent()
+    rig.wait_fleet(300)
+    finish(rig)
