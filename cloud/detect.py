@@ -8,9 +8,11 @@ earlier revision: a detector never learns twice from one window.
 Built in, by config name (``DETECTORS``):
 
 * ``threshold``: the registry's alarm limits, checked against the window's max and min.
-* ``robust_z``: a robust z-score (median and MAD over the last ``history`` windows) of the
-  window's max, min and mean. Spikes show in the extremes long before they move a mean; level
-  shifts and drifts show in the mean. Scores are only given once ``min_history`` windows are known.
+* ``robust_z``: robust z-scores (median and MAD over the last ``history`` windows) of the
+  window's excursions above and below its own mean (``max - mean``, ``mean - min``) and of its
+  mean. A spike shows as an excursion long before it moves a mean, and excursions do not drift
+  with the slow wander of the signal (daily cycle, random walk), so they stay sharp; level shifts
+  and drifts show in the mean. Scores are only given once ``min_history`` windows are known.
 
 Detection is vectorised per batch; when a batch holds several windows of one series (a replay
 after an outage) they are taken in rounds, oldest first, so each is judged against its past.
@@ -80,7 +82,8 @@ class ThresholdDetector:
 
 
 class RobustZDetector:
-    """Median/MAD z-scores of window max, min and mean against the series' recent windows."""
+    """Median/MAD z-scores of a window's excursions and mean against the series' recent
+    windows."""
 
     name = "robust_z"
 
@@ -94,7 +97,7 @@ class RobustZDetector:
         self.threshold = threshold
         self._slots: dict[tuple[str, str, str], int] = {}
         self._starts = np.full((0, history), -1, np.int64)
-        self._vals = np.full((3, 0, history), np.nan)  # max, min, mean
+        self._vals = np.full((3, 0, history), np.nan)  # excursion up, down, mean
         self._pos = np.zeros(0, np.int64)
 
     def _slot_of(self, rows: EnrichedResults, idx: I64) -> I64:
@@ -135,10 +138,11 @@ class RobustZDetector:
         r_idx = idx[ready]
         floor = rows.scale_floor[r_idx]
         scale = np.maximum(mad, floor[None, :])
+        feats = self._features(rows, r_idx)
         z = np.stack([
-            (rows.max[r_idx] - med[0]) / scale[0],  # high extreme
-            (med[1] - rows.min[r_idx]) / scale[1],  # low extreme
-            np.abs(rows.mean[r_idx] - med[2]) / scale[2],  # level
+            (feats[0] - med[0]) / scale[0],  # excursion above the window's mean
+            (feats[1] - med[1]) / scale[1],  # excursion below it
+            np.abs(feats[2] - med[2]) / scale[2],  # level
         ])
         best = np.argmax(z, axis=0)
         best_z = z[best, np.arange(z.shape[1])]
@@ -147,11 +151,12 @@ class RobustZDetector:
             i = int(r_idx[j])
             which = int(best[j])
             value = (rows.max[i], rows.min[i], rows.mean[i])[which]
-            ref = float(med[which, j])
-            direction = ("high", "low", "high" if value > ref else "low")[which]
+            # the typical value: the window's mean plus a typical excursion, or a typical mean
+            ref = float((rows.mean[i] + med[0, j], rows.mean[i] - med[1, j], med[2, j])[which])
             what = ("max", "min", "mean")[which]
             out.append(Anomaly(
-                row=i, detector=self.name, direction=direction if which < 2 else "level",
+                row=i, detector=self.name,
+                direction=("high", "low", "level")[which],
                 score=float(best_z[j]), value=float(value), reference=ref,
                 message=f"{rows.metric[i]} {what} {value:.4g} vs typical {ref:.4g} "
                         f"(robust z {best_z[j]:.1f})",
@@ -167,11 +172,18 @@ class RobustZDetector:
         has = same.any(axis=1)
         col = np.where(has, np.argmax(same, axis=1), self._pos[slots])
         self._starts[slots, col] = start
-        self._vals[0, slots, col] = rows.max[idx]
-        self._vals[1, slots, col] = rows.min[idx]
-        self._vals[2, slots, col] = rows.mean[idx]
+        feats = self._features(rows, idx)
+        self._vals[0, slots, col] = feats[0]
+        self._vals[1, slots, col] = feats[1]
+        self._vals[2, slots, col] = feats[2]
         adv = slots[~has]
         self._pos[adv] = (self._pos[adv] + 1) % self.history
+
+    @staticmethod
+    def _features(rows: EnrichedResults, idx: I64) -> F64:
+        """(max - mean, mean - min, mean) of each row."""
+        mean = rows.mean[idx]
+        return np.stack([rows.max[idx] - mean, mean - rows.min[idx], mean])
 
     @property
     def series(self) -> int:

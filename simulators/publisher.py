@@ -24,7 +24,7 @@ class FleetPublisher:
 
     def __init__(self, sim: FleetSimulator, brokers: dict[str, BrokerAddress], *, qos: int = 1,
                  client_prefix: str = "fieldline-sim") -> None:
-        missing = set(sim.spec.gateway_ids()) - set(brokers)
+        missing = set(sim.gateways) - set(brokers)
         if missing:
             raise ValueError(f"no broker given for gateway(s) {sorted(missing)}")
         self.sim = sim
@@ -32,6 +32,8 @@ class FleetPublisher:
         self._clients: dict[str, mqtt.Client] = {}
         self._by_gateway: dict[str, mqtt.Client] = {}
         for gw, addr in brokers.items():
+            if gw not in sim.gateways:
+                continue  # another shard's gateway
             key = f"{addr.host}:{addr.port}"
             if key not in self._clients:
                 client, _ = make_client(addr, f"{client_prefix}-{len(self._clients)}")

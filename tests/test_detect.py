@@ -11,16 +11,18 @@ T = 1_700_000_000_000
 
 
 def rows(starts: list[int], maxes: list[float], *, device: str = "d1", rev: int = 0,
-         high: float = np.nan) -> EnrichedResults:
+         high: float = np.nan, means: list[float] | None = None) -> EnrichedResults:
+    """Windows whose max is given; their mean sits 0.5 below it unless ``means`` are given."""
     n = len(starts)
     mx = np.array(maxes)
+    mean = np.array(means) if means is not None else mx - 0.5
     return EnrichedResults(
         gateway="gw", device=[device] * n, metric=["temperature"] * n, site=["s"] * n,
         unit=["degC"] * n, window=["10s"] * n, known=np.ones(n, bool),
         start=np.array(starts, np.int64),
         width=np.full(n, 10_000, np.int64), rev=np.full(n, rev, np.int64),
-        count=np.full(n, 10, np.int64), sum=mx * 10 - 5, min=mx - 1, max=mx, mean=mx - 0.5,
-        std=np.full(n, 0.3), first=mx - 0.5, last=mx - 0.5, low=np.full(n, np.nan),
+        count=np.full(n, 10, np.int64), sum=mean * 10, min=mean - 0.5, max=mx, mean=mean,
+        std=np.full(n, 0.3), first=mean, last=mean, low=np.full(n, np.nan),
         high=np.full(n, high), scale_floor=np.full(n, 0.01), rate=np.zeros(n),
         pct=np.empty((n, 0)), pct_names=[], seq_min=None, seq_max=None, seq_sum=None)
 
@@ -32,10 +34,26 @@ def test_robust_z_flags_a_spike_after_warm_up_only() -> None:
     base = list(20 + 0.1 * rng.standard_normal(12))
     found = stage.run(rows([T + i * 10_000 for i in range(12)], base))
     assert found == []
-    spike = stage.run(rows([T + 12 * 10_000], [28.0]))
+    spike = stage.run(rows([T + 12 * 10_000], [28.0], means=[20.8]))
     assert len(spike) == 1
     assert spike[0].direction == "high"
     assert spike[0].score > 8
+
+
+def test_a_slow_wander_is_not_a_spike_but_an_excursion_is() -> None:
+    """The level walks away over the history; excursions within windows stay typical."""
+    det = RobustZDetector(history=30, min_history=10, threshold=8.0)
+    stage = DetectionStage([det])
+    rng = np.random.default_rng(2)
+    level = 20 + np.cumsum(0.3 * rng.standard_normal(40))  # a strong random walk of the mean
+    exc = 0.5 + 0.05 * rng.standard_normal(40)
+    found = []
+    for i in range(40):
+        found += stage.run(rows([T + i * 10_000], [float(level[i] + exc[i])],
+                                means=[float(level[i])]))
+    assert [a for a in found if a.direction == "high"] == []
+    spike = stage.run(rows([T + 40 * 10_000], [float(level[-1] + 4.0)], means=[float(level[-1])]))
+    assert [a.direction for a in spike] == ["high"]
 
 
 def test_a_revision_replaces_what_was_learned() -> None:
