@@ -79,7 +79,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     cfg = load_sim_config(args.config)
     start = time.time_ns() // 1_000_000 - cfg.backfill_ms
-    sim = FleetSimulator(cfg.spec, start)
+    try:
+        index, count = (int(x) for x in args.shard.split("/"))
+    except ValueError:
+        raise ConfigError("--shard", f"must be I/N, e.g. 0/4; got {args.shard!r}") from None
+    try:
+        sim = FleetSimulator(cfg.spec, start, shard=(index, count))
+    except ValueError as exc:
+        raise ConfigError("--shard", str(exc)) from None
     if cfg.registry_path:
         sim.registry().to_csv(cfg.registry_path)
         print(f"registry of {len(sim.device_ids)} devices written to {cfg.registry_path}")
@@ -87,7 +94,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if not cfg.registry_path:
             raise ConfigError("output.registry", "is required with --registry-only")
         return 0
-    pub = FleetPublisher(sim, cfg.brokers, qos=cfg.qos)
+    if cfg.truth_path:
+        cfg.truth_path.write_text("")
+    pub = FleetPublisher(sim, cfg.brokers, qos=cfg.qos, truth_path=cfg.truth_path)
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -111,10 +120,53 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         runner.join()
         pub.close()
         if cfg.truth_path:
-            pub.write_truth(cfg.truth_path)
             print(f"\nground truth: {cfg.truth_path}")
     print(f"\npublished {pub.published} readings from {len(sim.device_ids)} devices, "
-          f"{len(sim.truth)} faults injected")
+          f"{len(sim.truth)} faults injected, max {pub.max_behind_ms / 1000:.1f} s behind")
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from devices.mqtt import parse_broker_url
+    from simulators.publisher import FleetPublisher
+    from simulators.replay import ReplaySimulator, load_nab, load_skab
+
+    data = Path(args.data)
+    if not data.is_dir():
+        raise ConfigError("--data", f"not a directory: {data}")
+    recs = []
+    try:
+        recs += [load_nab(data / "nab", f) for f in args.nab]
+        recs += [load_skab(data / "skab", f) for f in args.skab]
+    except (OSError, KeyError, ValueError) as exc:
+        raise ConfigError("--nab/--skab", str(exc)) from None
+    if not recs:
+        raise ConfigError("--nab/--skab", "name at least one file to replay")
+    start = time.time_ns() // 1_000_000 - int(args.backfill * 1000)
+    sim = ReplaySimulator(recs, start, speed=args.speed, gateway=args.gateway)
+    truth = Path(args.truth) if args.truth else None
+    if truth:
+        truth.write_text("")
+    broker = parse_broker_url(args.broker, "--broker")
+    pub = FleetPublisher(sim, {args.gateway: broker}, truth_path=truth)
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    duration = sim.remaining_ticks() * sim.spec.interval_ms / 1000
+    print(f"replaying {len(recs)} file(s) as {[r.device for r in recs]} at {args.speed}x: "
+          f"{duration:,.0f} s")
+    runner = threading.Thread(target=pub.run_realtime, args=(stop, duration), daemon=True)
+    runner.start()
+    try:
+        while runner.is_alive():
+            runner.join(1.0)
+            sys.stderr.write(f"\r{pub.published:,} readings published, behind "
+                             f"{pub.behind_ms / 1000:.1f}s   ")
+    finally:
+        stop.set()
+        runner.join()
+        pub.close()
+    print(f"\npublished {pub.published} readings; ground truth: {truth or '(not written)'}")
     return 0
 
 
@@ -176,7 +228,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--duration", type=float, default=None)
     s.add_argument("--registry-only", action="store_true",
                    help="write the fleet's device registry (output.registry) and exit")
+    s.add_argument("--shard", default="0/1",
+                   help="I/N: publish only gateways g with g %% N == I (split a fleet across "
+                        "processes; together the shards publish exactly the whole fleet)")
     s.set_defaults(func=cmd_simulate)
+
+    r = sub.add_parser("replay", help="replay recorded data sets (NAB, SKAB) as devices")
+    r.add_argument("--data", required=True, help="the data directory (holding nab/ and skab/)")
+    r.add_argument("--nab", action="append", default=[],
+                   help="a NAB file relative to nab/data, e.g. "
+                        "realKnownCause/machine_temperature_system_failure.csv")
+    r.add_argument("--skab", action="append", default=[],
+                   help="a SKAB file relative to skab/data, e.g. valve1/0.csv")
+    r.add_argument("--broker", required=True, help="the gateway broker, mqtt://host:port")
+    r.add_argument("--gateway", default="replay-1")
+    r.add_argument("--speed", type=float, default=1.0,
+                   help="data seconds per real second (300: 5-minute samples every second)")
+    r.add_argument("--backfill", type=float, default=0.0,
+                   help="start this many seconds in the past and catch up at full speed")
+    r.add_argument("--truth", help="write the labels (in replay time) to this JSONL file")
+    r.set_defaults(func=cmd_replay)
 
     g = sub.add_parser("grafana", help="dashboards").add_subparsers(dest="sub", required=True)
     ge = g.add_parser("export", help="write provisioning files")

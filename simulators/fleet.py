@@ -322,15 +322,8 @@ class GatewayGenerator:
                dropped: np.ndarray, burst: I64, hit: dict[str, np.ndarray], hold: I64,
                out: list[tuple[str, bytes]]) -> None:
         spec = self.spec
-        # release readings held back from earlier intervals first
-        still = []
-        for item in self.held:
-            if item[0] <= t0:
-                out.append((item[1], item[2]))
-                self.published.extend(item[3])
-            else:
-                still.append(item)
-        self.held = still
+        due = [item for item in self.held if item[0] <= t0]
+        self.held = [item for item in self.held if item[0] > t0]
         row_start = np.searchsorted(self.row_dev, np.arange(len(self.device_ids)))
         k = spec.sensors_per_device
         for d in self.rng_order.permutation(len(self.device_ids)).tolist():
@@ -379,6 +372,11 @@ class GatewayGenerator:
                 else:
                     out.extend([(topic, payload)] * copies)
                     self.published.extend(recs)
+        # readings held back from earlier intervals go out after this interval's own, so a
+        # reading held one interval arrives after its device's next one: out of order
+        for item in due:
+            out.append((item[1], item[2]))
+            self.published.extend(item[3])
 
     def drain(self, out: list[tuple[str, bytes]]) -> None:
         for item in sorted(self.held, key=lambda x: x[0]):

@@ -7,28 +7,56 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 
 from devices.mqtt import BrokerAddress, make_client
-from simulators.fleet import FleetSimulator, Tick
+from simulators.fleet import Tick
 
 log = logging.getLogger("fieldline.simulators")
 
 OUTSTANDING_LIMIT = 20_000
 
 
-class FleetPublisher:
-    """One MQTT connection per distinct broker; gateways sharing a broker share the connection."""
+class Source(Protocol):
+    """What the publisher needs of a fleet: ``FleetSimulator`` or ``ReplaySimulator``."""
 
-    def __init__(self, sim: FleetSimulator, brokers: dict[str, BrokerAddress], *, qos: int = 1,
-                 client_prefix: str = "fieldline-sim") -> None:
+    start_ms: int
+    ticks_done: int
+
+    @property
+    def truth(self) -> list[dict[str, object]]: ...
+
+    @property
+    def spec(self) -> Any: ...
+
+    @property
+    def gateways(self) -> list[str]: ...
+
+    def tick(self) -> Tick: ...
+
+    def ticks(self, count: int | None = None) -> Any: ...
+
+    def drain_held(self) -> Tick: ...
+
+    def new_truth(self) -> list[dict[str, object]]: ...
+
+
+class FleetPublisher:
+    """One MQTT connection per distinct broker; gateways sharing a broker share the connection.
+
+    With ``truth_path``, ground truth is appended to that JSONL file as it happens (each record
+    is written before the messages of its interval are published)."""
+
+    def __init__(self, sim: Source, brokers: dict[str, BrokerAddress], *, qos: int = 1,
+                 client_prefix: str = "fieldline-sim", truth_path: Path | None = None) -> None:
         missing = set(sim.gateways) - set(brokers)
         if missing:
             raise ValueError(f"no broker given for gateway(s) {sorted(missing)}")
         self.sim = sim
         self.qos = qos
+        self._truth = truth_path.open("a") if truth_path is not None else None
         self._clients: dict[str, mqtt.Client] = {}
         self._by_gateway: dict[str, mqtt.Client] = {}
         for gw, addr in brokers.items():
@@ -51,6 +79,10 @@ class FleetPublisher:
         self._outstanding = 0
 
     def publish_tick(self, tick: Tick) -> int:
+        if self._truth is not None:
+            for rec in self.sim.new_truth():
+                self._truth.write(json.dumps(rec) + "\n")
+            self._truth.flush()
         n = 0
         for gw, msgs in tick.messages.items():
             client = self._by_gateway[gw]
@@ -115,6 +147,11 @@ class FleetPublisher:
                 fh.write(json.dumps(rec) + "\n")
 
     def close(self) -> None:
+        if self._truth is not None:
+            for rec in self.sim.new_truth():
+                self._truth.write(json.dumps(rec) + "\n")
+            self._truth.close()
+            self._truth = None
         for c in self._clients.values():
             c.disconnect()
             c.loop_stop()
