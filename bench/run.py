@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from bench import custody, engine, pipeline, sketches
+from bench import custody, engine, pipeline, simulator, sketches
 
 
 def main() -> None:
@@ -13,6 +13,7 @@ def main() -> None:
     sketches.main()
     pipeline.main()
     custody.main()
+    simulator.main()
 
 
 if __name__ == "__main__":

@@ -111,9 +111,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             runner.join(1.0)
             n = pub.published
             el = time.monotonic() - t0
+            c = pub.counters
             sys.stderr.write(f"\r{len(sim.device_ids):,} devices  {n:,} published  "
                              f"{n - last:,} msg/s  behind {pub.behind_ms / 1000:.1f}s  "
-                             f"faults {len(sim.truth):,}  {int(el)}s   ")
+                             f"faults {len(sim.truth):,}  refused {c['refused']:,}  "
+                             f"reconnects {c['reconnects']}  {int(el)}s   ")
             last = n
     finally:
         stop.set()
@@ -121,8 +123,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         pub.close()
         if cfg.truth_path:
             print(f"\nground truth: {cfg.truth_path}")
+    c = pub.counters
     print(f"\npublished {pub.published} readings from {len(sim.device_ids)} devices, "
-          f"{len(sim.truth)} faults injected, max {pub.max_behind_ms / 1000:.1f} s behind")
+          f"{len(sim.truth)} faults injected, max {pub.max_behind_ms / 1000:.1f} s behind; "
+          f"broker acknowledged {c['acked']}, refused {c['refused']}, "
+          f"{c['reconnects']} reconnects ({c['resent']} re-sent)")
+    if pub.error:
+        print(f"stopped early: {pub.error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from pathlib import Path
 from typing import Any, Protocol
 
-import paho.mqtt.client as mqtt
-
-from devices.mqtt import BrokerAddress, make_client
+from devices.mqtt import BrokerAddress
 from simulators.fleet import Tick
+from simulators.wire import BrokerUnreachableError, WirePublisher
 
 log = logging.getLogger("fieldline.simulators")
-
-OUTSTANDING_LIMIT = 20_000
 
 
 class Source(Protocol):
@@ -46,37 +44,38 @@ class Source(Protocol):
 class FleetPublisher:
     """One MQTT connection per distinct broker; gateways sharing a broker share the connection.
 
-    With ``truth_path``, ground truth is appended to that JSONL file as it happens (each record
-    is written before the messages of its interval are published)."""
+    Each interval's messages go out in bulk (``simulators.wire``): one simulator process keeps
+    10,000 devices at 1 Hz on schedule. While a broker is unreachable the devices wait and
+    re-send what was not acknowledged (``behind_ms`` shows it), and give up after
+    ``reconnect_for_s``. With ``truth_path``, ground truth is appended to that JSONL file as it
+    happens (each record is written before the messages of its interval are published)."""
 
     def __init__(self, sim: Source, brokers: dict[str, BrokerAddress], *, qos: int = 1,
-                 client_prefix: str = "fieldline-sim", truth_path: Path | None = None) -> None:
+                 client_prefix: str = "fieldline-sim", truth_path: Path | None = None,
+                 reconnect_for_s: float = 300.0) -> None:
         missing = set(sim.gateways) - set(brokers)
         if missing:
             raise ValueError(f"no broker given for gateway(s) {sorted(missing)}")
         self.sim = sim
         self.qos = qos
+        stop = threading.Event()
         self._truth = truth_path.open("a") if truth_path is not None else None
-        self._clients: dict[str, mqtt.Client] = {}
-        self._by_gateway: dict[str, mqtt.Client] = {}
+        self._clients: dict[str, WirePublisher] = {}
+        self._by_gateway: dict[str, WirePublisher] = {}
         for gw, addr in brokers.items():
             if gw not in sim.gateways:
                 continue  # another shard's gateway
             key = f"{addr.host}:{addr.port}"
             if key not in self._clients:
-                client, _ = make_client(addr, f"{client_prefix}-{len(self._clients)}")
-                client.max_inflight_messages_set(1000)
-                client.max_queued_messages_set(0)
-                self._clients[key] = client
-                client.connect(addr.host, addr.port, keepalive=30)
-                client.loop_start()
+                self._clients[key] = WirePublisher(
+                    addr, f"{client_prefix}-{os.getpid()}-{len(self._clients)}",
+                    reconnect_for_s=reconnect_for_s, stop=stop)
             self._by_gateway[gw] = self._clients[key]
         self.published = 0
         self.behind_ms = 0.0
         self.max_behind_ms = 0.0
         self.started = time.monotonic()
-        self._last: list[mqtt.MQTTMessageInfo] = []
-        self._outstanding = 0
+        self.error: str | None = None
 
     def publish_tick(self, tick: Tick) -> int:
         if self._truth is not None:
@@ -85,35 +84,34 @@ class FleetPublisher:
             self._truth.flush()
         n = 0
         for gw, msgs in tick.messages.items():
-            client = self._by_gateway[gw]
-            info = None
-            for topic, payload in msgs:
-                info = client.publish(topic, payload, qos=self.qos)
-                n += 1
-                self._outstanding += 1
-                if self._outstanding >= OUTSTANDING_LIMIT:
-                    # paho has 65,535 message ids: wait for the broker before reusing them
-                    info.wait_for_publish(60)
-                    self._outstanding = 0
-            if info is not None:
-                self._last.append(info)
+            n += self._by_gateway[gw].publish_many(msgs, self.qos)
         self.published += n
-        if len(self._last) > 64:
-            self._last = self._last[-64:]
         return n
 
+    @property
+    def counters(self) -> dict[str, int]:
+        """Summed over connections: acknowledged, refused by the broker, re-sent, reconnects."""
+        out = {"acked": 0, "refused": 0, "no_subscribers": 0, "resent": 0, "reconnects": 0,
+               "in_flight": 0}
+        for c in self._clients.values():
+            k = c.counters
+            out["acked"] += k.acked
+            out["refused"] += sum(k.refused.values())
+            out["no_subscribers"] += k.no_subscribers
+            out["resent"] += k.resent
+            out["reconnects"] += k.reconnects
+            out["in_flight"] += c.in_flight
+        return out
+
+    def idle(self) -> None:
+        for c in self._clients.values():
+            c.idle()
+
     def flush(self, timeout_s: float = 30.0) -> bool:
-        """Wait until every publish so far left the client (QoS 1: was acknowledged)."""
+        """Wait until every publish so far was acknowledged (QoS 1)."""
         deadline = time.monotonic() + timeout_s
-        for info in self._last:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            try:
-                info.wait_for_publish(timeout=remaining)
-            except (ValueError, RuntimeError):
-                return False
-        return all(i.is_published() for i in self._last)
+        return all(c.flush(max(0.0, deadline - time.monotonic()))
+                   for c in self._clients.values())
 
     def run_fast(self, ticks: int) -> int:
         """Publish ``ticks`` intervals back to back, then everything held back; return count."""
@@ -125,20 +123,38 @@ class FleetPublisher:
 
     def run_realtime(self, stop: threading.Event, duration_s: float | None = None,
                      clock_ms: Any = None) -> None:
-        """Publish each interval when it ends in wall time, until ``stop`` or ``duration_s``."""
+        """Publish each interval when it ends in wall time, until ``stop`` or ``duration_s``.
+
+        ``stop`` also ends waiting for an unreachable broker; if a broker stays unreachable
+        for ``reconnect_for_s`` the run ends with ``error`` set."""
+        for c in self._clients.values():
+            c.stop = stop
+        try:
+            self._realtime(stop, duration_s, clock_ms)
+        except BrokerUnreachableError as exc:
+            self.error = str(exc)
+            log.error("simulator stopped: %s", exc)
+
+    def _realtime(self, stop: threading.Event, duration_s: float | None,
+                  clock_ms: Any) -> None:
         now_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
         interval = self.sim.spec.interval_ms
         t_end = None if duration_s is None else now_ms() + int(duration_s * 1000)
         while not stop.is_set():
             due = self.sim.start_ms + (self.sim.ticks_done + 1) * interval
             wait = due - now_ms()
-            if wait > 0 and stop.wait(wait / 1000):
-                break
-            self.behind_ms = max(0.0, float(now_ms() - due))
-            self.max_behind_ms = max(self.max_behind_ms, self.behind_ms)
+            if wait > 0:
+                # read acknowledgements (and keep the connection alive) while waiting
+                self.idle()
+                if stop.wait(min(wait / 1000, 5.0)):
+                    break
+                continue
             if t_end is not None and due > t_end:
                 break
             self.publish_tick(self.sim.tick())
+            # how late the last message of this interval left (the first left ``wait`` late)
+            self.behind_ms = max(0.0, float(now_ms() - due))
+            self.max_behind_ms = max(self.max_behind_ms, self.behind_ms)
         self.flush(5.0)
 
     def write_truth(self, path: Path) -> None:
@@ -147,11 +163,13 @@ class FleetPublisher:
                 fh.write(json.dumps(rec) + "\n")
 
     def close(self) -> None:
+        """Stop waiting for brokers (this sets the ``stop`` given to ``run_realtime``)."""
+        for c in self._clients.values():
+            c.stop.set()
         if self._truth is not None:
             for rec in self.sim.new_truth():
                 self._truth.write(json.dumps(rec) + "\n")
             self._truth.close()
             self._truth = None
         for c in self._clients.values():
-            c.disconnect()
-            c.loop_stop()
+            c.close()
