@@ -29,7 +29,7 @@ class EdgeConfig:
     intake_qos: int = 1
     durable: bool = True  # intake log + acknowledging device messages only once logged
     checkpoint_interval_ms: int = 30_000
-    max_pending: int = 200_000
+    max_pending: int = 10_000
     max_payload_bytes: int = 256 * 1024
     max_future_ms: int = 5 * 60_000
     max_past_ms: int = 7 * 86_400_000
@@ -142,7 +142,7 @@ def edge_config_from(root: Section) -> EdgeConfig:
         intake_qos=intake.integer("qos", 1, minimum=0, maximum=2),
         durable=intake.flag("durable", True),
         checkpoint_interval_ms=agent.duration_ms("checkpoint_interval", 30_000, minimum=100),
-        max_pending=intake.integer("max_pending", 200_000, minimum=1),
+        max_pending=intake.integer("max_pending", 10_000, minimum=1),
         max_payload_bytes=intake.integer("max_payload_bytes", 256 * 1024, minimum=64),
         uplink_broker=parse_broker_url(uplink.text("broker"), uplink.key("broker"),
                                        ca_file=uplink.text("ca_file", None),

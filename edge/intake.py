@@ -40,7 +40,7 @@ class MqttIntake:
         clock: Clock,
         client_id: str,
         qos: int = 1,
-        max_pending: int = 200_000,
+        max_pending: int = 10_000,
         session_expiry_s: int = 3600,
         manual_ack: bool = False,
     ) -> None:
