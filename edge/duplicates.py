@@ -69,7 +69,11 @@ class DuplicateFilter:
             self._scratch = np.full((grow, self.memory), _FREE, np.int32)
 
     def codes(self, ts: I64, value: F64, seq: I64) -> I64:
-        return np.where(seq != NO_SEQ, seq & (_HASH_FLAG - 1), _tv_code(ts, value))
+        code = seq & (_HASH_FLAG - 1)
+        no_seq = np.flatnonzero(seq == NO_SEQ)
+        if len(no_seq):
+            code[no_seq] = _tv_code(ts[no_seq], value[no_seq])
+        return code
 
     def check(self, dev: I64, ts: I64, value: F64, seq: I64) -> npt.NDArray[np.bool_]:
         """Mask of duplicates; the others are remembered."""
@@ -82,14 +86,15 @@ class DuplicateFilter:
         rows = np.arange(n)
         off = seq - self.high[dev] - 1
         fast = (seq != NO_SEQ) & (off >= 0) & (off < self.memory)
-        f = rows[fast]
+        every = bool(fast.all())
+        f = rows if every else rows[fast]
         if len(f):
-            flat = dev[f] * self.memory + off[f]
+            flat = (dev * self.memory + off) if every else dev[f] * self.memory + off[f]
             scratch = self._scratch.reshape(-1)
             np.minimum.at(scratch, flat, f.astype(np.int32))  # the first occurrence keeps its row
             dup[f] = scratch[flat] != f
             scratch[flat] = _FREE
-        slow = rows[~fast]
+        slow = np.empty(0, np.int64) if every else rows[~fast]
         if len(slow):
             sd, sc = dev[slow], code[slow]
             for lo in range(0, len(slow), _CHUNK):  # bounded temporary memory
@@ -105,15 +110,19 @@ class DuplicateFilter:
     def _remember(self, dev: I64, code: I64, seq: I64, off: I64,
                   fast: npt.NDArray[np.bool_], dup: npt.NDArray[np.bool_]) -> None:
         m = self.memory
-        new_fast = np.flatnonzero(fast & ~dup)
-        if len(new_fast):  # distinct offsets per device give distinct ring slots
-            fd = dev[new_fast]
-            self.ring.reshape(-1)[fd * m + (self.pos[fd] + off[new_fast]) % m] = code[new_fast]
+        keep = fast & ~dup
+        new_fast = None if keep.all() else np.flatnonzero(keep)
+        if new_fast is None or len(new_fast):  # distinct offsets per device: distinct slots
+            fd = dev if new_fast is None else dev[new_fast]
+            fo = off if new_fast is None else off[new_fast]
+            slot = self.pos[fd] + fo
+            slot = slot & (m - 1) if m & (m - 1) == 0 else slot % m
+            self.ring.reshape(-1)[fd * m + slot] = code if new_fast is None else code[new_fast]
             adv = np.zeros(len(self.pos), np.int64)
-            np.maximum.at(adv, fd, off[new_fast] + 1)
+            np.maximum.at(adv, fd, fo + 1)
             self.pos += adv
             self.pos %= m
-            np.maximum.at(self.high, fd, seq[new_fast])
+            np.maximum.at(self.high, fd, seq if new_fast is None else seq[new_fast])
         new_slow = np.flatnonzero(~fast & ~dup)
         if len(new_slow):
             sd = dev[new_slow]
