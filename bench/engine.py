@@ -181,6 +181,8 @@ health_interval = "500ms"
     got = threading.Event()
 
     def on_message(_c: object, _u: object, m: mqtt.MQTTMessage) -> None:
+        if not m.topic.endswith("/health"):
+            return
         rep = decode_uplink(m.payload)
         if isinstance(rep, HealthReport):
             health.update(rep.counters)
@@ -190,7 +192,9 @@ health_interval = "500ms"
     sub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     sub.on_message = on_message
     sub.connect("127.0.0.1", cloud.port)
-    sub.subscribe("fieldline/v1/+/health", qos=0)
+    # everything the agent sends has a taker, as with a cloud worker attached (a result batch
+    # nobody subscribes to is refused by MQTT 5 and stays in the agent's outbox)
+    sub.subscribe("fieldline/v1/#", qos=1)
     sub.loop_start()
     proc = subprocess.Popen([sys.executable, "-m", "fieldline.cli", "--log-level", "ERROR",
                              "edge", "run", "--config", str(cfg)])

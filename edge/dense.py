@@ -392,7 +392,7 @@ class DenseFixedWindows:
         }
         for f in FIELDS:
             snap["agg_" + f] = getattr(self.agg, f)
-        out = {prefix + k: np.asarray(v).copy() for k, v in snap.items()}
+        out = {prefix + k: np.asarray(v) for k, v in snap.items()}  # views: see engine
         out.update(self.overflow.snapshot(prefix + "over_"))
         return out
 

@@ -153,8 +153,7 @@ class DuplicateFilter:
         return int(self.ring.nbytes + self.pos.nbytes + self.high.nbytes + self._scratch.nbytes)
 
     def snapshot(self) -> dict[str, npt.NDArray[np.generic]]:
-        return {"dup_ring": self.ring.copy(), "dup_pos": self.pos.copy(),
-                "dup_high": self.high.copy()}
+        return {"dup_ring": self.ring, "dup_pos": self.pos, "dup_high": self.high}
 
     def restore(self, snap: dict[str, npt.NDArray[np.generic]]) -> None:
         ring = snap["dup_ring"].astype(np.int64)

@@ -250,6 +250,12 @@ class WindowEngine:
     # ---- durability ---------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, npt.NDArray[np.generic]]:
+        """The window state as named arrays, for a checkpoint file or ``restore``.
+
+        The arrays are views of the live state, not copies (a checkpoint of 10,000 devices
+        would otherwise double the state's memory for a moment): write or restore them before
+        the next ``fold`` or ``emit``. ``restore`` copies what it takes.
+        """
         snap = self.time.snapshot()
         snap.update(self.dedup.snapshot())
         snap["labels"] = np.array(self.config.labels)

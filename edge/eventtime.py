@@ -208,9 +208,9 @@ class DeviceTime:
     # ---- durability ---------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, npt.NDArray[np.generic]]:
-        return {"dt_max_ts": self.max_ts.copy(), "dt_wm_floor": self.wm_floor.copy(),
-                "dt_state": self.state.copy(), "dt_skew_est": self.skew_est.copy(),
-                "dt_skew_cur": self.skew_cur.copy()}
+        return {"dt_max_ts": self.max_ts, "dt_wm_floor": self.wm_floor,
+                "dt_state": self.state, "dt_skew_est": self.skew_est,
+                "dt_skew_cur": self.skew_cur}
 
     def restore(self, snap: dict[str, npt.NDArray[np.generic]], now_mono_ms: int) -> None:
         self.max_ts = snap["dt_max_ts"].astype(np.int64)

@@ -359,7 +359,7 @@ class WindowOperator:
         for f in FIELDS:
             snap["agg_" + f] = getattr(self.agg, f)
         snap.update(self._extra_snapshot())
-        return {prefix + k: np.asarray(v).copy() for k, v in snap.items()}
+        return {prefix + k: np.asarray(v) for k, v in snap.items()}  # views: see engine
 
     def restore(self, snap: dict[str, npt.NDArray[np.generic]], prefix: str) -> None:
         def get(name: str) -> npt.NDArray[np.generic]:
