@@ -48,6 +48,7 @@ class EdgeConfig:
     outbox_policy: str = "drop_oldest"
     outbox_fsync: bool = True
     flush_on_stop: bool = False
+    compact_malloc: bool = True  # edge.memory: pin glibc's malloc thresholds (lower RSS)
     forward_late: bool = False  # publish readings dropped as late, raw, on fieldline/v1/<gw>/late
     catalog: Catalog = field(default_factory=Catalog)
 
@@ -164,6 +165,7 @@ def edge_config_from(root: Section) -> EdgeConfig:
         health_interval_ms=agent.duration_ms("health_interval", 5_000, minimum=100),
         ledger_interval_ms=agent.duration_ms("ledger_interval", 60_000, minimum=100),
         flush_on_stop=agent.flag("flush_on_stop", False),
+        compact_malloc=agent.flag("compact_malloc", True),
         catalog=catalog,
     )
     for s in (gw, intake, uplink, validate, agent, windows, clock, dedup, outbox):

@@ -47,8 +47,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_edge_run(args: argparse.Namespace) -> int:
     from edge.agent import EdgeAgent
     from edge.config import load_edge_config
+    from edge.memory import compact_malloc
 
     cfg = load_edge_config(args.config)
+    if cfg.compact_malloc:
+        compact_malloc()
     agent = EdgeAgent(cfg)
 
     async def main() -> None:

@@ -51,6 +51,7 @@ def test_good_edge_config_loads(tmp_path: Path) -> None:
     (GOOD_EDGE.replace('size = "10s"', 'specs = ["10s", "hopping:1m/7s"]'), "windows.specs[1]"),
     (GOOD_EDGE.replace('size = "10s"', 'specs = ["10s", "10s"]'), "windows.specs"),
     (GOOD_EDGE + '[clock]\npolicy = "guess"\n', "clock.policy"),
+    (GOOD_EDGE + '[agent]\ncompact_malloc = "yes"\n', "agent.compact_malloc"),
     (GOOD_EDGE.replace('size = "10s"', 'percentiles = [50]'), "windows.percentiles"),
 ])
 def test_bad_edge_config_names_the_key(tmp_path: Path, text: str, key: str) -> None:
