@@ -27,7 +27,7 @@ import psutil
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.common import Figure, figure, report
-from devices.contract import HealthReport, decode_uplink
+from devices.contract import HealthReport, ResultBatch, ack_topic, decode_uplink, encode_ack
 from devices.readings import ReadingColumns
 from edge.engine import EngineConfig, WindowEngine
 from edge.eventtime import EventTimeSpec
@@ -181,9 +181,11 @@ health_interval = "500ms"
     got = threading.Event()
 
     def on_message(_c: object, _u: object, m: mqtt.MQTTMessage) -> None:
-        if not m.topic.endswith("/health"):
-            return
+        if not m.topic.endswith(("/results", "/health")):
+            return  # late readings, ledgers, our own acknowledgements
         rep = decode_uplink(m.payload)
+        if isinstance(rep, ResultBatch):  # acknowledged as the cloud worker would, once stored
+            sub.publish(ack_topic(rep.gateway), encode_ack([rep.seq]), qos=1)
         if isinstance(rep, HealthReport):
             health.update(rep.counters)
             health.update(rep.gauges)
@@ -192,8 +194,9 @@ health_interval = "500ms"
     sub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     sub.on_message = on_message
     sub.connect("127.0.0.1", cloud.port)
-    # everything the agent sends has a taker, as with a cloud worker attached (a result batch
-    # nobody subscribes to is refused by MQTT 5 and stays in the agent's outbox)
+    # everything the agent sends has a taker that acknowledges result batches, as a cloud
+    # worker does (stand-in: no InfluxDB here, it would compete for the same two cores); without
+    # acknowledgements the outbox grows and the agent keeps re-sending
     sub.subscribe("fieldline/v1/#", qos=1)
     sub.loop_start()
     proc = subprocess.Popen([sys.executable, "-m", "fieldline.cli", "--log-level", "ERROR",
