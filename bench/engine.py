@@ -236,7 +236,7 @@ def main(n: int = 1_500_000) -> list[Figure]:
     data = make_data(n)
     parts = batches(data)
     run_engine(parts[:4])  # warm up
-    eng_s, _ = min((run_engine(parts) for _ in range(2)), key=lambda r: r[0])
+    eng_s, _ = min((run_engine(parts) for _ in range(3)), key=lambda r: r[0])
     eng_np_s, _ = min((run_engine(parts, percentiles=False) for _ in range(2)),
                       key=lambda r: r[0])
     np_s = min(run_numpy_groupby(parts) for _ in range(3))

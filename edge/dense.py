@@ -36,8 +36,9 @@ from edge.windows import (
     WindowSpec,
 )
 
-H = 32  # dense histogram buckets per cell (uint16: a cell switches to the sparse store
-HIST_MAX = 65_000  # for readings beyond this count, so no counter can overflow)
+H = 32  # dense histogram buckets per cell, a power of two (uint16 counters: a cell switches to
+HIST_MAX = 65_000  # the sparse store beyond this count, so no counter can overflow)
+SHIFT_H = H.bit_length() - 1
 FREE = -1
 INF = np.inf
 NO_CLAIM = np.iinfo(np.int32).max
@@ -349,20 +350,20 @@ class DenseFixedWindows:
         # row-major: rows ascending, buckets ascending within a row (a boolean mask first:
         # flatnonzero of a bool array is 5x faster than of uint16)
         flat = np.flatnonzero(h != 0)
-        r = flat // H
-        keys = self.hbase[cells][r] + flat % H
+        row = flat >> SHIFT_H
+        keys = self.hbase[cells][row] + (flat & (H - 1))
         counts = h.reshape(-1)[flat].astype(np.int64)
-        row = r
         if len(self.sparse_sketch):
             sk, sc, so = self.sparse_sketch.export(cells)
             if len(sk):
+                # both runs are sorted by (row, key): the few sparse entries are inserted where
+                # they belong (a search and one copy, instead of sorting everything)
                 srow = np.repeat(np.arange(len(cells)), np.diff(so))
-                keys = np.concatenate([keys, sk])
-                counts = np.concatenate([counts, sc])
-                row = np.concatenate([row, srow])
-                # two runs, each sorted by (row, key): a stable sort merges them in linear time
-                order = np.argsort((row << 32) | (keys + (1 << 31)), kind="stable")
-                keys, counts, row = keys[order], counts[order], row[order]
+                at = np.searchsorted((row << 32) | (keys + (1 << 31)),
+                                     (srow << 32) | (sk + (1 << 31)), side="right")
+                keys = np.insert(keys, at, sk)
+                counts = np.insert(counts, at, sc)
+                row = np.insert(row, at, srow)
         offsets = np.concatenate(([0], np.cumsum(np.bincount(row, minlength=len(cells)))))
         return np.asarray(keys, np.int64), counts, offsets.astype(np.int64)
 

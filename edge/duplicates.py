@@ -85,7 +85,9 @@ class DuplicateFilter:
         dup = np.zeros(n, bool)
         rows = np.arange(n)
         off = seq - self.high[dev] - 1
-        fast = (seq != NO_SEQ) & (off >= 0) & (off < self.memory)
+        # 0 <= off < memory in one unsigned comparison; a reading without seq (NO_SEQ = -1)
+        # always has off < 0, as high >= -1
+        fast = off.view(np.uint64) < self.memory
         every = bool(fast.all())
         f = rows if every else rows[fast]
         if len(f):
