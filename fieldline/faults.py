@@ -41,6 +41,7 @@ class FaultProxy:
                                         name="fault-proxy")
         self._server: asyncio.base_events.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
         self._flowing: asyncio.Event | None = None
 
     @property
@@ -84,6 +85,10 @@ class FaultProxy:
         self._writers.clear()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:  # stop() waits for the handlers to wind down
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
         self.connections += 1
         if self.mode == "reset":
             _abort(writer)
@@ -141,6 +146,8 @@ class FaultProxy:
             await self._abort_all()
             if self._server is not None:
                 self._server.close()
+            if self._handlers:  # aborted connections end their pumps: let the handlers finish
+                await asyncio.wait(list(self._handlers), timeout=5)
 
         with contextlib.suppress(Exception):
             self._call(close()).result(10)
