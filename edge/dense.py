@@ -7,9 +7,14 @@ newest), so in steady state every reading finds its cell directly. The layout is
 fleet reporting every second fills one window of every series at a time, so a micro-batch
 touches one contiguous run of cells per slot (2.4x faster state access than series-major).
 
-A micro-batch is folded with ``bincount`` and ``ufunc.at``:
-count, sum, min, max, mean and M2 (Chan), first and last by event time; no grouping sort, no
-``searchsorted``, no inserts.
+A micro-batch is folded with ``ufunc.at`` straight into the state: count, min, max, first and
+last by event time, sequence checks, and the moments; no grouping sort, no ``searchsorted``, no
+inserts. The moments are kept shifted: a cell holds ``K`` (a reading of its window, the first
+one folded), ``S1 = sum(x - K)`` and ``S2 = sum(x - K)^2``, so each reading adds to two sums;
+results carry ``sum = n K + S1``, ``mean = K + S1 / n`` and ``M2 = S2 - S1^2 / n``. Because
+``K`` is one of the window's readings, ``n (mean - K)^2 <= n M2``: the cancellation in ``M2``
+costs at most a factor ``n`` over machine precision (Chan's pairwise update, used by the sparse
+layout and the cloud merge, needs a per-batch grouping this layout avoids).
 
 Each cell also holds a small dense histogram of sketch buckets (``H`` counters centred on the
 bucket of its first reading, ~±37 % around it at 1 % accuracy), which is where sensor noise lands.
@@ -223,29 +228,22 @@ class DenseFixedWindows:
         return np.asarray(self.overflow.keys[pos] == keys, dtype=bool)
 
     def _fold_dense(self, cell: I64, ts: I64, v: F64, seq: I64) -> None:
+        """Every aggregate goes straight into the state with ``ufunc.at``: in the slot-major
+        layout a batch's cells are close together, and nothing is grouped first."""
         a = self.agg
-        counts = np.bincount(cell, minlength=len(self.widx))
-        touched = np.flatnonzero(counts > 0)
-        t = len(touched)
-        self._map[touched] = np.arange(t, dtype=np.int32)
-        g = self._map[cell].astype(np.int64)
-        self._map[touched] = NO_CLAIM
-        bn = counts[touched]
-        bsum = np.bincount(g, weights=v, minlength=t)
-        bmean = bsum / bn
-        d = v - bmean[g]
-        bm2 = np.bincount(g, weights=d * d, minlength=t)
-        # Chan's parallel update of mean and M2
-        na = a.count[touched].astype(np.float64)
-        nb = bn.astype(np.float64)
-        tot = na + nb
-        delta = bmean - a.mean[touched]
-        a.m2[touched] = a.m2[touched] + bm2 + delta * delta * (na * nb / tot)
-        a.mean[touched] = a.mean[touched] + delta * (nb / tot)
-        a.count[touched] += bn
-        # the order-free aggregates go straight into the state with ufunc.at: in the slot-major
-        # layout a batch's cells are close together, so this beats merging per-batch partials
-        np.add.at(a.sum, cell, v)
+        keys = self.params.keys(v)
+        before = a.count[cell]
+        fresh = before == 0
+        if fresh.any():  # a new window: any reading of its first batch becomes its shift and
+            fc = cell[fresh]  # the centre of its histogram
+            a.mean[fc] = v[fresh]
+            self.hbase[fc] = keys[fresh] - H // 2
+        np.add.at(a.count, cell, np.int64(1))
+        # shifted moments (see the module docstring): mean holds the shift K, sum and m2 the
+        # sums of (x - K) and (x - K)^2
+        d = v - a.mean[cell]
+        np.add.at(a.sum, cell, d)
+        np.add.at(a.m2, cell, d * d)
         np.minimum.at(a.min, cell, v)
         np.maximum.at(a.max, cell, v)
         np.minimum.at(a.seq_min, cell, seq)
@@ -255,19 +253,12 @@ class DenseFixedWindows:
         # value among the rows at it (a cell whose extreme time moved forgets its old value)
         self._extreme(a.first_ts, a.first, cell, ts, v, np.minimum)
         self._extreme(a.last_ts, a.last, cell, ts, v, np.maximum)
-        self.dirty[touched] = True
-        # sketch: dense histogram around the first bucket of the cell, sparse beyond it; the
-        # bucket offsets are looked up in touched space (small), not per cell
-        keys = self.params.keys(v)
-        fresh = na == 0
-        if fresh.any():
-            first_key = np.empty(t, np.int64)
-            first_key[g] = keys  # any of the cell's first batch keys will do as a centre
-            self.hbase[touched[fresh]] = first_key[fresh] - H // 2
-        j = keys - self.hbase[touched][g]
+        self.dirty[cell] = True
+        # sketch: dense histogram around the first bucket of the cell, sparse beyond it
+        j = keys - self.hbase[cell]
         inside = (j >= 0) & (j < H)
-        if int(a.count[touched].max()) > HIST_MAX:  # counters of a cell this full stop here
-            inside &= (a.count[touched] <= HIST_MAX)[g]
+        if int(before.max()) + len(cell) > HIST_MAX:  # counters of a cell this full stop here
+            inside &= a.count[cell] <= HIST_MAX
         # flat index and a uint16 operand keep ufunc.at on its fast path (40x faster)
         if inside.all():
             np.add.at(self.hist.reshape(-1), cell * H + j, np.uint16(1))
@@ -338,11 +329,21 @@ class DenseFixedWindows:
             device=self.series_dev[s].copy(), metric=self.series_met[s].copy(),
             start=EPOCH_BASE_MS + self.widx[cells] * self.step,
             width=np.full(len(cells), self.spec.size_ms, np.int64), rev=self.rev[cells].copy(),
-            agg=self.agg.take(cells), pct=pct, sk_keys=keys, sk_counts=counts,
+            agg=self._moments(self.agg.take(cells)), pct=pct, sk_keys=keys, sk_counts=counts,
             sk_offsets=offsets)
         self.rev[cells] += 1
         self.dirty[cells] = False
         return out
+
+    @staticmethod
+    def _moments(agg: AggArrays) -> AggArrays:
+        """Shifted moments (K, sum of x - K, sum of (x - K)^2) to sum, mean and M2."""
+        n = agg.count.astype(np.float64)
+        k, s1, s2 = agg.mean, agg.sum, agg.m2
+        agg.sum = n * k + s1
+        agg.mean = k + s1 / n
+        agg.m2 = np.maximum(s2 - s1 * s1 / n, 0.0)
+        return agg
 
     def _sketches(self, cells: I64) -> tuple[I64, I64, I64]:
         """Flat (keys, counts, offsets) of the cells' sketches, keys ascending per cell."""
@@ -389,7 +390,7 @@ class DenseFixedWindows:
             "series_met": self.series_met, "n_series": np.array([self.n_series]),
             "ssk_codes": self.sparse_sketch.codes, "ssk_counts": self.sparse_sketch.counts,
             "label": np.array([self.spec.label]), "W": np.array([self.W]),
-            "layout": np.array(["slot-major"]),
+            "layout": np.array(["slot-major"]), "moments": np.array(["shifted"]),
         }
         for f in FIELDS:
             snap["agg_" + f] = getattr(self.agg, f)
@@ -426,6 +427,10 @@ class DenseFixedWindows:
         self.hist = cells("hist").astype(np.uint16)
         self.hbase = cells("hbase").astype(np.int64)
         self.agg = AggArrays(*(cells("agg_" + f).copy() for f in FIELDS))  # type: ignore[arg-type]
+        if prefix + "moments" not in snap:  # sum, mean and M2 as such: shift by the mean
+            self.agg.sum = np.zeros(len(self.agg.sum))
+            self.agg.m2 = np.where(self.agg.count > 0, self.agg.m2, 0.0)
+            self.agg.mean = np.where(self.agg.count > 0, self.agg.mean, 0.0)
         self._map = np.full(len(self.widx), NO_CLAIM, np.int32)
         self._next_check = np.iinfo(np.int64).min
         codes = get("ssk_codes").astype(np.int64)

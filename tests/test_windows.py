@@ -177,11 +177,18 @@ def test_a_snapshot_restored_mid_stream_gives_the_same_results(rows, cuts, at, d
 
 def series_major(snap: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint as written before the dense layout became slot-major (cell = series * W +
-    slot), from one written now (cell = slot * cap + series)."""
+    slot) with shifted moments, from one written now (cell = slot * cap + series; mean, sum and
+    m2 holding K, sum(x - K) and sum((x - K)^2))."""
     out = dict(snap)
     for key in [k for k in snap if k.endswith("layout")]:
         p = key[: -len("layout")]
-        del out[key]
+        del out[key], out[p + "moments"]
+        n = snap[p + "agg_count"].astype(float)
+        k, s1, s2 = snap[p + "agg_mean"], snap[p + "agg_sum"], snap[p + "agg_m2"]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            snap = {**snap, p + "agg_sum": n * k + s1,
+                    p + "agg_mean": np.where(n > 0, k + s1 / n, 0.0),
+                    p + "agg_m2": np.where(n > 0, s2 - s1 * s1 / n, 0.0)}
         w = int(snap[p + "W"][0])
         cap = len(snap[p + "widx"]) // w
         for name in ["widx", "rev", "dirty", "hist", "hbase"] + [k[len(p):] for k in snap
@@ -198,7 +205,7 @@ def series_major(snap: dict[str, Any]) -> dict[str, Any]:
 
 @settings(max_examples=60, deadline=None)
 @given(streams(), st.lists(st.integers(0, 200), min_size=2, max_size=8), st.integers(1, 4))
-def test_a_checkpoint_in_the_earlier_series_major_layout_restores(rows, cuts, at) -> None:
+def test_a_checkpoint_in_the_earlier_layout_and_moments_restores(rows, cuts, at) -> None:
     straight = run(rows, cuts)
     resumed = run(rows, cuts, snapshot_at=at, rewrite=series_major)
     assert straight[1:] == resumed[1:]
@@ -206,6 +213,10 @@ def test_a_checkpoint_in_the_earlier_series_major_layout_restores(rows, cuts, at
     for k, f in straight[0].items():
         for name in ("count", "min", "max", "first", "last", "rev", "pct", "seq"):
             assert f[name] == resumed[0][k][name], name
+        g = resumed[0][k]
+        assert math.isclose(f["mean"], g["mean"], rel_tol=1e-9, abs_tol=1e-9)  # type: ignore[arg-type]
+        assert math.isclose(f["m2"], g["m2"], rel_tol=1e-7, abs_tol=1e-6)  # type: ignore[arg-type]
+        assert math.isclose(f["sum"], g["sum"], rel_tol=1e-9, abs_tol=1e-6)  # type: ignore[arg-type]
 
 
 @settings(max_examples=200, deadline=None)
