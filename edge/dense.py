@@ -177,10 +177,19 @@ class DenseFixedWindows:
             rows = np.repeat(np.arange(n), k)
             start = base[rows] - np.tile(np.arange(k, dtype=np.int64), n) * step
         end = start + size
-        ok = wm_before[rows] < end + self.lateness
-        kept = np.bincount(rows[ok], minlength=n)
-        revised_pair = ok & (wm_before[rows] >= end)
-        if not ok.all():
+        wm = wm_before if k == 1 else wm_before[rows]
+        ok = wm < end + self.lateness
+        revised_pair = ok & (wm >= end)
+        every = bool(ok.all())  # the common case: nothing dropped, no row index needed
+        if k == 1:
+            dropped = ~ok
+            late_revised = int(revised_pair.sum())
+        else:
+            dropped = np.bincount(rows[ok], minlength=n) == 0
+            revised = np.zeros(n, bool)
+            revised[rows[revised_pair]] = True
+            late_revised = int((revised & ~dropped).sum())
+        if not every:
             rows, start = rows[ok], start[ok]
         widx = (start - EPOCH_BASE_MS) // step
         cell = (widx % self.W) * self.cap + sid[rows]
@@ -206,20 +215,21 @@ class DenseFixedWindows:
             occupant = self.widx[cell]
         dense = occupant == widx
         if not dense.all():
+            every = False
             spill = ~dense
             r = rows[spill]
             self.overflow._upsert(self.overflow.key(dev[r], met[r], widx[spill]), ts[r],
                                   value[r], seq[r], start[spill])
-            rows, cell = rows[dense], cell[dense]
+            rows, cell, start = rows[dense], cell[dense], start[dense]
         if len(rows):
-            self._fold_dense(cell, ts[rows], value[rows], seq[rows])
-            self._next_check = min(self._next_check, int(start[dense].min()) + size)
-        dropped = kept == 0
-        revised = np.zeros(n, bool)
-        revised[np.repeat(np.arange(n), k)[revised_pair] if k > 1 else
-                np.flatnonzero(revised_pair)] = True
-        return OperatorFold(accepted=int((~dropped).sum()), late_dropped=int(dropped.sum()),
-                            late_revised=int((revised & ~dropped).sum()), dropped_mask=dropped)
+            if every and k == 1:  # rows is 0..n-1: no gathers
+                self._fold_dense(cell, ts, value, seq)
+            else:
+                self._fold_dense(cell, ts[rows], value[rows], seq[rows])
+            self._next_check = min(self._next_check, int(start.min()) + size)
+        late = int(dropped.sum())
+        return OperatorFold(accepted=n - late, late_dropped=late, late_revised=late_revised,
+                            dropped_mask=dropped)
 
     def _in_overflow(self, dev: I64, met: I64, widx: I64) -> npt.NDArray[np.bool_]:
         keys = self.overflow.key(dev, met, widx)
