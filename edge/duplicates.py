@@ -93,8 +93,14 @@ class DuplicateFilter:
         if len(f):
             flat = (dev * self.memory + off) if every else dev[f] * self.memory + off[f]
             scratch = self._scratch.reshape(-1)
-            np.minimum.at(scratch, flat, f.astype(np.int32))  # the first occurrence keeps its row
-            dup[f] = scratch[flat] != f
+            f32 = f.astype(np.int32)
+            # repeats within the batch share a scratch slot: after a plain scatter at most one
+            # of them reads its own row back, so all reading back their own rows proves there
+            # are none, whichever write won; only then is the order-exact minimum needed
+            scratch[flat] = f32
+            if not (scratch[flat] == f32).all():
+                np.minimum.at(scratch, flat, f32)  # the first occurrence keeps its row
+                dup[f] = scratch[flat] != f32
             scratch[flat] = _FREE
         slow = np.empty(0, np.int64) if every else rows[~fast]
         if len(slow):
