@@ -58,6 +58,8 @@ class DenseFixedWindows:
         self.params = sketch
         self.step = spec.step
         self.k = spec.size_ms // self.step
+        # number of the window starting at the first multiple of the step >= EPOCH_BASE_MS
+        self._first_number = -(-EPOCH_BASE_MS // self.step)
         span = out_of_orderness_ms + allowed_lateness_ms + spec.size_ms
         # cells per series: every window that can be open at once, plus the next one
         self.W = -(-span // self.step) + 1
@@ -169,13 +171,13 @@ class DenseFixedWindows:
             return OperatorFold()
         size, step, k = self.spec.size_ms, self.step, self.k
         sid = self._series(dev, met)
-        base = (ts // step) * step
-        if k == 1:
-            rows = np.arange(n)
-            start = base
-        else:
-            rows = np.repeat(np.arange(n), k)
-            start = base[rows] - np.tile(np.arange(k, dtype=np.int64), n) * step
+        # window number: the start (aligned to the Unix epoch) over the step, from EPOCH_BASE_MS
+        widx = ts // step - self._first_number
+        rows = np.arange(n)
+        if k > 1:
+            rows = np.repeat(rows, k)
+            widx = widx[rows] - np.tile(np.arange(k, dtype=np.int64), n)
+        start = (widx + self._first_number) * step
         end = start + size
         wm = wm_before if k == 1 else wm_before[rows]
         ok = wm < end + self.lateness
@@ -190,8 +192,7 @@ class DenseFixedWindows:
             revised[rows[revised_pair]] = True
             late_revised = int((revised & ~dropped).sum())
         if not every:
-            rows, start = rows[ok], start[ok]
-        widx = (start - EPOCH_BASE_MS) // step
+            rows, start, widx = rows[ok], start[ok], widx[ok]
         cell = (widx % self.W) * self.cap + sid[rows]
         occupant = self.widx[cell]
         # a free cell is claimed by the oldest window of this batch that maps to it, unless that
@@ -266,7 +267,7 @@ class DenseFixedWindows:
         self.dirty[cell] = True
         # sketch: dense histogram around the first bucket of the cell, sparse beyond it
         j = keys - self.hbase[cell]
-        inside = (j >= 0) & (j < H)
+        inside = j.view(np.uint64) < H  # 0 <= j < H
         if int(before.max()) + len(cell) > HIST_MAX:  # counters of a cell this full stop here
             inside &= a.count[cell] <= HIST_MAX
         # flat index and a uint16 operand keep ufunc.at on its fast path (40x faster)
@@ -282,14 +283,23 @@ class DenseFixedWindows:
         op.at(at_ts, cell, ts)
         now = at_ts[cell]
         moved = now != before
+        init = np.inf if op is np.minimum else -np.inf
         if moved.any():
-            at_v[cell[moved]] = at_v.dtype.type(np.inf if op is np.minimum else -np.inf)
-        op.at(at_v, cell, np.where(ts == now, v, np.inf if op is np.minimum else -np.inf))
+            at_v[cell[moved]] = init
+        win = ts == now
+        if np.count_nonzero(win) * 2 < len(win):  # few rows at their cell's extreme: only those
+            w = np.flatnonzero(win)
+            op.at(at_v, cell[w], v[w])
+        else:
+            op.at(at_v, cell, np.where(win, v, init))
 
     # ---- emitting -----------------------------------------------------------------------------
 
+    def _starts(self, cells: I64) -> I64:
+        return (self.widx[cells] + self._first_number) * self.step
+
     def _ends(self, cells: I64) -> I64:
-        return EPOCH_BASE_MS + self.widx[cells] * self.step + self.spec.size_ms
+        return self._starts(cells) + self.spec.size_ms
 
     def emit(self, wm_by_device: I64, silent: npt.NDArray[np.bool_]) -> WindowResults:
         dense = self._empty()
@@ -337,7 +347,7 @@ class DenseFixedWindows:
         pct = quantiles_from_counts(self.params, keys, counts, offsets, list(self.percentiles))
         out = WindowResults(
             device=self.series_dev[s].copy(), metric=self.series_met[s].copy(),
-            start=EPOCH_BASE_MS + self.widx[cells] * self.step,
+            start=self._starts(cells),
             width=np.full(len(cells), self.spec.size_ms, np.int64), rev=self.rev[cells].copy(),
             agg=self._moments(self.agg.take(cells)), pct=pct, sk_keys=keys, sk_counts=counts,
             sk_offsets=offsets)

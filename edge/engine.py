@@ -142,8 +142,7 @@ class WindowEngine:
                 rows = rows[~dup]
                 dev, met = dev[~dup], met[~dup]
                 ts, value, seq = ts[rows], value[rows], seq[rows]
-        wm_before = self.time.before(dev, ts, self._first_late(ts))
-        self.time.observe(dev, ts, now_mono_ms)
+        wm_before = self.time.advance(dev, ts, now_mono_ms, self._first_late(ts))
         out.accepted = len(rows)
         for i, op in enumerate(self.operators):
             res = op.fold(dev, met, ts, value, seq, wm_before)

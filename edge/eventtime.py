@@ -117,8 +117,11 @@ class DeviceTime:
         raw = np.where(self.max_ts == NEVER, NEVER, self.max_ts - self.spec.out_of_orderness_ms)
         return np.maximum(raw, self.wm_floor)
 
-    def before(self, dev: I64, ts: I64, first_end: I64 | None = None) -> I64:
-        """The watermark each reading is judged against (state is not changed).
+    def advance(self, dev: I64, ts: I64, now_mono_ms: int, first_end: I64 | None = None
+                ) -> I64:
+        """The watermark each reading is judged against (the one before it, in arrival order
+        per device); then the readings are observed: the devices' newest event times move on
+        and they count as active, seen at ``now_mono_ms``.
 
         With ``first_end`` (the earliest event time at which each reading could count as late,
         e.g. the end of its first window), rows whose device cannot reach it within this batch
@@ -127,15 +130,16 @@ class DeviceTime:
         """
         ooo = self.spec.out_of_orderness_ms
         floor = self.wm_floor[dev]
+        batch_max = self.max_ts.copy()
+        np.maximum.at(batch_max, dev, ts)
+        out = None
         if first_end is not None:
-            batch_max = self.max_ts.copy()
-            np.maximum.at(batch_max, dev, ts)
             bm = batch_max[dev]
             bound = np.maximum(np.where(bm == NEVER, NEVER, bm - ooo), floor)
             exact = bound >= first_end
             if not exact.any():
-                return bound
-            if exact.mean() < 0.5:
+                out = bound
+            elif exact.mean() < 0.5:
                 # only the devices of rows that may be late need the exact running maximum
                 devs = np.zeros(len(batch_max), bool)
                 devs[dev[exact]] = True
@@ -144,15 +148,15 @@ class DeviceTime:
                 seen = running_max_before(dev[rows], ts[rows], self.max_ts)
                 wm = np.where(seen == NEVER, NEVER, seen - ooo)
                 out[rows] = np.maximum(wm, floor[rows])
-                return out
-        seen = running_max_before(dev, ts, self.max_ts)
-        wm = np.where(seen == NEVER, NEVER, seen - ooo)
-        return np.maximum(wm, floor)
-
-    def observe(self, dev: I64, ts: I64, now_mono_ms: int) -> None:
-        np.maximum.at(self.max_ts, dev, ts)
-        self.last_seen[dev] = now_mono_ms
-        self.state[dev] = ACTIVE
+        if out is None:
+            seen = running_max_before(dev, ts, self.max_ts)
+            out = np.maximum(np.where(seen == NEVER, NEVER, seen - ooo), floor)
+        self.max_ts = batch_max
+        present = np.zeros(len(self.state), bool)
+        present[dev] = True
+        self.last_seen[present] = now_mono_ms
+        self.state[present] = ACTIVE
+        return out
 
     def gateway_watermark(self) -> int | None:
         wm = self.watermarks()

@@ -82,12 +82,29 @@ def quantiles_from_counts(params: SketchParams, keys: I64, counts: I64, offsets:
     before = np.concatenate(([0], cum))[offsets[:-1]]  # total count before each sketch
     total = cum[np.maximum(offsets[1:] - 1, 0)] - before
     nonempty = offsets[1:] > offsets[:-1]
-    for j, q in enumerate(qs):
-        rank = np.floor(q * (total - 1)).astype(np.int64)  # 0-based rank within the sketch
+    every = bool(nonempty.all())
+    last = len(keys) - 1
+    pos: I64 | None = None
+    for j in sorted(range(len(qs)), key=lambda i: qs[i]):  # ascending: each answer is at or
+        rank = np.floor(qs[j] * (total - 1)).astype(np.int64)  # after the previous one
         target = before + rank + 1  # first bucket whose cumulative count reaches rank+1
-        pos = np.searchsorted(cum, target, side="left")
-        pos = np.minimum(pos, len(keys) - 1)
-        out[nonempty, j] = params.values(keys[pos[nonempty]])
+        if pos is None:
+            pos = np.asarray(np.searchsorted(cum, target, side="left"), np.int64)
+        else:  # a few steps forward from the lower quantile's bucket, then a search
+            pos = pos.copy()
+            act = np.flatnonzero(cum[np.minimum(pos, last)] < target)
+            for _ in range(3):
+                if len(act) == 0:
+                    break
+                pos[act] += 1
+                act = act[cum[np.minimum(pos[act], last)] < target[act]]
+            if len(act):
+                pos[act] = np.searchsorted(cum, target[act], side="left")
+        at = np.minimum(pos, last)
+        if every:
+            out[:, j] = params.values(keys[at])
+        else:
+            out[nonempty, j] = params.values(keys[at[nonempty]])
     return out
 
 

@@ -81,3 +81,26 @@ def test_size_on_the_wire_is_a_handful_of_buckets_for_sensor_windows() -> None:
     params = SketchParams(0.01)
     x = 21.0 + 0.2 * rng.standard_normal(60)  # one minute of a temperature sensor at 1 Hz
     assert len(np.unique(params.keys(x))) <= 6
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.integers(-300, 300), st.integers(1, 50)), max_size=40,
+                         unique_by=lambda kc: kc[0]), min_size=1, max_size=12),
+       st.lists(st.sampled_from(QS), min_size=1, max_size=6))
+def test_quantiles_of_many_sketches_at_once_equal_each_sketch_alone(sketches, qs) -> None:
+    # empty sketches, wide ones, quantiles unsorted and repeated: the batched search (a search
+    # for the lowest quantile, steps forward for the next) answers what one sketch at a time does
+    params = SketchParams(0.01)
+    rows = [sorted(s) for s in sketches]
+    keys = np.array([k for r in rows for k, _ in r], np.int64)
+    counts = np.array([c for r in rows for _, c in r], np.int64)
+    offsets = np.cumsum([0] + [len(r) for r in rows]).astype(np.int64)
+    got = quantiles_from_counts(params, keys, counts, offsets, qs)
+    for i, r in enumerate(rows):
+        if not r:
+            assert np.isnan(got[i]).all()
+            continue
+        expanded = np.repeat([k for k, _ in r], [c for _, c in r])
+        want = [params.values(np.array([expanded[math.floor(q * (len(expanded) - 1))]]))[0]
+                for q in qs]
+        assert got[i].tolist() == want

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from devices.contract import ResultColumns
 from devices.readings import ReadingColumns
 from edge.aggregates import AggArrays, fold_sorted, merge_groups, merge_into
+from edge.duplicates import DuplicateFilter
 from edge.engine import EngineConfig, WindowEngine
 from edge.eventtime import NEVER, EventTimeSpec
 from edge.windows import WindowSpec
@@ -178,7 +179,7 @@ def test_a_snapshot_restored_mid_stream_gives_the_same_results(rows, cuts, at, d
 def series_major(snap: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint as written before the dense layout became slot-major (cell = series * W +
     slot) with shifted moments, from one written now (cell = slot * cap + series; mean, sum and
-    m2 holding K, sum(x - K) and sum((x - K)^2))."""
+    m2 holding K, sum(x - K) and sum((x - K)^2)), and before duplicates had seq slots."""
     out = dict(snap)
     for key in [k for k in snap if k.endswith("layout")]:
         p = key[: -len("layout")]
@@ -200,6 +201,22 @@ def series_major(snap: dict[str, Any]) -> dict[str, Any]:
         old = (((cell % cap) * w + cell // cap) << 32) | (codes & 0xFFFFFFFF)
         order = np.argsort(old)
         out[p + "ssk_codes"], out[p + "ssk_counts"] = old[order], counts[order]
+    # duplicates: one ring per device of seqs and flagged hashes in arrival order, with a
+    # position and the highest seq, instead of seq slots and a ring of hashes
+    seq_ring, hash_ring = out.pop("dup_seq_ring"), out.pop("dup_hash_ring")
+    m = max(seq_ring.shape[1], hash_ring.shape[1])
+    devices = max(len(seq_ring), len(hash_ring))
+    ring = np.full((devices, m), -1, np.int64)
+    pos = np.zeros(devices, np.int64)
+    high = np.full(devices, -1, np.int64)
+    for d in range(devices):
+        seqs = [int(x) for x in (seq_ring[d] if d < len(seq_ring) else []) if x >= 0]
+        codes = sorted(seqs) + [int(x) for x in (hash_ring[d] if d < len(hash_ring) else [])
+                                if x >= 0]
+        ring[d, : len(codes)] = codes
+        pos[d] = len(codes) % m
+        high[d] = max(seqs, default=-1)
+    out.update(dup_ring=ring, dup_pos=pos, dup_high=high)
     return out
 
 
@@ -310,6 +327,62 @@ def test_duplicates_are_recognised_among_a_devices_last_readings() -> None:
     eng.fold(cols([(0, 0, 300 + k, 1.0, 100 + k) for k in range(4)]), 0)
     out = eng.fold(cols([(0, 0, 9_000, 1.0, 7)]), 0)  # seq 7 is no longer among the last 4
     assert out.duplicates == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(-1, 40), st.integers(0, 3),
+                          st.sampled_from([0.0, -0.0, 1.5, 2.5])), max_size=60),
+       st.lists(st.integers(0, 60), max_size=6), st.sampled_from([8, 64]))
+def test_duplicate_filter_knows_exactly_what_it_saw_within_its_memory(
+        rows: list[tuple[int, int, int, float]], cuts: list[int], memory: int) -> None:
+    # seq -1: none, identified by (event time, value bits); with memory 64 every seq (< 41) has
+    # a slot of its own and no device sends 64 readings, so the filter must be exact; with
+    # memory 8 it may forget, but never calls a reading a duplicate that was not seen before
+    f = DuplicateFilter(memory=memory)
+    seen: set[tuple[int, int, int, int]] = set()
+    bounds = sorted({0, len(rows), *[min(c, len(rows)) for c in cuts]})
+    for lo, hi in itertools.pairwise(bounds):
+        part = rows[lo:hi]
+        got = f.check(np.array([r[0] for r in part], np.int64),
+                      np.array([BASE + r[2] for r in part], np.int64),
+                      np.array([r[3] for r in part]), np.array([r[1] for r in part], np.int64))
+        for (d, q, t, v), dup in zip(part, got.tolist(), strict=True):
+            ident = (d, q, -1, -1) if q >= 0 else (d, -1, t, int(np.float64(v).view(np.int64)))
+            if memory == 64:
+                assert dup == (ident in seen), (ident, dup)
+            else:
+                assert not dup or ident in seen, ident
+            seen.add(ident)
+
+
+def test_a_device_sending_more_than_its_memory_in_one_batch() -> None:
+    # 40 readings of one device in one batch share the 8 slots: repeats are still found, and
+    # each slot remembers the highest seq that landed in it
+    f = DuplicateFilter(memory=8)
+    seq = np.array([*range(40), 3, 39, 35], np.int64)
+    n = len(seq)
+    dup = f.check(np.zeros(n, np.int64), BASE + seq, np.zeros(n), seq)
+    assert np.flatnonzero(dup).tolist() == [40, 41, 42]
+    again = f.check(np.zeros(3, np.int64), BASE + np.array([39, 32, 31]), np.zeros(3),
+                    np.array([39, 32, 31], np.int64))
+    assert again.tolist() == [True, True, False]  # 31 was pushed out by 39 (same slot)
+
+
+@given(st.sampled_from([7_000, 333, 86_400_000 * 7]), st.booleans())
+@settings(max_examples=12, deadline=None)
+def test_windows_whose_step_does_not_divide_the_epoch_base_start_on_its_multiples(
+        size: int, dense: bool) -> None:
+    # EPOCH_BASE_MS (2020-01-01) is a multiple of a day but not of 7 s, 333 ms or a week
+    eng = WindowEngine(EngineConfig(windows=(WindowSpec(size_ms=size),), dense=dense))
+    ts = [5, size - 1, size, 3 * size + 7]
+    eng.fold(cols([(0, 0, t, 1.0, i) for i, t in enumerate(ts)]), 0)
+    out = eng.flush_all()
+    got = {int(s): int(c) for s, c in zip(out.start, out.count, strict=True)}
+    want: dict[int, int] = {}
+    for t in ts:
+        start = (BASE + t) // size * size
+        want[start] = want.get(start, 0) + 1
+    assert got == want
 
 
 def test_several_window_specs_per_metric_at_once() -> None:
