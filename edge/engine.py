@@ -127,11 +127,12 @@ class WindowEngine:
             return out
         dev = batch.device.astype(np.int64)
         met = batch.metric.astype(np.int64)
-        if dev.max() >= MAX_DEVICES or met.max() >= MAX_METRICS:
+        dmax = dev.max()
+        if dmax >= MAX_DEVICES or met.max() >= MAX_METRICS:
             raise ValueError("device or metric id beyond the engine's key space")
         if batch.ts.min() < EPOCH_BASE_MS:
             raise ValueError("event time before EPOCH_BASE_MS reached the engine; validate first")
-        self.time.ensure(int(dev.max()) + 1)
+        self.time.ensure(int(dmax) + 1)
         rows = np.arange(len(batch))
         ts, value, seq = batch.ts, batch.value, batch.seq
         if self.config.dedup:
@@ -155,14 +156,16 @@ class WindowEngine:
 
     def _first_late(self, ts: I64) -> I64:
         """The earliest watermark at which any operator could treat a reading as late."""
-        first = np.full(len(ts), np.iinfo(np.int64).max, np.int64)
+        first: I64 | None = None
         for w in self.config.windows:
-            if w.kind in ("tumbling", "hopping"):
-                first = np.minimum(first, (ts // w.step) * w.step - (w.size_ms - w.step)
-                                   + w.size_ms)
+            if w.kind in ("tumbling", "hopping"):  # the end of the earliest window of a reading
+                end = (ts // w.step + 1) * w.step
             elif w.kind == "session":
-                first = np.minimum(first, ts)
-        return first
+                end = ts
+            else:
+                continue
+            first = end if first is None else np.minimum(first, end)
+        return np.full(len(ts), np.iinfo(np.int64).max, np.int64) if first is None else first
 
     # ---- emitting --------------------------------------------------------------------------
 

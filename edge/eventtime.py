@@ -134,8 +134,8 @@ class DeviceTime:
         np.maximum.at(batch_max, dev, ts)
         out = None
         if first_end is not None:
-            bm = batch_max[dev]
-            bound = np.maximum(np.where(bm == NEVER, NEVER, bm - ooo), floor)
+            # a row's own event time is in its device's batch maximum: never NEVER
+            bound = np.maximum(batch_max[dev] - ooo, floor)
             exact = bound >= first_end
             if not exact.any():
                 out = bound

@@ -104,3 +104,15 @@ def test_quantiles_of_many_sketches_at_once_equal_each_sketch_alone(sketches, qs
         want = [params.values(np.array([expanded[math.floor(q * (len(expanded) - 1))]]))[0]
                 for q in qs]
         assert got[i].tolist() == want
+
+
+@pytest.mark.parametrize("alpha", [0.01, 0.005, 0.3])
+def test_bucket_values_from_the_lookup_table_equal_the_formula(alpha: float) -> None:
+    params = SketchParams(alpha)
+    x = np.concatenate([-np.logspace(-9, 300, 4000), [0.0], np.logspace(-9, 300, 4000)])
+    keys = params.keys(x)
+    inside = keys[np.abs(params.values(keys)) < 1e15]  # the table's range
+    assert np.array_equal(params.values(inside), params._values(inside))
+    assert np.array_equal(params.values(keys), params._values(keys))  # beyond it: the formula
+    est = params.values(keys)
+    assert (np.abs(est - x) <= alpha * np.abs(x) * (1 + 1e-12) + MIN_VALUE).all()
