@@ -126,13 +126,16 @@ class DenseFixedWindows:
             grown[:nd, :nm] = self.series_of
             self.series_of = grown
         cols = self.series_of.shape[1]
-        sid = self.series_of.reshape(-1)[dev * cols + met]  # flat: much faster than [dev, met]
+        flat = dev * cols + met
+        sid = self.series_of.reshape(-1)[flat]  # flat: much faster than [dev, met]
         new = sid < 0
         if new.any():
-            pairs = np.unique((dev[new] << 8) | met[new])
+            seen = np.zeros(self.series_of.size, bool)  # the distinct new pairs, in (dev, met)
+            seen[flat[new]] = True  # order, without a sort
+            pairs = np.flatnonzero(seen)
             ids = np.arange(self.n_series, self.n_series + len(pairs), dtype=np.int64)
-            pd, pm = pairs >> 8, pairs & 0xFF
-            self.series_of[pd, pm] = ids
+            pd, pm = pairs // cols, pairs % cols
+            self.series_of.reshape(-1)[pairs] = ids
             self.series_dev = np.concatenate([self.series_dev, pd])
             self.series_met = np.concatenate([self.series_met, pm])
             self.n_series += len(pairs)
@@ -274,12 +277,16 @@ class DenseFixedWindows:
         inside = j.view(np.uint64) < H  # 0 <= j < H
         if int(before.max()) + len(cell) > HIST_MAX:  # counters of a cell this full stop here
             inside &= a.count[cell] <= HIST_MAX
-        # flat index and a uint16 operand keep ufunc.at on its fast path (40x faster)
-        if inside.all():
-            np.add.at(self.hist.reshape(-1), cell * H + j, np.uint16(1))
-        else:
-            np.add.at(self.hist.reshape(-1), cell[inside] * H + j[inside], np.uint16(1))
-            self.sparse_sketch.add(cell[~inside], keys[~inside])
+        # every row counts in its cell's histogram (a row outside it at ``j mod H``, taken back
+        # below: cheaper than selecting the rows inside); a flat index and a uint16 operand keep
+        # ufunc.at on its fast path (40x faster)
+        hist = self.hist.reshape(-1)
+        at = cell * H + (j & (H - 1))
+        np.add.at(hist, at, np.uint16(1))
+        if not inside.all():
+            out = np.flatnonzero(~inside)
+            np.subtract.at(hist, at[out], np.uint16(1))
+            self.sparse_sketch.add(cell[out], keys[out])
 
     @staticmethod
     def _extreme(at_ts: I64, at_v: F64, cell: I64, ts: I64, v: F64, op: np.ufunc) -> None:
@@ -398,6 +405,12 @@ class DenseFixedWindows:
                 keys = np.insert(keys, at, sk)
                 counts = np.insert(counts, at, sc)
                 row = np.insert(row, at, srow)
+                # a bucket can be in both (a cell whose histogram counters are full): one entry
+                same = (row[1:] == row[:-1]) & (keys[1:] == keys[:-1])
+                if same.any():
+                    first = np.flatnonzero(np.concatenate(([True], ~same)))
+                    keys, row = keys[first], row[first]
+                    counts = np.add.reduceat(counts, first)
         offsets = np.concatenate(([0], np.cumsum(np.bincount(row, minlength=len(cells)))))
         return np.asarray(keys, np.int64), counts, offsets.astype(np.int64)
 

@@ -385,6 +385,34 @@ def test_windows_whose_step_does_not_divide_the_epoch_base_start_on_its_multiple
     assert got == want
 
 
+@settings(max_examples=5, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_a_window_of_more_readings_than_a_histogram_counter_holds(seed: int) -> None:
+    # 140,000 readings in one window: the dense histogram's uint16 counters stop at 65,000
+    # and the rest goes to the sparse store; the sketch must still be the one of every reading
+    rng = np.random.default_rng(seed)
+    n = 140_000
+    values = np.round(np.where(rng.random(n) < 0.9, 20 + rng.standard_normal(n),
+                               rng.lognormal(3, 2, n)), 3)
+    out = {}
+    for dense in (True, False):
+        eng = WindowEngine(EngineConfig(windows=(WindowSpec(size_ms=600_000),), dense=dense,
+                                        dedup=False))
+        for lo in range(0, n, 60_000):
+            hi = min(lo + 60_000, n)
+            eng.fold(ReadingColumns(np.zeros(hi - lo, np.int32), np.zeros(hi - lo, np.int32),
+                                    BASE + np.arange(lo, hi, dtype=np.int64),
+                                    values[lo:hi], np.arange(lo, hi, dtype=np.int64),
+                                    np.zeros(hi - lo, np.int64)), 0)
+        out[dense] = eng.flush_all()
+    a, b = out[True], out[False]
+    assert a.count.tolist() == b.count.tolist() == [n]
+    assert a.sk_keys.tolist() == b.sk_keys.tolist()
+    assert a.sk_counts.tolist() == b.sk_counts.tolist()
+    assert int(a.sk_counts.sum()) == n
+    assert a.pct.tolist() == b.pct.tolist()
+
+
 def test_several_window_specs_per_metric_at_once() -> None:
     specs = [WindowSpec.parse("1s"), WindowSpec.parse("5s")]
     rows = [(0, 0, t, float(t), t) for t in range(0, 12_000, 250)]
