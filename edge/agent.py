@@ -219,7 +219,10 @@ class EdgePipeline:
     def stats(self) -> dict[str, float]:
         c = self.counters
         rej = self.rejects.counts
-        received = c["readings_accepted"] + c["late_dropped"] + sum(rej.values())
+        # every reading that arrived: a re-delivery dropped as a duplicate arrived too (the
+        # per-device ledger counts it the same way)
+        received = (c["readings_accepted"] + c["late_dropped"] + c["duplicates"]
+                    + sum(rej.values()))
         wm = self.engine.gateway_watermark()
         s: dict[str, float] = {
             "messages_in": c["messages_in"],

@@ -5,11 +5,13 @@ otherwise by its event time and value. Each device has ``memory`` slots (default
 
 * **readings with a seq**: slot ``seq % memory`` holds the last seq that landed there, so the
   device's last ``memory`` sequence numbers are remembered and a lookup is one comparison per
-  reading, with no search. Repeats within a micro-batch are found by scattering row numbers into
-  a scratch table of the same shape and reading them back: when every row reads its own number,
-  no two rows share a slot, so none repeats another; only when some do (a device sending more than
-  ``memory`` readings in one batch, or a real repeat) are the rows of the shared slots sorted.
-  O(n), no sort in the common case.
+  reading, with no search. Fast path, the steady state of a fleet: every seq of the batch is
+  above its device's high-water mark (never seen) and none comes twice, which a per-device sum of
+  ``2^(seq - mark)`` proves (equal powers of two would carry, losing a bit); the slots are then
+  only written. Otherwise the slots are read, and repeats within the batch found by scattering
+  row numbers into a scratch table of the same shape and reading them back: when every row reads
+  its own number no two rows share a slot; only the rows of shared slots are sorted. O(n), no
+  sort in the common case. A counter far below its mark (a reboot) moves the mark down.
 * **readings without seq**: a ring of hashes of (event time, value), filled in arrival order and
   compared whole; repeats within the batch by a sort. Allocated on the first such reading, so a
   fleet that numbers its readings pays nothing for it.
@@ -37,6 +39,8 @@ EMPTY = np.int64(-1)
 _HASH_FLAG = np.int64(1 << 62)  # set in every hash code (as in checkpoints of the shared ring)
 _CHUNK = 8_192
 _FREE = np.iinfo(np.int32).max  # scratch holds row numbers of one batch (< 2^31)
+_POW2 = np.left_shift(np.uint64(1), np.arange(64, dtype=np.uint64))
+_popcount = getattr(np, "bitwise_count", None)  # numpy >= 2.0
 
 
 def _tv_code(ts: I64, value: F64) -> I64:
@@ -75,6 +79,7 @@ class DuplicateFilter:
         self.seq_ring: npt.NDArray[np.int64] = np.full((0, memory), EMPTY, np.int64)
         self.hash_ring: npt.NDArray[np.int64] = np.full((0, memory), EMPTY, np.int64)
         self.pos: I64 = np.zeros(0, np.int64)  # next hash slot per device
+        self.high: I64 = np.zeros(0, np.int64)  # highest seq per device since its counter started
         self._scratch: npt.NDArray[np.int32] = np.full((0, memory), _FREE, np.int32)
 
     def _ensure(self, n: int, *, seq: bool, hashed: bool) -> None:
@@ -92,6 +97,9 @@ class DuplicateFilter:
         if (ring := grown(self.seq_ring, seq)) is not None:
             self.seq_ring = ring
             self._scratch = np.full((rows, self.memory), _FREE, np.int32)
+            high = np.full(rows, -1, np.int64)
+            high[: len(self.high)] = self.high
+            self.high = high
         if (ring := grown(self.hash_ring, hashed)) is not None:
             self.hash_ring = ring
             pos = np.zeros(rows, np.int64)
@@ -121,6 +129,18 @@ class DuplicateFilter:
         slot = seq & (m - 1) if m & (m - 1) == 0 else seq % m
         flat = dev * m + slot
         ring = self.seq_ring.reshape(-1)
+        if _popcount is not None:
+            # fast path: every seq is above its device's high-water mark (so never seen), by
+            # less than 64, and no (device, seq) comes twice: the sum per device of 2^offset
+            # then has one bit per row, as adding equal powers of two carries
+            off = seq - self.high[dev] - 1
+            if bool((off.view(np.uint64) < 64).all()):
+                bits = np.zeros(len(self.high), np.uint64)
+                np.add.at(bits, dev, _POW2[off])
+                if int(_popcount(bits).sum()) == len(seq):
+                    ring[flat] = seq
+                    np.maximum.at(self.high, dev, seq)
+                    return np.zeros(len(seq), bool)
         dup: npt.NDArray[np.bool_] = ring[flat] == seq
         # repeats within the batch: rows sharing a slot. After a plain scatter of row numbers
         # every row reads its own back only if no two rows share one, whichever write won.
@@ -140,6 +160,11 @@ class DuplicateFilter:
             np.maximum.at(ring, flat[r], seq[r])
         else:
             ring[flat] = seq
+        newest = np.full(len(self.high), -1, np.int64)
+        np.maximum.at(newest, dev, seq)
+        # a counter far below its high-water mark restarted (a reboot): follow it
+        restart = (newest >= 0) & (newest < self.high - m)
+        self.high = np.where(restart, newest, np.maximum(self.high, newest))
         return dup
 
     def _check_hashed(self, dev: I64, code: I64) -> npt.NDArray[np.bool_]:
@@ -169,7 +194,7 @@ class DuplicateFilter:
 
     def snapshot(self) -> dict[str, npt.NDArray[np.generic]]:
         return {"dup_seq_ring": self.seq_ring, "dup_hash_ring": self.hash_ring,
-                "dup_pos": self.pos}
+                "dup_pos": self.pos, "dup_high": self.high}
 
     def restore(self, snap: dict[str, npt.NDArray[np.generic]]) -> None:
         m = self.memory
@@ -196,3 +221,8 @@ class DuplicateFilter:
             self.pos = np.zeros(0, np.int64)
         self.devices = max(len(self.seq_ring), len(self.hash_ring))
         self._scratch = np.full((len(self.seq_ring), m), _FREE, np.int32)
+        # the high-water marks (derived from the slots for checkpoints that lack them)
+        high = snap["dup_high"].astype(np.int64) if "dup_high" in snap else np.zeros(0, np.int64)
+        if len(high) != len(self.seq_ring):
+            high = self.seq_ring.max(axis=1, initial=-1)
+        self.high = high

@@ -69,6 +69,23 @@ def test_restart_from_checkpoint_continues_open_windows(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
+def test_a_redelivered_reading_is_received_and_counted_as_a_duplicate(tmp_path: Path) -> None:
+    # a broker re-delivering after an agent restart: the reading arrived twice, is in its
+    # window once, and the gateway's totals balance like the per-device ledger
+    clock = ManualClock(now_ms=T + 60_000)
+    agent = EdgePipeline(config(tmp_path), clock)
+    agent.process(msgs("d1", range(0, 5)))
+    agent.process(msgs("d1", range(3, 8)))  # seconds 3 and 4 again
+    s = agent.stats()
+    assert (s["readings_received"], s["readings_accepted"], s["duplicates"]) == (10, 8, 2)
+    assert s["readings_received"] == (s["readings_accepted"] + s["rejected"]
+                                      + s["late_dropped"] + s["duplicates"])
+    led = agent.ledger_report(changed_only=False)
+    assert (led["received"], led["accepted"], led["duplicates"]) == ([10], [8], [2])
+    counts = results_by_window([agent.emit(flush=True)])
+    assert sum(c for c, _ in counts.values()) == 8
+
+
 def test_a_failing_tick_is_counted_and_the_agent_keeps_going(mosquitto: Mosquitto,
                                                              tmp_path: Path) -> None:
     agent = EdgeAgent(config(tmp_path, intake_broker=mosquitto.address,

@@ -207,7 +207,7 @@ def test_pipeline_end_to_end(mosquitto_factory: Callable[..., Mosquitto],
         assert s["readings_received"] == published_by_gw[gw] + extra
         assert s["late_dropped"] == dropped_by_gw[gw]
         assert s["readings_accepted"] == in_windows_by_gw[gw] + (5 if gw == "gw-2" else 0)
-        assert (s["readings_accepted"] + s["late_dropped"] + s["rejected"]
+        assert (s["readings_accepted"] + s["late_dropped"] + s["rejected"] + s["duplicates"]
                 == s["readings_received"])
         hand = gw == "gw-1"
         assert s["rejected_malformed_json"] == injected[(gw, "malformed")] + hand
