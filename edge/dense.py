@@ -144,24 +144,26 @@ class DenseFixedWindows:
         return np.asarray(sid, dtype=np.int64)
 
     def _reset(self, cells: I64) -> None:
-        self.widx[cells] = FREE
+        """Free ``cells`` (ascending)."""
+        sel = _run(cells)
+        self.widx[sel] = FREE
         a = self.agg
-        a.count[cells] = 0
-        a.sum[cells] = 0.0
-        a.min[cells] = INF
-        a.max[cells] = -INF
-        a.mean[cells] = 0.0
-        a.m2[cells] = 0.0
-        a.first_ts[cells] = np.iinfo(np.int64).max
-        a.first[cells] = INF
-        a.last_ts[cells] = np.iinfo(np.int64).min
-        a.last[cells] = -INF
-        a.seq_min[cells] = np.iinfo(np.int64).max
-        a.seq_max[cells] = np.iinfo(np.int64).min
-        a.seq_sum[cells] = 0
-        self.rev[cells] = 0
-        self.dirty[cells] = False
-        self.hist[cells] = 0
+        a.count[sel] = 0
+        a.sum[sel] = 0.0
+        a.min[sel] = INF
+        a.max[sel] = -INF
+        a.mean[sel] = 0.0
+        a.m2[sel] = 0.0
+        a.first_ts[sel] = np.iinfo(np.int64).max
+        a.first[sel] = INF
+        a.last_ts[sel] = np.iinfo(np.int64).min
+        a.last[sel] = -INF
+        a.seq_min[sel] = np.iinfo(np.int64).max
+        a.seq_max[sel] = np.iinfo(np.int64).min
+        a.seq_sum[sel] = 0
+        self.rev[sel] = 0
+        self.dirty[sel] = False
+        self.hist[sel] = 0
         if len(self.sparse_sketch):
             self.sparse_sketch.drop(cells)
 
@@ -363,16 +365,17 @@ class DenseFixedWindows:
         if len(cells) == 0:
             return self._empty()
         s = cells % self.cap
+        sel = _run(cells)  # a fired slot is usually one run of cells: copies, not gathers
         keys, counts, offsets = self._sketches(cells)
         pct = quantiles_from_counts(self.params, keys, counts, offsets, list(self.percentiles))
+        agg = AggArrays(*(np.array(getattr(self.agg, f)[sel]) for f in FIELDS))
         out = WindowResults(
-            device=self.series_dev[s].copy(), metric=self.series_met[s].copy(),
-            start=self._starts(cells),
-            width=np.full(len(cells), self.spec.size_ms, np.int64), rev=self.rev[cells].copy(),
-            agg=self._moments(self.agg.take(cells)), pct=pct, sk_keys=keys, sk_counts=counts,
-            sk_offsets=offsets)
-        self.rev[cells] += 1
-        self.dirty[cells] = False
+            device=self.series_dev[s], metric=self.series_met[s],
+            start=(self.widx[sel] + self._first_number) * self.step,
+            width=np.full(len(cells), self.spec.size_ms, np.int64), rev=np.array(self.rev[sel]),
+            agg=self._moments(agg), pct=pct, sk_keys=keys, sk_counts=counts, sk_offsets=offsets)
+        self.rev[sel] += 1
+        self.dirty[sel] = False
         return out
 
     @staticmethod
@@ -387,12 +390,13 @@ class DenseFixedWindows:
 
     def _sketches(self, cells: I64) -> tuple[I64, I64, I64]:
         """Flat (keys, counts, offsets) of the cells' sketches, keys ascending per cell."""
-        h = self.hist[cells]
+        sel = _run(cells)
+        h = self.hist[sel]
         # row-major: rows ascending, buckets ascending within a row (a boolean mask first:
         # flatnonzero of a bool array is 5x faster than of uint16)
         flat = np.flatnonzero(h != 0)
         row = flat >> SHIFT_H
-        keys = self.hbase[cells][row] + (flat & (H - 1))
+        keys = self.hbase[sel][row] + (flat & (H - 1))
         counts = h.reshape(-1)[flat].astype(np.int64)
         if len(self.sparse_sketch):
             sk, sc, so = self.sparse_sketch.export(cells)
@@ -488,6 +492,13 @@ class DenseFixedWindows:
             codes, counts = codes[order], counts[order]
         self.sparse_sketch.codes, self.sparse_sketch.counts = codes, counts
         self.overflow.restore(snap, prefix + "over_")
+
+
+def _run(cells: I64) -> I64 | slice:
+    """``cells`` (ascending, distinct) as a slice when they are one contiguous run."""
+    if len(cells) and int(cells[-1]) - int(cells[0]) + 1 == len(cells):
+        return slice(int(cells[0]), int(cells[-1]) + 1)
+    return cells
 
 
 def _concat(parts: list[WindowResults], nq: int) -> WindowResults:
