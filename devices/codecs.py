@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -67,9 +68,13 @@ class PayloadDecoder:
         *,
         device_topic_level: int | None = 1,
         max_payload_bytes: int = 256 * 1024,
+        known_metric: Callable[[str], bool] | None = None,
     ) -> None:
         self.devices = devices
         self.metrics = metrics
+        # metric names outside the catalog are rejected before they take one of the few metric
+        # ids (a flood of made-up names would otherwise lock out sensor kinds added later)
+        self.known_metric = known_metric
         self.device_topic_level = device_topic_level
         self.max_payload_bytes = max_payload_bytes
         self.rejected_devices: list[tuple[int, str]] = []
@@ -99,11 +104,12 @@ class PayloadDecoder:
         self.rejected_devices = rejected
         current: list[str | None] = [None]
 
-        def reject(reason: str, detail: str) -> None:
+        def reject(reason: str, detail: str, device_id: int | None = None) -> None:
             bad[reason] += 1
-            name = current[0]
-            idx = self.devices.get(name) if name is not None else None
-            rejected.append((-1 if idx is None else idx, reason))
+            if device_id is None:
+                name = current[0]
+                device_id = self.devices.get(name) if name is not None else None
+            rejected.append((-1 if device_id is None else device_id, reason))
             if len(samples) < 5:
                 samples.append(f"{reason}: {detail}")
 
@@ -182,7 +188,13 @@ class PayloadDecoder:
             reject(rejects.NOT_FINITE, f"{device}/{metric}: {value}")
             return
         d = self.devices.intern(device)
-        m = self.metrics.intern(metric)
+        m = self.metrics.get(metric)
+        if m is None:
+            if self.known_metric is not None and not self.known_metric(metric):
+                reject(rejects.UNKNOWN_METRIC, f"{device}: metric {metric!r} is not in the "
+                       "catalog", d)
+                return
+            m = self.metrics.intern(metric)
         if d < 0 or m < 0:
             reject(rejects.INTAKE_OVERFLOW, f"too many distinct ids ({device}/{metric})")
             return

@@ -81,7 +81,8 @@ class EdgePipeline:
         self.metrics = Interner(limit=MAX_METRICS)
         self.decoder = PayloadDecoder(self.devices, self.metrics,
                                       device_topic_level=config.device_topic_level,
-                                      max_payload_bytes=config.max_payload_bytes)
+                                      max_payload_bytes=config.max_payload_bytes,
+                                      known_metric=config.catalog.__contains__)
         registry = config.load_registry()
         self.validator = Validator(
             config.catalog, self.devices, self.metrics,

@@ -86,6 +86,24 @@ def test_a_redelivered_reading_is_received_and_counted_as_a_duplicate(tmp_path: 
     assert sum(c for c, _ in counts.values()) == 8
 
 
+def test_made_up_metric_names_do_not_use_up_the_metric_ids(tmp_path: Path) -> None:
+    # 1,000 readings with metric names outside the catalog (more than the 256 metric ids):
+    # each is rejected as unknown_metric without taking an id, so a sensor kind of the
+    # catalog seen for the first time afterwards is still accepted
+    clock = ManualClock(now_ms=T + 60_000)
+    agent = EdgePipeline(config(tmp_path), clock)
+    agent.process([("devices/d1/readings", encode_single("d1", f"made-up-{k}", T, 1.0, k), T)
+                   for k in range(1_000)])
+    agent.process([("devices/d1/readings", encode_single("d1", "humidity", T, 40.0, 1_000), T)])
+    s = agent.stats()
+    assert s["rejected_unknown_metric"] == 1_000
+    assert s["readings_accepted"] == 1
+    assert s["readings_received"] == 1_001
+    assert agent.metrics.names == ["humidity"]
+    led = agent.ledger_report(changed_only=False)
+    assert (led["received"], led["rejected"], led["accepted"]) == ([1_001], [1_000], [1])
+
+
 def test_a_failing_tick_is_counted_and_the_agent_keeps_going(mosquitto: Mosquitto,
                                                              tmp_path: Path) -> None:
     agent = EdgeAgent(config(tmp_path, intake_broker=mosquitto.address,
