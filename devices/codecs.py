@@ -69,12 +69,14 @@ class PayloadDecoder:
         device_topic_level: int | None = 1,
         max_payload_bytes: int = 256 * 1024,
         known_metric: Callable[[str], bool] | None = None,
+        known_device: Callable[[str], bool] | None = None,
     ) -> None:
         self.devices = devices
         self.metrics = metrics
         # metric names outside the catalog are rejected before they take one of the few metric
         # ids (a flood of made-up names would otherwise lock out sensor kinds added later)
         self.known_metric = known_metric
+        self.known_device = known_device  # likewise device ids, when only registered ones count
         self.device_topic_level = device_topic_level
         self.max_payload_bytes = max_payload_bytes
         self.rejected_devices: list[tuple[int, str]] = []
@@ -94,8 +96,9 @@ class PayloadDecoder:
 
         Returns the readings, rejection counts by reason, and up to a few sample details of the
         rejections for the log. ``self.rejected_devices`` then holds, per rejection, the id of
-        its device when the device is already known (-1 otherwise: a garbage id is never
-        interned, so bad input cannot grow the agent's tables).
+        its device when the device is already known (-1 otherwise: a garbage id, a device
+        outside the registry or a metric outside the catalog is never interned, so bad input
+        cannot grow the agent's tables).
         """
         out = ColumnBuilder()
         bad: Counter[str] = Counter()
@@ -187,7 +190,9 @@ class PayloadDecoder:
         if not math.isfinite(value):
             reject(rejects.NOT_FINITE, f"{device}/{metric}: {value}")
             return
-        d = self.devices.intern(device)
+        allowed = (self.known_device is None or self.devices.get(device) is not None
+                   or self.known_device(device))
+        d = self.devices.intern(device) if allowed else -1
         m = self.metrics.get(metric)
         if m is None:
             if self.known_metric is not None and not self.known_metric(metric):
@@ -195,6 +200,9 @@ class PayloadDecoder:
                        "catalog", d)
                 return
             m = self.metrics.intern(metric)
+        if not allowed:
+            reject(rejects.UNKNOWN_DEVICE, f"{device} is not in the registry", -1)
+            return
         if d < 0 or m < 0:
             reject(rejects.INTAKE_OVERFLOW, f"too many distinct ids ({device}/{metric})")
             return

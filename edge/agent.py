@@ -56,6 +56,7 @@ def _field(label: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in label)
 
 CHECKPOINT = "windows.npz"
+UNATTRIBUTED = "(no device)"  # the ledger row of readings rejected before naming a device
 
 
 def rss_mb() -> float:
@@ -84,6 +85,8 @@ class EdgePipeline:
                                       max_payload_bytes=config.max_payload_bytes,
                                       known_metric=config.catalog.__contains__)
         registry = config.load_registry()
+        if config.unknown_devices == "reject" and registry is not None:
+            self.decoder.known_device = registry.__contains__
         self.validator = Validator(
             config.catalog, self.devices, self.metrics,
             registry=registry if config.unknown_devices == "reject" else None,
@@ -111,6 +114,13 @@ class EdgePipeline:
             grown2[: len(self.ledger_rejects)] = self.ledger_rejects
             self.ledger_rejects = grown2
 
+    def _unattributed(self) -> int:
+        """The ledger row of rejections without a device (unparseable, unregistered): a name
+        no device can have (it holds a space)."""
+        i = self.devices.intern(UNATTRIBUTED)
+        self._ledger_grow()
+        return i
+
     def _count(self, field: str, devices: np.ndarray) -> None:
         if len(devices):
             np.add.at(self.ledger[field], devices, 1)
@@ -131,6 +141,8 @@ class EdgePipeline:
             by_reason.setdefault(reason, []).append(dev)
         for reason, devs in by_reason.items():
             arr = np.array(devs, np.int64)
+            if (arr < 0).any():  # no device to name: counted on a row of their own
+                arr[arr < 0] = self._unattributed()
             self._count_rejects(arr, reason)
             self._count("received", arr[arr >= 0])  # rejected before becoming a reading
         for s in samples:
@@ -238,7 +250,7 @@ class EdgePipeline:
             "windows_superseded": c["windows_superseded"],
             "open_windows": self.engine.open_windows,
             "window_state_kb": self.engine.state_bytes() // 1024,
-            "devices_seen": len(self.devices),
+            "devices_seen": len(self.devices) - (self.devices.get(UNATTRIBUTED) is not None),
             "devices_silent": len(self.engine.silent_devices()),
             "clock_corrected": self.engine.corrected,
             "watermark_lag_ms": (self.clock.now_ms() - wm) if wm is not None else 0,

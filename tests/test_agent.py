@@ -15,6 +15,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from devices.clock import ManualClock
 from devices.codecs import encode_single
 from devices.mqtt import BrokerAddress
+from devices.registry import Device, Registry
 from edge.agent import EdgeAgent, EdgePipeline
 from edge.config import EdgeConfig
 from edge.engine import EngineConfig
@@ -102,6 +103,28 @@ def test_made_up_metric_names_do_not_use_up_the_metric_ids(tmp_path: Path) -> No
     assert agent.metrics.names == ["humidity"]
     led = agent.ledger_report(changed_only=False)
     assert (led["received"], led["rejected"], led["accepted"]) == ([1_001], [1_000], [1])
+
+
+def test_readings_of_unregistered_devices_do_not_grow_the_agent(tmp_path: Path) -> None:
+    # with a registry and unknown_devices = "reject", 5,000 made-up device ids are rejected
+    # before they get an id; their ledger row is "(no device)", so the ledger still balances
+    reg = tmp_path / "devices.csv"
+    Registry([Device(device_id="d1", gateway="gw-1", site="site-a", kind="humidity")]).to_csv(reg)
+    clock = ManualClock(now_ms=T + 60_000)
+    agent = EdgePipeline(config(tmp_path, registry_path=reg), clock)
+    agent.process([(f"devices/ghost-{k}/readings", encode_single(f"ghost-{k}", "humidity", T,
+                                                                 40.0, k), T)
+                   for k in range(5_000)])
+    agent.process([("devices/d1/readings", encode_single("d1", "humidity", T, 40.0, 1), T)])
+    s = agent.stats()
+    assert (s["rejected_unknown_device"], s["readings_accepted"]) == (5_000, 1)
+    assert s["devices_seen"] == 1
+    assert len(agent.devices) == 2  # d1 and the "(no device)" row
+    led = agent.ledger_report(changed_only=False)
+    rows = dict(zip(led["devices"], zip(led["received"], led["rejected"],  # type: ignore[arg-type]
+                                        led["accepted"], strict=True), strict=True))
+    assert rows == {"(no device)": (5_000, 5_000, 0), "d1": (1, 0, 1)}
+    assert sum(r[0] for r in rows.values()) == s["readings_received"]
 
 
 def test_a_failing_tick_is_counted_and_the_agent_keeps_going(mosquitto: Mosquitto,
