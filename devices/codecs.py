@@ -190,8 +190,7 @@ class PayloadDecoder:
         if not math.isfinite(value):
             reject(rejects.NOT_FINITE, f"{device}/{metric}: {value}")
             return
-        allowed = (self.known_device is None or self.devices.get(device) is not None
-                   or self.known_device(device))
+        allowed = self.known_device is None or self.known_device(device)
         d = self.devices.intern(device) if allowed else -1
         m = self.metrics.get(metric)
         if m is None:

@@ -80,18 +80,16 @@ class EdgePipeline:
         self.clock = clock
         self.devices = Interner(limit=MAX_DEVICES)
         self.metrics = Interner(limit=MAX_METRICS)
-        self.decoder = PayloadDecoder(self.devices, self.metrics,
-                                      device_topic_level=config.device_topic_level,
-                                      max_payload_bytes=config.max_payload_bytes,
-                                      known_metric=config.catalog.__contains__)
         registry = config.load_registry()
-        if config.unknown_devices == "reject" and registry is not None:
-            self.decoder.known_device = registry.__contains__
-        self.validator = Validator(
-            config.catalog, self.devices, self.metrics,
-            registry=registry if config.unknown_devices == "reject" else None,
-            max_future_ms=config.max_future_ms, max_past_ms=config.max_past_ms,
-        )
+        # names outside the catalog (and, in reject mode, the registry) never get an id
+        self.decoder = PayloadDecoder(
+            self.devices, self.metrics, device_topic_level=config.device_topic_level,
+            max_payload_bytes=config.max_payload_bytes, known_metric=config.catalog.__contains__,
+            known_device=registry.__contains__
+            if registry is not None and config.unknown_devices == "reject" else None)
+        self.validator = Validator(config.catalog, self.metrics,
+                                   max_future_ms=config.max_future_ms,
+                                   max_past_ms=config.max_past_ms)
         self.engine = WindowEngine(config.engine)
         self.primary = config.engine.labels[0]
         self.late_out: list[list[object]] = []  # late readings to forward raw

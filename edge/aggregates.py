@@ -45,7 +45,10 @@ class AggArrays:
     def __len__(self) -> int:
         return len(self.count)
 
-    def take(self, idx: npt.NDArray[np.int64] | npt.NDArray[np.bool_]) -> AggArrays:
+    def take(self, idx: npt.NDArray[np.int64] | npt.NDArray[np.bool_] | slice) -> AggArrays:
+        """The rows ``idx`` as new arrays (a slice is copied, not viewed)."""
+        if isinstance(idx, slice):
+            return AggArrays(*(getattr(self, f)[idx].copy() for f in FIELDS))
         return AggArrays(*(getattr(self, f)[idx] for f in FIELDS))
 
     @staticmethod

@@ -317,7 +317,7 @@ class DenseFixedWindows:
 
     # ---- emitting -----------------------------------------------------------------------------
 
-    def _starts(self, cells: I64) -> I64:
+    def _starts(self, cells: I64 | slice) -> I64:
         return (self.widx[cells] + self._first_number) * self.step
 
     def _ends(self, cells: I64) -> I64:
@@ -366,14 +366,13 @@ class DenseFixedWindows:
             return self._empty()
         s = cells % self.cap
         sel = _run(cells)  # a fired slot is usually one run of cells: copies, not gathers
-        keys, counts, offsets = self._sketches(cells)
+        keys, counts, offsets = self._sketches(cells, sel)
         pct = quantiles_from_counts(self.params, keys, counts, offsets, list(self.percentiles))
-        agg = AggArrays(*(np.array(getattr(self.agg, f)[sel]) for f in FIELDS))
         out = WindowResults(
-            device=self.series_dev[s], metric=self.series_met[s],
-            start=(self.widx[sel] + self._first_number) * self.step,
+            device=self.series_dev[s], metric=self.series_met[s], start=self._starts(sel),
             width=np.full(len(cells), self.spec.size_ms, np.int64), rev=np.array(self.rev[sel]),
-            agg=self._moments(agg), pct=pct, sk_keys=keys, sk_counts=counts, sk_offsets=offsets)
+            agg=self._moments(self.agg.take(sel)), pct=pct, sk_keys=keys, sk_counts=counts,
+            sk_offsets=offsets)
         self.rev[sel] += 1
         self.dirty[sel] = False
         return out
@@ -388,9 +387,9 @@ class DenseFixedWindows:
         agg.m2 = np.maximum(s2 - s1 * s1 / n, 0.0)
         return agg
 
-    def _sketches(self, cells: I64) -> tuple[I64, I64, I64]:
-        """Flat (keys, counts, offsets) of the cells' sketches, keys ascending per cell."""
-        sel = _run(cells)
+    def _sketches(self, cells: I64, sel: I64 | slice) -> tuple[I64, I64, I64]:
+        """Flat (keys, counts, offsets) of the cells' sketches, keys ascending per cell
+        (``sel``: the cells, or their slice when they are one run)."""
         h = self.hist[sel]
         # row-major: rows ascending, buckets ascending within a row (a boolean mask first:
         # flatnonzero of a bool array is 5x faster than of uint16)

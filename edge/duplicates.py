@@ -190,7 +190,7 @@ class DuplicateFilter:
 
     def nbytes(self) -> int:
         return int(self.seq_ring.nbytes + self.hash_ring.nbytes + self.pos.nbytes
-                   + self._scratch.nbytes)
+                   + self.high.nbytes + self._scratch.nbytes)
 
     def snapshot(self) -> dict[str, npt.NDArray[np.generic]]:
         return {"dup_seq_ring": self.seq_ring, "dup_hash_ring": self.hash_ring,

@@ -1,5 +1,6 @@
 """Semantic checks on decoded readings, vectorised: known metric, physical range, plausible
-event time, registered device. Structural checks (types, JSON) happened in the codec.
+event time. Structural checks (types, JSON) and the registry happened in the codec, before a
+device got an id.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import numpy.typing as npt
 from devices import rejects
 from devices.catalog import Catalog
 from devices.readings import Interner, ReadingColumns
-from devices.registry import Registry
 from edge.windows import EPOCH_BASE_MS
 
 
@@ -22,30 +22,21 @@ class Validator:
     def __init__(
         self,
         catalog: Catalog,
-        devices: Interner,
         metrics: Interner,
         *,
-        registry: Registry | None = None,
         max_future_ms: int = 5 * 60_000,
         max_past_ms: int = 7 * 86_400_000,
     ) -> None:
         self.catalog = catalog
-        self.devices = devices
         self.metrics = metrics
-        self.registry = registry
         self.max_future_ms = max_future_ms
         self.max_past_ms = max_past_ms
         self._low = np.empty(0)
         self._high = np.empty(0)
-        self._known_device = np.empty(0, bool)
 
     def _refresh(self) -> None:
         if len(self._low) != len(self.metrics):
             self._low, self._high = self.catalog.bounds(self.metrics.names)
-        if self.registry is not None and len(self._known_device) != len(self.devices):
-            self._known_device = np.array(
-                [n in self.registry for n in self.devices.names], dtype=bool
-            )
 
     def check(self, batch: ReadingColumns, now_ms: int
               ) -> tuple[npt.NDArray[np.bool_], Counter[str]]:
@@ -70,8 +61,6 @@ class Validator:
         low = self._low[batch.metric]
         high = self._high[batch.metric]
         apply(np.isnan(low), rejects.UNKNOWN_METRIC)
-        if self.registry is not None:
-            apply(~self._known_device[batch.device], rejects.UNKNOWN_DEVICE)
         apply(~np.isfinite(batch.value), rejects.NOT_FINITE)
         apply((batch.value < low) | (batch.value > high), rejects.OUT_OF_RANGE)
         apply(batch.ts < EPOCH_BASE_MS, rejects.BAD_TIMESTAMP)
