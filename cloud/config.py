@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cloud.detect import DEFAULT_DETECTORS, DETECTORS, PRIMARY, PolicyConfig
+from cloud.rules import Rule, parse_rules
 from devices.catalog import Catalog
 from devices.errors import ConfigError
 from devices.mqtt import BrokerAddress, parse_broker_url
@@ -46,8 +48,12 @@ class CloudConfig:
     registry_path: Path | None = None
     state_dir: Path | None = None  # dedup state that survives restarts
     partitions: int = 1
-    detectors: list[str] = field(default_factory=lambda: ["threshold", "robust_z"])
+    detectors: list[str] = field(default_factory=lambda: list(DEFAULT_DETECTORS))
     detector_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    detect_windows: tuple[str, ...] = (PRIMARY,)  # window specs judged ("primary": the first)
+    alerts: PolicyConfig = field(default_factory=PolicyConfig)
+    relearn_after: int = 30  # windows a device incident keeps its state out of the baseline
+    rules: list[Rule] = field(default_factory=list)
     health_interval_ms: int = 5_000
     catalog: Catalog = field(default_factory=Catalog)
 
@@ -57,8 +63,6 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
 
 
 def cloud_config_from(root: Section) -> CloudConfig:
-    from cloud.detect import DETECTORS
-
     w = root.section("worker")
     ingest = root.section("ingest", required=True)
     ix = root.section("influxdb")
@@ -78,7 +82,21 @@ def cloud_config_from(root: Section) -> CloudConfig:
         flush_interval_ms=ix.duration_ms("flush_interval", 1_000, minimum=10),
         timeout_ms=ix.duration_ms("timeout", 10_000, minimum=100),
     )
-    names = det.str_list("detectors", ["threshold", "robust_z"])
+    names = det.str_list("detectors", list(DEFAULT_DETECTORS))
+    windows = tuple(det.str_list("windows", [PRIMARY]))
+    relearn_after = det.integer("relearn_after", 30, minimum=1)
+    if not windows:
+        raise ConfigError(det.key("windows"), "name at least one window spec (or \"primary\")",
+                          source=root.source)
+    al = det.section("alerts")
+    try:
+        alerts = PolicyConfig(open_at=al.number("open_at", 1.0, minimum=0.0),
+                              hold_at=al.number("hold_at", 0.5, minimum=0.0),
+                              clear=al.integer("clear", 3, minimum=1),
+                              suppress=al.integer("suppress", 100, minimum=0))
+    except ValueError as exc:
+        raise ConfigError(al.key("hold_at"), str(exc), source=root.source) from None
+    al.done()
     options: dict[str, dict[str, Any]] = {}
     for name in names:
         if name not in DETECTORS:
@@ -100,6 +118,10 @@ def cloud_config_from(root: Section) -> CloudConfig:
         influx=influx,
         detectors=names,
         detector_options=options,
+        detect_windows=windows,
+        alerts=alerts,
+        relearn_after=relearn_after,
+        rules=parse_rules(root.raw("rules", None), root.source),
         health_interval_ms=w.duration_ms("health_interval", 5_000, minimum=100),
         catalog=catalog,
     )

@@ -54,6 +54,7 @@ class EnrichedResults:
     seq_sum: I64 | None
     pct: F64  # (rows, len(pct_names)), calibrated
     pct_names: list[str]
+    primary_window: str = ""  # the gateway's primary window spec (the first it lists)
 
     def __len__(self) -> int:
         return len(self.start)
@@ -112,10 +113,12 @@ class Enricher:
                     self.unknown_devices.add(name)
                     log.warning("device %r of gateway %s is not in the registry: its results "
                                 "are written under site %r", name, batch.gateway, UNKNOWN_SITE)
+        labels = batch.spec_labels()
         pct_names = [percentile_name(q) for q in batch.percentiles] if r.pct is not None else []
         pct = (r.pct + off[:, None]) if r.pct is not None else np.empty((len(d), 0))
         return EnrichedResults(
-            gateway=batch.gateway, window=batch.spec_labels(),
+            gateway=batch.gateway, window=labels,
+            primary_window=batch.specs[0] if batch.specs else (labels[0] if labels else ""),
             rate=r.rate(), pct=pct, pct_names=pct_names, seq_min=r.seq_min, seq_max=r.seq_max,
             seq_sum=r.seq_sum,
             device=[batch.devices[i] for i in d.tolist()],

@@ -3,6 +3,8 @@
 * ``aggregates``: one point per (gateway, site, device, metric, window) at the window start;
   a revision overwrites the earlier one field by field (same identity).
 * ``anomalies``: one point per (window, detector), same timestamp as its window.
+* ``alerts``: one point per incident (a detector's or a rule's), at the start of the window that
+  opened it; written when it opens (``state = "open"``) and overwritten when it resolves.
 * ``pipeline``: health counters and gauges, tag ``component`` = edge | cloud.
 
 Dashboards (``cloud.dashboards``) query exactly these names; change them together.
@@ -13,12 +15,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from cloud.detect import Anomaly
+from cloud.detect import AlertEvent, Anomaly
 from cloud.enrich import EnrichedResults
+from cloud.rules import RuleAlert
 from cloud.sinks.lineproto import line, tag_prefix
 
 AGGREGATES = "aggregates"
 ANOMALIES = "anomalies"
+ALERTS = "alerts"
+DEVICE_SUBJECT = "(device)"  # the metric tag of alerts judged across a device's metrics
+CRITICAL_SEVERITY = 5.0  # a detector's alert this far past its threshold is "critical"
 PIPELINE = "pipeline"
 
 
@@ -67,10 +73,56 @@ def anomaly_lines(rows: EnrichedResults, found: list[Anomaly]) -> list[str]:
         i = a.row
         tags = {"gateway": rows.gateway, "site": rows.site[i], "device": rows.device[i],
                 "metric": rows.metric[i], "window": rows.window[i], "detector": a.detector}
-        fields = {"score": a.score, "value": a.value, "reference": a.reference,
-                  "direction": a.direction, "message": a.message, "rev": int(rows.rev[i]),
-                  "window_end": int(rows.start[i] + rows.width[i])}
+        if a.device_level:
+            tags["metric"] = DEVICE_SUBJECT
+        fields: dict[str, object] = {
+            "score": a.score, "direction": a.direction, "message": a.message,
+            "rev": int(rows.rev[i]), "window_end": int(rows.start[i] + rows.width[i])}
+        if math.isfinite(a.value):
+            fields["value"] = a.value
+        if math.isfinite(a.reference):
+            fields["reference"] = a.reference
         ln = line(ANOMALIES, tags, fields, int(rows.start[i]))
+        if ln is not None:
+            out.append(ln)
+    return out
+
+
+def alert_lines(rows: EnrichedResults, events: list[AlertEvent]) -> list[str]:
+    """An incident's point: its identity is the subject and the window that opened it."""
+    out = []
+    for e in events:
+        i = e.row
+        tags = {"gateway": rows.gateway, "site": rows.site[i], "device": rows.device[i],
+                "metric": rows.metric[i] if e.level == "series" else DEVICE_SUBJECT,
+                "window": rows.window[i], "source": e.source, "name": e.name}
+        fields: dict[str, object] = {
+            "state": e.state, "open": e.state == "open", "severity": e.severity,
+            "level": "critical" if e.severity >= CRITICAL_SEVERITY else "warning",
+            "opened": e.incident, "resolved": e.until if e.state == "resolved" else 0,
+            "direction": e.direction, "message": e.message}
+        if math.isfinite(e.value):
+            fields["value"] = e.value
+        if math.isfinite(e.reference):
+            fields["reference"] = e.reference
+        ln = line(ALERTS, tags, fields, e.incident)
+        if ln is not None:
+            out.append(ln)
+    return out
+
+
+def rule_alert_lines(alerts: list[RuleAlert]) -> list[str]:
+    """A rule's alert: same measurement as the detectors', ``source = "rule"``."""
+    out = []
+    for a in alerts:
+        tags = {"gateway": a.gateway, "site": a.site, "device": a.device, "metric": a.metric,
+                "window": a.window, "source": "rule", "name": a.rule}
+        fields: dict[str, object] = {
+            "state": a.state, "open": a.state == "open", "level": a.level, "kind": a.kind,
+            "opened": a.opened, "resolved": a.until, "message": a.message}
+        if math.isfinite(a.value):
+            fields["value"] = a.value
+        ln = line(ALERTS, tags, fields, a.opened)
         if ln is not None:
             out.append(ln)
     return out

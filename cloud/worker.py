@@ -18,17 +18,20 @@ import numpy as np
 
 from cloud.config import CloudConfig
 from cloud.dedup import BatchDedup, Seen
-from cloud.detect import DETECTORS, DetectionStage, Detector
+from cloud.detect import DetectionStage, build_stage
 from cloud.enrich import UNKNOWN_SITE, Enricher
 from cloud.ingest import MqttSource, PartitionedSource, SourceMessage
 from cloud.points import (
     aggregate_lines,
+    alert_lines,
     anomaly_lines,
     device_lines,
     ledger_lines,
     pipeline_line,
+    rule_alert_lines,
     superseded_identities,
 )
+from cloud.rules import RuleEngine
 from cloud.sinks import sink_class
 from cloud.sinks.base import BufferedWriter, Sink
 from devices.clock import Clock, SystemClock
@@ -48,14 +51,15 @@ from devices.rejects import RejectLog
 log = logging.getLogger("fieldline.cloud")
 
 
-def build_detectors(config: CloudConfig) -> list[Detector]:
-    out = []
+def build_detection(config: CloudConfig) -> DetectionStage:
+    """The configured detectors in their stage; a bad option fails naming its detector."""
     for name in config.detectors:
         try:
-            out.append(DETECTORS[name](**config.detector_options.get(name, {})))
+            build_stage([name], config.detector_options)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"detect.{name}", str(exc)) from None
-    return out
+    return build_stage(config.detectors, config.detector_options, policy=config.alerts,
+                       windows=config.detect_windows, relearn_after=config.relearn_after)
 
 
 def build_sink(config: CloudConfig) -> Sink:
@@ -101,7 +105,8 @@ class CloudWorker:
                                      if config.state_dir else None)
         self.dedup = BatchDedup()
         self.enricher = Enricher(registry, config.catalog)
-        self.detection = DetectionStage(build_detectors(config))
+        self.detection = build_detection(config)
+        self.rules = RuleEngine(config.rules)
         self.rejects = RejectLog(log)
         self.counters: Counter[str] = Counter()
         self.lag_ms: deque[int] = deque(maxlen=5000)  # edge publish -> InfluxDB confirmed
@@ -174,9 +179,16 @@ class CloudWorker:
             self._ack(batch.gateway, batch.seq)  # nothing newer in it; done
             return
         rows = self.enricher.enrich(batch)
-        found = self.detection.run(rows)
-        lines = aggregate_lines(rows) + anomaly_lines(rows, found)
-        self.counters["anomalies"] += len(found)
+        det = self.detection.run(rows)
+        fired = self.rules.run(rows, det)
+        lines = (aggregate_lines(rows) + anomaly_lines(rows, det.anomalies)
+                 + alert_lines(rows, det.alerts) + rule_alert_lines(fired))
+        for a in fired:
+            self.counters["rule_alerts_opened" if a.state == "open"
+                          else "rule_alerts_resolved"] += 1
+        self.counters["anomalies"] += len(det.anomalies)
+        for e in det.alerts:
+            self.counters["alerts_opened" if e.state == "open" else "alerts_resolved"] += 1
         max_end = int((batch.results.start + batch.results.width).max()) if len(rows) else 0
         self.writer.add(lines, token=(batch.gateway, batch.seq, batch.sent_ms, max_end,
                                       len(rows)))
@@ -249,6 +261,10 @@ class CloudWorker:
             "rejected_messages": self.rejects.total,
             "unknown_device_results": self.enricher.unknown_results,
             "anomalies": c["anomalies"],
+            "alerts_opened": c["alerts_opened"],
+            "alerts_resolved": c["alerts_resolved"],
+            "rule_alerts_opened": c["rule_alerts_opened"],
+            "rule_alerts_resolved": c["rule_alerts_resolved"],
             "acks_sent": c["acks_sent"],
             "acks_unsent": c["acks_unsent"],
             "batches_rejected": c["batches_rejected"],

@@ -84,7 +84,7 @@ class EdgePipeline:
         # names outside the catalog (and, in reject mode, the registry) never get an id
         self.decoder = PayloadDecoder(
             self.devices, self.metrics, device_topic_level=config.device_topic_level,
-            max_payload_bytes=config.max_payload_bytes, known_metric=config.catalog.__contains__,
+            max_payload_bytes=config.max_payload_bytes, known_metric=config.catalog.admits,
             known_device=registry.__contains__
             if registry is not None and config.unknown_devices == "reject" else None)
         self.validator = Validator(config.catalog, self.metrics,

@@ -138,23 +138,59 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    from devices.catalog import Catalog
     from devices.mqtt import parse_broker_url
     from simulators.publisher import FleetPublisher
-    from simulators.replay import ReplaySimulator, load_nab, load_skab
+    from simulators.replay import (
+        ReplaySimulator,
+        catalog_report,
+        load_csv,
+        load_nab,
+        load_skab,
+        shift_to,
+    )
 
-    data = Path(args.data)
-    if not data.is_dir():
+    data = Path(args.data) if args.data else None
+    if (args.nab or args.skab) and (data is None or not data.is_dir()):
         raise ConfigError("--data", f"not a directory: {data}")
     recs = []
     try:
-        recs += [load_nab(data / "nab", f) for f in args.nab]
-        recs += [load_skab(data / "skab", f) for f in args.skab]
+        if data is not None:
+            recs += [load_nab(data / "nab", f) for f in args.nab]
+            recs += [load_skab(data / "skab", f) for f in args.skab]
+        recs += [load_csv(Path(f), time_column=args.time_column) for f in args.csv]
     except (OSError, KeyError, ValueError) as exc:
-        raise ConfigError("--nab/--skab", str(exc)) from None
-    if not recs:
-        raise ConfigError("--nab/--skab", "name at least one file to replay")
-    start = time.time_ns() // 1_000_000 - int(args.backfill * 1000)
-    sim = ReplaySimulator(recs, start, speed=args.speed, gateway=args.gateway)
+        raise ConfigError("--nab/--skab/--csv", str(exc)) from None
+    if not recs or not all(r.rows for r in recs):
+        raise ConfigError("--nab/--skab/--csv", "name at least one file with rows to replay")
+    catalog = Catalog()
+    max_past_ms = 400 * 86_400_000
+    topic = "devices/{device}/readings"
+    if args.gateway_config:
+        from edge.config import load_edge_config
+
+        ecfg = load_edge_config(args.gateway_config)
+        catalog, max_past_ms = ecfg.catalog, ecfg.max_past_ms
+        topic = ecfg.topics[0].replace("+", "{device}").replace("#", "{device}")
+    notes, declare = catalog_report(recs, catalog)
+    for line in notes:
+        print(f"  {line}")
+    if declare:
+        print("  to declare them (gateway.toml and cloud.toml):\n"
+              + "\n".join("    " + x for x in declare.splitlines()))
+    now = time.time_ns() // 1_000_000
+    shift = shift_to(recs, now) if args.event_time == "now" else 0
+    first = min(r.rows[0][0] for r in recs) + shift
+    if first < EPOCH_2020:
+        print("  event times before 2020 are rejected by every gateway (bad_timestamp): "
+              "use --event-time now", file=sys.stderr)
+    elif now - first > max_past_ms:
+        print(f"  the oldest readings are {(now - first) / 86_400_000:,.0f} days old; the "
+              f"gateway rejects beyond validate.max_past ({max_past_ms / 86_400_000:,.0f} "
+              "days) as clock_past", file=sys.stderr)
+    speed = None if args.speed == "max" else float(args.speed)
+    sim = ReplaySimulator(recs, now, speed=speed, shift_ms=shift, gateway=args.gateway,
+                          topic_template=topic)
     truth = Path(args.truth) if args.truth else None
     if truth:
         truth.write_text("")
@@ -163,22 +199,35 @@ def cmd_replay(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    duration = sim.remaining_ticks() * sim.spec.interval_ms / 1000
-    print(f"replaying {len(recs)} file(s) as {[r.device for r in recs]} at {args.speed}x: "
-          f"{duration:,.0f} s")
-    runner = threading.Thread(target=pub.run_realtime, args=(stop, duration), daemon=True)
+    span = max(r.rows[-1][0] for r in recs) - min(r.rows[0][0] for r in recs)
+    took = "as fast as the broker takes them" if speed is None else (
+        f"{span / speed / 1000:,.0f} s at {speed:g}x")
+    print(f"replaying {len(recs)} file(s) as {[r.device for r in recs]}, event times "
+          f"{'as recorded' if shift == 0 else f'moved {shift // 86_400_000:,} days'}: {took}")
+    if speed is None:
+        runner = threading.Thread(target=pub.run_fast, args=(sim.remaining_ticks(),),
+                                  daemon=True)
+    else:
+        duration = sim.remaining_ticks() * sim.spec.interval_ms / 1000
+        runner = threading.Thread(target=pub.run_realtime, args=(stop, duration), daemon=True)
     runner.start()
     try:
         while runner.is_alive():
             runner.join(1.0)
-            sys.stderr.write(f"\r{pub.published:,} readings published, behind "
+            sys.stderr.write(f"\r{pub.published:,} messages published, behind "
                              f"{pub.behind_ms / 1000:.1f}s   ")
     finally:
         stop.set()
         runner.join()
+        pub.flush(10.0)
         pub.close()
-    print(f"\npublished {pub.published} readings; ground truth: {truth or '(not written)'}")
-    return 0
+    c = pub.counters
+    print(f"\npublished {pub.published:,} messages (broker acknowledged {c['acked']:,}, "
+          f"refused {c['refused']:,}); ground truth: {truth or '(not written)'}")
+    return 0 if sim.finished and not pub.error else 1
+
+
+EPOCH_2020 = 1_577_836_800_000
 
 
 def cmd_grafana_export(args: argparse.Namespace) -> int:
@@ -244,20 +293,27 @@ def build_parser() -> argparse.ArgumentParser:
                         "processes; together the shards publish exactly the whole fleet)")
     s.set_defaults(func=cmd_simulate)
 
-    r = sub.add_parser("replay", help="replay recorded data sets (NAB, SKAB) as devices")
-    r.add_argument("--data", required=True, help="the data directory (holding nab/ and skab/)")
+    r = sub.add_parser("replay", help="replay recorded data (NAB, SKAB, any CSV) as devices")
+    r.add_argument("--data", help="the data directory holding nab/ and skab/ (for --nab, --skab)")
     r.add_argument("--nab", action="append", default=[],
                    help="a NAB file relative to nab/data, e.g. "
                         "realKnownCause/machine_temperature_system_failure.csv")
     r.add_argument("--skab", action="append", default=[],
                    help="a SKAB file relative to skab/data, e.g. valve1/0.csv")
+    r.add_argument("--csv", action="append", default=[],
+                   help="any CSV: a time column and value columns (one device per file)")
+    r.add_argument("--time-column", help="the CSV's time column, if not named like a time")
     r.add_argument("--broker", required=True, help="the gateway broker, mqtt://host:port")
     r.add_argument("--gateway", default="replay-1")
-    r.add_argument("--speed", type=float, default=1.0,
-                   help="data seconds per real second (300: 5-minute samples every second)")
-    r.add_argument("--backfill", type=float, default=0.0,
-                   help="start this many seconds in the past and catch up at full speed")
-    r.add_argument("--truth", help="write the labels (in replay time) to this JSONL file")
+    r.add_argument("--gateway-config",
+                   help="the gateway's config: its topic and catalog are checked first")
+    r.add_argument("--speed", default="max",
+                   help="data seconds per real second (300: 5-minute samples every second), "
+                        "or max: as fast as the broker takes them, then exit (a backfill)")
+    r.add_argument("--event-time", choices=("now", "recorded"), default="now",
+                   help="now: recorded times moved by whole weeks to end just before now "
+                        "(weekday and time of day kept); recorded: as in the file")
+    r.add_argument("--truth", help="write the labels (in event time) to this JSONL file")
     r.set_defaults(func=cmd_replay)
 
     g = sub.add_parser("grafana", help="dashboards").add_subparsers(dest="sub", required=True)

@@ -2,10 +2,14 @@
 column and value columns. Several files are several devices; a multi-column file (SKAB) is one
 device with several sensors.
 
-Time: a reading recorded at ``t`` is stamped ``start + (t - t0) / speed``, where ``t0`` is the
-first timestamp of its file, and published when that moment comes (``speed = 1``: real time;
-``speed = 300``: NAB's 5-minute samples arrive every second). Labels travel to the ground-truth
-file mapped the same way, each with its original timestamps:
+Time, end to end: a reading recorded at ``t`` keeps ``t`` as its event time, moved by one
+constant ``shift_ms`` for the whole replay (``event_time(t) = t + shift_ms``; 0 keeps the
+recorded times; ``shift_to(now)`` gives the whole number of weeks that makes the newest reading
+land just before now, so time of day and weekday stay as recorded). The speed only decides
+*when* a reading is published: at ``wall_start + (t - t_first) / speed``, or as fast as the
+broker takes them (``speed=None``: a backfill, which ends once everything is published). Windows
+and detections are therefore in data time and the same at any speed. Labels travel to the
+ground-truth file in event time:
 
 * NAB: the anomaly windows of ``labels/combined_windows.json`` (``label_window``) and the
   anomaly points of ``labels/combined_labels.json`` (``label_point``);
@@ -28,6 +32,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from devices.catalog import Catalog
 from devices.codecs import encode_batch, encode_single
 from simulators.fleet import Published, Tick
 
@@ -78,6 +83,11 @@ def load_nab(data_dir: Path, relative: str, device: str | None = None,
     return Recording(dev, path, rows, labels)
 
 
+# SKAB's columns whose names clash with a catalog kind of another unit: its Pressure is the
+# loop's gauge pressure in bar, the catalog's ``pressure`` is barometric (hPa, 300-1100)
+SKAB_RENAME = {"pressure": "pressure_bar"}
+
+
 def load_skab(data_dir: Path, relative: str, device: str | None = None) -> Recording:
     path = data_dir / "data" / relative
     rows = []
@@ -86,7 +96,8 @@ def load_skab(data_dir: Path, relative: str, device: str | None = None) -> Recor
         reader = csv.DictReader(fh, delimiter=";")
         for r in reader:
             t = _parse_time(r["datetime"])
-            values = {metric_name(k): float(v) for k, v in r.items()
+            values = {SKAB_RENAME.get(metric_name(k), metric_name(k)): float(v)
+                      for k, v in r.items()
                       if k not in ("datetime", "anomaly", "changepoint") and v not in ("", None)}
             rows.append((t, values))
             if float(r.get("anomaly") or 0) == 1.0:
@@ -97,47 +108,79 @@ def load_skab(data_dir: Path, relative: str, device: str | None = None) -> Recor
     return Recording(dev.replace("_", "-"), path, rows, labels)
 
 
+WEEK_MS = 7 * 86_400_000
+
+
+def shift_to(recordings: list[Recording], now_ms: int) -> int:
+    """The shift (whole weeks) that puts the newest reading of ``recordings`` at or just
+    before ``now_ms``: recorded weekdays and times of day are kept."""
+    last = max((r.rows[-1][0] for r in recordings if r.rows), default=now_ms)
+    return ((now_ms - last) // WEEK_MS) * WEEK_MS
+
+
 @dataclass(frozen=True)
 class _ReplaySpec:
     interval_ms: int
 
 
 class ReplaySimulator:
-    """Recordings as a fleet of one gateway, with the interface the fleet publisher uses."""
+    """Recordings as a fleet of one gateway, with the interface the fleet publisher uses.
 
-    def __init__(self, recordings: list[Recording], start_ms: int, *, speed: float = 1.0,
-                 gateway: str = "replay-1", interval_ms: int = 1_000,
-                 topic_template: str = "{gateway}/devices/{device}/readings",
-                 payload: str = "json", record: bool = False) -> None:
-        if speed <= 0:
-            raise ValueError("speed must be > 0")
+    Each tick publishes the readings due in one ``interval_ms`` of wall time (or, with
+    ``speed=None``, the next ``chunk`` readings), in recorded order across recordings.
+    """
+
+    def __init__(self, recordings: list[Recording], wall_start_ms: int, *,
+                 speed: float | None = 1.0, shift_ms: int = 0, gateway: str = "replay-1",
+                 interval_ms: int = 1_000, topic_template: str = "devices/{device}/readings",
+                 payload: str = "json", record: bool = False, chunk: int = 5_000) -> None:
+        if speed is not None and speed <= 0:
+            raise ValueError("speed must be > 0 (or None: as fast as possible)")
         self.spec = _ReplaySpec(interval_ms)
-        self.start_ms = start_ms - start_ms % interval_ms
+        self.start_ms = wall_start_ms - wall_start_ms % interval_ms
         self.speed = speed
+        self.shift_ms = shift_ms
         self.gw = gateway
         self.topic_template = topic_template
         self.payload = payload
         self.record = record
+        self.chunk = chunk
         self.recordings = recordings
         self.ticks_done = 0
         self.truth: list[dict[str, object]] = []
         self.published: list[Published] = []
         self._truth_read = 0
-        self._pos = [0] * len(recordings)
         self._seq = [0] * len(recordings)
-        self._t0 = [rec.rows[0][0] if rec.rows else 0 for rec in recordings]
-        for i, rec in enumerate(recordings):  # ground truth: every label, in replay time
+        # every row of every recording, merged by recorded time; within a file, in the file's
+        # own order (a clock that steps back is replayed as recorded: its rows are due at once)
+        merged: list[tuple[int, int, int]] = []
+        for i, rec in enumerate(recordings):
+            latest = [t for t, _ in rec.rows]
+            for j in range(1, len(latest)):
+                latest[j] = max(latest[j], latest[j - 1])
+            merged.extend((latest[j], i, j) for j in range(len(latest)))
+        merged.sort()
+        self._order = [(i, j) for _, i, j in merged]
+        self._next = 0
+        self.t_first = merged[0][0] if merged else 0
+        for rec in recordings:  # ground truth: every label, in event time
             for lab in rec.labels:
                 out = {**lab, "gateway": gateway, "device": rec.device,
                        "file": str(rec.path.name)}
                 for k in ("orig_start", "orig_end", "orig_ts"):
                     if k in lab:
                         out[k.replace("orig_", "") + ("_ms" if k != "orig_ts" else "")] = (
-                            self.map_time(i, int(lab[k])))  # type: ignore[call-overload]
+                            int(lab[k]) + shift_ms)  # type: ignore[call-overload]
                 self.truth.append(out)
 
-    def map_time(self, i: int, orig_ms: int) -> int:
-        return self.start_ms + round((orig_ms - self._t0[i]) / self.speed)
+    def event_time(self, orig_ms: int) -> int:
+        return orig_ms + self.shift_ms
+
+    def due(self, orig_ms: int) -> int:
+        """Wall time at which a reading recorded at ``orig_ms`` is published."""
+        if self.speed is None:
+            return self.start_ms
+        return self.start_ms + round((orig_ms - self.t_first) / self.speed)
 
     @property
     def gateways(self) -> list[str]:
@@ -149,7 +192,7 @@ class ReplaySimulator:
 
     @property
     def finished(self) -> bool:
-        return all(p >= len(r.rows) for p, r in zip(self._pos, self.recordings, strict=True))
+        return self._next >= len(self._order)
 
     def new_truth(self) -> list[dict[str, object]]:
         out = self.truth[self._truth_read:]
@@ -161,27 +204,28 @@ class ReplaySimulator:
         end = t0 + self.spec.interval_ms
         out = Tick(t0, {self.gw: []})
         msgs = out.messages[self.gw]
-        for i, rec in enumerate(self.recordings):
+        limit = self._next + self.chunk if self.speed is None else len(self._order)
+        while self._next < min(limit, len(self._order)):
+            i, j = self._order[self._next]
+            rec = self.recordings[i]
+            orig, values = rec.rows[j]
+            if self.speed is not None and self.due(orig) >= end:
+                break
+            self._next += 1
+            ts = self.event_time(orig)
             topic = self.topic_template.format(device=rec.device, gateway=self.gw)
-            while self._pos[i] < len(rec.rows):
-                orig, values = rec.rows[self._pos[i]]
-                ts = self.map_time(i, orig)
-                if ts >= end:
-                    break
-                self._pos[i] += 1
-                readings = []
-                for metric, v in values.items():
-                    readings.append((metric, ts, v, self._seq[i]))
-                    if self.record:
-                        self.published.append(Published(self.gw, rec.device, metric, ts, v,
-                                                        self._seq[i], ""))
-                    self._seq[i] += 1
-                if self.payload == "batch":
-                    msgs.append((topic, encode_batch(rec.device, [
-                        (m, t, v, q) for m, t, v, q in readings])))
-                else:
-                    msgs.extend((topic, encode_single(rec.device, m, t, v, q))
-                                for m, t, v, q in readings)
+            readings: list[tuple[str, int, float, int | None]] = []
+            for metric, v in values.items():
+                readings.append((metric, ts, v, self._seq[i]))
+                if self.record:
+                    self.published.append(Published(self.gw, rec.device, metric, ts, v,
+                                                    self._seq[i], ""))
+                self._seq[i] += 1
+            if self.payload == "batch":
+                msgs.append((topic, encode_batch(rec.device, readings)))
+            else:
+                msgs.extend((topic, encode_single(rec.device, m, t, v, q))
+                            for m, t, v, q in readings)
         self.ticks_done += 1
         return out
 
@@ -195,8 +239,106 @@ class ReplaySimulator:
         return Tick(self.start_ms + self.ticks_done * self.spec.interval_ms, {self.gw: []})
 
     def remaining_ticks(self) -> int:
-        """Ticks until every recording has been replayed."""
-        last = max((self.map_time(i, r.rows[-1][0]) for i, r in enumerate(self.recordings)
-                    if r.rows), default=self.start_ms)
+        """Ticks until every recording has been published."""
+        left = len(self._order) - self._next
+        if left <= 0:
+            return 0
+        if self.speed is None:
+            return -(-left // self.chunk)
+        i, j = self._order[-1]
+        last = self.due(self.recordings[i].rows[j][0])
         done = self.start_ms + self.ticks_done * self.spec.interval_ms
         return max(0, -(-(last + 1 - done) // self.spec.interval_ms))
+
+
+LABEL_COLUMNS = ("anomaly", "changepoint", "label", "is_anomaly")
+TIME_HINTS = ("timestamp", "datetime", "time", "date", "ts")
+
+
+def load_csv(path: Path, device: str | None = None, time_column: str | None = None
+             ) -> Recording:
+    """Any CSV (``,`` or ``;``): a time column (named like timestamp/datetime/time, or
+    ``time_column``; text times or epoch seconds/milliseconds) and value columns, each a
+    metric named after its header. Columns named anomaly/changepoint/label are labels."""
+    text = path.read_text()
+    first = text.splitlines()[0] if text else ""
+    delim = ";" if first.count(";") > first.count(",") else ","
+    reader = csv.DictReader(text.splitlines(), delimiter=delim)
+    fields = reader.fieldnames or []
+    tcol = time_column or next((f for f in fields if f.strip().lower() in TIME_HINTS), None)
+    if tcol is None or tcol not in fields:
+        raise ValueError(f"{path}: no time column (looked for {', '.join(TIME_HINTS)}; name "
+                         "it with --time-column)")
+    rows: list[tuple[int, dict[str, float]]] = []
+    labels: list[dict[str, object]] = []
+    for n, r in enumerate(reader, start=2):
+        raw_t = (r.get(tcol) or "").strip()
+        try:
+            t = _parse_time(raw_t)
+        except ValueError:
+            try:
+                x = float(raw_t)
+            except ValueError:
+                raise ValueError(f"{path}:{n}: unrecognised time {raw_t!r}") from None
+            t = int(x * 1000) if x < 1e11 else int(x)  # epoch seconds or milliseconds
+        values: dict[str, float] = {}
+        for k, v in r.items():
+            if k is None or k == tcol or v in ("", None):
+                continue
+            name = metric_name(k)
+            try:
+                val = float(v)
+            except ValueError:
+                continue  # a text column is not a metric
+            if name in LABEL_COLUMNS:
+                if val:
+                    labels.append({"type": "changepoint" if name == "changepoint"
+                                   else "label_row", "orig_ts": t})
+                continue
+            values[name] = val
+        rows.append((t, values))
+    dev = device or metric_name(path.stem).replace("_", "-") or "csv"
+    return Recording(dev, path, rows, labels)
+
+
+def catalog_report(recordings: list[Recording], catalog: Catalog) -> tuple[list[str], str]:
+    """What a gateway with ``catalog`` will make of these recordings, before anything is
+    published: per metric, whether it is declared (and how many values its range rejects as
+    out_of_range), accepted undeclared, or rejected as unknown_metric; and the ``[catalog]``
+    entries, inferred from the data, that would declare the rest."""
+    seen: dict[str, list[float]] = {}
+    for rec in recordings:
+        for _, values in rec.rows:
+            for k, v in values.items():
+                seen.setdefault(k, []).append(v)
+    lines: list[str] = []
+    declare: list[str] = []
+    accepted = 0
+    for name in sorted(seen):
+        vals = seen[name]
+        lo, hi = min(vals), max(vals)
+        kind = catalog.get(name)
+        if kind is not None:
+            bad = sum(1 for v in vals if v < kind.low or v > kind.high)
+            if bad:
+                lines.append(f"{name}: {bad:,} of {len(vals):,} values are outside the catalog "
+                             f"range {kind.low:g}..{kind.high:g} {kind.unit} and will be "
+                             f"rejected as out_of_range (the data spans {lo:g}..{hi:g}: "
+                             f"another unit? declare [catalog.{name}] with its own range)")
+                declare.append(_catalog_block(name, lo, hi))
+            continue
+        if catalog.undeclared == "accept" and accepted < catalog.max_undeclared:
+            accepted += 1
+            lines.append(f"{name}: not declared; accepted without a range check "
+                         f"(catalog.undeclared = \"accept\")")
+        else:
+            lines.append(f"{name}: not declared; every reading will be rejected as "
+                         f"unknown_metric (catalog.undeclared = \"{catalog.undeclared}\")")
+        declare.append(_catalog_block(name, lo, hi))
+    return lines, "\n".join(declare)
+
+
+def _catalog_block(name: str, lo: float, hi: float) -> str:
+    pad = 0.1 * (hi - lo) if hi > lo else max(abs(hi), 1.0)
+    return (f"[catalog.{name}]\nunit = \"\"                # unknown: say what it is\n"
+            f"low = {lo - pad:.6g}\nhigh = {hi + pad:.6g}\n")

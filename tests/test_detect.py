@@ -1,78 +1,326 @@
-"""Detectors: spikes and limits are found, revisions never teach a detector twice."""
+"""The detector framework: one contract suite over every registered detector, then what each
+detector is for, and the alert policy."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import numpy as np
+import pytest
 
-from cloud.detect import DetectionStage, RobustZDetector, ThresholdDetector, rounds
-from cloud.enrich import EnrichedResults
+from cloud.detect import DETECTORS, PolicyConfig, build_stage
+from cloud.detect.policy import AlertPolicy
+from cloud.detect.robust import robust_scale
+from cloud.detect.stage import DetectionStage, rounds
+from tests.detectkit import T0, Win, noisy_fleet, rows
 
-T = 1_700_000_000_000
-
-
-def rows(starts: list[int], maxes: list[float], *, device: str = "d1", rev: int = 0,
-         high: float = np.nan, means: list[float] | None = None) -> EnrichedResults:
-    """Windows whose max is given; their mean sits 0.5 below it unless ``means`` are given."""
-    n = len(starts)
-    mx = np.array(maxes)
-    mean = np.array(means) if means is not None else mx - 0.5
-    return EnrichedResults(
-        gateway="gw", device=[device] * n, metric=["temperature"] * n, site=["s"] * n,
-        unit=["degC"] * n, window=["10s"] * n, known=np.ones(n, bool),
-        start=np.array(starts, np.int64),
-        width=np.full(n, 10_000, np.int64), rev=np.full(n, rev, np.int64),
-        count=np.full(n, 10, np.int64), sum=mean * 10, min=mean - 0.5, max=mx, mean=mean,
-        std=np.full(n, 0.3), first=mean, last=mean, low=np.full(n, np.nan),
-        high=np.full(n, high), scale_floor=np.full(n, 0.01), rate=np.zeros(n),
-        pct=np.empty((n, 0)), pct_names=[], seq_min=None, seq_max=None, seq_sum=None)
+WIDTH = 300_000
+FLEET = noisy_fleet(1300, seed=3, width=WIDTH)  # 4.5 days of 5-minute windows, 3 x 3 series
+SMALL = {  # options that let every detector speak within the test stream
+    "novelty": {"history": 600, "blocks": 8, "min_history": 60},
+    "seasonal": {"history": 600, "blocks": 8, "min_history": 30, "memory_days": 2.0},
+    "spike": {"history": 60, "min_history": 20},
+    "shift": {"min_history": 30},
+    "stuck": {"windows": 15, "min_history": 60},
+    "multivariate": {"min_history": 60, "memory": 500},
+}
 
 
-def test_robust_z_flags_a_spike_after_warm_up_only() -> None:
-    rng = np.random.default_rng(1)
-    det = RobustZDetector(history=30, min_history=10, threshold=8.0)
-    stage = DetectionStage([det])
-    base = list(20 + 0.1 * rng.standard_normal(12))
-    found = stage.run(rows([T + i * 10_000 for i in range(12)], base))
-    assert found == []
-    spike = stage.run(rows([T + 12 * 10_000], [28.0], means=[20.8]))
-    assert len(spike) == 1
-    assert spike[0].direction == "high"
-    assert spike[0].score > 8
+def stage_of(name: str) -> DetectionStage:
+    return build_stage([name], SMALL)
 
 
-def test_a_slow_wander_is_not_a_spike_but_an_excursion_is() -> None:
-    """The level walks away over the history; excursions within windows stay typical."""
-    det = RobustZDetector(history=30, min_history=10, threshold=8.0)
-    stage = DetectionStage([det])
-    rng = np.random.default_rng(2)
-    level = 20 + np.cumsum(0.3 * rng.standard_normal(40))  # a strong random walk of the mean
-    exc = 0.5 + 0.05 * rng.standard_normal(40)
-    found = []
-    for i in range(40):
-        found += stage.run(rows([T + i * 10_000], [float(level[i] + exc[i])],
-                                means=[float(level[i])]))
-    assert [a for a in found if a.direction == "high"] == []
-    spike = stage.run(rows([T + 40 * 10_000], [float(level[-1] + 4.0)], means=[float(level[-1])]))
-    assert [a.direction for a in spike] == ["high"]
+def drive(stage: DetectionStage, batches: list[list[Win]]
+          ) -> tuple[dict[tuple[str, str, int], float], set[tuple[object, ...]]]:
+    """Severity per (device, metric, start) and every alert event, by identity."""
+    sev: dict[tuple[str, str, int], float] = {}
+    alerts: set[tuple[object, ...]] = set()
+    for b in batches:
+        r = rows(b, width=WIDTH)
+        det = stage.run(r)
+        for i in range(len(r)):
+            s = float(det.severity[i])
+            if not math.isnan(s):
+                sev[(r.device[i], r.metric[i], int(r.start[i]))] = s
+        for e in det.alerts:
+            alerts.add((r.device[e.row], r.metric[e.row] if e.level == "series" else "*",
+                        e.name, e.state, e.incident, e.until, round(e.severity, 9)))
+    return sev, alerts
 
 
-def test_a_revision_replaces_what_was_learned() -> None:
-    det = RobustZDetector(history=10, min_history=3, threshold=8.0)
-    stage = DetectionStage([det])
-    stage.run(rows([T, T + 10_000, T + 20_000], [20.0, 20.1, 19.9]))
-    for rev in range(1, 6):  # the same window revised again and again
-        stage.run(rows([T + 20_000], [19.9 + rev * 0.01], rev=rev))
-    slot = det._slots[("d1", "temperature", "10s")]
-    learned = det._starts[slot][det._starts[slot] >= 0]
-    assert sorted(learned.tolist()) == [T, T + 10_000, T + 20_000]
+def chunks(windows: list[list[Win]], sizes: list[int]) -> list[list[Win]]:
+    """The same stream cut into batches of ``sizes`` window times (cycled)."""
+    out, i, k = [], 0, 0
+    while i < len(windows):
+        step = sizes[k % len(sizes)]
+        out.append([w for ws in windows[i:i + step] for w in ws])
+        i += step
+        k += 1
+    return out
 
 
-def test_threshold_detector_uses_registry_limits() -> None:
-    r = rows([T, T + 10_000], [30.0, 50.0], high=45.0)
-    found = ThresholdDetector().score(r, np.arange(2))
-    assert [(a.row, a.direction, a.value) for a in found] == [(1, "high", 50.0)]
+# ---- the contract suite: every registered detector ----------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(DETECTORS))
+def test_contract_batch_cut_does_not_change_the_result(name: str) -> None:
+    one = drive(stage_of(name), chunks(FLEET, [1]))
+    cut = drive(stage_of(name), chunks(FLEET, [7, 1, 30, 3, 120]))
+    assert one[0] == cut[0]
+    assert one[1] == cut[1]
+
+
+@pytest.mark.parametrize("name", sorted(DETECTORS))
+def test_contract_detector_speaks_on_the_faults_and_stays_finite(name: str) -> None:
+    sev, alerts = drive(stage_of(name), chunks(FLEET, [10]))
+    values = np.array(list(sev.values()))
+    assert np.isfinite(values).all()
+    assert (values >= 0).all()
+    if name != "threshold":  # the fleet has no registry limits
+        assert values.max() >= 1.0, f"{name} never reached its threshold on the faults"
+        assert alerts
+
+
+@pytest.mark.parametrize("name", sorted(DETECTORS))
+def test_contract_snapshot_and_restore_give_identical_output(name: str) -> None:
+    half = len(FLEET) // 2
+    first, second = chunks(FLEET[:half], [5]), chunks(FLEET[half:], [5])
+    straight = stage_of(name)
+    drive(straight, first)
+    snap = straight.snapshot()
+    restored = stage_of(name)
+    restored.restore(snap)
+    assert drive(straight, second) == drive(restored, second)
+
+
+@pytest.mark.parametrize("name", sorted(DETECTORS))
+def test_contract_a_revision_replaces_rather_than_adds(name: str) -> None:
+    """Re-sent windows (revisions, with other values) are judged, never learned twice: the
+    state, and everything judged after, is as if they had not come."""
+    plain = stage_of(name)
+    revised = stage_of(name)
+    batches = chunks(FLEET, [10])
+    for k, b in enumerate(batches):
+        drive(plain, [b])
+        drive(revised, [b])
+        if k % 3 == 1:  # revisions of windows already learned, values moved
+            drive(revised, [[replace(w, rev=1, mean=w.mean + 0.7) for w in batches[k - 1]]])
+    a, b = plain.snapshot(), revised.snapshot()
+    assert a["series"] == b["series"]
+    for key, arr in a["arrays"].items():
+        np.testing.assert_array_equal(arr, b["arrays"][key], err_msg=key)
+
+
+@pytest.mark.parametrize("name", sorted(DETECTORS))
+def test_contract_nan_and_empty_windows_are_skipped(name: str) -> None:
+    clean = stage_of(name)
+    dirty = stage_of(name)
+    batches = chunks(FLEET[:400], [4])
+    for k, b in enumerate(batches):
+        drive(clean, [b])
+        junk = [replace(b[0], mean=float("nan"), lo=float("nan"), hi=float("nan")),
+                replace(b[1], count=0, metric="b"), replace(b[2], mean=float("inf"))]
+        sev, _ = drive(dirty, [b + junk] if k % 5 == 0 else [b])
+        assert all(math.isfinite(v) for v in sev.values())
+    a, b_ = clean.snapshot(), dirty.snapshot()
+    for key, arr in a["arrays"].items():
+        np.testing.assert_array_equal(arr, b_["arrays"][key], err_msg=key)
+    assert dirty.counters["windows_not_finite"] > 0
 
 
 def test_rounds_take_several_windows_of_one_series_oldest_first() -> None:
-    r = rows([T + 20_000, T, T + 10_000], [1.0, 2.0, 3.0])
-    assert [x.tolist() for x in rounds(r)] == [[1], [2], [0]]
+    key = np.array([5, 5, 7, 5], np.int64)
+    start = np.array([30, 10, 10, 20], np.int64)
+    assert [r.tolist() for r in rounds(key, start)] == [[1, 2], [3], [0]]
+
+
+# ---- what each detector is for ------------------------------------------------------------
+
+
+def series(values: list[float], *, device: str = "d", metric: str = "m",
+           spreads: list[float] | None = None, his: list[float] | None = None) -> list[list[Win]]:
+    out = []
+    for k, v in enumerate(values):
+        spread = spreads[k] if spreads else 1.0
+        hi = his[k] if his else None
+        out.append([Win(device, metric, T0 + k * WIDTH, v, spread=spread, hi=hi)])
+    return out
+
+
+def alerts_of(name: str, values: list[float], **kw: object) -> list[tuple[object, ...]]:
+    _, alerts = drive(build_stage([name], SMALL), series(values, **kw))  # type: ignore[arg-type]
+    return sorted(alerts, key=lambda a: (a[4], a[3]))  # type: ignore[arg-type,return-value]
+
+
+def cycle(n: int, seed: int, noise: float = 0.05) -> list[float]:
+    """A periodic signal (period 50 windows) with a little noise: once a period has been seen,
+    nothing in it is new."""
+    rng = np.random.default_rng(seed)
+    k = np.arange(n)
+    return list(50 + 2 * np.sin(2 * np.pi * k / 50) + rng.uniform(-noise, noise, n))
+
+
+def test_novelty_fires_once_on_a_new_extreme_and_not_on_its_repetition() -> None:
+    v = cycle(900, 1)
+    v[600] = 80.0  # new
+    v[800] = 79.0  # as high as what the history already holds: not new
+    got = alerts_of("novelty", v)
+    opened = [a[4] for a in got if a[3] == "open" and a[4] >= T0 + 400 * WIDTH]  # type: ignore[operator]
+    assert opened == [T0 + 600 * WIDTH]
+
+
+def test_novelty_holds_a_lasting_change_and_lets_a_spike_go() -> None:
+    """A spike's incident resolves with the next windows; a level that moves out of the range
+    keeps its incident open while it stays out (up to ``hold`` windows)."""
+    base = cycle(700, 3)
+    spike = base.copy()
+    spike[600] = 80.0
+    got = alerts_of("novelty", spike)
+    span = [(a[4], a[5]) for a in got if a[3] == "resolved" and a[4] == T0 + 600 * WIDTH]
+    assert span
+    assert span[0][1] <= T0 + 602 * WIDTH
+    moved = base[:600] + [x + 10 for x in base[600:]]
+    got = alerts_of("novelty", moved)
+    opened = [a for a in got if a[3] == "open" and a[4] >= T0 + 400 * WIDTH]  # type: ignore[operator]
+    assert [a[4] for a in opened] == [T0 + 600 * WIDTH]
+    resolved = [a for a in got if a[3] == "resolved" and a[4] == T0 + 600 * WIDTH]
+    assert resolved
+    assert resolved[0][5] >= T0 + 615 * WIDTH
+
+
+def test_novelty_sees_a_level_shift_inside_the_usual_range() -> None:
+    """A noisy series whose level moves by less than its window-to-window noise: single windows
+    stay in range, the smoothed level does not."""
+    pattern = [3.1, -4.0, 0.5, 4.8, -2.2, 1.7, -4.9, 2.9, -0.8, -1.1]  # repeats: nothing new
+    v = [50 + pattern[k % 10] for k in range(700)] + [
+        51.5 + pattern[k % 10] * 0.7 for k in range(100)]  # the level moves, values stay in range
+    opened = [a for a in alerts_of("novelty", v) if a[3] == "open"
+              and a[4] >= T0 + 400 * WIDTH]  # type: ignore[operator]
+    assert opened
+    assert all(a[4] >= T0 + 700 * WIDTH for a in opened)
+
+
+def test_spike_scale_floor_on_quantised_flat_data() -> None:
+    """Mostly equal values stepping by one quantum: MAD 0, yet a one-quantum excursion scores
+    low and a twenty-quantum one high."""
+    ring = np.full((1, 60), 0.0)
+    ring[0, ::7] = 0.5  # excursions of one quantum now and then
+    _, scale = robust_scale(ring, np.array([1e-6]))
+    assert scale[0] >= 0.5
+    flat = [10.0] * 300
+    his = [10.0] * 300
+    for k in range(0, 300, 9):
+        his[k] = 10.5  # one quantum
+    his[250] = 20.0  # twenty quanta
+    opened = [a for a in alerts_of("spike", flat, spreads=[0.0] * 300, his=his)
+              if a[3] == "open"]
+    assert [a[4] for a in opened] == [T0 + 250 * WIDTH]
+
+
+def test_seasonal_baseline_sees_a_missing_peak_and_ignores_replay_shift_by_weeks() -> None:
+    rng = np.random.default_rng(4)
+    width = 600_000  # 10-minute windows, 144 a day
+    days = 9
+    vals = []
+    for k in range(days * 144):
+        t = T0 + k * width
+        phase = (t % 86_400_000) / 86_400_000
+        peak = 30.0 if 0.4 < phase < 0.6 else 0.0
+        if k // 144 == 7 and peak:
+            peak = 0.0  # day 8: the daily peak does not come
+        vals.append(10 + peak + rng.normal(0, 0.5))
+
+    def run(shift: int) -> list[tuple[object, ...]]:
+        st = build_stage(["seasonal"], SMALL)
+        out = []
+        for k, v in enumerate(vals):
+            r = rows([Win("d", "m", T0 + shift + k * width, v)], width=width, window="10m")
+            out += [(e.state, e.incident - shift) for e in st.run(r).alerts]
+        return out
+
+    got = run(0)
+    opened = [t for s, t in got if s == "open"]
+    assert opened, "the missing peak was not seen"
+    assert all(T0 + 7 * 86_400_000 <= t < T0 + 8 * 86_400_000 for t in opened)  # type: ignore[operator]
+    assert run(3 * 7 * 86_400_000) == got  # data time: three weeks later, same slots
+
+
+def test_stuck_sensor_is_reported_but_a_naturally_flat_one_is_not() -> None:
+    rng = np.random.default_rng(5)
+    v = list(20 + rng.normal(0, 1, 200)) + [20.0] * 40 + list(20 + rng.normal(0, 1, 40))
+    spreads = [1.0] * 200 + [0.0] * 40 + [1.0] * 40
+    opened = [a for a in alerts_of("stuck", v, spreads=spreads) if a[3] == "open"]
+    assert [a[4] for a in opened] == [T0 + (200 + 14) * WIDTH]
+    assert alerts_of("stuck", [0.0] * 300, spreads=[0.0] * 300) == []
+
+
+def test_shift_detects_a_sustained_small_shift_not_the_noise() -> None:
+    rng = np.random.default_rng(6)
+    noise = list(rng.normal(0, 1, 300))
+    assert [a for a in alerts_of("shift", noise) if a[3] == "open"] == []
+    shifted = noise[:200] + [x + 1.5 for x in noise[200:]]
+    opened = [a for a in alerts_of("shift", shifted) if a[3] == "open"]
+    assert opened
+    assert T0 + 200 * WIDTH <= opened[0][4] <= T0 + 230 * WIDTH
+
+
+def test_multivariate_sees_a_broken_relation_each_sensor_alone_does_not() -> None:
+    rng = np.random.default_rng(7)
+    batches = []
+    for k in range(400):
+        base = 20 + 5 * math.sin(k / 15) + rng.normal(0, 0.2)
+        a = base + rng.normal(0, 0.1)
+        b = 2 * base + rng.normal(0, 0.1)
+        if 300 <= k < 330:
+            b = 2 * (40 - base)  # inside b's range, against a
+        t = T0 + k * WIDTH
+        batches.append([Win("pump", "a", t, a), Win("pump", "b", t, b)])
+    st = build_stage(["novelty", "multivariate"], SMALL)
+    _, alerts = drive(st, batches)
+    device = sorted(a for a in alerts if a[1] == "*" and a[3] == "open")
+    assert device
+    assert T0 + 300 * WIDTH <= device[0][4] <= T0 + 305 * WIDTH
+    resolved = [a for a in alerts if a[1] == "*" and a[3] == "resolved"]
+    assert resolved
+    assert all(a[5] <= T0 + 336 * WIDTH for a in resolved)
+
+
+def test_threshold_uses_registry_limits() -> None:
+    st = build_stage(["threshold"], {})
+    r = rows([Win("d", "m", T0, 30.0, high=45.0), Win("d", "m", T0 + WIDTH, 50.0, hi=50.0,
+                                                     high=45.0)])
+    det = st.run(r)
+    assert [(a.row, a.direction, a.value) for a in det.anomalies] == [(1, "high", 50.0)]
+
+
+# ---- the alert policy ---------------------------------------------------------------------
+
+
+def step_all(policy: AlertPolicy, sev: list[float]) -> list[tuple[int, bool, bool]]:
+    out = []
+    for k, s in enumerate(sev):
+        ps = policy.step(np.array([0]), np.array([k]), np.array([s]), np.array([0]))
+        out.append((int(ps.incident[0]), bool(ps.opened[0]), bool(ps.resolved[0])))
+    return out
+
+
+def test_policy_opens_once_holds_with_hysteresis_and_resolves() -> None:
+    p = AlertPolicy(PolicyConfig(open_at=1.0, hold_at=0.5, clear=2, suppress=0))
+    got = step_all(p, [0, 1.2, 0.6, 0.9, 0.4, 0.6, 0.1, 0.1, 0.2])
+    assert [o for _, o, _ in got] == [False, True] + [False] * 7
+    assert [r for _, _, r in got] == [False] * 7 + [True, False]
+    assert {i for i, _, _ in got[1:8]} == {1}  # one incident, identified by its first window
+
+
+def test_policy_suppresses_a_new_incident_right_after_one_resolved() -> None:
+    p = AlertPolicy(PolicyConfig(clear=1, suppress=5))
+    got = step_all(p, [2, 0, 2, 0, 0, 0, 0, 2, 0])
+    assert [k for k, (_, o, _) in enumerate(got) if o] == [0, 7]
+
+
+def test_stuck_fault_is_one_alert_not_one_per_window() -> None:
+    v = [float(x) for x in np.random.default_rng(8).normal(0, 1, 300)] + [0.0] * 200
+    opened = [a for a in alerts_of("stuck", v, spreads=[1.0] * 300 + [0.0] * 200)
+              if a[3] == "open"]
+    assert len(opened) == 1

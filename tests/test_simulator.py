@@ -21,7 +21,7 @@ from fieldline.services import Mosquitto
 from simulators.faults import FaultSpec
 from simulators.fleet import FleetSimulator, FleetSpec
 from simulators.publisher import FleetPublisher
-from simulators.replay import ReplaySimulator, load_nab, load_skab
+from simulators.replay import ReplaySimulator, load_nab, load_skab, shift_to
 
 START = 1_700_000_000_000
 DATA = Path(os.environ.get("FIELDLINE_DATA",
@@ -87,14 +87,15 @@ def test_same_seed_same_bytes_and_shards_add_up_to_the_fleet() -> None:
 
 
 def collect(broker: Mosquitto, sim: FleetSimulator, ticks: int, truth: Path,
-            gateway: str = "gw-1") -> list[tuple[str, bytes]]:
+            gateway: str = "gw-1", topic: str = "{gateway}/devices/+/readings"
+            ) -> list[tuple[str, bytes]]:
     got: list[tuple[str, bytes]] = []
     ready = threading.Event()
     sub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     sub.on_message = lambda _c, _u, m: got.append((m.topic, bytes(m.payload)))
     sub.on_subscribe = lambda *_: ready.set()
     sub.connect("127.0.0.1", broker.port)
-    sub.subscribe(f"{gateway}/devices/+/readings", qos=1)
+    sub.subscribe(topic.format(gateway=gateway), qos=1)
     sub.loop_start()
     assert ready.wait(10)
     pub = FleetPublisher(sim, {gateway: broker.address}, truth_path=truth)
@@ -220,21 +221,25 @@ def test_replay_of_nab_and_skab_arrives_with_values_and_labels(mosquitto: Mosqui
     skab_file = "valve1/0.csv"
     nab = load_nab(DATA / "nab", nab_file)
     skab = load_skab(DATA / "skab", skab_file)
-    sim = ReplaySimulator([nab, skab], START, speed=300.0)
+    shift = shift_to([nab, skab], START)
+    sim = ReplaySimulator([nab, skab], START, speed=None, shift_ms=shift, chunk=3_000)
     truth_path = tmp_path / "truth.jsonl"
     got = collect(mosquitto, sim, sim.remaining_ticks(), truth_path,  # type: ignore[arg-type]
-                  gateway="replay-1")
+                  gateway="replay-1", topic="devices/+/readings")
     rx: dict[str, list[dict[str, object]]] = defaultdict(list)
     for topic, payload in got:
-        rx[topic.split("/")[2]].append(orjson.loads(payload))
+        rx[topic.split("/")[1]].append(orjson.loads(payload))
     # NAB: every value of the file, in order
     with (DATA / "nab" / "data" / nab_file).open() as fh:
         nab_rows = list(csv.DictReader(fh))
     assert [r["value"] for r in rx[nab.device]] == [float(r["value"]) for r in nab_rows]
     ts = [int(r["ts"]) for r in rx[nab.device]]  # type: ignore[call-overload]
-    # recorded times, faithfully (this file repeats an hour on 2014-01-07: its clock goes back)
-    assert ts == [sim.map_time(0, load_time(r["timestamp"])) for r in nab_rows]
-    assert ts[1] - ts[0] == 1_000  # five minutes of data per second at 300x
+    # recorded times, moved by whole weeks (this file repeats an hour on 2014-01-07: its clock
+    # goes back); weekday and time of day as recorded
+    assert shift % (7 * 86_400_000) == 0
+    assert max(ts) <= START
+    assert ts == [load_time(r["timestamp"]) + shift for r in nab_rows]
+    assert ts[1] - ts[0] == 300_000  # five minutes apart, as recorded, at any speed
     # SKAB: every column of every row
     with (DATA / "skab" / "data" / skab_file).open(newline="") as fh:
         rows = list(csv.DictReader(fh, delimiter=";"))
@@ -250,7 +255,7 @@ def test_replay_of_nab_and_skab_arrives_with_values_and_labels(mosquitto: Mosqui
     nab_windows = [t for t in truth if t["type"] == "label_window"]
     assert len(nab_windows) == len(windows[nab_file])
     for t, (lo, _hi) in zip(nab_windows, windows[nab_file], strict=True):
-        assert t["start_ms"] == sim.map_time(0, load_time(lo))
+        assert t["start_ms"] == load_time(lo) + shift
     anomalous = [r for r in rows if float(r["anomaly"]) == 1.0]
     assert len([t for t in truth if t["type"] == "label_row"]) == len(anomalous)
     changes = [r for r in rows if float(r["changepoint"]) == 1.0]

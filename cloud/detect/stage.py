@@ -1,0 +1,401 @@
+"""The detection stage: the wrapper that owns everything but the maths.
+
+* **Keying.** A series is (gateway, device, metric, window spec); a device is (gateway, device,
+  window spec). Keys get dense ids once, and detector state is indexed by them.
+* **Which windows.** Detectors run on the windows of ``windows`` (default: each gateway's
+  primary spec, the first it lists); other specs are written but not judged twice.
+* **Order.** A batch may hold several windows of one series (a replay after an outage): they are
+  taken in rounds, oldest first, each round at most one window per series, so every window is
+  judged against its past whatever the batch boundaries were.
+* **Revisions.** A window is learned once, from the first result that arrives in event-time
+  order. A revision (or any window older than the newest learned one) is judged again against
+  the current state, so late data can still raise an anomaly, but never taught twice; its
+  anomaly point replaces the earlier one (same identity).
+* **Policy.** Severities go through ``AlertPolicy``: one incident per episode, opened and
+  resolved, per series and per device. A device in alert does not teach the device detectors
+  its state (a lasting fault must not become its normal), until the incident has lasted
+  ``relearn_after`` windows: then its state is the new normal and is learned, so the incident
+  can resolve. (Series detectors hold an excursion themselves: ``cloud.detect.records``.)
+* **Snapshots.** ``snapshot()`` returns the keys, every detector's and the policy's state and
+  the learned-up-to marks as arrays; ``restore()`` takes them back and continues exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from cloud.detect.base import DIRECTIONS, Detector, DeviceDetector, DeviceFrame, Frame, Verdict
+from cloud.detect.policy import NO_INCIDENT, AlertPolicy, PolicyConfig
+from cloud.detect.state import Array, Column, KeyIndex, StateArrays
+from cloud.enrich import EnrichedResults
+from devices.readings import F64, I64
+
+log = logging.getLogger("fieldline.cloud.detect")
+PRIMARY = "primary"
+BoolArray = npt.NDArray[np.bool_]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Anomaly:
+    """A window some detector judged at or beyond its threshold."""
+
+    row: int  # index into the EnrichedResults it came from
+    detector: str
+    direction: str
+    score: float  # severity: 1.0 is the detector's threshold
+    value: float
+    reference: float
+    message: str
+    device_level: bool = False  # judged across the device's metrics, not this one alone
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlertEvent:
+    """An incident opening or resolving. Identity: subject + ``incident`` (its first window)."""
+
+    row: int
+    level: str  # "series" | "device"
+    source: str  # "detector" | "rule"
+    name: str  # the detector (or rule) that opened it
+    state: str  # "open" | "resolved"
+    incident: int  # start of the window that opened it (ms)
+    until: int  # end of its last window at or above the hold level (ms)
+    severity: float  # peak so far
+    direction: str
+    value: float
+    reference: float
+    message: str
+
+
+@dataclass
+class Detections:
+    anomalies: list[Anomaly] = field(default_factory=list)
+    alerts: list[AlertEvent] = field(default_factory=list)
+    severity: F64 = field(default_factory=lambda: np.zeros(0))  # per row; NaN: not judged
+    incident: I64 = field(default_factory=lambda: np.zeros(0, np.int64))  # per row
+    opened: BoolArray = field(default_factory=lambda: np.zeros(0, bool))  # per row
+
+
+def rounds(key: I64, start: I64) -> list[I64]:
+    """Row indices in rounds: each round holds at most one row per key, oldest first."""
+    n = len(key)
+    if n == 0:
+        return []
+    order = np.lexsort((start, key))
+    k = key[order]
+    first = np.r_[True, k[1:] != k[:-1]]
+    run_start = np.maximum.accumulate(np.where(first, np.arange(n), 0))
+    occ = np.empty(n, np.int64)
+    occ[order] = np.arange(n) - run_start
+    return [np.flatnonzero(occ == r) for r in range(int(occ.max()) + 1)]
+
+
+class DetectionStage:
+    def __init__(self, detectors: Sequence[Detector], *,
+                 device_detectors: Sequence[DeviceDetector] = (),
+                 policy: PolicyConfig | None = None, windows: Sequence[str] = (PRIMARY,),
+                 max_device_metrics: int = 16, relearn_after: int = 30) -> None:
+        self.detectors = list(detectors)
+        self.device_detectors = list(device_detectors)
+        self.windows = frozenset(windows)
+        self.max_device_metrics = max_device_metrics
+        self.relearn_after = relearn_after
+        self.series = KeyIndex()
+        self.devices = KeyIndex()
+        self.slots: dict[tuple[int, str], int] = {}  # (device id, metric) -> column
+        self.slot_count: Counter[int] = Counter()
+        self.series_device = np.zeros(0, np.int64)  # per series id: its device id
+        self.series_slot = np.zeros(0, np.int64)  # ... and its column there (-1: none)
+        self.device_slots = np.zeros(0, np.int64)  # per device id: columns in use
+        self.series_policy = AlertPolicy(policy)
+        self.device_policy = AlertPolicy(policy)
+        self.marks = StateArrays({"learned": Column((), np.int64, np.iinfo(np.int64).min)})
+        self.device_marks = StateArrays({"learned": Column((), np.int64,
+                                                           np.iinfo(np.int64).min)})
+        self.counters: Counter[str] = Counter()
+        self.anomalies = 0
+
+    # ---- the batch ---------------------------------------------------------------------------
+
+    def run(self, rows: EnrichedResults) -> Detections:
+        n = len(rows)
+        out = Detections(severity=np.full(n, np.nan), incident=np.full(n, NO_INCIDENT),
+                         opened=np.zeros(n, bool))
+        if n == 0:
+            return out
+        primary = rows.primary_window
+        wanted = np.fromiter(
+            ((w in self.windows) or (w == primary and PRIMARY in self.windows)
+             for w in rows.window), dtype=bool, count=n)
+        finite = np.isfinite(rows.mean) & np.isfinite(rows.min) & np.isfinite(rows.max)
+        judge = np.flatnonzero(wanted & finite & (rows.count > 0))
+        self.counters["windows_not_finite"] += int((wanted & ~finite).sum())
+        if not len(judge):
+            return out
+        gw = rows.gateway
+        dev, met, win = rows.device, rows.metric, rows.window
+        known = len(self.series)
+        sid = self.series.ids([(gw, dev[i], met[i], win[i]) for i in judge.tolist()])
+        if len(self.series) > known:
+            self._new_series(known)
+        self._reserve()
+        for r in rounds(sid, rows.start[judge]):
+            self._series_round(rows, judge[r], sid[r], out)
+        if self.device_detectors:
+            self._device_pass(rows, judge, sid, out)
+        self.anomalies += len(out.anomalies)
+        return out
+
+    def _reserve(self) -> None:
+        n = len(self.series)
+        for det in self.detectors:
+            det.state.reserve(n)
+        self.marks.reserve(n)
+        self.series_policy.state.reserve(n)
+
+    def _series_round(self, rows: EnrichedResults, idx: I64, sid: I64, out: Detections) -> None:
+        f = Frame(key=sid, start=rows.start[idx], width=rows.width[idx], count=rows.count[idx],
+                  mean=rows.mean[idx], min=rows.min[idx], max=rows.max[idx], std=rows.std[idx],
+                  low=rows.low[idx], high=rows.high[idx], floor=_floor(rows, idx))
+        learned = self.marks["learned"]
+        fresh = f.start > learned[sid]
+        self.counters["windows_judged"] += len(f)
+        self.counters["windows_rejudged"] += int((~fresh).sum())
+        verdicts = [det.score(f) for det in self.detectors]
+        learn_rows = np.flatnonzero(fresh)
+        if not verdicts:
+            learned[sid[learn_rows]] = f.start[learn_rows]
+            return
+        sev = np.stack([v.severity for v in verdicts])  # (detectors, rows)
+        top = np.argmax(sev, axis=0)
+        best = sev[top, np.arange(len(f))]
+        if len(learn_rows):
+            g = f.take(learn_rows)
+            for det in self.detectors:
+                det.learn(g)
+            learned[g.key] = g.start
+        out.severity[idx] = best
+        # revisions are judged but must not step the policy twice for one window
+        step_rows = learn_rows
+        if len(step_rows):
+            ps = self.series_policy.step(sid[step_rows], f.start[step_rows], best[step_rows],
+                                         top[step_rows])
+            rr = idx[step_rows]
+            out.incident[rr] = np.where(ps.incident != NO_INCIDENT, ps.incident,
+                                        out.incident[rr])
+            out.opened[rr] |= ps.opened
+            for j in np.flatnonzero(ps.opened | ps.resolved).tolist():
+                k = int(step_rows[j])
+                d = int(ps.opened_by[j])
+                v = verdicts[d]
+                out.alerts.append(self._event(
+                    rows, int(idx[k]), "series", self.detectors[d].name,
+                    "open" if ps.opened[j] else "resolved", int(ps.incident[j]),
+                    int(ps.last_high[j]) + int(f.width[k]), float(ps.peak[j]),
+                    int(v.direction[k]), float(v.value[k]), float(v.reference[k])))
+        for det, v in zip(self.detectors, verdicts, strict=True):
+            for k in np.flatnonzero(v.severity >= self.series_policy.config.open_at).tolist():
+                i = int(idx[k])
+                out.anomalies.append(Anomaly(
+                    row=i, detector=det.name, direction=DIRECTIONS[int(v.direction[k])],
+                    score=float(v.severity[k]), value=float(v.value[k]),
+                    reference=float(v.reference[k]),
+                    message=_message(rows.metric[i], det.name, int(v.direction[k]),
+                                     float(v.value[k]), float(v.reference[k]),
+                                     float(v.severity[k]))))
+
+    def _event(self, rows: EnrichedResults, row: int, level: str, name: str, state: str,
+               incident: int, until: int, peak: float, direction: int, value: float,
+               reference: float) -> AlertEvent:
+        what = rows.metric[row] if level == "series" else "device"
+        msg = (f"{rows.device[row]} {what}: {name} {DIRECTIONS[direction] or 'anomaly'}"
+               f" (peak severity {peak:.1f})" if state == "open"
+               else f"{rows.device[row]} {what}: back to normal")
+        return AlertEvent(row=row, level=level, source="detector", name=name, state=state,
+                          incident=incident, until=until, severity=peak,
+                          direction=DIRECTIONS[direction], value=value, reference=reference,
+                          message=msg)
+
+    # ---- devices -----------------------------------------------------------------------------
+
+    def _new_series(self, first: int) -> None:
+        """Series ids from ``first`` on are new: give each its device and its column there."""
+        keys: list[tuple[str, str, str, str]] = self.series.keys[first:]  # type: ignore[assignment]
+        did = self.devices.ids([(k[0], k[1], k[3]) for k in keys])
+        slot = [self._slot(int(i), k[2]) for i, k in zip(did.tolist(), keys, strict=True)]
+        n = len(self.series)
+        grown = np.full(n, -1, np.int64)
+        grown[:first] = self.series_device[:first]
+        grown[first:] = did
+        self.series_device = grown
+        grown = np.full(n, -1, np.int64)
+        grown[:first] = self.series_slot[:first]
+        grown[first:] = slot
+        self.series_slot = grown
+        cnt = np.zeros(len(self.devices), np.int64)
+        cnt[: len(self.device_slots)] = self.device_slots
+        for d in set(did.tolist()):
+            cnt[d] = self.slot_count[d]
+        self.device_slots = cnt
+
+    def _device_pass(self, rows: EnrichedResults, judge: I64, sid: I64,
+                     out: Detections) -> None:
+        did = self.series_device[sid]
+        slot = self.series_slot[sid]
+        # a device of one metric has no joint pattern: leave it to the series detectors
+        several = self.device_slots[did] >= 2
+        ok = (slot >= 0) & several
+        judge, did, slot = judge[ok], did[ok], slot[ok]
+        if not len(judge):
+            return
+        nd = len(self.devices)
+        for det in self.device_detectors:
+            det.state.reserve(nd)
+        self.device_marks.reserve(nd)
+        self.device_policy.state.reserve(nd)
+        # one observation per (device, window start): the device's metrics as columns
+        start = rows.start[judge]
+        pairs, gi = np.unique(np.stack([did, start]), axis=1, return_inverse=True)
+        gi = gi.reshape(-1)
+        ng = pairs.shape[1]
+        g_did, g_start = pairs[0], pairs[1]
+        g_row = np.full(ng, -1, np.int64)  # a representative row of each group
+        g_row[gi[::-1]] = judge[::-1]
+        m = int(slot.max()) + 1  # only the columns some device of this batch uses
+        values = np.full((ng, m), np.nan)
+        floor = np.full((ng, m), np.nan)
+        values[gi, slot] = rows.mean[judge]
+        floor[gi, slot] = _floor(rows, judge)
+        g_sev = np.full(ng, np.nan)
+        g_inc = np.full(ng, NO_INCIDENT)
+        g_opened = np.zeros(ng, bool)
+        open_at = self.device_policy.config.open_at
+        for r in rounds(g_did, g_start):
+            f = DeviceFrame(key=g_did[r], start=g_start[r], values=values[r], floor=floor[r])
+            verdicts = [det.score(f) for det in self.device_detectors]
+            learned = self.device_marks["learned"]
+            fresh = f.start > learned[f.key]
+            sev = np.stack([v.severity for v in verdicts])
+            top = np.argmax(sev, axis=0)
+            best = sev[top, np.arange(len(f))]
+            g_sev[r] = best
+            # a device in alert does not teach its baseline, unless the alert has lasted so
+            # long that its state is the new normal
+            age = self.device_policy.open_for(f.key)
+            teach = fresh & (((age < 0) & (best < open_at)) | (age >= self.relearn_after))
+            for det in self.device_detectors:
+                det.learn(f, teach)
+            learned[f.key[fresh]] = f.start[fresh]
+            step = np.flatnonzero(fresh)
+            for k in np.flatnonzero(best >= open_at).tolist():
+                v = verdicts[int(top[k])]
+                row = int(g_row[r[k]])
+                out.anomalies.append(Anomaly(
+                    row=row, detector=self.device_detectors[int(top[k])].name,
+                    direction=DIRECTIONS[int(v.direction[k])], score=float(best[k]),
+                    value=float(v.value[k]), reference=float(v.reference[k]),
+                    message=f"{rows.device[row]}: joint deviation across "
+                            f"{int(np.isfinite(f.values[k]).sum())} metrics "
+                            f"(severity {best[k]:.1f})", device_level=True))
+            if not len(step):
+                continue
+            ps = self.device_policy.step(f.key[step], f.start[step], best[step], top[step])
+            g_inc[r[step]] = ps.incident
+            g_opened[r[step]] = ps.opened
+            for j in np.flatnonzero(ps.opened | ps.resolved).tolist():
+                k = int(step[j])
+                row = int(g_row[r[k]])
+                d = int(ps.opened_by[j])
+                v = verdicts[d]
+                out.alerts.append(self._event(
+                    rows, row, "device", self.device_detectors[d].name,
+                    "open" if ps.opened[j] else "resolved", int(ps.incident[j]),
+                    int(ps.last_high[j]) + int(rows.width[row]), float(ps.peak[j]),
+                    int(v.direction[k]), float(v.value[k]), float(v.reference[k])))
+        out.severity[judge] = np.fmax(out.severity[judge], g_sev[gi])
+        inc = g_inc[gi]
+        out.incident[judge] = np.where(out.incident[judge] == NO_INCIDENT, inc,
+                                       out.incident[judge])
+        out.opened[judge] |= g_opened[gi]
+
+    def _slot(self, device: int, metric: str) -> int:
+        s = self.slots.get((device, metric))
+        if s is None:
+            s = self.slot_count[device]
+            if s >= self.max_device_metrics:
+                return -1
+            self.slots[(device, metric)] = s
+            self.slot_count[device] = s + 1
+        return s
+
+    # ---- state ---------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: keys, marks, policy and detector state."""
+        arrays: dict[str, Array] = {}
+        arrays.update(self.marks.snapshot("marks."))
+        arrays.update(self.device_marks.snapshot("dmarks."))
+        arrays.update(self.series_policy.state.snapshot("policy."))
+        arrays.update(self.device_policy.state.snapshot("dpolicy."))
+        for det in self.detectors:
+            arrays.update(det.state.snapshot(f"det.{det.name}."))
+        for ddet in self.device_detectors:
+            arrays.update(ddet.state.snapshot(f"ddet.{ddet.name}."))
+        return {"series": [list(k) for k in self.series.snapshot()  # type: ignore[call-overload]
+                           ],
+                "devices": [list(k) for k in self.devices.snapshot()  # type: ignore[call-overload]
+                            ],
+                "slots": [[d, m, s] for (d, m), s in self.slots.items()],
+                "arrays": arrays}
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        self.series.restore(tuple(k) for k in snap["series"])
+        self.devices.restore(tuple(k) for k in snap["devices"])
+        self.slots = {(int(d), str(m)): int(s) for d, m, s in snap["slots"]}
+        self.slot_count = Counter()
+        for (d, _), s in self.slots.items():
+            self.slot_count[d] = max(self.slot_count[d], s + 1)
+        self.series_device = np.array([self.devices.get((k[0], k[1], k[3]))  # type: ignore[index]
+                                       for k in self.series.keys], np.int64)
+        self.series_slot = np.array([self.slots.get((int(d), str(k[2])), -1)  # type: ignore[index]
+                                     for d, k in zip(self.series_device.tolist(),
+                                                     self.series.keys, strict=True)], np.int64)
+        self.device_slots = np.array([self.slot_count[d] for d in range(len(self.devices))],
+                                     np.int64)
+        a = snap["arrays"]
+        self.marks.restore(a, "marks.")
+        self.device_marks.restore(a, "dmarks.")
+        self.series_policy.state.restore(a, "policy.")
+        self.device_policy.state.restore(a, "dpolicy.")
+        for det in self.detectors:
+            det.state.restore(a, f"det.{det.name}.")
+        for ddet in self.device_detectors:
+            ddet.state.restore(a, f"ddet.{ddet.name}.")
+
+    def state_bytes(self) -> int:
+        return (sum(d.state.nbytes() for d in self.detectors)
+                + sum(d.state.nbytes() for d in self.device_detectors)
+                + self.series_policy.state.nbytes() + self.device_policy.state.nbytes())
+
+
+def _floor(rows: EnrichedResults, idx: I64) -> F64:
+    """The metric's scale floor, and never below a millionth of the value's magnitude."""
+    return np.maximum(rows.scale_floor[idx], 1e-6 * np.abs(rows.mean[idx]) + 1e-12)
+
+
+def _message(metric: str, detector: str, direction: int, value: float, reference: float,
+             severity: float) -> str:
+    what = DIRECTIONS[direction] or "anomaly"
+    return (f"{metric} {what}: {value:.4g} vs {reference:.4g} ({detector}, "
+            f"severity {severity:.1f})")
+
+
+def empty_verdicts(n: int) -> Verdict:
+    return Verdict.empty(n)

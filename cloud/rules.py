@@ -1,0 +1,440 @@
+"""Pattern rules (what Flink calls CEP) over window results and anomalies, declared in the
+cloud config as ``[[rules]]`` tables.
+
+======================  ============================================================================
+``consecutive``         ``count`` windows in a row with ``field`` above ``above`` (or below
+                        ``below``) on one series
+``rate``                ``field`` changing faster than ``above`` per ``per`` between consecutive
+                        windows of one series
+``absence``             a device (or one metric of it) sends no window for ``after`` of event
+                        time, while its gateway's data goes on
+``sequence``            event ``first`` followed by event ``then`` within ``within`` on one device
+``site``                event ``event`` on at least ``devices`` devices of one site within one
+                        ``within`` of event time ("k of n at once")
+======================  ============================================================================
+
+Events, for ``sequence`` and ``site``: ``anomaly`` (a detector opened an incident on the
+device), ``anomaly:<metric>`` (on that metric), ``rule:<name>`` (another rule opened one).
+
+Everything is judged in event time, in the order of the windows, and each window is taken
+once (the first result that arrives; a revision is not taken again), so a replay of the same
+results opens the same alerts. Each rule alert's identity is the rule, its subject (series,
+device or site) and the event time that opened it; it is written to ``alerts`` when it opens
+and again, same identity, when it resolves.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cloud.detect.stage import AlertEvent, Detections
+from cloud.enrich import EnrichedResults
+from devices.errors import ConfigError
+from devices.readings import F64
+from devices.settings import parse_duration_ms
+
+KINDS = ("consecutive", "rate", "absence", "sequence", "site")
+LEVELS = ("info", "warning", "critical")
+FIELDS = ("mean", "min", "max", "first", "last", "sum", "count", "std", "rate")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rule:
+    name: str
+    kind: str
+    level: str = "warning"
+    metric: str | None = None  # None: every metric
+    field: str = "mean"
+    above: float | None = None
+    below: float | None = None
+    count: int = 3
+    per_ms: int = 1_000
+    after_ms: int = 300_000
+    first: str = ""
+    then: str = ""
+    event: str = ""
+    within_ms: int = 60_000
+    devices: int = 2
+    windows: tuple[str, ...] = ()  # window specs it reads (empty: the primary)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuleAlert:
+    rule: str
+    kind: str
+    level: str
+    state: str  # open | resolved
+    gateway: str
+    site: str
+    device: str  # "(site)" for site rules
+    metric: str  # "(device)" when it is about the device
+    window: str
+    opened: int  # event time that opened it (its identity)
+    until: int  # event time it resolved (0: open)
+    value: float
+    message: str
+
+
+def parse_rules(raw: object, source: str | None = None) -> list[Rule]:
+    """``[[rules]]`` tables; every mistake names ``rules[i].key``."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ConfigError("rules", "must be an array of tables ([[rules]])", source=source)
+    out: list[Rule] = []
+    names: set[str] = set()
+    for i, spec in enumerate(raw):
+        key = f"rules[{i}]"
+        if not isinstance(spec, Mapping):
+            raise ConfigError(key, "must be a table", source=source)
+        out.append(_rule(dict(spec), key, source))
+        if out[-1].name in names:
+            raise ConfigError(f"{key}.name", f"rule {out[-1].name!r} is defined twice",
+                              source=source)
+        names.add(out[-1].name)
+    for i, r in enumerate(out):
+        for ev_key, ev in (("first", r.first), ("then", r.then), ("event", r.event)):
+            if ev.startswith("rule:") and ev[5:] not in names:
+                raise ConfigError(f"rules[{i}].{ev_key}", f"no rule named {ev[5:]!r}",
+                                  source=source)
+    return out
+
+
+def _rule(spec: dict[str, Any], key: str, source: str | None) -> Rule:
+    def take(name: str, default: Any = None) -> Any:
+        return spec.pop(name, default)
+
+    def fail(name: str, problem: str) -> ConfigError:
+        return ConfigError(f"{key}.{name}", problem, source=source)
+
+    name = take("name")
+    if not isinstance(name, str) or not name or not name.replace("_", "").replace(
+            "-", "").isalnum():
+        raise fail("name", "is required: letters, digits, _ and -")
+    kind = take("kind")
+    if kind not in KINDS:
+        raise fail("kind", f"must be one of {', '.join(KINDS)}, got {kind!r}")
+    level = take("level", "warning")
+    if level not in LEVELS:
+        raise fail("level", f"must be one of {', '.join(LEVELS)}")
+    metric = take("metric")
+    if metric is not None and not isinstance(metric, str):
+        raise fail("metric", "must be a metric name")
+    fld = take("field", "mean")
+    if fld not in FIELDS and not (isinstance(fld, str) and fld.startswith("p")):
+        raise fail("field", f"must be one of {', '.join(FIELDS)} or a percentile (p95)")
+
+    def number(name: str) -> float | None:
+        v = take(name)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise fail(name, f"must be a number, got {v!r}")
+        return float(v)
+
+    def dur(name: str, default: int) -> int:
+        v = take(name)
+        if v is None:
+            return default
+        ms = parse_duration_ms(v, f"{key}.{name}", source)
+        if ms <= 0:
+            raise fail(name, "must be > 0")
+        return ms
+
+    def event(name: str) -> str:
+        v = take(name, "")
+        if not isinstance(v, str) or not (v == "anomaly" or v.startswith(("anomaly:", "rule:"))):
+            raise fail(name, "must be anomaly, anomaly:<metric> or rule:<name>")
+        return v
+
+    above, below = number("above"), number("below")
+    windows = take("windows", [])
+    if isinstance(windows, str):
+        windows = [windows]
+    if not isinstance(windows, list) or not all(isinstance(w, str) for w in windows):
+        raise fail("windows", "must be a list of window specs")
+    rule = Rule(name=name, kind=kind, level=level, metric=metric, field=fld, above=above,
+                below=below, windows=tuple(windows))
+    if kind == "consecutive":
+        if (above is None) == (below is None):
+            raise fail("above", "give exactly one of above or below")
+        count = take("count", 3)
+        if type(count) is not int or count < 1:
+            raise fail("count", "must be an integer >= 1")
+        rule = _replace(rule, count=count)
+    elif kind == "rate":
+        if above is None or above <= 0 or below is not None:
+            raise fail("above", "give the largest normal rate of change (> 0) as above")
+        rule = _replace(rule, per_ms=dur("per", 1_000))
+    elif kind == "absence":
+        rule = _replace(rule, after_ms=dur("after", 300_000))
+    elif kind == "sequence":
+        rule = _replace(rule, first=event("first"), then=event("then"),
+                        within_ms=dur("within", 600_000))
+    else:  # site
+        devices = take("devices", 2)
+        if type(devices) is not int or devices < 2:
+            raise fail("devices", "must be an integer >= 2")
+        rule = _replace(rule, event=event("event"), within_ms=dur("within", 60_000),
+                        devices=devices)
+    if spec:
+        raise fail(sorted(spec)[0], f"unknown key for a {kind} rule (typo?)")
+    return rule
+
+
+def _replace(rule: Rule, **kw: Any) -> Rule:
+    from dataclasses import replace
+
+    return replace(rule, **kw)
+
+
+@dataclass
+class _Series:
+    """Per (gateway, device, metric, window) state of the window-driven rules."""
+
+    learned: int = -(1 << 62)  # newest window start taken
+    run: int = 0
+    run_start: int = 0
+    open_since: int | None = None
+    last_value: float = math.nan
+    last_time: int = 0
+
+
+@dataclass
+class RuleEngine:
+    rules: Sequence[Rule]
+    series: dict[tuple[str, str, str, str, str], _Series] = field(default_factory=dict)
+    # absence, per rule: (gateway, device, metric) -> end of its newest window / while silent
+    last_end: dict[str, dict[tuple[str, str, str], int]] = field(default_factory=dict)
+    absent: dict[str, dict[tuple[str, str, str], int]] = field(default_factory=dict)
+    seq_first: dict[tuple[str, str, str], list[int]] = field(default_factory=dict)
+    site_hits: dict[tuple[str, str, int], set[str]] = field(default_factory=dict)
+    site_open: set[tuple[str, str, int]] = field(default_factory=set)
+    max_keys: int = 1_000_000
+
+    def run(self, rows: EnrichedResults, det: Detections) -> list[RuleAlert]:
+        """Judge one batch: window rules on its results, event rules on its alerts."""
+        out: list[RuleAlert] = []
+        if not self.rules or not len(rows):
+            return out
+        order = np.lexsort((rows.start,))
+        fields = _fields(rows)
+        for rule in self.rules:
+            if rule.kind in ("consecutive", "rate"):
+                out += self._window_rule(rule, rows, order, fields)
+            elif rule.kind == "absence":
+                out += self._absence(rule, rows)
+        events = self._events(rows, det.alerts, out)
+        for rule in self.rules:
+            if rule.kind == "sequence":
+                out += self._sequence(rule, rows, events)
+            elif rule.kind == "site":
+                out += self._site(rule, rows, events)
+        self._bound()
+        return out
+
+    # ---- window rules ----------------------------------------------------------------------
+
+    def _selected(self, rule: Rule, rows: EnrichedResults, i: int) -> bool:
+        if rule.metric is not None and rows.metric[i] != rule.metric:
+            return False
+        if rule.windows:
+            return rows.window[i] in rule.windows
+        return rows.window[i] == rows.primary_window
+
+    def _window_rule(self, rule: Rule, rows: EnrichedResults, order: np.ndarray,
+                     fields: dict[str, F64]) -> list[RuleAlert]:
+        out: list[RuleAlert] = []
+        values = fields.get(rule.field)
+        if values is None:
+            return out
+        for i in order.tolist():
+            if not self._selected(rule, rows, i):
+                continue
+            key = (rule.name, rows.gateway, rows.device[i], rows.metric[i], rows.window[i])
+            st = self.series.setdefault(key, _Series())
+            start = int(rows.start[i])
+            if start <= st.learned:
+                continue  # a revision, or older than what was taken: taken once
+            st.learned = start
+            v = float(values[i])
+            end = start + int(rows.width[i])
+            if rule.kind == "consecutive":
+                beyond = (v > rule.above) if rule.above is not None else (
+                    rule.below is not None and v < rule.below)
+                st.run = st.run + 1 if beyond else 0
+                if st.run == 1:
+                    st.run_start = start
+                hit = st.run >= rule.count
+                shown = v
+            else:  # rate of change between consecutive windows, per ``per``
+                dt = start - st.last_time
+                rate = (abs(v - st.last_value) / dt * rule.per_ms
+                        if dt > 0 and math.isfinite(st.last_value) else 0.0)
+                st.last_value, st.last_time = v, start
+                hit = rule.above is not None and rate > rule.above
+                shown = rate
+            if hit and st.open_since is None:
+                st.open_since = st.run_start if rule.kind == "consecutive" else start
+                out.append(self._alert(rule, rows, i, "open", st.open_since, 0, shown))
+            elif not hit and st.open_since is not None:
+                out.append(self._alert(rule, rows, i, "resolved", st.open_since, end, shown))
+                st.open_since = None
+        return out
+
+    def _absence(self, rule: Rule, rows: EnrichedResults) -> list[RuleAlert]:
+        """Per (device, metric or the whole device): the end of its newest window; silent
+        once the gateway's newest window ends ``after`` later."""
+        out = []
+        newest = int((rows.start + rows.width).max())
+        last = self.last_end.setdefault(rule.name, {})
+        absent = self.absent.setdefault(rule.name, {})
+        latest: dict[tuple[str, str, str], tuple[int, int]] = {}
+        for i in range(len(rows)):
+            if rule.metric is not None and rows.metric[i] != rule.metric:
+                continue
+            k = (rows.gateway, rows.device[i], rule.metric or "(device)")
+            end = int(rows.start[i] + rows.width[i])
+            if end > latest.get(k, (-1, -1))[0]:
+                latest[k] = (end, i)
+        for k, (end, i) in latest.items():
+            if k in absent and end > absent[k]:  # it speaks again
+                opened = absent.pop(k)
+                out.append(self._alert(rule, rows, i, "resolved", opened, end,
+                                       float(end - opened), metric=k[2]))
+            last[k] = max(last.get(k, end), end)
+        for k, end in last.items():
+            if k[0] != rows.gateway or k in absent or newest - end < rule.after_ms:
+                continue
+            absent[k] = end
+            gw, dev, met = k
+            out.append(RuleAlert(
+                rule=rule.name, kind=rule.kind, level=rule.level, state="open", gateway=gw,
+                site=_site_of(rows, dev), device=dev, metric=met, window="", opened=end,
+                until=0, value=float(newest - end),
+                message=f"{dev}: no data for {(newest - end) / 1000:,.0f} s of event time "
+                        f"(rule {rule.name}: {rule.after_ms / 1000:,.0f} s)"))
+        return out
+
+    # ---- event rules -----------------------------------------------------------------------
+
+    def _events(self, rows: EnrichedResults, alerts: list[AlertEvent],
+                rule_alerts: list[RuleAlert]) -> list[tuple[int, str, str, str]]:
+        """(event time, device, metric, event name) of incidents that opened, time order."""
+        ev: list[tuple[int, str, str, str]] = []
+        for a in alerts:
+            if a.state == "open":
+                metric = rows.metric[a.row] if a.level == "series" else "(device)"
+                ev.append((a.incident, rows.device[a.row], metric, "anomaly"))
+        for r in rule_alerts:
+            if r.state == "open" and r.device != "(site)":
+                ev.append((r.opened, r.device, r.metric, "rule:" + r.rule))
+        ev.sort()
+        return ev
+
+    @staticmethod
+    def _matches(pattern: str, metric: str, name: str) -> bool:
+        if pattern == "anomaly":
+            return name == "anomaly"
+        if pattern.startswith("anomaly:"):
+            return name == "anomaly" and metric == pattern[8:]
+        return name == pattern
+
+    def _sequence(self, rule: Rule, rows: EnrichedResults,
+                  events: list[tuple[int, str, str, str]]) -> list[RuleAlert]:
+        out = []
+        for t, dev, metric, name in events:
+            k = (rule.name, rows.gateway, dev)
+            if self._matches(rule.then, metric, name):
+                firsts = [x for x in self.seq_first.get(k, []) if 0 <= t - x <= rule.within_ms]
+                if firsts:
+                    i = rows.device.index(dev)
+                    out.append(RuleAlert(
+                        rule=rule.name, kind=rule.kind, level=rule.level, state="open",
+                        gateway=rows.gateway, site=rows.site[i], device=dev, metric=metric,
+                        window=rows.window[i], opened=t, until=0, value=float(t - firsts[0]),
+                        message=f"{dev}: {rule.first} then {rule.then} "
+                                f"{(t - firsts[0]) / 1000:,.0f} s later (rule {rule.name})"))
+            if self._matches(rule.first, metric, name):
+                lst = self.seq_first.setdefault(k, [])
+                if t not in lst:
+                    lst.append(t)
+                    lst.sort()
+                del lst[:-16]  # the latest few are enough
+        return out
+
+    def _site(self, rule: Rule, rows: EnrichedResults,
+              events: list[tuple[int, str, str, str]]) -> list[RuleAlert]:
+        out = []
+        for t, dev, metric, name in events:
+            if not self._matches(rule.event, metric, name):
+                continue
+            i = rows.device.index(dev)
+            site = rows.site[i]
+            bucket = t - t % rule.within_ms
+            k = (rule.name, site, bucket)
+            hits = self.site_hits.setdefault(k, set())
+            hits.add(dev)
+            if len(hits) >= rule.devices and k not in self.site_open:
+                self.site_open.add(k)
+                out.append(RuleAlert(
+                    rule=rule.name, kind=rule.kind, level=rule.level, state="open",
+                    gateway=rows.gateway, site=site, device="(site)", metric=metric,
+                    window=rows.window[i], opened=bucket, until=0, value=float(len(hits)),
+                    message=f"site {site}: {rule.event} on {len(hits)} devices within "
+                            f"{rule.within_ms / 1000:,.0f} s (rule {rule.name})"))
+        return out
+
+    # ---- plumbing --------------------------------------------------------------------------
+
+    def _alert(self, rule: Rule, rows: EnrichedResults, i: int, state: str, opened: int,
+               until: int, value: float, *, metric: str | None = None) -> RuleAlert:
+        if rule.kind == "consecutive":
+            limit = rule.above if rule.above is not None else rule.below
+            what = (f"{rule.field} {'above' if rule.above is not None else 'below'} "
+                    f"{limit:g} for {rule.count} windows")
+        elif rule.kind == "rate":
+            what = f"{rule.field} changing faster than {rule.above:g} per {rule.per_ms / 1000:g} s"
+        else:
+            what = "no data"
+        return RuleAlert(
+            rule=rule.name, kind=rule.kind, level=rule.level, state=state,
+            gateway=rows.gateway, site=rows.site[i], device=rows.device[i],
+            metric=metric or rows.metric[i],
+            window=rows.window[i] if metric is None else "", opened=opened,
+            until=until, value=value,
+            message=f"{rows.device[i]} {rows.metric[i]}: {what} (rule {rule.name})"
+            if state == "open" else f"{rows.device[i]} {rows.metric[i]}: back to normal "
+                                    f"(rule {rule.name})")
+
+    def _bound(self) -> None:
+        """Keys are bounded: the oldest go first (a long-gone series forgets its run)."""
+        maps: list[dict[Any, Any]] = [self.series, self.seq_first, self.site_hits,
+                                      *self.last_end.values()]
+        for d in maps:
+            while len(d) > self.max_keys:
+                d.pop(next(iter(d)))
+        if len(self.site_open) > self.max_keys:
+            self.site_open.clear()
+
+
+def _fields(rows: EnrichedResults) -> dict[str, F64]:
+    out: dict[str, F64] = {"mean": rows.mean, "min": rows.min, "max": rows.max,
+                           "first": rows.first, "last": rows.last, "sum": rows.sum,
+                           "count": rows.count.astype(np.float64), "std": rows.std,
+                           "rate": rows.rate}
+    for j, name in enumerate(rows.pct_names):
+        out[name] = rows.pct[:, j]
+    return out
+
+
+def _site_of(rows: EnrichedResults, device: str) -> str:
+    try:
+        return rows.site[rows.device.index(device)]
+    except ValueError:
+        return "unknown"
