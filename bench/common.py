@@ -28,6 +28,11 @@ def figure(name: str, value: float, unit: str, reference: float | None = None,
     return Figure(name, value, unit, reference, reference_name, ratio, note)
 
 
+def _num(v: float) -> str:
+    """Large figures with thousands separators, small ones (an F1, a ratio) with 3 decimals."""
+    return f"{v:,.3f}" if abs(v) < 10 else f"{v:,.1f}"
+
+
 def report(bench: str, figures: list[Figure]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{bench}.json"
@@ -38,8 +43,9 @@ def report(bench: str, figures: list[Figure]) -> Path:
     path.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"\n== {bench} ==")
     for f in figures:
-        ref = (f"  vs {f.reference_name} {f.reference:,.0f} {f.unit}: ratio {f.ratio:.2f}x"
+        ref = (f"  vs {f.reference_name} {_num(f.reference)} {f.unit}: ratio {f.ratio:.2f}x"
                if f.reference is not None and f.ratio is not None else "")
-        print(f"  {f.name}: {f.value:,.1f} {f.unit}{ref}{'  (' + f.note + ')' if f.note else ''}")
+        print(f"  {f.name}: {_num(f.value)} {f.unit}{ref}"
+              f"{'  (' + f.note + ')' if f.note else ''}")
     print(f"  -> {path}")
     return path

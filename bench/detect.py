@@ -168,6 +168,50 @@ def stage_speed(cloud: CloudConfig, series: int = 10_000, rounds: int = 60) -> t
     return rounds * series / dt, rounds * series / ref
 
 
+def river_figures(data: Path, cloud: CloudConfig) -> list[Figure]:
+    """River's online detectors on the same recordings (``bench.river_compare``)."""
+    try:
+        from bench import river_compare
+    except ImportError:  # pragma: no cover - river is in the bench extra
+        print("river is not installed: no comparison (pip install '.[bench]')")
+        return []
+    try:
+        import river  # noqa: F401
+    except ImportError:
+        print("river is not installed: no comparison (pip install '.[bench]')")
+        return []
+    out: list[Figure] = []
+    if (data / "nab" / "labels").is_dir():
+        cases = nab_cases(data / "nab")
+        files = [c.nab_file() for c in cases]
+        values = [np.array([v["value"] for _, v in c.recording.rows]) for c in cases]
+        for name, r in river_compare.compare_nab(files, values, cloud.alerts).items():
+            out.append(figure(f"River {name}: NAB standard (its best threshold)",
+                              r["nab_standard"], "score"))
+            out.append(figure(f"River {name}: windows/s, one model, one stream",
+                              r["windows_per_s"], "windows/s"))
+    if (data / "skab" / "data").is_dir():
+        labels, rows, where = [], [], []
+        for c in skab_cases(data / "skab"):
+            t = np.array([r[0] for r in c.recording.rows], np.int64)
+            win = (t - t[0]) // 10_000
+            uniq, inv = np.unique(win, return_inverse=True)
+            feats = []
+            for k in range(len(uniq)):
+                members = np.flatnonzero(inv == k)
+                names = c.recording.rows[int(members[0])][1].keys()
+                feats.append({m: float(np.mean([c.recording.rows[int(i)][1][m]
+                                                 for i in members])) for m in names})
+            labels.append(c.anomaly)
+            rows.append(feats)
+            where.append(inv.reshape(-1))
+        for name, r in river_compare.compare_skab(labels, rows, where, cloud.alerts).items():
+            out.append(figure(f"River {name}: SKAB F1 (its best threshold)", r["skab_f1"], "F1",
+                              note=f"FAR {100 * r['skab_far']:.1f} %, MAR "
+                                   f"{100 * r['skab_mar']:.1f} %"))
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data",
@@ -176,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="where the row-level results go")
     ap.add_argument("--gateway", type=Path, default=ROOT / "deploy" / "gateway.toml")
     ap.add_argument("--cloud", type=Path, default=ROOT / "deploy" / "cloud.toml")
+    ap.add_argument("--no-river", dest="river", action="store_false",
+                    help="skip the comparison with River's detectors (slow: minutes)")
     args = ap.parse_args(argv)
     edge = bench_edge_config(load_edge_config(args.gateway))
     cloud = load_cloud_config(args.cloud)
@@ -238,6 +284,8 @@ def main(argv: list[str] | None = None) -> None:
                            "fn": s.points.fn, "tn": s.points.tn, "f1": s.points.f1,
                            "far": s.points.far, "mar": s.points.mar,
                            "changepoint_nab": s.changepoint_nab}
+    river = river_figures(args.data, cloud) if args.river else []
+    figures += river
     fast, ref = stage_speed(cloud)
     figures.append(figure("detection stage, shipped detectors, 10,000 series", fast,
                           "windows/s", ref, "numpy pass reading the same columns"))

@@ -93,7 +93,10 @@ def cloud_config_from(root: Section) -> CloudConfig:
         alerts = PolicyConfig(open_at=al.number("open_at", 1.0, minimum=0.0),
                               hold_at=al.number("hold_at", 0.5, minimum=0.0),
                               clear=al.integer("clear", 3, minimum=1),
-                              suppress=al.integer("suppress", 100, minimum=0))
+                              suppress=al.integer("suppress", 100, minimum=0),
+                              likelihood=al.number("likelihood", 3.0, minimum=0.0),
+                              likelihood_memory=al.integer("likelihood_memory", 1000,
+                                                           minimum=2))
     except ValueError as exc:
         raise ConfigError(al.key("hold_at"), str(exc), source=root.source) from None
     al.done()

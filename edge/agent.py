@@ -190,6 +190,28 @@ class EdgePipeline:
             self.counters["windows_superseded"] += len(res.superseded)
         return res
 
+    @staticmethod
+    def _chunks(res: ResultColumns, step: int) -> list[np.ndarray]:
+        """Row indices of each batch: at most ``step`` rows, and the results of one device's
+        window (its metrics) never split across two batches, so the cloud judges a device's
+        sensors together whatever the batch size (unless one window alone exceeds it)."""
+        n = len(res)
+        if n == 0:
+            return [np.arange(0)]
+        spec = res.spec if res.spec is not None else np.zeros(n, np.int64)
+        order = np.lexsort((res.metric, res.start, res.device, spec))
+        key = np.stack([spec[order], res.device[order], res.start[order]])
+        starts = np.flatnonzero(np.r_[True, (key[:, 1:] != key[:, :-1]).any(axis=0)])
+        out, lo = [], 0
+        while lo < n:
+            hi = min(lo + step, n)
+            if hi < n:
+                cut = starts[np.searchsorted(starts, hi, side="right") - 1]
+                hi = int(cut) if cut > lo else hi
+            out.append(order[lo:hi])
+            lo = hi
+        return out
+
     def to_batches(self, res: ResultColumns, next_seq: Any) -> list[ResultBatch]:
         """Split results into uplink batches with a per-batch device/metric dictionary."""
         out = []
@@ -197,9 +219,9 @@ class EdgePipeline:
         wm = self.engine.gateway_watermark()
         sup = res.superseded if res.superseded is not None else SupersededRows.empty()
         eng = self.config.engine
-        for lo in range(0, max(len(res), 1 if len(sup) else 0), step):
-            part = res.take(np.arange(lo, min(lo + step, len(res))))
-            first = lo == 0
+        for k, rows in enumerate(self._chunks(res, step)):
+            part = res.take(rows)
+            first = k == 0
             s_dev = sup.device if first else np.empty(0, np.int64)
             s_met = sup.metric if first else np.empty(0, np.int64)
             ud, dinv = np.unique(np.concatenate([part.device, s_dev]), return_inverse=True)

@@ -224,3 +224,26 @@ def test_late_readings_are_forwarded_raw_and_silent_devices_reported(
     assert forwarded[0][3] == 20.0
     reports = [orjson.loads(p) for p in got["health"]]
     assert any("d9" in r["devices"].get("silent", []) for r in reports)
+
+
+def test_a_devices_window_travels_in_one_batch(tmp_path: Path) -> None:
+    """Uplink batches are bounded in rows, but the metrics of one device's window are never
+    split across two: the cloud judges a device's sensors together."""
+    clock = ManualClock(now_ms=T + 60_000)
+    pipe = EdgePipeline(config(tmp_path, max_results_per_batch=7), clock)
+    metrics = ["temperature", "humidity", "co2"]
+    messages = [(f"devices/d{d}/readings",
+                 encode_single(f"d{d}", m, T + s * 1000, 20.0 + s, 3 * s + j), T)
+                for s in range(25) for d in range(5) for j, m in enumerate(metrics)]
+    pipe.process(messages)
+    res = pipe.emit(flush=True)
+    seq = iter(range(100))
+    batches = pipe.to_batches(res, lambda: next(seq))
+    assert sum(len(b.results) for b in batches) == len(res) == 5 * 3 * 3
+    assert all(len(b.results) <= 7 for b in batches)
+    seen: dict[tuple[str, int], int] = {}
+    for k, b in enumerate(batches):
+        r = b.results
+        for i in range(len(r)):
+            key = (b.devices[int(r.device[i])], int(r.start[i]))
+            assert seen.setdefault(key, k) == k, f"{key} split across batches"

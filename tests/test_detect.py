@@ -27,8 +27,11 @@ SMALL = {  # options that let every detector speak within the test stream
 }
 
 
+PLAIN = PolicyConfig(likelihood=0.0)  # detectors alone; the policy has tests of its own
+
+
 def stage_of(name: str) -> DetectionStage:
-    return build_stage([name], SMALL)
+    return build_stage([name], SMALL, policy=PLAIN)
 
 
 def drive(stage: DetectionStage, batches: list[list[Win]]
@@ -149,7 +152,8 @@ def series(values: list[float], *, device: str = "d", metric: str = "m",
 
 
 def alerts_of(name: str, values: list[float], **kw: object) -> list[tuple[object, ...]]:
-    _, alerts = drive(build_stage([name], SMALL), series(values, **kw))  # type: ignore[arg-type]
+    _, alerts = drive(build_stage([name], SMALL, policy=PLAIN),
+                      series(values, **kw))  # type: ignore[arg-type]
     return sorted(alerts, key=lambda a: (a[4], a[3]))  # type: ignore[arg-type,return-value]
 
 
@@ -232,7 +236,7 @@ def test_seasonal_baseline_sees_a_missing_peak_and_ignores_replay_shift_by_weeks
         vals.append(10 + peak + rng.normal(0, 0.5))
 
     def run(shift: int) -> list[tuple[object, ...]]:
-        st = build_stage(["seasonal"], SMALL)
+        st = build_stage(["seasonal"], SMALL, policy=PLAIN)
         out = []
         for k, v in enumerate(vals):
             r = rows([Win("d", "m", T0 + shift + k * width, v)], width=width, window="10m")
@@ -276,7 +280,7 @@ def test_multivariate_sees_a_broken_relation_each_sensor_alone_does_not() -> Non
             b = 2 * (40 - base)  # inside b's range, against a
         t = T0 + k * WIDTH
         batches.append([Win("pump", "a", t, a), Win("pump", "b", t, b)])
-    st = build_stage(["novelty", "multivariate"], SMALL)
+    st = build_stage(["novelty", "multivariate"], SMALL, policy=PLAIN)
     _, alerts = drive(st, batches)
     device = sorted(a for a in alerts if a[1] == "*" and a[3] == "open")
     assert device
@@ -287,7 +291,7 @@ def test_multivariate_sees_a_broken_relation_each_sensor_alone_does_not() -> Non
 
 
 def test_threshold_uses_registry_limits() -> None:
-    st = build_stage(["threshold"], {})
+    st = build_stage(["threshold"], {}, policy=PLAIN)
     r = rows([Win("d", "m", T0, 30.0, high=45.0), Win("d", "m", T0 + WIDTH, 50.0, hi=50.0,
                                                      high=45.0)])
     det = st.run(r)
@@ -306,7 +310,7 @@ def step_all(policy: AlertPolicy, sev: list[float]) -> list[tuple[int, bool, boo
 
 
 def test_policy_opens_once_holds_with_hysteresis_and_resolves() -> None:
-    p = AlertPolicy(PolicyConfig(open_at=1.0, hold_at=0.5, clear=2, suppress=0))
+    p = AlertPolicy(PolicyConfig(open_at=1.0, hold_at=0.5, clear=2, suppress=0, likelihood=0))
     got = step_all(p, [0, 1.2, 0.6, 0.9, 0.4, 0.6, 0.1, 0.1, 0.2])
     assert [o for _, o, _ in got] == [False, True] + [False] * 7
     assert [r for _, _, r in got] == [False] * 7 + [True, False]
@@ -314,9 +318,21 @@ def test_policy_opens_once_holds_with_hysteresis_and_resolves() -> None:
 
 
 def test_policy_suppresses_a_new_incident_right_after_one_resolved() -> None:
-    p = AlertPolicy(PolicyConfig(clear=1, suppress=5))
+    p = AlertPolicy(PolicyConfig(clear=1, suppress=5, likelihood=0))
     got = step_all(p, [2, 0, 2, 0, 0, 0, 0, 2, 0])
     assert [k for k, (_, o, _) in enumerate(got) if o] == [0, 7]
+
+
+def test_policy_likelihood_quietens_a_subject_that_is_always_over_threshold() -> None:
+    """The same severity opens an incident on a quiet series, not on one that crosses its
+    threshold all the time: what is unusual is judged against the subject's own past."""
+    quiet = [0.0] * 300 + [2.0]
+    noisy = [1.5 + 0.5 * math.sin(k) for k in range(300)] + [2.0]
+    cfg = PolicyConfig(clear=1, suppress=0, likelihood=3.0)
+    assert step_all(AlertPolicy(cfg), quiet)[-1][1]
+    got = step_all(AlertPolicy(cfg), noisy)
+    assert not got[-1][1]
+    assert sum(o for _, o, _ in got[50:]) == 0  # after learning what is usual, silence
 
 
 def test_stuck_fault_is_one_alert_not_one_per_window() -> None:

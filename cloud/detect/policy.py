@@ -6,6 +6,11 @@ open while windows keep reaching ``hold_at`` (hysteresis: a lower bar to stay op
 open) and *resolves* after ``clear`` windows in a row below it. One incident is one alert,
 however many windows it spans: a stuck fault is reported once, not every window.
 
+With ``likelihood`` > 0 a severity must also be unusual *for its subject*: ``likelihood``
+standard deviations above the subject's usual ``log(1 + severity)`` (exponentially weighted over
+``likelihood_memory`` windows), in the spirit of Numenta's anomaly likelihood: a series that
+crosses its detectors' thresholds every day learns that this is how it is.
+
 An incident is identified by its subject (series or device) and the start of the window that
 opened it, so replaying the same windows opens the same incident (idempotent in InfluxDB).
 Vectorised over subjects; state in ``StateArrays``.
@@ -30,12 +35,16 @@ class PolicyConfig:
     hold_at: float = 0.5
     clear: int = 3
     suppress: int = 100
+    likelihood: float = 3.0  # > 0: also need a severity this many deviations above the usual
+    likelihood_memory: int = 1000  # windows the usual severity is learned over
 
     def __post_init__(self) -> None:
         if not 0 < self.hold_at <= self.open_at:
             raise ValueError("alerts need 0 < hold_at <= open_at")
         if self.clear < 1 or self.suppress < 0:
             raise ValueError("alerts need clear >= 1 and suppress >= 0")
+        if self.likelihood < 0 or self.likelihood_memory < 2:
+            raise ValueError("alerts need likelihood >= 0 and likelihood_memory >= 2")
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,8 @@ class AlertPolicy:
             "opened_n": Column((), np.int64, 0),
             "peak": Column((), np.float64, 0.0),
             "last_high": Column((), np.int64, NO_INCIDENT),  # start of the last window >= hold
+            "lmean": Column((), np.float64, 0.0),  # usual log(1 + severity), and its spread
+            "lvar": Column((), np.float64, 0.0),
         })
 
     def step(self, subject: I64, start: I64, severity: F64, top: I64) -> PolicyStep:
@@ -76,6 +87,15 @@ class AlertPolicy:
         is_open = inc != NO_INCIDENT
         sev = np.nan_to_num(severity, nan=0.0)
         opened = ~is_open & (sev >= c.open_at) & (n - s["resolved_n"][subject] > c.suppress)
+        if c.likelihood > 0:  # the severity must also be unusual for this subject
+            x = np.log1p(np.maximum(sev, 0.0))
+            mu, var = s["lmean"][subject], s["lvar"][subject]
+            z = (x - mu) / np.sqrt(np.maximum(var, 1e-4))
+            opened &= z >= c.likelihood
+            a = np.maximum(1.0 / c.likelihood_memory, 1.0 / n)
+            d = x - mu
+            s["lmean"][subject] = mu + a * d
+            s["lvar"][subject] = (1 - a) * (var + a * d * d)
         quiet = np.where(sev >= c.hold_at, 0, s["quiet"][subject] + 1)
         resolved = is_open & (quiet >= c.clear)
         inc = np.where(opened, start, inc)
