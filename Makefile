@@ -8,7 +8,7 @@ STAMP := $(VENV)/.stamp-deps
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_ARGS ?=
 
-.PHONY: setup system-deps demo test lint typecheck unit bench soak clean grafana
+.PHONY: setup system-deps demo test lint typecheck unit bench bench-detect soak clean grafana
 
 setup: system-deps $(STAMP)
 
@@ -46,6 +46,12 @@ test: lint typecheck unit
 bench: setup
 	$(BIN)/python -m pip install -q -e '.[dev,bench]'
 	$(BIN)/python -m bench.run
+
+# anomaly detection on the labelled recordings only: make bench-detect DATA=../shared/data
+DATA ?= ../shared/data
+bench-detect: setup
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	$(BIN)/python -m bench.detect --data $(DATA)
 
 soak: setup
 	$(BIN)/pytest -q -m soak --timeout 3600

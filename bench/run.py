@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from bench import custody, engine, pipeline, simulator, sketches
+from bench import custody, detect, engine, pipeline, simulator, sketches
 
 
 def main() -> None:
@@ -14,6 +14,7 @@ def main() -> None:
     pipeline.main()
     custody.main()
     simulator.main()
+    detect.main([])
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cloud.points import AGGREGATES, ANOMALIES, DEVICES, LEDGER, PIPELINE
+from cloud.points import AGGREGATES, ALERTS, ANOMALIES, DEVICES, LEDGER, PIPELINE
 
 DATASOURCE_UID = "fieldline-influxdb"
 DASHBOARD_UID = "fieldline-fleet"
@@ -68,6 +68,16 @@ ROWS: list[tuple[str, list[Panel]]] = [
             description="Readings that made it into windows (after rejects and late drops)."),
     ]),
     ("Anomalies", [
+        Panel("Alerts, one per incident (detectors and rules)", "table", (Query("A", (
+            f'SELECT "device", "metric", "source", "name", "state", "level", "severity", '
+            f'"resolved", "message" FROM "{ALERTS}" WHERE "site" =~ /^$site$/ AND $timeFilter '
+            'ORDER BY time DESC LIMIT 200'), fmt="table"),), width=16,
+            description="An incident opens when a detector's severity (or a pattern rule) "
+                        "crosses its threshold and resolves when the series is back; time is "
+                        "the window that opened it, resolved the end of its last window."),
+        Panel("Alerts opened by source", "timeseries", (Query("A", (
+            f'SELECT count("state") FROM "{ALERTS}" WHERE "site" =~ /^$site$/ AND $timeFilter '
+            'GROUP BY time($__interval), "source" fill(0)'), "$tag_source"),), width=8),
         Panel("Anomalies", "table", (Query("A", (
             f'SELECT "device", "metric", "detector", "direction", "score", "value", '
             f'"reference", "message" FROM "{ANOMALIES}" WHERE "site" =~ /^$site$/ '

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import Counter, deque
 from dataclasses import replace
 from typing import Any
@@ -19,6 +20,7 @@ import numpy as np
 from cloud.config import CloudConfig
 from cloud.dedup import BatchDedup, Seen
 from cloud.detect import DetectionStage, build_stage
+from cloud.detect.stage import write_snapshot
 from cloud.enrich import UNKNOWN_SITE, Enricher
 from cloud.ingest import MqttSource, PartitionedSource, SourceMessage
 from cloud.points import (
@@ -49,6 +51,7 @@ from devices.registry import Registry
 from devices.rejects import RejectLog
 
 log = logging.getLogger("fieldline.cloud")
+DETECT_SNAPSHOT_S = 300.0  # how often the detector state is saved to state_dir (and at stop)
 
 
 def build_detection(config: CloudConfig) -> DetectionStage:
@@ -119,6 +122,10 @@ class CloudWorker:
         self.max_tracked_revisions = 1_000_000
         self._ack_wake = asyncio.Event()
         self._dedup_path = config.state_dir / "dedup.json" if config.state_dir else None
+        self._detect_path = config.state_dir / "detect.npz" if config.state_dir else None
+        if self._detect_path is not None and self.detection.load(self._detect_path):
+            log.info("detector state restored from %s (%d series)", self._detect_path,
+                     len(self.detection.series))
         if self._dedup_path is not None:
             config.state_dir.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
             if self.dedup.load(self._dedup_path):
@@ -323,13 +330,29 @@ class CloudWorker:
             if stop.is_set():
                 break
 
+    async def _save_detection(self) -> None:
+        """Detector state to ``state_dir`` (a restart continues with the histories it had)."""
+        if self._detect_path is None:
+            return
+        snap = self.detection.snapshot()  # a copy, taken between two messages
+        try:
+            await asyncio.to_thread(write_snapshot, snap, self._detect_path)
+            self.counters["detector_snapshots"] += 1
+        except OSError as exc:
+            self.counters["detector_snapshot_errors"] += 1
+            log.error("detector state not saved to %s: %s", self._detect_path, exc)
+
     async def _health(self, stop: asyncio.Event) -> None:
+        last_save = time.monotonic()
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.config.health_interval_ms / 1000)
             ln = self._health_line()
             if ln:
                 self.writer.add([ln])
+            if time.monotonic() - last_save >= DETECT_SNAPSHOT_S and not stop.is_set():
+                last_save = time.monotonic()
+                await self._save_detection()
 
     async def run(self, stop: asyncio.Event) -> None:
         log.info("cloud worker %s: %s -> %s", self.config.worker_id, self.config.broker.url,
@@ -352,6 +375,7 @@ class CloudWorker:
             with contextlib.suppress(asyncio.CancelledError):
                 await consume
             await health
+            await self._save_detection()
             writer_stop.set()
             await write
             acker_stop.set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,3 +86,22 @@ def test_an_older_revision_never_overwrites_a_newer_one(influx_db: InfluxV1Clien
     assert isinstance(doc, dict)
     assert doc["results"][0]["series"][0]["values"] == [[T + 10_000, 7, 5]]
     assert worker.stats()["stale_revisions"] == 1
+
+
+def test_worker_keeps_its_detector_state_across_a_restart(tmp_path: Path) -> None:
+    """A worker saves its detectors to state_dir (at stop, and every few minutes); the next one
+    starts from there instead of learning every series again."""
+    cfg = CloudConfig(worker_id="t", broker=BrokerAddress(host="127.0.0.1", port=1),
+                      influx=InfluxConfig(), state_dir=tmp_path)
+    first = CloudWorker(cfg, source=object(), sink=object())  # type: ignore[arg-type]
+    for k in range(5):
+        first.handle(SourceMessage(0, k, results_topic("gw-1"),
+                                   session_batch(k, T + 60_000 * k, 4, []).encode()))
+    assert len(first.detection.series) == 1
+    asyncio.run(first._save_detection())
+    second = CloudWorker(cfg, source=object(), sink=object())  # type: ignore[arg-type]
+    assert second.detection.series.keys == first.detection.series.keys
+    a, b = first.detection.snapshot()["arrays"], second.detection.snapshot()["arrays"]
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])

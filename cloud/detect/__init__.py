@@ -33,7 +33,7 @@ DETECTORS: dict[str, str] = {
     "stuck": "cloud.detect.stuck:StuckDetector",
     "multivariate": "cloud.detect.multivariate:MultivariateDetector",
 }
-DEFAULT_DETECTORS = ("threshold", "spike", "novelty", "seasonal", "multivariate")
+DEFAULT_DETECTORS = ("threshold", "spike", "novelty", "seasonal", "stuck", "multivariate")
 
 
 def detector_class(name: str) -> Any:

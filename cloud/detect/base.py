@@ -20,12 +20,12 @@ from typing import ClassVar, Literal, Protocol
 
 import numpy as np
 
-from cloud.detect.state import Array, StateArrays
+from cloud.detect.state import StateArrays
 from devices.readings import F64, I64
 
 # what a verdict says about the window, by code
-NONE, HIGH, LOW, SHIFT_UP, SHIFT_DOWN, STUCK, PATTERN, DRIFT = range(8)
-DIRECTIONS = ("", "high", "low", "shift_up", "shift_down", "stuck", "pattern", "drift")
+NONE, HIGH, LOW, SHIFT_UP, SHIFT_DOWN, STUCK, PATTERN = range(7)
+DIRECTIONS = ("", "high", "low", "shift_up", "shift_down", "stuck", "pattern")
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,3 @@ class DeviceDetector(Protocol):
 
     def learn(self, f: DeviceFrame, mask: np.ndarray[tuple[int], np.dtype[np.bool_]]) -> None:
         """Fold the rows where ``mask`` holds (the wrapper keeps devices in alert out)."""
-
-
-def snapshot_of(det: Detector | DeviceDetector) -> dict[str, Array]:
-    return det.state.snapshot()

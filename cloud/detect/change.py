@@ -16,7 +16,7 @@ from typing import ClassVar, Literal
 
 import numpy as np
 
-from cloud.detect.base import DRIFT, SHIFT_DOWN, SHIFT_UP, Frame, Verdict
+from cloud.detect.base import SHIFT_DOWN, SHIFT_UP, Frame, Verdict
 from cloud.detect.robust import robust_scale
 from cloud.detect.state import Column, StateArrays
 
@@ -85,5 +85,3 @@ class ShiftDetector:
         self.state["ring"][k, n % self.history] = f.mean
         self.state["n"][k] = n + 1
 
-
-_ = DRIFT  # a drift is reported as the shift it accumulates to

@@ -5,16 +5,18 @@ history of ``history`` windows:
 
 * the window's extremes: its max above every earlier max, its min below every earlier min
   (spikes, dips, breaks of the usual range);
-* the mean of the last ``smooth`` window means, above or below every earlier such mean (level
-  shifts and slow drifts that stay inside the range of single windows, but not of its
-  smoothed level). Its exceedance is measured in units of the windows' range divided by
-  ``sqrt(smooth)`` (the range a mean of ``smooth`` windows would have), not of its own
-  history's range, which for a smooth series can be tiny.
+* the level: the median (``level_stat``) of the last ``smooth`` window means, above or below
+  every earlier level (level shifts and slow drifts that stay inside the range of single
+  windows, but not of its level; a median, so one spike does not move it). Its exceedance is
+  measured in units of the windows' range divided by ``sqrt(smooth)`` (the range a level of
+  ``smooth`` windows would have), not of its own history's range, which for a smooth series
+  can be tiny; its margin is ``level_margin`` (default: ``margin``).
 
-Severity is the exceedance divided by ``margin``, so 1.0 means "a new record by the margin".
+Severity is the exceedance divided by the margin, so 1.0 means "a new record by the margin".
 A short history sets records easily (one window in ``h+1`` is the highest of ``h+1`` for any
-noise), so while ``h < young`` the margin is widened by ``(young / h) ** young_power``. No score
-before ``min_history`` windows. A record is learned at once (the same spike later is not new),
+noise), so while ``h < young`` the margin is widened by ``(young / h) ** young_power`` (for the
+level, whose history holds fewer independent values, while ``h < young * smooth_young``). No
+score before ``min_history`` windows. A record is learned at once (the same spike later is not new),
 and the range before it is held as the reference of an excursion for up to ``hold`` windows
 (``cloud.detect.records.Excursion``): a change that lasts keeps its alert open while it lasts.
 """
@@ -26,7 +28,13 @@ from typing import ClassVar, Literal
 import numpy as np
 
 from cloud.detect.base import HIGH, LOW, SHIFT_DOWN, SHIFT_UP, Frame, Verdict
-from cloud.detect.records import Excursion, Records, excursion_columns, record_columns
+from cloud.detect.records import (
+    Excursion,
+    Records,
+    excursion_columns,
+    record_columns,
+    young_margin,
+)
 from cloud.detect.state import Column, StateArrays
 
 
@@ -37,8 +45,7 @@ class NoveltyDetector:
     def __init__(self, *, history: int = 4000, blocks: int = 16, min_history: int = 60,
                  smooth: int = 12, margin: float = 0.02, young: int = 1000,
                  young_power: float = 0.5, hold: int = 20, smooth_young: float = 3.0,
-                 level_stat: str = "median", level_history: int = 0,
-                 level_margin: float | None = None) -> None:
+                 level_stat: str = "median", level_margin: float | None = None) -> None:
         if not 2 <= smooth <= min_history or min_history >= history:
             raise ValueError("novelty needs 2 <= smooth <= min_history < history")
         if margin <= 0:
@@ -52,7 +59,6 @@ class NoveltyDetector:
         if level_stat not in ("mean", "median"):
             raise ValueError("novelty.level_stat must be mean or median")
         self.level_stat = level_stat
-        self.level_history = level_history
         self.level_margin = margin if level_margin is None else level_margin
         self.state = StateArrays({
             **record_columns("r", 2, blocks),  # feature 0: window max/min; 1: smoothed mean
@@ -79,13 +85,13 @@ class NoveltyDetector:
         severity, history max, history min, back inside the reference)."""
         hmax, hmin = self.records.extrema(g.key)
         sm = self._smoothed(g)
-        h = np.maximum(self.state["n"][g.key], 1)
-        # a young history widens the margin; the smoothed mean's history holds about
-        # ``smooth`` times fewer independent values than the windows'
+        h = self.state["n"][g.key]
+        # a young history widens the margin; the smoothed level's history holds fewer
+        # independent values than the windows'
         margin = np.stack([
-            self.margin * np.maximum(1.0, self.young / h) ** self.young_power,
-            self.level_margin * np.maximum(1.0, self.young * self.smooth_young / h)
-            ** self.young_power])
+            young_margin(self.margin, h, self.young, self.young_power),
+            young_margin(self.level_margin, h, self.young * self.smooth_young,
+                         self.young_power)])
 
         def over(mx: np.ndarray, mn: np.ndarray) -> np.ndarray:
             rng0 = np.maximum(mx[:, 0] - mn[:, 0], g.floor)
@@ -95,7 +101,6 @@ class NoveltyDetector:
                                  (sm - mx[:, 1]) / rng1, (mn[:, 1] - sm) / rng1])
 
         m4 = margin[[0, 0, 1, 1]]  # (4, rows)
-        m4[2:, h < self.level_history] = np.inf  # the level is judged on a longer history
         cand = over(hmax, hmin) / m4  # (4, rows), in margins
         rmax, rmin, held = self.excursion.reference(g.key)
         cand_ref = np.where(held[None, :], over(rmax, rmin) / m4, np.nan)

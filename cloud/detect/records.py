@@ -73,6 +73,13 @@ def exceedance(value: F64, hist_max: F64, hist_min: F64, floor: F64) -> tuple[F6
     return up, down
 
 
+def young_margin(margin: float, history: I64, young: float, power: float) -> F64:
+    """The margin a record must pass, widened while the history of ``history`` windows is
+    young: ``margin * (young / h) ** power`` below ``young`` windows."""
+    return np.asarray(margin * np.maximum(1.0, young / np.maximum(history, 1)) ** power,
+                      np.float64)
+
+
 def excursion_columns(prefix: str, features: int) -> dict[str, Column]:
     return {
         f"{prefix}ref_max": Column((features,), np.float64, np.nan),

@@ -11,8 +11,8 @@ judged as a record (``cloud.detect.records``): a day whose shape departs from ev
 day by more than ``margin`` of the residuals' usual range. A holiday's traffic, a heating
 schedule that did not run, a daily peak that came at the wrong hour. Residuals start after
 ``min_days`` days of data and are judged once they span a whole day themselves (every time of
-day has shown how well the profile fits it); a young history widens the margin as in
-``novelty``.
+day has shown how well the profile fits it); a young history widens the margin by
+``(young / h) ** young_power``, as in ``novelty``.
 """
 
 from __future__ import annotations
@@ -22,13 +22,7 @@ from typing import ClassVar, Literal
 import numpy as np
 
 from cloud.detect.base import PATTERN, Frame, Verdict
-from cloud.detect.records import (
-    Excursion,
-    Records,
-    exceedance,
-    excursion_columns,
-    record_columns,
-)
+from cloud.detect.records import Records, exceedance, record_columns, young_margin
 from cloud.detect.state import Column, StateArrays
 from devices.readings import I64
 
@@ -44,7 +38,7 @@ class SeasonalDetector:
     def __init__(self, *, bins: int = 48, memory_days: float = 14.0, smooth: int = 6,
                  history: int = 4000, blocks: int = 16, min_days: float = 1.0,
                  min_history: int = 60, margin: float = 0.05, young: int = 1000,
-                 young_power: float = 1.0, hold: int = 1, level_stat: str = "median") -> None:
+                 young_power: float = 1.0, level_stat: str = "median") -> None:
         if bins < 1 or DAY_MS % bins:
             raise ValueError("seasonal.bins must divide a day into whole milliseconds")
         if smooth < 1 or memory_days <= 0 or margin <= 0 or min_days < 1:
@@ -72,10 +66,8 @@ class SeasonalDetector:
             "ring": Column((smooth,), np.float64, np.nan),
             "n": Column((), np.int64, 0),  # residuals learned
             **record_columns("r", 1, blocks),
-            **excursion_columns("x", 1),
         })
         self.records = Records(self.state, "r", history=history, blocks=blocks)
-        self.excursion = Excursion(self.state, "x", hold=hold)
 
     def _slots(self, start: I64) -> tuple[I64, I64]:
         day_slot = (start % DAY_MS) // self.bin_ms
@@ -114,13 +106,8 @@ class SeasonalDetector:
         sm = self._smoothed(g, resid)
         hmax, hmin = self.records.extrema(g.key)
         up, down = exceedance(sm, hmax[:, 0], hmin[:, 0], g.floor)
-        e = np.fmax(up, down)
-        rmax, rmin, held = self.excursion.reference(g.key)
-        ru, rd = exceedance(sm, rmax[:, 0], rmin[:, 0], g.floor)
-        e = np.where(held, np.fmax(e, np.fmax(ru, rd)), e)
-        h = self.state["n"][g.key]
-        margin = self.margin * np.maximum(1.0, self.young / np.maximum(h, 1)) ** self.young_power
-        out.severity[rows] = np.maximum(np.nan_to_num(e, nan=0.0), 0.0) / margin
+        margin = young_margin(self.margin, self.state["n"][g.key], self.young, self.young_power)
+        out.severity[rows] = np.maximum(np.nan_to_num(np.fmax(up, down), nan=0.0), 0.0) / margin
         out.direction[rows] = PATTERN
         out.value[rows] = g.mean
         out.reference[rows] = g.mean - resid
@@ -141,19 +128,6 @@ class SeasonalDetector:
             fr[g.key] = np.where(fr[g.key] < 0, g.start, fr[g.key])
             sm = self._smoothed(g, r)
             n = self.state["n"][g.key]
-            judged = n >= self.min_history
-            if judged.any():  # an excursion starts at a record; ends back inside its reference
-                gk = g.key[judged]
-                hmax, hmin = self.records.extrema(gk)
-                x = sm[judged]
-                up, down = exceedance(x, hmax[:, 0], hmin[:, 0], g.floor[judged])
-                margin = self.margin * np.maximum(1.0, self.young / np.maximum(n[judged], 1)
-                                                  ) ** self.young_power
-                record = np.nan_to_num(np.fmax(up, down), nan=0.0) / margin >= 1.0
-                rmax, rmin, _ = self.excursion.reference(gk)
-                ru, rd = exceedance(x, rmax[:, 0], rmin[:, 0], g.floor[judged])
-                inside = ~(np.nan_to_num(np.fmax(ru, rd), nan=-1.0) > 0)
-                self.excursion.step(gk, record, hmax, hmin, inside)
             self.state["ring"][g.key, n % self.smooth] = r
             self.state["n"][g.key] = n + 1
             self.records.add(g.key, sm[:, None])

@@ -24,7 +24,7 @@ class SpikeDetector:
     level: ClassVar[Literal["series", "device"]] = "series"
 
     def __init__(self, *, history: int = 60, min_history: int = 20,
-                 threshold: float = 8.0, min_count: int = 3, refresh: int = 5) -> None:
+                 threshold: float = 12.0, min_count: int = 3, refresh: int = 5) -> None:
         if history < 3 or not 2 <= min_history <= history or threshold <= 0:
             raise ValueError("spike needs history >= 3, 2 <= min_history <= history, "
                              "threshold > 0")

@@ -22,16 +22,19 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from cloud.detect.base import DIRECTIONS, Detector, DeviceDetector, DeviceFrame, Frame, Verdict
+from cloud.detect.base import DIRECTIONS, Detector, DeviceDetector, DeviceFrame, Frame
 from cloud.detect.policy import NO_INCIDENT, AlertPolicy, PolicyConfig
 from cloud.detect.state import Array, Column, KeyIndex, StateArrays
 from cloud.enrich import EnrichedResults
@@ -379,10 +382,46 @@ class DetectionStage:
         for ddet in self.device_detectors:
             ddet.state.restore(a, f"ddet.{ddet.name}.")
 
+    def save(self, path: Path) -> None:
+        """The snapshot to one ``.npz`` file (arrays, and the keys as JSON), atomically."""
+        write_snapshot(self.snapshot(), path)
+
+    def load(self, path: Path) -> bool:
+        """Restore a snapshot written by ``save``; False (and a log line) if there is none or
+        it does not fit these detectors (then they start afresh)."""
+        if not path.exists():
+            return False
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files if k != "__meta__"}
+                meta = json.loads(str(z["__meta__"]))
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("detector state in %s unreadable (%s): detectors start afresh", path, exc)
+            return False
+        expected = {k: v.shape[1:] for k, v in self.snapshot()["arrays"].items()}
+        if {k: v.shape[1:] for k, v in arrays.items()} != expected:
+            log.warning("detector state in %s was written by other detectors or options: "
+                        "they start afresh", path)
+            return False
+        self.restore({**meta, "arrays": arrays})
+        return True
+
     def state_bytes(self) -> int:
         return (sum(d.state.nbytes() for d in self.detectors)
                 + sum(d.state.nbytes() for d in self.device_detectors)
                 + self.series_policy.state.nbytes() + self.device_policy.state.nbytes())
+
+
+def write_snapshot(snap: dict[str, Any], path: Path) -> None:
+    """A ``DetectionStage.snapshot()`` to one ``.npz`` file (arrays, keys as JSON), atomically:
+    take the snapshot where the stage runs, write it anywhere (a thread)."""
+    meta = json.dumps({k: snap[k] for k in ("series", "devices", "slots")})
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as fh:
+        np.savez(fh, __meta__=np.array(meta), **snap["arrays"])
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def _floor(rows: EnrichedResults, idx: I64) -> F64:
@@ -396,6 +435,3 @@ def _message(metric: str, detector: str, direction: int, value: float, reference
     return (f"{metric} {what}: {value:.4g} vs {reference:.4g} ({detector}, "
             f"severity {severity:.1f})")
 
-
-def empty_verdicts(n: int) -> Verdict:
-    return Verdict.empty(n)
