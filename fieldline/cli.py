@@ -179,8 +179,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print("  to declare them (gateway.toml and cloud.toml):\n"
               + "\n".join("    " + x for x in declare.splitlines()))
     now = time.time_ns() // 1_000_000
-    shift = shift_to(recs, now) if args.event_time == "now" else 0
-    first = min(r.rows[0][0] for r in recs) + shift
+    if args.event_time == "now":  # each recording its own device: each moved to just before now
+        recs = [r.moved(shift_to([r], now)) for r in recs]
+    first = min(t for r in recs for t, _ in r.rows)
     if first < EPOCH_2020:
         print("  event times before 2020 are rejected by every gateway (bad_timestamp): "
               "use --event-time now", file=sys.stderr)
@@ -189,8 +190,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
               f"gateway rejects beyond validate.max_past ({max_past_ms / 86_400_000:,.0f} "
               "days) as clock_past", file=sys.stderr)
     speed = None if args.speed == "max" else float(args.speed)
-    sim = ReplaySimulator(recs, now, speed=speed, shift_ms=shift, gateway=args.gateway,
-                          topic_template=topic)
+    sim = ReplaySimulator(recs, now, speed=speed, gateway=args.gateway, topic_template=topic)
     truth = Path(args.truth) if args.truth else None
     if truth:
         truth.write_text("")
@@ -203,7 +203,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     took = "as fast as the broker takes them" if speed is None else (
         f"{span / speed / 1000:,.0f} s at {speed:g}x")
     print(f"replaying {len(recs)} file(s) as {[r.device for r in recs]}, event times "
-          f"{'as recorded' if shift == 0 else f'moved {shift // 86_400_000:,} days'}: {took}")
+          f"{'as recorded' if args.event_time == 'recorded' else 'moved by whole weeks to end now'}"
+          f": {took}")
     if speed is None:
         runner = threading.Thread(target=pub.run_fast, args=(sim.remaining_ticks(),),
                                   daemon=True)
@@ -311,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data seconds per real second (300: 5-minute samples every second), "
                         "or max: as fast as the broker takes them, then exit (a backfill)")
     r.add_argument("--event-time", choices=("now", "recorded"), default="now",
-                   help="now: recorded times moved by whole weeks to end just before now "
-                        "(weekday and time of day kept); recorded: as in the file")
+                   help="now: each recording's times moved by whole weeks to end just before "
+                        "now (weekday and time of day kept); recorded: as in the file")
     r.add_argument("--truth", help="write the labels (in event time) to this JSONL file")
     r.set_defaults(func=cmd_replay)
 

@@ -102,7 +102,9 @@ def render(agents: list[EdgeAgent], worker: CloudWorker, pub: PublisherProcess |
     lines.append("")
     lines.append(f"cloud: {c['batches_in']:,.0f} batches ({c['duplicate_batches']:,.0f} duplicate,"
                  f" {c['rejected_messages']:,.0f} bad), {c['results_in']:,.0f} window results, "
-                 f"{c['anomalies']:,.0f} anomalies, {c['unknown_device_results']:,.0f} unknown")
+                 f"{c['anomalies']:,.0f} anomalous windows, {c['alerts_opened']:,.0f} alerts "
+                 f"opened ({c['alerts_resolved']:,.0f} resolved), "
+                 f"{c['unknown_device_results']:,.0f} unknown")
     lines.append(f"influxdb: {c['points_written']:,.0f} points written, "
                  f"{c['points_rejected']:,.0f} refused, {c['write_errors']:,.0f} write errors, "
                  f"{c['buffered_points']:,.0f} buffered")
@@ -112,7 +114,7 @@ def render(agents: list[EdgeAgent], worker: CloudWorker, pub: PublisherProcess |
     lines.append("")
     lines.append(f"data: {influx_url}  database '{opts.database}'  (try: influx -port "
                  f"{influx_url.rsplit(':', 1)[-1]} -database {opts.database} -execute "
-                 f"'SELECT * FROM anomalies LIMIT 5')")
+                 f"'SELECT * FROM alerts LIMIT 5')")
     lines.append("grafana: provision deploy/grafana/ (data source + 'fieldline fleet' dashboard) "
                  "with FIELDLINE_INFLUX_URL set to the URL above, or run "
                  "`fieldline grafana push --url http://GRAFANA:3000 --token TOKEN "

@@ -35,10 +35,9 @@ from devices.readings import F64, I64
 from devices.registry import Registry
 from edge.agent import EdgePipeline
 from edge.config import EdgeConfig
-from simulators.replay import Recording, ReplaySimulator, load_nab, load_skab
+from simulators.replay import Recording, ReplaySimulator, load_nab, load_skab, shift_to
 from simulators.scoring import NabFile
 
-WEEK_MS = 7 * 86_400_000
 BoolArray = npt.NDArray[np.bool_]
 
 
@@ -68,12 +67,6 @@ class Outcome:
         return out
 
 
-def whole_weeks_before(last_ms: int, ref_ms: int) -> int:
-    """The shift, in whole weeks (so time of day and weekday stay), that moves ``last_ms`` to
-    the latest instant at or before ``ref_ms``."""
-    return ((ref_ms - last_ms) // WEEK_MS) * WEEK_MS
-
-
 class _Collector:
     """Window verdicts and incidents of each device's series, by metric."""
 
@@ -91,13 +84,6 @@ class _Collector:
             self.events.setdefault(rows.device[e.row], []).append((subject, e))
 
 
-def shifted(rec: Recording, shift_ms: int) -> Recording:
-    """The recording with every time moved by ``shift_ms`` (labels too)."""
-    labels = [{k: (int(v) + shift_ms if k.startswith("orig_") else v)  # type: ignore[call-overload]
-               for k, v in lab.items()} for lab in rec.labels]
-    return Recording(rec.device, rec.path, [(t + shift_ms, v) for t, v in rec.rows], labels)
-
-
 def run_recordings(recs: Sequence[Recording], edge: EdgeConfig, cloud: CloudConfig, *,
                    ref_ms: int, speed: float | None = None,
                    stage: DetectionStage | None = None) -> list[Outcome]:
@@ -112,8 +98,8 @@ def run_recordings(recs: Sequence[Recording], edge: EdgeConfig, cloud: CloudConf
     """
     if not recs or not all(r.rows for r in recs):
         raise ValueError("nothing to replay (a recording without rows?)")
-    shifts = [whole_weeks_before(max(t for t, _ in r.rows), ref_ms) for r in recs]
-    moved = [shifted(r, k) for r, k in zip(recs, shifts, strict=True)]
+    shifts = [shift_to([r], ref_ms) for r in recs]
+    moved = [r.moved(k) for r, k in zip(recs, shifts, strict=True)]
     first = min(r.rows[0][0] for r in moved)
     last = max(t for r in moved for t, _ in r.rows)
     wall = ref_ms if speed is None else ref_ms - round((last - first) / speed)

@@ -63,6 +63,13 @@ class Recording:
     rows: list[tuple[int, dict[str, float]]]
     labels: list[dict[str, object]] = field(default_factory=list)  # original times
 
+    def moved(self, shift_ms: int) -> Recording:
+        """The same recording with every time (rows and labels) moved by ``shift_ms``."""
+        labels = [{k: (int(v) + shift_ms if k.startswith("orig_") else v)  # type: ignore[call-overload]
+                   for k, v in lab.items()} for lab in self.labels]
+        return Recording(self.device, self.path, [(t + shift_ms, v) for t, v in self.rows],
+                         labels)
+
 
 def load_nab(data_dir: Path, relative: str, device: str | None = None,
              metric: str = "value") -> Recording:
@@ -114,7 +121,7 @@ WEEK_MS = 7 * 86_400_000
 def shift_to(recordings: list[Recording], now_ms: int) -> int:
     """The shift (whole weeks) that puts the newest reading of ``recordings`` at or just
     before ``now_ms``: recorded weekdays and times of day are kept."""
-    last = max((r.rows[-1][0] for r in recordings if r.rows), default=now_ms)
+    last = max((max(t for t, _ in r.rows) for r in recordings if r.rows), default=now_ms)
     return ((now_ms - last) // WEEK_MS) * WEEK_MS
 
 

@@ -19,16 +19,10 @@ from cloud.sinks.influx_v1 import InfluxV1Client
 from cloud.worker import CloudWorker
 from edge.agent import EdgeAgent
 from edge.config import EdgeConfig, load_edge_config
-from fieldline.evaluate import (
-    bench_edge_config,
-    run_recordings,
-    shifted,
-    topic_template,
-    whole_weeks_before,
-)
+from fieldline.evaluate import bench_edge_config, run_recordings, topic_template
 from fieldline.services import Mosquitto
 from simulators.publisher import FleetPublisher
-from simulators.replay import Recording, ReplaySimulator, load_nab, load_skab
+from simulators.replay import Recording, ReplaySimulator, load_nab, load_skab, shift_to
 from tests.test_end_to_end import influx_rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,7 +92,7 @@ def test_real_pipeline_opens_the_same_incidents_as_the_bench_path(
     expected = opened(bench)
     assert expected, "these recordings must raise alerts for the test to mean anything"
 
-    moved = [shifted(r, whole_weeks_before(max(t for t, _ in r.rows), ref)) for r in recs]
+    moved = [r.moved(shift_to([r], ref)) for r in recs]
 
     async def run() -> tuple[EdgeAgent, CloudWorker]:
         agent = EdgeAgent(edge)
