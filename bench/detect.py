@@ -170,6 +170,37 @@ def stage_speed(cloud: CloudConfig, series: int = 10_000, rounds: int = 60) -> t
     return rounds * series / dt, rounds * series / ref
 
 
+def white_noise_alarms(cloud: CloudConfig, series: int = 300, windows: int = 8_000,
+                       young: int = 1_000) -> tuple[float, float]:
+    """Incidents the shipped stage opens on Gaussian white noise (10 readings a window), per
+    series and 1,000 windows: during the first ``young`` windows, and after."""
+    rng = np.random.default_rng(7)
+    stage = build_stage(cloud.detectors, cloud.detector_options, policy=cloud.alerts,
+                        windows=cloud.detect_windows, relearn_after=cloud.relearn_after)
+    dev = [f"n{i // 2}" for i in range(series)]
+    met = [("temperature", "humidity")[i % 2] for i in range(series)]
+    early = late = 0
+    n = series
+    for k in range(windows):
+        x = rng.normal(0.0, 1.0, (10, n))
+        mean = x.mean(axis=0)
+        b = EnrichedResults(
+            gateway="gw", device=dev, metric=met, site=["s"] * n, unit=[""] * n,
+            window=["10s"] * n, known=np.ones(n, bool),
+            start=np.full(n, REF_MS + k * 10_000, np.int64), width=np.full(n, 10_000, np.int64),
+            rev=np.zeros(n, np.int64), count=np.full(n, 10, np.int64), sum=mean * 10,
+            min=x.min(axis=0), max=x.max(axis=0), mean=mean, std=x.std(axis=0, ddof=1),
+            first=x[0], last=x[-1], low=np.full(n, np.nan), high=np.full(n, np.nan),
+            scale_floor=np.full(n, 0.01), rate=np.zeros(n), pct=np.empty((n, 0)), pct_names=[],
+            seq_min=None, seq_max=None, seq_sum=None, primary_window="10s")
+        opened = sum(1 for e in stage.run(b).alerts if e.state == "open")
+        if k < young:
+            early += opened
+        else:
+            late += opened
+    return (1000 * early / (series * young), 1000 * late / (series * (windows - young)))
+
+
 def river_figures(data: Path, cloud: CloudConfig) -> list[Figure]:
     """River's online detectors on the same recordings (``bench.river_compare``)."""
     try:
@@ -288,6 +319,13 @@ def main(argv: list[str] | None = None) -> None:
                            "changepoint_nab": s.changepoint_nab}
     river = river_figures(args.data, cloud) if args.river else []
     figures += river
+    early, late = white_noise_alarms(cloud)
+    figures.append(figure("alerts on white noise, first 1,000 windows of a series", early,
+                          "per series and 1,000 windows"))
+    figures.append(figure("alerts on white noise, after that", late,
+                          "per series and 1,000 windows",
+                          note=f"10 s windows: one alert per series every "
+                               f"{10_000 / max(late, 1e-9) / 3600:,.1f} h"))
     fast, ref = stage_speed(cloud)
     figures.append(figure("detection stage, shipped detectors, 10,000 series", fast,
                           "windows/s", ref, "line protocol for the same windows"))
