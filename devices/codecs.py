@@ -21,6 +21,7 @@ under its reason.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -36,18 +37,37 @@ INT_LIMIT = 1 << 62  # integers beyond this cannot be a time, a sequence number 
 SENML_RELATIVE_LIMIT = 2**28  # RFC 8428 4.5.3: smaller times are relative to "now"
 
 
+log = logging.getLogger("fieldline.codecs")
+MAX_NESTING = 64  # deeper than any reading needs; orjson itself stops at 1,024
+
+
 def _loads(payload: bytes) -> tuple[Any, str | None]:
+    """Parse one payload; never raises (a payload no parser takes is ``malformed_json``)."""
     try:
         return orjson.loads(payload), None
     except orjson.JSONDecodeError:
         # orjson is strict JSON; devices written in Python happily emit NaN/Infinity. Parse those
-        # with the lenient decoder so they are rejected as not_finite, not as garbage.
-        if b"NaN" in payload or b"Infinity" in payload:
+        # with the lenient decoder so they are rejected as not_finite, not as garbage; but not a
+        # deeply nested payload, which would take the recursive decoder down with it.
+        if (b"NaN" in payload or b"Infinity" in payload) and _depth(payload) <= MAX_NESTING:
             try:
                 return json.loads(payload), None
-            except (ValueError, UnicodeDecodeError):
+            except (ValueError, UnicodeDecodeError, RecursionError):
                 pass
         return None, rejects.MALFORMED_JSON
+
+
+def _depth(payload: bytes) -> int:
+    """The deepest bracket nesting of a payload (strings ignored roughly: brackets inside
+    strings only make the estimate larger, never smaller)."""
+    depth = deepest = 0
+    for b in payload.translate(None, delete=_NOT_BRACKETS):
+        depth += 1 if b in b"[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
 
 
 def _valid_device_id(d: object) -> bool:
@@ -117,44 +137,55 @@ class PayloadDecoder:
                 samples.append(f"{reason}: {detail}")
 
         for topic, payload, recv in messages:
-            current[0] = self._topic_device(topic)
-            if len(payload) > self.max_payload_bytes:
-                reject(rejects.PAYLOAD_TOO_LARGE, f"{topic}: {len(payload)} bytes")
-                continue
-            doc, err = _loads(payload)
-            if err is not None:
-                reject(err, f"{topic}: {payload[:60]!r}")
-                continue
-            if isinstance(doc, dict):
-                device = doc.get("device")
-                if device is None:
-                    device = self._topic_device(topic)
-                if not _valid_device_id(device):
-                    reject(rejects.MISSING_FIELD if device is None else rejects.WRONG_TYPE,
-                           f"{topic}: bad or missing device id {device!r}")
-                    continue
-                assert isinstance(device, str)
-                current[0] = device
-                readings = doc.get("readings")
-                if readings is None:
-                    self._one(doc, device, recv, out, reject)
-                elif isinstance(readings, list):
-                    if not readings:
-                        reject(rejects.MALFORMED_PAYLOAD, f"{topic}: an empty batch")
-                    for r in readings:
-                        if isinstance(r, dict):
-                            self._one(r, device, recv, out, reject)
-                        else:
-                            reject(rejects.MALFORMED_PAYLOAD, f"{topic}: reading is not an object")
-                else:
-                    reject(rejects.MALFORMED_PAYLOAD, f"{topic}: 'readings' is not a list")
-            elif isinstance(doc, list):
-                if not doc:
-                    reject(rejects.MALFORMED_PAYLOAD, f"{topic}: an empty SenML pack")
-                self._senml(doc, topic, recv, out, reject)
-            else:
-                reject(rejects.MALFORMED_PAYLOAD, f"{topic}: top level is {type(doc).__name__}")
+            mark = len(out)
+            try:
+                self._message(topic, payload, recv, out, reject, current)
+            except Exception as exc:  # no payload may raise out of decoding: it is rejected
+                out.truncate(mark)  # whatever it had added
+                reject(rejects.MALFORMED_PAYLOAD, f"{topic}: undecodable ({type(exc).__name__})")
+                log.warning("payload on %s could not be decoded: %r", topic, exc)
         return out.build(), bad, samples
+
+    def _message(self, topic: str, payload: bytes, recv: int, out: ColumnBuilder,
+                 reject: Any, current: list[str | None]) -> None:
+        """One message's readings into ``out`` (or its rejections)."""
+        current[0] = self._topic_device(topic)
+        if len(payload) > self.max_payload_bytes:
+            reject(rejects.PAYLOAD_TOO_LARGE, f"{topic}: {len(payload)} bytes")
+            return
+        doc, err = _loads(payload)
+        if err is not None:
+            reject(err, f"{topic}: {payload[:60]!r}")
+            return
+        if isinstance(doc, dict):
+            device = doc.get("device")
+            if device is None:
+                device = self._topic_device(topic)
+            if not _valid_device_id(device):
+                reject(rejects.MISSING_FIELD if device is None else rejects.WRONG_TYPE,
+                       f"{topic}: bad or missing device id {device!r}")
+                return
+            assert isinstance(device, str)
+            current[0] = device
+            readings = doc.get("readings")
+            if readings is None:
+                self._one(doc, device, recv, out, reject)
+            elif isinstance(readings, list):
+                if not readings:
+                    reject(rejects.MALFORMED_PAYLOAD, f"{topic}: an empty batch")
+                for r in readings:
+                    if isinstance(r, dict):
+                        self._one(r, device, recv, out, reject)
+                    else:
+                        reject(rejects.MALFORMED_PAYLOAD, f"{topic}: reading is not an object")
+            else:
+                reject(rejects.MALFORMED_PAYLOAD, f"{topic}: 'readings' is not a list")
+        elif isinstance(doc, list):
+            if not doc:
+                reject(rejects.MALFORMED_PAYLOAD, f"{topic}: an empty SenML pack")
+            self._senml(doc, topic, recv, out, reject)
+        else:
+            reject(rejects.MALFORMED_PAYLOAD, f"{topic}: top level is {type(doc).__name__}")
 
     def _one(self, r: dict[str, Any], device: str, recv: int, out: ColumnBuilder,
              reject: Any) -> None:

@@ -130,6 +130,11 @@ class ColumnBuilder:
     def __len__(self) -> int:
         return len(self.device)
 
+    def truncate(self, n: int) -> None:
+        """Drop everything appended after the first ``n`` readings."""
+        for col in (self.device, self.metric, self.ts, self.value, self.seq, self.recv):
+            del col[n:]
+
     def build(self) -> ReadingColumns:
         return ReadingColumns(
             np.array(self.device, dtype=np.int32),

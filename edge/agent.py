@@ -412,10 +412,18 @@ class EdgeAgent:
         if self.wal is None:
             return
         replayed = 0
-        for _t, msgs in self.wal.replay(tick):
-            self.pipeline.process(msgs)
-            self._store(self.pipeline.emit())
+        for t, msgs in self.wal.replay(tick):
             replayed += len(msgs)
+            try:
+                self.pipeline.process(msgs)
+            except Exception:  # a record that breaks the pipeline must not stop every start
+                self.pipeline.counters["internal_errors"] += 1
+                self.pipeline.rejects.reject(rejects.INTERNAL_ERROR,
+                                             f"logged tick {t} could not be replayed", len(msgs))
+                log.exception("replaying logged tick %d (%d messages) failed; going on", t,
+                              len(msgs))
+                continue
+            self._store(self.pipeline.emit())
         self.outbox.sync()
         self.pipeline.counters["replayed_on_start"] += replayed
         if replayed:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
 
 import orjson
 import pytest
@@ -28,6 +29,17 @@ def mutations(rng: random.Random, now: int):  # type: ignore[no-untyped-def]
         kind = rng.random()
         if kind < 0.15:
             yield bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 64)))
+            continue
+        if kind < 0.17:  # nesting, NaN inside nesting, huge integers, invalid UTF-8
+            depth = rng.choice([10, 100, 2_000])
+            yield rng.choice([
+                b"[" * depth + rng.choice([b"NaN", b"1", b"Infinity"]) + b"]" * depth,
+                b'{"device": "d1", "metric": "temperature", "ts": %d, "value": NaN, "n": %s}'
+                % (now, b"[" * depth + b"]" * depth),
+                b'{"device": "d1", "metric": "temperature", "ts": %d, "value": %s}'
+                % (now, b"9" * rng.randint(20, 400)),
+                b'{"device": "d\xff", "metric": "temperature", "ts": %d, "value": 1}' % now,
+            ])
             continue
         doc: dict[str, object] = {}
         for key, pool in (("device", devices), ("metric", metrics), ("value", values),
@@ -95,3 +107,76 @@ def test_r9_a_million_fuzzed_payloads() -> None:
     check(stats, n)
     assert grew_mb < 100, grew_mb  # bounded: interned names are capped, state is per window
     assert seconds < 1800
+
+
+def hostile_payloads(now: int) -> list[bytes]:
+    """Payloads that broke decoders elsewhere: deep nesting (alone and with NaN, which sends
+    strict-JSON failures to the lenient parser), huge integers, invalid UTF-8."""
+    deep = 100_000
+    return [
+        b"[" * deep + b"NaN" + b"]" * deep,  # RecursionError in a recursive parser
+        b'{"device": "d1", "readings": ' + b"[" * deep + b"]" * deep + b"}",
+        b'{"device": "d1", "metric": "temperature", "ts": %d, "value": NaN, "x": %s}'
+        % (now, b"[" * 50_000 + b"]" * 50_000),
+        b'{"device": "d1", "metric": "temperature", "ts": %d, "value": Infinity}' % now,
+        b'{"device": "d1", "metric": "temperature", "ts": %d, "value": %s}' % (now, b"9" * 5000),
+        b'{"device": "d1", "metric": "temperature", "ts": %s, "value": 1}' % (b"1" * 400),
+        b'{"device": "d\xff\xfe", "metric": "temperature", "ts": %d, "value": 1}' % now,
+        b'{"device": "d1", "metric": "temp\xc3", "ts": %d, "value": 1}' % now,
+        b"\xef\xbb\xbf" + b'{"device": "d1"}',
+    ]
+
+
+def test_r9_hostile_payloads_are_rejected_and_spare_their_batch() -> None:
+    """No payload raises out of decoding: each hostile one is a counted reject, and the good
+    readings of the same micro-batch are folded."""
+    pipe = EdgePipeline(EdgeConfig(gateway="gw", intake_broker=NOWHERE, uplink_broker=NOWHERE),
+                        SystemClock())
+    now = time.time_ns() // 1_000_000
+    bad = hostile_payloads(now)
+    good = [orjson.dumps({"device": f"g{i}", "metric": "temperature", "ts": now, "value": 20.0})
+            for i in range(10)]
+    msgs = [("devices/d1/readings", p, now) for p in bad[:3] + good + bad[3:]]
+    pipe.process(msgs)
+    stats = pipe.stats()
+    assert stats["internal_errors"] == 0
+    assert stats["readings_accepted"] == 10
+    assert stats["rejected"] == len(bad)
+    assert stats["messages_in"] == len(msgs)
+
+
+def test_a_logged_record_that_breaks_the_pipeline_does_not_stop_every_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replaying the intake log on start isolates a record the pipeline cannot take (counted,
+    logged) and goes on with the rest: before, one poisoned record killed the agent at every
+    start. The poison here is a hostile payload, and a pipeline bug triggered by a marker."""
+    from edge.agent import EdgeAgent
+    from edge.wal import IntakeLog
+
+    now = time.time_ns() // 1_000_000
+
+    def reading(dev: str, payload: bytes | None = None) -> tuple[str, bytes, int]:
+        return (f"devices/{dev}/readings", payload or orjson.dumps(
+            {"device": dev, "metric": "temperature", "ts": now, "value": 20.0}), now)
+
+    wal = IntakeLog(tmp_path / "intake")
+    wal.append([reading("a"), reading("a", hostile_payloads(now)[0]), reading("b")])
+    wal.append([reading("c"), reading("boom")])
+    wal.append([reading("d")])
+    wal.sync()
+    wal.close()
+    real = EdgePipeline.process
+
+    def process(self: EdgePipeline, msgs: list[tuple[str, bytes, int]]) -> None:
+        if any(t == "devices/boom/readings" for t, _, _ in msgs):
+            raise RuntimeError("a bug that only this record triggers")
+        real(self, msgs)
+
+    monkeypatch.setattr(EdgePipeline, "process", process)
+    agent = EdgeAgent(EdgeConfig(gateway="gw", intake_broker=NOWHERE, uplink_broker=NOWHERE,
+                                 state_dir=tmp_path))
+    s = agent.pipeline.stats()
+    assert s["readings_accepted"] == 3  # a, b (beside the hostile payload) and d
+    assert s["rejected_malformed_json"] == 1
+    assert s["rejected_internal_error"] == 2  # the tick with the bug, counted, not lost
+    assert s["internal_errors"] == 1
