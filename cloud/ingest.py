@@ -45,9 +45,11 @@ class PartitionedSource(Protocol):
 
     def messages(self) -> AsyncIterator[SourceMessage]: ...
 
-    async def ack(self, gateway: str, acked: list[int], rejected: list[int]) -> bool:
-        """Tell a gateway which batches are safely stored (and which are unusable);
-        False when it could not be sent now (the gateway will re-send, and be acked again)."""
+    async def ack(self, gateway: str, acked: list[int], rejected: list[int],
+                  incarnation: int = 0) -> bool:
+        """Tell a gateway (its ``incarnation``) which batches are safely stored (and which are
+        unusable); False when it could not be sent now (the gateway will re-send, and be
+        acked again)."""
         ...
 
 
@@ -114,14 +116,16 @@ class MqttSource:
                 await asyncio.sleep(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, 30.0)
 
-    async def ack(self, gateway: str, acked: list[int], rejected: list[int]) -> bool:
+    async def ack(self, gateway: str, acked: list[int], rejected: list[int],
+                  incarnation: int = 0) -> bool:
         import aiomqtt
 
         client = self._client
         if client is None:
             return False
         try:
-            await client.publish(ack_topic(gateway), encode_ack(acked, rejected), qos=1)
+            await client.publish(ack_topic(gateway), encode_ack(acked, rejected, incarnation),
+                                 qos=1)
         except aiomqtt.MqttError as exc:
             log.warning("could not acknowledge %d batch(es) of %s: %s", len(acked), gateway, exc)
             return False

@@ -77,6 +77,12 @@ def build_sink(config: CloudConfig) -> Sink:
     return sink
 
 
+def dedup_key(gateway: str, incarnation: int) -> str:
+    """Batches are numbered per agent incarnation: a gateway whose state was lost counts from
+    0 again as a new incarnation, under its own dedup marks (gateway ids hold no '/')."""
+    return gateway if incarnation == 0 else f"{gateway}/{incarnation}"
+
+
 def _percentile(values: deque[int], q: float) -> float:
     if not values:
         return 0.0
@@ -115,7 +121,8 @@ class CloudWorker:
         self.lag_ms: deque[int] = deque(maxlen=5000)  # edge publish -> InfluxDB confirmed
         self.freshness_ms: deque[int] = deque(maxlen=5000)  # window end -> InfluxDB confirmed
         self.edge_health: dict[str, HealthReport] = {}
-        self._acks: dict[str, tuple[list[int], list[int]]] = {}
+        # (gateway, incarnation) -> (acked, rejected) batch numbers, sent by the acker task
+        self._acks: dict[tuple[str, int], tuple[list[int], list[int]]] = {}
         self.written_by_gateway: dict[str, int] = {}  # results written since this worker start
         # latest revision written per result identity (bounded; dedup covers older re-sends)
         self._revisions: dict[tuple[str, str, str, str, int], int] = {}
@@ -133,8 +140,8 @@ class CloudWorker:
 
     # ---- synchronous stages -------------------------------------------------------------
 
-    def _ack(self, gateway: str, seq: int, *, rejected: bool = False) -> None:
-        self._acks.setdefault(gateway, ([], []))[1 if rejected else 0].append(seq)
+    def _ack(self, gateway: str, inc: int, seq: int, *, rejected: bool = False) -> None:
+        self._acks.setdefault((gateway, inc), ([], []))[1 if rejected else 0].append(seq)
         self._ack_wake.set()
 
     def handle(self, msg: SourceMessage) -> None:
@@ -147,7 +154,7 @@ class CloudWorker:
             if ident is not None and ident[0] == gateway_from_topic(msg.topic):
                 # a well-addressed batch we cannot use: say so, or the edge re-sends it forever
                 self.counters["batches_rejected"] += 1
-                self._ack(ident[0], ident[1], rejected=True)
+                self._ack(ident[0], ident[1], ident[2], rejected=True)
             return
         topic_gw = msg.topic.split("/")[2] if msg.topic.count("/") >= 3 else None
         if topic_gw != up.gateway:
@@ -171,10 +178,11 @@ class CloudWorker:
         self.writer.add(lines)
 
     def _handle_results(self, batch: ResultBatch) -> None:
-        seen = self.dedup.check_and_record(batch.gateway, batch.seq)
+        inc = batch.incarnation
+        seen = self.dedup.check_and_record(dedup_key(batch.gateway, inc), batch.seq)
         if seen is Seen.WRITTEN:  # written before: the edge missed our ack, say it again
             self.counters["duplicate_batches"] += 1
-            self._ack(batch.gateway, batch.seq)
+            self._ack(batch.gateway, inc, batch.seq)
             return
         if seen is Seen.PENDING:  # its first copy is on its way to InfluxDB
             self.counters["duplicate_batches"] += 1
@@ -183,7 +191,7 @@ class CloudWorker:
         self.counters["results_in"] += len(batch.results)
         batch = self._drop_stale_revisions(batch)
         if len(batch.results) == 0 and batch.results.superseded is None:
-            self._ack(batch.gateway, batch.seq)  # nothing newer in it; done
+            self._ack(batch.gateway, inc, batch.seq)  # nothing newer in it; done
             return
         rows = self.enricher.enrich(batch)
         det = self.detection.run(rows)
@@ -197,7 +205,7 @@ class CloudWorker:
         for e in det.alerts:
             self.counters["alerts_opened" if e.state == "open" else "alerts_resolved"] += 1
         max_end = int((batch.results.start + batch.results.width).max()) if len(rows) else 0
-        self.writer.add(lines, token=(batch.gateway, batch.seq, batch.sent_ms, max_end,
+        self.writer.add(lines, token=(batch.gateway, inc, batch.seq, batch.sent_ms, max_end,
                                       len(rows)))
         sup = batch.results.superseded
         if sup is not None and len(sup):
@@ -245,12 +253,13 @@ class CloudWorker:
         for tok in tokens:
             assert isinstance(tok, tuple)
             gw: str = tok[0]
-            seq: int = tok[1]
-            sent: int = tok[2]
-            max_end: int = tok[3]
-            n: int = tok[4]
-            self.dedup.mark_written(gw, seq)
-            self._ack(gw, seq)
+            inc: int = tok[1]
+            seq: int = tok[2]
+            sent: int = tok[3]
+            max_end: int = tok[4]
+            n: int = tok[5]
+            self.dedup.mark_written(dedup_key(gw, inc), seq)
+            self._ack(gw, inc, seq)
             self.written_by_gateway[gw] = self.written_by_gateway.get(gw, 0) + n
             self.counters["results_written"] += n
             self.lag_ms.append(now - sent)
@@ -322,8 +331,8 @@ class CloudWorker:
             todo, self._acks = self._acks, {}
             if self._dedup_path is not None:
                 await asyncio.to_thread(self.dedup.save, self._dedup_path)
-            for gw, (acked, rejected) in todo.items():
-                if await self.source.ack(gw, acked, rejected):
+            for (gw, inc), (acked, rejected) in todo.items():
+                if await self.source.ack(gw, acked, rejected, inc):
                     self.counters["acks_sent"] += len(acked) + len(rejected)
                 else:
                     self.counters["acks_unsent"] += len(acked) + len(rejected)

@@ -24,7 +24,9 @@ changed (a session whose start moved), as columns ``d``, ``m``, ``k``, ``s``.
 
 ``health``: counters and gauges of one gateway agent at one instant.
 
-A batch is identified by ``(gw, seq)``; a result by ``(gw, device, metric, w, s)`` plus ``r``.
+A batch is identified by ``(gw, inc, seq)``: ``inc`` (optional, 0 when absent) is the agent's
+incarnation, drawn at random when its state directory is new, so numbers that restart at 0
+after a lost state are new batches; a result by ``(gw, device, metric, w, s)`` plus ``r``.
 Readers ignore columns they do not know, so adding one is backward compatible; removing or
 retyping one needs ``v`` to change.
 """
@@ -92,12 +94,26 @@ def ack_topic(gateway: str) -> str:
     return f"{TOPIC_ROOT}/{gateway}/ack"
 
 
-def encode_ack(acked: list[int], rejected: list[int] | None = None) -> bytes:
-    """Batches now in InfluxDB (``acked``), and batches the cloud cannot use (``rejected``)."""
-    return orjson.dumps({"v": VERSION, "acked": acked, "rejected": rejected or []})
+@dataclass(frozen=True)
+class Ack:
+    """Batches of one agent incarnation now in InfluxDB, and batches the cloud cannot use."""
+
+    acked: list[int]
+    rejected: list[int]
+    incarnation: int = 0
 
 
-def decode_ack(payload: bytes) -> tuple[list[int], list[int]]:
+def encode_ack(acked: list[int], rejected: list[int] | None = None, incarnation: int = 0
+               ) -> bytes:
+    """Batches now in InfluxDB (``acked``), and batches the cloud cannot use (``rejected``),
+    of the agent incarnation ``incarnation``."""
+    doc: dict[str, Any] = {"v": VERSION, "acked": acked, "rejected": rejected or []}
+    if incarnation:
+        doc["inc"] = incarnation
+    return orjson.dumps(doc)
+
+
+def decode_ack(payload: bytes) -> Ack:
     try:
         doc = orjson.loads(payload)
     except orjson.JSONDecodeError:
@@ -108,7 +124,10 @@ def decode_ack(payload: bytes) -> tuple[list[int], list[int]]:
     if not (isinstance(acked, list) and isinstance(rejected, list)
             and all(type(x) is int for x in acked + rejected)):
         raise ContractError(BAD_UPLINK, "ack lists must hold integers")
-    return acked, rejected
+    inc = doc.get("inc", 0)
+    if type(inc) is not int or inc < 0:
+        raise ContractError(BAD_UPLINK, "ack incarnation must be an integer >= 0")
+    return Ack(acked, rejected, inc)
 
 
 def late_topic(gateway: str) -> str:
@@ -228,6 +247,9 @@ class ResultBatch:
     specs: list[str] = field(default_factory=list)  # labels for results.spec
     percentiles: list[float] = field(default_factory=list)  # for results.pct columns
     alpha: float | None = None  # sketch relative accuracy
+    # the agent's incarnation: drawn at random when its state directory is new, so batch
+    # numbers that start again at 0 after the state was lost are not mistaken for old ones
+    incarnation: int = 0
 
     def spec_labels(self) -> list[str]:
         """The window label of every row."""
@@ -243,6 +265,8 @@ class ResultBatch:
             "v": VERSION, "kind": "results", "gw": self.gateway, "seq": self.seq,
             "wm": self.watermark, "sent": self.sent_ms, "dev": self.devices, "met": self.metrics,
         }
+        if self.incarnation:
+            doc["inc"] = self.incarnation
         if r.spec is not None:
             cols["k"] = r.spec
             doc["specs"] = self.specs
@@ -340,17 +364,19 @@ def _header_int(doc: dict[str, Any], key: str) -> int:
     return v
 
 
-def peek_batch_id(payload: bytes) -> tuple[str, int] | None:
-    """(gateway, seq) of a results message whose body may be unusable, if its header is fine."""
+def peek_batch_id(payload: bytes) -> tuple[str, int, int] | None:
+    """(gateway, incarnation, seq) of a results message whose body may be unusable, if its
+    header is fine."""
     try:
         doc = orjson.loads(payload)
     except orjson.JSONDecodeError:
         return None
     if not isinstance(doc, dict) or doc.get("kind") != "results":
         return None
-    gw, seq = doc.get("gw"), doc.get("seq")
-    if isinstance(gw, str) and gw and type(seq) is int and seq >= 0:
-        return gw, seq
+    gw, seq, inc = doc.get("gw"), doc.get("seq"), doc.get("inc", 0)
+    if (isinstance(gw, str) and gw and type(seq) is int and seq >= 0 and type(inc) is int
+            and inc >= 0):
+        return gw, inc, seq
     return None
 
 
@@ -413,6 +439,9 @@ def decode_uplink(payload: bytes) -> Uplink:
     seq = _header_int(doc, "seq")
     if seq < 0:
         raise ContractError(BAD_UPLINK, "seq must be >= 0")
+    inc = doc.get("inc", 0)
+    if type(inc) is not int or inc < 0:
+        raise ContractError(BAD_UPLINK, "'inc' must be an integer >= 0")
     devices = doc.get("dev")
     metrics = doc.get("met")
     if not isinstance(devices, list) or not all(isinstance(x, str) and x for x in devices):
@@ -489,5 +518,5 @@ def decode_uplink(payload: bytes) -> Uplink:
     return ResultBatch(
         gateway=gw, seq=seq, watermark=_header_int(doc, "wm"), sent_ms=_header_int(doc, "sent"),
         devices=devices, metrics=metrics, results=results, specs=specs,
-        percentiles=[float(q) for q in qs], alpha=alpha,
+        percentiles=[float(q) for q in qs], alpha=alpha, incarnation=inc,
     )

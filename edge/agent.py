@@ -212,7 +212,8 @@ class EdgePipeline:
             lo = hi
         return out
 
-    def to_batches(self, res: ResultColumns, next_seq: Any) -> list[ResultBatch]:
+    def to_batches(self, res: ResultColumns, next_seq: Any, incarnation: int = 0
+                   ) -> list[ResultBatch]:
         """Split results into uplink batches with a per-batch device/metric dictionary."""
         out = []
         step = self.config.max_results_per_batch
@@ -245,7 +246,7 @@ class EdgePipeline:
                 devices=[self.devices.names[i] for i in ud],
                 metrics=[self.metrics.names[i] for i in um],
                 results=results, specs=eng.labels, percentiles=list(eng.percentiles),
-                alpha=eng.sketch_alpha,
+                alpha=eng.sketch_alpha, incarnation=incarnation,
             ))
         return out
 
@@ -490,7 +491,8 @@ class EdgeAgent:
     def _store(self, res: ResultColumns) -> None:
         if len(res) == 0 and (res.superseded is None or len(res.superseded) == 0):
             return
-        for batch in self.pipeline.to_batches(res, self.uplink.seq.next):
+        for batch in self.pipeline.to_batches(res, self.uplink.seq.next,
+                                              self.uplink.seq.incarnation):
             self._unstored.append((batch.seq, batch.encode(), len(batch.results),
                                    int(batch.results.count.sum())))
         self._store_pending()
@@ -529,6 +531,7 @@ class EdgeAgent:
             "windows_pending": sum(e.windows for e in ob.entries.values()) + sum(
                 u[2] for u in self._unstored),
             "batches_rejected_by_cloud": self.shipper.rejected,
+            "acks_for_other_incarnation": self.shipper.foreign_acks,
             "uplink_inflight": len(self.shipper.inflight),
             "uplink_refused": self.uplink.refused,
             "uplink_no_subscribers": self.uplink.no_subscribers,

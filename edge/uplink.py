@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import secrets
 import threading
 from collections import deque
 from pathlib import Path
@@ -33,6 +34,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from devices.clock import Clock
 from devices.contract import (
+    Ack,
     ack_topic,
     decode_ack,
     health_topic,
@@ -48,16 +50,33 @@ log = logging.getLogger("fieldline.edge.uplink")
 SEQ_BLOCK = 1024
 
 
+def new_incarnation() -> int:
+    """A random positive 62-bit number: two states never draw the same one in practice."""
+    return secrets.randbits(62) | 1
+
+
 class SequenceAllocator:
-    """Per-gateway batch sequence numbers that survive restarts (reserved in fsynced blocks)."""
+    """Per-gateway batch sequence numbers that survive restarts (reserved in fsynced blocks),
+    and the agent's *incarnation*: a random number drawn when the state directory is new and
+    kept in the same file, so when the state is lost (an SD card replaced) the numbers that
+    start again at 0 belong to a new incarnation and the cloud takes them as new batches."""
 
     def __init__(self, state_dir: Path, clock: Clock) -> None:
         self._path = state_dir / "uplink.seq"
         self._path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._next = int(self._path.read_text().strip() or 0)
+            fields = self._path.read_text().split()
         except FileNotFoundError:
-            self._next = 0
+            fields = []
+        try:
+            if len(fields) == 2:
+                self.incarnation, self._next = int(fields[0]), int(fields[1])
+            elif len(fields) == 1:  # written before incarnations: keep its numbers
+                self.incarnation, self._next = new_incarnation(), int(fields[0])
+            elif not fields:
+                self.incarnation, self._next = new_incarnation(), 0
+            else:
+                raise ValueError(fields)
         except ValueError:
             raise RuntimeError(f"corrupt sequence file {self._path}") from None
         self._ceiling = self._next
@@ -67,7 +86,7 @@ class SequenceAllocator:
         self._ceiling = self._next + SEQ_BLOCK
         tmp = self._path.with_suffix(".tmp")
         with tmp.open("w") as fh:
-            fh.write(str(self._ceiling))
+            fh.write(f"{self.incarnation} {self._ceiling}\n")
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self._path)
@@ -111,7 +130,7 @@ class MqttUplink:
         self._client.will_set(status_topic(gateway), self._status({"state": "offline"}), qos=1,
                               retain=True)
         self.connected = threading.Event()
-        self.acks: deque[tuple[list[int], list[int]]] = deque()  # filled by paho's thread
+        self.acks: deque[Ack] = deque()  # filled by paho's thread
         self.connects = 0  # incremented by paho's thread on every (re)connect (for tests)
         self._tracked: set[int] = set()  # mids of result publishes awaiting PUBACK
         self._lock = threading.Lock()  # guards _tracked and the counters (short sections)
@@ -231,10 +250,16 @@ class Shipper:
         self.resent = 0
         self.acked = 0
         self.rejected = 0
+        self.foreign_acks = 0  # acks for another incarnation of this gateway (a lost state)
 
     def apply_acks(self) -> None:
+        mine = self.uplink.seq.incarnation
         while self.uplink.acks:
-            acked, rejected = self.uplink.acks.popleft()
+            ack = self.uplink.acks.popleft()
+            if ack.incarnation not in (mine, 0):
+                self.foreign_acks += 1
+                continue
+            acked, rejected = ack.acked, ack.rejected
             self.acked += self.outbox.ack(acked)
             if rejected:
                 n = self.outbox.ack(rejected)  # the cloud cannot use them: keep them no longer

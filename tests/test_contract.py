@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import orjson
 import pytest
@@ -113,3 +115,28 @@ def test_index_out_of_range_and_non_integers_are_refused() -> None:
     doc["cols"]["n"][0] = 1.5
     with pytest.raises(ContractError, match="non-integer"):
         decode_uplink(orjson.dumps(doc))
+
+
+def test_batches_and_acks_carry_the_agents_incarnation(tmp_path: Path) -> None:
+    """A lost state directory draws a new incarnation: its batch numbers, which start again at
+    0, are new batches to the cloud, and acks for the old incarnation are not taken."""
+    from devices.clock import ManualClock
+    from devices.contract import decode_ack, encode_ack
+    from edge.uplink import SequenceAllocator
+
+    first = SequenceAllocator(tmp_path / "a", ManualClock())
+    again = SequenceAllocator(tmp_path / "a", ManualClock())  # a restart: same incarnation
+    assert again.incarnation == first.incarnation > 0
+    assert [first.next(), first.next()] == [0, 1]
+    assert again.next() >= 1024  # numbers reserved by the first are never reused
+    wiped = SequenceAllocator(tmp_path / "b", ManualClock())
+    assert wiped.incarnation != first.incarnation
+    legacy = tmp_path / "c"
+    legacy.mkdir()
+    (legacy / "uplink.seq").write_text("2048")  # written before incarnations existed
+    old = SequenceAllocator(legacy, ManualClock())
+    assert old.next() == 2048
+    assert old.incarnation > 0
+    ack = decode_ack(encode_ack([1, 2], [3], incarnation=first.incarnation))
+    assert (ack.acked, ack.rejected, ack.incarnation) == ([1, 2], [3], first.incarnation)
+    assert decode_ack(encode_ack([1])).incarnation == 0

@@ -5,6 +5,7 @@ mismatched = 0 and the gateway's conservation law exact."""
 from __future__ import annotations
 
 import random
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,8 @@ import pytest
 
 from cloud.sinks.influx_v1 import InfluxV1Client
 from fieldline.services import InfluxDB, Mosquitto, free_port
-from tests.rig import Rig
+from fieldline.oracle import check, expected_windows, export_windows
+from tests.rig import LABEL, WINDOW_MS, Rig
 
 pytestmark = pytest.mark.integration
 
@@ -238,3 +240,33 @@ def test_r5_influxdb_down_paused_erroring(tmp_path: Path,
     finally:
         rig.stop()
         influx.stop()
+
+
+def test_agent_state_wiped_then_restarted_loses_nothing(rig: Rig) -> None:
+    """Issue 12, item 3: the agent's state directory is lost between two runs (an SD card
+    replaced, a disk cleaned). Its batch numbers start again at 0; the cloud must not take the
+    new batches for the ones it wrote before (it did: half a run vanished, ledgers balanced)."""
+    import shutil
+
+    rig.start_worker()
+    rig.start_agent()
+    time.sleep(2)
+    rig.run_fleet(5)
+    rig.wait_fleet()
+    first = list(rig.published)
+    assert rig.wait_settled(len(first)) == len(first)
+    rig.ledger_when(lambda d: d.get("windows_pending", 1) == 0, 30)
+    rig._kill(rig.agent, signal.SIGTERM)
+    shutil.rmtree(rig.tmp / "edge-state")  # everything the agent knew
+    rig.start_agent()
+    time.sleep(2)
+    rig.run_fleet(5)
+    rig.wait_fleet()
+    everything = first + list(rig.published)
+    got = rig.wait_settled(len(everything), timeout_s=60)
+    report = check(expected_windows(everything, WINDOW_MS), export_windows(rig.influx, LABEL))
+    assert report.clean, str(report)
+    assert got == len(everything)
+    led = rig.ledger()  # the new incarnation's ledger balances too
+    assert led["readings_received"] == (led["readings_accepted"] + led["rejected"]
+                                        + led["late_dropped"] + led["duplicates"])
