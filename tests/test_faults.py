@@ -14,8 +14,8 @@ import psutil
 import pytest
 
 from cloud.sinks.influx_v1 import InfluxV1Client
-from fieldline.services import InfluxDB, Mosquitto, free_port
 from fieldline.oracle import check, expected_windows, export_windows
+from fieldline.services import InfluxDB, Mosquitto, free_port
 from tests.rig import LABEL, WINDOW_MS, Rig
 
 pytestmark = pytest.mark.integration
