@@ -530,6 +530,12 @@ class EdgeAgent:
             "readings_acked": ob.acked_readings,
             "windows_pending": sum(e.windows for e in ob.entries.values()) + sum(
                 u[2] for u in self._unstored),
+            # the shipping ledger, durable in the outbox's journal: every window put into it is
+            # acknowledged, shed or pending (after a crash, windows the intake-log replay
+            # emits again are shipped again and count again; InfluxDB keeps one copy)
+            "windows_closed": s["windows_emitted"],
+            "windows_emitted": ob.stored_windows + sum(u[2] for u in self._unstored)
+            + self.pipeline.counters["windows_unshipped"],
             "batches_rejected_by_cloud": self.shipper.rejected,
             "acks_for_other_incarnation": self.shipper.foreign_acks,
             "uplink_inflight": len(self.shipper.inflight),

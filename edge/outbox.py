@@ -4,8 +4,11 @@ Records are appended to segment files (``<first seq>.seg``), each ``[length, crc
 windows, readings, appended ms] + payload``; an append is fsynced before it counts (group commit:
 one fsync per ``sync()``). A batch leaves the outbox only through ``ack`` (the cloud worker's
 application-level acknowledgement, sent after InfluxDB confirmed the write), never on PUBACK.
-Acknowledged sequence numbers are appended to ``acked.log``; a segment whose records are all
-acknowledged is deleted.
+Every batch's fate is appended to a journal, ``acked.log`` (stored, acknowledged, shed, or
+acknowledged after it was shed), fsynced with the data it describes; a segment whose records
+are all acknowledged or shed is deleted, and the journal is compacted into a totals header. So
+the outbox's counters are durable: ``stored = acked + shed + pending`` holds across crashes and
+restarts, and is what the gateway's ledger reports (its second law).
 
 Bounded in bytes and in age, with a named overflow policy:
 
@@ -33,7 +36,16 @@ from typing import BinaryIO
 log = logging.getLogger("fieldline.edge.outbox")
 
 HEADER = struct.Struct("<IIQIIq")  # length, crc32(payload), seq, windows, readings, appended ms
-ACK = struct.Struct("<Q")
+ACK = struct.Struct("<Q")  # the journal's format before it carried counts (still read)
+JOURNAL_MAGIC = b"FLOBJ2\x00\x00"
+# a compacted journal starts with its totals: stored, acked and shed batches/windows/readings
+TOTALS = struct.Struct("<8s9Q")
+EVENT = struct.Struct("<BQII")  # kind, seq, windows, readings
+# RECOVERED: a shed batch the cloud acknowledged after all; WAITING: stored, already counted in
+# the totals before it (a compacted journal lists the batches still waiting that way)
+# GONE: acknowledged or shed, already counted in the totals (its segment still holds others)
+STORED, ACKED, SHED, RECOVERED, WAITING, GONE = 1, 2, 3, 4, 5, 6
+COMPACT_BYTES = 1 << 20
 POLICIES = ("drop_oldest", "refuse_newest")
 
 
@@ -64,10 +76,14 @@ class Outbox:
         self.entries: OrderedDict[int, Entry] = OrderedDict()  # unacknowledged, by seq
         self.bytes = 0
         self._live: dict[Path, int] = {}  # segment -> unacknowledged records in it
+        self._gone: dict[Path, list[int]] = {}  # segment -> its batches that left (kept)
         self._writer: tuple[Path, BinaryIO] | None = None
         self._dirty = False
         # counters (monotonic since start)
-        self.appended = 0
+        self.appended = 0  # since this start (the rest: durable, from the journal)
+        self.stored_batches = 0
+        self.stored_windows = 0
+        self.stored_readings = 0
         self.acked = 0
         self.acked_windows = 0
         self.acked_readings = 0
@@ -85,12 +101,8 @@ class Outbox:
     # ---- recovery -----------------------------------------------------------------------------
 
     def _recover(self) -> None:
-        acked: set[int] = set()
-        ack_path = self.dir / "acked.log"
-        if ack_path.exists():
-            data = ack_path.read_bytes()
-            usable = len(data) - len(data) % ACK.size  # a torn last ack is simply not an ack
-            acked = {ACK.unpack_from(data, i)[0] for i in range(0, usable, ACK.size)}
+        done = self._read_journal()
+        stored: set[int] = set()
         for seg in sorted(self.dir.glob("*.seg")):
             data = seg.read_bytes()
             pos = 0
@@ -99,8 +111,11 @@ class Outbox:
                 start = pos + HEADER.size
                 if start + length > len(data) or zlib.crc32(data[start:start + length]) != crc:
                     break
-                if seq not in acked:
+                if seq not in done:
                     self._index(Entry(seq, seg, start, length, windows, readings, appended))
+                    stored.add(seq)
+                else:
+                    self._gone.setdefault(seg, []).append(seq)
                 pos = start + length
             if pos < len(data):
                 self.torn_records += 1
@@ -112,36 +127,103 @@ class Outbox:
                     os.fsync(fh.fileno())
             if self._live.get(seg, 0) == 0:
                 seg.unlink()
-        self._rewrite_acks()
+                self._gone.pop(seg, None)
+        # a crash between two syncs: a STORED event whose data never reached the disk was
+        # never stored (the intake log replays what made it); a batch on disk whose STORED
+        # event did not make it is stored all the same (it will be sent)
+        for seq, (windows, readings) in self._stored_events.items():
+            if seq not in stored and seq not in done:
+                self.stored_batches -= 1
+                self.stored_windows -= windows
+                self.stored_readings -= readings
+        for seq in stored - self._journal_stored:
+            e = self.entries[seq]
+            self.stored_batches += 1
+            self.stored_windows += e.windows
+            self.stored_readings += e.readings
+        self._rewrite_journal()
         if self.entries:
             log.info("outbox: %d unacknowledged batches (%d bytes) recovered", len(self.entries),
                      self.bytes)
+
+    def _read_journal(self) -> set[int]:
+        """Totals and per-batch events from the journal; returns the batches that left."""
+        self._journal_stored: set[int] = set()
+        self._stored_events: dict[int, tuple[int, int]] = {}
+        done: set[int] = set()
+        path = self.dir / "acked.log"
+        if not path.exists():
+            return done
+        data = path.read_bytes()
+        if not data.startswith(JOURNAL_MAGIC):  # the old format: acknowledged seqs only
+            usable = len(data) - len(data) % ACK.size
+            return {ACK.unpack_from(data, i)[0] for i in range(0, usable, ACK.size)}
+        pos = len(JOURNAL_MAGIC)
+        if pos + TOTALS.size <= len(data):
+            (_, self.stored_batches, self.stored_windows, self.stored_readings,
+             self.acked, self.acked_windows, self.acked_readings, self.shed_batches,
+             self.shed_windows, self.shed_readings) = TOTALS.unpack_from(data, pos)
+            pos += TOTALS.size
+        while pos + EVENT.size <= len(data):  # a torn last event is simply not there
+            kind, seq, windows, readings = EVENT.unpack_from(data, pos)
+            pos += EVENT.size
+            self._count(kind, seq, windows, readings)
+            if kind in (STORED, WAITING):
+                self._journal_stored.add(seq)
+            if kind == STORED:
+                self._stored_events[seq] = (windows, readings)
+            elif kind in (ACKED, SHED, GONE):
+                done.add(seq)
+        return done
+
+    def _count(self, kind: int, seq: int, windows: int, readings: int) -> None:
+        if kind == STORED:
+            self.stored_batches += 1
+            self.stored_windows += windows
+            self.stored_readings += readings
+        elif kind == ACKED:
+            self.acked += 1
+            self.acked_windows += windows
+            self.acked_readings += readings
+        elif kind == SHED:
+            self.shed_batches += 1
+            self.shed_windows += windows
+            self.shed_readings += readings
+        elif kind == RECOVERED:
+            self.shed_batches -= 1
+            self.shed_windows -= windows
+            self.shed_readings -= readings
+            self.acked += 1
+            self.acked_windows += windows
+            self.acked_readings += readings
+
+    def _journal(self, kind: int, seq: int, windows: int, readings: int) -> None:
+        self._count(kind, seq, windows, readings)
+        self._acks.write(EVENT.pack(kind, seq, windows, readings))
+        self._dirty = True
 
     def _index(self, e: Entry) -> None:
         self.entries[e.seq] = e
         self.bytes += e.length
         self._live[e.segment] = self._live.get(e.segment, 0) + 1
 
-    def _rewrite_acks(self) -> None:
-        """Acks only matter for records still on disk: keep those (compaction)."""
-        on_disk = set()
-        ack_path = self.dir / "acked.log"
-        if ack_path.exists():
-            data = ack_path.read_bytes()
-            usable = len(data) - len(data) % ACK.size
-            on_disk = {ACK.unpack_from(data, i)[0] for i in range(0, usable, ACK.size)}
-        keep = sorted(s for s in on_disk if s not in self.entries and self._on_disk(s))
+    def _rewrite_journal(self) -> None:
+        """Compaction: the totals, then STORED events of the batches still waiting (so a
+        crash before their data is synced cannot count them twice)."""
+        body = JOURNAL_MAGIC + TOTALS.pack(
+            JOURNAL_MAGIC, self.stored_batches, self.stored_windows, self.stored_readings,
+            self.acked, self.acked_windows, self.acked_readings, self.shed_batches,
+            self.shed_windows, self.shed_readings) + b"".join(
+            EVENT.pack(WAITING, seq, 0, 0) for seq in self.entries) + b"".join(
+            EVENT.pack(GONE, seq, 0, 0) for seqs in self._gone.values() for seq in seqs)
+        self._journal_stored = set(self.entries)
         tmp = self.dir / "acked.tmp"
         with tmp.open("wb") as fh:
-            fh.write(b"".join(ACK.pack(s) for s in keep))
+            fh.write(body)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, ack_path)
-        self._acks: BinaryIO = ack_path.open("ab")
-
-    def _on_disk(self, seq: int) -> bool:
-        # an acknowledged seq still matters while a segment that may hold it exists
-        return any(int(seg.stem) <= seq for seg in self._live)
+        os.replace(tmp, self.dir / "acked.log")
+        self._acks: BinaryIO = (self.dir / "acked.log").open("ab")
 
     # ---- appending ----------------------------------------------------------------------------
 
@@ -166,6 +248,7 @@ class Outbox:
             if self._live.get(path, 0) == 0:
                 path.unlink(missing_ok=True)
                 self._live.pop(path, None)
+                self._gone.pop(path, None)
 
     def _sync_file(self, fh: BinaryIO) -> None:
         fh.flush()
@@ -188,18 +271,22 @@ class Outbox:
         fh.write(HEADER.pack(size, zlib.crc32(payload), seq, windows, readings, now_ms) + payload)
         self._index(Entry(seq, path, offset, size, windows, readings, now_ms))
         self.appended += 1
-        self._dirty = True
+        self._journal(STORED, seq, windows, readings)
         return True
 
     def has_room(self, size: int) -> bool:
         return self.policy != "refuse_newest" or self.bytes + size <= self.max_bytes
 
     def sync(self) -> None:
-        """Group commit: everything appended so far is on disk when this returns."""
+        """Group commit: everything appended so far is on disk when this returns (the data
+        first, then the journal that counts it)."""
         if self._dirty and self._writer is not None:
             self._sync_file(self._writer[1])
         if self._dirty:
             self._sync_file(self._acks)
+            if self._acks.tell() > COMPACT_BYTES:
+                self._acks.close()
+                self._rewrite_journal()
         self._dirty = False
 
     # ---- leaving --------------------------------------------------------------------------------
@@ -216,45 +303,38 @@ class Outbox:
             if e is None:
                 gone = self._shed_recently.pop(seq, None)
                 if gone is not None:
-                    self.shed_batches -= 1
-                    self.shed_windows -= gone[0]
-                    self.shed_readings -= gone[1]
-                    self.acked_windows += gone[0]
-                    self.acked_readings += gone[1]
+                    self._journal(RECOVERED, seq, gone[0], gone[1])
                     self.recovered_batches += 1
                 continue
             n += 1
-            self.acked_windows += e.windows
-            self.acked_readings += e.readings
+            self._journal(ACKED, seq, e.windows, e.readings)
             self._forget(e)
-            self._acks.write(ACK.pack(seq))
         if n:
-            self.acked += n
             self._acks.flush()  # fsync at the next sync(): a lost ack only means a resend
-            self._dirty = True
         return n
 
     def _forget(self, e: Entry) -> None:
         self.bytes -= e.length
         left = self._live.get(e.segment, 1) - 1
         self._live[e.segment] = left
+        self._gone.setdefault(e.segment, []).append(e.seq)
         if left == 0 and (self._writer is None or self._writer[0] != e.segment):
+            self._sync_file(self._acks)  # the journal says why, before the data goes
             e.segment.unlink(missing_ok=True)
             del self._live[e.segment]
+            self._gone.pop(e.segment, None)
             if not self.entries:
+                self.sync()
                 self._acks.close()
-                self._rewrite_acks()
+                self._rewrite_journal()
 
     def _shed(self, seq: int, why: str) -> None:
         e = self.entries.pop(seq)
+        self._journal(SHED, seq, e.windows, e.readings)
         self._forget(e)
-        self._acks.write(ACK.pack(seq))
         self._shed_recently[seq] = (e.windows, e.readings)
         while len(self._shed_recently) > 100_000:
             self._shed_recently.popitem(last=False)
-        self.shed_batches += 1
-        self.shed_windows += e.windows
-        self.shed_readings += e.readings
         if why == "expired":
             self.expired_batches += 1
         if self.shed_batches <= 5 or self.shed_batches % 1000 == 0:
