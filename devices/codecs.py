@@ -71,10 +71,15 @@ _NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
 
 
 def _valid_device_id(d: object) -> bool:
+    """A device id is 1-128 characters without MQTT's topic separators and wildcards, spaces,
+    control characters or backslashes: what every hop (topics, line protocol, InfluxDB tags)
+    carries unchanged (an id ending in a backslash lost it in InfluxDB and merged with the id
+    without it)."""
     return (
         isinstance(d, str)
         and 0 < len(d) <= MAX_DEVICE_ID
-        and not any(c in d for c in "/+# \n")
+        and not any(c in d for c in "/+# \\")
+        and d.isprintable()
     )
 
 
