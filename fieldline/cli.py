@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -44,11 +45,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(opts))
 
 
+def private_files() -> None:
+    """State written by the agent and the worker (intake log, outbox, checkpoints, dedup and
+    detector state) is readable by their user only, with or without systemd's UMask."""
+    os.umask(0o077)
+
+
 def cmd_edge_run(args: argparse.Namespace) -> int:
     from edge.agent import EdgeAgent
     from edge.config import load_edge_config
     from edge.memory import compact_malloc
 
+    private_files()
     cfg = load_edge_config(args.config)
     if cfg.compact_malloc:
         compact_malloc()
@@ -65,6 +73,7 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
     from cloud.config import load_cloud_config
     from cloud.worker import CloudWorker
 
+    private_files()
     cfg = load_cloud_config(args.config)
     worker = CloudWorker(cfg)
 

@@ -11,6 +11,7 @@ Errors are classified at this boundary (RELIABILITY.md):
 
 from __future__ import annotations
 
+import base64
 import http.client
 import logging
 import re
@@ -46,10 +47,14 @@ class InfluxV1Client:
         self._host = parts.hostname
         self._port = parts.port or (443 if self._https else 8086)
         self._timeout = timeout_s
-        self._auth: dict[str, str] = {}
-        if username:
-            self._auth = {"u": username, "p": password or ""}
-        self._headers = {"Authorization": f"Token {token}"} if token else {}
+        # credentials travel in the Authorization header, never in the URL (where proxies and
+        # server logs would keep them)
+        self._headers: dict[str, str] = {}
+        if token:
+            self._headers["Authorization"] = f"Token {token}"
+        elif username:
+            basic = base64.b64encode(f"{username}:{password or ''}".encode()).decode()
+            self._headers["Authorization"] = f"Basic {basic}"
         self._rp = retention_policy
         self._conn: http.client.HTTPConnection | None = None
 
@@ -61,7 +66,7 @@ class InfluxV1Client:
 
     def request(self, method: str, path: str, params: dict[str, str],
                 body: bytes | None = None) -> tuple[int, bytes]:
-        q = urlencode({**params, **self._auth})
+        q = urlencode(params)
         headers = dict(self._headers)
         if body is not None:
             headers["Content-Type"] = "text/plain; charset=utf-8"
