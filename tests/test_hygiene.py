@@ -80,4 +80,5 @@ def test_systemd_units_can_write_the_configured_state_dirs() -> None:
         section = doc.get("gateway") or doc.get("worker")
         assert section is not None
         configured = Path(section["state_dir"])
-        assert configured.parent == Path("/var/lib") and configured.name in state, (unit, cfg)
+        assert configured.parent == Path("/var/lib"), (unit, cfg)
+        assert configured.name in state, (unit, cfg)
