@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -49,3 +50,33 @@ def report(bench: str, figures: list[Figure]) -> Path:
               f"{'  (' + f.note + ')' if f.note else ''}")
     print(f"  -> {path}")
     return path
+
+
+class GaveUpError(RuntimeError):
+    """A benchmark waited as long as it may for something that did not happen."""
+
+
+def wait_until(cond: Callable[[], bool], timeout_s: float, what: str,
+               saw: Callable[[], object] = lambda: "", poll_s: float = 0.05) -> float:
+    """Poll ``cond`` until it holds; seconds waited. After ``timeout_s``: ``GaveUpError``, saying
+    what was awaited and what was seen (a benchmark never waits for ever: a broker that drops
+    messages would otherwise hang it)."""
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout_s:
+            raise GaveUpError(f"gave up after {timeout_s:.0f} s waiting for {what}; saw: {saw()}")
+        time.sleep(poll_s)
+    return time.monotonic() - t0
+
+
+async def await_until(cond: Callable[[], bool], timeout_s: float, what: str,
+                      saw: Callable[[], object] = lambda: "", poll_s: float = 0.05) -> float:
+    """``wait_until`` for the event loop."""
+    import asyncio
+
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout_s:
+            raise GaveUpError(f"gave up after {timeout_s:.0f} s waiting for {what}; saw: {saw()}")
+        await asyncio.sleep(poll_s)
+    return time.monotonic() - t0

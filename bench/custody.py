@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import Figure, figure, report
+from bench.common import Figure, await_until, figure, report
 from bench.pipeline import device_messages, publish_backlog, register_session, time_until
 from cloud.config import CloudConfig, InfluxConfig
 from cloud.worker import CloudWorker
@@ -55,8 +55,9 @@ def replay_after_outage(work: Path) -> list[Figure]:
         async def run() -> tuple[int, float, float]:
             stop = asyncio.Event()
             tasks = [asyncio.create_task(agent.run(stop)), asyncio.create_task(worker.run(stop))]
-            while not (agent.intake.subscribed.is_set() and agent.uplink.connected.is_set()):
-                await asyncio.sleep(0.05)
+            await await_until(lambda: agent.intake.subscribed.is_set()
+                              and agent.uplink.connected.is_set(), 30, "the agent to connect",
+                              agent.stats)
             proxy.set_mode("blackhole")  # the outage starts
             spec = FleetSpec(gateways=1, devices_per_gateway=DEVICES, disorder_fraction=0.0,
                              topic_template="{gateway}/devices/{device}/readings")
@@ -64,15 +65,22 @@ def replay_after_outage(work: Path) -> list[Figure]:
             pub = FleetPublisher(sim, {"gw-1": gw.address})
             await asyncio.to_thread(pub.run_fast, OUTAGE_S)  # ten minutes of the fleet
             pub.close()
-            while agent.pipeline.counters["messages_in"] < pub.published:
-                await asyncio.sleep(0.1)
+            await await_until(
+                lambda: agent.pipeline.counters["messages_in"] >= pub.published, 300,
+                f"the agent to take the {pub.published:,} messages published",
+                lambda: {"messages_in": agent.pipeline.counters["messages_in"],
+                         "intake_pending": agent.intake.pending,
+                         "broker_acked": pub.counters["acked"]})
             await asyncio.sleep(6)  # idle timeout: the last windows close into the outbox
             backlog = agent.stats()["windows_pending"]
             written0 = worker.stats()["results_written"]
             proxy.set_mode("pass")  # healed
             t0 = time.perf_counter()
-            while worker.stats()["results_written"] < written0 + backlog or agent.outbox.depth:
-                await asyncio.sleep(0.02)
+            await await_until(
+                lambda: worker.stats()["results_written"] >= written0 + backlog
+                and not agent.outbox.depth, 600, f"{backlog:,} backlogged windows in InfluxDB",
+                lambda: {"written": worker.stats()["results_written"] - written0,
+                         "outbox_depth": agent.outbox.depth}, poll_s=0.02)
             drain = time.perf_counter() - t0
             stop.set()
             await asyncio.gather(*tasks)

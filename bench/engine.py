@@ -26,7 +26,7 @@ import paho.mqtt.client as mqtt
 import psutil
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bench.common import Figure, figure, report
+from bench.common import Figure, GaveUpError, figure, report
 from devices.contract import HealthReport, ResultBatch, ack_topic, decode_uplink, encode_ack
 from devices.readings import ReadingColumns
 from edge.engine import EngineConfig, WindowEngine
@@ -219,7 +219,12 @@ health_interval = "500ms"
                 time.monotonic() < deadline:
             peak = max(peak, agent.memory_info().rss / 2**20)
             time.sleep(0.1)
-        runner.join()
+        if runner.is_alive() or health.get("readings_received", 0) < pub.published:
+            stop.set()
+            pub.close()
+            raise GaveUpError(f"the agent did not take the fleet in time; saw: {pub.published:,} "
+                         f"published, health {health}")
+        runner.join(30)
         pub.close()
         time.sleep(1.0)
         rss = agent.memory_info().rss / 2**20

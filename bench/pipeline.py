@@ -21,7 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from bench.common import Figure, figure, report
+from bench.common import Figure, await_until, figure, report
 from cloud.config import CloudConfig, InfluxConfig
 from cloud.sinks.influx_v1 import InfluxV1Client
 from cloud.worker import CloudWorker
@@ -101,19 +101,21 @@ def bare_paho_drain(broker: Mosquitto, cid: str, n: int) -> float:
 
 
 def time_until(run: Callable[[asyncio.Event], Awaitable[None]],
-               done: Callable[[], bool]) -> float:
-    """Seconds from starting ``run`` until ``done()`` holds; then stop it cleanly."""
+               done: Callable[[], bool], saw: Callable[[], object] = lambda: "",
+               timeout_s: float = 600) -> float:
+    """Seconds from starting ``run`` until ``done()`` holds; then stop it cleanly (and stop it
+    all the same, saying what it saw, when ``done()`` never comes)."""
 
     async def main() -> float:
         stop = asyncio.Event()
         t0 = time.perf_counter()
         task = asyncio.create_task(run(stop))
-        while not done():
-            await asyncio.sleep(0.01)
-        dt = time.perf_counter() - t0
-        stop.set()
-        await task
-        return dt
+        try:
+            await await_until(done, timeout_s, "the run to finish", saw, poll_s=0.01)
+        finally:
+            stop.set()
+            await task
+        return time.perf_counter() - t0
 
     return asyncio.run(main())
 
@@ -123,8 +125,10 @@ def device_messages(n_readings: int, start_ms: int) -> list[tuple[str, bytes]]:
                      topic_template="devices/{device}/readings")
     sim = FleetSimulator(spec, start_ms)
     out: list[tuple[str, bytes]] = []
-    while len(out) < n_readings:
-        out.extend(sim.tick().messages["gw-1"])
+    for tick in sim.ticks():  # every tick holds a reading per device
+        out.extend(tick.messages["gw-1"])
+        if len(out) >= n_readings:
+            break
     return out[:n_readings]
 
 

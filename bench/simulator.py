@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.common import Figure, figure, report
+from bench.common import Figure, GaveUpError, figure, report
 from fieldline.services import Mosquitto
 from simulators.fleet import FleetSimulator, FleetSpec
 from simulators.publisher import FleetPublisher
@@ -70,9 +70,15 @@ def behind_schedule(broker: Mosquitto, seconds: float = 30) -> tuple[float, floa
     stop = threading.Event()
     t = threading.Thread(target=pub.run_realtime, args=(stop, seconds), daemon=True)
     t.start()
-    while t.is_alive():
+    deadline = time.monotonic() + seconds + 120
+    while t.is_alive() and time.monotonic() < deadline:
         t.join(0.25)
         samples.append(pub.behind_ms)
+    if t.is_alive():
+        stop.set()
+        pub.close()
+        raise GaveUpError(f"the real-time run of {seconds:.0f} s did not end; saw: "
+                     f"{pub.published:,} published, {pub.counters}")
     acked = pub.counters["acked"]
     pub.close()
     if acked != pub.published:

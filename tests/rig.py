@@ -116,7 +116,7 @@ timeout = "2s"
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.wait()
+                proc.wait(30)
 
     def kill_agent(self) -> None:
         self._kill(self.agent)
