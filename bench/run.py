@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from bench import custody, detect, engine, pipeline, simulator, sketches
+from bench import broker, custody, detect, engine, pipeline, simulator, sketches
 
 
 def main() -> None:
@@ -13,6 +13,7 @@ def main() -> None:
     sketches.main()
     pipeline.main()
     custody.main()
+    broker.main()
     simulator.main()
     detect.main([])
 

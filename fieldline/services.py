@@ -16,7 +16,7 @@ import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +190,56 @@ class Mosquitto(_Child):
         self.stop()
         self.port = port
         return self.start()
+
+
+class DeployedMosquitto(Mosquitto):
+    """Mosquitto as Debian's package runs it, with one of ``deploy/mosquitto``'s drop-ins in its
+    ``conf.d``: the package's main config (persistence on, its log, ``include_dir``) and the
+    drop-in verbatim, but for the listener (a free port on loopback) and the files it names
+    (``files``: the path written in the drop-in -> the test's file). What a test proves with it
+    is what the shipped file does (``persistence=False``: the same without a store on disk, the
+    reference of the broker benchmark)."""
+
+    def __init__(self, workdir: Path, dropin: Path | str, *, files: Mapping[str, Path],
+                 port: int | None = None, persistence: bool = True) -> None:
+        super().__init__(workdir, persistence=persistence, port=port)
+        self.dropin = Path(dropin)
+        self.files = dict(files)
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://127.0.0.1:{self.port}"
+
+    @property
+    def tls(self) -> bool:
+        return any(ln.split()[:1] == ["certfile"] for ln in self.dropin.read_text().splitlines())
+
+    def _write_conf(self) -> Path:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        data = self.workdir / "data"
+        data.mkdir(exist_ok=True)
+        confd = self.workdir / "conf.d"
+        confd.mkdir(exist_ok=True)
+        main = [
+            f"persistence {'true' if self.persistence else 'false'}",
+            f"persistence_location {data}/",
+            f"log_dest file {self.workdir / 'mosquitto.log'}",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            f"include_dir {confd}",
+        ]
+        if os.geteuid() == 0:
+            main.append("user root")
+        text = self.dropin.read_text()
+        for shipped, here in self.files.items():
+            text = text.replace(shipped, str(here))
+        lines = [f"listener {self.port} 127.0.0.1" if ln.startswith("listener ") else ln
+                 for ln in text.splitlines()]
+        (confd / self.dropin.name).write_text("\n".join(lines) + "\n")
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text("\n".join(main) + "\n")
+        return conf
 
 
 class InfluxDB(_Child):
