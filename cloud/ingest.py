@@ -72,6 +72,12 @@ class MqttSource:
         self.reconnects = 0
         self._client: Any = None
         self.acks_sent = 0
+        # acks the broker refused (not authorised, quota...) by reason, and acks nobody heard
+        self.acks_refused: dict[str, int] = {}
+        self.acks_unheard = 0
+        self._puback: dict[int, asyncio.Future[Any]] = {}
+        self._paho: Any = None
+        self._early: dict[int, Any] = {}  # PUBACKs that came before their future
 
     async def messages(self) -> AsyncIterator[SourceMessage]:
         import aiomqtt
@@ -95,6 +101,7 @@ class MqttSource:
                     tls_params=tls, max_queued_incoming_messages=0,
                 ) as client:
                     self._client = client
+                    self._watch_pubacks(client)
                     await client.subscribe(f"{TOPIC_ROOT}/+/results", qos=1)
                     await client.subscribe(f"{TOPIC_ROOT}/+/health", qos=1)
                     self.connected.set()
@@ -116,18 +123,59 @@ class MqttSource:
                 await asyncio.sleep(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, 30.0)
 
+    def _watch_pubacks(self, client: Any) -> None:
+        """aiomqtt drops the PUBACK's reason code: read it from paho underneath, so an ack the
+        broker refuses (an ACL without ``fieldline/v1/<gw>/ack``: 0x87) is not taken as sent."""
+        paho = client._client
+        original = paho.on_publish
+
+        def on_publish(c: Any, userdata: Any, mid: int, rc: Any, props: Any = None) -> None:
+            fut = self._puback.pop(mid, None)
+            if fut is None:
+                self._early[mid] = rc
+            elif not fut.done():
+                fut.get_loop().call_soon_threadsafe(fut.set_result, rc)
+            original(c, userdata, mid, rc, props)
+
+        paho.on_publish = on_publish
+        self._paho = paho
+
     async def ack(self, gateway: str, acked: list[int], rejected: list[int],
-                  incarnation: int = 0) -> bool:
+                  incarnation: int = 0, timeout_s: float = 10.0) -> bool:
+        """Publish the ack and wait for its PUBACK; False (counted, logged) when it could not
+        be sent or the broker refused it: the gateway will re-send, and be acked again."""
         import aiomqtt
 
         client = self._client
         if client is None:
             return False
         try:
-            await client.publish(ack_topic(gateway), encode_ack(acked, rejected, incarnation),
-                                 qos=1)
-        except aiomqtt.MqttError as exc:
+            info = self._paho.publish(ack_topic(gateway), encode_ack(acked, rejected, incarnation),
+                                      qos=1)
+            if info.rc != 0:
+                raise aiomqtt.MqttError(f"publish failed ({info.rc})")
+            rc = self._early.pop(info.mid, None)
+            if rc is None:
+                fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+                self._puback[info.mid] = fut
+                rc = self._early.pop(info.mid, None)
+                if rc is None:
+                    rc = await asyncio.wait_for(fut, timeout_s)
+                self._puback.pop(info.mid, None)
+        except (aiomqtt.MqttError, TimeoutError) as exc:
             log.warning("could not acknowledge %d batch(es) of %s: %s", len(acked), gateway, exc)
+            return False
+        value = int(getattr(rc, "value", rc))
+        if value == 0x10:  # no matching subscribers: the gateway is not listening just now
+            self.acks_unheard += 1
+        elif value >= 0x80:
+            reason = str(rc).lower().replace(" ", "_")
+            self.acks_refused[reason] = self.acks_refused.get(reason, 0) + 1
+            n = self.acks_refused[reason]
+            if n <= 3 or n % 100 == 0:
+                log.error("the broker refused our ack to %s (%s, %d so far): may this worker "
+                          "publish on %s? (deploy/mosquitto/cloud.acl)", gateway, rc, n,
+                          ack_topic(gateway))
             return False
         self.acks_sent += 1
         return True

@@ -298,6 +298,11 @@ class CloudWorker:
         }
         for reason, n in self.rejects.counts.items():
             s["rejected_" + reason] = n
+        refused = getattr(self.source, "acks_refused", {})
+        s["acks_refused"] = sum(refused.values())
+        for reason, n in refused.items():
+            s["acks_refused_" + reason] = n
+        s["acks_unheard"] = getattr(self.source, "acks_unheard", 0)
         for reason, n in self.writer.dead_letters.items():
             s["dead_lettered_" + reason] = n
         return s

@@ -538,6 +538,8 @@ class EdgeAgent:
             + self.pipeline.counters["windows_unshipped"],
             "batches_rejected_by_cloud": self.shipper.rejected,
             "acks_for_other_incarnation": self.shipper.foreign_acks,
+            "acks_overdue": self.shipper.overdue(),
+            "ack_wait_ms": self.shipper.oldest_unacked_ms(),
             "uplink_inflight": len(self.shipper.inflight),
             "uplink_refused": self.uplink.refused,
             "uplink_no_subscribers": self.uplink.no_subscribers,
@@ -549,6 +551,7 @@ class EdgeAgent:
     def health(self) -> HealthReport:
         s = self.stats()
         gauges = {"open_windows", "window_state_kb", "devices_seen", "devices_silent",
+                  "acks_overdue", "ack_wait_ms",
                   "watermark_lag_ms", "intake_pending", "uplink_inflight", "rss_mb",
                   "skew_max_abs_ms", "devices_skewed", "outbox_depth", "outbox_bytes",
                   "outbox_oldest_age_ms", "backpressure"}

@@ -251,6 +251,8 @@ class Shipper:
         self.acked = 0
         self.rejected = 0
         self.foreign_acks = 0  # acks for another incarnation of this gateway (a lost state)
+        self.first_sent: dict[int, int] = {}  # seq -> ms of its first send (ack overdue?)
+        self.overdue_warned = 0
 
     def apply_acks(self) -> None:
         mine = self.uplink.seq.incarnation
@@ -268,6 +270,7 @@ class Shipper:
                     log.error("cloud rejected %d batch(es) %s as unusable", n, rejected[:10])
             for s in acked + rejected:
                 self.inflight.pop(s, None)
+                self.first_sent.pop(s, None)
 
     def pump(self) -> int:
         """Send what fits in the window, oldest first; resend what timed out. Returns sends."""
@@ -281,10 +284,12 @@ class Shipper:
             elif now - when >= self.ack_timeout_ms:
                 if self.uplink.on_the_wire(mid):
                     continue  # paho retransmits it after a reconnect; no second copy
-                # the broker has it but no acknowledgement came (a worker died holding it)
+                # the broker has it but no acknowledgement came (a worker died holding it, or
+                # the worker's acks do not reach us)
                 self.inflight[seq] = (now, self.uplink.publish_results(self.outbox.read(seq)))
                 self.resent += 1
                 sent += 1
+                self._overdue(seq, now)
         if len(self.inflight) >= self.max_inflight:
             return sent
         for seq in self.outbox.pending():
@@ -293,5 +298,29 @@ class Shipper:
             if seq in self.inflight:
                 continue
             self.inflight[seq] = (now, self.uplink.publish_results(self.outbox.read(seq)))
+            self.first_sent.setdefault(seq, now)
             sent += 1
+        for seq in [s for s in self.first_sent if s not in self.outbox.entries]:
+            del self.first_sent[seq]  # shed meanwhile
         return sent
+
+    def _overdue(self, seq: int, now: int) -> None:
+        waited = now - self.first_sent.setdefault(seq, now)
+        if waited >= 3 * self.ack_timeout_ms:
+            self.overdue_warned += 1
+            if self.overdue_warned <= 3 or self.overdue_warned % 100 == 0:
+                log.warning("batch %d sent %.0f s ago is still not acknowledged: is a cloud "
+                            "worker running, and may it publish on %s (and this gateway read "
+                            "it)? See deploy/mosquitto/cloud.acl", seq, waited / 1000,
+                            ack_topic(self.uplink.gateway))
+
+    def oldest_unacked_ms(self) -> int:
+        """How long the oldest batch on the wire has waited for its acknowledgement."""
+        if not self.first_sent:
+            return 0
+        return self.clock.monotonic_ms() - min(self.first_sent.values())
+
+    def overdue(self) -> int:
+        """Batches waiting longer than three ack timeouts for their acknowledgement."""
+        now = self.clock.monotonic_ms()
+        return sum(1 for t in self.first_sent.values() if now - t >= 3 * self.ack_timeout_ms)
