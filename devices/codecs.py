@@ -95,6 +95,7 @@ class PayloadDecoder:
         max_payload_bytes: int = 256 * 1024,
         known_metric: Callable[[str], bool] | None = None,
         known_device: Callable[[str], bool] | None = None,
+        admit_device: Callable[[str, int], str | None] | None = None,
     ) -> None:
         self.devices = devices
         self.metrics = metrics
@@ -102,6 +103,8 @@ class PayloadDecoder:
         # ids (a flood of made-up names would otherwise lock out sensor kinds added later)
         self.known_metric = known_metric
         self.known_device = known_device  # likewise device ids, when only registered ones count
+        # and a new device id may be refused (a reason) before it takes one: a bound, a rate
+        self.admit_device = admit_device
         self.device_topic_level = device_topic_level
         self.max_payload_bytes = max_payload_bytes
         self.rejected_devices: list[tuple[int, str]] = []
@@ -227,7 +230,13 @@ class PayloadDecoder:
             reject(rejects.NOT_FINITE, f"{device}/{metric}: {value}")
             return
         allowed = self.known_device is None or self.known_device(device)
-        d = self.devices.intern(device) if allowed else -1
+        d = self.devices.get(device) if allowed else -1
+        if d is None:  # a device not seen before: is there room, and is this not a flood?
+            refused = self.admit_device(device, recv) if self.admit_device else None
+            if refused is not None:
+                reject(refused, f"{device}: a new device id refused ({refused})", -1)
+                return
+            d = self.devices.intern(device)
         m = self.metrics.get(metric)
         if m is None:
             if self.known_metric is not None and not self.known_metric(metric):

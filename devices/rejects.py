@@ -24,6 +24,8 @@ CLOCK_FUTURE = "clock_future"  # event time further ahead of the gateway clock t
 CLOCK_PAST = "clock_past"  # event time further behind the gateway clock than max_past
 PAYLOAD_TOO_LARGE = "payload_too_large"
 INTAKE_OVERFLOW = "intake_overflow"  # intake buffer full: shed, counted
+DEVICE_LIMIT = "device_limit"  # a new device id beyond gateway.max_devices
+DEVICE_RATE = "device_rate"  # a new device id beyond gateway.new_devices_per_s (a flood)
 INTERNAL_ERROR = "internal_error"  # a bug hit the batch: counted, logged with a traceback
 LATE = "late"  # beyond allowed lateness
 DUPLICATE = "duplicate"  # same device and seq, or same device, event time and value
@@ -47,6 +49,8 @@ READING_REASONS = (
     PAYLOAD_TOO_LARGE,
     INTAKE_OVERFLOW,
     INTERNAL_ERROR,
+    DEVICE_LIMIT,
+    DEVICE_RATE,
 )
 
 

@@ -69,6 +69,34 @@ def rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class DeviceAdmission:
+    """Who gets a device id: at most ``max_devices`` in all, and new ones at most ``per_s`` a
+    second once a burst of ``burst`` is spent (a token bucket in receive time). A flood of
+    made-up ids is refused and counted before it takes memory or becomes InfluxDB series, and
+    the devices already known go through untouched."""
+
+    def __init__(self, devices: Interner, *, max_devices: int, per_s: float,
+                 burst: int) -> None:
+        self.devices = devices
+        self.max_devices = max_devices
+        self.per_s = per_s
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.last_ms: int | None = None
+
+    def __call__(self, name: str, recv_ms: int) -> str | None:
+        if len(self.devices) >= self.max_devices:
+            return rejects.DEVICE_LIMIT
+        if self.last_ms is not None and recv_ms > self.last_ms:
+            self.tokens = min(self.burst,
+                              self.tokens + (recv_ms - self.last_ms) / 1000 * self.per_s)
+        self.last_ms = recv_ms if self.last_ms is None else max(self.last_ms, recv_ms)
+        if self.tokens < 1:
+            return rejects.DEVICE_RATE
+        self.tokens -= 1
+        return None
+
+
 class EdgePipeline:
     """The synchronous core of the agent: everything between raw messages and result batches.
 
@@ -86,7 +114,10 @@ class EdgePipeline:
             self.devices, self.metrics, device_topic_level=config.device_topic_level,
             max_payload_bytes=config.max_payload_bytes, known_metric=config.catalog.admits,
             known_device=registry.__contains__
-            if registry is not None and config.unknown_devices == "reject" else None)
+            if registry is not None and config.unknown_devices == "reject" else None,
+            admit_device=DeviceAdmission(self.devices, max_devices=config.max_devices,
+                                         per_s=config.new_devices_per_s,
+                                         burst=config.new_devices_burst))
         self.validator = Validator(config.catalog, self.metrics,
                                    max_future_ms=config.max_future_ms,
                                    max_past_ms=config.max_past_ms)

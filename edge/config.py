@@ -35,6 +35,9 @@ class EdgeConfig:
     max_past_ms: int = 7 * 86_400_000
     registry_path: Path | None = None
     unknown_devices: str = "reject"  # with a registry: reject or accept readings of unknown ids
+    max_devices: int = 20_000  # device ids the agent takes at most (new ones beyond: refused)
+    new_devices_per_s: float = 50.0  # new device ids a second once the burst is spent
+    new_devices_burst: int = 10_000  # new device ids at once (a whole fleet starting up)
     state_dir: Path | None = None
     tick_ms: int = 200
     max_batch_messages: int = 50_000
@@ -134,6 +137,9 @@ def edge_config_from(root: Section) -> EdgeConfig:
         state_dir=Path(state_dir) if state_dir else None,
         registry_path=Path(registry) if registry else None,
         unknown_devices=gw.choice("unknown_devices", ("reject", "accept"), "reject"),
+        max_devices=gw.integer("max_devices", 20_000, minimum=1, maximum=1 << 20),
+        new_devices_per_s=gw.number("new_devices_per_s", 50.0, minimum=0.0),
+        new_devices_burst=gw.integer("new_devices_burst", 10_000, minimum=1),
         intake_broker=parse_broker_url(intake.text("broker"), intake.key("broker"),
                                        ca_file=intake.text("ca_file", None),
                                        cert_file=intake.text("cert_file", None),

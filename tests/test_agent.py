@@ -247,3 +247,36 @@ def test_a_devices_window_travels_in_one_batch(tmp_path: Path) -> None:
         for i in range(len(r)):
             key = (b.devices[int(r.device[i])], int(r.start[i]))
             assert seen.setdefault(key, k) == k, f"{key} split across batches"
+
+
+def test_a_flood_of_made_up_device_ids_is_bounded_and_real_devices_go_through(
+        tmp_path: Path) -> None:
+    """Issue 12, item 8: without a registry, 100,000 made-up ids grew the agent to gigabytes
+    and delayed real devices. New ids are bounded (max_devices) and rate-limited (a token
+    bucket in receive time): the flood is refused and counted, memory stays flat, and every
+    reading of the known devices is folded."""
+    import psutil
+
+    clock = ManualClock(now_ms=T + 60_000)
+    pipe = EdgePipeline(config(tmp_path, max_devices=2_000, new_devices_per_s=10.0,
+                               new_devices_burst=500), clock)
+    real = [f"real-{i}" for i in range(20)]
+    pipe.process([(f"devices/{d}/readings", encode_single(d, "temperature", T, 20.0, 0), T)
+                  for d in real])
+    rss0 = psutil.Process().memory_info().rss
+    for k in range(20):  # 20 s of a flood of 5,000 new ids a second, real devices among them
+        now = T + 1_000 * (k + 1)
+        flood = [(f"devices/x{k}-{i}/readings",
+                  encode_single(f"x{k}-{i}", "temperature", now, 1.0, 0), now)
+                 for i in range(5_000)]
+        mine = [(f"devices/{d}/readings", encode_single(d, "temperature", now, 20.0, k + 1),
+                 now) for d in real]
+        before = pipe.stats()["readings_accepted"]
+        pipe.process(flood[:2_500] + mine + flood[2_500:])
+        assert pipe.stats()["readings_accepted"] - before >= len(mine)
+    s = pipe.stats()
+    assert s["devices_seen"] <= 2_000
+    assert s["rejected_device_rate"] + s["rejected_device_limit"] >= 100_000 - 2_000
+    assert (psutil.Process().memory_info().rss - rss0) / 2**20 < 50
+    for d in real:  # every reading of every real device is in a window
+        assert pipe.ledger["accepted"][pipe.devices.get(d)] == 21, d
