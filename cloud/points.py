@@ -133,7 +133,8 @@ LEDGER = "ledger"
 GATEWAY_ROW = "_gateway"
 LEDGER_GATEWAY_FIELDS = ("readings_received", "readings_accepted", "rejected", "late_dropped",
                          "duplicates", "windows_emitted", "windows_acked", "windows_shed",
-                         "readings_shed", "windows_pending", "windows_superseded")
+                         "readings_shed", "windows_pending", "windows_superseded",
+                         "readings_gap", "broker_dropped")
 
 
 def ledger_lines(gateway: str, counters: Mapping[str, int], ledger: Mapping[str, object],

@@ -32,11 +32,12 @@ from devices.contract import (
     ResultColumns,
     SupersededRows,
 )
-from devices.readings import Interner
+from devices.readings import Interner, ReadingColumns
 from devices.rejects import RejectLog
 from edge.config import EdgeConfig
 from edge.engine import WindowEngine
 from edge.eventtime import UNKNOWN_SKEW
+from edge.gaps import SeqGaps
 from edge.intake import MqttIntake
 from edge.outbox import Outbox
 from edge.uplink import MqttUplink, Shipper
@@ -47,7 +48,7 @@ from edge.windows import MAX_DEVICES, MAX_METRICS
 log = logging.getLogger("fieldline.edge")
 
 LEDGER_FIELDS = ("received", "accepted", "late_dropped", "duplicates", "rejected",
-                 "windows_emitted")
+                 "windows_emitted", "gap")  # gap: sent by the device, never received (now)
 _REASON_INDEX = {r: i for i, r in enumerate(rejects.READING_REASONS)}
 
 
@@ -130,6 +131,7 @@ class EdgePipeline:
         self.ledger: dict[str, np.ndarray] = {k: np.zeros(0, np.int64) for k in LEDGER_FIELDS}
         self.ledger_rejects: np.ndarray = np.zeros((0, len(rejects.READING_REASONS)), np.int64)
         self._ledger_sent: dict[str, np.ndarray] = {}
+        self.gaps = SeqGaps()  # holes in each device's numbering: lost before the agent
 
     def _ledger_grow(self) -> None:
         n = len(self.devices)
@@ -187,6 +189,7 @@ class EdgePipeline:
             self._count_rejects(cols.device[rows].astype(np.int64), reason)
         good = cols.take(ok) if not ok.all() else cols
         out = self.engine.fold(good, self.clock.monotonic_ms())
+        self._observe_gaps(cols, ok, out.dup_rows)
         gdev = good.device.astype(np.int64)
         self._count("received", cols.device.astype(np.int64))
         self._count("duplicates", gdev[out.dup_rows])
@@ -211,6 +214,19 @@ class EdgePipeline:
                 [dn[d], mn[m], t, v, q] for d, m, t, v, q in zip(
                     good.device[r].tolist(), good.metric[r].tolist(), good.ts[r].tolist(),
                     good.value[r].tolist(), good.seq[r].tolist(), strict=True))
+
+    def _observe_gaps(self, cols: ReadingColumns, ok: np.ndarray, dup_rows: np.ndarray) -> None:
+        """Every reading that arrived (accepted or rejected, but not a repeat) fills its number;
+        the ledger's ``gap`` is what is still missing of each device's numbering."""
+        fresh = np.ones(len(cols), bool)
+        fresh[np.flatnonzero(ok)[dup_rows]] = False
+        if not fresh.all():
+            cols = cols.take(fresh)
+        if not len(cols):
+            return
+        self.gaps.observe(cols.device.astype(np.int64), cols.seq)
+        n = min(len(self.gaps.gap), len(self.ledger["gap"]))
+        self.ledger["gap"][:n] = self.gaps.gap[:n]
 
     def emit(self, *, flush: bool = False) -> ResultColumns:
         res = self.engine.flush_all() if flush else self.engine.emit(self.clock.monotonic_ms())
@@ -307,6 +323,7 @@ class EdgePipeline:
             "clock_corrected": self.engine.corrected,
             "watermark_lag_ms": (self.clock.now_ms() - wm) if wm is not None else 0,
             "internal_errors": c["internal_errors"],
+            "readings_gap": int(self.gaps.gap.sum()),
             "windows_unshipped": c["windows_unshipped"],
         }
         for reason in rejects.READING_REASONS:
@@ -368,6 +385,7 @@ class EdgePipeline:
         for k, v in self.ledger.items():
             snap["ledger_" + k] = v
         snap["ledger_rejects"] = self.ledger_rejects
+        snap.update(self.gaps.snapshot())
         snap["counters"] = np.array([orjson.dumps({"c": dict(self.counters),
                                                    "r": dict(self.rejects.counts)}).decode()])
         path = state_dir / CHECKPOINT
@@ -396,6 +414,7 @@ class EdgePipeline:
                 self.ledger[k] = snap.pop("ledger_" + k).astype(np.int64)
         if "ledger_rejects" in snap:
             self.ledger_rejects = snap.pop("ledger_rejects").astype(np.int64)
+        self.gaps.restore(snap)
         if "counters" in snap:
             saved = orjson.loads(str(snap.pop("counters")[0]))
             self.counters.update(saved["c"])
@@ -437,6 +456,7 @@ class EdgeAgent:
         self._recover()
         self._next_checkpoint = self.clock.monotonic_ms() + config.checkpoint_interval_ms
         self._next_ledger = self.clock.monotonic_ms()
+        self._broker_dropped = -1
 
     def _recover(self) -> None:
         """Checkpoint, then the intake log after it, in its original ticks."""
@@ -543,6 +563,10 @@ class EdgeAgent:
         now = self.clock.now_ms()
         s.update({
             "intake_pending": self.intake.pending,
+            # loss upstream of the agent: the gateway broker's own count of messages its queue
+            # limits dropped (-1: not heard), and what it holds; per device: readings_gap
+            "broker_dropped": self.intake.broker_dropped,
+            "broker_stored": self.intake.broker_stored,
             "outbox_depth": ob.depth,
             "outbox_bytes": ob.bytes,
             "outbox_oldest_age_ms": ob.oldest_age_ms(now),
@@ -583,7 +607,8 @@ class EdgeAgent:
         s = self.stats()
         gauges = {"open_windows", "window_state_kb", "devices_seen", "devices_silent",
                   "acks_overdue", "ack_wait_ms",
-                  "watermark_lag_ms", "intake_pending", "uplink_inflight", "rss_mb",
+                  "watermark_lag_ms", "intake_pending", "broker_stored", "uplink_inflight",
+                  "rss_mb",
                   "skew_max_abs_ms", "devices_skewed", "outbox_depth", "outbox_bytes",
                   "outbox_oldest_age_ms", "backpressure"}
         return HealthReport(
@@ -596,6 +621,13 @@ class EdgeAgent:
     def _report(self) -> None:
         """Health (counters) and the retained status, ahead of any bulk replay."""
         rep = self.health()
+        dropped = self.intake.broker_dropped
+        if dropped > self._broker_dropped >= 0:
+            log.warning("the gateway broker dropped %d more messages it had acknowledged to "
+                        "devices (its queue limits: the agent falls behind); per device they "
+                        "show as sequence gaps (readings_gap %d)", dropped - self._broker_dropped,
+                        int(rep.counters.get("readings_gap", 0)))
+        self._broker_dropped = dropped  # (it starts again from 0 when the broker restarts)
         if self.clock.monotonic_ms() >= self._next_ledger:
             self._next_ledger = self.clock.monotonic_ms() + self.config.ledger_interval_ms
             rep = HealthReport(gateway=rep.gateway, ts=rep.ts, counters=rep.counters,

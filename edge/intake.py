@@ -5,6 +5,11 @@ decodes, never takes an application lock and never blocks (paho callbacks run un
 The agent drains the deque once per tick and decodes the whole micro-batch at once. When the
 buffer is full, messages are shed and counted (``intake_overflow``), never silently lost.
 
+The broker's own count of messages it dropped (``$SYS/broker/publish/messages/dropped``: its
+queue limits tripped, so devices got a PUBACK for readings nobody will ever receive) and of
+messages it holds are read too, for health: loss upstream of the agent is visible there, and per
+device as sequence gaps (``edge.gaps``).
+
 With ``manual_ack`` the broker gets a message's PUBACK only when the agent says so (after the
 message is in the fsynced intake log); until then the broker keeps it and re-delivers it to the
 persistent session if the agent dies.
@@ -27,6 +32,9 @@ from devices.clock import Clock
 from devices.mqtt import BrokerAddress, make_client
 
 log = logging.getLogger("fieldline.edge.intake")
+
+SYS_DROPPED = "$SYS/broker/publish/messages/dropped"
+SYS_STORED = "$SYS/broker/store/messages/count"
 
 
 class MqttIntake:
@@ -55,6 +63,10 @@ class MqttIntake:
         self.overflowed = 0
         self.connected = threading.Event()
         self.subscribed = threading.Event()  # set once the broker acknowledged the subscription
+        # the broker's counters, as it last published them (-1: not heard, e.g. no ACL for it)
+        self.broker_dropped = -1
+        self.broker_stored = -1
+        self._sys_mid: int | None = None
         self._client, self._props = make_client(address, client_id,
                                                 session_expiry_s=session_expiry_s,
                                                 manual_ack=manual_ack)
@@ -77,12 +89,19 @@ class MqttIntake:
             return
         opts = SubscribeOptions(qos=self.qos)
         client.subscribe([(t, opts) for t in self.topics])
+        _rc, self._sys_mid = client.subscribe([(t, SubscribeOptions(qos=0))
+                                               for t in (SYS_DROPPED, SYS_STORED)])
         self.connected.set()
         log.info("intake connected to %s, subscribed to %s", self.address.url, self.topics)
 
-    def _on_subscribe(self, _c: mqtt.Client, _u: Any, _mid: int, rcs: list[ReasonCode],
+    def _on_subscribe(self, _c: mqtt.Client, _u: Any, mid: int, rcs: list[ReasonCode],
                       _p: Any = None) -> None:
         refused = [rc for rc in rcs if rc.is_failure]
+        if mid == self._sys_mid:
+            if refused:
+                log.warning("the gateway broker refused its $SYS counters (%s): its drops are "
+                            "seen only as sequence gaps", refused)
+            return
         if refused:
             log.error("intake subscription to %s refused: %s", self.topics, refused)
         else:
@@ -96,6 +115,16 @@ class MqttIntake:
             log.warning("intake disconnected from %s: %s (reconnecting)", self.address.url, rc)
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic.startswith("$SYS/"):
+            try:
+                value = int(msg.payload)
+            except ValueError:
+                return
+            if msg.topic == SYS_DROPPED:
+                self.broker_dropped = value
+            elif msg.topic == SYS_STORED:
+                self.broker_stored = value
+            return
         self.received += 1
         if len(self._pending) >= self.max_pending and not (self.manual_ack and msg.qos):
             # (with manual acks the broker's Receive Maximum already bounds what is pending)

@@ -118,10 +118,13 @@ class Mosquitto(_Child):
     """A Mosquitto broker on 127.0.0.1 with its own config and data directory."""
 
     def __init__(self, workdir: Path, *, persistence: bool = False, extra_conf: str = "",
-                 port: int | None = None) -> None:
+                 port: int | None = None, max_queued: int = 1_000_000,
+                 sys_interval_s: int = 10) -> None:
         super().__init__()
         self.workdir = workdir
         self.persistence = persistence
+        self.max_queued = max_queued  # per client; beyond, the broker drops (0: no limit)
+        self.sys_interval_s = sys_interval_s
         self.extra_conf = extra_conf
         self.port = port or 0
         self.binary = find_binary("mosquitto")
@@ -144,8 +147,10 @@ class Mosquitto(_Child):
             f"persistence {'true' if self.persistence else 'false'}",
             f"persistence_location {data}/",
             "autosave_interval 1",
-            # test and demo brokers must never shed silently (RELIABILITY.md)
-            "max_queued_messages 1000000",
+            # test and demo brokers must never shed silently (RELIABILITY.md): this is far
+            # beyond what they are given, unless a test sets out to overload them
+            f"max_queued_messages {self.max_queued}",
+            f"sys_interval {self.sys_interval_s}",
             "max_inflight_messages 0",  # unacknowledged deliveries: bounded by the client
             f"log_dest file {self.workdir / 'mosquitto.log'}",
             "log_type error",

@@ -32,7 +32,8 @@ class Rig:
     def __init__(self, tmp: Path, mosquitto: Callable[..., Mosquitto], influx: InfluxV1Client,
                  *, devices: int = 12, interval_ms: int = 100, outbox: str = "",
                  agent_extra: str = "", broker_persistence: bool = False,
-                 influx_proxy: bool = False) -> None:
+                 influx_proxy: bool = False, gw_broker: dict[str, Any] | None = None,
+                 intake_extra: str = "") -> None:
         self.tmp = tmp
         self.influx = influx
         host_port = influx.url.rsplit("/", 1)[-1]
@@ -40,7 +41,7 @@ class Rig:
             if influx_proxy else None
         influx_url = (f"http://127.0.0.1:{self.influx_proxy.port}" if self.influx_proxy
                       else influx.url)
-        self.gw_broker = mosquitto(persistence=broker_persistence)
+        self.gw_broker = mosquitto(persistence=broker_persistence, **(gw_broker or {}))
         self.cloud_broker = mosquitto(persistence=broker_persistence)
         self.proxy = FaultProxy("127.0.0.1", self.cloud_broker.port).start()
         self.spec = FleetSpec(gateways=1, devices_per_gateway=devices, interval_ms=interval_ms,
@@ -61,6 +62,7 @@ state_dir = "{tmp}/edge-state"
 broker = "{self.gw_broker.url}"
 topics = ["gw-1/devices/+/readings"]
 device_topic_level = 2
+{intake_extra}
 [windows]
 size = "1s"
 out_of_orderness = "300ms"

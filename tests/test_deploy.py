@@ -156,6 +156,8 @@ def test_the_chain_runs_through_both_shipped_broker_configs_over_tls(
     assert st["outbox_depth"] == 0  # every batch acknowledged
     assert ws["acks_refused"] == 0
     assert ws["acks_sent"] > 0
+    assert st["broker_dropped"] == 0  # the shipped ACL lets the agent read the broker's count
+    assert st["readings_gap"] == 0
 
 
 @pytest.mark.integration

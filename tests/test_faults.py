@@ -177,6 +177,10 @@ def test_r3_gateway_broker_sigkilled_residual_is_measured(
         assert report.mismatched == 0
         assert report.lost <= 2 * rate  # at most what a 1 s autosave window (+ in flight) holds
         assert got == n - report.lost
+        # and the ledger says so: what was lost is each device's gap (issue 12, item 7)
+        led = rig.ledger_when(lambda d: d.get("readings_accepted", 0) >= got, 20)
+        check_laws(led)
+        assert led["readings_gap"] == report.lost, (str(report), led)
     finally:
         rig.stop()
 
@@ -275,3 +279,60 @@ def test_agent_state_wiped_then_restarted_loses_nothing(rig: Rig) -> None:
     assert report.clean, str(report)
     assert got == len(everything)
     check_laws(rig.ledger_when(lambda d: d.get("windows_pending", 1) == 0, 30))
+
+
+def test_r10_overload_upstream_of_the_agent_is_counted(
+        tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto],
+        influx_db: InfluxV1Client) -> None:
+    """Issue 12, item 7 (R10): at 5x what the agent takes, the gateway broker's queue limit
+    trips and it drops messages it acknowledged to devices. Nothing may vanish without a trace:
+    each device's sequence gaps are counted on the ledger (``gap``), the broker's own drop
+    counter is in health, and every reading a device got a PUBACK for is in a window or
+    counted: lost (by the oracle) = the ledger's gaps = what the broker says it dropped.
+    (``make soak``: the same for a minute.)"""
+    overload(tmp_path, mosquitto_factory, influx_db, seconds=12)
+
+
+def overload(tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto],
+             influx_db: InfluxV1Client, *, seconds: float) -> None:
+    rig = Rig(tmp_path, mosquitto_factory, influx_db, devices=50, interval_ms=50,
+              gw_broker={"max_queued": 1_500, "sys_interval_s": 1},
+              intake_extra="max_pending = 100",  # the agent's Receive Maximum
+              agent_extra="max_batch_messages = 20")  # 20 per 100 ms tick: 200 msg/s
+    try:
+        rig.start_worker()
+        rig.start_agent()
+        time.sleep(2)
+        rig.run_fleet(seconds)  # 1,000 msg/s: 5x what the agent takes
+        rig.wait_fleet()
+        assert rig.pub is not None
+        assert rig.sim is not None
+        # the agent works off what the broker kept; then every device sends once more, so a
+        # loss at the end of a device's run is a gap before its last reading too
+        rig.ledger_when(lambda d: d.get("broker_stored", 0) >= 0 and _steady(rig), 60)
+        rig.pub.publish_tick(rig.sim.tick())
+        assert rig.pub.flush(10)
+        n = len(rig.published)
+        assert rig.pub.counters["acked"] >= n  # every reading was acknowledged to its device
+        led = rig.ledger_when(lambda d: d.get("readings_received", 0) + d.get("readings_gap", 0)
+                              >= n and d.get("windows_pending", 1) == 0, 60)
+        got = rig.wait_settled(n - led["readings_gap"])
+        report = rig.oracle()
+        check_laws(led)
+        assert report.unexpected == report.mismatched == 0, str(report)
+        assert led["readings_gap"] > 0.3 * n  # the overload did drop (the broker's queue cap)
+        assert report.lost == led["readings_gap"], (str(report), led)
+        assert led["readings_received"] + led["readings_gap"] == n, led
+        assert got == led["readings_accepted"] == n - led["readings_gap"]
+        dropped = rig.ledger_when(lambda d: d.get("broker_dropped", -1) >= led["readings_gap"],
+                                  15)["broker_dropped"]
+        assert dropped == led["readings_gap"], (dropped, led)
+    finally:
+        rig.stop()
+
+
+def _steady(rig: Rig) -> bool:
+    """The agent took all the broker holds for it: received stopped moving for 2 s."""
+    a = rig.ledger().get("readings_received", -1)
+    time.sleep(2)
+    return a == rig.ledger().get("readings_received", -2)

@@ -14,7 +14,7 @@ import pytest
 from cloud.sinks.influx_v1 import InfluxV1Client
 from fieldline.services import Mosquitto
 from tests.rig import Rig
-from tests.test_faults import finish
+from tests.test_faults import finish, overload
 
 pytestmark = [pytest.mark.integration, pytest.mark.soak]
 
@@ -77,3 +77,11 @@ def test_soak_r4_agent_killed_twenty_times(rig: Rig) -> None:
         rig.start_agent()
     rig.wait_fleet(300)
     finish(rig)
+
+
+def test_soak_r10_five_times_overload_for_a_minute(
+        tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto],
+        influx_db: InfluxV1Client) -> None:
+    """Issue 12, item 7 at length: a minute at 5x what the agent takes; every reading a device
+    got a PUBACK for is in a window or counted as a gap, equal to the broker's drop count."""
+    overload(tmp_path, mosquitto_factory, influx_db, seconds=60)
