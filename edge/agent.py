@@ -57,6 +57,7 @@ def _field(label: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in label)
 
 CHECKPOINT = "windows.npz"
+DISK_RETRY_MS = 1_000  # after a failed write under state_dir, try again this much later
 UNATTRIBUTED = "(no device)"  # the ledger row of readings rejected before naming a device
 
 
@@ -445,9 +446,7 @@ class EdgeAgent:
         self.wal = IntakeLog(state_dir / "intake") if config.durable else None
         self.uplink = MqttUplink(config.uplink_broker, gw, clock=self.clock,
                                  client_id=f"fieldline-edge-{gw}", state_dir=state_dir)
-        self.outbox = Outbox(state_dir / "outbox", max_bytes=config.outbox_max_bytes,
-                             max_age_ms=config.outbox_max_age_ms, policy=config.outbox_policy,
-                             fsync=config.outbox_fsync)
+        self.outbox = self._open_outbox()
         self.shipper = Shipper(self.outbox, self.uplink, self.clock,
                                max_inflight=config.max_inflight_batches,
                                ack_timeout_ms=config.ack_timeout_ms)
@@ -457,6 +456,64 @@ class EdgeAgent:
         self._next_checkpoint = self.clock.monotonic_ms() + config.checkpoint_interval_ms
         self._next_ledger = self.clock.monotonic_ms()
         self._broker_dropped = -1
+        # a full (or failing) disk under state_dir: nothing is acknowledged, dropped or
+        # half-written; the agent holds its intake and tries again every second
+        self.disk_errors = 0
+        self.checkpoint_errors = 0
+        self.disk_recoveries = 0
+        self._disk_reload = False  # outbox state unsure: reopen it and replay, as after a crash
+        self._disk_retry_at = 0  # monotonic ms: no intake (and no reload) before this
+        self._disk_since: int | None = None
+
+    def _open_outbox(self) -> Outbox:
+        c = self.config
+        return Outbox(self.state_dir / "outbox", max_bytes=c.outbox_max_bytes,
+                      max_age_ms=c.outbox_max_age_ms, policy=c.outbox_policy,
+                      fsync=c.outbox_fsync)
+
+    def _disk_error(self, exc: OSError, where: str, *, reload: bool) -> None:
+        """A write under state_dir failed. Count it, hold the intake for a second, and (when
+        the outbox may hold a half-written batch) rebuild from disk before going on."""
+        now = self.clock.monotonic_ms()
+        self.disk_errors += 1
+        self._disk_reload = self._disk_reload or reload
+        self._disk_retry_at = now + DISK_RETRY_MS
+        if self._disk_since is None:
+            self._disk_since = now
+            log.error("writing the %s under %s failed (%s): holding device messages at the "
+                      "broker (nothing acknowledged, nothing lost) and retrying every %.0f s",
+                      where, self.state_dir, exc, DISK_RETRY_MS / 1000)
+
+    def _disk_ok(self) -> bool:
+        """Whether the agent may take intake now; after a failure, rebuild first."""
+        if self._disk_since is None:
+            return True
+        if self.clock.monotonic_ms() < self._disk_retry_at:
+            return False
+        if self._disk_reload:
+            try:
+                self._reload()
+            except OSError as exc:
+                self._disk_error(exc, "outbox (recovering)", reload=True)
+                return False
+        log.warning("the disk under %s takes writes again after %.1f s: resuming",
+                    self.state_dir, (self.clock.monotonic_ms() - self._disk_since) / 1000)
+        self._disk_since = None
+        return True
+
+    def _reload(self) -> None:
+        """What a restart does, without losing the connections: the outbox reopened from
+        disk, the pipeline rebuilt from its checkpoint and the intake log (re-emitted windows
+        are identical; InfluxDB keeps one copy)."""
+        self.outbox.abandon()
+        self.outbox = self._open_outbox()
+        self.shipper.outbox = self.outbox
+        self.shipper.inflight.clear()
+        self._unstored = []
+        self.pipeline = EdgePipeline(self.config, self.clock)
+        self._recover()
+        self._disk_reload = False
+        self.disk_recoveries += 1
 
     def _recover(self) -> None:
         """Checkpoint, then the intake log after it, in its original ticks."""
@@ -490,17 +547,26 @@ class EdgeAgent:
 
     def tick(self) -> int:
         """One turn: acks in, intake folded, results into the outbox (fsynced), batches out."""
+        disk_ok = self._disk_ok()
+        if not disk_ok and self._disk_reload:
+            return 0  # the outbox is not touched again before it is reopened from disk
         self.shipper.apply_acks()
         n = 0
         if self._unstored:
             self._store_pending()
-        if not self.backpressure:
+        if not self.backpressure and disk_ok:
             raw = self.intake.drain(self.config.max_batch_messages)
             msgs = [(m[0], m[1], m[2]) for m in raw]
             n = len(msgs)
             if self.wal is not None and raw:
-                self.wal.append(msgs)
-                self.wal.sync()  # group commit: durable before any of them is acknowledged
+                try:
+                    self.wal.append(msgs)
+                    self.wal.sync()  # group commit: durable before any of them is acknowledged
+                except OSError as exc:  # a full disk: keep them, unacknowledged, for later
+                    self.wal.rollback()
+                    self.intake.requeue(raw)
+                    self._disk_error(exc, "intake log", reload=False)
+                    raw, msgs, n = [], [], 0
                 self.intake.ack(raw)
             overflow = self.intake.overflowed - self._last_overflow
             if overflow:
@@ -516,6 +582,8 @@ class EdgeAgent:
             res = self.pipeline.emit()
             try:
                 self._store(res)
+            except OSError:
+                raise  # the disk: handled by the caller (rebuilt from disk, nothing lost)
             except Exception:  # a bug: the windows are counted as unshipped, the loop goes on
                 self.pipeline.counters["internal_errors"] += 1
                 self.pipeline.counters["windows_unshipped"] += len(res)
@@ -531,9 +599,21 @@ class EdgeAgent:
         return n
 
     def checkpoint(self) -> None:
-        """Window state as of the last logged tick; the log before it can go."""
+        """Window state as of the last logged tick; the log before it can go. When the disk
+        will not take it, the previous checkpoint and the whole log since stay: nothing is
+        lost, the log only grows until a checkpoint succeeds again."""
         tick = self.wal.last_tick if self.wal is not None else 0
-        self.pipeline.save_checkpoint(self.state_dir, tick)
+        try:
+            self.pipeline.save_checkpoint(self.state_dir, tick)
+        except OSError as exc:
+            (self.state_dir / (CHECKPOINT + ".tmp")).unlink(missing_ok=True)
+            self.checkpoint_errors += 1
+            self._next_checkpoint = self.clock.monotonic_ms() + DISK_RETRY_MS
+            if self.checkpoint_errors == 1 or self.checkpoint_errors % 100 == 0:
+                log.error("checkpoint under %s failed (%s); the intake log keeps everything "
+                          "since the last one (%d failures)", self.state_dir, exc,
+                          self.checkpoint_errors)
+            return
         if self.wal is not None:
             self.wal.truncate_through(tick)
         self._next_checkpoint = self.clock.monotonic_ms() + self.config.checkpoint_interval_ms
@@ -600,6 +680,10 @@ class EdgeAgent:
             "uplink_no_subscribers": self.uplink.no_subscribers,
             "uplink_bytes": self.uplink.bytes_sent,
             "rss_mb": round(rss_mb(), 1),
+            "disk_errors": self.disk_errors,
+            "disk_blocked": int(self._disk_since is not None),
+            "checkpoint_errors": self.checkpoint_errors,
+            "disk_recoveries": self.disk_recoveries,
         })
         return s
 
@@ -610,7 +694,7 @@ class EdgeAgent:
                   "watermark_lag_ms", "intake_pending", "broker_stored", "uplink_inflight",
                   "rss_mb",
                   "skew_max_abs_ms", "devices_skewed", "outbox_depth", "outbox_bytes",
-                  "outbox_oldest_age_ms", "backpressure"}
+                  "outbox_oldest_age_ms", "backpressure", "disk_blocked"}
         return HealthReport(
             gateway=self.config.gateway, ts=self.clock.now_ms(),
             counters={k: int(v) for k, v in s.items() if k not in gauges},
@@ -657,6 +741,8 @@ class EdgeAgent:
                         next_health = self.clock.monotonic_ms() + self.config.health_interval_ms
                         self._report()
                     self.tick()
+                except OSError as exc:  # the disk under state_dir: rebuilt from it, retried
+                    self._disk_error(exc, "outbox", reload=True)
                 except Exception:  # a bug must not stop the gateway; it is counted and logged
                     self.pipeline.counters["internal_errors"] += 1
                     log.exception("edge tick failed")
@@ -665,13 +751,27 @@ class EdgeAgent:
 
     def _shutdown(self) -> None:
         self.intake.stop()
-        self.tick()  # what was already received still gets folded and stored
+        try:
+            if self._disk_reload:
+                raise OSError("the outbox is still to be reopened from disk")
+            self.tick()  # what was already received still gets folded and stored
+        except OSError as exc:  # a full disk: what was not logged was not acknowledged either
+            log.error("stopping with the disk under %s failing (%s); the broker keeps what "
+                      "was not logged", self.state_dir, exc)
+            self.outbox.abandon()
+            if self.wal is not None:
+                self.wal.rollback()
+            self.uplink.stop()
+            return
         if self.config.flush_on_stop:
             self._store(self.pipeline.emit(flush=True))
             self.outbox.sync()
         self.checkpoint()
         if self.wal is not None:
-            self.wal.close()
+            try:
+                self.wal.close()
+            except OSError:
+                self.wal.rollback()  # (its last tick was not acknowledged: the broker has it)
         # give the cloud a moment to acknowledge what is on the wire; the rest stays on disk
         deadline = self.clock.monotonic_ms() + 3_000
         while self.outbox.depth and self.uplink.connected.is_set() and (
@@ -682,7 +782,10 @@ class EdgeAgent:
         self.shipper.apply_acks()
         self._next_ledger = 0
         self._report()
-        self.outbox.close()
+        try:
+            self.outbox.close()
+        except OSError:  # what did not reach the disk is replayed from the intake log
+            self.outbox.abandon()
         self.uplink.stop()
         log.info("edge agent %s stopped (%d batches left in the outbox)", self.config.gateway,
                  self.outbox.depth)

@@ -151,6 +151,11 @@ class MqttIntake:
         n = min(limit, len(pending))
         return [pending.popleft() for _ in range(n)]
 
+    def requeue(self, messages: list[tuple[str, bytes, int, int, int]]) -> None:
+        """Put drained messages back in front, in their order (not logged, not acknowledged:
+        the intake log could not take them; they are tried again)."""
+        self._pending.extendleft(reversed(messages))
+
     def ack(self, messages: list[tuple[str, bytes, int, int, int]]) -> None:
         """PUBACK these (manual-ack mode), in the order they were received."""
         if self.manual_ack:

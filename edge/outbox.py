@@ -24,6 +24,7 @@ Recovery: segments are scanned on open; a record with a short read or a bad CRC 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
@@ -373,3 +374,13 @@ class Outbox:
         self.sync()
         self._close_writer()
         self._acks.close()
+
+    def abandon(self) -> None:
+        """Let go of the files without another write that counts (after a failed write: a
+        full disk). What is on disk is what a new ``Outbox`` on the directory recovers, as
+        after a crash: torn tails cut, the journal reconciled with the segments."""
+        for fh in ((self._writer[1] if self._writer else None), self._acks):
+            if fh is not None:
+                with contextlib.suppress(OSError):
+                    fh.close()
+        self._writer = None

@@ -83,13 +83,20 @@ class SequenceAllocator:
         self._reserve()
 
     def _reserve(self) -> None:
-        self._ceiling = self._next + SEQ_BLOCK
+        """Reserve the next block on disk first: a number is handed out only once it is
+        durably below the ceiling (a full disk raises here, and nothing is handed out)."""
+        ceiling = self._next + SEQ_BLOCK
         tmp = self._path.with_suffix(".tmp")
-        with tmp.open("w") as fh:
-            fh.write(f"{self.incarnation} {self._ceiling}\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self._path)
+        try:
+            with tmp.open("w") as fh:
+                fh.write(f"{self.incarnation} {ceiling}\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self._path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
+        self._ceiling = ceiling
 
     def next(self) -> int:
         if self._next >= self._ceiling:

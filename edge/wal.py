@@ -14,6 +14,7 @@ its CRC ends the log (a torn tail: that tick was never acknowledged, so the brok
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -45,6 +46,8 @@ class IntakeLog:
         self.torn = 0
         for _tick, _ in self._scan(0, truncate=True):
             pass
+        # what is known durable: (segment, its size) and the tick, as of the last sync
+        self._synced: tuple[Path | None, int, int] = (None, 0, self.last_tick)
 
     def _segments(self) -> list[Path]:
         return sorted(self.dir.glob("*.wal"))
@@ -104,6 +107,23 @@ class IntakeLog:
             self._fh.flush()
             if self.fsync:
                 os.fsync(self._fh.fileno())
+            self._synced = (self._path, self._fh.tell(), self.last_tick)
+
+    def rollback(self) -> None:
+        """After a failed ``append`` or ``sync`` (a full disk): forget everything since the
+        last sync, on disk too, so the log ends with whole records. Those messages were never
+        acknowledged; the caller keeps them and logs them again later."""
+        path, size, tick = self._synced
+        if self._fh is not None:
+            with contextlib.suppress(OSError):
+                self._fh.close()  # (what it still flushes is cut off below)
+        if self._path is not None and self._path != path:
+            self._path.unlink(missing_ok=True)  # a segment begun since
+        if path is not None:
+            with contextlib.suppress(OSError), path.open("r+b") as fh:
+                fh.truncate(size)
+        self._fh, self._path = None, None
+        self.last_tick = tick
 
     def truncate_through(self, tick: int) -> None:
         """Delete segments whose every record is covered by a checkpoint at ``tick``."""

@@ -4,10 +4,13 @@ mismatched = 0 and the gateway's conservation law exact."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 import signal
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -336,3 +339,61 @@ def _steady(rig: Rig) -> bool:
     a = rig.ledger().get("readings_received", -1)
     time.sleep(2)
     return a == rig.ledger().get("readings_received", -2)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MiB tmpfs (the tests run as root, as CI does): a disk that really fills."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    mnt = tmp_path / "edge-state"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Fill ``disk`` to the last byte (ENOSPC for everyone else)."""
+    filler = disk / "filler"
+    block = b"\0" * 65536
+    with filler.open("wb", buffering=0) as fh:
+        with contextlib.suppress(OSError):
+            while True:
+                fh.write(block)
+        with contextlib.suppress(OSError):
+            while True:
+                fh.write(b"\0" * 512)
+    return filler
+
+
+def test_r12_disk_full_under_the_agent_loses_nothing(
+        tmp_path: Path, small_disk: Path, mosquitto_factory: Callable[..., Mosquitto],
+        influx_db: InfluxV1Client) -> None:
+    """Issue 12, item 4 (R12): the agent's state directory fills up (ENOSPC) for 8 s while the
+    fleet publishes. A failed intake-log append leaves its messages unacknowledged and retried,
+    a failed outbox write rebuilds from disk as after a crash, a failed checkpoint keeps the
+    log: nothing is lost, the ledger balances, health shows it, and the agent resumes by itself
+    when space returns."""
+    rig = Rig(tmp_path, mosquitto_factory, influx_db)
+    assert rig.gateway_cfg.read_text().count(str(small_disk)) == 1
+    try:
+        rig.start_worker()
+        rig.start_agent()
+        time.sleep(2)
+        rig.run_fleet(16)
+        time.sleep(3)
+        filler = fill(small_disk)
+        time.sleep(8)
+        h = rig.health("edge")
+        filler.unlink()
+        rig.wait_fleet()
+        led = finish(rig)
+        assert h.get("disk_errors", 0) > 0, h  # it noticed, and said so
+        assert h.get("disk_blocked") == 1, h
+        assert rig.health("edge").get("disk_blocked") == 0  # and got going again by itself
+        assert led["readings_gap"] == 0
+    finally:
+        rig.stop()
