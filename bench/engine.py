@@ -27,7 +27,14 @@ import psutil
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.common import Figure, GaveUpError, figure, report
-from devices.contract import HealthReport, ResultBatch, ack_topic, decode_uplink, encode_ack
+from devices.contract import (
+    HealthReport,
+    ResultBatch,
+    ack_topic,
+    batch_digest,
+    decode_uplink,
+    encode_ack,
+)
 from devices.readings import ReadingColumns
 from edge.engine import EngineConfig, WindowEngine
 from edge.eventtime import EventTimeSpec
@@ -185,7 +192,9 @@ health_interval = "500ms"
             return  # late readings, ledgers, our own acknowledgements
         rep = decode_uplink(m.payload)
         if isinstance(rep, ResultBatch):  # acknowledged as the cloud worker would, once stored
-            sub.publish(ack_topic(rep.gateway), encode_ack([rep.seq]), qos=1)
+            sub.publish(ack_topic(rep.gateway), encode_ack(
+                [rep.seq], incarnation=rep.incarnation,
+                proofs={rep.seq: batch_digest(m.payload)}), qos=1)
         if isinstance(rep, HealthReport):
             health.update(rep.counters)
             health.update(rep.gauges)

@@ -46,7 +46,7 @@ class PartitionedSource(Protocol):
     def messages(self) -> AsyncIterator[SourceMessage]: ...
 
     async def ack(self, gateway: str, acked: list[int], rejected: list[int],
-                  incarnation: int = 0) -> bool:
+                  incarnation: int = 0, proofs: dict[int, str] | None = None) -> bool:
         """Tell a gateway (its ``incarnation``) which batches are safely stored (and which are
         unusable); False when it could not be sent now (the gateway will re-send, and be
         acked again)."""
@@ -141,7 +141,8 @@ class MqttSource:
         self._paho = paho
 
     async def ack(self, gateway: str, acked: list[int], rejected: list[int],
-                  incarnation: int = 0, timeout_s: float = 10.0) -> bool:
+                  incarnation: int = 0, proofs: dict[int, str] | None = None,
+                  timeout_s: float = 10.0) -> bool:
         """Publish the ack and wait for its PUBACK; False (counted, logged) when it could not
         be sent or the broker refused it: the gateway will re-send, and be acked again."""
         import aiomqtt
@@ -150,8 +151,8 @@ class MqttSource:
         if client is None:
             return False
         try:
-            info = self._paho.publish(ack_topic(gateway), encode_ack(acked, rejected, incarnation),
-                                      qos=1)
+            payload = encode_ack(acked, rejected, incarnation, proofs)
+            info = self._paho.publish(ack_topic(gateway), payload, qos=1)
             if info.rc != 0:
                 raise aiomqtt.MqttError(f"publish failed ({info.rc})")
             rc = self._early.pop(info.mid, None)

@@ -42,6 +42,8 @@ from devices.contract import (
     HealthReport,
     ResultBatch,
     ResultColumns,
+    SupersededRows,
+    batch_digest,
     decode_uplink,
     gateway_from_topic,
     peek_batch_id,
@@ -51,6 +53,20 @@ from devices.registry import Registry
 from devices.rejects import RejectLog
 
 log = logging.getLogger("fieldline.cloud")
+
+FOREIGN_DEVICE = "foreign_device"  # results of a device the registry assigns to another gateway
+
+
+def _keep_rows(batch: ResultBatch, keep: np.ndarray, superseded: SupersededRows | None
+               ) -> ResultBatch:
+    """The batch with only the result rows ``keep`` (a mask) and these superseded ones."""
+    kept = batch.results.take(np.flatnonzero(keep))
+    results = ResultColumns(
+        **{f: getattr(kept, f) for f in BASE_FIELDS}, seq_min=kept.seq_min,
+        seq_max=kept.seq_max, seq_sum=kept.seq_sum, spec=kept.spec, pct=kept.pct,
+        sk_keys=kept.sk_keys, sk_counts=kept.sk_counts, sk_offsets=kept.sk_offsets,
+        superseded=superseded)
+    return replace(batch, results=results)
 DETECT_SNAPSHOT_S = 300.0  # how often the detector state is saved to state_dir (and at stop)
 
 
@@ -122,7 +138,7 @@ class CloudWorker:
         self.freshness_ms: deque[int] = deque(maxlen=5000)  # window end -> InfluxDB confirmed
         self.edge_health: dict[str, HealthReport] = {}
         # (gateway, incarnation) -> (acked, rejected) batch numbers, sent by the acker task
-        self._acks: dict[tuple[str, int], tuple[list[int], list[int]]] = {}
+        self._acks: dict[tuple[str, int], tuple[list[int], list[int], dict[int, str]]] = {}
         self.written_by_gateway: dict[str, int] = {}  # results written since this worker start
         # latest revision written per result identity (bounded; dedup covers older re-sends)
         self._revisions: dict[tuple[str, str, str, str, int], int] = {}
@@ -140,8 +156,12 @@ class CloudWorker:
 
     # ---- synchronous stages -------------------------------------------------------------
 
-    def _ack(self, gateway: str, inc: int, seq: int, *, rejected: bool = False) -> None:
-        self._acks.setdefault((gateway, inc), ([], []))[1 if rejected else 0].append(seq)
+    def _ack(self, gateway: str, inc: int, seq: int, digest: str, *,
+             rejected: bool = False) -> None:
+        """Acknowledge batch ``seq``, naming the digest of what we received as its proof."""
+        acked, refused, proofs = self._acks.setdefault((gateway, inc), ([], [], {}))
+        (refused if rejected else acked).append(seq)
+        proofs[seq] = digest
         self._ack_wake.set()
 
     def handle(self, msg: SourceMessage) -> None:
@@ -154,7 +174,8 @@ class CloudWorker:
             if ident is not None and ident[0] == gateway_from_topic(msg.topic):
                 # a well-addressed batch we cannot use: say so, or the edge re-sends it forever
                 self.counters["batches_rejected"] += 1
-                self._ack(ident[0], ident[1], ident[2], rejected=True)
+                self._ack(ident[0], ident[1], ident[2], batch_digest(msg.payload),
+                          rejected=True)
             return
         topic_gw = msg.topic.split("/")[2] if msg.topic.count("/") >= 3 else None
         if topic_gw != up.gateway:
@@ -164,34 +185,37 @@ class CloudWorker:
         if isinstance(up, HealthReport):
             self._handle_health(up)
         else:
-            self._handle_results(up)
+            self._handle_results(up, batch_digest(msg.payload))
 
     def _handle_health(self, rep: HealthReport) -> None:
         self.counters["health_in"] += 1
         self.edge_health[rep.gateway] = rep
-        ln = pipeline_line("edge", {"gateway": rep.gateway}, rep.counters, rep.gauges, rep.ts)
+        # a gateway whose own clock is not set yet says so: its report is filed at our time
+        ts = self.clock.now_ms() if rep.gauges.get("clock_unsynced") else rep.ts
+        ln = pipeline_line("edge", {"gateway": rep.gateway}, rep.counters, rep.gauges, ts)
         lines = [ln] if ln else []
         if rep.devices:
-            lines += device_lines(rep.gateway, rep.devices, rep.ts)
-        lines += ledger_lines(rep.gateway, rep.counters, rep.ledger, rep.ts,
+            lines += device_lines(rep.gateway, rep.devices, ts)
+        lines += ledger_lines(rep.gateway, rep.counters, rep.ledger, ts,
                               self.written_by_gateway.get(rep.gateway, 0))
         self.writer.add(lines)
 
-    def _handle_results(self, batch: ResultBatch) -> None:
+    def _handle_results(self, batch: ResultBatch, digest: str) -> None:
         inc = batch.incarnation
         seen = self.dedup.check_and_record(dedup_key(batch.gateway, inc), batch.seq)
         if seen is Seen.WRITTEN:  # written before: the edge missed our ack, say it again
             self.counters["duplicate_batches"] += 1
-            self._ack(batch.gateway, inc, batch.seq)
+            self._ack(batch.gateway, inc, batch.seq, digest)
             return
         if seen is Seen.PENDING:  # its first copy is on its way to InfluxDB
             self.counters["duplicate_batches"] += 1
             return
         self.counters["batches_in"] += 1
         self.counters["results_in"] += len(batch.results)
+        batch = self._drop_foreign_devices(batch)
         batch = self._drop_stale_revisions(batch)
         if len(batch.results) == 0 and batch.results.superseded is None:
-            self._ack(batch.gateway, inc, batch.seq)  # nothing newer in it; done
+            self._ack(batch.gateway, inc, batch.seq, digest)  # nothing newer in it; done
             return
         rows = self.enricher.enrich(batch)
         det = self.detection.run(rows)
@@ -206,7 +230,7 @@ class CloudWorker:
             self.counters["alerts_opened" if e.state == "open" else "alerts_resolved"] += 1
         max_end = int((batch.results.start + batch.results.width).max()) if len(rows) else 0
         self.writer.add(lines, token=(batch.gateway, inc, batch.seq, batch.sent_ms, max_end,
-                                      len(rows)))
+                                      len(rows), digest))
         sup = batch.results.superseded
         if sup is not None and len(sup):
             self.counters["superseded"] += len(sup)
@@ -216,6 +240,29 @@ class CloudWorker:
                 batch.gateway, batch.devices, batch.metrics, batch.specs, sites,
                 sup.device.tolist(), sup.metric.tolist(), sup.spec.tolist(),
                 sup.start.tolist()))
+
+    def _drop_foreign_devices(self, batch: ResultBatch) -> ResultBatch:
+        """Rows of devices the registry assigns to another gateway are refused and counted
+        (a gateway speaks for its own devices only: a compromised or misconfigured one must
+        not write another's series)."""
+        foreign = [i for i, name in enumerate(batch.devices)
+                   if (dev := self.registry.get(name)) is not None and dev.gateway
+                   and dev.gateway != batch.gateway]
+        if not foreign:
+            return batch
+        r = batch.results
+        bad = np.isin(r.device, foreign)
+        n = int(bad.sum())
+        if n:
+            self.rejects.reject(FOREIGN_DEVICE, f"{batch.gateway} sent {n} result(s) of "
+                                f"{[batch.devices[i] for i in foreign][:5]}, registered to "
+                                f"other gateways", n)
+        sup = r.superseded
+        if sup is not None and len(sup):
+            ok = ~np.isin(sup.device, foreign)
+            sup = None if not ok.any() else SupersededRows(
+                sup.device[ok], sup.metric[ok], sup.spec[ok], sup.start[ok])
+        return _keep_rows(batch, ~bad, sup)
 
     def _drop_stale_revisions(self, batch: ResultBatch) -> ResultBatch:
         """Rows whose window was already written at a newer revision are left out: a revision
@@ -240,13 +287,7 @@ class CloudWorker:
         if keep.all():
             return batch
         self.counters["stale_revisions"] += int((~keep).sum())
-        kept = r.take(np.flatnonzero(keep))
-        results = ResultColumns(
-            **{f: getattr(kept, f) for f in BASE_FIELDS}, seq_min=kept.seq_min,
-            seq_max=kept.seq_max, seq_sum=kept.seq_sum, spec=kept.spec, pct=kept.pct,
-            sk_keys=kept.sk_keys, sk_counts=kept.sk_counts, sk_offsets=kept.sk_offsets,
-            superseded=r.superseded)
-        return replace(batch, results=results)
+        return _keep_rows(batch, keep, r.superseded)
 
     def _on_written(self, tokens: list[object]) -> None:
         now = self.clock.now_ms()
@@ -258,8 +299,9 @@ class CloudWorker:
             sent: int = tok[3]
             max_end: int = tok[4]
             n: int = tok[5]
+            digest: str = tok[6]
             self.dedup.mark_written(dedup_key(gw, inc), seq)
-            self._ack(gw, inc, seq)
+            self._ack(gw, inc, seq, digest)
             self.written_by_gateway[gw] = self.written_by_gateway.get(gw, 0) + n
             self.counters["results_written"] += n
             self.lag_ms.append(now - sent)
@@ -336,8 +378,8 @@ class CloudWorker:
             todo, self._acks = self._acks, {}
             if self._dedup_path is not None:
                 await asyncio.to_thread(self.dedup.save, self._dedup_path)
-            for (gw, inc), (acked, rejected) in todo.items():
-                if await self.source.ack(gw, acked, rejected, inc):
+            for (gw, inc), (acked, rejected, proofs) in todo.items():
+                if await self.source.ack(gw, acked, rejected, inc, proofs):
                     self.counters["acks_sent"] += len(acked) + len(rejected)
                 else:
                     self.counters["acks_unsent"] += len(acked) + len(rejected)

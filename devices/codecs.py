@@ -96,6 +96,7 @@ class PayloadDecoder:
         known_metric: Callable[[str], bool] | None = None,
         known_device: Callable[[str], bool] | None = None,
         admit_device: Callable[[str, int], str | None] | None = None,
+        topic_identity: bool = False,
     ) -> None:
         self.devices = devices
         self.metrics = metrics
@@ -106,6 +107,9 @@ class PayloadDecoder:
         # and a new device id may be refused (a reason) before it takes one: a bound, a rate
         self.admit_device = admit_device
         self.device_topic_level = device_topic_level
+        # the topic names the device, and a payload may not claim another (the broker's ACL
+        # binds each device's credentials to its own topic: the payload is only its word)
+        self.topic_identity = topic_identity and device_topic_level is not None
         self.max_payload_bytes = max_payload_bytes
         self.rejected_devices: list[tuple[int, str]] = []
 
@@ -116,6 +120,17 @@ class PayloadDecoder:
         if self.device_topic_level < len(parts):
             return parts[self.device_topic_level]
         return None
+
+    def _claim_ok(self, claimed: object, topic: str, reject: Any) -> bool:
+        """Under topic identity, a payload naming another device than its topic is refused
+        (counted against the topic's device, whose credentials sent it)."""
+        if not self.topic_identity:
+            return True
+        mine = self._topic_device(topic)
+        if mine is None or claimed == mine:
+            return True
+        reject(rejects.DEVICE_MISMATCH, f"{topic}: the payload claims device {claimed!r}")
+        return False
 
     def decode(
         self, messages: list[tuple[str, bytes, int]]
@@ -169,6 +184,8 @@ class PayloadDecoder:
             device = doc.get("device")
             if device is None:
                 device = self._topic_device(topic)
+            elif not self._claim_ok(device, topic, reject):
+                return
             if not _valid_device_id(device):
                 reject(rejects.MISSING_FIELD if device is None else rejects.WRONG_TYPE,
                        f"{topic}: bad or missing device id {device!r}")
@@ -296,6 +313,8 @@ class PayloadDecoder:
                 ts = recv + ts
             if not _valid_device_id(device):
                 reject(rejects.MISSING_FIELD, f"{topic}: SenML name {name!r} names no device")
+                continue
+            if cut >= 0 and not self._claim_ok(device, topic, reject):
                 continue
             assert device is not None
             seq = rec.get("seq", NO_SEQ)

@@ -33,6 +33,7 @@ retyping one needs ``v`` to change.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,22 +95,33 @@ def ack_topic(gateway: str) -> str:
     return f"{TOPIC_ROOT}/{gateway}/ack"
 
 
+def batch_digest(payload: bytes) -> str:
+    """What an ack proves it is about: a digest of the batch exactly as the gateway sent it.
+    Only who received the batch can name it, so an ack forged by anyone else who may publish
+    on the ack topic (or meant for another copy of a sequence number) deletes nothing."""
+    return hashlib.blake2b(payload, digest_size=16).hexdigest()
+
+
 @dataclass(frozen=True)
 class Ack:
-    """Batches of one agent incarnation now in InfluxDB, and batches the cloud cannot use."""
+    """Batches of one agent incarnation now in InfluxDB, and batches the cloud cannot use,
+    each with the digest of the batch it received (``proofs``: seq -> ``batch_digest``)."""
 
     acked: list[int]
     rejected: list[int]
     incarnation: int = 0
+    proofs: dict[int, str] = field(default_factory=dict)
 
 
-def encode_ack(acked: list[int], rejected: list[int] | None = None, incarnation: int = 0
-               ) -> bytes:
+def encode_ack(acked: list[int], rejected: list[int] | None = None, incarnation: int = 0,
+               proofs: dict[int, str] | None = None) -> bytes:
     """Batches now in InfluxDB (``acked``), and batches the cloud cannot use (``rejected``),
-    of the agent incarnation ``incarnation``."""
+    of the agent incarnation ``incarnation``, with the digest of each as received."""
     doc: dict[str, Any] = {"v": VERSION, "acked": acked, "rejected": rejected or []}
     if incarnation:
         doc["inc"] = incarnation
+    if proofs:
+        doc["proof"] = {str(k): v for k, v in proofs.items()}
     return orjson.dumps(doc)
 
 
@@ -127,7 +139,11 @@ def decode_ack(payload: bytes) -> Ack:
     inc = doc.get("inc", 0)
     if type(inc) is not int or inc < 0:
         raise ContractError(BAD_UPLINK, "ack incarnation must be an integer >= 0")
-    return Ack(acked, rejected, inc)
+    raw = doc.get("proof", {})
+    if not isinstance(raw, dict) or not all(
+            isinstance(k, str) and k.isdigit() and isinstance(v, str) for k, v in raw.items()):
+        raise ContractError(BAD_UPLINK, "ack proofs must map sequence numbers to digests")
+    return Ack(acked, rejected, inc, {int(k): v for k, v in raw.items()})
 
 
 def late_topic(gateway: str) -> str:

@@ -22,6 +22,8 @@ UNKNOWN_DEVICE = "unknown_device"  # device not in the registry (when the regist
 BAD_TIMESTAMP = "bad_timestamp"  # event time before 2020: a device clock at 1970
 CLOCK_FUTURE = "clock_future"  # event time further ahead of the gateway clock than max_future
 CLOCK_PAST = "clock_past"  # event time further behind the gateway clock than max_past
+DEVICE_MISMATCH = "device_mismatch"  # the payload names another device than its topic
+CLOCK_UNSYNCED = "clock_unsynced"  # held while the gateway clock was implausible; the hold was full
 PAYLOAD_TOO_LARGE = "payload_too_large"
 INTAKE_OVERFLOW = "intake_overflow"  # intake buffer full: shed, counted
 DEVICE_LIMIT = "device_limit"  # a new device id beyond gateway.max_devices
@@ -51,6 +53,8 @@ READING_REASONS = (
     INTERNAL_ERROR,
     DEVICE_LIMIT,
     DEVICE_RATE,
+    CLOCK_UNSYNCED,
+    DEVICE_MISMATCH,
 )
 
 

@@ -34,6 +34,7 @@ from devices.contract import (
 )
 from devices.readings import Interner, ReadingColumns
 from devices.rejects import RejectLog
+from edge.clockguard import ClockGuard
 from edge.config import EdgeConfig
 from edge.engine import WindowEngine
 from edge.eventtime import UNKNOWN_SKEW
@@ -117,6 +118,7 @@ class EdgePipeline:
             max_payload_bytes=config.max_payload_bytes, known_metric=config.catalog.admits,
             known_device=registry.__contains__
             if registry is not None and config.unknown_devices == "reject" else None,
+            topic_identity=config.device_identity == "topic",
             admit_device=DeviceAdmission(self.devices, max_devices=config.max_devices,
                                          per_s=config.new_devices_per_s,
                                          burst=config.new_devices_burst))
@@ -133,6 +135,10 @@ class EdgePipeline:
         self.ledger_rejects: np.ndarray = np.zeros((0, len(rejects.READING_REASONS)), np.int64)
         self._ledger_sent: dict[str, np.ndarray] = {}
         self.gaps = SeqGaps()  # holes in each device's numbering: lost before the agent
+        # the gateway's own clock: while it cannot be trusted, messages wait here
+        self.guard = ClockGuard(floor_ms=config.clock_floor_ms,
+                                max_future_ms=config.max_future_ms,
+                                max_bytes=config.quarantine_max_bytes)
 
     def _ledger_grow(self) -> None:
         n = len(self.devices)
@@ -164,7 +170,27 @@ class EdgePipeline:
             np.add.at(self.ledger_rejects[:, _REASON_INDEX[reason]], known, 1)
 
     def process(self, messages: list[tuple[str, bytes, int]]) -> None:
-        """Decode, validate and fold one micro-batch of raw messages."""
+        """Decode, validate and fold one micro-batch of raw messages; while the gateway clock
+        cannot be trusted, hold them instead (and fold what was held once it can)."""
+        now, mono = self.clock.now_ms(), self.clock.monotonic_ms()
+        if self.guard.judge(now, mono) is not None:
+            shed = self.guard.hold(messages, now, mono)
+            if shed:
+                self._fold(shed, refuse=rejects.CLOCK_UNSYNCED)
+            return
+        if self.guard.held:
+            messages = self.guard.release(now, mono) + messages
+        self._fold(messages)
+
+    def wall_ms(self) -> int:
+        """The time to stamp what leaves the agent: the gateway clock, or while it cannot be
+        trusted, the best estimate of the true time."""
+        return self.guard.estimate_ms(self.clock.now_ms(), self.clock.monotonic_ms())
+
+    def _fold(self, messages: list[tuple[str, bytes, int]], *, refuse: str | None = None
+              ) -> None:
+        """Decode, validate and fold raw messages (``refuse``: reject every reading in them
+        for that reason, still per device)."""
         self.counters["messages_in"] += len(messages)
         cols, bad, samples = self.decoder.decode(messages)
         self._ledger_grow()
@@ -182,6 +208,13 @@ class EdgePipeline:
         if bad:
             for reason, n in bad.items():
                 self.rejects.reject(reason, samples[0] if samples else "", n)
+        if refuse is not None and len(cols):
+            self.rejects.reject(refuse, f"{len(cols)} reading(s) of {len(messages)} "
+                                        f"message(s)", len(cols))
+            self._count_rejects(cols.device.astype(np.int64), refuse)
+            self._count("received", cols.device.astype(np.int64))
+            self._observe_gaps(cols, np.ones(len(cols), bool), np.empty(0, np.int64))
+            return
         cols = self.engine.adjust_time(cols, self.clock.monotonic_ms())
         ok, vbad = self.validator.check(cols, self.clock.now_ms())
         for reason, n in vbad.items():
@@ -199,6 +232,7 @@ class EdgePipeline:
         fine[out.dup_rows] = False
         fine[out.late_rows] = False
         self._count("accepted", gdev[fine])
+        self.guard.accepted(good.ts[fine])
         late = out.late_dropped[self.primary]
         self.counters["readings_accepted"] += out.accepted - late
         self.counters["late_revised"] += out.late_revised[self.primary]
@@ -290,7 +324,7 @@ class EdgePipeline:
             )
             out.append(ResultBatch(
                 gateway=self.config.gateway, seq=next_seq(),
-                watermark=wm if wm is not None else 0, sent_ms=self.clock.now_ms(),
+                watermark=wm if wm is not None else 0, sent_ms=self.wall_ms(),
                 devices=[self.devices.names[i] for i in ud],
                 metrics=[self.metrics.names[i] for i in um],
                 results=results, specs=eng.labels, percentiles=list(eng.percentiles),
@@ -322,10 +356,18 @@ class EdgePipeline:
             "devices_seen": len(self.devices) - (self.devices.get(UNATTRIBUTED) is not None),
             "devices_silent": len(self.engine.silent_devices()),
             "clock_corrected": self.engine.corrected,
-            "watermark_lag_ms": (self.clock.now_ms() - wm) if wm is not None else 0,
+            "watermark_lag_ms": (self.wall_ms() - wm) if wm is not None else 0,
             "internal_errors": c["internal_errors"],
             "readings_gap": int(self.gaps.gap.sum()),
             "windows_unshipped": c["windows_unshipped"],
+            # the gateway's own clock: 1 while it cannot be trusted (messages are held)
+            "clock_unsynced": int(self.guard.reason is not None),
+            "quarantine_held": len(self.guard.held),
+            "quarantine_bytes": self.guard.held_bytes,
+            "messages_quarantined": self.guard.quarantined,
+            "quarantine_released": self.guard.released,
+            "quarantine_shed": self.guard.shed,
+            "clock_unsynced_episodes": self.guard.episodes,
         }
         for reason in rejects.READING_REASONS:
             s["rejected_" + reason] = rej.get(reason, 0)
@@ -387,6 +429,7 @@ class EdgePipeline:
             snap["ledger_" + k] = v
         snap["ledger_rejects"] = self.ledger_rejects
         snap.update(self.gaps.snapshot())
+        snap.update(self.guard.snapshot())
         snap["counters"] = np.array([orjson.dumps({"c": dict(self.counters),
                                                    "r": dict(self.rejects.counts)}).decode()])
         path = state_dir / CHECKPOINT
@@ -414,7 +457,11 @@ class EdgePipeline:
             if "ledger_" + k in snap:
                 self.ledger[k] = snap.pop("ledger_" + k).astype(np.int64)
         if "ledger_rejects" in snap:
-            self.ledger_rejects = snap.pop("ledger_rejects").astype(np.int64)
+            saved = snap.pop("ledger_rejects").astype(np.int64)
+            width = len(rejects.READING_REASONS)  # reasons are only ever appended
+            self.ledger_rejects = np.zeros((len(saved), width), np.int64)
+            self.ledger_rejects[:, : saved.shape[1]] = saved[:, :width]
+        self.guard.restore(snap)
         self.gaps.restore(snap)
         if "counters" in snap:
             saved = orjson.loads(str(snap.pop("counters")[0]))
@@ -588,7 +635,7 @@ class EdgeAgent:
                 self.pipeline.counters["internal_errors"] += 1
                 self.pipeline.counters["windows_unshipped"] += len(res)
                 log.exception("storing %d window results failed", len(res))
-        self.outbox.expire(self.clock.now_ms())
+        self.outbox.expire(self.pipeline.wall_ms())
         self.outbox.sync()  # group commit: one fsync for everything appended this tick
         if self.wal is not None and self.clock.monotonic_ms() >= self._next_checkpoint:
             self.checkpoint()
@@ -629,7 +676,7 @@ class EdgeAgent:
         self._store_pending()
 
     def _store_pending(self) -> None:
-        now = self.clock.now_ms()
+        now = self.pipeline.wall_ms()
         while self._unstored:
             seq, payload, windows, readings = self._unstored[0]
             if not self.outbox.append(seq, payload, windows=windows, readings=readings,
@@ -640,7 +687,7 @@ class EdgeAgent:
     def stats(self) -> dict[str, float]:
         s = self.pipeline.stats()
         ob = self.outbox
-        now = self.clock.now_ms()
+        now = self.pipeline.wall_ms()
         s.update({
             "intake_pending": self.intake.pending,
             # loss upstream of the agent: the gateway broker's own count of messages its queue
@@ -673,6 +720,7 @@ class EdgeAgent:
             + self.pipeline.counters["windows_unshipped"],
             "batches_rejected_by_cloud": self.shipper.rejected,
             "acks_for_other_incarnation": self.shipper.foreign_acks,
+            "acks_unproven": ob.unproven_acks,  # not naming the batch's digest: ignored
             "acks_overdue": self.shipper.overdue(),
             "ack_wait_ms": self.shipper.oldest_unacked_ms(),
             "uplink_inflight": len(self.shipper.inflight),
@@ -694,9 +742,10 @@ class EdgeAgent:
                   "watermark_lag_ms", "intake_pending", "broker_stored", "uplink_inflight",
                   "rss_mb",
                   "skew_max_abs_ms", "devices_skewed", "outbox_depth", "outbox_bytes",
-                  "outbox_oldest_age_ms", "backpressure", "disk_blocked"}
+                  "outbox_oldest_age_ms", "backpressure", "disk_blocked",
+                  "clock_unsynced", "quarantine_held", "quarantine_bytes"}
         return HealthReport(
-            gateway=self.config.gateway, ts=self.clock.now_ms(),
+            gateway=self.config.gateway, ts=self.pipeline.wall_ms(),
             counters={k: int(v) for k, v in s.items() if k not in gauges},
             gauges={k: float(v) for k, v in s.items() if k in gauges},
             devices=self.pipeline.device_report(),
@@ -722,6 +771,7 @@ class EdgeAgent:
         self.uplink.publish_status({
             "last_seen": rep.ts, "outbox_depth": self.outbox.depth,
             "outbox_oldest_age_ms": self.outbox.oldest_age_ms(rep.ts),
+            "clock_unsynced": self.pipeline.guard.reason,
             "watermark": wm if wm is not None else 0})
 
     async def run(self, stop: asyncio.Event) -> None:

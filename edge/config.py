@@ -5,6 +5,7 @@ See ``deploy/gateway.toml`` for a commented example.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from devices.registry import Registry
 from devices.settings import Section, load_toml
 from edge.engine import CLOCK_POLICIES, EngineConfig
 from edge.eventtime import EventTimeSpec
-from edge.windows import WindowSpec
+from edge.windows import EPOCH_BASE_MS, WindowSpec
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,6 +27,7 @@ class EdgeConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     topics: list[str] = field(default_factory=lambda: ["devices/+/readings"])
     device_topic_level: int | None = 1
+    device_identity: str = "topic"  # topic: a payload may not name another device than its topic
     intake_qos: int = 1
     durable: bool = True  # intake log + acknowledging device messages only once logged
     checkpoint_interval_ms: int = 30_000
@@ -33,6 +35,8 @@ class EdgeConfig:
     max_payload_bytes: int = 256 * 1024
     max_future_ms: int = 5 * 60_000
     max_past_ms: int = 7 * 86_400_000
+    clock_floor_ms: int = EPOCH_BASE_MS  # a gateway clock before this is not yet set
+    quarantine_max_bytes: int = 64 * 2**20  # messages held while the gateway clock is wrong
     registry_path: Path | None = None
     unknown_devices: str = "reject"  # with a registry: reject or accept readings of unknown ids
     max_devices: int = 20_000  # device ids the agent takes at most (new ones beyond: refused)
@@ -59,6 +63,8 @@ class EdgeConfig:
         if not self.gateway or any(c in self.gateway for c in "/+# "):
             raise ConfigError("gateway.id", f"must be non-empty without / + # or spaces: "
                                             f"{self.gateway!r}")
+        if self.device_identity not in ("topic", "payload"):
+            raise ConfigError("intake.device_identity", "must be topic or payload")
         if self.unknown_devices not in ("reject", "accept"):
             raise ConfigError("gateway.unknown_devices", "must be reject or accept")
 
@@ -112,6 +118,27 @@ def _engine_config(w: Section, clock: Section, dedup: Section) -> EngineConfig:
     return cfg
 
 
+def _instant_ms(sec: Section, name: str, default: int) -> int:
+    """A point in time: a TOML date or date-time (UTC unless it says otherwise)."""
+    v = sec.raw(name, None)
+    if v is None:
+        return default
+    if isinstance(v, str):
+        try:
+            v = dt.datetime.fromisoformat(v)
+        except ValueError:
+            raise ConfigError(sec.key(name), f"must be a date like 2024-01-01, got {v!r}",
+                              source=sec.source) from None
+    if isinstance(v, dt.date) and not isinstance(v, dt.datetime):
+        v = dt.datetime(v.year, v.month, v.day)
+    if not isinstance(v, dt.datetime):
+        raise ConfigError(sec.key(name), f"must be a date like 2024-01-01, got {v!r}",
+                          source=sec.source)
+    if v.tzinfo is None:
+        v = v.replace(tzinfo=dt.UTC)
+    return int(v.timestamp() * 1000)
+
+
 def load_edge_config(path: str | Path) -> EdgeConfig:
     root = load_toml(path)
     return edge_config_from(root)
@@ -132,6 +159,9 @@ def edge_config_from(root: Section) -> EdgeConfig:
     state_dir = gw.text("state_dir", None)
     registry = gw.text("registry", None)
     level = intake.integer("device_topic_level", 1, minimum=-1)
+    if level < 0 and intake.has("device_identity") and intake.raw("device_identity") == "topic":
+        raise ConfigError(intake.key("device_identity"), "topic needs intake.device_topic_level "
+                          "(the level of the topic naming the device)", source=intake.source)
     cfg = EdgeConfig(
         gateway=gw.text("id"),
         state_dir=Path(state_dir) if state_dir else None,
@@ -146,6 +176,8 @@ def edge_config_from(root: Section) -> EdgeConfig:
                                        key_file=intake.text("key_file", None)),
         topics=intake.str_list("topics", ["devices/+/readings"]),
         device_topic_level=None if level < 0 else level,
+        device_identity=intake.choice("device_identity", ("topic", "payload"),
+                                      "topic" if level >= 0 else "payload"),
         intake_qos=intake.integer("qos", 1, minimum=0, maximum=2),
         durable=intake.flag("durable", True),
         checkpoint_interval_ms=agent.duration_ms("checkpoint_interval", 30_000, minimum=100),
@@ -166,6 +198,8 @@ def edge_config_from(root: Section) -> EdgeConfig:
         forward_late=windows.flag("forward_late", False),
         max_future_ms=validate.duration_ms("max_future", 5 * 60_000),
         max_past_ms=validate.duration_ms("max_past", 7 * 86_400_000),
+        clock_floor_ms=_instant_ms(validate, "clock_floor", EPOCH_BASE_MS),
+        quarantine_max_bytes=validate.size("quarantine_max", 64 * 2**20, minimum=64 * 1024),
         tick_ms=agent.duration_ms("tick", 200, minimum=10),
         max_batch_messages=agent.integer("max_batch_messages", 50_000, minimum=1),
         health_interval_ms=agent.duration_ms("health_interval", 5_000, minimum=100),

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from devices.contract import batch_digest
+
 log = logging.getLogger("fieldline.edge.outbox")
 
 HEADER = struct.Struct("<IIQIIq")  # length, crc32(payload), seq, windows, readings, appended ms
@@ -59,6 +61,7 @@ class Entry:
     windows: int
     readings: int
     appended_ms: int
+    digest: str  # of the payload: what an ack for it must name (devices.contract.batch_digest)
 
 
 class Outbox:
@@ -95,8 +98,9 @@ class Outbox:
         self.expired_batches = 0
         self.torn_records = 0
         self.recovered_batches = 0
-        # shed batches the MQTT client may still deliver: seq -> (windows, readings)
-        self._shed_recently: OrderedDict[int, tuple[int, int]] = OrderedDict()
+        self.unproven_acks = 0  # acks that did not name the batch's digest: ignored
+        # shed batches the MQTT client may still deliver: seq -> (windows, readings, digest)
+        self._shed_recently: OrderedDict[int, tuple[int, int, str]] = OrderedDict()
         self._recover()
 
     # ---- recovery -----------------------------------------------------------------------------
@@ -113,7 +117,8 @@ class Outbox:
                 if start + length > len(data) or zlib.crc32(data[start:start + length]) != crc:
                     break
                 if seq not in done:
-                    self._index(Entry(seq, seg, start, length, windows, readings, appended))
+                    self._index(Entry(seq, seg, start, length, windows, readings, appended,
+                                      batch_digest(data[start:start + length])))
                     stored.add(seq)
                 else:
                     self._gone.setdefault(seg, []).append(seq)
@@ -270,7 +275,8 @@ class Outbox:
         path, fh = self._segment(seq, HEADER.size + size)
         offset = fh.tell() + HEADER.size
         fh.write(HEADER.pack(size, zlib.crc32(payload), seq, windows, readings, now_ms) + payload)
-        self._index(Entry(seq, path, offset, size, windows, readings, now_ms))
+        self._index(Entry(seq, path, offset, size, windows, readings, now_ms,
+                          batch_digest(payload)))
         self.appended += 1
         self._journal(STORED, seq, windows, readings)
         return True
@@ -292,21 +298,37 @@ class Outbox:
 
     # ---- leaving --------------------------------------------------------------------------------
 
-    def ack(self, seqs: list[int]) -> int:
+    def ack(self, seqs: list[int], proofs: dict[int, str] | None = None) -> int:
         """The cloud confirmed these batches; returns how many were still waiting.
+
+        With ``proofs`` (the cloud's ack), a batch leaves only if its proof is the digest of
+        its payload: an ack from anyone who never received the batch, or about another batch
+        under the same number, is counted (``unproven_acks``) and changes nothing.
 
         A batch shed from the outbox may still have been on the wire (the MQTT client
         retransmits what it holds); if the cloud confirms it, it was not lost after all: its
         counts move from shed back to acknowledged, so the ledger reports only real losses."""
         n = 0
         for seq in seqs:
-            e = self.entries.pop(seq, None)
-            if e is None:
-                gone = self._shed_recently.pop(seq, None)
-                if gone is not None:
-                    self._journal(RECOVERED, seq, gone[0], gone[1])
-                    self.recovered_batches += 1
+            e = self.entries.get(seq)
+            gone = self._shed_recently.get(seq) if e is None else None
+            digest = e.digest if e is not None else gone[2] if gone is not None else None
+            if digest is None:
+                continue  # acknowledged before (a repeated ack), or never ours
+            if proofs is not None and proofs.get(seq) != digest:
+                self.unproven_acks += 1
+                if self.unproven_acks <= 5 or self.unproven_acks % 1000 == 0:
+                    log.warning("an ack for batch seq=%d does not name its digest: ignored "
+                                "(%d so far; who else may publish on the ack topic?)", seq,
+                                self.unproven_acks)
                 continue
+            if e is None:
+                assert gone is not None
+                del self._shed_recently[seq]
+                self._journal(RECOVERED, seq, gone[0], gone[1])
+                self.recovered_batches += 1
+                continue
+            del self.entries[seq]
             n += 1
             self._journal(ACKED, seq, e.windows, e.readings)
             self._forget(e)
@@ -333,7 +355,7 @@ class Outbox:
         e = self.entries.pop(seq)
         self._journal(SHED, seq, e.windows, e.readings)
         self._forget(e)
-        self._shed_recently[seq] = (e.windows, e.readings)
+        self._shed_recently[seq] = (e.windows, e.readings, e.digest)
         while len(self._shed_recently) > 100_000:
             self._shed_recently.popitem(last=False)
         if why == "expired":

@@ -269,15 +269,17 @@ class Shipper:
                 self.foreign_acks += 1
                 continue
             acked, rejected = ack.acked, ack.rejected
-            self.acked += self.outbox.ack(acked)
-            if rejected:
-                n = self.outbox.ack(rejected)  # the cloud cannot use them: keep them no longer
+            # only what the ack proves it received leaves (a digest of each batch)
+            self.acked += self.outbox.ack(acked, ack.proofs)
+            if rejected:  # the cloud cannot use them: keep them no longer
+                n = self.outbox.ack(rejected, ack.proofs)
                 self.rejected += n
                 if n:
                     log.error("cloud rejected %d batch(es) %s as unusable", n, rejected[:10])
             for s in acked + rejected:
-                self.inflight.pop(s, None)
-                self.first_sent.pop(s, None)
+                if s not in self.outbox.entries:
+                    self.inflight.pop(s, None)
+                    self.first_sent.pop(s, None)
 
     def pump(self) -> int:
         """Send what fits in the window, oldest first; resend what timed out. Returns sends."""

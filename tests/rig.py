@@ -33,8 +33,9 @@ class Rig:
                  *, devices: int = 12, interval_ms: int = 100, outbox: str = "",
                  agent_extra: str = "", broker_persistence: bool = False,
                  influx_proxy: bool = False, gw_broker: dict[str, Any] | None = None,
-                 intake_extra: str = "") -> None:
+                 intake_extra: str = "", wallclock: Path | None = None) -> None:
         self.tmp = tmp
+        self.wallclock = wallclock  # the agent's wall clock offset, in this file (wallclock.py)
         self.influx = influx
         host_port = influx.url.rsplit("/", 1)[-1]
         self.influx_proxy = FaultProxy("127.0.0.1", int(host_port.rsplit(":", 1)[1])).start() \
@@ -98,14 +99,24 @@ timeout = "2s"
 
     # ---- processes -------------------------------------------------------------------------
 
-    def _spawn(self, part: str, cfg: Path, log: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, part: str, cfg: Path, log: str, *, cmd: list[str] = CMD,
+               env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         out = (self.tmp / log).open("ab")
-        return subprocess.Popen([*CMD, part, "run", "--config", str(cfg)], stdout=out,
-                                stderr=subprocess.STDOUT, env={**os.environ,
-                                                               "PYTHONUNBUFFERED": "1"})
+        return subprocess.Popen([*cmd, part, "run", "--config", str(cfg)], stdout=out,
+                                stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
     def start_agent(self) -> None:
-        self.agent = self._spawn("edge", self.gateway_cfg, "agent.log")
+        if self.wallclock is None:
+            self.agent = self._spawn("edge", self.gateway_cfg, "agent.log")
+            return
+        root = str(Path(__file__).resolve().parent.parent)
+        self.agent = self._spawn(
+            "edge", self.gateway_cfg, "agent.log",
+            cmd=[sys.executable, "-m", "tests.wallclock", *CMD[3:]],
+            env={"FIELDLINE_TEST_WALLCLOCK": str(self.wallclock),
+                 "PYTHONPATH": os.pathsep.join(filter(None, [root,
+                                                             os.environ.get("PYTHONPATH")]))})
 
     def start_worker(self) -> None:
         self.worker = self._spawn("cloud", self.cloud_cfg, "worker.log")

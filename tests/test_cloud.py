@@ -105,3 +105,43 @@ def test_worker_keeps_its_detector_state_across_a_restart(tmp_path: Path) -> Non
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_results_of_a_device_registered_to_another_gateway_are_refused(
+        influx_db: InfluxV1Client) -> None:
+    """Issue 12, item 11: gw-1 sends results of its own dev-2 and of dev-1, which the registry
+    assigns to gw-2 (a misconfigured or compromised gateway). dev-1's rows and withdrawals
+    are refused and counted; dev-2's are written; the batch is acknowledged (it was used)."""
+    reg = Registry([Device(device_id="dev-1", gateway="gw-2", site="yard", kind="temperature"),
+                    Device(device_id="dev-2", gateway="gw-1", site="hall", kind="temperature")])
+    worker = CloudWorker(
+        CloudConfig(worker_id="t", broker=BrokerAddress(host="127.0.0.1", port=1),
+                    influx=InfluxConfig(url=influx_db.url, database=influx_db.database)),
+        registry=reg, source=object())  # type: ignore[arg-type]
+    one = session_batch(3, T + 10_000, 4, [T])
+    two = np.array([0, 1], np.int64)
+    r = one.results
+    res = ResultColumns(
+        **{f: np.concatenate([getattr(r, f), getattr(r, f)]) for f in (
+            "start", "width", "rev", "count", "sum", "min", "max", "mean", "m2", "first_ts",
+            "first", "last_ts", "last", "spec")},
+        device=two, metric=two * 0, pct=np.concatenate([r.pct, r.pct]),
+        sk_keys=np.concatenate([r.sk_keys, r.sk_keys]),  # type: ignore[list-item]
+        sk_counts=np.concatenate([r.sk_counts, r.sk_counts]),  # type: ignore[list-item]
+        sk_offsets=np.array([0, 2, 4], np.int64), superseded=r.superseded)
+    batch = ResultBatch(gateway="gw-1", seq=3, watermark=0, sent_ms=T,
+                        devices=["dev-1", "dev-2"], metrics=["temperature"], results=res,
+                        specs=["session:30s"], percentiles=[0.5, 0.99], alpha=0.01)
+
+    async def scenario() -> None:
+        worker.handle(SourceMessage(0, 1, results_topic("gw-1"), batch.encode()))
+        await worker.writer.flush(None)
+
+    asyncio.run(scenario())
+    doc = influx_db.query('SELECT "count", "device", "site" FROM "aggregates"')
+    assert isinstance(doc, dict)
+    assert doc["results"][0]["series"][0]["values"] == [[T + 10_000, 4, "dev-2", "hall"]]
+    s = worker.stats()
+    assert s["rejected_foreign_device"] == 1
+    assert s["superseded"] == 0  # dev-1's withdrawal was refused with its rows
+    assert [a[0] for a in worker._acks.values()] == [[3]]

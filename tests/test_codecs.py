@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import orjson
 
 from devices import rejects
@@ -91,3 +93,43 @@ def test_invalid_device_ids_are_rejected() -> None:
     cols, bad, _ = decoder().decode([("devices/ok/readings", payload, 0)])
     assert len(cols) == 0
     assert bad == {rejects.WRONG_TYPE: 1}
+
+
+def test_under_topic_identity_a_payload_cannot_claim_another_device() -> None:
+    """Issue 12, item 11: the gateway ACL binds each device's login to its own topic, so the
+    topic is who sent it; a payload naming another device is refused, counted against the
+    sender. Every shape: single, batch, SenML with a base name and with a full name."""
+    d = PayloadDecoder(Interner(), Interner(), device_topic_level=1, topic_identity=True)
+    good = encode_single("d1", "temperature", T, 20.0, 1)
+    claims = [encode_single("d2", "temperature", T, 99.0, 1),
+              encode_batch("d2", [("temperature", T, 99.0, 1)]),
+              encode_senml("d2", [("temperature", T, 99.0, 1)]),
+              orjson.dumps([{"n": "d2/temperature", "t": T / 1000, "v": 99.0}])]
+    cols, bad, _ = d.decode([("devices/d1/readings", p, 0) for p in [good, *claims]])
+    assert [d.devices.names[i] for i in cols.device] == ["d1"]
+    assert bad == {rejects.DEVICE_MISMATCH: 4}
+    assert d.rejected_devices == [(d.devices.get("d1"), rejects.DEVICE_MISMATCH)] * 4
+    # payload identity (a bridge publishing for many devices on one topic) trusts the payload
+    trusting = PayloadDecoder(Interner(), Interner(), device_topic_level=1)
+    cols, bad, _ = trusting.decode([("devices/bridge/readings", p, 0) for p in claims])
+    assert not bad
+    assert {trusting.devices.names[i] for i in cols.device} == {"d2"}
+
+
+def test_the_shipped_gateway_config_takes_identity_from_the_topic(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from devices.clock import ManualClock
+    from edge.agent import EdgePipeline
+    from edge.config import load_edge_config
+
+    shipped = load_edge_config(Path(__file__).parent.parent / "deploy" / "gateway.toml")
+    assert shipped.device_identity == "topic"
+    p = EdgePipeline(replace(shipped, registry_path=None, state_dir=tmp_path),
+                     ManualClock(now_ms=T))
+    p.process([("devices/d1/readings", encode_single("d1", "temperature", T, 20.0, 1), T),
+               ("devices/d1/readings", encode_single("d2", "temperature", T, 99.0, 1), T)])
+    rep = p.ledger_report(changed_only=False)
+    assert rep["devices"] == ["d1"]
+    assert rep["accepted"] == [1]
+    assert rep["rejected_by"] == {rejects.DEVICE_MISMATCH: [1]}

@@ -397,3 +397,80 @@ def test_r12_disk_full_under_the_agent_loses_nothing(
         assert led["readings_gap"] == 0
     finally:
         rig.stop()
+
+
+def test_r7_gateway_clock_at_1970_then_stepped_forward_and_back_loses_nothing(
+        tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto],
+        influx_db: InfluxV1Client) -> None:
+    """Issue 12, item 10 (R7): the agent's wall clock reads 1970 (a Pi booted without network
+    time) while the fleet publishes, is then set right, then steps back three hours and is set
+    right again. Before, every reading judged by the 1970 clock was rejected as clock_future
+    and lost. Now they are held (quarantined, counted), re-judged once the clock is sane, and
+    every reading reaches InfluxDB; health says the clock is unsynced while it is."""
+    clock_file = tmp_path / "gateway-clock-offset-ms"
+    set_clock = clock_file.write_text
+    set_clock(str(90_000 - time.time_ns() // 1_000_000))  # 1970-01-01T00:01:30Z
+    rig = Rig(tmp_path, mosquitto_factory, influx_db, wallclock=clock_file)
+    try:
+        rig.start_worker()
+        rig.start_agent()
+        time.sleep(2)
+        rig.run_fleet(16)
+        time.sleep(4)
+        h_1970 = rig.health("edge")
+        set_clock("0")  # network time arrives
+        time.sleep(4)
+        set_clock(str(-3 * 3_600_000))  # and steps back three hours
+        time.sleep(3)
+        h_back = rig.health("edge")
+        set_clock("0")
+        rig.wait_fleet()
+        led = finish(rig)
+        for h in (h_1970, h_back):
+            assert h.get("clock_unsynced") == 1, h
+            assert h.get("quarantine_held", 0) > 0, h
+        h = rig.health("edge")
+        assert h["clock_unsynced"] == 0, h
+        assert h["quarantine_held"] == 0, h
+        assert h["clock_unsynced_episodes"] == 2, h
+        assert h["messages_quarantined"] == h["quarantine_released"] > 0, h
+        assert led["rejected"] == 0
+        assert led["readings_gap"] == 0
+    finally:
+        rig.stop()
+
+
+def test_r11_a_forged_ack_deletes_nothing(rig: Rig) -> None:
+    """Issue 12, item 11: anyone who may publish on a gateway's ack topic (no ACL, a leaked
+    credential) acknowledges every sequence number, with no proof, with made-up proofs, for
+    the current incarnation and for none. Before, the agent deleted those batches from its
+    outbox and they never reached InfluxDB. Now an ack must name the digest of the batch the
+    worker received: the forgeries are counted (acks_unproven) and nothing is lost."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from devices.contract import ack_topic, encode_ack
+
+    rig.start_agent()
+    time.sleep(2)
+    rig.run_fleet(10)
+    wait_for(lambda: rig.agent_status().get("outbox_depth", 0) >= 3, 20)
+    depth = rig.agent_status()["outbox_depth"]
+    forger = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                         protocol=mqtt.MQTTv5)
+    forger.connect("127.0.0.1", rig.cloud_broker.port)
+    forger.loop_start()
+    seqs = list(range(0, 5_000))
+    for payload in (encode_ack(seqs), encode_ack([], seqs),
+                    encode_ack(seqs, proofs=dict.fromkeys(seqs, "0" * 32)),
+                    encode_ack(seqs, proofs={s: f"{s:032x}" for s in seqs})):
+        forger.publish(ack_topic("gw-1"), payload, qos=1).wait_for_publish(5)
+    forger.loop_stop()
+    forger.disconnect()
+    time.sleep(1.5)
+    assert rig.agent_status()["outbox_depth"] >= depth  # nothing left the outbox
+    rig.start_worker()
+    rig.wait_fleet()
+    finish(rig)
+    h = rig.health("edge")
+    assert h["acks_unproven"] >= 2 * depth, h

@@ -160,3 +160,32 @@ def test_counts_of_an_outbox_written_before_the_journal_carried_them(tmp_path: P
     again = Outbox(tmp_path, segment_bytes=10_000)
     assert again.pending() == [2, 3, 4, 5]
     law(again)
+
+
+def test_an_ack_must_name_the_digest_of_the_batch_it_confirms(tmp_path: Path) -> None:
+    """Issue 12, item 11: only who received a batch can name its digest."""
+    from devices.contract import batch_digest, decode_ack, encode_ack
+
+    ob = Outbox(tmp_path, max_bytes=1_000, policy="drop_oldest")
+    fill(ob, range(10))
+    proof = {s: batch_digest(bytes([s % 256]) * 100) for s in range(20)}
+    forged = decode_ack(encode_ack(list(range(10)), proofs=dict.fromkeys(range(10), "f" * 32)))
+    assert ob.ack(forged.acked, forged.proofs) == 0
+    assert ob.ack([0, 1], {}) == 0  # no proof at all
+    assert ob.unproven_acks == 12
+    assert ob.pending() == list(range(10))
+    genuine = decode_ack(encode_ack([0, 1, 2], proofs={s: proof[s] for s in (0, 1, 2)}))
+    assert ob.ack(genuine.acked, genuine.proofs) == 3
+    # a batch shed while on the wire comes back as acknowledged only with its proof too
+    fill(ob, range(10, 14))
+    assert ob.shed_batches == 1  # seq 3 made room
+    ob.ack([3], {3: "0" * 32})
+    assert ob.recovered_batches == 0
+    ob.ack([3], {3: proof[3]})
+    assert ob.recovered_batches == 1
+    assert ob.shed_batches == 0
+    # the digest is rebuilt from disk after a restart
+    ob.close()
+    again = Outbox(tmp_path, max_bytes=1_000)
+    assert again.ack([4, 5], {4: proof[4], 5: proof[6]}) == 1
+    assert again.pending() == [5, *range(6, 14)]

@@ -1,0 +1,207 @@
+"""R7: a gateway clock that cannot be trusted (a Pi booted at 1970 without network time, a clock
+stepped back) holds readings as quarantined and re-judges them once it is sane; nothing
+correct is lost to it, and a steady clock is never doubted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from devices.clock import ManualClock
+from devices.codecs import encode_single
+from devices.errors import ConfigError
+from edge.agent import EdgePipeline
+from edge.clockguard import ClockGuard
+from edge.config import load_edge_config
+from tests.test_agent import config
+
+T = 1_780_000_000_000  # 2026-05-28: the true time in these tests
+BOOT_1970 = 90_000  # a Pi's clock a minute and a half after boot, without network time
+
+
+def readings(device: str, seconds: range) -> list[tuple[str, bytes, int]]:
+    """Readings stamped by the device (true time); receive time as the gateway saw it: unset."""
+    return [(f"devices/{device}/readings",
+             encode_single(device, "temperature", T + s * 1000, 20.0 + s % 30, s), 0)
+            for s in seconds]
+
+
+def senml_now(device: str, value: float) -> tuple[str, bytes, int]:
+    """A SenML reading with no time of its own: it happened when it was received."""
+    return (f"devices/{device}/readings",
+            orjson.dumps([{"bn": f"{device}:", "n": "temperature", "v": value}]), 0)
+
+
+def stamped(msgs: list[tuple[str, bytes, int]], clock: ManualClock
+            ) -> list[tuple[str, bytes, int]]:
+    return [(t, p, clock.now_ms()) for t, p, _ in msgs]
+
+
+def ledger_law(p: EdgePipeline) -> None:
+    s = p.stats()
+    assert s["readings_received"] == (s["readings_accepted"] + s["late_dropped"]
+                                      + s["duplicates"] + s["rejected"])
+    rep = p.ledger_report(changed_only=False)
+    rec = np.array(rep["received"])
+    parts = np.array(rep["accepted"]) + np.array(rep["late_dropped"]) + np.array(
+        rep["duplicates"]) + np.array(rep["rejected"])
+    assert (rec == parts).all()
+
+
+def window_counts(p: EdgePipeline) -> dict[tuple[str, int], int]:
+    res = p.emit(flush=True)
+    names = p.devices.names
+    return {(names[int(d)], int(s)): int(c)
+            for d, s, c in zip(res.device, res.start, res.count, strict=True)}
+
+
+def test_a_gateway_booted_at_1970_holds_readings_until_network_time_then_accepts_them(
+        tmp_path: Path) -> None:
+    clock = ManualClock(now_ms=BOOT_1970, monotonic_ms=BOOT_1970)
+    p = EdgePipeline(config(tmp_path, max_past_ms=7 * 86_400_000), clock)
+    for s in range(0, 20):
+        p.process(stamped([*readings("d1", range(s, s + 1)), senml_now("d2", 20.0 + s)], clock))
+        clock.advance(1000)
+    s = p.stats()
+    # before: 20 of d1 rejected as clock_future, 20 of d2 as bad_timestamp (stamped 1970)
+    assert s["rejected"] == 0
+    assert s["readings_received"] == 0
+    assert s["clock_unsynced"] == 1
+    assert s["quarantine_held"] == 40
+    assert s["messages_quarantined"] == 40
+    # network time arrives: the wall clock steps to the true time (20 s after the first reading)
+    clock.set_wall(T + 20_000)
+    p.process([])
+    s = p.stats()
+    assert s["clock_unsynced"] == 0
+    assert s["quarantine_held"] == 0
+    assert s["quarantine_released"] == 40
+    assert s["readings_accepted"] == 40
+    assert s["rejected"] == 0
+    ledger_law(p)
+    # d2's readings are restamped from the monotonic clock to when they arrived, so both
+    # devices fill the same two windows, ten readings each
+    assert window_counts(p) == {(d, T + w): 10 for d in ("d1", "d2") for w in (0, 10_000)}
+
+
+def test_a_clock_stepped_back_is_doubted_and_readings_wait_until_it_is_right(
+        tmp_path: Path) -> None:
+    clock = ManualClock(now_ms=T + 1_000, monotonic_ms=5_000)
+    p = EdgePipeline(config(tmp_path, max_past_ms=7 * 86_400_000), clock)
+    p.process(stamped(readings("d1", range(0, 5)), clock))
+    assert p.stats()["readings_accepted"] == 5
+    clock.set_wall(T - 3 * 3_600_000)  # a step back of three hours (a reboot, a bad NTP peer)
+    p.process(stamped(readings("d1", range(5, 10)), clock))
+    s = p.stats()
+    assert s["clock_unsynced"] == 1
+    assert s["quarantine_held"] == 5
+    assert s["readings_accepted"] == 5
+    assert s["rejected"] == 0
+    assert "went back" in str(p.guard.reason)
+    clock.set_wall(T + 12_000)
+    p.process(stamped(readings("d1", range(10, 12)), clock))
+    s = p.stats()
+    assert s["clock_unsynced"] == 0
+    assert s["readings_accepted"] == 12
+    assert s["clock_unsynced_episodes"] == 1
+    ledger_law(p)
+
+
+def test_the_quarantine_is_bounded_and_what_it_sheds_is_counted_per_device(
+        tmp_path: Path) -> None:
+    clock = ManualClock(now_ms=BOOT_1970, monotonic_ms=BOOT_1970)
+    p = EdgePipeline(config(tmp_path, quarantine_max_bytes=64 * 1024), clock)
+    n = 2_000  # ~130 KB of messages against a 64 KB bound
+    for k in range(0, n, 100):
+        p.process(stamped(readings("d1", range(k, k + 100)), clock))
+        clock.advance(100)
+    s = p.stats()
+    assert s["quarantine_bytes"] <= 64 * 1024
+    shed = s["quarantine_shed"]
+    assert shed > 0
+    assert s["quarantine_held"] + shed == n
+    assert s["rejected_clock_unsynced"] == shed == s["readings_received"]
+    rep = p.ledger_report(changed_only=False)
+    i = rep["devices"].index("d1")  # type: ignore[union-attr]
+    assert rep["rejected_by"]["clock_unsynced"][i] == shed  # type: ignore[index]
+    clock.set_wall(T + n * 1000)
+    p.process([])
+    s = p.stats()
+    assert s["readings_accepted"] == n - shed
+    assert s["readings_received"] == n
+    assert s["readings_gap"] == 0  # the shed readings did arrive: no hole in the numbering
+    ledger_law(p)
+
+
+def test_held_messages_survive_a_restart_in_the_checkpoint(tmp_path: Path) -> None:
+    clock = ManualClock(now_ms=BOOT_1970, monotonic_ms=BOOT_1970)
+    first = EdgePipeline(config(tmp_path), clock)
+    first.process(stamped([*readings("d1", range(0, 8)), senml_now("d2", 21.5)], clock))
+    assert first.stats()["quarantine_held"] == 9
+    first.save_checkpoint(tmp_path)
+    clock.advance(3_000)
+    second = EdgePipeline(config(tmp_path), clock)
+    second.load_checkpoint(tmp_path)
+    assert second.stats()["quarantine_held"] == 9
+    clock.set_wall(T + 10_000)
+    second.process([])
+    s = second.stats()
+    assert s["readings_accepted"] == 9
+    assert s["rejected"] == 0
+    # the same boot: d2's reading is restamped to when it was received (3 s before the step)
+    d2 = second.devices.get("d2")
+    res = second.emit(flush=True)
+    ts = res.start[res.device == d2]
+    assert len(ts) == 1
+    assert T <= int(ts[0]) <= T + 10_000
+    ledger_law(second)
+
+
+def test_held_messages_from_an_earlier_boot_keep_their_stamp(tmp_path: Path) -> None:
+    clock = ManualClock(now_ms=BOOT_1970, monotonic_ms=BOOT_1970)
+    first = EdgePipeline(config(tmp_path), clock)
+    first.process(stamped([*readings("d1", range(0, 3)), senml_now("d2", 21.5)], clock))
+    first.guard.boot = "an-earlier-boot"
+    first.save_checkpoint(tmp_path)
+    second = EdgePipeline(config(tmp_path), ManualClock(now_ms=T + 10_000, monotonic_ms=50))
+    second.load_checkpoint(tmp_path)
+    second.process([])
+    s = second.stats()
+    # d1's readings carry their own time; d2's was only stamped by a 1970 clock in a boot
+    # whose monotonic clock is gone: rejected, counted, not guessed
+    assert s["readings_accepted"] == 3
+    assert s["rejected_bad_timestamp"] == 1
+    ledger_law(second)
+
+
+@settings(max_examples=200, deadline=None)
+@given(start=st.integers(T - 10**9, T + 10**9),
+       steps=st.lists(st.tuples(st.integers(0, 120_000), st.integers(-10**7, 300_000)),
+                      min_size=1, max_size=60))
+def test_a_steady_clock_is_never_doubted(start: int, steps: list[tuple[int, int]]) -> None:
+    """Readings as far ahead as max_future allows, a clock that never goes back: trusted."""
+    g = ClockGuard(floor_ms=1_577_836_800_000, max_future_ms=300_000, max_bytes=1 << 20)
+    now = mono = start
+    for dt_ms, ahead in steps:
+        now += dt_ms
+        mono += dt_ms
+        assert g.judge(now, mono) is None
+        g.accepted(np.array([now + ahead], np.int64))
+
+
+def test_clock_floor_is_a_date_and_a_bad_one_names_its_key(tmp_path: Path) -> None:
+    shipped = (Path(__file__).parent.parent / "deploy" / "gateway.toml").read_text()
+    assert "clock_floor = 2020-01-01" in shipped
+    good = tmp_path / "good.toml"
+    good.write_text(shipped.replace("clock_floor = 2020-01-01",
+                                    'clock_floor = "2025-06-01T00:00:00+02:00"'))
+    assert load_edge_config(good).clock_floor_ms == 1_748_728_800_000
+    bad = tmp_path / "bad.toml"
+    bad.write_text(shipped.replace("clock_floor = 2020-01-01", 'clock_floor = "last week"'))
+    with pytest.raises(ConfigError, match=r"validate\.clock_floor"):
+        load_edge_config(bad)
