@@ -53,3 +53,12 @@ default_crl_days = 2
     _run("ca", "-config", "ca.cnf", "-gencrl", "-keyfile", "ca.key", "-cert", "ca.crt", "-out",
          "crl.pem", cwd=d)
     return Pki(d)
+
+
+def revoke(pki: Pki, name: str) -> None:
+    """Revoke ``name``'s certificate and re-issue the CRL (as an operator does for a stolen
+    gateway)."""
+    _run("ca", "-config", "ca.cnf", "-revoke", f"{name}.crt", "-keyfile", "ca.key", "-cert",
+         "ca.crt", cwd=pki.dir)
+    _run("ca", "-config", "ca.cnf", "-gencrl", "-keyfile", "ca.key", "-cert", "ca.crt", "-out",
+         "crl.pem", cwd=pki.dir)

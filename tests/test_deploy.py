@@ -175,3 +175,116 @@ def test_acks_the_broker_refuses_are_counted_and_the_agent_says_they_are_overdue
     assert ws["acks_sent"] == 0
     assert st["outbox_depth"] > 0
     assert st["acks_overdue"] > 0
+
+
+class TlsClient:
+    """One MQTT 5 client of the shipped cloud broker, by certificate; records what it receives."""
+
+    def __init__(self, port: int, ca: Path, cert: tuple[Path, Path] | None, name: str) -> None:
+        import ssl
+
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.got: list[tuple[str, bytes]] = []
+        self.connected = threading.Event()
+        self.refused = threading.Event()
+        self.c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                             client_id=f"r11-{name}", protocol=mqtt.MQTTv5)
+        ctx = ssl.create_default_context(cafile=str(ca))
+        if cert is not None:
+            ctx.load_cert_chain(str(cert[0]), str(cert[1]))
+        self.c.tls_set_context(ctx)
+        self.c.on_connect = lambda _c, _u, _f, rc, _p: (
+            self.refused if rc.is_failure else self.connected).set()
+        self.c.on_disconnect = lambda *_a: self.refused.set()
+        self.c.on_message = lambda _c, _u, m: self.got.append((m.topic, bytes(m.payload)))
+        self.port = port
+
+    def connect(self, timeout_s: float = 5) -> bool:
+        """Whether the broker let it in (a TLS refusal, a CONNACK refusal: False)."""
+        try:
+            self.c.connect("127.0.0.1", self.port)
+        except OSError:  # the handshake failed: no certificate, a stranger's, a revoked one
+            return False
+        self.c.loop_start()
+        deadline = time.monotonic() + timeout_s
+        while not (self.connected.is_set() or self.refused.is_set()):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        return self.connected.is_set() and not self.refused.is_set()
+
+    def subscribe(self, *topics: str) -> None:
+        for t in topics:
+            self.c.subscribe(t, qos=1)
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        self.c.publish(topic, payload, qos=1).wait_for_publish(5)
+
+    def close(self) -> None:
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+@pytest.mark.integration
+def test_r11_gateways_are_isolated_by_delivery_and_bad_identities_refused(
+        tmp_path: Path) -> None:
+    """RELIABILITY R11 on deploy/mosquitto/cloud.conf + cloud.acl verbatim: gateway A
+    publishes on and subscribes to gateway B's topics: nothing of A reaches B's readers and A
+    receives nothing of B's (checked by delivery: Mosquitto grants every SUBSCRIBE). No
+    certificate, a certificate of another CA, and a revoked one are refused."""
+    from fieldline.services import DeployedMosquitto
+    from tests.pki import make_pki, revoke
+
+    pki = make_pki(tmp_path / "pki", clients=("gw-a", "gw-b", "fieldline-cloud", "gw-stolen"))
+    revoke(pki, "gw-stolen")
+    rogue = make_pki(tmp_path / "rogue", clients=("gw-b",))  # a stranger's CA, a known name
+    server_crt, server_key = pki.cert("server")
+    broker = DeployedMosquitto(tmp_path / "cloud", ROOT / "deploy" / "mosquitto" / "cloud.conf",
+                               files={
+        "/etc/mosquitto/ca/ca.crt": pki.ca, "/etc/mosquitto/certs/server.crt": server_crt,
+        "/etc/mosquitto/certs/server.key": server_key, "/etc/mosquitto/ca/crl.pem": pki.crl,
+        "/etc/mosquitto/fieldline-cloud.acl": ROOT / "deploy" / "mosquitto" / "cloud.acl",
+    }).start()
+    clients: list[TlsClient] = []
+
+    def client(cert: tuple[Path, Path] | None, name: str, ca: Path = pki.ca) -> TlsClient:
+        c = TlsClient(broker.port, ca, cert, name)
+        clients.append(c)
+        return c
+
+    try:
+        worker = client(pki.cert("fieldline-cloud"), "worker")
+        a, b = client(pki.cert("gw-a"), "a"), client(pki.cert("gw-b"), "b")
+        for c in (worker, a, b):
+            assert c.connect()
+        worker.subscribe("fieldline/v1/+/results", "fieldline/v1/+/health")
+        a.subscribe("#", "fieldline/v1/gw-b/#", "fieldline/v1/+/ack", "fieldline/v1/+/results")
+        b.subscribe("fieldline/v1/gw-b/ack")
+        time.sleep(0.5)
+        b.publish("fieldline/v1/gw-b/results", b"b's batch")
+        a.publish("fieldline/v1/gw-b/results", b"a posing as b")
+        a.publish("fieldline/v1/gw-b/health", b"a posing as b")
+        a.publish("fieldline/v1/gw-b/ack", b"a acknowledging b")
+        a.publish("fieldline/v1/gw-a/results", b"a's batch")
+        worker.publish("fieldline/v1/gw-b/ack", b"ack for b")
+        worker.publish("fieldline/v1/gw-a/ack", b"ack for a")
+        deadline = time.monotonic() + 5
+        while (len(worker.got) < 2 or not a.got or not b.got) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # anything that should not arrive has had its chance
+        assert sorted(worker.got) == [("fieldline/v1/gw-a/results", b"a's batch"),
+                                      ("fieldline/v1/gw-b/results", b"b's batch")]
+        # (once per matching subscription: A subscribed to its ack twice over)
+        assert set(a.got) == {("fieldline/v1/gw-a/ack", b"ack for a")}
+        assert b.got == [("fieldline/v1/gw-b/ack", b"ack for b")]
+        # bad identities never get in
+        assert not client(None, "anonymous").connect()
+        assert not client(rogue.cert("gw-b"), "stranger").connect()
+        assert not client(pki.cert("gw-stolen"), "stolen").connect()
+        assert client(pki.cert("gw-a"), "a-again").connect()  # (the refusals were for cause)
+    finally:
+        for c in clients:
+            c.close()
+        broker.stop()
