@@ -359,6 +359,8 @@ class EdgePipeline:
             "watermark_lag_ms": (self.wall_ms() - wm) if wm is not None else 0,
             "internal_errors": c["internal_errors"],
             "readings_gap": int(self.gaps.gap.sum()),
+            # readings remembered per device to tell a repeat (grows to the lateness horizon)
+            "dedup_memory": self.engine.dedup.memory,
             "windows_unshipped": c["windows_unshipped"],
             # the gateway's own clock: 1 while it cannot be trusted (messages are held)
             "clock_unsynced": int(self.guard.reason is not None),
@@ -743,7 +745,7 @@ class EdgeAgent:
                   "rss_mb",
                   "skew_max_abs_ms", "devices_skewed", "outbox_depth", "outbox_bytes",
                   "outbox_oldest_age_ms", "backpressure", "disk_blocked",
-                  "clock_unsynced", "quarantine_held", "quarantine_bytes"}
+                  "clock_unsynced", "quarantine_held", "quarantine_bytes", "dedup_memory"}
         return HealthReport(
             gateway=self.config.gateway, ts=self.pipeline.wall_ms(),
             counters={k: int(v) for k, v in s.items() if k not in gauges},

@@ -1,7 +1,7 @@
 """Dropping duplicate readings (a device or a broker re-sending what was already delivered).
 
 A reading is identified within its device by its sequence number when it has one (``seq >= 0``),
-otherwise by its event time and value. Each device has ``memory`` slots (default 32) of each kind:
+otherwise by its metric, event time and value. Each device has ``memory`` slots of each kind:
 
 * **readings with a seq**: slot ``seq % memory`` holds the last seq that landed there, so the
   device's last ``memory`` sequence numbers are remembered and a lookup is one comparison per
@@ -16,13 +16,16 @@ otherwise by its event time and value. Each device has ``memory`` slots (default
   compared whole; repeats within the batch by a sort. Allocated on the first such reading, so a
   fleet that numbers its readings pays nothing for it.
 
-Why slots per device rather than a set of everything within the lateness horizon: memory is
-fixed (``devices x memory x 12`` bytes per kind: under 4 MB for 10,000 devices) and a lookup is
-one vectorised comparison, with no sorted inserts. The price is documented: a re-delivery is
-recognised when its original is among the device's last ``memory`` sequence numbers (or, without
-seq, its last ``memory`` readings), which covers broker re-deliveries (they come right after a
-reconnect) and devices re-sending a short buffer; a device whose counter restarts after a reboot
-is not mistaken for a replay unless it reboots within ``memory`` readings of its previous start.
+Why slots per device rather than a set of everything within the lateness horizon: a lookup is
+one vectorised comparison, with no sorted inserts, and memory is ``devices x memory x 20`` bytes.
+The width is not a guess left to the operator: the filter learns how many readings the busiest
+device sends within the horizon (the engine's out-of-orderness + lateness + longest window, the
+time within which a reading can still change a window) and widens every device's slots to twice
+that, before judging the batch that showed it, up to ``MAX_BYTES`` in all. Readings the engine
+will drop as late anyway are not shown to it at all, so a replay of old data neither counts as a
+duplicate nor washes the recent readings out of the slots (RELIABILITY R8: an hour replayed
+twice leaves InfluxDB unchanged). A device whose counter restarts after a reboot is not
+mistaken for a replay unless it reboots within ``memory`` readings of its previous start.
 """
 
 from __future__ import annotations
@@ -38,16 +41,21 @@ _M3 = np.uint64(0x94D049BB133111EB)
 EMPTY = np.int64(-1)
 _HASH_FLAG = np.int64(1 << 62)  # set in every hash code (as in checkpoints of the shared ring)
 _CHUNK = 8_192
+MAX_BYTES = 32 * 2**20  # what the duplicate memory may grow to, for all devices together
 _FREE = np.iinfo(np.int32).max  # scratch holds row numbers of one batch (< 2^31)
 _POW2 = np.left_shift(np.uint64(1), np.arange(64, dtype=np.uint64))
 _popcount = getattr(np, "bitwise_count", None)  # numpy >= 2.0
 
 
-def _tv_code(ts: I64, value: F64) -> I64:
-    """A 61-bit mix of event time and value bits, flagged (never EMPTY)."""
+def _tv_code(ts: I64, value: F64, metric: I64 | None = None) -> I64:
+    """A 61-bit mix of metric, event time and value bits, flagged (never EMPTY): two sensors
+    of one device reading the same value at the same time are two readings, not a repeat."""
     with np.errstate(over="ignore"):
         h = ts.astype(np.uint64) * _M1
         h ^= value.view(np.uint64) * _M2
+        if metric is not None:
+            h ^= (metric.astype(np.uint64) + np.uint64(1)) * _M3
+            h ^= h >> np.uint64(27)
         h ^= h >> np.uint64(31)
         h *= _M3
         h ^= h >> np.uint64(29)
@@ -70,10 +78,25 @@ def _repeats(keys: tuple[I64, ...]) -> npt.NDArray[np.bool_]:
 
 
 class DuplicateFilter:
-    def __init__(self, *, memory: int = 32) -> None:
+    """``memory`` is where it starts: with ``horizon_ms`` (how far behind a device's newest
+    reading one can still change a window), it grows, up to ``max_memory``, to twice the most
+    readings any device sends within that horizon, so that every reading that could still be
+    folded a second time is remembered (a device at 3 metrics x 1 Hz with a minute of windows
+    and 30 s of lateness: some 280). Readings beyond the horizon never reach it (the engine
+    drops them as late without asking), so a replay of old data cannot wash out the memory."""
+
+    def __init__(self, *, memory: int = 32, horizon_ms: int = 0,
+                 max_memory: int = 8_192) -> None:
         if memory < 1:
             raise ValueError("dedup memory must be >= 1 reading per device")
         self.memory = memory
+        self.horizon_ms = horizon_ms
+        self.max_memory = max(max_memory, memory)
+        self.need = 0  # the most readings a device sent within one horizon (estimated)
+        self.grown = 0  # times the memory grew
+        self.anchor_seq: I64 = np.zeros(0, np.int64)  # per device: (seq, event time) a
+        self.anchor_ts: I64 = np.zeros(0, np.int64)  # horizon ago, for the rate estimate
+        self._counted: I64 = np.zeros(0, np.int64)  # readings since the anchor (no seq)
         self.devices = 0
         # (devices, memory) each, or (0, memory) until the first reading of that kind
         self.seq_ring: npt.NDArray[np.int64] = np.full((0, memory), EMPTY, np.int64)
@@ -106,7 +129,8 @@ class DuplicateFilter:
             pos[: len(self.pos)] = self.pos
             self.pos = pos
 
-    def check(self, dev: I64, ts: I64, value: F64, seq: I64) -> npt.NDArray[np.bool_]:
+    def check(self, dev: I64, ts: I64, value: F64, seq: I64, metric: I64 | None = None
+              ) -> npt.NDArray[np.bool_]:
         """Mask of duplicates; the others are remembered."""
         n = len(dev)
         if n == 0:
@@ -115,14 +139,81 @@ class DuplicateFilter:
         every = bool(numbered.all())
         s = None if every else np.flatnonzero(numbered)
         self._ensure(int(dev.max()) + 1, seq=s is None or len(s) > 0, hashed=s is not None)
+        if self.horizon_ms:
+            self._learn_rate(dev, ts, seq, numbered)
         if s is None:
             return self._check_seq(dev, seq)
         dup = np.zeros(n, bool)
         if len(s):
             dup[s] = self._check_seq(dev[s], seq[s])
         h = np.flatnonzero(~numbered)
-        dup[h] = self._check_hashed(dev[h], _tv_code(ts[h], value[h]))
+        dup[h] = self._check_hashed(dev[h], _tv_code(ts[h], value[h],
+                                                     None if metric is None else metric[h]))
         return dup
+
+    def _learn_rate(self, dev: I64, ts: I64, seq: I64, numbered: npt.NDArray[np.bool_]) -> None:
+        """Readings per device per horizon (from each device's numbering, or for readings
+        without one, from their count); grow the memory before it falls short."""
+        if len(self.anchor_ts) < self.devices:
+            grow = self.devices - len(self.anchor_ts)
+            self.anchor_ts = np.concatenate([self.anchor_ts, np.full(grow, -1, np.int64)])
+            self.anchor_seq = np.concatenate([self.anchor_seq, np.zeros(grow, np.int64)])
+            self._counted = np.concatenate([self._counted, np.zeros(grow, np.int64)])
+        newest_ts = np.full(self.devices, -1, np.int64)
+        np.maximum.at(newest_ts, dev, ts)
+        newest_seq = np.full(self.devices, -1, np.int64)
+        np.maximum.at(newest_seq, dev[numbered], seq[numbered])
+        d = np.flatnonzero(newest_ts >= 0)
+        fresh = d[self.anchor_ts[d] < 0]
+        if len(fresh):  # a device's first readings count from just before them
+            oldest_ts = np.full(self.devices, np.iinfo(np.int64).max, np.int64)
+            np.minimum.at(oldest_ts, dev, ts)
+            oldest_seq = np.full(self.devices, np.iinfo(np.int64).max, np.int64)
+            np.minimum.at(oldest_seq, dev[numbered], seq[numbered])
+            self.anchor_ts[fresh] = oldest_ts[fresh]
+            self.anchor_seq[fresh] = np.where(newest_seq[fresh] >= 0, oldest_seq[fresh] - 1, -1)
+            self._counted[fresh] = 0
+        np.add.at(self._counted, dev, 1)
+        by_seq = newest_seq[d] - self.anchor_seq[d]
+        sent_d = np.where((newest_seq[d] >= 0) & (by_seq > 0), by_seq, self._counted[d])
+        span = newest_ts[d] - self.anchor_ts[d]
+        # a quarter of the horizon seen, or half the memory sent in less (a fast device):
+        # the memory grows before this batch is judged, so nothing it holds is pushed out
+        quarter = max(self.horizon_ms // 4, 1)
+        ready = (span >= quarter) | (2 * sent_d >= self.memory)
+        if not ready.any():
+            return
+        due, sent = d[ready], sent_d[ready]
+        per_horizon = np.maximum(sent * self.horizon_ms // np.maximum(span[ready], quarter),
+                                 sent)
+        self.need = max(self.need, int(per_horizon.max()))
+        self.anchor_ts[due] = newest_ts[due]
+        self.anchor_seq[due] = newest_seq[due]
+        self._counted[due] = 0
+        # bounded in all: at most MAX_BYTES for every device's slots (seq, hash, scratch)
+        cap = min(self.max_memory, MAX_BYTES // (20 * max(self.devices, 1)))
+        cap = 1 << (cap.bit_length() - 1) if cap >= 1 else 1
+        if 2 * self.need > self.memory and self.memory < cap:
+            self._resize(min(cap, 1 << (2 * self.need - 1).bit_length()))
+
+    def _resize(self, m: int) -> None:
+        """Widen every device's memory to ``m`` slots, keeping what each remembers."""
+        old_m = self.memory
+        if len(self.seq_ring):
+            ring = np.full((len(self.seq_ring), m), EMPTY, np.int64)
+            d, k = np.nonzero(self.seq_ring != EMPTY)
+            held = self.seq_ring[d, k]
+            ring[d, held % m] = held  # the last old_m numbers of a device: distinct mod m
+            self.seq_ring = ring
+            self._scratch = np.full((len(ring), m), _FREE, np.int32)
+        if len(self.hash_ring):
+            ring = np.full((len(self.hash_ring), m), EMPTY, np.int64)
+            order = (self.pos[:, None] + np.arange(old_m)) % old_m  # oldest first
+            ring[:, :old_m] = np.take_along_axis(self.hash_ring, order, axis=1)
+            self.hash_ring = ring
+            self.pos = np.full(len(ring), old_m, np.int64)
+        self.memory = m
+        self.grown += 1
 
     def _check_seq(self, dev: I64, seq: I64) -> npt.NDArray[np.bool_]:
         m = self.memory
@@ -197,10 +288,12 @@ class DuplicateFilter:
                 "dup_pos": self.pos, "dup_high": self.high}
 
     def restore(self, snap: dict[str, npt.NDArray[np.generic]]) -> None:
-        m = self.memory
+        configured = m = self.memory
         if "dup_seq_ring" in snap:
             seq_ring = snap["dup_seq_ring"].astype(np.int64)
             hash_ring = snap["dup_hash_ring"].astype(np.int64)
+            if seq_ring.ndim == 2:
+                m = self.memory = seq_ring.shape[1]  # as wide as it had grown
         else:  # written before the split: one ring of seqs and flagged hashes in arrival order
             old = snap["dup_ring"].astype(np.int64)
             if old.ndim != 2 or old.shape[1] != m:
@@ -226,3 +319,5 @@ class DuplicateFilter:
         if len(high) != len(self.seq_ring):
             high = self.seq_ring.max(axis=1, initial=-1)
         self.high = high
+        if m < configured:
+            self._resize(configured)

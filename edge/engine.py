@@ -87,7 +87,10 @@ class WindowEngine:
         reach = max(w.reach_ms for w in config.windows)
         self.time = DeviceTime(config.time, reach_ms=reach + 1,
                                skew_period_ms=config.skew_period_ms)
-        self.dedup = DuplicateFilter(memory=config.dedup_memory)
+        # how far behind a device's newest reading one can still change a window
+        t = config.time
+        self.horizon_ms = t.out_of_orderness_ms + t.allowed_lateness_ms + reach
+        self.dedup = DuplicateFilter(memory=config.dedup_memory, horizon_ms=self.horizon_ms)
         sketch = SketchParams(config.sketch_alpha)
         self.operators: list[Operator] = [
             make_operator(w, allowed_lateness_ms=config.time.allowed_lateness_ms,
@@ -136,7 +139,12 @@ class WindowEngine:
         rows = np.arange(len(batch))
         ts, value, seq = batch.ts, batch.value, batch.seq
         if self.config.dedup:
-            dup = self.dedup.check(dev, batch.ts, batch.value, batch.seq)
+            # a reading every operator drops as late changes nothing: it is counted late, not
+            # remembered (a replay of old data must not wash recent readings out of the memory)
+            judge = ~self._beyond(ts, self.time.watermarks()[dev])
+            dup = np.zeros(len(rows), bool)
+            j = np.flatnonzero(judge) if not judge.all() else rows
+            dup[j] = self.dedup.check(dev[j], ts[j], value[j], seq[j], met[j])
             out.duplicates = int(dup.sum())
             if out.duplicates:
                 out.dup_rows = np.flatnonzero(dup)
@@ -153,6 +161,21 @@ class WindowEngine:
             if i == 0 and res.late_dropped:
                 out.late_rows = rows[res.dropped_mask]
         return out
+
+    def _beyond(self, ts: I64, wm: I64) -> npt.NDArray[np.bool_]:
+        """Readings that every operator will drop as late against watermark ``wm`` (or
+        later): past the end of the last window that could hold them, plus the lateness."""
+        last: I64 | None = None
+        for w in self.config.windows:
+            if w.kind in ("tumbling", "hopping"):
+                end = (ts // w.step) * w.step + w.size_ms
+            elif w.kind == "session":
+                end = ts
+            else:  # count windows never drop a reading as late
+                return np.zeros(len(ts), bool)
+            last = end if last is None else np.maximum(last, end)
+        assert last is not None
+        return wm >= last + self.config.time.allowed_lateness_ms
 
     def _first_late(self, ts: I64) -> I64:
         """The earliest watermark at which any operator could treat a reading as late."""

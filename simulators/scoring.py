@@ -177,14 +177,25 @@ def nab_best_threshold(files: Sequence[NabFile], scores: Sequence[F64],
     cand = np.unique(np.concatenate([np.asarray(s, np.float64) for s in scores]
                                     or [np.ones(1)]))
     cand = cand[cand > 0]
-    if len(cand) > 400:  # plenty to find the optimum of a step function of few levels
-        cand = np.unique(np.quantile(cand, np.linspace(0, 1, 400)))
+    points = sum(len(s) for s in scores)
+    every = cand
+    if len(cand) * points > 20_000_000:  # too many levels to try each: 400 quantiles, then
+        cand = np.unique(np.quantile(cand, np.linspace(0, 1, 400)))  # every level near the best
     best: NabCorpusResult | None = None
     for th in [*cand.tolist(), 1.01]:
         r = nab_corpus_score(files, scores, th, profile)
         if best is None or r.normalised > best.normalised:
             best = r
     assert best is not None
+    if len(cand) < len(every):
+        k = int(np.searchsorted(cand, best.threshold))
+        lo, hi = cand[max(k - 1, 0)], cand[min(k + 1, len(cand) - 1)]
+        near = every[(every > lo) & (every < hi)]
+        step = max(1, len(near) // 400)
+        for th in near[::step].tolist():
+            r = nab_corpus_score(files, scores, th, profile)
+            if r.normalised > best.normalised:
+                best = r
     return best
 
 
