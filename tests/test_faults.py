@@ -341,18 +341,24 @@ def _steady(rig: Rig) -> bool:
     return a == rig.ledger().get("readings_received", -2)
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 16 MiB tmpfs (the tests run as root, as CI does): a disk that really fills."""
+@contextlib.contextmanager
+def tmpfs(mnt: Path, size: str) -> Iterator[Path]:
+    """A small tmpfs at ``mnt`` (the tests run as root, as CI does): a disk that really fills."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    mnt = tmp_path / "edge-state"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], check=True)
+    mnt.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], check=True)
     try:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """16 MiB under the agent's state directory."""
+    with tmpfs(tmp_path / "edge-state", "16m") as mnt:
+        yield mnt
 
 
 def fill(disk: Path) -> Path:
@@ -521,3 +527,39 @@ def test_r8_an_hour_replayed_twice_leaves_influxdb_unchanged(rig: Rig, tmp_path:
     assert led["duplicates"] > 0  # the last minute was still open to revision: recognised
     assert aggregates() == first
     assert rig.in_influx() == n
+
+
+def test_r12_disk_full_under_influxdb_and_the_gateway_broker_loses_nothing(
+        tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto]) -> None:
+    """RELIABILITY R12, the other disks: InfluxDB's (its WAL write fails: HTTP 500) and the
+    gateway broker's persistence fill up for 8 s while the fleet publishes. The worker keeps
+    retrying and acknowledges nothing it could not write (the agent keeps it all in its
+    outbox), the broker keeps serving from memory; neither crashes. InfluxDB 1.6 keeps failing
+    on its WAL after the space returns, until it is restarted, as the worker's log says to:
+    then every reading is in InfluxDB once."""
+    with tmpfs(tmp_path / "influx", "64m") as idisk, \
+            tmpfs(tmp_path / "mosquitto-0", "16m") as bdisk:  # the rig's first broker: gw
+        influx = InfluxDB(idisk / "db").start()
+        client = InfluxV1Client(influx.url, "r12")
+        client.create_database()
+        rig = Rig(tmp_path, mosquitto_factory, client, broker_persistence=True)
+        try:
+            rig.start_worker()
+            rig.start_agent()
+            time.sleep(2)
+            rig.run_fleet(16)
+            time.sleep(3)
+            fillers = [fill(idisk), fill(bdisk)]
+            time.sleep(8)
+            for f in fillers:
+                f.unlink()
+            influx.stop()  # the operator's restart, as the worker's error says
+            influx = InfluxDB(idisk / "db", port=influx.port).start()
+            rig.wait_fleet()
+            finish(rig)
+            assert rig.health("cloud")["write_errors"] > 0  # it did hit the full disk
+            assert rig.gw_broker.running  # it kept serving on a full disk
+        finally:
+            rig.stop()
+            client.close()
+            influx.stop()

@@ -57,6 +57,7 @@ class InfluxV1Client:
             self._headers["Authorization"] = f"Basic {basic}"
         self._rp = retention_policy
         self._conn: http.client.HTTPConnection | None = None
+        self.disk_full = 0  # writes InfluxDB refused for want of disk space
 
     def _connection(self) -> http.client.HTTPConnection:
         if self._conn is None:
@@ -139,6 +140,13 @@ class InfluxV1Client:
                             rejected=rejected)
         if status == 413:
             raise SinkError(f"single point too large: {text}", retryable=False, rejected=1)
+        if "no space left" in text:  # its disk: InfluxDB 1.x keeps failing until restarted
+            self.disk_full += 1
+            if self.disk_full == 1 or self.disk_full % 100 == 0:
+                log.error("InfluxDB at %s is out of disk space: nothing is acknowledged to the "
+                          "gateways until it takes writes again (they keep their outboxes). "
+                          "Free space, then restart influxd: 1.x does not reopen its WAL by "
+                          "itself (%d failed writes so far)", self.url, self.disk_full)
         raise SinkError(f"InfluxDB write failed ({status}): {text}",
                         retryable=status == 429 or status >= 500 or status in (401, 403))
 
