@@ -199,14 +199,18 @@ class DuplicateFilter:
     def _resize(self, m: int) -> None:
         """Widen every device's memory to ``m`` slots, keeping what each remembers."""
         old_m = self.memory
-        if len(self.seq_ring):
+        if not len(self.seq_ring):
+            self.seq_ring = np.full((0, m), EMPTY, np.int64)
+        else:
             ring = np.full((len(self.seq_ring), m), EMPTY, np.int64)
             d, k = np.nonzero(self.seq_ring != EMPTY)
             held = self.seq_ring[d, k]
             ring[d, held % m] = held  # the last old_m numbers of a device: distinct mod m
             self.seq_ring = ring
             self._scratch = np.full((len(ring), m), _FREE, np.int32)
-        if len(self.hash_ring):
+        if not len(self.hash_ring):
+            self.hash_ring = np.full((0, m), EMPTY, np.int64)
+        else:
             ring = np.full((len(self.hash_ring), m), EMPTY, np.int64)
             order = (self.pos[:, None] + np.arange(old_m)) % old_m  # oldest first
             ring[:, :old_m] = np.take_along_axis(self.hash_ring, order, axis=1)
@@ -292,8 +296,12 @@ class DuplicateFilter:
         if "dup_seq_ring" in snap:
             seq_ring = snap["dup_seq_ring"].astype(np.int64)
             hash_ring = snap["dup_hash_ring"].astype(np.int64)
-            if seq_ring.ndim == 2:
-                m = self.memory = seq_ring.shape[1]  # as wide as it had grown
+            if seq_ring.ndim == 2 and hash_ring.ndim == 2:
+                m = self.memory = max(seq_ring.shape[1], hash_ring.shape[1])  # as grown
+                if len(seq_ring) == 0:
+                    seq_ring = np.full((0, m), EMPTY, np.int64)
+                if len(hash_ring) == 0:
+                    hash_ring = np.full((0, m), EMPTY, np.int64)
         else:  # written before the split: one ring of seqs and flagged hashes in arrival order
             old = snap["dup_ring"].astype(np.int64)
             if old.ndim != 2 or old.shape[1] != m:

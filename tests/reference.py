@@ -87,14 +87,15 @@ def reference_engine(readings: list[Reading], specs: list[object], *, ooo_ms: in
     ``specs`` are ``edge.windows.WindowSpec`` objects (typed loosely to keep this module free
     of engine imports).
     """
-    # a reading is identified by (device, seq), or (device, event time, value bits) without seq;
+    # a reading is identified by (device, seq), or (device, metric, event time, value bits)
+    # without seq;
     # the engine remembers a device's last N readings; N is large enough here to hold them all
     seen: set[tuple[int, object]] = set()
     accepted: list[Reading] = []
     dups = 0
     for r in readings:
-        dev, _, ts, v, seq = r
-        ident: object = seq if seq >= 0 else (ts, _bits(v))
+        dev, met, ts, v, seq = r
+        ident: object = seq if seq >= 0 else (met, ts, _bits(v))
         if (dev, ident) in seen:
             dups += 1
             continue

@@ -118,6 +118,13 @@ timeout = "2s"
                  "PYTHONPATH": os.pathsep.join(filter(None, [root,
                                                              os.environ.get("PYTHONPATH")]))})
 
+    def start_chain(self, *, fleet_s: float) -> None:
+        """Worker and agent up, then the fleet publishing for ``fleet_s`` (in a thread)."""
+        self.start_worker()
+        self.start_agent()
+        time.sleep(2)
+        self.run_fleet(fleet_s)
+
     def start_worker(self) -> None:
         self.worker = self._spawn("cloud", self.cloud_cfg, "worker.log")
 

@@ -64,10 +64,7 @@ def wait_for(cond: Callable[[], bool], timeout_s: float) -> float:
 
 
 def test_r1_worker_sigkilled_repeatedly(rig: Rig) -> None:
-    rig.start_worker()
-    rig.start_agent()
-    time.sleep(2)
-    rig.run_fleet(14)
+    rig.start_chain(fleet_s=14)
     recoveries = []
     for _ in range(3):
         time.sleep(3.5)
@@ -81,10 +78,7 @@ def test_r1_worker_sigkilled_repeatedly(rig: Rig) -> None:
 
 
 def test_r2_partition_then_heal_drains_fast(rig: Rig) -> None:
-    rig.start_worker()
-    rig.start_agent()
-    time.sleep(2)
-    rig.run_fleet(16)
+    rig.start_chain(fleet_s=16)
     time.sleep(3)
     assert rig.agent is not None
     rss0 = psutil.Process(rig.agent.pid).memory_info().rss
@@ -138,10 +132,7 @@ def test_r3_cloud_broker_sigkilled(tmp_path: Path, mosquitto_factory: Callable[.
                                    influx_db: InfluxV1Client) -> None:
     rig = Rig(tmp_path, mosquitto_factory, influx_db, broker_persistence=True)
     try:
-        rig.start_worker()
-        rig.start_agent()
-        time.sleep(2)
-        rig.run_fleet(14)
+        rig.start_chain(fleet_s=14)
         for _ in range(2):
             time.sleep(4)
             rig.cloud_broker.kill()
@@ -161,10 +152,7 @@ def test_r3_gateway_broker_sigkilled_residual_is_measured(
     measures that residual and bounds it to what one autosave interval can hold."""
     rig = Rig(tmp_path, mosquitto_factory, influx_db, broker_persistence=True)
     try:
-        rig.start_worker()
-        rig.start_agent()
-        time.sleep(2)
-        rig.run_fleet(12)
+        rig.start_chain(fleet_s=12)
         time.sleep(5)
         rig.gw_broker.kill()
         time.sleep(1)
@@ -193,10 +181,7 @@ def test_r4_r13_agent_sigkilled_at_random_points_with_torn_tails(rig: Rig) -> No
     record is appended to its outbox and intake log. Every reading lands exactly once and the
     windows that spanned a crash are whole, never partial overwrites."""
     rng = random.Random(4)
-    rig.start_worker()
-    rig.start_agent()
-    time.sleep(2)
-    rig.run_fleet(16)
+    rig.start_chain(fleet_s=16)
     state = rig.tmp / "edge-state"
     for _ in range(4):
         time.sleep(rng.uniform(1.5, 3.0))
@@ -220,10 +205,7 @@ def test_r5_influxdb_down_paused_erroring(tmp_path: Path,
     client.create_database()
     rig = Rig(tmp_path, mosquitto_factory, client, influx_proxy=True)
     try:
-        rig.start_worker()
-        rig.start_agent()
-        time.sleep(2)
-        rig.run_fleet(22)
+        rig.start_chain(fleet_s=22)
         time.sleep(2)
         outages = []
         for fault in ("down", "paused", "http_503", "hang"):
@@ -262,10 +244,7 @@ def test_agent_state_wiped_then_restarted_loses_nothing(rig: Rig) -> None:
     new batches for the ones it wrote before (it did: half a run vanished, ledgers balanced)."""
     import shutil
 
-    rig.start_worker()
-    rig.start_agent()
-    time.sleep(2)
-    rig.run_fleet(5)
+    rig.start_chain(fleet_s=5)
     rig.wait_fleet()
     first = list(rig.published)
     assert rig.wait_settled(len(first)) == len(first)
@@ -386,10 +365,7 @@ def test_r12_disk_full_under_the_agent_loses_nothing(
     rig = Rig(tmp_path, mosquitto_factory, influx_db)
     assert rig.gateway_cfg.read_text().count(str(small_disk)) == 1
     try:
-        rig.start_worker()
-        rig.start_agent()
-        time.sleep(2)
-        rig.run_fleet(16)
+        rig.start_chain(fleet_s=16)
         time.sleep(3)
         filler = fill(small_disk)
         time.sleep(8)
@@ -418,10 +394,7 @@ def test_r7_gateway_clock_at_1970_then_stepped_forward_and_back_loses_nothing(
     set_clock(str(90_000 - time.time_ns() // 1_000_000))  # 1970-01-01T00:01:30Z
     rig = Rig(tmp_path, mosquitto_factory, influx_db, wallclock=clock_file)
     try:
-        rig.start_worker()
-        rig.start_agent()
-        time.sleep(2)
-        rig.run_fleet(16)
+        rig.start_chain(fleet_s=16)
         time.sleep(4)
         h_1970 = rig.health("edge")
         set_clock("0")  # network time arrives
@@ -544,10 +517,7 @@ def test_r12_disk_full_under_influxdb_and_the_gateway_broker_loses_nothing(
         client.create_database()
         rig = Rig(tmp_path, mosquitto_factory, client, broker_persistence=True)
         try:
-            rig.start_worker()
-            rig.start_agent()
-            time.sleep(2)
-            rig.run_fleet(16)
+            rig.start_chain(fleet_s=16)
             time.sleep(3)
             fillers = [fill(idisk), fill(bdisk)]
             time.sleep(8)

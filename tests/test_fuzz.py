@@ -136,7 +136,9 @@ def test_r9_hostile_payloads_are_rejected_and_spare_their_batch() -> None:
     bad = hostile_payloads(now)
     good = [orjson.dumps({"device": f"g{i}", "metric": "temperature", "ts": now, "value": 20.0})
             for i in range(10)]
-    msgs = [("devices/d1/readings", p, now) for p in bad[:3] + good + bad[3:]]
+    msgs = [("devices/d1/readings", p, now) for p in bad[:3]]
+    msgs += [(f"devices/g{i}/readings", p, now) for i, p in enumerate(good)]  # each its own
+    msgs += [("devices/d1/readings", p, now) for p in bad[3:]]
     pipe.process(msgs)
     stats = pipe.stats()
     assert stats["internal_errors"] == 0

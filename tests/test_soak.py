@@ -28,10 +28,7 @@ def rig(tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto],
 
 
 def test_soak_r1_worker_killed_every_six_seconds(rig: Rig) -> None:
-    rig.start_worker()
-    rig.start_agent()
-    time.sleep(2)
-    rig.run_fleet(120)
+    rig.start_chain(fleet_s=120)
     for _ in range(18):
         time.sleep(6)
         rig.kill_worker()
@@ -41,10 +38,7 @@ def test_soak_r1_worker_killed_every_six_seconds(rig: Rig) -> None:
 
 
 def test_soak_r2_long_partition_keeps_memory_flat(rig: Rig) -> None:
-    rig.start_worker()
-    rig.start_agent()
-    time.sleep(2)
-    rig.run_fleet(100)
+    rig.start_chain(fleet_s=100)
     time.sleep(10)
     assert rig.agent is not None
     agent = psutil.Process(rig.agent.pid)
@@ -61,10 +55,7 @@ def test_soak_r2_long_partition_keeps_memory_flat(rig: Rig) -> None:
 
 def test_soak_r4_agent_killed_twenty_times(rig: Rig) -> None:
     rng = random.Random(9)
-    rig.start_worker()
-    rig.start_agent()
-    time.sleep(2)
-    rig.run_fleet(100)
+    rig.start_chain(fleet_s=100)
     state = rig.tmp / "edge-state"
     for _ in range(20):
         time.sleep(rng.uniform(1.0, 6.0))
