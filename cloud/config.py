@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from cloud.detect import DEFAULT_DETECTORS, DETECTORS, PRIMARY, PolicyConfig
+from cloud.jetstream import JetStreamConfig
 from cloud.rules import Rule, parse_rules
 from devices.catalog import Catalog
 from devices.errors import ConfigError
@@ -56,6 +57,7 @@ class CloudConfig:
     rules: list[Rule] = field(default_factory=list)
     health_interval_ms: int = 5_000
     catalog: Catalog = field(default_factory=Catalog)
+    jetstream: JetStreamConfig | None = None  # [engine] kind = "jetstream": many workers
 
 
 def load_cloud_config(path: str | Path) -> CloudConfig:
@@ -107,6 +109,7 @@ def cloud_config_from(root: Section) -> CloudConfig:
                               f"{', '.join(sorted(DETECTORS))}", source=root.source)
         opts = det.section(name)
         options[name] = {k: opts.raw(k) for k in opts.keys()}  # noqa: SIM118  # checked by build_detectors
+    jetstream = _engine(root.section("engine"), root.source)
     registry = w.text("registry", None)
     state_dir = w.text("state_dir", None)
     cfg = CloudConfig(
@@ -127,8 +130,46 @@ def cloud_config_from(root: Section) -> CloudConfig:
         rules=parse_rules(root.raw("rules", None), root.source),
         health_interval_ms=w.duration_ms("health_interval", 5_000, minimum=100),
         catalog=catalog,
+        jetstream=jetstream,
     )
     for s in (w, ingest, ix, det):
         s.done()
     root.done()
+    return cfg
+
+
+def parse_member(text: str, key: str = "engine.member") -> tuple[int, int]:
+    """``k/N``: this worker is member k of N (it serves partitions p with p % N == k)."""
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ConfigError(key, f"must be k/N, e.g. 0/3; got {text!r}") from None
+    if not 0 <= k < n:
+        raise ConfigError(key, f"needs 0 <= k < N; got {text!r}")
+    return k, n
+
+
+def _engine(e: Section, source: str | None) -> JetStreamConfig | None:
+    kind = e.choice("kind", ("mqtt", "jetstream"), "mqtt")
+    if kind == "mqtt":
+        e.done()
+        return None
+    servers = e.str_list("servers")
+    if not servers or not all(s.startswith(("nats://", "tls://")) for s in servers):
+        raise ConfigError(e.key("servers"), "list the NATS servers as nats://host:port",
+                          source=source)
+    member = e.text("member", None)
+    timeout = e.duration_ms("priority_timeout", 5_000, minimum=1_000)
+    cfg = JetStreamConfig(
+        servers=tuple(servers),
+        stream=e.text("stream", "FIELDLINE"),
+        partitions=e.integer("partitions", 16, minimum=1, maximum=1024),
+        replicas=e.integer("replicas", 1, minimum=1, maximum=5),
+        member=parse_member(member, e.key("member")) if member else None,
+        priority_timeout_ms=timeout,
+        ack_wait_ms=e.duration_ms("ack_wait", max(15_000, 3 * timeout), minimum=1_000),
+        snapshot_interval_ms=e.duration_ms("snapshot_interval", 10_000, minimum=100),
+        max_age_s=e.duration_ms("retention", 7 * 86_400_000, minimum=60_000) // 1000,
+    )
+    e.done()
     return cfg

@@ -74,9 +74,11 @@ class BatchDedup:
 
     # ---- durability --------------------------------------------------------------------------
 
-    def snapshot(self) -> dict[str, list[int]]:
-        """Written sequences only: pending ones will be re-sent by the edge if we crash."""
-        return {gw: [g.high, *sorted(g.written)] for gw, g in self._gw.items()}
+    def snapshot(self, *, pending_as_written: bool = False) -> dict[str, list[int]]:
+        """Written sequences only: pending ones will be re-sent by the edge if we crash.
+        ``pending_as_written``: for a snapshot published only once they are written."""
+        return {gw: [g.high, *sorted(g.written | g.pending if pending_as_written
+                                     else g.written)] for gw, g in self._gw.items()}
 
     def restore(self, snap: dict[str, list[int]]) -> None:
         self._gw = {gw: _GatewaySeqs(high=v[0], written=set(v[1:]))

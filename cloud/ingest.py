@@ -38,12 +38,28 @@ class SourceMessage:
     position: int
     topic: str
     payload: bytes
+    handle: Any = None  # the engine's message, acknowledged once its effects are written
+    epoch: int = 0  # the ownership period of its partition it was read in
+    replay: bool = False  # read again after a takeover, to rebuild the partition's state
+
+
+@dataclass(frozen=True)
+class PartitionEvent:
+    """A partition became ours (restore ``snapshot``, which covers up to ``position``; its
+    replay follows) or is ours no more (drop its state)."""
+
+    partition: int
+    assigned: bool
+    snapshot: bytes | None = None
+    position: int = 0
+    epoch: int = 0
 
 
 class PartitionedSource(Protocol):
     partitions: int
+    per_partition_state: bool  # False: one owner of every partition, one state
 
-    def messages(self) -> AsyncIterator[SourceMessage]: ...
+    def messages(self) -> AsyncIterator[SourceMessage | PartitionEvent]: ...
 
     async def ack(self, gateway: str, acked: list[int], rejected: list[int],
                   incarnation: int = 0, proofs: dict[int, str] | None = None) -> bool:
@@ -59,6 +75,8 @@ class MqttSource:
     The session is persistent (MQTT 5 session expiry) so a restarted worker receives what was
     published while it was away; connection losses are retried with capped backoff.
     """
+
+    per_partition_state = False
 
     def __init__(self, address: BrokerAddress, *, client_id: str, partitions: int = 1,
                  session_expiry_s: int = 3600, max_queued: int = 10_000) -> None:
@@ -79,7 +97,7 @@ class MqttSource:
         self._paho: Any = None
         self._early: dict[int, Any] = {}  # PUBACKs that came before their future
 
-    async def messages(self) -> AsyncIterator[SourceMessage]:
+    async def messages(self) -> AsyncIterator[SourceMessage | PartitionEvent]:
         import aiomqtt
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties

@@ -19,10 +19,11 @@ import numpy as np
 
 from cloud.config import CloudConfig
 from cloud.dedup import BatchDedup, Seen
-from cloud.detect import DetectionStage, build_stage
+from cloud.detect import DetectionStage
 from cloud.detect.stage import write_snapshot
 from cloud.enrich import UNKNOWN_SITE, Enricher
-from cloud.ingest import MqttSource, PartitionedSource, SourceMessage
+from cloud.ingest import MqttSource, PartitionedSource, PartitionEvent, SourceMessage
+from cloud.partition import PartitionState, build_detection
 from cloud.points import (
     aggregate_lines,
     alert_lines,
@@ -33,7 +34,6 @@ from cloud.points import (
     rule_alert_lines,
     superseded_identities,
 )
-from cloud.rules import RuleEngine
 from cloud.sinks import sink_class
 from cloud.sinks.base import BufferedWriter, Sink
 from devices.clock import Clock, SystemClock
@@ -48,11 +48,13 @@ from devices.contract import (
     gateway_from_topic,
     peek_batch_id,
 )
-from devices.errors import ConfigError, ContractError
+from devices.errors import ContractError
 from devices.registry import Registry
 from devices.rejects import RejectLog
 
 log = logging.getLogger("fieldline.cloud")
+
+_SNAPSHOT = object()  # writer token: publish this partition snapshot once it is all written
 
 FOREIGN_DEVICE = "foreign_device"  # results of a device the registry assigns to another gateway
 
@@ -69,16 +71,7 @@ def _keep_rows(batch: ResultBatch, keep: np.ndarray, superseded: SupersededRows 
     return replace(batch, results=results)
 DETECT_SNAPSHOT_S = 300.0  # how often the detector state is saved to state_dir (and at stop)
 
-
-def build_detection(config: CloudConfig) -> DetectionStage:
-    """The configured detectors in their stage; a bad option fails naming its detector."""
-    for name in config.detectors:
-        try:
-            build_stage([name], config.detector_options)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"detect.{name}", str(exc)) from None
-    return build_stage(config.detectors, config.detector_options, policy=config.alerts,
-                       windows=config.detect_windows, relearn_after=config.relearn_after)
+__all__ = ["CloudWorker", "build_detection", "build_sink", "dedup_key"]
 
 
 def build_sink(config: CloudConfig) -> Sink:
@@ -119,6 +112,10 @@ class CloudWorker:
                 registry = Registry.load(config.registry_path)
                 registry.check_kinds(config.catalog, source=str(config.registry_path))
         self.registry = registry
+        if source is None and config.jetstream is not None:
+            from cloud.jetstream import JetStreamSource
+
+            source = JetStreamSource(config.jetstream, worker_id=config.worker_id)
         self.source = source or MqttSource(config.broker, partitions=config.partitions,
                                            client_id=f"fieldline-cloud-{config.worker_id}")
         self.sink = sink or build_sink(config)
@@ -127,11 +124,17 @@ class CloudWorker:
                                      flush_interval_ms=config.influx.flush_interval_ms,
                                      on_written=self._on_written,
                                      dead_letter_path=config.state_dir / "dead-letter.jsonl"
-                                     if config.state_dir else None)
-        self.dedup = BatchDedup()
+                                     if config.state_dir else None,
+                                     fence=self._fence)
         self.enricher = Enricher(registry, config.catalog)
-        self.detection = build_detection(config)
-        self.rules = RuleEngine(config.rules)
+        # one state per partition the source hands over (JetStream), or one for all (MQTT)
+        self.per_partition = bool(getattr(self.source, "per_partition_state", False))
+        self.parts: dict[int, PartitionState] = {}
+        if not self.per_partition:
+            self.parts[0] = PartitionState.fresh(config)
+        self.snapshot_interval_s = (config.jetstream.snapshot_interval_ms / 1000
+                                    if config.jetstream else 10.0)
+        self._bg: set[asyncio.Task[None]] = set()
         self.rejects = RejectLog(log)
         self.counters: Counter[str] = Counter()
         self.lag_ms: deque[int] = deque(maxlen=5000)  # edge publish -> InfluxDB confirmed
@@ -140,19 +143,30 @@ class CloudWorker:
         # (gateway, incarnation) -> (acked, rejected) batch numbers, sent by the acker task
         self._acks: dict[tuple[str, int], tuple[list[int], list[int], dict[int, str]]] = {}
         self.written_by_gateway: dict[str, int] = {}  # results written since this worker start
-        # latest revision written per result identity (bounded; dedup covers older re-sends)
-        self._revisions: dict[tuple[str, str, str, str, int], int] = {}
-        self.max_tracked_revisions = 1_000_000
+        self.max_tracked_revisions = 1_000_000  # per partition (dedup covers older re-sends)
         self._ack_wake = asyncio.Event()
         self._dedup_path = config.state_dir / "dedup.json" if config.state_dir else None
         self._detect_path = config.state_dir / "detect.npz" if config.state_dir else None
-        if self._detect_path is not None and self.detection.load(self._detect_path):
+        if (self._detect_path is not None and not self.per_partition
+                and self.detection.load(self._detect_path)):
             log.info("detector state restored from %s (%d series)", self._detect_path,
                      len(self.detection.series))
         if self._dedup_path is not None:
             config.state_dir.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
-            if self.dedup.load(self._dedup_path):
+            if not self.per_partition and self.dedup.load(self._dedup_path):
                 log.info("dedup state restored from %s", self._dedup_path)
+
+    # the single-worker path's one state (also what tests and the demo look at)
+    @property
+    def dedup(self) -> BatchDedup:
+        return self.parts[0].dedup
+
+    @property
+    def detection(self) -> DetectionStage:
+        return self.parts[0].detection
+
+    def _state(self, msg: SourceMessage) -> PartitionState | None:
+        return self.parts.get(msg.partition if self.per_partition else 0)
 
     # ---- synchronous stages -------------------------------------------------------------
 
@@ -165,7 +179,14 @@ class CloudWorker:
         self._ack_wake.set()
 
     def handle(self, msg: SourceMessage) -> None:
+        part = self._state(msg)
+        if part is None or (self.per_partition and msg.epoch != part.epoch):
+            self.counters["messages_not_owned"] += 1  # read before its partition moved away
+            return
+        part.position = msg.position
         self.counters["messages_in"] += 1
+        if msg.replay:
+            self.counters["messages_replayed"] += 1
         try:
             up = decode_uplink(msg.payload)
         except ContractError as exc:
@@ -185,7 +206,7 @@ class CloudWorker:
         if isinstance(up, HealthReport):
             self._handle_health(up)
         else:
-            self._handle_results(up, batch_digest(msg.payload))
+            self._handle_results(up, batch_digest(msg.payload), part, msg.partition)
 
     def _handle_health(self, rep: HealthReport) -> None:
         self.counters["health_in"] += 1
@@ -200,9 +221,10 @@ class CloudWorker:
                               self.written_by_gateway.get(rep.gateway, 0))
         self.writer.add(lines)
 
-    def _handle_results(self, batch: ResultBatch, digest: str) -> None:
+    def _handle_results(self, batch: ResultBatch, digest: str, part: PartitionState,
+                        pkey: int = 0) -> None:
         inc = batch.incarnation
-        seen = self.dedup.check_and_record(dedup_key(batch.gateway, inc), batch.seq)
+        seen = part.dedup.check_and_record(dedup_key(batch.gateway, inc), batch.seq)
         if seen is Seen.WRITTEN:  # written before: the edge missed our ack, say it again
             self.counters["duplicate_batches"] += 1
             self._ack(batch.gateway, inc, batch.seq, digest)
@@ -213,13 +235,13 @@ class CloudWorker:
         self.counters["batches_in"] += 1
         self.counters["results_in"] += len(batch.results)
         batch = self._drop_foreign_devices(batch)
-        batch = self._drop_stale_revisions(batch)
+        batch = self._drop_stale_revisions(batch, part)
         if len(batch.results) == 0 and batch.results.superseded is None:
             self._ack(batch.gateway, inc, batch.seq, digest)  # nothing newer in it; done
             return
         rows = self.enricher.enrich(batch)
-        det = self.detection.run(rows)
-        fired = self.rules.run(rows, det)
+        det = part.detection.run(rows)
+        fired = part.rules.run(rows, det)
         lines = (aggregate_lines(rows) + anomaly_lines(rows, det.anomalies)
                  + alert_lines(rows, det.alerts) + rule_alert_lines(fired))
         for a in fired:
@@ -230,7 +252,7 @@ class CloudWorker:
             self.counters["alerts_opened" if e.state == "open" else "alerts_resolved"] += 1
         max_end = int((batch.results.start + batch.results.width).max()) if len(rows) else 0
         self.writer.add(lines, token=(batch.gateway, inc, batch.seq, batch.sent_ms, max_end,
-                                      len(rows), digest))
+                                      len(rows), digest, pkey, part.epoch))
         sup = batch.results.superseded
         if sup is not None and len(sup):
             self.counters["superseded"] += len(sup)
@@ -264,7 +286,7 @@ class CloudWorker:
                 sup.device[ok], sup.metric[ok], sup.spec[ok], sup.start[ok])
         return _keep_rows(batch, ~bad, sup)
 
-    def _drop_stale_revisions(self, batch: ResultBatch) -> ResultBatch:
+    def _drop_stale_revisions(self, batch: ResultBatch, part: PartitionState) -> ResultBatch:
         """Rows whose window was already written at a newer revision are left out: a revision
         never overwrites a newer one, whatever order batches arrive in."""
         r = batch.results
@@ -272,7 +294,7 @@ class CloudWorker:
             return batch
         labels = batch.spec_labels()
         keep = np.ones(len(r), bool)
-        latest = self._revisions
+        latest = part.revisions
         for i, (d, m, lab, s, rev) in enumerate(zip(r.device.tolist(), r.metric.tolist(), labels,
                                                     r.start.tolist(), r.rev.tolist(),
                                                     strict=True)):
@@ -291,8 +313,15 @@ class CloudWorker:
 
     def _on_written(self, tokens: list[object]) -> None:
         now = self.clock.now_ms()
+        done: list[SourceMessage] = []
         for tok in tokens:
+            if isinstance(tok, SourceMessage):
+                done.append(tok)
+                continue
             assert isinstance(tok, tuple)
+            if tok[0] is _SNAPSHOT:
+                self._background(self._save_partition(tok[1], tok[2], tok[3], tok[4]))
+                continue
             gw: str = tok[0]
             inc: int = tok[1]
             seq: int = tok[2]
@@ -300,13 +329,86 @@ class CloudWorker:
             max_end: int = tok[4]
             n: int = tok[5]
             digest: str = tok[6]
-            self.dedup.mark_written(dedup_key(gw, inc), seq)
+            part = self.parts.get(tok[7])
+            if part is not None and part.epoch == tok[8]:
+                part.dedup.mark_written(dedup_key(gw, inc), seq)
             self._ack(gw, inc, seq, digest)
             self.written_by_gateway[gw] = self.written_by_gateway.get(gw, 0) + n
             self.counters["results_written"] += n
             self.lag_ms.append(now - sent)
             if max_end:
                 self.freshness_ms.append(now - max_end)
+        if done:
+            self._background(self._source_done(done))
+
+    # ---- partitions that move (JetStream) ---------------------------------------------------
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    async def _source_done(self, msgs: list[SourceMessage]) -> None:
+        done = getattr(self.source, "done", None)
+        if done is not None:
+            await done(msgs)
+
+    def _on_partition(self, ev: PartitionEvent) -> None:
+        if not ev.assigned:
+            self.parts.pop(ev.partition, None)
+            self.counters["partitions_revoked"] += 1
+            return
+        part = PartitionState.fresh(self.config, epoch=ev.epoch)
+        part.position = ev.position
+        if ev.snapshot is not None and not part.restore_bytes(ev.snapshot):
+            self.counters["snapshot_restore_failed"] += 1
+            log.warning("partition %d: its snapshot could not be restored in full (detectors "
+                        "start afresh)", ev.partition)
+        self.parts[ev.partition] = part
+        self.counters["partitions_assigned"] += 1
+
+    def _snapshot_partitions(self) -> None:
+        """A snapshot of each partition, taken between two messages; it is published once
+        everything it covers is written (the writer confirms the token)."""
+        for p, part in self.parts.items():
+            self.writer.add([], token=(_SNAPSHOT, p, part.epoch, part.snapshot_bytes(),
+                                       part.position))
+
+    async def _save_partition(self, p: int, epoch: int, blob: bytes, position: int) -> None:
+        save = getattr(self.source, "save_snapshot", None)
+        part = self.parts.get(p)
+        if save is None or part is None or part.epoch != epoch:
+            return
+        try:
+            ok = await save(p, blob, position, epoch)
+        except Exception as exc:  # the engine unreachable just now: the next one will do
+            self.counters["partition_snapshot_errors"] += 1
+            log.warning("partition %d: snapshot not saved: %r", p, exc)
+            return
+        if ok:
+            self.counters["partition_snapshots"] += 1
+        elif (part := self.parts.get(p)) is not None and part.epoch == epoch:
+            self.parts.pop(p, None)  # fenced: another worker holds it now
+
+    async def _final_snapshots(self) -> None:
+        """At a clean stop, after the last write: every partition's state as it ends, so a
+        restart (or the next owner) replays nothing already done."""
+        if self._bg:
+            await asyncio.gather(*self._bg, return_exceptions=True)
+        if not self.per_partition or self.writer.buffered:
+            return
+        for p, part in list(self.parts.items()):
+            await self._save_partition(p, part.epoch, part.snapshot_bytes(), part.position)
+
+    def _fence(self) -> bool:
+        """Before each write: a worker that may have lost its partitions while it was not
+        running (paused, starved past the engine's pin timeout) writes nothing it holds."""
+        fence_ok = getattr(self.source, "fence_ok", None)
+        if fence_ok is None or fence_ok():
+            return True
+        self.parts.clear()
+        self.counters["fenced_points"] += self.writer.discard()
+        return False
 
     def stats(self) -> dict[str, float]:
         c = self.counters
@@ -345,13 +447,22 @@ class CloudWorker:
         for reason, n in refused.items():
             s["acks_refused_" + reason] = n
         s["acks_unheard"] = getattr(self.source, "acks_unheard", 0)
+        if self.per_partition:
+            s["partitions_owned"] = len(self.parts)
+            for k, n in getattr(self.source, "counters", {}).items():
+                s["engine_" + k] = n
+            for k in ("partitions_assigned", "partitions_revoked", "partition_snapshots",
+                      "partition_snapshot_errors", "messages_replayed", "messages_not_owned",
+                      "fenced_points"):
+                s[k] = c[k]
         for reason, n in self.writer.dead_letters.items():
             s["dead_lettered_" + reason] = n
         return s
 
     def _health_line(self) -> str | None:
         s = self.stats()
-        gauges = {"buffered_points", "lag_p50_ms", "lag_p99_ms", "freshness_p50_ms"}
+        gauges = {"buffered_points", "lag_p50_ms", "lag_p99_ms", "freshness_p50_ms",
+                  "partitions_owned"}
         return pipeline_line(
             "cloud", {"worker": self.config.worker_id},
             {k: int(v) for k, v in s.items() if k not in gauges},
@@ -361,11 +472,16 @@ class CloudWorker:
 
     async def _consume(self) -> None:
         async for msg in self.source.messages():
+            if isinstance(msg, PartitionEvent):
+                self._on_partition(msg)
+                continue
             try:
                 self.handle(msg)
             except Exception:  # a bug must not stop ingest; it is logged with the message
                 self.counters["internal_errors"] += 1
                 log.exception("failed to handle message on %s", msg.topic)
+            if msg.handle is not None:  # the engine's ack, once its effects are written
+                self.writer.add([], token=msg)
 
     async def _acker(self, stop: asyncio.Event) -> None:
         """Acknowledge confirmed batches: first persist the dedup state that covers them."""
@@ -376,7 +492,7 @@ class CloudWorker:
                 self._ack_wake.clear()
                 continue
             todo, self._acks = self._acks, {}
-            if self._dedup_path is not None:
+            if self._dedup_path is not None and not self.per_partition:
                 await asyncio.to_thread(self.dedup.save, self._dedup_path)
             for (gw, inc), (acked, rejected, proofs) in todo.items():
                 if await self.source.ack(gw, acked, rejected, inc, proofs):
@@ -388,7 +504,7 @@ class CloudWorker:
 
     async def _save_detection(self) -> None:
         """Detector state to ``state_dir`` (a restart continues with the histories it had)."""
-        if self._detect_path is None:
+        if self._detect_path is None or self.per_partition:
             return
         snap = self.detection.snapshot()  # a copy, taken between two messages
         try:
@@ -399,13 +515,17 @@ class CloudWorker:
             log.error("detector state not saved to %s: %s", self._detect_path, exc)
 
     async def _health(self, stop: asyncio.Event) -> None:
-        last_save = time.monotonic()
+        last_save = last_snap = time.monotonic()
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.config.health_interval_ms / 1000)
             ln = self._health_line()
             if ln:
                 self.writer.add([ln])
+            if (self.per_partition and not stop.is_set()
+                    and time.monotonic() - last_snap >= self.snapshot_interval_s):
+                last_snap = time.monotonic()
+                self._snapshot_partitions()
             if time.monotonic() - last_save >= DETECT_SNAPSHOT_S and not stop.is_set():
                 last_save = time.monotonic()
                 await self._save_detection()
@@ -437,6 +557,10 @@ class CloudWorker:
             acker_stop.set()
             self._ack_wake.set()
             await acker
+            await self._final_snapshots()
+            close = getattr(self.source, "close", None)
+            if close is not None:
+                await close()
             await asyncio.to_thread(self.sink.close)
             log.info("cloud worker %s stopped", self.config.worker_id)
         if consume.done() and not consume.cancelled() and consume.exception():

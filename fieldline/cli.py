@@ -75,10 +75,39 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
 
     private_files()
     cfg = load_cloud_config(args.config)
+    if args.member or args.worker_id:
+        from dataclasses import replace
+
+        from cloud.config import parse_member
+
+        if args.member and cfg.jetstream is None:
+            raise ConfigError("--member", "needs [engine] kind = \"jetstream\" in the config")
+        if args.member and cfg.jetstream is not None:
+            cfg = replace(cfg, jetstream=replace(cfg.jetstream,
+                                                 member=parse_member(args.member, "--member")))
+        if args.worker_id:
+            cfg = replace(cfg, worker_id=args.worker_id)
     worker = CloudWorker(cfg)
 
     async def main() -> None:
         await worker.run(_stop_event())
+
+    asyncio.run(main())
+    return 0
+
+
+def cmd_cloud_bridge(args: argparse.Namespace) -> int:
+    from cloud.bridge import Bridge
+    from cloud.config import load_cloud_config
+
+    cfg = load_cloud_config(args.config)
+    if cfg.jetstream is None:
+        raise ConfigError("engine.kind", "the bridge needs [engine] kind = \"jetstream\"")
+    bridge = Bridge(cfg.broker, list(cfg.jetstream.servers),
+                    client_id=f"fieldline-bridge-{cfg.worker_id}")
+
+    async def main() -> None:
+        await bridge.run(_stop_event())
 
     asyncio.run(main())
     return 0
@@ -291,7 +320,15 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cloud", help="the cloud worker").add_subparsers(dest="sub", required=True)
     cr = c.add_parser("run", help="run a cloud worker")
     cr.add_argument("--config", required=True, type=Path)
+    cr.add_argument("--member", default=None,
+                    help="k/N: serve partitions p with p %% N == k (JetStream engine); start a "
+                         "second worker with the same k as its hot standby")
+    cr.add_argument("--worker-id", default=None, help="overrides worker.id")
     cr.set_defaults(func=cmd_cloud_run)
+    cb = c.add_parser("bridge", help="forward the cloud broker's uplink into NATS JetStream "
+                                     "and the workers' acks back")
+    cb.add_argument("--config", required=True, type=Path)
+    cb.set_defaults(func=cmd_cloud_bridge)
 
     s = sub.add_parser("simulate", help="publish a simulated fleet")
     s.add_argument("--config", required=True, type=Path)

@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -391,17 +392,30 @@ class DetectionStage:
         it does not fit these detectors (then they start afresh)."""
         if not path.exists():
             return False
+        return self._load(path, str(path))
+
+    def load_bytes(self, blob: bytes, source: str = "snapshot") -> bool:
+        """Restore from what ``snapshot_bytes`` made (a partition snapshot)."""
+        return self._load(io.BytesIO(blob), source)
+
+    def snapshot_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        _savez(self.snapshot(), buf)
+        return buf.getvalue()
+
+    def _load(self, src: Path | io.BytesIO, source: str) -> bool:
         try:
-            with np.load(path, allow_pickle=False) as z:
+            with np.load(src, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files if k != "__meta__"}
                 meta = json.loads(str(z["__meta__"]))
         except (OSError, ValueError, KeyError) as exc:
-            log.warning("detector state in %s unreadable (%s): detectors start afresh", path, exc)
+            log.warning("detector state in %s unreadable (%s): detectors start afresh", source,
+                        exc)
             return False
         expected = {k: v.shape[1:] for k, v in self.snapshot()["arrays"].items()}
         if {k: v.shape[1:] for k, v in arrays.items()} != expected:
             log.warning("detector state in %s was written by other detectors or options: "
-                        "they start afresh", path)
+                        "they start afresh", source)
             return False
         self.restore({**meta, "arrays": arrays})
         return True
@@ -412,13 +426,17 @@ class DetectionStage:
                 + self.series_policy.state.nbytes() + self.device_policy.state.nbytes())
 
 
+def _savez(snap: dict[str, Any], fh: Any) -> None:
+    meta = json.dumps({k: snap[k] for k in ("series", "devices", "slots")})
+    np.savez(fh, __meta__=np.array(meta), **snap["arrays"])
+
+
 def write_snapshot(snap: dict[str, Any], path: Path) -> None:
     """A ``DetectionStage.snapshot()`` to one ``.npz`` file (arrays, keys as JSON), atomically:
     take the snapshot where the stage runs, write it anywhere (a thread)."""
-    meta = json.dumps({k: snap[k] for k in ("series", "devices", "slots")})
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("wb") as fh:
-        np.savez(fh, __meta__=np.array(meta), **snap["arrays"])
+        _savez(snap, fh)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)

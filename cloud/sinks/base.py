@@ -102,8 +102,10 @@ class BufferedWriter:
         max_backoff_ms: int = 30_000,
         on_written: Callable[[list[object]], None] | None = None,
         dead_letter_path: Path | None = None,
+        fence: Callable[[], bool] | None = None,
     ) -> None:
         self.sink = sink
+        self.fence = fence  # asked before each write: False = write nothing (see discard)
         self.clock = clock
         self.batch_points = batch_points
         self.flush_interval_ms = flush_interval_ms
@@ -134,6 +136,17 @@ class BufferedWriter:
         self._deletes.extend(points)
         self._wake.set()
 
+    def discard(self) -> int:
+        """Drop everything queued and not yet written, tokens unconfirmed (a worker that may
+        have lost its partitions must not write what it held); returns the lines dropped."""
+        n = len(self._lines)
+        self._lines.clear()
+        self._tokens.clear()
+        self._deletes.clear()
+        self._confirmed.clear()
+        self._done = self._added
+        return n
+
     def add(self, lines: list[str], token: object = None) -> None:
         """Queue points; ``token`` is handed to ``on_written`` once they are confirmed."""
         self._lines.extend(lines)
@@ -159,6 +172,8 @@ class BufferedWriter:
         before the flush are done, so an acknowledgement never precedes a withdrawal.
         """
         while self._lines or self._tokens:  # the writes; deletes follow them
+            if self.fence is not None and not self.fence():
+                return True
             n = min(self.batch_points, len(self._lines))
             lines = [self._lines[i] for i in range(n)]
             ok = await self._write_with_retry(lines, stop, attempts)

@@ -1,0 +1,147 @@
+"""The bridge between the gateways' MQTT broker and NATS JetStream (README "Scale out").
+
+Agents keep speaking MQTT 5 to the cloud broker (its TLS, ACLs and reason codes unchanged). The
+bridge holds a persistent MQTT session on that broker and, for each result or health message,
+publishes it to ``fl.in.<gateway>.<kind>`` and waits for JetStream's acknowledgement (stored on
+the stream's replicas) before it sends the MQTT PUBACK: a message the bridge has not stored stays
+with the broker, which redelivers it. Acks flow back the other way: workers publish on
+``fl.ack.<gateway>``, the bridge republishes them on ``fieldline/v1/<gateway>/ack``.
+
+Custody is still the edge's: a batch leaves its outbox only on the worker's ack, which is sent
+after the InfluxDB write. The bridge is stateless; run one per cloud broker (a restart resumes
+its MQTT session), or several with an MQTT shared subscription.
+
+Why not NATS's own MQTT listener: it speaks MQTT 3.1.1 only (no PUBACK reason codes, which the
+agents use to tell "refused" from "delivered"), and its QoS 1 PUBACK covers its internal
+``$MQTT_msgs`` stream, not a user stream; the app-level ack would cover that, but the agents
+would lose their broker diagnostics, and the deploy broker's TLS and ACL files would not apply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from cloud.jetstream import ACK, IN, gateway_from_token, gateway_token
+from devices.contract import TOPIC_ROOT, ack_topic, gateway_from_topic
+from devices.mqtt import BrokerAddress, make_client
+
+log = logging.getLogger("fieldline.cloud.bridge")
+
+KINDS = ("results", "health")
+
+
+@dataclass
+class _Inbound:
+    mid: int
+    qos: int
+    topic: str
+    payload: bytes
+
+
+class Bridge:
+    def __init__(self, broker: BrokerAddress, servers: list[str], *, client_id: str,
+                 receive_maximum: int = 200, session_expiry_s: int = 3600,
+                 shared_group: str | None = None) -> None:
+        self.broker = broker
+        self.servers = servers
+        self.client_id = client_id
+        self.receive_maximum = receive_maximum
+        self.session_expiry_s = session_expiry_s
+        self.shared_group = shared_group
+        self.counters: dict[str, int] = {"forwarded": 0, "acks_back": 0, "rejected": 0,
+                                         "publish_retries": 0}
+        self.connected = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        import nats
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        loop = asyncio.get_running_loop()
+        inbound: asyncio.Queue[_Inbound] = asyncio.Queue()
+        nc = await nats.connect(self.servers, name=self.client_id, max_reconnect_attempts=-1,
+                                reconnect_time_wait=0.5)
+        js = nc.jetstream()
+        client, props = make_client(self.broker, self.client_id,
+                                    session_expiry_s=self.session_expiry_s, manual_ack=True)
+        if props is None:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.ReceiveMaximum = self.receive_maximum  # unacked deliveries the broker may send
+
+        def on_connect(c: Any, _u: Any, _f: Any, rc: Any, _p: Any = None) -> None:
+            if rc.is_failure:
+                log.error("bridge: %s refused the connection: %s", self.broker.url, rc)
+                return
+            for kind in KINDS:
+                topic = f"{TOPIC_ROOT}/+/{kind}"
+                if self.shared_group:
+                    topic = f"$share/{self.shared_group}/{topic}"
+                c.subscribe(topic, qos=1)
+            loop.call_soon_threadsafe(self.connected.set)
+            log.info("bridge: %s -> NATS %s", self.broker.url, self.servers)
+
+        def on_disconnect(_c: Any, _u: Any, _f: Any, _rc: Any, _p: Any = None) -> None:
+            loop.call_soon_threadsafe(self.connected.clear)
+
+        def on_message(_c: Any, _u: Any, msg: Any) -> None:
+            item = _Inbound(msg.mid, msg.qos, msg.topic, bytes(msg.payload))
+            loop.call_soon_threadsafe(inbound.put_nowait, item)
+
+        client.on_connect = on_connect
+        client.on_disconnect = on_disconnect
+        client.on_message = on_message
+
+        async def on_ack(msg: Any) -> None:
+            gw = gateway_from_token(msg.subject.split(".")[-1])
+            client.publish(ack_topic(gw), msg.data, qos=1)
+            self.counters["acks_back"] += 1
+
+        ack_sub = await nc.subscribe(f"{ACK}.*", cb=on_ack)
+        client.connect_async(self.broker.host, self.broker.port, keepalive=10,
+                             clean_start=False, properties=props)
+        client.loop_start()
+        try:
+            while not stop.is_set():
+                try:
+                    item = await asyncio.wait_for(inbound.get(), 0.5)
+                except TimeoutError:
+                    continue
+                await self._forward(js, client, item, stop)
+        finally:
+            client.loop_stop()
+            with contextlib.suppress(Exception):
+                client.disconnect()
+            with contextlib.suppress(Exception):
+                await ack_sub.unsubscribe()
+            with contextlib.suppress(Exception):
+                await nc.drain()
+
+    async def _forward(self, js: Any, client: Any, item: _Inbound, stop: asyncio.Event) -> None:
+        gw = gateway_from_topic(item.topic)
+        kind = item.topic.rsplit("/", 1)[-1]
+        if gw is None or kind not in KINDS:
+            self.counters["rejected"] += 1
+            client.ack(item.mid, item.qos)
+            return
+        subject = f"{IN}.{gateway_token(gw)}.{kind}"
+        backoff = 0.2
+        while True:
+            try:
+                await js.publish(subject, item.payload, timeout=5.0)
+                break
+            except Exception as exc:  # no quorum just now, a node gone: keep it, retry
+                self.counters["publish_retries"] += 1
+                if self.counters["publish_retries"] % 50 == 1:
+                    log.warning("bridge: JetStream did not store a message of %s (%r); "
+                                "retrying", gw, exc)
+                if stop.is_set():
+                    return  # not acked: the broker redelivers it to the next session
+                await asyncio.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, 5.0)
+        client.ack(item.mid, item.qos)
+        self.counters["forwarded"] += 1

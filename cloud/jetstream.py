@@ -1,0 +1,499 @@
+"""NATS JetStream: the partitioned source when one cloud worker is not enough (README "Scale out").
+
+Layout (one stream, P fixed partitions)::
+
+    fl.in.<gw>.<kind>                 what the bridge publishes (results, health)
+    fl.p.<partition>.<gw>.<kind>      as stored: the stream's subject transform
+                                      ``{{partition(P,1)}}`` (FNV-1a of the gateway token mod P;
+                                      a gateway never moves while P is fixed)
+    fl.ack.<gw>                       the workers' application-level acks, back to the bridge
+
+Ownership comes from the engine, not from us: one durable pull consumer per partition with a
+``pinned_client`` priority group. Every worker serving a partition pulls on its consumer; the
+server pins one puller and re-pins another after ``priority_timeout`` without pulls from it. A
+worker knows it holds a partition when messages arrive with a new ``Nats-Pin-Id``; it knows it
+lost it on a ``423`` answer, when its snapshot's compare-and-set fails, or when it finds that it
+could not pull for most of the timeout (a paused or starved process must assume the server moved
+the partition; it then drops everything it holds, unwritten lines included, and starts again).
+
+State follows the partition as snapshot + replay, the Flink / Kafka Streams recipe: each owner
+snapshots its partition state (dedup marks, detector state, revisions) with the stream sequence
+it covers, once everything up to that sequence is in InfluxDB, into an object store, and points to
+it from a KV key updated with compare-and-set (a stale owner cannot overwrite a newer snapshot).
+A new owner claims the key, restores the snapshot and replays the partition from the next
+sequence, so detectors continue with the history they had instead of relearning it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from cloud.ingest import PartitionEvent, SourceMessage
+from devices.contract import TOPIC_ROOT, encode_ack
+
+log = logging.getLogger("fieldline.cloud.jetstream")
+
+IN = "fl.in"
+PART = "fl.p"
+ACK = "fl.ack"
+GROUP = "owner"
+_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+
+
+def gateway_token(gateway: str) -> str:
+    """A gateway id as one NATS subject token: bytes outside ``[A-Za-z0-9_-]`` as ``~XX``."""
+    return "".join(c if c in _SAFE else "".join(f"~{b:02X}" for b in c.encode())
+                   for c in gateway)
+
+
+def gateway_from_token(token: str) -> str:
+    out = bytearray()
+    i = 0
+    while i < len(token):
+        if token[i] == "~":
+            out.append(int(token[i + 1:i + 3], 16))
+            i += 3
+        else:
+            out += token[i].encode()
+            i += 1
+    return out.decode()
+
+
+def partition_of_gateway(gateway: str, partitions: int) -> int:
+    """The partition the stream's ``{{partition(P,1)}}`` transform files a gateway under
+    (FNV-1a 32 of its subject token, mod P): tools and tests can tell who owns what."""
+    h = 2166136261
+    for b in gateway_token(gateway).encode():
+        h = ((h ^ b) * 16777619) & 0xFFFFFFFF
+    return h % partitions
+
+
+@dataclass(frozen=True, kw_only=True)
+class JetStreamConfig:
+    servers: tuple[str, ...]
+    stream: str = "FIELDLINE"
+    partitions: int = 16
+    replicas: int = 1  # 3 on a 3-node cluster: survives the loss of a node
+    member: tuple[int, int] | None = None  # (k, N): partitions p with p % N == k; None: all
+    priority_timeout_ms: int = 5_000
+    ack_wait_ms: int = 15_000
+    snapshot_interval_ms: int = 10_000
+    max_age_s: int = 7 * 86_400  # the stream keeps this much for replay (and the snapshots' tail)
+    pull_batch: int = 200
+
+    def served(self) -> list[int]:
+        if self.member is None:
+            return list(range(self.partitions))
+        k, n = self.member
+        return [p for p in range(self.partitions) if p % n == k]
+
+    @property
+    def kv_bucket(self) -> str:
+        return f"{self.stream}_SNAP"
+
+    @property
+    def obj_bucket(self) -> str:
+        return f"{self.stream}_SNAPDATA"
+
+
+def consumer_name(p: int) -> str:
+    return f"p{p}"
+
+
+async def _api(nc: Any, subject: str, body: dict[str, Any], timeout: float = 5.0
+               ) -> dict[str, Any]:
+    resp = await nc.request(subject, json.dumps(body).encode(), timeout=timeout)
+    doc: dict[str, Any] = json.loads(resp.data)
+    return doc
+
+
+async def ensure_stream(nc: Any, cfg: JetStreamConfig, attempts: int = 30) -> None:
+    """The stream, its P pinned consumers and the snapshot buckets (idempotent; retried while
+    a fresh cluster elects its leaders)."""
+    js = nc.jetstream()
+    last: object = None
+    for _ in range(attempts):
+        try:
+            await _ensure(nc, js, cfg)
+            return
+        except Exception as exc:  # cluster not ready yet: no meta leader, timeouts
+            last = exc
+            await asyncio.sleep(0.5)
+    raise RuntimeError(f"JetStream stream {cfg.stream} could not be set up on {cfg.servers}: "
+                       f"{last!r}")
+
+
+async def _ensure(nc: Any, js: Any, cfg: JetStreamConfig) -> None:
+    from nats.js.api import KeyValueConfig, ObjectStoreConfig, StorageType
+
+    stream = {
+        "name": cfg.stream, "subjects": [f"{IN}.*.*"],
+        "subject_transform": {"src": f"{IN}.*.*",
+                              "dest": f"{PART}.{{{{partition({cfg.partitions},1)}}}}"
+                                      f".{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}"},
+        "retention": "limits", "storage": "file", "num_replicas": cfg.replicas,
+        "max_age": cfg.max_age_s * 1_000_000_000, "discard": "old",
+        "duplicate_window": 120 * 1_000_000_000,
+    }
+    doc = await _api(nc, f"$JS.API.STREAM.CREATE.{cfg.stream}", stream)
+    err = doc.get("error")
+    if err and err.get("err_code") != 10058:  # 10058: exists (with this config or another)
+        raise RuntimeError(f"stream {cfg.stream}: {err}")
+    if err:
+        info = await _api(nc, f"$JS.API.STREAM.INFO.{cfg.stream}", {})
+        have = info.get("config", {}).get("subject_transform", {}).get("dest", "")
+        if have != stream["subject_transform"]["dest"]:  # type: ignore[index]
+            raise RuntimeError(f"stream {cfg.stream} exists with another partitioning "
+                               f"({have!r}): changing the partition count needs a new stream")
+    for p in range(cfg.partitions):
+        name = consumer_name(p)
+        body = {"stream_name": cfg.stream, "config": {
+            "durable_name": name, "name": name, "filter_subject": f"{PART}.{p}.>",
+            "ack_policy": "explicit", "ack_wait": cfg.ack_wait_ms * 1_000_000,
+            "max_ack_pending": 10_000, "deliver_policy": "all",
+            "priority_groups": [GROUP], "priority_policy": "pinned_client",
+            "priority_timeout": cfg.priority_timeout_ms * 1_000_000,
+            "num_replicas": cfg.replicas}}
+        doc = await _api(nc, f"$JS.API.CONSUMER.CREATE.{cfg.stream}.{name}", body)
+        if doc.get("error"):
+            raise RuntimeError(f"consumer {name}: {doc['error']}")
+    await js.create_key_value(KeyValueConfig(bucket=cfg.kv_bucket, history=1,
+                                             replicas=cfg.replicas))
+    await js.create_object_store(cfg.obj_bucket, ObjectStoreConfig(
+        bucket=cfg.obj_bucket, replicas=cfg.replicas, storage=StorageType.FILE))
+
+
+class FencedError(Exception):
+    """Another worker claimed the partition since we did: we must not write its snapshot."""
+
+
+class SnapshotStore:
+    """Per-partition snapshots: blobs in an object store, a KV pointer updated with CAS."""
+
+    def __init__(self, js: Any, cfg: JetStreamConfig, owner: str) -> None:
+        self.js = js
+        self.cfg = cfg
+        self.owner = owner
+        self.revision: dict[int, int] = {}  # partition -> KV revision of our claim
+        self._kv: Any = None
+        self._obs: Any = None
+
+    async def _buckets(self) -> tuple[Any, Any]:
+        if self._kv is None:
+            self._kv = await self.js.key_value(self.cfg.kv_bucket)
+            self._obs = await self.js.object_store(self.cfg.obj_bucket)
+        return self._kv, self._obs
+
+    async def claim(self, p: int) -> tuple[bytes | None, int]:
+        """Take partition ``p`` over: its latest snapshot and the sequence it covers; the KV
+        pointer is rewritten naming us, so the previous owner's next save fails."""
+        from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+
+        kv, obs = await self._buckets()
+        key = f"p{p}"
+        for _ in range(20):
+            try:
+                entry = await kv.get(key)
+                rev = entry.revision
+                ptr = json.loads(entry.value or b"{}")
+            except KeyNotFoundError:
+                rev, ptr = 0, {}
+            ptr["owner"] = self.owner
+            try:
+                if rev:
+                    new = await kv.update(key, json.dumps(ptr).encode(), last=rev)
+                else:
+                    new = await kv.create(key, json.dumps(ptr).encode())
+            except (KeyWrongLastSequenceError, Exception) as exc:
+                if isinstance(exc, KeyWrongLastSequenceError) or "wrong last" in str(exc):
+                    await asyncio.sleep(0.05)
+                    continue
+                raise
+            self.revision[p] = new
+            blob = None
+            if ptr.get("object"):
+                res = await obs.get(ptr["object"])
+                blob = bytes(res.data) if res.data is not None else None
+            return blob, int(ptr.get("seq", 0))
+        raise FencedError(f"partition {p}: could not claim its snapshot key")
+
+    async def save(self, p: int, blob: bytes, seq: int) -> None:
+        from nats.js.errors import KeyWrongLastSequenceError
+
+        kv, obs = await self._buckets()
+        rev = self.revision.get(p)
+        if rev is None:
+            raise FencedError(f"partition {p} is not ours")
+        name = f"p{p}.{seq}"
+        await obs.put(name, blob)
+        ptr = {"seq": seq, "object": name, "owner": self.owner, "ts": int(time.time() * 1000)}
+        try:
+            entry = await kv.get(f"p{p}")
+            old = json.loads(entry.value or b"{}").get("object")
+            self.revision[p] = await kv.update(f"p{p}", json.dumps(ptr).encode(), last=rev)
+        except KeyWrongLastSequenceError:
+            self.revision.pop(p, None)
+            with contextlib.suppress(Exception):
+                await obs.delete(name)
+            raise FencedError(f"partition {p} was claimed by another worker") from None
+        if old and old != name:
+            with contextlib.suppress(Exception):
+                await obs.delete(old)
+
+    def release(self, p: int) -> None:
+        self.revision.pop(p, None)
+
+
+def _status(msg: Any) -> str | None:
+    h = msg.headers or {}
+    s = h.get("Status")
+    return str(s) if s is not None else None
+
+
+def _stream_seq(reply: str) -> int:
+    # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ts>.<pending>
+    # (or with a domain and account hash prefix: the stream seq is 5th from the end)
+    parts = reply.split(".")
+    return int(parts[-4])
+
+
+def _topic(subject: str) -> str:
+    """``fl.p.<p>.<gw token>.<kind>`` -> ``fieldline/v1/<gw>/<kind>`` (what the worker reads)."""
+    parts = subject.split(".")
+    return f"{TOPIC_ROOT}/{gateway_from_token(parts[3])}/{parts[4]}"
+
+
+class JetStreamSource:
+    """Reads the partitions this worker serves; see the module docstring for ownership."""
+
+    per_partition_state = True
+
+    def __init__(self, cfg: JetStreamConfig, *, worker_id: str, max_queue: int = 5_000) -> None:
+        self.cfg = cfg
+        self.partitions = cfg.partitions
+        self.worker_id = worker_id
+        self.max_queue = max_queue
+        self._queue: asyncio.Queue[SourceMessage | PartitionEvent] = asyncio.Queue()
+        self._nc: Any = None
+        self.store: SnapshotStore | None = None
+        self.owned: dict[int, str] = {}  # partition -> pin id
+        self._last_pull: dict[int, float] = {}
+        self._replayed_to: dict[int, int] = {}
+        self._epoch: dict[int, int] = {}
+        self.counters: dict[str, int] = {"assigned": 0, "pin_lost": 0, "fenced": 0,
+                                         "stalls": 0, "replayed": 0, "skipped_replayed": 0}
+        self.acks_refused: dict[str, int] = {}
+        self.acks_unheard = 0
+        self.connected = asyncio.Event()
+        self._reset = asyncio.Event()
+        self.move_ms: list[float] = []  # first message after a claim: claim + restore + replay
+
+    # ---- the PartitionedSource interface ------------------------------------------------
+
+    async def messages(self) -> AsyncIterator[SourceMessage | PartitionEvent]:
+        import nats
+
+        self._nc = await nats.connect(list(self.cfg.servers), name=self.worker_id,
+                                      max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                                      allow_reconnect=True)
+        await ensure_stream(self._nc, self.cfg)
+        self.store = SnapshotStore(self._nc.jetstream(), self.cfg, self.worker_id)
+        self.connected.set()
+        tasks = [asyncio.create_task(self._pull_loop(p), name=f"js-pull-{p}")
+                 for p in self.cfg.served()]
+        try:
+            while True:
+                item = await self._queue.get()
+                yield item
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+            with contextlib.suppress(Exception):
+                await self._nc.drain()
+
+    async def ack(self, gateway: str, acked: list[int], rejected: list[int],
+                  incarnation: int = 0, proofs: dict[int, str] | None = None) -> bool:
+        if self._nc is None or not self._nc.is_connected:
+            return False
+        try:
+            await self._nc.publish(f"{ACK}.{gateway_token(gateway)}",
+                                   encode_ack(acked, rejected, incarnation, proofs))
+        except Exception as exc:
+            log.warning("could not publish the ack for %s: %s", gateway, exc)
+            return False
+        return True
+
+    async def done(self, msgs: list[SourceMessage]) -> None:
+        """Their effects are in InfluxDB: acknowledge them to JetStream (the consumer's
+        position; recovery does not depend on it, the snapshot + replay does)."""
+        for m in msgs:
+            if m.handle is not None and self._epoch.get(m.partition) == m.epoch:
+                with contextlib.suppress(Exception):
+                    await m.handle.ack()
+
+    async def save_snapshot(self, p: int, blob: bytes, seq: int, epoch: int) -> bool:
+        """False when the partition is no longer ours (then it is revoked here)."""
+        if self.store is None or self._epoch.get(p) != epoch or p not in self.owned:
+            return False
+        try:
+            await self.store.save(p, blob, seq)
+            return True
+        except FencedError as exc:
+            self.counters["fenced"] += 1
+            log.warning("%s: %s; dropping it", self.worker_id, exc)
+            self._lose(p)
+            return False
+
+    def fence_ok(self) -> bool:
+        """False when some partition we hold may have moved while this process was not
+        pulling (paused, starved): then everything held is dropped (``reset``)."""
+        now = time.monotonic()
+        limit = self.cfg.priority_timeout_ms / 1000 * 0.8
+        stale = [p for p in self.owned if now - self._last_pull.get(p, now) > limit]
+        if not stale:
+            return True
+        self.counters["stalls"] += 1
+        log.warning("%s did not pull partitions %s for over %.1f s (paused or starved): the "
+                    "server may have moved them; dropping every partition and what is not "
+                    "yet written", self.worker_id, stale[:8], limit)
+        for p in list(self.owned):
+            self._lose(p, event=False)
+        self._reset.set()
+        return False
+
+    def take_reset(self) -> bool:
+        if self._reset.is_set():
+            self._reset.clear()
+            return True
+        return False
+
+    # ---- internals ----------------------------------------------------------------------
+
+    def _lose(self, p: int, *, event: bool = True) -> None:
+        if self.owned.pop(p, None) is None:
+            return
+        self._epoch[p] = self._epoch.get(p, 0) + 1
+        if self.store is not None:
+            self.store.release(p)
+        self.counters["pin_lost"] += 1
+        if event:
+            self._queue.put_nowait(PartitionEvent(p, False, epoch=self._epoch[p]))
+
+    async def _pull_loop(self, p: int) -> None:
+        nc = self._nc
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.cfg.stream}.{consumer_name(p)}"
+        expires = max(0.2, self.cfg.priority_timeout_ms / 1000 / 4)
+        while True:
+            try:
+                await self._pull_once(p, nc, sub, inbox, subject, expires)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a connection change, a leader election: pull again
+                log.warning("partition %d: pull failed: %r", p, exc)
+                await asyncio.sleep(0.5)
+
+    async def _pull_once(self, p: int, nc: Any, sub: Any, inbox: str, subject: str,
+                         expires: float) -> None:
+        batch = self.cfg.pull_batch if self._queue.qsize() < self.max_queue else 1
+        req: dict[str, Any] = {"batch": batch, "expires": int(expires * 1e9), "group": GROUP}
+        pin = self.owned.get(p)
+        if pin:
+            req["id"] = pin
+        self._last_pull[p] = time.monotonic()
+        await nc.publish(subject, json.dumps(req).encode(), reply=inbox)
+        got = 0
+        deadline = time.monotonic() + expires + 2.0
+        while got < batch:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                msg = await sub.next_msg(timeout=left)
+            except Exception:  # nats TimeoutError: the request expired unanswered
+                return
+            status = _status(msg)
+            if status is not None:
+                if status == "423" and p in self.owned:  # the server pinned someone else
+                    log.info("%s lost partition %d (pin moved)", self.worker_id, p)
+                    self._lose(p)
+                elif status not in ("404", "408", "100"):
+                    log.debug("partition %d: pull status %s %s", p, status, msg.headers)
+                    if status == "409":
+                        await asyncio.sleep(0.2)
+                return
+            got += 1
+            new_pin = (msg.headers or {}).get("Nats-Pin-Id")
+            if new_pin and new_pin != self.owned.get(p):
+                if p in self.owned:  # re-pinned to us under a new id: state may be stale
+                    self._lose(p)
+                await self._assign(p, new_pin)
+            if p not in self.owned:
+                continue  # an in-flight delivery after we dropped it: leave it unacked
+            sseq = _stream_seq(msg.reply)
+            if sseq <= self._replayed_to.get(p, 0):
+                self.counters["skipped_replayed"] += 1
+                with contextlib.suppress(Exception):
+                    await msg.ack()
+                continue
+            self._queue.put_nowait(SourceMessage(p, sseq, _topic(msg.subject), msg.data,
+                                                 handle=msg, epoch=self._epoch.get(p, 0)))
+
+    async def _assign(self, p: int, pin: str) -> None:
+        assert self.store is not None
+        t0 = time.monotonic()
+        blob, seq = await self.store.claim(p)
+        self.owned[p] = pin
+        self._epoch[p] = self._epoch.get(p, 0) + 1
+        epoch = self._epoch[p]
+        self.counters["assigned"] += 1
+        self._queue.put_nowait(PartitionEvent(p, True, snapshot=blob, position=seq,
+                                              epoch=epoch))
+        n = await self._replay(p, seq, epoch)
+        self.move_ms.append((time.monotonic() - t0) * 1000)
+        log.info("%s took partition %d: snapshot at %d, replayed %d message(s) in %.0f ms",
+                 self.worker_id, p, seq, n, self.move_ms[-1])
+
+    async def _replay(self, p: int, after: int, epoch: int) -> int:
+        """Everything stored for ``p`` after sequence ``after``, in order, before the pinned
+        deliveries (which skip what the replay covered)."""
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        js = self._nc.jetstream()
+        cfg = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                             opt_start_seq=after + 1, ack_policy=AckPolicy.NONE,
+                             inactive_threshold=30.0, filter_subject=f"{PART}.{p}.>")
+        sub = await js.pull_subscribe(f"{PART}.{p}.>", stream=self.cfg.stream, config=cfg)
+        n = 0
+        last = after
+        try:
+            info = await sub.consumer_info()
+            pending = int(info.num_pending or 0)
+            while n < pending:
+                self._last_pull[p] = time.monotonic()
+                try:
+                    msgs = await sub.fetch(min(500, pending - n), timeout=2.0)
+                except Exception:
+                    break
+                for m in msgs:
+                    last = m.metadata.sequence.stream
+                    self._queue.put_nowait(SourceMessage(p, last, _topic(m.subject), m.data,
+                                                         epoch=epoch, replay=True))
+                    n += 1
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._replayed_to[p] = last
+        self.counters["replayed"] += n
+        return n

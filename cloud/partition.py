@@ -1,0 +1,73 @@
+"""The state of one partition of the cloud worker's input, and its snapshot.
+
+Everything a worker learns from a partition's results lives here: which batches are written
+(dedup marks), the detectors' histories, pattern rules, and the latest revision written per
+window. The single-worker path has one such state for every gateway; on JetStream each partition
+has its own, snapshotted with the stream sequence it covers and moved with the partition.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cloud.config import CloudConfig
+from cloud.dedup import BatchDedup
+from cloud.detect import DetectionStage, build_stage
+from cloud.rules import RuleEngine
+from devices.errors import ConfigError
+
+RevisionKey = tuple[str, str, str, str, int]  # gateway, device, metric, spec label, start
+
+
+def build_detection(config: CloudConfig) -> DetectionStage:
+    """The configured detectors in their stage; a bad option fails naming its detector."""
+    for name in config.detectors:
+        try:
+            build_stage([name], config.detector_options)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"detect.{name}", str(exc)) from None
+    return build_stage(config.detectors, config.detector_options, policy=config.alerts,
+                       windows=config.detect_windows, relearn_after=config.relearn_after)
+
+
+@dataclass
+class PartitionState:
+    dedup: BatchDedup
+    detection: DetectionStage
+    rules: RuleEngine
+    revisions: dict[RevisionKey, int] = field(default_factory=dict)
+    position: int = 0  # the last source position whose message was handled
+    epoch: int = 0  # the ownership period (JetStream): tokens of an older one are void
+
+    @classmethod
+    def fresh(cls, config: CloudConfig, epoch: int = 0) -> PartitionState:
+        return cls(BatchDedup(), build_detection(config), RuleEngine(config.rules), epoch=epoch)
+
+    def snapshot_bytes(self) -> bytes:
+        """Dedup marks (pending ones as written: the snapshot is published only once they
+        are), revisions, position and detector state in one blob."""
+        meta = {"v": 1, "position": self.position,
+                "dedup": self.dedup.snapshot(pending_as_written=True),
+                "revisions": [[*k, v] for k, v in self.revisions.items()]}
+        buf = io.BytesIO()
+        np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
+                 detection=np.frombuffer(self.detection.snapshot_bytes(), np.uint8))
+        return buf.getvalue()
+
+    def restore_bytes(self, blob: bytes) -> bool:
+        """False when the blob is unreadable or the detectors changed (they start afresh;
+        the dedup marks are restored whenever readable)."""
+        try:
+            with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+                meta = json.loads(z["meta"].tobytes())
+                det = z["detection"].tobytes()
+        except (OSError, ValueError, KeyError):
+            return False
+        self.position = int(meta["position"])
+        self.dedup.restore(meta["dedup"])
+        self.revisions = {(g, d, m, s, int(t)): int(r) for g, d, m, s, t, r in meta["revisions"]}
+        return self.detection.load_bytes(det, f"partition snapshot at {self.position}")

@@ -1,0 +1,405 @@
+"""Cloud workers on NATS JetStream: partitions pinned by the engine, state that moves with them.
+
+A 3-node JetStream cluster (R3 stream), the bridge from the cloud Mosquitto, edge agents and
+three workers run as real processes on loopback. Workers are killed, paused and a NATS node is
+killed while a fleet publishes; each run ends with the oracle (lost = unexpected = mismatched =
+0), both ledger laws per gateway, and the anomalies in InfluxDB equal to those of one
+uninterrupted pass over the very same stream (detector state moved, not relearned).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cloud.config import load_cloud_config
+from cloud.ingest import PartitionEvent, SourceMessage
+from cloud.jetstream import (
+    PART,
+    _topic,
+    gateway_from_token,
+    gateway_token,
+    partition_of_gateway,
+)
+from cloud.sinks.base import MemorySink
+from cloud.sinks.influx_v1 import InfluxV1Client
+from cloud.worker import CloudWorker
+from fieldline.oracle import check, expected_windows, export_windows
+from fieldline.services import Mosquitto, NatsCluster
+from simulators.fleet import FleetSimulator, FleetSpec
+from simulators.publisher import FleetPublisher
+
+CMD = [sys.executable, "-m", "fieldline.cli", "--log-level", "INFO"]
+P = 4  # partitions; gw-1 -> 1, gw-2 -> 0: member 0/2 serves {0, 2}, member 1/2 {1, 3}
+GATEWAYS = ("gw-1", "gw-2")
+
+
+@given(st.text(min_size=1, max_size=20).filter(lambda s: all(c not in s for c in "/+#")))
+def test_gateway_ids_round_trip_through_subject_tokens(gw: str) -> None:
+    tok = gateway_token(gw)
+    assert tok
+    assert all(c.isascii() and (c.isalnum() or c in "_-~") for c in tok)
+    assert gateway_from_token(tok) == gw
+
+
+def _run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+class JsRig:
+    def __init__(self, tmp: Path, mosquitto: Callable[..., Mosquitto], influx: InfluxV1Client,
+                 *, nodes: int = 3, devices: int = 8, interval_ms: int = 200) -> None:
+        self.tmp = tmp
+        self.influx = influx
+        self.cluster = NatsCluster(tmp / "nats", nodes).start()
+        self.gw_broker = mosquitto()
+        self.cloud_broker = mosquitto()
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.spec = FleetSpec(gateways=len(GATEWAYS), devices_per_gateway=devices,
+                              interval_ms=interval_ms, disorder_fraction=0.0, seed=23,
+                              spike_fraction=0.3, spike_after_ms=8_000, spike_spacing_ms=6_000,
+                              topic_template="{gateway}/devices/{device}/readings")
+        self.sim: FleetSimulator | None = None
+        self.pub: FleetPublisher | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        for gw in GATEWAYS:
+            (tmp / f"{gw}.toml").write_text(f"""
+[gateway]
+id = "{gw}"
+state_dir = "{tmp}/edge-{gw}"
+[intake]
+broker = "{self.gw_broker.url}"
+topics = ["{gw}/devices/+/readings"]
+device_topic_level = 2
+[windows]
+size = "1s"
+out_of_orderness = "300ms"
+allowed_lateness = "60s"
+idle_timeout = "2s"
+[uplink]
+broker = "{self.cloud_broker.url}"
+ack_timeout = "4s"
+max_results_per_batch = 200
+[agent]
+tick = "100ms"
+health_interval = "500ms"
+ledger_interval = "500ms"
+checkpoint_interval = "1s"
+""")
+        servers = ", ".join(f'"{u}"' for u in self.cluster.urls)
+        self.cloud_cfg = tmp / "cloud.toml"
+        self.cloud_cfg.write_text(f"""
+[worker]
+id = "w"
+health_interval = "500ms"
+[ingest]
+broker = "{self.cloud_broker.url}"
+[engine]
+kind = "jetstream"
+servers = [{servers}]
+partitions = {P}
+replicas = {min(3, nodes)}
+priority_timeout = "3s"
+ack_wait = "6s"
+snapshot_interval = "2s"
+[influxdb]
+url = "{influx.url}"
+database = "{influx.database}"
+flush_interval = "200ms"
+timeout = "5s"
+[detect]
+detectors = ["spike", "novelty", "stuck"]
+""")
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        out = (self.tmp / f"{name}.log").open("ab")
+        self.procs[name] = subprocess.Popen([*CMD, *args], stdout=out, stderr=subprocess.STDOUT,
+                                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def start_worker(self, name: str, member: str | None = None) -> None:
+        args = ["cloud", "run", "--config", str(self.cloud_cfg), "--worker-id", name]
+        self._spawn(name, [*args, "--member", member] if member else args)
+
+    def start_bridge(self) -> None:
+        self._spawn("bridge", ["cloud", "bridge", "--config", str(self.cloud_cfg)])
+
+    def start_agents(self) -> None:
+        for gw in GATEWAYS:
+            self._spawn(gw, ["edge", "run", "--config", str(self.tmp / f"{gw}.toml")])
+
+    def signal(self, name: str, sig: int) -> None:
+        proc = self.procs[name]
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            if sig in (signal.SIGKILL, signal.SIGTERM):
+                proc.wait(30)
+
+    def run_fleet(self, seconds: float) -> None:
+        self.sim = FleetSimulator(self.spec, time.time_ns() // 1_000_000, record=True)
+        self.pub = FleetPublisher(self.sim, dict.fromkeys(GATEWAYS, self.gw_broker.address))
+        self._thread = threading.Thread(target=self.pub.run_realtime,
+                                        args=(self._stop, seconds), daemon=True)
+        self._thread.start()
+
+    def wait_fleet(self, timeout_s: float = 180) -> None:
+        assert self._thread is not None
+        self._thread.join(timeout_s)
+        assert not self._thread.is_alive(), "the fleet did not finish publishing"
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+        if self.pub is not None:
+            self.pub.close()
+        for name in list(self.procs):
+            self.signal(name, signal.SIGCONT)
+            self.signal(name, signal.SIGTERM)
+        self.cluster.stop()
+
+    # ---- what the engine says --------------------------------------------------------------
+
+    async def _owners(self) -> dict[int, str]:
+        import json
+
+        import nats
+
+        nc = await nats.connect(self.cluster_urls_alive(), connect_timeout=2)
+        try:
+            kv = await nc.jetstream().key_value("FIELDLINE_SNAP")
+            out = {}
+            for p in range(P):
+                try:
+                    e = await kv.get(f"p{p}")
+                    out[p] = json.loads(e.value or b"{}").get("owner", "")
+                except Exception:
+                    out[p] = ""
+            return out
+        finally:
+            await nc.close()
+
+    def owners(self) -> dict[int, str]:
+        try:
+            return dict(_run(self._owners()))
+        except Exception:
+            return {}
+
+    def cluster_urls_alive(self) -> list[str]:
+        return [n.url for n in self.cluster.nodes if n.running]
+
+    def wait_owner(self, partition: int, owner: str, timeout_s: float) -> float:
+        t0 = time.monotonic()
+        seen: dict[int, str] = {}
+        while time.monotonic() - t0 < timeout_s:
+            seen = self.owners()
+            if seen.get(partition) == owner:
+                return time.monotonic() - t0
+            time.sleep(0.3)
+        raise AssertionError(f"partition {partition} never went to {owner} in {timeout_s} s; "
+                             f"owners: {seen}")
+
+    async def _stream(self) -> list[tuple[int, int, str, bytes]]:
+        import nats
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        nc = await nats.connect(self.cluster_urls_alive(), connect_timeout=2)
+        out: list[tuple[int, int, str, bytes]] = []
+        try:
+            js = nc.jetstream()
+            for p in range(P):
+                cfg = ConsumerConfig(deliver_policy=DeliverPolicy.ALL,
+                                     ack_policy=AckPolicy.NONE, filter_subject=f"{PART}.{p}.>")
+                sub = await js.pull_subscribe(f"{PART}.{p}.>", stream="FIELDLINE", config=cfg)
+                pending = int((await sub.consumer_info()).num_pending or 0)
+                got = 0
+                while got < pending:
+                    for m in await sub.fetch(min(500, pending - got), timeout=5):
+                        out.append((p, m.metadata.sequence.stream, _topic(m.subject), m.data))
+                        got += 1
+                await sub.unsubscribe()
+        finally:
+            await nc.close()
+        return out
+
+    def reference_anomalies(self) -> dict[tuple[Any, ...], float]:
+        """One uninterrupted pass of a fresh worker over the stream, partition by partition,
+        in stream order: the anomalies it finds (last write of each point wins, as in
+        InfluxDB)."""
+        cfg = replace(load_cloud_config(self.cloud_cfg), jetstream=None, state_dir=None)
+
+        class Replay:
+            per_partition_state = True
+            partitions = P
+
+        worker = CloudWorker(cfg, sink=MemorySink(), source=Replay())  # type: ignore[arg-type]
+        for p in range(P):
+            worker._on_partition(PartitionEvent(p, True, epoch=1))
+        for p, seq, topic, payload in _run(self._stream()):
+            worker.handle(SourceMessage(p, seq, topic, payload, epoch=1))
+        found: dict[tuple[Any, ...], float] = {}
+        for ln in worker.writer._lines:
+            if not ln.startswith("anomalies,"):
+                continue
+            head = ln.split(" ", 1)[0]
+            tags = dict(t.split("=", 1) for t in head.split(",")[1:])
+            score = float(ln.split("score=", 1)[1].split(",", 1)[0].split(" ", 1)[0])
+            key = (int(ln.rsplit(" ", 1)[1]), tags["device"], tags["metric"], tags["window"],
+                   tags["detector"])
+            found[key] = score
+        return found
+
+    def influx_anomalies(self) -> dict[tuple[Any, ...], float]:
+        doc: Any = self.influx.query('SELECT "score", "device", "metric", "window", "detector" '
+                                     'FROM "anomalies"')
+        series = doc["results"][0].get("series", [])
+        if not series:
+            return {}
+        return {(int(t), d, m, w, det): float(s) for t, s, d, m, w, det in series[0]["values"]}
+
+    def in_influx(self) -> int:
+        doc: Any = self.influx.query('SELECT sum("count") FROM "aggregates"')
+        series = doc["results"][0].get("series", [])
+        return int(series[0]["values"][0][1]) if series else 0
+
+    def ledgers(self) -> dict[str, dict[str, int]]:
+        out = {}
+        for gw in GATEWAYS:
+            doc: Any = self.influx.query(
+                f'SELECT * FROM "ledger" WHERE "device" = \'_gateway\' AND "gateway" = \'{gw}\' '
+                'ORDER BY time DESC LIMIT 1')
+            series = doc["results"][0].get("series", [])
+            if series:
+                s = series[0]
+                out[gw] = {k: v for k, v in zip(s["columns"], s["values"][0], strict=True)
+                           if isinstance(v, int)}
+        return out
+
+    def worker_health(self, name: str) -> dict[str, Any]:
+        doc: Any = self.influx.query(
+            f'SELECT * FROM "pipeline" WHERE "component" = \'cloud\' AND "worker" = \'{name}\' '
+            'ORDER BY time DESC LIMIT 1')
+        series = doc["results"][0].get("series", [])
+        if not series:
+            return {}
+        s = series[0]
+        return dict(zip(s["columns"], s["values"][0], strict=True))
+
+
+@pytest.fixture
+def jsrig(tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto],
+          influx_db: InfluxV1Client) -> Iterator[JsRig]:
+    r = JsRig(tmp_path, mosquitto_factory, influx_db)
+    yield r
+    r.stop()
+
+
+def _settled(rig: JsRig, expect: int, timeout_s: float) -> int:
+    deadline = time.monotonic() + timeout_s
+    n = rig.in_influx()
+    while n < expect and time.monotonic() < deadline:
+        time.sleep(0.5)
+        n = rig.in_influx()
+    time.sleep(1.0)
+    return rig.in_influx()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(400)
+def test_partition_mapping_is_the_servers(jsrig: JsRig) -> None:
+    """Our FNV-1a says where the stream's partition() transform files each gateway."""
+    import nats
+
+    async def go() -> dict[str, int]:
+        from cloud.jetstream import JetStreamConfig, ensure_stream
+
+        nc = await nats.connect(jsrig.cluster.urls)
+        try:
+            cfg = JetStreamConfig(servers=tuple(jsrig.cluster.urls), stream="MAP",
+                                  partitions=7, replicas=3)
+            await ensure_stream(nc, replace(cfg))
+            js = nc.jetstream()
+            names = [f"gw-{i}" for i in range(20)] + ["a.b", "x y", "ü*>"]
+            got = {}
+            for gw in names:
+                await js.publish(f"fl.in.{gateway_token(gw)}.results", b"x", stream="MAP")
+                m = await js.get_last_msg("MAP", f"{PART}.*.{gateway_token(gw)}.results")
+                got[gw] = int(m.subject.split(".")[2])
+            return got
+        finally:
+            await nc.close()
+
+    got = _run(go())
+    assert got == {gw: partition_of_gateway(gw, 7) for gw in got}
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(420)
+def test_workers_fail_over_with_their_state(jsrig: JsRig) -> None:
+    """Member 0/2 is SIGKILLed mid-run: the standby takes its partitions from their snapshots;
+    member 1/2 is paused past its pin timeout: the standby takes those too and the resumed
+    worker writes nothing it held; a NATS node is SIGKILLed: nothing stops."""
+    rig = jsrig
+    p_a = partition_of_gateway("gw-2", P)  # served by member 0/2 ("A")
+    p_b = partition_of_gateway("gw-1", P)  # served by member 1/2 ("B")
+    assert p_a % 2 == 0
+    assert p_b % 2 == 1
+    rig.start_worker("A", "0/2")
+    rig.start_worker("B", "1/2")
+    rig.start_bridge()
+    rig.start_agents()
+    time.sleep(2)
+    rig.run_fleet(50)
+    rig.wait_owner(p_a, "A", 30)
+    rig.wait_owner(p_b, "B", 30)
+    rig.start_worker("C")  # the hot standby of every partition
+    time.sleep(12)
+    rig.signal("A", signal.SIGKILL)
+    moved_a = rig.wait_owner(p_a, "C", 45)
+    time.sleep(4)
+    rig.signal("B", signal.SIGSTOP)
+    moved_b = rig.wait_owner(p_b, "C", 45)
+    rig.signal("B", signal.SIGCONT)
+    # the resumed worker finds out it may have lost its partition and drops it (state and
+    # unwritten lines) instead of writing on
+    deadline = time.monotonic() + 20
+    health_b: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        health_b = rig.worker_health("B")
+        if (health_b.get("engine_stalls") or 0) + (health_b.get("engine_pin_lost") or 0) >= 1:
+            break
+        time.sleep(0.3)
+    assert (health_b.get("engine_stalls") or 0) + (health_b.get("engine_pin_lost") or 0) >= 1
+    assert health_b.get("partitions_owned") == 0, health_b
+    rig.cluster.nodes[2].kill()
+    rig.wait_fleet()
+    assert rig.sim is not None
+    expected = len(rig.sim.published)
+    n = _settled(rig, expected, 120)
+    report = check(expected_windows(rig.sim.published, 1_000), export_windows(rig.influx, "1s"))
+    health_c = rig.worker_health("C")
+    print(f"partition moves: killed worker {moved_a:.1f} s, paused worker {moved_b:.1f} s; "
+          f"readings in InfluxDB {n}; standby: {health_c}")
+    assert report.lost == report.unexpected == report.mismatched == 0, report
+    for gw, led in rig.ledgers().items():
+        assert led["readings_received"] == (led["readings_accepted"] + led["rejected"]
+                                            + led["late_dropped"] + led["duplicates"]), (gw, led)
+    # the standby continued from snapshots: it replayed only their tails
+    assert health_c.get("partitions_assigned", 0) >= 2
+    ours = rig.influx_anomalies()
+    ref = rig.reference_anomalies()
+    assert ref, "the fleet's spikes should have raised anomalies"
+    assert ours == ref
