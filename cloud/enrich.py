@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -17,7 +18,10 @@ import numpy.typing as npt
 from devices.catalog import Catalog
 from devices.contract import ResultBatch, percentile_name
 from devices.readings import F64, I64
-from devices.registry import Registry
+from devices.registry import Device, Registry
+
+if TYPE_CHECKING:
+    from cloud.refdata import ReferenceData
 
 UNKNOWN_SITE = "unknown"
 log = logging.getLogger("fieldline.cloud.enrich")
@@ -61,7 +65,7 @@ class EnrichedResults:
 
 
 class Enricher:
-    def __init__(self, registry: Registry, catalog: Catalog) -> None:
+    def __init__(self, registry: Registry | ReferenceData, catalog: Catalog) -> None:
         self.registry = registry
         self.catalog = catalog
         self.unknown_results = 0
@@ -103,7 +107,25 @@ class Enricher:
             dtype=np.bool_, count=len(d),
         )
         off = np.where(own_kind, offset_by_dev[d], 0.0)
-        known = known_by_dev[d]
+        known = known_by_dev[d].copy()
+        low = np.where(own_kind, low_by_dev[d], np.nan)
+        high = np.where(own_kind, high_by_dev[d], np.nan)
+        site_row = [site[i] for i in d.tolist()]
+        as_of = getattr(self.registry, "as_of", None)
+        if as_of is not None:  # windows from before a registry change: the record then
+            for i, name in enumerate(batch.devices):
+                since = self.registry.changed(name)  # type: ignore[union-attr]
+                if since is None:
+                    continue
+                for row in np.flatnonzero((d == i) & (r.start < since)).tolist():
+                    then: Device | None = as_of(name, int(r.start[row]))
+                    own = then is not None and then.kind == batch.metrics[int(m[row])]
+                    known[row] = then is not None
+                    site_row[row] = then.site if then is not None else UNKNOWN_SITE
+                    off[row] = then.calibration_offset if own and then else 0.0
+                    low[row] = then.low if own and then and then.low is not None else np.nan
+                    high[row] = (then.high if own and then and then.high is not None
+                                 else np.nan)
         n_unknown = int((~known).sum())
         if n_unknown:
             self.unknown_results += n_unknown
@@ -123,13 +145,12 @@ class Enricher:
             seq_sum=r.seq_sum,
             device=[batch.devices[i] for i in d.tolist()],
             metric=[batch.metrics[i] for i in m.tolist()],
-            site=[site[i] for i in d.tolist()],
+            site=site_row,
             unit=[unit_by_met[i] for i in m.tolist()],
             known=known,
             start=r.start, width=r.width, rev=r.rev, count=r.count,
             sum=r.sum + off * r.count, min=r.min + off, max=r.max + off, mean=r.mean + off,
             std=np.sqrt(r.variance()), first=r.first + off, last=r.last + off,
-            low=np.where(own_kind, low_by_dev[d], np.nan),
-            high=np.where(own_kind, high_by_dev[d], np.nan),
+            low=low, high=high,
             scale_floor=floor_by_met[m],
         )

@@ -34,6 +34,7 @@ from cloud.points import (
     rule_alert_lines,
     superseded_identities,
 )
+from cloud.refdata import ReferenceData
 from cloud.sinks import sink_class
 from cloud.sinks.base import BufferedWriter, Sink
 from devices.clock import Clock, SystemClock
@@ -111,7 +112,10 @@ class CloudWorker:
             else:
                 registry = Registry.load(config.registry_path)
                 registry.check_kinds(config.catalog, source=str(config.registry_path))
-        self.registry = registry
+        # reloaded when its file changes (or on SIGHUP: request_reload), joined as-of
+        self.registry = ReferenceData(registry, path=config.registry_path,
+                                      catalog=config.catalog)
+        self._reload_requested = False
         if source is None and config.jetstream is not None:
             from cloud.jetstream import JetStreamSource
 
@@ -126,7 +130,7 @@ class CloudWorker:
                                      dead_letter_path=config.state_dir / "dead-letter.jsonl"
                                      if config.state_dir else None,
                                      fence=self._fence)
-        self.enricher = Enricher(registry, config.catalog)
+        self.enricher = Enricher(self.registry, config.catalog)
         # one state per partition the source hands over (JetStream), or one for all (MQTT)
         self.per_partition = bool(getattr(self.source, "per_partition_state", False))
         self.parts: dict[int, PartitionState] = {}
@@ -447,6 +451,8 @@ class CloudWorker:
         for reason, n in refused.items():
             s["acks_refused_" + reason] = n
         s["acks_unheard"] = getattr(self.source, "acks_unheard", 0)
+        s["registry_reloads"] = self.registry.reloads
+        s["registry_reload_errors"] = self.registry.reload_errors
         if self.per_partition:
             s["partitions_owned"] = len(self.parts)
             for k, n in getattr(self.source, "counters", {}).items():
@@ -514,11 +520,24 @@ class CloudWorker:
             self.counters["detector_snapshot_errors"] += 1
             log.error("detector state not saved to %s: %s", self._detect_path, exc)
 
+    def request_reload(self) -> None:
+        """Reload the registry at the next health tick (SIGHUP)."""
+        self._reload_requested = True
+
+    def _check_registry(self) -> None:
+        now = self.clock.now_ms()
+        if self._reload_requested:
+            self._reload_requested = False
+            self.registry.reload(now)
+        else:
+            self.registry.maybe_reload(now)
+
     async def _health(self, stop: asyncio.Event) -> None:
         last_save = last_snap = time.monotonic()
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.config.health_interval_ms / 1000)
+            self._check_registry()
             ln = self._health_line()
             if ln:
                 self.writer.add([ln])

@@ -90,7 +90,9 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
     worker = CloudWorker(cfg)
 
     async def main() -> None:
-        await worker.run(_stop_event())
+        stop = _stop_event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, worker.request_reload)
+        await worker.run(stop)
 
     asyncio.run(main())
     return 0
