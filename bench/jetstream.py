@@ -76,7 +76,8 @@ async def _drop(urls: list[str], stream: str) -> None:
         await nc.close()
 
 
-def _config(work: Path, urls: list[str], stream: str, influx: str, db: str) -> Path:
+def _config(work: Path, urls: list[str], stream: str, influx: str, db: str,
+            timeout: str = "5s") -> Path:
     servers = ", ".join(f'"{u}"' for u in urls)
     cfg = work / f"{stream}.toml"
     cfg.write_text(f"""
@@ -91,7 +92,7 @@ servers = [{servers}]
 stream = "{stream}"
 partitions = {P}
 replicas = 3
-priority_timeout = "2s"
+priority_timeout = "{timeout}"
 snapshot_interval = "5s"
 [influxdb]
 url = "{influx}"
@@ -180,7 +181,7 @@ def _move(work: Path, urls: list[str], ix: InfluxDB) -> float:
     asyncio.run(_publish(urls, stream, 16 * PER_BATCH))
     client = InfluxV1Client(ix.url, "move")
     client.create_database()
-    cfg = _config(work, urls, stream, ix.url, "move")
+    cfg = _config(work, urls, stream, ix.url, "move", timeout="2s")
     first = _spawn(work, cfg, "first")
     procs = [first]
     try:

@@ -23,6 +23,8 @@ from paho.mqtt.properties import Properties
 
 from bench.common import Figure, await_until, figure, report
 from cloud.config import CloudConfig, InfluxConfig
+from cloud.ingest import SourceMessage
+from cloud.sinks.base import MemorySink
 from cloud.sinks.influx_v1 import InfluxV1Client
 from cloud.worker import CloudWorker
 from devices.contract import ResultBatch, ResultColumns, results_topic
@@ -181,6 +183,11 @@ def result_batches(n_results: int, per_batch: int, start_ms: int) -> list[Result
     return batches
 
 
+class _NoSource:
+    per_partition_state = False
+    partitions = 1
+
+
 def bench_cloud(work: Path, n: int) -> list[Figure]:
     cloud = Mosquitto(work / "cloud2").start()
     ix = InfluxDB(work / "influx").start()
@@ -198,6 +205,21 @@ def bench_cloud(work: Path, n: int) -> list[Figure]:
             raw.write_lines(lines[k:k + 5_000])
         raw_s = time.perf_counter() - t0
 
+        # second reference: the very points the worker writes (wide: ~14 fields, ~300 bytes),
+        # made by a worker pass into memory first, then written by the same raw loop
+        dry = CloudWorker(CloudConfig(worker_id="dry", broker=cloud.address,
+                                      influx=InfluxConfig(url=ix.url)),
+                          sink=MemorySink(), source=_NoSource())
+        for i, b in enumerate(batches):
+            dry.handle(SourceMessage(0, i, results_topic("gw-1"), b.encode()))
+        own = list(dry.writer._lines)
+        same = InfluxV1Client(ix.url, "same")
+        same.create_database()
+        t0 = time.perf_counter()
+        for k in range(0, len(own), 5_000):
+            same.write_lines(own[k:k + 5_000])
+        same_s = time.perf_counter() - t0
+
         cid = "fieldline-cloud-bench"
         register_session(cloud, cid, "fieldline/v1/+/results")
         publish_backlog(cloud, [(results_topic("gw-1"), b.encode()) for b in batches])
@@ -208,7 +230,10 @@ def bench_cloud(work: Path, n: int) -> list[Figure]:
         cloud_s = time_until(worker.run, lambda: worker.stats()["results_written"] >= n)
         return [figure("cloud window results/s to InfluxDB (MQTT -> decode -> dedup -> enrich -> "
                        "detect -> line protocol -> /write)", n / cloud_s, "results/s", n / raw_s,
-                       "raw line-protocol write loop", note=f"{n:,} results in 5,000-row batches")]
+                       "raw line-protocol write loop", note=f"{n:,} results in 5,000-row batches"),
+                figure("same worker", n / cloud_s, "results/s", len(own) / same_s,
+                       "raw write loop of the worker's own points",
+                       note="what InfluxDB takes of these wider points bounds the worker")]
     finally:
         cloud.stop()
         ix.stop()

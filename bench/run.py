@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from bench import broker, custody, detect, engine, pipeline, simulator, sketches
+from bench import broker, custody, detect, engine, jetstream, pipeline, simulator, sketches
 
 
 def main() -> None:
@@ -14,6 +14,7 @@ def main() -> None:
     pipeline.main()
     custody.main()
     broker.main()
+    jetstream.main()
     simulator.main()
     detect.main([])
 

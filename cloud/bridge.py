@@ -65,7 +65,7 @@ class Bridge:
         loop = asyncio.get_running_loop()
         inbound: asyncio.Queue[_Inbound] = asyncio.Queue()
         nc = await nats.connect(self.servers, name=self.client_id, max_reconnect_attempts=-1,
-                                reconnect_time_wait=0.5)
+                                reconnect_time_wait=0.5, drain_timeout=5)
         js = nc.jetstream()
         client, props = make_client(self.broker, self.client_id,
                                     session_expiry_s=self.session_expiry_s, manual_ack=True)

@@ -159,7 +159,8 @@ def _engine(e: Section, source: str | None) -> JetStreamConfig | None:
         raise ConfigError(e.key("servers"), "list the NATS servers as nats://host:port",
                           source=source)
     member = e.text("member", None)
-    timeout = e.duration_ms("priority_timeout", 5_000, minimum=1_000)
+    # above the worst pause of a busy worker's event loop, or it loses its pins while working
+    timeout = e.duration_ms("priority_timeout", 5_000, minimum=2_000)
     cfg = JetStreamConfig(
         servers=tuple(servers),
         stream=e.text("stream", "FIELDLINE"),

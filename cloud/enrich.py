@@ -129,12 +129,19 @@ class Enricher:
         n_unknown = int((~known).sum())
         if n_unknown:
             self.unknown_results += n_unknown
-            for i in sorted(set(d[~known].tolist())):
-                name = batch.devices[i]
-                if name not in self.unknown_devices and len(self.unknown_devices) < 100_000:
-                    self.unknown_devices.add(name)
+            new = [batch.devices[i] for i in np.unique(d[~known]).tolist()
+                   if batch.devices[i] not in self.unknown_devices]
+            if new and len(self.unknown_devices) < 100_000:
+                before = len(self.unknown_devices)
+                self.unknown_devices.update(new)
+                # the first few by name, then one line per batch that brings new ones
+                for name in new[:max(0, 10 - before)]:
                     log.warning("device %r of gateway %s is not in the registry: its results "
                                 "are written under site %r", name, batch.gateway, UNKNOWN_SITE)
+                if before + len(new) > 10:
+                    log.warning("%d more device(s) of gateway %s not in the registry (%d in "
+                                "all): written under site %r", len(new) - max(0, 10 - before),
+                                batch.gateway, len(self.unknown_devices), UNKNOWN_SITE)
         labels = batch.spec_labels()
         pct_names = [percentile_name(q) for q in batch.percentiles] if r.pct is not None else []
         pct = (r.pct + off[:, None]) if r.pct is not None else np.empty((len(d), 0))

@@ -41,6 +41,7 @@ class SourceMessage:
     handle: Any = None  # the engine's message, acknowledged once its effects are written
     epoch: int = 0  # the ownership period of its partition it was read in
     replay: bool = False  # read again after a takeover, to rebuild the partition's state
+    covered: bool = False  # a delivery the replay already handled: only acknowledge it
 
 
 @dataclass(frozen=True)

@@ -282,8 +282,11 @@ class JetStreamSource:
         self.max_queue = max_queue
         self._queue: asyncio.Queue[SourceMessage | PartitionEvent] = asyncio.Queue()
         self._nc: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._pull_to: dict[int, tuple[str, str]] = {}  # partition -> (request subject, inbox)
         self.store: SnapshotStore | None = None
-        self.owned: dict[int, str] = {}  # partition -> pin id
+        self.owned: dict[int, str] = {}  # partition -> pin id, while we hold its state
+        self._pins: dict[int, str] = {}  # the pin id the server gave us last, per partition
         self._last_pull: dict[int, float] = {}
         self._replayed_to: dict[int, int] = {}
         self._epoch: dict[int, int] = {}
@@ -302,24 +305,39 @@ class JetStreamSource:
 
         self._nc = await nats.connect(list(self.cfg.servers), name=self.worker_id,
                                       max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-                                      allow_reconnect=True)
+                                      allow_reconnect=True, drain_timeout=5)
         await ensure_stream(self._nc, self.cfg)
         self.store = SnapshotStore(self._nc.jetstream(), self.cfg, self.worker_id)
         self.connected.set()
-        tasks = [asyncio.create_task(self._pull_loop(p), name=f"js-pull-{p}")
-                 for p in self.cfg.served()]
-        try:
-            while True:
-                item = await self._queue.get()
-                yield item
-        finally:
-            for t in tasks:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
+        self._tasks = [asyncio.create_task(self._pull_loop(p), name=f"js-pull-{p}")
+                       for p in self.cfg.served()]
+        while True:
+            item = await self._queue.get()
+            yield item
+            # a full queue never suspends get(): let the pull loops run between messages,
+            # or a busy worker would stop pulling and lose its pins
+            await asyncio.sleep(0)
+
+    async def close(self) -> None:
+        """Stop pulling, hand the pins back (a standby takes over at once instead of after
+        the pin timeout) and disconnect; bounded in time even with the cluster unreachable."""
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        nc, self._nc = self._nc, None
+        if nc is None:
+            return
+        for p in list(self.owned):
             with contextlib.suppress(Exception):
-                await self._nc.drain()
+                await _api(nc, f"$JS.API.CONSUMER.UNPIN.{self.cfg.stream}.{consumer_name(p)}",
+                           {"group": GROUP}, timeout=1.0)
+        try:
+            await asyncio.wait_for(nc.drain(), 6)
+        except Exception:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(nc.close(), 2)
 
     async def ack(self, gateway: str, acked: list[int], rejected: list[int],
                   incarnation: int = 0, proofs: dict[int, str] | None = None) -> bool:
@@ -379,7 +397,9 @@ class JetStreamSource:
 
     # ---- internals ----------------------------------------------------------------------
 
-    def _lose(self, p: int, *, event: bool = True) -> None:
+    def _lose(self, p: int, *, event: bool = True, unpinned: bool = False) -> None:
+        if unpinned:
+            self._pins.pop(p, None)
         if self.owned.pop(p, None) is None:
             return
         self._epoch[p] = self._epoch.get(p, 0) + 1
@@ -395,6 +415,7 @@ class JetStreamSource:
         sub = await nc.subscribe(inbox)
         subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.cfg.stream}.{consumer_name(p)}"
         expires = max(0.2, self.cfg.priority_timeout_ms / 1000 / 4)
+        self._pull_to[p] = (subject, inbox)
         while True:
             try:
                 await self._pull_once(p, nc, sub, inbox, subject, expires)
@@ -408,9 +429,9 @@ class JetStreamSource:
                          expires: float) -> None:
         batch = self.cfg.pull_batch if self._queue.qsize() < self.max_queue else 1
         req: dict[str, Any] = {"batch": batch, "expires": int(expires * 1e9), "group": GROUP}
-        pin = self.owned.get(p)
+        pin = self._pins.get(p)
         if pin:
-            req["id"] = pin
+            req["id"] = pin  # still ours after a stall: deliveries resume, state restored
         self._last_pull[p] = time.monotonic()
         await nc.publish(subject, json.dumps(req).encode(), reply=inbox)
         got = 0
@@ -425,9 +446,10 @@ class JetStreamSource:
                 return
             status = _status(msg)
             if status is not None:
-                if status == "423" and p in self.owned:  # the server pinned someone else
-                    log.info("%s lost partition %d (pin moved)", self.worker_id, p)
-                    self._lose(p)
+                if status == "423":  # the server pinned someone else
+                    if p in self.owned:
+                        log.info("%s lost partition %d (pin moved)", self.worker_id, p)
+                    self._lose(p, unpinned=True)
                 elif status not in ("404", "408", "100"):
                     log.debug("partition %d: pull status %s %s", p, status, msg.headers)
                     if status == "409":
@@ -435,24 +457,44 @@ class JetStreamSource:
                 return
             got += 1
             new_pin = (msg.headers or {}).get("Nats-Pin-Id")
-            if new_pin and new_pin != self.owned.get(p):
+            if new_pin and (p not in self.owned or new_pin != self.owned[p]):
                 if p in self.owned:  # re-pinned to us under a new id: state may be stale
                     self._lose(p)
+                self._pins[p] = new_pin
                 await self._assign(p, new_pin)
             if p not in self.owned:
                 continue  # an in-flight delivery after we dropped it: leave it unacked
             sseq = _stream_seq(msg.reply)
             if sseq <= self._replayed_to.get(p, 0):
+                # handled by the replay: acknowledged once that is written (if the worker
+                # drops it unwritten, the redelivery brings the partition back)
                 self.counters["skipped_replayed"] += 1
-                with contextlib.suppress(Exception):
-                    await msg.ack()
+                self._queue.put_nowait(SourceMessage(p, sseq, "", b"", handle=msg,
+                                                     epoch=self._epoch.get(p, 0),
+                                                     covered=True))
                 continue
             self._queue.put_nowait(SourceMessage(p, sseq, _topic(msg.subject), msg.data,
                                                  handle=msg, epoch=self._epoch.get(p, 0)))
 
+    async def _keepalive(self, p: int) -> None:
+        """A pull on the durable with our pin while we are busy elsewhere (claiming, replaying),
+        so the server does not hand the partition on meanwhile; what it delivers waits in the
+        pull loop's subscription and is filtered there like any delivery."""
+        pin = self._pins.get(p)
+        target = self._pull_to.get(p)
+        if not pin or target is None or self._nc is None:
+            return
+        if time.monotonic() - self._last_pull.get(p, 0.0) < self.cfg.priority_timeout_ms / 4000:
+            return
+        expires = max(0.2, self.cfg.priority_timeout_ms / 1000 / 4)
+        req = {"batch": 1, "expires": int(expires * 1e9), "group": GROUP, "id": pin}
+        self._last_pull[p] = time.monotonic()
+        await self._nc.publish(target[0], json.dumps(req).encode(), reply=target[1])
+
     async def _assign(self, p: int, pin: str) -> None:
         assert self.store is not None
         t0 = time.monotonic()
+        await self._keepalive(p)
         blob, seq = await self.store.claim(p)
         self.owned[p] = pin
         self._epoch[p] = self._epoch.get(p, 0) + 1
@@ -460,7 +502,11 @@ class JetStreamSource:
         self.counters["assigned"] += 1
         self._queue.put_nowait(PartitionEvent(p, True, snapshot=blob, position=seq,
                                               epoch=epoch))
-        n = await self._replay(p, seq, epoch)
+        try:
+            n = await self._replay(p, seq, epoch)
+        except Exception:
+            self._lose(p, unpinned=True)  # try again from the snapshot with the next delivery
+            raise
         self.move_ms.append((time.monotonic() - t0) * 1000)
         log.info("%s took partition %d: snapshot at %d, replayed %d message(s) in %.0f ms",
                  self.worker_id, p, seq, n, self.move_ms[-1])
@@ -480,12 +526,18 @@ class JetStreamSource:
         try:
             info = await sub.consumer_info()
             pending = int(info.num_pending or 0)
+            # all of it, or the partition is given up: a partial replay would leave a hole
+            # that the next snapshot would claim as done
+            deadline = time.monotonic() + 120.0
             while n < pending:
-                self._last_pull[p] = time.monotonic()
+                await self._keepalive(p)
                 try:
                     msgs = await sub.fetch(min(500, pending - n), timeout=2.0)
-                except Exception:
-                    break
+                except Exception as exc:
+                    if time.monotonic() > deadline or self._nc is None:
+                        raise RuntimeError(f"replay of partition {p} stopped at {last}: "
+                                           f"{exc!r}") from None
+                    continue
                 for m in msgs:
                     last = m.metadata.sequence.stream
                     self._queue.put_nowait(SourceMessage(p, last, _topic(m.subject), m.data,

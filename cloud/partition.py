@@ -39,7 +39,8 @@ class PartitionState:
     dedup: BatchDedup
     detection: DetectionStage
     rules: RuleEngine
-    revisions: dict[RevisionKey, int] = field(default_factory=dict)
+    revisions: dict[RevisionKey, int] = field(default_factory=dict)  # windows with rev > 0
+    revised: set[tuple[str, str]] = field(default_factory=set)  # (gateway, device) among them
     position: int = 0  # the last source position whose message was handled
     epoch: int = 0  # the ownership period (JetStream): tokens of an older one are void
 
@@ -70,4 +71,5 @@ class PartitionState:
         self.position = int(meta["position"])
         self.dedup.restore(meta["dedup"])
         self.revisions = {(g, d, m, s, int(t)): int(r) for g, d, m, s, t, r in meta["revisions"]}
+        self.revised = {(k[0], k[1]) for k in self.revisions}
         return self.detection.load_bytes(det, f"partition snapshot at {self.position}")

@@ -272,7 +272,9 @@ class ResultBatch:
         r = self.results
         if r.spec is not None and self.specs:
             return [self.specs[k] for k in r.spec.tolist()]
-        return [_width_label(int(w)) for w in r.width.tolist()]
+        widths, inverse = np.unique(r.width, return_inverse=True)  # a label per width, once
+        labels = [_width_label(int(w)) for w in widths.tolist()]
+        return [labels[k] for k in inverse.tolist()]
 
     def encode(self) -> bytes:
         r = self.results
