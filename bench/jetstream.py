@@ -35,12 +35,12 @@ CMD = [sys.executable, "-m", "fieldline.cli", "--log-level", "WARNING"]
 def _gateways(n: int) -> list[str]:
     """``n`` gateway ids covering the partitions evenly (so two workers share the load)."""
     out: list[str] = []
-    i = 0
-    while len(out) < n:
+    for i in range(100 * n):
         gw = f"gw-{i}"
         if sum(partition_of_gateway(g, P) == partition_of_gateway(gw, P) for g in out) < n // P:
             out.append(gw)
-        i += 1
+        if len(out) == n:
+            break
     return out
 
 
@@ -130,7 +130,7 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
             p.wait(30)
         except subprocess.TimeoutExpired:
             p.kill()
-            p.wait()
+            p.wait(30)
 
 
 def _run_workers(work: Path, urls: list[str], ix: InfluxDB, workers: int, n: int) -> float:
@@ -191,7 +191,7 @@ def _move(work: Path, urls: list[str], ix: InfluxDB) -> float:
         procs.append(_spawn(work, cfg, "standby"))
         time.sleep(5)  # the standby connected and pulling
         first.send_signal(signal.SIGKILL)
-        first.wait()
+        first.wait(30)
         t0 = time.perf_counter()
         # the engine re-pins when it has something to deliver: results keep arriving
         asyncio.run(_publish(urls, stream, 16 * PER_BATCH))

@@ -28,7 +28,56 @@ WINDOW_MS = 1_000
 LABEL = "1s"
 
 
-class Rig:
+class FleetRig:
+    """A fleet publishing in real time to the gateway broker, and what reached InfluxDB."""
+
+    influx: InfluxV1Client
+    gw_broker: Mosquitto
+    spec: FleetSpec
+    sim: FleetSimulator | None = None
+    pub: FleetPublisher | None = None
+    _thread: threading.Thread | None = None
+
+    def _init_fleet(self) -> None:
+        self._stop = threading.Event()
+
+    def run_fleet(self, seconds: float) -> None:
+        """Publish in real time for ``seconds`` (in a thread); ``wait_fleet`` joins it."""
+        self.sim = FleetSimulator(self.spec, time.time_ns() // 1_000_000, record=True)
+        self.pub = FleetPublisher(self.sim, dict.fromkeys(self.spec.gateway_ids(),
+                                                          self.gw_broker.address))
+        self._thread = threading.Thread(target=self.pub.run_realtime,
+                                        args=(self._stop, seconds), daemon=True)
+        self._thread.start()
+
+    def wait_fleet(self, timeout_s: float = 120) -> None:
+        assert self._thread is not None
+        self._thread.join(timeout_s)
+        assert not self._thread.is_alive(), "the fleet did not finish publishing"
+
+    def stop_fleet(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+        if self.pub is not None:
+            self.pub.close()
+
+    @property
+    def published(self) -> list[Any]:
+        assert self.sim is not None
+        return self.sim.published
+
+    def in_influx(self) -> int:
+        doc = self.influx.query('SELECT sum("count") FROM "aggregates"')
+        series = doc["results"][0].get("series", [])
+        return int(series[0]["values"][0][1]) if series else 0
+
+    def oracle(self) -> OracleReport:
+        return check(expected_windows(self.published, WINDOW_MS),
+                     export_windows(self.influx, LABEL))
+
+
+class Rig(FleetRig):
     def __init__(self, tmp: Path, mosquitto: Callable[..., Mosquitto], influx: InfluxV1Client,
                  *, devices: int = 12, interval_ms: int = 100, outbox: str = "",
                  agent_extra: str = "", broker_persistence: bool = False,
@@ -50,10 +99,7 @@ class Rig:
                               topic_template="{gateway}/devices/{device}/readings")
         self.agent: subprocess.Popen[bytes] | None = None
         self.worker: subprocess.Popen[bytes] | None = None
-        self.sim: FleetSimulator | None = None
-        self.pub: FleetPublisher | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._init_fleet()
         self.gateway_cfg = tmp / "gateway.toml"
         self.gateway_cfg.write_text(f"""
 [gateway]
@@ -145,43 +191,14 @@ timeout = "2s"
         self._kill(self.worker)
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(30)
-        if self.pub is not None:
-            self.pub.close()
+        self.stop_fleet()
         self._kill(self.agent, signal.SIGTERM)
         self._kill(self.worker, signal.SIGTERM)
         self.proxy.stop()
         if self.influx_proxy is not None:
             self.influx_proxy.stop()
 
-    # ---- the fleet -----------------------------------------------------------------------------
-
-    def run_fleet(self, seconds: float) -> None:
-        """Publish in real time for ``seconds`` (in a thread); ``wait_fleet`` joins it."""
-        self.sim = FleetSimulator(self.spec, time.time_ns() // 1_000_000, record=True)
-        self.pub = FleetPublisher(self.sim, {"gw-1": self.gw_broker.address})
-        self._thread = threading.Thread(target=self.pub.run_realtime,
-                                        args=(self._stop, seconds), daemon=True)
-        self._thread.start()
-
-    def wait_fleet(self, timeout_s: float = 120) -> None:
-        assert self._thread is not None
-        self._thread.join(timeout_s)
-        assert not self._thread.is_alive(), "the fleet did not finish publishing"
-
-    @property
-    def published(self) -> list[Any]:
-        assert self.sim is not None
-        return self.sim.published
-
     # ---- results -------------------------------------------------------------------------------
-
-    def in_influx(self) -> int:
-        doc = self.influx.query('SELECT sum("count") FROM "aggregates"')
-        series = doc["results"][0].get("series", [])
-        return int(series[0]["values"][0][1]) if series else 0
 
     def wait_settled(self, expect: int, timeout_s: float = 90) -> int:
         """Until InfluxDB holds ``expect`` readings (or the count stops moving for 5 s)."""
@@ -198,10 +215,6 @@ timeout = "2s"
                 return n
             time.sleep(0.3)
         return self.in_influx()
-
-    def oracle(self) -> OracleReport:
-        return check(expected_windows(self.published, WINDOW_MS),
-                     export_windows(self.influx, LABEL))
 
     def ledger(self) -> dict[str, int]:
         doc = self.influx.query('SELECT * FROM "ledger" WHERE "device" = \'_gateway\' '

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -37,10 +36,9 @@ from cloud.jetstream import (
 from cloud.sinks.base import MemorySink
 from cloud.sinks.influx_v1 import InfluxV1Client
 from cloud.worker import CloudWorker
-from fieldline.oracle import check, expected_windows, export_windows
 from fieldline.services import Mosquitto, NatsCluster
-from simulators.fleet import FleetSimulator, FleetSpec
-from simulators.publisher import FleetPublisher
+from simulators.fleet import FleetSpec
+from tests.rig import FleetRig
 
 CMD = [sys.executable, "-m", "fieldline.cli", "--log-level", "INFO"]
 P = 4  # partitions; gw-1 -> 1, gw-2 -> 0: member 0/2 serves {0, 2}, member 1/2 {1, 3}
@@ -59,7 +57,7 @@ def _run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-class JsRig:
+class JsRig(FleetRig):
     def __init__(self, tmp: Path, mosquitto: Callable[..., Mosquitto], influx: InfluxV1Client,
                  *, nodes: int = 3, devices: int = 8, interval_ms: int = 200) -> None:
         self.tmp = tmp
@@ -72,10 +70,7 @@ class JsRig:
                               interval_ms=interval_ms, disorder_fraction=0.0, seed=23,
                               spike_fraction=0.3, spike_after_ms=8_000, spike_spacing_ms=6_000,
                               topic_template="{gateway}/devices/{device}/readings")
-        self.sim: FleetSimulator | None = None
-        self.pub: FleetPublisher | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._init_fleet()
         for gw in GATEWAYS:
             (tmp / f"{gw}.toml").write_text(f"""
 [gateway]
@@ -148,24 +143,8 @@ detectors = ["spike", "novelty", "stuck"]
             if sig in (signal.SIGKILL, signal.SIGTERM):
                 proc.wait(30)
 
-    def run_fleet(self, seconds: float) -> None:
-        self.sim = FleetSimulator(self.spec, time.time_ns() // 1_000_000, record=True)
-        self.pub = FleetPublisher(self.sim, dict.fromkeys(GATEWAYS, self.gw_broker.address))
-        self._thread = threading.Thread(target=self.pub.run_realtime,
-                                        args=(self._stop, seconds), daemon=True)
-        self._thread.start()
-
-    def wait_fleet(self, timeout_s: float = 180) -> None:
-        assert self._thread is not None
-        self._thread.join(timeout_s)
-        assert not self._thread.is_alive(), "the fleet did not finish publishing"
-
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(30)
-        if self.pub is not None:
-            self.pub.close()
+        self.stop_fleet()
         for name in list(self.procs):
             self.signal(name, signal.SIGCONT)
             self.signal(name, signal.SIGTERM)
@@ -269,11 +248,6 @@ detectors = ["spike", "novelty", "stuck"]
         if not series:
             return {}
         return {(int(t), d, m, w, det): float(s) for t, s, d, m, w, det in series[0]["values"]}
-
-    def in_influx(self) -> int:
-        doc: Any = self.influx.query('SELECT sum("count") FROM "aggregates"')
-        series = doc["results"][0].get("series", [])
-        return int(series[0]["values"][0][1]) if series else 0
 
     def ledgers(self) -> dict[str, dict[str, int]]:
         out = {}
@@ -389,7 +363,7 @@ def test_workers_fail_over_with_their_state(jsrig: JsRig) -> None:
     assert rig.sim is not None
     expected = len(rig.sim.published)
     n = _settled(rig, expected, 120)
-    report = check(expected_windows(rig.sim.published, 1_000), export_windows(rig.influx, "1s"))
+    report = rig.oracle()
     health_c = rig.worker_health("C")
     print(f"partition moves: killed worker {moved_a:.1f} s, paused worker {moved_b:.1f} s; "
           f"readings in InfluxDB {n}; standby: {health_c}")
@@ -429,7 +403,7 @@ def test_restart_from_snapshots_replays_only_the_tail(jsrig: JsRig) -> None:
     replayed = int(health.get("engine_replayed") or 0)
     print(f"before the restart {before} message(s) handled; after it {replayed} replayed "
           f"(the tail published while no worker ran); readings {n}")
-    report = check(expected_windows(rig.sim.published, 1_000), export_windows(rig.influx, "1s"))
+    report = rig.oracle()
     assert report.lost == report.unexpected == report.mismatched == 0, report
     assert before > 50
     assert 0 < replayed < before / 2
