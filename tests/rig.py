@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from cloud.points import LEDGER_GATEWAY_FIELDS
 from cloud.sinks.influx_v1 import InfluxV1Client
 from fieldline.faults import FaultProxy
 from fieldline.oracle import OracleReport, check, expected_windows, export_windows
@@ -220,8 +221,15 @@ timeout = "2s"
         doc = self.influx.query('SELECT * FROM "ledger" WHERE "device" = \'_gateway\' '
                                 'ORDER BY time DESC LIMIT 1')
         s = doc["results"][0]["series"][0]
-        return {k: v for k, v in zip(s["columns"], s["values"][0], strict=True)
-                if isinstance(v, int)}
+        led = {k: v for k, v in zip(s["columns"], s["values"][0], strict=True)
+               if isinstance(v, int)}
+        # InfluxDB 1.6 can answer ORDER BY time DESC LIMIT 1 with some fields of the newest point
+        # still null while it is being merged (seen once in CI): a row without every ledger field
+        # is not an answer yet
+        missing = [k for k in LEDGER_GATEWAY_FIELDS if k not in led]
+        if missing:
+            raise KeyError(f"ledger row without {missing}")
+        return led
 
     def ledger_when(self, cond: Callable[[dict[str, int]], bool], timeout_s: float
                     ) -> dict[str, int]:
