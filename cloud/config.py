@@ -29,6 +29,8 @@ class InfluxConfig:
     batch_points: int = 5_000
     flush_interval_ms: int = 1_000
     timeout_ms: int = 10_000
+    # batches in flight at once, split by series (a point's versions stay in order)
+    write_concurrency: int = 2
 
     def __post_init__(self) -> None:
         if self.version not in (1, 2):
@@ -83,6 +85,7 @@ def cloud_config_from(root: Section) -> CloudConfig:
         batch_points=ix.integer("batch_points", 5_000, minimum=1),
         flush_interval_ms=ix.duration_ms("flush_interval", 1_000, minimum=10),
         timeout_ms=ix.duration_ms("timeout", 10_000, minimum=100),
+        write_concurrency=ix.integer("write_concurrency", 2, minimum=1, maximum=16),
     )
     names = det.str_list("detectors", list(DEFAULT_DETECTORS))
     windows = tuple(det.str_list("windows", [PRIMARY]))

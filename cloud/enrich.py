@@ -9,16 +9,17 @@ written, under site ``unknown``, and counted.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from devices.catalog import Catalog
-from devices.contract import ResultBatch, percentile_name
+from devices.contract import ResultBatch, ResultColumns, percentile_name
 from devices.readings import F64, I64
 from devices.registry import Device, Registry
+from devices.schema import OUTPUTS, STATE
 
 if TYPE_CHECKING:
     from cloud.refdata import ReferenceData
@@ -64,6 +65,27 @@ class EnrichedResults:
         return len(self.start)
 
 
+def calibrated(r: ResultColumns, off: F64) -> ResultColumns:
+    """The state columns with a calibration offset per row applied as ``devices.schema`` says
+    (a shift moves sum by offset x count, the spread not at all: mergeability is kept)."""
+    cal: dict[str, Any] = {}
+    for c in STATE:
+        if c.calibrate == "shift":
+            cal[c.name] = getattr(r, c.name) + off
+        elif c.calibrate == "sum":
+            cal[c.name] = getattr(r, c.name) + off * r.count
+    return replace(r, **cal)
+
+
+def outputs(r: ResultColumns, off: F64) -> dict[str, Any]:
+    """The ``devices.schema.OUTPUTS`` values by attribute: a state column (calibrated) of that
+    name, or one derived here."""
+    cal = calibrated(r, off)
+    derived = {"std": lambda: np.sqrt(cal.variance()), "rate": cal.rate}
+    return {o.attr: derived[o.attr]() if o.attr in derived else getattr(cal, o.attr)
+            for o in OUTPUTS}
+
+
 class Enricher:
     def __init__(self, registry: Registry | ReferenceData, catalog: Catalog) -> None:
         self.registry = registry
@@ -101,11 +123,10 @@ class Enricher:
         d = r.device
         m = r.metric
         # thresholds and calibration apply to the device's own kind only
-        own_kind = np.fromiter(
-            (kind_by_dev[di] == batch.metrics[mi]
-             for di, mi in zip(d.tolist(), m.tolist(), strict=True)),
-            dtype=np.bool_, count=len(d),
-        )
+        met_index = {name: j for j, name in enumerate(batch.metrics)}
+        kind_met = np.array([-1 if k is None else met_index.get(k, -1) for k in kind_by_dev],
+                            dtype=np.int64)
+        own_kind = kind_met[d] == m if nd else np.zeros(len(d), bool)
         off = np.where(own_kind, offset_by_dev[d], 0.0)
         known = known_by_dev[d].copy()
         low = np.where(own_kind, low_by_dev[d], np.nan)
@@ -148,16 +169,14 @@ class Enricher:
         return EnrichedResults(
             gateway=batch.gateway, window=labels,
             primary_window=batch.specs[0] if batch.specs else (labels[0] if labels else ""),
-            rate=r.rate(), pct=pct, pct_names=pct_names, seq_min=r.seq_min, seq_max=r.seq_max,
+            pct=pct, pct_names=pct_names, seq_min=r.seq_min, seq_max=r.seq_max,
             seq_sum=r.seq_sum,
             device=[batch.devices[i] for i in d.tolist()],
             metric=[batch.metrics[i] for i in m.tolist()],
             site=site_row,
             unit=[unit_by_met[i] for i in m.tolist()],
             known=known,
-            start=r.start, width=r.width, rev=r.rev, count=r.count,
-            sum=r.sum + off * r.count, min=r.min + off, max=r.max + off, mean=r.mean + off,
-            std=np.sqrt(r.variance()), first=r.first + off, last=r.last + off,
+            start=r.start, width=r.width, rev=r.rev, **outputs(r, off),
             low=low, high=high,
             scale_floor=floor_by_met[m],
         )

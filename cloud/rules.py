@@ -36,11 +36,12 @@ from cloud.detect.stage import AlertEvent, Detections
 from cloud.enrich import EnrichedResults
 from devices.errors import ConfigError
 from devices.readings import F64
+from devices.schema import OUTPUTS, output_names
 from devices.settings import parse_duration_ms
 
 KINDS = ("consecutive", "rate", "absence", "sequence", "site")
 LEVELS = ("info", "warning", "critical")
-FIELDS = ("mean", "min", "max", "first", "last", "sum", "count", "std", "rate")
+FIELDS = output_names()  # the fields of the aggregates measurement (devices.schema)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -424,10 +425,11 @@ class RuleEngine:
 
 
 def _fields(rows: EnrichedResults) -> dict[str, F64]:
-    out: dict[str, F64] = {"mean": rows.mean, "min": rows.min, "max": rows.max,
-                           "first": rows.first, "last": rows.last, "sum": rows.sum,
-                           "count": rows.count.astype(np.float64), "std": rows.std,
-                           "rate": rows.rate}
+    out: dict[str, F64] = {}
+    for o in OUTPUTS:
+        v = getattr(rows, o.attr).astype(np.float64, copy=False)
+        for name in (o.field, *o.aliases):
+            out[name] = v
     for j, name in enumerate(rows.pct_names):
         out[name] = rows.pct[:, j]
     return out

@@ -35,7 +35,7 @@ from cloud.points import (
     superseded_identities,
 )
 from cloud.refdata import ReferenceData
-from cloud.sinks import sink_class
+from cloud.sinks import build_sink
 from cloud.sinks.base import BufferedWriter, Sink
 from devices.clock import Clock, SystemClock
 from devices.contract import (
@@ -75,18 +75,6 @@ DETECT_SNAPSHOT_S = 300.0  # how often the detector state is saved to state_dir 
 __all__ = ["CloudWorker", "build_detection", "build_sink", "dedup_key"]
 
 
-def build_sink(config: CloudConfig) -> Sink:
-    ix = config.influx
-    if ix.version == 1:
-        sink: Sink = sink_class("influxdb1")(
-            ix.url, ix.database, username=ix.username, password=ix.password, token=ix.token,
-            create_database=ix.create_database, timeout_s=ix.timeout_ms / 1000)
-    else:
-        sink = sink_class("influxdb2")(ix.url, token=ix.token, org=ix.org, bucket=ix.bucket,
-                                       timeout_s=ix.timeout_ms / 1000)
-    return sink
-
-
 def dedup_key(gateway: str, incarnation: int) -> str:
     """Batches are numbered per agent incarnation: a gateway whose state was lost counts from
     0 again as a new incarnation, under its own dedup marks (gateway ids hold no '/')."""
@@ -122,10 +110,11 @@ class CloudWorker:
             source = JetStreamSource(config.jetstream, worker_id=config.worker_id)
         self.source = source or MqttSource(config.broker, partitions=config.partitions,
                                            client_id=f"fieldline-cloud-{config.worker_id}")
-        self.sink = sink or build_sink(config)
+        self.sink = sink or build_sink(config.influx)
         self.writer = BufferedWriter(self.sink, clock=self.clock,
                                      batch_points=config.influx.batch_points,
                                      flush_interval_ms=config.influx.flush_interval_ms,
+                                     concurrency=config.influx.write_concurrency,
                                      on_written=self._on_written,
                                      dead_letter_path=config.state_dir / "dead-letter.jsonl"
                                      if config.state_dir else None,

@@ -45,12 +45,13 @@ import orjson
 from devices.errors import ContractError
 from devices.readings import F64, I64
 from devices.rejects import BAD_UPLINK, UNSUPPORTED_VERSION
+from devices.schema import FLOAT_WIRE, INT_WIRE, RESULT, SEQ
 
 VERSION = 1
 TOPIC_ROOT = "fieldline/v1"
 
-INT_COLUMNS = ("d", "m", "s", "w", "r", "n", "ft", "lt")
-FLOAT_COLUMNS = ("sum", "min", "max", "mean", "m2", "fv", "lv")
+INT_COLUMNS = INT_WIRE
+FLOAT_COLUMNS = FLOAT_WIRE
 
 
 def percentile_name(q: float) -> str:
@@ -206,12 +207,8 @@ class ResultColumns:
         return np.where(self.count > 1, self.m2 / np.maximum(n - 1, 1), 0.0)
 
     def to_cols(self) -> dict[str, npt.NDArray[Any]]:
-        return {
-            "d": self.device, "m": self.metric, "s": self.start, "w": self.width, "r": self.rev,
-            "n": self.count, "sum": self.sum, "min": self.min, "max": self.max,
-            "mean": self.mean, "m2": self.m2, "ft": self.first_ts, "fv": self.first,
-            "lt": self.last_ts, "lv": self.last,
-        }
+        """The columns every results message carries, by wire name (``devices.schema``)."""
+        return {c.wire: getattr(self, c.name) for c in RESULT}
 
     def take(self, idx: npt.NDArray[np.int64]) -> ResultColumns:
         """Rows ``idx`` (with their sketches); superseded identities are not carried."""
@@ -226,7 +223,7 @@ class ResultColumns:
             sk_keys, sk_counts = self.sk_keys[sel], self.sk_counts[sel]
             sk_offsets = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
         return ResultColumns(
-            **{f: getattr(out, f) for f in _BASE_FIELDS},
+            **{f: getattr(out, f) for f in BASE_FIELDS},
             seq_min=None if self.seq_min is None else self.seq_min[idx],
             seq_max=None if self.seq_max is None else self.seq_max[idx],
             seq_sum=None if self.seq_sum is None else self.seq_sum[idx],
@@ -237,16 +234,11 @@ class ResultColumns:
 
     @staticmethod
     def from_cols(c: dict[str, npt.NDArray[Any]]) -> ResultColumns:
-        return ResultColumns(
-            device=c["d"], metric=c["m"], start=c["s"], width=c["w"], rev=c["r"],
-            count=c["n"], sum=c["sum"], min=c["min"], max=c["max"], mean=c["mean"],
-            m2=c["m2"], first_ts=c["ft"], first=c["fv"], last_ts=c["lt"], last=c["lv"],
-        )
+        kw: dict[str, Any] = {col.name: c[col.wire] for col in RESULT}
+        return ResultColumns(**kw)
 
 
-BASE_FIELDS = ("device", "metric", "start", "width", "rev", "count", "sum", "min", "max", "mean",
-               "m2", "first_ts", "first", "last_ts", "last")
-_BASE_FIELDS = BASE_FIELDS
+BASE_FIELDS = tuple(c.name for c in RESULT)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -289,7 +281,7 @@ class ResultBatch:
             cols["k"] = r.spec
             doc["specs"] = self.specs
         if r.seq_min is not None and r.seq_max is not None and r.seq_sum is not None:
-            cols["qn"], cols["qx"], cols["qs"] = r.seq_min, r.seq_max, r.seq_sum
+            cols.update({c.wire: getattr(r, c.name) for c in SEQ})
         if r.pct is not None and self.percentiles:
             doc["pq"] = self.percentiles
             for j, q in enumerate(self.percentiles):
@@ -527,11 +519,11 @@ def decode_uplink(payload: bytes) -> Uplink:
                   or sup.device.min() < 0 or sup.metric.min() < 0
                   or sup.spec.min() < 0 or sup.spec.max() >= max(len(specs), 1)):
             raise ContractError(BAD_UPLINK, "superseded row index out of range")
-    seqs = [_int_col(c, cols[c], n) if c in cols else None for c in ("qn", "qx", "qs")]
+    seqs: dict[str, Any] = {c.name: _int_col(c.wire, cols[c.wire], n) if c.wire in cols else None
+                            for c in SEQ}
     base = ResultColumns.from_cols(parsed)
     results = ResultColumns(
-        **{f: getattr(base, f) for f in _BASE_FIELDS}, seq_min=seqs[0], seq_max=seqs[1],
-        seq_sum=seqs[2], spec=spec, pct=pct, sk_keys=sk_keys,
+        **{f: getattr(base, f) for f in BASE_FIELDS}, **seqs, spec=spec, pct=pct, sk_keys=sk_keys,
         sk_counts=sk_counts, sk_offsets=sk_offsets, superseded=sup)
     return ResultBatch(
         gateway=gw, seq=seq, watermark=_header_int(doc, "wm"), sent_ms=_header_int(doc, "sent"),

@@ -14,14 +14,17 @@ Ties in event time are broken by value, so first/last never depend on arrival or
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from devices.readings import F64, I64
+from devices.schema import SEQ, STATE
 
-FIELDS = ("count", "sum", "min", "max", "mean", "m2", "first_ts", "first", "last_ts", "last",
-          "seq_min", "seq_max", "seq_sum")
+# the state columns in declaration order (devices.schema: STATE, then the sequence checks)
+FIELDS = tuple(c.name for c in STATE + SEQ)
+_DTYPES = {c.name: np.int64 if c.kind == "int" else np.float64 for c in STATE + SEQ}
 
 
 @dataclass
@@ -53,10 +56,8 @@ class AggArrays:
 
     @staticmethod
     def empty() -> AggArrays:
-        i = np.empty(0, np.int64)
-        f = np.empty(0, np.float64)
-        return AggArrays(i, f, f.copy(), f.copy(), f.copy(), f.copy(), i.copy(), f.copy(),
-                         i.copy(), f.copy(), i.copy(), i.copy(), i.copy())
+        cols: list[Any] = [np.empty(0, _DTYPES[f]) for f in FIELDS]
+        return AggArrays(*cols)
 
     @staticmethod
     def concat(parts: list[AggArrays]) -> AggArrays:

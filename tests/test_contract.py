@@ -9,6 +9,7 @@ import orjson
 import pytest
 
 from devices.contract import (
+    BASE_FIELDS,
     HealthReport,
     ResultBatch,
     ResultColumns,
@@ -49,9 +50,7 @@ def test_optional_parts_round_trip() -> None:
     b = sample_batch(3)
     pct = np.array([[1.0, 2.0], [3.0, np.nan], [5.0, 6.0]])  # NaN: an empty sketch
     full = ResultColumns(
-        **{f: getattr(b.results, f) for f in ("device", "metric", "start", "width", "rev",
-                                              "count", "sum", "min", "max", "mean", "m2",
-                                              "first_ts", "first", "last_ts", "last")},
+        **{f: getattr(b.results, f) for f in BASE_FIELDS},
         spec=np.array([0, 1, 1], np.int64), pct=pct,
         sk_keys=np.array([5, 9, 7, 7, 8], np.int64), sk_counts=np.array([1, 2, 3, 1, 1],
                                                                         np.int64),

@@ -164,3 +164,94 @@ def test_r6_bad_points_are_dead_lettered_and_the_rest_lands(influx_db: InfluxV1C
     recorded = [json.loads(x) for x in dead.read_text().splitlines()]
     assert sorted(r["line"].split(" ")[0] for r in recorded) == ["m,d=b17", "m,d=b42"]
     assert writer.points_written == 58
+
+
+class _SlowRecorder:
+    """Records each request; requests overlap (random sleeps in the writer's threads)."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[float, float, list[str]]] = []
+        self.active = 0
+        self.most_active = 0
+        self._lock = threading.Lock()
+
+    def write(self, lines: list[str]) -> None:
+        import random
+
+        with self._lock:
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
+        start = time.monotonic()
+        time.sleep(random.random() * 0.01)
+        with self._lock:
+            self.requests.append((start, time.monotonic(), list(lines)))
+            self.active -= 1
+
+    def delete(self, points: list[object]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_concurrent_writes_keep_every_points_versions_in_order(influx_db: InfluxV1Client
+                                                               ) -> None:
+    """The writer sends a batch as several requests at once; a point's later version (a
+    revision) must never be overtaken by an earlier one: all its versions go in one request,
+    in the order queued. Checked on the requests and on what InfluxDB kept."""
+    rec = _SlowRecorder()
+    writer = BufferedWriter(rec, clock=ManualClock(), batch_points=500, flush_interval_ms=50,
+                            concurrency=3)
+    lines = []
+    for version in range(4):  # 4 versions of 300 points, interleaved across batches
+        lines += [f"m,d=s{i % 60},w=10s v={version}.0,rev={version}i {T_NOW + i}"
+                  for i in range(300)]
+    writer.add(lines[:700], token="a")
+    writer.add(lines[700:], token="b")
+    assert asyncio.run(writer.flush(None, attempts=3))
+    assert rec.most_active > 1  # the requests did overlap
+    # every version of a point: in one request after the earlier ones, or in a request that
+    # started only after the one holding the earlier version had ended
+    seen: dict[tuple[str, str], tuple[int, float, float]] = {}  # point -> version, start, end
+    for start, end, req in sorted(rec.requests):
+        for ln in req:
+            tags, fields, ts = ln.split(" ")
+            version = int(fields.split("rev=")[1].rstrip("i"))
+            before = seen.get((tags, ts))
+            if before is not None:
+                assert before[0] < version
+                assert before[1:] == (start, end) or before[2] <= start, (before, start)
+            seen[(tags, ts)] = (version, start, end)
+    assert len(seen) == 300
+    assert {v[0] for v in seen.values()} == {3}
+    # the same lines through real InfluxDB, three requests at a time: the last version stays
+    sink = InfluxV1Sink(influx_db.url, influx_db.database)
+    real = BufferedWriter(sink, clock=ManualClock(), batch_points=500, flush_interval_ms=50,
+                          concurrency=3)
+    real.add(lines)
+    assert asyncio.run(real.flush(None, attempts=3))
+    doc = influx_db.query('SELECT min("rev"), max("rev"), count("rev") FROM "m"')
+    assert isinstance(doc, dict)
+    assert doc["results"][0]["series"][0]["values"][0][1:] == [3, 3, 300]
+    assert real.points_written == len(lines)
+
+
+def test_number_texts_of_the_fast_line_builder_are_read_back_exactly(
+        influx_db: InfluxV1Client) -> None:
+    """cloud.points formats numbers with orjson (1e-8, 1e+16: not Python's 1e-08, 1e+16):
+    InfluxDB must read every form back as the same float."""
+    import numpy as np
+
+    from cloud.points import number_texts
+
+    values = np.array([1e-8, 1e16, -0.0, 5e-324, 1.7976931348623157e308, 22.0, 0.1, -3.5e-300,
+                       123456789.125])
+    texts = number_texts(values)
+    lines = [f"fmt,k=v{i} v={t} {T_NOW + i}" for i, t in enumerate(texts)]
+    InfluxV1Sink(influx_db.url, influx_db.database).write(lines)
+    doc = influx_db.query('SELECT "v" FROM "fmt" GROUP BY "k"')
+    assert isinstance(doc, dict)
+    got = {s["tags"]["k"]: s["values"][0][1] for s in doc["results"][0]["series"]}
+    assert [got[f"v{i}"] for i in range(len(values))] == values.tolist()

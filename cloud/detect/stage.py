@@ -135,9 +135,10 @@ class DetectionStage:
         if n == 0:
             return out
         primary = rows.primary_window
-        wanted = np.fromiter(
-            ((w in self.windows) or (w == primary and PRIMARY in self.windows)
-             for w in rows.window), dtype=bool, count=n)
+        take = {w for w in set(rows.window)
+                if w in self.windows or (w == primary and PRIMARY in self.windows)}
+        wanted = (np.ones(n, bool) if len(take) == len(set(rows.window)) else
+                  np.fromiter((w in take for w in rows.window), dtype=bool, count=n))
         finite = np.isfinite(rows.mean) & np.isfinite(rows.min) & np.isfinite(rows.max)
         judge = np.flatnonzero(wanted & finite & (rows.count > 0))
         self.counters["windows_not_finite"] += int((wanted & ~finite).sum())

@@ -9,13 +9,27 @@ the 2.x client.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cloud.config import InfluxConfig
+    from cloud.sinks.base import Sink
 
 SINKS: dict[str, str] = {
     "influxdb1": "cloud.sinks.influx_v1:InfluxV1Sink",
     "influxdb2": "cloud.sinks.influx_v2:InfluxV2Sink",
     "memory": "cloud.sinks.base:MemorySink",
 }
+
+
+# the sink for each ``[influxdb] version``; every sink builds itself from the section
+BY_VERSION: dict[int, str] = {1: "influxdb1", 2: "influxdb2"}
+
+
+def build_sink(influx: InfluxConfig) -> Sink:
+    """The sink ``[influxdb]`` describes (its ``version`` picks the class)."""
+    sink: Sink = sink_class(BY_VERSION[influx.version]).from_config(influx)
+    return sink
 
 
 def sink_class(name: str) -> Any:

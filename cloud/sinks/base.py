@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import random
+import threading
 from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from cloud.sinks.lineproto import parse_line
 from devices.clock import Clock
 
 log = logging.getLogger("fieldline.cloud.sink")
@@ -67,22 +70,53 @@ class Sink(Protocol):
 
 
 class MemorySink:
-    """Keeps lines in memory (tests and dry runs)."""
+    """Keeps lines in memory (tests and dry runs). ``strict``: behaves as a store, as InfluxDB
+    does (``points`` by identity, a rewrite merges field by field, a delete removes; a line that
+    is not line protocol is refused for good and the rest of the batch kept)."""
 
     name = "memory"
 
-    def __init__(self) -> None:
+    def __init__(self, *, strict: bool = False) -> None:
         self.lines: list[str] = []
         self.deleted: list[Identity] = []
+        self.strict = strict
+        self.points: dict[tuple[str, tuple[tuple[str, str], ...], int], dict[str, object]] = {}
+        self._lock = threading.Lock()  # the writer sends several batches at once
 
     def write(self, lines: list[str]) -> None:
-        self.lines.extend(lines)
+        bad: list[str] = []
+        with self._lock:
+            self.lines.extend(lines)
+            if not self.strict:
+                return
+            for ln in lines:
+                try:
+                    meas, tags, fields, ts = parse_line(ln)
+                except ValueError as exc:
+                    bad.append(f"unable to parse {ln[:80]!r}: {exc}")
+                    continue
+                self.points.setdefault((meas, tuple(sorted(tags.items())), ts), {}).update(
+                    fields)
+        if bad:
+            raise SinkError(f"partial write: {bad[0]} dropped={len(bad)}", retryable=False,
+                            rejected=len(bad))
 
     def delete(self, points: list[Identity]) -> None:
-        self.deleted.extend(points)
+        with self._lock:
+            self.deleted.extend(points)
+            for meas, tags, ts in points:
+                self.points.pop((meas, tuple(sorted((k, v) for k, v in tags.items() if v)), ts),
+                                None)
 
     def close(self) -> None:
         pass
+
+    @classmethod
+    def from_config(cls, _ix: object) -> MemorySink:
+        return cls()
+
+
+_QUIET_MS = 20  # input that paused this long is written without waiting for the interval
 
 
 class BufferedWriter:
@@ -103,8 +137,10 @@ class BufferedWriter:
         on_written: Callable[[list[object]], None] | None = None,
         dead_letter_path: Path | None = None,
         fence: Callable[[], bool] | None = None,
+        concurrency: int = 1,
     ) -> None:
         self.sink = sink
+        self.concurrency = max(1, concurrency)
         self.fence = fence  # asked before each write: False = write nothing (see discard)
         self.clock = clock
         self.batch_points = batch_points
@@ -157,12 +193,24 @@ class BufferedWriter:
             self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Flush whenever a batch is full or the interval passed; on stop, flush what is left."""
+        """Flush whenever a batch is full, the input went quiet (nothing added for a short
+        tick: no reason to sit on what is there) or the interval passed; on stop, flush what is
+        left."""
+        tick_s = min(self.flush_interval_ms, _QUIET_MS) / 1000
+        seen = self._added
+        waited_s = 0.0
         while not stop.is_set():
+            woken = False
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.flush_interval_ms / 1000)
+                await asyncio.wait_for(self._wake.wait(), tick_s)
+                woken = True
             self._wake.clear()
-            await self.flush(stop)
+            waited_s += tick_s
+            quiet = self._added == seen
+            seen = self._added
+            if woken or quiet or waited_s * 1000 >= self.flush_interval_ms:
+                waited_s = 0.0
+                await self.flush(stop)
         await self.flush(None, attempts=3)
 
     async def flush(self, stop: asyncio.Event | None, attempts: int | None = None) -> bool:
@@ -175,8 +223,8 @@ class BufferedWriter:
             if self.fence is not None and not self.fence():
                 return True
             n = min(self.batch_points, len(self._lines))
-            lines = [self._lines[i] for i in range(n)]
-            ok = await self._write_with_retry(lines, stop, attempts)
+            lines = list(itertools.islice(self._lines, n))
+            ok = await self._write_sharded(lines, stop, attempts)
             if not ok:
                 return False
             for _ in range(n):
@@ -202,6 +250,21 @@ class BufferedWriter:
             if self.on_written is not None:
                 self.on_written(confirmed)
         return True
+
+    async def _write_sharded(self, lines: list[str], stop: asyncio.Event | None,
+                             attempts: int | None) -> bool:
+        """Write a batch as ``concurrency`` requests at once (InfluxDB ingests them in parallel),
+        split by series: every version of a point lands in the same request, in the order it
+        was queued, so a revision can never be overtaken by the value it replaces."""
+        k = self.concurrency
+        if k == 1 or len(lines) < 2 * k:
+            return await self._write_with_retry(lines, stop, attempts)
+        shards: list[list[str]] = [[] for _ in range(k)]
+        for ln in lines:  # the measurement and tags: everything before the first space
+            shards[hash(ln[:ln.find(" ")]) % k].append(ln)
+        done = await asyncio.gather(*(self._write_with_retry(s, stop, attempts)
+                                      for s in shards if s))
+        return all(done)
 
     async def _isolate(self, lines: list[str], stop: asyncio.Event | None
                        ) -> list[tuple[str, str]] | None:

@@ -15,9 +15,14 @@ import base64
 import http.client
 import logging
 import re
+import threading
+from typing import TYPE_CHECKING
 from urllib.parse import urlencode, urlsplit
 
 from cloud.sinks.base import SinkError
+
+if TYPE_CHECKING:
+    from cloud.config import InfluxConfig
 
 log = logging.getLogger("fieldline.cloud.influx")
 
@@ -56,14 +61,30 @@ class InfluxV1Client:
             basic = base64.b64encode(f"{username}:{password or ''}".encode()).decode()
             self._headers["Authorization"] = f"Basic {basic}"
         self._rp = retention_policy
-        self._conn: http.client.HTTPConnection | None = None
+        # one connection per thread: the writer sends several batches at once (an
+        # http.client connection carries one request at a time)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._conns: set[http.client.HTTPConnection] = set()
         self.disk_full = 0  # writes InfluxDB refused for want of disk space
 
     def _connection(self) -> http.client.HTTPConnection:
-        if self._conn is None:
+        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+        if conn is None:
             cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-            self._conn = cls(self._host, self._port, timeout=self._timeout)
-        return self._conn
+            conn = cls(self._host, self._port, timeout=self._timeout)
+            self._local.conn = conn
+            with self._lock:
+                self._conns.add(conn)
+        return conn
+
+    def _drop_connection(self) -> None:
+        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            self._local.conn = None
+            with self._lock:
+                self._conns.discard(conn)
+            conn.close()
 
     def request(self, method: str, path: str, params: dict[str, str],
                 body: bytes | None = None) -> tuple[int, bytes]:
@@ -72,14 +93,14 @@ class InfluxV1Client:
         if body is not None:
             headers["Content-Type"] = "text/plain; charset=utf-8"
         for attempt in (1, 2):
-            reused = self._conn is not None
+            reused = getattr(self._local, "conn", None) is not None
             try:
                 conn = self._connection()
                 conn.request(method, f"{path}?{q}", body=body, headers=headers)
                 resp = conn.getresponse()
                 return resp.status, resp.read()
             except (OSError, http.client.HTTPException) as exc:
-                self.close()
+                self._drop_connection()
                 # a kept-alive connection the server has since closed (a restart): one retry
                 # on a fresh connection; anything else is the server being unreachable
                 stale = reused and isinstance(exc, (http.client.RemoteDisconnected,
@@ -162,9 +183,12 @@ class InfluxV1Client:
             self.query("; ".join(stmts[i:i + 200]))
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        """Close every thread's connection (the next request opens a new one)."""
+        with self._lock:
+            conns, self._conns = self._conns, set()
+        for conn in conns:
+            conn.close()
+        self._local = threading.local()
 
 
 class InfluxV1Sink:
@@ -181,6 +205,12 @@ class InfluxV1Sink:
                                      timeout_s=timeout_s)
         self._create = create_database
         self._created = False
+
+    @classmethod
+    def from_config(cls, ix: InfluxConfig) -> InfluxV1Sink:
+        return cls(ix.url, ix.database, username=ix.username, password=ix.password,
+                   token=ix.token, create_database=ix.create_database,
+                   timeout_s=ix.timeout_ms / 1000)
 
     def write(self, lines: list[str]) -> None:
         if self._create and not self._created:

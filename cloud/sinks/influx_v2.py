@@ -7,9 +7,12 @@ the same for every InfluxDB generation.
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from cloud.sinks.base import SinkError
+
+if TYPE_CHECKING:
+    from cloud.config import InfluxConfig
 
 
 class InfluxV2Sink:
@@ -25,6 +28,13 @@ class InfluxV2Sink:
         self._write = self._client.write_api(write_options=SYNCHRONOUS)
         self.bucket = bucket
         self.org = org
+
+    @classmethod
+    def from_config(cls, ix: InfluxConfig) -> InfluxV2Sink:
+        if not (ix.token and ix.org and ix.bucket):  # InfluxConfig refuses this already
+            raise ValueError("InfluxDB 2.x needs token, org and bucket")
+        return cls(ix.url, token=ix.token, org=ix.org, bucket=ix.bucket,
+                   timeout_s=ix.timeout_ms / 1000)
 
     def write(self, lines: list[str]) -> None:
         from influxdb_client.domain.write_precision import WritePrecision

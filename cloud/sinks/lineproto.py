@@ -56,3 +56,75 @@ def line(measurement: str, tags: Mapping[str, str], fields: Mapping[str, object]
     if not rendered:
         return None
     return f"{tag_prefix(measurement, tags)} {','.join(rendered)} {ts_ms}"
+
+
+Fields = dict[str, "bool | int | float | str"]
+
+
+def _split(s: str, sep: str, *, quotes: bool = False) -> list[str]:
+    """Split on ``sep`` where it is neither escaped nor (with ``quotes``) inside a string."""
+    out, cur, i, quoted = [], [], 0, False
+    while i < len(s):
+        ch = s[i]
+        if ch == "\\" and i + 1 < len(s):
+            cur.append(s[i:i + 2])
+            i += 2
+            continue
+        if quotes and ch == '"':
+            quoted = not quoted
+        elif ch == sep and not quoted:
+            out.append("".join(cur))
+            cur = []
+            i += 1
+            continue
+        cur.append(ch)
+        i += 1
+    if quoted:
+        raise ValueError("unterminated string")
+    out.append("".join(cur))
+    return out
+
+
+def _unescape(s: str) -> str:
+    return s.replace("\\,", ",").replace("\\=", "=").replace("\\ ", " ").replace('\\"', '"') \
+        .replace("\\\\", "\\")
+
+
+def parse_field(v: str) -> bool | int | float | str:
+    if v.startswith('"'):
+        if len(v) < 2 or not v.endswith('"'):
+            raise ValueError(f"bad string {v!r}")
+        return v[1:-1].replace('\\"', '"').replace("\\\\", "\\")
+    if v in ("t", "T", "true", "True", "TRUE"):
+        return True
+    if v in ("f", "F", "false", "False", "FALSE"):
+        return False
+    if v.endswith("i"):
+        return int(v[:-1])
+    return float(v)
+
+
+def parse_line(ln: str) -> tuple[str, dict[str, str], Fields, int]:
+    """(measurement, tags, fields, time) of one line; ValueError when it is not line protocol
+    (what a server would refuse as unparseable). The time is required here: fieldline always
+    sets it."""
+    parts = _split(ln, " ", quotes=True)
+    if len(parts) != 3:
+        raise ValueError(f"expected measurement+tags, fields and time: {ln[:80]!r}")
+    head, body, ts = parts
+    keys = _split(head, ",")
+    if not keys[0]:
+        raise ValueError("no measurement")
+    tags = {}
+    for kv in keys[1:]:
+        pair = _split(kv, "=")
+        if len(pair) != 2 or not pair[0] or not pair[1]:
+            raise ValueError(f"bad tag {kv!r}")
+        tags[_unescape(pair[0])] = _unescape(pair[1])
+    fields: Fields = {}
+    for kv in _split(body, ",", quotes=True):
+        pair = _split(kv, "=", quotes=True)
+        if len(pair) != 2 or not pair[0] or not pair[1]:
+            raise ValueError(f"bad field {kv!r}")
+        fields[_unescape(pair[0])] = parse_field(pair[1])
+    return _unescape(keys[0]), tags, fields, int(ts)

@@ -1,0 +1,100 @@
+"""The aggregate schema: every per-window column and every field written for it, defined once.
+
+A window result travels as three shapes of the same columns, each derived from this table:
+
+* the edge's aggregate state (``edge.aggregates.AggArrays``) and the wire form of a result
+  (``devices.contract.ResultColumns``: attribute ``name``, message column ``wire``);
+* the enriched rows of the cloud (``cloud.enrich.EnrichedResults``: calibrated by ``calibrate``);
+* the fields of the ``aggregates`` measurement (``OUTPUTS``: what InfluxDB, the dashboards and
+  the pattern rules see).
+
+Adding an aggregate: a ``STATE`` entry, its arithmetic in ``edge.aggregates`` (fold and merge)
+and, when it is to be written, an ``OUTPUTS`` entry. The dataclasses that carry the columns keep
+typed attributes (mypy strict); ``tests/test_schema.py`` fails when one of them and this table
+disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Kind = Literal["int", "float"]
+# how a device's calibration offset applies to a column: "" not at all, "shift" (+offset),
+# "sum" (+offset * count); the spread (m2) and the times never change
+Calibration = Literal["", "shift", "sum"]
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str  # attribute of AggArrays / ResultColumns
+    wire: str  # key in the results message's ``cols``
+    kind: Kind
+    calibrate: Calibration = ""
+
+
+# a result's identity (the edge's window bookkeeping, not aggregate state)
+KEY = (
+    Column("device", "d", "int"),
+    Column("metric", "m", "int"),
+    Column("start", "s", "int"),
+    Column("width", "w", "int"),
+    Column("rev", "r", "int"),
+)
+
+# the mergeable aggregate state of one window
+STATE = (
+    Column("count", "n", "int"),
+    Column("sum", "sum", "float", "sum"),
+    Column("min", "min", "float", "shift"),
+    Column("max", "max", "float", "shift"),
+    Column("mean", "mean", "float", "shift"),
+    Column("m2", "m2", "float"),  # sum of squared deviations from the mean
+    Column("first_ts", "ft", "int"),
+    Column("first", "fv", "float", "shift"),
+    Column("last_ts", "lt", "int"),
+    Column("last", "lv", "float", "shift"),
+)
+
+# the readings' sequence numbers (optional on the wire: only when every reading carried one)
+SEQ = (
+    Column("seq_min", "qn", "int"),
+    Column("seq_max", "qx", "int"),
+    Column("seq_sum", "qs", "int"),  # wrapping sum: a checksum
+)
+
+RESULT = KEY + STATE  # the columns every results message carries
+INT_WIRE = tuple(c.wire for c in RESULT if c.kind == "int")
+FLOAT_WIRE = tuple(c.wire for c in RESULT if c.kind == "float")
+
+
+@dataclass(frozen=True)
+class Output:
+    """A field of the ``aggregates`` measurement, taken from the enriched rows' ``attr``."""
+
+    field: str
+    attr: str
+    kind: Kind
+    aliases: tuple[str, ...] = ()  # other names a pattern rule may use for it
+    describe: str = ""
+
+
+OUTPUTS = (
+    Output("count", "count", "int", describe="readings in the window"),
+    Output("sum", "sum", "float"),
+    Output("min", "min", "float"),
+    Output("max", "max", "float"),
+    Output("mean", "mean", "float"),
+    Output("stddev", "std", "float", aliases=("std",), describe="sample standard deviation"),
+    Output("first", "first", "float", describe="first reading by event time"),
+    Output("last", "last", "float", describe="last reading by event time"),
+    Output("rate", "rate", "float", describe="change per second, first to last reading"),
+)
+# written after the outputs: percentiles (p50, p99, ... as the gateway configured them), the
+# sequence-number checks (seq_min, seq_max, seq_sum) when the edge sent them, then the revision
+REVISION_FIELD = "rev"
+
+
+def output_names() -> tuple[str, ...]:
+    """Every name a pattern rule may use for an output field (percentiles come on top)."""
+    return tuple(n for o in OUTPUTS for n in (o.field, *o.aliases))

@@ -1,0 +1,133 @@
+"""The aggregate schema (devices/schema.py) is the one definition: the state arrays, the wire
+columns, the enriched rows, the InfluxDB fields and the rule fields all follow it, and the fast
+line builder writes exactly what the field-by-field one would."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cloud.enrich import EnrichedResults, Enricher
+from cloud.points import aggregate_lines
+from cloud.rules import parse_rules
+from cloud.sinks.lineproto import line, tag_prefix
+from devices.catalog import Catalog
+from devices.contract import ResultBatch, ResultColumns, decode_uplink
+from devices.registry import Registry
+from devices.schema import KEY, OUTPUTS, RESULT, REVISION_FIELD, SEQ, STATE, output_names
+from edge.aggregates import FIELDS, AggArrays
+
+
+def test_every_carrier_has_the_schemas_columns() -> None:
+    assert [f.name for f in dataclasses.fields(AggArrays)] == [c.name for c in STATE + SEQ]
+    assert tuple(c.name for c in STATE + SEQ) == FIELDS
+    rc = {f.name for f in dataclasses.fields(ResultColumns)}
+    assert {c.name for c in KEY + STATE + SEQ} <= rc
+    wires = [c.wire for c in KEY + STATE + SEQ]
+    assert len(set(wires)) == len(wires)
+    er = {f.name for f in dataclasses.fields(EnrichedResults)}
+    assert {o.attr for o in OUTPUTS} <= er
+    fields = [o.field for o in OUTPUTS] + [REVISION_FIELD]
+    assert len(set(fields)) == len(fields)
+    empty = AggArrays.empty()
+    for c in STATE + SEQ:
+        assert getattr(empty, c.name).dtype == (np.int64 if c.kind == "int" else np.float64)
+
+
+def _batch(n: int, rng: np.random.Generator, seq: bool) -> ResultBatch:
+    cols: dict[str, np.ndarray] = {}
+    for c in RESULT:
+        if c.kind == "int":
+            cols[c.name] = rng.integers(1, 10, n).astype(np.int64)
+        else:
+            cols[c.name] = rng.normal(20, 5, n)
+    cols["device"] = rng.integers(0, 3, n).astype(np.int64)
+    cols["metric"] = np.zeros(n, np.int64)
+    cols["start"] = 1_700_000_000_000 + np.arange(n, dtype=np.int64) * 10_000
+    cols["m2"] = np.abs(cols["m2"])
+    cols["min"] = np.minimum(cols["min"], cols["max"])
+    extra = {c.name: rng.integers(0, 100, n).astype(np.int64) for c in SEQ} if seq else {}
+    res = ResultColumns(**cols, **extra)
+    return ResultBatch(gateway="gw 1", seq=1, watermark=0, sent_ms=0,
+                       devices=["a", "b,c", "d=e"], metrics=["temperature"], results=res)
+
+
+def test_the_wire_carries_every_schema_column() -> None:
+    b = _batch(5, np.random.default_rng(0), seq=True)
+    back = decode_uplink(b.encode())
+    assert isinstance(back, ResultBatch)
+    for c in RESULT + SEQ:
+        assert np.array_equal(getattr(back.results, c.name), getattr(b.results, c.name)), c
+
+
+def _reference_lines(rows: EnrichedResults) -> list[str]:
+    """Field by field, with the generic line(): what the fast builder must equal."""
+    out = []
+    for i in range(len(rows)):
+        fields: dict[str, object] = {o.field: getattr(rows, o.attr)[i].item() for o in OUTPUTS}
+        for j, name in enumerate(rows.pct_names):
+            fields[name] = float(rows.pct[i, j])
+        if rows.seq_min is not None and rows.seq_max is not None and rows.seq_sum is not None \
+                and rows.seq_min[i] >= 0:
+            fields.update(seq_min=int(rows.seq_min[i]), seq_max=int(rows.seq_max[i]),
+                          seq_sum=int(rows.seq_sum[i]))
+        fields[REVISION_FIELD] = int(rows.rev[i])
+        ln = line("aggregates", {}, fields, int(rows.start[i]))
+        assert ln is not None
+        tags = tag_prefix("aggregates", {"gateway": rows.gateway, "site": rows.site[i],
+                                         "device": rows.device[i], "metric": rows.metric[i],
+                                         "window": rows.window[i], "unit": rows.unit[i]})
+        out.append(tags + ln[len("aggregates"):])
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 30), seed=st.integers(0, 2**32 - 1), seq=st.booleans(),
+       pct_nan=st.booleans(), scale=st.sampled_from([1e-9, 1.0, 1e17]),
+       bad_row=st.booleans())
+def test_fast_lines_equal_field_by_field_lines(n: int, seed: int, seq: bool, pct_nan: bool,
+                                               scale: float, bad_row: bool) -> None:
+    rng = np.random.default_rng(seed)
+    b = _batch(n, rng, seq)
+    rows = Enricher(Registry(), Catalog()).enrich(b)
+    scaled = {f: getattr(rows, f) * scale for f in ("mean", "min", "max", "sum", "first")}
+    pct = rng.normal(0, 1, (n, 2))
+    if pct_nan and n:
+        pct[rng.integers(0, n), 1] = np.nan  # an empty sketch's percentile: left out
+    seq_min = rows.seq_min
+    if seq_min is not None and n:
+        seq_min = seq_min.copy()
+        seq_min[0] = -1  # a window with readings that carried no sequence numbers
+    rows = dataclasses.replace(rows, **scaled, pct=pct, pct_names=["p50", "p99_9"],
+                               seq_min=seq_min)
+    if bad_row and n:  # never from a valid batch, but a line must not be broken by it
+        rows.mean[0] = np.nan
+    got = aggregate_lines(rows)
+    want = _reference_lines(rows)
+    if bad_row and n:
+        assert "mean=" not in got[0]
+        assert "null" not in got[0]
+        got, want = got[1:], want[1:]
+    assert [parse(x) for x in got] == [parse(x) for x in want]
+
+
+def parse(ln: str) -> tuple[str, dict[str, int | float], str]:
+    """A line's tags, fields (typed as line protocol types them) and timestamp: number texts
+    may differ (1e-08 / 1e-8), values may not."""
+    tags, fields, ts = ln.rsplit(" ", 2)
+    out: dict[str, int | float] = {}
+    for kv in fields.split(","):
+        k, v = kv.split("=")
+        out[k] = int(v[:-1]) if v.endswith("i") else float(v)
+        assert v.endswith("i") or "." in v or "e" in v or v in ("inf", "-inf"), v
+    return tags, out, ts
+
+
+@pytest.mark.parametrize("name", output_names())
+def test_rules_accept_every_output_field(name: str) -> None:
+    (rule,) = parse_rules([{"name": "r", "kind": "consecutive", "field": name, "above": 1.0}])
+    assert rule.field == name
