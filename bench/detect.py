@@ -32,7 +32,7 @@ from bench.common import RESULTS, Figure, figure, report
 from cloud.config import CloudConfig, load_cloud_config
 from cloud.detect import build_stage
 from cloud.enrich import EnrichedResults
-from cloud.points import aggregate_lines
+from cloud.points import aggregate_points
 from edge.config import load_edge_config
 from fieldline.evaluate import (
     Outcome,
@@ -164,7 +164,7 @@ def stage_speed(cloud: CloudConfig, series: int = 10_000, rounds: int = 60) -> t
     dt = time.perf_counter() - t0
     t1 = time.perf_counter()
     for b in batches[20:]:
-        aggregate_lines(b)
+        aggregate_points(b).lines()
     ref = time.perf_counter() - t1
     del devices
     return rounds * series / dt, rounds * series / ref

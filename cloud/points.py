@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
-import numpy.typing as npt
-import orjson
 
 from cloud.detect import AlertEvent, Anomaly
 from cloud.enrich import EnrichedResults
 from cloud.rules import RuleAlert
-from cloud.sinks.lineproto import field_value, line, tag_prefix
+from cloud.sinks.points import FieldColumn, Points, Row
 from devices.schema import OUTPUTS, REVISION_FIELD
 
 AGGREGATES = "aggregates"
@@ -34,75 +31,28 @@ CRITICAL_SEVERITY = 5.0  # a detector's alert this far past its threshold is "cr
 PIPELINE = "pipeline"
 
 
-_PREFIXES: dict[tuple[str, str, str, str, str, str], str] = {}
-_NUMPY = orjson.OPT_SERIALIZE_NUMPY
-
-
-def number_texts(a: npt.NDArray[Any]) -> list[str]:
-    """Every value of a numeric column as text, in one C call (orjson: the shortest repr that
-    round-trips, as Python's repr, at a tenth of its cost); NaN and infinities come out as
-    ``null``, which line protocol cannot carry: callers leave those out."""
-    if len(a) == 0:
-        return []
-    return orjson.dumps(np.ascontiguousarray(a), option=_NUMPY).decode()[1:-1].split(",")
-
-
-# "<tags> count=%si,sum=%s,...,rate=%s%s,rev=%si %s": the fields of ``devices.schema.OUTPUTS``
-_TEMPLATE = ("%s " + ",".join(f"{o.field}=%s{'i' if o.kind == 'int' else ''}" for o in OUTPUTS)
-             + f"%s,{REVISION_FIELD}=%si %s")
-
-
-def aggregate_lines(rows: EnrichedResults) -> list[str]:
-    """One line per result, with the fields of ``devices.schema.OUTPUTS``, then percentiles,
-    sequence-number checks and the revision. Built column by column: the escaped tag set once
-    per series, every number column formatted in one call."""
-    prefixes = _PREFIXES
-    if len(prefixes) > 200_000:  # a bound, not an LRU: series sets are stable in practice
-        prefixes.clear()
+def aggregate_points(rows: EnrichedResults) -> Points:
+    """One point per result: the fields of ``devices.schema.OUTPUTS``, then percentiles (an
+    empty sketch's NaN is left out), the sequence-number checks (only for windows whose
+    readings all carried one) and the revision. Columns, never a loop per row."""
     n = len(rows)
-    values = [getattr(rows, o.attr) for o in OUTPUTS]
-    finite = np.ones(n, bool)
-    for o, v in zip(OUTPUTS, values, strict=True):
-        if o.kind == "float":
-            finite &= np.isfinite(v)
-    # percentiles of empty sketches are NaN: line protocol cannot carry them, leave them out
-    extra = [""] * n
+    fields: dict[str, FieldColumn] = {o.field: getattr(rows, o.attr) for o in OUTPUTS}
     for j, name in enumerate(rows.pct_names):
-        extra = [e if t == "null" else f"{e},{name}={t}"
-                 for e, t in zip(extra, number_texts(rows.pct[:, j]), strict=True)]
+        fields[name] = np.ascontiguousarray(rows.pct[:, j])
     if rows.seq_min is not None and rows.seq_max is not None and rows.seq_sum is not None:
-        # only windows whose readings all carried sequence numbers
-        extra = [e + (f",seq_min={a}i,seq_max={b}i,seq_sum={c}i" if a[0] != "-" else "")
-                 for e, a, b, c in zip(extra, number_texts(rows.seq_min),
-                                       number_texts(rows.seq_max), number_texts(rows.seq_sum),
-                                       strict=True)]
-    tags = []
-    gw = rows.gateway
-    for dev, met, site, unit, win in zip(rows.device, rows.metric, rows.site, rows.unit,
-                                         rows.window, strict=True):
-        key = (gw, dev, met, site, unit, win)
-        prefix = prefixes.get(key)
-        if prefix is None:
-            prefix = tag_prefix(AGGREGATES, {"gateway": rows.gateway, "site": site,
-                                             "device": dev, "metric": met, "window": win,
-                                             "unit": unit})
-            prefixes[key] = prefix
-        tags.append(prefix)
-    tmpl = _TEMPLATE
-    out = [tmpl % row for row in zip(tags, *(number_texts(v) for v in values), extra,
-                                     number_texts(rows.rev), number_texts(rows.start),
-                                     strict=True)]
-    if not finite.all():  # a non-finite value (never from a valid batch): left out, field by field
-        for i in np.flatnonzero(~finite).tolist():
-            parts = [f"{o.field}={fv}" for o, v in zip(OUTPUTS, values, strict=True)
-                     if (fv := field_value(v[i].item())) is not None]
-            body = (",".join(parts) + extra[i]).lstrip(",")
-            out[i] = f"{tags[i]} {body},{REVISION_FIELD}={int(rows.rev[i])}i {int(rows.start[i])}"
-    return out
+        have = rows.seq_min >= 0
+        for name, col in (("seq_min", rows.seq_min), ("seq_max", rows.seq_max),
+                          ("seq_sum", rows.seq_sum)):
+            fields[name] = col if have.all() else [v if h else None for v, h in
+                                                   zip(col.tolist(), have.tolist(), strict=True)]
+    fields[REVISION_FIELD] = rows.rev
+    tags = {"gateway": [rows.gateway] * n, "site": rows.site, "device": rows.device,
+            "metric": rows.metric, "window": rows.window, "unit": rows.unit}
+    return Points(AGGREGATES, tags, fields, rows.start)
 
 
-def anomaly_lines(rows: EnrichedResults, found: list[Anomaly]) -> list[str]:
-    out = []
+def anomaly_points(rows: EnrichedResults, found: list[Anomaly]) -> Points:
+    out: list[Row] = []
     for a in found:
         i = a.row
         tags = {"gateway": rows.gateway, "site": rows.site[i], "device": rows.device[i],
@@ -116,15 +66,13 @@ def anomaly_lines(rows: EnrichedResults, found: list[Anomaly]) -> list[str]:
             fields["value"] = a.value
         if math.isfinite(a.reference):
             fields["reference"] = a.reference
-        ln = line(ANOMALIES, tags, fields, int(rows.start[i]))
-        if ln is not None:
-            out.append(ln)
-    return out
+        out.append((tags, fields, int(rows.start[i])))
+    return Points.of(ANOMALIES, out)
 
 
-def alert_lines(rows: EnrichedResults, events: list[AlertEvent]) -> list[str]:
+def alert_points(rows: EnrichedResults, events: list[AlertEvent]) -> Points:
     """An incident's point: its identity is the subject and the window that opened it."""
-    out = []
+    out: list[Row] = []
     for e in events:
         i = e.row
         tags = {"gateway": rows.gateway, "site": rows.site[i], "device": rows.device[i],
@@ -139,15 +87,13 @@ def alert_lines(rows: EnrichedResults, events: list[AlertEvent]) -> list[str]:
             fields["value"] = e.value
         if math.isfinite(e.reference):
             fields["reference"] = e.reference
-        ln = line(ALERTS, tags, fields, e.incident)
-        if ln is not None:
-            out.append(ln)
-    return out
+        out.append((tags, fields, e.incident))
+    return Points.of(ALERTS, out)
 
 
-def rule_alert_lines(alerts: list[RuleAlert]) -> list[str]:
+def rule_alert_points(alerts: list[RuleAlert]) -> Points:
     """A rule's alert: same measurement as the detectors', ``source = "rule"``."""
-    out = []
+    out: list[Row] = []
     for a in alerts:
         tags = {"gateway": a.gateway, "site": a.site, "device": a.device, "metric": a.metric,
                 "window": a.window, "source": "rule", "name": a.rule}
@@ -156,10 +102,8 @@ def rule_alert_lines(alerts: list[RuleAlert]) -> list[str]:
             "opened": a.opened, "resolved": a.until, "message": a.message}
         if math.isfinite(a.value):
             fields["value"] = a.value
-        ln = line(ALERTS, tags, fields, a.opened)
-        if ln is not None:
-            out.append(ln)
-    return out
+        out.append((tags, fields, a.opened))
+    return Points.of(ALERTS, out)
 
 
 DEVICES = "devices"
@@ -171,18 +115,16 @@ LEDGER_GATEWAY_FIELDS = ("readings_received", "readings_accepted", "rejected", "
                          "readings_gap", "broker_dropped")
 
 
-def ledger_lines(gateway: str, counters: Mapping[str, int], ledger: Mapping[str, object],
-                 ts_ms: int, cloud_written: int | None) -> list[str]:
+def ledger_points(gateway: str, counters: Mapping[str, int], ledger: Mapping[str, object],
+                  ts_ms: int, cloud_written: int | None) -> Points:
     """The ledger: one row per device as the edge reports it, one for the whole gateway (which
     must balance: received = accepted + rejected + late + duplicates; emitted = acknowledged +
     shed + pending), and the cloud's count of that gateway's results written."""
-    out = []
+    out: list[Row] = []
     gw_fields: dict[str, object] = {k: int(counters.get(k, 0)) for k in LEDGER_GATEWAY_FIELDS}
     if cloud_written is not None:
         gw_fields["results_written"] = cloud_written
-    ln = line(LEDGER, {"gateway": gateway, "device": GATEWAY_ROW}, gw_fields, ts_ms)
-    if ln:
-        out.append(ln)
+    out.append(({"gateway": gateway, "device": GATEWAY_ROW}, gw_fields, ts_ms))
     names = ledger.get("devices", [])
     assert isinstance(names, list)
     cols = {k: v for k, v in ledger.items() if k not in ("devices", "rejected_by")}
@@ -191,28 +133,22 @@ def ledger_lines(gateway: str, counters: Mapping[str, int], ledger: Mapping[str,
     cols.update({f"rejected_{k}": v for k, v in by.items()})
     for i, dev in enumerate(names):
         fields = {k: int(v[i]) for k, v in cols.items() if isinstance(v, list)}
-        ln = line(LEDGER, {"gateway": gateway, "device": str(dev)}, fields, ts_ms)
-        if ln:
-            out.append(ln)
-    return out
+        out.append(({"gateway": gateway, "device": str(dev)}, fields, ts_ms))
+    return Points.of(LEDGER, out)
 
 
-def device_lines(gateway: str, report: Mapping[str, object], ts_ms: int) -> list[str]:
+def device_points(gateway: str, report: Mapping[str, object], ts_ms: int) -> Points:
     """Per-device health reported by an edge: silent devices and clock skew."""
-    out = []
+    out: list[Row] = []
     silent = report.get("silent", [])
     skew = report.get("skew_ms", {})
     assert isinstance(silent, list)
     assert isinstance(skew, dict)
     for dev in silent:
-        ln = line(DEVICES, {"gateway": gateway, "device": str(dev)}, {"silent": True}, ts_ms)
-        if ln:
-            out.append(ln)
+        out.append(({"gateway": gateway, "device": str(dev)}, {"silent": True}, ts_ms))
     for dev, ms in skew.items():
-        ln = line(DEVICES, {"gateway": gateway, "device": str(dev)}, {"skew_ms": int(ms)}, ts_ms)
-        if ln:
-            out.append(ln)
-    return out
+        out.append(({"gateway": gateway, "device": str(dev)}, {"skew_ms": int(ms)}, ts_ms))
+    return Points.of(DEVICES, out)
 
 
 def superseded_identities(gateway: str, batch_devices: list[str], batch_metrics: list[str],
@@ -231,8 +167,8 @@ def superseded_identities(gateway: str, batch_devices: list[str], batch_metrics:
     return out
 
 
-def pipeline_line(component: str, tags: Mapping[str, str], counters: Mapping[str, int],
-                  gauges: Mapping[str, float], ts_ms: int) -> str | None:
+def pipeline_points(component: str, tags: Mapping[str, str], counters: Mapping[str, int],
+                    gauges: Mapping[str, float], ts_ms: int) -> Points:
     fields: dict[str, object] = {k: int(v) for k, v in counters.items()}
     fields.update({k: float(v) for k, v in gauges.items()})
-    return line(PIPELINE, {"component": component, **tags}, fields, ts_ms)
+    return Points.of(PIPELINE, [({"component": component, **tags}, fields, ts_ms)])

@@ -25,18 +25,19 @@ from cloud.enrich import UNKNOWN_SITE, Enricher
 from cloud.ingest import MqttSource, PartitionedSource, PartitionEvent, SourceMessage
 from cloud.partition import PartitionState, build_detection
 from cloud.points import (
-    aggregate_lines,
-    alert_lines,
-    anomaly_lines,
-    device_lines,
-    ledger_lines,
-    pipeline_line,
-    rule_alert_lines,
+    aggregate_points,
+    alert_points,
+    anomaly_points,
+    device_points,
+    ledger_points,
+    pipeline_points,
+    rule_alert_points,
     superseded_identities,
 )
 from cloud.refdata import ReferenceData
 from cloud.sinks import build_sink
 from cloud.sinks.base import BufferedWriter, Sink
+from cloud.sinks.points import Points
 from devices.clock import Clock, SystemClock
 from devices.contract import (
     BASE_FIELDS,
@@ -206,13 +207,12 @@ class CloudWorker:
         self.edge_health[rep.gateway] = rep
         # a gateway whose own clock is not set yet says so: its report is filed at our time
         ts = self.clock.now_ms() if rep.gauges.get("clock_unsynced") else rep.ts
-        ln = pipeline_line("edge", {"gateway": rep.gateway}, rep.counters, rep.gauges, ts)
-        lines = [ln] if ln else []
+        points = [pipeline_points("edge", {"gateway": rep.gateway}, rep.counters, rep.gauges, ts)]
         if rep.devices:
-            lines += device_lines(rep.gateway, rep.devices, ts)
-        lines += ledger_lines(rep.gateway, rep.counters, rep.ledger, ts,
-                              self.written_by_gateway.get(rep.gateway, 0))
-        self.writer.add(lines)
+            points.append(device_points(rep.gateway, rep.devices, ts))
+        points.append(ledger_points(rep.gateway, rep.counters, rep.ledger, ts,
+                                    self.written_by_gateway.get(rep.gateway, 0)))
+        self.writer.add(points)
 
     def _handle_results(self, batch: ResultBatch, digest: str, part: PartitionState,
                         pkey: int = 0) -> None:
@@ -235,8 +235,8 @@ class CloudWorker:
         rows = self.enricher.enrich(batch)
         det = part.detection.run(rows)
         fired = part.rules.run(rows, det)
-        lines = (aggregate_lines(rows) + anomaly_lines(rows, det.anomalies)
-                 + alert_lines(rows, det.alerts) + rule_alert_lines(fired))
+        points = [aggregate_points(rows), anomaly_points(rows, det.anomalies),
+                  alert_points(rows, det.alerts), rule_alert_points(fired)]
         for a in fired:
             self.counters["rule_alerts_opened" if a.state == "open"
                           else "rule_alerts_resolved"] += 1
@@ -244,7 +244,7 @@ class CloudWorker:
         for e in det.alerts:
             self.counters["alerts_opened" if e.state == "open" else "alerts_resolved"] += 1
         max_end = int((batch.results.start + batch.results.width).max()) if len(rows) else 0
-        self.writer.add(lines, token=(batch.gateway, inc, batch.seq, batch.sent_ms, max_end,
+        self.writer.add(points, token=(batch.gateway, inc, batch.seq, batch.sent_ms, max_end,
                                       len(rows), digest, pkey, part.epoch))
         sup = batch.results.superseded
         if sup is not None and len(sup):
@@ -465,11 +465,11 @@ class CloudWorker:
             s["dead_lettered_" + reason] = n
         return s
 
-    def _health_line(self) -> str | None:
+    def _health_points(self) -> Points:
         s = self.stats()
         gauges = {"buffered_points", "lag_p50_ms", "lag_p99_ms", "freshness_p50_ms",
                   "partitions_owned"}
-        return pipeline_line(
+        return pipeline_points(
             "cloud", {"worker": self.config.worker_id},
             {k: int(v) for k, v in s.items() if k not in gauges},
             {k: float(v) for k, v in s.items() if k in gauges}, self.clock.now_ms())
@@ -543,9 +543,7 @@ class CloudWorker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.config.health_interval_ms / 1000)
             self._check_registry()
-            ln = self._health_line()
-            if ln:
-                self.writer.add([ln])
+            self.writer.add(self._health_points())
             if (self.per_partition and not stop.is_set()
                     and time.monotonic() - last_snap >= self.snapshot_interval_s):
                 last_snap = time.monotonic()

@@ -116,3 +116,25 @@ def test_example_configs_in_deploy_load(name: str) -> None:
               "fleet.toml": load_sim_config}[name]
     cfg = loader(ROOT / "deploy" / name)
     assert cfg is not None
+
+
+def test_the_commented_engine_block_of_deploy_cloud_toml_loads_as_written(tmp_path: Path) -> None:
+    """deploy/cloud.toml ships its JetStream [engine] block commented out: un-commented as a
+    user would, it must load and mean what its comments say."""
+    text = (ROOT / "deploy" / "cloud.toml").read_text()
+    lines = text.splitlines()
+    at = lines.index("# [engine]")
+    out = list(lines)
+    for i in range(at, len(lines)):
+        if not lines[i].startswith("# "):
+            break
+        out[i] = lines[i][2:]
+    cfg_path = tmp_path / "cloud.toml"
+    cfg_path.write_text("\n".join(out) + "\n")
+    cfg = load_cloud_config(cfg_path)
+    js = cfg.jetstream
+    assert js is not None
+    assert js.servers == ("nats://nats-1:4222", "nats://nats-2:4222", "nats://nats-3:4222")
+    assert (js.stream, js.partitions, js.replicas) == ("FIELDLINE", 64, 3)
+    assert (js.priority_timeout_ms, js.snapshot_interval_ms, js.max_age_s) == (
+        5_000, 10_000, 7 * 86_400)

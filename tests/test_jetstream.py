@@ -35,6 +35,7 @@ from cloud.jetstream import (
 )
 from cloud.sinks.base import MemorySink
 from cloud.sinks.influx_v1 import InfluxV1Client
+from cloud.sinks.points import encode
 from cloud.worker import CloudWorker
 from fieldline.services import Mosquitto, NatsCluster
 from simulators.fleet import FleetSpec
@@ -230,7 +231,7 @@ detectors = ["spike", "novelty", "stuck"]
         for p, seq, topic, payload in _run(self._stream()):
             worker.handle(SourceMessage(p, seq, topic, payload, epoch=1))
         found: dict[tuple[Any, ...], float] = {}
-        for ln in worker.writer._lines:
+        for ln in encode(worker.writer.pending()):
             if not ln.startswith("anomalies,"):
                 continue
             head = ln.split(" ", 1)[0]

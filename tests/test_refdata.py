@@ -10,6 +10,7 @@ import numpy as np
 from cloud.config import CloudConfig, InfluxConfig
 from cloud.ingest import SourceMessage
 from cloud.sinks.base import MemorySink
+from cloud.sinks.points import encode
 from cloud.worker import CloudWorker
 from devices.clock import ManualClock
 from devices.contract import ResultBatch, ResultColumns, results_topic
@@ -72,7 +73,7 @@ def test_registry_reloads_and_joins_as_of_event_time(tmp_path: Path) -> None:
     assert s["registry_reload_errors"] == 1
     assert worker.registry.last_error is not None
     assert "devices.csv" in worker.registry.last_error
-    got = sites(list(worker.writer._lines))
+    got = sites(encode(worker.writer.pending()))
     assert got == {T + 50_000: ("hall", 20.0), T + 61_000: ("roof", 21.5),
                    T + 55_000: ("hall", 20.0), T + 62_000: ("roof", 21.5)}
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cloud.enrich import EnrichedResults, Enricher
-from cloud.points import aggregate_lines
+from cloud.points import aggregate_points
 from cloud.rules import parse_rules
 from cloud.sinks.lineproto import line, tag_prefix
 from devices.catalog import Catalog
@@ -106,7 +106,7 @@ def test_fast_lines_equal_field_by_field_lines(n: int, seed: int, seq: bool, pct
                                seq_min=seq_min)
     if bad_row and n:  # never from a valid batch, but a line must not be broken by it
         rows.mean[0] = np.nan
-    got = aggregate_lines(rows)
+    got = aggregate_points(rows).lines()
     want = _reference_lines(rows)
     if bad_row and n:
         assert "mean=" not in got[0]

@@ -14,7 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from cloud.sinks.lineproto import parse_line
+import numpy as np
+
+from cloud.sinks.points import Points, encode, split, total
 from devices.clock import Clock
 
 log = logging.getLogger("fieldline.cloud.sink")
@@ -56,11 +58,13 @@ Identity = tuple[str, dict[str, str], int]  # measurement, tag set, time (ms)
 
 
 class Sink(Protocol):
-    """Writes line-protocol points; returns once the server confirmed them."""
+    """Writes typed points (``cloud.sinks.points``); returns once the server confirmed them,
+    or raises ``SinkError`` saying whether trying again may help. Retries, splitting, several
+    requests at once and dead letters are the ``BufferedWriter``'s, the same for every sink."""
 
     name: str
 
-    def write(self, lines: list[str]) -> None: ...
+    def write(self, batch: list[Points]) -> None: ...
 
     def delete(self, points: list[Identity]) -> None:
         """Delete points by identity (results the edge withdrew)."""
@@ -70,36 +74,45 @@ class Sink(Protocol):
 
 
 class MemorySink:
-    """Keeps lines in memory (tests and dry runs). ``strict``: behaves as a store, as InfluxDB
-    does (``points`` by identity, a rewrite merges field by field, a delete removes; a line that
-    is not line protocol is refused for good and the rest of the batch kept)."""
+    """Keeps what it is given (tests and dry runs: ``batches``). ``strict``: behaves as a store,
+    as InfluxDB does: ``points`` by identity, a rewrite merges field by field, a delete removes,
+    and a field keeps the type of its first write (a point that changes it is refused for good,
+    the rest of the batch kept)."""
 
     name = "memory"
 
     def __init__(self, *, strict: bool = False) -> None:
-        self.lines: list[str] = []
+        self.batches: list[Points] = []
         self.deleted: list[Identity] = []
         self.strict = strict
         self.points: dict[tuple[str, tuple[tuple[str, str], ...], int], dict[str, object]] = {}
+        self.types: dict[tuple[str, str], type] = {}
         self._lock = threading.Lock()  # the writer sends several batches at once
 
-    def write(self, lines: list[str]) -> None:
-        bad: list[str] = []
+    def lines(self) -> list[str]:
+        """Everything written, as line protocol."""
+        return encode(self.batches)
+
+    def write(self, batch: list[Points]) -> None:
+        refused: list[str] = []
         with self._lock:
-            self.lines.extend(lines)
+            self.batches.extend(batch)
             if not self.strict:
                 return
-            for ln in lines:
-                try:
-                    meas, tags, fields, ts = parse_line(ln)
-                except ValueError as exc:
-                    bad.append(f"unable to parse {ln[:80]!r}: {exc}")
-                    continue
-                self.points.setdefault((meas, tuple(sorted(tags.items())), ts), {}).update(
-                    fields)
-        if bad:
-            raise SinkError(f"partial write: {bad[0]} dropped={len(bad)}", retryable=False,
-                            rejected=len(bad))
+            for p in batch:
+                for i in range(len(p)):
+                    tags, fields, ts = p.row(i)
+                    kinds = {(p.measurement, k): type(v) for k, v in fields.items()}
+                    clash = [k for k, t in kinds.items() if self.types.setdefault(k, t) is not t]
+                    if clash or not fields:
+                        refused.append(f"field type conflict: {clash[0][1]!r}" if clash
+                                       else "invalid: a point without fields")
+                        continue
+                    self.points.setdefault(
+                        (p.measurement, tuple(sorted(tags.items())), ts), {}).update(fields)
+        if refused:
+            raise SinkError(f"partial write: {refused[0]} dropped={len(refused)}",
+                            retryable=False, rejected=len(refused))
 
     def delete(self, points: list[Identity]) -> None:
         with self._lock:
@@ -147,7 +160,9 @@ class BufferedWriter:
         self.flush_interval_ms = flush_interval_ms
         self.max_backoff_ms = max_backoff_ms
         self.on_written = on_written
-        self._lines: deque[str] = deque()
+        self._chunks: deque[Points] = deque()
+        self._buffered = 0  # points in _chunks
+        self._generation = 0  # discard() count: a write in flight when it came confirms nothing
         self._deletes: list[Identity] = []
         self._tokens: deque[tuple[int, object]] = deque()  # (lines added when queued, token)
         self._added = 0
@@ -165,7 +180,11 @@ class BufferedWriter:
 
     @property
     def buffered(self) -> int:
-        return len(self._lines)
+        return self._buffered
+
+    def pending(self) -> list[Points]:
+        """What is queued and not yet written."""
+        return list(self._chunks)
 
     def delete(self, points: list[Identity]) -> None:
         """Delete these identities after everything queued so far has been written."""
@@ -174,22 +193,27 @@ class BufferedWriter:
 
     def discard(self) -> int:
         """Drop everything queued and not yet written, tokens unconfirmed (a worker that may
-        have lost its partitions must not write what it held); returns the lines dropped."""
-        n = len(self._lines)
-        self._lines.clear()
+        have lost its partitions must not write what it held); returns the points dropped."""
+        n = self._buffered
+        self._chunks.clear()
+        self._buffered = 0
+        self._generation += 1
         self._tokens.clear()
         self._deletes.clear()
         self._confirmed.clear()
         self._done = self._added
         return n
 
-    def add(self, lines: list[str], token: object = None) -> None:
+    def add(self, points: Points | list[Points], token: object = None) -> None:
         """Queue points; ``token`` is handed to ``on_written`` once they are confirmed."""
-        self._lines.extend(lines)
-        self._added += len(lines)
+        for p in [points] if isinstance(points, Points) else points:
+            if len(p):
+                self._chunks.append(p)
+                self._buffered += len(p)
+                self._added += len(p)
         if token is not None:
             self._tokens.append((self._added, token))
-        if len(self._lines) >= self.batch_points:
+        if self._buffered >= self.batch_points:
             self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -219,16 +243,21 @@ class BufferedWriter:
         A token is confirmed (``on_written``) only once its lines *and* every delete queued
         before the flush are done, so an acknowledgement never precedes a withdrawal.
         """
-        while self._lines or self._tokens:  # the writes; deletes follow them
+        while self._chunks or self._tokens:  # the writes; deletes follow them
             if self.fence is not None and not self.fence():
                 return True
-            n = min(self.batch_points, len(self._lines))
-            lines = list(itertools.islice(self._lines, n))
-            ok = await self._write_sharded(lines, stop, attempts)
+            n = min(self.batch_points, self._buffered)
+            queued = len(self._chunks)
+            generation = self._generation
+            batch, rest = split(self._chunks, n)
+            ok = await self._write_sharded(batch, stop, attempts)
+            if generation != self._generation:
+                return True  # discarded while it was on its way: nothing of it is confirmed
             if not ok:
                 return False
-            for _ in range(n):
-                self._lines.popleft()
+            # what was added while the batch was on its way stays queued behind the rest
+            self._chunks = deque(rest + list(itertools.islice(self._chunks, queued, None)))
+            self._buffered -= n
             self._done += n
             while self._tokens and self._tokens[0][0] <= self._done:
                 self._confirmed.append(self._tokens.popleft()[1])
@@ -251,37 +280,43 @@ class BufferedWriter:
                 self.on_written(confirmed)
         return True
 
-    async def _write_sharded(self, lines: list[str], stop: asyncio.Event | None,
+    async def _write_sharded(self, batch: list[Points], stop: asyncio.Event | None,
                              attempts: int | None) -> bool:
         """Write a batch as ``concurrency`` requests at once (InfluxDB ingests them in parallel),
         split by series: every version of a point lands in the same request, in the order it
         was queued, so a revision can never be overtaken by the value it replaces."""
         k = self.concurrency
-        if k == 1 or len(lines) < 2 * k:
-            return await self._write_with_retry(lines, stop, attempts)
-        shards: list[list[str]] = [[] for _ in range(k)]
-        for ln in lines:  # the measurement and tags: everything before the first space
-            shards[hash(ln[:ln.find(" ")]) % k].append(ln)
+        if k == 1 or total(batch) < 2 * k:
+            return await self._write_with_retry(batch, stop, attempts)
+        shards: list[list[Points]] = [[] for _ in range(k)]
+        for p in batch:
+            which = np.fromiter((hash(s) % k for s in p.series()), np.int64, len(p))
+            for j in range(k):
+                rows = np.flatnonzero(which == j)
+                if len(rows):
+                    shards[j].append(p if len(rows) == len(p) else p.take(rows.tolist()))
         done = await asyncio.gather(*(self._write_with_retry(s, stop, attempts)
                                       for s in shards if s))
         return all(done)
 
-    async def _isolate(self, lines: list[str], stop: asyncio.Event | None
+    async def _isolate(self, batch: list[Points], stop: asyncio.Event | None
                        ) -> list[tuple[str, str]] | None:
-        """The lines the sink refuses for good, with the reason; the others are written
-        (writes are idempotent, so re-sending the good ones is harmless). None: gave up."""
-        if len(lines) == 1:
+        """The points the sink refuses for good (as line protocol, for the dead-letter file),
+        with the reason; the others are written (writes are idempotent, so re-sending the good
+        ones is harmless). None: gave up."""
+        n = total(batch)
+        if n == 1:
             try:
-                await asyncio.to_thread(self.sink.write, lines)
+                await asyncio.to_thread(self.sink.write, batch)
                 return []
             except SinkError as exc:
                 if exc.retryable:
-                    ok = await self._write_with_retry(lines, stop, 5)
+                    ok = await self._write_with_retry(batch, stop, 5)
                     return [] if ok else None
-                return [(lines[0], classify(str(exc)))]
-        mid = len(lines) // 2
+                return [(encode(batch)[0] if encode(batch) else repr(batch[0].row(0)),
+                         classify(str(exc)))]
         out: list[tuple[str, str]] = []
-        for half in (lines[:mid], lines[mid:]):
+        for half in split(batch, n // 2):
             try:
                 await asyncio.to_thread(self.sink.write, half)
                 self.writes += 1
@@ -305,17 +340,18 @@ class BufferedWriter:
                     fh.write(json.dumps({"ts": self.clock.now_ms(), "reason": reason,
                                          "line": line}) + "\n")
 
-    async def _write_with_retry(self, lines: list[str], stop: asyncio.Event | None,
+    async def _write_with_retry(self, batch: list[Points], stop: asyncio.Event | None,
                                 attempts: int | None) -> bool:
         backoff = 200
         tries = 0
+        n = total(batch)
         while True:
             tries += 1
             try:
-                if lines:
-                    await asyncio.to_thread(self.sink.write, lines)
+                if n:
+                    await asyncio.to_thread(self.sink.write, batch)
                     self.writes += 1
-                self.points_written += len(lines)
+                self.points_written += n
                 return True
             except SinkError as exc:
                 self.write_errors += 1
@@ -323,11 +359,11 @@ class BufferedWriter:
                 if not exc.retryable:
                     # The server refused some points for good (1.x keeps the rest): find them by
                     # bisection, dead-letter them with the reason, never resend them forever.
-                    bad = await self._isolate(lines, stop)
+                    bad = await self._isolate(batch, stop)
                     if bad is None:
                         return False
                     self.points_rejected += len(bad)
-                    self.points_written += len(lines) - len(bad)
+                    self.points_written += n - len(bad)
                     self._dead_letter(bad)
                     return True
                 log.warning("sink %s write failed (attempt %d, retrying): %s",

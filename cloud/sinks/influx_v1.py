@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlencode, urlsplit
 
 from cloud.sinks.base import SinkError
+from cloud.sinks.points import Points, encode
 
 if TYPE_CHECKING:
     from cloud.config import InfluxConfig
@@ -212,11 +213,11 @@ class InfluxV1Sink:
                    token=ix.token, create_database=ix.create_database,
                    timeout_s=ix.timeout_ms / 1000)
 
-    def write(self, lines: list[str]) -> None:
+    def write(self, batch: list[Points]) -> None:
         if self._create and not self._created:
             self.client.create_database()
             self._created = True
-        self.client.write_lines(lines)
+        self.client.write_lines(encode(batch))
 
     def delete(self, points: list[tuple[str, dict[str, str], int]]) -> None:
         self.client.delete(points)

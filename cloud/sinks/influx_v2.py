@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, cast
 
 from cloud.sinks.base import SinkError
+from cloud.sinks.points import Points, encode
 
 if TYPE_CHECKING:
     from cloud.config import InfluxConfig
@@ -36,7 +37,10 @@ class InfluxV2Sink:
         return cls(ix.url, token=ix.token, org=ix.org, bucket=ix.bucket,
                    timeout_s=ix.timeout_ms / 1000)
 
-    def write(self, lines: list[str]) -> None:
+    def write(self, batch: list[Points]) -> None:
+        self.write_lines(encode(batch))
+
+    def write_lines(self, lines: list[str]) -> None:
         from influxdb_client.domain.write_precision import WritePrecision
         from influxdb_client.rest import ApiException
 
@@ -47,8 +51,8 @@ class InfluxV2Sink:
             status = int(exc.status or 0)
             if status == 413 and len(lines) > 1:
                 mid = len(lines) // 2
-                self.write(lines[:mid])
-                self.write(lines[mid:])
+                self.write_lines(lines[:mid])
+                self.write_lines(lines[mid:])
                 return
             retry_after = _retry_after(exc)
             raise SinkError(f"InfluxDB 2.x write failed ({status}): {exc.body!r}",
