@@ -333,11 +333,13 @@ class JetStreamSource:
             with contextlib.suppress(Exception):
                 await _api(nc, f"$JS.API.CONSUMER.UNPIN.{self.cfg.stream}.{consumer_name(p)}",
                            {"group": GROUP}, timeout=1.0)
-        try:
-            await asyncio.wait_for(nc.drain(), 6)
-        except Exception:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(nc.close(), 2)
+        # flush, not drain: what must reach the server are the acknowledgements already
+        # published; messages still in a pull inbox are unacknowledged and come again to the
+        # next owner, while a drain would wait for them (up to its timeout, seconds of a stop)
+        with contextlib.suppress(Exception):
+            await nc.flush(timeout=2)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), 2)
 
     async def ack(self, gateway: str, acked: list[int], rejected: list[int],
                   incarnation: int = 0, proofs: dict[int, str] | None = None) -> bool:
