@@ -89,10 +89,6 @@ class MemorySink:
         self.types: dict[tuple[str, str], type] = {}
         self._lock = threading.Lock()  # the writer sends several batches at once
 
-    def lines(self) -> list[str]:
-        """Everything written, as line protocol."""
-        return encode(self.batches)
-
     def write(self, batch: list[Points]) -> None:
         refused: list[str] = []
         with self._lock:
@@ -313,8 +309,8 @@ class BufferedWriter:
                 if exc.retryable:
                     ok = await self._write_with_retry(batch, stop, 5)
                     return [] if ok else None
-                return [(encode(batch)[0] if encode(batch) else repr(batch[0].row(0)),
-                         classify(str(exc)))]
+                text = encode(batch)  # the dead-letter file keeps line protocol
+                return [(text[0] if text else repr(batch[0].row(0)), classify(str(exc)))]
         out: list[tuple[str, str]] = []
         for half in split(batch, n // 2):
             try:

@@ -18,11 +18,10 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from cloud.sinks.lineproto import escape_measurement, escape_tag, field_value
+from cloud.sinks.lineproto import escape_measurement, escape_tag, field_value, tag_prefix
 
 FieldColumn = npt.NDArray[Any] | list[Any]
 Row = tuple[Mapping[str, str], Mapping[str, object], int]  # tags, fields, time (ms)
-Identity = tuple[str, tuple[tuple[str, str], ...], int]  # measurement, sorted tags, time
 
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
 # escaped "measurement,tag=value,..." per (measurement, tag names) and tag values; bounded
@@ -101,24 +100,14 @@ class Points:
         cache = _PREFIXES.setdefault((self.measurement, names), {})
         if len(cache) > _MAX_PREFIXES:  # a bound, not an LRU: series sets are stable
             cache.clear()
-        meas = escape_measurement(self.measurement)
         out = []
         for values in zip(*(self.tags[k] for k in names), strict=True):
             prefix = cache.get(values)
             if prefix is None:
-                prefix = meas + "".join(f",{escape_tag(k)}={escape_tag(v)}"
-                                        for k, v in zip(names, values, strict=True) if v)
+                prefix = tag_prefix(self.measurement, dict(zip(names, values, strict=True)))
                 cache[values] = prefix
             out.append(prefix)
         return out
-
-    def identities(self) -> list[Identity]:
-        names = sorted(self.tags)
-        return [(self.measurement,
-                 tuple((k, v) for k, v in zip(names, values, strict=True) if v), int(t))
-                for values, t in zip(zip(*(self.tags[k] for k in names), strict=True)
-                                     if names else [()] * len(self),
-                                     self.time.tolist(), strict=True)]
 
     def row(self, i: int) -> tuple[dict[str, str], dict[str, object], int]:
         """Row ``i`` as typed values (missing fields left out)."""
@@ -195,8 +184,8 @@ def encode(batch: Sequence[Points]) -> list[str]:
 
 
 def from_lines(lines: Sequence[str]) -> list[Points]:
-    """Line protocol back into points, one ``Points`` per run of one measurement (tests,
-    dead letters written again); ValueError on a line that is not line protocol."""
+    """Line protocol back into points, one ``Points`` per run of one measurement (what tests
+    and tools hold as text); ValueError on a line that is not line protocol."""
     from cloud.sinks.lineproto import parse_line
 
     out: list[Points] = []
