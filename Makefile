@@ -8,9 +8,13 @@ STAMP := $(VENV)/.stamp-deps
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_ARGS ?=
 
-.PHONY: setup system-deps demo test lint typecheck unit bench bench-detect soak clean grafana
+.PHONY: setup vendor system-deps demo test lint typecheck unit bench bench-detect soak clean grafana
 
-setup: system-deps $(STAMP)
+setup: system-deps $(STAMP) vendor
+
+# the web view's chart library, from npm at its pinned version and integrity (once)
+vendor: $(STAMP)
+	@$(BIN)/python -m fieldline.view.vendor
 
 system-deps:
 	@missing=""; \
@@ -18,6 +22,8 @@ system-deps:
 	command -v influxd >/dev/null 2>&1 || missing="$$missing influxdb"; \
 	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
 	$(PY) -c 'import ensurepip, venv' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null 2>&1 || missing="$$missing chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q && \

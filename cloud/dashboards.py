@@ -1,222 +1,195 @@
-"""Grafana provisioning generated from code: an InfluxDB data source and the fleet dashboard.
+"""Grafana provisioning from the one panel definition (``cloud.panels``), with Grafana's own
+dashboards-as-code SDK (grafana-foundation-sdk): an InfluxDB data source, the fleet dashboard
+and the alert rules.
 
 Every query is InfluxQL, so the same dashboard works on InfluxDB 1.x, on 2.x through a DBRP
 mapping and on 3.x. ``export`` writes the provisioning files (``deploy/grafana`` holds the
-committed copy; a test checks it is current); ``push`` sends both to a running Grafana through
-``grafana-client``. ``panel_queries`` lists every query so tests can run each one against a real
-InfluxDB.
+committed copy; a test checks it is current); ``push`` sends all of it to a running Grafana
+through ``grafana-client``.
+
+The SDK has no InfluxDB query type; ``InfluxQL`` below is one (a cog Dataquery). It has no field
+for an InfluxDB annotation's query either: ``dashboard()`` adds it to the encoded annotation.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cloud.points import AGGREGATES, ALERTS, ANOMALIES, DEVICES, LEDGER, PIPELINE
+from grafana_foundation_sdk.builders import alerting, common, expr, stat, table, timeseries
+from grafana_foundation_sdk.builders import dashboard as gd
+from grafana_foundation_sdk.cog import builder as cogbuilder
+from grafana_foundation_sdk.cog import variants as cogvariants
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import alerting as am
+from grafana_foundation_sdk.models import common as cm
+from grafana_foundation_sdk.models import dashboard as dm
+
+from cloud.panels import (
+    ALERT_RULES,
+    ANNOTATION_QUERY,
+    SECTIONS,
+    VARIABLES,
+    AlertRule,
+    Panel,
+    Query,
+    panel_queries,
+)
+
+__all__ = ["DASHBOARD_UID", "DATASOURCE_UID", "alert_group", "dashboard", "export",
+           "panel_queries", "push"]
 
 DATASOURCE_UID = "fieldline-influxdb"
 DASHBOARD_UID = "fieldline-fleet"
-DS = {"type": "influxdb", "uid": DATASOURCE_UID}
-
-SEL = ('"site" =~ /^$site$/ AND "metric" =~ /^$metric$/ AND "device" =~ /^$device$/ '
-       'AND "window" =~ /^$window$/')
-SITE_SEL = '"site" =~ /^$site$/ AND "metric" =~ /^$metric$/ AND "window" =~ /^$window$/'
-
-
-@dataclass(frozen=True)
-class Query:
-    ref: str
-    text: str
-    alias: str = ""
-    fmt: str = "time_series"
+FOLDER_UID = "fieldline"
+FOLDER_TITLE = "fieldline"
+ALERT_GROUP = "fieldline"
+DS = dm.DataSourceRef(type_val="influxdb", uid=DATASOURCE_UID)
 
 
-@dataclass(frozen=True)
-class Panel:
-    title: str
-    kind: str  # timeseries | table | stat | barchart
-    queries: tuple[Query, ...]
-    unit: str = ""
-    description: str = ""
-    width: int = 12
-    height: int = 8
+class InfluxQLQuery(cogvariants.Dataquery):
+    """A raw InfluxQL target of Grafana's InfluxDB data source."""
+
+    def __init__(self, q: Query) -> None:
+        self.q = q
+
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = {
+            "refId": self.q.ref, "datasource": {"type": "influxdb", "uid": DATASOURCE_UID},
+            "query": self.q.text, "rawQuery": True, "resultFormat": self.q.fmt}
+        if self.q.alias:
+            out["alias"] = self.q.alias
+        return out
 
 
-ROWS: list[tuple[str, list[Panel]]] = [
-    ("Sensors", [
-        Panel("Window mean by device", "timeseries", (Query("A", (
-            f'SELECT mean("mean") FROM "{AGGREGATES}" WHERE {SEL} AND $timeFilter '
-            'GROUP BY time($__interval), "device" fill(none)'), "$tag_device"),),
-            description="Calibrated mean of each event-time window, per device."),
-        Panel("Min / max envelope", "timeseries", (Query("A", (
-            f'SELECT min("min") AS "min", max("max") AS "max" FROM "{AGGREGATES}" '
-            f'WHERE {SEL} AND $timeFilter GROUP BY time($__interval) fill(none)')),),
-            description="Extremes over the selected devices."),
-        Panel("Mean by site", "timeseries", (Query("A", (
-            f'SELECT mean("mean") FROM "{AGGREGATES}" WHERE {SITE_SEL} AND $timeFilter '
-            'GROUP BY time($__interval), "site" fill(none)'), "$tag_site"),)),
-        Panel("p50 and p99 by device", "timeseries", (Query("A", (
-            f'SELECT mean("p50") AS "p50", max("p99") AS "p99" FROM "{AGGREGATES}" '
-            f'WHERE {SEL} AND $timeFilter GROUP BY time($__interval), "device" fill(none)'),
-            "$tag_device $col"),),
-            description="Percentiles from each window's mergeable sketch (1 % relative error)."),
-        Panel("Readings per interval by site", "timeseries", (Query("A", (
-            f'SELECT sum("count") FROM "{AGGREGATES}" WHERE {SITE_SEL} AND $timeFilter '
-            'GROUP BY time($__interval), "site" fill(0)'), "$tag_site"),),
-            description="Readings that made it into windows (after rejects and late drops)."),
-    ]),
-    ("Anomalies", [
-        Panel("Alerts, one per incident (detectors and rules)", "table", (Query("A", (
-            f'SELECT "device", "metric", "source", "name", "state", "level", "severity", '
-            f'"resolved", "message" FROM "{ALERTS}" WHERE "site" =~ /^$site$/ AND $timeFilter '
-            'ORDER BY time DESC LIMIT 200'), fmt="table"),), width=16,
-            description="An incident opens when a detector's severity (or a pattern rule) "
-                        "crosses its threshold and resolves when the series is back; time is "
-                        "the window that opened it, resolved the end of its last window."),
-        Panel("Alerts opened by source", "timeseries", (Query("A", (
-            f'SELECT count("state") FROM "{ALERTS}" WHERE "site" =~ /^$site$/ AND $timeFilter '
-            'GROUP BY time($__interval), "source" fill(0)'), "$tag_source"),), width=8),
-        Panel("Anomalies", "table", (Query("A", (
-            f'SELECT "device", "metric", "detector", "direction", "score", "value", '
-            f'"reference", "message" FROM "{ANOMALIES}" WHERE "site" =~ /^$site$/ '
-            'AND "metric" =~ /^$metric$/ AND $timeFilter ORDER BY time DESC LIMIT 200'),
-            fmt="table"),), width=16),
-        Panel("Anomalies by site", "timeseries", (Query("A", (
-            f'SELECT count("score") FROM "{ANOMALIES}" WHERE "site" =~ /^$site$/ AND '
-            '$timeFilter GROUP BY time($__interval), "site" fill(0)'), "$tag_site"),),
-            width=8),
-    ]),
-    ("Ledger: every reading accounted for", [
-        Panel("Per gateway (received = accepted + rejected + late + duplicates; "
-              "emitted = in InfluxDB + shed + pending)", "table", (Query("A", (
-                  'SELECT last("readings_received") AS "received", last("readings_accepted") '
-                  'AS "accepted", last("rejected") AS "rejected", last("late_dropped") AS '
-                  '"late", last("duplicates") AS "duplicates", last("windows_emitted") AS '
-                  '"windows emitted", last("windows_acked") AS "windows in InfluxDB", '
-                  'last("windows_shed") AS "windows shed", last("windows_pending") AS '
-                  f'"windows pending" FROM "{LEDGER}" WHERE "device" = \'_gateway\' AND '
-                  '$timeFilter GROUP BY "gateway"'), fmt="table"),), width=24, height=6),
-        Panel("Per device", "table", (Query("A", (
-            'SELECT last("received") AS "received", last("accepted") AS "accepted", '
-            'last("rejected") AS "rejected", last("late_dropped") AS "late", '
-            'last("duplicates") AS "duplicates", last("windows_emitted") AS "windows" '
-            f'FROM "{LEDGER}" WHERE "device" =~ /^$device$/ AND "device" != \'_gateway\' '
-            'AND $timeFilter GROUP BY "gateway", "device"'), fmt="table"),), width=24),
-    ]),
-    ("Pipeline health", [
-        Panel("Edge: readings accepted /s", "timeseries", (Query("A", (
-            f'SELECT non_negative_derivative(max("readings_accepted"), 1s) FROM "{PIPELINE}" '
-            '''WHERE "component" = 'edge' AND $timeFilter '''
-            'GROUP BY time($__interval), "gateway" fill(none)'), "$tag_gateway"),),
-            unit="reqps", width=8),
-        Panel("Edge: rejected and late /s", "timeseries", (Query("A", (
-            'SELECT non_negative_derivative(max("rejected"), 1s) AS "rejected", '
-            'non_negative_derivative(max("late_dropped"), 1s) AS "late dropped", '
-            'non_negative_derivative(max("late_revised"), 1s) AS "late revised" '
-            f'''FROM "{PIPELINE}" WHERE "component" = 'edge' AND $timeFilter '''
-            'GROUP BY time($__interval) fill(none)')),), unit="reqps", width=8),
-        Panel("Edge: watermark lag", "timeseries", (Query("A", (
-            f'SELECT max("watermark_lag_ms") FROM "{PIPELINE}" '
-            '''WHERE "component" = 'edge' AND $timeFilter '''
-            'GROUP BY time($__interval), "gateway" fill(none)'), "$tag_gateway"),),
-            unit="ms", width=8),
-        Panel("Cloud: points written /s", "timeseries", (Query("A", (
-            f'SELECT non_negative_derivative(max("points_written"), 1s) FROM "{PIPELINE}" '
-            '''WHERE "component" = 'cloud' AND $timeFilter '''
-            'GROUP BY time($__interval), "worker" fill(none)'), "$tag_worker"),),
-            unit="reqps", width=8),
-        Panel("End-to-end lag (edge publish -> InfluxDB)", "timeseries", (Query("A", (
-            'SELECT max("lag_p50_ms") AS "p50", max("lag_p99_ms") AS "p99" '
-            f'''FROM "{PIPELINE}" WHERE "component" = 'cloud' AND $timeFilter '''
-            'GROUP BY time($__interval) fill(none)')),), unit="ms", width=8),
-        Panel("Edge: silent devices and skewed clocks", "timeseries", (Query("A", (
-            'SELECT max("devices_silent") AS "silent devices", max("devices_skewed") AS '
-            f'"skewed clocks" FROM "{PIPELINE}" WHERE "component" = \'edge\' AND $timeFilter '
-            'GROUP BY time($__interval), "gateway" fill(none)')),), width=8),
-        Panel("Devices: silent, clock offset", "table", (Query("A", (
-            'SELECT last("silent") AS "silent", last("skew_ms") AS "clock offset ms" '
-            f'FROM "{DEVICES}" WHERE $timeFilter GROUP BY "gateway", "device"'),
-            fmt="table"),), width=8,
-            description="Reported by the edge agents; a negative offset: the clock runs ahead."),
-        Panel("Edge: open windows and memory", "timeseries", (Query("A", (
-            'SELECT max("open_windows") AS "open windows", max("rss_mb") AS "RSS MiB" '
-            f'''FROM "{PIPELINE}" WHERE "component" = 'edge' AND $timeFilter '''
-            'GROUP BY time($__interval), "gateway" fill(none)')),), width=8),
-    ]),
-]
+class InfluxQL(cogbuilder.Builder[InfluxQLQuery]):
+    def __init__(self, q: Query) -> None:
+        self._internal = InfluxQLQuery(q)
 
-VARIABLES: list[tuple[str, str]] = [
-    ("site", f'SHOW TAG VALUES FROM "{AGGREGATES}" WITH KEY = "site"'),
-    ("metric", f'SHOW TAG VALUES FROM "{AGGREGATES}" WITH KEY = "metric"'),
-    ("device", f'SHOW TAG VALUES FROM "{AGGREGATES}" WITH KEY = "device" '
-               'WHERE "site" =~ /^$site$/ AND "metric" =~ /^$metric$/'),
-    ("window", f'SHOW TAG VALUES FROM "{AGGREGATES}" WITH KEY = "window"'),
-]
-
-ANNOTATION_QUERY = (f'SELECT "message", "device", "metric" FROM "{ANOMALIES}" '
-                    'WHERE "site" =~ /^$site$/ AND $timeFilter')
+    def build(self) -> InfluxQLQuery:
+        return self._internal
 
 
-def panel_queries() -> list[tuple[str, str]]:
-    """(title, InfluxQL) of every panel, variable and annotation query, unsubstituted."""
-    out = [(p.title, q.text) for _, panels in ROWS for p in panels for q in p.queries]
-    out += [(f"variable {name}", q) for name, q in VARIABLES]
-    out.append(("annotation anomalies", ANNOTATION_QUERY))
+_COLORS = {"orange": "orange", "red": "red"}
+
+
+def _thresholds(p: Panel) -> gd.ThresholdsConfig:
+    steps = [dm.Threshold(value=None, color="green")]
+    steps += [dm.Threshold(value=t.value, color=_COLORS[t.color]) for t in p.thresholds]
+    return gd.ThresholdsConfig().mode(dm.ThresholdsMode.ABSOLUTE).steps(steps)
+
+
+def _panel(p: Panel, pid: int) -> cogbuilder.Builder[dm.Panel]:
+    b: Any
+    if p.kind in ("timeseries", "band"):
+        b = (timeseries.Panel().legend(common.VizLegendOptions().show_legend(True)
+                                       .display_mode(cm.LegendDisplayMode.LIST)
+                                       .placement(cm.LegendPlacement.BOTTOM))
+             .span_nulls(True))
+        if p.thresholds:
+            b = b.thresholds_style(common.GraphThresholdsStyleConfig()
+                                   .mode(cm.GraphThresholdsStyleMode.LINE))
+    elif p.kind == "table":
+        b = table.Panel()
+    elif p.kind == "stat":
+        b = stat.Panel()
+    else:
+        raise ValueError(f"panel {p.key}: unknown kind {p.kind!r}")
+    b = (b.id(pid).title(p.title).description(p.description).datasource(DS)
+         .span(p.width).height(p.height).thresholds(_thresholds(p)))
+    if p.unit:
+        b = b.unit(p.unit)
+    queries = p.queries
+    if p.kind == "band":
+        # one panel per metric (repeated over $metric): the band between the window's min and
+        # max, the mean over it, p95 dashed; count and revision only in the tooltip's table
+        b = b.repeat("metric").max_per_row(1)
+        queries = tuple(Query(q.ref, q.text, "$col", q.fmt) for q in queries)
+        b = (b.override_by_name("max", [dm.DynamicConfigValue("custom.fillBelowTo", "min"),
+                                        dm.DynamicConfigValue("custom.lineWidth", 0),
+                                        dm.DynamicConfigValue("custom.fillOpacity", 25)])
+             .override_by_name("min", [dm.DynamicConfigValue("custom.lineWidth", 0)])
+             .override_by_name("p95", [dm.DynamicConfigValue(
+                 "custom.lineStyle", {"fill": "dash", "dash": [6, 4]})])
+             .override_by_regexp("^(count|rev)$", [dm.DynamicConfigValue(
+                 "custom.hideFrom", {"viz": True, "legend": True, "tooltip": False})]))
+    for q in queries:
+        b = b.with_target(InfluxQL(q))
+    return b  # type: ignore[no-any-return]
+
+
+def _variable(name: str, query: str) -> gd.QueryVariable:
+    return (gd.QueryVariable(name).label(name.capitalize()).datasource(DS).query(query)
+            .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED).include_all(True).multi(True)
+            .all_value(".*").sort(dm.VariableSort.ALPHABETICAL_ASC)
+            .current(dm.VariableOption(selected=True, text=["All"], value=["$__all"])))
+
+
+def _encode(b: cogbuilder.Builder[Any]) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(json.dumps(b.build(), cls=JSONEncoder))
     return out
 
 
-def _variable(name: str, query: str) -> dict[str, Any]:
-    return {
-        "name": name, "label": name.capitalize(), "type": "query", "datasource": DS,
-        "query": query, "definition": query, "refresh": 2, "includeAll": True,
-        "multi": True, "allValue": ".*", "sort": 1,
-        "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
-    }
-
-
 def dashboard() -> dict[str, Any]:
-    panels: list[dict[str, Any]] = []
+    """The fleet dashboard: one row per section of ``cloud.panels``."""
+    b = (gd.Dashboard("fieldline fleet").uid(DASHBOARD_UID).tags(["fieldline", "iot"])
+         .timezone("browser").editable().refresh("10s").time("now-1h", "now")
+         .annotation(gd.AnnotationQuery().name("Anomalies").datasource(DS).enable(True)
+                     .icon_color("red")))
+    for name, q in VARIABLES:
+        b = b.with_variable(_variable(name, q))
     pid = 1
-    y = 0
-    for row_title, row_panels in ROWS:
-        panels.append({"id": pid, "type": "row", "title": row_title, "collapsed": False,
-                       "gridPos": {"h": 1, "w": 24, "x": 0, "y": y}, "panels": []})
+    for section in SECTIONS:
+        b = b.with_row(gd.Row(section.title).id(pid))
         pid += 1
-        y += 1
-        x = 0
-        for p in row_panels:
-            if x + p.width > 24:
-                x = 0
-                y += p.height
-            panels.append({
-                "id": pid, "type": p.kind, "title": p.title, "description": p.description,
-                "datasource": DS,
-                "gridPos": {"h": p.height, "w": p.width, "x": x, "y": y},
-                "fieldConfig": {"defaults": {"unit": p.unit} if p.unit else {},
-                                "overrides": []},
-                "options": {"legend": {"displayMode": "list", "placement": "bottom"}}
-                if p.kind == "timeseries" else {},
-                "targets": [{"refId": q.ref, "datasource": DS, "query": q.text,
-                             "rawQuery": True, "resultFormat": q.fmt, "alias": q.alias}
-                            for q in p.queries],
-            })
+        for p in section.panels:
+            b = b.with_panel(_panel(p, pid))
             pid += 1
-            x += p.width
-        y += 8
-    return {
-        "uid": DASHBOARD_UID, "title": "fieldline fleet", "tags": ["fieldline", "iot"],
-        "timezone": "browser", "schemaVersion": 39, "version": 1, "editable": True,
-        "refresh": "10s", "time": {"from": "now-1h", "to": "now"},
-        "templating": {"list": [_variable(n, q) for n, q in VARIABLES]},
-        "annotations": {"list": [{
-            "name": "Anomalies", "datasource": DS, "enable": True, "iconColor": "red",
-            "query": ANNOTATION_QUERY, "textColumn": "message", "tagsColumn": "device,metric",
-            "target": {"query": ANNOTATION_QUERY, "rawQuery": True, "refId": "Anno"},
-        }]},
-        "panels": panels,
-    }
+    out = _encode(b)
+    # the SDK's annotation model has no InfluxDB query: the data source's own fields
+    anno = out["annotations"]["list"][0]
+    anno.update({"query": ANNOTATION_QUERY, "textColumn": "message",
+                 "tagsColumn": "device,metric",
+                 "target": {"query": ANNOTATION_QUERY, "rawQuery": True, "refId": "Anno"}})
+    out["version"] = 1
+    return out
+
+
+def _rule(r: AlertRule) -> alerting.Rule:
+    a = (alerting.Query("A").datasource_uid(DATASOURCE_UID)
+         .relative_time_range(am.RelativeTimeRange(from_val=r.range_s, to=0))
+         .model(InfluxQL(Query("A", r.query))))
+    b = (alerting.Query("B").datasource_uid("__expr__")
+         .model(expr.TypeReduce().ref_id("B").expression("A").reducer(r.reducer)))
+    c = (alerting.Query("C").datasource_uid("__expr__")
+         .model(expr.TypeThreshold().ref_id("C").expression("B").conditions([
+             expr.ExprTypeThresholdConditions().evaluator(
+                 expr.ExprTypeThresholdConditionsEvaluator().type(r.op).params([r.threshold]))
+         ])))
+    return (alerting.Rule(r.title).uid(r.uid).condition("C").queries([a, b, c])
+            .for_val(r.for_).no_data_state("OK").exec_err_state("Error")
+            .labels({"severity": r.severity, "team": "fieldline"})
+            .annotations({"summary": r.summary, "__dashboardUid__": DASHBOARD_UID})
+            .folder_uid(FOLDER_UID).rule_group(ALERT_GROUP).org_id(1))
+
+
+def alert_group() -> dict[str, Any]:
+    """The alert rules as one group, as Grafana's provisioning API takes it."""
+    g = (alerting.RuleGroup(ALERT_GROUP).folder_uid(FOLDER_UID).interval(60)
+         .rules([_rule(r) for r in ALERT_RULES]))
+    return _encode(g)
+
+
+def alert_provisioning() -> dict[str, Any]:
+    """The same group in Grafana's file-provisioning format."""
+    g = alert_group()
+    keep = ("uid", "title", "condition", "data", "noDataState", "execErrState", "for",
+            "annotations", "labels", "isPaused")
+    rules = [{k: r[k] for k in keep if k in r} for r in g["rules"]]
+    return {"apiVersion": 1, "groups": [{"orgId": 1, "name": ALERT_GROUP,
+                                         "folder": FOLDER_TITLE, "interval": "1m",
+                                         "rules": rules}]}
 
 
 def datasource(influx_url: str, database: str, *, token: str | None = None) -> dict[str, Any]:
@@ -240,21 +213,23 @@ def export(target: Path, *, influx_url: str = "${FIELDLINE_INFLUX_URL}",
     """
     ds_dir = target / "provisioning" / "datasources"
     db_dir = target / "provisioning" / "dashboards"
+    al_dir = target / "provisioning" / "alerting"
     dash_dir = target / "dashboards"
-    for d in (ds_dir, db_dir, dash_dir):
+    for d in (ds_dir, db_dir, al_dir, dash_dir):
         d.mkdir(parents=True, exist_ok=True)
     ds = datasource(influx_url, database)
-    ds_yaml = _yaml_datasource(ds)
     provider = (
         "# Generated by `fieldline grafana export`. Loads every dashboard in the folder below.\n"
         "apiVersion: 1\nproviders:\n  - name: fieldline\n    folder: fieldline\n"
         "    type: file\n    disableDeletion: false\n    allowUiUpdates: true\n"
         "    options:\n      path: /var/lib/grafana/dashboards/fieldline\n"
     )
-    paths = [ds_dir / "fieldline.yaml", db_dir / "fieldline.yaml", dash_dir / "fleet.json"]
-    paths[0].write_text(ds_yaml)
+    paths = [ds_dir / "fieldline.yaml", db_dir / "fieldline.yaml", al_dir / "fieldline.json",
+             dash_dir / "fleet.json"]
+    paths[0].write_text(_yaml_datasource(ds))
     paths[1].write_text(provider)
-    paths[2].write_text(json.dumps(dashboard(), indent=2, sort_keys=True) + "\n")
+    paths[2].write_text(json.dumps(alert_provisioning(), indent=2, sort_keys=True) + "\n")
+    paths[3].write_text(json.dumps(dashboard(), indent=2, sort_keys=True) + "\n")
     return paths
 
 
@@ -273,9 +248,13 @@ def _yaml_datasource(ds: dict[str, Any]) -> str:
 
 def push(grafana_url: str, *, credential: str | tuple[str, str] | None, influx_url: str,
          database: str, influx_token: str | None = None) -> dict[str, Any]:
-    """Create or update the data source and the dashboard in a running Grafana."""
+    """Create or update the data source, the folder, the dashboard and the alert rules in a
+    running Grafana."""
     from grafana_client.api import GrafanaApi
     from grafana_client.client import GrafanaClientError
+
+    def missing(exc: GrafanaClientError) -> bool:
+        return getattr(exc, "status_code", None) == 404
 
     api = GrafanaApi.from_url(grafana_url, credential=credential)
     ds = datasource(influx_url, database, token=influx_token)
@@ -284,10 +263,18 @@ def push(grafana_url: str, *, credential: str | tuple[str, str] | None, influx_u
         api.datasource.update_datasource_by_uid(DATASOURCE_UID, ds)
         ds_action = "updated"
     except GrafanaClientError as exc:
-        if getattr(exc, "status_code", None) != 404:
+        if not missing(exc):
             raise
         api.datasource.create_datasource(ds)
         ds_action = "created"
+    try:
+        api.folder.get_folder(FOLDER_UID)
+    except GrafanaClientError as exc:
+        if not missing(exc):
+            raise
+        api.folder.create_folder(FOLDER_TITLE, uid=FOLDER_UID)
     result = api.dashboard.update_dashboard({"dashboard": dashboard(), "overwrite": True,
+                                             "folderUid": FOLDER_UID,
                                              "message": "fieldline grafana push"})
-    return {"datasource": ds_action, "dashboard": result}
+    rules = api.alertingprovisioning.update_rule_group(FOLDER_UID, ALERT_GROUP, alert_group())
+    return {"datasource": ds_action, "dashboard": result, "alert_rules": rules}

@@ -698,6 +698,8 @@ class EdgeAgent:
             "broker_stored": self.intake.broker_stored,
             "outbox_depth": ob.depth,
             "outbox_bytes": ob.bytes,
+            # how full the outbox is (0..1 of outbox.max_bytes): past it, its policy sheds
+            "outbox_fill": round(ob.bytes / ob.max_bytes, 4),
             "outbox_oldest_age_ms": ob.oldest_age_ms(now),
             "outbox_shed_batches": ob.shed_batches,
             "windows_shed": ob.shed_windows,
@@ -744,7 +746,7 @@ class EdgeAgent:
                   "watermark_lag_ms", "intake_pending", "broker_stored", "uplink_inflight",
                   "rss_mb",
                   "skew_max_abs_ms", "devices_skewed", "outbox_depth", "outbox_bytes",
-                  "outbox_oldest_age_ms", "backpressure", "disk_blocked",
+                  "outbox_fill", "outbox_oldest_age_ms", "backpressure", "disk_blocked",
                   "clock_unsynced", "quarantine_held", "quarantine_bytes", "dedup_memory"}
         return HealthReport(
             gateway=self.config.gateway, ts=self.pipeline.wall_ms(),

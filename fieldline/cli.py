@@ -1,6 +1,7 @@
 """The ``fieldline`` command.
 
-    fieldline demo [--duration S] [--gateways N] [--devices N] [--headless]
+    fieldline demo [--duration S] [--gateways N] [--devices N] [--headless] [--fault F]
+    fieldline view --influx-url URL --database DB     (or --config cloud.toml)
     fieldline edge run --config gateway.toml
     fieldline cloud run --config cloud.toml
     fieldline simulate --config fleet.toml
@@ -41,8 +42,54 @@ def cmd_demo(args: argparse.Namespace) -> int:
     opts = DemoOptions(gateways=args.gateways, devices=args.devices, duration_s=args.duration,
                        headless=headless, mqtt_url=args.mqtt_url, influx_url=args.influx_url,
                        database=args.database, workdir=args.workdir, keep=args.keep,
-                       backfill_s=args.backfill, window_s=args.window, seed=args.seed)
+                       backfill_s=args.backfill, window_s=args.window, seed=args.seed,
+                       view=not args.no_view, view_host=args.view_host,
+                       view_port=args.view_port, faults=tuple(args.fault))
     return asyncio.run(run_demo(opts))
+
+
+def _demo_fault(text: str) -> object:
+    from fieldline.demo import DemoFault
+
+    try:
+        return DemoFault.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    from cloud.config import load_cloud_config
+    from cloud.sinks.influx_v1 import InfluxV1Client
+    from fieldline.view.server import ViewConfig, ViewServer
+
+    if args.config:
+        ix = load_cloud_config(args.config).influx
+        if ix.version != 1 and not ix.token:
+            raise ConfigError("influxdb.token", "the view reads InfluxDB 2.x/3.x through its "
+                              "InfluxQL API, which needs a token", source=str(args.config))
+        url, database = args.influx_url or ix.url, args.database or ix.database
+        if ix.version != 1:
+            database = args.database or ix.bucket or ix.database
+        user, password, token = ix.username, ix.password, ix.token
+    else:
+        if not args.influx_url:
+            raise ConfigError("--influx-url", "required (or --config cloud.toml)")
+        url, database = args.influx_url, args.database or "fieldline"
+        user = args.username
+        password = os.environ.get("FIELDLINE_INFLUX_PASSWORD")
+        token = os.environ.get("FIELDLINE_INFLUX_TOKEN")
+    client = InfluxV1Client(url, database, username=user, password=password, token=token)
+    view = ViewServer(client, ViewConfig(host=args.host, port=args.port,
+                                         refresh_s=args.refresh)).start()
+    print(f"view: {view.url}  (InfluxDB database '{database}'; Ctrl-C stops)", flush=True)
+    if not client.ping():
+        print(f"warning: InfluxDB at {url} does not answer yet", file=sys.stderr)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    view.stop()
+    return 0
 
 
 def private_files() -> None:
@@ -287,7 +334,8 @@ def cmd_grafana_push(args: argparse.Namespace) -> int:
         cred = (args.user, args.password or "")
     result = push(args.url, credential=cred, influx_url=args.influx_url,
                   database=args.database, influx_token=args.influx_token)
-    print(f"data source {result['datasource']}; dashboard: {result['dashboard']}")
+    print(f"data source {result['datasource']}; dashboard: {result['dashboard']}; "
+          f"alert rules: {result['alert_rules']}")
     return 0
 
 
@@ -312,7 +360,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds of history the fleet publishes at start (detectors warm up)")
     d.add_argument("--window", type=int, default=10, help="window size in seconds")
     d.add_argument("--seed", type=int, default=1)
+    d.add_argument("--no-view", action="store_true", help="do not serve the web view")
+    d.add_argument("--view-host", default="127.0.0.1")
+    d.add_argument("--view-port", type=int, default=8080,
+                   help="the web view's port (taken: any free one; 0: any free one)")
+    d.add_argument("--fault", type=_demo_fault, action="append", default=[],
+                   metavar="TYPE@DEVICE[+S][/DUR]",
+                   help="inject a fault on one device S seconds into the live run, e.g. "
+                        "spike@gw-1-t0001+40 (repeatable)")
     d.set_defaults(func=cmd_demo)
+
+    v = sub.add_parser("view", help="serve the read-only web view of a fieldline InfluxDB")
+    v.add_argument("--config", type=Path, help="read [influxdb] from this cloud.toml")
+    v.add_argument("--influx-url", help="InfluxDB 1.x URL (or 2.x with a DBRP mapping)")
+    v.add_argument("--database", help="database (default: fieldline)")
+    v.add_argument("--username", help="InfluxDB user; the password from "
+                                      "FIELDLINE_INFLUX_PASSWORD, a token from "
+                                      "FIELDLINE_INFLUX_TOKEN")
+    v.add_argument("--host", default="127.0.0.1",
+                   help="address to serve on (default 127.0.0.1: this machine only)")
+    v.add_argument("--port", type=int, default=8080)
+    v.add_argument("--refresh", type=float, default=5.0, help="seconds between updates")
+    v.set_defaults(func=cmd_view)
 
     e = sub.add_parser("edge", help="the gateway agent").add_subparsers(dest="sub", required=True)
     er = e.add_parser("run", help="run the edge agent")
@@ -369,7 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     ge = g.add_parser("export", help="write provisioning files")
     ge.add_argument("dir")
     ge.set_defaults(func=cmd_grafana_export)
-    gp = g.add_parser("push", help="create/update data source and dashboard in a Grafana")
+    gp = g.add_parser("push", help="create/update data source, dashboard and alert rules in "
+                                   "a Grafana")
     gp.add_argument("--url", required=True)
     gp.add_argument("--token")
     gp.add_argument("--user")

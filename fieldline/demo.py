@@ -3,8 +3,12 @@
 Starts Mosquitto (one broker per gateway plus the cloud broker) and InfluxDB as child processes
 on free loopback ports with temporary data directories (unless URLs are given), simulates a
 fleet, runs one edge agent per gateway and one cloud worker in this process, and shows what flows.
+The built-in web view (``fieldline.view``) is served on 127.0.0.1 and its URL printed first.
 Ctrl-C (or ``--duration``) stops everything in order: simulator, agents (which flush), worker
-(which writes what it holds), services.
+(which writes what it holds), view, services.
+
+``--fault spike@gw-1-t0001+40`` schedules a fault of the simulator's catalogue on one device,
+40 s into the live run (interval faults last ``/SECONDS``, default 60): to watch it arrive.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cloud.config import CloudConfig, InfluxConfig
+from cloud.sinks.influx_v1 import InfluxV1Client
 from cloud.worker import CloudWorker
 from devices.mqtt import BrokerAddress, parse_broker_url
 from edge.agent import EdgeAgent
@@ -29,6 +34,8 @@ from edge.engine import EngineConfig
 from edge.eventtime import EventTimeSpec
 from edge.windows import WindowSpec
 from fieldline.services import InfluxDB, Mosquitto
+from fieldline.view.server import ViewConfig, ViewServer
+from simulators.faults import INTERVAL, FaultSpec
 from simulators.fleet import FleetSimulator, FleetSpec
 from simulators.process import PublisherProcess
 
@@ -49,6 +56,40 @@ class DemoOptions:
     backfill_s: int = 300
     window_s: int = 10
     seed: int = 1
+    view: bool = True
+    view_host: str = "127.0.0.1"
+    view_port: int = 8080  # taken: any free port (the URL printed says which)
+    faults: tuple[DemoFault, ...] = ()
+
+
+@dataclass(frozen=True)
+class DemoFault:
+    """A fault of the simulator's catalogue on one device, ``at_s`` into the live run."""
+
+    type: str
+    device: str
+    at_s: float = 30.0
+    duration_s: float = 60.0
+
+    @staticmethod
+    def parse(text: str) -> DemoFault:
+        """``TYPE@DEVICE[+SECONDS][/DURATION]``, e.g. ``spike@gw-1-t0001+40``."""
+        kind, at, rest = text.partition("@")
+        if not at or not rest:
+            raise ValueError(f"--fault {text!r}: expected TYPE@DEVICE[+SECONDS][/DURATION]")
+        rest, _, dur = rest.partition("/")
+        device, _, when = rest.partition("+")
+        try:
+            f = DemoFault(kind, device, float(when or 30), float(dur or 60))
+        except ValueError:
+            raise ValueError(f"--fault {text!r}: SECONDS and DURATION are numbers") from None
+        f.spec(0)  # the catalogue's own checks (known type, needed parameters)
+        return f
+
+    def spec(self, live_from_ms: int) -> FaultSpec:
+        return FaultSpec(type=self.type, devices=(self.device,),
+                         at_ms=live_from_ms + int(self.at_s * 1000),
+                         duration_ms=int(self.duration_s * 1000) if self.type in INTERVAL else 0)
 
 
 GATEWAY_COLUMNS = [
@@ -66,8 +107,11 @@ def _fmt(v: float) -> str:
 
 
 def render(agents: list[EdgeAgent], worker: CloudWorker, pub: PublisherProcess | None,
-           opts: DemoOptions, influx_url: str, elapsed_s: float, final: bool = False) -> str:
+           opts: DemoOptions, influx_url: str, elapsed_s: float, final: bool = False,
+           view: ViewServer | None = None) -> str:
     lines = []
+    if view is not None and not final:
+        lines.append(f"view: {view.url}")
     head = "fieldline demo summary" if final else "fieldline demo (Ctrl-C stops everything)"
     lines.append(f"{head}: {opts.gateways} gateways x {opts.devices} devices, "
                  f"{opts.window_s}s windows, running {int(elapsed_s)}s")
@@ -112,11 +156,18 @@ def render(agents: list[EdgeAgent], worker: CloudWorker, pub: PublisherProcess |
                  f"p99 {c['lag_p99_ms']:,.0f} ms; window end -> InfluxDB p50 "
                  f"{c['freshness_p50_ms'] / 1000:,.1f} s")
     lines.append("")
+    if final and not opts.influx_url:
+        where = (f"its data is in {opts.workdir}" if opts.workdir else
+                 "its data is kept, see below" if opts.keep else
+                 "its data is deleted; --keep keeps it")
+        lines.append(f"data: the demo's InfluxDB stopped with it ({where}); to watch the fleet, "
+                     "run `fieldline demo` without --duration and open the view's URL")
+        return "\n".join(lines)
     lines.append(f"data: {influx_url}  database '{opts.database}'  (try: influx -port "
                  f"{influx_url.rsplit(':', 1)[-1]} -database {opts.database} -execute "
                  f"'SELECT * FROM alerts LIMIT 5')")
-    lines.append("grafana: provision deploy/grafana/ (data source + 'fieldline fleet' dashboard) "
-                 "with FIELDLINE_INFLUX_URL set to the URL above, or run "
+    lines.append("grafana: provision deploy/grafana/ (data source, 'fieldline fleet' dashboard, "
+                 "alert rules) with FIELDLINE_INFLUX_URL set to the URL above, or run "
                  "`fieldline grafana push --url http://GRAFANA:3000 --token TOKEN "
                  f"--influx-url {influx_url} --database {opts.database}`")
     return "\n".join(lines)
@@ -135,6 +186,7 @@ async def run_demo(opts: DemoOptions) -> int:
         loop.add_signal_handler(sig, stop.set)
     agents: list[EdgeAgent] = []
     pub: PublisherProcess | None = None
+    view: ViewServer | None = None
     try:
         spec = FleetSpec(
             gateways=opts.gateways, devices_per_gateway=opts.devices, seed=opts.seed,
@@ -144,6 +196,7 @@ async def run_demo(opts: DemoOptions) -> int:
             straggler_fraction=0.002, straggler_delay_ms=int(opts.window_s * 1000 * 1.5),
             late_delay_ms=opts.window_s * 1000 * 6, malformed_fraction=0.0005,
             out_of_range_fraction=0.0005,
+            faults=tuple(f.spec(opts.backfill_s * 1000) for f in opts.faults),
         )
         gw_ids = spec.gateway_ids()
         print(f"starting services in {workdir} ...", file=sys.stderr)
@@ -167,6 +220,10 @@ async def run_demo(opts: DemoOptions) -> int:
             services.append(ix)
             influx_url = ix.url
 
+        if opts.view:
+            view = _start_view(opts, influx_url, created=not opts.influx_url)
+            print(f"view: {view.url}  (the fleet live in a browser; Ctrl-C stops the demo)",
+                  flush=True)
         start_ms = time.time_ns() // 1_000_000 - opts.backfill_s * 1000
         registry_path = workdir / "devices.csv"
         FleetSimulator(spec, start_ms).registry().to_csv(registry_path)
@@ -199,7 +256,8 @@ async def run_demo(opts: DemoOptions) -> int:
         while not stop.is_set() and not pub.finished:
             if not opts.headless:
                 sys.stdout.write("\x1b[H\x1b[2J" + render(agents, worker, pub, opts, influx_url,
-                                                          time.monotonic() - t0) + "\n")
+                                                          time.monotonic() - t0, view=view)
+                                 + "\n")
                 sys.stdout.flush()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
@@ -218,17 +276,34 @@ async def run_demo(opts: DemoOptions) -> int:
             await asyncio.sleep(0.2)
         worker_stop.set()
         await tasks[0]
-        print(render(agents, worker, pub, opts, influx_url, time.monotonic() - t0, final=True))
+        print(render(agents, worker, pub, opts, influx_url, time.monotonic() - t0, final=True,
+                     view=view))
         return 0
     finally:
         if pub is not None:
             pub.stop()
+        if view is not None:
+            view.stop()
         for s in reversed(services):
             s.stop()
         if not opts.keep and opts.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
         elif opts.keep:
             print(f"kept {workdir}", file=sys.stderr)
+
+
+def _start_view(opts: DemoOptions, influx_url: str, *, created: bool) -> ViewServer:
+    client = InfluxV1Client(influx_url, opts.database)
+    if created:  # the worker creates it too; the view may be opened before the worker starts
+        client.create_database()
+    cfg = ViewConfig(host=opts.view_host, port=opts.view_port)
+    try:
+        return ViewServer(client, cfg).start()
+    except OSError as exc:
+        if opts.view_port == 0:
+            raise
+        log.warning("view port %d taken (%s): using a free port", opts.view_port, exc)
+        return ViewServer(client, ViewConfig(host=opts.view_host, port=0)).start()
 
 
 async def _wait_connected(agents: list[EdgeAgent], worker: CloudWorker,

@@ -250,10 +250,11 @@ class DeployedMosquitto(Mosquitto):
 class InfluxDB(_Child):
     """InfluxDB 1.x (``influxd``) on 127.0.0.1 with its own data directories."""
 
-    def __init__(self, workdir: Path, *, port: int = 0) -> None:
+    def __init__(self, workdir: Path, *, port: int = 0, auth: bool = False) -> None:
         super().__init__()
         self.workdir = workdir
         self.port = port  # 0: any free port, read back from the log
+        self.auth = auth  # the first user created must be an admin (InfluxDB 1.x)
         self.binary = find_binary("influxd")
 
     @property
@@ -277,6 +278,7 @@ bind-address = "127.0.0.1:0"
   store-enabled = false
 [http]
   bind-address = "127.0.0.1:{self.port}"
+  auth-enabled = {"true" if self.auth else "false"}
   log-enabled = false
 [continuous_queries]
   enabled = false

@@ -16,7 +16,20 @@ from typing import ClassVar
 
 import pytest
 
-from cloud.dashboards import DASHBOARD_UID, DATASOURCE_UID, dashboard, export, panel_queries, push
+from cloud.dashboards import (
+    ALERT_GROUP,
+    DASHBOARD_UID,
+    DATASOURCE_UID,
+    FOLDER_UID,
+    alert_group,
+    alert_provisioning,
+    dashboard,
+    export,
+    panel_queries,
+    push,
+)
+from cloud.panels import ALERT_RULES, PANELS, SECTIONS
+from fieldline.view.server import ViewConfig, meta
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,7 +45,7 @@ def test_committed_provisioning_files_are_current(tmp_path: Path) -> None:
 def test_dashboard_has_variables_annotations_and_health_panels() -> None:
     d = dashboard()
     names = [v["name"] for v in d["templating"]["list"]]
-    assert names == ["site", "metric", "device", "window"]
+    assert names == ["site", "gateway", "metric", "device", "window"]
     assert d["annotations"]["list"][0]["query"].startswith('SELECT "message"')
     titles = [p["title"] for p in d["panels"]]
     assert "Pipeline health" in titles
@@ -42,6 +55,54 @@ def test_dashboard_has_variables_annotations_and_health_panels() -> None:
     for title, q in panel_queries():
         if not title.startswith("variable"):
             assert "$timeFilter" in q, title
+
+
+def test_grafana_and_the_view_show_the_same_panels_from_one_definition() -> None:
+    d = dashboard()
+    grafana = {p["title"]: [t["query"] for t in p["targets"]]
+               for p in d["panels"] if p["type"] != "row"}
+    defined = {p.title: [q.text for q in p.queries] for p in PANELS.values()}
+    assert grafana == defined
+    rows = [p["title"] for p in d["panels"] if p["type"] == "row"]
+    assert rows == [s.title for s in SECTIONS]
+    view = {p["key"] for s in meta(ViewConfig(), "db")["sections"] for p in s["panels"]}
+    assert view == set(PANELS)
+    units = {p["title"]: p["fieldConfig"]["defaults"].get("unit", "") for p in d["panels"]
+             if p["type"] != "row"}
+    assert units == {p.title: p.unit for p in PANELS.values()}
+    lag = next(p for p in d["panels"] if p.get("title", "").startswith("End-to-end lag"))
+    steps = lag["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert [s["value"] for s in steps] == [None, 30_000, 60_000]
+
+
+def test_alert_rules_cover_the_fleet_and_evaluate_their_own_query() -> None:
+    g = alert_group()
+    assert g["folderUid"] == FOLDER_UID
+    titles = " ".join(r["title"].lower() for r in g["rules"])
+    for topic in ("anomaly rate", "ledger", "lag", "silent", "outbox"):
+        assert topic in titles, topic
+    uids = [r["uid"] for r in g["rules"]]
+    assert len(uids) == len(set(uids)) == len(ALERT_RULES)
+    for rule, spec in zip(g["rules"], ALERT_RULES, strict=True):
+        a, b, c = rule["data"]
+        assert rule["condition"] == "C"
+        assert a["datasourceUid"] == DATASOURCE_UID
+        assert a["model"]["query"] == spec.query
+        assert a["model"]["rawQuery"] is True
+        assert "$timeFilter" in spec.query
+        assert a["relativeTimeRange"] == {"from": spec.range_s, "to": 0}
+        assert b["model"] == {"expression": "A", "reducer": spec.reducer, "refId": "B",
+                              "type": "reduce"}
+        cond = c["model"]["conditions"][0]["evaluator"]
+        assert cond == {"params": [spec.threshold], "type": spec.op}
+        assert rule["for"] == spec.for_
+        assert rule["labels"]["severity"] in ("warning", "critical")
+    prov = alert_provisioning()
+    assert prov["apiVersion"] == 1
+    grp = prov["groups"][0]
+    assert grp["name"] == ALERT_GROUP
+    assert [r["uid"] for r in grp["rules"]] == uids
+    assert all("folderUID" not in r for r in grp["rules"])
 
 
 class FakeGrafana(http.server.BaseHTTPRequestHandler):
@@ -60,9 +121,16 @@ class FakeGrafana(http.server.BaseHTTPRequestHandler):
         n = int(self.headers.get("Content-Length", 0))
         return json.loads(self.rfile.read(n)) if n else None
 
+    folders: ClassVar[dict[str, object]] = {}
+
     def do_GET(self) -> None:
         self.requests.append(("GET", self.path, None))
-        if self.path == f"/api/datasources/uid/{DATASOURCE_UID}":
+        if self.path == f"/api/folders/{FOLDER_UID}":
+            if FOLDER_UID in self.folders:
+                self._reply(200, self.folders[FOLDER_UID])
+            else:
+                self._reply(404, {"message": "folder not found"})
+        elif self.path == f"/api/datasources/uid/{DATASOURCE_UID}":
             ds = self.datasources.get(DATASOURCE_UID)
             if ds is None:
                 self._reply(404, {"message": "Data source not found"})
@@ -80,13 +148,19 @@ class FakeGrafana(http.server.BaseHTTPRequestHandler):
             self._reply(200, {"id": 1, "message": "Datasource added"})
         elif self.path == "/api/dashboards/db":
             self._reply(200, {"status": "success", "uid": body["dashboard"]["uid"]})
+        elif self.path == "/api/folders":
+            self.folders[body["uid"]] = body
+            self._reply(200, {"uid": body["uid"], "title": body["title"]})
         else:
             self._reply(404, {"message": "not found"})
 
     def do_PUT(self) -> None:
         body = self._body()
         self.requests.append(("PUT", self.path, body))
-        self._reply(200, {"message": "Datasource updated"})
+        if self.path.startswith("/api/v1/provisioning/"):
+            self._reply(200, body)
+        else:
+            self._reply(200, {"message": "Datasource updated"})
 
     def log_message(self, *args: object) -> None:
         pass
@@ -96,13 +170,14 @@ class FakeGrafana(http.server.BaseHTTPRequestHandler):
 def fake_grafana() -> Iterator[str]:
     FakeGrafana.requests = []
     FakeGrafana.datasources = {}
+    FakeGrafana.folders = {}
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeGrafana)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{srv.server_address[1]}"
     srv.shutdown()
 
 
-def test_push_creates_then_updates_datasource_and_dashboard(fake_grafana: str) -> None:
+def test_push_creates_then_updates_datasource_dashboard_and_alert_rules(fake_grafana: str) -> None:
     r1 = push(fake_grafana, credential="token-123", influx_url="http://influx:8086",
               database="fieldline")
     assert r1["datasource"] == "created"
@@ -115,5 +190,13 @@ def test_push_creates_then_updates_datasource_and_dashboard(fake_grafana: str) -
     r2 = push(fake_grafana, credential="token-123", influx_url="http://influx:8086",
               database="fieldline", influx_token="secret")
     assert r2["datasource"] == "updated"
-    put = [b for m, p, b in FakeGrafana.requests if m == "PUT"]
+    put = [b for m, p, b in FakeGrafana.requests if m == "PUT" and "/datasources/" in p]
     assert put[0]["secureJsonData"]["httpHeaderValue1"] == "Token secret"  # type: ignore[index]
+    folders = [b for m, p, b in FakeGrafana.requests if m == "POST" and p == "/api/folders"]
+    assert len(folders) == 1  # created once, found the second time
+    assert dash[0]["folderUid"] == FOLDER_UID  # type: ignore[index]
+    groups = [b for m, p, b in FakeGrafana.requests if m == "PUT" and
+              p == f"/api/v1/provisioning/folder/{FOLDER_UID}/rule-groups/{ALERT_GROUP}"]
+    assert len(groups) == 2
+    assert [r["uid"] for r in groups[0]["rules"]] == [r.uid for r in ALERT_RULES]  # type: ignore[index]
+    assert r2["alert_rules"]["rules"]

@@ -112,11 +112,13 @@ class InfluxV1Client:
                                 retryable=True) from exc
         raise AssertionError("unreachable")
 
-    def query(self, q: str, *, epoch: str = "ms", database: str | None = None) -> object:
-        """Run InfluxQL; returns the decoded JSON body (raises SinkError on failure)."""
+    def query(self, q: str, *, epoch: str = "ms", database: str | None = None,
+              read_only: bool = False) -> object:
+        """Run InfluxQL; returns the decoded JSON body (raises SinkError on failure).
+        ``read_only``: sent as GET, which InfluxDB answers only for SELECT and SHOW."""
         import orjson
 
-        status, body = self.request("POST", "/query",
+        status, body = self.request("GET" if read_only else "POST", "/query",
                                     {"q": q, "db": database or self.database, "epoch": epoch})
         if status != 200:
             raise SinkError(f"query failed ({status}): {body[:200]!r}", retryable=status >= 500)

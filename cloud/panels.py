@@ -1,0 +1,386 @@
+"""The panels, defined once: what the web view shows and what the Grafana dashboards show.
+
+Every panel is InfluxQL with Grafana's macros (``$timeFilter``, ``$__interval``) and variables
+(``/^$site$/`` ...), so the same text serves
+
+* Grafana: ``cloud.dashboards`` builds the dashboards and alert rules from these definitions
+  with grafana-foundation-sdk, and Grafana expands the macros itself;
+* the built-in web view (``fieldline.view``): its server runs only these queries, expanded by
+  :func:`render` from a few validated parameters (the browser never sends InfluxQL and never
+  sees InfluxDB's credentials).
+
+Alert rules and the ledger's conservation laws are defined here too, so a law shown as holding
+in the view is the very expression a Grafana alert watches.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from cloud.points import AGGREGATES, ALERTS, ANOMALIES, DEVICES, GATEWAY_ROW, LEDGER, PIPELINE
+from devices.rejects import READING_REASONS
+
+
+@dataclass(frozen=True)
+class Query:
+    ref: str
+    text: str
+    alias: str = ""  # Grafana's legend alias ($tag_x, $col)
+    fmt: str = "time_series"  # or "table"
+
+
+@dataclass(frozen=True)
+class Threshold:
+    value: float
+    color: str  # "orange" | "red"
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One panel. ``kind``: timeseries | table | stat | band (a metric's window mean with its
+    min-max band and p95, anomalies marked: the device page's chart)."""
+
+    key: str  # stable: the view's API names panels by it, Grafana panels carry it as their id
+    title: str
+    kind: str
+    queries: tuple[Query, ...]
+    unit: str = ""  # Grafana unit id: ms, reqps, percentunit, bytes, short
+    description: str = ""
+    thresholds: tuple[Threshold, ...] = ()
+    width: int = 12
+    height: int = 8
+
+
+@dataclass(frozen=True)
+class Section:
+    """A Grafana row, and the view's page the panels are shown on."""
+
+    title: str
+    page: str  # fleet | device | anomalies | health
+    panels: tuple[Panel, ...]
+
+
+@dataclass(frozen=True)
+class Law:
+    """A conservation law of the gateway ledger: ``total = sum(parts)`` at every report."""
+
+    hop: str
+    total: str
+    parts: tuple[str, ...]
+
+    def imbalance(self) -> str:
+        """InfluxQL: total minus its parts, 0 while the law holds."""
+        return " - ".join(f'last("{f}")' for f in (self.total, *self.parts))
+
+
+LAWS = (
+    Law("devices -> gateway", "readings_received",
+        ("readings_accepted", "rejected", "late_dropped", "duplicates")),
+    Law("gateway -> cloud", "windows_emitted",
+        ("windows_acked", "windows_shed", "windows_pending")),
+)
+
+VARIABLE_NAMES = ("site", "gateway", "metric", "device", "window")
+
+SEL = ('"site" =~ /^$site$/ AND "gateway" =~ /^$gateway$/ AND "metric" =~ /^$metric$/ '
+       'AND "device" =~ /^$device$/ AND "window" =~ /^$window$/')
+SITE_SEL = '"site" =~ /^$site$/ AND "metric" =~ /^$metric$/ AND "window" =~ /^$window$/'
+DEVICE_SEL = '"gateway" =~ /^$gateway$/ AND "device" =~ /^$device$/'
+EDGE = f'''FROM "{PIPELINE}" WHERE "component" = 'edge' AND "gateway" =~ /^$gateway$/'''
+CLOUD = f'''FROM "{PIPELINE}" WHERE "component" = 'cloud\''''
+LAG_ORANGE, LAG_RED = 30_000, 60_000
+
+
+def _ts(key: str, title: str, text: str, alias: str = "", **kw: object) -> Panel:
+    return Panel(key, title, "timeseries", (Query("A", text, alias),), **kw)  # type: ignore[arg-type]
+
+
+def _table(key: str, title: str, text: str, **kw: object) -> Panel:
+    return Panel(key, title, "table", (Query("A", text, fmt="table"),), **kw)  # type: ignore[arg-type]
+
+
+_REJECTS = ", ".join(f'non_negative_derivative(max("rejected_{r}"), 1s) AS "{r}"'
+                     for r in READING_REASONS)
+_LEDGER_FIELDS = tuple(dict.fromkeys(f for law in LAWS for f in (law.total, *law.parts)))
+
+SECTIONS: tuple[Section, ...] = (
+    Section("Fleet", "fleet", (
+        _table("fleet_devices", "Devices: last window, readings", (
+            f'SELECT last("count") AS "readings" FROM "{AGGREGATES}" WHERE "site" =~ /^$site$/ '
+            'AND "gateway" =~ /^$gateway$/ AND "window" =~ /^$window$/ AND $timeFilter '
+            'GROUP BY "site", "gateway", "device"'), width=8,
+            description="Every device with a window in the range, by site and gateway; time is "
+                        "the start of its newest window."),
+        _table("fleet_anomalies", "Anomalous windows by device", (
+            f'SELECT count("score") AS "anomalies" FROM "{ANOMALIES}" WHERE "site" =~ /^$site$/ '
+            'AND "gateway" =~ /^$gateway$/ AND $timeFilter GROUP BY "site", "gateway", "device"'),
+            width=8),
+        _table("fleet_clocks", "Devices: silent, clock offset", (
+            f'SELECT last("silent") AS "silent", last("skew_ms") AS "clock offset ms" '
+            f'FROM "{DEVICES}" WHERE "gateway" =~ /^$gateway$/ AND $timeFilter '
+            'GROUP BY "gateway", "device"'), width=8,
+            description="Reported by the edge agents; a negative offset: the device's clock "
+                        "runs ahead."),
+        _ts("fleet_silent", "Silent devices and skewed clocks by gateway", (
+            'SELECT max("devices_silent") AS "silent", max("devices_skewed") AS "skewed" '
+            f'{EDGE} AND $timeFilter GROUP BY time($__interval), "gateway" fill(none)'),
+            "$tag_gateway $col", thresholds=(Threshold(1, "orange"),)),
+        _ts("fleet_mean_by_site", "Mean by site", (
+            f'SELECT mean("mean") FROM "{AGGREGATES}" WHERE {SITE_SEL} AND $timeFilter '
+            'GROUP BY time($__interval), "site" fill(none)'), "$tag_site"),
+    )),
+    Section("Device", "device", (
+        Panel("device_metric", "Window mean, min-max band and p95", "band", (Query("A", (
+            'SELECT "mean", "min", "max", "p95", "count", "rev" '
+            f'FROM "{AGGREGATES}" WHERE {DEVICE_SEL} AND "metric" =~ /^$metric$/ '
+            'AND "window" =~ /^$window$/ AND $timeFilter GROUP BY "metric", "unit"'),
+            "$tag_metric $col"),), width=24, height=10,
+            description="Calibrated statistics of each event-time window of the device; the "
+                        "band spans each window's min and max."),
+        _table("device_anomalies", "Anomalies of the device", (
+            'SELECT "metric", "detector", "direction", "score", "value", "reference", "rev", '
+            f'"message" FROM "{ANOMALIES}" WHERE {DEVICE_SEL} AND $timeFilter '
+            'ORDER BY time DESC LIMIT 500'), width=12),
+        _table("device_revisions", "Revised windows (late readings folded in)", (
+            'SELECT "metric", "window", "rev", "count", "mean" '
+            f'FROM "{AGGREGATES}" WHERE {DEVICE_SEL} AND "window" =~ /^$window$/ '
+            'AND "rev" > 0 AND $timeFilter ORDER BY time DESC LIMIT 500'), width=12,
+            description="A window is shipped when the watermark passes its end; readings "
+                        "arriving within the allowed lateness revise it (rev 1, 2, ...)."),
+        _ts("device_mean", "Window mean by device", (
+            f'SELECT mean("mean") FROM "{AGGREGATES}" WHERE {SEL} AND $timeFilter '
+            'GROUP BY time($__interval), "device" fill(none)'), "$tag_device"),
+        _ts("device_p50_p99", "p50 and p99 by device", (
+            f'SELECT mean("p50") AS "p50", max("p99") AS "p99" FROM "{AGGREGATES}" '
+            f'WHERE {SEL} AND $timeFilter GROUP BY time($__interval), "device" fill(none)'),
+            "$tag_device $col",
+            description="Percentiles from each window's mergeable sketch (1 % relative error)."),
+    )),
+    Section("Anomalies", "anomalies", (
+        _table("alerts", "Alerts, one per incident (detectors and rules)", (
+            'SELECT "gateway", "device", "metric", "source", "name", "state", "level", '
+            f'"severity", "resolved", "message" FROM "{ALERTS}" WHERE "site" =~ /^$site$/ AND '
+            '$timeFilter ORDER BY time DESC LIMIT 200'), width=16,
+            description="An incident opens when a detector's severity (or a pattern rule) "
+                        "crosses its threshold and resolves when the series is back; time is "
+                        "the window that opened it, resolved the end of its last window."),
+        _ts("alerts_by_source", "Alerts opened by source", (
+            f'SELECT count("state") FROM "{ALERTS}" WHERE "site" =~ /^$site$/ AND $timeFilter '
+            'GROUP BY time($__interval), "source" fill(0)'), "$tag_source", width=8),
+        _table("anomalies", "Anomalous windows", (
+            'SELECT "gateway", "device", "metric", "detector", "direction", "score", "value", '
+            f'"reference", "message" FROM "{ANOMALIES}" WHERE "site" =~ /^$site$/ '
+            'AND "metric" =~ /^$metric$/ AND $timeFilter ORDER BY time DESC LIMIT 200'),
+            width=16),
+        _ts("anomalies_by_site", "Anomalous windows by site", (
+            f'SELECT count("score") FROM "{ANOMALIES}" WHERE "site" =~ /^$site$/ AND '
+            '$timeFilter GROUP BY time($__interval), "site" fill(0)'), "$tag_site", width=8),
+    )),
+    Section("Pipeline health", "health", (
+        _ts("edge_accepted", "Edge: readings accepted /s", (
+            f'SELECT non_negative_derivative(max("readings_accepted"), 1s) {EDGE} '
+            'AND $timeFilter GROUP BY time($__interval), "gateway" fill(none)'), "$tag_gateway",
+            unit="reqps", width=8),
+        _ts("edge_rejects", "Edge: rejected readings /s by reason", (
+            f'SELECT {_REJECTS} {EDGE} AND $timeFilter GROUP BY time($__interval) fill(none)'),
+            "$col", unit="reqps", width=8),
+        _ts("edge_late", "Edge: late readings /s", (
+            'SELECT non_negative_derivative(max("late_dropped"), 1s) AS "late dropped", '
+            'non_negative_derivative(max("late_revised"), 1s) AS "late, revised a window", '
+            'non_negative_derivative(max("duplicates"), 1s) AS "duplicates" '
+            f'{EDGE} AND $timeFilter GROUP BY time($__interval) fill(none)'), "$col",
+            unit="reqps", width=8),
+        _ts("edge_watermark_lag", "Edge: watermark lag", (
+            f'SELECT max("watermark_lag_ms") {EDGE} AND $timeFilter '
+            'GROUP BY time($__interval), "gateway" fill(none)'), "$tag_gateway",
+            unit="ms", width=8),
+        _ts("cloud_lag", "End-to-end lag (edge publish -> InfluxDB)", (
+            'SELECT max("lag_p50_ms") AS "p50", max("lag_p99_ms") AS "p99" '
+            f'{CLOUD} AND $timeFilter GROUP BY time($__interval) fill(none)'), "$col",
+            unit="ms", width=8,
+            thresholds=(Threshold(LAG_ORANGE, "orange"), Threshold(LAG_RED, "red"))),
+        _ts("edge_outbox", "Edge: outbox (batches waiting for the cloud)", (
+            'SELECT max("outbox_depth") AS "batches", max("outbox_fill") AS "fill" '
+            f'{EDGE} AND $timeFilter GROUP BY time($__interval), "gateway" fill(none)'),
+            "$tag_gateway $col", width=8,
+            description="Batches stored on the gateway's disk and not yet acknowledged; fill "
+                        "is the share of outbox.max_bytes in use."),
+        _ts("cloud_written", "Cloud: points written /s", (
+            f'SELECT non_negative_derivative(max("points_written"), 1s) {CLOUD} '
+            'AND $timeFilter GROUP BY time($__interval), "worker" fill(none)'), "$tag_worker",
+            unit="reqps", width=8),
+        _ts("edge_memory", "Edge: open windows and memory", (
+            'SELECT max("open_windows") AS "open windows", max("rss_mb") AS "RSS MiB" '
+            f'{EDGE} AND $timeFilter GROUP BY time($__interval), "gateway" fill(none)'),
+            "$tag_gateway $col", width=8),
+    )),
+    Section("Ledger: every reading accounted for", "health", (
+        _table("ledger_balance", "Conservation laws per gateway (0 = holds)", (
+            'SELECT ' + ", ".join(f'{law.imbalance()} AS "{law.hop}"' for law in LAWS)
+            + f' FROM "{LEDGER}" WHERE "device" = \'{GATEWAY_ROW}\' AND '
+            '"gateway" =~ /^$gateway$/ AND $timeFilter GROUP BY "gateway"'),
+            width=8, thresholds=(Threshold(1, "red"),),
+            description="received = accepted + rejected + late + duplicates; emitted = "
+                        "acknowledged (in InfluxDB) + shed + pending; each column is the "
+                        "difference, 0 while the law holds."),
+        _table("ledger_gateways", "Ledger per gateway", (
+            'SELECT ' + ", ".join(f'last("{f}") AS "{f}"' for f in (
+                *_LEDGER_FIELDS, "readings_gap", "broker_dropped", "results_written"))
+            + f' FROM "{LEDGER}" WHERE "device" = \'{GATEWAY_ROW}\' AND '
+            '"gateway" =~ /^$gateway$/ AND $timeFilter GROUP BY "gateway"'), width=16),
+        _table("ledger_devices", "Ledger per device", (
+            'SELECT last("received") AS "received", last("accepted") AS "accepted", '
+            'last("rejected") AS "rejected", last("late_dropped") AS "late", '
+            'last("duplicates") AS "duplicates", last("windows_emitted") AS "windows" '
+            f'FROM "{LEDGER}" WHERE {DEVICE_SEL} AND "device" != \'{GATEWAY_ROW}\' '
+            'AND $timeFilter GROUP BY "gateway", "device"'), width=24),
+    )),
+)
+
+PANELS: dict[str, Panel] = {p.key: p for s in SECTIONS for p in s.panels}
+
+VARIABLES: tuple[tuple[str, str], ...] = (
+    ("site", f'SHOW TAG VALUES FROM "{AGGREGATES}" WITH KEY = "site"'),
+    ("gateway", f'SHOW TAG VALUES FROM "{AGGREGATES}" WITH KEY = "gateway" '
+                'WHERE "site" =~ /^$site$/'),
+    ("metric", f'SHOW TAG VALUES FROM "{AGGREGATES}" WITH KEY = "metric"'),
+    ("device", f'SHOW TAG VALUES FROM "{AGGREGATES}" WITH KEY = "device" '
+               'WHERE "site" =~ /^$site$/ AND "gateway" =~ /^$gateway$/ '
+               'AND "metric" =~ /^$metric$/'),
+    ("window", f'SHOW TAG VALUES FROM "{AGGREGATES}" WITH KEY = "window"'),
+)
+
+ANNOTATION_QUERY = (f'SELECT "message", "device", "metric" FROM "{ANOMALIES}" '
+                    'WHERE "site" =~ /^$site$/ AND "device" =~ /^$device$/ AND $timeFilter')
+
+
+@dataclass(frozen=True)
+class AlertRule:
+    """A Grafana alert rule: ``reducer(query) op threshold`` for ``for_`` fires it, per series
+    (one alert per gateway, site or worker)."""
+
+    uid: str
+    title: str
+    query: str
+    threshold: float
+    summary: str
+    reducer: Literal["last", "max", "mean"] = "last"
+    op: Literal["gt", "lt"] = "gt"
+    for_: str = "2m"
+    range_s: int = 600
+    severity: str = "warning"
+
+
+ALERT_RULES: tuple[AlertRule, ...] = (
+    AlertRule(
+        "fieldline-anomaly-rate", "Anomaly rate high",
+        f'SELECT count("score") FROM "{ANOMALIES}" WHERE $timeFilter '
+        'GROUP BY time(1m), "site" fill(0)',
+        threshold=30, reducer="mean", for_="5m",
+        summary="More than 30 anomalous windows a minute at site {{ $labels.site }} over 10 "
+                "minutes: a fleet-wide event, or detectors too sensitive for this site."),
+    AlertRule(
+        "fieldline-ledger-imbalance", "Ledger does not balance",
+        'SELECT ' + " + ".join(f"abs({law.imbalance()})" for law in LAWS)
+        + f' FROM "{LEDGER}" WHERE "device" = \'{GATEWAY_ROW}\' AND $timeFilter '
+        'GROUP BY "gateway"',
+        threshold=0, for_="1m", range_s=300, severity="critical",
+        summary="Gateway {{ $labels.gateway }}: readings or windows are not accounted for "
+                "(a conservation law of the ledger fails); see the view's Health page."),
+    AlertRule(
+        "fieldline-lag", "End-to-end lag high",
+        f'SELECT max("lag_p99_ms") {CLOUD} AND $timeFilter '
+        'GROUP BY time(1m), "worker" fill(none)',
+        threshold=LAG_RED, reducer="max", for_="5m",
+        summary="p99 from edge publish to InfluxDB above 60 s on worker {{ $labels.worker }}."),
+    AlertRule(
+        "fieldline-watermark-lag", "Edge watermark lag high",
+        f'''SELECT max("watermark_lag_ms") FROM "{PIPELINE}" WHERE "component" = 'edge' '''
+        'AND $timeFilter GROUP BY time(1m), "gateway" fill(none)',
+        threshold=300_000, reducer="max", for_="5m",
+        summary="Gateway {{ $labels.gateway }} closes windows more than 5 minutes after "
+                "their end: devices far behind, or the agent overloaded."),
+    AlertRule(
+        "fieldline-silent-devices", "Devices silent",
+        f'''SELECT last("devices_silent") FROM "{PIPELINE}" WHERE "component" = 'edge' '''
+        'AND $timeFilter GROUP BY "gateway"',
+        threshold=0, for_="5m", range_s=300,
+        summary="Gateway {{ $labels.gateway }} has devices that stopped reporting."),
+    AlertRule(
+        "fieldline-outbox-filling", "Edge outbox filling",
+        f'''SELECT last("outbox_fill") FROM "{PIPELINE}" WHERE "component" = 'edge' '''
+        'AND $timeFilter GROUP BY "gateway"',
+        threshold=0.5, for_="5m", range_s=300, severity="critical",
+        summary="Gateway {{ $labels.gateway }}'s outbox is over half full: the cloud is not "
+                "acknowledging; at 100 % its policy sheds results."),
+)
+
+
+def panel_queries() -> list[tuple[str, str]]:
+    """(title, InfluxQL) of every panel, variable, annotation and alert-rule query."""
+    out = [(p.title, q.text) for s in SECTIONS for p in s.panels for q in p.queries]
+    out += [(f"variable {name}", q) for name, q in VARIABLES]
+    out.append(("annotation anomalies", ANNOTATION_QUERY))
+    out += [(f"alert {r.title}", r.query) for r in ALERT_RULES]
+    return out
+
+
+# ---- expanding the macros and variables (the view's server; tests) --------------------------
+
+RANGES_S = {"5m": 300, "15m": 900, "1h": 3600, "6h": 21_600, "24h": 86_400, "7d": 604_800}
+_VALUE = re.compile(r"^[^\x00-\x1f\x7f]{1,200}$")
+_VAR = re.compile(r"/\^\$(\w+)\$/")
+
+
+class ParamError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Params:
+    """What a view request may choose: a time range and a value (or all) per variable."""
+
+    range_s: int = 3600
+    points: int = 240  # about as many intervals as a chart is wide
+    values: Mapping[str, str] = field(default_factory=dict)
+
+    @staticmethod
+    def parse(query: Mapping[str, str]) -> Params:
+        rng = query.get("range", "1h")
+        if rng not in RANGES_S:
+            raise ParamError(f"range must be one of {', '.join(RANGES_S)}; got {rng!r}")
+        values: dict[str, str] = {}
+        for name in VARIABLE_NAMES:
+            v = query.get(name)
+            if v is None or v in ("", "*"):
+                continue
+            if not _VALUE.match(v):
+                raise ParamError(f"{name}: a value of 1 to 200 printable characters")
+            values[name] = v
+        return Params(RANGES_S[rng], values=values)
+
+
+def _regex_literal(value: str) -> str:
+    return "^" + re.escape(value).replace("/", r"\/") + "$"
+
+
+def render(text: str, params: Params) -> str:
+    """Grafana's macros and variables expanded the way Grafana would: ``$timeFilter``,
+    ``$__interval`` (range / points, at least 1 s), ``/^$var$/`` (one exact value, or all)."""
+    interval = max(1, params.range_s // params.points)
+    out = text.replace("$timeFilter", f"time > now() - {params.range_s}s")
+    out = out.replace("$__interval", f"{interval}s")
+
+    def var(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name not in VARIABLE_NAMES:
+            raise ParamError(f"unknown variable ${name}")
+        v = params.values.get(name)
+        return "/.*/" if v is None else f"/{_regex_literal(v)}/"
+
+    if "$" in _VAR.sub("", out):
+        raise ParamError(f"unknown macro in {text!r}")
+    return _VAR.sub(var, out)
