@@ -160,8 +160,9 @@ def render(agents: list[EdgeAgent], worker: CloudWorker, pub: PublisherProcess |
         where = (f"its data is in {opts.workdir}" if opts.workdir else
                  "its data is kept, see below" if opts.keep else
                  "its data is deleted; --keep keeps it")
-        lines.append(f"data: the demo's InfluxDB stopped with it ({where}); to watch the fleet, "
-                     "run `fieldline demo` without --duration and open the view's URL")
+        hint = ("; to watch the fleet, run `fieldline demo` without --duration and open the "
+                "view's URL" if opts.duration_s is not None else "")
+        lines.append(f"data: the demo's InfluxDB stopped with it ({where}){hint}")
         return "\n".join(lines)
     lines.append(f"data: {influx_url}  database '{opts.database}'  (try: influx -port "
                  f"{influx_url.rsplit(':', 1)[-1]} -database {opts.database} -execute "

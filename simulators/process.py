@@ -7,6 +7,7 @@ the fleet publishes from its own process, like real devices would.
 from __future__ import annotations
 
 import multiprocessing as mp
+import signal
 import threading
 from dataclasses import dataclass
 from multiprocessing.sharedctypes import Synchronized
@@ -29,6 +30,9 @@ class SharedCounters:
 def _run(spec: FleetSpec, brokers: dict[str, BrokerAddress], start_ms: int,
          duration_s: float | None, stop: MpEvent, counters: SharedCounters,
          truth_path: str | None) -> None:
+    # a Ctrl-C in the terminal reaches the whole process group: the parent stops this child
+    # through ``stop`` (after the last publishes), so the child itself ignores it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sim = FleetSimulator(spec, start_ms)
     pub = FleetPublisher(sim, brokers)
     local_stop = threading.Event()
