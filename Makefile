@@ -8,7 +8,7 @@ STAMP := $(VENV)/.stamp-deps
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_ARGS ?=
 
-.PHONY: setup vendor system-deps demo test lint typecheck unit bench bench-detect soak clean grafana
+.PHONY: setup vendor dist system-deps demo test lint typecheck unit bench bench-detect soak clean grafana
 
 setup: system-deps $(STAMP) vendor
 
@@ -35,6 +35,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
+
+# the wheel a gateway installs (`pip install dist/fieldline-*.whl` or with [edge]): the view's
+# vendored chart library and the shipped configs (share/fieldline/deploy) inside
+dist: setup
+	rm -rf dist
+	$(BIN)/python -m pip wheel -q --no-deps -w dist .
+	@ls dist/*.whl
 
 demo: setup
 	$(BIN)/fieldline demo $(DEMO_ARGS)

@@ -32,6 +32,28 @@ def _stop_event() -> asyncio.Event:
     return stop
 
 
+def cmd_edge_install(args: argparse.Namespace) -> int:
+    from edge.install import Installer, InstallOptions
+
+    inst = Installer(InstallOptions(
+        gateway_id=args.gateway_id, cloud=args.cloud, ca=args.ca, cert=args.cert, key=args.key,
+        registry=args.registry, root=args.root, start=not args.no_start))
+    n = inst.run(inst.install_plan(), dry_run=args.dry_run)
+    if not args.dry_run:
+        print(f"fieldline edge installed for gateway {args.gateway_id}: {n} steps changed "
+              "something. Devices: mosquitto_passwd /etc/mosquitto/passwd <device-id>")
+    return 0
+
+
+def cmd_edge_uninstall(args: argparse.Namespace) -> int:
+    from edge.install import Installer, InstallOptions
+
+    inst = Installer(InstallOptions(root=args.root, keep_data=args.keep_data,
+                                    keep_config=args.keep_config, start=not args.no_start))
+    inst.run(inst.uninstall_plan(), dry_run=args.dry_run)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from fieldline.demo import DemoOptions, run_demo
 
@@ -387,6 +409,27 @@ def build_parser() -> argparse.ArgumentParser:
     er = e.add_parser("run", help="run the edge agent")
     er.add_argument("--config", required=True, type=Path)
     er.set_defaults(func=cmd_edge_run)
+    ei = e.add_parser("install", help="install the agent on this gateway (idempotent): user, "
+                                      "config, Mosquitto drop-in, ACL and user, systemd unit")
+    ei.add_argument("--gateway-id", required=True)
+    ei.add_argument("--cloud", required=True, metavar="URL",
+                    help="the cloud broker, mqtts://host:8883 (or mqtt:// on a trusted network)")
+    ei.add_argument("--ca", type=Path, help="CA certificate of the cloud broker (mqtts)")
+    ei.add_argument("--cert", type=Path, help="this gateway's client certificate (mqtts)")
+    ei.add_argument("--key", type=Path, help="this gateway's private key (mqtts)")
+    ei.add_argument("--registry", type=Path, help="devices.csv (default: no registry)")
+    for sp in (ei, e.add_parser("uninstall", help="remove what install did")):
+        sp.add_argument("--dry-run", action="store_true", help="print every step, do nothing")
+        sp.add_argument("--root", type=Path, default=Path("/"),
+                        help="install below this directory (an image; systemd left alone)")
+        sp.add_argument("--no-start", action="store_true",
+                        help="do not call systemctl (daemon-reload, restart, enable)")
+        sp.set_defaults(func=cmd_edge_install if sp is ei else cmd_edge_uninstall)
+    e.choices["uninstall"].add_argument(
+        "--keep-data", action="store_true",
+        help="keep /var/lib/fieldline (its outbox may hold results the cloud has not confirmed)")
+    e.choices["uninstall"].add_argument("--keep-config", action="store_true",
+                                        help="keep /etc/fieldline")
 
     c = sub.add_parser("cloud", help="the cloud worker").add_subparsers(dest="sub", required=True)
     cr = c.add_parser("run", help="run a cloud worker")

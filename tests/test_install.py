@@ -1,0 +1,247 @@
+"""`fieldline edge install` / `uninstall` into a scratch root (``--root``; the tests run as root,
+so users are really created there with ``useradd --root``): every step, idempotence, dry run,
+modes, the generated config as the agent reads it, the broker login it creates working on the
+shipped Mosquitto drop-in, the unit passing ``systemd-analyze verify``, and an uninstall that
+leaves nothing but what the user keeps."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge.config import load_edge_config
+from fieldline.services import DeployedMosquitto
+
+ROOT = Path(__file__).resolve().parent.parent
+CMD = [sys.executable, "-m", "fieldline.cli", "edge"]
+BASE = ("etc/passwd", "etc/group", "etc/shadow", "etc/gshadow")
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates users: needs root")
+
+
+def scratch_root(tmp: Path) -> Path:
+    """An empty system as far as fieldline goes: the account files, and the directories the
+    systemd and Mosquitto packages own."""
+    root = tmp / "root"
+    for d in ("etc/systemd/system", "etc/mosquitto/conf.d", "var/lib"):
+        (root / d).mkdir(parents=True)
+    for f in BASE:
+        (root / f).touch()
+    return root
+
+
+def tree(root: Path) -> dict[str, tuple[int, bytes]]:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        out[rel] = (p.stat().st_mode, p.read_bytes() if p.is_file() else b"")
+    return out
+
+
+def fieldline(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CMD, *args], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                          check=False)
+
+
+@pytest.fixture
+def tls(tmp_path: Path) -> list[str]:
+    for name in ("ca.crt", "gw.crt", "gw.key"):
+        (tmp_path / name).write_text(f"-----{name}-----\n")
+    (tmp_path / "devices.csv").write_text("device_id,gateway,site,kind\nd0,gw-7,s1,temperature\n")
+    return ["--ca", str(tmp_path / "ca.crt"), "--cert", str(tmp_path / "gw.crt"),
+            "--key", str(tmp_path / "gw.key"), "--registry", str(tmp_path / "devices.csv")]
+
+
+def test_install_is_idempotent_and_dry_run_changes_nothing(tmp_path: Path,
+                                                           tls: list[str]) -> None:
+    root = scratch_root(tmp_path)
+    args = ["install", "--gateway-id", "gw-7", "--cloud", "mqtts://cloud.example:8883", *tls,
+            "--root", str(root)]
+    before = tree(root)
+    dry = fieldline(*args, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    steps = [ln for ln in dry.stdout.splitlines() if ln.startswith("would: ")]
+    assert len(steps) >= 12
+    assert tree(root) == before, "--dry-run changed something"
+
+    first = fieldline(*args)
+    assert first.returncode == 0, first.stderr
+    done = [ln for ln in first.stdout.splitlines() if ln.startswith("done: ")]
+    assert [d[6:] for d in done] == [s[7:] for s in steps]  # the dry run said what it did
+    installed = tree(root)
+    second = fieldline(*args)
+    assert second.returncode == 0, second.stderr
+    assert all(ln.startswith("unchanged: ") for ln in second.stdout.splitlines()[:-1])
+    assert "0 steps changed" in second.stdout
+    assert tree(root) == installed
+
+    def mode(rel: str) -> int:
+        return stat.S_IMODE((root / rel).stat().st_mode)
+
+    assert mode("etc/fieldline") == 0o750
+    assert mode("var/lib/fieldline") == 0o700
+    assert mode("etc/fieldline/gateway.toml") == 0o640
+    assert mode("etc/fieldline/tls/gateway.key") == 0o640
+    uid = next(int(ln.split(":")[2]) for ln in (root / "etc/passwd").read_text().splitlines()
+               if ln.startswith("fieldline:"))
+    assert (root / "var/lib/fieldline").stat().st_uid == uid
+    assert (root / "etc/fieldline/gateway.toml").stat().st_uid == 0
+
+    cfg = load_edge_config(root / "etc/fieldline/gateway.toml")
+    assert cfg.gateway == "gw-7"
+    assert cfg.registry_path == Path("/etc/fieldline/devices.csv")
+    assert cfg.uplink_broker.tls
+    assert (cfg.uplink_broker.host, cfg.uplink_broker.port) == ("cloud.example", 8883)
+    assert cfg.uplink_broker.ca_file == "/etc/fieldline/tls/ca.crt"
+    assert cfg.uplink_broker.cert_file == "/etc/fieldline/tls/gateway.crt"
+    assert cfg.intake_broker.username == "fieldline-edge"
+    assert cfg.intake_broker.password
+    for rel in ("etc/fieldline/tls/ca.crt", "etc/fieldline/devices.csv"):
+        assert (root / rel).is_file()
+
+    unit = root / "etc/systemd/system/fieldline-edge.service"
+    assert f"ExecStart={sys.prefix}/bin/fieldline edge run" in unit.read_text()
+    if shutil.which("systemd-analyze"):
+        v = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+                           text=True, timeout=60, check=False)
+        assert v.returncode == 0, v.stderr
+
+    # another gateway id: the config follows, the broker password stays
+    again = fieldline(*[a if a != "gw-7" else "gw-8" for a in args])
+    assert again.returncode == 0, again.stderr
+    cfg2 = load_edge_config(root / "etc/fieldline/gateway.toml")
+    assert cfg2.gateway == "gw-8"
+    assert cfg2.intake_broker.password == cfg.intake_broker.password
+
+
+def test_misconfiguration_names_the_flag(tmp_path: Path) -> None:
+    root = scratch_root(tmp_path)
+    r = fieldline("install", "--gateway-id", "gw-7", "--cloud", "mqtts://c:8883",
+                  "--root", str(root))
+    assert r.returncode == 2
+    assert "'--ca'" in r.stderr
+    r = fieldline("install", "--gateway-id", "gw/7", "--cloud", "mqtt://c", "--root", str(root))
+    assert r.returncode == 2
+    assert "'--gateway-id'" in r.stderr
+    assert not (root / "etc/fieldline").exists()
+
+
+def test_installed_broker_login_works_on_the_shipped_dropin(tmp_path: Path) -> None:
+    """The agent's user the install puts in Mosquitto's password file, with the password it
+    writes into gateway.toml, may read every device's readings through the shipped ACL."""
+    root = scratch_root(tmp_path)
+    r = fieldline("install", "--gateway-id", "gw-7", "--cloud", "mqtt://cloud.example:1883",
+                  "--root", str(root))
+    assert r.returncode == 0, r.stderr
+    passwd = root / "etc/mosquitto/passwd"
+    subprocess.run(["mosquitto_passwd", "-b", str(passwd), "d0", "device-pw"], check=True)
+    acl = root / "etc/mosquitto/fieldline-gateway.acl"
+    broker = DeployedMosquitto(
+        tmp_path / "mosquitto", root / "etc/mosquitto/conf.d/fieldline-gateway.conf",
+        files={"/etc/mosquitto/passwd": passwd, "/etc/mosquitto/fieldline-gateway.acl": acl})
+    broker.start()
+    try:
+        agent = load_edge_config(root / "etc/fieldline/gateway.toml").intake_broker
+        got: list[str] = []
+        ready = threading.Event()
+        sub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                          protocol=mqtt.MQTTv5, client_id="agent")
+        sub.username_pw_set(agent.username, agent.password)
+        sub.on_connect = lambda c, *_: c.subscribe("devices/+/readings", qos=1)
+        sub.on_subscribe = lambda *_: ready.set()
+        sub.on_message = lambda _c, _u, m: got.append(m.topic)
+        sub.connect("127.0.0.1", broker.port)
+        sub.loop_start()
+        assert ready.wait(10), "the agent's login was refused"
+        dev = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                          protocol=mqtt.MQTTv5, client_id="d0")
+        dev.username_pw_set("d0", "device-pw")
+        dev.connect("127.0.0.1", broker.port)
+        dev.loop_start()
+        dev.publish("devices/d0/readings", b"{}", qos=1).wait_for_publish(10)
+        deadline = time.monotonic() + 10
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert got == ["devices/d0/readings"]
+        for c in (dev, sub):
+            c.disconnect()
+            c.loop_stop()
+    finally:
+        broker.stop()
+
+
+def test_uninstall_leaves_only_what_is_kept(tmp_path: Path) -> None:
+    root = scratch_root(tmp_path)
+    before = tree(root)
+    r = fieldline("install", "--gateway-id", "gw-7", "--cloud", "mqtt://cloud.example",
+                  "--root", str(root))
+    assert r.returncode == 0, r.stderr
+    (root / "var/lib/fieldline/outbox").mkdir()
+    (root / "var/lib/fieldline/outbox/0001.batch").write_bytes(b"results")
+    dry = fieldline("uninstall", "--root", str(root), "--dry-run")
+    assert dry.returncode == 0
+    assert (root / "etc/fieldline/gateway.toml").is_file()
+
+    kept = fieldline("uninstall", "--root", str(root), "--keep-data")
+    assert kept.returncode == 0, kept.stderr
+    left = {p for p in tree(root) if p.startswith("var/lib/")}
+    assert left == {"var/lib/fieldline", "var/lib/fieldline/outbox",
+                    "var/lib/fieldline/outbox/0001.batch"}
+    assert not (root / "etc/fieldline").exists()
+    assert not (root / "etc/systemd/system/fieldline-edge.service").exists()
+    assert not (root / "etc/mosquitto/conf.d/fieldline-gateway.conf").exists()
+
+    gone = fieldline("uninstall", "--root", str(root))
+    assert gone.returncode == 0, gone.stderr
+    after = tree(root)
+    after.pop("etc/.pwd.lock", None)  # useradd's lock file, and its backups (passwd-)
+    for f in BASE:
+        after.pop(f + "-", None)
+    for f in BASE:  # the account files: the user came and went
+        after.pop(f)
+        before.pop(f, None)
+    assert after == before
+    assert "fieldline:" not in (root / "etc/passwd").read_text()
+    assert not (root / "etc/mosquitto/passwd").exists()
+
+
+def test_the_wheel_carries_the_view_and_the_configs_it_installs(tmp_path: Path) -> None:
+    """`make dist`'s wheel, installed in a fresh virtualenv, installs a gateway from the
+    configs inside it (not from a checkout)."""
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist),
+                    str(ROOT)], check=True, timeout=600, capture_output=True)
+    whl = next(dist.glob("fieldline-*.whl"))
+    names = set(zipfile.ZipFile(whl).namelist())
+    for f in ("fieldline/view/static/vendor/uPlot.iife.min.js", "fieldline/view/static/view.js",
+              "fieldline-0.1.0.data/data/share/fieldline/deploy/gateway.toml",
+              "fieldline-0.1.0.data/data/share/fieldline/deploy/mosquitto/gateway.conf",
+              "fieldline-0.1.0.data/data/share/fieldline/deploy/systemd/fieldline-edge.service"):
+        assert f in names, f
+    assert not any(n.startswith("tests/") for n in names)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=120)
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"),
+                    "install", "-q", "--no-deps", str(whl)], check=True, timeout=300,
+                   capture_output=True)
+    root = scratch_root(tmp_path)
+    r = subprocess.run([str(venv / "bin" / "fieldline"), "edge", "install", "--gateway-id",
+                        "gw-3", "--cloud", "mqtt://cloud.example", "--root", str(root)],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False)
+    assert r.returncode == 0, r.stderr
+    unit = (root / "etc/systemd/system/fieldline-edge.service").read_text()
+    assert f"ExecStart={venv}/bin/fieldline edge run" in unit
+    shipped = (ROOT / "deploy/mosquitto/gateway.conf").read_bytes()
+    assert (root / "etc/mosquitto/conf.d/fieldline-gateway.conf").read_bytes() == shipped
