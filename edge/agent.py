@@ -729,6 +729,11 @@ class EdgeAgent:
             "ack_wait_ms": self.shipper.oldest_unacked_ms(),
             "uplink_inflight": len(self.shipper.inflight),
             "uplink_refused": self.uplink.refused,
+            # the cloud broker closed the connection after a publish it may find too large
+            # (its message size limit; logged with the size), and batches above the maximum
+            # packet size it announced
+            "uplink_size_disconnects": self.uplink.size_disconnects,
+            "uplink_oversize": self.uplink.oversize,
             "uplink_no_subscribers": self.uplink.no_subscribers,
             "uplink_bytes": self.uplink.bytes_sent,
             "rss_mb": round(rss_mb(), 1),

@@ -50,6 +50,11 @@ log = logging.getLogger("fieldline.edge.uplink")
 SEQ_BLOCK = 1024
 
 
+PROTOCOL_ERROR = 0x82  # MQTT 5 reason codes a broker closes with
+PACKET_TOO_LARGE = 0x95
+PUBLISH_OVERHEAD = 16  # fixed header, topic length, packet id, properties (upper bound)
+
+
 def new_incarnation() -> int:
     """A random positive 62-bit number: two states never draw the same one in practice."""
     return secrets.randbits(62) | 1
@@ -147,6 +152,14 @@ class MqttUplink:
         self.no_subscribers = 0
         self.bytes_sent = 0
         self.bad_acks = 0
+        # a broker's message size limit: Mosquitto's max_packet_size is announced in CONNACK
+        # (and breaking it closes with "Packet too large"); its message_size_limit is not
+        # announced and breaking it closes with a bare "Protocol error". Either way the batch
+        # stays in the outbox and is sent again, so the agent must say what is wrong.
+        self.max_packet: int | None = None  # the broker's, from CONNACK
+        self.largest_sent = 0  # the largest publish since the last (re)connect, in bytes
+        self.size_disconnects = 0  # closed by the broker after a publish it may find too large
+        self.oversize = 0  # batches larger than the broker's announced maximum
 
     def _status(self, extra: dict[str, Any]) -> bytes:
         return orjson.dumps({"gw": self.gateway, "ts": self._clock.now_ms(), **extra})
@@ -158,6 +171,9 @@ class MqttUplink:
         if rc.is_failure:
             log.error("uplink connect to %s refused: %s", self.address.url, rc)
             return
+        announced = getattr(_p, "MaximumPacketSize", None) if _p is not None else None
+        self.max_packet = int(announced) if announced else None
+        self.largest_sent = 0
         client.subscribe(ack_topic(self.gateway), qos=1)
         client.publish(status_topic(self.gateway), self._status({"state": "online"}), qos=1,
                        retain=True)
@@ -171,7 +187,18 @@ class MqttUplink:
         # exponential backoff with jitter, so a fleet does not reconnect in lockstep
         client.reconnect_delay_set(min_delay=1 + int(random.random() * 2),
                                    max_delay=20 + int(random.random() * 20))
-        if rc.value != 0:
+        if rc.value in (PROTOCOL_ERROR, PACKET_TOO_LARGE) and self.largest_sent:
+            self.size_disconnects += 1
+            limit = (f"it announced a maximum packet size of {self.max_packet:,} bytes"
+                     if self.max_packet else "it announced no maximum packet size")
+            log.error(
+                "uplink: the cloud broker %s closed the connection (%s) after this agent "
+                "published a message of %s bytes (%s): most likely its message size limit is "
+                "below that (Mosquitto: message_size_limit or max_packet_size). Raise it above "
+                "the largest result batch, or lower uplink.max_results_per_batch. The batch "
+                "stays in the outbox and is sent again.", self.address.url, rc,
+                f"{self.largest_sent:,}", limit)
+        elif rc.value != 0:
             log.warning("uplink disconnected from %s: %s (reconnecting)", self.address.url, rc)
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
@@ -209,7 +236,15 @@ class MqttUplink:
 
     def publish_results(self, payload: bytes) -> int:
         """Publish a batch; returns its MQTT message id."""
-        info = self._client.publish(results_topic(self.gateway), payload, qos=1)
+        topic = results_topic(self.gateway)
+        size = len(payload) + len(topic) + PUBLISH_OVERHEAD
+        if self.max_packet is not None and size > self.max_packet:
+            self.oversize += 1
+            log.error("uplink: a result batch of %s bytes is larger than the cloud broker's "
+                      "maximum packet size (%s bytes): raise the broker's max_packet_size or "
+                      "lower uplink.max_results_per_batch", f"{size:,}", f"{self.max_packet:,}")
+        self.largest_sent = max(self.largest_sent, size)
+        info = self._client.publish(topic, payload, qos=1)
         with self._lock:
             self._tracked.add(info.mid)
             self.sent += 1

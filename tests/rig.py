@@ -83,8 +83,10 @@ class Rig(FleetRig):
                  *, devices: int = 12, interval_ms: int = 100, outbox: str = "",
                  agent_extra: str = "", broker_persistence: bool = False,
                  influx_proxy: bool = False, gw_broker: dict[str, Any] | None = None,
-                 intake_extra: str = "", wallclock: Path | None = None) -> None:
+                 intake_extra: str = "", wallclock: Path | None = None,
+                 agent_cmd: list[str] | None = None) -> None:
         self.tmp = tmp
+        self.agent_cmd = agent_cmd  # another `fieldline` (e.g. arm64, emulated, in a chroot)
         self.wallclock = wallclock  # the agent's wall clock offset, in this file (wallclock.py)
         self.influx = influx
         host_port = influx.url.rsplit("/", 1)[-1]
@@ -154,6 +156,9 @@ timeout = "2s"
                                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
     def start_agent(self) -> None:
+        if self.agent_cmd is not None:
+            self.agent = self._spawn("edge", self.gateway_cfg, "agent.log", cmd=self.agent_cmd)
+            return
         if self.wallclock is None:
             self.agent = self._spawn("edge", self.gateway_cfg, "agent.log")
             return

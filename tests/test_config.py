@@ -138,3 +138,25 @@ def test_the_commented_engine_block_of_deploy_cloud_toml_loads_as_written(tmp_pa
     assert (js.stream, js.partitions, js.replicas) == ("FIELDLINE", 64, 3)
     assert (js.priority_timeout_ms, js.snapshot_interval_ms, js.max_age_s) == (
         5_000, 10_000, 7 * 86_400)
+
+
+def test_the_shipped_fleet_publishes_where_the_shipped_gateway_listens() -> None:
+    """deploy/fleet.toml's devices reach deploy/gateway.toml's agent: same gateway id, a topic
+    its subscription matches, and the device id at the level it reads it from."""
+    from paho.mqtt.client import topic_matches_sub
+
+    from simulators.fleet import FleetSimulator
+
+    sim_cfg = load_sim_config(ROOT / "deploy" / "fleet.toml")
+    edge = load_edge_config(ROOT / "deploy" / "gateway.toml")
+    spec = sim_cfg.spec
+    assert edge.gateway in spec.gateway_ids()
+    devices = [d for d, g in zip(FleetSimulator(spec, 0).device_ids,
+                                 FleetSimulator(spec, 0).device_gateway, strict=True)
+               if g == edge.gateway]
+    assert devices
+    for dev in devices[:20]:
+        topic = spec.topic_template.format(device=dev, gateway=edge.gateway)
+        assert any(topic_matches_sub(sub, topic) for sub in edge.topics), (topic, edge.topics)
+        assert edge.device_topic_level is not None
+        assert topic.split("/")[edge.device_topic_level] == dev
