@@ -82,3 +82,24 @@ def test_systemd_units_can_write_the_configured_state_dirs() -> None:
         configured = Path(section["state_dir"])
         assert configured.parent == Path("/var/lib"), (unit, cfg)
         assert configured.name in state, (unit, cfg)
+
+
+def test_every_shipped_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    """deploy/systemd/*.service as systemd reads them, their binary where this installation
+    has it (the shipped path is /opt/fieldline/venv)."""
+    import re
+    import shutil
+
+    if shutil.which("systemd-analyze") is None:
+        raise AssertionError("systemd-analyze missing (Debian: apt-get install -y systemd)")
+    units = sorted((ROOT / "deploy" / "systemd").glob("*.service"))
+    assert len(units) == 3
+    for shipped in units:
+        text = shipped.read_text()
+        assert re.search(r"^ExecStart=/opt/fieldline/venv/bin/fieldline ", text, re.M), shipped
+        unit = tmp_path / shipped.name
+        unit.write_text(re.sub(r"^ExecStart=\S+", f"ExecStart={sys.prefix}/bin/fieldline",
+                               text, flags=re.M))
+        v = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+                           text=True, timeout=60, check=False)
+        assert v.returncode == 0, (shipped.name, v.stderr)

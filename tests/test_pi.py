@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -190,28 +189,26 @@ def test_edge_install_in_the_arm64_root(pi: PiRoot) -> None:
     assert "0 steps changed" in again, again
     chroot("systemd-analyze", "verify", "/etc/systemd/system/fieldline-edge.service")
     # Debian's arm64 Mosquitto, started as its unit does, with the installed drop-in: it
-    # listens, and the agent's login from gateway.toml is accepted by the ACL'd broker
-    if socket.socket().connect_ex(("127.0.0.1", 1883)) == 0:
-        pytest.skip("port 1883 is taken on this machine: the shipped drop-in listens there")
-    proc = subprocess.Popen(["chroot", str(PI), "mosquitto", "-c",
-                             "/etc/mosquitto/mosquitto.conf"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 30
-        while socket.socket().connect_ex(("127.0.0.1", 1883)) != 0:
-            assert proc.poll() is None, f"emulated Mosquitto exited: {proc.stdout.read()}"  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, "emulated Mosquitto did not listen"
-            time.sleep(0.2)
-        from edge.config import load_edge_config
+    # listens on the shipped port, and the agent's login from gateway.toml is accepted by the
+    # ACL'd broker. In a network namespace of its own, so 1883 is free whatever the host runs.
+    from edge.config import load_edge_config
 
-        cfg = load_edge_config(PI / "etc/fieldline/gateway.toml").intake_broker
-        sub = sh(["mosquitto_sub", "-h", "127.0.0.1", "-p", "1883", "-u", str(cfg.username),
-                  "-P", str(cfg.password), "-t", "$SYS/broker/store/messages/count", "-C", "1",
-                  "-W", "30"], 60)
-        assert sub.stdout.strip().isdigit(), sub.stdout  # the ACL lets the agent read it
-    finally:
-        proc.terminate()
-        proc.wait(20)
+    cfg = load_edge_config(PI / "etc/fieldline/gateway.toml").intake_broker
+    script = f"""
+ip link set lo up
+chroot {PI} mosquitto -c /etc/mosquitto/mosquitto.conf & broker=$!
+trap 'kill $broker; wait $broker' EXIT
+for i in $(seq 60); do
+  if mosquitto_sub -h 127.0.0.1 -p 1883 -u '{cfg.username}' -P '{cfg.password}' \
+       -t '$SYS/broker/store/messages/count' -C 1 -W 10; then exit 0; fi
+  kill -0 $broker || {{ echo "emulated Mosquitto exited"; exit 1; }}
+  sleep 0.5
+done
+exit 1
+"""
+    sub = sh(["unshare", "--net", "sh", "-c", script], 180)
+    count = sub.stdout.strip().splitlines()[-1]
+    assert count.isdigit(), sub.stdout  # the ACL lets the agent read the broker's counters
     chroot(f"{VENV}/bin/fieldline", "edge", "uninstall")
     assert not (PI / "etc/fieldline").exists()
 

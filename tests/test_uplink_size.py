@@ -6,24 +6,17 @@ closes with Protocol error) and ``max_packet_size`` (announced in CONNACK; Packe
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from bench.common import wait_until
 from devices.clock import SystemClock
 from edge.uplink import MqttUplink
 from fieldline.services import Mosquitto
 
 pytestmark = pytest.mark.integration
-
-
-def wait(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.05)
 
 
 @pytest.mark.parametrize(("setting", "announced"), [("message_size_limit", False),
@@ -37,12 +30,13 @@ def test_a_batch_above_the_brokers_limit_is_named_with_its_size(
     with caplog.at_level(logging.WARNING, logger="fieldline"):
         up.start()
         try:
-            wait(up.connected.is_set, 10, "the uplink to connect")
+            wait_until(up.connected.is_set, 10, "the uplink to connect")
             assert (up.max_packet == 2000) is announced
             up.publish_results(b"r" * 1500)  # fits: acknowledged
-            wait(lambda: up.puback_ok + up.no_subscribers == 1, 10, "the small batch's PUBACK")
+            wait_until(lambda: up.puback_ok + up.no_subscribers == 1, 10,
+                       "the small batch's PUBACK")
             up.publish_results(b"R" * 5000)
-            wait(lambda: up.size_disconnects >= 1, 15, "the broker to close the connection")
+            wait_until(lambda: up.size_disconnects >= 1, 15, "the broker to close the connection")
         finally:
             up.stop()
     text = " ".join(r.getMessage() for r in caplog.records)

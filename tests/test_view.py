@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from urllib.parse import quote, urlsplit
 import orjson
 import pytest
 
+from bench.common import wait_until
 from cloud.panels import PANELS, VARIABLE_NAMES, Params, render
 from cloud.sinks.influx_v1 import InfluxV1Client
 from fieldline.services import InfluxDB
@@ -41,17 +42,14 @@ ARTIFACTS = Path(os.environ.get("FIELDLINE_ARTIFACTS", ROOT / "build" / "test-ar
 FAULT_GATEWAY, FAULT_DEVICE, FAULT_AT_S = "gw-1", "gw-1-t0001", 50
 
 
-def wait_until(cond: Callable[[], Any], timeout_s: float, what: str,
-               seen: Callable[[], object] = lambda: None) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = cond()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up after {timeout_s:.0f} s waiting for {what}; "
-                                 f"saw {seen()!r}")
-        time.sleep(0.25)
+def first_line(proc: subprocess.Popen[str], timeout_s: float) -> str:
+    """The first line a command prints, or "" if it prints none within ``timeout_s``."""
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(proc.stdout.readline()),  # type: ignore[union-attr]
+                              daemon=True)
+    reader.start()
+    reader.join(timeout_s)
+    return got[0] if got else ""
 
 
 @dataclass
@@ -74,17 +72,13 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
              "--devices", "10", "--backfill", "240", "--view-port", "0",
              "--workdir", str(work / "run"), "--fault", f"spike@{FAULT_DEVICE}+{FAULT_AT_S}"],
             stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT)
-    first: list[str] = []
-    reader = threading.Thread(target=lambda: first.append(proc.stdout.readline()),  # type: ignore[union-attr]
-                              daemon=True)
-    reader.start()
-    reader.join(90)
+    first = first_line(proc, 90)
     try:
         assert first, f"the demo printed nothing; stderr: {log.read_text()[-2000:]}"
-        assert first[0].startswith("view: http://127.0.0.1:"), (
+        assert first.startswith("view: http://127.0.0.1:"), (
             f"the demo's first line is not the view's URL: {first!r}; "
             f"stderr: {log.read_text()[-2000:]}")
-        yield Demo(first[0].split()[1], proc, time.monotonic(), log)
+        yield Demo(first.split()[1], proc, time.monotonic(), log)
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -126,7 +120,7 @@ def open_page(d: Any, url: str) -> None:
     d.get("about:blank")
     d.get(url)
     wait_until(lambda: d.execute_script("return document.body.dataset.ready") == "1", 45,
-               f"{url} to render", lambda: d.find_element("id", "status").text)
+               f"{url} to render", saw=lambda: d.find_element("id", "status").text)
 
 
 INK_JS = """
@@ -159,7 +153,7 @@ def chart_with_data(d: Any, selector: str, timeout_s: float = 45) -> None:
         "const e = document.querySelector(arguments[0]);"
         "return e && Number(e.dataset.points || 0) > 0 && e.querySelector('canvas') !== null;",
         selector), timeout_s, f"a chart with data at {selector}",
-        lambda: d.find_element("id", "status").text)
+        saw=lambda: d.find_element("id", "status").text)
     assert ink(d, selector) > 200, f"{selector}: canvas has no series drawn"
 
 
@@ -182,7 +176,7 @@ def test_injected_spike_appears_as_a_marker_while_the_page_is_open(demo: Demo,
     opened_s = time.monotonic() - demo.started
     # the spike is published FAULT_AT_S into the live run; its window closes ~12 s later
     wait_until(lambda: marker_count(d) > before, FAULT_AT_S + 120,
-               "the injected spike's anomaly marker", lambda: (marker_count(d), before))
+               "the injected spike's anomaly marker", saw=lambda: (marker_count(d), before))
     took_s = time.monotonic() - demo.started
     assert d.execute_script("return window.fieldline.loadId") == load_id, "the page reloaded"
     assert int(d.execute_script("return window.fieldline.refreshes")) > refreshes
@@ -203,10 +197,11 @@ def test_every_page_loads_without_console_errors_and_draws_real_data(demo: Demo,
 
     open_page(d, f"{base}#/")
     chart_with_data(d, "#c-fleet_mean_by_site")
-    chips = wait_until(lambda: d.execute_script(
-        "return document.querySelectorAll('#tree .dev').length") >= 20 and d.execute_script(
-        "return [...document.querySelectorAll('#tree .dev')].map(e => e.dataset.device)"),
-        30, "20 devices in the fleet tree")
+    wait_until(lambda: d.execute_script(
+        "return document.querySelectorAll('#tree .dev').length") >= 20, 30,
+        "20 devices in the fleet tree")
+    chips = d.execute_script(
+        "return [...document.querySelectorAll('#tree .dev')].map(e => e.dataset.device)")
     assert FAULT_DEVICE in chips
     sites = d.execute_script("return [...document.querySelectorAll('#tree .site')]"
                              ".map(e => e.dataset.site)")
@@ -230,9 +225,10 @@ def test_every_page_loads_without_console_errors_and_draws_real_data(demo: Demo,
     for key in ("edge_accepted", "edge_watermark_lag", "cloud_lag", "cloud_written",
                 "edge_outbox"):
         chart_with_data(d, f"#c-{key}")
-    laws = wait_until(lambda: d.execute_script(
-        "return [...document.querySelectorAll('#t-laws tbody tr')].map(r => r.textContent)"),
-        30, "the ledger's laws")
+    law_rows = ("return [...document.querySelectorAll('#t-laws tbody tr')]"
+                ".map(r => r.textContent)")
+    wait_until(lambda: bool(d.execute_script(law_rows)), 30, "the ledger's laws")
+    laws = d.execute_script(law_rows)
     assert len(laws) == 2, laws
     assert all(r.count("holds") == 2 for r in laws), laws
     d.save_screenshot(str(ARTIFACTS / "view-health.png"))
@@ -357,14 +353,10 @@ def test_fieldline_view_command_serves_a_database(influx_db: InfluxV1Client) -> 
          influx_db.database, "--port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
-        first: list[str] = []
-        reader = threading.Thread(target=lambda: first.append(proc.stdout.readline()),  # type: ignore[union-attr]
-                                  daemon=True)
-        reader.start()
-        reader.join(30)
+        first = first_line(proc, 30)
         assert first, "fieldline view printed nothing"
-        assert first[0].startswith("view: http://127.0.0.1:"), first
-        url = first[0].split()[1]
+        assert first.startswith("view: http://127.0.0.1:"), first
+        url = first.split()[1]
         status, page = _get(url, "/")
         assert status == 200
         assert b"view.js" in page
