@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import logging
 
-from bench import broker, custody, detect, engine, jetstream, pipeline, simulator, sketches
+from bench import (
+    broker,
+    custody,
+    detect,
+    engine,
+    intake,
+    jetstream,
+    pipeline,
+    simulator,
+    sketches,
+)
 
 
 def main() -> None:
@@ -12,6 +22,7 @@ def main() -> None:
     engine.main()
     sketches.main()
     pipeline.main()
+    intake.main()
     custody.main()
     broker.main()
     jetstream.main()

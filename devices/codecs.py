@@ -27,6 +27,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import orjson
 
 from devices import rejects
@@ -81,6 +82,22 @@ def _valid_device_id(d: object) -> bool:
         and not any(c in d for c in "/+# \\")
         and d.isprintable()
     )
+
+
+_INT = {int}
+_NUMBER = {int, float}
+
+
+def _seqs(rs: list[dict[str, Any]]) -> list[Any]:
+    """Each reading's ``seq`` (``NO_SEQ`` where it has none)."""
+    try:
+        return [r["seq"] for r in rs]
+    except KeyError:
+        return [r.get("seq", NO_SEQ) for r in rs]
+
+
+def _no_reject(*_args: object) -> None:
+    """The fast paths only ask; the per-reading path counts the rejection."""
 
 
 class PayloadDecoder:
@@ -195,6 +212,8 @@ class PayloadDecoder:
             readings = doc.get("readings")
             if readings is None:
                 self._one(doc, device, recv, out, reject)
+            elif type(readings) is list and self._batch_fast(readings, device, recv, out):
+                return
             elif isinstance(readings, list):
                 if not readings:
                     reject(rejects.MALFORMED_PAYLOAD, f"{topic}: an empty batch")
@@ -208,9 +227,111 @@ class PayloadDecoder:
         elif isinstance(doc, list):
             if not doc:
                 reject(rejects.MALFORMED_PAYLOAD, f"{topic}: an empty SenML pack")
+            elif self._senml_fast(doc, topic, recv, out):
+                return
             self._senml(doc, topic, recv, out, reject)
         else:
             reject(rejects.MALFORMED_PAYLOAD, f"{topic}: top level is {type(doc).__name__}")
+
+    # ---- fast paths: a whole batch of well-formed readings at once --------------------------
+    # They take a batch only when every reading in it would pass ``_one``'s checks, and then add
+    # exactly what ``_one`` would have added; anything else (one missing field, one odd type, a
+    # device or metric that is refused) and they add nothing and say so, and the batch goes
+    # through the per-reading path that rejects precisely what is wrong.
+
+    def _ids(self, device: str, metrics: list[Any], recv: int) -> tuple[int, dict[str, int]] | None:
+        """The device's id and each metric's (distinct, in order of appearance: ids are handed
+        out in the order the per-reading path would), when all are admitted without a
+        rejection."""
+        if len(metrics) > 64 or not all(type(m) is str and m for m in metrics):
+            return None
+        if self.known_device is not None and not self.known_device(device):
+            return None
+        new = [m for m in metrics if self.metrics.get(m) is None]
+        if self.known_metric is not None and not all(map(self.known_metric, new)):
+            return None
+        # nothing is interned until the device is admitted, as on the per-reading path
+        d = self.devices.get(device)
+        if d is None:
+            if self.admit_device and self.admit_device(device, recv) is not None:
+                return None  # the per-reading path refuses (and counts) each of them
+            d = self.devices.intern(device)
+        mids = {m: self.metrics.intern(m) for m in metrics}
+        if d < 0 or min(mids.values()) < 0:
+            return None
+        return d, mids
+
+    def _batch_fast(self, rs: list[Any], device: str, recv: int, out: ColumnBuilder) -> bool:
+        """A ``readings`` batch whose every reading has an integer ``ts``, a finite number
+        ``value``, a metric name and an integer ``seq`` or none."""
+        try:
+            metrics = [r["metric"] for r in rs]
+            ts = [r["ts"] for r in rs]
+            values = [r["value"] for r in rs]
+            seqs = _seqs(rs)
+        except (TypeError, KeyError, AttributeError):
+            return False
+        if not ts or set(map(type, ts)) != _INT or min(ts) <= -INT_LIMIT \
+                or max(ts) >= INT_LIMIT:
+            return False
+        return self._columns_fast(device, metrics, ts, values, seqs, recv, out)
+
+    def _columns_fast(self, device: str, metrics: list[Any], ts: list[int],
+                      values: list[Any], seqs: list[Any], recv: int, out: ColumnBuilder) -> bool:
+        """The checks ``_one`` makes of values, numbers, the device and metrics, for a batch
+        whose times are already known to be good."""
+        if set(map(type, seqs)) != _INT or min(seqs) < NO_SEQ or max(seqs) >= INT_LIMIT:
+            return False
+        vtypes = set(map(type, values))
+        if not vtypes <= _NUMBER:
+            return False
+        if int in vtypes and max(map(abs, values)) >= INT_LIMIT:
+            return False
+        if float in vtypes and not all(map(math.isfinite, values)):
+            return False  # a NaN or an infinity (the lenient parser lets them through)
+        ids = self._ids(device, list(dict.fromkeys(metrics)), recv)
+        if ids is None:
+            return False
+        d, mids = ids
+        metric = [mids[m] for m in metrics] if len(mids) > 1 else [mids[metrics[0]]] * len(ts)
+        out.add_batch(d, metric, ts, values, seqs, recv)
+        return True
+
+    def _senml_fast(self, pack: list[Any], topic: str, recv: int, out: ColumnBuilder) -> bool:
+        """A SenML pack from one device: a base name ``<device>:`` (or ``/``) and base time in
+        its first record only, plain metric names, numeric ``t`` and ``v``."""
+        first = pack[0]
+        if type(first) is not dict:
+            return False
+        bn, bt = first.get("bn"), first.get("bt", 0.0)
+        if type(bn) is not str or not bn or bn[-1] not in ":/" or type(bt) not in _NUMBER \
+                or abs(bt) >= INT_LIMIT:
+            return False
+        device = bn[:-1]
+        if not _valid_device_id(device) or not self._claim_ok(device, topic, _no_reject):
+            return False
+        try:
+            if any("bn" in r or "bt" in r for r in pack[1:]):
+                return False
+            names = [r["n"] for r in pack]
+            times = [r.get("t", 0.0) for r in pack]
+            values = [r["v"] for r in pack]
+            seqs = _seqs(pack)
+            joined = "".join(names)
+        except (TypeError, KeyError, AttributeError):
+            return False
+        if ":" in joined or "/" in joined or not set(map(type, times)) <= _NUMBER \
+                or max(map(abs, times)) >= INT_LIMIT:
+            return False
+        # as the per-reading path: seconds = bt + float(t), rounded to ms half to even (as
+        # round() does), relative to the receive time below 2**28 s
+        seconds = np.asarray(times, np.float64) + float(bt)
+        ms = np.rint(seconds * 1000.0)
+        if not np.isfinite(ms).all() or np.abs(ms).max() >= INT_LIMIT:
+            return False
+        ts = ms.astype(np.int64)
+        ts[np.abs(seconds) < SENML_RELATIVE_LIMIT] += recv
+        return self._columns_fast(device, names, ts.tolist(), values, seqs, recv, out)
 
     def _one(self, r: dict[str, Any], device: str, recv: int, out: ColumnBuilder,
              reject: Any) -> None:

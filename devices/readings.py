@@ -107,40 +107,67 @@ class ReadingColumns:
 
 
 class ColumnBuilder:
-    """Appends decoded readings to Python lists, then turns them into arrays once per batch."""
+    """Collects decoded readings in arrival order in Python lists (a batch payload's readings
+    extend them at once, its device and receive time kept as one run), turned into arrays once
+    per micro-batch."""
 
-    __slots__ = ("device", "metric", "recv", "seq", "ts", "value")
+    __slots__ = ("device", "metric", "recv", "runs", "seq", "ts", "value")
 
     def __init__(self) -> None:
-        self.device: list[int] = []
         self.metric: list[int] = []
         self.ts: list[int] = []
         self.value: list[float] = []
         self.seq: list[int] = []
-        self.recv: list[int] = []
+        # device and receive time: runs of (device, recv, readings), one per message or reading
+        self.runs: list[tuple[int, int, int]] = []
 
     def append(self, device: int, metric: int, ts: int, value: float, seq: int, recv: int) -> None:
-        self.device.append(device)
+        self.runs.append((device, recv, 1))
         self.metric.append(metric)
         self.ts.append(ts)
         self.value.append(value)
         self.seq.append(seq)
-        self.recv.append(recv)
+
+    def add_batch(self, device: int, metric: list[int], ts: list[int], value: list[float],
+                  seq: list[int], recv: int) -> None:
+        """One device's readings at once (what a batch payload carries)."""
+        self.runs.append((device, recv, len(ts)))
+        self.metric.extend(metric)
+        self.ts.extend(ts)
+        self.value.extend(value)
+        self.seq.extend(seq)
 
     def __len__(self) -> int:
-        return len(self.device)
+        return len(self.ts)
 
     def truncate(self, n: int) -> None:
-        """Drop everything appended after the first ``n`` readings."""
-        for col in (self.device, self.metric, self.ts, self.value, self.seq, self.recv):
+        """Drop everything added after the first ``n`` readings."""
+        for col in (self.metric, self.ts, self.value, self.seq):
             del col[n:]
+        total = 0
+        for i, (d, r, k) in enumerate(self.runs):
+            if total + k >= n:
+                del self.runs[i + 1:]
+                if n - total < k:
+                    self.runs[i] = (d, r, n - total)
+                if n == total:
+                    del self.runs[i]
+                break
+            total += k
 
     def build(self) -> ReadingColumns:
+        if self.runs:
+            dev, recv, count = zip(*self.runs, strict=True)
+            counts = np.array(count, np.int64)
+            device = np.repeat(np.array(dev, np.int32), counts)
+            recvs = np.repeat(np.array(recv, np.int64), counts)
+        else:
+            device, recvs = np.empty(0, np.int32), np.empty(0, np.int64)
         return ReadingColumns(
-            np.array(self.device, dtype=np.int32),
+            device,
             np.array(self.metric, dtype=np.int32),
             np.array(self.ts, dtype=np.int64),
             np.array(self.value, dtype=np.float64),
             np.array(self.seq, dtype=np.int64),
-            np.array(self.recv, dtype=np.int64),
+            recvs,
         )

@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.gaps import WIDTH, SeqGaps
+from edge.gaps import WIDTH, SeqGaps, _distinct_pairs
 
 
 def feed(g: SeqGaps, arrivals: list[tuple[int, int]], batch: int) -> None:
@@ -72,3 +72,17 @@ def test_batches_and_single_readings_agree() -> None:
     feed(b, list(zip(dev.tolist(), seqs.tolist(), strict=True)), 97)
     assert a.gap[:3].tolist() == b.gap[:3].tolist()
     assert a.hi[:3].tolist() == b.hi[:3].tolist()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 50), st.one_of(st.integers(0, 300),
+                                                        st.integers(0, 2**62))), min_size=1))
+def test_distinct_pairs_by_either_sort_are_numpys_unique(pairs: list[tuple[int, int]]) -> None:
+    """The gap count's (device, seq) pairs, whether the batch's numbers fit one combined sort
+    key or need the two-key sort (numbers spread over more than 2**62 / devices)."""
+    device = np.array([d for d, _ in pairs], np.int64)
+    seq = np.array([s for _, s in pairs], np.int64)
+    want = np.unique(np.stack([device, seq]), axis=1)
+    d, s = _distinct_pairs(device, seq)
+    assert d.tolist() == want[0].tolist()
+    assert s.tolist() == want[1].tolist()
