@@ -25,6 +25,8 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Callable
+from itertools import repeat
+from operator import contains as _has
 from typing import Any
 
 import numpy as np
@@ -311,7 +313,8 @@ class PayloadDecoder:
         if not _valid_device_id(device) or not self._claim_ok(device, topic, _no_reject):
             return False
         try:
-            if any("bn" in r or "bt" in r for r in pack[1:]):
+            rest = pack[1:]
+            if any(map(_has, rest, repeat("bn"))) or any(map(_has, rest, repeat("bt"))):
                 return False
             names = [r["n"] for r in pack]
             times = [r.get("t", 0.0) for r in pack]
