@@ -10,6 +10,7 @@ from bench import (
     detect,
     engine,
     intake,
+    latency,
     jetstream,
     pipeline,
     simulator,
@@ -23,6 +24,7 @@ def main() -> None:
     sketches.main()
     pipeline.main()
     intake.main()
+    latency.main()
     custody.main()
     broker.main()
     jetstream.main()

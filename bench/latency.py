@@ -1,0 +1,253 @@
+"""Window close -> queryable in InfluxDB, at 10,000 devices on one machine, real services.
+
+The shipped ``deploy/gateway.toml`` and ``deploy/cloud.toml`` (pointed at the brokers, InfluxDB
+and state directories started here; nothing else changed unless a variant says so), the agent
+and the worker as real processes, Mosquitto twice, InfluxDB 1.6, and a fleet of 10,000 devices
+publishing once a second in real time.
+
+*Window close* is the watermark passing the window's end: the agent emits the window in that
+tick and stamps the batch carrying it with the time (``sent_ms``, the agent's wall clock); this
+bench reads every results batch off the cloud broker beside the worker. *Queryable* is the first
+moment a query sees the window's point: a sample of the devices (one in 16), polled every 50 ms
+with one InfluxDB query for all of them (so a figure is late by up to the poll interval plus the
+query's own time, never early). Both clocks are this machine's.
+
+Variants show what the user trades: the shipped settings; and the worker's flush interval, which
+is the part of the path that waits on purpose.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from bench.common import Figure, GaveUpError, figure, report, wait_until
+from cloud.sinks.influx_v1 import InfluxV1Client
+from devices.contract import ResultBatch, decode_uplink
+from fieldline.services import InfluxDB, Mosquitto
+from simulators.fleet import FleetSimulator, FleetSpec
+from simulators.publisher import FleetPublisher
+
+ROOT = Path(__file__).resolve().parent.parent
+DEVICES = 10_000
+SAMPLE = 16  # one device in this many is polled
+POLL_S = 0.05
+CMD = [sys.executable, "-m", "fieldline.cli", "--log-level", "WARNING"]
+
+
+def _sampled(name: str) -> bool:
+    return zlib.crc32(name.encode()) % SAMPLE == 0
+
+
+def _change(text: str, changes: dict[str, str] | None, name: str) -> str:
+    for key, value in (changes or {}).items():
+        text, n = re.subn(rf"^{key} = .*$", f"{key} = {value}", text, flags=re.M)
+        if n != 1:
+            raise ValueError(f"deploy/{name} has no single {key} line to change")
+    return text
+
+
+def shipped_configs(work: Path, gw: Mosquitto, cloud: Mosquitto, ix: InfluxDB,
+                    cloud_changes: dict[str, str] | None = None,
+                    gateway_changes: dict[str, str] | None = None) -> tuple[Path, Path]:
+    """deploy/gateway.toml and deploy/cloud.toml as shipped, pointed at these services (the
+    registry lines dropped: the fleet is not in a registry)."""
+    g = (ROOT / "deploy" / "gateway.toml").read_text()
+    g = re.sub(r'broker = "mqtts?://[^"]*"', f'broker = "{gw.url}"', g, count=1)  # [intake]
+    g = re.sub(r'broker = "mqtt://cloud[^"]*"', f'broker = "{cloud.url}"', g, count=1)
+    g = re.sub(r'state_dir = "[^"]*"', f'state_dir = "{work}/edge-state"', g)
+    g = re.sub(r"^registry = .*$", "", g, flags=re.M)
+    c = (ROOT / "deploy" / "cloud.toml").read_text()
+    c = re.sub(r'broker = "mqtt://[^"]*"', f'broker = "{cloud.url}"', c, count=1)
+    c = re.sub(r'url = "http://[^"]*"', f'url = "{ix.url}"', c, count=1)
+    c = re.sub(r'state_dir = "[^"]*"', f'state_dir = "{work}/cloud-state"', c)
+    c = re.sub(r"^registry = .*$", "", c, flags=re.M)
+    c = _change(c, cloud_changes, "cloud.toml")
+    g = _change(g, gateway_changes, "gateway.toml")
+    if gw.url not in g or cloud.url not in g or cloud.url not in c or ix.url not in c:
+        raise ValueError("the shipped configs no longer have the lines this bench points")
+    (work / "gateway.toml").write_text(g)
+    (work / "cloud.toml").write_text(c)
+    return work / "gateway.toml", work / "cloud.toml"
+
+
+class Closes:
+    """Every window of a sampled device, with the time the agent closed it, off the wire."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.closed: dict[tuple[str, str, int], int] = {}  # (device, spec, start) -> sent_ms
+        self.arrived: dict[tuple[str, str, int], int] = {}  # -> when it reached the broker
+        self.batches = 0
+
+    def on_message(self, _c: object, _u: object, m: mqtt.MQTTMessage) -> None:
+        if not m.topic.endswith("/results"):
+            return
+        b = decode_uplink(m.payload)
+        if not isinstance(b, ResultBatch):
+            return
+        r = b.results
+        labels = b.spec_labels()
+        first = (r.rev == 0).tolist()
+        now = time.time_ns() // 1_000_000
+        with self.lock:
+            self.batches += 1
+            for i, (d, s) in enumerate(zip(r.device.tolist(), r.start.tolist(), strict=True)):
+                name = b.devices[d]
+                if first[i] and _sampled(name):
+                    self.closed.setdefault((name, labels[i], s), b.sent_ms)
+                    self.arrived.setdefault((name, labels[i], s), now)
+
+
+def poll(influx: InfluxV1Client, closes: Closes, seen: dict[tuple[str, str, int], int],
+         stop: threading.Event, took: list[float]) -> None:
+    """Ask InfluxDB every ``POLL_S`` which of the closed, not yet seen windows it has."""
+    while not stop.is_set():
+        t0 = time.monotonic()
+        with closes.lock:
+            waiting = [k for k in closes.closed if k not in seen]
+        if waiting:
+            devices = sorted({k[0] for k in waiting})
+            lo, hi = min(k[2] for k in waiting), max(k[2] for k in waiting)
+            q = (f'SELECT "count", "device", "window" FROM "aggregates" WHERE time >= {lo}ms '
+                 f'AND time <= {hi}ms AND "device" =~ /^({"|".join(map(re.escape, devices))})$/')
+            doc: Any = influx.query(q)
+            took.append(time.monotonic() - t0)
+            now = time.time_ns() // 1_000_000
+            for series in doc["results"][0].get("series", []):
+                cols = series["columns"]
+                t, d, w = cols.index("time"), cols.index("device"), cols.index("window")
+                for row in series["values"]:
+                    key = (str(row[d]), str(row[w]), int(row[t]))
+                    if key in closes.closed and key not in seen:
+                        seen[key] = now
+        stop.wait(max(0.0, POLL_S - (time.monotonic() - t0)))
+
+
+def measure(work: Path, *, seconds: int = 70, devices: int = DEVICES,
+            cloud_changes: dict[str, str] | None = None,
+            gateway_changes: dict[str, str] | None = None) -> dict[str, Any]:
+    gw = Mosquitto(work / "gw").start()
+    cloud = Mosquitto(work / "cloud").start()
+    ix = InfluxDB(work / "influx").start()
+    procs: list[subprocess.Popen[bytes]] = []
+    sub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    stop = threading.Event()
+    try:
+        gcfg, ccfg = shipped_configs(work, gw, cloud, ix, cloud_changes, gateway_changes)
+        closes = Closes()
+        sub.on_message = closes.on_message
+        sub.connect("127.0.0.1", cloud.port)
+        sub.subscribe("fieldline/v1/+/results", qos=0)
+        sub.loop_start()
+        for part, cfg in (("cloud", ccfg), ("edge", gcfg)):
+            log = (work / f"{part}.log").open("ab")
+            procs.append(subprocess.Popen([*CMD, part, "run", "--config", str(cfg)],
+                                          stdout=log, stderr=subprocess.STDOUT))
+        influx = InfluxV1Client(ix.url, "fieldline")
+        wait_until(lambda: "fieldline" in str(influx.query("SHOW DATABASES", database="")),
+                   60, "the worker to create its database")
+        time.sleep(2)
+        spec = FleetSpec(gateways=1, devices_per_gateway=devices, disorder_fraction=0.0,
+                         topic_template="devices/{device}/readings")
+        pub = FleetPublisher(FleetSimulator(spec, time.time_ns() // 1_000_000),
+                             {"gw-1": gw.address}, qos=1)
+        seen: dict[tuple[str, str, int], int] = {}
+        took: list[float] = []
+        poller = threading.Thread(target=poll, args=(influx, closes, seen, stop, took),
+                                  daemon=True)
+        poller.start()
+        pub.run_realtime(threading.Event(), seconds)
+        pub.close()
+        t_end = time.time_ns() // 1_000_000
+        # every window closed by then should turn up; give the chain 20 s
+        wait_until(lambda: all(k in seen for k in list(closes.closed)), 20,
+                   "the closed windows to be queryable",
+                   lambda: f"{sum(k not in seen for k in closes.closed)} of "
+                           f"{len(closes.closed)} still missing")
+        stop.set()
+        poller.join(10)
+        for p in procs:
+            if p.poll() is not None:
+                raise GaveUpError(f"fieldline {p.args} exited early; see {work}/*.log")
+        first_end = min(k[2] for k in closes.closed)
+        # the first windows of the run are partial (the fleet started inside them): left out
+        keys = [k for k, c in closes.closed.items() if k[2] > first_end and c < t_end]
+        if not keys:
+            raise GaveUpError("no complete window closed during the run")
+        lat = np.array([seen[k] - closes.closed[k] for k in keys], np.float64)
+        edge = np.array([closes.arrived[k] - closes.closed[k] for k in keys], np.float64)
+        cloud_part = lat - edge
+        by_close: dict[tuple[str, int], list[float]] = {}
+        for k, v in zip(keys, lat.tolist(), strict=True):
+            by_close.setdefault((k[1], k[2]), []).append(v)
+        return {"by_window": {f"{w}@{s % 600_000 // 1000}s": (len(v), float(np.median(v)),
+                                                              max(v))
+                              for (w, s), v in sorted(by_close.items(), key=lambda x: x[0][1])},
+                "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+                "max_ms": float(lat.max()), "windows": len(lat), "batches": closes.batches,
+                "published": pub.published,
+                "poll_p50_ms": float(np.percentile(took, 50)) * 1000,
+                "poll_max_ms": max(took) * 1000,
+                "edge_p50_ms": float(np.percentile(edge, 50)),
+                "edge_p99_ms": float(np.percentile(edge, 99)),
+                "cloud_p50_ms": float(np.percentile(cloud_part, 50)),
+                "cloud_p99_ms": float(np.percentile(cloud_part, 99))}
+    finally:
+        stop.set()
+        sub.loop_stop()
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        gw.stop()
+        cloud.stop()
+        ix.stop()
+
+
+VARIANTS: list[tuple[str, dict[str, str], dict[str, str]]] = [
+    ("shipped configs (windows 10s and 1m)", {}, {}),
+    ("worker batch_points = 1000", {"batch_points": "1000"}, {}),
+    ("one window spec (specs = [\"10s\"]), batch_points = 1000", {"batch_points": "1000"},
+     {"specs": '["10s"]'}),
+]
+
+
+def main(seconds: int = 70) -> list[Figure]:
+    figs = []
+    for label, cloud_changes, gateway_changes in VARIANTS:
+        with tempfile.TemporaryDirectory(prefix="fieldline-bench-") as d:
+            r = measure(Path(d), seconds=seconds, cloud_changes=cloud_changes,
+                        gateway_changes=gateway_changes)
+        worst = max(r["by_window"].items(), key=lambda kv: kv[1][2])
+        note = (f"{r['windows']:,} sampled windows (1 device in {SAMPLE}) of {DEVICES:,} "
+                f"devices at 1 Hz; close -> cloud broker p50/p99 {r['edge_p50_ms']:,.0f}/"
+                f"{r['edge_p99_ms']:,.0f} ms, cloud broker -> queryable "
+                f"{r['cloud_p50_ms']:,.0f}/{r['cloud_p99_ms']:,.0f} ms; worst window "
+                f"{worst[0]} (seconds into its 10 min) max {worst[1][2]:,.0f} ms; polled every "
+                f"{POLL_S * 1000:.0f} ms, poll p50 {r['poll_p50_ms']:,.0f} ms")
+        figs.append(figure(f"window close -> queryable in InfluxDB p50, {label}",
+                           r["p50_ms"], "ms", note=note))
+        figs.append(figure(f"window close -> queryable in InfluxDB p99, {label}",
+                           r["p99_ms"], "ms", 1000.0, "target", note=f"max {r['max_ms']:,.0f} ms"))
+    report("latency", figs)
+    return figs
+
+
+if __name__ == "__main__":
+    main()
