@@ -4,12 +4,54 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+
+
+def _change(text: str, changes: dict[str, str] | None, name: str) -> str:
+    for key, value in (changes or {}).items():
+        text, n = re.subn(rf"^{key} = .*$", f"{key} = {value}", text, flags=re.M)
+        if n != 1:
+            raise ValueError(f"deploy/{name} has no single {key} line to change")
+    return text
+
+
+def shipped_gateway(work: Path, intake_url: str, cloud_url: str,
+                    changes: dict[str, str] | None = None) -> Path:
+    """deploy/gateway.toml as shipped, pointed at these brokers and a state directory under
+    ``work`` (the registry line dropped: a simulated fleet is in no registry); ``changes``:
+    ``key = value`` lines to replace, each of which must exist once."""
+    g = (DEPLOY / "gateway.toml").read_text()
+    g = re.sub(r'broker = "mqtts?://[^"]*"', f'broker = "{intake_url}"', g, count=1)  # [intake]
+    g = re.sub(r'broker = "mqtt://cloud[^"]*"', f'broker = "{cloud_url}"', g, count=1)
+    g = re.sub(r'state_dir = "[^"]*"', f'state_dir = "{work}/edge-state"', g)
+    g = re.sub(r"^registry = .*$", "", g, flags=re.M)
+    g = _change(g, changes, "gateway.toml")
+    if intake_url not in g or cloud_url not in g:
+        raise ValueError("deploy/gateway.toml no longer has the broker lines this bench points")
+    (work / "gateway.toml").write_text(g)
+    return work / "gateway.toml"
+
+
+def shipped_cloud(work: Path, broker_url: str, influx_url: str,
+                  changes: dict[str, str] | None = None) -> Path:
+    """deploy/cloud.toml as shipped, pointed at this broker and InfluxDB (as above)."""
+    c = (DEPLOY / "cloud.toml").read_text()
+    c = re.sub(r'broker = "mqtt://[^"]*"', f'broker = "{broker_url}"', c, count=1)
+    c = re.sub(r'url = "http://[^"]*"', f'url = "{influx_url}"', c, count=1)
+    c = re.sub(r'state_dir = "[^"]*"', f'state_dir = "{work}/cloud-state"', c)
+    c = re.sub(r"^registry = .*$", "", c, flags=re.M)
+    c = _change(c, changes, "cloud.toml")
+    if broker_url not in c or influx_url not in c:
+        raise ValueError("deploy/cloud.toml no longer has the lines this bench points")
+    (work / "cloud.toml").write_text(c)
+    return work / "cloud.toml"
 
 
 @dataclass

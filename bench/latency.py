@@ -33,14 +33,21 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bench.common import Figure, GaveUpError, figure, report, wait_until
+from bench.common import (
+    Figure,
+    GaveUpError,
+    figure,
+    report,
+    shipped_cloud,
+    shipped_gateway,
+    wait_until,
+)
 from cloud.sinks.influx_v1 import InfluxV1Client
 from devices.contract import ResultBatch, decode_uplink
 from fieldline.services import InfluxDB, Mosquitto
 from simulators.fleet import FleetSimulator, FleetSpec
 from simulators.publisher import FleetPublisher
 
-ROOT = Path(__file__).resolve().parent.parent
 DEVICES = 10_000
 SAMPLE = 16  # one device in this many is polled
 POLL_S = 0.05
@@ -49,38 +56,6 @@ CMD = [sys.executable, "-m", "fieldline.cli", "--log-level", "WARNING"]
 
 def _sampled(name: str) -> bool:
     return zlib.crc32(name.encode()) % SAMPLE == 0
-
-
-def _change(text: str, changes: dict[str, str] | None, name: str) -> str:
-    for key, value in (changes or {}).items():
-        text, n = re.subn(rf"^{key} = .*$", f"{key} = {value}", text, flags=re.M)
-        if n != 1:
-            raise ValueError(f"deploy/{name} has no single {key} line to change")
-    return text
-
-
-def shipped_configs(work: Path, gw: Mosquitto, cloud: Mosquitto, ix: InfluxDB,
-                    cloud_changes: dict[str, str] | None = None,
-                    gateway_changes: dict[str, str] | None = None) -> tuple[Path, Path]:
-    """deploy/gateway.toml and deploy/cloud.toml as shipped, pointed at these services (the
-    registry lines dropped: the fleet is not in a registry)."""
-    g = (ROOT / "deploy" / "gateway.toml").read_text()
-    g = re.sub(r'broker = "mqtts?://[^"]*"', f'broker = "{gw.url}"', g, count=1)  # [intake]
-    g = re.sub(r'broker = "mqtt://cloud[^"]*"', f'broker = "{cloud.url}"', g, count=1)
-    g = re.sub(r'state_dir = "[^"]*"', f'state_dir = "{work}/edge-state"', g)
-    g = re.sub(r"^registry = .*$", "", g, flags=re.M)
-    c = (ROOT / "deploy" / "cloud.toml").read_text()
-    c = re.sub(r'broker = "mqtt://[^"]*"', f'broker = "{cloud.url}"', c, count=1)
-    c = re.sub(r'url = "http://[^"]*"', f'url = "{ix.url}"', c, count=1)
-    c = re.sub(r'state_dir = "[^"]*"', f'state_dir = "{work}/cloud-state"', c)
-    c = re.sub(r"^registry = .*$", "", c, flags=re.M)
-    c = _change(c, cloud_changes, "cloud.toml")
-    g = _change(g, gateway_changes, "gateway.toml")
-    if gw.url not in g or cloud.url not in g or cloud.url not in c or ix.url not in c:
-        raise ValueError("the shipped configs no longer have the lines this bench points")
-    (work / "gateway.toml").write_text(g)
-    (work / "cloud.toml").write_text(c)
-    return work / "gateway.toml", work / "cloud.toml"
 
 
 class Closes:
@@ -146,7 +121,8 @@ def measure(work: Path, *, seconds: int = 70, devices: int = DEVICES,
     sub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     stop = threading.Event()
     try:
-        gcfg, ccfg = shipped_configs(work, gw, cloud, ix, cloud_changes, gateway_changes)
+        gcfg = shipped_gateway(work, gw.url, cloud.url, gateway_changes)
+        ccfg = shipped_cloud(work, cloud.url, ix.url, cloud_changes)
         closes = Closes()
         sub.on_message = closes.on_message
         sub.connect("127.0.0.1", cloud.port)

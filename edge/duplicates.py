@@ -42,7 +42,6 @@ EMPTY = np.int64(-1)
 _HASH_FLAG = np.int64(1 << 62)  # set in every hash code (as in checkpoints of the shared ring)
 _CHUNK = 8_192
 MAX_BYTES = 32 * 2**20  # what the duplicate memory may grow to, for all devices together
-_FREE = np.iinfo(np.int32).max  # scratch holds row numbers of one batch (< 2^31)
 _POW2 = np.left_shift(np.uint64(1), np.arange(64, dtype=np.uint64))
 _popcount = getattr(np, "bitwise_count", None)  # numpy >= 2.0
 
@@ -103,7 +102,6 @@ class DuplicateFilter:
         self.hash_ring: npt.NDArray[np.int64] = np.full((0, memory), EMPTY, np.int64)
         self.pos: I64 = np.zeros(0, np.int64)  # next hash slot per device
         self.high: I64 = np.zeros(0, np.int64)  # highest seq per device since its counter started
-        self._scratch: npt.NDArray[np.int32] = np.full((0, memory), _FREE, np.int32)
 
     def _ensure(self, n: int, *, seq: bool, hashed: bool) -> None:
         if n > self.devices:
@@ -119,7 +117,6 @@ class DuplicateFilter:
 
         if (ring := grown(self.seq_ring, seq)) is not None:
             self.seq_ring = ring
-            self._scratch = np.full((rows, self.memory), _FREE, np.int32)
             high = np.full(rows, -1, np.int64)
             high[: len(self.high)] = self.high
             self.high = high
@@ -190,7 +187,8 @@ class DuplicateFilter:
         self.anchor_ts[due] = newest_ts[due]
         self.anchor_seq[due] = newest_seq[due]
         self._counted[due] = 0
-        # bounded in all: at most MAX_BYTES for every device's slots (seq, hash, scratch)
+        # bounded in all: at most MAX_BYTES for every device's slots (seq, hash, and a batch's
+        # scratch while it is judged)
         cap = min(self.max_memory, MAX_BYTES // (20 * max(self.devices, 1)))
         cap = 1 << (cap.bit_length() - 1) if cap >= 1 else 1
         if 2 * self.need > self.memory and self.memory < cap:
@@ -207,7 +205,6 @@ class DuplicateFilter:
             held = self.seq_ring[d, k]
             ring[d, held % m] = held  # the last old_m numbers of a device: distinct mod m
             self.seq_ring = ring
-            self._scratch = np.full((len(ring), m), _FREE, np.int32)
         if not len(self.hash_ring):
             self.hash_ring = np.full((0, m), EMPTY, np.int64)
         else:
@@ -239,7 +236,9 @@ class DuplicateFilter:
         dup: npt.NDArray[np.bool_] = ring[flat] == seq
         # repeats within the batch: rows sharing a slot. After a plain scatter of row numbers
         # every row reads its own back only if no two rows share one, whichever write won.
-        scratch = self._scratch.reshape(-1)
+        # scratch: one cell per slot, only for this batch (mapped, so only the pages of the
+        # slots written become memory, and only until the batch is judged)
+        scratch = np.empty(ring.size, np.int32)
         rows = np.arange(len(flat), dtype=np.int32)
         scratch[flat] = rows
         shared = scratch[flat] != rows
@@ -285,7 +284,7 @@ class DuplicateFilter:
 
     def nbytes(self) -> int:
         return int(self.seq_ring.nbytes + self.hash_ring.nbytes + self.pos.nbytes
-                   + self.high.nbytes + self._scratch.nbytes)
+                   + self.high.nbytes)
 
     def snapshot(self) -> dict[str, npt.NDArray[np.generic]]:
         return {"dup_seq_ring": self.seq_ring, "dup_hash_ring": self.hash_ring,
@@ -321,7 +320,6 @@ class DuplicateFilter:
         if len(self.hash_ring) == 0:
             self.pos = np.zeros(0, np.int64)
         self.devices = max(len(self.seq_ring), len(self.hash_ring))
-        self._scratch = np.full((len(self.seq_ring), m), _FREE, np.int32)
         # the high-water marks (derived from the slots for checkpoints that lack them)
         high = snap["dup_high"].astype(np.int64) if "dup_high" in snap else np.zeros(0, np.int64)
         if len(high) != len(self.seq_ring):
