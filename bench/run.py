@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from bench import (
+    arm64,
     broker,
     custody,
     detect,
@@ -29,6 +30,7 @@ def main() -> None:
     broker.main()
     jetstream.main()
     simulator.main()
+    arm64.main()  # as root: the emulated Pi root of make pi-check (built when missing)
     detect.main([])
 
 

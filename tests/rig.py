@@ -84,7 +84,7 @@ class Rig(FleetRig):
                  agent_extra: str = "", broker_persistence: bool = False,
                  influx_proxy: bool = False, gw_broker: dict[str, Any] | None = None,
                  intake_extra: str = "", wallclock: Path | None = None,
-                 agent_cmd: list[str] | None = None) -> None:
+                 agent_cmd: list[str] | None = None, checkpoint: str = "1s") -> None:
         self.tmp = tmp
         self.agent_cmd = agent_cmd  # another `fieldline` (e.g. arm64, emulated, in a chroot)
         self.wallclock = wallclock  # the agent's wall clock offset, in this file (wallclock.py)
@@ -128,7 +128,7 @@ max_results_per_batch = 200
 tick = "100ms"
 health_interval = "500ms"
 ledger_interval = "500ms"
-checkpoint_interval = "1s"
+checkpoint_interval = "{checkpoint}"
 {agent_extra}
 """)
         self.cloud_cfg = tmp / "cloud.toml"
@@ -206,8 +206,9 @@ timeout = "2s"
 
     # ---- results -------------------------------------------------------------------------------
 
-    def wait_settled(self, expect: int, timeout_s: float = 90) -> int:
-        """Until InfluxDB holds ``expect`` readings (or the count stops moving for 5 s)."""
+    def wait_settled(self, expect: int, timeout_s: float = 90, quiet_s: float = 15) -> int:
+        """Until InfluxDB holds ``expect`` readings (or the count stops moving for
+        ``quiet_s``)."""
         deadline = time.monotonic() + timeout_s
         last, since = -1, time.monotonic()
         while time.monotonic() < deadline:
@@ -217,7 +218,7 @@ timeout = "2s"
                 return self.in_influx()
             if n != last:
                 last, since = n, time.monotonic()
-            elif time.monotonic() - since > 15:
+            elif time.monotonic() - since > quiet_s:
                 return n
             time.sleep(0.3)
         return self.in_influx()

@@ -123,14 +123,15 @@ class PiRoot:
     mounts: Mounts
 
 
-@pytest.fixture(scope="module")
-def pi(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PiRoot]:
+def prepare_root(dist: Path) -> PiRoot:
+    """The arm64 root (built once, kept), mounted, with this checkout's wheel installed in a
+    fresh venv (``dist``: where the wheel is built). Release ``.mounts`` when done."""
     if os.geteuid() != 0:
-        pytest.fail("make pi-check needs root (debootstrap, chroot, mounts)")
+        raise RuntimeError("the arm64 root needs root (debootstrap, chroot, mounts)")
     for tool in ("debootstrap", "qemu-aarch64-static", "update-binfmts"):
         if not shutil.which(tool):
-            pytest.fail(f"{tool} missing: apt-get install -y debootstrap qemu-user-static "
-                        "binfmt-support (make pi-check does)")
+            raise RuntimeError(f"{tool} missing: apt-get install -y debootstrap "
+                               "qemu-user-static binfmt-support (make pi-check does)")
     binfmt()
     unmount_all()
     built_s = 0.0 if STAMP.is_file() and STAMP.read_text().strip() == PACKAGES else build_root()
@@ -147,7 +148,6 @@ def pi(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PiRoot]:
         for d in ("run/mosquitto", "var/log/mosquitto"):  # what the package's unit creates
             (PI / d).mkdir(parents=True, exist_ok=True)
             chroot("chown", "mosquitto", f"/{d}")
-        dist = tmp_path_factory.mktemp("dist")
         sh([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist),
             str(ROOT)], 600)
         wheel = next(dist.glob("fieldline-*.whl"))
@@ -159,9 +159,22 @@ def pi(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PiRoot]:
                      env={"PIP_DISABLE_PIP_VERSION_CHECK": "1"})
         installed_s = time.monotonic() - t0
         assert "Building wheel" not in out.stdout, "something was compiled:\n" + out.stdout
-        yield PiRoot(built_s, installed_s, mounts)
-    finally:
+    except BaseException:
         mounts.release()
+        raise
+    return PiRoot(built_s, installed_s, mounts)
+
+
+@pytest.fixture(scope="module")
+def pi(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PiRoot]:
+    try:
+        root = prepare_root(tmp_path_factory.mktemp("dist"))
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    try:
+        yield root
+    finally:
+        root.mounts.release()
 
 
 def test_wheel_installs_on_arm64_with_nothing_compiled(pi: PiRoot) -> None:
@@ -236,13 +249,17 @@ def test_emulated_agent_in_the_real_chain(pi: PiRoot, tmp_path: Path,
     """Host Mosquitto (gateway and cloud), cloud worker and InfluxDB; the arm64 agent under
     emulation; 1,000 devices at 1 Hz for 30 s: every reading in InfluxDB, ledger balanced."""
     pi.mounts.bind(tmp_path)  # the rig's configs and state at the same path inside the root
+    # checkpoints as often as the shipped config (the rig's fault tests take one a second: here
+    # 15 MB of window state a second, which an emulated core on a slow day cannot keep up with)
     rig = Rig(tmp_path, mosquitto_factory, influx_db, devices=1_000, interval_ms=1_000,
-              agent_cmd=["chroot", str(PI), f"{VENV}/bin/fieldline", "--log-level", "WARNING"])
+              agent_cmd=["chroot", str(PI), f"{VENV}/bin/fieldline", "--log-level", "WARNING"],
+              checkpoint="30s")
     try:
         rig.start_chain(fleet_s=30)
         rig.wait_fleet(120)
         n = len(rig.published)
-        got = rig.wait_settled(n, timeout_s=240)
+        # emulation is several times slower than a Pi: the agent may trail the fleet by a while
+        got = rig.wait_settled(n, timeout_s=300, quiet_s=60)
         led = rig.ledger_when(lambda d: d.get("windows_pending", 1) == 0, 120)
         report = rig.oracle()
         assert got == n, f"{got} of {n} readings in InfluxDB"
