@@ -190,7 +190,7 @@ class _NoSource:
     partitions = 1
 
 
-def bench_cloud(work: Path, n: int) -> list[Figure]:
+def bench_cloud(work: Path, n: int, batch_points: int = 5_000) -> list[Figure]:
     cloud = Mosquitto(work / "cloud2").start()
     ix = InfluxDB(work / "influx").start()
     try:
@@ -250,7 +250,8 @@ def bench_cloud(work: Path, n: int) -> list[Figure]:
         register_session(cloud, cid, "fieldline/v1/+/results")
         publish_backlog(cloud, [(results_topic("gw-1"), b.encode()) for b in batches])
         cfg = CloudConfig(worker_id="bench", broker=cloud.address,
-                          influx=InfluxConfig(url=ix.url, database="cloud", batch_points=5_000,
+                          influx=InfluxConfig(url=ix.url, database="cloud",
+                                              batch_points=batch_points,
                                               flush_interval_ms=100))
         worker = CloudWorker(cfg)
         # timed from the moment the first batch is seen handled (start-up, a connect and a
