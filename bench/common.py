@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import platform
 import re
+import signal
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -22,36 +24,52 @@ def _change(text: str, changes: dict[str, str] | None, name: str) -> str:
     return text
 
 
+def _shipped(name: str, work: Path, points: list[tuple[str, str]], changes: dict[str, str] | None,
+             state: str) -> Path:
+    """deploy/<name> as shipped with each (pattern, value) of ``points`` replaced once (the
+    first match), its state directory under ``work`` and its registry line dropped (a simulated
+    fleet is in no registry); ``changes``: ``key = value`` lines to replace, each of which must
+    exist once. Fails when a pattern no longer matches, rather than run something else."""
+    text = (DEPLOY / name).read_text()
+    for pattern, value in points:
+        text, n = re.subn(pattern, value, text, count=1)
+        if n != 1:
+            raise ValueError(f"deploy/{name} no longer has a line matching {pattern!r}")
+    text = re.sub(r'state_dir = "[^"]*"', f'state_dir = "{work}/{state}"', text)
+    text = re.sub(r"^registry = .*$", "", text, flags=re.M)
+    text = _change(text, changes, name)
+    (work / name).write_text(text)
+    return work / name
+
+
 def shipped_gateway(work: Path, intake_url: str, cloud_url: str,
                     changes: dict[str, str] | None = None) -> Path:
-    """deploy/gateway.toml as shipped, pointed at these brokers and a state directory under
-    ``work`` (the registry line dropped: a simulated fleet is in no registry); ``changes``:
-    ``key = value`` lines to replace, each of which must exist once."""
-    g = (DEPLOY / "gateway.toml").read_text()
-    g = re.sub(r'broker = "mqtts?://[^"]*"', f'broker = "{intake_url}"', g, count=1)  # [intake]
-    g = re.sub(r'broker = "mqtt://cloud[^"]*"', f'broker = "{cloud_url}"', g, count=1)
-    g = re.sub(r'state_dir = "[^"]*"', f'state_dir = "{work}/edge-state"', g)
-    g = re.sub(r"^registry = .*$", "", g, flags=re.M)
-    g = _change(g, changes, "gateway.toml")
-    if intake_url not in g or cloud_url not in g:
-        raise ValueError("deploy/gateway.toml no longer has the broker lines this bench points")
-    (work / "gateway.toml").write_text(g)
-    return work / "gateway.toml"
+    """deploy/gateway.toml as shipped, pointed at these brokers (``_shipped``)."""
+    return _shipped("gateway.toml", work, [
+        (r'broker = "mqtts?://[^"]*"', f'broker = "{intake_url}"'),  # [intake], the first
+        (r'broker = "mqtt://cloud[^"]*"', f'broker = "{cloud_url}"')], changes, "edge-state")
 
 
 def shipped_cloud(work: Path, broker_url: str, influx_url: str,
                   changes: dict[str, str] | None = None) -> Path:
-    """deploy/cloud.toml as shipped, pointed at this broker and InfluxDB (as above)."""
-    c = (DEPLOY / "cloud.toml").read_text()
-    c = re.sub(r'broker = "mqtt://[^"]*"', f'broker = "{broker_url}"', c, count=1)
-    c = re.sub(r'url = "http://[^"]*"', f'url = "{influx_url}"', c, count=1)
-    c = re.sub(r'state_dir = "[^"]*"', f'state_dir = "{work}/cloud-state"', c)
-    c = re.sub(r"^registry = .*$", "", c, flags=re.M)
-    c = _change(c, changes, "cloud.toml")
-    if broker_url not in c or influx_url not in c:
-        raise ValueError("deploy/cloud.toml no longer has the lines this bench points")
-    (work / "cloud.toml").write_text(c)
-    return work / "cloud.toml"
+    """deploy/cloud.toml as shipped, pointed at this broker and InfluxDB (``_shipped``)."""
+    return _shipped("cloud.toml", work, [
+        (r'broker = "mqtt://[^"]*"', f'broker = "{broker_url}"'),
+        (r'url = "http://[^"]*"', f'url = "{influx_url}"')], changes, "cloud-state")
+
+
+def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM each (a clean stop), then wait; whatever is still running after 30 s is
+    killed."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(30)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bench.common import Figure, figure, report, wait_until
+from bench.common import Figure, figure, report, stop_processes, wait_until
 from bench.pipeline import result_batches
 from cloud.jetstream import IN, JetStreamConfig, ensure_stream, gateway_token, partition_of_gateway
 from cloud.sinks.influx_v1 import InfluxV1Client
@@ -121,18 +121,6 @@ def _spawn(work: Path, cfg: Path, name: str, member: str | None = None
                             stderr=subprocess.STDOUT, env={**os.environ})
 
 
-def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(30)
-
-
 def _run_workers(work: Path, urls: list[str], ix: InfluxDB, workers: int, n: int) -> float:
     stream = f"W{workers}"
     asyncio.run(_publish(urls, stream, n))
@@ -150,7 +138,7 @@ def _run_workers(work: Path, urls: list[str], ix: InfluxDB, workers: int, n: int
                    lambda: (_count(client), [p.poll() for p in procs]), poll_s=0.1)
         return n / (time.perf_counter() - t0)
     finally:
-        _stop(procs)
+        stop_processes(procs)
         asyncio.run(_drop(urls, stream))
 
 
@@ -200,7 +188,7 @@ def _move(work: Path, urls: list[str], ix: InfluxDB) -> float:
                    lambda: asyncio.run(_owners(urls, stream)), poll_s=0.1)
         return time.perf_counter() - t0
     finally:
-        _stop(procs)
+        stop_processes(procs)
         asyncio.run(_drop(urls, stream))
 
 

@@ -19,7 +19,6 @@ is the part of the path that waits on purpose.
 from __future__ import annotations
 
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from bench.common import (
     report,
     shipped_cloud,
     shipped_gateway,
+    stop_processes,
     wait_until,
 )
 from cloud.sinks.influx_v1 import InfluxV1Client
@@ -184,13 +184,7 @@ def measure(work: Path, *, seconds: int = 70, devices: int = DEVICES,
     finally:
         stop.set()
         sub.loop_stop()
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(procs)
         gw.stop()
         cloud.stop()
         ix.stop()
