@@ -87,6 +87,7 @@ def _valid_device_id(d: object) -> bool:
 
 
 _INT = {int}
+_STR = {str}
 _NUMBER = {int, float}
 
 
@@ -242,15 +243,18 @@ class PayloadDecoder:
     # through the per-reading path that rejects precisely what is wrong.
 
     def _ids(self, device: str, metrics: list[Any], recv: int) -> tuple[int, dict[str, int]] | None:
-        """The device's id and each metric's (distinct, in order of appearance: ids are handed
-        out in the order the per-reading path would), when all are admitted without a
-        rejection."""
-        if len(metrics) > 64 or not all(type(m) is str and m for m in metrics):
+        """The device's id and the id of each metric of a batch, when all are admitted without
+        a rejection. New metric names get their ids in order of appearance, as on the
+        per-reading path."""
+        if set(map(type, metrics)) != _STR:
+            return None  # (before any hashing: a list or an object for a name is refused below)
+        distinct = set(metrics)
+        if len(distinct) > 64 or "" in distinct:
             return None
         if self.known_device is not None and not self.known_device(device):
             return None
-        new = [m for m in metrics if self.metrics.get(m) is None]
-        if self.known_metric is not None and not all(map(self.known_metric, new)):
+        new = [m for m in distinct if self.metrics.get(m) is None]
+        if new and self.known_metric is not None and not all(map(self.known_metric, new)):
             return None
         # nothing is interned until the device is admitted, as on the per-reading path
         d = self.devices.get(device)
@@ -258,7 +262,8 @@ class PayloadDecoder:
             if self.admit_device and self.admit_device(device, recv) is not None:
                 return None  # the per-reading path refuses (and counts) each of them
             d = self.devices.intern(device)
-        mids = {m: self.metrics.intern(m) for m in metrics}
+        order = dict.fromkeys(metrics) if new else distinct
+        mids = {m: self.metrics.intern(m) for m in order}
         if d < 0 or min(mids.values()) < 0:
             return None
         return d, mids
@@ -291,11 +296,12 @@ class PayloadDecoder:
             return False
         if float in vtypes and not all(map(math.isfinite, values)):
             return False  # a NaN or an infinity (the lenient parser lets them through)
-        ids = self._ids(device, list(dict.fromkeys(metrics)), recv)
+        ids = self._ids(device, metrics, recv)
         if ids is None:
             return False
         d, mids = ids
-        metric = [mids[m] for m in metrics] if len(mids) > 1 else [mids[metrics[0]]] * len(ts)
+        metric = list(map(mids.__getitem__, metrics)) if len(mids) > 1 else \
+            [mids[metrics[0]]] * len(ts)
         out.add_batch(d, metric, ts, values, seqs, recv)
         return True
 

@@ -26,7 +26,7 @@ GOOD = {  # what a well-behaved device sends
     "seq": st.integers(-1, 10**6),
 }
 BAD_VALUES: dict[str, list[Any]] = {  # what one reading of a batch may get wrong (at boundaries)
-    "metric": ["", 7, None, "made_up", "a:b", "a/b", "new1", "new2"],
+    "metric": ["", 7, None, "made_up", "a:b", "a/b", "new1", "new2", [1], {"m": 1}],
     "ts": [0, -1, 1.5, float(T), BIG, -BIG, BIG - 1, 1 - BIG, 2**63, "x", None, True, 1e300],
     "value": [BIG, -BIG, BIG - 1, 1 - BIG, 1e308, -0.0, "7", None, True, [1]],
     "seq": [-2, BIG, BIG - 1, 1.0, "1", None, False],
