@@ -34,9 +34,9 @@ START = 1_700_000_000_000
 
 
 def payloads(rounds: int, shape: str) -> list[list[tuple[str, bytes, int]]]:
-    """``rounds`` seconds... of messages: each device sends ``PER_MESSAGE`` readings (four
-    metrics, 10 Hz, 2.5 s of them) per message; returned as the agent's micro-batches, each with
-    the receive time a gateway would stamp."""
+    """``rounds`` messages from every device, each of ``PER_MESSAGE`` readings (four metrics at
+    10 Hz: 2.5 s of them), as the agent's micro-batches, each message with the receive time a
+    gateway would stamp."""
     encode = encode_batch if shape == "readings" else encode_senml
     span = PER_MESSAGE // len(METRICS) * 100  # ms of readings in one message
     msgs: list[tuple[str, bytes, int]] = []
