@@ -262,7 +262,8 @@ def test_emulated_agent_in_the_real_chain(pi: PiRoot, tmp_path: Path,
         got = rig.wait_settled(n, timeout_s=300, quiet_s=60)
         led = rig.ledger_when(lambda d: d.get("windows_pending", 1) == 0, 120)
         report = rig.oracle()
-        assert got == n, f"{got} of {n} readings in InfluxDB"
+        assert got == n, (f"{got} of {n} readings in InfluxDB; edge ledger {led}; edge "
+                          f"health {rig.health('edge')}")
         assert report.clean, str(report)
         assert led["readings_received"] == (led["readings_accepted"] + led["rejected"]
                                             + led["late_dropped"] + led["duplicates"]), led
