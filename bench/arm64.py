@@ -27,7 +27,7 @@ from bench.common import Figure, GaveUpError, figure, report, wait_until
 from bench.pipeline import device_messages, publish_backlog, register_session
 from devices.contract import HealthReport, decode_uplink
 from fieldline.services import Mosquitto
-from tests.test_pi import PI, VENV, prepare_root
+from tests.test_pi import CHROOT_ENV, PI, VENV, prepare_root
 
 N = 30_000
 BARE = """
@@ -61,10 +61,9 @@ print(got[0], t[1] - t[0])
 
 
 def _in_root(*argv: str, timeout_s: float) -> subprocess.Popen[str]:
-    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-           "LANG": "C.UTF-8", "HOME": "/root"}
     return subprocess.Popen(["timeout", str(int(timeout_s)), "chroot", str(PI), *argv],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=CHROOT_ENV)
 
 
 def measure(work: Path, n: int = N) -> dict[str, float]:

@@ -21,13 +21,17 @@ import numpy as np
 WIDTH = 64  # how far behind the highest number a late reading is still told from a repeat
 
 
-def _sorted_distinct(a: np.ndarray) -> np.ndarray:
-    """``np.unique`` by one sort (numpy 2's hashing ``unique`` is several times slower on the
-    batch sizes here)."""
-    a = np.sort(a)
+def _distinct_of_sorted(a: np.ndarray) -> np.ndarray:
+    """The distinct values of an already sorted array."""
     keep = np.ones(len(a), bool)
     keep[1:] = a[1:] != a[:-1]
     return a[keep]
+
+
+def _sorted_distinct(a: np.ndarray) -> np.ndarray:
+    """``np.unique`` by one sort (numpy 2's hashing ``unique`` is several times slower on the
+    batch sizes here)."""
+    return _distinct_of_sorted(np.sort(a))
 
 
 def _distinct_pairs(device: np.ndarray, seq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -97,7 +101,7 @@ class SeqGaps:
         device, seq = device[~repeat], seq[~repeat]
         if not len(device):
             return self.gap - before
-        devs = _sorted_distinct(device)  # device is sorted already
+        devs = _distinct_of_sorted(device)  # the pairs came sorted by device
         new_count = np.bincount(device, minlength=n_dev)[devs]
         top = np.full(n_dev, np.iinfo(np.int64).min, np.int64)
         np.maximum.at(top, device, seq)

@@ -39,6 +39,8 @@ MIRROR = os.environ.get("FIELDLINE_PI_MIRROR", "http://deb.debian.org/debian")
 PACKAGES = "python3,python3-venv,ca-certificates,mosquitto,mosquitto-clients,systemd,passwd"
 STAMP = PI / ".fieldline-root"
 VENV = "/opt/fieldline/venv"
+CHROOT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+              "LANG": "C.UTF-8", "HOME": "/root"}  # what a login inside the root would have
 EDGE_TESTS = ["tests/test_windows.py", "tests/test_sketch.py", "tests/test_codecs.py",
               "tests/test_outbox.py", "tests/test_clockguard.py", "tests/test_contract.py",
               "tests/test_schema.py"]
@@ -54,9 +56,7 @@ def sh(argv: list[str], timeout_s: float, **kw: object) -> subprocess.CompletedP
 
 def chroot(*argv: str, timeout_s: float = 300, env: dict[str, str] | None = None
            ) -> subprocess.CompletedProcess[str]:
-    base = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            "LANG": "C.UTF-8", "HOME": "/root"}
-    return sh(["chroot", str(PI), *argv], timeout_s, env={**base, **(env or {})})
+    return sh(["chroot", str(PI), *argv], timeout_s, env={**CHROOT_ENV, **(env or {})})
 
 
 def binfmt() -> None:
