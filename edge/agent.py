@@ -781,6 +781,9 @@ class EdgeAgent:
             "last_seen": rep.ts, "outbox_depth": self.outbox.depth,
             "outbox_oldest_age_ms": self.outbox.oldest_age_ms(rep.ts),
             "clock_unsynced": self.pipeline.guard.reason,
+            # whether the gateway broker has acknowledged the intake's subscription: until
+            # then devices' messages reach nobody (a fresh broker keeps no session for the agent)
+            "intake_subscribed": self.intake.subscribed.is_set(),
             "watermark": wm if wm is not None else 0})
 
     async def run(self, stop: asyncio.Event) -> None:

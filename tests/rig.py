@@ -174,8 +174,18 @@ timeout = "2s"
         """Worker and agent up, then the fleet publishing for ``fleet_s`` (in a thread)."""
         self.start_worker()
         self.start_agent()
-        time.sleep(2)
+        self.wait_agent_subscribed()
         self.run_fleet(fleet_s)
+
+    def wait_agent_subscribed(self, timeout_s: float = 180) -> None:
+        """Until the agent's status says the gateway broker acknowledged its subscription (a
+        fresh broker holds no session for it: what devices publish before then reaches nobody;
+        an emulated agent can take tens of seconds to start)."""
+        deadline = time.monotonic() + timeout_s
+        while not self.agent_status().get("intake_subscribed"):
+            assert self.agent is None or self.agent.poll() is None, "the agent exited"
+            assert time.monotonic() < deadline, f"agent not subscribed: {self.agent_status()}"
+            time.sleep(0.2)
 
     def start_worker(self) -> None:
         self.worker = self._spawn("cloud", self.cloud_cfg, "worker.log")
