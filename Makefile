@@ -37,12 +37,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
-# the wheel a gateway installs (`pip install dist/fieldline-*.whl` or with [edge]): the view's
-# vendored chart library and the shipped configs (share/fieldline/deploy) inside
+# what a gateway installs from: the wheel (the view's vendored chart library and the shipped
+# configs, share/fieldline/deploy, inside) and install-edge.sh beside it (the one command)
 dist: setup
 	rm -rf dist
 	$(BIN)/python -m pip wheel -q --no-deps -w dist .
-	@ls dist/*.whl
+	cp deploy/pi/install-edge.sh dist/
+	@ls dist/*.whl dist/install-edge.sh
 
 demo: setup
 	$(BIN)/fieldline demo $(DEMO_ARGS)

@@ -232,14 +232,19 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     finally:
         stop.set()
         runner.join()
+        # what is still on its way gets the time to be acknowledged (run_realtime waits 5 s;
+        # a busy machine can need longer): what is not acknowledged by then is said below
+        pub.flush(30.0)
+        c = pub.counters
         pub.close()
         if cfg.truth_path:
             print(f"\nground truth: {cfg.truth_path}")
-    c = pub.counters
     print(f"\npublished {pub.published} readings from {len(sim.device_ids)} devices, "
           f"{len(sim.truth)} faults injected, max {pub.max_behind_ms / 1000:.1f} s behind; "
           f"broker acknowledged {c['acked']}, refused {c['refused']}, "
-          f"{c['reconnects']} reconnects ({c['resent']} re-sent)")
+          f"{c['reconnects']} reconnects ({c['resent']} re-sent)"
+          + (f"; {c['in_flight']} never acknowledged (may not have arrived)"
+             if c["in_flight"] else ""))
     if pub.error:
         print(f"stopped early: {pub.error}", file=sys.stderr)
         return 1

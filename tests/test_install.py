@@ -214,13 +214,20 @@ def test_uninstall_leaves_only_what_is_kept(tmp_path: Path) -> None:
     assert not (root / "etc/mosquitto/passwd").exists()
 
 
-def test_the_wheel_carries_the_view_and_the_configs_it_installs(tmp_path: Path) -> None:
-    """`make dist`'s wheel, installed in a fresh virtualenv, installs a gateway from the
-    configs inside it (not from a checkout)."""
-    dist = tmp_path / "dist"
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel `make dist` builds, from this checkout."""
+    dist = tmp_path_factory.mktemp("dist")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist),
                     str(ROOT)], check=True, timeout=600, capture_output=True)
-    whl = next(dist.glob("fieldline-*.whl"))
+    return next(dist.glob("fieldline-*.whl"))
+
+
+def test_the_wheel_carries_the_view_and_the_configs_it_installs(tmp_path: Path,
+                                                                 wheel: Path) -> None:
+    """`make dist`'s wheel, installed in a fresh virtualenv, installs a gateway from the
+    configs inside it (not from a checkout)."""
+    whl = wheel
     names = set(zipfile.ZipFile(whl).namelist())
     for f in ("fieldline/view/static/vendor/uPlot.iife.min.js", "fieldline/view/static/view.js",
               "fieldline-0.1.0.data/data/share/fieldline/deploy/gateway.toml",
@@ -243,3 +250,62 @@ def test_the_wheel_carries_the_view_and_the_configs_it_installs(tmp_path: Path) 
     assert f"ExecStart={venv}/bin/fieldline edge run" in unit
     shipped = (ROOT / "deploy/mosquitto/gateway.conf").read_bytes()
     assert (root / "etc/mosquitto/conf.d/fieldline-gateway.conf").read_bytes() == shipped
+
+
+SCRIPT = ROOT / "deploy/pi/install-edge.sh"
+
+
+def install_edge(*args: str, env: dict[str, str], timeout_s: float = 600
+                 ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["sh", str(SCRIPT), *args], capture_output=True, text=True,
+                          timeout=timeout_s, check=False, env={**os.environ, **env})
+
+
+def test_the_one_command_installs_from_the_wheel_and_uninstalls(tmp_path: Path,
+                                                                wheel: Path) -> None:
+    """`install-edge.sh` (what `make dist` puts beside the wheel): a virtualenv with the wheel
+    and its [edge] dependencies from PyPI, then `fieldline edge install`; a second run changes
+    nothing; `uninstall` removes the installation and the virtualenv. Into a scratch root and
+    prefix (the Debian packages it would install are there already: this machine's tests use
+    them; `make pi-check` runs it in the arm64 root)."""
+    prefix = tmp_path / "opt"
+    env = {"FIELDLINE_PREFIX": str(prefix), "FIELDLINE_WHEEL": str(wheel)}
+    root = scratch_root(tmp_path)
+    args = ["--gateway-id", "gw-9", "--cloud", "mqtt://cloud.example", "--root", str(root)]
+    dry = install_edge(*args, "--dry-run", env=env)
+    assert dry.returncode == 0, dry.stderr
+    assert f"would: python3 -m venv {prefix}/venv" in dry.stdout, dry.stdout
+    assert not prefix.exists()
+    assert not (root / "etc/fieldline").exists()
+    first = install_edge(*args, env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "done: fieldline==0.1.0 " in first.stdout, first.stdout
+    assert "numpy==" in first.stdout, first.stdout
+    unit = (root / "etc/systemd/system/fieldline-edge.service").read_text()
+    assert f"ExecStart={prefix}/venv/bin/fieldline edge run" in unit
+    assert load_edge_config(root / "etc/fieldline/gateway.toml").gateway == "gw-9"
+    again = install_edge(*args, env=env)
+    assert again.returncode == 0, again.stderr
+    assert "unchanged: fieldline-0.1.0-py3-none-any.whl with [edge]" in again.stdout
+    assert "0 steps changed" in again.stdout, again.stdout
+    gone = install_edge("uninstall", "--root", str(root), env=env)
+    assert gone.returncode == 0, gone.stderr
+    assert not prefix.exists()
+    assert not (root / "etc/fieldline").exists()
+    assert not (root / "etc/systemd/system/fieldline-edge.service").exists()
+
+
+def test_the_one_command_refuses_32_bit_arm_and_a_missing_wheel(tmp_path: Path) -> None:
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "uname").write_text("#!/bin/sh\necho armv7l\n")
+    (fake / "uname").chmod(0o755)
+    env = {"PATH": f"{fake}:{os.environ['PATH']}", "FIELDLINE_PREFIX": str(tmp_path / "opt")}
+    r = install_edge("--gateway-id", "gw-9", "--cloud", "mqtt://x", env=env, timeout_s=60)
+    assert r.returncode == 1, r.stderr
+    assert "32-bit ARM is not supported" in r.stderr, r.stderr
+    r = install_edge("--gateway-id", "gw-9", "--cloud", "mqtt://x", timeout_s=60,
+                     env={"FIELDLINE_PREFIX": str(tmp_path / "opt"), "FIELDLINE_WHEEL": ""})
+    assert r.returncode == 1, r.stderr
+    assert "no fieldline wheel" in r.stderr, r.stderr
+    assert not (tmp_path / "opt").exists()

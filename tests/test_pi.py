@@ -121,6 +121,7 @@ class PiRoot:
     root_build_s: float  # 0: kept from an earlier run
     wheel_install_s: float
     mounts: Mounts
+    wheel: Path  # the checkout's wheel, as it is inside the root
 
 
 def prepare_root(dist: Path) -> PiRoot:
@@ -162,7 +163,7 @@ def prepare_root(dist: Path) -> PiRoot:
     except BaseException:
         mounts.release()
         raise
-    return PiRoot(built_s, installed_s, mounts)
+    return PiRoot(built_s, installed_s, mounts, Path("/tmp") / wheel.name)
 
 
 @pytest.fixture(scope="module")
@@ -192,14 +193,25 @@ def test_wheel_installs_on_arm64_with_nothing_compiled(pi: PiRoot) -> None:
 
 
 def test_edge_install_in_the_arm64_root(pi: PiRoot) -> None:
-    args = [f"{VENV}/bin/fieldline", "edge", "install", "--gateway-id", "gw-pi",
+    """The README's one command, ``install-edge.sh`` beside the wheel, as a user runs it on the
+    Pi (its Debian packages are in the root already: it finds them and installs none)."""
+    shutil.copy2(ROOT / "deploy/pi/install-edge.sh", PI / "tmp/install-edge.sh")
+    args = ["sh", "/tmp/install-edge.sh", "--gateway-id", "gw-pi",
             "--cloud", "mqtt://127.0.0.1:1884"]
+    env = {"FIELDLINE_WHEEL": str(pi.wheel)}
     chroot(f"{VENV}/bin/fieldline", "edge", "uninstall")  # whatever an earlier run left
-    chroot(*args, "--dry-run")
-    first = chroot(*args).stdout
-    assert "done: file /etc/fieldline/gateway.toml" in first
-    again = chroot(*args).stdout
+    (PI / VENV.lstrip("/") / ".fieldline-wheel.sha256").unlink(missing_ok=True)
+    dry = chroot(*args, "--dry-run", env=env).stdout
+    assert "unchanged: mosquitto, mosquitto-clients, python3-venv are installed" in dry, dry
+    assert not (PI / "etc/fieldline").exists()
+    t0 = time.monotonic()
+    first = chroot(*args, env=env, timeout_s=900).stdout
+    assert "done: fieldline==0.1.0 " in first, first
+    assert "done: file /etc/fieldline/gateway.toml" in first, first
+    again = chroot(*args, env=env, timeout_s=900).stdout
+    assert "unchanged: fieldline-0.1.0-py3-none-any.whl with [edge]" in again, again
     assert "0 steps changed" in again, again
+    print(f"install-edge.sh in the arm64 root: {time.monotonic() - t0:.0f} s for both runs")
     chroot("systemd-analyze", "verify", "/etc/systemd/system/fieldline-edge.service")
     # Debian's arm64 Mosquitto, started as its unit does, with the installed drop-in: it
     # listens on the shipped port, and the agent's login from gateway.toml is accepted by the
@@ -222,6 +234,8 @@ exit 1
     sub = sh(["unshare", "--net", "sh", "-c", script], 180)
     count = sub.stdout.strip().splitlines()[-1]
     assert count.isdigit(), sub.stdout  # the ACL lets the agent read the broker's counters
+    gone = chroot("sh", "/tmp/install-edge.sh", "uninstall", "--dry-run", env=env).stdout
+    assert "would: remove /opt/fieldline" in gone, gone  # (the other tests still need the venv)
     chroot(f"{VENV}/bin/fieldline", "edge", "uninstall")
     assert not (PI / "etc/fieldline").exists()
 
