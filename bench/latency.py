@@ -165,6 +165,7 @@ def measure(work: Path, *, seconds: int = 70, devices: int = DEVICES,
             raise GaveUpError("no complete window closed during the run")
         lat = np.array([seen[k] - closes.closed[k] for k in keys], np.float64)
         edge = np.array([closes.arrived[k] - closes.closed[k] for k in keys], np.float64)
+        snaps, compactions = influx_background(work / "influx" / "influxd.log")
         cloud_part = lat - edge
         by_close: dict[tuple[str, int], list[float]] = {}
         for k, v in zip(keys, lat.tolist(), strict=True):
@@ -180,7 +181,8 @@ def measure(work: Path, *, seconds: int = 70, devices: int = DEVICES,
                 "edge_p50_ms": float(np.percentile(edge, 50)),
                 "edge_p99_ms": float(np.percentile(edge, 99)),
                 "cloud_p50_ms": float(np.percentile(cloud_part, 50)),
-                "cloud_p99_ms": float(np.percentile(cloud_part, 99))}
+                "cloud_p99_ms": float(np.percentile(cloud_part, 99)),
+                "influx_snapshots_ms": snaps, "influx_compactions_ms": compactions}
     finally:
         stop.set()
         sub.loop_stop()
@@ -188,6 +190,20 @@ def measure(work: Path, *, seconds: int = 70, devices: int = DEVICES,
         gw.stop()
         cloud.stop()
         ix.stop()
+
+
+def influx_background(log: Path) -> tuple[list[float], list[float]]:
+    """How long InfluxDB spent on each cache snapshot (the in-memory cache written out as a TSM
+    file, at every 25 MB of it by default) and each TSM compaction, from its log: CPU bursts
+    that every write and query behind them waits out on a small machine."""
+    snaps, compactions = [], []
+    for line in log.read_text(errors="replace").splitlines():
+        m = re.search(r"op_elapsed=([0-9.]+)ms", line)
+        if m and "Cache snapshot (end)" in line:
+            snaps.append(float(m.group(1)))
+        elif m and "compaction (end)" in line:
+            compactions.append(float(m.group(1)))
+    return snaps, compactions
 
 
 VARIANTS: list[tuple[str, dict[str, str], dict[str, str]]] = [
@@ -210,7 +226,11 @@ def main(seconds: int = 70) -> list[Figure]:
                 f"{r['edge_p99_ms']:,.0f} ms, cloud broker -> queryable "
                 f"{r['cloud_p50_ms']:,.0f}/{r['cloud_p99_ms']:,.0f} ms; worst window "
                 f"{worst[0]} (seconds into its 10 min) max {worst[1][2]:,.0f} ms; polled every "
-                f"{POLL_S * 1000:.0f} ms, poll p50 {r['poll_p50_ms']:,.0f} ms")
+                f"{POLL_S * 1000:.0f} ms, poll p50 {r['poll_p50_ms']:,.0f} ms; InfluxDB's "
+                f"cache snapshots {len(r['influx_snapshots_ms'])} "
+                f"(longest {max(r['influx_snapshots_ms'], default=0):,.0f} ms), compactions "
+                f"{len(r['influx_compactions_ms'])} "
+                f"(longest {max(r['influx_compactions_ms'], default=0):,.0f} ms)")
         figs.append(figure(f"window close -> queryable in InfluxDB p50, {label}",
                            r["p50_ms"], "ms", note=note))
         figs.append(figure(f"window close -> queryable in InfluxDB p99, {label}",
