@@ -48,7 +48,7 @@ fi
 
 missing=""
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$missing mosquitto"
-command -v mosquitto_passwd >/dev/null 2>&1 || missing="$missing mosquitto-clients"
+command -v mosquitto_sub >/dev/null 2>&1 || missing="$missing mosquitto-clients"
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing="$missing python3-venv"
 if [ -n "$missing" ]; then
     if [ -n "$dry" ]; then
