@@ -82,8 +82,8 @@ pi-deps:
 pi-check: setup pi-deps
 	$(SUDO) $(BIN)/pytest -q -s -m pi tests/test_pi.py --timeout 3600
 
-# the long tier: the fault soak, then the emulated arm64 tier (too long for CI: 14 min on a
-# fresh 2-core machine, root build included)
+# the long tier: the fault soak, then the emulated arm64 tier (too long for CI: 10-14 min on a
+# fresh 2-core machine, root build included; 5-6 min with the root kept)
 soak: setup
 	$(BIN)/pytest -q -m soak --timeout 3600
 	$(MAKE) pi-check
