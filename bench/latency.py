@@ -18,7 +18,6 @@ is the part of the path that waits on purpose.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
+import psutil
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.common import (
@@ -208,12 +208,6 @@ def influx_background(log: Path) -> tuple[list[float], list[float]]:
     return snaps, compactions
 
 
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far."""
-    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def influx_cpu_per_point(work: Path, fields: int, devices: int = DEVICES,
                          rounds: int = 30) -> tuple[float, list[float]]:
     """InfluxDB's CPU per point (ingest, cache snapshots, compactions) for points shaped like
@@ -224,7 +218,8 @@ def influx_cpu_per_point(work: Path, fields: int, devices: int = DEVICES,
         client = InfluxV1Client(ix.url, "fields")
         client.create_database()
         assert ix.proc is not None
-        t0, n = _cpu_s(ix.proc.pid), 0
+        influxd = psutil.Process(ix.proc.pid)
+        t0, n = sum(influxd.cpu_times()[:2]), 0
         base = 1_764_000_000_000
         for r in range(rounds):
             for label, step in (("10s", 10_000), ("1m", 60_000)):
@@ -238,7 +233,7 @@ def influx_cpu_per_point(work: Path, fields: int, devices: int = DEVICES,
                     client.write_lines(lines[k:k + 5_000])
                 n += len(lines)
         time.sleep(3)  # a snapshot under way finishes
-        used = _cpu_s(ix.proc.pid) - t0
+        used = sum(influxd.cpu_times()[:2]) - t0  # user + system
         return used / n * 1e6, influx_background(work / "influxd.log")[0]
     finally:
         ix.stop()
