@@ -25,12 +25,12 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Callable
-from itertools import repeat
-from operator import contains as _has
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 import numpy as np
 import orjson
+from msgspec import UNSET, UnsetType
 
 from devices import rejects
 from devices.readings import NO_SEQ, ColumnBuilder, Interner, ReadingColumns
@@ -86,17 +86,38 @@ def _valid_device_id(d: object) -> bool:
     )
 
 
-_INT = {int}
-_STR = {str}
-_NUMBER = {int, float}
+# What the fast paths take, typed for msgspec: anything else (a missing field, a wrong type, a
+# number out of range, NaN) fails the typed decode and goes the per-reading way, which rejects
+# precisely what is wrong. The ranges are those ``_one`` checks (a float value beyond 2**62 is
+# a good reading the fast path leaves to it).
+_Int = Annotated[int, msgspec.Meta(gt=-INT_LIMIT, lt=INT_LIMIT)]
+_Seq = Annotated[int, msgspec.Meta(ge=NO_SEQ, lt=INT_LIMIT)]
+_Float = Annotated[float, msgspec.Meta(gt=-float(INT_LIMIT), lt=float(INT_LIMIT))]
 
 
-def _seqs(rs: list[dict[str, Any]]) -> list[Any]:
-    """Each reading's ``seq`` (``NO_SEQ`` where it has none)."""
-    try:
-        return [r["seq"] for r in rs]
-    except KeyError:
-        return [r.get("seq", NO_SEQ) for r in rs]
+class _Reading(msgspec.Struct, gc=False):
+    metric: Annotated[str, msgspec.Meta(min_length=1)]
+    ts: _Int
+    value: _Float
+    seq: _Seq = NO_SEQ
+
+
+class _Batch(msgspec.Struct):
+    readings: list[_Reading]
+    device: str | None = None  # (null: as absent, the topic's device)
+
+
+class _Record(msgspec.Struct, gc=False):  # a SenML record
+    n: str
+    v: _Float
+    t: _Float = 0.0
+    bn: str | UnsetType = UNSET  # (a null base name is wrong, not absent: no default None)
+    bt: _Float | UnsetType = UNSET
+    seq: _Seq = NO_SEQ
+
+
+_BATCH = msgspec.json.Decoder(_Batch)
+_PACK = msgspec.json.Decoder(list[_Record])
 
 
 def _no_reject(*_args: object) -> None:
@@ -196,6 +217,12 @@ class PayloadDecoder:
         if len(payload) > self.max_payload_bytes:
             reject(rejects.PAYLOAD_TOO_LARGE, f"{topic}: {len(payload)} bytes")
             return
+        head = payload[:1]
+        if head == b"{" and b'"readings"' in payload:
+            if self._batch_fast(payload, topic, recv, out):
+                return
+        elif head == b"[" and self._senml_fast(payload, topic, recv, out):
+            return
         doc, err = _loads(payload)
         if err is not None:
             reject(err, f"{topic}: {payload[:60]!r}")
@@ -215,8 +242,6 @@ class PayloadDecoder:
             readings = doc.get("readings")
             if readings is None:
                 self._one(doc, device, recv, out, reject)
-            elif type(readings) is list and self._batch_fast(readings, device, recv, out):
-                return
             elif isinstance(readings, list):
                 if not readings:
                     reject(rejects.MALFORMED_PAYLOAD, f"{topic}: an empty batch")
@@ -230,8 +255,6 @@ class PayloadDecoder:
         elif isinstance(doc, list):
             if not doc:
                 reject(rejects.MALFORMED_PAYLOAD, f"{topic}: an empty SenML pack")
-            elif self._senml_fast(doc, topic, recv, out):
-                return
             self._senml(doc, topic, recv, out, reject)
         else:
             reject(rejects.MALFORMED_PAYLOAD, f"{topic}: top level is {type(doc).__name__}")
@@ -242,12 +265,10 @@ class PayloadDecoder:
     # device or metric that is refused) and they add nothing and say so, and the batch goes
     # through the per-reading path that rejects precisely what is wrong.
 
-    def _ids(self, device: str, metrics: list[Any], recv: int) -> tuple[int, dict[str, int]] | None:
+    def _ids(self, device: str, metrics: list[str], recv: int) -> tuple[int, dict[str, int]] | None:
         """The device's id and the id of each metric of a batch, when all are admitted without
         a rejection. New metric names get their ids in order of appearance, as on the
         per-reading path."""
-        if set(map(type, metrics)) != _STR:
-            return None  # (before any hashing: a list or an object for a name is refused below)
         distinct = set(metrics)
         if len(distinct) > 64 or "" in distinct:
             return None
@@ -268,34 +289,31 @@ class PayloadDecoder:
             return None
         return d, mids
 
-    def _batch_fast(self, rs: list[Any], device: str, recv: int, out: ColumnBuilder) -> bool:
-        """A ``readings`` batch whose every reading has an integer ``ts``, a finite number
-        ``value``, a metric name and an integer ``seq`` or none."""
+    def _batch_fast(self, payload: bytes, topic: str, recv: int, out: ColumnBuilder) -> bool:
+        """A ``readings`` batch whose every reading has a metric name, an integer ``ts``, a
+        finite number ``value`` and an integer ``seq`` or none, decoded by msgspec straight into
+        typed records (the types and ranges checked in C, as it parses)."""
         try:
-            metrics = [r["metric"] for r in rs]
-            ts = [r["ts"] for r in rs]
-            values = [r["value"] for r in rs]
-            seqs = _seqs(rs)
-        except (TypeError, KeyError, AttributeError):
+            doc = _BATCH.decode(payload)
+        except msgspec.DecodeError:  # (a ValidationError is one)
             return False
-        if not ts or set(map(type, ts)) != _INT or min(ts) <= -INT_LIMIT \
-                or max(ts) >= INT_LIMIT:
+        rs = doc.readings
+        device = doc.device
+        if device is None:
+            device = self._topic_device(topic)
+        elif not self._claim_ok(device, topic, _no_reject):
             return False
-        return self._columns_fast(device, metrics, ts, values, seqs, recv, out)
+        if not rs or not _valid_device_id(device):
+            return False
+        assert device is not None
+        metrics = [r.metric for r in rs]
+        return self._columns_fast(device, metrics, [r.ts for r in rs], [r.value for r in rs],
+                                  [r.seq for r in rs], recv, out)
 
-    def _columns_fast(self, device: str, metrics: list[Any], ts: list[int],
-                      values: list[Any], seqs: list[Any], recv: int, out: ColumnBuilder) -> bool:
-        """The checks ``_one`` makes of values, numbers, the device and metrics, for a batch
-        whose times are already known to be good."""
-        if set(map(type, seqs)) != _INT or min(seqs) < NO_SEQ or max(seqs) >= INT_LIMIT:
-            return False
-        vtypes = set(map(type, values))
-        if not vtypes <= _NUMBER:
-            return False
-        if int in vtypes and max(map(abs, values)) >= INT_LIMIT:
-            return False
-        if float in vtypes and not all(map(math.isfinite, values)):
-            return False  # a NaN or an infinity (the lenient parser lets them through)
+    def _columns_fast(self, device: str, metrics: list[str], ts: list[int],
+                      values: list[float], seqs: list[int], recv: int, out: ColumnBuilder) -> bool:
+        """The device and metric checks ``_one`` makes, for a batch whose fields are already
+        known to be good."""
         ids = self._ids(device, metrics, recv)
         if ids is None:
             return False
@@ -305,42 +323,39 @@ class PayloadDecoder:
         out.add_batch(d, metric, ts, values, seqs, recv)
         return True
 
-    def _senml_fast(self, pack: list[Any], topic: str, recv: int, out: ColumnBuilder) -> bool:
+    def _senml_fast(self, payload: bytes, topic: str, recv: int, out: ColumnBuilder) -> bool:
         """A SenML pack from one device: a base name ``<device>:`` (or ``/``) and base time in
-        its first record only, plain metric names, numeric ``t`` and ``v``."""
-        first = pack[0]
-        if type(first) is not dict:
+        its first record only, plain metric names, numeric ``t`` and ``v`` (typed by msgspec
+        as it parses, as ``_batch_fast``)."""
+        try:
+            pack = _PACK.decode(payload)
+        except msgspec.DecodeError:
             return False
-        bn, bt = first.get("bn"), first.get("bt", 0.0)
-        if type(bn) is not str or not bn or bn[-1] not in ":/" or type(bt) not in _NUMBER \
-                or abs(bt) >= INT_LIMIT:
+        if not pack:
+            return False
+        first = pack[0]
+        bn, bt = first.bn, first.bt
+        if bn is UNSET or not bn or bn[-1] not in ":/":
             return False
         device = bn[:-1]
         if not _valid_device_id(device) or not self._claim_ok(device, topic, _no_reject):
             return False
-        try:
-            rest = pack[1:]
-            if any(map(_has, rest, repeat("bn"))) or any(map(_has, rest, repeat("bt"))):
-                return False
-            names = [r["n"] for r in pack]
-            times = [r.get("t", 0.0) for r in pack]
-            values = [r["v"] for r in pack]
-            seqs = _seqs(pack)
-            joined = "".join(names)
-        except (TypeError, KeyError, AttributeError):
-            return False
-        if ":" in joined or "/" in joined or not set(map(type, times)) <= _NUMBER \
-                or max(map(abs, times)) >= INT_LIMIT:
+        if [r for r in pack[1:] if r.bn is not UNSET or r.bt is not UNSET]:
+            return False  # (a list comprehension: a third faster here than any() of a generator)
+        names = [r.n for r in pack]
+        joined = "".join(names)
+        if ":" in joined or "/" in joined:
             return False
         # as the per-reading path: seconds = bt + float(t), rounded to ms half to even (as
         # round() does), relative to the receive time below 2**28 s
-        seconds = np.asarray(times, np.float64) + float(bt)
+        seconds = np.array([r.t for r in pack], np.float64) + (0.0 if bt is UNSET else bt)
         ms = np.rint(seconds * 1000.0)
         if not np.isfinite(ms).all() or np.abs(ms).max() >= INT_LIMIT:
             return False
         ts = ms.astype(np.int64)
         ts[np.abs(seconds) < SENML_RELATIVE_LIMIT] += recv
-        return self._columns_fast(device, names, ts.tolist(), values, seqs, recv, out)
+        return self._columns_fast(device, names, ts.tolist(), [r.v for r in pack],
+                                  [r.seq for r in pack], recv, out)
 
     def _one(self, r: dict[str, Any], device: str, recv: int, out: ColumnBuilder,
              reject: Any) -> None:

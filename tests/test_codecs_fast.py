@@ -1,5 +1,5 @@
-"""The batch fast paths of the payload decoder (issue 15: batched intake at >= 1 M readings/s)
-decide nothing of their own: for any input, batched JSON or SenML, well-formed or not, the
+"""The batch fast paths of the payload decoder (issue 15: batched intake at >= 1 M readings/s;
+msgspec decodes a batch straight into typed records) decide nothing of their own: for any input, batched JSON or SenML, well-formed or not, the
 decoder with them gives exactly what the per-reading path gives: the same columns, the same
 rejections by reason and device, the same ids handed out."""
 
@@ -154,6 +154,47 @@ def test_every_single_fault_in_a_batch_decodes_as_the_per_reading_path(senml: bo
         raw = (b'[{"bn":"d1:","n":"co2","v":1,"t":0},{"n":"co2","v":%s,"t":1}]' if senml else
                b'{"readings":[{"metric":"co2","ts":%d,"value":1},{"metric":"co2","ts":%d,'
                b'"value":%%s}]}' % (T, T)) % word
+        _same_either_way([("devices/d1/readings", raw, T)], identity=identity, catalog=True,
+                         admit=False)
+
+
+RAW_EDGES = [  # what a typed decoder could read differently from orjson and the per-reading path
+    b'{"device":"d1","readings":[{"metric":"co2","ts":%d,"ts":"x","value":1}]}' % T,
+    b'{"device":"d1","readings":[{"metric":"co2","ts":"x","ts":%d,"value":1}]}' % T,
+    b'{"device":"d1","readings":[{"metric":"co2","ts":%d,"value":1,"value":2.5}]}' % T,
+    b'{"device":null,"readings":[{"metric":"co2","ts":%d,"value":1}]}' % T,
+    b'{"device":"d1","device":"d2","readings":[{"metric":"co2","ts":%d,"value":1}]}' % T,
+    b'{"device":"d1","readings":[]}',
+    b'{"device":"d1","readings":null}',
+    b'{"device":"d1","readings":[{"metric":"co2","ts":%d,"value":1,"seq":null}]}' % T,
+    b'{"device":"d1","readings":[{"metric":"co2","ts":%d,"value":123456789012345678901234567890}]}'
+    % T,
+    b'{"device":"d1","readings":[{"metric":"co2","ts":%d,"value":1e-400}]}' % T,
+    b'{"device":"d1","readings":[{"metric":"co2","ts":%d.0,"value":1}]}' % T,
+    b' {"device":"d1","readings":[{"metric":"co2","ts":%d,"value":1}]}' % T,
+    b'{"device":"d1","note":"readings","metric":"co2","ts":%d,"value":1}' % T,
+    b'[{"bn":"d1:","n":"co2","v":1,"t":0},{"bn":null,"n":"co2","v":2,"t":1}]',
+    b'[{"bn":"d1:","n":"co2","v":1,"t":0},{"bt":null,"n":"co2","v":2,"t":1}]',
+    b'[{"bn":"d1:","n":"co2","v":1,"t":0},{"bn":"","n":"co2","v":2,"t":1}]',
+    b'[{"bn":"d1:","n":"co2","v":1,"t":0},{"bt":0,"n":"co2","v":2,"t":1}]',
+    b'[{"bn":"d1:","bt":null,"n":"co2","v":1,"t":0}]',
+    b'[{"bn":"d1:","n":"co2","v":1,"t":null}]',
+    b'[{"bn":"d1:","n":"","v":1,"t":0}]',
+    b'[{"bn":"d1:","n":"co2","v":1,"v":"x","t":0}]',
+    b'[{"bn":"d1:","n":"co2","vs":"on","t":0}]',
+    b'[{"bn":"d1:","n":"co2","v":1,"vs":"on","u":"ppm","t":0}]',
+    b'[]',
+    b'[{"bn":"d1:","n":"co2","v":1e308,"t":0},{"n":"co2","v":-1e308,"t":1}]',
+]
+
+
+@pytest.mark.parametrize("raw", RAW_EDGES)
+def test_payloads_a_typed_decoder_could_misread_decode_as_the_per_reading_path(
+        raw: bytes) -> None:
+    """Duplicate keys (the last one counts), nulls, empty batches, big numbers, leading
+    whitespace, SenML base fields repeated as null or empty: the fast paths (msgspec) either
+    give what the per-reading path (orjson) gives or leave the payload to it."""
+    for identity in (False, True):
         _same_either_way([("devices/d1/readings", raw, T)], identity=identity, catalog=True,
                          admit=False)
 
