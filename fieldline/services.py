@@ -250,11 +250,15 @@ class DeployedMosquitto(Mosquitto):
 class InfluxDB(_Child):
     """InfluxDB 1.x (``influxd``) on 127.0.0.1 with its own data directories."""
 
-    def __init__(self, workdir: Path, *, port: int = 0, auth: bool = False) -> None:
+    def __init__(self, workdir: Path, *, port: int = 0, auth: bool = False,
+                 data: Mapping[str, str] | None = None,
+                 env: Mapping[str, str] | None = None) -> None:
         super().__init__()
         self.workdir = workdir
         self.port = port  # 0: any free port, read back from the log
         self.auth = auth  # the first user created must be an admin (InfluxDB 1.x)
+        self.data = dict(data or {})  # more [data] settings, TOML values as written
+        self.env = dict(env or {})  # its environment on top of ours (GOGC, ...)
         self.binary = find_binary("influxd")
 
     @property
@@ -274,7 +278,7 @@ bind-address = "127.0.0.1:0"
   wal-dir = "{w}/wal"
   query-log-enabled = false
   index-version = "inmem"
-[monitor]
+{"".join(f"  {k} = {v}{chr(10)}" for k, v in self.data.items())}[monitor]
   store-enabled = false
 [http]
   bind-address = "127.0.0.1:{self.port}"
@@ -288,7 +292,8 @@ bind-address = "127.0.0.1:0"
         logpath = self.workdir / "influxd.log"
         with logpath.open("wb") as logfh:
             self.proc = _spawn([self.binary, "run", "-config", str(conf)], stdout=logfh,
-                               stderr=subprocess.STDOUT)
+                               stderr=subprocess.STDOUT,
+                               env={**os.environ, **self.env} if self.env else None)
         deadline = time.monotonic() + timeout_s
         pat = re.compile(r'msg="Listening on HTTP".*addr=127\.0\.0\.1:(\d+)')
         while time.monotonic() < deadline:

@@ -1,7 +1,8 @@
 """The batch fast paths of the payload decoder (issue 15: batched intake at >= 1 M readings/s;
-msgspec decodes a batch straight into typed records) decide nothing of their own: for any input, batched JSON or SenML, well-formed or not, the
-decoder with them gives exactly what the per-reading path gives: the same columns, the same
-rejections by reason and device, the same ids handed out."""
+msgspec decodes a batch straight into typed records) decide nothing of their own: for any
+input, batched JSON or SenML, well-formed or not, the decoder with them gives exactly what the
+per-reading path gives: the same columns, the same rejections by reason and device, the same
+ids handed out."""
 
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
@@ -286,3 +287,21 @@ def test_points_queued_while_a_write_is_on_its_way_are_written_too() -> None:
     written = [ln for _, _, req in rec.requests for ln in req]
     assert len(written) == len(set(written)) == 1_200
     assert writer.points_written == 1_200
+
+
+def test_influxdb_takes_the_data_settings_and_environment_it_is_given(tmp_path) -> None:
+    """What bench/latency.py tries on InfluxDB's side reaches the server: a [data] setting
+    (here a series limit, which refuses the sixth series) and its environment."""
+    ix = InfluxDB(tmp_path, data={"max-series-per-database": "5"},
+                  env={"GOGC": "200"}).start()
+    try:
+        client = InfluxV1Client(ix.url, "limits")
+        client.create_database()
+        client.write_lines([f"m,device=d{i} v=1 1700000000000" for i in range(5)])
+        with pytest.raises(SinkError, match="max-series-per-database"):
+            client.write_lines(["m,device=d5 v=1 1700000000000"])
+        assert ix.proc is not None
+        environ = Path(f"/proc/{ix.proc.pid}/environ").read_bytes().split(b"\0")
+        assert b"GOGC=200" in environ
+    finally:
+        ix.stop()
