@@ -34,6 +34,7 @@ import psutil
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.common import (
+    DEPLOY,
     Figure,
     GaveUpError,
     figure,
@@ -45,7 +46,7 @@ from bench.common import (
 )
 from cloud.sinks.influx_v1 import InfluxV1Client
 from devices.contract import ResultBatch, decode_uplink
-from fieldline.services import InfluxDB, Mosquitto
+from fieldline.services import InfluxDB, Mosquitto, env_file
 from simulators.fleet import FleetSimulator, FleetSpec
 from simulators.publisher import FleetPublisher
 
@@ -116,11 +117,11 @@ def poll(influx: InfluxV1Client, closes: Closes, seen: dict[tuple[str, str, int]
 def measure(work: Path, *, seconds: int = 70, devices: int = DEVICES,
             cloud_changes: dict[str, str] | None = None,
             gateway_changes: dict[str, str] | None = None,
-            influx: tuple[dict[str, str], dict[str, str]] | None = None) -> dict[str, Any]:
+            influx_env: Path | None = None) -> dict[str, Any]:
+    """``influx_env``: InfluxDB's environment from that file (as /etc/default/influxdb)."""
     gw = Mosquitto(work / "gw").start()
     cloud = Mosquitto(work / "cloud").start()
-    ix = InfluxDB(work / "influx", data=influx[0] if influx else None,
-                  env=influx[1] if influx else None).start()
+    ix = InfluxDB(work / "influx", env=env_file(influx_env) if influx_env else None).start()
     procs: list[subprocess.Popen[bytes]] = []
     sub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     stop = threading.Event()
@@ -211,16 +212,14 @@ def influx_background(log: Path) -> tuple[list[float], list[float]]:
 
 
 def influx_cpu_per_point(work: Path, fields: int, devices: int = DEVICES, rounds: int = 60,
-                         data: dict[str, str] | None = None,
                          env: dict[str, str] | None = None) -> tuple[float, list[float]]:
     """InfluxDB's CPU per point (ingest, cache snapshots, compactions) for points shaped like
     the worker's aggregates (six tags; ``fields`` fields), a 10 s and a 1 min window per device
     as the shipped config writes them, ``rounds`` 10 s rounds; and its cache snapshots.
-    ``data``/``env``: InfluxDB settings to try. Its cache is written out before the CPU is
+    ``env``: InfluxDB's environment (settings to try). Its cache is written out before the CPU is
     read (a cold shard is snapshotted after 1 s here), so a larger cache cannot look cheaper
     by keeping its work for later."""
-    ix = InfluxDB(work, data={"cache-snapshot-write-cold-duration": '"1s"', **(data or {})},
-                  env=env).start()
+    ix = InfluxDB(work, data={"cache-snapshot-write-cold-duration": '"1s"'}, env=env).start()
     try:
         client = InfluxV1Client(ix.url, "fields")
         client.create_database()
@@ -250,21 +249,17 @@ def influx_cpu_per_point(work: Path, fields: int, devices: int = DEVICES, rounds
         ix.stop()
 
 
-# What a user can trade on InfluxDB's side (its own config and environment, not fieldline's):
-# a larger cache before it is written out (fewer, larger TSM files: fewer compactions) and a
-# less eager Go garbage collector (its write path allocates per field of every point).
-INFLUX_TRADE = ({"cache-snapshot-memory-size": '"100m"', "cache-max-memory-size": '"2g"'},
-                {"GOGC": "200"})
+# What a user can trade on InfluxDB's side (its environment, not fieldline's), as shipped: a
+# larger cache before it is written out and a less eager Go garbage collector
+INFLUX_ENV = DEPLOY / "influxdb" / "influxdb.env"
 
 
-VARIANTS: list[tuple[str, dict[str, str], dict[str, str],
-                    tuple[dict[str, str], dict[str, str]] | None]] = [
+VARIANTS: list[tuple[str, dict[str, str], dict[str, str], Path | None]] = [
     ("shipped configs (windows 10s and 1m)", {}, {}, None),
     ("worker batch_points = 1000", {"batch_points": "1000"}, {}, None),
     ("one window spec (specs = [\"10s\"]), batch_points = 1000", {"batch_points": "1000"},
      {"specs": '["10s"]'}, None),
-    ("shipped configs, InfluxDB cache-snapshot-memory-size 100m and GOGC=200", {}, {},
-     INFLUX_TRADE),
+    ("shipped configs, InfluxDB with deploy/influxdb/influxdb.env", {}, {}, INFLUX_ENV),
 ]
 
 
@@ -273,7 +268,7 @@ def main(seconds: int = 70) -> list[Figure]:
     for label, cloud_changes, gateway_changes, influx in VARIANTS:
         with tempfile.TemporaryDirectory(prefix="fieldline-bench-") as d:
             r = measure(Path(d), seconds=seconds, cloud_changes=cloud_changes,
-                        gateway_changes=gateway_changes, influx=influx)
+                        gateway_changes=gateway_changes, influx_env=influx)
         worst = max(r["by_window"].items(), key=lambda kv: kv[1][2])
         note = (f"{r['windows']:,} sampled windows (1 device in {SAMPLE}) of {DEVICES:,} "
                 f"devices at 1 Hz; close -> cloud broker p50/p99 {r['edge_p50_ms']:,.0f}/"
@@ -294,7 +289,7 @@ def main(seconds: int = 70) -> list[Figure]:
         wide, wide_snaps = influx_cpu_per_point(Path(d) / "wide", WORKER_FIELDS)
         narrow, narrow_snaps = influx_cpu_per_point(Path(d) / "narrow", 6)
         traded, traded_snaps = influx_cpu_per_point(Path(d) / "traded", WORKER_FIELDS,
-                                                    data=INFLUX_TRADE[0], env=INFLUX_TRADE[1])
+                                                    env=env_file(INFLUX_ENV))
 
     def snaps(s: list[float]) -> str:
         return f"{len(s)} (longest {max(s, default=0):,.0f} ms)"
@@ -305,8 +300,8 @@ def main(seconds: int = 70) -> list[Figure]:
         note=f"{DEVICES:,} devices, 10 s and 1 min windows, 6 tags; cache snapshots "
              f"{snaps(wide_snaps)} against {snaps(narrow_snaps)}"))
     figs.append(figure(
-        f"InfluxDB CPU per point of {WORKER_FIELDS} fields, cache-snapshot-memory-size 100m "
-        "and GOGC=200", traded, "us", wide, "its defaults (25m, GOGC=100)",
+        f"InfluxDB CPU per point of {WORKER_FIELDS} fields, with deploy/influxdb/influxdb.env",
+        traded, "us", wide, "its defaults (25m, GOGC=100)",
         note=f"cache snapshots {snaps(traded_snaps)} against {snaps(wide_snaps)}"))
     report("latency", figs)
     return figs

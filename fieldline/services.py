@@ -53,6 +53,24 @@ def _spawn(args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
                             **kwargs)
 
 
+def env_file(path: Path) -> dict[str, str]:
+    """The variables of a systemd ``EnvironmentFile`` (``KEY=VALUE`` lines; blank lines and
+    ``#`` comments skipped, one pair of surrounding quotes taken off)."""
+    out: dict[str, str] = {}
+    for n, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key.strip()):
+            raise ValueError(f"{path}:{n}: not KEY=VALUE: {raw!r}")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        out[key.strip()] = value
+    return out
+
+
 def find_binary(name: str, extra_dirs: tuple[str, ...] = ("/usr/sbin", "/usr/bin",
                                                            "/usr/local/sbin")) -> str:
     found = shutil.which(name)

@@ -1,5 +1,6 @@
 """The shipped Mosquitto configs as an operator installs them: dropped into the conf.d of
-Debian's package (whose main config already sets persistence), read verbatim."""
+Debian's package (whose main config already sets persistence), read verbatim; and the
+InfluxDB environment file as /etc/default/influxdb."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import orjson
 import pytest
 
 from bench.broker import PASSWORD, Subscriber, gateway_broker, publishers
+from cloud.sinks.influx_v1 import InfluxV1Client
+from fieldline.services import InfluxDB, env_file
 
 ROOT = Path(__file__).resolve().parent.parent
 DROPINS = sorted((ROOT / "deploy" / "mosquitto").glob("*.conf"))
@@ -288,3 +291,55 @@ def test_r11_gateways_are_isolated_by_delivery_and_bad_identities_refused(
         for c in clients:
             c.close()
         broker.stop()
+
+
+DEBIAN_INFLUXDB_CONF = Path("/etc/influxdb/influxdb.conf")  # every setting, defaults commented
+
+
+def _influxdb_env_names(conf: str) -> set[str]:
+    """The environment names InfluxDB 1.x reads for the settings of its config file."""
+    names, section = set(), ""
+    for line in conf.splitlines():
+        m = re.fullmatch(r"\s*\[([a-z_-]+)\]\s*", line)
+        if m:
+            section = m.group(1)
+            continue
+        m = re.fullmatch(r"\s*#?\s*([a-z][a-z0-9-]*)\s*=.*", line)
+        if m:
+            parts = [section, m.group(1)] if section else [m.group(1)]
+            names.add("INFLUXDB_" + "_".join(parts).upper().replace("-", "_"))
+    return names
+
+
+def test_shipped_influxdb_env_is_settings_influxdb_has_and_it_runs_with_them(
+        tmp_path: Path) -> None:
+    """deploy/influxdb/influxdb.env as /etc/default/influxdb: InfluxDB ignores a misspelt
+    variable silently, so every name must be one of its settings (from Debian's own config
+    file) or Go's; and influxd starts with it and takes writes."""
+    env = env_file(ROOT / "deploy" / "influxdb" / "influxdb.env")
+    known = _influxdb_env_names(DEBIAN_INFLUXDB_CONF.read_text())
+    assert "INFLUXDB_DATA_CACHE_SNAPSHOT_MEMORY_SIZE" in known  # the parse itself works
+    assert env
+    assert all(k in known or k == "GOGC" for k in env), sorted(set(env) - known)
+    ix = InfluxDB(tmp_path, env=env).start()
+    try:
+        client = InfluxV1Client(ix.url, "envcheck")
+        client.create_database()
+        client.write_lines([f"m,device=d{i} v={i} 1700000000000" for i in range(100)])
+        got = client.query('SELECT count("v") FROM "m"')
+        assert "100" in str(got)
+        assert ix.proc is not None
+        environ = Path(f"/proc/{ix.proc.pid}/environ").read_bytes().split(b"\0")
+        assert all(f"{k}={v}".encode() in environ for k, v in env.items())
+    finally:
+        ix.stop()
+
+
+def test_env_file_reads_what_systemd_reads(tmp_path: Path) -> None:
+    f = tmp_path / "env"
+    f.write_text("# a comment\n\n; another\nA=1\n B = two words \nC=\"quoted # not a comment\"\n"
+                 "D='x'\n")
+    assert env_file(f) == {"A": "1", "B": "two words", "C": "quoted # not a comment", "D": "x"}
+    f.write_text("A=1\nnot a pair\n")
+    with pytest.raises(ValueError, match=r"env:2: not KEY=VALUE"):
+        env_file(f)
