@@ -142,9 +142,12 @@ class WindowEngine:
             # a reading every operator drops as late changes nothing: it is counted late, not
             # remembered (a replay of old data must not wash recent readings out of the memory)
             judge = ~self._beyond(ts, self.time.watermarks()[dev])
-            dup = np.zeros(len(rows), bool)
-            j = np.flatnonzero(judge) if not judge.all() else rows
-            dup[j] = self.dedup.check(dev[j], ts[j], value[j], seq[j], met[j])
+            if judge.all():  # the common case: no copies
+                dup = self.dedup.check(dev, ts, value, seq, met)
+            else:
+                dup = np.zeros(len(rows), bool)
+                j = np.flatnonzero(judge)
+                dup[j] = self.dedup.check(dev[j], ts[j], value[j], seq[j], met[j])
             out.duplicates = int(dup.sum())
             if out.duplicates:
                 out.dup_rows = np.flatnonzero(dup)
