@@ -217,8 +217,9 @@ timeout = "2s"
     # ---- results -------------------------------------------------------------------------------
 
     def wait_settled(self, expect: int, timeout_s: float = 90, quiet_s: float = 15) -> int:
-        """Until InfluxDB holds ``expect`` readings (or the count stops moving for
-        ``quiet_s``)."""
+        """Until InfluxDB holds ``expect`` readings (or the count stops moving for ``quiet_s``
+        while the gateway's outbox is empty: results the cloud has not acknowledged are still
+        on their way, e.g. behind the writer's backoff after an outage, up to 30 s)."""
         deadline = time.monotonic() + timeout_s
         last, since = -1, time.monotonic()
         while time.monotonic() < deadline:
@@ -229,7 +230,9 @@ timeout = "2s"
             if n != last:
                 last, since = n, time.monotonic()
             elif time.monotonic() - since > quiet_s:
-                return n
+                if not self.agent_status().get("outbox_depth", 0):
+                    return n
+                since = time.monotonic()
             time.sleep(0.3)
         return self.in_influx()
 
