@@ -219,7 +219,8 @@ def influx_cpu_per_point(work: Path, fields: int, devices: int = DEVICES, rounds
     ``env``: InfluxDB's environment (settings to try). Its cache is written out before the CPU is
     read (a cold shard is snapshotted after 1 s here), so a larger cache cannot look cheaper
     by keeping its work for later."""
-    ix = InfluxDB(work, data={"cache-snapshot-write-cold-duration": '"1s"'}, env=env).start()
+    ix = InfluxDB(work, env={"INFLUXDB_DATA_CACHE_SNAPSHOT_WRITE_COLD_DURATION": "1s",
+                             **(env or {})}).start()
     try:
         client = InfluxV1Client(ix.url, "fields")
         client.create_database()

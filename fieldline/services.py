@@ -269,14 +269,13 @@ class InfluxDB(_Child):
     """InfluxDB 1.x (``influxd``) on 127.0.0.1 with its own data directories."""
 
     def __init__(self, workdir: Path, *, port: int = 0, auth: bool = False,
-                 data: Mapping[str, str] | None = None,
                  env: Mapping[str, str] | None = None) -> None:
         super().__init__()
         self.workdir = workdir
         self.port = port  # 0: any free port, read back from the log
         self.auth = auth  # the first user created must be an admin (InfluxDB 1.x)
-        self.data = dict(data or {})  # more [data] settings, TOML values as written
-        self.env = dict(env or {})  # its environment on top of ours (GOGC, ...)
+        # its environment on top of ours: GOGC, or any setting as INFLUXDB_<SECTION>_<KEY>
+        self.env = dict(env or {})
         self.binary = find_binary("influxd")
 
     @property
@@ -296,7 +295,7 @@ bind-address = "127.0.0.1:0"
   wal-dir = "{w}/wal"
   query-log-enabled = false
   index-version = "inmem"
-{"".join(f"  {k} = {v}{chr(10)}" for k, v in self.data.items())}[monitor]
+[monitor]
   store-enabled = false
 [http]
   bind-address = "127.0.0.1:{self.port}"

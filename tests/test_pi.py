@@ -2,12 +2,12 @@
 
 A Debian 12 (Bookworm, as Raspberry Pi OS 64-bit) arm64 root built with ``debootstrap`` and run
 through ``qemu-user-static`` (binfmt_misc): the checkout's wheel installed in it with
-``pip install '<wheel>[edge]'`` (arm64 wheels of numpy, orjson; paho is pure Python: nothing
-compiled), the README's one command (``deploy/pi/install-edge.sh``, which ends in ``fieldline
-edge install``) inside it (idempotent; the unit passes ``systemd-analyze verify``; Debian's own
-arm64 Mosquitto starts with the installed drop-in and takes the agent's login), the edge tests
-run by the emulated interpreter, and the emulated agent in the real chain: host Mosquitto,
-cloud worker and InfluxDB, 1,000 devices at 1 Hz, nothing lost.
+``pip install '<wheel>[edge]'`` (arm64 wheels of numpy, orjson, msgspec; paho is pure Python:
+nothing compiled), the README's one command (``deploy/pi/install-edge.sh``, which ends in
+``fieldline edge install``) inside it (idempotent; the unit passes ``systemd-analyze verify``;
+Debian's own arm64 Mosquitto starts with the installed drop-in and takes the agent's login), the
+edge tests run by the emulated interpreter, and the emulated agent in the real chain: host
+Mosquitto, cloud worker and InfluxDB, 1,000 devices at 1 Hz, nothing lost.
 
 The root is built once and kept (``$FIELDLINE_PI_ROOT``, default
 ``/var/tmp/fieldline-pi-arm64``; about 3 minutes); the wheel is installed afresh each run.

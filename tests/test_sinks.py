@@ -289,11 +289,11 @@ def test_points_queued_while_a_write_is_on_its_way_are_written_too() -> None:
     assert writer.points_written == 1_200
 
 
-def test_influxdb_takes_the_data_settings_and_environment_it_is_given(tmp_path) -> None:
-    """What bench/latency.py tries on InfluxDB's side reaches the server: a [data] setting
-    (here a series limit, which refuses the sixth series) and its environment."""
-    ix = InfluxDB(tmp_path, data={"max-series-per-database": "5"},
-                  env={"GOGC": "200"}).start()
+def test_influxdb_takes_the_settings_and_environment_it_is_given(tmp_path) -> None:
+    """What bench/latency.py tries on InfluxDB's side reaches the server through its
+    environment: a setting (here a series limit, which refuses the sixth series) and GOGC."""
+    ix = InfluxDB(tmp_path, env={"INFLUXDB_DATA_MAX_SERIES_PER_DATABASE": "5",
+                                 "GOGC": "200"}).start()
     try:
         client = InfluxV1Client(ix.url, "limits")
         client.create_database()
