@@ -3,20 +3,24 @@
 ``mqtt://[user:pass@]host[:port]`` or ``mqtts://…`` (TLS, optional CA and client certificate).
 Clients speak MQTT 5 so PUBACK reason codes (not authorised, no subscribers, quota exceeded) are
 visible instead of hidden behind a normal-looking MQTT 3.1.1 PUBACK.
+
+Reading a broker URL does not import paho, and ``ssl`` is imported only for a TLS broker, so
+that the edge agent can decide from its configuration whether it loads OpenSSL at all
+(``edge.memory.refuse_tls_libraries``).
 """
 
 from __future__ import annotations
 
-import ssl
 from dataclasses import dataclass
+from types import ModuleType, SimpleNamespace
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-
 from devices.errors import ConfigError
+
+if TYPE_CHECKING:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.properties import Properties
 
 # MQTT 5 reason codes that mean "your PUBLISH did not get through" (RELIABILITY.md).
 NO_MATCHING_SUBSCRIBERS = 0x10
@@ -62,11 +66,38 @@ def parse_broker_url(url: str, key: str = "broker", *, ca_file: str | None = Non
     )
 
 
+class _SSLWantReadError(OSError):
+    """Stands for ``ssl.SSLWantReadError`` where ``ssl`` is not loaded: nothing raises it."""
+
+
+class _SSLWantWriteError(OSError):
+    """Stands for ``ssl.SSLWantWriteError`` where ``ssl`` is not loaded: nothing raises it."""
+
+
+def _without_ssl(module: ModuleType) -> None:
+    """paho imports ``ssl`` in a ``try`` (``ssl = None`` without it), yet its socket loop names
+    ``ssl.SSLWantReadError`` and ``ssl.SSLWantWriteError`` in the ``except`` clauses of every
+    ``recv`` and ``send``, evaluated whenever those raise (an empty non-blocking socket does):
+    an ``AttributeError`` on ``None`` that kills its network thread. Those two names are all of
+    ``ssl`` a plain TCP connection reaches (the rest is ``tls_set`` and the TLS handshake), so
+    the agent that runs without OpenSSL (``edge.memory.refuse_tls_libraries``) gives paho
+    exactly those two, as exceptions nothing raises."""
+    module.ssl = SimpleNamespace(  # type: ignore[attr-defined]
+        SSLWantReadError=_SSLWantReadError, SSLWantWriteError=_SSLWantWriteError)
+
+
 def make_client(address: BrokerAddress, client_id: str, *, session_expiry_s: int = 0,
                 manual_ack: bool = False) -> tuple[mqtt.Client, Properties | None]:
     """A paho MQTT 5 client (not yet connected) and the CONNECT properties to pass to connect().
 
     ``manual_ack``: received QoS 1 messages are acknowledged only by ``client.ack``."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    if getattr(mqtt, "ssl", None) is None:
+        _without_ssl(mqtt)
     client = mqtt.Client(
         callback_api_version=CallbackAPIVersion.VERSION2,
         client_id=client_id,
@@ -76,6 +107,8 @@ def make_client(address: BrokerAddress, client_id: str, *, session_expiry_s: int
     if address.username is not None:
         client.username_pw_set(address.username, address.password)
     if address.tls:
+        import ssl
+
         ctx = ssl.create_default_context(cafile=address.ca_file)
         if address.cert_file:
             ctx.load_cert_chain(address.cert_file, address.key_file)

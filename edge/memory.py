@@ -10,14 +10,27 @@ trimmed above 64 KiB and two malloc arenas (the agent's MQTT threads otherwise g
 ``compact_malloc`` applies those three settings through ``mallopt``. It does nothing where
 ``mallopt`` does not exist (musl, macOS) and leaves alone any of them the environment already
 sets (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_ARENA_MAX``).
+
+``refuse_tls_libraries``: OpenSSL is 5.4 MiB of an agent's RSS (``ssl`` 1.9, and ``_hashlib``
+3.5, which paho pulls in through ``hashlib`` and which initialises all of libcrypto), loaded by
+paho and asyncio whether or not a connection uses TLS. An agent whose brokers are all plain
+``mqtt://`` (a gateway's local broker, a cloud reached through a VPN or an SSH tunnel) refuses
+those imports before anything asks for them: paho and asyncio run without ``ssl`` (both import
+it in a ``try``), ``hashlib`` falls back to CPython's own digests (the agent's batch digest is
+BLAKE2, CPython's own anyway). With an ``mqtts://`` broker nothing changes.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.abc
+import importlib.machinery
 import logging
 import os
+import sys
+from collections.abc import Sequence
+from types import ModuleType
 
 log = logging.getLogger(__name__)
 
@@ -52,3 +65,29 @@ def compact_malloc() -> list[str]:
         else:
             log.debug("mallopt(%d, %d) refused", param, value)
     return applied
+
+
+TLS_MODULES = ("ssl", "_ssl", "_hashlib")
+
+
+class _RefuseTLS(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname: str, path: Sequence[str] | None = None,
+                  target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname in TLS_MODULES:
+            raise ImportError(f"{fullname} is not loaded in this agent: none of its brokers uses "
+                              "TLS (mqtts://)", name=fullname)
+        return None
+
+
+def refuse_tls_libraries() -> bool:
+    """Make ``import ssl`` (and OpenSSL's ``_hashlib``) fail from now on in this process, until
+    ``allow_tls_libraries``. Returns False, changing nothing, when one of them is already loaded."""
+    if any(m in sys.modules for m in TLS_MODULES):
+        return False
+    if not any(isinstance(f, _RefuseTLS) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RefuseTLS())
+    return True
+
+
+def allow_tls_libraries() -> None:
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _RefuseTLS)]

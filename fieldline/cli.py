@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import logging
 import os
@@ -20,11 +19,17 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from devices.errors import ConfigError, FieldlineError
 
+if TYPE_CHECKING:
+    import asyncio
+
 
 def _stop_event() -> asyncio.Event:
+    import asyncio
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -55,6 +60,8 @@ def cmd_edge_uninstall(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import asyncio
+
     from fieldline.demo import DemoOptions, run_demo
 
     headless = args.headless or args.duration is not None
@@ -121,14 +128,28 @@ def private_files() -> None:
 
 
 def cmd_edge_run(args: argparse.Namespace) -> int:
-    from edge.agent import EdgeAgent
+    from edge.memory import allow_tls_libraries, compact_malloc, refuse_tls_libraries
+
+    # OpenSSL stays out of the process unless a broker is mqtts:// (edge/memory.py): refused
+    # before the config's imports could load it, allowed again if the config asks for TLS
+    refused = refuse_tls_libraries()
     from edge.config import load_edge_config
-    from edge.memory import compact_malloc
 
     private_files()
-    cfg = load_edge_config(args.config)
+    try:
+        cfg = load_edge_config(args.config)
+    finally:
+        allow_tls_libraries()
     if cfg.compact_malloc:
         compact_malloc()
+    if not (cfg.intake_broker.tls or cfg.uplink_broker.tls) and refused:
+        refuse_tls_libraries()
+        logging.getLogger("fieldline.edge").info(
+            "no broker uses TLS: running without OpenSSL (ssl, _hashlib)")
+    import asyncio
+
+    from edge.agent import EdgeAgent
+
     agent = EdgeAgent(cfg)
 
     async def main() -> None:
@@ -139,6 +160,8 @@ def cmd_edge_run(args: argparse.Namespace) -> int:
 
 
 def cmd_cloud_run(args: argparse.Namespace) -> int:
+    import asyncio
+
     from cloud.config import load_cloud_config
     from cloud.worker import CloudWorker
 
@@ -168,6 +191,8 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
 
 
 def cmd_cloud_bridge(args: argparse.Namespace) -> int:
+    import asyncio
+
     from cloud.bridge import Bridge
     from cloud.config import load_cloud_config
 

@@ -29,6 +29,12 @@ def total_count(client: InfluxV1Client) -> int:
     return int(series[0]["values"][0][1]) if series else 0
 
 
+def openssl_mapped(pid: int) -> bool:
+    """Whether OpenSSL's libraries are mapped into the process (Linux)."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return "libssl" in maps or "libcrypto" in maps
+
+
 def test_simulate_edge_and_cloud_run_as_separate_commands(
         mosquitto_factory: Callable[..., Mosquitto], influx_db: InfluxV1Client,
         tmp_path: Path) -> None:
@@ -99,6 +105,10 @@ flush_interval = "200ms"
         while total_count(influx_db) < published and time.monotonic() < deadline:
             time.sleep(0.5)
         assert total_count(influx_db) == published  # every reading is in exactly one window
+        # no broker of the agent uses TLS: it ran all along without OpenSSL (edge/memory.py),
+        # while the worker, which has no such switch, has it
+        assert not openssl_mapped(procs[1].pid)
+        assert openssl_mapped(procs[0].pid)
         assert (tmp_path / "truth.jsonl").exists()
     finally:
         outputs = []
@@ -120,3 +130,31 @@ def test_misconfiguration_fails_at_start_naming_the_key(tmp_path: Path) -> None:
                          text=True, timeout=60, check=False)
     assert out.returncode == 2
     assert "windows.allowed_latenes" in out.stderr
+
+
+def test_an_agent_with_a_tls_broker_loads_openssl(tmp_path: Path) -> None:
+    """The other side of running without OpenSSL: an mqtts:// uplink keeps it (the broker
+    need not answer for that)."""
+    (tmp_path / "gateway.toml").write_text(f"""
+[gateway]
+id = "gw-1"
+state_dir = "{tmp_path}/state"
+[intake]
+broker = "mqtt://127.0.0.1:1"
+[uplink]
+broker = "mqtts://127.0.0.1:2"
+""")
+    agent = subprocess.Popen([*CMD, "edge", "run", "--config", str(tmp_path / "gateway.toml")],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "state").exists() and agent.poll() is None and \
+                time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)  # past its imports, trying to connect
+        assert agent.poll() is None, agent.communicate()[0]
+        assert openssl_mapped(agent.pid)
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        out, _ = agent.communicate(timeout=30)
+    assert agent.returncode == 0, out[-3000:]

@@ -59,3 +59,51 @@ def test_compact_malloc_pins_the_thresholds_and_leaves_environment_settings_alon
     assert int(got["kept_kb"]) < 2_000  # type: ignore[call-overload]  # only the survivor
     got = probe({**clean, "MALLOC_ARENA_MAX": "4"})
     assert got["applied"] == ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"]
+
+
+WITHOUT_TLS = """
+import json, sys, threading, time
+from edge.memory import refuse_tls_libraries
+assert refuse_tls_libraries()
+from devices.mqtt import BrokerAddress, make_client
+address = BrokerAddress(host="127.0.0.1", port=int(sys.argv[1]))
+n = 3000
+got, acked, done = set(), set(), threading.Event()
+sub, props = make_client(address, "probe-sub")
+sub.on_message = lambda _c, _u, m: (got.add(m.payload), len(got) == n and done.set())
+sub.on_connect = lambda c, *_: c.subscribe("probe/#", qos=1)
+sub.connect(address.host, address.port, properties=props)
+sub.loop_start()
+pub, props = make_client(address, "probe-pub")
+pub.on_publish = lambda _c, _u, mid, *_: acked.add(mid)
+pub.connect(address.host, address.port, properties=props)
+pub.loop_start()
+time.sleep(0.5)
+for i in range(n):  # a burst of QoS 1: both network threads read and write until EAGAIN
+    pub.publish("probe/x", str(i).encode(), qos=1)
+done.wait(60)
+deadline = time.monotonic() + 10
+while len(acked) < n and time.monotonic() < deadline:
+    time.sleep(0.05)
+names = [t.name for t in threading.enumerate()]
+maps = open("/proc/self/maps").read()
+print(json.dumps({"got": len(got), "acked": len(acked), "ssl": "ssl" in sys.modules,
+                  "openssl": "libssl" in maps or "libcrypto" in maps,
+                  "threads": sum("paho" in t for t in names)}))
+pub.loop_stop(); sub.loop_stop()
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/maps")
+def test_mqtt_without_openssl_carries_a_qos1_burst(mosquitto: object) -> None:
+    """An agent with no TLS broker refuses ``ssl`` (edge.memory.refuse_tls_libraries); paho then
+    runs with ``ssl = None`` and names ``ssl.SSLWantReadError`` whenever a non-blocking read
+    finds nothing, which devices.mqtt answers. A burst both ways through a real Mosquitto, in a
+    child process: everything delivered and acknowledged, no OpenSSL mapped."""
+    out = subprocess.run([sys.executable, "-c", WITHOUT_TLS, str(mosquitto.port)],  # type: ignore[attr-defined]
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout)
+    assert "AttributeError" not in out.stderr, out.stderr[-3000:]
+    assert got == {"got": 3000, "acked": 3000, "ssl": False, "openssl": False, "threads": 2}
