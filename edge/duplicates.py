@@ -1,31 +1,39 @@
 """Dropping duplicate readings (a device or a broker re-sending what was already delivered).
 
 A reading is identified within its device by its sequence number when it has one (``seq >= 0``),
-otherwise by its metric, event time and value. Each device has ``memory`` slots of each kind:
+otherwise by its metric, event time and value. Each device remembers ``memory`` readings or more
+of each kind:
 
-* **readings with a seq**: slot ``seq % memory`` holds the last seq that landed there, so the
-  device's last ``memory`` sequence numbers are remembered and a lookup is one comparison per
-  reading, with no search. Fast path, the steady state of a fleet: every seq of the batch is
-  above its device's high-water mark (never seen) and none comes twice, which a per-device sum of
-  ``2^(seq - mark)`` proves (equal powers of two would carry, losing a bit); the slots are then
-  only written. Otherwise the slots are read, and repeats within the batch found by scattering
-  row numbers into a scratch table of the same shape and reading them back: when every row reads
-  its own number no two rows share a slot; only the rows of shared slots are sorted. O(n), no
-  sort in the common case. A counter far below its mark (a reboot) moves the mark down.
+* **readings with a seq**: a bitmap. The seqs of a device are cut into blocks of 64; each device
+  has ``words`` 64-bit words (a power of two, enough for ``memory`` consecutive seqs), word
+  ``block % words`` holding one bit per seq of the newest block that landed there, with that
+  block's number as its tag. A seq was seen iff its word's tag is its block and its bit is set:
+  one comparison per reading, with no search, and 16 bytes per 64 seqs (a slot per seq of 8
+  bytes each was 32 times that: 10 MB of a 10,000-device gateway's memory). A reading of an
+  older block than its word holds is forgotten, never mistaken for a repeat: the filter never
+  calls a reading a duplicate that it did not see. Fast path, the steady state of a fleet: every
+  seq of the batch is above its device's high-water mark (never seen) and none comes twice,
+  which a per-device sum of ``2^(seq - mark)`` proves (equal powers of two would carry, losing
+  a bit); the bits are then only set. Otherwise the words are read, and repeats within the batch
+  found among the rows that share a word (a scatter of row numbers into a scratch table of the
+  words, read back: when every row reads its own number no two rows share one; only the rows of
+  shared words are sorted). O(n), no sort in the common case. A counter far below its mark (a
+  reboot) moves the mark down and clears the device's words.
 * **readings without seq**: a ring of hashes of (event time, value), filled in arrival order and
   compared whole; repeats within the batch by a sort. Allocated on the first such reading, so a
   fleet that numbers its readings pays nothing for it.
 
-Why slots per device rather than a set of everything within the lateness horizon: a lookup is
-one vectorised comparison, with no sorted inserts, and memory is ``devices x memory x 20`` bytes.
-The width is not a guess left to the operator: the filter learns how many readings the busiest
-device sends within the horizon (the engine's out-of-orderness + lateness + longest window, the
-time within which a reading can still change a window) and widens every device's slots to twice
-that, before judging the batch that showed it, up to ``MAX_BYTES`` in all. Readings the engine
-will drop as late anyway are not shown to it at all, so a replay of old data neither counts as a
-duplicate nor washes the recent readings out of the slots (RELIABILITY R8: an hour replayed
-twice leaves InfluxDB unchanged). A device whose counter restarts after a reboot is not
-mistaken for a replay unless it reboots within ``memory`` readings of its previous start.
+Why per-device memory rather than a set of everything within the lateness horizon: a lookup is
+one vectorised comparison, with no sorted inserts, and memory is ``devices x memory x 20`` bytes
+at most (less than one of them for numbered readings). The width is not a guess left to the
+operator: the filter learns how many readings the busiest device sends within the horizon (the
+engine's out-of-orderness + lateness + longest window, the time within which a reading can
+still change a window) and widens every device's memory to twice that, before judging the batch
+that showed it, up to ``MAX_BYTES`` in all. Readings the engine will drop as late anyway are not
+shown to it at all, so a replay of old data neither counts as a duplicate nor washes the recent
+readings out of the memory (RELIABILITY R8: an hour replayed twice leaves InfluxDB unchanged).
+A device whose counter restarts after a reboot is not mistaken for a replay unless it reboots
+within ``memory`` readings of its previous start.
 """
 
 from __future__ import annotations
@@ -44,6 +52,29 @@ _CHUNK = 8_192
 MAX_BYTES = 32 * 2**20  # what the duplicate memory may grow to, for all devices together
 _POW2 = np.left_shift(np.uint64(1), np.arange(64, dtype=np.uint64))
 _popcount = getattr(np, "bitwise_count", None)  # numpy >= 2.0
+_LOW6 = np.int64(63)
+
+
+def words_for(memory: int) -> int:
+    """Bitmap words per device that hold at least ``memory`` consecutive seqs, whatever the
+    newest seq's place in its block: a power of two (the word of a block is ``block & (w-1)``)."""
+    need = -(-(memory - 1) // 64) + 1
+    return 1 << (need - 1).bit_length()
+
+
+def _bitmaps_from_seqs(held: I64, rows: I64, devices: int, words: int
+                       ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint64]]:
+    """Tags and bits of ``devices`` rows remembering the seqs ``held`` of devices ``rows``:
+    where two blocks of a device want one word, the newer keeps it."""
+    tags = np.full((devices, words), EMPTY, np.int64)
+    bits = np.zeros((devices, words), np.uint64)
+    if len(held):
+        blk = held >> 6
+        flat = rows * words + (blk & (words - 1))
+        np.maximum.at(tags.reshape(-1), flat, blk)
+        won = tags.reshape(-1)[flat] == blk
+        np.bitwise_or.at(bits.reshape(-1), flat[won], _POW2[held[won] & _LOW6])
+    return tags, bits
 
 
 def _tv_code(ts: I64, value: F64, metric: I64 | None = None) -> I64:
@@ -97,8 +128,12 @@ class DuplicateFilter:
         self.anchor_ts: I64 = np.zeros(0, np.int64)  # horizon ago, for the rate estimate
         self._counted: I64 = np.zeros(0, np.int64)  # readings since the anchor (no seq)
         self.devices = 0
-        # (devices, memory) each, or (0, memory) until the first reading of that kind
-        self.seq_ring: npt.NDArray[np.int64] = np.full((0, memory), EMPTY, np.int64)
+        # seq bitmaps: (devices, words) tags (block numbers) and bits, or (0, words) until the
+        # first numbered reading; the hash ring: (devices, memory), or (0, memory) until the
+        # first reading without a seq
+        self.words = words_for(memory)
+        self.seq_tag: npt.NDArray[np.int64] = np.full((0, self.words), EMPTY, np.int64)
+        self.seq_bits: npt.NDArray[np.uint64] = np.zeros((0, self.words), np.uint64)
         self.hash_ring: npt.NDArray[np.int64] = np.full((0, memory), EMPTY, np.int64)
         self.pos: I64 = np.zeros(0, np.int64)  # next hash slot per device
         self.high: I64 = np.zeros(0, np.int64)  # highest seq per device since its counter started
@@ -111,12 +146,14 @@ class DuplicateFilter:
         def grown(a: npt.NDArray[np.int64], used: bool) -> npt.NDArray[np.int64] | None:
             if not (len(a) or used) or len(a) >= rows:
                 return None
-            out = np.full((rows, self.memory), EMPTY, np.int64)
+            out = np.full((rows, a.shape[1]), EMPTY, np.int64)
             out[: len(a)] = a
             return out
 
-        if (ring := grown(self.seq_ring, seq)) is not None:
-            self.seq_ring = ring
+        if (tag := grown(self.seq_tag, seq)) is not None:
+            bits = np.zeros(tag.shape, np.uint64)
+            bits[: len(self.seq_bits)] = self.seq_bits
+            self.seq_tag, self.seq_bits = tag, bits
             high = np.full(rows, -1, np.int64)
             high[: len(self.high)] = self.high
             self.high = high
@@ -197,14 +234,10 @@ class DuplicateFilter:
     def _resize(self, m: int) -> None:
         """Widen every device's memory to ``m`` slots, keeping what each remembers."""
         old_m = self.memory
-        if not len(self.seq_ring):
-            self.seq_ring = np.full((0, m), EMPTY, np.int64)
-        else:
-            ring = np.full((len(self.seq_ring), m), EMPTY, np.int64)
-            d, k = np.nonzero(self.seq_ring != EMPTY)
-            held = self.seq_ring[d, k]
-            ring[d, held % m] = held  # the last old_m numbers of a device: distinct mod m
-            self.seq_ring = ring
+        words = words_for(m)
+        if words != self.words:
+            self.seq_tag, self.seq_bits = self._rewritten(words)
+            self.words = words
         if not len(self.hash_ring):
             self.hash_ring = np.full((0, m), EMPTY, np.int64)
         else:
@@ -216,50 +249,87 @@ class DuplicateFilter:
         self.memory = m
         self.grown += 1
 
+    def _rewritten(self, words: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint64]]:
+        """The seq bitmaps with ``words`` words per device, keeping every block they can."""
+        d, k = np.nonzero(self.seq_tag != EMPTY)
+        tag = self.seq_tag[d, k]
+        bits = self.seq_bits[d, k]
+        tags = np.full((len(self.seq_tag), words), EMPTY, np.int64)
+        out = np.zeros((len(self.seq_tag), words), np.uint64)
+        flat = d * words + (tag & (words - 1))
+        np.maximum.at(tags.reshape(-1), flat, tag)
+        won = tags.reshape(-1)[flat] == tag  # a device's blocks are distinct: one per word
+        out.reshape(-1)[flat[won]] = bits[won]
+        return tags, out
+
+    def seqs_held(self) -> tuple[I64, I64]:
+        """(device, seq) of every numbered reading remembered."""
+        d, k = np.nonzero(self.seq_tag != EMPTY)
+        bits = self.seq_bits[d, k]
+        set_ = (bits[:, None] & _POW2[None, :]) != 0
+        r, b = np.nonzero(set_)
+        return d[r], self.seq_tag[d[r], k[r]] * 64 + b
+
     def _check_seq(self, dev: I64, seq: I64) -> npt.NDArray[np.bool_]:
-        m = self.memory
-        slot = seq & (m - 1) if m & (m - 1) == 0 else seq % m
-        flat = dev * m + slot
-        ring = self.seq_ring.reshape(-1)
+        w = self.words
+        blk = seq >> 6
+        bit = _POW2[seq & _LOW6]
+        flat = dev * w + (blk & (w - 1))
+        tags = self.seq_tag.reshape(-1)
+        words = self.seq_bits.reshape(-1)
         if _popcount is not None:
             # fast path: every seq is above its device's high-water mark (so never seen), by
             # less than 64, and no (device, seq) comes twice: the sum per device of 2^offset
             # then has one bit per row, as adding equal powers of two carries
             off = seq - self.high[dev] - 1
             if bool((off.view(np.uint64) < 64).all()):
-                bits = np.zeros(len(self.high), np.uint64)
-                np.add.at(bits, dev, _POW2[off])
-                if int(_popcount(bits).sum()) == len(seq):
-                    ring[flat] = seq
+                sums = np.zeros(len(self.high), np.uint64)
+                np.add.at(sums, dev, _POW2[off])
+                if int(_popcount(sums).sum()) == len(seq):
+                    self._remember(tags, words, flat, blk, bit)
                     np.maximum.at(self.high, dev, seq)
                     return np.zeros(len(seq), bool)
-        dup: npt.NDArray[np.bool_] = ring[flat] == seq
-        # repeats within the batch: rows sharing a slot. After a plain scatter of row numbers
-        # every row reads its own back only if no two rows share one, whichever write won.
-        # scratch: one cell per slot, only for this batch (mapped, so only the pages of the
-        # slots written become memory, and only until the batch is judged)
-        scratch = np.empty(ring.size, np.int32)
+        newest = np.full(len(self.high), -1, np.int64)
+        np.maximum.at(newest, dev, seq)
+        # a counter far below its high-water mark restarted (a reboot): follow it, forgetting
+        # the blocks of the old count (they would hold the words against the new one)
+        restart = (newest >= 0) & (newest < self.high - self.memory)
+        if restart.any():
+            self.seq_tag[restart] = EMPTY
+            self.seq_bits[restart] = 0
+        dup: npt.NDArray[np.bool_] = (tags[flat] == blk) & ((words[flat] & bit) != 0)
+        # repeats within the batch, among rows sharing a word. After a plain scatter of row
+        # numbers every row reads its own back only if no two rows share one, whichever write
+        # won. scratch: one cell per word, only for this batch
+        scratch = np.empty(tags.size, np.int32)
         rows = np.arange(len(flat), dtype=np.int32)
         scratch[flat] = rows
         shared = scratch[flat] != rows
-        if shared.any():  # the rows of shared slots, sorted by (device, seq) in arrival order
+        if shared.any():  # the rows of shared words, sorted by (device, seq) in arrival order
             involved = np.zeros(len(flat), bool)
             involved[shared] = True
             involved[scratch[flat[shared]]] = True
             r = np.flatnonzero(involved)
             dup[r] |= _repeats((dev[r], seq[r]))
-            keep = ~involved
-            ring[flat[keep]] = seq[keep]
-            ring[flat[r]] = EMPTY  # a shared slot remembers its highest seq of the batch
-            np.maximum.at(ring, flat[r], seq[r])
-        else:
-            ring[flat] = seq
-        newest = np.full(len(self.high), -1, np.int64)
-        np.maximum.at(newest, dev, seq)
-        # a counter far below its high-water mark restarted (a reboot): follow it
-        restart = (newest >= 0) & (newest < self.high - m)
+        self._remember(tags, words, flat, blk, bit)
         self.high = np.where(restart, newest, np.maximum(self.high, newest))
         return dup
+
+    @staticmethod
+    def _remember(tags: I64, words: npt.NDArray[np.uint64], flat: I64, blk: I64,
+                  bit: npt.NDArray[np.uint64]) -> None:
+        """Set the bits of the rows; a word that a newer block reaches forgets its old one,
+        a row of an older block than its word holds is not remembered."""
+        newer = blk > tags[flat]
+        if newer.any():
+            f = flat[newer]
+            np.maximum.at(tags, f, blk[newer])
+            words[f] = 0
+        keep = blk == tags[flat]
+        if keep.all():
+            np.bitwise_or.at(words, flat, bit)
+        else:
+            np.bitwise_or.at(words, flat[keep], bit[keep])
 
     def _check_hashed(self, dev: I64, code: I64) -> npt.NDArray[np.bool_]:
         m = self.memory
@@ -283,47 +353,64 @@ class DuplicateFilter:
         return dup
 
     def nbytes(self) -> int:
-        return int(self.seq_ring.nbytes + self.hash_ring.nbytes + self.pos.nbytes
-                   + self.high.nbytes)
+        return int(self.seq_tag.nbytes + self.seq_bits.nbytes + self.hash_ring.nbytes
+                   + self.pos.nbytes + self.high.nbytes)
 
     def snapshot(self) -> dict[str, npt.NDArray[np.generic]]:
-        return {"dup_seq_ring": self.seq_ring, "dup_hash_ring": self.hash_ring,
-                "dup_pos": self.pos, "dup_high": self.high}
+        return {"dup_seq_tag": self.seq_tag, "dup_seq_bits": self.seq_bits,
+                "dup_hash_ring": self.hash_ring, "dup_pos": self.pos, "dup_high": self.high,
+                "dup_memory": np.array([self.memory], np.int64)}
 
     def restore(self, snap: dict[str, npt.NDArray[np.generic]]) -> None:
+        """From a checkpoint of this layout or of the two before it (seq slots and a ring of
+        hashes; one ring of both), whose remembered seqs become bitmaps."""
         configured = m = self.memory
-        if "dup_seq_ring" in snap:
+        seq_ring: npt.NDArray[np.int64] | None = None
+        if "dup_seq_tag" in snap:
+            tags = snap["dup_seq_tag"].astype(np.int64)
+            bits = snap["dup_seq_bits"].astype(np.uint64)
+            hash_ring = snap["dup_hash_ring"].astype(np.int64)
+            m = self.memory = int(snap["dup_memory"][0]) if "dup_memory" in snap else m
+            w = tags.shape[1] if tags.ndim == 2 else 0
+            if tags.shape != bits.shape or w < 1 or w & (w - 1):
+                raise ValueError(f"checkpoint dedup bitmaps {tags.shape} / {bits.shape}: "
+                                 "not (devices, words) with words a power of two")
+            if hash_ring.ndim == 2 and len(hash_ring) == 0:
+                hash_ring = np.full((0, m), EMPTY, np.int64)
+        elif "dup_seq_ring" in snap:  # seq slots (before 2026-12-02)
             seq_ring = snap["dup_seq_ring"].astype(np.int64)
             hash_ring = snap["dup_hash_ring"].astype(np.int64)
             if seq_ring.ndim == 2 and hash_ring.ndim == 2:
                 m = self.memory = max(seq_ring.shape[1], hash_ring.shape[1])  # as grown
-                if len(seq_ring) == 0:
-                    seq_ring = np.full((0, m), EMPTY, np.int64)
                 if len(hash_ring) == 0:
                     hash_ring = np.full((0, m), EMPTY, np.int64)
+            if seq_ring.ndim != 2:
+                raise ValueError(f"checkpoint dedup memory {seq_ring.shape}: not (devices, slots)")
         else:  # written before the split: one ring of seqs and flagged hashes in arrival order
             old = snap["dup_ring"].astype(np.int64)
             if old.ndim != 2 or old.shape[1] != m:
                 raise ValueError(f"checkpoint dedup memory {old.shape[1:]} != configured {m}")
             flagged = old >= _HASH_FLAG
             hash_ring = np.where(flagged, old, EMPTY)
-            seq_ring = np.full(old.shape, EMPTY, np.int64)
-            numbered = (old >= 0) & ~flagged
-            d = np.nonzero(numbered)[0]
-            np.maximum.at(seq_ring.reshape(-1), d * m + old[numbered] % m, old[numbered])
-        for name, ring in (("seq", seq_ring), ("hash", hash_ring)):
-            if ring.ndim != 2 or ring.shape[1] != m:
-                raise ValueError(f"checkpoint dedup memory {ring.shape[1:]} != configured {m} "
-                                 f"({name} slots)")
-        self.seq_ring, self.hash_ring = seq_ring, hash_ring
+            seq_ring = np.where((old >= 0) & ~flagged, old, EMPTY)
+        if hash_ring.ndim != 2 or hash_ring.shape[1] != m:
+            raise ValueError(f"checkpoint dedup memory {hash_ring.shape[1:]} != configured {m} "
+                             "(hash slots)")
+        if seq_ring is not None:
+            d, k = np.nonzero(seq_ring >= 0)
+            tags, bits = _bitmaps_from_seqs(seq_ring[d, k], d, len(seq_ring), words_for(m))
+        self.seq_tag, self.seq_bits, self.hash_ring = tags, bits, hash_ring
+        self.words = tags.shape[1]
         self.pos = snap["dup_pos"].astype(np.int64)
         if len(self.hash_ring) == 0:
             self.pos = np.zeros(0, np.int64)
-        self.devices = max(len(self.seq_ring), len(self.hash_ring))
-        # the high-water marks (derived from the slots for checkpoints that lack them)
+        self.devices = max(len(self.seq_tag), len(self.hash_ring))
+        # the high-water marks (derived from what is held for checkpoints that lack them)
         high = snap["dup_high"].astype(np.int64) if "dup_high" in snap else np.zeros(0, np.int64)
-        if len(high) != len(self.seq_ring):
-            high = self.seq_ring.max(axis=1, initial=-1)
+        if len(high) != len(self.seq_tag):
+            high = np.full(len(self.seq_tag), -1, np.int64)
+            dev, seq = self.seqs_held()
+            np.maximum.at(high, dev, seq)
         self.high = high
         if m < configured:
             self._resize(configured)

@@ -15,13 +15,13 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from devices.contract import ResultColumns
 from devices.readings import ReadingColumns
 from edge.aggregates import AggArrays, fold_sorted, merge_groups, merge_into
-from edge.duplicates import DuplicateFilter
+from edge.duplicates import DuplicateFilter, words_for
 from edge.engine import EngineConfig, WindowEngine
 from edge.eventtime import NEVER, EventTimeSpec
 from edge.windows import WindowSpec
@@ -203,6 +203,7 @@ def series_major(snap: dict[str, Any]) -> dict[str, Any]:
         out[p + "ssk_codes"], out[p + "ssk_counts"] = old[order], counts[order]
     # duplicates: one ring per device of seqs and flagged hashes in arrival order, with a
     # position and the highest seq, instead of seq slots and a ring of hashes
+    out = seq_slots(out)
     seq_ring, hash_ring = out.pop("dup_seq_ring"), out.pop("dup_hash_ring")
     m = max(seq_ring.shape[1], hash_ring.shape[1])
     devices = max(len(seq_ring), len(hash_ring))
@@ -218,6 +219,30 @@ def series_major(snap: dict[str, Any]) -> dict[str, Any]:
         high[d] = max(seqs, default=-1)
     out.update(dup_ring=ring, dup_pos=pos, dup_high=high)
     return out
+
+
+def seq_slots(snap: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's duplicate memory as it was until 2026-12-02: per device ``memory`` slots,
+    slot ``seq % memory`` holding the highest seq that landed there, instead of bitmaps."""
+    out = dict(snap)
+    tags, bits = out.pop("dup_seq_tag"), out.pop("dup_seq_bits")
+    m = int(out.pop("dup_memory")[0])
+    ring = np.full((len(tags), m), -1, np.int64)
+    for d in range(len(tags)):
+        for tag, word in zip(tags[d].tolist(), bits[d].tolist(), strict=True):
+            for b in range(64):
+                if tag >= 0 and word >> b & 1:
+                    q = tag * 64 + b
+                    ring[d, q % m] = max(ring[d, q % m], q)
+    out["dup_seq_ring"] = ring
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(streams(), st.lists(st.integers(0, 200), min_size=2, max_size=8), st.integers(1, 4))
+def test_a_checkpoint_with_the_seq_slots_of_before_restores(rows, cuts, at) -> None:
+    straight = run(rows, cuts)
+    assert run(rows, cuts, snapshot_at=at, rewrite=seq_slots) == straight
 
 
 @settings(max_examples=60, deadline=None)
@@ -358,16 +383,75 @@ def test_duplicate_filter_knows_exactly_what_it_saw_within_its_memory(
 
 
 def test_a_device_sending_more_than_its_memory_in_one_batch() -> None:
-    # 40 readings of one device in one batch share the 8 slots: repeats are still found, and
-    # each slot remembers the highest seq that landed in it
+    # 300 readings of one device in one batch, more than its memory (8 readings: two words of
+    # 64 seqs): repeats are still found, and each word remembers the newest block that
+    # landed in it (blocks 4 and 3: seqs 192..299)
     f = DuplicateFilter(memory=8)
-    seq = np.array([*range(40), 3, 39, 35], np.int64)
+    assert f.words == 2
+    seq = np.array([*range(300), 3, 299, 135], np.int64)
     n = len(seq)
     dup = f.check(np.zeros(n, np.int64), BASE + seq, np.zeros(n), seq)
-    assert np.flatnonzero(dup).tolist() == [40, 41, 42]
-    again = f.check(np.zeros(3, np.int64), BASE + np.array([39, 32, 31]), np.zeros(3),
-                    np.array([39, 32, 31], np.int64))
-    assert again.tolist() == [True, True, False]  # 31 was pushed out by 39 (same slot)
+    assert np.flatnonzero(dup).tolist() == [300, 301, 302]
+    probe = np.array([299, 200, 192, 150, 10], np.int64)
+    again = f.check(np.zeros(5, np.int64), BASE + probe, np.zeros(5), probe)
+    # 150 (block 2) and 10 (block 0) shared word 0 with block 4: forgotten, not called repeats
+    assert again.tolist() == [True, True, True, False, False]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 1), st.builds(  # few devices, few bits per block
+    lambda block, bit: block * 64 + bit, st.integers(0, 12), st.integers(0, 3))
+    | st.integers(0, 900)), max_size=80),
+       st.lists(st.integers(0, 120), max_size=8), st.sampled_from([1, 8, 64, 100, 300]),
+       st.booleans())
+# a word taken by a newer block forgets the old block's bits (69 was never seen), a reboot
+# clears the words its old count held (65 comes twice after the counter fell from 1000)
+@example(rows=[(0, 5), (0, 70), (0, 69)], cuts=[1, 2], memory=1, ordered=False)
+@example(rows=[(0, 1000), (0, 65), (0, 65)], cuts=[1, 2], memory=8, ordered=False)
+def test_the_seq_memory_holds_the_newest_seqs_and_never_invents_a_repeat(
+        rows: list[tuple[int, int]], cuts: list[int], memory: int, ordered: bool) -> None:
+    # seqs spread over many blocks, batches of any size: a reading is called a repeat only if
+    # it was seen; a seq seen since the device's counter last restarted (a batch whose newest
+    # seq is below its mark minus the memory) and within ``memory`` of the mark before the
+    # batch is always recognised, as is a repeat within one batch
+    if ordered:  # counters that only go up (and repeat): no restarts
+        rows = sorted(rows, key=lambda r: r[1])
+    f = DuplicateFilter(memory=memory)
+    seen: dict[int, set[int]] = {}
+    ever: dict[int, set[int]] = {}
+    high: dict[int, int] = {}
+    bounds = sorted({0, len(rows), *[min(c, len(rows)) for c in cuts]})
+    for lo, hi in itertools.pairwise(bounds):
+        part = rows[lo:hi]
+        dev = np.array([r[0] for r in part], np.int64)
+        seq = np.array([r[1] for r in part], np.int64)
+        got = f.check(dev, BASE + seq, np.zeros(len(part)), seq).tolist()
+        newest: dict[int, int] = {}
+        for d, q in part:
+            newest[d] = max(newest.get(d, -1), q)
+        restarted = {d for d, q in newest.items() if q < high.get(d, -1) - memory}
+        for d in restarted:
+            seen[d] = set()
+        in_batch: set[tuple[int, int]] = set()
+        for (d, q), dup in zip(part, got, strict=True):
+            if dup:
+                assert q in ever.get(d, set()) or (d, q) in in_batch, (d, q)
+            if (d, q) in in_batch or (q in seen.get(d, set()) and q > high.get(d, -1) - memory):
+                assert dup, (d, q)
+            in_batch.add((d, q))
+        for d, q in part:
+            seen.setdefault(d, set()).add(q)
+            ever.setdefault(d, set()).add(q)
+        for d, q in newest.items():
+            high[d] = q if d in restarted else max(high.get(d, -1), q)
+
+
+def test_the_bitmap_words_hold_at_least_the_memory() -> None:
+    for m in [*range(1, 700), 4_096, 8_192, 65_536]:
+        w = words_for(m)
+        assert w & (w - 1) == 0
+        assert (w - 1) * 64 + 1 >= m  # whatever the newest seq's place in its block
+        assert w == 1 or (w // 2 - 1) * 64 + 1 < m  # and not twice what it needs
 
 
 @given(st.sampled_from([7_000, 333, 86_400_000 * 7]), st.booleans())
