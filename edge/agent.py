@@ -32,7 +32,7 @@ from devices.contract import (
     ResultColumns,
     SupersededRows,
 )
-from devices.readings import Interner, ReadingColumns
+from devices.readings import Interner, ReadingColumns, capacity
 from devices.rejects import RejectLog
 from edge.clockguard import ClockGuard
 from edge.config import EdgeConfig
@@ -143,7 +143,7 @@ class EdgePipeline:
     def _ledger_grow(self) -> None:
         n = len(self.devices)
         if n > len(self.ledger["accepted"]):
-            size = max(n, len(self.ledger["accepted"]) * 5 // 4, 64)
+            size = capacity(n)
             for k, arr in self.ledger.items():
                 grown = np.zeros(size, np.int64)
                 grown[: len(arr)] = arr

@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from devices.readings import F64, I64
+from devices.readings import F64, I64, capacity
 from edge.aggregates import FIELDS, AggArrays
 from edge.sketch import SketchParams, SketchStore, quantiles_from_counts
 from edge.windows import (
@@ -103,7 +103,7 @@ class DenseFixedWindows:
         keep = {f: getattr(self.agg, f) for f in FIELDS}
         kept = {"widx": self.widx, "rev": self.rev, "dirty": self.dirty, "hist": self.hist,
                 "hbase": self.hbase}
-        self._alloc_cells(max(series_needed, old * 5 // 4, 64))
+        self._alloc_cells(capacity(series_needed))
         w, new = self.W, self.cap
         for name, arr in kept.items():  # slot-major: each slot's series run grows in place
             dst = getattr(self, name)
@@ -121,7 +121,7 @@ class DenseFixedWindows:
         """Series id of every row, allocating new series."""
         nd, nm = self.series_of.shape
         if dev.max() >= nd or met.max() >= nm:
-            grown = np.full((max(int(dev.max()) + 1, nd * 5 // 4), max(int(met.max()) + 1, nm)),
+            grown = np.full((max(nd, capacity(int(dev.max()) + 1)), max(int(met.max()) + 1, nm)),
                             -1, np.int64)
             grown[:nd, :nm] = self.series_of
             self.series_of = grown

@@ -41,7 +41,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from devices.readings import F64, I64
+from devices.readings import F64, I64, capacity
 
 _M1 = np.uint64(0x9E3779B97F4A7C15)
 _M2 = np.uint64(0xBF58476D1CE4E5B9)
@@ -140,7 +140,7 @@ class DuplicateFilter:
 
     def _ensure(self, n: int, *, seq: bool, hashed: bool) -> None:
         if n > self.devices:
-            self.devices = max(n, self.devices * 5 // 4, 64)
+            self.devices = capacity(n)
         rows = self.devices
 
         def grown(a: npt.NDArray[np.int64], used: bool) -> npt.NDArray[np.int64] | None:

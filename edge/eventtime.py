@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from devices.readings import I64
+from devices.readings import I64, capacity
 
 NEVER = np.iinfo(np.int64).min // 4  # "no event time seen yet"
 UNKNOWN_SKEW = np.iinfo(np.int64).max // 4
@@ -47,7 +47,7 @@ class EventTimeSpec:
 def _grow(arr: I64, n: int, fill: int) -> I64:
     if len(arr) >= n:
         return arr
-    out = np.full(max(n, 2 * len(arr), 64), fill, dtype=np.int64)
+    out = np.full(capacity(n), fill, dtype=np.int64)
     out[: len(arr)] = arr
     return out
 

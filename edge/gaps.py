@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from devices.readings import capacity
+
 WIDTH = 64  # how far behind the highest number a late reading is still told from a repeat
 
 
@@ -59,7 +61,7 @@ class SeqGaps:
 
     def _grow(self, n: int) -> None:
         if n > len(self.hi):
-            size = max(n, len(self.hi) * 5 // 4, 64)
+            size = capacity(n)
             for name, fill in (("hi", -1), ("lo", 0), ("seen", 0), ("gap", 0)):
                 old = getattr(self, name)
                 new = np.full(size, fill, old.dtype)
