@@ -11,14 +11,14 @@ of each kind:
   one comparison per reading, with no search, and 16 bytes per 64 seqs (a slot per seq of 8
   bytes each was 32 times that: 10 MB of a 10,000-device gateway's memory). A reading of an
   older block than its word holds is forgotten, never mistaken for a repeat: the filter never
-  calls a reading a duplicate that it did not see. Fast path, the steady state of a fleet: every
-  seq of the batch is above its device's high-water mark (never seen) and none comes twice,
-  which a per-device sum of ``2^(seq - mark)`` proves (equal powers of two would carry, losing
-  a bit); the bits are then only set. Otherwise the words are read, and repeats within the batch
-  found among the rows that share a word (a scatter of row numbers into a scratch table of the
-  words, read back: when every row reads its own number no two rows share one; only the rows of
-  shared words are sorted). O(n), no sort in the common case. A counter far below its mark (a
-  reboot) moves the mark down and clears the device's words.
+  calls a reading a duplicate that it did not see. Per batch, O(n) with no sort in the common
+  case: the words are read only for rows at or below their device's high-water mark (in the
+  steady state of a fleet every seq is above it: never seen); the bits each word gets from the
+  batch are summed (a scatter of row numbers into a scratch table of the words, read back,
+  picks a row to stand for each word), and when every row of a word is of one block and the
+  sum has one bit per row (equal powers of two would carry, losing one) no (device, seq) came
+  twice and the words take the sums. Otherwise a sort finds the repeats. A counter far below
+  its mark (a reboot) moves the mark down and clears the device's words.
 * **readings without seq**: a ring of hashes of (event time, value), filled in arrival order and
   compared whole; repeats within the batch by a sort. Allocated on the first such reading, so a
   fleet that numbers its readings pays nothing for it.
@@ -271,48 +271,58 @@ class DuplicateFilter:
         return d[r], self.seq_tag[d[r], k[r]] * 64 + b
 
     def _check_seq(self, dev: I64, seq: I64) -> npt.NDArray[np.bool_]:
+        n = len(seq)
         w = self.words
         blk = seq >> 6
         bit = _POW2[seq & _LOW6]
         flat = dev * w + (blk & (w - 1))
         tags = self.seq_tag.reshape(-1)
         words = self.seq_bits.reshape(-1)
-        if _popcount is not None:
-            # fast path: every seq is above its device's high-water mark (so never seen), by
-            # less than 64, and no (device, seq) comes twice: the sum per device of 2^offset
-            # then has one bit per row, as adding equal powers of two carries
-            off = seq - self.high[dev] - 1
-            if bool((off.view(np.uint64) < 64).all()):
-                sums = np.zeros(len(self.high), np.uint64)
-                np.add.at(sums, dev, _POW2[off])
-                if int(_popcount(sums).sum()) == len(seq):
-                    self._remember(tags, words, flat, blk, bit)
-                    np.maximum.at(self.high, dev, seq)
-                    return np.zeros(len(seq), bool)
-        newest = np.full(len(self.high), -1, np.int64)
-        np.maximum.at(newest, dev, seq)
-        # a counter far below its high-water mark restarted (a reboot): follow it, forgetting
-        # the blocks of the old count (they would hold the words against the new one)
-        restart = (newest >= 0) & (newest < self.high - self.memory)
-        if restart.any():
-            self.seq_tag[restart] = EMPTY
-            self.seq_bits[restart] = 0
-        dup: npt.NDArray[np.bool_] = (tags[flat] == blk) & ((words[flat] & bit) != 0)
-        # repeats within the batch, among rows sharing a word. After a plain scatter of row
-        # numbers every row reads its own back only if no two rows share one, whichever write
-        # won. scratch: one cell per word, only for this batch
+        restart = newest = None
+        if bool((seq > self.high[dev]).all()):  # the steady state: nothing seen before
+            dup = np.zeros(n, bool)
+        else:
+            newest = np.full(len(self.high), -1, np.int64)
+            np.maximum.at(newest, dev, seq)
+            # a counter far below its high-water mark restarted (a reboot): follow it,
+            # forgetting the blocks of the old count (they would hold the words against it)
+            restart = (newest >= 0) & (newest < self.high - self.memory)
+            if restart.any():
+                self.seq_tag[restart] = EMPTY
+                self.seq_bits[restart] = 0
+            dup = (tags[flat] == blk) & ((words[flat] & bit) != 0)
+        # the words the batch touches, each with a row standing for it: after a plain scatter
+        # of row numbers, the row each word reads back (scratch: one cell per word, only for
+        # this batch)
         scratch = np.empty(tags.size, np.int32)
-        rows = np.arange(len(flat), dtype=np.int32)
+        rows = np.arange(n, dtype=np.int32)
         scratch[flat] = rows
-        shared = scratch[flat] != rows
-        if shared.any():  # the rows of shared words, sorted by (device, seq) in arrival order
-            involved = np.zeros(len(flat), bool)
-            involved[shared] = True
-            involved[scratch[flat[shared]]] = True
-            r = np.flatnonzero(involved)
-            dup[r] |= _repeats((dev[r], seq[r]))
-        self._remember(tags, words, flat, blk, bit)
-        self.high = np.where(restart, newest, np.maximum(self.high, newest))
+        rep = scratch[flat]
+        u_rows = np.flatnonzero(rep == rows)
+        u = flat[u_rows]
+        # the bits of each word's rows summed: with every row of a word in one block (it has
+        # the block of the row standing for it) and no (device, seq) twice, each row adds a bit
+        # of its own (equal powers of two would carry, losing one)
+        sums = np.empty(tags.size, np.uint64)
+        sums[u] = 0
+        np.add.at(sums, flat, bit)
+        got = sums[u]
+        if _popcount is not None and bool((blk[rep] == blk).all()) and \
+                int(_popcount(got).sum()) == n:
+            b = blk[u_rows]
+            held = tags[u]
+            newer = b > held  # the word's old block is forgotten
+            tags[u[newer]] = b[newer]
+            words[u[newer]] = got[newer]
+            same = b == held
+            words[u[same]] |= got[same]
+        else:  # repeats within the batch, or a device across more blocks than it has words
+            dup |= _repeats((dev, seq))
+            self._remember(tags, words, flat, blk, bit)
+        if newest is None or restart is None:
+            np.maximum.at(self.high, dev, seq)
+        else:
+            self.high = np.where(restart, newest, np.maximum(self.high, newest))
         return dup
 
     @staticmethod

@@ -408,6 +408,9 @@ def test_a_device_sending_more_than_its_memory_in_one_batch() -> None:
 # clears the words its old count held (65 comes twice after the counter fell from 1000)
 @example(rows=[(0, 5), (0, 70), (0, 69)], cuts=[1, 2], memory=1, ordered=False)
 @example(rows=[(0, 1000), (0, 65), (0, 65)], cuts=[1, 2], memory=8, ordered=False)
+# two blocks of one batch want the same word (5 and 134 with two words): the bits of one
+# block must not become the other's (133 was never seen)
+@example(rows=[(0, 5), (0, 134), (0, 133)], cuts=[2], memory=64, ordered=False)
 def test_the_seq_memory_holds_the_newest_seqs_and_never_invents_a_repeat(
         rows: list[tuple[int, int]], cuts: list[int], memory: int, ordered: bool) -> None:
     # seqs spread over many blocks, batches of any size: a reading is called a repeat only if
