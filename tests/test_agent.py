@@ -87,6 +87,35 @@ def test_a_redelivered_reading_is_received_and_counted_as_a_duplicate(tmp_path: 
     assert sum(c for c, _ in counts.values()) == 8
 
 
+def test_the_ledger_reports_the_devices_that_changed_since_its_last_report(
+        tmp_path: Path) -> None:
+    clock = ManualClock(now_ms=T + 60_000)
+    agent = EdgePipeline(config(tmp_path), clock)
+    agent.process(msgs("d1", range(0, 5)) + msgs("d2", range(0, 5)))
+    first = agent.ledger_report()
+    assert first["devices"] == ["d1", "d2"]
+    assert first["received"] == [5, 5]
+    assert agent.ledger_report()["devices"] == []  # nothing happened since
+    agent.process(msgs("d2", range(5, 7)))
+    assert agent.ledger_report() == {"devices": ["d2"], "received": [7], "accepted": [7],
+                                     "late_dropped": [0], "duplicates": [0], "rejected": [0],
+                                     "windows_emitted": [0], "gap": [0], "rejected_by": {}}
+    agent.process(msgs("d1", range(9, 10)))  # 5..8 skipped: a gap
+    agent.process(msgs("d1", range(7, 8)))  # one of them arrives late
+    agent.process([*msgs("d3", range(0, 1)), ("devices/d2/readings", b"{", T)])  # new; a reject
+    rep = agent.ledger_report()
+    assert rep["devices"] == ["d1", "d2", "d3"]
+    assert rep["gap"] == [3, 0, 0]
+    assert rep["rejected_by"] == {"malformed_json": [0, 1, 0]}
+    # restored from a checkpoint, the first report is whole; the next ones are changes again
+    agent.save_checkpoint(tmp_path / "ckpt")
+    again = EdgePipeline(config(tmp_path), clock)
+    again.load_checkpoint(tmp_path / "ckpt")
+    assert again.ledger_report()["devices"] == ["d1", "d2", "d3"]
+    again.process(msgs("d3", [1]))
+    assert again.ledger_report()["devices"] == ["d3"]
+
+
 def test_made_up_metric_names_do_not_use_up_the_metric_ids(tmp_path: Path) -> None:
     # 1,000 readings with metric names outside the catalog (more than the 256 metric ids):
     # each is rejected as unknown_metric without taking an id, so a sensor kind of the
