@@ -16,8 +16,10 @@ sets (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_ARENA_MAX
 paho and asyncio whether or not a connection uses TLS. An agent whose brokers are all plain
 ``mqtt://`` (a gateway's local broker, a cloud reached through a VPN or an SSH tunnel) refuses
 those imports before anything asks for them: paho and asyncio run without ``ssl`` (both import
-it in a ``try``), ``hashlib`` falls back to CPython's own digests (the agent's batch digest is
-BLAKE2, CPython's own anyway). With an ``mqtts://`` broker nothing changes.
+it in a ``try``; paho's socket loop still names two of its exceptions, which
+``devices.mqtt.make_client`` gives it), ``hashlib`` falls back to CPython's own digests (the
+agent's batch digest is BLAKE2, CPython's own anyway). With an ``mqtts://`` broker nothing
+changes.
 """
 
 from __future__ import annotations
