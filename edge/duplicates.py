@@ -236,7 +236,8 @@ class DuplicateFilter:
         old_m = self.memory
         words = words_for(m)
         if words != self.words:
-            self.seq_tag, self.seq_bits = self._rewritten(words)
+            dev, seq = self.seqs_held()
+            self.seq_tag, self.seq_bits = _bitmaps_from_seqs(seq, dev, len(self.seq_tag), words)
             self.words = words
         if not len(self.hash_ring):
             self.hash_ring = np.full((0, m), EMPTY, np.int64)
@@ -248,19 +249,6 @@ class DuplicateFilter:
             self.pos = np.full(len(ring), old_m, np.int64)
         self.memory = m
         self.grown += 1
-
-    def _rewritten(self, words: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint64]]:
-        """The seq bitmaps with ``words`` words per device, keeping every block they can."""
-        d, k = np.nonzero(self.seq_tag != EMPTY)
-        tag = self.seq_tag[d, k]
-        bits = self.seq_bits[d, k]
-        tags = np.full((len(self.seq_tag), words), EMPTY, np.int64)
-        out = np.zeros((len(self.seq_tag), words), np.uint64)
-        flat = d * words + (tag & (words - 1))
-        np.maximum.at(tags.reshape(-1), flat, tag)
-        won = tags.reshape(-1)[flat] == tag  # a device's blocks are distinct: one per word
-        out.reshape(-1)[flat[won]] = bits[won]
-        return tags, out
 
     def seqs_held(self) -> tuple[I64, I64]:
         """(device, seq) of every numbered reading remembered."""
@@ -278,9 +266,9 @@ class DuplicateFilter:
         flat = dev * w + (blk & (w - 1))
         tags = self.seq_tag.reshape(-1)
         words = self.seq_bits.reshape(-1)
-        restart = newest = None
         if bool((seq > self.high[dev]).all()):  # the steady state: nothing seen before
             dup = np.zeros(n, bool)
+            np.maximum.at(self.high, dev, seq)
         else:
             newest = np.full(len(self.high), -1, np.int64)
             np.maximum.at(newest, dev, seq)
@@ -290,6 +278,7 @@ class DuplicateFilter:
             if restart.any():
                 self.seq_tag[restart] = EMPTY
                 self.seq_bits[restart] = 0
+            self.high = np.where(restart, newest, np.maximum(self.high, newest))
             dup = (tags[flat] == blk) & ((words[flat] & bit) != 0)
         # the words the batch touches, each with a row standing for it: after a plain scatter
         # of row numbers, the row each word reads back (scratch: one cell per word, only for
@@ -319,10 +308,6 @@ class DuplicateFilter:
         else:  # repeats within the batch, or a device across more blocks than it has words
             dup |= _repeats((dev, seq))
             self._remember(tags, words, flat, blk, bit)
-        if newest is None or restart is None:
-            np.maximum.at(self.high, dev, seq)
-        else:
-            self.high = np.where(restart, newest, np.maximum(self.high, newest))
         return dup
 
     @staticmethod
@@ -336,10 +321,7 @@ class DuplicateFilter:
             np.maximum.at(tags, f, blk[newer])
             words[f] = 0
         keep = blk == tags[flat]
-        if keep.all():
-            np.bitwise_or.at(words, flat, bit)
-        else:
-            np.bitwise_or.at(words, flat[keep], bit[keep])
+        np.bitwise_or.at(words, flat[keep], bit[keep])
 
     def _check_hashed(self, dev: I64, code: I64) -> npt.NDArray[np.bool_]:
         m = self.memory
