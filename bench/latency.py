@@ -145,6 +145,10 @@ def measure(work: Path, *, seconds: int = 70, devices: int = DEVICES,
                          topic_template="devices/{device}/readings")
         pub = FleetPublisher(FleetSimulator(spec, time.time_ns() // 1_000_000),
                              {"gw-1": gw.address}, qos=1)
+        cpu = CpuShares({"agent": procs[1].pid, "worker": procs[0].pid,
+                         "InfluxDB": _pid(ix), "gateway broker": _pid(gw),
+                         "cloud broker": _pid(cloud),
+                         "fleet and probe (this bench)": psutil.Process().pid})
         seen: dict[tuple[str, str, int], int] = {}
         took: list[float] = []
         poller = threading.Thread(target=poll, args=(influx, closes, seen, stop, took),
@@ -152,6 +156,7 @@ def measure(work: Path, *, seconds: int = 70, devices: int = DEVICES,
         poller.start()
         pub.run_realtime(threading.Event(), seconds)
         pub.close()
+        shares = cpu.used()
         t_end = time.time_ns() // 1_000_000
         # every window closed by then should turn up; give the chain 20 s
         wait_until(lambda: all(k in seen for k in list(closes.closed)), 20,
@@ -187,7 +192,8 @@ def measure(work: Path, *, seconds: int = 70, devices: int = DEVICES,
                 "edge_p99_ms": float(np.percentile(edge, 99)),
                 "cloud_p50_ms": float(np.percentile(cloud_part, 50)),
                 "cloud_p99_ms": float(np.percentile(cloud_part, 99)),
-                "influx_snapshots_ms": snaps, "influx_compactions_ms": compactions}
+                "influx_snapshots_ms": snaps, "influx_compactions_ms": compactions,
+                "cpu": shares}
     finally:
         stop.set()
         sub.loop_stop()
@@ -195,6 +201,25 @@ def measure(work: Path, *, seconds: int = 70, devices: int = DEVICES,
         gw.stop()
         cloud.stop()
         ix.stop()
+
+
+def _pid(service: InfluxDB | Mosquitto) -> int:
+    assert service.proc is not None
+    return service.proc.pid
+
+
+class CpuShares:
+    """The CPU (user + system) each process used from now to ``used()``, in cores: on a
+    2-core machine the fleet, the agent, the brokers, the worker and InfluxDB share two."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.procs = {k: psutil.Process(p) for k, p in pids.items()}
+        self.t0 = time.monotonic()
+        self.start = {k: sum(p.cpu_times()[:2]) for k, p in self.procs.items()}
+
+    def used(self) -> dict[str, float]:
+        dt = time.monotonic() - self.t0
+        return {k: (sum(p.cpu_times()[:2]) - self.start[k]) / dt for k, p in self.procs.items()}
 
 
 def influx_background(log: Path) -> tuple[list[float], list[float]]:

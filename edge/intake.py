@@ -1,9 +1,13 @@
 """Intake: subscribe to the gateway broker and buffer raw messages for the fold loop.
 
-paho's network thread only appends ``(topic, payload, receive time)`` to a bounded deque; it never
-decodes, never takes an application lock and never blocks (paho callbacks run under paho's locks).
-The agent drains the deque once per tick and decodes the whole micro-batch at once. When the
-buffer is full, messages are shed and counted (``intake_overflow``), never silently lost.
+The intake's own thread speaks MQTT 5 to the broker (``edge.mqttwire``: the subscriber's side
+of the protocol, no client library): it reads whatever the socket has, takes every PUBLISH in it
+apart at once and appends ``(topic, payload, receive time, packet id, qos)`` to a bounded
+deque; it never decodes a payload, never takes an application lock and never blocks on the
+agent. The agent drains the deque once per tick and decodes the whole micro-batch at once. When
+the buffer is full, messages are shed and counted (``intake_overflow``), never silently lost.
+A message costs a few microseconds here where a general client library spends tens (an object,
+a callback and a socket write for its acknowledgement, each message).
 
 The broker's own count of messages it dropped (``$SYS/broker/publish/messages/dropped``: its
 queue limits tripped, so devices got a PUBACK for readings nobody will ever receive) and of
@@ -11,30 +15,44 @@ messages it holds are read too, for health: loss upstream of the agent is visibl
 device as sequence gaps (``edge.gaps``).
 
 With ``manual_ack`` the broker gets a message's PUBACK only when the agent says so (after the
-message is in the fsynced intake log); until then the broker keeps it and re-delivers it to the
-persistent session if the agent dies.
+message is in the fsynced intake log): the acknowledgements of a tick leave in one write. Until
+then the broker keeps the message and re-delivers it to the persistent session if the agent
+dies, and never has more than ``max_pending`` of them outstanding to us (MQTT 5's Receive
+Maximum). A message taken over a connection that has since dropped is never acknowledged over
+the next one: the broker re-delivers it there, and its packet id may by then name another
+message that is not yet logged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import select
+import socket
 import threading
+import time
 from collections import deque
-from typing import Any
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
-from paho.mqtt.subscribeoptions import SubscribeOptions
-
+from devices import mqttwire as wire
 from devices.clock import Clock
-from devices.mqtt import BrokerAddress, make_client
+from devices.mqtt import BrokerAddress
 
 log = logging.getLogger("fieldline.edge.intake")
 
 SYS_DROPPED = "$SYS/broker/publish/messages/dropped"
 SYS_STORED = "$SYS/broker/store/messages/count"
+KEEPALIVE_S = 30
+CONNECT_TIMEOUT_S = 10.0
+RECONNECT_MIN_S, RECONNECT_MAX_S = 1.0, 30.0
+_RECV = 1 << 18
+_SUB_MID, _SYS_MID = 1, 2
+_MID_BITS = 16  # a taken message's id: connection number << 18 | qos << 16 | packet id
+
+Message = tuple[str, bytes, int, int, int]  # topic, payload, receive ms, id, qos
+
+
+class _RefusedError(Exception):
+    """The broker answered CONNECT with a failure reason code."""
 
 
 class MqttIntake:
@@ -56,9 +74,11 @@ class MqttIntake:
         self.topics = topics
         self.qos = qos
         self.max_pending = max_pending
+        self.client_id = client_id
+        self.session_expiry_s = session_expiry_s
         self._clock = clock
         self.manual_ack = manual_ack
-        self._pending: deque[tuple[str, bytes, int, int, int]] = deque()  # + mid, qos
+        self._pending: deque[Message] = deque()
         self.received = 0
         self.overflowed = 0
         self.connected = threading.Event()
@@ -66,104 +86,258 @@ class MqttIntake:
         # the broker's counters, as it last published them (-1: not heard, e.g. no ACL for it)
         self.broker_dropped = -1
         self.broker_stored = -1
-        self._sys_mid: int | None = None
-        self._client, self._props = make_client(address, client_id,
-                                                session_expiry_s=session_expiry_s,
-                                                manual_ack=manual_ack)
-        if manual_ack:
-            if self._props is None:
-                self._props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            # the broker never has more unacknowledged deliveries to us outstanding than this
-            self._props.ReceiveMaximum = max(1, min(max_pending, 65_535))
-        self._client.on_message = self._on_message
-        self._client.on_connect = self._on_connect
-        self._client.on_disconnect = self._on_disconnect
-        self._client.on_subscribe = self._on_subscribe
+        self.connections = 0  # connections the broker accepted
+        self._conn = 0  # the current connection's number (tags the ids of what it delivered)
+        self._acks: list[int] = []  # tagged ids the agent acknowledged, not yet sent
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._would_block: tuple[type[BaseException], ...] = (BlockingIOError, InterruptedError)
+        if address.tls:
+            import ssl
 
-    # paho thread ---------------------------------------------------------------------------
-
-    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode,
-                    _p: Any = None) -> None:
-        if rc.is_failure:
-            log.error("intake connect to %s refused: %s", self.address.url, rc)
-            return
-        opts = SubscribeOptions(qos=self.qos)
-        client.subscribe([(t, opts) for t in self.topics])
-        _rc, self._sys_mid = client.subscribe([(t, SubscribeOptions(qos=0))
-                                               for t in (SYS_DROPPED, SYS_STORED)])
-        self.connected.set()
-        log.info("intake connected to %s, subscribed to %s", self.address.url, self.topics)
-
-    def _on_subscribe(self, _c: mqtt.Client, _u: Any, mid: int, rcs: list[ReasonCode],
-                      _p: Any = None) -> None:
-        refused = [rc for rc in rcs if rc.is_failure]
-        if mid == self._sys_mid:
-            if refused:
-                log.warning("the gateway broker refused its $SYS counters (%s): its drops are "
-                            "seen only as sequence gaps", refused)
-            return
-        if refused:
-            log.error("intake subscription to %s refused: %s", self.topics, refused)
-        else:
-            self.subscribed.set()
-
-    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode,
-                       _p: Any = None) -> None:
-        self.connected.clear()
-        self.subscribed.clear()
-        if rc.value != 0:
-            log.warning("intake disconnected from %s: %s (reconnecting)", self.address.url, rc)
-
-    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        if msg.topic.startswith("$SYS/"):
-            try:
-                value = int(msg.payload)
-            except ValueError:
-                return
-            if msg.topic == SYS_DROPPED:
-                self.broker_dropped = value
-            elif msg.topic == SYS_STORED:
-                self.broker_stored = value
-            return
-        self.received += 1
-        if len(self._pending) >= self.max_pending and not (self.manual_ack and msg.qos):
-            # (with manual acks the broker's Receive Maximum already bounds what is pending)
-            self.overflowed += 1
-            return
-        self._pending.append((msg.topic, bytes(msg.payload), self._clock.now_ms(), msg.mid,
-                              msg.qos))
+            self._would_block += (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
     # agent side ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._client.connect_async(self.address.host, self.address.port, keepalive=30,
-                                   clean_start=False, properties=self._props)
-        self._client.loop_start()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="fieldline-intake", daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
+        """Disconnect (the broker keeps the session and what was not acknowledged)."""
+        self._stop.set()
+        self._wake()
+        if self._thread is not None:
+            self._thread.join(CONNECT_TIMEOUT_S + 5)
+            self._thread = None
 
-    def drain(self, limit: int) -> list[tuple[str, bytes, int, int, int]]:
+    def drain(self, limit: int) -> list[Message]:
         """Take up to ``limit`` buffered messages, oldest first:
-        (topic, payload, receive ms, mid, qos)."""
+        (topic, payload, receive ms, id, qos)."""
         pending = self._pending
         n = min(limit, len(pending))
         return [pending.popleft() for _ in range(n)]
 
-    def requeue(self, messages: list[tuple[str, bytes, int, int, int]]) -> None:
+    def requeue(self, messages: list[Message]) -> None:
         """Put drained messages back in front, in their order (not logged, not acknowledged:
         the intake log could not take them; they are tried again)."""
         self._pending.extendleft(reversed(messages))
 
-    def ack(self, messages: list[tuple[str, bytes, int, int, int]]) -> None:
-        """PUBACK these (manual-ack mode), in the order they were received."""
-        if self.manual_ack:
-            client = self._client
-            for m in messages:
-                if m[4]:
-                    client.ack(m[3], m[4])
+    def ack(self, messages: list[Message]) -> None:
+        """Acknowledge these (manual-ack mode), in the order they were received: all of them
+        in the intake thread's next write."""
+        if not self.manual_ack:
+            return
+        conn = self._conn
+        ids = [m[3] for m in messages if m[4] and m[3] >> 18 == conn]
+        if ids:
+            with self._lock:
+                self._acks.extend(ids)
+            self._wake()
 
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # full (a wake-up is pending anyway) or closed
+            self._wake_w.send(b"x")
+
+    # intake thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        delay = RECONNECT_MIN_S
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                sock, parser, early = self._open()
+            except (OSError, wire.ProtocolError, _RefusedError) as exc:
+                failures += 1
+                if failures == 1 and not isinstance(exc, _RefusedError):
+                    log.warning("intake cannot reach %s: %s (retrying)", self.address.url, exc)
+                self._stop.wait(delay)
+                delay = min(delay * 2, RECONNECT_MAX_S)
+                continue
+            delay, failures = RECONNECT_MIN_S, 0
+            try:
+                self._serve(sock, parser, early)
+            except (OSError, wire.ProtocolError) as exc:
+                if not self._stop.is_set():
+                    log.warning("intake disconnected from %s: %s (reconnecting)",
+                                self.address.url, exc)
+            finally:
+                self.connected.clear()
+                self.subscribed.clear()
+                self._conn += 1  # what this connection delivered is never acknowledged now
+                with self._lock:
+                    self._acks.clear()
+                sock.close()
+
+    def _open(self) -> tuple[socket.socket, wire.Parser, list[tuple[str, bytes, int, int]]]:
+        a = self.address
+        sock = socket.create_connection((a.host, a.port), timeout=CONNECT_TIMEOUT_S)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if a.tls:
+                import ssl
+
+                ctx = ssl.create_default_context(cafile=a.ca_file)
+                if a.cert_file:
+                    ctx.load_cert_chain(a.cert_file, a.key_file)
+                sock = ctx.wrap_socket(sock, server_hostname=a.host)
+            sock.sendall(wire.connect(
+                self.client_id, keepalive_s=KEEPALIVE_S, clean_start=False,
+                session_expiry_s=self.session_expiry_s,
+                receive_maximum=max(1, min(self.max_pending, 65_535)) if self.manual_ack else None,
+                username=a.username, password=a.password))
+            parser = wire.Parser()
+            early: list[tuple[str, bytes, int, int]] = []
+            while True:
+                data = sock.recv(_RECV)
+                if not data:
+                    raise OSError("the broker closed the connection before its CONNACK")
+                early += parser.feed(data)
+                if parser.control:
+                    break
+            kind, _flags, body = parser.control.pop(0)
+            if kind != wire.CONNACK:
+                raise wire.ProtocolError(f"packet type {kind} before the CONNACK")
+            ack = wire.connack(body)
+            if ack.code >= 0x80:
+                log.error("intake connect to %s refused: %s", a.url, wire.reason(ack.code))
+                raise _RefusedError(wire.reason(ack.code))
+            self._keepalive = ack.keepalive_s or KEEPALIVE_S
+            sock.sendall(wire.subscribe(_SUB_MID, [(t, self.qos) for t in self.topics])
+                         + wire.subscribe(_SYS_MID, [(SYS_DROPPED, 0), (SYS_STORED, 0)]))
+        except BaseException:
+            sock.close()
+            raise
+        self.connections += 1
+        self.connected.set()
+        log.info("intake connected to %s, subscribed to %s", a.url, self.topics)
+        return sock, parser, early
+
+    def _serve(self, sock: socket.socket, parser: wire.Parser,
+               early: list[tuple[str, bytes, int, int]]) -> None:
+        sock.setblocking(False)
+        out = bytearray()
+        conn_tag = self._conn << 18
+        now = time.monotonic()
+        last_sent = last_heard = now
+        keepalive = self._keepalive
+        self._take(early, out, conn_tag)
+        self._control(parser, out)
+        tls = self.address.tls
+        while not self._stop.is_set():
+            buffered = tls and sock.pending() > 0  # type: ignore[attr-defined]
+            wait = 0.0 if buffered else min(1.0, keepalive / 2)
+            readable, _writable, _ = select.select(
+                [sock, self._wake_r], [sock] if out else [], [], wait)
+            if self._wake_r in readable:
+                with contextlib.suppress(OSError):
+                    self._wake_r.recv(4096)
+            if self._acks:
+                with self._lock:
+                    ids, self._acks = self._acks, []
+                self._ack_bytes(ids, out, conn_tag)
+            now = time.monotonic()
+            if buffered or sock in readable:
+                try:
+                    data = sock.recv(_RECV)
+                except self._would_block:
+                    data = None
+                if data == b"":
+                    raise OSError("the broker closed the connection")
+                if data:
+                    last_heard = now
+                    self._take(parser.feed(data), out, conn_tag)
+                    if parser.control:
+                        self._control(parser, out)
+            if now - last_sent >= keepalive / 2 and not out:
+                out += wire.PINGREQ_PACKET
+            if out:
+                try:
+                    sent = sock.send(out)
+                    del out[:sent]
+                    last_sent = now
+                except self._would_block:
+                    pass
+            if now - last_heard > keepalive * 1.5:
+                raise OSError(f"nothing from the broker for {now - last_heard:.0f} s")
+        # a clean stop: the session (and whatever was not acknowledged) stays with the broker
+        try:
+            sock.setblocking(True)
+            sock.settimeout(2.0)
+            sock.sendall(bytes(out) + wire.DISCONNECT_PACKET)
+        except OSError:
+            pass
+
+    def _take(self, msgs: list[tuple[str, bytes, int, int]], out: bytearray,
+              conn_tag: int) -> None:
+        if not msgs:
+            return
+        now_ms = self._clock.now_ms()
+        pending = self._pending
+        auto: list[int] = []
+        for topic, payload, mid, qos in msgs:
+            if topic.startswith("$SYS/"):
+                self._sys(topic, payload)
+                continue
+            self.received += 1
+            if not self.manual_ack and qos:
+                auto.append(conn_tag | qos << _MID_BITS | mid)
+            if len(pending) >= self.max_pending and not (self.manual_ack and qos):
+                # (with manual acks the broker's Receive Maximum already bounds what is pending)
+                self.overflowed += 1
+                continue
+            pending.append((topic, payload, now_ms, conn_tag | qos << _MID_BITS | mid, qos))
+        if auto:
+            self._ack_bytes(auto, out, conn_tag)
+
+    def _ack_bytes(self, ids: list[int], out: bytearray, conn_tag: int) -> None:
+        """PUBACK (QoS 1) or PUBREC (QoS 2) of each id taken over this connection, in order."""
+        mask = (1 << _MID_BITS) - 1
+        ids = [i for i in ids if i >> 18 << 18 == conn_tag]
+        if all(i >> _MID_BITS & 3 == 1 for i in ids):
+            out += wire.acks(wire.PUBACK, [i & mask for i in ids])
+            return
+        for i in ids:
+            out += wire.acks(wire.PUBACK if i >> _MID_BITS & 3 == 1 else wire.PUBREC,
+                             [i & mask])
+
+    def _sys(self, topic: str, payload: bytes) -> None:
+        try:
+            value = int(payload)
+        except ValueError:
+            return
+        if topic == SYS_DROPPED:
+            self.broker_dropped = value
+        elif topic == SYS_STORED:
+            self.broker_stored = value
+
+    def _control(self, parser: wire.Parser, out: bytearray) -> None:
+        for kind, _flags, body in parser.control:
+            if kind == wire.SUBACK:
+                mid, codes = wire.suback(body)
+                refused = [wire.reason(c) for c in codes if c >= 0x80]
+                if mid == _SYS_MID:
+                    if refused:
+                        log.warning("the gateway broker refused its $SYS counters (%s): its "
+                                    "drops are seen only as sequence gaps", refused)
+                elif refused:
+                    log.error("intake subscription to %s refused: %s", self.topics, refused)
+                else:
+                    self.subscribed.set()
+            elif kind == wire.PUBREL:  # QoS 2: the broker released the id; we are done with it
+                out += wire.acks(wire.PUBCOMP, [body[0] << 8 | body[1]])
+            elif kind == wire.DISCONNECT:
+                raise OSError(f"the broker disconnected: "
+                              f"{wire.reason(wire.disconnect_reason(body))}")
+            elif kind == wire.CONNACK:
+                raise wire.ProtocolError("a second CONNACK")
+        parser.control.clear()

@@ -22,15 +22,12 @@ import logging
 import select
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-
+from devices import mqttwire as wire
 from devices.errors import FieldlineError
 from devices.mqtt import BrokerAddress
 
@@ -39,36 +36,6 @@ log = logging.getLogger("fieldline.simulators.wire")
 CONNACK, PUBACK, PINGRESP, DISCONNECT = 0x20, 0x40, 0xD0, 0xE0
 SEND_CHUNK = 256 * 1024  # bytes written per sendall before PUBACKs are read again
 TOPIC_CACHE = 200_000
-
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def mqtt_string(s: str | bytes) -> bytes:
-    raw = s.encode() if isinstance(s, str) else s
-    return struct.pack("!H", len(raw)) + raw
-
-
-def connect_packet(client_id: str, keepalive_s: int, username: str | None,
-                   password: str | None) -> bytes:
-    flags = 0x02  # clean start
-    payload = mqtt_string(client_id)
-    if username is not None:
-        flags |= 0x80
-        payload += mqtt_string(username)
-        if password is not None:
-            flags |= 0x40
-            payload += mqtt_string(password)
-    # protocol name, level 5, flags, keep alive, properties (none)
-    var = mqtt_string("MQTT") + bytes([5, flags]) + struct.pack("!H", keepalive_s) + b"\x00"
-    body = var + payload
-    return b"\x10" + varint(len(body)) + body
 
 
 class MqttError(ConnectionError):
@@ -135,8 +102,10 @@ class WirePublisher:
     def _connect(self) -> None:
         sock = self._open()
         try:
-            sock.sendall(connect_packet(self.client_id, self.keepalive_s, self.address.username,
-                                        self.address.password))
+            sock.sendall(wire.connect(self.client_id, keepalive_s=self.keepalive_s,
+                                      clean_start=True, session_expiry_s=0,
+                                      receive_maximum=None, username=self.address.username,
+                                      password=self.address.password))
             self._sock = sock
             self._rx = b""
             kind, body = self._read_packet()
@@ -150,12 +119,9 @@ class WirePublisher:
         if body[1] != 0:
             self._drop()
             raise MqttError(f"{self.address.url} refused the connection: reason 0x{body[1]:02x}")
-        props = Properties(PacketTypes.CONNACK)  # type: ignore[no-untyped-call]
-        if len(body) > 2:
-            props.unpack(body[2:])  # type: ignore[no-untyped-call]
-        receive_max = getattr(props, "ReceiveMaximum", 65535)
-        self.window = min(self._our_window, int(receive_max))
-        self.max_packet = int(getattr(props, "MaximumPacketSize", self.max_packet))
+        ack = wire.connack(bytes(body))
+        self.window = min(self._our_window, ack.receive_maximum)
+        self.max_packet = ack.maximum_packet_size or self.max_packet
         self._last_write = time.monotonic()
         self._ping_outstanding = False
 
@@ -291,7 +257,7 @@ class WirePublisher:
         if enc is None:
             if len(self._topics) >= TOPIC_CACHE:
                 self._topics.clear()
-            enc = self._topics[topic] = mqtt_string(topic)
+            enc = self._topics[topic] = wire.mqtt_string(topic)
         return enc
 
     def _pump(self, wait_s: float) -> None:
@@ -344,10 +310,10 @@ class WirePublisher:
         for topic, payload in messages:
             t = self._topic(topic)
             if qos == 0:
-                pkt = b"\x30" + varint(len(t) + 1 + len(payload)) + t + b"\x00" + payload
+                pkt = b"\x30" + wire.varint(len(t) + 1 + len(payload)) + t + b"\x00" + payload
             else:
                 pid = self._take_id()
-                pkt = (b"\x32" + varint(len(t) + 3 + len(payload)) + t
+                pkt = (b"\x32" + wire.varint(len(t) + 3 + len(payload)) + t
                        + bytes((pid >> 8, pid & 0xFF, 0)) + payload)
             if len(pkt) > self.max_packet:
                 c.refused[0x95] = c.refused.get(0x95, 0) + 1

@@ -14,9 +14,10 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from devices.mqtt import BrokerAddress
+from devices.mqttwire import varint
 from fieldline.faults import FaultProxy
 from fieldline.services import Mosquitto
-from simulators.wire import BrokerUnreachableError, WirePublisher, varint
+from simulators.wire import BrokerUnreachableError, WirePublisher
 
 
 class Collector:

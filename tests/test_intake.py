@@ -1,0 +1,247 @@
+"""The intake's own MQTT 5 subscriber: its packet parser (any split of the byte stream, malformed
+input) and, against a real Mosquitto, what the agent's custody rests on: acknowledgements only
+when the agent gives them, re-delivery of the rest to the persistent session, never an
+acknowledgement over a later connection, the broker's Receive Maximum, QoS 2, TLS."""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from paho.mqtt.enums import CallbackAPIVersion
+
+from devices import mqttwire as wire
+from devices.clock import SystemClock
+from devices.mqtt import BrokerAddress
+from edge.intake import MqttIntake
+from fieldline.services import Mosquitto, free_port
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _vbi(n: int) -> bytes:
+    out = b""
+    while True:
+        b, n = n % 128, n // 128
+        out += bytes([b | (128 if n else 0)])
+        if not n:
+            return out
+
+
+def _publish(topic: str, payload: bytes, qos: int, mid: int, props: bytes) -> bytes:
+    t = topic.encode()
+    body = struct.pack("!H", len(t)) + t + (struct.pack("!H", mid) if qos else b"")
+    body += _vbi(len(props)) + props + payload
+    return bytes([0x30 | qos << 1]) + _vbi(len(body)) + body
+
+
+_PUBLISH = st.tuples(
+    st.text(min_size=1, max_size=20), st.binary(max_size=300), st.integers(0, 2),
+    st.integers(1, 65_535), st.binary(max_size=140))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(_PUBLISH, st.sampled_from([b"\xd0\x00", b"\x62\x02\x00\x07"])),
+                max_size=30),
+       st.lists(st.integers(1, 400), max_size=40))
+def test_parser_reads_every_packet_whatever_the_reads_split(
+        packets: list[tuple[str, bytes, int, int, bytes] | bytes], cuts: list[int]) -> None:
+    stream = b""
+    want_pub, want_ctl = [], []
+    for p in packets:
+        if isinstance(p, bytes):  # PINGRESP, PUBREL
+            stream += p
+            want_ctl.append((p[0] >> 4, p[0] & 15, p[2:]))
+        else:
+            topic, payload, qos, mid, props = p
+            # properties are opaque to the parser: any bytes of the declared length
+            stream += _publish(topic, payload, qos, mid, props)
+            want_pub.append((topic, payload, mid if qos else 0, qos))
+    parser = wire.Parser()
+    got = []
+    i = 0
+    for c in [*cuts, len(stream)]:
+        got += parser.feed(stream[i:i + c])
+        i += c
+    got += parser.feed(stream[i:])
+    assert got == want_pub
+    assert parser.control == want_ctl
+    assert not parser.buf
+
+
+@pytest.mark.parametrize("bad", [
+    bytes([0x36, 4, 0, 1, 97, 0]),  # QoS 3
+    b"\x30\xff\xff\xff\xff\x01",  # a remaining length of five bytes
+    bytes([0x32, 5, 0, 1, 97, 0, 1]),  # QoS 1 with no room for its properties
+    bytes([0x30, 4, 0, 1, 97, 9]),  # properties longer than the packet
+    bytes([0x30, 4, 0, 9, 97, 0]),  # a topic longer than the packet
+])
+def test_parser_refuses_a_malformed_publish(bad: bytes) -> None:
+    with pytest.raises(wire.ProtocolError):
+        wire.Parser().feed(bad)
+
+
+def test_connack_and_suback_are_read() -> None:
+    assert wire.connack(b"\x01\x00\x0a\x13\x00\x3c\x21\x00\x10\x27\x00\x01\x00\x00") \
+        == wire.Connack(True, 0, keepalive_s=60, receive_maximum=16, maximum_packet_size=65_536)
+    assert wire.connack(b"\x00\x87") == wire.Connack(False, 0x87)
+    assert wire.suback(b"\x00\x01\x00\x01\x80") == (1, [1, 0x80])
+
+
+# against a real broker ----------------------------------------------------------------------
+
+def _publisher(port: int, qos: int, n: int, topic: str = "devices/d1/readings") -> None:
+    c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    infos = [c.publish(topic, f"{i}".encode(), qos=qos) for i in range(n)]
+    for info in infos:
+        info.wait_for_publish(10)
+    c.disconnect()
+    c.loop_stop()
+
+
+def _intake(address: BrokerAddress, **kw: object) -> MqttIntake:
+    i = MqttIntake(address, ["devices/+/readings"], clock=SystemClock(),
+                   client_id="test-intake", **kw)  # type: ignore[arg-type]
+    i.start()
+    _wait(i.subscribed.is_set, "the subscription")
+    return i
+
+
+def _wait(cond: Callable[[], bool], what: str, timeout_s: float = 15) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def _take(intake: MqttIntake, n: int) -> list[tuple[str, bytes, int, int, int]]:
+    got: list[tuple[str, bytes, int, int, int]] = []
+
+    def enough() -> bool:
+        got.extend(intake.drain(n - len(got)))
+        return len(got) >= n
+
+    _wait(enough, f"{n} messages ({len(got)} so far)")
+    return got
+
+
+def _settles(intake: MqttIntake, s: float = 1.0) -> int:
+    time.sleep(s)
+    return intake.pending
+
+
+def test_only_what_the_agent_acknowledged_is_gone_from_the_session(
+        mosquitto: Mosquitto) -> None:
+    first = _intake(mosquitto.address, manual_ack=True)
+    _publisher(mosquitto.port, 1, 50)
+    got = _take(first, 50)
+    assert [m[1] for m in got] == [f"{i}".encode() for i in range(50)]
+    first.ack(got[:20])
+    time.sleep(0.5)
+    first.stop()
+    again = _intake(mosquitto.address, manual_ack=True)
+    redelivered = _take(again, 30)
+    assert [m[1] for m in redelivered] == [f"{i}".encode() for i in range(20, 50)]
+    again.ack(redelivered)
+    time.sleep(0.5)
+    again.stop()
+    third = _intake(mosquitto.address, manual_ack=True)
+    assert _settles(third) == 0  # all acknowledged: nothing comes back
+    third.stop()
+
+
+def test_a_message_taken_before_a_reconnect_is_not_acknowledged_after_it(
+        mosquitto_factory: Callable[..., Mosquitto]) -> None:
+    broker = mosquitto_factory(persistence=True)
+    intake = _intake(broker.address, manual_ack=True)
+    _publisher(broker.port, 1, 10)
+    old = _take(intake, 10)
+    broker.stop()
+    broker.start()  # same port, the session (and the 10 unacknowledged) from its data
+    _wait(lambda: intake.connections == 2 and intake.subscribed.is_set(), "the reconnection")
+    again = _take(intake, 10)  # re-delivered to the session
+    assert [m[1] for m in again] == [m[1] for m in old]
+    # the packet ids of the first connection are not this one's: acknowledging them sends
+    # nothing (it could acknowledge another message that reused the id)
+    intake.ack(old)
+    time.sleep(0.5)
+    intake.stop()
+    after = _intake(broker.address, manual_ack=True)
+    assert len(_take(after, 10)) == 10
+    after.stop()
+
+
+def test_the_broker_holds_back_beyond_the_receive_maximum(mosquitto: Mosquitto) -> None:
+    intake = _intake(mosquitto.address, manual_ack=True, max_pending=5)
+    _publisher(mosquitto.port, 1, 20)
+    assert _settles(intake) == 5  # five outstanding, the broker keeps the rest
+    taken: list[tuple[str, bytes, int, int, int]] = []
+    while len(taken) < 20:
+        batch = _take(intake, min(5, 20 - len(taken)))
+        taken += batch
+        intake.ack(batch)
+    assert [m[1] for m in taken] == [f"{i}".encode() for i in range(20)]
+    assert intake.overflowed == 0
+    intake.stop()
+
+
+def test_qos2_is_received_and_completed(mosquitto: Mosquitto) -> None:
+    intake = _intake(mosquitto.address, manual_ack=True, qos=2)
+    _publisher(mosquitto.port, 2, 10)
+    got = _take(intake, 10)
+    assert {m[4] for m in got} == {2}
+    intake.ack(got)
+    time.sleep(0.5)
+    intake.stop()
+    again = _intake(mosquitto.address, manual_ack=True, qos=2)
+    assert _settles(again) == 0
+    again.stop()
+
+
+def test_without_manual_acks_everything_is_acknowledged_on_arrival(
+        mosquitto: Mosquitto) -> None:
+    intake = _intake(mosquitto.address)
+    _publisher(mosquitto.port, 1, 30)
+    assert len(_take(intake, 30)) == 30
+    intake.stop()
+    again = _intake(mosquitto.address)
+    assert _settles(again) == 0
+    again.stop()
+
+
+def test_tls_and_a_refused_login(mosquitto_factory: Callable[..., Mosquitto],
+                                 tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from tests.pki import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    crt, key = pki.cert("server")
+    tls_port = free_port()
+    broker = mosquitto_factory(extra_conf=f"listener {tls_port} 127.0.0.1\ncafile {pki.ca}\n"
+                                          f"certfile {crt}\nkeyfile {key}\n")
+    tls = BrokerAddress(host="127.0.0.1", port=tls_port, tls=True, ca_file=str(pki.ca))
+    intake = _intake(tls, manual_ack=True)
+    _publisher(broker.port, 1, 20)
+    got = _take(intake, 20)
+    assert [m[1] for m in got] == [f"{i}".encode() for i in range(20)]
+    intake.stop()
+
+    pw = tmp_path / "passwd"
+    pw.write_text("")
+    locked = mosquitto_factory(extra_conf=f"password_file {pw}\n")
+    stranger = MqttIntake(BrokerAddress(host="127.0.0.1", port=locked.port, username="nobody",
+                                        password="x"), ["devices/+/readings"],
+                          clock=SystemClock(), client_id="stranger")
+    with caplog.at_level("ERROR", logger="fieldline.edge.intake"):
+        stranger.start()
+        _wait(lambda: "refused" in caplog.text, "the refusal to be logged")
+        stranger.stop()
+    assert not stranger.connected.is_set()
