@@ -305,7 +305,9 @@ def main(seconds: int = 70) -> list[Figure]:
                 f"cache snapshots {len(r['influx_snapshots_ms'])} "
                 f"(longest {max(r['influx_snapshots_ms'], default=0):,.0f} ms), compactions "
                 f"{len(r['influx_compactions_ms'])} "
-                f"(longest {max(r['influx_compactions_ms'], default=0):,.0f} ms)")
+                f"(longest {max(r['influx_compactions_ms'], default=0):,.0f} ms); CPU used "
+                f"during the run, in cores of 2: "
+                + ", ".join(f"{k} {v:.2f}" for k, v in r["cpu"].items()))
         figs.append(figure(f"window close -> queryable in InfluxDB p50, {label}",
                            r["p50_ms"], "ms", note=note))
         figs.append(figure(f"window close -> queryable in InfluxDB p99, {label}",

@@ -1,9 +1,10 @@
 """The gateway agent's composition root: wires intake, decoding, validation, windows and uplink.
 
 One asyncio task ticks the pipeline (drain -> decode -> validate -> fold -> emit -> publish) every
-``tick_ms``; another publishes health. MQTT network I/O runs in paho's threads. On stop the open
-window state is checkpointed to ``state_dir`` (so a restart continues open windows instead of
-emitting partial ones), unless ``flush_on_stop`` asks for everything to be emitted now.
+``tick_ms``; another publishes health. MQTT network I/O runs in threads: the intake's own
+(``edge.intake``) and paho's for the uplink. On stop the open window state is checkpointed to
+``state_dir`` (so a restart continues open windows instead of emitting partial ones), unless
+``flush_on_stop`` asks for everything to be emitted now.
 """
 
 from __future__ import annotations
