@@ -88,6 +88,7 @@ class MqttIntake:
         self.broker_stored = -1
         self.connections = 0  # connections the broker accepted
         self._conn = 0  # the current connection's number (tags the ids of what it delivered)
+        self._keepalive = KEEPALIVE_S  # ours, or the broker's Server Keep Alive
         self._acks: list[int] = []  # tagged ids the agent acknowledged, not yet sent
         self._lock = threading.Lock()
         self._stop = threading.Event()
