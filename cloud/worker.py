@@ -212,7 +212,7 @@ class CloudWorker:
             points.append(device_points(rep.gateway, rep.devices, ts))
         points.append(ledger_points(rep.gateway, rep.counters, rep.ledger, ts,
                                     self.written_by_gateway.get(rep.gateway, 0)))
-        self.writer.add(points)
+        self.writer.add(points, background=True)
 
     def _handle_results(self, batch: ResultBatch, digest: str, part: PartitionState,
                         pkey: int = 0) -> None:
@@ -543,7 +543,7 @@ class CloudWorker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.config.health_interval_ms / 1000)
             self._check_registry()
-            self.writer.add(self._health_points())
+            self.writer.add(self._health_points(), background=True)
             if (self.per_partition and not stop.is_set()
                     and time.monotonic() - last_snap >= self.snapshot_interval_s):
                 last_snap = time.monotonic()

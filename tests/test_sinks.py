@@ -305,3 +305,44 @@ def test_influxdb_takes_the_settings_and_environment_it_is_given(tmp_path) -> No
         assert b"GOGC=200" in environ
     finally:
         ix.stop()
+
+
+def test_background_points_never_hold_up_results() -> None:
+    """A gateway's 10,000-row ledger queued just before a burst of window results: the results
+    go out after one slice of the ledger at most, the ledger follows, nothing is lost, and only
+    the results' token is confirmed (once they are written)."""
+    from cloud.sinks.base import BACKGROUND_SLICE
+
+    rec = _SlowRecorder()
+    confirmed: list[object] = []
+    writer = BufferedWriter(rec, clock=ManualClock(), batch_points=2_000, flush_interval_ms=20,
+                            concurrency=1, on_written=confirmed.extend)
+    ledger = from_lines([f"ledger,device=d{i} received={i}i {T_NOW}" for i in range(10_000)])
+    results = from_lines([f"aggregates,device=d{i} count=10i {T_NOW}" for i in range(3_000)])
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        writer.add(ledger, background=True)
+        with pytest.raises(ValueError, match="no token"):
+            writer.add(ledger, token="t", background=True)
+        assert writer.buffered == 10_000
+        task = asyncio.create_task(writer.run(stop))
+        await asyncio.sleep(0.001)  # the writer has taken at most one slice of the ledger
+        writer.add(results, token="results")
+        for _ in range(500):
+            if not writer.buffered and confirmed:
+                break
+            await asyncio.sleep(0.01)
+        stop.set()
+        await task
+
+    asyncio.run(scenario())
+    order = [ln.split(",")[0] for _, _, req in rec.requests for ln in req]
+    assert sorted(order) == ["aggregates"] * 3_000 + ["ledger"] * 10_000
+    first_result = order.index("aggregates")
+    assert first_result <= BACKGROUND_SLICE
+    assert order[first_result:first_result + 3_000] == ["aggregates"] * 3_000
+    assert all(len(req) <= BACKGROUND_SLICE for _, _, req in rec.requests if "ledger" in req[0])
+    assert confirmed == ["results"]
+    assert writer.points_written == 13_000
+    assert writer.buffered == 0

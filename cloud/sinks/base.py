@@ -126,6 +126,10 @@ class MemorySink:
 
 
 _QUIET_MS = 20  # input that paused this long is written without waiting for the interval
+# background points (a gateway's ledger, health) are written this many at a time, and only when
+# nothing else is queued: a results burst waits behind one such write at most, never behind a
+# 10,000-device ledger
+BACKGROUND_SLICE = 1_000
 
 
 class BufferedWriter:
@@ -133,6 +137,10 @@ class BufferedWriter:
 
     ``on_written`` is called (in the event loop) with each batch's tokens once the sink confirmed
     it: that is the only moment a result counts as written.
+
+    Points added with ``background=True`` (telemetry: ledgers, health) carry no token and are
+    written after everything else queued, ``BACKGROUND_SLICE`` at a time, so they never hold up
+    results on their way to being queryable.
     """
 
     def __init__(
@@ -158,6 +166,8 @@ class BufferedWriter:
         self.on_written = on_written
         self._chunks: deque[Points] = deque()
         self._buffered = 0  # points in _chunks
+        self._later: deque[Points] = deque()  # background points, not yet in _chunks
+        self._later_n = 0
         self._generation = 0  # discard() count: a write in flight when it came confirms nothing
         self._deletes: list[Identity] = []
         self._tokens: deque[tuple[int, object]] = deque()  # (lines added when queued, token)
@@ -176,11 +186,11 @@ class BufferedWriter:
 
     @property
     def buffered(self) -> int:
-        return self._buffered
+        return self._buffered + self._later_n
 
     def pending(self) -> list[Points]:
-        """What is queued and not yet written."""
-        return list(self._chunks)
+        """What is queued and not yet written (background points last)."""
+        return [*self._chunks, *self._later]
 
     def delete(self, points: list[Identity]) -> None:
         """Delete these identities after everything queued so far has been written."""
@@ -190,9 +200,11 @@ class BufferedWriter:
     def discard(self) -> int:
         """Drop everything queued and not yet written, tokens unconfirmed (a worker that may
         have lost its partitions must not write what it held); returns the points dropped."""
-        n = self._buffered
+        n = self._buffered + self._later_n
         self._chunks.clear()
         self._buffered = 0
+        self._later.clear()
+        self._later_n = 0
         self._generation += 1
         self._tokens.clear()
         self._deletes.clear()
@@ -200,8 +212,18 @@ class BufferedWriter:
         self._done = self._added
         return n
 
-    def add(self, points: Points | list[Points], token: object = None) -> None:
-        """Queue points; ``token`` is handed to ``on_written`` once they are confirmed."""
+    def add(self, points: Points | list[Points], token: object = None, *,
+            background: bool = False) -> None:
+        """Queue points; ``token`` is handed to ``on_written`` once they are confirmed.
+        ``background``: written once nothing else waits (no token: nothing waits on them)."""
+        if background:
+            if token is not None:
+                raise ValueError("background points carry no token")
+            for p in [points] if isinstance(points, Points) else points:
+                if len(p):
+                    self._later.append(p)
+                    self._later_n += len(p)
+            return
         for p in [points] if isinstance(points, Points) else points:
             if len(p):
                 self._chunks.append(p)
@@ -239,9 +261,14 @@ class BufferedWriter:
         A token is confirmed (``on_written``) only once its lines *and* every delete queued
         before the flush are done, so an acknowledgement never precedes a withdrawal.
         """
-        while self._chunks or self._tokens:  # the writes; deletes follow them
+        while self._chunks or self._tokens or self._later:  # the writes; deletes follow them
             if self.fence is not None and not self.fence():
                 return True
+            if not self._chunks and not self._tokens:  # nothing else waits: a slice of the
+                head, rest = split(self._later, BACKGROUND_SLICE)  # background
+                self._later = deque(rest)
+                self._later_n -= total(head)
+                self.add(head)
             n = min(self.batch_points, self._buffered)
             queued = len(self._chunks)
             generation = self._generation
