@@ -20,12 +20,19 @@ it in a ``try``; paho's socket loop still names two of its exceptions, which
 ``devices.mqtt.make_client`` gives it), ``hashlib`` falls back to CPython's own digests (the
 agent's batch digest is BLAKE2, CPython's own anyway). With an ``mqtts://`` broker nothing
 changes.
+
+``defer_imports``: paho imports ``urllib.request`` (and with it ``http.client`` and the
+``email`` package: 21 modules, 1.0 MiB of the agent's RSS) for one thing, reading proxy
+settings from the environment, which it does only when PySocks is installed and a connection
+is made. A deferred module is a stand-in that imports the real one at the first attribute
+anybody reads, so the agent pays for it only if that path runs.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib
 import importlib.abc
 import importlib.machinery
 import logging
@@ -93,3 +100,36 @@ def refuse_tls_libraries() -> bool:
 
 def allow_tls_libraries() -> None:
     sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _RefuseTLS)]
+
+
+DEFERRED = ("urllib.request",)
+
+
+class _Deferred(ModuleType):
+    """Stands in ``sys.modules`` for a module not imported yet; the first attribute read
+    imports the real module (which takes the stand-in's place) and answers from it."""
+
+    def __getattr__(self, attr: str) -> object:
+        name = self.__name__
+        if sys.modules.get(name) is self:
+            del sys.modules[name]
+        real = importlib.import_module(name)  # binds itself on its parent package
+        return getattr(real, attr)
+
+
+def defer_imports(names: Sequence[str] = DEFERRED) -> list[str]:
+    """Put a stand-in for each of ``names`` not imported yet (see above); returns those
+    deferred. ``import x.y`` of a deferred module then costs nothing until ``x.y.attr`` is
+    read."""
+    done = []
+    for name in names:
+        if name in sys.modules:
+            continue
+        parent, _, child = name.rpartition(".")
+        stub = _Deferred(name)
+        stub.__spec__ = None  # read by the import statement: must not load the real module
+        sys.modules[name] = stub
+        if parent:
+            setattr(importlib.import_module(parent), child, stub)
+        done.append(name)
+    return done

@@ -128,11 +128,18 @@ def private_files() -> None:
 
 
 def cmd_edge_run(args: argparse.Namespace) -> int:
-    from edge.memory import allow_tls_libraries, compact_malloc, refuse_tls_libraries
+    from edge.memory import (
+        allow_tls_libraries,
+        compact_malloc,
+        defer_imports,
+        refuse_tls_libraries,
+    )
 
     # OpenSSL stays out of the process unless a broker is mqtts:// (edge/memory.py): refused
-    # before the config's imports could load it, allowed again if the config asks for TLS
+    # before the config's imports could load it, allowed again if the config asks for TLS;
+    # paho's proxy lookup (urllib.request) loads only if it runs
     refused = refuse_tls_libraries()
+    defer_imports()
     from edge.config import load_edge_config
 
     private_files()

@@ -107,3 +107,34 @@ def test_mqtt_without_openssl_carries_a_qos1_burst(mosquitto: object) -> None:
     got = json.loads(out.stdout)
     assert "AttributeError" not in out.stderr, out.stderr[-3000:]
     assert got == {"got": 3000, "acked": 3000, "ssl": False, "openssl": False, "threads": 2}
+
+
+DEFERRED = """
+import json, sys, urllib
+from edge.memory import defer_imports
+assert defer_imports() == ["urllib.request"]
+assert defer_imports() == []  # idempotent
+import paho.mqtt.client  # imports urllib.request: the stand-in is enough
+loaded_at_import = "http.client" in sys.modules
+import urllib.request
+proxies = urllib.request.getproxies()  # the first real use loads it
+print(json.dumps({"at_import": loaded_at_import, "proxies": proxies,
+                  "real": "http.client" in sys.modules,
+                  "bound": type(sys.modules["urllib.request"]).__name__,
+                  "same": urllib.request is sys.modules["urllib.request"]}))
+"""
+
+
+def test_a_deferred_module_loads_at_its_first_use_and_not_before() -> None:
+    """paho's ``import urllib.request`` costs nothing until paho reads a proxy setting; that
+    read gets the real module (http.client and all) as if nothing had been deferred."""
+    env = {**os.environ, "mqtt_proxy": "socks://10.0.0.1:1080"}
+    out = subprocess.run([sys.executable, "-c", DEFERRED], env=env, capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout)
+    assert got["at_import"] is False
+    assert got["proxies"].get("mqtt") == "socks://10.0.0.1:1080"
+    assert got["real"] is True
+    assert got["bound"] == "module"
+    assert got["same"] is True
