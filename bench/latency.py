@@ -267,7 +267,9 @@ def influx_minute_burst(work: Path, devices: int = DEVICES, bursts: int = 8,
                 for t in threads:
                     t.start()
                 for t in threads:
-                    t.join()
+                    t.join(120)
+                    if t.is_alive():
+                        raise GaveUpError("an InfluxDB write took over 120 s")
             if r:
                 walls.append((time.perf_counter() - t0) * 1000)
             time.sleep(1.0)
