@@ -346,3 +346,50 @@ def test_background_points_never_hold_up_results() -> None:
     assert confirmed == ["results"]
     assert writer.points_written == 13_000
     assert writer.buffered == 0
+
+
+def test_background_points_wait_no_longer_than_their_bound_under_unrelenting_results() -> None:
+    """Results that never let up (a backlog replayed) do not starve a gateway's ledger and
+    health: once the oldest has waited BACKGROUND_MAX_WAIT_MS they all go out behind what is
+    queued, and nothing is lost."""
+    from cloud.sinks.base import BACKGROUND_MAX_WAIT_MS
+
+    class Slower(_SlowRecorder):  # 500 points per 20 ms: slower than the results come
+        def write(self, batch: list[Points]) -> None:
+            time.sleep(0.02)
+            super().write(batch)
+
+    rec = Slower()
+    clock = ManualClock()
+    writer = BufferedWriter(rec, clock=clock, batch_points=500, flush_interval_ms=20)
+    ledger = from_lines([f"ledger,device=d{i} received={i}i {T_NOW}" for i in range(3_000)])
+    rounds = 40
+    results = [from_lines([f"aggregates,device=d{i} count={k}i {T_NOW + k}" for i in range(2_000)])
+               for k in range(rounds)]
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(writer.run(stop))
+        for k in range(rounds):  # every round queues results before the last are written
+            writer.add(results[k])
+            if k == 2:
+                writer.add(ledger, background=True)
+            clock.advance(500)
+            await asyncio.sleep(0.005)
+        for _ in range(500):
+            if not writer.buffered:
+                break
+            await asyncio.sleep(0.01)
+        stop.set()
+        await task
+
+    asyncio.run(scenario())
+    order = [ln.split(",")[0] for _, _, req in rec.requests for ln in req]
+    assert order.count("ledger") == 3_000
+    assert order.count("aggregates") == rounds * 2_000
+    first_ledger = order.index("ledger")
+    # queued at round 2, overdue 5 s (10 rounds) later: out behind what was queued then, so
+    # results of later rounds are still written after it (without the bound: none)
+    assert rounds - 20 > BACKGROUND_MAX_WAIT_MS // 500 + 2  # the scenario outlasts the bound
+    assert order[first_ledger + 3_000:].count("aggregates") >= 10 * 2_000, first_ledger
+    assert order[first_ledger:first_ledger + 3_000] == ["ledger"] * 3_000

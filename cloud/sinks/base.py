@@ -128,8 +128,10 @@ class MemorySink:
 _QUIET_MS = 20  # input that paused this long is written without waiting for the interval
 # background points (a gateway's ledger, health) are written this many at a time, and only when
 # nothing else is queued: a results burst waits behind one such write at most, never behind a
-# 10,000-device ledger
+# 10,000-device ledger. Under a load that never lets up (a backlog replayed) they are not held
+# longer than BACKGROUND_MAX_WAIT_MS: then all of them go out behind what is queued.
 BACKGROUND_SLICE = 1_000
+BACKGROUND_MAX_WAIT_MS = 5_000
 
 
 class BufferedWriter:
@@ -168,6 +170,7 @@ class BufferedWriter:
         self._buffered = 0  # points in _chunks
         self._later: deque[Points] = deque()  # background points, not yet in _chunks
         self._later_n = 0
+        self._later_since: int | None = None  # monotonic ms the oldest of them was queued
         self._generation = 0  # discard() count: a write in flight when it came confirms nothing
         self._deletes: list[Identity] = []
         self._tokens: deque[tuple[int, object]] = deque()  # (lines added when queued, token)
@@ -205,6 +208,7 @@ class BufferedWriter:
         self._buffered = 0
         self._later.clear()
         self._later_n = 0
+        self._later_since = None
         self._generation += 1
         self._tokens.clear()
         self._deletes.clear()
@@ -223,6 +227,8 @@ class BufferedWriter:
                 if len(p):
                     self._later.append(p)
                     self._later_n += len(p)
+            if self._later and self._later_since is None:
+                self._later_since = self.clock.monotonic_ms()
             return
         for p in [points] if isinstance(points, Points) else points:
             if len(p):
@@ -264,11 +270,8 @@ class BufferedWriter:
         while self._chunks or self._tokens or self._later:  # the writes; deletes follow them
             if self.fence is not None and not self.fence():
                 return True
-            if not self._chunks and not self._tokens:  # nothing else waits: a slice of the
-                head, rest = split(self._later, BACKGROUND_SLICE)  # background
-                self._later = deque(rest)
-                self._later_n -= total(head)
-                self.add(head)
+            if self._later:
+                self._take_background()
             n = min(self.batch_points, self._buffered)
             queued = len(self._chunks)
             generation = self._generation
@@ -302,6 +305,20 @@ class BufferedWriter:
             if self.on_written is not None:
                 self.on_written(confirmed)
         return True
+
+    def _take_background(self) -> None:
+        """Queue a slice of the background points when nothing else waits, or all of them
+        once the oldest has waited ``BACKGROUND_MAX_WAIT_MS``."""
+        now = self.clock.monotonic_ms()
+        since = now if self._later_since is None else self._later_since
+        overdue = now - since >= BACKGROUND_MAX_WAIT_MS
+        if not overdue and (self._chunks or self._tokens):
+            return
+        head, rest = split(self._later, self._later_n if overdue else BACKGROUND_SLICE)
+        self._later = deque(rest)
+        self._later_n -= total(head)
+        self._later_since = now if rest else None
+        self.add(head)
 
     async def _write_sharded(self, batch: list[Points], stop: asyncio.Event | None,
                              attempts: int | None) -> bool:
