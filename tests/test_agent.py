@@ -12,6 +12,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from devices import rejects
 from devices.clock import ManualClock
 from devices.codecs import encode_single
 from devices.mqtt import BrokerAddress
@@ -111,9 +112,18 @@ def test_the_ledger_reports_the_devices_that_changed_since_its_last_report(
     agent.save_checkpoint(tmp_path / "ckpt")
     again = EdgePipeline(config(tmp_path), clock)
     again.load_checkpoint(tmp_path / "ckpt")
-    assert again.ledger_report()["devices"] == ["d1", "d2", "d3"]
+    whole = again.ledger_report()
+    assert whole["devices"] == ["d1", "d2", "d3"]
+    assert whole["rejected_by"] == {"malformed_json": [0, 1, 0]}  # kept across the restart
     again.process(msgs("d3", [1]))
     assert again.ledger_report()["devices"] == ["d3"]
+    # a reason's counts take memory from its first rejection on, for every device
+    assert set(again.ledger_rejects) == {rejects.READING_REASONS.index("malformed_json")}
+    again.process([("devices/d1/readings", b'{"ts": 1}', T)])
+    rep = again.ledger_report()
+    assert rep["devices"] == ["d1"]
+    assert rep["rejected_by"] == {"missing_field": [1]}
+    assert again.stats()["rejected"] == 2
 
 
 def test_made_up_metric_names_do_not_use_up_the_metric_ids(tmp_path: Path) -> None:
