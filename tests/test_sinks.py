@@ -8,7 +8,7 @@ import http.server
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import ClassVar
 
@@ -307,6 +307,22 @@ def test_influxdb_takes_the_settings_and_environment_it_is_given(tmp_path) -> No
         ix.stop()
 
 
+async def _drain_and_stop(writer: BufferedWriter, stop: asyncio.Event, task: asyncio.Task[None],
+                          settled: Callable[[], bool] = lambda: True) -> None:
+    """Wait (5 s at most) until the writer holds nothing and ``settled``; then stop it."""
+    for _ in range(500):
+        if not writer.buffered and settled():
+            break
+        await asyncio.sleep(0.01)
+    stop.set()
+    await task
+
+
+def _measurements(rec: _SlowRecorder) -> list[str]:
+    """The measurement of every line the recorder was given, in the order written."""
+    return [ln.split(",")[0] for _, _, req in rec.requests for ln in req]
+
+
 def test_background_points_never_hold_up_results() -> None:
     """A gateway's 10,000-row ledger queued just before a burst of window results: the results
     go out after one slice of the ledger at most, the ledger follows, nothing is lost, and only
@@ -329,15 +345,10 @@ def test_background_points_never_hold_up_results() -> None:
         task = asyncio.create_task(writer.run(stop))
         await asyncio.sleep(0.001)  # the writer has taken at most one slice of the ledger
         writer.add(results, token="results")
-        for _ in range(500):
-            if not writer.buffered and confirmed:
-                break
-            await asyncio.sleep(0.01)
-        stop.set()
-        await task
+        await _drain_and_stop(writer, stop, task, lambda: bool(confirmed))
 
     asyncio.run(scenario())
-    order = [ln.split(",")[0] for _, _, req in rec.requests for ln in req]
+    order = _measurements(rec)
     assert sorted(order) == ["aggregates"] * 3_000 + ["ledger"] * 10_000
     first_result = order.index("aggregates")
     assert first_result <= BACKGROUND_SLICE
@@ -376,15 +387,10 @@ def test_background_points_wait_no_longer_than_their_bound_under_unrelenting_res
                 writer.add(ledger, background=True)
             clock.advance(500)
             await asyncio.sleep(0.005)
-        for _ in range(500):
-            if not writer.buffered:
-                break
-            await asyncio.sleep(0.01)
-        stop.set()
-        await task
+        await _drain_and_stop(writer, stop, task)
 
     asyncio.run(scenario())
-    order = [ln.split(",")[0] for _, _, req in rec.requests for ln in req]
+    order = _measurements(rec)
     assert order.count("ledger") == 3_000
     assert order.count("aggregates") == rounds * 2_000
     first_ledger = order.index("ledger")
