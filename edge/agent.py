@@ -54,6 +54,13 @@ LEDGER_FIELDS = ("received", "accepted", "late_dropped", "duplicates", "rejected
 _REASON_INDEX = {r: i for i, r in enumerate(rejects.READING_REASONS)}
 
 
+def _padded(arr: np.ndarray, size: int) -> np.ndarray:
+    """``arr`` copied into the start of ``size`` elements of its dtype, zeros after it."""
+    out = np.zeros(size, arr.dtype)
+    out[: len(arr)] = arr
+    return out
+
+
 def _field(label: str) -> str:
     """A window label as part of a field name: "session:30s" -> "session_30s"."""
     return "".join(c if c.isalnum() else "_" for c in label)
@@ -151,18 +158,10 @@ class EdgePipeline:
         n = len(self.devices)
         if n > len(self.ledger["accepted"]):
             size = capacity(n)
-            for k, arr in self.ledger.items():
-                grown = np.zeros(size, np.int64)
-                grown[: len(arr)] = arr
-                self.ledger[k] = grown
-            for j, col in self.ledger_rejects.items():
-                grown = np.zeros(size, np.int64)
-                grown[: len(col)] = col
-                self.ledger_rejects[j] = grown
+            self.ledger = {k: _padded(arr, size) for k, arr in self.ledger.items()}
+            self.ledger_rejects = {j: _padded(col, size) for j, col in self.ledger_rejects.items()}
         if len(self._ledger_dirty) < len(self.ledger["accepted"]):  # grown, or restored
-            dirty = np.zeros(len(self.ledger["accepted"]), bool)
-            dirty[: len(self._ledger_dirty)] = self._ledger_dirty
-            self._ledger_dirty = dirty
+            self._ledger_dirty = _padded(self._ledger_dirty, len(self.ledger["accepted"]))
 
     def _unattributed(self) -> int:
         """The ledger row of rejections without a device (unparseable, unregistered): a name
@@ -482,11 +481,9 @@ class EdgePipeline:
             saved = snap.pop("ledger_rejects").astype(np.int64)
             width = len(rejects.READING_REASONS)  # reasons are only ever appended
             rows = max(len(saved), len(self.ledger["accepted"]))
-            self.ledger_rejects = {}
-            for j in range(min(width, saved.shape[1])):
-                if saved[:, j].any():
-                    col = self.ledger_rejects[j] = np.zeros(rows, np.int64)
-                    col[: len(saved)] = saved[:, j]
+            self.ledger_rejects = {j: _padded(saved[:, j], rows)
+                                   for j in range(min(width, saved.shape[1]))
+                                   if saved[:, j].any()}
         self.guard.restore(snap)
         self.gaps.restore(snap)
         if "counters" in snap:

@@ -220,21 +220,19 @@ class BufferedWriter:
             background: bool = False) -> None:
         """Queue points; ``token`` is handed to ``on_written`` once they are confirmed.
         ``background``: written once nothing else waits (no token: nothing waits on them)."""
+        given = [p for p in ([points] if isinstance(points, Points) else points) if len(p)]
         if background:
             if token is not None:
                 raise ValueError("background points carry no token")
-            for p in [points] if isinstance(points, Points) else points:
-                if len(p):
-                    self._later.append(p)
-                    self._later_n += len(p)
-            if self._later and self._later_since is None:
+            if given and self._later_since is None:
                 self._later_since = self.clock.monotonic_ms()
+            self._later.extend(given)
+            self._later_n += total(given)
             return
-        for p in [points] if isinstance(points, Points) else points:
-            if len(p):
-                self._chunks.append(p)
-                self._buffered += len(p)
-                self._added += len(p)
+        n = total(given)
+        self._chunks.extend(given)
+        self._buffered += n
+        self._added += n
         if token is not None:
             self._tokens.append((self._added, token))
         if self._buffered >= self.batch_points:
