@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from cloud.detect import DEFAULT_DETECTORS, DETECTORS, PRIMARY, PolicyConfig
 from cloud.jetstream import JetStreamConfig
@@ -13,6 +14,20 @@ from devices.catalog import Catalog
 from devices.errors import ConfigError
 from devices.mqtt import BrokerAddress, parse_broker_url
 from devices.settings import Section, load_toml
+
+
+def check_http_url(url: str, key: str) -> None:
+    """An HTTP service's URL (InfluxDB, Grafana) is http(s)://host[:port][/path]; anything else
+    fails at start-up naming ``key``."""
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(key, f"must be an http(s) URL, got {url!r}")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(key, f"bad URL {url!r}: {exc}") from None
+    if not parts.hostname or port == 0:
+        raise ConfigError(key, f"needs a host and a port above 0, got {url!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,8 +54,7 @@ class InfluxConfig:
             raise ConfigError("influxdb.token" if not self.token else
                               "influxdb.org" if not self.org else "influxdb.bucket",
                               "is required with version = 2")
-        if not self.url.startswith(("http://", "https://")):
-            raise ConfigError("influxdb.url", f"must be an http(s) URL, got {self.url!r}")
+        check_http_url(self.url, "influxdb.url")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -53,6 +53,8 @@ def parse_broker_url(url: str, key: str = "broker", *, ca_file: str | None = Non
         raise ConfigError(key, f"broker URL must start with mqtt:// or mqtts://, got {url!r}")
     if not parts.hostname:
         raise ConfigError(key, f"broker URL has no host: {url!r}")
+    if port == 0:
+        raise ConfigError(key, f"bad broker URL {url!r}: port 0")
     tls = parts.scheme in ("mqtts", "ssl")
     return BrokerAddress(
         host=parts.hostname,

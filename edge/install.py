@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from devices.errors import ConfigError
+from devices.mqtt import parse_broker_url
 
 USER = "fieldline"
 BROKER_USER = "fieldline-edge"
@@ -79,6 +80,7 @@ class InstallOptions:
         if not re.match(r"^mqtts?://[^/\s]+$", self.cloud):
             raise ConfigError("--cloud", f"mqtts://host[:port] or mqtt://host[:port], got "
                               f"{self.cloud!r}")
+        parse_broker_url(self.cloud, "--cloud")  # the port, as the agent will read it
         tls = self.cloud.startswith("mqtts://")
         for flag, path in (("--ca", self.ca), ("--cert", self.cert), ("--key", self.key)):
             if tls and path is None:

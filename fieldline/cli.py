@@ -13,11 +13,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -77,6 +79,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(opts))
 
 
+def _at_least(low: float, kind: type[int] | type[float] = int, *, above: bool = False,
+              high: float | None = None) -> Callable[[str], float]:
+    """An argparse type: a number of ``kind`` >= ``low`` (> with ``above``, <= ``high``), so a
+    nonsensical flag fails at start naming itself instead of deep inside a run."""
+    def parse(text: str) -> float:
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if (v <= low if above else v < low) or (high is not None and v > high) \
+                or math.isnan(v):
+            rel = "above" if above else "at least"
+            rng = f"{rel} {low:g}" + (f" and at most {high:g}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {rng}, got {text}")
+        return v
+    return parse
+
+
+def _speed(text: str) -> float | None:
+    return None if text == "max" else _at_least(0, float, above=True)(text)
+
+
+PORT = _at_least(0, high=65_535)
+
+
 def _demo_fault(text: str) -> object:
     from fieldline.demo import DemoFault
 
@@ -87,7 +114,7 @@ def _demo_fault(text: str) -> object:
 
 
 def cmd_view(args: argparse.Namespace) -> int:
-    from cloud.config import load_cloud_config
+    from cloud.config import check_http_url, load_cloud_config
     from cloud.sinks.influx_v1 import InfluxV1Client
     from fieldline.view.server import ViewConfig, ViewServer
 
@@ -107,6 +134,7 @@ def cmd_view(args: argparse.Namespace) -> int:
         user = args.username
         password = os.environ.get("FIELDLINE_INFLUX_PASSWORD")
         token = os.environ.get("FIELDLINE_INFLUX_TOKEN")
+    check_http_url(url, "--influx-url" if args.influx_url else "influxdb.url")
     client = InfluxV1Client(url, database, username=user, password=password, token=token)
     view = ViewServer(client, ViewConfig(host=args.host, port=args.port,
                                          refresh_s=args.refresh)).start()
@@ -296,6 +324,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         shift_to,
     )
 
+    broker = parse_broker_url(args.broker, "--broker")
     data = Path(args.data) if args.data else None
     if (args.nab or args.skab) and (data is None or not data.is_dir()):
         raise ConfigError("--data", f"not a directory: {data}")
@@ -335,12 +364,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(f"  the oldest readings are {(now - first) / 86_400_000:,.0f} days old; the "
               f"gateway rejects beyond validate.max_past ({max_past_ms / 86_400_000:,.0f} "
               "days) as clock_past", file=sys.stderr)
-    speed = None if args.speed == "max" else float(args.speed)
+    speed: float | None = args.speed
     sim = ReplaySimulator(recs, now, speed=speed, gateway=args.gateway, topic_template=topic)
     truth = Path(args.truth) if args.truth else None
     if truth:
         truth.write_text("")
-    broker = parse_broker_url(args.broker, "--broker")
     pub = FleetPublisher(sim, {args.gateway: broker}, truth_path=truth)
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -380,19 +408,31 @@ EPOCH_2020 = 1_577_836_800_000
 def cmd_grafana_export(args: argparse.Namespace) -> int:
     from cloud.dashboards import export
 
-    for p in export(Path(args.dir)):
+    try:
+        written = export(Path(args.dir))
+    except OSError as exc:
+        raise ConfigError("dir", f"cannot write the provisioning files there: {exc}") from None
+    for p in written:
         print(p)
     return 0
 
 
 def cmd_grafana_push(args: argparse.Namespace) -> int:
+    from grafana_client.client import GrafanaClientError
+
+    from cloud.config import check_http_url
     from cloud.dashboards import push
 
+    check_http_url(args.url, "--url")
+    check_http_url(args.influx_url, "--influx-url")
     cred: str | tuple[str, str] | None = args.token
     if args.user:
         cred = (args.user, args.password or "")
-    result = push(args.url, credential=cred, influx_url=args.influx_url,
-                  database=args.database, influx_token=args.influx_token)
+    try:
+        result = push(args.url, credential=cred, influx_url=args.influx_url,
+                      database=args.database, influx_token=args.influx_token)
+    except (OSError, GrafanaClientError) as exc:  # unreachable, refused, not authorised
+        raise FieldlineError(f"grafana push to {args.url} failed: {exc}") from None
     print(f"data source {result['datasource']}; dashboard: {result['dashboard']}; "
           f"alert rules: {result['alert_rules']}")
     return 0
@@ -405,23 +445,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="run the whole platform locally with a simulated fleet")
-    d.add_argument("--duration", type=float, default=None,
+    d.add_argument("--duration", type=_at_least(0, float, above=True), default=None,
                    help="seconds to run headless, then print a summary (default: until Ctrl-C)")
-    d.add_argument("--gateways", type=int, default=3)
-    d.add_argument("--devices", type=int, default=200, help="devices per gateway")
+    d.add_argument("--gateways", type=_at_least(1), default=3)
+    d.add_argument("--devices", type=_at_least(1), default=200, help="devices per gateway")
     d.add_argument("--headless", action="store_true", help="no live view")
     d.add_argument("--mqtt-url", help="use this broker for everything instead of starting one")
     d.add_argument("--influx-url", help="use this InfluxDB 1.x instead of starting one")
     d.add_argument("--database", default="fieldline")
     d.add_argument("--workdir", type=Path, help="keep services' data here (default: temp dir)")
     d.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    d.add_argument("--backfill", type=int, default=300,
+    d.add_argument("--backfill", type=_at_least(0), default=300,
                    help="seconds of history the fleet publishes at start (detectors warm up)")
-    d.add_argument("--window", type=int, default=10, help="window size in seconds")
+    d.add_argument("--window", type=_at_least(1), default=10, help="window size in seconds")
     d.add_argument("--seed", type=int, default=1)
     d.add_argument("--no-view", action="store_true", help="do not serve the web view")
     d.add_argument("--view-host", default="127.0.0.1")
-    d.add_argument("--view-port", type=int, default=8080,
+    d.add_argument("--view-port", type=PORT, default=8080,
                    help="the web view's port (taken: any free one; 0: any free one)")
     d.add_argument("--fault", type=_demo_fault, action="append", default=[],
                    metavar="TYPE@DEVICE[+S][/DUR]",
@@ -438,8 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "FIELDLINE_INFLUX_TOKEN")
     v.add_argument("--host", default="127.0.0.1",
                    help="address to serve on (default 127.0.0.1: this machine only)")
-    v.add_argument("--port", type=int, default=8080)
-    v.add_argument("--refresh", type=float, default=5.0, help="seconds between updates")
+    v.add_argument("--port", type=PORT, default=8080)
+    v.add_argument("--refresh", type=_at_least(0, float, above=True), default=5.0,
+                   help="seconds between updates")
     v.set_defaults(func=cmd_view)
 
     e = sub.add_parser("edge", help="the gateway agent").add_subparsers(dest="sub", required=True)
@@ -483,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("simulate", help="publish a simulated fleet")
     s.add_argument("--config", required=True, type=Path)
-    s.add_argument("--duration", type=float, default=None)
+    s.add_argument("--duration", type=_at_least(0, float, above=True), default=None)
     s.add_argument("--registry-only", action="store_true",
                    help="write the fleet's device registry (output.registry) and exit")
     s.add_argument("--shard", default="0/1",
@@ -505,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--gateway", default="replay-1")
     r.add_argument("--gateway-config",
                    help="the gateway's config: its topic and catalog are checked first")
-    r.add_argument("--speed", default="max",
+    r.add_argument("--speed", type=_speed, default=None,
                    help="data seconds per real second (300: 5-minute samples every second), "
                         "or max: as fast as the broker takes them, then exit (a backfill)")
     r.add_argument("--event-time", choices=("now", "recorded"), default="now",

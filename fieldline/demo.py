@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cloud.config import CloudConfig, InfluxConfig
+from cloud.config import CloudConfig, InfluxConfig, check_http_url
 from cloud.sinks.influx_v1 import InfluxV1Client
 from cloud.worker import CloudWorker
 from devices.mqtt import BrokerAddress, parse_broker_url
@@ -175,6 +175,10 @@ def render(agents: list[EdgeAgent], worker: CloudWorker, pub: PublisherProcess |
 
 
 async def run_demo(opts: DemoOptions) -> int:
+    if opts.mqtt_url:  # before anything starts: a bad flag costs nothing
+        parse_broker_url(opts.mqtt_url, "--mqtt-url")
+    if opts.influx_url:
+        check_http_url(opts.influx_url, "--influx-url")
     workdir = opts.workdir or Path(tempfile.mkdtemp(prefix="fieldline-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     if not opts.headless:

@@ -130,6 +130,12 @@ def test_misconfiguration_fails_at_start_naming_the_key(tmp_path: Path) -> None:
                          text=True, timeout=60, check=False)
     assert out.returncode == 2
     assert "windows.allowed_latenes" in out.stderr
+    # a URL whose port cannot be read is a named misconfiguration, not a traceback
+    out = subprocess.run([*CMD, "view", "--influx-url", "http://127.0.0.1:abc"],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 2, out.stderr
+    assert "'--influx-url'" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_an_agent_with_a_tls_broker_loads_openssl(tmp_path: Path) -> None:

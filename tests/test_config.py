@@ -45,6 +45,9 @@ def test_good_edge_config_loads(tmp_path: Path) -> None:
     (GOOD_EDGE.replace('size = "10s"', 'sise = "10s"'), "windows.sise"),
     (GOOD_EDGE.replace('id = "gw-1"', 'id = "gw/1"'), "gateway.id"),
     (GOOD_EDGE.replace("mqtt://127.0.0.1:1883", "http://x"), "intake.broker"),
+    (GOOD_EDGE.replace("mqtt://127.0.0.1:1883", "mqtt://127.0.0.1:0"), "intake.broker"),
+    (GOOD_EDGE.replace("mqtt://127.0.0.1:1883", "mqtt://127.0.0.1:70000"), "intake.broker"),
+    (GOOD_EDGE.replace("mqtt://127.0.0.1:1884", "mqtt://:1884"), "uplink.broker"),
     (GOOD_EDGE.replace('[uplink]\nbroker = "mqtt://127.0.0.1:1884"', ""), "uplink"),
     (GOOD_EDGE + '[agent]\ntick = -5\n', "agent.tick"),
     (GOOD_EDGE + '[intake.extra]\n', "intake.extra"),
@@ -82,6 +85,11 @@ def test_bad_cloud_config_names_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_cloud_config(write(tmp_path, base + '[detect]\ndetectors = ["magic"]\n'))
     assert info.value.key == "detect.detectors"
+    for url in ("http://127.0.0.1:abc", "http://127.0.0.1:99999", "http://:8086",
+                "http://127.0.0.1:0"):
+        with pytest.raises(ConfigError) as info:
+            load_cloud_config(write(tmp_path, base + f'[influxdb]\nurl = "{url}"\n'))
+        assert info.value.key == "influxdb.url", url
 
 
 def test_bad_registry_rows_name_file_row_and_column(tmp_path: Path) -> None:
@@ -160,3 +168,37 @@ def test_the_shipped_fleet_publishes_where_the_shipped_gateway_listens() -> None
         assert any(topic_matches_sub(sub, topic) for sub in edge.topics), (topic, edge.topics)
         assert edge.device_topic_level is not None
         assert topic.split("/")[edge.device_topic_level] == dev
+
+
+@pytest.mark.parametrize(("argv", "flag"), [
+    (["demo", "--devices", "0"], "--devices"),
+    (["demo", "--gateways", "-1"], "--gateways"),
+    (["demo", "--duration", "-5"], "--duration"),
+    (["demo", "--duration", "nan"], "--duration"),
+    (["demo", "--window", "0"], "--window"),
+    (["demo", "--view-port", "70000"], "--view-port"),
+    (["demo", "--influx-url", "http://127.0.0.1:abc"], "--influx-url"),
+    (["demo", "--mqtt-url", "mqtt://127.0.0.1:0"], "--mqtt-url"),
+    (["view", "--influx-url", "http://127.0.0.1:99999"], "--influx-url"),
+    (["view", "--influx-url", "http://127.0.0.1:8086", "--refresh", "0"], "--refresh"),
+    (["simulate", "--config", "fleet.toml", "--duration", "0"], "--duration"),
+    (["replay", "--csv", "x.csv", "--broker", "mqtt://h:abc"], "--broker"),
+    (["replay", "--csv", "x.csv", "--broker", "mqtt://h:1", "--speed", "-3"], "--speed"),
+    (["replay", "--csv", "x.csv", "--broker", "mqtt://h:1", "--speed", "fast"], "--speed"),
+    (["grafana", "push", "--url", "grafana.local", "--influx-url", "http://x:8086"], "--url"),
+    (["grafana", "export", "/proc/fieldline-cannot-be-here"], "dir"),
+])
+def test_bad_command_flags_fail_at_start_naming_the_flag(
+        argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every command checks its flags before it starts anything (a broker, InfluxDB, a fleet):
+    a wrong one is exit status 2 and a message naming it, never a traceback."""
+    from fieldline.cli import main
+
+    try:
+        rc = main(argv)
+    except SystemExit as exc:  # argparse's own refusal
+        rc = int(exc.code or 0)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert flag in err, err
+    assert "Traceback" not in err, err

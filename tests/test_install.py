@@ -132,6 +132,12 @@ def test_misconfiguration_names_the_flag(tmp_path: Path) -> None:
     r = fieldline("install", "--gateway-id", "gw/7", "--cloud", "mqtt://c", "--root", str(root))
     assert r.returncode == 2
     assert "'--gateway-id'" in r.stderr
+    for bad_port in ("99999", "abc", "0"):  # checked here, not when the agent starts
+        r = fieldline("install", "--gateway-id", "gw-7", "--cloud", f"mqtt://c:{bad_port}",
+                      "--root", str(root))
+        assert r.returncode == 2, bad_port
+        assert "'--cloud'" in r.stderr, r.stderr
+        assert "port" in r.stderr.lower(), r.stderr
     assert not (root / "etc/fieldline").exists()
 
 
