@@ -16,7 +16,7 @@ from devices.registry import Registry
 from devices.settings import Section, load_toml
 from edge.engine import CLOCK_POLICIES, EngineConfig
 from edge.eventtime import EventTimeSpec
-from edge.windows import EPOCH_BASE_MS, WindowSpec
+from edge.windows import EPOCH_BASE_MS, MAX_OPEN_WINDOWS, WindowSpec
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,10 +98,19 @@ def _engine_config(w: Section, clock: Section, dedup: Section) -> EngineConfig:
         )
     except ValueError as exc:
         raise ConfigError(w.key("allowed_lateness"), str(exc), source=w.source) from None
+    for spec in specs:
+        cells = spec.ring_cells(time.out_of_orderness_ms, time.allowed_lateness_ms)
+        if cells > MAX_OPEN_WINDOWS:
+            key = "allowed_lateness" if time.allowed_lateness_ms >= time.out_of_orderness_ms \
+                else "out_of_orderness"
+            raise ConfigError(w.key(key), f"keeps {cells:,} windows {spec.label} of every series "
+                              f"open at once (at most {MAX_OPEN_WINDOWS:,}): shorten "
+                              "allowed_lateness or out_of_orderness, or use longer windows",
+                              source=w.source)
     pct = w.raw("percentiles", [0.5, 0.9, 0.95, 0.99])
     if not isinstance(pct, list) or not all(type(q) in (int, float) and 0 <= q <= 1
-                                            for q in pct):
-        raise ConfigError(w.key("percentiles"), "must be a list of fractions in [0, 1], "
+                                            for q in pct) or len(set(pct)) != len(pct):
+        raise ConfigError(w.key("percentiles"), "must be a list of distinct fractions in [0, 1], "
                           "e.g. [0.5, 0.99]", source=w.source)
     try:
         cfg = EngineConfig(
@@ -116,6 +125,23 @@ def _engine_config(w: Section, clock: Section, dedup: Section) -> EngineConfig:
     except ValueError as exc:
         raise ConfigError(w.key("specs"), str(exc), source=w.source) from None
     return cfg
+
+
+def _check_topics(topics: list[str], level: int, intake: Section) -> None:
+    """MQTT topic filters the broker will take ('+' and '#' alone in their level, '#' last), and
+    a device level every filter has (unless a '#' may reach it)."""
+    if not topics:
+        raise ConfigError(intake.key("topics"), "at least one topic filter is needed",
+                          source=intake.source)
+    for t in topics:
+        levels = t.split("/")
+        bad = [lv for lv in levels if lv not in ("+", "#") and ("+" in lv or "#" in lv)]
+        if bad or "#" in levels[:-1]:
+            raise ConfigError(intake.key("topics"), f"not an MQTT topic filter: {t!r} ('+' and "
+                              "'#' stand alone in a level, '#' only last)", source=intake.source)
+        if level >= len(levels) and levels[-1] != "#":
+            raise ConfigError(intake.key("device_topic_level"), f"topic {t!r} has no level "
+                              f"{level} (levels count from 0)", source=intake.source)
 
 
 def _instant_ms(sec: Section, name: str, default: int) -> int:
@@ -159,6 +185,8 @@ def edge_config_from(root: Section) -> EdgeConfig:
     state_dir = gw.text("state_dir", None)
     registry = gw.text("registry", None)
     level = intake.integer("device_topic_level", 1, minimum=-1)
+    topics = intake.str_list("topics", ["devices/+/readings"])
+    _check_topics(topics, level, intake)
     if level < 0 and intake.has("device_identity") and intake.raw("device_identity") == "topic":
         raise ConfigError(intake.key("device_identity"), "topic needs intake.device_topic_level "
                           "(the level of the topic naming the device)", source=intake.source)
@@ -174,7 +202,7 @@ def edge_config_from(root: Section) -> EdgeConfig:
                                        ca_file=intake.text("ca_file", None),
                                        cert_file=intake.text("cert_file", None),
                                        key_file=intake.text("key_file", None)),
-        topics=intake.str_list("topics", ["devices/+/readings"]),
+        topics=topics,
         device_topic_level=None if level < 0 else level,
         device_identity=intake.choice("device_identity", ("topic", "payload"),
                                       "topic" if level >= 0 else "payload"),

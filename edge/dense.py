@@ -60,9 +60,8 @@ class DenseFixedWindows:
         self.k = spec.size_ms // self.step
         # number of the window starting at the first multiple of the step >= EPOCH_BASE_MS
         self._first_number = -(-EPOCH_BASE_MS // self.step)
-        span = out_of_orderness_ms + allowed_lateness_ms + spec.size_ms
         # cells per series: every window that can be open at once, plus the next one
-        self.W = -(-span // self.step) + 1
+        self.W = spec.ring_cells(out_of_orderness_ms, allowed_lateness_ms)
         self.overflow = FixedWindows(spec, allowed_lateness_ms=allowed_lateness_ms,
                                      sketch=sketch, percentiles=percentiles)
         self.sparse_sketch = SketchStore(sketch)

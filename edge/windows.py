@@ -48,6 +48,11 @@ MAX_DEVICES = 1 << DEVICE_BITS
 MAX_METRICS = 1 << METRIC_BITS
 EPOCH_BASE_MS = 1_577_836_800_000  # 2020-01-01T00:00:00Z; earlier event times are implausible
 MIN_WINDOW_MS = 100
+# tumbling/hopping windows of one series that can be open at once, at most (out_of_orderness and
+# allowed_lateness beyond this are a typo or a gateway's memory spent many times over)
+MAX_OPEN_WINDOWS = 4_096
+# beyond this many cells per series the dense ring holds mostly empty cells: the sparse layout
+DENSE_MAX_CELLS = 64
 KINDS = ("tumbling", "hopping", "session", "count")
 
 _DUR = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
@@ -88,7 +93,8 @@ class WindowSpec:
             if self.size_ms < MIN_WINDOW_MS:
                 raise ValueError(f"window size must be >= {MIN_WINDOW_MS} ms, got {self.size_ms}")
             step = self.step
-            if step < MIN_WINDOW_MS or self.size_ms % step:
+            if (self.kind == "hopping" and self.step_ms < MIN_WINDOW_MS) or \
+                    step < MIN_WINDOW_MS or self.size_ms % step:
                 raise ValueError(f"hopping step must be >= {MIN_WINDOW_MS} ms and divide the "
                                  f"size ({self.size_ms} ms), got {step}")
         if self.kind == "session" and (self.gap_ms < 1 or self.max_length_ms < 0):
@@ -111,6 +117,14 @@ class WindowSpec:
             cap = f"/{_label(self.max_length_ms)}" if self.max_length_ms else ""
             return f"session:{_label(self.gap_ms)}{cap}"
         return f"count:{self.count}"
+
+    def ring_cells(self, out_of_orderness_ms: int, allowed_lateness_ms: int) -> int:
+        """Tumbling and hopping: the windows of one series that can be open at once (not yet
+        past allowed lateness, up to the newest) plus the next one; 0 for other kinds."""
+        if self.kind not in ("tumbling", "hopping"):
+            return 0
+        span = out_of_orderness_ms + allowed_lateness_ms + self.size_ms
+        return -(-span // self.step) + 1
 
     @property
     def reach_ms(self) -> int:
@@ -695,9 +709,11 @@ def make_operator(spec: WindowSpec, *, allowed_lateness_ms: int, out_of_ordernes
                   sketch: SketchParams, percentiles: tuple[float, ...],
                   dense: bool = True) -> Operator:
     """The operator for a spec: tumbling and hopping windows use the dense layout
-    (``edge.dense``) unless ``dense`` is False; sessions and count windows the sparse one."""
+    (``edge.dense``) unless ``dense`` is False or its ring would exceed ``DENSE_MAX_CELLS`` cells
+    per series (small windows, long lateness: mostly empty cells); sessions and count windows the
+    sparse one."""
     if spec.kind in ("tumbling", "hopping"):
-        if dense:
+        if dense and spec.ring_cells(out_of_orderness_ms, allowed_lateness_ms) <= DENSE_MAX_CELLS:
             from edge.dense import DenseFixedWindows
 
             return DenseFixedWindows(spec, allowed_lateness_ms=allowed_lateness_ms,

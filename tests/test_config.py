@@ -56,6 +56,18 @@ def test_good_edge_config_loads(tmp_path: Path) -> None:
     (GOOD_EDGE + '[clock]\npolicy = "guess"\n', "clock.policy"),
     (GOOD_EDGE + '[agent]\ncompact_malloc = "yes"\n', "agent.compact_malloc"),
     (GOOD_EDGE.replace('size = "10s"', 'percentiles = [50]'), "windows.percentiles"),
+    (GOOD_EDGE.replace('size = "10s"', 'percentiles = [0.5, 0.5]'), "windows.percentiles"),
+    (GOOD_EDGE.replace('size = "10s"', 'specs = ["hopping:10s/0s"]'), "windows.specs[0]"),
+    # a ring of 3.5 M windows per series (a typo for 400ms) would take the gateway's memory
+    (GOOD_EDGE + 'out_of_orderness = "400d"\n', "windows.out_of_orderness"),
+    (GOOD_EDGE + 'allowed_lateness = "3650d"\n', "windows.allowed_lateness"),
+    (GOOD_EDGE.replace("[uplink]", 'topics = []\n[uplink]'), "intake.topics"),
+    (GOOD_EDGE.replace("[uplink]", 'topics = ["devices/#/readings"]\n[uplink]'),
+     "intake.topics"),
+    (GOOD_EDGE.replace("[uplink]", 'topics = ["devices/x+/readings"]\n[uplink]'),
+     "intake.topics"),
+    (GOOD_EDGE.replace("[uplink]", 'device_topic_level = 3\n[uplink]'),
+     "intake.device_topic_level"),
 ])
 def test_bad_edge_config_names_the_key(tmp_path: Path, text: str, key: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -596,3 +596,20 @@ def test_two_sensors_reading_the_same_value_at_the_same_time_are_two_readings() 
     out = eng.fold(cols([(0, 0, 100, 1.0, -1), (0, 1, 100, 1.0, -1), (0, 1, 100, 1.0, -1)]), 0)
     assert out.duplicates == 1  # only the true repeat
     assert out.accepted == 2
+
+
+def test_small_windows_with_long_lateness_use_the_sparse_layout() -> None:
+    """The dense ring holds every window that can be open at once: 500 ms windows kept 30 s for
+    late readings would be 66 cells per series, mostly empty at 1 Hz; beyond 64 the operator is
+    the sparse one (same results: the reference tests run both layouts)."""
+    from edge.dense import DenseFixedWindows
+    from edge.sketch import SketchParams
+    from edge.windows import DENSE_MAX_CELLS, FixedWindows, make_operator
+
+    sk = SketchParams(alpha=0.01)
+    small = WindowSpec.parse("500ms")
+    assert small.ring_cells(2_000, 30_000) > DENSE_MAX_CELLS
+    assert isinstance(make_operator(small, allowed_lateness_ms=30_000, out_of_orderness_ms=2_000,
+                                    sketch=sk, percentiles=(0.5,)), FixedWindows)
+    assert isinstance(make_operator(small, allowed_lateness_ms=5_000, out_of_orderness_ms=2_000,
+                                    sketch=sk, percentiles=(0.5,)), DenseFixedWindows)
