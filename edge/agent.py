@@ -493,6 +493,9 @@ class EdgePipeline:
         self.engine.restore(snap, self.clock.monotonic_ms())
         log.info("resumed %d open windows from %s (intake tick %d)", self.engine.open_windows,
                  path, tick)
+        for label, n in self.engine.retired_windows.items():
+            log.warning("window spec %r is no longer configured: its %d open windows in the "
+                        "checkpoint are dropped (the other specs keep their readings)", label, n)
         return tick
 
 

@@ -37,8 +37,10 @@ from edge.windows import (
     FixedWindows,
     OperatorFold,
     Superseded,
+    WindowOperator,
     WindowResults,
     WindowSpec,
+    snapshot_sketch,
 )
 
 H = 32  # dense histogram buckets per cell, a power of two (uint16 counters: a cell switches to
@@ -451,9 +453,20 @@ class DenseFixedWindows:
             return snap[prefix + name]
 
         label = str(get("label")[0])
-        if label != self.spec.label or int(get("W")[0]) != self.W:
-            raise ValueError(f"checkpoint holds window {label!r} with {int(get('W')[0])} cells "
-                             f"per series; configured {self.spec.label!r} with {self.W}")
+        if label != self.spec.label:
+            raise ValueError(f"checkpoint holds window {label!r}, configured {self.spec.label!r}")
+        if prefix + "W" not in snap:  # the sparse layout wrote it: its windows, as they are
+            self.overflow.restore(snap, prefix)
+            return
+        written = snapshot_sketch(snap, self.params)
+        if int(get("W")[0]) != self.W or written != self.params:
+            # out_of_orderness, allowed_lateness or sketch_accuracy changed: the checkpoint's
+            # windows go on in the overflow operator (new readings of them too), new windows
+            # take the ring
+            self.from_snapshot(snap, prefix, self.spec, written, self.percentiles
+                               ).hand_over(self.overflow)
+            self.overflow.sketches.rekey(written)
+            return
         self.series_of = get("series_of").astype(np.int64)
         self.series_dev = get("series_dev").astype(np.int64)
         self.series_met = get("series_met").astype(np.int64)
@@ -490,6 +503,39 @@ class DenseFixedWindows:
             codes, counts = codes[order], counts[order]
         self.sparse_sketch.codes, self.sparse_sketch.counts = codes, counts
         self.overflow.restore(snap, prefix + "over_")
+
+
+    @classmethod
+    def from_snapshot(cls, snap: dict[str, npt.NDArray[np.generic]], prefix: str,
+                      spec: WindowSpec, sketch: SketchParams,
+                      percentiles: tuple[float, ...]) -> DenseFixedWindows:
+        """The dense operator a checkpoint was written by, whatever ring size it had."""
+        ring = int(snap[prefix + "W"][0])
+        # a lateness that gives the checkpoint's ring: ceil((ring - 1) step / step) + 1 = ring
+        op = cls(spec, allowed_lateness_ms=max(0, (ring - 1) * spec.step - spec.size_ms),
+                 out_of_orderness_ms=0, sketch=sketch, percentiles=percentiles)
+        if ring != op.W:
+            raise ValueError(f"checkpoint holds window {spec.label!r} with {ring} cells per "
+                             "series, fewer than one window needs")
+        op.restore(snap, prefix)
+        return op
+
+    def hand_over(self, to: WindowOperator) -> None:
+        """Every live window, ring and overflow, into ``to`` (a sparse operator of the same
+        spec holding none of them), state and revision count as they are."""
+        live = np.flatnonzero(self.widx != FREE)
+        if len(live):
+            s = live % self.cap
+            start = self._starts(live)
+            keys = to.key(self.series_dev[s], self.series_met[s],
+                          (start - EPOCH_BASE_MS) // self.step)
+            sk_keys, sk_counts, sk_offsets = self._sketches(live, live)
+            to.adopt(keys, self._moments(self.agg.take(live)), self.rev[live].copy(),
+                     self.dirty[live].copy(), start, sk_keys, sk_counts, sk_offsets)
+        over = self.overflow
+        if len(over.keys):
+            to.adopt(over.keys, over.agg, over.rev, over.dirty, over.anchor,
+                     *over.sketches.export(over.slot))
 
 
 def _run(cells: I64) -> I64 | slice:

@@ -97,6 +97,8 @@ class WindowEngine:
                           out_of_orderness_ms=config.time.out_of_orderness_ms, sketch=sketch,
                           percentiles=config.percentiles, dense=config.dense)
             for w in config.windows]
+        # open windows of specs a restored checkpoint had and the configuration no longer has
+        self.retired_windows: dict[str, int] = {}
         self.corrected = 0
 
     # ---- time ----------------------------------------------------------------------------
@@ -287,15 +289,22 @@ class WindowEngine:
         snap = self.time.snapshot()
         snap.update(self.dedup.snapshot())
         snap["labels"] = np.array(self.config.labels)
+        snap["sketch_alpha"] = np.array([self.config.sketch_alpha])
         for k, op in enumerate(self.operators):
             snap.update(op.snapshot(f"op{k}_"))
         return snap
 
     def restore(self, snap: dict[str, npt.NDArray[np.generic]], now_mono_ms: int) -> None:
+        """Windows resume by spec: a spec configured since the checkpoint starts empty, the
+        open windows of one no longer configured are dropped (``retired_windows``; logged),
+        and a changed out_of_orderness or allowed_lateness applies to the resumed windows."""
         labels = [str(x) for x in snap["labels"].tolist()]
-        if labels != self.config.labels:
-            raise ValueError(f"checkpoint has windows {labels}, configured {self.config.labels}")
         self.time.restore(snap, now_mono_ms)
         self.dedup.restore(snap)
-        for k, op in enumerate(self.operators):
-            op.restore(snap, f"op{k}_")
+        for op in self.operators:
+            if op.spec.label in labels:
+                op.restore(snap, f"op{labels.index(op.spec.label)}_")
+        self.retired_windows = {
+            label: int(len(snap[f"op{j}_keys"]) if f"op{j}_W" not in snap else
+                       int((snap[f"op{j}_widx"] != -1).sum()) + len(snap[f"op{j}_over_keys"]))
+            for j, label in enumerate(labels) if label not in self.config.labels}

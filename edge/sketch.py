@@ -189,6 +189,19 @@ class SketchStore:
         self.counts = self.counts[~sel]
         self.add(new, keys, counts)
 
+    def rekey(self, old: SketchParams) -> None:
+        """Buckets written with ``old`` accuracy, moved to this store's (a checkpoint of
+        another ``sketch_accuracy``): each bucket's representative value lands in its new
+        bucket, so the error bound becomes old + new accuracy for what was there."""
+        if old == self.params or len(self.codes) == 0:
+            return
+        slots = self.codes >> 32
+        values = old.values((self.codes & 0xFFFFFFFF) - KEY_BIAS)
+        counts = self.counts
+        self.codes = np.empty(0, np.int64)
+        self.counts = np.empty(0, np.int64)
+        self.add(slots, self.params.keys(values), counts)
+
     def export(self, slots: I64) -> tuple[I64, I64, I64]:
         """Flat form of the sketches of ``slots`` (in that order): keys, counts, offsets."""
         if len(slots) == 0 or len(self.codes) == 0:

@@ -196,6 +196,14 @@ def series_code(dev: I64, met: I64) -> I64:
     return (dev << METRIC_BITS) | met
 
 
+def snapshot_sketch(snap: dict[str, npt.NDArray[np.generic]], now: SketchParams
+                    ) -> SketchParams:
+    """The sketch accuracy a checkpoint was written with (``now``'s when it does not say)."""
+    if "sketch_alpha" not in snap:
+        return now
+    return SketchParams(float(snap["sketch_alpha"][0]))
+
+
 class WindowOperator:
     """State shared by all kinds: sorted keys, aggregates, revisions, sketches by slot."""
 
@@ -395,6 +403,26 @@ class WindowOperator:
         self.superseded = Superseded(sup[0].tolist(), sup[1].tolist(), sup[2].tolist())
         self.agg = AggArrays(*(get("agg_" + f).copy() for f in FIELDS))  # type: ignore[arg-type]
         self._extra_restore(get)
+        self.sketches.rekey(snapshot_sketch(snap, self.sketches.params))
+
+    def adopt(self, keys: I64, agg: AggArrays, rev: I64, dirty: npt.NDArray[np.bool_],
+              anchor: I64, sk_keys: I64, sk_counts: I64, sk_offsets: I64) -> None:
+        """Take over windows it does not hold, with their state (``agg`` with sum, mean and
+        M2 as such; sketches in flat form): a dense ring's cells after its size or the layout
+        changed between a checkpoint and the configuration it is restored into."""
+        if len(keys) == 0:
+            return
+        slots = self._alloc(len(keys))
+        order = np.argsort(np.concatenate([self.keys, keys]), kind="stable")
+        cat = np.concatenate
+        self.keys = cat([self.keys, keys])[order]
+        self.agg = AggArrays(*(cat([getattr(self.agg, f), getattr(agg, f)])[order]
+                               for f in FIELDS))
+        self.rev = cat([self.rev, rev])[order]
+        self.dirty = cat([self.dirty, dirty])[order]
+        self.slot = cat([self.slot, slots])[order]
+        self.anchor = cat([self.anchor, anchor])[order]
+        self.sketches.add(np.repeat(slots, np.diff(sk_offsets)), sk_keys, sk_counts)
 
     def _extra_snapshot(self) -> dict[str, npt.NDArray[np.generic]]:
         return {}
@@ -434,6 +462,17 @@ class FixedWindows(WindowOperator):
 
     def _width(self, idx: I64) -> I64:
         return np.full(len(idx), self.spec.size_ms, np.int64)
+
+    def restore(self, snap: dict[str, npt.NDArray[np.generic]], prefix: str) -> None:
+        if prefix + "W" in snap:  # written by the dense layout (lateness was shorter then)
+            from edge.dense import DenseFixedWindows
+
+            written = snapshot_sketch(snap, self.sketches.params)
+            DenseFixedWindows.from_snapshot(snap, prefix, self.spec, written,
+                                            self.percentiles).hand_over(self)
+            self.sketches.rekey(written)
+            return
+        super().restore(snap, prefix)
 
 
 class CountWindows(WindowOperator):

@@ -70,6 +70,34 @@ def test_restart_from_checkpoint_continues_open_windows(tmp_path: Path) -> None:
     assert got[T + 10_000][0] == 10  # the window spanning the restart is whole, not partial
 
 
+def test_a_restart_with_an_edited_window_config_resumes_instead_of_failing(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """gateway.toml edited between two runs (a longer allowed_lateness: another ring size per
+    series; a spec added, one removed): the agent starts, the window spanning the restart is
+    whole, and the removed spec's open windows are named in the log."""
+    clock = ManualClock(now_ms=T + 60_000)
+
+    def cfg(lateness_ms: int, *specs: str) -> EdgeConfig:
+        return config(tmp_path, engine=EngineConfig(
+            windows=tuple(WindowSpec.parse(x) for x in specs), time=EventTimeSpec(
+                out_of_orderness_ms=0, allowed_lateness_ms=lateness_ms, idle_timeout_ms=10**9)))
+
+    first = EdgePipeline(cfg(0, "10s", "count:7"), clock)
+    first.process(msgs("d1", range(0, 15)))
+    out = [first.emit()]
+    first.save_checkpoint(tmp_path)
+    second = EdgePipeline(cfg(120_000, "10s", "1m"), clock)
+    with caplog.at_level("WARNING"):
+        assert second.load_checkpoint(tmp_path) == 0
+    assert "'count:7' is no longer configured" in caplog.text
+    second.process(msgs("d1", range(15, 35)))
+    out += [second.emit(), second.emit(flush=True)]
+    tens = [r.take(np.flatnonzero(r.spec == 0)) for r in out]  # type: ignore[attr-defined]
+    got = results_by_window(tens)
+    assert got[T + 10_000][0] == 10  # the window spanning the restart is whole
+    assert got[T + 20_000][0] == 10
+
+
 @pytest.mark.integration
 def test_a_redelivered_reading_is_received_and_counted_as_a_duplicate(tmp_path: Path) -> None:
     # a broker re-delivering after an agent restart: the reading arrived twice, is in its
