@@ -32,6 +32,7 @@ from devices.contract import (
     ResultBatch,
     ResultColumns,
     SupersededRows,
+    peek_batch_id,
 )
 from devices.readings import Interner, ReadingColumns, capacity
 from devices.rejects import RejectLog
@@ -376,6 +377,7 @@ class EdgePipeline:
             "clock_corrected": self.engine.corrected,
             "watermark_lag_ms": (self.wall_ms() - wm) if wm is not None else 0,
             "internal_errors": c["internal_errors"],
+            "checkpoint_unreadable": c["checkpoint_unreadable"],
             "readings_gap": int(self.gaps.gap.sum()),
             # readings remembered per device to tell a repeat (grows to the lateness horizon)
             "dedup_memory": self.engine.dedup.memory,
@@ -523,6 +525,8 @@ class EdgeAgent:
         self.shipper = Shipper(self.outbox, self.uplink, self.clock,
                                max_inflight=config.max_inflight_batches,
                                ack_timeout_ms=config.ack_timeout_ms)
+        if self.uplink.seq.recovered:
+            self._resume_sequence()
         self._last_overflow = 0
         self._unstored: list[tuple[int, bytes, int, int]] = []  # refused by the outbox
         self._recover()
@@ -537,6 +541,40 @@ class EdgeAgent:
         self._disk_reload = False  # outbox state unsure: reopen it and replay, as after a crash
         self._disk_retry_at = 0  # monotonic ms: no intake (and no reload) before this
         self._disk_since: int | None = None
+
+    def _resume_sequence(self) -> None:
+        """After an unreadable sequence file: new batches are numbered past the outbox's (its
+        entries are keyed by number), and acks for the batches it holds of the incarnations
+        before are taken."""
+        pending = self.outbox.pending()
+        if not pending:
+            return
+        self.uplink.seq.skip_to(max(pending) + 1)
+        for seq in pending:
+            ident = peek_batch_id(self.outbox.read(seq))
+            if ident is not None:
+                self.shipper.earlier.add(ident[1])
+        self.shipper.earlier.discard(self.uplink.seq.incarnation)
+
+    def _checkpoint_unreadable(self, exc: Exception) -> int:
+        """A checkpoint that cannot be read or restored (truncated, zeroed, from a newer
+        version) is kept aside for a post-mortem and the agent starts without it: the intake
+        log is replayed from its start, and the windows the checkpoint held lose what they
+        had before it. Counted in health (``checkpoint_unreadable``)."""
+        path = self.state_dir / CHECKPOINT
+        aside = path.with_name(f"{CHECKPOINT}.unreadable-{self.clock.now_ms()}")
+        try:
+            os.replace(path, aside)
+            kept = f"kept as {aside.name}"
+        except OSError as move:
+            kept = f"could not be moved aside ({move})"
+        log.error("the window checkpoint %s cannot be restored (%s: %s); %s. Starting without "
+                  "it: the intake log is replayed from its start, and windows open at that "
+                  "checkpoint lose the readings they held before it", path,
+                  type(exc).__name__, exc, kept)
+        self.pipeline = EdgePipeline(self.config, self.clock)
+        self.pipeline.counters["checkpoint_unreadable"] += 1
+        return 0
 
     def _open_outbox(self) -> Outbox:
         c = self.config
@@ -590,7 +628,10 @@ class EdgeAgent:
 
     def _recover(self) -> None:
         """Checkpoint, then the intake log after it, in its original ticks."""
-        tick = self.pipeline.load_checkpoint(self.state_dir) or 0
+        try:
+            tick = self.pipeline.load_checkpoint(self.state_dir) or 0
+        except Exception as exc:  # a gateway must start whatever its SD card kept
+            tick = self._checkpoint_unreadable(exc)
         if self.wal is None:
             return
         replayed = 0
@@ -721,6 +762,9 @@ class EdgeAgent:
             "broker_dropped": self.intake.broker_dropped,
             "broker_stored": self.intake.broker_stored,
             "outbox_depth": ob.depth,
+            # state files found damaged at start and set aside (1: this run began that way)
+            "outbox_journal_unreadable": int(ob.journal_unreadable),
+            "uplink_seq_recovered": int(self.uplink.seq.recovered),
             "outbox_bytes": ob.bytes,
             # how full the outbox is (0..1 of outbox.max_bytes): past it, its policy sheds
             "outbox_fill": round(ob.bytes / ob.max_bytes, 4),

@@ -99,6 +99,7 @@ class Outbox:
         self.torn_records = 0
         self.recovered_batches = 0
         self.unproven_acks = 0  # acks that did not name the batch's digest: ignored
+        self.journal_unreadable = False  # acked.log was damaged and set aside at start
         # shed batches the MQTT client may still deliver: seq -> (windows, readings, digest)
         self._shed_recently: OrderedDict[int, tuple[int, int, str]] = OrderedDict()
         self._recover()
@@ -114,8 +115,9 @@ class Outbox:
             while pos + HEADER.size <= len(data):
                 length, crc, seq, windows, readings, appended = HEADER.unpack_from(data, pos)
                 start = pos + HEADER.size
-                if start + length > len(data) or zlib.crc32(data[start:start + length]) != crc:
-                    break
+                if length == 0 or start + length > len(data) or \
+                        zlib.crc32(data[start:start + length]) != crc:
+                    break  # (an empty payload: zeroed blocks, whose CRC of nothing is 0)
                 if seq not in done:
                     self._index(Entry(seq, seg, start, length, windows, readings, appended,
                                       batch_digest(data[start:start + length])))
@@ -163,7 +165,19 @@ class Outbox:
         data = path.read_bytes()
         if not data.startswith(JOURNAL_MAGIC):  # the old format: acknowledged seqs only
             usable = len(data) - len(data) % ACK.size
-            return {ACK.unpack_from(data, i)[0] for i in range(0, usable, ACK.size)}
+            seqs = [ACK.unpack_from(data, i)[0] for i in range(0, usable, ACK.size)]
+            if len(set(seqs)) == len(seqs):
+                return set(seqs)
+            # each batch is acknowledged once: this is damage (zeroed blocks), not a journal.
+            # Nothing counts as gone: every batch on disk is sent again, and the cloud, which
+            # knows which it has, acknowledges those at once without writing them twice
+            aside = path.with_name(f"acked.log.unreadable-{len(data)}")
+            os.replace(path, aside)
+            log.error("outbox journal %s is unreadable (kept as %s): every batch still on disk "
+                      "is treated as unacknowledged; the outbox's totals restart at zero",
+                      path, aside.name)
+            self.journal_unreadable = True
+            return done
         pos = len(JOURNAL_MAGIC)
         if pos + TOTALS.size <= len(data):
             (_, self.stored_batches, self.stored_windows, self.stored_readings,

@@ -69,23 +69,44 @@ class SequenceAllocator:
     def __init__(self, state_dir: Path, clock: Clock) -> None:
         self._path = state_dir / "uplink.seq"
         self._path.parent.mkdir(parents=True, exist_ok=True)
+        # the file was unreadable and set aside: a new incarnation, whose numbers the agent
+        # moves past those still in its outbox (``skip_to``)
+        self.recovered = False
         try:
             fields = self._path.read_text().split()
         except FileNotFoundError:
             fields = []
+        except UnicodeDecodeError:
+            fields = ["?", "?", "?"]
         try:
             if len(fields) == 2:
                 self.incarnation, self._next = int(fields[0]), int(fields[1])
-            elif len(fields) == 1:  # written before incarnations: keep its numbers
+            elif len(fields) == 1:  # written before incarnations (or cut short): its numbers
                 self.incarnation, self._next = new_incarnation(), int(fields[0])
+                self.recovered = True  # and the acks of what the outbox holds from before
             elif not fields:
                 self.incarnation, self._next = new_incarnation(), 0
             else:
                 raise ValueError(fields)
+            if self.incarnation < 0 or self._next < 0:
+                raise ValueError(fields)
         except ValueError:
-            raise RuntimeError(f"corrupt sequence file {self._path}") from None
+            aside = self._path.with_name(f"uplink.seq.unreadable-{clock.now_ms()}")
+            os.replace(self._path, aside)
+            log.error("the batch sequence file %s is unreadable (kept as %s): batches go on "
+                      "under a new incarnation, so the cloud cannot take one for a batch it "
+                      "already has", self._path, aside.name)
+            self.incarnation, self._next = new_incarnation(), 0
+            self.recovered = True
         self._ceiling = self._next
         self._reserve()
+
+    def skip_to(self, n: int) -> None:
+        """Hand out nothing below ``n`` (numbers still held by the outbox)."""
+        if n > self._next:
+            self._next = n
+            if self._next >= self._ceiling:
+                self._reserve()
 
     def _reserve(self) -> None:
         """Reserve the next block on disk first: a number is handed out only once it is
@@ -293,6 +314,9 @@ class Shipper:
         self.acked = 0
         self.rejected = 0
         self.foreign_acks = 0  # acks for another incarnation of this gateway (a lost state)
+        # earlier incarnations whose batches the outbox still holds (an unreadable sequence
+        # file replaced): their acks count too, checked against each batch's digest
+        self.earlier: set[int] = set()
         self.first_sent: dict[int, int] = {}  # seq -> ms of its first send (ack overdue?)
         self.overdue_warned = 0
 
@@ -300,7 +324,7 @@ class Shipper:
         mine = self.uplink.seq.incarnation
         while self.uplink.acks:
             ack = self.uplink.acks.popleft()
-            if ack.incarnation not in (mine, 0):
+            if ack.incarnation not in (mine, 0) and ack.incarnation not in self.earlier:
                 self.foreign_acks += 1
                 continue
             acked, rejected = ack.acked, ack.rejected

@@ -98,6 +98,64 @@ def test_a_restart_with_an_edited_window_config_resumes_instead_of_failing(
     assert got[T + 20_000][0] == 10
 
 
+@pytest.mark.parametrize("damage", ["truncated", "zeroed", "empty"])
+def test_an_unreadable_checkpoint_is_kept_aside_and_the_agent_starts(
+        tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A Pi's SD card returns a damaged windows.npz: the agent still starts (a unit that
+    fails at every start would leave the gateway down until someone logs in), says so, counts
+    it in health and keeps the file for a post-mortem."""
+    clock = ManualClock(now_ms=T + 60_000)
+    first = EdgePipeline(config(tmp_path), clock)
+    first.process(msgs("d1", range(0, 15)))
+    path = first.save_checkpoint(tmp_path)
+    data = path.read_bytes()
+    damaged = {"truncated": data[: len(data) // 2], "zeroed": bytes(len(data)),
+               "empty": b""}[damage]
+    path.write_bytes(damaged)
+    with caplog.at_level("ERROR"):
+        agent = EdgeAgent(config(tmp_path), clock=clock)
+    assert "cannot be restored" in caplog.text
+    assert not path.exists()
+    assert [p.read_bytes() for p in tmp_path.glob("windows.npz.unreadable-*")] == [damaged]
+    assert agent.health().counters["checkpoint_unreadable"] == 1
+    agent.pipeline.process(msgs("d1", range(15, 25)))  # and it works
+    assert agent.pipeline.counters["readings_accepted"] == 10
+
+
+@pytest.mark.parametrize("damage", ["zeroed", "garbage", "cut"])
+def test_an_unreadable_sequence_file_starts_a_new_incarnation_and_keeps_the_outbox(
+        tmp_path: Path, damage: str) -> None:
+    """uplink.seq damaged while the outbox holds a batch for the cloud: the agent starts, new
+    batches are numbered under a new incarnation past the outbox's numbers (the cloud cannot
+    take one for a batch it has), and the cloud's ack of the waiting batch still clears it."""
+    from devices.contract import batch_digest, decode_ack, encode_ack
+
+    clock = ManualClock(now_ms=T + 60_000)
+    first = EdgeAgent(config(tmp_path), clock=clock)
+    first.pipeline.process(msgs("d1", range(0, 25)))
+    first._store(first.pipeline.emit(flush=True))
+    first.outbox.sync()
+    waiting = first.outbox.pending()
+    assert waiting
+    old_inc = first.uplink.seq.incarnation
+    payload = first.outbox.read(waiting[0])
+    first.outbox.close()
+    seq_file = tmp_path / "uplink.seq"
+    text = seq_file.read_bytes()
+    seq_file.write_bytes({"zeroed": bytes(len(text)), "garbage": b"\xc1\xff 12 x",
+                          "cut": text[:10]}[damage])
+    again = EdgeAgent(config(tmp_path), clock=clock)
+    assert again.uplink.seq.incarnation != old_inc
+    assert again.uplink.seq.next() > max(waiting)
+    assert again.outbox.pending() == waiting
+    assert again.stats()["uplink_seq_recovered"] == 1
+    again.uplink.acks.append(decode_ack(encode_ack(
+        [waiting[0]], incarnation=old_inc, proofs={waiting[0]: batch_digest(payload)})))
+    again.shipper.apply_acks()
+    assert waiting[0] not in again.outbox.pending()
+    assert again.shipper.foreign_acks == 0
+
+
 @pytest.mark.integration
 def test_a_redelivered_reading_is_received_and_counted_as_a_duplicate(tmp_path: Path) -> None:
     # a broker re-delivering after an agent restart: the reading arrived twice, is in its

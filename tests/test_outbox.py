@@ -189,3 +189,36 @@ def test_an_ack_must_name_the_digest_of_the_batch_it_confirms(tmp_path: Path) ->
     again = Outbox(tmp_path, max_bytes=1_000)
     assert again.ack([4, 5], {4: proof[4], 5: proof[6]}) == 1
     assert again.pending() == [5, *range(6, 14)]
+
+
+def test_zeroed_blocks_in_a_segment_are_no_batches(tmp_path: Path) -> None:
+    """An SD card that returns zeros for a segment's blocks: a header of zeros would be a
+    record of no bytes whose CRC (of nothing) is 0; it is damage, and ends the segment."""
+    ob = Outbox(tmp_path, segment_bytes=1_000_000)
+    fill(ob, range(3))
+    ob.close()
+    seg = next(tmp_path.glob("*.seg"))
+    seg.write_bytes(seg.read_bytes() + bytes(4 * HEADER.size))
+    again = Outbox(tmp_path, segment_bytes=1_000_000)
+    assert again.pending() == [0, 1, 2]
+    assert again.read(0) == bytes(100)  # batch 0 is whole (bytes([0]) * 100)
+    assert again.torn_records == 1
+    law(again)
+
+
+@pytest.mark.parametrize("damage", ["zeroed", "zeroed-aligned"])
+def test_a_damaged_journal_loses_no_batch(tmp_path: Path, damage: str) -> None:
+    """acked.log zeroed: read as the old format it would say batch 0 left (again and again),
+    and batches waiting for the cloud would vanish. It is set aside instead and every batch on
+    disk waits (the cloud acknowledges the ones it has at once)."""
+    ob = Outbox(tmp_path, segment_bytes=1_000_000)
+    fill(ob, range(6))
+    ob.ack([1, 2])
+    ob.close()
+    journal = tmp_path / "acked.log"
+    size = len(journal.read_bytes())
+    journal.write_bytes(bytes(size - size % 8 if damage == "zeroed-aligned" else size))
+    again = Outbox(tmp_path, segment_bytes=1_000_000)
+    assert set(again.pending()) >= {0, 3, 4, 5}  # nothing unacknowledged is lost
+    assert again.journal_unreadable
+    assert len(list(tmp_path.glob("acked.log.unreadable-*"))) == 1
