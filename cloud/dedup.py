@@ -14,10 +14,13 @@ batches it wrote (and an old revision re-sent after a newer one cannot overwrite
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+
+log = logging.getLogger("fieldline.cloud.dedup")
 
 
 class Seen(Enum):
@@ -93,8 +96,20 @@ class BatchDedup:
         os.replace(tmp, path)
 
     def load(self, path: Path) -> bool:
+        """Restore what ``save`` wrote; a file that cannot be read (a damaged disk) is kept
+        aside and logged, and the worker starts without it (False) instead of not at all."""
         if not path.exists():
             return False
-        with path.open() as fh:
-            self.restore(json.load(fh))
+        try:
+            with path.open() as fh:
+                doc = json.load(fh)
+            BatchDedup(self.horizon).restore(doc)  # all of it readable before any is taken
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            aside = path.with_name(path.name + ".unreadable")
+            os.replace(path, aside)
+            log.error("batch dedup state %s unreadable (%s: %s), kept as %s: starting without "
+                      "it (batches the edges send again are written again, the same points)",
+                      path, type(exc).__name__, exc, aside.name)
+            return False
+        self.restore(doc)
         return True

@@ -107,6 +107,29 @@ def test_worker_keeps_its_detector_state_across_a_restart(tmp_path: Path) -> Non
         np.testing.assert_array_equal(a[k], b[k])
 
 
+@pytest.mark.parametrize("damage", [b"", b"\0" * 64, b'{"gateways": {"gw-1": ', b"\xc1\xff"])
+def test_a_worker_starts_on_damaged_state_files(tmp_path: Path, damage: bytes,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """dedup.json and detect.npz cut short or zeroed by a failing disk: the worker starts
+    without them (saying so) instead of failing at every start; the dedup file is kept."""
+    cfg = CloudConfig(worker_id="t", broker=BrokerAddress(host="127.0.0.1", port=1),
+                      influx=InfluxConfig(), state_dir=tmp_path)
+    first = CloudWorker(cfg, source=object(), sink=object())  # type: ignore[arg-type]
+    first.handle(SourceMessage(0, 0, results_topic("gw-1"),
+                               session_batch(0, T, 4, []).encode()))
+    first.dedup.save(tmp_path / "dedup.json")
+    (tmp_path / "dedup.json").write_bytes(damage)
+    (tmp_path / "detect.npz").write_bytes(damage)
+    with caplog.at_level("WARNING"):
+        second = CloudWorker(cfg, source=object(), sink=object())  # type: ignore[arg-type]
+    assert "dedup state" in caplog.text
+    assert "detector state" in caplog.text
+    assert (tmp_path / "dedup.json.unreadable").read_bytes() == damage
+    second.handle(SourceMessage(0, 1, results_topic("gw-1"),
+                                session_batch(1, T + 60_000, 4, []).encode()))
+    assert second.stats()["batches_in"] == 1
+
+
 def test_results_of_a_device_registered_to_another_gateway_are_refused(
         influx_db: InfluxV1Client) -> None:
     """Issue 12, item 11: gw-1 sends results of its own dev-2 and of dev-1, which the registry

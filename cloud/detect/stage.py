@@ -409,9 +409,9 @@ class DetectionStage:
             with np.load(src, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files if k != "__meta__"}
                 meta = json.loads(str(z["__meta__"]))
-        except (OSError, ValueError, KeyError) as exc:
-            log.warning("detector state in %s unreadable (%s): detectors start afresh", source,
-                        exc)
+        except Exception as exc:  # damaged (a zip cut short, zeroed blocks): start afresh
+            log.warning("detector state in %s unreadable (%s: %s): detectors start afresh",
+                        source, type(exc).__name__, exc)
             return False
         expected = {k: v.shape[1:] for k, v in self.snapshot()["arrays"].items()}
         if {k: v.shape[1:] for k, v in arrays.items()} != expected:
