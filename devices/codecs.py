@@ -11,7 +11,9 @@ fleet:
   "n": "temperature", "u": "Cel", "v": 21.5}]``; the device is the base name up to its last
   ``:`` or ``/``, times are seconds (relative to now when below 2**28, as the RFC says).
 
-``ts`` is event time in integer epoch milliseconds. ``device`` may be omitted when the topic
+``ts`` is event time in integer epoch milliseconds; epoch seconds (with a fraction or not),
+microseconds and nanoseconds are recognised by magnitude (``devices.readings.epoch_ms``), and an
+ISO 8601 string with a UTC offset is taken too. ``device`` may be omitted when the topic
 carries it. ``seq`` is optional: a per-device counter that lets duplicates and gaps be seen.
 
 One bad reading in a batch rejects that reading, never its neighbours; every rejection is counted
@@ -20,6 +22,7 @@ under its reason.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import math
@@ -33,7 +36,14 @@ import orjson
 from msgspec import UNSET, UnsetType
 
 from devices import rejects
-from devices.readings import NO_SEQ, ColumnBuilder, Interner, ReadingColumns
+from devices.readings import (
+    NO_SEQ,
+    SECONDS_BELOW,
+    SECONDS_FROM,
+    ColumnBuilder,
+    Interner,
+    ReadingColumns,
+)
 
 MAX_DEVICE_ID = 128
 INT_LIMIT = 1 << 62  # integers beyond this cannot be a time, a sequence number or a reading
@@ -42,6 +52,20 @@ SENML_RELATIVE_LIMIT = 2**28  # RFC 8428 4.5.3: smaller times are relative to "n
 
 log = logging.getLogger("fieldline.codecs")
 MAX_NESTING = 64  # deeper than any reading needs; orjson itself stops at 1,024
+
+
+def _iso_ms(text: str) -> int | None:
+    """An ISO 8601 date-time with a UTC offset (``2026-12-03T09:00:00.5Z``) in epoch ms; None
+    for anything else, a time without an offset included (whose zone nobody knows)."""
+    if len(text) > 40:
+        return None
+    try:
+        t = dt.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if t.tzinfo is None:
+        return None
+    return round(t.timestamp() * 1000)
 
 
 def _loads(payload: bytes) -> tuple[Any, str | None]:
@@ -371,8 +395,13 @@ class PayloadDecoder:
             return
         if type(ts) is float and ts.is_integer():
             ts = int(ts)
+        elif type(ts) is float and SECONDS_FROM <= ts < SECONDS_BELOW:
+            ts = round(ts * 1000)  # epoch seconds with a fraction
+        elif type(ts) is str:
+            ts = _iso_ms(ts)
         if type(ts) is not int:
-            reject(rejects.WRONG_TYPE, f"{device}: ts {ts!r} is not integer epoch ms")
+            reject(rejects.WRONG_TYPE, f"{device}: ts {r.get('ts')!r} is not epoch ms (or s, "
+                   "us, ns) nor an ISO 8601 time with an offset")
             return
         if not -INT_LIMIT < ts < INT_LIMIT:  # would not fit the int64 column
             reject(rejects.BAD_TIMESTAMP, f"{device}: ts {ts} out of any plausible range")

@@ -18,6 +18,28 @@ F64 = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
 
 NO_SEQ = -1  # a reading that carried no sequence number
+# Epoch times are milliseconds; a device sending seconds, microseconds or nanoseconds is told
+# by magnitude, where milliseconds cannot be meant: below 1e11 ms is before March 1973, from
+# 1e14 ms after the year 5000 (seconds from 1e9 are 2001 on; smaller ones are left alone, a
+# clock that is not set, and rejected as such)
+SECONDS_FROM = 10**9
+SECONDS_BELOW = 10**11
+MICROS_FROM = 10**14
+NANOS_FROM = 10**17
+
+
+def epoch_ms(ts: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """``ts`` in epoch milliseconds, whichever of s, ms, us or ns each reading used."""
+    if len(ts) == 0 or (int(ts.min()) >= SECONDS_BELOW and int(ts.max()) < MICROS_FROM):
+        return ts  # the common case: all milliseconds (or all wrong the same way)
+    out = ts.copy()
+    s = (ts >= SECONDS_FROM) & (ts < SECONDS_BELOW)
+    out[s] *= 1000
+    us = (ts >= MICROS_FROM) & (ts < NANOS_FROM)
+    out[us] //= 1000
+    ns = ts >= NANOS_FROM
+    out[ns] //= 1_000_000
+    return out
 
 
 
@@ -174,7 +196,7 @@ class ColumnBuilder:
         return ReadingColumns(
             device,
             np.array(self.metric, dtype=np.int32),
-            np.array(self.ts, dtype=np.int64),
+            epoch_ms(np.array(self.ts, dtype=np.int64)),
             np.array(self.value, dtype=np.float64),
             np.array(self.seq, dtype=np.int64),
             recvs,

@@ -133,3 +133,44 @@ def test_the_shipped_gateway_config_takes_identity_from_the_topic(tmp_path: Path
     assert rep["devices"] == ["d1"]
     assert rep["accepted"] == [1]
     assert rep["rejected_by"] == {rejects.DEVICE_MISMATCH: [1]}
+
+
+def test_event_times_in_seconds_micro_nanoseconds_and_iso_8601_are_read_as_milliseconds(
+        ) -> None:
+    """Devices send epoch seconds (whole or with a fraction), microseconds, nanoseconds or ISO
+    8601 with an offset as often as milliseconds. Told apart by magnitude where milliseconds
+    cannot be meant, each lands on the same event time; a batch may mix them."""
+    import datetime as dt
+
+    t = 1_764_752_400_250  # 2025-12-03T09:00:00.250Z
+    iso = dt.datetime.fromtimestamp(t / 1000, dt.UTC)
+    forms: list[object] = [t, t / 1000, t * 1000, t * 1_000_000, iso.isoformat(),
+                           iso.isoformat().replace("+00:00", "Z"),
+                           iso.astimezone(dt.timezone(dt.timedelta(hours=5, minutes=30))
+                                          ).isoformat()]
+    d = decoder()
+    singles = [("devices/d1/readings", orjson.dumps(
+        {"metric": "temperature", "ts": f, "value": 1.0}), 0) for f in forms]
+    batch = [("devices/d1/readings", orjson.dumps(
+        {"readings": [{"metric": "temperature", "ts": f, "value": 1.0} for f in forms]}), 0)]
+    for msgs in (singles, batch):
+        cols, bad, _ = d.decode(msgs)
+        assert not bad
+        assert cols.ts.tolist() == [t] * len(forms)
+    whole_seconds = orjson.dumps({"metric": "temperature", "ts": t // 1000, "value": 1.0})
+    cols, _, _ = d.decode([("devices/d1/readings", whole_seconds, 0)])
+    assert cols.ts.tolist() == [t // 1000 * 1000]
+
+
+def test_times_that_are_no_time_are_still_rejected() -> None:
+    """A clock that was never set (seconds since boot), a time without a zone, a date alone."""
+    d = decoder()
+    bad_forms: list[object] = ["2025-12-03T09:00:00", "yesterday", "2025-12-03", [1], True]
+    msgs = [("devices/d1/readings", orjson.dumps(
+        {"metric": "temperature", "ts": f, "value": 1.0}), 0) for f in bad_forms]
+    cols, bad, _ = d.decode(msgs)
+    assert len(cols) == 0
+    assert bad == {rejects.WRONG_TYPE: len(bad_forms)}
+    boot = orjson.dumps({"metric": "temperature", "ts": 5_000, "value": 1.0})
+    cols, _, _ = d.decode([("devices/d1/readings", boot, 0)])
+    assert cols.ts.tolist() == [5_000]  # left alone: validation rejects it as bad_timestamp
