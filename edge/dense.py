@@ -504,7 +504,6 @@ class DenseFixedWindows:
         self.sparse_sketch.codes, self.sparse_sketch.counts = codes, counts
         self.overflow.restore(snap, prefix + "over_")
 
-
     @classmethod
     def from_snapshot(cls, snap: dict[str, npt.NDArray[np.generic]], prefix: str,
                       spec: WindowSpec, sketch: SketchParams,
