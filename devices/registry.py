@@ -96,15 +96,32 @@ class Registry:
 
     @classmethod
     def _load_csv(cls, p: Path) -> Registry:
-        with p.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            missing = {"device_id", "gateway", "site", "kind"} - set(reader.fieldnames or ())
-            if missing:
-                raise ConfigError(
-                    ",".join(sorted(missing)), "required CSV column(s) missing", source=str(p)
-                )
-            rows = [(i + 2, dict(r)) for i, r in enumerate(reader)]  # line 1 is the header
-        return cls(_device_from_row(row, f"{p}:{line}") for line, row in rows)
+        """UTF-8 CSV as spreadsheets save it (with or without a byte-order mark, ',' or ';'
+        between fields); blank lines and lines starting with '#' are skipped."""
+        try:
+            text = p.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise ConfigError("registry", f"not UTF-8 text (byte {exc.start}): save it as UTF-8 "
+                              "CSV", source=str(p)) from None
+        lines = [(n, ln) for n, ln in enumerate(text.splitlines(keepends=True), start=1)
+                 if ln.strip() and not ln.lstrip().startswith("#")]
+        header = lines[0][1] if lines else ""
+        reader = csv.DictReader((ln for _, ln in lines),
+                                delimiter=";" if header.count(";") > header.count(",") else ",")
+        missing = {"device_id", "gateway", "site", "kind"} - set(reader.fieldnames or ())
+        if missing:
+            raise ConfigError(
+                ",".join(sorted(missing)), "required CSV column(s) missing", source=str(p)
+            )
+        devices: dict[str, tuple[int, Device]] = {}
+        for r in reader:
+            line = lines[reader.line_num - 1][0]
+            d = _device_from_row(dict(r), f"{p}:{line}")
+            if d.device_id in devices:
+                raise ConfigError("device_id", f"{d.device_id!r} is registered twice (lines "
+                                  f"{devices[d.device_id][0]} and {line})", source=str(p))
+            devices[d.device_id] = (line, d)
+        return cls(d for _, d in devices.values())
 
     @classmethod
     def _load_toml(cls, p: Path) -> Registry:
@@ -116,7 +133,10 @@ class Registry:
         rows = data.get("device", [])
         if not isinstance(rows, list):
             raise ConfigError("device", "must be an array of tables ([[device]])", source=str(p))
-        return cls(_device_from_row(r, f"{p}:device[{i}]") for i, r in enumerate(rows))
+        try:
+            return cls(_device_from_row(r, f"{p}:device[{i}]") for i, r in enumerate(rows))
+        except ValueError as exc:  # the same device_id in two tables
+            raise ConfigError("device_id", str(exc), source=str(p)) from None
 
     def to_csv(self, path: str | Path) -> None:
         with Path(path).open("w", newline="", encoding="utf-8") as fh:

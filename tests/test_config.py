@@ -117,6 +117,35 @@ def test_bad_registry_rows_name_file_row_and_column(tmp_path: Path) -> None:
         Registry.load(p)
 
 
+def test_a_registry_saved_by_a_spreadsheet_loads(tmp_path: Path) -> None:
+    """Excel's "CSV UTF-8" starts with a byte-order mark, European locales separate fields with
+    ';', people leave comments and blank lines: the same devices every time, and a row's line
+    number in an error still counts the file's lines."""
+    rows = ["device_id,gateway,site,kind,low,high", "d1,gw-1,hall,temperature,0,40",
+            "d2,gw-1,yard,humidity,,"]
+    forms = {
+        "bom.csv": "\ufeff" + "\n".join(rows) + "\n",
+        "semicolon.csv": "\n".join(r.replace(",", ";") for r in rows) + "\n",
+        "commented.csv": "# fleet of hall A\n\n" + "\r\n".join(rows) + "\r\n\n",
+    }
+    for name, text in forms.items():
+        reg = Registry.load(write(tmp_path, text, name))
+        assert [(d.device_id, d.site, d.kind, d.high) for d in reg] == [
+            ("d1", "hall", "temperature", 40.0), ("d2", "yard", "humidity", None)], name
+    bad = write(tmp_path, "# fleet\n" + "\n".join(rows) + "\nd3,gw-1,hall,temperature,x,1\n",
+                "bad.csv")
+    with pytest.raises(ConfigError, match=r"bad.csv:5"):
+        Registry.load(bad)
+    twice = write(tmp_path, "\n".join([*rows, rows[1]]) + "\n", "twice.csv")
+    with pytest.raises(ConfigError, match=r"'d1' is registered twice \(lines 2 and 4\)"):
+        Registry.load(twice)
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(("\n".join(rows) + "\nd3,gw-1,Halle Süd,temperature,0,1\n")
+                      .encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        Registry.load(latin)
+
+
 def test_registry_round_trips_csv_and_loads_toml(tmp_path: Path) -> None:
     p = write(tmp_path, '[[device]]\ndevice_id = "d1"\ngateway = "gw-1"\nsite = "hall A"\n'
                         'kind = "humidity"\nhigh = 90.0\ncalibration_offset = -1.5\n', "r.toml")
