@@ -13,7 +13,7 @@ from cloud.rules import Rule, parse_rules
 from devices.catalog import Catalog
 from devices.errors import ConfigError
 from devices.mqtt import BrokerAddress, parse_broker_url
-from devices.settings import Section, load_toml
+from devices.settings import Section, load_toml, window_label
 
 
 def check_http_url(url: str, key: str) -> None:
@@ -55,6 +55,10 @@ class InfluxConfig:
                               "influxdb.org" if not self.org else "influxdb.bucket",
                               "is required with version = 2")
         check_http_url(self.url, "influxdb.url")
+        if self.version == 1 and (not self.database.strip() or
+                                  any(c in self.database for c in '"\n\r\t')):
+            raise ConfigError("influxdb.database", f"a database name, without quotes or line "
+                              f"breaks, got {self.database!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,6 +78,12 @@ class CloudConfig:
     health_interval_ms: int = 5_000
     catalog: Catalog = field(default_factory=Catalog)
     jetstream: JetStreamConfig | None = None  # [engine] kind = "jetstream": many workers
+
+    def __post_init__(self) -> None:
+        # it names the worker's MQTT client ids and its NATS consumer: no topic wildcards
+        if not self.worker_id or any(c in self.worker_id for c in "/+#. \t\n*>"):
+            raise ConfigError("worker.id", "non-empty, without / + # . * > or spaces, got "
+                              f"{self.worker_id!r}")
 
 
 def load_cloud_config(path: str | Path) -> CloudConfig:
@@ -102,7 +112,11 @@ def cloud_config_from(root: Section) -> CloudConfig:
         write_concurrency=ix.integer("write_concurrency", 2, minimum=1, maximum=16),
     )
     names = det.str_list("detectors", list(DEFAULT_DETECTORS))
-    windows = tuple(det.str_list("windows", [PRIMARY]))
+    if len(set(names)) != len(names):
+        raise ConfigError(det.key("detectors"), f"a detector is named twice: {names}",
+                          source=root.source)
+    windows = tuple(w if w == PRIMARY else window_label(w, det.key("windows"), root.source)
+                    for w in det.str_list("windows", [PRIMARY]))
     relearn_after = det.integer("relearn_after", 30, minimum=1)
     if not windows:
         raise ConfigError(det.key("windows"), "name at least one window spec (or \"primary\")",

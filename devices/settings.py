@@ -32,6 +32,40 @@ def parse_duration_ms(raw: object, key: str, source: str | None = None) -> int:
                       source=source)
 
 
+def duration_label(ms: int) -> str:
+    """The shortest whole-unit name of a duration: 60,000 -> "1m", 1,500 -> "1500ms"."""
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms"
+
+
+def window_label(text: str, key: str, source: str | None = None) -> str:
+    """The label a window spec goes by in results and InfluxDB's ``window`` tag, from its
+    config form or its label: "60s" and "tumbling:1m" are "1m", "hopping:1m/10s" is "1m/10s",
+    "session:30s/10m" and "count:100" stay as they are."""
+    kind, _, arg = text.partition(":")
+    if not arg:
+        kind, arg = ("hopping" if "/" in text else "tumbling"), text
+    try:
+        if kind == "tumbling":
+            return duration_label(parse_duration_ms(arg, key, source))
+        if kind == "hopping":
+            size, step = arg.split("/")
+            return (f"{duration_label(parse_duration_ms(size, key, source))}/"
+                    f"{duration_label(parse_duration_ms(step, key, source))}")
+        if kind == "session":
+            gap, _, cap = arg.partition("/")
+            return "session:" + duration_label(parse_duration_ms(gap, key, source)) + (
+                "/" + duration_label(parse_duration_ms(cap, key, source)) if cap else "")
+        if kind == "count" and arg.isdigit():
+            return f"count:{int(arg)}"
+    except (ConfigError, ValueError):
+        pass
+    raise ConfigError(key, f"not a window spec: {text!r} (e.g. \"10s\", \"hopping:1m/10s\", "
+                      "\"session:30s\", \"count:100\")", source=source)
+
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)\s*$")
 _SIZE_UNIT = {"B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KiB": 1024, "MiB": 1024**2,
               "GiB": 1024**3}

@@ -37,6 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from devices.readings import F64, I64
+from devices.settings import duration_label
 from edge.aggregates import FIELDS, AggArrays, fold_sorted, merge_groups, merge_into, singletons
 from edge.eventtime import NEVER, running_max_before
 from edge.sketch import SketchParams, SketchStore, quantiles_from_counts
@@ -64,13 +65,6 @@ def _dur(text: str) -> int:
     if not m:
         raise ValueError(f"not a duration: {text!r}")
     return round(float(m.group(1)) * _UNIT[m.group(2)])
-
-
-def _label(ms: int) -> str:
-    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
-        if ms % size == 0:
-            return f"{ms // size}{unit}"
-    return f"{ms}ms"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,12 +104,12 @@ class WindowSpec:
     def label(self) -> str:
         """Stable name, used as the ``window`` tag in InfluxDB."""
         if self.kind == "tumbling":
-            return _label(self.size_ms)
+            return duration_label(self.size_ms)
         if self.kind == "hopping":
-            return f"{_label(self.size_ms)}/{_label(self.step)}"
+            return f"{duration_label(self.size_ms)}/{duration_label(self.step)}"
         if self.kind == "session":
-            cap = f"/{_label(self.max_length_ms)}" if self.max_length_ms else ""
-            return f"session:{_label(self.gap_ms)}{cap}"
+            cap = f"/{duration_label(self.max_length_ms)}" if self.max_length_ms else ""
+            return f"session:{duration_label(self.gap_ms)}{cap}"
         return f"count:{self.count}"
 
     def ring_cells(self, out_of_orderness_ms: int, allowed_lateness_ms: int) -> int:

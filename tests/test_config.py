@@ -97,6 +97,20 @@ def test_bad_cloud_config_names_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_cloud_config(write(tmp_path, base + '[detect]\ndetectors = ["magic"]\n'))
     assert info.value.key == "detect.detectors"
+    for extra, key in (('[influxdb]\ndatabase = ""\n', "influxdb.database"),
+                       ('[influxdb]\ndatabase = "a\\"b"\n', "influxdb.database"),
+                       ('[detect]\ndetectors = ["spike", "spike"]\n', "detect.detectors"),
+                       ('[detect]\nwindows = ["ten seconds"]\n', "detect.windows"),
+                       ('[worker]\nid = "cloud/1"\n', "worker.id"),
+                       ('[worker]\nid = ""\n', "worker.id")):
+        with pytest.raises(ConfigError) as info:
+            load_cloud_config(write(tmp_path, base + extra))
+        assert info.value.key == key, extra
+    # what detection judges is named as the gateways' config names it, or as InfluxDB shows it
+    judged = load_cloud_config(write(tmp_path, base + '[detect]\nwindows = ["primary", "60s", '
+                                     '"hopping:1m/10s", "1m/10s", "session:30s", "count:5"]\n'))
+    assert judged.detect_windows == ("primary", "1m", "1m/10s", "1m/10s", "session:30s",
+                                     "count:5")
     for url in ("http://127.0.0.1:abc", "http://127.0.0.1:99999", "http://:8086",
                 "http://127.0.0.1:0"):
         with pytest.raises(ConfigError) as info:
