@@ -75,7 +75,7 @@ def load_nab(data_dir: Path, relative: str, device: str | None = None,
              metric: str = "value") -> Recording:
     path = data_dir / "data" / relative
     rows = []
-    with path.open(newline="") as fh:
+    with path.open(newline="", encoding="utf-8-sig") as fh:
         for r in csv.DictReader(fh):
             rows.append((_parse_time(r["timestamp"]), {metric: float(r["value"])}))
     dev = device or "nab-" + metric_name(Path(relative).stem).replace("_", "-")
@@ -99,7 +99,7 @@ def load_skab(data_dir: Path, relative: str, device: str | None = None) -> Recor
     path = data_dir / "data" / relative
     rows = []
     labels: list[dict[str, object]] = []
-    with path.open(newline="") as fh:
+    with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh, delimiter=";")
         for r in reader:
             t = _parse_time(r["datetime"])
@@ -267,7 +267,7 @@ def load_csv(path: Path, device: str | None = None, time_column: str | None = No
     """Any CSV (``,`` or ``;``): a time column (named like timestamp/datetime/time, or
     ``time_column``; text times or epoch seconds/milliseconds) and value columns, each a
     metric named after its header. Columns named anomaly/changepoint/label are labels."""
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8-sig")  # a spreadsheet's byte-order mark too
     first = text.splitlines()[0] if text else ""
     delim = ";" if first.count(";") > first.count(",") else ","
     reader = csv.DictReader(text.splitlines(), delimiter=delim)

@@ -38,6 +38,9 @@ def test_any_csv_with_a_time_column_is_a_device(tmp_path: Path) -> None:
     (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="no time column"):
         load_csv(tmp_path / "bad.csv")
+    excel = tmp_path / "excel.csv"  # "CSV UTF-8" as a spreadsheet saves it: a byte-order mark
+    excel.write_bytes(b"\xef\xbb\xbftimestamp,value\r\n2024-05-01 10:00:00,1.5\r\n")
+    assert load_csv(excel).rows == [(1714557600000, {"value": 1.5})]
 
 
 def test_catalog_report_explains_rejections_and_infers_entries(tmp_path: Path) -> None:
