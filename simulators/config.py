@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ from devices.mqtt import BrokerAddress, parse_broker_url
 from devices.settings import Section, load_toml, parse_duration_ms
 from simulators.faults import FaultSpec
 from simulators.fleet import FleetSpec
+
+log = logging.getLogger("fieldline.simulators.config")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -23,6 +26,24 @@ class SimConfig:
     backfill_ms: int = 0
     duration_ms: int | None = None
     extra: dict[str, str] = field(default_factory=dict)
+
+
+def _topic_template(f: Section, default: str) -> str:
+    """A topic to publish to, with ``{device}`` and ``{gateway}`` filled in per device: no
+    other placeholder, and none of MQTT's wildcards (a broker refuses those in a PUBLISH)."""
+    text = str(f.text("topic", default))
+    try:
+        sample = text.format(device="d", gateway="g")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(f.key("topic"), f"{text!r}: only {{device}} and {{gateway}} can be "
+                          f"filled in ({type(exc).__name__}: {exc})", source=f.source) from None
+    if not sample or "+" in sample or "#" in sample or "\0" in sample:
+        raise ConfigError(f.key("topic"), f"{text!r} is no topic to publish to (no + or #)",
+                          source=f.source)
+    if "{device}" not in text:
+        log.warning("%s = %r names no {device}: every device publishes to one topic (a gateway "
+                    "then needs device_identity = \"payload\")", f.key("topic"), text)
+    return text
 
 
 def load_sim_config(path: str | Path) -> SimConfig:
@@ -82,7 +103,7 @@ def sim_config_from(root: Section) -> SimConfig:
             seed=f.integer("seed", 1),
             payload=f.choice("payload", ("json", "batch", "senml"), "json"),
             gateway_prefix=f.text("gateway_prefix", "gw"),
-            topic_template=f.text("topic", "{gateway}/devices/{device}/readings"),
+            topic_template=_topic_template(f, "{gateway}/devices/{device}/readings"),
             spike_fraction=faults.number("spike_fraction", 0.0, minimum=0, maximum=1),
             spike_after_ms=faults.duration_ms("spike_after", 300_000),
             spike_spacing_ms=faults.duration_ms("spike_spacing", 600_000),

@@ -203,6 +203,18 @@ def test_the_commented_engine_block_of_deploy_cloud_toml_loads_as_written(tmp_pa
         5_000, 10_000, 7 * 86_400)
 
 
+def test_a_fleet_topic_with_an_unknown_placeholder_or_a_wildcard_is_refused(
+        tmp_path: Path) -> None:
+    shipped = (ROOT / "deploy" / "fleet.toml").read_text()
+    assert 'topic = "devices/{device}/readings"' in shipped
+    for bad in ("devices/{devic}/readings", "devices/#/{device}", "devices/+/{device}", "{0}"):
+        p = write(tmp_path, shipped.replace('topic = "devices/{device}/readings"',
+                                            f'topic = "{bad}"'), "fleet.toml")
+        with pytest.raises(ConfigError) as info:
+            load_sim_config(p)
+        assert info.value.key == "fleet.topic", bad
+
+
 def test_the_shipped_fleet_publishes_where_the_shipped_gateway_listens() -> None:
     """deploy/fleet.toml's devices reach deploy/gateway.toml's agent: same gateway id, a topic
     its subscription matches, and the device id at the level it reads it from."""
