@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -81,6 +82,19 @@ def parse_size(raw: object, key: str, source: str | None = None) -> int:
             return round(float(m.group(1)) * _SIZE_UNIT[m.group(2)])
     raise ConfigError(key, f"not a size: {raw!r} (use e.g. 500KB, 256MiB, 1GB or bytes)",
                       source=source)
+
+
+def usable_dir(path: Path, key: str, source: str | None = None) -> None:
+    """Create ``path`` if need be and check this process may write there: a state directory
+    that cannot be used fails at start naming its key, not at the first write."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".fieldline-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(key, f"{path} cannot be used: {exc.strerror or exc}",
+                          source=source) from None
 
 
 def load_toml(path: str | Path) -> Section:

@@ -183,8 +183,11 @@ def cmd_edge_run(args: argparse.Namespace) -> int:
             "no broker uses TLS: running without OpenSSL (ssl, _hashlib)")
     import asyncio
 
+    from devices.settings import usable_dir
     from edge.agent import EdgeAgent
 
+    if cfg.state_dir is not None:
+        usable_dir(cfg.state_dir, "gateway.state_dir", str(args.config))
     agent = EdgeAgent(cfg)
 
     async def main() -> None:
@@ -214,6 +217,10 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
                                                  member=parse_member(args.member, "--member")))
         if args.worker_id:
             cfg = replace(cfg, worker_id=args.worker_id)
+    if cfg.state_dir is not None:
+        from devices.settings import usable_dir
+
+        usable_dir(cfg.state_dir, "worker.state_dir", str(args.config))
     worker = CloudWorker(cfg)
 
     async def main() -> None:
