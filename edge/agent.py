@@ -775,6 +775,7 @@ class EdgeAgent:
             "outbox_expired": ob.expired_batches,
             "outbox_refused": ob.refused,
             "outbox_torn_records": ob.torn_records,
+            "outbox_corrupt_records": ob.corrupt_records,
             "backpressure": int(self.backpressure),
             "batches_stored": ob.appended,
             "batches_sent": self.uplink.sent,

@@ -52,6 +52,34 @@ COMPACT_BYTES = 1 << 20
 POLICIES = ("drop_oldest", "refuse_newest")
 
 
+def _first_seq(segment: Path) -> int:
+    """A segment is named after the number of its first batch."""
+    try:
+        return int(segment.stem)
+    except ValueError:
+        return 0
+
+
+def _next_record(data: bytes, after: int, last: int, *, reach: int = 64) -> tuple[int, int] | None:
+    """The offset and number of the first intact record after a damaged one: the next batch
+    numbers (``last`` + 1 onwards) are looked for where a header carries them, and a header
+    counts only with a payload whose CRC matches."""
+    for want in range(last + 1, last + 1 + reach):
+        needle = struct.pack("<Q", want)
+        at = data.find(needle, after + 8)
+        while at != -1:
+            pos = at - 8  # the number sits after the length and the CRC
+            if pos + HEADER.size > len(data):
+                break
+            length, crc, seq, _w, _r, _t = HEADER.unpack_from(data, pos)
+            start = pos + HEADER.size
+            if length > 0 and start + length <= len(data) and \
+                    zlib.crc32(data[start:start + length]) == crc:
+                return pos, seq
+            at = data.find(needle, at + 1)
+    return None
+
+
 @dataclass
 class Entry:
     seq: int
@@ -97,6 +125,7 @@ class Outbox:
         self.shed_readings = 0
         self.expired_batches = 0
         self.torn_records = 0
+        self.corrupt_records = 0  # damaged records in the middle of a segment (batches lost)
         self.recovered_batches = 0
         self.unproven_acks = 0  # acks that did not name the batch's digest: ignored
         self.journal_unreadable = False  # acked.log was damaged and set aside at start
@@ -109,15 +138,29 @@ class Outbox:
     def _recover(self) -> None:
         done = self._read_journal()
         stored: set[int] = set()
+        corrupt: set[int] = set()  # numbers of batches a damaged record took with it
         for seg in sorted(self.dir.glob("*.seg")):
             data = seg.read_bytes()
             pos = 0
+            last = _first_seq(seg) - 1
             while pos + HEADER.size <= len(data):
                 length, crc, seq, windows, readings, appended = HEADER.unpack_from(data, pos)
                 start = pos + HEADER.size
                 if length == 0 or start + length > len(data) or \
                         zlib.crc32(data[start:start + length]) != crc:
-                    break  # (an empty payload: zeroed blocks, whose CRC of nothing is 0)
+                    # (an empty payload: zeroed blocks, whose CRC of nothing is 0.) A crash
+                    # tail ends here; damage in the middle (a bad SD card block) does not: the
+                    # records after it are kept, what it covered is counted as lost
+                    again = _next_record(data, pos + 1, last)
+                    if again is None:
+                        break
+                    pos, lost = again
+                    corrupt.update(range(last + 1, lost))
+                    self.corrupt_records += 1
+                    log.error("outbox segment %s: a damaged record; batches %d..%d are lost, "
+                              "the rest of the segment is kept", seg.name, last + 1, lost - 1)
+                    continue
+                last = seq
                 if seq not in done:
                     self._index(Entry(seq, seg, start, length, windows, readings, appended,
                                       batch_digest(data[start:start + length])))
@@ -139,6 +182,10 @@ class Outbox:
         # a crash between two syncs: a STORED event whose data never reached the disk was
         # never stored (the intake log replays what made it); a batch on disk whose STORED
         # event did not make it is stored all the same (it will be sent)
+        for seq in sorted(corrupt - stored - done):  # stored once, then lost on the disk: shed
+            w, r = self._stored_events.pop(seq, (0, 0))
+            if seq in self._journal_stored or (w, r) != (0, 0):
+                self._count(SHED, seq, w, r)
         for seq, (windows, readings) in self._stored_events.items():
             if seq not in stored and seq not in done:
                 self.stored_batches -= 1

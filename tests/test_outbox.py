@@ -80,7 +80,10 @@ def test_a_torn_tail_is_truncated_never_half_read(tmp_path_factory, n: int, cut:
     assert again.torn_records == (1 if left % rec else 0)
 
 
-def test_a_corrupted_record_ends_its_segment(tmp_path: Path) -> None:
+def test_a_corrupted_record_loses_itself_not_the_records_after_it(tmp_path: Path) -> None:
+    """A bad block in the middle of a segment (not a crash tail): the records after it are
+    found again by their numbers and kept; the damaged batch is counted as shed, so the
+    outbox's ledger still balances and says what was lost."""
     ob = Outbox(tmp_path)
     fill(ob, range(4), size=50)
     ob.close()
@@ -89,8 +92,32 @@ def test_a_corrupted_record_ends_its_segment(tmp_path: Path) -> None:
     data[(HEADER.size + 50) * 2 + HEADER.size + 10] ^= 0xFF  # a payload byte of record 2
     seg.write_bytes(bytes(data))
     again = Outbox(tmp_path)
-    assert again.pending() == [0, 1]
-    assert again.torn_records == 1
+    assert again.pending() == [0, 1, 3]
+    assert again.read(3) == bytes([3]) * 50
+    assert (again.corrupt_records, again.torn_records) == (1, 0)
+    assert (again.shed_batches, again.shed_readings) == (1, 20)
+    law(again)
+    again.close()
+    for _ in range(2):  # and it stays so across restarts, counted once
+        later = Outbox(tmp_path)
+        assert later.pending() == [0, 1, 3]
+        assert later.shed_batches == 1
+        law(later)
+        later.close()
+
+
+def test_a_damaged_header_in_the_middle_is_skipped_too(tmp_path: Path) -> None:
+    ob = Outbox(tmp_path)
+    fill(ob, range(5), size=50)
+    ob.close()
+    seg = next(tmp_path.glob("*.seg"))
+    data = bytearray(seg.read_bytes())
+    rec = HEADER.size + 50
+    data[rec: rec + HEADER.size] = bytes(HEADER.size)  # record 1's header zeroed
+    seg.write_bytes(bytes(data))
+    again = Outbox(tmp_path)
+    assert again.pending() == [0, 2, 3, 4]
+    law(again)
 
 
 def test_appends_are_fsynced_by_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
