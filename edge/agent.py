@@ -776,6 +776,8 @@ class EdgeAgent:
             "outbox_refused": ob.refused,
             "outbox_torn_records": ob.torn_records,
             "outbox_corrupt_records": ob.corrupt_records,
+            # damaged records in the middle of the intake log found at start (their ticks lost)
+            "intake_log_corrupt_records": self.wal.corrupt if self.wal is not None else 0,
             "backpressure": int(self.backpressure),
             "batches_stored": ob.appended,
             "batches_sent": self.uplink.sent,

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from devices.contract import batch_digest
+from edge.records import next_record
 
 log = logging.getLogger("fieldline.edge.outbox")
 
@@ -52,32 +53,16 @@ COMPACT_BYTES = 1 << 20
 POLICIES = ("drop_oldest", "refuse_newest")
 
 
+def _numbered(h: tuple[int, ...]) -> tuple[int, int, int]:
+    return h[2], h[0], h[1]  # seq, length, crc
+
+
 def _first_seq(segment: Path) -> int:
     """A segment is named after the number of its first batch."""
     try:
         return int(segment.stem)
     except ValueError:
         return 0
-
-
-def _next_record(data: bytes, after: int, last: int, *, reach: int = 64) -> tuple[int, int] | None:
-    """The offset and number of the first intact record after a damaged one: the next batch
-    numbers (``last`` + 1 onwards) are looked for where a header carries them, and a header
-    counts only with a payload whose CRC matches."""
-    for want in range(last + 1, last + 1 + reach):
-        needle = struct.pack("<Q", want)
-        at = data.find(needle, after + 8)
-        while at != -1:
-            pos = at - 8  # the number sits after the length and the CRC
-            if pos + HEADER.size > len(data):
-                break
-            length, crc, seq, _w, _r, _t = HEADER.unpack_from(data, pos)
-            start = pos + HEADER.size
-            if length > 0 and start + length <= len(data) and \
-                    zlib.crc32(data[start:start + length]) == crc:
-                return pos, seq
-            at = data.find(needle, at + 1)
-    return None
 
 
 @dataclass
@@ -151,7 +136,7 @@ class Outbox:
                     # (an empty payload: zeroed blocks, whose CRC of nothing is 0.) A crash
                     # tail ends here; damage in the middle (a bad SD card block) does not: the
                     # records after it are kept, what it covered is counted as lost
-                    again = _next_record(data, pos + 1, last)
+                    again = next_record(data, pos + 1, last, HEADER, 8, _numbered)
                     if again is None:
                         break
                     pos, lost = again

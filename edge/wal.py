@@ -24,12 +24,26 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from edge.records import next_record
+
 log = logging.getLogger("fieldline.edge.wal")
 
 RECORD = struct.Struct("<QIII")  # tick, body length, crc32, message count
 MESSAGE = struct.Struct("<qII")  # receive ms, topic length, payload length
 
 Message = tuple[str, bytes, int]  # topic, payload, receive ms
+
+
+def _numbered(h: tuple[int, ...]) -> tuple[int, int, int]:
+    return h[0], h[1], h[2]  # tick, length, crc
+
+
+def _first_tick(segment: Path) -> int:
+    """A segment is named after its first tick."""
+    try:
+        return int(segment.stem)
+    except ValueError:
+        return 0
 
 
 class IntakeLog:
@@ -44,6 +58,7 @@ class IntakeLog:
         self.last_tick = 0
         self.bytes_written = 0
         self.torn = 0
+        self.corrupt = 0  # damaged records in the middle of a segment (their ticks lost)
         for _tick, _ in self._scan(0, truncate=True):
             pass
         # what is known durable: (segment, its size) and the tick, as of the last sync
@@ -56,11 +71,23 @@ class IntakeLog:
         for seg in self._segments():
             data = seg.read_bytes()
             pos = 0
+            last = _first_tick(seg) - 1
             while pos + RECORD.size <= len(data):
                 tick, length, crc, count = RECORD.unpack_from(data, pos)
                 body = data[pos + RECORD.size: pos + RECORD.size + length]
-                if len(body) < length or zlib.crc32(body) != crc:
-                    break
+                if len(body) < length or zlib.crc32(body) != crc or length == 0 or tick <= last:
+                    # a torn tail ends the log; damage in the middle loses only its own ticks
+                    # (they were acknowledged: say so), the ticks after it are replayed
+                    again = next_record(data, pos + 1, last, RECORD, 0, _numbered)
+                    if again is None:
+                        break
+                    pos = again[0]
+                    if truncate:
+                        self.corrupt += 1
+                        log.error("intake log %s: a damaged record; the messages of tick(s) "
+                                  "%d..%d are lost", seg.name, last + 1, again[1] - 1)
+                    continue
+                last = tick
                 pos += RECORD.size + length
                 self.last_tick = max(self.last_tick, tick)
                 if tick > after:

@@ -249,3 +249,29 @@ def test_a_damaged_journal_loses_no_batch(tmp_path: Path, damage: str) -> None:
     assert set(again.pending()) >= {0, 3, 4, 5}  # nothing unacknowledged is lost
     assert again.journal_unreadable
     assert len(list(tmp_path.glob("acked.log.unreadable-*"))) == 1
+
+
+@pytest.mark.parametrize("where", ["payload", "header"])
+def test_a_damaged_intake_log_record_loses_only_its_own_tick(tmp_path: Path, where: str) -> None:
+    """The intake log's ticks were acknowledged to the broker once logged: a bad block in the
+    middle of a segment must not take the ticks after it along (a crash's torn tail, at the
+    end, is still cut off)."""
+    from edge.wal import RECORD, IntakeLog
+
+    wal = IntakeLog(tmp_path)
+    for k in range(5):
+        wal.append([(f"devices/d{k}/readings", b"x" * 40, T + k)])
+    wal.sync()
+    wal.close()
+    seg = next(tmp_path.glob("*.wal"))
+    data = bytearray(seg.read_bytes())
+    size = len(data) // 5
+    if where == "payload":
+        data[2 * size + RECORD.size + 5] ^= 0xFF
+    else:
+        data[2 * size: 2 * size + RECORD.size] = bytes(RECORD.size)
+    seg.write_bytes(bytes(data) + b"\x07" * 9)  # and a torn tail after the last record
+    again = IntakeLog(tmp_path)
+    assert [t for t, _ in again.replay(0)] == [1, 2, 4, 5]
+    assert (again.corrupt, again.torn) == (1, 1)
+    assert again.last_tick == 5
