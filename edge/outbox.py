@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from devices.contract import batch_digest
-from edge.records import next_record
+from edge.records import first_number, next_record
 
 log = logging.getLogger("fieldline.edge.outbox")
 
@@ -51,18 +51,6 @@ EVENT = struct.Struct("<BQII")  # kind, seq, windows, readings
 STORED, ACKED, SHED, RECOVERED, WAITING, GONE = 1, 2, 3, 4, 5, 6
 COMPACT_BYTES = 1 << 20
 POLICIES = ("drop_oldest", "refuse_newest")
-
-
-def _numbered(h: tuple[int, ...]) -> tuple[int, int, int]:
-    return h[2], h[0], h[1]  # seq, length, crc
-
-
-def _first_seq(segment: Path) -> int:
-    """A segment is named after the number of its first batch."""
-    try:
-        return int(segment.stem)
-    except ValueError:
-        return 0
 
 
 @dataclass
@@ -127,7 +115,7 @@ class Outbox:
         for seg in sorted(self.dir.glob("*.seg")):
             data = seg.read_bytes()
             pos = 0
-            last = _first_seq(seg) - 1
+            last = first_number(seg) - 1
             while pos + HEADER.size <= len(data):
                 length, crc, seq, windows, readings, appended = HEADER.unpack_from(data, pos)
                 start = pos + HEADER.size
@@ -136,7 +124,8 @@ class Outbox:
                     # (an empty payload: zeroed blocks, whose CRC of nothing is 0.) A crash
                     # tail ends here; damage in the middle (a bad SD card block) does not: the
                     # records after it are kept, what it covered is counted as lost
-                    again = next_record(data, pos + 1, last, HEADER, 8, _numbered)
+                    again = next_record(data, pos + 1, last, HEADER, 8,
+                                        lambda h: (h[2], h[0], h[1]))  # seq, length, crc
                     if again is None:
                         break
                     pos, lost = again

@@ -13,6 +13,7 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 
 # a header's fields -> (record number, payload length, payload CRC)
 Fields = Callable[[tuple[int, ...]], tuple[int, int, int]]
@@ -36,3 +37,11 @@ def next_record(data: bytes, after: int, last: int, header: struct.Struct, numbe
                 return pos, number
             at = data.find(needle, at + 1)
     return None
+
+
+def first_number(segment: Path) -> int:
+    """A segment file is named after the number of its first record (0 when it is not)."""
+    try:
+        return int(segment.stem)
+    except ValueError:
+        return 0

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from edge.records import next_record
+from edge.records import first_number, next_record
 
 log = logging.getLogger("fieldline.edge.wal")
 
@@ -32,18 +32,6 @@ RECORD = struct.Struct("<QIII")  # tick, body length, crc32, message count
 MESSAGE = struct.Struct("<qII")  # receive ms, topic length, payload length
 
 Message = tuple[str, bytes, int]  # topic, payload, receive ms
-
-
-def _numbered(h: tuple[int, ...]) -> tuple[int, int, int]:
-    return h[0], h[1], h[2]  # tick, length, crc
-
-
-def _first_tick(segment: Path) -> int:
-    """A segment is named after its first tick."""
-    try:
-        return int(segment.stem)
-    except ValueError:
-        return 0
 
 
 class IntakeLog:
@@ -71,14 +59,15 @@ class IntakeLog:
         for seg in self._segments():
             data = seg.read_bytes()
             pos = 0
-            last = _first_tick(seg) - 1
+            last = first_number(seg) - 1
             while pos + RECORD.size <= len(data):
                 tick, length, crc, count = RECORD.unpack_from(data, pos)
                 body = data[pos + RECORD.size: pos + RECORD.size + length]
                 if len(body) < length or zlib.crc32(body) != crc or length == 0 or tick <= last:
                     # a torn tail ends the log; damage in the middle loses only its own ticks
                     # (they were acknowledged: say so), the ticks after it are replayed
-                    again = next_record(data, pos + 1, last, RECORD, 0, _numbered)
+                    again = next_record(data, pos + 1, last, RECORD, 0,
+                                        lambda h: (h[0], h[1], h[2]))  # tick, length, crc
                     if again is None:
                         break
                     pos = again[0]
