@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from cloud.detect import AlertEvent, Anomaly
 from cloud.enrich import EnrichedResults
@@ -34,21 +36,54 @@ PIPELINE = "pipeline"
 def aggregate_points(rows: EnrichedResults) -> Points:
     """One point per result: the fields of ``devices.schema.OUTPUTS``, then percentiles (an
     empty sketch's NaN is left out), the sequence-number checks (only for windows whose
-    readings all carried one) and the revision. Columns, never a loop per row."""
+    readings all carried one) and the revision. Columns, never a loop per row.
+
+    What a reader can work out is not written (InfluxDB's work grows with every field of every
+    point): ``seq_max`` and ``seq_sum`` of a first result (rev 0) only where its sequence
+    numbers are not the run ``seq_min .. seq_min + count - 1`` (``devices.schema.seq_checks``
+    restores them), ``rev`` only from the first revision on (absent: 0)."""
     n = len(rows)
     fields: dict[str, FieldColumn] = {o.field: getattr(rows, o.attr) for o in OUTPUTS}
     for j, name in enumerate(rows.pct_names):
         fields[name] = np.ascontiguousarray(rows.pct[:, j])
     if rows.seq_min is not None and rows.seq_max is not None and rows.seq_sum is not None:
         have = rows.seq_min >= 0
-        for name, col in (("seq_min", rows.seq_min), ("seq_max", rows.seq_max),
-                          ("seq_sum", rows.seq_sum)):
-            fields[name] = col if have.all() else [v if h else None for v, h in
-                                                   zip(col.tolist(), have.tolist(), strict=True)]
-    fields[REVISION_FIELD] = rows.rev
+        # a revision writes all three: it overwrites field by field, and an earlier revision's
+        # seq_max / seq_sum must not outlive it
+        run = have & (rows.rev == 0) & (rows.seq_max == run_max(rows.seq_min, rows.count)) \
+            & (rows.seq_sum == run_sum(rows.seq_min, rows.count))
+        _put(fields, "seq_min", rows.seq_min, have)
+        _put(fields, "seq_max", rows.seq_max, have & ~run)
+        _put(fields, "seq_sum", rows.seq_sum, have & ~run)
+    _put(fields, REVISION_FIELD, rows.rev, rows.rev > 0)
     tags = {"gateway": [rows.gateway] * n, "site": rows.site, "device": rows.device,
             "metric": rows.metric, "window": rows.window, "unit": rows.unit}
     return Points(AGGREGATES, tags, fields, rows.start)
+
+
+def run_max(seq_min: npt.NDArray[np.int64], count: npt.NDArray[np.int64]
+            ) -> npt.NDArray[np.int64]:
+    """The largest sequence number of a window whose readings are the run from ``seq_min``."""
+    return seq_min + count - 1
+
+
+def run_sum(seq_min: npt.NDArray[np.int64], count: npt.NDArray[np.int64]
+            ) -> npt.NDArray[np.int64]:
+    """The sum of that run, wrapping around as the edge's ``seq_sum`` does (one value at a
+    time: ``devices.schema.seq_run``)."""
+    with np.errstate(over="ignore"):
+        return seq_min * count + count * (count - 1) // 2
+
+
+def _put(fields: dict[str, FieldColumn], name: str, col: npt.NDArray[Any],
+         keep: npt.NDArray[np.bool_]) -> None:
+    """Field ``name`` from ``col`` where ``keep``, left out elsewhere (the whole array when kept
+    everywhere: the fast path of ``Points.lines``; no column at all when kept nowhere)."""
+    if keep.all():
+        fields[name] = col
+    elif keep.any():
+        fields[name] = [v if k else None for v, k in zip(col.tolist(), keep.tolist(),
+                                                         strict=True)]
 
 
 def anomaly_points(rows: EnrichedResults, found: list[Anomaly]) -> Points:

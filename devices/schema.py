@@ -92,7 +92,31 @@ OUTPUTS = (
 )
 # written after the outputs: percentiles (p50, p99, ... as the gateway configured them), the
 # sequence-number checks (seq_min, seq_max, seq_sum) when the edge sent them, then the revision
+# (``cloud.points.aggregate_points`` leaves out what a reader can work out: ``seq_checks``)
 REVISION_FIELD = "rev"
+
+
+def _int64(v: int) -> int:
+    """``v`` wrapped into a signed 64-bit integer, as numpy's int64 arithmetic wraps."""
+    return (v + (1 << 63)) % (1 << 64) - (1 << 63)
+
+
+def seq_run(seq_min: int, count: int) -> tuple[int, int]:
+    """(seq_max, seq_sum) of a window whose readings are the run ``seq_min .. seq_min + count
+    - 1``; the sum wraps around as the edge's does."""
+    return seq_min + count - 1, _int64(seq_min * count + count * (count - 1) // 2)
+
+
+def seq_checks(count: int, seq_min: int | None, seq_max: int | None, seq_sum: int | None
+               ) -> tuple[int, int, int] | None:
+    """A window's (seq_min, seq_max, seq_sum) from its ``aggregates`` point: a first result
+    whose sequence numbers are a run carries ``seq_min`` alone. None: the window's readings
+    carried no sequence numbers."""
+    if seq_min is None:
+        return None
+    if seq_max is None and seq_sum is None:
+        return (int(seq_min), *seq_run(int(seq_min), count))
+    return int(seq_min), int(seq_max if seq_max is not None else -1), int(seq_sum or 0)
 
 
 def output_names() -> tuple[str, ...]:

@@ -21,6 +21,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from devices.schema import seq_checks
+
 Window = tuple[str, str, int]  # device, metric, window start
 
 
@@ -78,9 +80,8 @@ def export_windows(influx: Any, window_label: str) -> dict[Window, tuple[int, in
         for s in res.get("series", []):
             tags = s.get("tags", {})
             for t, n, qmin, qmax, qsum in s["values"]:
-                out[(tags["device"], tags["metric"], int(t))] = (
-                    int(n), int(qmin if qmin is not None else -1),
-                    int(qmax if qmax is not None else -1), int(qsum or 0))
+                seqs = seq_checks(int(n), qmin, qmax, qsum) or (-1, -1, 0)
+                out[(tags["device"], tags["metric"], int(t))] = (int(n), *seqs)
     return out
 
 

@@ -18,7 +18,17 @@ from cloud.sinks.lineproto import line, tag_prefix
 from devices.catalog import Catalog
 from devices.contract import ResultBatch, ResultColumns, decode_uplink
 from devices.registry import Registry
-from devices.schema import KEY, OUTPUTS, RESULT, REVISION_FIELD, SEQ, STATE, output_names
+from devices.schema import (
+    KEY,
+    OUTPUTS,
+    RESULT,
+    REVISION_FIELD,
+    SEQ,
+    STATE,
+    output_names,
+    seq_checks,
+    seq_run,
+)
 from edge.aggregates import FIELDS, AggArrays
 
 
@@ -50,7 +60,14 @@ def _batch(n: int, rng: np.random.Generator, seq: bool) -> ResultBatch:
     cols["start"] = 1_700_000_000_000 + np.arange(n, dtype=np.int64) * 10_000
     cols["m2"] = np.abs(cols["m2"])
     cols["min"] = np.minimum(cols["min"], cols["max"])
+    cols["rev"] = rng.integers(0, 3, n).astype(np.int64)  # mostly first results
     extra = {c.name: rng.integers(0, 100, n).astype(np.int64) for c in SEQ} if seq else {}
+    if seq:  # about half the windows hold a run of sequence numbers, as a device's usually do
+        run = rng.random(n) < 0.5
+        lo, count = extra["seq_min"], cols["count"]
+        extra["seq_max"] = np.where(run, lo + count - 1, np.maximum(extra["seq_max"], lo))
+        extra["seq_sum"] = np.where(run, lo * count + count * (count - 1) // 2,
+                                    extra["seq_sum"])
     res = ResultColumns(**cols, **extra)
     return ResultBatch(gateway="gw 1", seq=1, watermark=0, sent_ms=0,
                        devices=["a", "b,c", "d=e"], metrics=["temperature"], results=res)
@@ -71,11 +88,15 @@ def _reference_lines(rows: EnrichedResults) -> list[str]:
         fields: dict[str, object] = {o.field: getattr(rows, o.attr)[i].item() for o in OUTPUTS}
         for j, name in enumerate(rows.pct_names):
             fields[name] = float(rows.pct[i, j])
+        rev, count = int(rows.rev[i]), int(rows.count[i])
         if rows.seq_min is not None and rows.seq_max is not None and rows.seq_sum is not None \
                 and rows.seq_min[i] >= 0:
-            fields.update(seq_min=int(rows.seq_min[i]), seq_max=int(rows.seq_max[i]),
-                          seq_sum=int(rows.seq_sum[i]))
-        fields[REVISION_FIELD] = int(rows.rev[i])
+            lo, hi, total = int(rows.seq_min[i]), int(rows.seq_max[i]), int(rows.seq_sum[i])
+            fields["seq_min"] = lo
+            if rev > 0 or (hi, total) != (lo + count - 1, sum(range(lo, lo + count))):
+                fields.update(seq_max=hi, seq_sum=total)
+        if rev > 0:
+            fields[REVISION_FIELD] = rev
         ln = line("aggregates", {}, fields, int(rows.start[i]))
         assert ln is not None
         tags = tag_prefix("aggregates", {"gateway": rows.gateway, "site": rows.site[i],
@@ -113,6 +134,37 @@ def test_fast_lines_equal_field_by_field_lines(n: int, seed: int, seq: bool, pct
         assert "null" not in got[0]
         got, want = got[1:], want[1:]
     assert [parse(x) for x in got] == [parse(x) for x in want]
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 30), seed=st.integers(0, 2**32 - 1))
+def test_a_reader_gets_every_windows_sequence_checks_back(n: int, seed: int) -> None:
+    """What the points leave out (seq_max and seq_sum of a first result that is a run, rev 0)
+    ``seq_checks`` restores from what they hold: the oracle reads InfluxDB through it."""
+    rows = Enricher(Registry(), Catalog()).enrich(_batch(n, np.random.default_rng(seed), True))
+    assert rows.seq_min is not None
+    assert rows.seq_max is not None
+    assert rows.seq_sum is not None
+    got = [parse(x)[1] for x in aggregate_points(rows).lines()]
+    for i, f in enumerate(got):
+        want = (int(rows.seq_min[i]), int(rows.seq_max[i]), int(rows.seq_sum[i]))
+        assert seq_checks(int(f["count"]), *(f.get(k) for k in ("seq_min", "seq_max", "seq_sum"))
+                          ) == want  # type: ignore[arg-type]
+        assert f.get(REVISION_FIELD, 0) == rows.rev[i]
+
+
+@pytest.mark.parametrize("lo", [0, 5, 2**62, 2**63 - 40])
+def test_the_run_sum_wraps_as_the_edges_checksum_does(lo: int) -> None:
+    seqs = np.arange(lo, lo + 30, dtype=np.int64)  # from 2**62 on, their sum wraps
+    with np.errstate(over="ignore"):
+        edge_sum = int(np.add.reduce(seqs))
+    assert seq_run(lo, 30) == (lo + 29, edge_sum)
+
+
+def test_a_window_without_sequence_numbers_has_no_checks() -> None:
+    assert seq_checks(5, None, None, None) is None
+    assert seq_checks(3, 7, None, None) == (7, 9, 24)
+    assert seq_checks(3, 7, 12, 30) == (7, 12, 30)
 
 
 def parse(ln: str) -> tuple[str, dict[str, int | float], str]:
