@@ -9,7 +9,17 @@ fleet:
   ``{"device": "t-001", "readings": [{"metric": "humidity", "ts": ..., "value": ..., "seq": 1}]}``
 * a SenML pack (RFC 8428), a JSON array: ``[{"bn": "t-001:", "bt": 1700000000.0,
   "n": "temperature", "u": "Cel", "v": 21.5}]``; the device is the base name up to its last
-  ``:`` or ``/``, times are seconds (relative to now when below 2**28, as the RFC says).
+  ``:`` or ``/``, times are seconds (relative to now when below 2**28, as the RFC says);
+* an object of metric names and numbers, as many off-the-shelf sensors and bridges publish
+  (Zigbee2MQTT, ESPHome, Tasmota-style firmware):
+  ``{"ts": 1700000000000, "temperature": 21.5, "humidity": 40}``: one reading per member whose
+  value is a number, at ``ts`` (or ``time`` / ``timestamp``). Members that are no number (a
+  state text, a flag, a nested object) are no readings: left out, each name logged once. A
+  ``seq`` is not used there (it would name several readings at once).
+
+A reading without any time is refused (``missing_field``) unless the gateway takes event time
+from its own clock (``[clock] policy = "receive_time"``, for devices that keep none): then it
+is the time the gateway received the message.
 
 ``ts`` is event time in integer epoch milliseconds; epoch seconds (with a fraction or not),
 microseconds and nanoseconds are recognised by magnitude (``devices.readings.epoch_ms``), and an
@@ -52,6 +62,11 @@ SENML_RELATIVE_LIMIT = 2**28  # RFC 8428 4.5.3: smaller times are relative to "n
 
 log = logging.getLogger("fieldline.codecs")
 MAX_NESTING = 64  # deeper than any reading needs; orjson itself stops at 1,024
+# an object of metric names and numbers: where its time is (the first found), and what else is
+# no metric
+_TIME_MEMBERS = ("ts", "time", "timestamp")
+_NOT_METRICS = frozenset({*_TIME_MEMBERS, "device", "seq"})
+_MAX_LOGGED = 64
 
 
 def _iso_ms(text: str) -> int | None:
@@ -162,6 +177,7 @@ class PayloadDecoder:
         known_device: Callable[[str], bool] | None = None,
         admit_device: Callable[[str, int], str | None] | None = None,
         topic_identity: bool = False,
+        receive_time: bool = False,
     ) -> None:
         self.devices = devices
         self.metrics = metrics
@@ -176,7 +192,10 @@ class PayloadDecoder:
         # binds each device's credentials to its own topic: the payload is only its word)
         self.topic_identity = topic_identity and device_topic_level is not None
         self.max_payload_bytes = max_payload_bytes
+        # event time is the receive time (the clock policy): a reading needs none of its own
+        self.receive_time = receive_time
         self.rejected_devices: list[tuple[int, str]] = []
+        self._not_readings: set[str] = set()  # members of metric objects left out (logged once)
 
     def _topic_device(self, topic: str) -> str | None:
         if self.device_topic_level is None:
@@ -264,7 +283,9 @@ class PayloadDecoder:
             assert isinstance(device, str)
             current[0] = device
             readings = doc.get("readings")
-            if readings is None:
+            if readings is None and "metric" not in doc and "value" not in doc:
+                self._members(doc, device, recv, out, reject)
+            elif readings is None:
                 self._one(doc, device, recv, out, reject)
             elif isinstance(readings, list):
                 if not readings:
@@ -381,14 +402,38 @@ class PayloadDecoder:
         return self._columns_fast(device, names, ts.tolist(), [r.v for r in pack],
                                   [r.seq for r in pack], recv, out)
 
+    def _members(self, doc: dict[str, Any], device: str, recv: int, out: ColumnBuilder,
+                 reject: Any) -> None:
+        """An object of metric names and numbers: a reading per numeric member."""
+        ts = next((doc[k] for k in _TIME_MEMBERS if k in doc), None)
+        found = False
+        for name, value in doc.items():
+            if name in _NOT_METRICS:
+                continue
+            if type(value) is int or type(value) is float:
+                found = True
+                self._one({"metric": name, "ts": ts, "value": value}, device, recv, out,
+                          reject)
+            elif name not in self._not_readings and len(self._not_readings) < _MAX_LOGGED:
+                self._not_readings.add(name)
+                log.info("member %r of %s's messages is no number: not a reading (logged "
+                         "once)", name, device)
+        if not found:
+            reject(rejects.MISSING_FIELD, f"{device}: needs metric, ts and value (or metric "
+                   "names with numbers)")
+
     def _one(self, r: dict[str, Any], device: str, recv: int, out: ColumnBuilder,
              reject: Any) -> None:
         metric = r.get("metric")
         ts = r.get("ts")
         value = r.get("value")
         seq = r.get("seq", NO_SEQ)
+        if ts is None and self.receive_time:
+            ts = recv  # a device without a clock; the policy makes every event time this
         if metric is None or ts is None or value is None:
-            reject(rejects.MISSING_FIELD, f"{device}: needs metric, ts and value")
+            hint = "" if ts is not None else (" (a device that keeps no time: [clock] policy "
+                                              "= \"receive_time\")")
+            reject(rejects.MISSING_FIELD, f"{device}: needs metric, ts and value{hint}")
             return
         if not isinstance(metric, str) or not metric:
             reject(rejects.WRONG_TYPE, f"{device}: metric {metric!r}")

@@ -128,6 +128,7 @@ class EdgePipeline:
             known_device=registry.__contains__
             if registry is not None and config.unknown_devices == "reject" else None,
             topic_identity=config.device_identity == "topic",
+            receive_time=config.engine.clock_policy == "receive_time",
             admit_device=DeviceAdmission(self.devices, max_devices=config.max_devices,
                                          per_s=config.new_devices_per_s,
                                          burst=config.new_devices_burst))

@@ -174,3 +174,73 @@ def test_times_that_are_no_time_are_still_rejected() -> None:
     boot = orjson.dumps({"metric": "temperature", "ts": 5_000, "value": 1.0})
     cols, _, _ = d.decode([("devices/d1/readings", boot, 0)])
     assert cols.ts.tolist() == [5_000]  # left alone: validation rejects it as bad_timestamp
+
+
+def test_an_object_of_metric_names_and_numbers_is_a_reading_per_number() -> None:
+    """Zigbee2MQTT / ESPHome-style: every numeric member a reading at the message's time;
+    texts, flags and nested objects are no readings (not rejections either)."""
+    d = decoder()
+    payload = orjson.dumps({"temperature": 21.5, "humidity": 40, "linkquality": 120,
+                            "state": "ON", "battery_low": False, "update": {"state": "idle"},
+                            "time": T / 1000, "seq": 9})
+    cols, bad, _ = d.decode([("devices/z1/readings", payload, T + 700)])
+    assert not bad
+    got = {d.metrics.names[m]: v for m, v in zip(cols.metric, cols.value.tolist(), strict=True)}
+    assert got == {"temperature": 21.5, "humidity": 40.0, "linkquality": 120.0}
+    assert cols.ts.tolist() == [T] * 3  # "time" in epoch seconds
+    assert cols.seq.tolist() == [NO_SEQ] * 3  # one seq cannot name three readings
+    assert {d.devices.names[i] for i in cols.device} == {"z1"}
+
+
+def test_a_metric_object_counts_each_bad_member_on_its_own() -> None:
+    d = decoder()
+    msgs = [("devices/z1/readings", orjson.dumps({"ts": T, "temperature": 2**62,
+                                                  "humidity": 40.5}), 0),
+            ("devices/z1/readings", orjson.dumps({"ts": T, "state": "ON"}), 0),
+            ("devices/z1/readings", orjson.dumps({"ts": "yesterday", "humidity": 1}), 0)]
+    cols, bad, _ = d.decode(msgs)
+    assert cols.value.tolist() == [40.5]
+    assert bad == {rejects.OUT_OF_RANGE: 1, rejects.MISSING_FIELD: 1, rejects.WRONG_TYPE: 1}
+
+
+def test_readings_without_a_time_need_the_receive_time_policy() -> None:
+    timeless = [("devices/z1/readings", orjson.dumps({"temperature": 21.5, "humidity": 40}),
+                 T),
+                ("devices/z1/readings", orjson.dumps({"metric": "pressure", "value": 1013}), T)]
+    cols, bad, samples = decoder().decode(timeless)
+    assert len(cols) == 0
+    assert bad == {rejects.MISSING_FIELD: 3}
+    assert any("receive_time" in s for s in samples)
+    d = PayloadDecoder(Interner(), Interner(), device_topic_level=1, receive_time=True)
+    cols, bad, _ = d.decode(timeless)
+    assert not bad
+    assert cols.ts.tolist() == [T, T, T]
+    assert sorted(d.metrics.names[m] for m in cols.metric) == ["humidity", "pressure",
+                                                                "temperature"]
+
+
+def test_a_gateway_on_receive_time_takes_timeless_sensors(tmp_path: Path) -> None:
+    """The agent hands its clock policy to the decoder: a clockless sensor's objects are
+    readings under ``[clock] policy = "receive_time"``, counted rejections otherwise."""
+    import dataclasses
+    import time
+
+    from devices.clock import SystemClock
+    from devices.mqtt import BrokerAddress
+    from edge.agent import EdgePipeline
+    from edge.config import EdgeConfig
+
+    nowhere = BrokerAddress(host="127.0.0.1", port=1)
+    now = time.time_ns() // 1_000_000
+    msgs = [(f"devices/z{i}/readings", orjson.dumps({"temperature": 20 + i, "humidity": 40}),
+             now) for i in range(5)]
+    for policy, accepted in (("trust", 0), ("receive_time", 10)):
+        cfg = EdgeConfig(gateway="gw", intake_broker=nowhere, uplink_broker=nowhere)
+        cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine,
+                                                                  clock_policy=policy))
+        pipe = EdgePipeline(cfg, SystemClock())
+        pipe.process(msgs)
+        stats = pipe.stats()
+        assert stats["readings_accepted"] == accepted, policy
+        assert stats["rejected"] == 10 - accepted, policy
+        assert stats.get("rejected_missing_field", 0) == 10 - accepted, policy
