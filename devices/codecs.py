@@ -15,7 +15,10 @@ fleet:
   ``{"ts": 1700000000000, "temperature": 21.5, "humidity": 40}``: one reading per member whose
   value is a number, at ``ts`` (or ``time`` / ``timestamp``). Members that are no number (a
   state text, a flag, a nested object) are no readings: left out, each name logged once. A
-  ``seq`` is not used there (it would name several readings at once).
+  ``seq`` is not used there (it would name several readings at once);
+* a bare number on a topic that names the metric (``metric_topic_level``), as ESPHome and
+  Shelly devices publish each value (``shellies/<device>/sensor/temperature``: ``21.5``); an
+  object with ``value`` but no ``metric`` takes its metric from such a topic too.
 
 A reading without any time is refused (``missing_field``) unless the gateway takes event time
 from its own clock (``[clock] policy = "receive_time"``, for devices that keep none): then it
@@ -112,6 +115,14 @@ def _depth(payload: bytes) -> int:
 _NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
 
 
+def _topic_level(topic: str, level: int | None) -> str | None:
+    """Level ``level`` of ``topic`` (None: no such level, or none configured)."""
+    if level is None:
+        return None
+    parts = topic.split("/")
+    return parts[level] if level < len(parts) else None
+
+
 def _valid_device_id(d: object) -> bool:
     """A device id is 1-128 characters without MQTT's topic separators and wildcards, spaces,
     control characters or backslashes: what every hop (topics, line protocol, InfluxDB tags)
@@ -178,6 +189,7 @@ class PayloadDecoder:
         admit_device: Callable[[str, int], str | None] | None = None,
         topic_identity: bool = False,
         receive_time: bool = False,
+        metric_topic_level: int | None = None,
     ) -> None:
         self.devices = devices
         self.metrics = metrics
@@ -188,6 +200,7 @@ class PayloadDecoder:
         # and a new device id may be refused (a reason) before it takes one: a bound, a rate
         self.admit_device = admit_device
         self.device_topic_level = device_topic_level
+        self.metric_topic_level = metric_topic_level  # the level naming the metric, if any
         # the topic names the device, and a payload may not claim another (the broker's ACL
         # binds each device's credentials to its own topic: the payload is only its word)
         self.topic_identity = topic_identity and device_topic_level is not None
@@ -198,12 +211,7 @@ class PayloadDecoder:
         self._not_readings: set[str] = set()  # members of metric objects left out (logged once)
 
     def _topic_device(self, topic: str) -> str | None:
-        if self.device_topic_level is None:
-            return None
-        parts = topic.split("/")
-        if self.device_topic_level < len(parts):
-            return parts[self.device_topic_level]
-        return None
+        return _topic_level(topic, self.device_topic_level)
 
     def _claim_ok(self, claimed: object, topic: str, reject: Any) -> bool:
         """Under topic identity, a payload naming another device than its topic is refused
@@ -286,6 +294,9 @@ class PayloadDecoder:
             if readings is None and "metric" not in doc and "value" not in doc:
                 self._members(doc, device, recv, out, reject)
             elif readings is None:
+                metric = _topic_level(topic, self.metric_topic_level)
+                if metric and "metric" not in doc:
+                    doc = {**doc, "metric": metric}
                 self._one(doc, device, recv, out, reject)
             elif isinstance(readings, list):
                 if not readings:
@@ -301,8 +312,20 @@ class PayloadDecoder:
             if not doc:
                 reject(rejects.MALFORMED_PAYLOAD, f"{topic}: an empty SenML pack")
             self._senml(doc, topic, recv, out, reject)
+        elif (type(doc) is int or type(doc) is float) and self.metric_topic_level is not None:
+            device = current[0]
+            if not _valid_device_id(device):
+                reject(rejects.MISSING_FIELD if device is None else rejects.WRONG_TYPE,
+                       f"{topic}: bad or missing device id {device!r}")
+                return
+            assert isinstance(device, str)
+            self._one({"metric": _topic_level(topic, self.metric_topic_level), "ts": None,
+                       "value": doc}, device, recv, out, reject)
         else:
-            reject(rejects.MALFORMED_PAYLOAD, f"{topic}: top level is {type(doc).__name__}")
+            hint = (": a bare number needs its metric in the topic (intake.metric_topic_level)"
+                    if type(doc) is int or type(doc) is float else "")
+            reject(rejects.MALFORMED_PAYLOAD,
+                   f"{topic}: top level is {type(doc).__name__}{hint}")
 
     # ---- fast paths: a whole batch of well-formed readings at once --------------------------
     # They take a batch only when every reading in it would pass ``_one``'s checks, and then add

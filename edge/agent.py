@@ -129,6 +129,7 @@ class EdgePipeline:
             if registry is not None and config.unknown_devices == "reject" else None,
             topic_identity=config.device_identity == "topic",
             receive_time=config.engine.clock_policy == "receive_time",
+            metric_topic_level=config.metric_topic_level,
             admit_device=DeviceAdmission(self.devices, max_devices=config.max_devices,
                                          per_s=config.new_devices_per_s,
                                          burst=config.new_devices_burst))
@@ -224,9 +225,9 @@ class EdgePipeline:
             self._count("received", arr[arr >= 0])  # rejected before becoming a reading
         for s in samples:
             log.debug("rejected: %s", s)
-        if bad:
-            for reason, n in bad.items():
-                self.rejects.reject(reason, samples[0] if samples else "", n)
+        for reason, n in bad.items():  # each logged with a sample of its own reason
+            detail = next((x for x in samples if x.startswith(f"{reason}: ")), "")
+            self.rejects.reject(reason, detail, n)
         if refuse is not None and len(cols):
             self.rejects.reject(refuse, f"{len(cols)} reading(s) of {len(messages)} "
                                         f"message(s)", len(cols))

@@ -27,6 +27,7 @@ class EdgeConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     topics: list[str] = field(default_factory=lambda: ["devices/+/readings"])
     device_topic_level: int | None = 1
+    metric_topic_level: int | None = None  # the topic level naming the metric of a bare number
     device_identity: str = "topic"  # topic: a payload may not name another device than its topic
     intake_qos: int = 1
     durable: bool = True  # intake log + acknowledging device messages only once logged
@@ -127,9 +128,10 @@ def _engine_config(w: Section, clock: Section, dedup: Section) -> EngineConfig:
     return cfg
 
 
-def _check_topics(topics: list[str], level: int, intake: Section) -> None:
+def _check_topics(topics: list[str], level: int, intake: Section,
+                  key: str = "device_topic_level") -> None:
     """MQTT topic filters the broker will take ('+' and '#' alone in their level, '#' last), and
-    a device level every filter has (unless a '#' may reach it)."""
+    a device (or metric: ``key``) level every filter has (unless a '#' may reach it)."""
     if not topics:
         raise ConfigError(intake.key("topics"), "at least one topic filter is needed",
                           source=intake.source)
@@ -140,7 +142,7 @@ def _check_topics(topics: list[str], level: int, intake: Section) -> None:
             raise ConfigError(intake.key("topics"), f"not an MQTT topic filter: {t!r} ('+' and "
                               "'#' stand alone in a level, '#' only last)", source=intake.source)
         if level >= len(levels) and levels[-1] != "#":
-            raise ConfigError(intake.key("device_topic_level"), f"topic {t!r} has no level "
+            raise ConfigError(intake.key(key), f"topic {t!r} has no level "
                               f"{level} (levels count from 0)", source=intake.source)
 
 
@@ -187,6 +189,12 @@ def edge_config_from(root: Section) -> EdgeConfig:
     level = intake.integer("device_topic_level", 1, minimum=-1)
     topics = intake.str_list("topics", ["devices/+/readings"])
     _check_topics(topics, level, intake)
+    metric_level = intake.integer("metric_topic_level", -1, minimum=-1)
+    if metric_level >= 0:
+        _check_topics(topics, metric_level, intake, "metric_topic_level")
+        if metric_level == level:
+            raise ConfigError(intake.key("metric_topic_level"), f"level {level} already names "
+                              "the device (intake.device_topic_level)", source=intake.source)
     if level < 0 and intake.has("device_identity") and intake.raw("device_identity") == "topic":
         raise ConfigError(intake.key("device_identity"), "topic needs intake.device_topic_level "
                           "(the level of the topic naming the device)", source=intake.source)
@@ -204,6 +212,7 @@ def edge_config_from(root: Section) -> EdgeConfig:
                                        key_file=intake.text("key_file", None)),
         topics=topics,
         device_topic_level=None if level < 0 else level,
+        metric_topic_level=None if metric_level < 0 else metric_level,
         device_identity=intake.choice("device_identity", ("topic", "payload"),
                                       "topic" if level >= 0 else "payload"),
         intake_qos=intake.integer("qos", 1, minimum=0, maximum=2),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 
@@ -405,3 +406,70 @@ def test_a_flood_of_made_up_device_ids_is_bounded_and_real_devices_go_through(
     assert (psutil.Process().memory_info().rss - rss0) / 2**20 < 50
     for d in real:  # every reading of every real device is in a window
         assert pipe.ledger["accepted"][pipe.devices.get(d)] == 21, d
+
+
+@pytest.mark.integration
+def test_clockless_off_the_shelf_sensors_are_read_through_the_broker(
+        mosquitto: Mosquitto, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Shelly-style bare numbers (the metric in the topic) and Zigbee2MQTT-style objects of
+    metric names and numbers, neither with a time, through a real broker into the windows of
+    a gateway that takes event time from its own clock."""
+    engine = EngineConfig(windows=(WindowSpec(size_ms=10_000),), clock_policy="receive_time")
+    agent = EdgeAgent(config(tmp_path, intake_broker=mosquitto.address, engine=engine,
+                             uplink_broker=mosquitto.address, tick_ms=20,
+                             topics=["shellies/+/sensor/+"], metric_topic_level=3))
+    sent = [("shellies/sh1/sensor/temperature", b"21.5"), ("shellies/sh1/sensor/humidity", b"40"),
+            ("shellies/z1/sensor/state", orjson.dumps({"temperature": 19.0, "pressure": 1013,
+                                                       "contact": True, "update": {}})),
+            ("shellies/sh1/sensor/relay", b'"on"')]
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(agent.run(stop))
+        deadline = time.monotonic() + 10
+        while not agent.intake.subscribed.is_set():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        c.connect("127.0.0.1", mosquitto.port)
+        c.loop_start()
+        for topic, payload in sent:
+            c.publish(topic, payload, qos=1).wait_for_publish(5)
+        while agent.stats()["messages_in"] < len(sent):
+            assert time.monotonic() < deadline + 10
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        c.disconnect()
+        c.loop_stop()
+        stop.set()
+        await task
+
+    with caplog.at_level(logging.WARNING, logger="fieldline.edge"):
+        asyncio.run(scenario())
+    s = agent.stats()
+    logged = [r.getMessage() for r in caplog.records if "rejected reason=" in r.getMessage()]
+    assert len(logged) == 1
+    assert "reason=malformed_payload" in logged[0]
+    assert "detail=malformed_payload: " in logged[0]  # its own reason's sample
+    assert s["readings_accepted"] == 4  # 21.5, 40, and temperature + pressure of z1
+    assert s["rejected"] == 1  # "on" is no number
+    names = set(agent.pipeline.metrics.names)
+    assert {"temperature", "humidity", "pressure"} <= names
+    assert "contact" not in names
+
+
+def test_each_rejection_reason_is_logged_with_a_sample_of_its_own(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    pipe = EdgePipeline(config(tmp_path), ManualClock(T))
+    batch = [("devices/d1/readings", orjson.dumps({"metric": "radiation", "ts": T,
+                                                   "value": 1}), T),
+             ("devices/d1/readings", b"{broken", T)]
+    with caplog.at_level(logging.WARNING, logger="fieldline.edge"):
+        pipe.process(batch)
+    logged = sorted(r.getMessage() for r in caplog.records if "rejected reason=" in
+                    r.getMessage())
+    assert len(logged) == 2
+    assert "reason=malformed_json" in logged[0]
+    assert "detail=malformed_json: " in logged[0]
+    assert "reason=unknown_metric" in logged[1]
+    assert "detail=unknown_metric: " in logged[1]

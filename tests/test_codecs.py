@@ -244,3 +244,38 @@ def test_a_gateway_on_receive_time_takes_timeless_sensors(tmp_path: Path) -> Non
         assert stats["readings_accepted"] == accepted, policy
         assert stats["rejected"] == 10 - accepted, policy
         assert stats.get("rejected_missing_field", 0) == 10 - accepted, policy
+
+
+def test_a_bare_number_takes_its_metric_from_the_topic(tmp_path: Path) -> None:
+    """Shelly / ESPHome: one value per topic (``shellies/<device>/sensor/<metric>``), no time;
+    the gateway config names the metric's level, and the receive-time policy gives the time."""
+    from edge.config import load_edge_config
+
+    cfg = tmp_path / "g.toml"
+    cfg.write_text('[gateway]\nid = "gw"\n[intake]\nbroker = "mqtt://127.0.0.1:1883"\n'
+                   'topics = ["shellies/+/sensor/+"]\nmetric_topic_level = 3\n'
+                   '[uplink]\nbroker = "mqtt://127.0.0.1:1884"\n[clock]\n'
+                   'policy = "receive_time"\n')
+    edge = load_edge_config(cfg)
+    assert edge.metric_topic_level == 3
+    msgs = [("shellies/sh1/sensor/temperature", b"21.50", T),
+            ("shellies/sh1/sensor/humidity", b"40", T + 5),
+            ("shellies/sh1/sensor/power", orjson.dumps({"value": 12.5, "ts": T - 1000}), T),
+            ("shellies/sh1/sensor/status", b"true", T)]
+    d = PayloadDecoder(Interner(), Interner(), device_topic_level=edge.device_topic_level,
+                       metric_topic_level=edge.metric_topic_level, receive_time=True)
+    cols, bad, _ = d.decode(msgs)
+    got = [(d.devices.names[i], d.metrics.names[m], t, v) for i, m, t, v in zip(
+        cols.device, cols.metric, cols.ts.tolist(), cols.value.tolist(), strict=True)]
+    assert got == [("sh1", "temperature", T, 21.5), ("sh1", "humidity", T + 5, 40.0),
+                   ("sh1", "power", T - 1000, 12.5)]
+    assert bad == {rejects.MALFORMED_PAYLOAD: 1}  # true is no number
+
+    clockless = PayloadDecoder(Interner(), Interner(), device_topic_level=1,
+                               metric_topic_level=3)
+    cols, bad, samples = clockless.decode(msgs[:1])
+    assert (len(cols), bad) == (0, {rejects.MISSING_FIELD: 1})
+    assert "receive_time" in samples[0]
+    cols, bad, samples = decoder().decode(msgs[:1])  # no metric level configured
+    assert (len(cols), bad) == (0, {rejects.MALFORMED_PAYLOAD: 1})
+    assert "metric_topic_level" in samples[0]

@@ -68,6 +68,10 @@ def test_good_edge_config_loads(tmp_path: Path) -> None:
      "intake.topics"),
     (GOOD_EDGE.replace("[uplink]", 'device_topic_level = 3\n[uplink]'),
      "intake.device_topic_level"),
+    (GOOD_EDGE.replace("[uplink]", 'metric_topic_level = 3\n[uplink]'),
+     "intake.metric_topic_level"),
+    (GOOD_EDGE.replace("[uplink]", 'metric_topic_level = 1\n[uplink]'),
+     "intake.metric_topic_level"),
 ])
 def test_bad_edge_config_names_the_key(tmp_path: Path, text: str, key: str) -> None:
     with pytest.raises(ConfigError) as info:
