@@ -44,6 +44,22 @@ def msgs(device: str, seconds: range) -> list[tuple[str, bytes, int]]:
              encode_single(device, "temperature", T + s * 1000, 20.0 + s, s), T) for s in seconds]
 
 
+async def running(agent: EdgeAgent, broker: Mosquitto
+                  ) -> tuple[asyncio.Event, asyncio.Task[None], mqtt.Client]:
+    """The agent running (its stop event and task) once it is subscribed, and a device's
+    client connected to its broker."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    deadline = time.monotonic() + 10
+    while not agent.intake.subscribed.is_set():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c.connect("127.0.0.1", broker.port)
+    c.loop_start()
+    return stop, task, c
+
+
 def results_by_window(batches: list[object]) -> dict[int, tuple[int, float]]:
     out = {}
     for res in batches:
@@ -270,15 +286,7 @@ def test_a_failing_tick_is_counted_and_the_agent_keeps_going(mosquitto: Mosquitt
     agent.pipeline.process = flaky  # type: ignore[method-assign]
 
     async def scenario() -> None:
-        stop = asyncio.Event()
-        task = asyncio.create_task(agent.run(stop))
-        deadline = time.monotonic() + 10
-        while not agent.intake.subscribed.is_set():
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.02)
-        c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        c.connect("127.0.0.1", mosquitto.port)
-        c.loop_start()
+        stop, task, c = await running(agent, mosquitto)
         for batch_no in range(2):
             now = time.time_ns() // 1_000_000
             info = c.publish("devices/d1/readings",
@@ -424,19 +432,12 @@ def test_clockless_off_the_shelf_sensors_are_read_through_the_broker(
             ("shellies/sh1/sensor/relay", b'"on"')]
 
     async def scenario() -> None:
-        stop = asyncio.Event()
-        task = asyncio.create_task(agent.run(stop))
-        deadline = time.monotonic() + 10
-        while not agent.intake.subscribed.is_set():
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.02)
-        c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        c.connect("127.0.0.1", mosquitto.port)
-        c.loop_start()
+        stop, task, c = await running(agent, mosquitto)
         for topic, payload in sent:
             c.publish(topic, payload, qos=1).wait_for_publish(5)
+        deadline = time.monotonic() + 10
         while agent.stats()["messages_in"] < len(sent):
-            assert time.monotonic() < deadline + 10
+            assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.2)
         c.disconnect()
