@@ -23,7 +23,7 @@ from cloud.detect import AlertEvent, Anomaly
 from cloud.enrich import EnrichedResults
 from cloud.rules import RuleAlert
 from cloud.sinks.points import FieldColumn, Points, Row
-from devices.schema import OUTPUTS, REVISION_FIELD
+from devices.schema import OUTPUTS, REVISION_FIELD, seq_run
 
 AGGREGATES = "aggregates"
 ANOMALIES = "anomalies"
@@ -50,8 +50,8 @@ def aggregate_points(rows: EnrichedResults) -> Points:
         have = rows.seq_min >= 0
         # a revision writes all three: it overwrites field by field, and an earlier revision's
         # seq_max / seq_sum must not outlive it
-        run = have & (rows.rev == 0) & (rows.seq_max == run_max(rows.seq_min, rows.count)) \
-            & (rows.seq_sum == run_sum(rows.seq_min, rows.count))
+        run_max, run_sum = seq_run(rows.seq_min, rows.count)
+        run = have & (rows.rev == 0) & (rows.seq_max == run_max) & (rows.seq_sum == run_sum)
         _put(fields, "seq_min", rows.seq_min, have)
         _put(fields, "seq_max", rows.seq_max, have & ~run)
         _put(fields, "seq_sum", rows.seq_sum, have & ~run)
@@ -59,20 +59,6 @@ def aggregate_points(rows: EnrichedResults) -> Points:
     tags = {"gateway": [rows.gateway] * n, "site": rows.site, "device": rows.device,
             "metric": rows.metric, "window": rows.window, "unit": rows.unit}
     return Points(AGGREGATES, tags, fields, rows.start)
-
-
-def run_max(seq_min: npt.NDArray[np.int64], count: npt.NDArray[np.int64]
-            ) -> npt.NDArray[np.int64]:
-    """The largest sequence number of a window whose readings are the run from ``seq_min``."""
-    return seq_min + count - 1
-
-
-def run_sum(seq_min: npt.NDArray[np.int64], count: npt.NDArray[np.int64]
-            ) -> npt.NDArray[np.int64]:
-    """The sum of that run, wrapping around as the edge's ``seq_sum`` does (one value at a
-    time: ``devices.schema.seq_run``)."""
-    with np.errstate(over="ignore"):
-        return seq_min * count + count * (count - 1) // 2
 
 
 def _put(fields: dict[str, FieldColumn], name: str, col: npt.NDArray[Any],

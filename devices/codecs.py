@@ -123,6 +123,15 @@ def _topic_level(topic: str, level: int | None) -> str | None:
     return parts[level] if level < len(parts) else None
 
 
+def _device_ok(device: object, topic: str, reject: Any) -> bool:
+    """A usable device id; otherwise the message is rejected, saying why."""
+    if _valid_device_id(device):
+        return True
+    reject(rejects.MISSING_FIELD if device is None else rejects.WRONG_TYPE,
+           f"{topic}: bad or missing device id {device!r}")
+    return False
+
+
 def _valid_device_id(d: object) -> bool:
     """A device id is 1-128 characters without MQTT's topic separators and wildcards, spaces,
     control characters or backslashes: what every hop (topics, line protocol, InfluxDB tags)
@@ -284,9 +293,7 @@ class PayloadDecoder:
                 device = self._topic_device(topic)
             elif not self._claim_ok(device, topic, reject):
                 return
-            if not _valid_device_id(device):
-                reject(rejects.MISSING_FIELD if device is None else rejects.WRONG_TYPE,
-                       f"{topic}: bad or missing device id {device!r}")
+            if not _device_ok(device, topic, reject):
                 return
             assert isinstance(device, str)
             current[0] = device
@@ -312,20 +319,15 @@ class PayloadDecoder:
             if not doc:
                 reject(rejects.MALFORMED_PAYLOAD, f"{topic}: an empty SenML pack")
             self._senml(doc, topic, recv, out, reject)
-        elif (type(doc) is int or type(doc) is float) and self.metric_topic_level is not None:
-            device = current[0]
-            if not _valid_device_id(device):
-                reject(rejects.MISSING_FIELD if device is None else rejects.WRONG_TYPE,
-                       f"{topic}: bad or missing device id {device!r}")
-                return
-            assert isinstance(device, str)
+        elif type(doc) is not int and type(doc) is not float:
+            reject(rejects.MALFORMED_PAYLOAD, f"{topic}: top level is {type(doc).__name__}")
+        elif self.metric_topic_level is None:
+            reject(rejects.MALFORMED_PAYLOAD, f"{topic}: top level is {type(doc).__name__}: a "
+                   "bare number needs its metric in the topic (intake.metric_topic_level)")
+        elif _device_ok(current[0], topic, reject):
+            assert current[0] is not None
             self._one({"metric": _topic_level(topic, self.metric_topic_level), "ts": None,
-                       "value": doc}, device, recv, out, reject)
-        else:
-            hint = (": a bare number needs its metric in the topic (intake.metric_topic_level)"
-                    if type(doc) is int or type(doc) is float else "")
-            reject(rejects.MALFORMED_PAYLOAD,
-                   f"{topic}: top level is {type(doc).__name__}{hint}")
+                       "value": doc}, current[0], recv, out, reject)
 
     # ---- fast paths: a whole batch of well-formed readings at once --------------------------
     # They take a batch only when every reading in it would pass ``_one``'s checks, and then add

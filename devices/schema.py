@@ -17,9 +17,15 @@ disagree.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, TypeVar
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
 Kind = Literal["int", "float"]
+# one window's sequence numbers, or a column of them (int64: sums wrap around)
+Seqs = TypeVar("Seqs", int, "npt.NDArray[np.int64]")
 # how a device's calibration offset applies to a column: "" not at all, "shift" (+offset),
 # "sum" (+offset * count); the spread (m2) and the times never change
 Calibration = Literal["", "shift", "sum"]
@@ -101,10 +107,13 @@ def _int64(v: int) -> int:
     return (v + (1 << 63)) % (1 << 64) - (1 << 63)
 
 
-def seq_run(seq_min: int, count: int) -> tuple[int, int]:
+def seq_run(seq_min: Seqs, count: Seqs) -> tuple[Seqs, Seqs]:
     """(seq_max, seq_sum) of a window whose readings are the run ``seq_min .. seq_min + count
-    - 1``; the sum wraps around as the edge's does."""
-    return seq_min + count - 1, _int64(seq_min * count + count * (count - 1) // 2)
+    - 1`` (one window, or int64 columns of them); the sum wraps around as the edge's does."""
+    total = seq_min * count + count * (count - 1) // 2
+    if isinstance(total, int):  # numpy's int64 columns wrap by themselves
+        total = _int64(total)
+    return seq_min + count - 1, total
 
 
 def seq_checks(count: int, seq_min: int | None, seq_max: int | None, seq_sum: int | None
