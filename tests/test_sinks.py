@@ -399,3 +399,196 @@ def test_background_points_wait_no_longer_than_their_bound_under_unrelenting_res
     assert rounds - 20 > BACKGROUND_MAX_WAIT_MS // 500 + 2  # the scenario outlasts the bound
     assert order[first_ledger + 3_000:].count("aggregates") >= 10 * 2_000, first_ledger
     assert order[first_ledger:first_ledger + 3_000] == ["ledger"] * 3_000
+
+
+class _Gated:
+    """A sink whose requests holding a line with ``hold`` in it wait until ``gate`` opens;
+    it records writes and deletes in the order they happened (lines, or ``("delete", ids)``)."""
+
+    name = "gated"
+
+    def __init__(self, hold: str) -> None:
+        self.hold = hold
+        self.gate = threading.Event()
+        self.events: list[object] = []
+        self.held = threading.Event()  # a held request is waiting
+        self._lock = threading.Lock()
+
+    def write(self, batch: list[Points]) -> None:
+        lines = encode(batch)
+        if any(self.hold in ln for ln in lines):
+            self.held.set()
+            assert self.gate.wait(10)
+        with self._lock:
+            self.events.append(lines)
+
+    def delete(self, points: list[object]) -> None:
+        with self._lock:
+            self.events.append(("delete", points))
+
+    def close(self) -> None:
+        pass
+
+    def written(self) -> list[str]:
+        with self._lock:
+            return [ln for e in self.events if isinstance(e, list) for ln in e]
+
+
+def _lane_of(lines: list[str], lanes: int) -> list[int]:
+    """The writer's lane of each line (its series key's hash, as the writer shards)."""
+    return [hash(s) % lanes for p in from_lines(lines) for s in p.series()]
+
+
+async def _until(cond: Callable[[], bool], what: str) -> None:
+    for _ in range(1_000):
+        if cond():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_batch_is_confirmed_once_written_not_once_the_queue_is_empty() -> None:
+    """The edge hears of its batch as soon as its points are in InfluxDB, while later batches
+    are still on their way (a backlog replay no longer holds every acknowledgement until the
+    whole queue is written)."""
+    sink = _Gated(hold="later")
+    confirmed: list[object] = []
+    writer = BufferedWriter(sink, clock=ManualClock(), batch_points=100, flush_interval_ms=20,
+                            on_written=confirmed.extend)
+
+    async def scenario() -> None:
+        writer.add(from_lines([f"m,d=first{i} v=1.5 {T_NOW}" for i in range(100)]), token="first")
+        writer.add(from_lines([f"m,d=later{i} v=1.5 {T_NOW}" for i in range(100)]), token="later")
+        flush = asyncio.ensure_future(writer.flush(None, attempts=3))
+        await _until(sink.held.is_set, "the later batch's request")
+        await _until(lambda: confirmed == ["first"], "the first batch's confirmation")
+        assert not flush.done()
+        sink.gate.set()
+        assert await flush
+        assert confirmed == ["first", "later"]
+
+    asyncio.run(scenario())
+    assert len(sink.written()) == 200
+
+
+def test_a_lane_keeps_writing_while_the_other_waits_on_a_slow_request() -> None:
+    """Two lanes: one request held up by the server does not stop the other lane, which sends
+    its next requests as its own come back; the token covering both waits for both."""
+    slow = "m,d=slow v=1.5 1"
+    mine = _lane_of([slow], 2)[0]
+    others = [ln for ln in (f"m,d=o{i} v=1.5 {T_NOW}" for i in range(400))
+              if _lane_of([ln], 2)[0] != mine][:60]
+    sink = _Gated(hold="d=slow ")
+    confirmed: list[object] = []
+    writer = BufferedWriter(sink, clock=ManualClock(), batch_points=20, flush_interval_ms=20,
+                            concurrency=2, on_written=confirmed.extend)
+
+    async def scenario() -> None:
+        writer.add(from_lines([slow, *others]), token="t")
+        flush = asyncio.ensure_future(writer.flush(None, attempts=3))
+        await _until(lambda: len(sink.written()) == 60, "the other lane's six requests")
+        assert sink.held.is_set()
+        assert not confirmed
+        assert writer.buffered == 1
+        sink.gate.set()
+        assert await flush
+        assert confirmed == ["t"]
+
+    asyncio.run(scenario())
+    assert sorted(sink.written()) == sorted([slow, *others])
+    assert [len(e) for e in sink.events][:6] == [10] * 6  # batch_points / lanes per request
+
+
+def test_points_queued_after_a_delete_wait_for_it() -> None:
+    """A withdrawal runs after what was queued before it and before anything queued after it:
+    a later version of the same point survives it (in the store, field by field), and the token
+    queued with the withdrawal is confirmed only once it ran."""
+    from cloud.sinks.base import MemorySink
+
+    class Recording(MemorySink):
+        def __init__(self) -> None:
+            super().__init__(strict=True)
+            self.events: list[str] = []
+
+        def write(self, batch: list[Points]) -> None:
+            time.sleep(0.002)
+            self.events += [f"write {ln}" for ln in encode(batch)]
+            super().write(batch)
+
+        def delete(self, points: list[tuple[str, dict[str, str], int]]) -> None:
+            time.sleep(0.01)
+            self.events += [f"delete {p[1]['d']}" for p in points]
+            super().delete(points)
+
+    sink = Recording()
+    confirmed: list[object] = []
+    writer = BufferedWriter(sink, clock=ManualClock(), batch_points=4, flush_interval_ms=20,
+                            concurrency=2, on_written=confirmed.extend)
+    writer.add(from_lines([f"m,d=a{i} v=0.5 {T}" for i in range(8)]), token="withdrawing")
+    writer.delete([("m", {"d": "a3"}, T)])
+    writer.add(from_lines([f"m,d=a3 v=1.5 {T}", f"m,d=b v=1.5 {T}"]), token="after")
+    assert asyncio.run(writer.flush(None, attempts=3))
+    at = sink.events.index("delete a3")
+    assert sorted(sink.events[:at]) == sorted(f"write m,d=a{i} v=0.5 {T}" for i in range(8))
+    assert sorted(sink.events[at + 1:]) == [f"write m,d=a3 v=1.5 {T}", f"write m,d=b v=1.5 {T}"]
+    assert sink.points[("m", (("d", "a3"),), T)] == {"v": 1.5}
+    assert confirmed == ["withdrawing", "after"]
+    assert writer.points_deleted == 1
+    assert writer.points_written == 10
+
+
+def test_discarding_while_writes_are_on_their_way_confirms_nothing_of_them() -> None:
+    """A fenced worker drops what it holds: requests already on their way finish, but confirm
+    nothing; the writer goes on with what is queued after that."""
+    sink = _Gated(hold="held")
+    confirmed: list[object] = []
+    writer = BufferedWriter(sink, clock=ManualClock(), batch_points=10, flush_interval_ms=20,
+                            concurrency=2, on_written=confirmed.extend)
+
+    async def scenario() -> None:
+        writer.add(from_lines([f"m,d=held{i} v=1.5 {T_NOW}" for i in range(30)]), token="old")
+        flush = asyncio.ensure_future(writer.flush(None, attempts=3))
+        await _until(sink.held.is_set, "a request on its way")
+        assert writer.discard() == 30
+        sink.gate.set()
+        assert await flush
+        assert confirmed == []
+        assert writer.buffered == 0
+        writer.add(from_lines([f"m,d=new{i} v=1.5 {T_NOW}" for i in range(5)]), token="new")
+        assert await writer.flush(None, attempts=3)
+        assert confirmed == ["new"]
+
+    asyncio.run(scenario())
+    assert sum("d=new" in ln for ln in sink.written()) == 5
+    assert sum("d=held" in ln for ln in sink.written()) <= 10  # at most the two first requests
+
+
+def test_a_write_that_gives_up_keeps_its_points_queued_in_order() -> None:
+    """A lane whose request gave up (attempts spent) puts it back at its head: the next flush
+    writes every point once, each point's versions in the order queued, and confirms once."""
+    class Flaky(_SlowRecorder):
+        failures = 3
+
+        def write(self, batch: list[Points]) -> None:
+            with self._lock:
+                fail = self.failures > 0
+                self.failures -= 1
+            if fail:
+                raise SinkError("503", retryable=True)
+            super().write(batch)
+
+    rec = Flaky()
+    confirmed: list[object] = []
+    writer = BufferedWriter(rec, clock=ManualClock(), batch_points=20, flush_interval_ms=20,
+                            concurrency=2, on_written=confirmed.extend)
+    lines = [f"m,d=s{i % 15} v={k}.0 {T + i % 15}" for k in range(4) for i in range(15)]
+    writer.add(from_lines(lines), token="t")
+    ok = [asyncio.run(writer.flush(None, attempts=1)) for _ in range(6)]
+    assert ok[0] is False
+    assert ok[-1] is True
+    assert confirmed == ["t"]
+    written = [ln for _, _, req in sorted(rec.requests) for ln in req]
+    assert sorted(written) == sorted(lines)
+    for i in range(15):  # each point's four versions, in order
+        assert [ln.split(" ")[1] for ln in written if ln.startswith(f"m,d=s{i} ")] == [
+            f"v={k}.0" for k in range(4)]

@@ -12,7 +12,7 @@ import threading
 from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -134,11 +134,72 @@ BACKGROUND_SLICE = 1_000
 BACKGROUND_MAX_WAIT_MS = 5_000
 
 
-class BufferedWriter:
-    """Batches lines, writes them off the event loop, retries with capped jittered backoff.
+class _Lane:
+    """The points of a share of the series (by hash of the series key), written one request at
+    a time in the order queued: every version of a point goes this way, so a revision never
+    overtakes the value it replaces. Entries are ``(position, rows)``: ``position`` is where the
+    rows' chunk began in the writer's queue (every row of the entry was queued at or after it)."""
 
-    ``on_written`` is called (in the event loop) with each batch's tokens once the sink confirmed
-    it: that is the only moment a result counts as written.
+    def __init__(self) -> None:
+        self.queue: deque[tuple[int, Points]] = deque()
+        self.queued = 0  # points in queue
+        self.sending: list[tuple[int, Points]] = []  # the request on its way
+
+    def mark(self, sharded: int) -> int:
+        """Every point of this lane queued before this position is written."""
+        if self.sending:
+            return self.sending[0][0]
+        if self.queue:
+            return self.queue[0][0]
+        return sharded
+
+    def take(self, limit: int) -> list[Points]:
+        """The next request: up to ``limit`` points from the head of the queue."""
+        n = 0
+        while self.queue and n < limit:
+            at, rows = self.queue.popleft()
+            if n + len(rows) > limit:
+                cut = limit - n
+                self.sending.append((at, rows.take(slice(0, cut))))
+                self.queue.appendleft((at, rows.take(slice(cut, None))))
+                n = limit
+                break
+            self.sending.append((at, rows))
+            n += len(rows)
+        self.queued -= n
+        return [rows for _, rows in self.sending]
+
+    def sent(self, ok: bool) -> int:
+        """The request came back: written (its points are counted off) or given back to the
+        head of the queue, to go again. Returns the points it held."""
+        entries, self.sending = self.sending, []
+        n = sum(len(rows) for _, rows in entries)
+        if not ok:
+            self.queue.extendleft(reversed(entries))
+            self.queued += n
+        return n
+
+    def clear(self) -> None:
+        self.queue.clear()
+        self.queued = 0
+        self.sending = []
+
+
+class BufferedWriter:
+    """Batches points, writes them off the event loop, retries with capped jittered backoff.
+
+    ``on_written`` is called (in the event loop) with tokens once the sink confirmed everything
+    queued before them: that is the only moment a result counts as written. It is called as
+    soon as that holds, not once the whole queue is written, so an edge hears of its batch
+    while a backlog is still being replayed.
+
+    Writes go out as ``concurrency`` lanes, each a share of the series written one request
+    (``batch_points / concurrency`` points at most) after the other: a lane whose request came
+    back sends its next one at once, so the server is never left waiting for the slowest
+    request of a round, nor for the next batch to be cut.
+
+    A delete (results the edge withdrew) runs once everything queued before it is written, and
+    what is queued after it waits for it, so a withdrawal never removes a later version.
 
     Points added with ``background=True`` (telemetry: ledgers, health) carry no token and are
     written after everything else queued, ``BACKGROUND_SLICE`` at a time, so they never hold up
@@ -166,18 +227,21 @@ class BufferedWriter:
         self.flush_interval_ms = flush_interval_ms
         self.max_backoff_ms = max_backoff_ms
         self.on_written = on_written
+        # positions count the points ever queued (``_added``); the queue's head is at
+        # ``_sharded``: what is before it went to the lanes
         self._chunks: deque[Points] = deque()
-        self._buffered = 0  # points in _chunks
+        self._lanes = [_Lane() for _ in range(self.concurrency)]
+        self._sharded = 0
+        self._buffered = 0  # points queued or on their way, not yet written
         self._later: deque[Points] = deque()  # background points, not yet in _chunks
         self._later_n = 0
         self._later_since: int | None = None  # monotonic ms the oldest of them was queued
         self._generation = 0  # discard() count: a write in flight when it came confirms nothing
-        self._deletes: list[Identity] = []
-        self._tokens: deque[tuple[int, object]] = deque()  # (lines added when queued, token)
+        self._deletes: deque[tuple[int, list[Identity]]] = deque()  # (position, identities)
+        self._tokens: deque[tuple[int, object]] = deque()  # (position after its points, token)
         self._added = 0
-        self._done = 0
-        self._confirmed: list[object] = []
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()  # a batch is full: the run loop flushes
+        self._more = asyncio.Event()  # something was queued: an idle lane may have work
         self.points_written = 0
         self.points_rejected = 0
         self.points_deleted = 0
@@ -193,11 +257,20 @@ class BufferedWriter:
 
     def pending(self) -> list[Points]:
         """What is queued and not yet written (background points last)."""
-        return [*self._chunks, *self._later]
+        lanes = [rows for lane in self._lanes
+                 for _, rows in itertools.chain(lane.sending, lane.queue)]
+        return [*lanes, *self._chunks, *self._later]
 
     def delete(self, points: list[Identity]) -> None:
-        """Delete these identities after everything queued so far has been written."""
-        self._deletes.extend(points)
+        """Delete these identities once everything queued so far has been written; what is
+        queued after this waits for the delete."""
+        if not points:
+            return
+        if self._deletes and self._deletes[-1][0] == self._added:
+            self._deletes[-1][1].extend(points)
+        else:
+            self._deletes.append((self._added, list(points)))
+        self._more.set()
         self._wake.set()
 
     def discard(self) -> int:
@@ -205,6 +278,8 @@ class BufferedWriter:
         have lost its partitions must not write what it held); returns the points dropped."""
         n = self._buffered + self._later_n
         self._chunks.clear()
+        for lane in self._lanes:
+            lane.clear()
         self._buffered = 0
         self._later.clear()
         self._later_n = 0
@@ -212,8 +287,7 @@ class BufferedWriter:
         self._generation += 1
         self._tokens.clear()
         self._deletes.clear()
-        self._confirmed.clear()
-        self._done = self._added
+        self._sharded = self._added
         return n
 
     def add(self, points: Points | list[Points], token: object = None, *,
@@ -235,6 +309,8 @@ class BufferedWriter:
         self._added += n
         if token is not None:
             self._tokens.append((self._added, token))
+        if n or token is not None:
+            self._more.set()
         if self._buffered >= self.batch_points:
             self._wake.set()
 
@@ -259,49 +335,133 @@ class BufferedWriter:
                 await self.flush(stop)
         await self.flush(None, attempts=3)
 
-    async def flush(self, stop: asyncio.Event | None, attempts: int | None = None) -> bool:
-        """Write everything buffered, then run the queued deletes; True when all is done.
+    def _idle(self) -> bool:
+        return not (self._chunks or self._later or self._deletes or self._tokens
+                    or any(lane.queued or lane.sending for lane in self._lanes))
 
-        A token is confirmed (``on_written``) only once its lines *and* every delete queued
-        before the flush are done, so an acknowledgement never precedes a withdrawal.
-        """
-        while self._chunks or self._tokens or self._later:  # the writes; deletes follow them
-            if self.fence is not None and not self.fence():
-                return True
-            if self._later:
-                self._take_background()
-            n = min(self.batch_points, self._buffered)
-            queued = len(self._chunks)
-            generation = self._generation
-            batch, rest = split(self._chunks, n)
-            ok = await self._write_sharded(batch, stop, attempts)
-            if generation != self._generation:
-                return True  # discarded while it was on its way: nothing of it is confirmed
-            if not ok:
-                return False
-            # what was added while the batch was on its way stays queued behind the rest
-            self._chunks = deque(rest + list(itertools.islice(self._chunks, queued, None)))
-            self._buffered -= n
-            self._done += n
-            while self._tokens and self._tokens[0][0] <= self._done:
-                self._confirmed.append(self._tokens.popleft()[1])
-        if self._deletes:
-            todo, self._deletes = self._deletes, []
-            try:
-                await asyncio.to_thread(self.sink.delete, todo)
-                self.points_deleted += len(todo)
-            except SinkError as exc:
-                self.write_errors += 1
-                if exc.retryable:
-                    self._deletes = todo + self._deletes
-                    log.warning("sink %s delete failed (will retry): %s", self.sink.name, exc)
-                    return False
+    async def flush(self, stop: asyncio.Event | None, attempts: int | None = None) -> bool:
+        """Write everything queued, including what is added meanwhile, and run the queued
+        deletes in their place; True when all is done (or what was queued was discarded),
+        False when a write gave up (after ``attempts``, or on ``stop``): what it held stays
+        queued, in order."""
+        generation = self._generation
+        size = -(-max(1, self.batch_points) // len(self._lanes))
+        sending: dict[asyncio.Future[Any], _Lane] = {}
+        more: asyncio.Future[Any] | None = None
+        failed = False
+        try:
+            while True:
+                stale = generation != self._generation  # discarded (fenced): stop writing
+                if not (failed or stale):
+                    if self._later:
+                        self._take_background()
+                    self._shard()
+                    for lane in self._lanes:
+                        if lane.sending or not lane.queued:
+                            continue
+                        if self.fence is not None and not self.fence():
+                            stale = True  # it discarded what was queued
+                            break
+                        sending[asyncio.ensure_future(
+                            self._write_with_retry(lane.take(size), stop, attempts))] = lane
+                if not sending:
+                    if stale:
+                        return True
+                    if failed:
+                        return False
+                    if self._deletes and self._written_up_to() >= self._deletes[0][0]:
+                        if not await self._run_delete():
+                            return False
+                        continue
+                    self._confirm()
+                    if self._idle():
+                        return True
+                    continue
+                waiting: set[asyncio.Future[Any]] = set(sending)
+                if not (failed or stale) and any(not lane.sending for lane in self._lanes):
+                    if more is None:  # an idle lane: new points may be for it
+                        self._more.clear()
+                        more = asyncio.ensure_future(self._more.wait())
+                    waiting.add(more)
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if more is not None and more in done:
+                    more = None
+                for task in done:
+                    if task not in sending:
+                        continue  # the idle lanes' wake-up
+                    lane = sending.pop(task)
+                    if generation != self._generation:  # on its way when discarded: it
+                        task.exception()  # confirms nothing (an error still surfaces)
+                        continue
+                    try:
+                        ok = task.result()
+                    except BaseException:
+                        lane.sent(False)
+                        raise
+                    self._buffered -= lane.sent(ok)
+                    failed |= not ok
+                if generation == self._generation:
+                    self._confirm()
+        finally:
+            if more is not None:
+                more.cancel()
+            for task in sending:  # only when this was cancelled or a write raised: the
+                task.cancel()     # threads finish by themselves
+
+    def _shard(self) -> None:
+        """Hand the queued chunks to the lanes, by series, up to the next delete."""
+        until = self._deletes[0][0] if self._deletes else None
+        k = len(self._lanes)
+        while self._chunks and (until is None or self._sharded < until):
+            rows = self._chunks.popleft()
+            at = self._sharded
+            self._sharded += len(rows)
+            if k == 1:
+                self._lanes[0].queue.append((at, rows))
+                self._lanes[0].queued += len(rows)
+                continue
+            which = np.fromiter((hash(s) % k for s in rows.series()), np.int64, len(rows))
+            for j, lane in enumerate(self._lanes):
+                idx = np.flatnonzero(which == j)
+                if len(idx):
+                    lane.queue.append((at, rows if len(idx) == len(rows)
+                                       else rows.take(idx.tolist())))
+                    lane.queued += len(idx)
+
+    def _written_up_to(self) -> int:
+        """Every point queued before this position is written."""
+        return min(lane.mark(self._sharded) for lane in self._lanes)
+
+    def _confirm(self) -> None:
+        """Hand ``on_written`` the tokens whose points are all written and that no delete
+        queued with or before them still waits on."""
+        upto = self._written_up_to()
+        until = self._deletes[0][0] if self._deletes else None
+        confirmed: list[object] = []
+        while self._tokens and self._tokens[0][0] <= upto and (
+                until is None or self._tokens[0][0] < until):
+            confirmed.append(self._tokens.popleft()[1])
+        if confirmed and self.on_written is not None:
+            self.on_written(confirmed)
+
+    async def _run_delete(self) -> bool:
+        generation = self._generation
+        at, todo = self._deletes.popleft()
+        try:
+            await asyncio.to_thread(self.sink.delete, todo)
+        except SinkError as exc:
+            self.write_errors += 1
+            if not exc.retryable:
                 log.error("sink %s refused to delete %d point(s): %s", self.sink.name,
                           len(todo), exc)
-        if self._confirmed:
-            confirmed, self._confirmed = self._confirmed, []
-            if self.on_written is not None:
-                self.on_written(confirmed)
+                return True
+            log.warning("sink %s delete failed (will retry): %s", self.sink.name, exc)
+            if generation == self._generation:  # in its place again, ahead of later ones
+                if self._deletes and self._deletes[0][0] == at:
+                    todo += self._deletes.popleft()[1]
+                self._deletes.appendleft((at, todo))
+            return False
+        self.points_deleted += len(todo)
         return True
 
     def _take_background(self) -> None:
@@ -310,32 +470,13 @@ class BufferedWriter:
         now = self.clock.monotonic_ms()
         since = now if self._later_since is None else self._later_since
         overdue = now - since >= BACKGROUND_MAX_WAIT_MS
-        if not overdue and (self._chunks or self._tokens):
+        if not overdue and (self._buffered or self._tokens):
             return
         head, rest = split(self._later, self._later_n if overdue else BACKGROUND_SLICE)
         self._later = deque(rest)
         self._later_n -= total(head)
         self._later_since = now if rest else None
         self.add(head)
-
-    async def _write_sharded(self, batch: list[Points], stop: asyncio.Event | None,
-                             attempts: int | None) -> bool:
-        """Write a batch as ``concurrency`` requests at once (InfluxDB ingests them in parallel),
-        split by series: every version of a point lands in the same request, in the order it
-        was queued, so a revision can never be overtaken by the value it replaces."""
-        k = self.concurrency
-        if k == 1 or total(batch) < 2 * k:
-            return await self._write_with_retry(batch, stop, attempts)
-        shards: list[list[Points]] = [[] for _ in range(k)]
-        for p in batch:
-            which = np.fromiter((hash(s) % k for s in p.series()), np.int64, len(p))
-            for j in range(k):
-                rows = np.flatnonzero(which == j)
-                if len(rows):
-                    shards[j].append(p if len(rows) == len(p) else p.take(rows.tolist()))
-        done = await asyncio.gather(*(self._write_with_retry(s, stop, attempts)
-                                      for s in shards if s))
-        return all(done)
 
     async def _isolate(self, batch: list[Points], stop: asyncio.Event | None
                        ) -> list[tuple[str, str]] | None:
