@@ -346,6 +346,7 @@ class BufferedWriter:
         queued, in order."""
         generation = self._generation
         size = -(-max(1, self.batch_points) // len(self._lanes))
+        self._more = asyncio.Event()  # this loop's (tests flush under several)
         sending: dict[asyncio.Future[Any], _Lane] = {}
         more: asyncio.Future[Any] | None = None
         failed = False
