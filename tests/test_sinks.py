@@ -4,6 +4,7 @@ a dropped database is recreated, an unreachable server is retried, never dropped
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import json
 import threading
@@ -592,3 +593,30 @@ def test_a_write_that_gives_up_keeps_its_points_queued_in_order() -> None:
     for i in range(15):  # each point's four versions, in order
         assert [ln.split(" ")[1] for ln in written if ln.startswith(f"m,d=s{i} ")] == [
             f"v={k}.0" for k in range(4)]
+
+
+def test_a_flush_cancelled_with_requests_on_their_way_leaves_nothing_behind() -> None:
+    """The worker stopping hard cancels a flush mid-request: what those requests held goes
+    back to its lanes, and the next flush writes it (a rewrite is harmless) and confirms."""
+    sink = _Gated(hold="d=w")
+    confirmed: list[object] = []
+    writer = BufferedWriter(sink, clock=ManualClock(), batch_points=10, flush_interval_ms=20,
+                            concurrency=2, on_written=confirmed.extend)
+    lines = [f"m,d=w{i} v=1.5 {T_NOW}" for i in range(30)]
+
+    async def scenario() -> None:
+        writer.add(from_lines(lines), token="t")
+        flush = asyncio.ensure_future(writer.flush(None, attempts=3))
+        await _until(sink.held.is_set, "a request on its way")
+        flush.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await flush
+        assert confirmed == []
+        assert writer.buffered == 30
+        sink.gate.set()
+        assert await writer.flush(None, attempts=3)
+
+    asyncio.run(scenario())
+    assert confirmed == ["t"]
+    assert set(sink.written()) == set(lines)
+    assert writer.buffered == 0

@@ -347,6 +347,9 @@ class BufferedWriter:
         generation = self._generation
         size = -(-max(1, self.batch_points) // len(self._lanes))
         self._more = asyncio.Event()  # this loop's (tests flush under several)
+        for lane in self._lanes:  # one flush at a time: a request still marked on its way
+            if lane.sending:      # is one a cancelled flush left behind; it goes again
+                lane.sent(False)
         sending: dict[asyncio.Future[Any], _Lane] = {}
         more: asyncio.Future[Any] | None = None
         failed = False
@@ -406,8 +409,10 @@ class BufferedWriter:
         finally:
             if more is not None:
                 more.cancel()
-            for task in sending:  # only when this was cancelled or a write raised: the
-                task.cancel()     # threads finish by themselves
+            for task, lane in sending.items():  # only when this was cancelled or a write
+                task.cancel()  # raised: its thread finishes by itself; what it held is sent
+                if generation == self._generation:  # again (a rewrite changes nothing)
+                    lane.sent(False)
 
     def _shard(self) -> None:
         """Hand the queued chunks to the lanes, by series, up to the next delete."""
