@@ -493,6 +493,9 @@ class CloudWorker:
                 log.exception("failed to handle message on %s", msg.topic)
             if msg.handle is not None:  # the engine's ack, once its effects are written
                 self.writer.add([], token=msg)
+            # a burst of queued messages is handled without a pause otherwise: the writer
+            # must get to send the first one's points while the next ones are handled
+            await asyncio.sleep(0)
 
     async def _acker(self, stop: asyncio.Event) -> None:
         """Acknowledge confirmed batches: first persist the dedup state that covers them."""

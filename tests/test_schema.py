@@ -183,3 +183,26 @@ def parse(ln: str) -> tuple[str, dict[str, int | float], str]:
 def test_rules_accept_every_output_field(name: str) -> None:
     (rule,) = parse_rules([{"name": "r", "kind": "consecutive", "field": name, "above": 1.0}])
     assert rule.field == name
+
+
+_TAG_TEXT = st.text(alphabet=st.sampled_from(list("ab1 ,=\\\n\"é")), max_size=4)
+
+
+@settings(max_examples=80, deadline=None)
+@given(rows=st.lists(st.fixed_dictionaries({"device": _TAG_TEXT, "site": _TAG_TEXT,
+                                            "a b": _TAG_TEXT}), min_size=1, max_size=12),
+       measurement=st.sampled_from(["m", "my m,x"]))
+def test_series_keys_equal_tag_prefix_whether_the_series_are_new_or_known(
+        rows: list[dict[str, str]], measurement: str) -> None:
+    """The writer's series keys, built a column at a time (new series) or looked up (known
+    ones), are ``tag_prefix`` of each row: escapes, empty values left out, tags sorted."""
+    from cloud.sinks.points import Points
+
+    def points() -> Points:
+        tags = {k: [r[k] for r in rows] for k in rows[0]}
+        return Points(measurement, tags, {"v": np.ones(len(rows))},
+                      np.arange(len(rows), dtype=np.int64))
+
+    want = [tag_prefix(measurement, r) for r in rows]
+    assert points().series() == want  # the first time (some of them new)
+    assert points().series() == want  # all known

@@ -620,3 +620,29 @@ def test_a_flush_cancelled_with_requests_on_their_way_leaves_nothing_behind() ->
     assert confirmed == ["t"]
     assert set(sink.written()) == set(lines)
     assert writer.buffered == 0
+
+
+def test_the_writer_sends_at_once_while_input_keeps_coming() -> None:
+    """No waiting for a full batch, a pause or the interval: input that never pauses (a
+    minute boundary's burst) has its first points written and confirmed while the rest is
+    still coming, in requests that grow with what gathered meanwhile."""
+    rec = _SlowRecorder()
+    confirmed: list[object] = []
+    writer = BufferedWriter(rec, clock=ManualClock(), batch_points=5_000,
+                            flush_interval_ms=60_000, concurrency=2,
+                            on_written=confirmed.extend)
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(writer.run(stop))
+        for k in range(60):  # 10 points every 5 ms: never quiet for the writer's tick
+            writer.add(from_lines([f"m,d=s{i} v={k}.5 {T_NOW + k}" for i in range(10)]),
+                       token=k)
+            await asyncio.sleep(0.005)
+        assert confirmed[:1] == [0]  # the first chunk went out long before the last came
+        await _drain_and_stop(writer, stop, task, lambda: len(confirmed) == 60)
+
+    asyncio.run(scenario())
+    assert confirmed == list(range(60))
+    assert writer.points_written == 600
+    assert max(len(req) for _, _, req in rec.requests) <= 2_500

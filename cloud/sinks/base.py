@@ -125,7 +125,7 @@ class MemorySink:
         return cls()
 
 
-_QUIET_MS = 20  # input that paused this long is written without waiting for the interval
+_TICK_MS = 20  # the writer looks for background points (which do not wake it) this often
 # background points (a gateway's ledger, health) are written this many at a time, and only when
 # nothing else is queued: a results burst waits behind one such write at most, never behind a
 # 10,000-device ledger. Under a load that never lets up (a backlog replayed) they are not held
@@ -240,7 +240,7 @@ class BufferedWriter:
         self._deletes: deque[tuple[int, list[Identity]]] = deque()  # (position, identities)
         self._tokens: deque[tuple[int, object]] = deque()  # (position after its points, token)
         self._added = 0
-        self._wake = asyncio.Event()  # a batch is full: the run loop flushes
+        self._wake = asyncio.Event()  # something to write: the run loop flushes
         self._more = asyncio.Event()  # something was queued: an idle lane may have work
         self.points_written = 0
         self.points_rejected = 0
@@ -311,27 +311,20 @@ class BufferedWriter:
             self._tokens.append((self._added, token))
         if n or token is not None:
             self._more.set()
-        if self._buffered >= self.batch_points:
             self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Flush whenever a batch is full, the input went quiet (nothing added for a short
-        tick: no reason to sit on what is there) or the interval passed; on stop, flush what is
-        left."""
-        tick_s = min(self.flush_interval_ms, _QUIET_MS) / 1000
-        seen = self._added
-        waited_s = 0.0
+        """Write as soon as there is something to write: a free lane sends what is queued for
+        it at once, and while every lane is busy, what comes meanwhile gathers into their next
+        requests (``batch_points / concurrency`` points at most), so requests grow with the
+        load instead of waiting for a timer or a full batch. Background points are looked at
+        every ``_TICK_MS``. On stop, flush what is left."""
+        tick_s = min(self.flush_interval_ms, _TICK_MS) / 1000
         while not stop.is_set():
-            woken = False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), tick_s)
-                woken = True
             self._wake.clear()
-            waited_s += tick_s
-            quiet = self._added == seen
-            seen = self._added
-            if woken or quiet or waited_s * 1000 >= self.flush_interval_ms:
-                waited_s = 0.0
+            if not self._idle():
                 await self.flush(stop)
         await self.flush(None, attempts=3)
 

@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from cloud.sinks.lineproto import escape_measurement, escape_tag, field_value, tag_prefix
+from cloud.sinks.lineproto import escape_measurement, escape_tag, field_value
 
 FieldColumn = npt.NDArray[Any] | list[Any]
 Row = tuple[Mapping[str, str], Mapping[str, object], int]  # tags, fields, time (ms)
@@ -100,14 +100,26 @@ class Points:
         cache = _PREFIXES.setdefault((self.measurement, names), {})
         if len(cache) > _MAX_PREFIXES:  # a bound, not an LRU: series sets are stable
             cache.clear()
-        out = []
-        for values in zip(*(self.tags[k] for k in names), strict=True):
-            prefix = cache.get(values)
-            if prefix is None:
-                prefix = tag_prefix(self.measurement, dict(zip(names, values, strict=True)))
-                cache[values] = prefix
-            out.append(prefix)
-        return out
+        rows = list(zip(*(self.tags[k] for k in names), strict=True))
+        try:
+            return list(map(cache.__getitem__, rows))
+        except KeyError:
+            pass
+        # series not seen before (a minute boundary after a start brings 10,000 at once):
+        # each distinct tag value escaped once, not once per series it is in
+        measurement = escape_measurement(self.measurement)
+        keys = [escape_tag(k) for k in names]
+        texts: list[dict[str, str]] = [{} for _ in names]
+        for values in set(rows).difference(cache):
+            parts = [measurement]
+            for j, v in enumerate(values):
+                if v:
+                    t = texts[j].get(v)
+                    if t is None:
+                        t = texts[j][v] = f",{keys[j]}={escape_tag(v)}"
+                    parts.append(t)
+            cache[values] = "".join(parts)
+        return list(map(cache.__getitem__, rows))
 
     def row(self, i: int) -> tuple[dict[str, str], dict[str, object], int]:
         """Row ``i`` as typed values (missing fields left out)."""
