@@ -341,8 +341,8 @@ class BufferedWriter:
         size = -(-max(1, self.batch_points) // len(self._lanes))
         self._more = asyncio.Event()  # this loop's (tests flush under several)
         for lane in self._lanes:  # one flush at a time: a request still marked on its way
-            if lane.sending:      # is one a cancelled flush left behind; it goes again
-                lane.sent(False)
+            if lane.sending:      # is one a cancelled (or raising) flush left behind; it goes
+                lane.sent(False)  # again (a rewrite changes nothing)
         sending: dict[asyncio.Future[Any], _Lane] = {}
         more: asyncio.Future[Any] | None = None
         failed = False
@@ -390,22 +390,16 @@ class BufferedWriter:
                     if generation != self._generation:  # on its way when discarded: it
                         task.exception()  # confirms nothing (an error still surfaces)
                         continue
-                    try:
-                        ok = task.result()
-                    except BaseException:
-                        lane.sent(False)
-                        raise
-                    self._buffered -= lane.sent(ok)
+                    ok = task.result()  # a write that raised stays marked on its way:
+                    self._buffered -= lane.sent(ok)  # the next flush sends it again
                     failed |= not ok
                 if generation == self._generation:
                     self._confirm()
         finally:
             if more is not None:
                 more.cancel()
-            for task, lane in sending.items():  # only when this was cancelled or a write
-                task.cancel()  # raised: its thread finishes by itself; what it held is sent
-                if generation == self._generation:  # again (a rewrite changes nothing)
-                    lane.sent(False)
+            for task in sending:  # only when this was cancelled or a write raised: the
+                task.cancel()     # threads finish by themselves
 
     def _shard(self) -> None:
         """Hand the queued chunks to the lanes, by series, up to the next delete."""
