@@ -539,6 +539,8 @@ class JetStreamSource:
                     if time.monotonic() > deadline or self._nc is None:
                         raise RuntimeError(f"replay of partition {p} stopped at {last}: "
                                            f"{exc!r}") from None
+                    # a consumer without a leader yet answers at once (503): do not spin
+                    await asyncio.sleep(0.2)
                     continue
                 for m in msgs:
                     last = m.metadata.sequence.stream

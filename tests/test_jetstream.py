@@ -194,6 +194,8 @@ detectors = ["spike", "novelty", "stuck"]
 
     async def _stream(self) -> list[tuple[int, int, str, bytes]]:
         import nats
+        import nats.errors
+        import nats.js.errors
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
         nc = await nats.connect(self.cluster_urls_alive(), connect_timeout=2)
@@ -206,8 +208,18 @@ detectors = ["spike", "novelty", "stuck"]
                 sub = await js.pull_subscribe(f"{PART}.{p}.>", stream="FIELDLINE", config=cfg)
                 pending = int((await sub.consumer_info()).num_pending or 0)
                 got = 0
+                deadline = time.monotonic() + 60
                 while got < pending:
-                    for m in await sub.fetch(min(500, pending - got), timeout=5):
+                    try:
+                        msgs = await sub.fetch(min(500, pending - got), timeout=5)
+                    except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
+                        # a new consumer without a leader yet answers 503 ("no responders"):
+                        # ask again, as the worker's own replay does, within a bound
+                        if time.monotonic() > deadline:
+                            raise
+                        await asyncio.sleep(0.2)
+                        continue
+                    for m in msgs:
                         out.append((p, m.metadata.sequence.stream, _topic(m.subject), m.data))
                         got += 1
                 await sub.unsubscribe()
