@@ -10,6 +10,7 @@ uninterrupted pass over the very same stream (detector state moved, not relearne
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -195,34 +196,40 @@ detectors = ["spike", "novelty", "stuck"]
     async def _stream(self) -> list[tuple[int, int, str, bytes]]:
         import nats
         import nats.errors
-        import nats.js.errors
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        async def partition(js: Any, p: int) -> list[tuple[int, int, str, bytes]]:
+            cfg = ConsumerConfig(deliver_policy=DeliverPolicy.ALL,
+                                 ack_policy=AckPolicy.NONE, filter_subject=f"{PART}.{p}.>")
+            sub = await js.pull_subscribe(f"{PART}.{p}.>", stream="FIELDLINE", config=cfg)
+            try:
+                pending = int((await sub.consumer_info()).num_pending or 0)
+                got: list[tuple[int, int, str, bytes]] = []
+                while len(got) < pending:
+                    for m in await sub.fetch(min(500, pending - len(got)), timeout=5):
+                        got.append((p, m.metadata.sequence.stream, _topic(m.subject), m.data))
+                return got
+            finally:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
 
         nc = await nats.connect(self.cluster_urls_alive(), connect_timeout=2)
         out: list[tuple[int, int, str, bytes]] = []
         try:
             js = nc.jetstream()
             for p in range(P):
-                cfg = ConsumerConfig(deliver_policy=DeliverPolicy.ALL,
-                                     ack_policy=AckPolicy.NONE, filter_subject=f"{PART}.{p}.>")
-                sub = await js.pull_subscribe(f"{PART}.{p}.>", stream="FIELDLINE", config=cfg)
-                pending = int((await sub.consumer_info()).num_pending or 0)
-                got = 0
                 deadline = time.monotonic() + 60
-                while got < pending:
+                while True:
                     try:
-                        msgs = await sub.fetch(min(500, pending - got), timeout=5)
-                    except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
-                        # a new consumer without a leader yet answers 503 ("no responders"):
-                        # ask again, as the worker's own replay does, within a bound
+                        out += await partition(js, p)
+                        break
+                    except nats.errors.Error:
+                        # a consumer without a leader yet answers 503 ("no responders"), a
+                        # request times out during an election: read the partition again, as
+                        # the worker's own replay asks again, within a bound
                         if time.monotonic() > deadline:
                             raise
-                        await asyncio.sleep(0.2)
-                        continue
-                    for m in msgs:
-                        out.append((p, m.metadata.sequence.stream, _topic(m.subject), m.data))
-                        got += 1
-                await sub.unsubscribe()
+                        await asyncio.sleep(0.5)
         finally:
             await nc.close()
         return out
