@@ -13,16 +13,21 @@ fleet:
 * an object of metric names and numbers, as many off-the-shelf sensors and bridges publish
   (Zigbee2MQTT, ESPHome, Tasmota-style firmware):
   ``{"ts": 1700000000000, "temperature": 21.5, "humidity": 40}``: one reading per member whose
-  value is a number, at ``ts`` (or ``time`` / ``timestamp``). Members that are no number (a
-  state text, a flag, a nested object) are no readings: left out, each name logged once. A
-  ``seq`` is not used there (it would name several readings at once);
+  value is a number, at ``ts`` (or ``time`` / ``timestamp`` / Tasmota's ``Time``), and per
+  numeric member of an object inside it, named ``<outer>_<inner>`` with anything but letters,
+  digits and ``_`` written as ``_`` (Tasmota's ``{"Time": "2026-12-03T09:00:00+01:00",
+  "DS18B20-1": {"Temperature": 20.6}}`` is ``DS18B20_1_Temperature``). Members that are no
+  number (a state text, a flag, a list, an object deeper down) are no readings: left out, each
+  name logged once. A ``seq`` is not used there (it would name several readings at once);
 * a bare number on a topic that names the metric (``metric_topic_level``), as ESPHome and
   Shelly devices publish each value (``shellies/<device>/sensor/temperature``: ``21.5``); an
   object with ``value`` but no ``metric`` takes its metric from such a topic too.
 
 A reading without any time is refused (``missing_field``) unless the gateway takes event time
 from its own clock (``[clock] policy = "receive_time"``, for devices that keep none): then it
-is the time the gateway received the message.
+is the time the gateway received the message. So is a time text without a UTC offset (its zone
+is unknown: Tasmota's local ``Time`` unless ``SetOption52 1`` adds the offset), refused as
+``wrong_type`` but taken under ``receive_time``, whose event time is the gateway's anyway.
 
 ``ts`` is event time in integer epoch milliseconds; epoch seconds (with a fraction or not),
 microseconds and nanoseconds are recognised by magnitude (``devices.readings.epoch_ms``), and an
@@ -39,6 +44,7 @@ import datetime as dt
 import json
 import logging
 import math
+import re
 from collections import Counter
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -67,9 +73,10 @@ log = logging.getLogger("fieldline.codecs")
 MAX_NESTING = 64  # deeper than any reading needs; orjson itself stops at 1,024
 # an object of metric names and numbers: where its time is (the first found), and what else is
 # no metric
-_TIME_MEMBERS = ("ts", "time", "timestamp")
+_TIME_MEMBERS = ("ts", "time", "timestamp", "Time")  # "Time": Tasmota
 _NOT_METRICS = frozenset({*_TIME_MEMBERS, "device", "seq"})
 _MAX_LOGGED = 64
+_NOT_NAME = re.compile(r"[^A-Za-z0-9_]")  # what a metric name cannot hold (devices.catalog)
 
 
 def _iso_ms(text: str) -> int | None:
@@ -429,23 +436,37 @@ class PayloadDecoder:
 
     def _members(self, doc: dict[str, Any], device: str, recv: int, out: ColumnBuilder,
                  reject: Any) -> None:
-        """An object of metric names and numbers: a reading per numeric member."""
+        """An object of metric names and numbers: a reading per numeric member, and per numeric
+        member of an object inside it, named ``<outer>_<inner>`` with what a metric name cannot
+        hold written as ``_`` (Tasmota's sensors: ``{"DS18B20-1": {"Temperature": 20.6}}`` is
+        ``DS18B20_1_Temperature``)."""
         ts = next((doc[k] for k in _TIME_MEMBERS if k in doc), None)
         found = False
         for name, value in doc.items():
             if name in _NOT_METRICS:
                 continue
-            if type(value) is int or type(value) is float:
-                found = True
-                self._one({"metric": name, "ts": ts, "value": value}, device, recv, out,
-                          reject)
-            elif name not in self._not_readings and len(self._not_readings) < _MAX_LOGGED:
-                self._not_readings.add(name)
-                log.info("member %r of %s's messages is no number: not a reading (logged "
-                         "once)", name, device)
+            if type(value) is dict:
+                for inner, v in value.items():
+                    found = self._member(_NOT_NAME.sub("_", f"{name}_{inner}"), v, ts, device,
+                                         recv, out, reject) or found
+            else:
+                found = self._member(name, value, ts, device, recv, out, reject) or found
         if not found:
             reject(rejects.MISSING_FIELD, f"{device}: needs metric, ts and value (or metric "
                    "names with numbers)")
+
+    def _member(self, name: str, value: object, ts: object, device: str, recv: int,
+                out: ColumnBuilder, reject: Any) -> bool:
+        """One member of a metric object: a reading when it is a number (True), otherwise
+        logged once by name."""
+        if type(value) is int or type(value) is float:
+            self._one({"metric": name, "ts": ts, "value": value}, device, recv, out, reject)
+            return True
+        if name not in self._not_readings and len(self._not_readings) < _MAX_LOGGED:
+            self._not_readings.add(name)
+            log.info("member %r of %s's messages is no number: not a reading (logged once)",
+                     name, device)
+        return False
 
     def _one(self, r: dict[str, Any], device: str, recv: int, out: ColumnBuilder,
              reject: Any) -> None:
@@ -468,10 +489,15 @@ class PayloadDecoder:
         elif type(ts) is float and SECONDS_FROM <= ts < SECONDS_BELOW:
             ts = round(ts * 1000)  # epoch seconds with a fraction
         elif type(ts) is str:
-            ts = _iso_ms(ts)
+            # a time text the gateway cannot place (no UTC offset) is no matter when the
+            # gateway's own clock gives the event time: the policy replaces every device time
+            parsed = _iso_ms(ts)
+            ts = recv if parsed is None and self.receive_time else parsed
         if type(ts) is not int:
             reject(rejects.WRONG_TYPE, f"{device}: ts {r.get('ts')!r} is not epoch ms (or s, "
-                   "us, ns) nor an ISO 8601 time with an offset")
+                   "us, ns) nor an ISO 8601 time with an offset (Tasmota adds it with "
+                   "SetOption52 1; a device without a usable clock: [clock] policy = "
+                   "\"receive_time\")")
             return
         if not -INT_LIMIT < ts < INT_LIMIT:  # would not fit the int64 column
             reject(rejects.BAD_TIMESTAMP, f"{device}: ts {ts} out of any plausible range")

@@ -14,6 +14,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from devices import rejects
+from devices.catalog import Catalog
 from devices.clock import ManualClock
 from devices.codecs import encode_single
 from devices.mqtt import BrokerAddress
@@ -419,17 +420,23 @@ def test_a_flood_of_made_up_device_ids_is_bounded_and_real_devices_go_through(
 @pytest.mark.integration
 def test_clockless_off_the_shelf_sensors_are_read_through_the_broker(
         mosquitto: Mosquitto, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Shelly-style bare numbers (the metric in the topic) and Zigbee2MQTT-style objects of
-    metric names and numbers, neither with a time, through a real broker into the windows of
+    """Shelly-style bare numbers (the metric in the topic), Zigbee2MQTT-style objects of
+    metric names and numbers and Tasmota's sensor objects, none with a usable time, through a
+    real broker into the windows of
     a gateway that takes event time from its own clock."""
     engine = EngineConfig(windows=(WindowSpec(size_ms=10_000),), clock_policy="receive_time")
     agent = EdgeAgent(config(tmp_path, intake_broker=mosquitto.address, engine=engine,
                              uplink_broker=mosquitto.address, tick_ms=20,
-                             topics=["shellies/+/sensor/+"], metric_topic_level=3))
+                             topics=["shellies/+/sensor/+"], metric_topic_level=3,
+                             catalog=Catalog(undeclared="accept")))  # as deploy/gateway.toml
     sent = [("shellies/sh1/sensor/temperature", b"21.5"), ("shellies/sh1/sensor/humidity", b"40"),
             ("shellies/z1/sensor/state", orjson.dumps({"temperature": 19.0, "pressure": 1013,
                                                        "contact": True, "update": {}})),
-            ("shellies/sh1/sensor/relay", b'"on"')]
+            ("shellies/sh1/sensor/relay", b'"on"'),
+            # Tasmota: a sensor's object of quantities, its local time without an offset
+            ("shellies/tas1/sensor/SENSOR", orjson.dumps({
+                "Time": "2026-12-03T10:00:00", "AM2301": {"Temperature": 20.6, "Humidity": 46},
+                "TempUnit": "C"}))]
 
     async def scenario() -> None:
         stop, task, c = await running(agent, mosquitto)
@@ -452,10 +459,12 @@ def test_clockless_off_the_shelf_sensors_are_read_through_the_broker(
     assert len(logged) == 1
     assert "reason=malformed_payload" in logged[0]
     assert "detail=malformed_payload: " in logged[0]  # its own reason's sample
-    assert s["readings_accepted"] == 4  # 21.5, 40, and temperature + pressure of z1
+    # 21.5, 40, temperature + pressure of z1, and the AM2301's two
+    assert s["readings_accepted"] == 6
     assert s["rejected"] == 1  # "on" is no number
     names = set(agent.pipeline.metrics.names)
-    assert {"temperature", "humidity", "pressure"} <= names
+    assert {"temperature", "humidity", "pressure", "AM2301_Temperature",
+            "AM2301_Humidity"} <= names
     assert "contact" not in names
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 import orjson
@@ -140,8 +141,6 @@ def test_event_times_in_seconds_micro_nanoseconds_and_iso_8601_are_read_as_milli
     """Devices send epoch seconds (whole or with a fraction), microseconds, nanoseconds or ISO
     8601 with an offset as often as milliseconds. Told apart by magnitude where milliseconds
     cannot be meant, each lands on the same event time; a batch may mix them."""
-    import datetime as dt
-
     t = 1_764_752_400_250  # 2025-12-03T09:00:00.250Z
     iso = dt.datetime.fromtimestamp(t / 1000, dt.UTC)
     forms: list[object] = [t, t / 1000, t * 1000, t * 1_000_000, iso.isoformat(),
@@ -201,6 +200,45 @@ def test_a_metric_object_counts_each_bad_member_on_its_own() -> None:
     cols, bad, _ = d.decode(msgs)
     assert cols.value.tolist() == [40.5]
     assert bad == {rejects.OUT_OF_RANGE: 1, rejects.MISSING_FIELD: 1, rejects.WRONG_TYPE: 1}
+
+
+def test_tasmota_sensor_objects_are_readings_named_by_sensor_and_quantity() -> None:
+    """Tasmota's ``tele/<device>/SENSOR``: each sensor an object of quantities, ``Time`` local
+    (with its offset only under ``SetOption52 1``), texts beside them. A number inside a
+    sensor's object is a reading ``<sensor>_<quantity>``; texts, lists and anything deeper are
+    not; a time without an offset is refused, counted, unless the gateway's clock gives the
+    event time."""
+    t = dt.datetime.fromtimestamp(T / 1000, dt.timezone(dt.timedelta(hours=1)))
+    energy = {"TotalStartTime": "2019-11-02T10:13:52", "Total": 0.011, "Power": 26,
+              "Voltage": 227, "Channels": [1, 2], "Deep": {"x": 1}}
+    with_offset = orjson.dumps({"Time": t.isoformat(), "AM2301": {"Temperature": 20.6,
+                                                                  "Humidity": 46},
+                                "ENERGY": energy, "TempUnit": "C"})
+    d = PayloadDecoder(Interner(), Interner(), device_topic_level=1)
+    cols, bad, _ = d.decode([("tele/plug-1/SENSOR", with_offset, T + 900)])
+    assert not bad
+    got = {d.metrics.names[m]: v for m, v in zip(cols.metric, cols.value.tolist(), strict=True)}
+    assert got == {"AM2301_Temperature": 20.6, "AM2301_Humidity": 46.0, "ENERGY_Total": 0.011,
+                   "ENERGY_Power": 26.0, "ENERGY_Voltage": 227.0}
+    assert cols.ts.tolist() == [T] * 5
+    assert {d.devices.names[i] for i in cols.device} == {"plug-1"}
+
+    local = orjson.dumps({"Time": "2026-12-03T10:00:00", "DS18B20-1": {
+        "Id": "01144A0CB2AA", "Temperature": 22.5}})
+    cols, bad, samples = d.decode([("tele/plug-1/SENSOR", local, T)])
+    assert len(cols) == 0
+    assert bad == {rejects.WRONG_TYPE: 1}
+    assert any("SetOption52" in s and "receive_time" in s for s in samples)
+    d = PayloadDecoder(Interner(), Interner(), device_topic_level=1, receive_time=True)
+    cols, bad, _ = d.decode([("tele/plug-1/SENSOR", local, T)])
+    assert not bad
+    assert [d.metrics.names[m] for m in cols.metric] == ["DS18B20_1_Temperature"]
+    assert cols.ts.tolist() == [T]
+    # still refused under receive_time: no number at all, or a time that is no text
+    cols, bad, _ = d.decode([("tele/plug-1/SENSOR", orjson.dumps({"Time": "x", "S": {
+        "Id": "a"}}), T), ("tele/plug-1/SENSOR", orjson.dumps({"ts": [1], "t": 1.5}), T)])
+    assert len(cols) == 0
+    assert bad == {rejects.MISSING_FIELD: 1, rejects.WRONG_TYPE: 1}
 
 
 def test_readings_without_a_time_need_the_receive_time_policy() -> None:
