@@ -133,6 +133,9 @@ class CloudWorker:
         self.counters: Counter[str] = Counter()
         self.lag_ms: deque[int] = deque(maxlen=5000)  # edge publish -> InfluxDB confirmed
         self.freshness_ms: deque[int] = deque(maxlen=5000)  # window end -> InfluxDB confirmed
+        # batches whose newest window ended before this are history (a backfill, a replay):
+        # not counted in freshness (0: all are)
+        self.freshness_since_ms = 0
         self.edge_health: dict[str, HealthReport] = {}
         # (gateway, incarnation) -> (acked, rejected) batch numbers, sent by the acker task
         self._acks: dict[tuple[str, int], tuple[list[int], list[int], dict[int, str]]] = {}
@@ -340,7 +343,7 @@ class CloudWorker:
             self.written_by_gateway[gw] = self.written_by_gateway.get(gw, 0) + n
             self.counters["results_written"] += n
             self.lag_ms.append(now - sent)
-            if max_end:
+            if max_end and max_end >= self.freshness_since_ms:
                 self.freshness_ms.append(now - max_end)
         if done:
             self._background(self._source_done(done))

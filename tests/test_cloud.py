@@ -170,6 +170,32 @@ def test_results_of_a_device_registered_to_another_gateway_are_refused(
     assert [a[0] for a in worker._acks.values()] == [[3]]
 
 
+class Burst:
+    """A source of ``n`` results batches, all queued already: one window each, 10 s apart."""
+    partitions = 1
+    per_partition_state = False
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.yielded = 0
+
+    async def messages(self):  # type: ignore[no-untyped-def]
+        for k in range(self.n):  # nothing awaited: all of them were queued already
+            self.yielded += 1
+            yield SourceMessage(0, k + 1, results_topic("gw-1"),
+                                session_batch(k, T + k * 10_000, 4, []).encode())
+
+    async def ack(self, *_a: object, **_k: object) -> bool:
+        return True
+
+
+def _memory_worker(source: Burst, sink: object) -> CloudWorker:
+    return CloudWorker(
+        CloudConfig(worker_id="t", broker=BrokerAddress(host="127.0.0.1", port=1),
+                    influx=InfluxConfig(url="http://127.0.0.1:1", database="unused")),
+        registry=Registry(), source=source, sink=sink)  # type: ignore[arg-type]
+
+
 def test_the_writer_sends_a_bursts_first_results_while_the_rest_are_handled() -> None:
     """Messages that are already queued (a minute boundary's burst) are handled one after the
     other without the source ever making the worker wait: the worker must still let its writer
@@ -177,23 +203,6 @@ def test_the_writer_sends_a_bursts_first_results_while_the_rest_are_handled() ->
     InfluxDB idled for the burst's first 0.4 s in the latency bench)."""
     from cloud.sinks.base import MemorySink
     from cloud.sinks.points import Points
-
-    class Burst:
-        partitions = 1
-        per_partition_state = False
-
-        def __init__(self, n: int) -> None:
-            self.n = n
-            self.yielded = 0
-
-        async def messages(self):  # type: ignore[no-untyped-def]
-            for k in range(self.n):  # nothing awaited: all of them were queued already
-                self.yielded += 1
-                yield SourceMessage(0, k + 1, results_topic("gw-1"),
-                                    session_batch(k, T + k * 10_000, 4, []).encode())
-
-        async def ack(self, *_a: object, **_k: object) -> bool:
-            return True
 
     class Recording(MemorySink):
         def __init__(self) -> None:
@@ -206,11 +215,24 @@ def test_the_writer_sends_a_bursts_first_results_while_the_rest_are_handled() ->
 
     source = Burst(40)
     sink = Recording()
-    worker = CloudWorker(
-        CloudConfig(worker_id="t", broker=BrokerAddress(host="127.0.0.1", port=1),
-                    influx=InfluxConfig(url="http://127.0.0.1:1", database="unused")),
-        registry=Registry(), source=source, sink=sink)  # type: ignore[arg-type]
+    worker = _memory_worker(source, sink)
     asyncio.run(asyncio.wait_for(worker.run(asyncio.Event()), 30))
     assert source.yielded == 40
     assert worker.stats()["results_written"] == 40
     assert sink.seen_at[0] < 40, sink.seen_at
+
+
+def test_freshness_leaves_out_history_older_than_its_start() -> None:
+    """Window end -> InfluxDB is counted for every written batch, except, once the worker is
+    told where live data begins (the demo: after its backfill), batches whose newest window
+    ended before that: their age is the backfill's, not the pipeline's."""
+    from cloud.sinks.base import MemorySink
+
+    counted = []
+    for since in (0, T + 20 * 10_000 + 5_000):  # batch k's window ends at T + k * 10 s + 5 s
+        worker = _memory_worker(Burst(40), MemorySink())
+        worker.freshness_since_ms = since
+        asyncio.run(asyncio.wait_for(worker.run(asyncio.Event()), 30))
+        assert worker.stats()["results_written"] == 40
+        counted.append(len(worker.freshness_ms))
+    assert counted == [40, 20]
