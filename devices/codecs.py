@@ -13,12 +13,13 @@ fleet:
 * an object of metric names and numbers, as many off-the-shelf sensors and bridges publish
   (Zigbee2MQTT, ESPHome, Tasmota-style firmware):
   ``{"ts": 1700000000000, "temperature": 21.5, "humidity": 40}``: one reading per member whose
-  value is a number, at ``ts`` (or ``time`` / ``timestamp`` / Tasmota's ``Time``), and per
-  numeric member of an object inside it, named ``<outer>_<inner>`` with anything but letters,
-  digits and ``_`` written as ``_`` (Tasmota's ``{"Time": "2026-12-03T09:00:00+01:00",
-  "DS18B20-1": {"Temperature": 20.6}}`` is ``DS18B20_1_Temperature``). Members that are no
-  number (a state text, a flag, a list, an object deeper down) are no readings: left out, each
-  name logged once. A ``seq`` is not used there (it would name several readings at once);
+  value is a number, at ``ts`` (or ``time`` / ``timestamp`` / Tasmota's ``Time``). An object
+  with no number at its own level has one per numeric member of each object inside it, named
+  ``<outer>_<inner>`` with anything but letters, digits and ``_`` written as ``_`` (Tasmota's
+  ``{"Time": "2026-12-03T09:00:00+01:00", "DS18B20-1": {"Temperature": 20.6}}`` is
+  ``DS18B20_1_Temperature``). Members that are no number (a state text, a flag, a list, an
+  object beside top-level numbers, an object deeper down) are no readings: left out, each name
+  logged once. A ``seq`` is not used there (it would name several readings at once);
 * a bare number on a topic that names the metric (``metric_topic_level``), as ESPHome and
   Shelly devices publish each value (``shellies/<device>/sensor/temperature``: ``21.5``); an
   object with ``value`` but no ``metric`` takes its metric from such a topic too.
@@ -436,16 +437,20 @@ class PayloadDecoder:
 
     def _members(self, doc: dict[str, Any], device: str, recv: int, out: ColumnBuilder,
                  reject: Any) -> None:
-        """An object of metric names and numbers: a reading per numeric member, and per numeric
-        member of an object inside it, named ``<outer>_<inner>`` with what a metric name cannot
-        hold written as ``_`` (Tasmota's sensors: ``{"DS18B20-1": {"Temperature": 20.6}}`` is
-        ``DS18B20_1_Temperature``)."""
+        """An object of metric names and numbers: a reading per numeric member. An object
+        without any, whose numbers are all one object down (Tasmota's sensors:
+        ``{"DS18B20-1": {"Temperature": 20.6}}``), has a reading per numeric member of each
+        object inside it, named ``<outer>_<inner>`` with what a metric name cannot hold written
+        as ``_`` (``DS18B20_1_Temperature``). Where the numbers are at the top (Zigbee2MQTT), the
+        objects beside them are metadata (``"update": {"installed_version": ..}``): no readings."""
         ts = next((doc[k] for k in _TIME_MEMBERS if k in doc), None)
+        nested = not any(type(v) is int or type(v) is float
+                         for k, v in doc.items() if k not in _NOT_METRICS)
         found = False
         for name, value in doc.items():
             if name in _NOT_METRICS:
                 continue
-            if type(value) is dict:
+            if nested and type(value) is dict:
                 for inner, v in value.items():
                     found = self._member(_NOT_NAME.sub("_", f"{name}_{inner}"), v, ts, device,
                                          recv, out, reject) or found

@@ -177,10 +177,12 @@ def test_times_that_are_no_time_are_still_rejected() -> None:
 
 def test_an_object_of_metric_names_and_numbers_is_a_reading_per_number() -> None:
     """Zigbee2MQTT / ESPHome-style: every numeric member a reading at the message's time;
-    texts, flags and nested objects are no readings (not rejections either)."""
+    texts, flags and objects beside the numbers (Zigbee2MQTT's firmware ``update``) are no
+    readings (not rejections either)."""
     d = decoder()
     payload = orjson.dumps({"temperature": 21.5, "humidity": 40, "linkquality": 120,
-                            "state": "ON", "battery_low": False, "update": {"state": "idle"},
+                            "state": "ON", "battery_low": False,
+                            "update": {"state": "idle", "installed_version": 587765297},
                             "time": T / 1000, "seq": 9})
     cols, bad, _ = d.decode([("devices/z1/readings", payload, T + 700)])
     assert not bad
