@@ -29,6 +29,8 @@ from cloud.config import load_cloud_config
 from cloud.ingest import PartitionEvent, SourceMessage
 from cloud.jetstream import (
     PART,
+    JetStreamConfig,
+    JetStreamSource,
     _topic,
     gateway_from_token,
     gateway_token,
@@ -53,6 +55,44 @@ def test_gateway_ids_round_trip_through_subject_tokens(gw: str) -> None:
     assert tok
     assert all(c.isascii() and (c.isalnum() or c in "_-~") for c in tok)
     assert gateway_from_token(tok) == gw
+
+
+def test_a_replay_waits_between_asks_while_the_consumer_is_not_ready() -> None:
+    """A consumer just created on a cluster answers 503 at once until it has a leader (the CI
+    failure of 2026-12-03): the replay asks again after a pause, not in a busy loop, and gives
+    the partition up at its bound. Its first second is watched: a spin makes thousands of asks."""
+    import nats.js.errors
+
+    class Sub:
+        asks = 0
+
+        async def consumer_info(self) -> Any:
+            return type("Info", (), {"num_pending": 3})()
+
+        async def fetch(self, n: int, timeout: float) -> list[Any]:
+            Sub.asks += 1
+            raise nats.js.errors.ServiceUnavailableError
+
+        async def unsubscribe(self) -> None:
+            return None
+
+    class Js:
+        async def pull_subscribe(self, *_a: object, **_k: object) -> Sub:
+            return Sub()
+
+    class Nc:
+        def jetstream(self) -> Js:
+            return Js()
+
+    src = JetStreamSource(JetStreamConfig(servers=("nats://127.0.0.1:1",)), worker_id="w")
+    src._nc = Nc()
+
+    async def watch() -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(src._replay(0, 9, 1), 1.0)
+
+    asyncio.run(watch())
+    assert 1 <= Sub.asks <= 10, Sub.asks
 
 
 def _run(coro: Any) -> Any:
