@@ -38,10 +38,15 @@ def field_value(v: object) -> str | None:
     return None
 
 
+def tag_text(key: str, value: str) -> str:
+    """``,key=value``, escaped: one tag of a series key."""
+    return f",{escape_tag(key)}={escape_tag(value)}"
+
+
 def tag_prefix(measurement: str, tags: Mapping[str, str]) -> str:
     """``measurement,k=v,...`` with tags sorted (InfluxDB's preferred order) and empty ones left
     out."""
-    tagstr = "".join(f",{escape_tag(k)}={escape_tag(v)}" for k, v in sorted(tags.items()) if v)
+    tagstr = "".join(tag_text(k, v) for k, v in sorted(tags.items()) if v)
     return escape_measurement(measurement) + tagstr
 
 

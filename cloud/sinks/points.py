@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from cloud.sinks.lineproto import escape_measurement, escape_tag, field_value
+from cloud.sinks.lineproto import escape_measurement, escape_tag, field_value, tag_text
 
 FieldColumn = npt.NDArray[Any] | list[Any]
 Row = tuple[Mapping[str, str], Mapping[str, object], int]  # tags, fields, time (ms)
@@ -108,7 +108,6 @@ class Points:
         # series not seen before (a minute boundary after a start brings 10,000 at once):
         # each distinct tag value escaped once, not once per series it is in
         measurement = escape_measurement(self.measurement)
-        keys = [escape_tag(k) for k in names]
         texts: list[dict[str, str]] = [{} for _ in names]
         for values in set(rows).difference(cache):
             parts = [measurement]
@@ -116,7 +115,7 @@ class Points:
                 if v:
                     t = texts[j].get(v)
                     if t is None:
-                        t = texts[j][v] = f",{keys[j]}={escape_tag(v)}"
+                        t = texts[j][v] = tag_text(names[j], v)
                     parts.append(t)
             cache[values] = "".join(parts)
         return list(map(cache.__getitem__, rows))
