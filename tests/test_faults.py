@@ -12,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -341,10 +342,11 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def fill(disk: Path) -> Path:
-    """Fill ``disk`` to the last byte (ENOSPC for everyone else)."""
+    """Fill ``disk`` to the last byte (ENOSPC for everyone else); called again, take what was
+    freed meanwhile (an agent's checkpoint replacing its previous one frees the old file)."""
     filler = disk / "filler"
     block = b"\0" * 65536
-    with filler.open("wb", buffering=0) as fh:
+    with filler.open("ab", buffering=0) as fh:
         with contextlib.suppress(OSError):
             while True:
                 fh.write(block)
@@ -367,9 +369,17 @@ def test_r12_disk_full_under_the_agent_loses_nothing(
     try:
         rig.start_chain(fleet_s=16)
         time.sleep(3)
+        # full for 8 s, then (still full) until a health report made since says so: the worker
+        # writes health as background points, up to 5 s behind its results
+        start = time.monotonic()
         filler = fill(small_disk)
-        time.sleep(8)
-        h = rig.health("edge")
+        h: dict[str, Any] = {}
+        while time.monotonic() - start < 8 or (not h.get("disk_blocked")
+                                                and time.monotonic() - start < 30):
+            time.sleep(0.2)
+            fill(small_disk)
+            if time.monotonic() - start >= 8:
+                h = rig.health("edge")
         filler.unlink()
         rig.wait_fleet()
         led = finish(rig)
