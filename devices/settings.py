@@ -7,12 +7,14 @@
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
 import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from devices.errors import ConfigError
 
@@ -95,6 +97,49 @@ def usable_dir(path: Path, key: str, source: str | None = None) -> None:
     except OSError as exc:
         raise ConfigError(key, f"{path} cannot be used: {exc.strerror or exc}",
                           source=source) from None
+
+
+log = logging.getLogger("fieldline.settings")
+
+_HELD: dict[Path, IO[str]] = {}  # directory locks this process holds, for its whole life
+
+
+def lock_dir(path: Path, key: str, source: str | None = None, name: str = ".lock") -> None:
+    """Take ``path`` for this process alone, until it exits: a second agent (or worker) on the
+    same state directory (say, one started by hand beside the systemd service) fails at start
+    naming the key and the process that holds it, instead of both writing the same outbox,
+    sequence file and checkpoints. The lock is the kernel's (``flock``): it goes with the
+    process, however it ends, so a crash leaves nothing to clean up. The file holds the pid of
+    its holder, for the message. Where the filesystem has no locks, a warning and no lock."""
+    lock = (path / name).resolve()
+    if lock in _HELD:
+        return
+    try:
+        fh = lock.open("a+")
+    except OSError as exc:
+        raise ConfigError(key, f"{path} cannot be used: {exc.strerror or exc}",
+                          source=source) from None
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip()
+        fh.close()
+        who = f"process {holder}" if holder.isdigit() else "another process"
+        raise ConfigError(key, f"{path} is in use by {who}, another fieldline run on the same "
+                          "state directory: two would overwrite each other's state. Stop that "
+                          f"one (a systemd service?) or give this one a {key} of its own",
+                          source=source) from None
+    except OSError as exc:  # ENOLCK, EOPNOTSUPP: a filesystem without locks
+        log.warning("%s could not be locked (%s): make sure no other fieldline process uses it",
+                    path, exc.strerror or exc)
+        fh.close()
+        return
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    _HELD[lock] = fh
 
 
 def load_toml(path: str | Path) -> Section:

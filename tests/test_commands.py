@@ -174,3 +174,63 @@ broker = "mqtts://127.0.0.1:2"
         agent.send_signal(signal.SIGTERM)
         out, _ = agent.communicate(timeout=30)
     assert agent.returncode == 0, out[-3000:]
+
+
+def _started(proc: subprocess.Popen[str], lock: Path) -> None:
+    """Wait until ``proc`` holds ``lock`` (its pid written there), past its start-up."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if lock.exists() and lock.read_text().strip() == str(proc.pid):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{proc.args} did not take {lock}: "
+                         f"{proc.communicate(timeout=30)[0][-2000:]}")
+
+
+@pytest.mark.parametrize("part", ["edge", "cloud"])
+def test_a_second_run_on_the_same_state_directory_is_refused_at_start(
+        tmp_path: Path, part: str) -> None:
+    """Two agents (or workers) on one state directory (one started by hand beside the systemd
+    service) would both append to one outbox and rewrite one sequence file and one checkpoint.
+    The second fails at start naming the key and the holder's pid; the first runs on untouched;
+    once it is gone, stopped or SIGKILLed, the directory can be taken again."""
+    state = tmp_path / "state"
+    cfg = tmp_path / f"{part}.toml"
+    if part == "edge":
+        cfg.write_text(f'[gateway]\nid = "gw-1"\nstate_dir = "{state}"\n'
+                       '[intake]\nbroker = "mqtt://127.0.0.1:1"\n'
+                       '[uplink]\nbroker = "mqtt://127.0.0.1:2"\n')
+        key = "gateway.state_dir"
+    else:
+        cfg.write_text(f'[worker]\nid = "cloud-1"\nstate_dir = "{state}"\n'
+                       '[ingest]\nbroker = "mqtt://127.0.0.1:1"\n'
+                       '[influxdb]\nurl = "http://127.0.0.1:2"\n')
+        key = "worker.state_dir"
+    run = [*CMD, part, "run", "--config", str(cfg)]
+    lock = state / ".lock"
+    first = subprocess.Popen(run, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _started(first, lock)
+        second = subprocess.run(run, capture_output=True, text=True, timeout=60, check=False)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert key in second.stderr
+        assert f"process {first.pid}" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert first.poll() is None  # the one holding it runs on
+    finally:
+        first.send_signal(signal.SIGTERM)
+        out, _ = first.communicate(timeout=60)
+    assert first.returncode == 0, out[-3000:]
+    # stopped: taken again; SIGKILLed: the lock went with the process, nothing to clean up
+    again = subprocess.Popen(run, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _started(again, lock)
+    finally:
+        again.kill()
+        again.communicate(timeout=30)
+    last = subprocess.Popen(run, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _started(last, lock)
+    finally:
+        last.send_signal(signal.SIGTERM)
+        last.communicate(timeout=60)
