@@ -9,6 +9,11 @@ waits for its original's acknowledgement. Anything older than the horizon counts
 
 The state is snapshotted to disk by the worker, so a restarted worker still recognises the
 batches it wrote (and an old revision re-sent after a newer one cannot overwrite it).
+
+A copy is a copy only if it is the same batch: the digests of each gateway's latest
+``DIGESTS`` batch numbers are remembered (in memory: 24 bytes each), and a batch under a taken
+number with another digest is a *conflict* (two agents numbering under one gateway and
+incarnation: a copied state directory), to be written, not dropped.
 """
 
 from __future__ import annotations
@@ -20,13 +25,20 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
+
 log = logging.getLogger("fieldline.cloud.dedup")
+
+
+DIGESTS = 512  # batch numbers per gateway (and incarnation) whose digests are remembered
 
 
 class Seen(Enum):
     NEW = 0
     PENDING = 1
     WRITTEN = 2
+    CONFLICT = 3  # a taken number, another digest: not a copy of that batch
 
 
 @dataclass
@@ -34,6 +46,23 @@ class _GatewaySeqs:
     high: int = -1
     pending: set[int] = field(default_factory=set)
     written: set[int] = field(default_factory=set)
+    # ring by number: which number each slot holds, and that batch's digest (16 bytes)
+    seqs: npt.NDArray[np.int64] | None = None
+    digests: npt.NDArray[np.bytes_] | None = None
+
+    def remember(self, seq: int, digest: str) -> None:
+        if self.seqs is None or self.digests is None:
+            self.seqs = np.full(DIGESTS, -1, np.int64)
+            self.digests = np.zeros(DIGESTS, "S16")
+        slot = seq % DIGESTS
+        if seq >= self.seqs[slot]:
+            self.seqs[slot] = seq
+            self.digests[slot] = bytes.fromhex(digest)
+
+    def digest(self, seq: int) -> str | None:
+        if self.seqs is None or self.digests is None or self.seqs[seq % DIGESTS] != seq:
+            return None
+        return bytes(self.digests[seq % DIGESTS]).ljust(16, b"\0").hex()
 
 
 class BatchDedup:
@@ -41,6 +70,7 @@ class BatchDedup:
         self.horizon = horizon
         self._gw: dict[str, _GatewaySeqs] = {}
         self.duplicates = 0
+        self.conflicts = 0
 
     def state(self, gateway: str, seq: int) -> Seen:
         g = self._gw.get(gateway)
@@ -66,13 +96,21 @@ class BatchDedup:
         g.pending.discard(seq)
         g.written.add(seq)
 
-    def check_and_record(self, gateway: str, seq: int) -> Seen:
-        """NEW (and now pending), or the state of the earlier copy (counted as a duplicate)."""
+    def check_and_record(self, gateway: str, seq: int, digest: str | None = None) -> Seen:
+        """NEW (and now pending), or the state of the earlier copy (counted as a duplicate),
+        or CONFLICT: the number is taken by a batch with another ``digest`` (counted)."""
         st = self.state(gateway, seq)
         if st is Seen.NEW:
             self.record(gateway, seq)
-        else:
-            self.duplicates += 1
+            if digest is not None:
+                self._gw[gateway].remember(seq, digest)
+            return st
+        g = self._gw.get(gateway)
+        known = g.digest(seq) if g is not None and digest is not None else None
+        if known is not None and known != digest:
+            self.conflicts += 1
+            return Seen.CONFLICT
+        self.duplicates += 1
         return st
 
     # ---- durability --------------------------------------------------------------------------

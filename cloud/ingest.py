@@ -63,7 +63,8 @@ class PartitionedSource(Protocol):
     def messages(self) -> AsyncIterator[SourceMessage | PartitionEvent]: ...
 
     async def ack(self, gateway: str, acked: list[int], rejected: list[int],
-                  incarnation: int = 0, proofs: dict[int, str] | None = None) -> bool:
+                  incarnation: int = 0, proofs: dict[int, str] | None = None,
+                  conflicts: list[int] | None = None) -> bool:
         """Tell a gateway (its ``incarnation``) which batches are safely stored (and which are
         unusable); False when it could not be sent now (the gateway will re-send, and be
         acked again)."""
@@ -161,7 +162,7 @@ class MqttSource:
 
     async def ack(self, gateway: str, acked: list[int], rejected: list[int],
                   incarnation: int = 0, proofs: dict[int, str] | None = None,
-                  timeout_s: float = 10.0) -> bool:
+                  conflicts: list[int] | None = None, timeout_s: float = 10.0) -> bool:
         """Publish the ack and wait for its PUBACK; False (counted, logged) when it could not
         be sent or the broker refused it: the gateway will re-send, and be acked again."""
         import aiomqtt
@@ -170,7 +171,7 @@ class MqttSource:
         if client is None:
             return False
         try:
-            payload = encode_ack(acked, rejected, incarnation, proofs)
+            payload = encode_ack(acked, rejected, incarnation, proofs, conflicts)
             info = self._paho.publish(ack_topic(gateway), payload, qos=1)
             if info.rc != 0:
                 raise aiomqtt.MqttError(f"publish failed ({info.rc})")

@@ -342,12 +342,14 @@ class JetStreamSource:
             await asyncio.wait_for(nc.close(), 2)
 
     async def ack(self, gateway: str, acked: list[int], rejected: list[int],
-                  incarnation: int = 0, proofs: dict[int, str] | None = None) -> bool:
+                  incarnation: int = 0, proofs: dict[int, str] | None = None,
+                  conflicts: list[int] | None = None) -> bool:
         if self._nc is None or not self._nc.is_connected:
             return False
         try:
             await self._nc.publish(f"{ACK}.{gateway_token(gateway)}",
-                                   encode_ack(acked, rejected, incarnation, proofs))
+                                   encode_ack(acked, rejected, incarnation, proofs,
+                                              conflicts))
         except Exception as exc:
             log.warning("could not publish the ack for %s: %s", gateway, exc)
             return False

@@ -138,7 +138,10 @@ class CloudWorker:
         self.freshness_since_ms = 0
         self.edge_health: dict[str, HealthReport] = {}
         # (gateway, incarnation) -> (acked, rejected) batch numbers, sent by the acker task
-        self._acks: dict[tuple[str, int], tuple[list[int], list[int], dict[int, str]]] = {}
+        self._acks: dict[tuple[str, int], tuple[list[int], list[int], dict[int, str],
+                                                list[int]]] = {}
+        # (gateway, incarnation, seq) of batches written as conflicts, until acknowledged
+        self._conflicted: set[tuple[str, int, int]] = set()
         self.written_by_gateway: dict[str, int] = {}  # results written since this worker start
         self.max_tracked_revisions = 1_000_000  # per partition (dedup covers older re-sends)
         self._ack_wake = asyncio.Event()
@@ -170,9 +173,13 @@ class CloudWorker:
     def _ack(self, gateway: str, inc: int, seq: int, digest: str, *,
              rejected: bool = False) -> None:
         """Acknowledge batch ``seq``, naming the digest of what we received as its proof."""
-        acked, refused, proofs = self._acks.setdefault((gateway, inc), ([], [], {}))
+        acked, refused, proofs, conflicts = self._acks.setdefault((gateway, inc),
+                                                                  ([], [], {}, []))
         (refused if rejected else acked).append(seq)
         proofs[seq] = digest
+        if self._conflicted and (gateway, inc, seq) in self._conflicted:
+            self._conflicted.discard((gateway, inc, seq))
+            conflicts.append(seq)  # the agent that gets it numbers under a new incarnation
         self._ack_wake.set()
 
     def handle(self, msg: SourceMessage) -> None:
@@ -220,8 +227,20 @@ class CloudWorker:
     def _handle_results(self, batch: ResultBatch, digest: str, part: PartitionState,
                         pkey: int = 0) -> None:
         inc = batch.incarnation
-        seen = part.dedup.check_and_record(dedup_key(batch.gateway, inc), batch.seq)
-        if seen is Seen.WRITTEN:  # written before: the edge missed our ack, say it again
+        seen = part.dedup.check_and_record(dedup_key(batch.gateway, inc), batch.seq, digest)
+        if seen is Seen.CONFLICT:  # written like a new one: it is not a copy of the first
+            self.counters["batch_conflicts"] += 1
+            if len(self._conflicted) < 100_000:  # (a bound; acked ones leave it)
+                self._conflicted.add((batch.gateway, inc, batch.seq))
+            n = self.counters["batch_conflicts"]
+            if n <= 5 or n % 1000 == 0:
+                log.error("gateway %s sent two different batches numbered %d (incarnation %d; "
+                          "%d such so far): two agents run as this gateway from copies of one "
+                          "state directory (an SD card image?). Both are written, and the agent "
+                          "that gets the ack numbers under a new incarnation; give each gateway "
+                          "its own [gateway] id and state directory", batch.gateway,
+                          batch.seq, inc, n)
+        elif seen is Seen.WRITTEN:  # written before: the edge missed our ack, say it again
             self.counters["duplicate_batches"] += 1
             self._ack(batch.gateway, inc, batch.seq, digest)
             return
@@ -423,6 +442,8 @@ class CloudWorker:
             "messages_in": c["messages_in"],
             "batches_in": c["batches_in"],
             "duplicate_batches": c["duplicate_batches"],
+            # another batch under a number already taken (two agents, one copied state)
+            "batch_conflicts": c["batch_conflicts"],
             "results_in": c["results_in"],
             "results_written": c["results_written"],
             "rejected_messages": self.rejects.total,
@@ -511,8 +532,8 @@ class CloudWorker:
             todo, self._acks = self._acks, {}
             if self._dedup_path is not None and not self.per_partition:
                 await asyncio.to_thread(self.dedup.save, self._dedup_path)
-            for (gw, inc), (acked, rejected, proofs) in todo.items():
-                if await self.source.ack(gw, acked, rejected, inc, proofs):
+            for (gw, inc), (acked, rejected, proofs, conflicts) in todo.items():
+                if await self.source.ack(gw, acked, rejected, inc, proofs, conflicts or None):
                     self.counters["acks_sent"] += len(acked) + len(rejected)
                 else:
                     self.counters["acks_unsent"] += len(acked) + len(rejected)

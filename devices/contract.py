@@ -112,17 +112,24 @@ class Ack:
     rejected: list[int]
     incarnation: int = 0
     proofs: dict[int, str] = field(default_factory=dict)
+    # of ``acked``: batches that came under a number the cloud already had another batch of
+    # (two agents numbering under this incarnation: a copied state directory)
+    conflicts: list[int] = field(default_factory=list)
 
 
 def encode_ack(acked: list[int], rejected: list[int] | None = None, incarnation: int = 0,
-               proofs: dict[int, str] | None = None) -> bytes:
+               proofs: dict[int, str] | None = None,
+               conflicts: list[int] | None = None) -> bytes:
     """Batches now in InfluxDB (``acked``), and batches the cloud cannot use (``rejected``),
-    of the agent incarnation ``incarnation``, with the digest of each as received."""
+    of the agent incarnation ``incarnation``, with the digest of each as received; and which
+    of them were ``conflicts`` (another batch had their number: see ``Ack``)."""
     doc: dict[str, Any] = {"v": VERSION, "acked": acked, "rejected": rejected or []}
     if incarnation:
         doc["inc"] = incarnation
     if proofs:
         doc["proof"] = {str(k): v for k, v in proofs.items()}
+    if conflicts:
+        doc["conflict"] = conflicts
     return orjson.dumps(doc)
 
 
@@ -144,7 +151,10 @@ def decode_ack(payload: bytes) -> Ack:
     if not isinstance(raw, dict) or not all(
             isinstance(k, str) and k.isdigit() and isinstance(v, str) for k, v in raw.items()):
         raise ContractError(BAD_UPLINK, "ack proofs must map sequence numbers to digests")
-    return Ack(acked, rejected, inc, {int(k): v for k, v in raw.items()})
+    conflicts = doc.get("conflict", [])
+    if not (isinstance(conflicts, list) and all(type(x) is int for x in conflicts)):
+        raise ContractError(BAD_UPLINK, "ack conflicts must be a list of integers")
+    return Ack(acked, rejected, inc, {int(k): v for k, v in raw.items()}, conflicts)
 
 
 def late_topic(gateway: str) -> str:

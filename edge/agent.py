@@ -797,6 +797,8 @@ class EdgeAgent:
             + self.pipeline.counters["windows_unshipped"],
             "batches_rejected_by_cloud": self.shipper.rejected,
             "acks_for_other_incarnation": self.shipper.foreign_acks,
+            # acks of this incarnation about batches it never sent: a copied state directory
+            "identity_conflicts": self.shipper.identity_conflicts,
             "acks_unproven": ob.unproven_acks,  # not naming the batch's digest: ignored
             "acks_overdue": self.shipper.overdue(),
             "ack_wait_ms": self.shipper.oldest_unacked_ms(),

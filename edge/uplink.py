@@ -52,6 +52,7 @@ SEQ_BLOCK = 1024
 
 PROTOCOL_ERROR = 0x82  # MQTT 5 reason codes a broker closes with
 PACKET_TOO_LARGE = 0x95
+RENEW_EVERY_MS = 600_000  # a new incarnation at most this often (Shipper)
 PUBLISH_OVERHEAD = 16  # fixed header, topic length, packet id, properties (upper bound)
 
 
@@ -123,6 +124,24 @@ class SequenceAllocator:
             tmp.unlink(missing_ok=True)
             raise
         self._ceiling = ceiling
+
+    @property
+    def handed_out(self) -> int:
+        """Every number below this has been handed out (or skipped); none at or above it."""
+        return self._next
+
+    def renew(self) -> int:
+        """A new incarnation for the numbers from here on (another agent numbers batches under
+        this one: a copied state directory); returns the one before. On disk before any number
+        of it is handed out; if that write fails, nothing changes and OSError is raised."""
+        old = self.incarnation
+        self.incarnation = new_incarnation()
+        try:
+            self._reserve()
+        except OSError:
+            self.incarnation = old
+            raise
+        return old
 
     def next(self) -> int:
         if self._next >= self._ceiling:
@@ -319,6 +338,9 @@ class Shipper:
         self.earlier: set[int] = set()
         self.first_sent: dict[int, int] = {}  # seq -> ms of its first send (ack overdue?)
         self.overdue_warned = 0
+        # acks of this incarnation about batches it never sent: another agent numbers under it
+        self.identity_conflicts = 0
+        self._renewed_at: int | None = None  # monotonic ms of the last new incarnation drawn
 
     def apply_acks(self) -> None:
         mine = self.uplink.seq.incarnation
@@ -328,6 +350,7 @@ class Shipper:
                 self.foreign_acks += 1
                 continue
             acked, rejected = ack.acked, ack.rejected
+            unproven = self.outbox.unproven_acks
             # only what the ack proves it received leaves (a digest of each batch)
             self.acked += self.outbox.ack(acked, ack.proofs)
             if rejected:  # the cloud cannot use them: keep them no longer
@@ -339,6 +362,40 @@ class Shipper:
                 if s not in self.outbox.entries:
                     self.inflight.pop(s, None)
                     self.first_sent.pop(s, None)
+            if ack.incarnation == mine and (
+                    ack.conflicts or self.outbox.unproven_acks > unproven
+                    or any(s >= self.uplink.seq.handed_out for s in acked + rejected)):
+                self._another_agent_numbers_as_this_one(acked + rejected)
+                mine = self.uplink.seq.incarnation
+
+    def _another_agent_numbers_as_this_one(self, seqs: list[int]) -> None:
+        """An ack of this agent's incarnation about a batch it never sent (a number it has not
+        handed out yet, or another digest under one it holds), or one where the cloud says two
+        batches came under one number (``Ack.conflicts``): a second agent runs with the
+        same gateway id and a copy of this state directory (an SD card image made after the
+        agent ran). The cloud would take the later of two batches under one number for a
+        re-send of the first and drop it. So this agent numbers its batches from now on under
+        a new incarnation of its own (at most once in ``RENEW_EVERY_MS``: a forger who can
+        publish on the ack topic cannot make it churn); what its outbox holds stays under the
+        old one, whose acks it still takes (each checked against the batch's digest)."""
+        self.identity_conflicts += 1
+        now = self.clock.monotonic_ms()
+        if self._renewed_at is not None and now - self._renewed_at < RENEW_EVERY_MS:
+            return
+        try:
+            old = self.uplink.seq.renew()
+        except OSError as exc:  # a full disk: the next such ack tries again
+            log.error("a new incarnation could not be stored (%s); still numbering under the "
+                      "one another agent uses", exc)
+            return
+        self._renewed_at = now
+        self.earlier.add(old)
+        log.error("gateway %s: an ack of this agent's incarnation names batches it never sent "
+                  "or two batches under one number (%s): another agent runs as this gateway "
+                  "from a copy of its state directory "
+                  "(an SD card image?). Batches from now on go under a new incarnation; give "
+                  "each gateway its own [gateway] id and a state directory of its own",
+                  self.uplink.gateway, seqs[:5])
 
     def pump(self) -> int:
         """Send what fits in the window, oldest first; resend what timed out. Returns sends."""

@@ -174,6 +174,67 @@ def test_an_unreadable_sequence_file_starts_a_new_incarnation_and_keeps_the_outb
     assert again.shipper.foreign_acks == 0
 
 
+
+def test_an_ack_about_batches_this_agent_never_sent_moves_it_to_a_new_incarnation(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Another agent numbers batches under this one's gateway and incarnation (a copied state
+    directory). An ack of this incarnation naming a number not handed out yet, or one the cloud
+    marks as a conflict, moves this agent to a new incarnation for what it numbers next (on
+    disk first); what its outbox holds stays under the old one, whose acks still count. A
+    forger who keeps sending such acks gets one new incarnation in ten minutes, no more."""
+    from devices.contract import batch_digest, decode_ack, encode_ack
+
+    clock = ManualClock(now_ms=T + 60_000)
+    agent = EdgeAgent(config(tmp_path), clock=clock)
+    agent.pipeline.process(msgs("d1", range(0, 25)))
+    agent._store(agent.pipeline.emit(flush=True))
+    agent.outbox.sync()
+    waiting = agent.outbox.pending()
+    old = agent.uplink.seq.incarnation
+    ahead = agent.uplink.seq.handed_out
+    # its own ack, of a batch it sent: nothing happens
+    agent.uplink.acks.append(decode_ack(encode_ack(
+        [waiting[0]], incarnation=old,
+        proofs={waiting[0]: batch_digest(agent.outbox.read(waiting[0]))})))
+    agent.shipper.apply_acks()
+    assert agent.uplink.seq.incarnation == old
+    assert agent.stats()["identity_conflicts"] == 0
+    # the other agent's ack, of a number this one has not reached
+    with caplog.at_level("ERROR"):
+        agent.uplink.acks.append(decode_ack(encode_ack([ahead + 3], incarnation=old,
+                                                       proofs={ahead + 3: "0" * 32})))
+        agent.shipper.apply_acks()
+    new = agent.uplink.seq.incarnation
+    assert new != old
+    assert "another agent runs as this gateway" in caplog.text
+    assert (tmp_path / "uplink.seq").read_text().split()[0] == str(new)  # on disk
+    assert old in agent.shipper.earlier
+    # what it numbers next is under the new incarnation; the outbox keeps the old batches
+    agent.pipeline.process(msgs("d1", range(25, 50)))
+    agent._store(agent.pipeline.emit(flush=True))
+    later = [s for s in agent.outbox.pending() if s not in waiting]
+    assert later
+    assert orjson.loads(agent.outbox.read(later[0]))["inc"] == new
+    rest = [s for s in waiting if s in agent.outbox.pending()]
+    assert all(orjson.loads(agent.outbox.read(s))["inc"] == old for s in rest)
+    # the old incarnation's acks still clear its batches
+    agent.uplink.acks.append(decode_ack(encode_ack(
+        rest, incarnation=old, proofs={s: batch_digest(agent.outbox.read(s)) for s in rest})))
+    agent.shipper.apply_acks()
+    assert not set(rest) & set(agent.outbox.pending())
+    # a cloud-marked conflict under the new incarnation, soon after: counted, no churn
+    agent.uplink.acks.append(decode_ack(encode_ack(
+        [later[0]], incarnation=new, conflicts=[later[0]],
+        proofs={later[0]: batch_digest(agent.outbox.read(later[0]))})))
+    agent.shipper.apply_acks()
+    assert agent.uplink.seq.incarnation == new
+    assert agent.stats()["identity_conflicts"] == 2
+    clock.advance(600_000)
+    agent.uplink.acks.append(decode_ack(encode_ack([10**9], incarnation=new)))
+    agent.shipper.apply_acks()
+    assert agent.uplink.seq.incarnation not in (old, new)
+
+
 @pytest.mark.integration
 def test_a_redelivered_reading_is_received_and_counted_as_a_duplicate(tmp_path: Path) -> None:
     # a broker re-delivering after an agent restart: the reading arrived twice, is in its

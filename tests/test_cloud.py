@@ -236,3 +236,24 @@ def test_freshness_leaves_out_history_older_than_its_start() -> None:
         assert worker.stats()["results_written"] == 40
         counted.append(len(worker.freshness_ms))
     assert counted == [40, 20]
+
+
+def test_a_batch_under_a_taken_number_with_another_digest_is_a_conflict_not_a_copy() -> None:
+    """Two agents numbering under one gateway and incarnation (a copied state directory): the
+    second batch under a number is not a re-send of the first; a re-send has its digest."""
+    from cloud.dedup import DIGESTS, BatchDedup, Seen
+
+    d = BatchDedup()
+    a, b = "ab" * 15 + "00", "cd" * 16  # (a digest ending in a zero byte comes back whole)
+    assert d.check_and_record("gw-1/7", 5, a) is Seen.NEW
+    assert d.check_and_record("gw-1/7", 5, a) is Seen.PENDING  # a copy of it, on its way
+    assert d.check_and_record("gw-1/7", 5, b) is Seen.CONFLICT
+    d.mark_written("gw-1/7", 5)
+    assert d.check_and_record("gw-1/7", 5, a) is Seen.WRITTEN
+    assert d.check_and_record("gw-1/7", 5, b) is Seen.CONFLICT
+    assert d.check_and_record("gw-2/7", 5, b) is Seen.NEW  # another gateway: its own numbers
+    # beyond the numbers whose digests are remembered: a re-send, as before
+    for s in range(6, 6 + DIGESTS):
+        d.check_and_record("gw-1/7", s, a)
+    assert d.check_and_record("gw-1/7", 5, b) is Seen.WRITTEN
+    assert (d.duplicates, d.conflicts) == (3, 2)

@@ -138,4 +138,14 @@ def test_batches_and_acks_carry_the_agents_incarnation(tmp_path: Path) -> None:
     assert old.incarnation > 0
     ack = decode_ack(encode_ack([1, 2], [3], incarnation=first.incarnation))
     assert (ack.acked, ack.rejected, ack.incarnation) == ([1, 2], [3], first.incarnation)
+    assert ack.conflicts == []
+    assert decode_ack(encode_ack([1, 2], conflicts=[2])).conflicts == [2]
+    with pytest.raises(ContractError, match="conflicts"):
+        decode_ack(b'{"v": 1, "acked": [1], "conflict": ["1"]}')
+    # a new incarnation on disk keeps the numbering going
+    n = first.next()
+    before = first.renew()
+    assert before != first.incarnation
+    assert first.next() == n + 1
+    assert SequenceAllocator(tmp_path / "a", ManualClock()).incarnation == first.incarnation
     assert decode_ack(encode_ack([1])).incarnation == 0

@@ -3,15 +3,32 @@ real server unchanged, so two devices never merge into one series (issue 12, ite
 
 from __future__ import annotations
 
+import asyncio
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
 import orjson
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from cloud.config import CloudConfig, InfluxConfig
 from cloud.sinks.influx_v1 import InfluxV1Client
 from cloud.sinks.lineproto import line
+from cloud.worker import CloudWorker
 from devices.codecs import PayloadDecoder
 from devices.readings import Interner
+from edge.agent import EdgeAgent
+from edge.config import EdgeConfig
+from edge.engine import EngineConfig
+from edge.eventtime import EventTimeSpec
+from edge.windows import WindowSpec
+from fieldline.services import Mosquitto
+from simulators.fleet import FleetSimulator, FleetSpec
+from simulators.publisher import FleetPublisher
 
 pytestmark = pytest.mark.integration
 
@@ -51,3 +68,116 @@ def test_accepted_device_ids_round_trip_through_influxdb(influx_db: InfluxV1Clie
     back = {int(s["values"][0][1]): s["tags"]["device"]
             for s in doc["results"][0].get("series", [])}
     assert back == dict(enumerate(ok))
+
+
+# ---- a gateway's state copied to a second gateway (an SD card image) ------------------------
+
+def _agent(gw_broker: Mosquitto, cloud: Mosquitto, state: Path) -> EdgeAgent:
+    engine = EngineConfig(windows=(WindowSpec(size_ms=5_000),), time=EventTimeSpec(
+        out_of_orderness_ms=1_000, allowed_lateness_ms=5_000, idle_timeout_ms=3_000))
+    return EdgeAgent(EdgeConfig(
+        gateway="gw-1", intake_broker=gw_broker.address, uplink_broker=cloud.address,
+        topics=["+/devices/+/readings"], device_topic_level=2, engine=engine, state_dir=state,
+        tick_ms=50, health_interval_ms=500, ledger_interval_ms=500))
+
+
+async def _settle(agents: list[EdgeAgent], worker: CloudWorker, written_before: int,
+                  restored: list[int]) -> None:
+    """Until every window the agents emitted since they started (their counters then:
+    ``restored``, from a checkpoint) is written."""
+    deadline = time.monotonic() + 100
+    while True:
+        emitted = written_before + sum(a.pipeline.counters["windows_emitted"] - r
+                                       for a, r in zip(agents, restored, strict=True))
+        if (all(a.intake.pending == 0 and a.pipeline.engine.active_devices == 0
+                and a.outbox.depth == 0 for a in agents)
+                and worker.stats()["results_written"] == emitted and emitted > 0):
+            return
+        assert time.monotonic() < deadline, (
+            f"did not settle: {emitted} emitted; {[a.stats() for a in agents]} {worker.stats()}")
+        await asyncio.sleep(0.2)
+
+
+async def _connected(agents: list[EdgeAgent], worker: CloudWorker) -> None:
+    deadline = time.monotonic() + 15
+    while not (all(a.intake.subscribed.is_set() and a.uplink.connected.is_set() for a in agents)
+               and worker.source.connected.is_set()):
+        assert time.monotonic() < deadline, "services did not connect"
+        await asyncio.sleep(0.05)
+
+
+async def _subscribed(agents: list[EdgeAgent]) -> None:
+    deadline = time.monotonic() + 15
+    while not all(a.intake.subscribed.is_set() for a in agents):
+        assert time.monotonic() < deadline, "the agents did not subscribe"
+        await asyncio.sleep(0.05)
+
+
+def test_a_gateway_copied_with_its_state_loses_nothing(
+        mosquitto_factory: Callable[..., Mosquitto], influx_db: InfluxV1Client,
+        tmp_path: Path) -> None:
+    """Gateway A runs, stops; its state directory is copied to gateway B (an SD card image made
+    after the agent ran, its config left as it was: the same gateway id). Both start from the
+    same batch numbers under the same incarnation. Before, the cloud took B's batches for
+    re-sends of A's under the same numbers, acknowledged them, and B deleted them: B's readings
+    never reached InfluxDB. Now the cloud writes a batch whose digest differs from the one it
+    has under that number, and the agent that sees an ack of its incarnation about a batch it
+    never sent numbers under a new incarnation. Every reading of both is in InfluxDB."""
+    g1, g2, cloud = mosquitto_factory(), mosquitto_factory(), mosquitto_factory()
+    start = time.time_ns() // 1_000_000 - 20 * 60_000
+    worker = CloudWorker(CloudConfig(
+        worker_id="w", broker=cloud.address,
+        influx=InfluxConfig(url=influx_db.url, database=influx_db.database,
+                            flush_interval_ms=100), health_interval_ms=500))
+
+    async def scenario() -> tuple[int, list[EdgeAgent]]:
+        stop_worker = asyncio.Event()
+        wt = asyncio.create_task(worker.run(stop_worker))
+        # A alone: 60 s of its 4 devices, everything written and acknowledged, then stopped
+        first = _agent(g1, cloud, tmp_path / "a")
+        restored = [first.pipeline.counters["windows_emitted"]]
+        stop = asyncio.Event()
+        task = asyncio.create_task(first.run(stop))
+        await _connected([first], worker)
+        sim1 = FleetSimulator(FleetSpec(gateways=1, devices_per_gateway=4, seed=5,
+                                        disorder_fraction=0.0,
+                                        topic_template="{gateway}/devices/{device}/readings"),
+                              start, record=True)
+        pub = FleetPublisher(sim1, {"gw-1": g1.address})
+        await asyncio.to_thread(pub.run_fast, 60)
+        pub.close()
+        await _settle([first], worker, 0, restored)
+        stop.set()
+        await task
+        before = worker.stats()["results_written"]
+        shutil.copytree(tmp_path / "a", tmp_path / "b")  # the image
+        # A again, and B from the copy, each with its own devices, at the same time
+        agents = [_agent(g1, cloud, tmp_path / "a"), _agent(g2, cloud, tmp_path / "b")]
+        assert agents[0].uplink.seq.incarnation == agents[1].uplink.seq.incarnation
+        stop = asyncio.Event()
+        restored = [a.pipeline.counters["windows_emitted"] for a in agents]
+        tasks = [asyncio.create_task(a.run(stop)) for a in agents]
+        # (one MQTT client id on the cloud broker: each connection takes over the other's, so
+        # the two are seldom connected at once; each subscribed at its gateway broker is enough)
+        await _subscribed(agents)
+        sim2 = FleetSimulator(FleetSpec(gateways=2, devices_per_gateway=4, seed=6,
+                                        disorder_fraction=0.0, gateway_prefix="site",
+                                        topic_template="{gateway}/devices/{device}/readings"),
+                              start + 70_000, record=True)
+        pub = FleetPublisher(sim2, {"site-1": g1.address, "site-2": g2.address})
+        await asyncio.to_thread(pub.run_fast, 120)
+        pub.close()
+        await _settle(agents, worker, before, restored)
+        stop.set()
+        await asyncio.gather(*tasks)
+        stop_worker.set()
+        await wt
+        return Counter(p.device for p in sim1.published + sim2.published), agents
+
+    published, agents = asyncio.run(scenario())
+    doc = influx_db.query('SELECT sum("count") FROM "aggregates" GROUP BY "device"')
+    got = {s["tags"]["device"]: s["values"][0][1] for s in doc["results"][0]["series"]}
+    assert got == published, worker.stats()
+    a, b = (x.uplink.seq.incarnation for x in agents)
+    assert a != b  # one of them moved to an incarnation of its own
+    assert sum(x.stats()["identity_conflicts"] for x in agents) >= 1
