@@ -13,6 +13,7 @@ import logging
 import time
 from collections import Counter, deque
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -444,6 +445,8 @@ class CloudWorker:
             "duplicate_batches": c["duplicate_batches"],
             # another batch under a number already taken (two agents, one copied state)
             "batch_conflicts": c["batch_conflicts"],
+            # the dedup state not saved to state_dir (a full disk): acks went out anyway
+            "state_save_errors": c["state_save_errors"],
             "results_in": c["results_in"],
             "results_written": c["results_written"],
             "rejected_messages": self.rejects.total,
@@ -487,6 +490,8 @@ class CloudWorker:
                 s[k] = c[k]
         for reason, n in self.writer.dead_letters.items():
             s["dead_lettered_" + reason] = n
+        if self.writer.dead_letter_file_errors:
+            s["dead_letter_file_errors"] = self.writer.dead_letter_file_errors
         return s
 
     def _health_points(self) -> Points:
@@ -531,7 +536,7 @@ class CloudWorker:
                 continue
             todo, self._acks = self._acks, {}
             if self._dedup_path is not None and not self.per_partition:
-                await asyncio.to_thread(self.dedup.save, self._dedup_path)
+                await self._save_dedup(self._dedup_path)
             for (gw, inc), (acked, rejected, proofs, conflicts) in todo.items():
                 if await self.source.ack(gw, acked, rejected, inc, proofs, conflicts or None):
                     self.counters["acks_sent"] += len(acked) + len(rejected)
@@ -539,6 +544,24 @@ class CloudWorker:
                     self.counters["acks_unsent"] += len(acked) + len(rejected)
             if stop.is_set():
                 break
+
+    async def _save_dedup(self, path: Path) -> None:
+        """The dedup state, before the acks it covers. If the disk refuses it (full, gone
+        read-only), the acks go out all the same: their batches are in InfluxDB, and holding
+        them would only fill every gateway's outbox until it sheds. What is at stake is a
+        restart before the next save that works: a batch whose ack was lost on the way is then
+        written again (the same points). Counted, logged, tried again at every round."""
+        try:
+            await asyncio.to_thread(self.dedup.save, path)
+        except OSError as exc:
+            self.counters["state_save_errors"] += 1
+            n = self.counters["state_save_errors"]
+            if n <= 3 or n % 100 == 0:
+                log.error("the dedup state could not be saved to %s (%s; %d failures so far): "
+                          "acknowledging anyway, the batches are in InfluxDB; tried again at "
+                          "every round of acks", path, exc.strerror or exc, n)
+            with contextlib.suppress(OSError):
+                path.with_suffix(".tmp").unlink(missing_ok=True)  # what the failed save left
 
     async def _save_detection(self) -> None:
         """Detector state to ``state_dir`` (a restart continues with the histories it had)."""

@@ -391,6 +391,34 @@ def test_r12_disk_full_under_the_agent_loses_nothing(
         rig.stop()
 
 
+def test_r12_disk_full_under_the_workers_state_directory_loses_nothing(
+        tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto],
+        influx_db: InfluxV1Client) -> None:
+    """The worker's state directory fills up for 8 s while the fleet publishes: the worker
+    saves its dedup state there before every round of acks. Before, the first save that failed
+    ended the worker's acking for good: it went on writing to InfluxDB, acknowledged nothing,
+    and the gateway's outbox grew until it shed. Now the failure is counted and logged and the
+    acks go out (their batches are in InfluxDB): nothing is lost and nothing waits."""
+    with tmpfs(tmp_path / "cloud-state", "4m") as disk:
+        rig = Rig(tmp_path, mosquitto_factory, influx_db)
+        assert rig.cloud_cfg.read_text().count(str(disk)) == 1
+        try:
+            rig.start_chain(fleet_s=16)
+            time.sleep(3)
+            start = time.monotonic()
+            filler = fill(disk)
+            while time.monotonic() - start < 8:
+                time.sleep(0.2)
+                fill(disk)
+            h = rig.health("cloud")
+            filler.unlink()
+            rig.wait_fleet()
+            finish(rig)
+            assert h.get("state_save_errors", 0) > 0, h  # it met the full disk, and said so
+        finally:
+            rig.stop()
+
+
 def test_r7_gateway_clock_at_1970_then_stepped_forward_and_back_loses_nothing(
         tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto],
         influx_db: InfluxV1Client) -> None:

@@ -146,14 +146,20 @@ def test_writer_retries_until_influxdb_is_back_and_loses_nothing(tmp_path) -> No
     assert writer.points_written == 25
 
 
+@pytest.mark.parametrize("file_ok", [True, False])
 def test_r6_bad_points_are_dead_lettered_and_the_rest_lands(influx_db: InfluxV1Client,
-                                                            tmp_path) -> None:
-    """R6: a batch with a type-conflicting point and one beyond the retention policy."""
+                                                            tmp_path: Path,
+                                                            file_ok: bool) -> None:
+    """R6: a batch with a type-conflicting point and one beyond the retention policy. Also
+    when the dead-letter file cannot be written (a full disk; here, a directory in its place):
+    the rest still lands, the bad points are counted and logged."""
     influx_db.query(f'CREATE RETENTION POLICY "short" ON "{influx_db.database}" DURATION 1h '
                     'REPLICATION 1 DEFAULT', database="")
     sink = InfluxV1Sink(influx_db.url, influx_db.database)
     sink.write(from_lines([f"m,d=a v=1.0 {T_NOW}"]))  # v is a float from now on
     dead = tmp_path / "dead.jsonl"
+    if not file_ok:
+        dead.mkdir()
     writer = BufferedWriter(sink, clock=ManualClock(), batch_points=100, flush_interval_ms=50,
                             dead_letter_path=dead)
     lines = [f"m,d=b{i} v={i}.5 {T_NOW + i}" for i in range(60)]
@@ -164,9 +170,11 @@ def test_r6_bad_points_are_dead_lettered_and_the_rest_lands(influx_db: InfluxV1C
     assert ok
     assert count_points(influx_db) == 1 + 58
     assert dict(writer.dead_letters) == {"field_type_conflict": 1, "beyond_retention": 1}
-    recorded = [json.loads(x) for x in dead.read_text().splitlines()]
-    assert sorted(r["line"].split(" ")[0] for r in recorded) == ["m,d=b17", "m,d=b42"]
     assert writer.points_written == 58
+    assert writer.dead_letter_file_errors == (0 if file_ok else 1)
+    if file_ok:
+        recorded = [json.loads(x) for x in dead.read_text().splitlines()]
+        assert sorted(r["line"].split(" ")[0] for r in recorded) == ["m,d=b17", "m,d=b42"]
 
 
 class _SlowRecorder:

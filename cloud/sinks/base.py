@@ -247,6 +247,7 @@ class BufferedWriter:
         self.points_deleted = 0
         self.dead_letters: Counter[str] = Counter()
         self.dead_letter_path = dead_letter_path
+        self.dead_letter_file_errors = 0
         self.write_errors = 0
         self.writes = 0
         self.last_error: str | None = None
@@ -507,10 +508,15 @@ class BufferedWriter:
             self.dead_letters[reason] += 1
             log.error("dead-lettered a point (%s): %s", reason, line[:200])
         if self.dead_letter_path is not None:
-            with self.dead_letter_path.open("a") as fh:
-                for line, reason in bad:
-                    fh.write(json.dumps({"ts": self.clock.now_ms(), "reason": reason,
-                                         "line": line}) + "\n")
+            try:
+                with self.dead_letter_path.open("a") as fh:
+                    for line, reason in bad:
+                        fh.write(json.dumps({"ts": self.clock.now_ms(), "reason": reason,
+                                             "line": line}) + "\n")
+            except OSError as exc:  # a full disk: the points are in the log above, and counted
+                self.dead_letter_file_errors += 1
+                log.error("dead-lettered points not written to %s (%s); they are in this log",
+                          self.dead_letter_path, exc.strerror or exc)
 
     async def _write_with_retry(self, batch: list[Points], stop: asyncio.Event | None,
                                 attempts: int | None) -> bool:
