@@ -198,6 +198,26 @@ def cmd_edge_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_influxdb(url: str, source: str) -> None:
+    """A URL that answers HTTP but not as InfluxDB (another service's port, a proxy's page)
+    fails at start naming the key; one where nothing answers yet is fine (InfluxDB may start
+    after the worker: it retries, and acknowledges nothing meanwhile)."""
+    from cloud.sinks.influx_v1 import InfluxV1Client
+
+    client = InfluxV1Client(url, "-", timeout_s=5.0)
+    try:
+        version = client.server_version()
+    finally:
+        client.close()
+    if version == "":
+        raise ConfigError("influxdb.url", f"{url} answers HTTP, but not as InfluxDB (its /ping "
+                          "names no X-Influxdb-Version): another service, or a proxy?",
+                          source=source)
+    if version is None:
+        logging.getLogger("fieldline.cloud").warning(
+            "InfluxDB at %s does not answer yet: writing starts when it does", url)
+
+
 def cmd_cloud_run(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -218,6 +238,7 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
                                                  member=parse_member(args.member, "--member")))
         if args.worker_id:
             cfg = replace(cfg, worker_id=args.worker_id)
+    _check_influxdb(cfg.influx.url, str(args.config))
     if cfg.state_dir is not None:
         from devices.settings import lock_dir, usable_dir
 

@@ -234,3 +234,36 @@ def test_a_second_run_on_the_same_state_directory_is_refused_at_start(
     finally:
         last.send_signal(signal.SIGTERM)
         last.communicate(timeout=60)
+
+
+def test_a_worker_pointed_at_something_that_is_not_influxdb_fails_at_start(
+        tmp_path: Path) -> None:
+    """influxdb.url naming another service (Grafana's port, a web server) fails at start,
+    naming the key; one where nothing answers yet is not a misconfiguration (InfluxDB may come
+    up after the worker)."""
+    import http.server
+    import threading
+
+    class Page(http.server.BaseHTTPRequestHandler):  # another service: a stand-in
+        def do_GET(self) -> None:
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    cfg = tmp_path / "cloud.toml"
+    cfg.write_text('[worker]\nid = "cloud-1"\n[ingest]\nbroker = "mqtt://127.0.0.1:1"\n'
+                   f'[influxdb]\nurl = "http://127.0.0.1:{srv.server_address[1]}"\n')
+    try:
+        out = subprocess.run([*CMD, "cloud", "run", "--config", str(cfg)], capture_output=True,
+                             text=True, timeout=60, check=False)
+    finally:
+        srv.shutdown()
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "influxdb.url" in out.stderr
+    assert "not as InfluxDB" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -239,3 +239,27 @@ def test_an_unreachable_server_is_retryable(version: int) -> None:
         sink.write(from_lines([f"m v=1.0 {T}"]))
     assert err.value.retryable
     sink.close()
+
+
+def test_a_missing_bucket_is_retried_and_refuses_no_point() -> None:
+    """2.x answers 404 for a bucket that is not there (deleted, or misspelt in the config):
+    that is not the points' fault. Before, it was taken as a refusal: every point was isolated,
+    dead-lettered, and its batch acknowledged."""
+    _Fake2x.store = {}
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Fake2x)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    cfg = InfluxConfig(version=2, url=f"http://127.0.0.1:{server.server_address[1]}",
+                       token=TOKEN, org="o", bucket="gone", timeout_ms=1_000)
+    sink = build_sink(cfg)
+    try:
+        with pytest.raises(SinkError) as err:
+            sink.write(from_lines([f"m v=1.0 {T}"]))
+        assert err.value.retryable
+        writer = BufferedWriter(sink, clock=ManualClock(), batch_points=7, flush_interval_ms=50,
+                                max_backoff_ms=20)
+        writer.add(from_lines([f"m,d=a{i} v=1.0 {T + i}" for i in range(5)]), token="t")
+        assert not asyncio.run(writer.flush(None, attempts=2))
+        assert not writer.dead_letters
+    finally:
+        sink.close()
+        server.shutdown()

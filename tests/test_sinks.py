@@ -113,6 +113,80 @@ def test_413_splits_the_batch_until_it_fits(too_large_server: str) -> None:
     assert all(len(b) <= _TooLarge.limit for b in _TooLarge.bodies)
 
 
+
+class _NotInflux(http.server.BaseHTTPRequestHandler):
+    """Another service on the URL the worker was given (a web server's 404 or 405 page, a
+    proxy's 200, nginx's plain-text 400): a stand-in, as such services are not part of the
+    platform."""
+
+    answer: ClassVar[tuple[int, bytes]] = (404, b"<html>Not Found</html>")
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        status, body = type(self).answer
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST  # noqa: N815 (http.server names its handlers so)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("answer", [(404, b"<html>Not Found</html>"), (405, b""),
+                                    (200, b"<html>Sign in</html>"),
+                                    (400, b"The plain HTTP request was sent to HTTPS port")])
+def test_a_url_that_is_not_influxdb_refuses_no_point_for_good(answer: tuple[int, bytes]) -> None:
+    """Before, a 404 or 405 from another service was taken for InfluxDB refusing the points:
+    each was isolated, dead-lettered and its batch acknowledged, so a worker pointed at the
+    wrong port dropped every result (and a proxy's 200 page crashed the writer). Now that is a
+    failed write: retried, nothing dead-lettered, nothing confirmed, the points kept in order."""
+    _NotInflux.answer = answer
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotInflux)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}"
+        assert InfluxV1Client(url, "fl").server_version() == ""  # (the start-up check's view)
+        sink = InfluxV1Sink(url, "fl")
+        confirmed: list[object] = []
+        writer = BufferedWriter(sink, clock=ManualClock(), batch_points=100,
+                                flush_interval_ms=50, max_backoff_ms=20,
+                                on_written=confirmed.extend)
+        writer.add(from_lines([f"m,d=b{i} v={i}.5 {T_NOW + i}" for i in range(20)]), token="t")
+        assert not asyncio.run(writer.flush(None, attempts=3))
+        assert not writer.dead_letters
+        assert writer.points_rejected == 0
+        assert confirmed == []
+        assert sum(len(p) for p in writer.pending()) == 20  # still queued, to go again
+    finally:
+        srv.shutdown()
+
+
+def test_a_user_who_may_write_but_not_create_the_database_writes(tmp_path: Path) -> None:
+    """Least privilege: the worker's InfluxDB user has WRITE on an existing database and no
+    right to CREATE DATABASE (403). Before, that refusal was taken for the points' and every
+    point was dead-lettered; now the worker says so once and writes."""
+    ix = InfluxDB(tmp_path / "ix", auth=True).start()
+    try:
+        admin = InfluxV1Client(ix.url, "fl")
+        admin.query("CREATE USER admin WITH PASSWORD 'a' WITH ALL PRIVILEGES", database="")
+        admin = InfluxV1Client(ix.url, "fl", username="admin", password="a")
+        for q in ('CREATE DATABASE "fl"', "CREATE USER w WITH PASSWORD 'w'",
+                  'GRANT WRITE ON "fl" TO w'):
+            admin.query(q, database="")
+        sink = InfluxV1Sink(ix.url, "fl", username="w", password="w")
+        writer = BufferedWriter(sink, clock=ManualClock(), batch_points=100,
+                                flush_interval_ms=50)
+        writer.add(from_lines([f"m,d=b{i} v={i}.5 {T_NOW + i}" for i in range(20)]), token="t")
+        assert asyncio.run(writer.flush(None, attempts=3))
+        assert not writer.dead_letters
+        assert count_points(admin) == 20
+    finally:
+        ix.stop()
+
+
 def test_writer_retries_until_influxdb_is_back_and_loses_nothing(tmp_path) -> None:
     port = free_port()
     sink = InfluxV1Sink(f"http://127.0.0.1:{port}", "fl", timeout_s=1.0)

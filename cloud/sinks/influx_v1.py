@@ -68,6 +68,7 @@ class InfluxV1Client:
         self._lock = threading.Lock()
         self._conns: set[http.client.HTTPConnection] = set()
         self.disk_full = 0  # writes InfluxDB refused for want of disk space
+        self.not_influx = 0  # writes answered as InfluxDB never answers (a wrong URL)
 
     def _connection(self) -> http.client.HTTPConnection:
         conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
@@ -121,8 +122,16 @@ class InfluxV1Client:
         status, body = self.request("GET" if read_only else "POST", "/query",
                                     {"q": q, "db": database or self.database, "epoch": epoch})
         if status != 200:
-            raise SinkError(f"query failed ({status}): {body[:200]!r}", retryable=status >= 500)
-        doc = orjson.loads(body)
+            # InfluxDB's own refusals come as its JSON error; anything else is not InfluxDB
+            # (a wrong URL, a proxy): worth trying again, never a reason to give points up
+            theirs = body.lstrip().startswith(b'{"error"')
+            raise SinkError(f"query failed ({status}): {body[:200]!r}",
+                            retryable=status >= 500 or not theirs)
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:  # a 200 from something else (a proxy's page)
+            raise SinkError(f"{self.url} answered a query with something that is not "
+                            f"InfluxDB's JSON: {body[:120]!r}", retryable=True) from None
         for res in doc.get("results", []):
             if "error" in res:
                 raise SinkError(f"query error: {res['error']}", retryable=False)
@@ -138,6 +147,20 @@ class InfluxV1Client:
         except SinkError:
             return False
         return status == 204
+
+    def server_version(self) -> str | None:
+        """What the server at the URL says it is (InfluxDB's ``X-Influxdb-Version`` on
+        ``/ping``, 1.x and 2.x alike): "" when it answers without saying (not InfluxDB), None
+        when nothing answers (not started yet, perhaps)."""
+        try:
+            conn = self._connection()
+            conn.request("GET", "/ping", headers=dict(self._headers))
+            resp = conn.getresponse()
+            resp.read()
+            return resp.getheader("X-Influxdb-Version") or ""
+        except (OSError, http.client.HTTPException):
+            self._drop_connection()
+            return None
 
     def write_lines(self, lines: list[str]) -> None:
         params = {"db": self.database, "precision": "ms"}
@@ -155,15 +178,33 @@ class InfluxV1Client:
             self.write_lines(lines[mid:])
             return
         if status == 404 and "database not found" in text:
-            self.create_database()
+            try:
+                self.create_database()
+            except SinkError as exc:  # e.g. a user without the right to: nothing is refused
+                raise SinkError(f"database {self.database} is missing and could not be "
+                                f"created ({exc}): create it, or grant the right",
+                                retryable=True) from None
             raise SinkError(f"database {self.database} was missing, created", retryable=True)
-        if status == 400:
+        if status == 400 and text.lstrip().startswith('{"error"'):  # InfluxDB's, about points
             m = _DROPPED.search(text)
             rejected = int(m.group(1)) if m else len(lines)
             raise SinkError(f"InfluxDB refused points: {text}", retryable=False,
                             rejected=rejected)
         if status == 413:
             raise SinkError(f"single point too large: {text}", retryable=False, rejected=1)
+        if status < 500 and status not in (401, 403, 429):
+            # InfluxDB 1.x answers 204, or 400 (its JSON error) or 413 about points, or 404 for
+            # a missing database: anything else is not InfluxDB's write endpoint (a wrong port
+            # or path, a proxy).
+            # Retried and never acknowledged: refusing the points for good (dead-letters) would
+            # drop every result of a misconfigured worker
+            self.not_influx += 1
+            if self.not_influx == 1 or self.not_influx % 100 == 0:
+                log.error("%s answered a write with %d (%r): not InfluxDB's write API (check "
+                          "influxdb.url); nothing is acknowledged, retrying (%d such so far)",
+                          self.url, status, text[:80], self.not_influx)
+            raise SinkError(f"{self.url} is not InfluxDB's write API ({status}): {text[:120]}",
+                            retryable=True)
         if "no space left" in text:  # its disk: InfluxDB 1.x keeps failing until restarted
             self.disk_full += 1
             if self.disk_full == 1 or self.disk_full % 100 == 0:
@@ -217,7 +258,14 @@ class InfluxV1Sink:
 
     def write(self, batch: list[Points]) -> None:
         if self._create and not self._created:
-            self.client.create_database()
+            try:
+                self.client.create_database()
+            except SinkError as exc:
+                if exc.retryable:
+                    raise
+                # (a user may write without the right to create: the write says if it is missing)
+                log.warning("database %s not created (%s): writing to it as it is",
+                            self.client.database, exc)
             self._created = True
         self.client.write_lines(encode(batch))
 

@@ -55,8 +55,10 @@ class InfluxV2Sink:
                 self.write_lines(lines[mid:])
                 return
             retry_after = _retry_after(exc)
+            # only 400/422 (and a single point's 413) refuse points; anything else (404: a
+            # bucket or org that is not there) is retried, never a reason to give points up
             raise SinkError(f"InfluxDB 2.x write failed ({status}): {exc.body!r}",
-                            retryable=status == 429 or status >= 500 or status in (401, 403),
+                            retryable=status not in (400, 413, 422),
                             rejected=len(lines) if status in (400, 422) else 0,
                             retry_after_s=retry_after) from exc
         except Exception as exc:  # urllib3/socket errors: the server was not reached
