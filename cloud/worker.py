@@ -100,7 +100,7 @@ class CloudWorker:
                 log.warning("no registry configured: every device will be reported unknown")
                 registry = Registry()
             else:
-                registry = Registry.load(config.registry_path)
+                registry = Registry.load(config.registry_path, "worker.registry")
                 registry.check_kinds(config.catalog, source=str(config.registry_path))
         # reloaded when its file changes (or on SIGHUP: request_reload), joined as-of
         self.registry = ReferenceData(registry, path=config.registry_path,

@@ -83,16 +83,17 @@ class Registry:
     # ---- loading and saving -------------------------------------------------------------
 
     @classmethod
-    def load(cls, path: str | Path) -> Registry:
-        """Load from ``.csv`` or ``.toml`` (``[[device]]`` tables)."""
+    def load(cls, path: str | Path, key: str = "registry") -> Registry:
+        """Load from ``.csv`` or ``.toml`` (``[[device]]`` tables); ``key``: the config key
+        that names the file, for the errors about the file itself."""
         p = Path(path)
         if not p.is_file():
-            raise ConfigError("registry", f"file not found: {p}")
+            raise ConfigError(key, f"file not found: {p}")
         if p.suffix.lower() == ".csv":
             return cls._load_csv(p)
         if p.suffix.lower() == ".toml":
             return cls._load_toml(p)
-        raise ConfigError("registry", f"unsupported file type {p.suffix!r} (use .csv or .toml)")
+        raise ConfigError(key, f"unsupported file type {p.suffix!r} (use .csv or .toml)")
 
     @classmethod
     def _load_csv(cls, p: Path) -> Registry:

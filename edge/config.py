@@ -72,7 +72,7 @@ class EdgeConfig:
     def load_registry(self) -> Registry | None:
         if self.registry_path is None:
             return None
-        reg = Registry.load(self.registry_path)
+        reg = Registry.load(self.registry_path, "gateway.registry")
         reg.check_kinds(self.catalog, source=str(self.registry_path))
         return reg
 
