@@ -32,8 +32,13 @@ still change a window) and widens every device's memory to twice that, before ju
 that showed it, up to ``MAX_BYTES`` in all. Readings the engine will drop as late anyway are not
 shown to it at all, so a replay of old data neither counts as a duplicate nor washes the recent
 readings out of the memory (RELIABILITY R8: an hour replayed twice leaves InfluxDB unchanged).
-A device whose counter restarts after a reboot is not mistaken for a replay unless it reboots
-within ``memory`` readings of its previous start.
+A device whose counter restarts after a reboot is followed: when its newest seq falls far below
+its mark, or (given each device's newest event time so far, as the engine does where device
+clocks are trusted) when its seq goes back to 0 or 1 with an event time newer than any it sent:
+a re-send carries the time of the reading it repeats, which was seen, so only a new reading can
+be newer (a re-send stamped anew is still a repeat, unless it is of seq 0 or 1). A device that
+crash-loops every minute re-uses the same few seqs at every boot: before this, each boot's
+readings were taken for repeats of the last boot's.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import numpy as np
 import numpy.typing as npt
 
 from devices.readings import F64, I64, capacity
+from edge.eventtime import NEVER, running_max_before
 
 _M1 = np.uint64(0x9E3779B97F4A7C15)
 _M2 = np.uint64(0xBF58476D1CE4E5B9)
@@ -163,9 +169,11 @@ class DuplicateFilter:
             pos[: len(self.pos)] = self.pos
             self.pos = pos
 
-    def check(self, dev: I64, ts: I64, value: F64, seq: I64, metric: I64 | None = None
-              ) -> npt.NDArray[np.bool_]:
-        """Mask of duplicates; the others are remembered."""
+    def check(self, dev: I64, ts: I64, value: F64, seq: I64, metric: I64 | None = None,
+              newest_ts: I64 | None = None) -> npt.NDArray[np.bool_]:
+        """Mask of duplicates; the others are remembered. ``newest_ts``: per device, the
+        newest event time of what it sent so far (``NEVER``: none known), or None where event
+        times are not the devices' own (a re-sent reading then has a new time)."""
         n = len(dev)
         if n == 0:
             return np.zeros(0, bool)
@@ -176,10 +184,10 @@ class DuplicateFilter:
         if self.horizon_ms:
             self._learn_rate(dev, ts, seq, numbered)
         if s is None:
-            return self._check_seq(dev, seq)
+            return self._check_seq(dev, seq, ts, newest_ts)
         dup = np.zeros(n, bool)
         if len(s):
-            dup[s] = self._check_seq(dev[s], seq[s])
+            dup[s] = self._check_seq(dev[s], seq[s], ts[s], newest_ts)
         h = np.flatnonzero(~numbered)
         dup[h] = self._check_hashed(dev[h], _tv_code(ts[h], value[h],
                                                      None if metric is None else metric[h]))
@@ -258,7 +266,8 @@ class DuplicateFilter:
         r, b = np.nonzero(set_)
         return d[r], self.seq_tag[d[r], k[r]] * 64 + b
 
-    def _check_seq(self, dev: I64, seq: I64) -> npt.NDArray[np.bool_]:
+    def _check_seq(self, dev: I64, seq: I64, ts: I64 | None = None,
+                   newest_ts: I64 | None = None) -> npt.NDArray[np.bool_]:
         n = len(seq)
         w = self.words
         blk = seq >> 6
@@ -266,7 +275,12 @@ class DuplicateFilter:
         flat = dev * w + (blk & (w - 1))
         tags = self.seq_tag.reshape(-1)
         words = self.seq_bits.reshape(-1)
-        if bool((seq > self.high[dev]).all()):  # the steady state: nothing seen before
+        steady = bool((seq > self.high[dev]).all())  # the steady state: nothing seen before
+        if ts is not None and newest_ts is not None:  # (looks only where seqs are 0 or 1)
+            epoch = self._reboots(dev, seq, ts, newest_ts)
+            if epoch is not None:
+                return self._check_rebooted(dev, seq, epoch)
+        if steady:
             dup = np.zeros(n, bool)
             np.maximum.at(self.high, dev, seq)
         else:
@@ -308,6 +322,60 @@ class DuplicateFilter:
         else:  # repeats within the batch, or a device across more blocks than it has words
             dup |= _repeats((dev, seq))
             self._remember(tags, words, flat, blk, bit)
+        return dup
+
+    def _reboots(self, dev: I64, seq: I64, ts: I64, newest_ts: I64) -> I64 | None:
+        """Per row, how many times its device's counter restarted before it in this batch (a
+        reboot: seq 0 or 1 again, after itself or a higher one, with a time newer than all the
+        device sent, as no re-send can be), or None when none did."""
+        first_seqs = seq <= 1
+        if not first_seqs.any():
+            return None
+        n = len(dev)
+        order = np.argsort(dev, kind="stable")
+        d_s, q_s = dev[order], seq[order]
+        start = np.empty(n, bool)
+        start[0] = True
+        np.not_equal(d_s[1:], d_s[:-1], out=start[1:])
+        prev_s = np.empty(n, np.int64)  # the seq before each row: the row before, or the mark
+        prev_s[1:] = q_s[:-1]
+        prev_s[start] = self.high[d_s[start]]
+        prev = np.empty(n, np.int64)
+        prev[order] = prev_s
+        before = running_max_before(dev, ts, newest_ts)
+        point = first_seqs & (seq <= prev) & (before != NEVER) & (ts > before)
+        if not point.any():
+            return None
+        p_s = point[order].astype(np.int64)
+        upto = np.cumsum(p_s)
+        heads = np.flatnonzero(start)
+        base = np.repeat(upto[heads] - p_s[heads], np.diff(np.append(heads, n)))
+        epoch = np.empty(n, np.int64)
+        epoch[order] = upto - base
+        return epoch
+
+    def _check_rebooted(self, dev: I64, seq: I64, epoch: I64) -> npt.NDArray[np.bool_]:
+        """A batch in which counters restarted (rare: the slow path). A device's rows before
+        its first restart are judged by the memory, as ever; after it, only by the rows of the
+        same count in the batch; the memory then holds its last count only."""
+        w = self.words
+        blk = seq >> 6
+        bit = _POW2[seq & _LOW6]
+        flat = dev * w + (blk & (w - 1))
+        tags = self.seq_tag.reshape(-1)
+        words = self.seq_bits.reshape(-1)
+        dup: npt.NDArray[np.bool_] = (epoch == 0) & (tags[flat] == blk) & (
+            (words[flat] & bit) != 0)
+        dup |= _repeats((dev, epoch, seq))
+        last = np.zeros(len(self.high), np.int64)
+        np.maximum.at(last, dev, epoch)
+        restarted = last > 0
+        self.seq_tag[restarted] = EMPTY
+        self.seq_bits[restarted] = 0
+        self.high[restarted] = -1
+        keep = epoch == last[dev]
+        self._remember(tags, words, flat[keep], blk[keep], bit[keep])
+        np.maximum.at(self.high, dev[keep], seq[keep])
         return dup
 
     @staticmethod

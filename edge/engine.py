@@ -144,12 +144,15 @@ class WindowEngine:
             # a reading every operator drops as late changes nothing: it is counted late, not
             # remembered (a replay of old data must not wash recent readings out of the memory)
             judge = ~self._beyond(ts, self.time.watermarks()[dev])
+            # where event times are the devices' own, a seq seen before with a time newer
+            # than all its device sent is a rebooted counter, not a re-send
+            newest = self.time.max_ts if self.config.clock_policy == "trust" else None
             if judge.all():  # the common case: no copies
-                dup = self.dedup.check(dev, ts, value, seq, met)
+                dup = self.dedup.check(dev, ts, value, seq, met, newest)
             else:
                 dup = np.zeros(len(rows), bool)
                 j = np.flatnonzero(judge)
-                dup[j] = self.dedup.check(dev[j], ts[j], value[j], seq[j], met[j])
+                dup[j] = self.dedup.check(dev[j], ts[j], value[j], seq[j], met[j], newest)
             out.duplicates = int(dup.sum())
             if out.duplicates:
                 out.dup_rows = np.flatnonzero(dup)

@@ -9,7 +9,9 @@ time (``at``, optionally repeating ``every``):
 * ``out_of_range``: the value is replaced by one outside the kind's physical range;
 * ``out_of_order``: the reading is held back one interval (within any sane out-of-orderness);
 * ``straggler`` / ``late``: the reading is held back ``offset`` (within / beyond the agent's
-  allowed lateness).
+  allowed lateness);
+* ``reboot``: the device restarts before this reading: its sequence numbers begin again at 0
+  (its clock goes on), as a device on a weak supply or with a watchdog does.
 
 Interval faults last ``duration`` from ``at`` (repeating ``every``), or start at random with
 probability ``rate`` per device and tick:
@@ -34,7 +36,8 @@ from typing import Any
 
 from devices.settings import parse_duration_ms
 
-POINT = ("spike", "duplicate", "malformed", "out_of_range", "out_of_order", "straggler", "late")
+POINT = ("spike", "duplicate", "malformed", "out_of_range", "out_of_order", "straggler", "late",
+         "reboot")
 INTERVAL = ("level_shift", "stuck", "drift", "dropout", "burst", "clock_skew", "clock_jump")
 TYPES = POINT + INTERVAL
 

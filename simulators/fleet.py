@@ -32,7 +32,7 @@ KIND_PREFIX = {"temperature": "t", "humidity": "h", "pressure": "p", "co2": "c",
                "power": "w"}
 NEVER = -(1 << 62)
 _POINT_ORDER = ("malformed", "spike", "out_of_range", "duplicate", "late", "straggler",
-                "out_of_order")
+                "out_of_order", "reboot")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -329,6 +329,9 @@ class GatewayGenerator:
         for d in self.rng_order.permutation(len(self.device_ids)).tolist():
             dev = self.device_ids[d]
             topic = spec.topic_template.format(device=dev, gateway=self.gw)
+            lo = int(row_start[d])
+            if "reboot" in hit and bool(hit["reboot"][lo:lo + k].any()):
+                self.seq[d] = 0  # its counter starts again, its clock goes on (truth: below)
             for b in range(int(burst[d])):
                 readings: list[tuple[str, int, float, int]] = []
                 faults: list[str] = []

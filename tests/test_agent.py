@@ -69,6 +69,40 @@ def results_by_window(batches: list[object]) -> dict[int, tuple[int, float]]:
     return out
 
 
+
+@pytest.mark.parametrize("policy", ["trust", "receive_time"])
+def test_a_device_that_reboots_every_20_readings_loses_none(tmp_path: Path,
+                                                            policy: str) -> None:
+    """A device on a weak supply resets every 20 s, and its counter with it: each boot sends
+    seq 0..19 again, with new times. Before, every boot after the first was taken for a replay
+    of the one before (the same seqs, well within the dedup memory): all its readings counted
+    as duplicates. Where device clocks are trusted, a seq that comes with a time newer than all
+    the device sent is a new reading; a broker re-delivering a reading (its own time) is still
+    a duplicate. Under receive_time the times are the gateway's, so that cannot be told: the
+    old rule holds there, so that no re-delivery is counted twice."""
+    clock = ManualClock(now_ms=T + 60_000)
+    eng = EngineConfig(windows=(WindowSpec(size_ms=10_000),), time=EventTimeSpec(
+        out_of_orderness_ms=0, allowed_lateness_ms=0, idle_timeout_ms=10**9),
+        clock_policy=policy)
+    p = EdgePipeline(config(tmp_path, engine=eng), clock)
+    boots = 3
+    for b in range(boots):
+        p.process([("devices/d1/readings",
+                    encode_single("d1", "temperature", T + (b * 20 + s) * 1000, 20.0, s), T)
+                   for s in range(20)])
+    redelivered = [("devices/d1/readings",
+                    encode_single("d1", "temperature", T + (40 + s) * 1000, 20.0, s), T)
+                   for s in range(15, 20)]  # the last boot's last five, again
+    p.process(redelivered)
+    if policy == "trust":
+        assert p.counters["readings_accepted"] == boots * 20
+        assert p.counters["duplicates"] == 5
+        windows = results_by_window([p.emit(flush=True)])
+        assert sum(c for c, _ in windows.values()) == boots * 20
+    else:  # receive_time: a re-delivery is never let through as new (boots are not told)
+        assert p.counters["duplicates"] >= 5
+
+
 def test_restart_from_checkpoint_continues_open_windows(tmp_path: Path) -> None:
     clock = ManualClock(now_ms=T + 60_000)
     straight = EdgePipeline(config(tmp_path / "a"), clock)

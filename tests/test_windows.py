@@ -455,6 +455,43 @@ def test_the_seq_memory_holds_the_newest_seqs_and_never_invents_a_repeat(
             high[d] = q if d in restarted else max(high.get(d, -1), q)
 
 
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(1, 40), st.integers(0, 6)),
+                min_size=1, max_size=12),
+       st.sampled_from([8, 32, 64]), st.integers(1, 30), st.randoms(use_true_random=False))
+def test_a_rebooted_counter_is_followed_and_a_resend_still_recognised(
+        boots: list[tuple[int, int, int]], memory: int, batch: int, rnd: Any) -> None:
+    """Devices that reboot (their seq starts again at 0, their clock goes on) and re-send some
+    of their readings (the same seq and time) soon after: with each device's newest event time
+    given, as the engine gives it where device clocks are trusted, no new reading is ever
+    called a repeat, and every re-send of a reading of the current boot within the memory is.
+    ``boots``: (device, readings in the boot, re-sends of its last readings)."""
+    f = DuplicateFilter(memory=memory)
+    newest = np.full(3, NEVER, np.int64)
+    clock = [BASE] * 3
+    stream: list[tuple[int, int, int, bool]] = []  # device, seq, ts, is a re-send
+    for dev, n, resend in boots:
+        sent = []
+        for q in range(n):
+            clock[dev] += 1000
+            stream.append((dev, q, clock[dev], False))
+            sent.append((q, clock[dev]))
+        for q, t in rnd.sample(sent[-min(memory, len(sent)):], min(resend, len(sent), memory)):
+            stream.append((dev, q, t, True))
+    for lo in range(0, len(stream), batch):
+        part = stream[lo:lo + batch]
+        dev = np.array([r[0] for r in part], np.int64)
+        seq = np.array([r[1] for r in part], np.int64)
+        ts = np.array([r[2] for r in part], np.int64)
+        got = f.check(dev, ts, np.zeros(len(part)), seq, None, newest)
+        for (d, q, t, again), dup in zip(part, got.tolist(), strict=True):
+            assert dup == again, (d, q, t, again)
+        for d, t, dup in zip(dev.tolist(), ts.tolist(), got.tolist(), strict=True):
+            if not dup:
+                newest[d] = max(newest[d], t)
+
+
 def test_the_bitmap_words_hold_at_least_the_memory() -> None:
     for m in [*range(1, 700), 4_096, 8_192, 65_536]:
         w = words_for(m)
