@@ -53,6 +53,8 @@ SEQ_BLOCK = 1024
 PROTOCOL_ERROR = 0x82  # MQTT 5 reason codes a broker closes with
 PACKET_TOO_LARGE = 0x95
 RENEW_EVERY_MS = 600_000  # a new incarnation at most this often (Shipper)
+SHORT_SESSION_MS = 5_000  # a connection the broker closes sooner is a short one...
+SHORT_SESSIONS = 5  # ...and this many in a row are worth saying why they might be
 PUBLISH_OVERHEAD = 16  # fixed header, topic length, packet id, properties (upper bound)
 
 
@@ -184,6 +186,9 @@ class MqttUplink:
         self.connected = threading.Event()
         self.acks: deque[Ack] = deque()  # filled by paho's thread
         self.connects = 0  # incremented by paho's thread on every (re)connect (for tests)
+        self.client_id = client_id
+        self._connected_at: int | None = None  # monotonic ms of the last connect
+        self.short_sessions = 0  # connections the broker closed within seconds, in a row
         self._tracked: set[int] = set()  # mids of result publishes awaiting PUBACK
         self._lock = threading.Lock()  # guards _tracked and the counters (short sections)
         self.sent = 0
@@ -218,6 +223,7 @@ class MqttUplink:
         client.publish(status_topic(self.gateway), self._status({"state": "online"}), qos=1,
                        retain=True)
         self.connects += 1
+        self._connected_at = self._clock.monotonic_ms()
         self.connected.set()
         log.info("uplink connected to %s", self.address.url)
 
@@ -240,6 +246,22 @@ class MqttUplink:
                 f"{self.largest_sent:,}", limit)
         elif rc.value != 0:
             log.warning("uplink disconnected from %s: %s (reconnecting)", self.address.url, rc)
+            short = self.connected_before(SHORT_SESSION_MS)
+            self.short_sessions = self.short_sessions + 1 if short else 0
+            if self.short_sessions in (SHORT_SESSIONS, 10 * SHORT_SESSIONS):
+                # what a broker does when another client connects with the same client id:
+                # it closes the older connection (Mosquitto without a word), and back and forth
+                log.error("uplink: the cloud broker %s closed this agent's connection within "
+                          "%d s of connecting, %d times in a row. If another client uses the "
+                          "client id %r (a second agent with gateway id %r), each connection "
+                          "takes over the other's: give each gateway its own [gateway] id",
+                          self.address.url, SHORT_SESSION_MS // 1000, self.short_sessions,
+                          self.client_id, self.gateway)
+
+    def connected_before(self, within_ms: int) -> bool:
+        """The last connection was made less than ``within_ms`` ago."""
+        at = self._connected_at
+        return at is not None and self._clock.monotonic_ms() - at < within_ms
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         try:

@@ -181,3 +181,29 @@ def test_a_gateway_copied_with_its_state_loses_nothing(
     a, b = (x.uplink.seq.incarnation for x in agents)
     assert a != b  # one of them moved to an incarnation of its own
     assert sum(x.stats()["identity_conflicts"] for x in agents) >= 1
+
+
+def test_two_agents_with_one_gateway_id_are_told_why_the_broker_keeps_closing_them(
+        mosquitto: Mosquitto, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Two agents with one gateway id share one MQTT client id on the cloud broker: each
+    connection takes over the other's, and Mosquitto closes the older one without saying why
+    (paho reports an unspecified error). After five connections in a row closed within seconds,
+    the agent says what may be going on."""
+    from devices.clock import SystemClock
+    from edge.uplink import MqttUplink
+
+    ups = [MqttUplink(mosquitto.address, "gw-1", clock=SystemClock(),
+                      client_id="fieldline-edge-gw-1", state_dir=tmp_path / name)
+           for name in ("a", "b")]
+    with caplog.at_level("ERROR", logger="fieldline.edge.uplink"):
+        for u in ups:
+            u.start()
+        try:
+            deadline = time.monotonic() + 90
+            while "takes over the other's" not in caplog.text:
+                assert time.monotonic() < deadline, [u.short_sessions for u in ups]
+                time.sleep(0.2)
+        finally:
+            for u in ups:
+                u.stop()
+    assert "'fieldline-edge-gw-1'" in caplog.text
