@@ -192,7 +192,14 @@ def cmd_edge_run(args: argparse.Namespace) -> int:
     agent = EdgeAgent(cfg)
 
     async def main() -> None:
-        await agent.run(_stop_event())
+        stop = _stop_event()
+        # SIGHUP (a reload, a log rotation's habit) would end the agent without its clean
+        # stop; it has nothing to read again while running: say so, and run on
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: logging.getLogger(
+            "fieldline.edge").warning("SIGHUP: the agent reads its config only at start; "
+                                      "restart it (systemctl restart fieldline-edge) to apply "
+                                      "changes"))
+        await agent.run(stop)
 
     asyncio.run(main())
     return 0

@@ -205,7 +205,8 @@ def test_a_second_run_on_the_same_state_directory_is_refused_at_start(
     """Two agents (or workers) on one state directory (one started by hand beside the systemd
     service) would both append to one outbox and rewrite one sequence file and one checkpoint.
     The second fails at start naming the key and the holder's pid; the first runs on untouched;
-    once it is gone, stopped or SIGKILLed, the directory can be taken again."""
+    once it is gone, stopped or SIGKILLed, the directory can be taken again. (A SIGHUP on the
+    way: the worker reads its registry again, the agent says it has nothing to read again.)"""
     state = tmp_path / "state"
     cfg = tmp_path / f"{part}.toml"
     if part == "edge":
@@ -229,6 +230,10 @@ def test_a_second_run_on_the_same_state_directory_is_refused_at_start(
         assert f"process {first.pid}" in second.stderr
         assert "Traceback" not in second.stderr
         assert first.poll() is None  # the one holding it runs on
+        # and a SIGHUP (systemctl reload, a log rotation's habit) does not end it
+        first.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert first.poll() is None
     finally:
         first.send_signal(signal.SIGTERM)
         out, _ = first.communicate(timeout=60)
