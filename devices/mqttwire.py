@@ -84,9 +84,13 @@ def connect(client_id: str, *, keepalive_s: int, clean_start: bool, session_expi
     return _packet(0x10, body)
 
 
-def subscribe(mid: int, topics: list[tuple[str, int]]) -> bytes:
-    """SUBSCRIBE to each (filter, qos); no-local, retain-as-published and retain handling 0."""
-    body = struct.pack("!H", mid) + b"\x00" + b"".join(_str(t) + bytes([q]) for t, q in topics)
+def subscribe(mid: int, topics: list[tuple[str, int]], retain_handling: int = 0) -> bytes:
+    """SUBSCRIBE to each (filter, qos); no-local and retain-as-published 0. ``retain_handling``
+    (MQTT 5): 0 the broker sends the retained messages of the filter at every subscribe, 1 only
+    when the subscription is new, 2 never."""
+    opt = (retain_handling & 3) << 4
+    body = struct.pack("!H", mid) + b"\x00" + b"".join(_str(t) + bytes([q | opt])
+                                                        for t, q in topics)
     return _packet(0x82, body)
 
 

@@ -519,7 +519,8 @@ class EdgeAgent:
         self.state_dir = state_dir
         self.intake = MqttIntake(config.intake_broker, config.topics, clock=self.clock,
                                  client_id=f"fieldline-edge-{gw}-intake", qos=config.intake_qos,
-                                 max_pending=config.max_pending, manual_ack=config.durable)
+                                 max_pending=config.max_pending, manual_ack=config.durable,
+                                 skip_retained=config.engine.clock_policy == "receive_time")
         self.wal = IntakeLog(state_dir / "intake") if config.durable else None
         self.uplink = MqttUplink(config.uplink_broker, gw, clock=self.clock,
                                  client_id=f"fieldline-edge-{gw}", state_dir=state_dir)

@@ -69,8 +69,13 @@ class MqttIntake:
         max_pending: int = 10_000,
         session_expiry_s: int = 3600,
         manual_ack: bool = False,
+        skip_retained: bool = False,
     ) -> None:
         self.address = address
+        # a retained message the broker hands over at subscribe was published at some time
+        # before: where the gateway's receive time is the event time, it would be a reading
+        # placed now that may be hours old (ESPHome, for one, retains its states by default)
+        self.skip_retained = skip_retained
         self.topics = topics
         self.qos = qos
         self.max_pending = max_pending
@@ -213,7 +218,8 @@ class MqttIntake:
                 log.error("intake connect to %s refused: %s", a.url, wire.reason(ack.code))
                 raise _RefusedError(wire.reason(ack.code))
             self._keepalive = ack.keepalive_s or KEEPALIVE_S
-            sock.sendall(wire.subscribe(_SUB_MID, [(t, self.qos) for t in self.topics])
+            sock.sendall(wire.subscribe(_SUB_MID, [(t, self.qos) for t in self.topics],
+                                        retain_handling=2 if self.skip_retained else 0)
                          + wire.subscribe(_SYS_MID, [(SYS_DROPPED, 0), (SYS_STORED, 0)]))
         except BaseException:
             sock.close()

@@ -563,6 +563,55 @@ def test_clockless_off_the_shelf_sensors_are_read_through_the_broker(
     assert "contact" not in names
 
 
+
+@pytest.mark.parametrize("policy", ["receive_time", "trust"])
+def test_a_retained_reading_handed_over_at_subscribe_is_no_new_reading_without_its_time(
+        mosquitto: Mosquitto, tmp_path: Path, policy: str) -> None:
+    """ESPHome retains its sensors' states by default: at every subscribe the broker hands the
+    agent the last one of each again. Where the gateway's receive time is the event time, that
+    was a reading placed now that may be hours old, at every restart of the agent (a sensor
+    dead since the morning came back with its last value). Such a gateway now subscribes
+    without the retained messages (MQTT 5 retain handling 2); a retained one published while it
+    runs is a new reading like any other. Where readings carry their own time, the retained
+    copy is still taken: its time places it (a repeat is a duplicate, an old one is late)."""
+    ts = int(time.time() * 1000)
+    payload = {"receive_time": b"21.5",
+               "trust": orjson.dumps({"temperature": 21.5, "ts": ts, "seq": 1})}[policy]
+    engine = EngineConfig(windows=(WindowSpec(size_ms=10_000),), clock_policy=policy)
+    agent = EdgeAgent(config(tmp_path, intake_broker=mosquitto.address, engine=engine,
+                             uplink_broker=mosquitto.address, tick_ms=20,
+                             topics=["esphome/+/sensor/+"], metric_topic_level=3,
+                             device_topic_level=1, catalog=Catalog(undeclared="accept")))
+    before = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    before.connect("127.0.0.1", mosquitto.port)
+    before.loop_start()
+    before.publish("esphome/e1/sensor/temperature", payload, qos=1,
+                   retain=True).wait_for_publish(5)
+    before.disconnect()
+    before.loop_stop()
+
+    async def scenario() -> None:
+        stop, task, c = await running(agent, mosquitto)
+        await asyncio.sleep(1.0)  # what the broker hands over at subscribe has come by now
+        handed_over = agent.stats()["messages_in"]
+        later = {"receive_time": b"22.5",
+                 "trust": orjson.dumps({"temperature": 22.5, "ts": ts + 1000, "seq": 2})}[policy]
+        c.publish("esphome/e1/sensor/temperature", later, qos=1,
+                  retain=True).wait_for_publish(5)
+        deadline = time.monotonic() + 10
+        while agent.stats()["messages_in"] < handed_over + 1:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        c.disconnect()
+        c.loop_stop()
+        stop.set()
+        await task
+        assert handed_over == (0 if policy == "receive_time" else 1)
+
+    asyncio.run(scenario())
+    assert agent.stats()["readings_accepted"] == (1 if policy == "receive_time" else 2)
+
+
 def test_each_rejection_reason_is_logged_with_a_sample_of_its_own(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     pipe = EdgePipeline(config(tmp_path), ManualClock(T))
