@@ -19,7 +19,11 @@ fleet:
   ``{"Time": "2026-12-03T09:00:00+01:00", "DS18B20-1": {"Temperature": 20.6}}`` is
   ``DS18B20_1_Temperature``). Members that are no number (a state text, a flag, a list, an
   object beside top-level numbers, an object deeper down) are no readings: left out, each name
-  logged once. A ``seq`` is not used there (it would name several readings at once);
+  logged once. An object whose one object holds the sensors' objects, with no number of its own
+  but a time, is an envelope: Shelly's RPC notification ``{"method": "NotifyStatus", "params":
+  {"ts": 1767225600.12, "temperature:0": {"id": 0, "tC": 21.5}}}`` is ``temperature_0_tC`` at
+  ``params.ts`` (``id`` is never a reading). A ``seq`` is not used there (it would name several
+  readings at once);
 * a bare number on a topic that names the metric (``metric_topic_level``), as ESPHome and
   Shelly devices publish each value (``shellies/<device>/sensor/temperature``: ``21.5``); an
   object with ``value`` but no ``metric`` takes its metric from such a topic too.
@@ -75,9 +79,25 @@ MAX_NESTING = 64  # deeper than any reading needs; orjson itself stops at 1,024
 # an object of metric names and numbers: where its time is (the first found), and what else is
 # no metric
 _TIME_MEMBERS = ("ts", "time", "timestamp", "Time")  # "Time": Tasmota
-_NOT_METRICS = frozenset({*_TIME_MEMBERS, "device", "seq"})
+# ("id": a component's number, as Shelly's {"id": 0, "tC": 21.5}: no quantity)
+_NOT_METRICS = frozenset({*_TIME_MEMBERS, "device", "seq", "id"})
 _MAX_LOGGED = 64
 _NOT_NAME = re.compile(r"[^A-Za-z0-9_]")  # what a metric name cannot hold (devices.catalog)
+
+
+def _envelope(doc: dict[str, Any]) -> tuple[dict[str, Any], object] | None:
+    """The one object of ``doc`` that holds the sensors' objects (and perhaps a time) and no
+    number of its own: Shelly's RPC notification ``{"src": .., "method": "NotifyStatus",
+    "params": {"ts": 1767225600.12, "temperature:0": {"id": 0, "tC": 21.5}}}``; with the time
+    found in it. None when ``doc`` is not such an envelope."""
+    objects = [v for v in doc.values() if type(v) is dict]
+    if len(objects) != 1:
+        return None
+    inner = objects[0]
+    if any((type(v) is int or type(v) is float) and k not in _TIME_MEMBERS
+           for k, v in inner.items()) or not any(type(v) is dict for v in inner.values()):
+        return None
+    return inner, next((inner[k] for k in _TIME_MEMBERS if k in inner), None)
 
 
 def _iso_ms(text: str) -> int | None:
@@ -446,12 +466,18 @@ class PayloadDecoder:
         ts = next((doc[k] for k in _TIME_MEMBERS if k in doc), None)
         nested = not any(type(v) is int or type(v) is float
                          for k, v in doc.items() if k not in _NOT_METRICS)
+        if nested:  # an envelope around the sensors' objects: the objects inside its one object
+            inner = _envelope(doc)
+            if inner is not None:
+                doc, ts = inner[0], inner[1] if ts is None else ts
         found = False
         for name, value in doc.items():
             if name in _NOT_METRICS:
                 continue
             if nested and type(value) is dict:
                 for inner, v in value.items():
+                    if inner in _NOT_METRICS:
+                        continue
                     found = self._member(_NOT_NAME.sub("_", f"{name}_{inner}"), v, ts, device,
                                          recv, out, reject) or found
             else:

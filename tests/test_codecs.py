@@ -243,6 +243,38 @@ def test_tasmota_sensor_objects_are_readings_named_by_sensor_and_quantity() -> N
     assert bad == {rejects.MISSING_FIELD: 1, rejects.WRONG_TYPE: 1}
 
 
+
+def test_shelly_rpc_notifications_are_readings_at_their_own_time() -> None:
+    """Shelly's second generation (Plus H&T and the like) sends its states as RPC notifications
+    on ``<device>/events/rpc``: the components' objects inside ``params``, with ``params.ts``
+    in epoch seconds. Before, that was one reading ``params_ts`` (the time as a value) under
+    receive_time and a refusal otherwise; the temperature was never read. ``id`` (a
+    component's number) is never a reading, at any level; an object with numbers of its own
+    is no envelope (its numbers are readings, as before)."""
+    note = orjson.dumps({"src": "shellyplusht-08b6", "dst": "shellyplusht-08b6/events",
+                         "method": "NotifyStatus", "params": {
+                             "ts": T / 1000 + 0.12,
+                             "temperature:0": {"id": 0, "tC": 21.5, "tF": 70.7},
+                             "humidity:0": {"id": 0, "rh": 44.1},
+                             "devicepower:0": {"id": 0, "battery": {"V": 6.1, "percent": 97}}}})
+    d = PayloadDecoder(Interner(), Interner(), device_topic_level=0)
+    cols, bad, _ = d.decode([("shellyplusht-08b6/events/rpc", note, T + 900)])
+    assert not bad
+    got = {d.metrics.names[m]: v for m, v in zip(cols.metric, cols.value.tolist(), strict=True)}
+    assert got == {"temperature_0_tC": 21.5, "temperature_0_tF": 70.7, "humidity_0_rh": 44.1}
+    assert cols.ts.tolist() == [T + 120] * 3
+    # its status topic: the component alone; under receive_time, its numbers but not its id
+    d = PayloadDecoder(Interner(), Interner(), device_topic_level=0, receive_time=True)
+    cols, bad, _ = d.decode([("shellyplusht-08b6/status/temperature:0",
+                              orjson.dumps({"id": 0, "tC": 21.5, "tF": 70.7}), T)])
+    assert not bad
+    assert [d.metrics.names[m] for m in cols.metric] == ["tC", "tF"]
+    # numbers beside the object: no envelope, read as before
+    cols, bad, _ = d.decode([("x/events/rpc", orjson.dumps(
+        {"meta": {"rssi": -60, "sensor": {"t": 1.0}}}), T)])
+    assert [d.metrics.names[m] for m in cols.metric] == ["meta_rssi"]
+
+
 def test_readings_without_a_time_need_the_receive_time_policy() -> None:
     timeless = [("devices/z1/readings", orjson.dumps({"temperature": 21.5, "humidity": 40}),
                  T),
