@@ -13,7 +13,8 @@ fleet:
 * an object of metric names and numbers, as many off-the-shelf sensors and bridges publish
   (Zigbee2MQTT, ESPHome, Tasmota-style firmware):
   ``{"ts": 1700000000000, "temperature": 21.5, "humidity": 40}``: one reading per member whose
-  value is a number, at ``ts`` (or ``time`` / ``timestamp`` / Tasmota's ``Time``). An object
+  value is a number, at ``ts`` (or ``time`` / ``timestamp`` / Tasmota's ``Time`` /
+  Zigbee2MQTT's ``last_seen``). An object
   with no number at its own level has one per numeric member of each object inside it, named
   ``<outer>_<inner>`` with anything but letters, digits and ``_`` written as ``_`` (Tasmota's
   ``{"Time": "2026-12-03T09:00:00+01:00", "DS18B20-1": {"Temperature": 20.6}}`` is
@@ -78,7 +79,9 @@ log = logging.getLogger("fieldline.codecs")
 MAX_NESTING = 64  # deeper than any reading needs; orjson itself stops at 1,024
 # an object of metric names and numbers: where its time is (the first found), and what else is
 # no metric
-_TIME_MEMBERS = ("ts", "time", "timestamp", "Time")  # "Time": Tasmota
+# "Time": Tasmota's; "last_seen": Zigbee2MQTT's (when its advanced.last_seen option is on: when
+# the coordinator heard the device, ISO 8601 with an offset or epoch milliseconds)
+_TIME_MEMBERS = ("ts", "time", "timestamp", "Time", "last_seen")
 # ("id": a component's number, as Shelly's {"id": 0, "tC": 21.5}: no quantity)
 _NOT_METRICS = frozenset({*_TIME_MEMBERS, "device", "seq", "id"})
 _MAX_LOGGED = 64

@@ -191,6 +191,12 @@ def test_an_object_of_metric_names_and_numbers_is_a_reading_per_number() -> None
     assert cols.ts.tolist() == [T] * 3  # "time" in epoch seconds
     assert cols.seq.tolist() == [NO_SEQ] * 3  # one seq cannot name three readings
     assert {d.devices.names[i] for i in cols.device} == {"z1"}
+    # Zigbee2MQTT's last_seen (its advanced.last_seen option), as text or epoch ms, is the time
+    for seen in ("2026-01-01T01:00:00+01:00", 1_767_225_600_000):
+        cols, bad, _ = d.decode([("zigbee2mqtt/z1", orjson.dumps(
+            {"temperature": 21.5, "linkquality": 90, "last_seen": seen}), T + 700)])
+        assert not bad
+        assert cols.ts.tolist() == [1_767_225_600_000] * 2
 
 
 def test_a_metric_object_counts_each_bad_member_on_its_own() -> None:
