@@ -18,6 +18,7 @@ incarnation: a copied state directory), to be written, not dropped.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import os
@@ -41,11 +42,80 @@ class Seen(Enum):
     CONFLICT = 3  # a taken number, another digest: not a copy of that batch
 
 
+class Runs:
+    """A set of batch numbers kept as sorted runs of consecutive ones: an agent numbers its
+    batches one after another, so a gateway's written numbers are a few runs (a gap where a
+    restart skipped the rest of a reserved block, a batch written out of turn), whatever their
+    count. (A set of numbers was 8.6 MB for one gateway after 150,000 batches, and its JSON
+    1 MB, saved before every round of acks: 0.7 s a gateway.)"""
+
+    def __init__(self, seqs: list[int] | None = None) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        for s in sorted(set(seqs or ())):
+            self.add(s)
+
+    def __contains__(self, seq: int) -> bool:
+        i = bisect.bisect_right(self.starts, seq) - 1
+        return i >= 0 and self.ends[i] >= seq
+
+    def __len__(self) -> int:
+        return sum(e - s + 1 for s, e in zip(self.starts, self.ends, strict=True))
+
+    def add(self, seq: int) -> None:
+        starts, ends = self.starts, self.ends
+        if ends and seq == ends[-1] + 1:  # the common case: the next number
+            ends[-1] = seq
+            return
+        i = bisect.bisect_right(starts, seq) - 1
+        if i >= 0 and ends[i] >= seq:
+            return
+        joins_left = i >= 0 and ends[i] + 1 == seq
+        joins_right = i + 1 < len(starts) and starts[i + 1] == seq + 1
+        if joins_left and joins_right:
+            ends[i] = ends[i + 1]
+            del starts[i + 1], ends[i + 1]
+        elif joins_left:
+            ends[i] = seq
+        elif joins_right:
+            starts[i + 1] = seq
+        else:
+            starts.insert(i + 1, seq)
+            ends.insert(i + 1, seq)
+
+    def drop_through(self, floor: int) -> None:
+        """Forget the numbers up to ``floor`` (beyond the horizon: taken as written anyway)."""
+        n = bisect.bisect_right(self.ends, floor)
+        if n:
+            del self.starts[:n], self.ends[:n]
+        if self.starts and self.starts[0] <= floor:
+            self.starts[0] = floor + 1
+
+    def flat(self) -> list[int]:
+        """start, end, start, end, ... (for the snapshot)."""
+        return [x for pair in zip(self.starts, self.ends, strict=True) for x in pair]
+
+    @classmethod
+    def from_flat(cls, flat: list[int]) -> Runs:
+        if len(flat) % 2 or any(type(x) is not int for x in flat):
+            raise ValueError("runs must be pairs of integers")
+        out = cls()
+        for a, b in zip(flat[::2], flat[1::2], strict=True):
+            if b < a or (out.ends and a <= out.ends[-1]):
+                raise ValueError(f"runs out of order at [{a}, {b}]")
+            out.starts.append(a)
+            out.ends.append(b)
+        return out
+
+
+RUNS = -1  # the second item of a snapshot entry in the runs format (numbers are >= 0)
+
+
 @dataclass
 class _GatewaySeqs:
     high: int = -1
     pending: set[int] = field(default_factory=set)
-    written: set[int] = field(default_factory=set)
+    written: Runs = field(default_factory=Runs)
     # ring by number: which number each slot holds, and that batch's digest (16 bytes)
     seqs: npt.NDArray[np.int64] | None = None
     digests: npt.NDArray[np.bytes_] | None = None
@@ -87,9 +157,8 @@ class BatchDedup:
         g.pending.add(seq)
         if seq > g.high:
             g.high = seq
-            if len(g.written) > 2 * self.horizon:
-                floor = g.high - self.horizon
-                g.written = {s for s in g.written if s > floor}
+            if g.written.starts and g.written.starts[0] <= g.high - self.horizon:
+                g.written.drop_through(g.high - self.horizon)
 
     def mark_written(self, gateway: str, seq: int) -> None:
         g = self._gw.setdefault(gateway, _GatewaySeqs())
@@ -117,13 +186,30 @@ class BatchDedup:
 
     def snapshot(self, *, pending_as_written: bool = False) -> dict[str, list[int]]:
         """Written sequences only: pending ones will be re-sent by the edge if we crash.
-        ``pending_as_written``: for a snapshot published only once they are written."""
-        return {gw: [g.high, *sorted(g.written | g.pending if pending_as_written
-                                     else g.written)] for gw, g in self._gw.items()}
+        ``pending_as_written``: for a snapshot published only once they are written.
+        Per gateway: ``[high, RUNS, start, end, start, end, ...]``."""
+        out = {}
+        for gw, g in self._gw.items():
+            runs = g.written
+            if pending_as_written and g.pending:
+                runs = Runs.from_flat(g.written.flat())
+                for s in g.pending:
+                    runs.add(s)
+            out[gw] = [g.high, RUNS, *runs.flat()]
+        return out
 
     def restore(self, snap: dict[str, list[int]]) -> None:
-        self._gw = {gw: _GatewaySeqs(high=v[0], written=set(v[1:]))
-                    for gw, v in snap.items() if v}
+        """What ``snapshot`` wrote, or the format before runs: ``[high, seq, seq, ...]``."""
+        gws = {}
+        for gw, v in snap.items():
+            if not v:
+                continue
+            if type(v[0]) is not int:
+                raise ValueError(f"dedup entry of {gw!r}: {v[:3]}")
+            runs = (Runs.from_flat(v[2:]) if len(v) > 1 and v[1] == RUNS
+                    else Runs([int(s) for s in v[1:]]))
+            gws[gw] = _GatewaySeqs(high=v[0], written=runs)
+        self._gw = gws
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
