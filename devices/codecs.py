@@ -470,9 +470,9 @@ class PayloadDecoder:
         nested = not any(type(v) is int or type(v) is float
                          for k, v in doc.items() if k not in _NOT_METRICS)
         if nested:  # an envelope around the sensors' objects: the objects inside its one object
-            inner = _envelope(doc)
-            if inner is not None:
-                doc, ts = inner[0], inner[1] if ts is None else ts
+            env = _envelope(doc)
+            if env is not None:
+                doc, ts = env[0], env[1] if ts is None else ts
         found = False
         for name, value in doc.items():
             if name in _NOT_METRICS:
