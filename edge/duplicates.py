@@ -279,7 +279,7 @@ class DuplicateFilter:
         if ts is not None and newest_ts is not None:  # (looks only where seqs are 0 or 1)
             epoch = self._reboots(dev, seq, ts, newest_ts)
             if epoch is not None:
-                return self._check_rebooted(dev, seq, epoch)
+                return self._check_rebooted(dev, seq, epoch, (blk, bit, flat))
         if steady:
             dup = np.zeros(n, bool)
             np.maximum.at(self.high, dev, seq)
@@ -354,14 +354,14 @@ class DuplicateFilter:
         epoch[order] = upto - base
         return epoch
 
-    def _check_rebooted(self, dev: I64, seq: I64, epoch: I64) -> npt.NDArray[np.bool_]:
+    def _check_rebooted(self, dev: I64, seq: I64, epoch: I64,
+                        where: tuple[I64, npt.NDArray[np.uint64], I64]
+                        ) -> npt.NDArray[np.bool_]:
         """A batch in which counters restarted (rare: the slow path). A device's rows before
         its first restart are judged by the memory, as ever; after it, only by the rows of the
-        same count in the batch; the memory then holds its last count only."""
-        w = self.words
-        blk = seq >> 6
-        bit = _POW2[seq & _LOW6]
-        flat = dev * w + (blk & (w - 1))
+        same count in the batch; the memory then holds its last count only. ``where``: each
+        row's block, bit and word (as ``_check_seq`` found them)."""
+        blk, bit, flat = where
         tags = self.seq_tag.reshape(-1)
         words = self.seq_bits.reshape(-1)
         dup: npt.NDArray[np.bool_] = (epoch == 0) & (tags[flat] == blk) & (

@@ -174,6 +174,17 @@ def test_an_unreadable_checkpoint_is_kept_aside_and_the_agent_starts(
     assert agent.pipeline.counters["readings_accepted"] == 10
 
 
+def agent_holding_batches(tmp_path: Path, clock: ManualClock) -> tuple[EdgeAgent, list[int]]:
+    """An agent whose outbox holds the batches of 25 s of one device, not sent yet."""
+    agent = EdgeAgent(config(tmp_path), clock=clock)
+    agent.pipeline.process(msgs("d1", range(0, 25)))
+    agent._store(agent.pipeline.emit(flush=True))
+    agent.outbox.sync()
+    waiting = agent.outbox.pending()
+    assert waiting
+    return agent, waiting
+
+
 @pytest.mark.parametrize("damage", ["zeroed", "garbage", "cut"])
 def test_an_unreadable_sequence_file_starts_a_new_incarnation_and_keeps_the_outbox(
         tmp_path: Path, damage: str) -> None:
@@ -183,12 +194,7 @@ def test_an_unreadable_sequence_file_starts_a_new_incarnation_and_keeps_the_outb
     from devices.contract import batch_digest, decode_ack, encode_ack
 
     clock = ManualClock(now_ms=T + 60_000)
-    first = EdgeAgent(config(tmp_path), clock=clock)
-    first.pipeline.process(msgs("d1", range(0, 25)))
-    first._store(first.pipeline.emit(flush=True))
-    first.outbox.sync()
-    waiting = first.outbox.pending()
-    assert waiting
+    first, waiting = agent_holding_batches(tmp_path, clock)
     old_inc = first.uplink.seq.incarnation
     payload = first.outbox.read(waiting[0])
     first.outbox.close()
@@ -219,11 +225,7 @@ def test_an_ack_about_batches_this_agent_never_sent_moves_it_to_a_new_incarnatio
     from devices.contract import batch_digest, decode_ack, encode_ack
 
     clock = ManualClock(now_ms=T + 60_000)
-    agent = EdgeAgent(config(tmp_path), clock=clock)
-    agent.pipeline.process(msgs("d1", range(0, 25)))
-    agent._store(agent.pipeline.emit(flush=True))
-    agent.outbox.sync()
-    waiting = agent.outbox.pending()
+    agent, waiting = agent_holding_batches(tmp_path, clock)
     old = agent.uplink.seq.incarnation
     ahead = agent.uplink.seq.handed_out
     # its own ack, of a batch it sent: nothing happens

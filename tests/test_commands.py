@@ -130,28 +130,22 @@ def test_misconfiguration_fails_at_start_naming_the_key(tmp_path: Path) -> None:
                          text=True, timeout=60, check=False)
     assert out.returncode == 2
     assert "windows.allowed_latenes" in out.stderr
-    # a state directory the agent cannot create or write to: named at start, not a traceback
-    unusable = tmp_path / "unusable.toml"
-    unusable.write_text('[gateway]\nid = "gw-1"\nstate_dir = "/proc/fieldline-cannot"\n'
-                        '[intake]\nbroker = "mqtt://127.0.0.1:1"\n'
-                        '[uplink]\nbroker = "mqtt://127.0.0.1:2"\n')
-    out = subprocess.run([*CMD, "edge", "run", "--config", str(unusable)], capture_output=True,
-                         text=True, timeout=60, check=False)
-    assert out.returncode == 2, out.stderr
-    assert "gateway.state_dir" in out.stderr
-    assert "Traceback" not in out.stderr
-    # a registry file that is not there: named by its key (as the shipped gateway.toml names
-    # /etc/fieldline/devices.csv, which `fieldline edge install` writes)
-    missing = tmp_path / "missing.toml"
-    missing.write_text(f'[gateway]\nid = "gw-1"\nstate_dir = "{tmp_path}/s"\n'
-                       f'registry = "{tmp_path}/nope.csv"\n'
+    # a state directory the agent cannot create or write to, and a registry file that is not
+    # there (as the shipped gateway.toml names /etc/fieldline/devices.csv, which `fieldline
+    # edge install` writes): named at start by their keys, not a traceback
+    for name, gateway, key in [
+            ("unusable", 'state_dir = "/proc/fieldline-cannot"', "gateway.state_dir"),
+            ("missing", f'state_dir = "{tmp_path}/s"\nregistry = "{tmp_path}/nope.csv"',
+             "'gateway.registry'")]:
+        cfg = tmp_path / f"{name}.toml"
+        cfg.write_text(f'[gateway]\nid = "gw-1"\n{gateway}\n'
                        '[intake]\nbroker = "mqtt://127.0.0.1:1"\n'
                        '[uplink]\nbroker = "mqtt://127.0.0.1:2"\n')
-    out = subprocess.run([*CMD, "edge", "run", "--config", str(missing)], capture_output=True,
-                         text=True, timeout=60, check=False)
-    assert out.returncode == 2, out.stderr
-    assert "'gateway.registry'" in out.stderr
-    assert "Traceback" not in out.stderr
+        out = subprocess.run([*CMD, "edge", "run", "--config", str(cfg)], capture_output=True,
+                             text=True, timeout=60, check=False)
+        assert out.returncode == 2, out.stderr
+        assert key in out.stderr
+        assert "Traceback" not in out.stderr
     # a URL whose port cannot be read is a named misconfiguration, not a traceback
     out = subprocess.run([*CMD, "view", "--influx-url", "http://127.0.0.1:abc"],
                          capture_output=True, text=True, timeout=60, check=False)

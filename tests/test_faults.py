@@ -356,6 +356,19 @@ def fill(disk: Path) -> Path:
     return filler
 
 
+def keep_full(disk: Path, seconds: float, until: Callable[[], bool] = lambda: True,
+              limit_s: float = 30) -> Path:
+    """Fill ``disk`` and keep it full (what its users free is taken again) for ``seconds``,
+    then until ``until()`` says so (within ``limit_s`` in all); returns the filler file."""
+    start = time.monotonic()
+    filler = fill(disk)
+    while time.monotonic() - start < seconds or (not until()
+                                                 and time.monotonic() - start < limit_s):
+        time.sleep(0.2)
+        fill(disk)
+    return filler
+
+
 def test_r12_disk_full_under_the_agent_loses_nothing(
         tmp_path: Path, small_disk: Path, mosquitto_factory: Callable[..., Mosquitto],
         influx_db: InfluxV1Client) -> None:
@@ -371,16 +384,13 @@ def test_r12_disk_full_under_the_agent_loses_nothing(
         time.sleep(3)
         # full for 8 s, then (still full) until a health report made since says so: the worker
         # writes health as background points, up to 5 s behind its results
-        start = time.monotonic()
-        filler = fill(small_disk)
         h: dict[str, Any] = {}
-        while time.monotonic() - start < 8 or (not h.get("disk_blocked")
-                                                and time.monotonic() - start < 30):
-            time.sleep(0.2)
-            fill(small_disk)
-            if time.monotonic() - start >= 8:
-                h = rig.health("edge")
-        filler.unlink()
+
+        def told() -> bool:
+            h.update(rig.health("edge"))
+            return bool(h.get("disk_blocked"))
+
+        keep_full(small_disk, 8, until=told).unlink()
         rig.wait_fleet()
         led = finish(rig)
         assert h.get("disk_errors", 0) > 0, h  # it noticed, and said so
@@ -405,11 +415,7 @@ def test_r12_disk_full_under_the_workers_state_directory_loses_nothing(
         try:
             rig.start_chain(fleet_s=16)
             time.sleep(3)
-            start = time.monotonic()
-            filler = fill(disk)
-            while time.monotonic() - start < 8:
-                time.sleep(0.2)
-                fill(disk)
+            filler = keep_full(disk, 8)
             h = rig.health("cloud")
             filler.unlink()
             rig.wait_fleet()
