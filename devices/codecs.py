@@ -24,7 +24,9 @@ fleet:
   but a time, is an envelope: Shelly's RPC notification ``{"method": "NotifyStatus", "params":
   {"ts": 1767225600.12, "temperature:0": {"id": 0, "tC": 21.5}}}`` is ``temperature_0_tC`` at
   ``params.ts`` (``id`` is never a reading). A ``seq`` is not used there (it would name several
-  readings at once);
+  readings at once). A LoRaWAN network server's uplink event is the device's decoded payload at
+  the time the network received it (The Things Stack's ``uplink_message.decoded_payload`` at
+  ``received_at``, ChirpStack's ``object`` at ``time``), not its frame counter or radio figures;
 * a bare number on a topic that names the metric (``metric_topic_level``), as ESPHome and
   Shelly devices publish each value (``shellies/<device>/sensor/temperature``: ``21.5``); an
   object with ``value`` but no ``metric`` takes its metric from such a topic too.
@@ -101,6 +103,25 @@ def _envelope(doc: dict[str, Any]) -> tuple[dict[str, Any], object] | None:
            for k, v in inner.items()) or not any(type(v) is dict for v in inner.values()):
         return None
     return inner, next((inner[k] for k in _TIME_MEMBERS if k in inner), None)
+
+
+def _network_server(doc: dict[str, Any]) -> dict[str, Any] | None:
+    """A LoRaWAN network server's uplink event, as the readings it carries: the device's decoded
+    payload, at its own time if the decoder gives one, else when the network received it. The
+    Things Stack (v3): ``{"end_device_ids": {..}, "received_at": "..Z", "uplink_message":
+    {"f_cnt": 42, "decoded_payload": {"temperature": 21.5}, "received_at": "..Z", ..}}``;
+    ChirpStack (v4): ``{"deviceInfo": {..}, "time": "..Z", "fCnt": 42, "object": {..}}``. The
+    frame counter, port and radio figures beside them are no readings. None for anything else."""
+    up = doc.get("uplink_message")
+    if type(up) is dict and type(up.get("decoded_payload")) is dict:
+        readings, at = up["decoded_payload"], up.get("received_at", doc.get("received_at"))
+    elif type(doc.get("object")) is dict and type(doc.get("deviceInfo")) is dict:
+        readings, at = doc["object"], doc.get("time")
+    else:
+        return None
+    if at is None or any(k in readings for k in _TIME_MEMBERS):
+        return dict(readings)
+    return {**readings, "ts": at}
 
 
 def _iso_ms(text: str) -> int | None:
@@ -466,6 +487,9 @@ class PayloadDecoder:
         object inside it, named ``<outer>_<inner>`` with what a metric name cannot hold written
         as ``_`` (``DS18B20_1_Temperature``). Where the numbers are at the top (Zigbee2MQTT), the
         objects beside them are metadata (``"update": {"installed_version": ..}``): no readings."""
+        lorawan = _network_server(doc)
+        if lorawan is not None:
+            doc = lorawan
         ts = next((doc[k] for k in _TIME_MEMBERS if k in doc), None)
         nested = not any(type(v) is int or type(v) is float
                          for k, v in doc.items() if k not in _NOT_METRICS)

@@ -281,6 +281,42 @@ def test_shelly_rpc_notifications_are_readings_at_their_own_time() -> None:
     assert [d.metrics.names[m] for m in cols.metric] == ["meta_rssi"]
 
 
+
+def test_lorawan_network_server_uplinks_are_the_decoded_payload_at_its_time() -> None:
+    """The Things Stack (v3) and ChirpStack (v4) forward each LoRaWAN uplink over MQTT: the
+    device's decoded payload beside the frame counter, port and radio figures. Before, a TTN
+    uplink gave readings ``uplink_message_f_port`` and ``uplink_message_f_cnt`` and none of the
+    sensor's, and a ChirpStack one ``fCnt``, ``fPort``, ``dr``. Now the readings are the decoded
+    payload's numbers, at the time the network received the frame, or at the payload's own
+    time when its decoder gives one."""
+    at = f"{dt.datetime.fromtimestamp(T / 1000, dt.UTC):%Y-%m-%dT%H:%M:%S}"
+    ttn = {"end_device_ids": {"device_id": "eui-70b3", "dev_eui": "70B3D57ED0000001",
+                              "application_ids": {"application_id": "farm"}},
+           "received_at": f"{at}.200Z",
+           "uplink_message": {
+               "f_port": 2, "f_cnt": 42, "frm_payload": "AQI=",
+               "decoded_payload": {"temperature": 21.5, "humidity": 40, "status": "ok"},
+               "rx_metadata": [{"gateway_ids": {"gateway_id": "gw"}, "rssi": -80, "snr": 7.5}],
+               "settings": {"data_rate": {"lora": {"spreading_factor": 7}}},
+               "received_at": f"{at}.123456789Z"}}
+    chirp = {"deduplicationId": "3a1b", "time": f"{at}.5+00:00",
+             "deviceInfo": {"deviceName": "soil-1", "devEui": "0101"}, "adr": True, "dr": 5,
+             "fCnt": 10, "fPort": 1, "data": "AQ==", "object": {"moisture": 31.2, "temp": 18.0},
+             "rxInfo": [{"rssi": -90}]}
+    own_time = {**chirp, "object": {"moisture": 30.0, "ts": T + 7}}
+    d = PayloadDecoder(Interner(), Interner(), device_topic_level=3)
+    cols, bad, _ = d.decode([
+        ("v3/farm@ttn/devices/eui-70b3/up", orjson.dumps(ttn), T + 5000),
+        ("application/1/device/0101/event/up", orjson.dumps(chirp), T + 5000),
+        ("application/1/device/0101/event/up", orjson.dumps(own_time), T + 5000)])
+    assert not bad
+    got = [(d.devices.names[i], d.metrics.names[m], t - T, v) for i, m, t, v in zip(
+        cols.device, cols.metric, cols.ts.tolist(), cols.value.tolist(), strict=True)]
+    assert got == [("eui-70b3", "temperature", 123, 21.5), ("eui-70b3", "humidity", 123, 40.0),
+                   ("0101", "moisture", 500, 31.2), ("0101", "temp", 500, 18.0),
+                   ("0101", "moisture", 7, 30.0)]
+
+
 def test_readings_without_a_time_need_the_receive_time_policy() -> None:
     timeless = [("devices/z1/readings", orjson.dumps({"temperature": 21.5, "humidity": 40}),
                  T),
