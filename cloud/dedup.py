@@ -157,8 +157,7 @@ class BatchDedup:
         g.pending.add(seq)
         if seq > g.high:
             g.high = seq
-            if g.written.starts and g.written.starts[0] <= g.high - self.horizon:
-                g.written.drop_through(g.high - self.horizon)
+            g.written.drop_through(g.high - self.horizon)
 
     def mark_written(self, gateway: str, seq: int) -> None:
         g = self._gw.setdefault(gateway, _GatewaySeqs())

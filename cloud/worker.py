@@ -141,8 +141,6 @@ class CloudWorker:
         # (gateway, incarnation) -> (acked, rejected) batch numbers, sent by the acker task
         self._acks: dict[tuple[str, int], tuple[list[int], list[int], dict[int, str],
                                                 list[int]]] = {}
-        # (gateway, incarnation, seq) of batches written as conflicts, until acknowledged
-        self._conflicted: set[tuple[str, int, int]] = set()
         self.written_by_gateway: dict[str, int] = {}  # results written since this worker start
         self.max_tracked_revisions = 1_000_000  # per partition (dedup covers older re-sends)
         self._ack_wake = asyncio.Event()
@@ -172,15 +170,16 @@ class CloudWorker:
     # ---- synchronous stages -------------------------------------------------------------
 
     def _ack(self, gateway: str, inc: int, seq: int, digest: str, *,
-             rejected: bool = False) -> None:
-        """Acknowledge batch ``seq``, naming the digest of what we received as its proof."""
+             rejected: bool = False, conflict: bool = False) -> None:
+        """Acknowledge batch ``seq``, naming the digest of what we received as its proof;
+        ``conflict``: another batch had its number (the agent that gets the ack numbers under
+        a new incarnation)."""
         acked, refused, proofs, conflicts = self._acks.setdefault((gateway, inc),
                                                                   ([], [], {}, []))
         (refused if rejected else acked).append(seq)
         proofs[seq] = digest
-        if self._conflicted and (gateway, inc, seq) in self._conflicted:
-            self._conflicted.discard((gateway, inc, seq))
-            conflicts.append(seq)  # the agent that gets it numbers under a new incarnation
+        if conflict:
+            conflicts.append(seq)
         self._ack_wake.set()
 
     def handle(self, msg: SourceMessage) -> None:
@@ -229,10 +228,9 @@ class CloudWorker:
                         pkey: int = 0) -> None:
         inc = batch.incarnation
         seen = part.dedup.check_and_record(dedup_key(batch.gateway, inc), batch.seq, digest)
-        if seen is Seen.CONFLICT:  # written like a new one: it is not a copy of the first
+        conflict = seen is Seen.CONFLICT
+        if conflict:  # written like a new one: it is not a copy of the first
             self.counters["batch_conflicts"] += 1
-            if len(self._conflicted) < 100_000:  # (a bound; acked ones leave it)
-                self._conflicted.add((batch.gateway, inc, batch.seq))
             n = self.counters["batch_conflicts"]
             if n <= 5 or n % 1000 == 0:
                 log.error("gateway %s sent two different batches numbered %d (incarnation %d; "
@@ -253,7 +251,8 @@ class CloudWorker:
         batch = self._drop_foreign_devices(batch)
         batch = self._drop_stale_revisions(batch, part)
         if len(batch.results) == 0 and batch.results.superseded is None:
-            self._ack(batch.gateway, inc, batch.seq, digest)  # nothing newer in it; done
+            self._ack(batch.gateway, inc, batch.seq, digest,  # nothing newer in it; done
+                      conflict=conflict)
             return
         rows = self.enricher.enrich(batch)
         det = part.detection.run(rows)
@@ -268,7 +267,7 @@ class CloudWorker:
             self.counters["alerts_opened" if e.state == "open" else "alerts_resolved"] += 1
         max_end = int((batch.results.start + batch.results.width).max()) if len(rows) else 0
         self.writer.add(points, token=(batch.gateway, inc, batch.seq, batch.sent_ms, max_end,
-                                      len(rows), digest, pkey, part.epoch))
+                                      len(rows), digest, pkey, part.epoch, conflict))
         sup = batch.results.superseded
         if sup is not None and len(sup):
             self.counters["superseded"] += len(sup)
@@ -359,7 +358,7 @@ class CloudWorker:
             part = self.parts.get(tok[7])
             if part is not None and part.epoch == tok[8]:
                 part.dedup.mark_written(dedup_key(gw, inc), seq)
-            self._ack(gw, inc, seq, digest)
+            self._ack(gw, inc, seq, digest, conflict=tok[9])
             self.written_by_gateway[gw] = self.written_by_gateway.get(gw, 0) + n
             self.counters["results_written"] += n
             self.lag_ms.append(now - sent)

@@ -86,9 +86,11 @@ def parse_size(raw: object, key: str, source: str | None = None) -> int:
                       source=source)
 
 
-def usable_dir(path: Path, key: str, source: str | None = None) -> None:
+def usable_dir(path: Path, key: str, source: str | None = None, *,
+               lock: str | None = None) -> None:
     """Create ``path`` if need be and check this process may write there: a state directory
-    that cannot be used fails at start naming its key, not at the first write."""
+    that cannot be used fails at start naming its key, not at the first write. ``lock``: and
+    take it for this process alone under that file name (``_lock_dir``)."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".fieldline-probe-{os.getpid()}"
@@ -97,6 +99,8 @@ def usable_dir(path: Path, key: str, source: str | None = None) -> None:
     except OSError as exc:
         raise ConfigError(key, f"{path} cannot be used: {exc.strerror or exc}",
                           source=source) from None
+    if lock is not None:
+        _lock_dir(path, key, source, lock)
 
 
 log = logging.getLogger("fieldline.settings")
@@ -104,7 +108,7 @@ log = logging.getLogger("fieldline.settings")
 _HELD: dict[Path, IO[str]] = {}  # directory locks this process holds, for its whole life
 
 
-def lock_dir(path: Path, key: str, source: str | None = None, name: str = ".lock") -> None:
+def _lock_dir(path: Path, key: str, source: str | None, name: str) -> None:
     """Take ``path`` for this process alone, until it exits: a second agent (or worker) on the
     same state directory (say, one started by hand beside the systemd service) fails at start
     naming the key and the process that holds it, instead of both writing the same outbox,

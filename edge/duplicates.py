@@ -342,8 +342,11 @@ class DuplicateFilter:
         prev_s[start] = self.high[d_s[start]]
         prev = np.empty(n, np.int64)
         prev[order] = prev_s
+        point = first_seqs & (seq <= prev)  # the counter went back (a fleet starting: it did not)
+        if not point.any():
+            return None
         before = running_max_before(dev, ts, newest_ts)
-        point = first_seqs & (seq <= prev) & (before != NEVER) & (ts > before)
+        point &= (before != NEVER) & (ts > before)
         if not point.any():
             return None
         p_s = point[order].astype(np.int64)

@@ -246,7 +246,8 @@ class MqttUplink:
                 f"{self.largest_sent:,}", limit)
         elif rc.value != 0:
             log.warning("uplink disconnected from %s: %s (reconnecting)", self.address.url, rc)
-            short = self.connected_before(SHORT_SESSION_MS)
+            at = self._connected_at
+            short = at is not None and self._clock.monotonic_ms() - at < SHORT_SESSION_MS
             self.short_sessions = self.short_sessions + 1 if short else 0
             if self.short_sessions in (SHORT_SESSIONS, 10 * SHORT_SESSIONS):
                 # what a broker does when another client connects with the same client id:
@@ -257,11 +258,6 @@ class MqttUplink:
                           "takes over the other's: give each gateway its own [gateway] id",
                           self.address.url, SHORT_SESSION_MS // 1000, self.short_sessions,
                           self.client_id, self.gateway)
-
-    def connected_before(self, within_ms: int) -> bool:
-        """The last connection was made less than ``within_ms`` ago."""
-        at = self._connected_at
-        return at is not None and self._clock.monotonic_ms() - at < within_ms
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         try:

@@ -183,12 +183,11 @@ def cmd_edge_run(args: argparse.Namespace) -> int:
             "no broker uses TLS: running without OpenSSL (ssl, _hashlib)")
     import asyncio
 
-    from devices.settings import lock_dir, usable_dir
+    from devices.settings import usable_dir
     from edge.agent import EdgeAgent
 
     if cfg.state_dir is not None:
-        usable_dir(cfg.state_dir, "gateway.state_dir", str(args.config))
-        lock_dir(cfg.state_dir, "gateway.state_dir", str(args.config))
+        usable_dir(cfg.state_dir, "gateway.state_dir", str(args.config), lock=".lock")
     agent = EdgeAgent(cfg)
 
     async def main() -> None:
@@ -247,13 +246,12 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
             cfg = replace(cfg, worker_id=args.worker_id)
     _check_influxdb(cfg.influx.url, str(args.config))
     if cfg.state_dir is not None:
-        from devices.settings import lock_dir, usable_dir
+        from devices.settings import usable_dir
 
-        usable_dir(cfg.state_dir, "worker.state_dir", str(args.config))
         # workers of one JetStream cluster may share a directory (their state is in NATS),
         # each under its own name; a single worker's dedup and detector files are its alone
-        lock_dir(cfg.state_dir, "worker.state_dir", str(args.config),
-                 name=f".lock-{cfg.worker_id}" if cfg.jetstream is not None else ".lock")
+        usable_dir(cfg.state_dir, "worker.state_dir", str(args.config),
+                   lock=f".lock-{cfg.worker_id}" if cfg.jetstream is not None else ".lock")
     worker = CloudWorker(cfg)
 
     async def main() -> None:

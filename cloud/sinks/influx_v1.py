@@ -30,6 +30,11 @@ log = logging.getLogger("fieldline.cloud.influx")
 _DROPPED = re.compile(r"dropped=(\d+)")
 
 
+def _influx_error(body: bytes) -> bool:
+    """The body is InfluxDB's own JSON error (``{"error": "..."}``), not another server's."""
+    return body.lstrip().startswith(b'{"error"')
+
+
 def _ident(name: str) -> str:
     return name.replace("\\", "\\\\").replace('"', '\\"')
 
@@ -90,6 +95,11 @@ class InfluxV1Client:
 
     def request(self, method: str, path: str, params: dict[str, str],
                 body: bytes | None = None) -> tuple[int, bytes]:
+        status, data, _ = self._exchange(method, path, params, body)
+        return status, data
+
+    def _exchange(self, method: str, path: str, params: dict[str, str],
+                  body: bytes | None = None) -> tuple[int, bytes, http.client.HTTPMessage]:
         q = urlencode(params)
         headers = dict(self._headers)
         if body is not None:
@@ -100,7 +110,7 @@ class InfluxV1Client:
                 conn = self._connection()
                 conn.request(method, f"{path}?{q}", body=body, headers=headers)
                 resp = conn.getresponse()
-                return resp.status, resp.read()
+                return resp.status, resp.read(), resp.headers
             except (OSError, http.client.HTTPException) as exc:
                 self._drop_connection()
                 # a kept-alive connection the server has since closed (a restart): one retry
@@ -124,9 +134,8 @@ class InfluxV1Client:
         if status != 200:
             # InfluxDB's own refusals come as its JSON error; anything else is not InfluxDB
             # (a wrong URL, a proxy): worth trying again, never a reason to give points up
-            theirs = body.lstrip().startswith(b'{"error"')
             raise SinkError(f"query failed ({status}): {body[:200]!r}",
-                            retryable=status >= 500 or not theirs)
+                            retryable=status >= 500 or not _influx_error(body))
         try:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError:  # a 200 from something else (a proxy's page)
@@ -153,14 +162,10 @@ class InfluxV1Client:
         ``/ping``, 1.x and 2.x alike): "" when it answers without saying (not InfluxDB), None
         when nothing answers (not started yet, perhaps)."""
         try:
-            conn = self._connection()
-            conn.request("GET", "/ping", headers=dict(self._headers))
-            resp = conn.getresponse()
-            resp.read()
-            return resp.getheader("X-Influxdb-Version") or ""
-        except (OSError, http.client.HTTPException):
-            self._drop_connection()
+            _, _, headers = self._exchange("GET", "/ping", {})
+        except SinkError:
             return None
+        return headers.get("X-Influxdb-Version") or ""
 
     def write_lines(self, lines: list[str]) -> None:
         params = {"db": self.database, "precision": "ms"}
@@ -185,7 +190,7 @@ class InfluxV1Client:
                                 f"created ({exc}): create it, or grant the right",
                                 retryable=True) from None
             raise SinkError(f"database {self.database} was missing, created", retryable=True)
-        if status == 400 and text.lstrip().startswith('{"error"'):  # InfluxDB's, about points
+        if status == 400 and _influx_error(resp):  # InfluxDB's, about points
             m = _DROPPED.search(text)
             rejected = int(m.group(1)) if m else len(lines)
             raise SinkError(f"InfluxDB refused points: {text}", retryable=False,
