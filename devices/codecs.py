@@ -18,9 +18,11 @@ fleet:
   with no number at its own level has one per numeric member of each object inside it, named
   ``<outer>_<inner>`` with anything but letters, digits and ``_`` written as ``_`` (Tasmota's
   ``{"Time": "2026-12-03T09:00:00+01:00", "DS18B20-1": {"Temperature": 20.6}}`` is
-  ``DS18B20_1_Temperature``). Members that are no number (a state text, a flag, a list, an
-  object beside top-level numbers, an object deeper down) are no readings: left out, each name
-  logged once. An object whose one object holds the sensors' objects, with no number of its own
+  ``DS18B20_1_Temperature``). An on/off state is a reading of 1 or 0: JSON ``true``/``false``
+  (Zigbee2MQTT's ``contact``, ``occupancy``, ``water_leak``) and the texts ``ON``/``OFF`` (or
+  ``on``/``off``). Members that are none of these (another text, a list, an object beside
+  top-level numbers, an object deeper down) are no readings: left out, each name logged once.
+  An object whose one object holds the sensors' objects, with no number of its own
   but a time, is an envelope: Shelly's RPC notification ``{"method": "NotifyStatus", "params":
   {"ts": 1767225600.12, "temperature:0": {"id": 0, "tC": 21.5}}}`` is ``temperature_0_tC`` at
   ``params.ts`` (``id`` is never a reading). A ``seq`` is not used there (it would name several
@@ -28,8 +30,10 @@ fleet:
   the time the network received it (The Things Stack's ``uplink_message.decoded_payload`` at
   ``received_at``, ChirpStack's ``object`` at ``time``), not its frame counter or radio figures;
 * a bare number on a topic that names the metric (``metric_topic_level``), as ESPHome and
-  Shelly devices publish each value (``shellies/<device>/sensor/temperature``: ``21.5``); an
-  object with ``value`` but no ``metric`` takes its metric from such a topic too.
+  Shelly devices publish each value (``shellies/<device>/sensor/temperature``: ``21.5``), or a
+  bare state (ESPHome's binary sensors ``ON``/``OFF``, Shelly's relays ``on``/``off``: 1 or 0);
+  an object with ``value`` but no ``metric`` takes its metric from such a topic too. A
+  ``value`` may be ``true``/``false`` (SenML: ``vb``), a reading of 1 or 0.
 
 A reading without any time is refused (``missing_field``) unless the gateway takes event time
 from its own clock (``[clock] policy = "receive_time"``, for devices that keep none): then it
@@ -87,6 +91,12 @@ _TIME_MEMBERS = ("ts", "time", "timestamp", "Time", "last_seen")
 # ("id": a component's number, as Shelly's {"id": 0, "tC": 21.5}: no quantity)
 _NOT_METRICS = frozenset({*_TIME_MEMBERS, "device", "seq", "id"})
 _MAX_LOGGED = 64
+# A switch's or a contact's state, as devices and bridges write it: JSON true/false, and the
+# texts ESPHome, Tasmota and Zigbee2MQTT publish by default (Shelly's first generation in lower
+# case). Each is a reading of 1 or 0, so a window's mean is the fraction of it spent on/open.
+_STATES: dict[object, float] = {True: 1.0, False: 0.0, "ON": 1.0, "OFF": 0.0, "on": 1.0,
+                                "off": 0.0}
+_BARE_STATES = {b"ON": 1.0, b"OFF": 0.0, b"on": 1.0, b"off": 0.0}
 _NOT_NAME = re.compile(r"[^A-Za-z0-9_]")  # what a metric name cannot hold (devices.catalog)
 
 
@@ -136,6 +146,12 @@ def _iso_ms(text: str) -> int | None:
     if t.tzinfo is None:
         return None
     return round(t.timestamp() * 1000)
+
+
+def _state(value: object) -> float | None:
+    """An on/off state's reading (1 or 0), or None for anything else (not a number: 1 == True
+    would find True's entry)."""
+    return _STATES.get(value) if type(value) is bool or type(value) is str else None
 
 
 def _loads(payload: bytes) -> tuple[Any, str | None]:
@@ -336,6 +352,8 @@ class PayloadDecoder:
         elif head == b"[" and self._senml_fast(payload, topic, recv, out):
             return
         doc, err = _loads(payload)
+        if err is not None and payload.strip() in _BARE_STATES:  # ESPHome, Tasmota's POWER
+            doc, err = _BARE_STATES[payload.strip()], None
         if err is not None:
             reject(err, f"{topic}: {payload[:60]!r}")
             return
@@ -371,7 +389,7 @@ class PayloadDecoder:
             if not doc:
                 reject(rejects.MALFORMED_PAYLOAD, f"{topic}: an empty SenML pack")
             self._senml(doc, topic, recv, out, reject)
-        elif type(doc) is not int and type(doc) is not float:
+        elif type(doc) is not int and type(doc) is not float and type(doc) is not bool:
             reject(rejects.MALFORMED_PAYLOAD, f"{topic}: top level is {type(doc).__name__}")
         elif self.metric_topic_level is None:
             reject(rejects.MALFORMED_PAYLOAD, f"{topic}: top level is {type(doc).__name__}: a "
@@ -515,9 +533,9 @@ class PayloadDecoder:
 
     def _member(self, name: str, value: object, ts: object, device: str, recv: int,
                 out: ColumnBuilder, reject: Any) -> bool:
-        """One member of a metric object: a reading when it is a number (True), otherwise
-        logged once by name."""
-        if type(value) is int or type(value) is float:
+        """One member of a metric object: a reading when it is a number or an on/off state
+        (True), otherwise logged once by name."""
+        if type(value) is int or type(value) is float or _state(value) is not None:
             self._one({"metric": name, "ts": ts, "value": value}, device, recv, out, reject)
             return True
         if name not in self._not_readings and len(self._not_readings) < _MAX_LOGGED:
@@ -566,8 +584,11 @@ class PayloadDecoder:
                 return
             value = float(value)
         elif type(value) is not float:
-            reject(rejects.WRONG_TYPE, f"{device}: value {value!r}")
-            return
+            state = _state(value)
+            if state is None:
+                reject(rejects.WRONG_TYPE, f"{device}: value {value!r}")
+                return
+            value = state
         if type(seq) is not int or not NO_SEQ <= seq < INT_LIMIT:
             reject(rejects.WRONG_TYPE, f"{device}: seq {seq!r}")
             return
@@ -624,6 +645,8 @@ class PayloadDecoder:
                 device, metric = self._topic_device(topic), name
             t = rec.get("t", 0.0)
             v = rec.get("v")
+            if v is None and type(rec.get("vb")) is bool:
+                v = rec["vb"]  # a boolean value: a reading of 1 or 0
             if v is None:
                 other_value = bool({"vs", "vb", "vd"} & rec.keys())
                 reject(rejects.WRONG_TYPE if other_value else rejects.MISSING_FIELD,

@@ -56,7 +56,7 @@ def test_bad_inputs_are_counted_by_reason_and_do_not_poison_neighbours() -> None
         ("devices/d1/readings", b'{"device": "d1", "metric": "temperature", "ts": "x", '
                                 b'"value": 1.0}', 0),
         ("devices/d1/readings", b'"just a string"', 0),
-        ("devices/d1/readings", b'{"device": "d1", "metric": "t", "ts": 1, "value": true}', 0),
+        ("devices/d1/readings", b'{"device": "d1", "metric": "t", "ts": 1, "value": "warm"}', 0),
         ("devices/d1/readings", good, 0),
         ("devices/d1/readings", b"x" * 300_000, 0),
     ]
@@ -176,20 +176,22 @@ def test_times_that_are_no_time_are_still_rejected() -> None:
 
 
 def test_an_object_of_metric_names_and_numbers_is_a_reading_per_number() -> None:
-    """Zigbee2MQTT / ESPHome-style: every numeric member a reading at the message's time;
-    texts, flags and objects beside the numbers (Zigbee2MQTT's firmware ``update``) are no
-    readings (not rejections either)."""
+    """Zigbee2MQTT / ESPHome-style: every numeric member a reading at the message's time, and
+    every on/off state (1 or 0); other texts and objects beside the numbers (Zigbee2MQTT's
+    firmware ``update``) are no readings (not rejections either)."""
     d = decoder()
     payload = orjson.dumps({"temperature": 21.5, "humidity": 40, "linkquality": 120,
-                            "state": "ON", "battery_low": False,
+                            "state": "ON", "battery_low": False, "power_on_behavior": "off",
+                            "color_mode": "xy", "list": [1],
                             "update": {"state": "idle", "installed_version": 587765297},
                             "time": T / 1000, "seq": 9})
     cols, bad, _ = d.decode([("devices/z1/readings", payload, T + 700)])
     assert not bad
     got = {d.metrics.names[m]: v for m, v in zip(cols.metric, cols.value.tolist(), strict=True)}
-    assert got == {"temperature": 21.5, "humidity": 40.0, "linkquality": 120.0}
-    assert cols.ts.tolist() == [T] * 3  # "time" in epoch seconds
-    assert cols.seq.tolist() == [NO_SEQ] * 3  # one seq cannot name three readings
+    assert got == {"temperature": 21.5, "humidity": 40.0, "linkquality": 120.0, "state": 1.0,
+                   "battery_low": 0.0, "power_on_behavior": 0.0}
+    assert cols.ts.tolist() == [T] * 6  # "time" in epoch seconds
+    assert cols.seq.tolist() == [NO_SEQ] * 6  # one seq cannot name several readings
     assert {d.devices.names[i] for i in cols.device} == {"z1"}
     # Zigbee2MQTT's last_seen (its advanced.last_seen option), as text or epoch ms, is the time
     for seen in ("2026-01-01T01:00:00+01:00", 1_767_225_600_000):
@@ -203,11 +205,60 @@ def test_a_metric_object_counts_each_bad_member_on_its_own() -> None:
     d = decoder()
     msgs = [("devices/z1/readings", orjson.dumps({"ts": T, "temperature": 2**62,
                                                   "humidity": 40.5}), 0),
-            ("devices/z1/readings", orjson.dumps({"ts": T, "state": "ON"}), 0),
+            ("devices/z1/readings", orjson.dumps({"ts": T, "state": "idle"}), 0),
             ("devices/z1/readings", orjson.dumps({"ts": "yesterday", "humidity": 1}), 0)]
     cols, bad, _ = d.decode(msgs)
     assert cols.value.tolist() == [40.5]
     assert bad == {rejects.OUT_OF_RANGE: 1, rejects.MISSING_FIELD: 1, rejects.WRONG_TYPE: 1}
+
+
+def test_on_off_states_are_readings_of_one_and_zero_in_every_shape() -> None:
+    """Door and leak sensors, presence detectors, relays: the states a fleet watches most.
+    Before, Zigbee2MQTT's ``{"contact": false}`` was left out (only logged), ESPHome's binary
+    sensor ``ON`` and Shelly's relay ``on`` were rejected as malformed, a ``value`` of ``true``
+    and SenML's ``vb`` as ``wrong_type``. Each is a reading of 1 or 0 now, so a window's mean is
+    the fraction of it spent on (open, wet, occupied). A number is never taken for a state, and
+    other texts still are no readings."""
+    d = PayloadDecoder(Interner(), Interner(), device_topic_level=1, metric_topic_level=3,
+                       receive_time=True)  # bare states carry no time
+    msgs = [
+        ("zigbee2mqtt/door-1", orjson.dumps({"contact": False, "water_leak": True,
+                                             "battery": 97, "ts": T}), T),
+        ("esphome/node-1/binary_sensor/motion/state", b"ON", T),
+        ("esphome/node-1/binary_sensor/motion/state", b"OFF\n", T),
+        ("shellies/relay-1/relay/0", b"on", T),
+        ("shellies/relay-1/relay/0", b"false", T),
+        ("devices/d1/readings", orjson.dumps({"metric": "pump", "ts": T, "value": True,
+                                              "seq": 3}), T),
+        ("devices/d1/readings", orjson.dumps({"readings": [
+            {"metric": "pump", "ts": T + 1, "value": False},
+            {"metric": "flow", "ts": T + 1, "value": 2.5}]}), T),
+        ("devices/d1/readings", orjson.dumps([{"bn": "d1:", "bt": T / 1000, "n": "valve",
+                                               "vb": True}, {"n": "level", "v": 0.5}]), T),
+        ("shelly/shellyplus-1/events/rpc", orjson.dumps({"method": "NotifyStatus", "params": {
+            "ts": T / 1000, "switch:0": {"id": 0, "output": True, "apower": 12.5}}}), T),
+    ]
+    cols, bad, _ = d.decode(msgs)
+    assert not bad
+    got = [(d.devices.names[i], d.metrics.names[m], v) for i, m, v in
+           zip(cols.device, cols.metric, cols.value.tolist(), strict=True)]
+    assert got == [
+        ("door-1", "contact", 0.0), ("door-1", "water_leak", 1.0), ("door-1", "battery", 97.0),
+        ("node-1", "motion", 1.0), ("node-1", "motion", 0.0),
+        ("relay-1", "0", 1.0), ("relay-1", "0", 0.0),
+        ("d1", "pump", 1.0), ("d1", "pump", 0.0), ("d1", "flow", 2.5),
+        ("d1", "valve", 1.0), ("d1", "level", 0.5),
+        ("shellyplus-1", "switch_0_output", 1.0), ("shellyplus-1", "switch_0_apower", 12.5),
+    ]
+    # other texts stay refused where a value must be one, and a number is never a state
+    cols, bad, _ = d.decode([
+        ("devices/d1/readings", orjson.dumps({"metric": "pump", "ts": T, "value": "open"}), T),
+        ("devices/d1/readings", orjson.dumps({"metric": "pump", "ts": T, "value": "1"}), T),
+        ("esphome/node-1/binary_sensor/motion/state", b"DETECTED", T),
+        ("devices/d1/readings", orjson.dumps([{"bn": "d1:", "n": "v", "vb": "yes"}]), T),
+        ("devices/d1/readings", orjson.dumps({"metric": "n", "ts": T, "value": 1}), T)])
+    assert cols.value.tolist() == [1.0]
+    assert bad == {rejects.WRONG_TYPE: 3, rejects.MALFORMED_JSON: 1}
 
 
 def test_tasmota_sensor_objects_are_readings_named_by_sensor_and_quantity() -> None:
@@ -375,7 +426,7 @@ def test_a_bare_number_takes_its_metric_from_the_topic(tmp_path: Path) -> None:
     msgs = [("shellies/sh1/sensor/temperature", b"21.50", T),
             ("shellies/sh1/sensor/humidity", b"40", T + 5),
             ("shellies/sh1/sensor/power", orjson.dumps({"value": 12.5, "ts": T - 1000}), T),
-            ("shellies/sh1/sensor/status", b"true", T)]
+            ("shellies/sh1/sensor/status", b"ready", T)]
     d = PayloadDecoder(Interner(), Interner(), device_topic_level=edge.device_topic_level,
                        metric_topic_level=edge.metric_topic_level, receive_time=True)
     cols, bad, _ = d.decode(msgs)
@@ -383,7 +434,7 @@ def test_a_bare_number_takes_its_metric_from_the_topic(tmp_path: Path) -> None:
         cols.device, cols.metric, cols.ts.tolist(), cols.value.tolist(), strict=True)]
     assert got == [("sh1", "temperature", T, 21.5), ("sh1", "humidity", T + 5, 40.0),
                    ("sh1", "power", T - 1000, 12.5)]
-    assert bad == {rejects.MALFORMED_PAYLOAD: 1}  # true is no number
+    assert bad == {rejects.MALFORMED_JSON: 1}  # a text that is no number nor an on/off state
 
     clockless = PayloadDecoder(Interner(), Interner(), device_topic_level=1,
                                metric_topic_level=3)
