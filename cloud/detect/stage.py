@@ -101,6 +101,10 @@ def rounds(key: I64, start: I64) -> list[I64]:
     return [np.flatnonzero(occ == r) for r in range(int(occ.max()) + 1)]
 
 
+# the detectors that judge an on/off state's series too (its limits); the others judge quantities
+JUDGES_STATES = frozenset({"threshold"})
+
+
 class DetectionStage:
     def __init__(self, detectors: Sequence[Detector], *,
                  device_detectors: Sequence[DeviceDetector] = (),
@@ -121,6 +125,8 @@ class DetectionStage:
         self.series_policy = AlertPolicy(policy)
         self.device_policy = AlertPolicy(policy)
         self.marks = StateArrays({"learned": Column((), np.int64, np.iinfo(np.int64).min)})
+        # per series: every window so far had its extremes in {0, 1}, an on/off state's series
+        self.on_off = StateArrays({"on_off": Column((), np.bool_, True)})
         self.device_marks = StateArrays({"learned": Column((), np.int64,
                                                            np.iinfo(np.int64).min)})
         self.counters: Counter[str] = Counter()
@@ -163,6 +169,7 @@ class DetectionStage:
         for det in self.detectors:
             det.state.reserve(n)
         self.marks.reserve(n)
+        self.on_off.reserve(n)
         self.series_policy.state.reserve(n)
 
     def _series_round(self, rows: EnrichedResults, idx: I64, sid: I64, out: Detections) -> None:
@@ -174,6 +181,11 @@ class DetectionStage:
         self.counters["windows_judged"] += len(f)
         self.counters["windows_rejudged"] += int((~fresh).sum())
         verdicts = [det.score(f) for det in self.detectors]
+        states = self._on_off(f, fresh)
+        if states.any():
+            for det, v in zip(self.detectors, verdicts, strict=True):
+                if det.name not in JUDGES_STATES:
+                    v.severity[states] = 0.0
         learn_rows = np.flatnonzero(fresh)
         if not verdicts:
             learned[sid[learn_rows]] = f.start[learn_rows]
@@ -216,6 +228,17 @@ class DetectionStage:
                                      float(v.value[k]), float(v.reference[k]),
                                      float(v.severity[k]))))
 
+    def _on_off(self, f: Frame, fresh: BoolArray) -> BoolArray:
+        """Which rows belong to an on/off state's series (a door contact, a leak sensor, a
+        relay: readings of 1 and 0, so every window's min and max is 0 or 1). Their windows'
+        means move from 0 to 1 whenever the state changes, which a detector of quantities takes
+        for a spike or a new extreme: one alert per door opening. They are left to the limits
+        (``threshold``); a series is a quantity's from its first window with another extreme."""
+        mark = self.on_off["on_off"]
+        now = ((f.min == 0.0) | (f.min == 1.0)) & ((f.max == 0.0) | (f.max == 1.0))
+        mark[f.key[fresh & ~now]] = False
+        return np.asarray(mark[f.key] & now)
+
     def _event(self, rows: EnrichedResults, row: int, level: str, name: str, state: str,
                incident: int, until: int, peak: float, direction: int, value: float,
                reference: float) -> AlertEvent:
@@ -256,7 +279,8 @@ class DetectionStage:
         slot = self.series_slot[sid]
         # a device of one metric has no joint pattern: leave it to the series detectors
         several = self.device_slots[did] >= 2
-        ok = (slot >= 0) & several
+        # an on/off state has no place in a pattern of quantities (its 0 <-> 1 is no deviation)
+        ok = (slot >= 0) & several & ~self.on_off["on_off"][sid]
         judge, did, slot = judge[ok], did[ok], slot[ok]
         if not len(judge):
             return
@@ -346,6 +370,7 @@ class DetectionStage:
         """Everything needed to continue exactly: keys, marks, policy and detector state."""
         arrays: dict[str, Array] = {}
         arrays.update(self.marks.snapshot("marks."))
+        arrays.update(self.on_off.snapshot("marks."))
         arrays.update(self.device_marks.snapshot("dmarks."))
         arrays.update(self.series_policy.state.snapshot("policy."))
         arrays.update(self.device_policy.state.snapshot("dpolicy."))
@@ -376,6 +401,10 @@ class DetectionStage:
                                      np.int64)
         a = snap["arrays"]
         self.marks.restore(a, "marks.")
+        if "marks.on_off" in a:
+            self.on_off.restore(a, "marks.")
+        else:  # a snapshot from before on/off series were told apart: all judged, as then
+            self.on_off.restore({"marks.on_off": np.zeros(self.marks.size, np.bool_)}, "marks.")
         self.device_marks.restore(a, "dmarks.")
         self.series_policy.state.restore(a, "policy.")
         self.device_policy.state.restore(a, "dpolicy.")
