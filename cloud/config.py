@@ -78,6 +78,10 @@ class CloudConfig:
     health_interval_ms: int = 5_000
     catalog: Catalog = field(default_factory=Catalog)
     jetstream: JetStreamConfig | None = None  # [engine] kind = "jetstream": many workers
+    # a change smaller than this many steps of a series' resolution is no anomaly (0: off)
+    resolution_steps: float = 3.0
+    # [detect.min_change]: metric -> the smallest change (in its unit) worth an alert
+    min_change: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # it names the worker's MQTT client ids and its NATS consumer: no topic wildcards
@@ -118,6 +122,7 @@ def cloud_config_from(root: Section) -> CloudConfig:
     windows = tuple(w if w == PRIMARY else window_label(w, det.key("windows"), root.source)
                     for w in det.str_list("windows", [PRIMARY]))
     relearn_after = det.integer("relearn_after", 30, minimum=1)
+    resolution_steps = det.number("resolution_steps", 3.0, minimum=0.0)
     if not windows:
         raise ConfigError(det.key("windows"), "name at least one window spec (or \"primary\")",
                           source=root.source)
@@ -133,6 +138,9 @@ def cloud_config_from(root: Section) -> CloudConfig:
     except ValueError as exc:
         raise ConfigError(al.key("hold_at"), str(exc), source=root.source) from None
     al.done()
+    mc = det.section("min_change")
+    min_change = {name: mc.number(name, 0.0, minimum=0.0) for name in mc.keys()}  # noqa: SIM118
+    mc.done()
     options: dict[str, dict[str, Any]] = {}
     for name in names:
         if name not in DETECTORS:
@@ -162,6 +170,8 @@ def cloud_config_from(root: Section) -> CloudConfig:
         health_interval_ms=w.duration_ms("health_interval", 5_000, minimum=100),
         catalog=catalog,
         jetstream=jetstream,
+        min_change={name: v for name, v in min_change.items() if v > 0},
+        resolution_steps=resolution_steps,
     )
     for s in (w, ingest, ix, det):
         s.done()

@@ -31,7 +31,9 @@ def build_detection(config: CloudConfig) -> DetectionStage:
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"detect.{name}", str(exc)) from None
     return build_stage(config.detectors, config.detector_options, policy=config.alerts,
-                       windows=config.detect_windows, relearn_after=config.relearn_after)
+                       windows=config.detect_windows, relearn_after=config.relearn_after,
+                       min_change=config.min_change,
+                       resolution_steps=config.resolution_steps)
 
 
 @dataclass

@@ -110,7 +110,9 @@ def run_recordings(recs: Sequence[Recording], edge: EdgeConfig, cloud: CloudConf
     enricher = Enricher(Registry(), cloud.catalog)
     stage = stage or build_stage(cloud.detectors, cloud.detector_options, policy=cloud.alerts,
                                  windows=cloud.detect_windows,
-                                 relearn_after=cloud.relearn_after)
+                                 relearn_after=cloud.relearn_after,
+                                 min_change=cloud.min_change,
+                                 resolution_steps=cloud.resolution_steps)
     seq = iter(range(1 << 62))
     got = _Collector()
 

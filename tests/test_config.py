@@ -106,7 +106,10 @@ def test_bad_cloud_config_names_the_key(tmp_path: Path) -> None:
                        ('[detect]\ndetectors = ["spike", "spike"]\n', "detect.detectors"),
                        ('[detect]\nwindows = ["ten seconds"]\n', "detect.windows"),
                        ('[worker]\nid = "cloud/1"\n', "worker.id"),
-                       ('[worker]\nid = ""\n', "worker.id")):
+                       ('[worker]\nid = ""\n', "worker.id"),
+                       ('[detect.min_change]\ntemperature = -1\n', "detect.min_change.temperature"),
+                       ('[detect.min_change]\nflow = "lots"\n', "detect.min_change.flow"),
+                       ('[detect]\nresolution_steps = -1\n', "detect.resolution_steps")):
         with pytest.raises(ConfigError) as info:
             load_cloud_config(write(tmp_path, base + extra))
         assert info.value.key == key, extra
@@ -115,6 +118,11 @@ def test_bad_cloud_config_names_the_key(tmp_path: Path) -> None:
                                      '"hopping:1m/10s", "1m/10s", "session:30s", "count:5"]\n'))
     assert judged.detect_windows == ("primary", "1m", "1m/10s", "1m/10s", "session:30s",
                                      "count:5")
+    # the smallest change worth an alert: per metric, 0 is none; steps of resolution
+    det = load_cloud_config(write(tmp_path, base + '[detect]\nresolution_steps = 2\n'
+                                  '[detect.min_change]\nhumidity = 0\nflow = 0.5\n'))
+    assert det.min_change == {"flow": 0.5}
+    assert det.resolution_steps == 2.0
     for url in ("http://127.0.0.1:abc", "http://127.0.0.1:99999", "http://:8086",
                 "http://127.0.0.1:0"):
         with pytest.raises(ConfigError) as info:

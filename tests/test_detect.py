@@ -461,3 +461,59 @@ def test_an_on_off_state_alerts_on_its_limits_not_on_every_change(tmp_path: Path
     old = build_stage(SHIPPED, SMALL)
     old.restore(snap)
     assert not old.on_off["on_off"][: len(old.series)].any()
+
+
+def test_a_change_of_a_few_steps_of_the_sensor_is_no_anomaly_a_larger_one_is() -> None:
+    """A room thermometer in 0.1 degC steps wandering 0.3 degC over hours: in its first hours each
+    new high or low by a step is a record the detectors of quantities flag. A verdict within
+    ``resolution_steps`` steps of the series' own resolution (learned from its readings) is no
+    anomaly; a 3 degC step of the same series, and a sensor stuck at one value, still are. A
+    series without a grid (continuous readings) learns a tiny step: its metric's
+    ``min_change`` is what keeps its wandering quiet."""
+    rng = np.random.default_rng(11)
+    fleet = []
+    for k in range(400):
+        drift = 21.0 + 0.3 * math.sin(k / 60) + 0.1 * ((k * 7919) % 5 - 2)
+        jump = 3.0 if 300 <= k < 330 else 0.0
+        fleet.append([Win("room-1", "temperature", T0 + k * WIDTH, round(drift, 1) + jump,
+                          spread=0.2),
+                      Win("room-2", "temperature", T0 + k * WIDTH,
+                          21.0 + 0.1 * ((k * 31) % 7) if k < 200 else 21.4,
+                          spread=0.2 if k < 200 else 0.0),
+                      Win("room-3", "temperature", T0 + k * WIDTH,
+                          drift + float(rng.normal(0, 0.01)) + jump, spread=0.2037)])
+
+    def opened(steps: float, min_change: dict[str, float] | None = None
+               ) -> set[tuple[object, ...]]:
+        stage = build_stage(SHIPPED, SMALL, policy=PLAIN, min_change=min_change,
+                            resolution_steps=steps)
+        _, alerts = drive(stage, chunks(fleet, [1]))
+        return {(a[0], a[2], a[5] // WIDTH * WIDTH) for a in alerts if a[3] == "open"}
+
+    def early(alerts: set[tuple[object, ...]], device: str) -> list[tuple[object, ...]]:
+        return [a for a in alerts if a[0] == device and a[2] < T0 + 300 * WIDTH]  # type: ignore[operator]
+
+    bare = opened(0)
+    assert early(bare, "room-1")  # a drift's record by a step
+    assert early(bare, "room-3")
+    shipped = opened(3)
+    room1 = [a for a in shipped if a[0] == "room-1"]
+    assert room1
+    assert all(T0 + 300 * WIDTH <= a[2] < T0 + 331 * WIDTH for a in room1), room1  # the jump
+    assert ("room-2", "stuck") in {(a[0], a[1]) for a in shipped}
+    assert [a for a in shipped if a[0] == "room-3" and a[2] >= T0 + 300 * WIDTH]  # type: ignore[operator]
+    floored = opened(3, {"temperature": 0.5})
+    assert not early(floored, "room-3")
+    assert [a for a in floored if a[0] == "room-3"]  # its jump
+    # the resolutions ride in the snapshot; one from before them learns them anew
+    stage = build_stage(SHIPPED, SMALL, policy=PLAIN)
+    drive(stage, chunks(fleet[:100], [1]))
+    snap = stage.snapshot()
+    assert math.isclose(float(snap["arrays"]["grain.step"][0]), 0.1)  # room-1's 0.1 degC
+    for key in ("grain.step", "grain.lo", "grain.hi"):
+        del snap["arrays"][key]
+    old = build_stage(SHIPPED, SMALL, policy=PLAIN)
+    old.restore(snap)
+    assert np.isinf(old.grain["step"][: len(old.series)]).all()
+    drive(old, chunks(fleet[100:110], [1]))
+    assert math.isclose(float(old.grain["step"][0]), 0.1)

@@ -25,6 +25,7 @@ from cloud.config import CloudConfig, InfluxConfig
 from cloud.panels import Params, panel_queries, render
 from cloud.sinks.influx_v1 import InfluxV1Client
 from cloud.worker import CloudWorker
+from devices.catalog import Catalog
 from devices.codecs import encode_single
 from devices.contract import results_topic
 from devices.schema import seq_checks
@@ -280,3 +281,86 @@ def test_pipeline_end_to_end(mosquitto_factory: Callable[..., Mosquitto],
         if not values:
             empty.append(title)
     assert not empty, f"panels without data: {empty}"
+
+
+def test_a_door_sensor_and_a_thermometer_alert_on_what_matters_only(
+        mosquitto_factory: Callable[..., Mosquitto], influx_db: InfluxV1Client,
+        tmp_path: Path) -> None:
+    """A Zigbee2MQTT-style device (``{"contact": false, "temperature": 21.3, "battery": 97,
+    ...}``), two hours of event time from its first reading, through a real gateway broker,
+    agent, cloud broker, worker (the default detectors and settings) and InfluxDB.
+
+    Each 10 s window of the contact holds the share of readings with the door shut as its mean,
+    and its openings raise no anomaly (before on/off states were readings, the contact never
+    reached InfluxDB; before they were judged by their limits only, the openings were flagged).
+    The thermometer (0.1 degC steps, a slow swing of 1 degC) raises one anomaly: its 12 degC
+    spike. Before a change within a few steps of a series' learned resolution was muted, each
+    new high or low of its first hours by a step of the sensor was one: 121 windows of 720."""
+    gw_broker, cloud = mosquitto_factory(), mosquitto_factory()
+    start = time.time_ns() // 1_000_000 - 2 * 3_600_000
+    start -= start % SIZE
+    step, n = 5_000, 1_440  # two hours, two readings a window
+    opened = {k for o in range(150, n, 97) for k in range(o, o + 1 + o % 3)}
+    spike_at = 1_200
+
+    def temperature(k: int) -> float:
+        jitter = 0.05 * ((k * 7919) % 13 - 6) / 6
+        return round(21.0 + math.sin(k / 200) + jitter, 1) + (12.0 if k == spike_at else 0.0)
+
+    msgs = [("devices/door-1/readings", orjson.dumps({
+        "ts": start + k * step, "contact": k not in opened, "battery": 97, "linkquality": 120,
+        "temperature": temperature(k)})) for k in range(n)]
+
+    async def run() -> EdgeAgent:
+        agent = EdgeAgent(EdgeConfig(
+            gateway="gw-1", intake_broker=gw_broker.address, uplink_broker=cloud.address,
+            topics=["devices/+/readings"], device_topic_level=1, state_dir=tmp_path / "edge",
+            engine=EngineConfig(windows=(WindowSpec(size_ms=SIZE),), time=EventTimeSpec(
+                out_of_orderness_ms=OOO, allowed_lateness_ms=LATENESS, idle_timeout_ms=2_000)),
+            catalog=Catalog(undeclared="accept"), tick_ms=50, health_interval_ms=500))
+        worker = CloudWorker(CloudConfig(
+            worker_id="doors", broker=cloud.address,
+            influx=InfluxConfig(url=influx_db.url, database=influx_db.database,
+                                flush_interval_ms=200), health_interval_ms=500))
+        stop_a, stop_w = asyncio.Event(), asyncio.Event()
+        wt = asyncio.create_task(worker.run(stop_w))
+        at = asyncio.create_task(agent.run(stop_a))
+        deadline = time.monotonic() + 15
+        while not (agent.intake.subscribed.is_set() and agent.uplink.connected.is_set()
+                   and worker.source.connected.is_set()):
+            assert time.monotonic() < deadline, "services did not connect"
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(publish_raw, gw_broker.port, msgs)
+        deadline = time.monotonic() + 60
+        while True:
+            emitted = agent.pipeline.counters["windows_emitted"]
+            if (agent.intake.pending == 0 and agent.pipeline.engine.active_devices == 0
+                    and agent.outbox.depth == 0 and emitted > 0
+                    and worker.stats()["results_written"] == emitted):
+                break
+            assert time.monotonic() < deadline, (agent.stats(), worker.stats())
+            await asyncio.sleep(0.2)
+        stop_a.set()
+        await at
+        stop_w.set()
+        await wt
+        return agent
+
+    agent = asyncio.run(run())
+    assert agent.stats()["readings_accepted"] == 4 * n  # contact, battery, linkquality, temperature
+    rows = influx_rows(influx_db, 'SELECT "count", "mean" FROM "aggregates" '
+                                  'WHERE "metric" = \'contact\'')
+    assert len(rows) == n // 2
+    for r in rows:
+        first = (int(str(r["time"])) - start) // step
+        opens = sum(k in opened for k in (first, first + 1))
+        assert r["count"] == 2
+        assert math.isclose(float(r["mean"]), 1 - opens / 2)  # contact true: the door is shut
+    anomalies = influx_rows(influx_db, 'SELECT "score" FROM "anomalies" GROUP BY "metric"')
+    flagged = Counter(str(a["metric"]) for a in anomalies)
+    assert flagged["contact"] == 0, flagged
+    spike_window = start + spike_at * step - (start + spike_at * step) % SIZE
+    hot = [int(str(a["time"])) for a in anomalies if a["metric"] == "temperature"]
+    assert hot == [spike_window], (len(hot), flagged)
+    alerts = influx_rows(influx_db, 'SELECT * FROM "alerts" GROUP BY "metric"')
+    assert not [a for a in alerts if a.get("metric") == "contact"], alerts

@@ -43,7 +43,9 @@ def detector_class(name: str) -> Any:
 
 def build_stage(names: list[str] | tuple[str, ...], options: dict[str, dict[str, Any]],
                 *, policy: PolicyConfig | None = None,
-                windows: tuple[str, ...] = (PRIMARY,), relearn_after: int = 30) -> DetectionStage:
+                windows: tuple[str, ...] = (PRIMARY,), relearn_after: int = 30,
+                min_change: dict[str, float] | None = None,
+                resolution_steps: float = 3.0) -> DetectionStage:
     """Detectors by config name with their options (``ValueError``/``TypeError`` name the
     problem), wrapped in a stage."""
     series: list[Detector] = []
@@ -52,7 +54,8 @@ def build_stage(names: list[str] | tuple[str, ...], options: dict[str, dict[str,
         det = detector_class(name)(**options.get(name, {}))
         (devices if det.level == "device" else series).append(det)
     return DetectionStage(series, device_detectors=devices, policy=policy, windows=windows,
-                          relearn_after=relearn_after)
+                          relearn_after=relearn_after, min_change=min_change,
+                          resolution_steps=resolution_steps)
 
 
 __all__ = ["DEFAULT_DETECTORS", "DETECTORS", "PRIMARY", "AlertEvent", "Anomaly",

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from cloud.detect.base import DIRECTIONS, Detector, DeviceDetector, DeviceFrame, Frame
+from cloud.detect.base import DIRECTIONS, Detector, DeviceDetector, DeviceFrame, Frame, Verdict
 from cloud.detect.policy import NO_INCIDENT, AlertPolicy, PolicyConfig
 from cloud.detect.state import Array, Column, KeyIndex, StateArrays
 from cloud.enrich import EnrichedResults
@@ -103,14 +103,21 @@ def rounds(key: I64, start: I64) -> list[I64]:
 
 # the detectors that judge an on/off state's series too (its limits); the others judge quantities
 JUDGES_STATES = frozenset({"threshold"})
+# ... and those whose verdict is no change from a reference (a limit crossed, a sensor that
+# stopped moving), so that no smallest change worth an alert applies to them
+JUDGES_NO_CHANGE = frozenset({"threshold", "stuck"})
 
 
 class DetectionStage:
     def __init__(self, detectors: Sequence[Detector], *,
                  device_detectors: Sequence[DeviceDetector] = (),
                  policy: PolicyConfig | None = None, windows: Sequence[str] = (PRIMARY,),
-                 max_device_metrics: int = 16, relearn_after: int = 30) -> None:
+                 max_device_metrics: int = 16, relearn_after: int = 30,
+                 min_change: dict[str, float] | None = None,
+                 resolution_steps: float = 3.0) -> None:
         self.detectors = list(detectors)
+        self.min_change = dict(min_change or {})
+        self.resolution_steps = resolution_steps
         self.device_detectors = list(device_detectors)
         self.windows = frozenset(windows)
         self.max_device_metrics = max_device_metrics
@@ -127,6 +134,11 @@ class DetectionStage:
         self.marks = StateArrays({"learned": Column((), np.int64, np.iinfo(np.int64).min)})
         # per series: every window so far had its extremes in {0, 1}, an on/off state's series
         self.on_off = StateArrays({"on_off": Column((), np.bool_, True)})
+        # per series: the smallest difference seen between its readings (its resolution), and
+        # its last window's extremes
+        self.grain = StateArrays({"step": Column((), np.float64, np.inf),
+                                  "lo": Column((), np.float64, np.nan),
+                                  "hi": Column((), np.float64, np.nan)})
         self.device_marks = StateArrays({"learned": Column((), np.int64,
                                                            np.iinfo(np.int64).min)})
         self.counters: Counter[str] = Counter()
@@ -170,6 +182,7 @@ class DetectionStage:
             det.state.reserve(n)
         self.marks.reserve(n)
         self.on_off.reserve(n)
+        self.grain.reserve(n)
         self.series_policy.state.reserve(n)
 
     def _series_round(self, rows: EnrichedResults, idx: I64, sid: I64, out: Detections) -> None:
@@ -186,6 +199,7 @@ class DetectionStage:
             for det, v in zip(self.detectors, verdicts, strict=True):
                 if det.name not in JUDGES_STATES:
                     v.severity[states] = 0.0
+        self._small_changes(rows, idx, f, fresh, verdicts)
         learn_rows = np.flatnonzero(fresh)
         if not verdicts:
             learned[sid[learn_rows]] = f.start[learn_rows]
@@ -227,6 +241,40 @@ class DetectionStage:
                     message=_message(rows.metric[i], det.name, int(v.direction[k]),
                                      float(v.value[k]), float(v.reference[k]),
                                      float(v.severity[k]))))
+
+    def _small_changes(self, rows: EnrichedResults, idx: I64, f: Frame, fresh: BoolArray,
+                       verdicts: list[Verdict]) -> None:
+        """A verdict whose value is within the series' smallest change worth an alert of its
+        reference says nothing a user can act on: a drifting room's new high by one step of its
+        0.1 degC thermometer. That floor is ``resolution_steps`` steps of the sensor's own
+        resolution, learned as the smallest difference seen between readings of the series
+        (window extremes: raw readings), or the metric's ``min_change`` if larger. Such a
+        verdict has severity 0; the detectors still learn the window as they would (a change
+        that grows past the floor, held against the range before it, alerts)."""
+        g = self.grain
+        key = f.key
+        if fresh.any():
+            k = key[fresh]
+            lo, hi = f.min[fresh], f.max[fresh]
+            tol = 1e-9 * np.maximum(np.abs(hi), 1.0)
+            with np.errstate(invalid="ignore"):
+                d = np.stack([hi - lo, np.abs(hi - g["hi"][k]), np.abs(lo - g["lo"][k])])
+            np.minimum.at(g["step"], k, np.where(d > tol, d, np.inf).min(axis=0))  # NaN: inf
+            g["lo"][k] = lo
+            g["hi"][k] = hi
+        step = g["step"][key]
+        floor = np.where(np.isfinite(step), self.resolution_steps * step, 0.0) * (1 - 1e-9)
+        if self.min_change:
+            floor = np.maximum(floor, np.fromiter(
+                (self.min_change.get(rows.metric[i], 0.0) for i in idx.tolist()), np.float64,
+                count=len(idx)))
+        if not floor.any():
+            return
+        for det, v in zip(self.detectors, verdicts, strict=True):
+            if det.name not in JUDGES_NO_CHANGE:
+                with np.errstate(invalid="ignore"):
+                    small = np.abs(v.value - v.reference) < floor
+                v.severity[small] = 0.0
 
     def _on_off(self, f: Frame, fresh: BoolArray) -> BoolArray:
         """Which rows belong to an on/off state's series (a door contact, a leak sensor, a
@@ -371,6 +419,7 @@ class DetectionStage:
         arrays: dict[str, Array] = {}
         arrays.update(self.marks.snapshot("marks."))
         arrays.update(self.on_off.snapshot("marks."))
+        arrays.update(self.grain.snapshot("grain."))
         arrays.update(self.device_marks.snapshot("dmarks."))
         arrays.update(self.series_policy.state.snapshot("policy."))
         arrays.update(self.device_policy.state.snapshot("dpolicy."))
@@ -405,6 +454,13 @@ class DetectionStage:
             self.on_off.restore(a, "marks.")
         else:  # a snapshot from before on/off series were told apart: all judged, as then
             self.on_off.restore({"marks.on_off": np.zeros(self.marks.size, np.bool_)}, "marks.")
+        if "grain.step" in a:
+            self.grain.restore(a, "grain.")
+        else:  # from before resolutions were learned: learned from the next windows on
+            n = self.marks.size
+            self.grain.restore({"grain.step": np.full(n, np.inf),
+                                "grain.lo": np.full(n, np.nan),
+                                "grain.hi": np.full(n, np.nan)}, "grain.")
         self.device_marks.restore(a, "dmarks.")
         self.series_policy.state.restore(a, "policy.")
         self.device_policy.state.restore(a, "dpolicy.")
