@@ -30,8 +30,8 @@ import numpy as np
 
 from bench.common import RESULTS, Figure, figure, report
 from cloud.config import CloudConfig, load_cloud_config
-from cloud.detect import build_stage
 from cloud.enrich import EnrichedResults
+from cloud.partition import build_detection
 from cloud.points import aggregate_points
 from edge.config import load_edge_config
 from fieldline.evaluate import (
@@ -138,8 +138,7 @@ def stage_speed(cloud: CloudConfig, series: int = 10_000, rounds: int = 60) -> t
     devices = -(-series // 3)
     dev = [f"d{i // 3}" for i in range(series)]
     met = [("temperature", "humidity", "co2")[i % 3] for i in range(series)]
-    stage = build_stage(cloud.detectors, cloud.detector_options, policy=cloud.alerts,
-                        windows=cloud.detect_windows, relearn_after=cloud.relearn_after)
+    stage = build_detection(cloud)
     base = 20 + rng.normal(0, 3, series)
 
     def batch(k: int) -> EnrichedResults:
@@ -175,8 +174,7 @@ def white_noise_alarms(cloud: CloudConfig, series: int = 300, windows: int = 8_0
     """Incidents the shipped stage opens on Gaussian white noise (10 readings a window), per
     series and 1,000 windows: during the first ``young`` windows, and after."""
     rng = np.random.default_rng(7)
-    stage = build_stage(cloud.detectors, cloud.detector_options, policy=cloud.alerts,
-                        windows=cloud.detect_windows, relearn_after=cloud.relearn_after)
+    stage = build_detection(cloud)
     dev = [f"n{i // 2}" for i in range(series)]
     met = [("temperature", "humidity")[i % 2] for i in range(series)]
     early = late = 0

@@ -27,8 +27,9 @@ import numpy as np
 import numpy.typing as npt
 
 from cloud.config import CloudConfig
-from cloud.detect import AlertEvent, DetectionStage, build_stage
+from cloud.detect import AlertEvent, DetectionStage
 from cloud.enrich import EnrichedResults, Enricher
+from cloud.partition import build_detection
 from devices.clock import ManualClock
 from devices.contract import ResultBatch, decode_uplink
 from devices.readings import F64, I64
@@ -108,11 +109,7 @@ def run_recordings(recs: Sequence[Recording], edge: EdgeConfig, cloud: CloudConf
     clock = ManualClock(now_ms=sim.start_ms, monotonic_ms=0)
     pipe = EdgePipeline(edge, clock)
     enricher = Enricher(Registry(), cloud.catalog)
-    stage = stage or build_stage(cloud.detectors, cloud.detector_options, policy=cloud.alerts,
-                                 windows=cloud.detect_windows,
-                                 relearn_after=cloud.relearn_after,
-                                 min_change=cloud.min_change,
-                                 resolution_steps=cloud.resolution_steps)
+    stage = stage or build_detection(cloud)
     seq = iter(range(1 << 62))
     got = _Collector()
 

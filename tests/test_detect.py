@@ -467,7 +467,8 @@ def test_a_change_of_a_few_steps_of_the_sensor_is_no_anomaly_a_larger_one_is() -
     """A room thermometer in 0.1 degC steps wandering 0.3 degC over hours: in its first hours each
     new high or low by a step is a record the detectors of quantities flag. A verdict within
     ``resolution_steps`` steps of the series' own resolution (learned from its readings) is no
-    anomaly; a 3 degC step of the same series, and a sensor stuck at one value, still are. A
+    anomaly; a 3 degC step of the same series, and a sensor stuck at one value, still are; so
+    is a burst of a series of few levels (0 or 20), whose step is what it has to say. A
     series without a grid (continuous readings) learns a tiny step: its metric's
     ``min_change`` is what keeps its wandering quiet."""
     rng = np.random.default_rng(11)
@@ -481,7 +482,10 @@ def test_a_change_of_a_few_steps_of_the_sensor_is_no_anomaly_a_larger_one_is() -
                           21.0 + 0.1 * ((k * 31) % 7) if k < 200 else 21.4,
                           spread=0.2 if k < 200 else 0.0),
                       Win("room-3", "temperature", T0 + k * WIDTH,
-                          drift + float(rng.normal(0, 0.01)) + jump, spread=0.2037)])
+                          drift + float(rng.normal(0, 0.01)) + jump, spread=0.2037),
+                      Win("pump-1", "starts", T0 + k * WIDTH,
+                          12.0 if jump else 2.0 if k % 40 == 5 else 0.0,
+                          lo=0.0, hi=20.0 if jump or k % 40 == 5 else 0.0)])
 
     def opened(steps: float, min_change: dict[str, float] | None = None
                ) -> set[tuple[object, ...]]:
@@ -502,6 +506,10 @@ def test_a_change_of_a_few_steps_of_the_sensor_is_no_anomaly_a_larger_one_is() -
     assert all(T0 + 300 * WIDTH <= a[2] < T0 + 331 * WIDTH for a in room1), room1  # the jump
     assert ("room-2", "stuck") in {(a[0], a[1]) for a in shipped}
     assert [a for a in shipped if a[0] == "room-3" and a[2] >= T0 + 300 * WIDTH]  # type: ignore[operator]
+    # a series of few levels (readings of 0 or 20): its step is its signal, not a resolution
+    pump = [a for a in shipped if a[0] == "pump-1"]
+    assert pump
+    assert all(T0 + 300 * WIDTH <= a[2] < T0 + 331 * WIDTH for a in pump), pump  # type: ignore[operator]
     floored = opened(3, {"temperature": 0.5})
     assert not early(floored, "room-3")
     assert [a for a in floored if a[0] == "room-3"]  # its jump
@@ -510,7 +518,7 @@ def test_a_change_of_a_few_steps_of_the_sensor_is_no_anomaly_a_larger_one_is() -
     drive(stage, chunks(fleet[:100], [1]))
     snap = stage.snapshot()
     assert math.isclose(float(snap["arrays"]["grain.step"][0]), 0.1)  # room-1's 0.1 degC
-    for key in ("grain.step", "grain.lo", "grain.hi"):
+    for key in ("grain.step", "grain.lo", "grain.hi", "grain.least", "grain.most"):
         del snap["arrays"][key]
     old = build_stage(SHIPPED, SMALL, policy=PLAIN)
     old.restore(snap)

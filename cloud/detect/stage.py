@@ -134,11 +134,13 @@ class DetectionStage:
         self.marks = StateArrays({"learned": Column((), np.int64, np.iinfo(np.int64).min)})
         # per series: every window so far had its extremes in {0, 1}, an on/off state's series
         self.on_off = StateArrays({"on_off": Column((), np.bool_, True)})
-        # per series: the smallest difference seen between its readings (its resolution), and
-        # its last window's extremes
+        # per series: the smallest difference seen between its readings (its resolution), its
+        # last window's extremes, and the lowest and highest reading it ever had
         self.grain = StateArrays({"step": Column((), np.float64, np.inf),
                                   "lo": Column((), np.float64, np.nan),
-                                  "hi": Column((), np.float64, np.nan)})
+                                  "hi": Column((), np.float64, np.nan),
+                                  "least": Column((), np.float64, np.nan),
+                                  "most": Column((), np.float64, np.nan)})
         self.device_marks = StateArrays({"learned": Column((), np.int64,
                                                            np.iinfo(np.int64).min)})
         self.counters: Counter[str] = Counter()
@@ -250,7 +252,12 @@ class DetectionStage:
         resolution, learned as the smallest difference seen between readings of the series
         (window extremes: raw readings), or the metric's ``min_change`` if larger. Such a
         verdict has severity 0; the detectors still learn the window as they would (a change
-        that grows past the floor, held against the range before it, alerts)."""
+        that grows past the floor, held against the range before it, alerts).
+
+        The floor applies only to a series that has shown a range of at least twice the floor:
+        one of few levels (a counter of spikes that reads 0 or 20, a pressure gauge whose
+        readings move by whole steps of a coarse converter) says all it has to say in a step
+        or two, and its "resolution" is its signal, not its noise."""
         g = self.grain
         key = f.key
         if fresh.any():
@@ -262,8 +269,13 @@ class DetectionStage:
             np.minimum.at(g["step"], k, np.where(d > tol, d, np.inf).min(axis=0))  # NaN: inf
             g["lo"][k] = lo
             g["hi"][k] = hi
+            np.fmin.at(g["least"], k, lo)
+            np.fmax.at(g["most"], k, hi)
         step = g["step"][key]
-        floor = np.where(np.isfinite(step), self.resolution_steps * step, 0.0) * (1 - 1e-9)
+        floor = self.resolution_steps * np.where(np.isfinite(step), step, 0.0)
+        with np.errstate(invalid="ignore"):
+            floor[~(g["most"][key] - g["least"][key] >= 2 * floor)] = 0.0
+        floor *= 1 - 1e-9
         if self.min_change:
             floor = np.maximum(floor, np.fromiter(
                 (self.min_change.get(rows.metric[i], 0.0) for i in idx.tolist()), np.float64,
@@ -454,13 +466,12 @@ class DetectionStage:
             self.on_off.restore(a, "marks.")
         else:  # a snapshot from before on/off series were told apart: all judged, as then
             self.on_off.restore({"marks.on_off": np.zeros(self.marks.size, np.bool_)}, "marks.")
-        if "grain.step" in a:
-            self.grain.restore(a, "grain.")
-        else:  # from before resolutions were learned: learned from the next windows on
-            n = self.marks.size
-            self.grain.restore({"grain.step": np.full(n, np.inf),
-                                "grain.lo": np.full(n, np.nan),
-                                "grain.hi": np.full(n, np.nan)}, "grain.")
+        # from before resolutions (or the ranges beside them) were kept: learned from the next
+        # windows on
+        n = self.marks.size
+        fills = {"step": np.inf, "lo": np.nan, "hi": np.nan, "least": np.nan, "most": np.nan}
+        self.grain.restore({f"grain.{k}": a.get(f"grain.{k}", np.full(n, v))
+                            for k, v in fills.items()}, "grain.")
         self.device_marks.restore(a, "dmarks.")
         self.series_policy.state.restore(a, "policy.")
         self.device_policy.state.restore(a, "dpolicy.")
