@@ -23,6 +23,7 @@ from fieldline.evaluate import bench_edge_config, run_recordings, topic_template
 from fieldline.services import Mosquitto
 from simulators.publisher import FleetPublisher
 from simulators.replay import Recording, ReplaySimulator, load_nab, load_skab, shift_to
+from tests.running import connected, settled
 from tests.test_end_to_end import influx_rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,25 +101,13 @@ def test_real_pipeline_opens_the_same_incidents_as_the_bench_path(
         stop_a, stop_w = asyncio.Event(), asyncio.Event()
         wt = asyncio.create_task(worker.run(stop_w))
         at = asyncio.create_task(agent.run(stop_a))
-        deadline = time.monotonic() + 15
-        while not (agent.intake.subscribed.is_set() and agent.uplink.connected.is_set()
-                   and worker.source.connected.is_set()):
-            assert time.monotonic() < deadline, "services did not connect"
-            await asyncio.sleep(0.05)
+        await connected([agent], worker)
         sim = ReplaySimulator(moved, now, speed=None, gateway=edge.gateway,
                               topic_template=topic_template(edge), chunk=2_000)
         pub = FleetPublisher(sim, {edge.gateway: mosquitto.address})
         await asyncio.to_thread(pub.run_fast, sim.remaining_ticks())
         pub.close()
-        deadline = time.monotonic() + 120
-        while True:
-            emitted = agent.pipeline.counters["windows_emitted"]
-            if (agent.intake.pending == 0 and agent.pipeline.engine.active_devices == 0
-                    and agent.outbox.depth == 0 and emitted > 0
-                    and worker.stats()["results_written"] == emitted):
-                break
-            assert time.monotonic() < deadline, f"did not settle: {agent.stats()}"
-            await asyncio.sleep(0.2)
+        await settled([agent], worker, 120)
         stop_a.set()
         await at
         stop_w.set()

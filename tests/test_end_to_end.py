@@ -38,6 +38,7 @@ from fieldline.services import Mosquitto
 from simulators.fleet import FleetSimulator, FleetSpec
 from simulators.publisher import FleetPublisher
 from tests.reference import reference_windows
+from tests.running import connected, settled
 
 pytestmark = pytest.mark.integration
 
@@ -101,11 +102,7 @@ async def run_pipeline(gw_brokers: list[Mosquitto], cloud_broker: Mosquitto,
     stop_agents, stop_worker = asyncio.Event(), asyncio.Event()
     wt = asyncio.create_task(worker.run(stop_worker))
     ats = [asyncio.create_task(a.run(stop_agents)) for a in agents]
-    deadline = time.monotonic() + 15
-    while not (all(a.intake.subscribed.is_set() and a.uplink.connected.is_set() for a in agents)
-               and worker.source.connected.is_set()):
-        assert time.monotonic() < deadline, "services did not connect"
-        await asyncio.sleep(0.05)
+    await connected(agents, worker)
 
     pub = FleetPublisher(sim, {gw: gw_brokers[i].address
                                for i, gw in enumerate(spec.gateway_ids())})
@@ -325,21 +322,9 @@ def test_a_door_sensor_and_a_thermometer_alert_on_what_matters_only(
         stop_a, stop_w = asyncio.Event(), asyncio.Event()
         wt = asyncio.create_task(worker.run(stop_w))
         at = asyncio.create_task(agent.run(stop_a))
-        deadline = time.monotonic() + 15
-        while not (agent.intake.subscribed.is_set() and agent.uplink.connected.is_set()
-                   and worker.source.connected.is_set()):
-            assert time.monotonic() < deadline, "services did not connect"
-            await asyncio.sleep(0.05)
+        await connected([agent], worker)
         await asyncio.to_thread(publish_raw, gw_broker.port, msgs)
-        deadline = time.monotonic() + 60
-        while True:
-            emitted = agent.pipeline.counters["windows_emitted"]
-            if (agent.intake.pending == 0 and agent.pipeline.engine.active_devices == 0
-                    and agent.outbox.depth == 0 and emitted > 0
-                    and worker.stats()["results_written"] == emitted):
-                break
-            assert time.monotonic() < deadline, (agent.stats(), worker.stats())
-            await asyncio.sleep(0.2)
+        await settled([agent], worker, 60)
         stop_a.set()
         await at
         stop_w.set()

@@ -29,6 +29,7 @@ from edge.windows import WindowSpec
 from fieldline.services import Mosquitto
 from simulators.fleet import FleetSimulator, FleetSpec
 from simulators.publisher import FleetPublisher
+from tests.running import connected, settled
 
 pytestmark = pytest.mark.integration
 
@@ -81,31 +82,6 @@ def _agent(gw_broker: Mosquitto, cloud: Mosquitto, state: Path) -> EdgeAgent:
         tick_ms=50, health_interval_ms=500, ledger_interval_ms=500))
 
 
-async def _settle(agents: list[EdgeAgent], worker: CloudWorker, written_before: int,
-                  restored: list[int]) -> None:
-    """Until every window the agents emitted since they started (their counters then:
-    ``restored``, from a checkpoint) is written."""
-    deadline = time.monotonic() + 100
-    while True:
-        emitted = written_before + sum(a.pipeline.counters["windows_emitted"] - r
-                                       for a, r in zip(agents, restored, strict=True))
-        if (all(a.intake.pending == 0 and a.pipeline.engine.active_devices == 0
-                and a.outbox.depth == 0 for a in agents)
-                and worker.stats()["results_written"] == emitted and emitted > 0):
-            return
-        assert time.monotonic() < deadline, (
-            f"did not settle: {emitted} emitted; {[a.stats() for a in agents]} {worker.stats()}")
-        await asyncio.sleep(0.2)
-
-
-async def _connected(agents: list[EdgeAgent], worker: CloudWorker) -> None:
-    deadline = time.monotonic() + 15
-    while not (all(a.intake.subscribed.is_set() and a.uplink.connected.is_set() for a in agents)
-               and worker.source.connected.is_set()):
-        assert time.monotonic() < deadline, "services did not connect"
-        await asyncio.sleep(0.05)
-
-
 async def _subscribed(agents: list[EdgeAgent]) -> None:
     deadline = time.monotonic() + 15
     while not all(a.intake.subscribed.is_set() for a in agents):
@@ -138,7 +114,7 @@ def test_a_gateway_copied_with_its_state_loses_nothing(
         restored = [first.pipeline.counters["windows_emitted"]]
         stop = asyncio.Event()
         task = asyncio.create_task(first.run(stop))
-        await _connected([first], worker)
+        await connected([first], worker)
         sim1 = FleetSimulator(FleetSpec(gateways=1, devices_per_gateway=4, seed=5,
                                         disorder_fraction=0.0,
                                         topic_template="{gateway}/devices/{device}/readings"),
@@ -146,7 +122,7 @@ def test_a_gateway_copied_with_its_state_loses_nothing(
         pub = FleetPublisher(sim1, {"gw-1": g1.address})
         await asyncio.to_thread(pub.run_fast, 60)
         pub.close()
-        await _settle([first], worker, 0, restored)
+        await settled([first], worker, 100, 0, restored)
         stop.set()
         await task
         before = worker.stats()["results_written"]
@@ -167,7 +143,7 @@ def test_a_gateway_copied_with_its_state_loses_nothing(
         pub = FleetPublisher(sim2, {"site-1": g1.address, "site-2": g2.address})
         await asyncio.to_thread(pub.run_fast, 120)
         pub.close()
-        await _settle(agents, worker, before, restored)
+        await settled(agents, worker, 100, before, restored)
         stop.set()
         await asyncio.gather(*tasks)
         stop_worker.set()
