@@ -468,7 +468,8 @@ def test_a_change_of_a_few_steps_of_the_sensor_is_no_anomaly_a_larger_one_is() -
     new high or low by a step is a record the detectors of quantities flag. A verdict within
     ``resolution_steps`` steps of the series' own resolution (learned from its readings) is no
     anomaly; a 3 degC step of the same series, and a sensor stuck at one value, still are; so
-    is a burst of a series of few levels (0 or 20), whose step is what it has to say. A
+    is a burst of a series of few levels (0 or 20), whose step is what it has to say, and the
+    failure of a battery whose single steps down (97, 96, ... far from zero) are none. A
     series without a grid (continuous readings) learns a tiny step: its metric's
     ``min_change`` is what keeps its wandering quiet."""
     rng = np.random.default_rng(11)
@@ -485,7 +486,10 @@ def test_a_change_of_a_few_steps_of_the_sensor_is_no_anomaly_a_larger_one_is() -
                           drift + float(rng.normal(0, 0.01)) + jump, spread=0.2037),
                       Win("pump-1", "starts", T0 + k * WIDTH,
                           12.0 if jump else 2.0 if k % 40 == 5 else 0.0,
-                          lo=0.0, hi=20.0 if jump or k % 40 == 5 else 0.0)])
+                          lo=0.0, hi=20.0 if jump or k % 40 == 5 else 0.0),
+                      # a battery in whole percent losing one every 60 windows, failing at 300
+                      Win("door-1", "battery", T0 + k * WIDTH,
+                          70.0 if jump else 97.0 - k // 60, spread=0.0)])
 
     def opened(steps: float, min_change: dict[str, float] | None = None
                ) -> set[tuple[object, ...]]:
@@ -510,6 +514,11 @@ def test_a_change_of_a_few_steps_of_the_sensor_is_no_anomaly_a_larger_one_is() -
     pump = [a for a in shipped if a[0] == "pump-1"]
     assert pump
     assert all(T0 + 300 * WIDTH <= a[2] < T0 + 331 * WIDTH for a in pump), pump  # type: ignore[operator]
+    # a fine measurement far from zero: its first steps down are no anomaly, its failure is
+    assert early(bare, "door-1")
+    battery = [a for a in shipped if a[0] == "door-1"]
+    assert battery
+    assert all(T0 + 300 * WIDTH <= a[2] < T0 + 331 * WIDTH for a in battery), battery  # type: ignore[operator]
     floored = opened(3, {"temperature": 0.5})
     assert not early(floored, "room-3")
     assert [a for a in floored if a[0] == "room-3"]  # its jump

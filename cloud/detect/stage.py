@@ -106,6 +106,9 @@ JUDGES_STATES = frozenset({"threshold"})
 # ... and those whose verdict is no change from a reference (a limit crossed, a sensor that
 # stopped moving), so that no smallest change worth an alert applies to them
 JUDGES_NO_CHANGE = frozenset({"threshold", "stuck"})
+# a series whose readings stay this many resolution floors from zero is a fine measurement
+# (its step is a small part of what it measures) even before it has shown a range
+FINE_LEVEL = 10.0
 
 
 class DetectionStage:
@@ -257,7 +260,10 @@ class DetectionStage:
         The floor applies only to a series that has shown a range of at least twice the floor:
         one of few levels (a counter of spikes that reads 0 or 20, a pressure gauge whose
         readings move by whole steps of a coarse converter) says all it has to say in a step
-        or two, and its "resolution" is its signal, not its noise."""
+        or two, and its "resolution" is its signal, not its noise. A series whose readings
+        stay far from zero next to its floor (``FINE_LEVEL`` floors or more: a battery's whole
+        percent at 97, a 0.1 degC thermometer at 21) is a fine measurement from its first change
+        on: its first step down is no anomaly, however flat it was before."""
         g = self.grain
         key = f.key
         if fresh.any():
@@ -273,8 +279,12 @@ class DetectionStage:
             np.fmax.at(g["most"], k, hi)
         step = g["step"][key]
         floor = self.resolution_steps * np.where(np.isfinite(step), step, 0.0)
+        least, most = g["least"][key], g["most"][key]
         with np.errstate(invalid="ignore"):
-            floor[~(g["most"][key] - g["least"][key] >= 2 * floor)] = 0.0
+            # how far the readings stay from zero (0 when they cross it)
+            level = np.maximum(np.maximum(least, -most), 0.0)
+            fine = (most - least >= 2 * floor) | (level >= FINE_LEVEL * floor)
+        floor[~fine] = 0.0
         floor *= 1 - 1e-9
         if self.min_change:
             floor = np.maximum(floor, np.fromiter(
