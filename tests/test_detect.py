@@ -501,24 +501,23 @@ def test_a_change_of_a_few_steps_of_the_sensor_is_no_anomaly_a_larger_one_is() -
     def early(alerts: set[tuple[object, ...]], device: str) -> list[tuple[object, ...]]:
         return [a for a in alerts if a[0] == device and a[2] < T0 + 300 * WIDTH]  # type: ignore[operator]
 
+    def only_at_the_jump(alerts: set[tuple[object, ...]], device: str) -> None:
+        got = [a for a in alerts if a[0] == device]
+        assert got, device
+        assert all(T0 + 300 * WIDTH <= a[2] < T0 + 331 * WIDTH for a in got), got  # type: ignore[operator]
+
     bare = opened(0)
     assert early(bare, "room-1")  # a drift's record by a step
     assert early(bare, "room-3")
     shipped = opened(3)
-    room1 = [a for a in shipped if a[0] == "room-1"]
-    assert room1
-    assert all(T0 + 300 * WIDTH <= a[2] < T0 + 331 * WIDTH for a in room1), room1  # the jump
+    only_at_the_jump(shipped, "room-1")
     assert ("room-2", "stuck") in {(a[0], a[1]) for a in shipped}
     assert [a for a in shipped if a[0] == "room-3" and a[2] >= T0 + 300 * WIDTH]  # type: ignore[operator]
     # a series of few levels (readings of 0 or 20): its step is its signal, not a resolution
-    pump = [a for a in shipped if a[0] == "pump-1"]
-    assert pump
-    assert all(T0 + 300 * WIDTH <= a[2] < T0 + 331 * WIDTH for a in pump), pump  # type: ignore[operator]
+    only_at_the_jump(shipped, "pump-1")
     # a fine measurement far from zero: its first steps down are no anomaly, its failure is
     assert early(bare, "door-1")
-    battery = [a for a in shipped if a[0] == "door-1"]
-    assert battery
-    assert all(T0 + 300 * WIDTH <= a[2] < T0 + 331 * WIDTH for a in battery), battery  # type: ignore[operator]
+    only_at_the_jump(shipped, "door-1")
     floored = opened(3, {"temperature": 0.5})
     assert not early(floored, "room-3")
     assert [a for a in floored if a[0] == "room-3"]  # its jump

@@ -478,10 +478,7 @@ class DetectionStage:
             self.on_off.restore({"marks.on_off": np.zeros(self.marks.size, np.bool_)}, "marks.")
         # from before resolutions (or the ranges beside them) were kept: learned from the next
         # windows on
-        n = self.marks.size
-        fills = {"step": np.inf, "lo": np.nan, "hi": np.nan, "least": np.nan, "most": np.nan}
-        self.grain.restore({f"grain.{k}": a.get(f"grain.{k}", np.full(n, v))
-                            for k, v in fills.items()}, "grain.")
+        self.grain.restore(a, "grain.", absent=self.marks.size)
         self.device_marks.restore(a, "dmarks.")
         self.series_policy.state.restore(a, "policy.")
         self.device_policy.state.restore(a, "dpolicy.")

@@ -55,12 +55,18 @@ class StateArrays:
     def snapshot(self, prefix: str = "") -> dict[str, Array]:
         return {prefix + k: v[: self.size].copy() for k, v in self.a.items()}
 
-    def restore(self, snap: Mapping[str, Array], prefix: str = "") -> None:
-        n = 0
-        for k in self.columns:
+    def restore(self, snap: Mapping[str, Array], prefix: str = "", *,
+                absent: int | None = None) -> None:
+        """The state ``snapshot`` gave. ``absent``: a snapshot from before some of the columns
+        existed holds this many series, and each column it lacks starts at its fill value for
+        them (without it, a lacking column is an error)."""
+        n = absent or 0
+        for k, c in self.columns.items():
             key = prefix + k
             if key not in snap:
-                raise ValueError(f"snapshot lacks state {key!r}")
+                if absent is None:
+                    raise ValueError(f"snapshot lacks state {key!r}")
+                snap = {**snap, key: np.full((absent, *c.tail), c.fill, dtype=c.dtype)}
             n = max(n, len(snap[key]))
         self.size = 0
         self._cap = 0
