@@ -33,7 +33,10 @@ fleet:
   Shelly devices publish each value (``shellies/<device>/sensor/temperature``: ``21.5``), or a
   bare state (ESPHome's binary sensors ``ON``/``OFF``, Shelly's relays ``on``/``off``: 1 or 0);
   an object with ``value`` but no ``metric`` takes its metric from such a topic too. A
-  ``value`` may be ``true``/``false`` (SenML: ``vb``), a reading of 1 or 0.
+  ``value`` may be ``true``/``false`` (SenML: ``vb``), a reading of 1 or 0, and a number
+  written as text in decimal notation (``"value": "21.5"``, a bare ``"21.5"``) is that number,
+  where a value must be one; a metric object's texts stay no readings (they are versions and
+  identifiers: ``"fw": "1.2"``).
 
 A reading without any time is refused (``missing_field``) unless the gateway takes event time
 from its own clock (``[clock] policy = "receive_time"``, for devices that keep none): then it
@@ -97,6 +100,12 @@ _MAX_LOGGED = 64
 _STATES: dict[object, float] = {True: 1.0, False: 0.0, "ON": 1.0, "OFF": 0.0, "on": 1.0,
                                 "off": 0.0}
 _BARE_STATES = {b"ON": 1.0, b"OFF": 0.0, b"on": 1.0, b"off": 0.0}
+# A number written as text where a value must be one (``"value": "21.5"``, as flows built in
+# Node-RED and bridges that pass everything on as strings publish it): plain decimal notation
+# only, so "0x1F", "1_000", "inf" or "21.5 C" stay refused. Not for members of a metric object,
+# whose texts are identifiers and versions ("fw": "1.2", "channel": "3"), no quantities.
+_NUMBER_TEXT = re.compile(r"\s*[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?\s*")
+_MAX_NUMBER_TEXT = 64
 _NOT_NAME = re.compile(r"[^A-Za-z0-9_]")  # what a metric name cannot hold (devices.catalog)
 
 
@@ -152,6 +161,17 @@ def _state(value: object) -> float | None:
     """An on/off state's reading (1 or 0), or None for anything else (not a number: 1 == True
     would find True's entry)."""
     return _STATES.get(value) if type(value) is bool or type(value) is str else None
+
+
+def _value_text(value: str) -> float | None:
+    """What a value given as text reads as: an on/off state's 1 or 0, or a number in decimal
+    notation; None for any other text."""
+    state = _STATES.get(value)
+    if state is not None:
+        return state
+    if len(value) <= _MAX_NUMBER_TEXT and _NUMBER_TEXT.fullmatch(value):
+        return float(value)
+    return None
 
 
 def _loads(payload: bytes) -> tuple[Any, str | None]:
@@ -389,7 +409,11 @@ class PayloadDecoder:
             if not doc:
                 reject(rejects.MALFORMED_PAYLOAD, f"{topic}: an empty SenML pack")
             self._senml(doc, topic, recv, out, reject)
-        elif type(doc) is not int and type(doc) is not float and type(doc) is not bool:
+        elif type(doc) is str and _value_text(doc) is None:
+            reject(rejects.MALFORMED_PAYLOAD, f"{topic}: top level is a text, neither a number "
+                   "nor an on/off state")
+        elif type(doc) is not int and type(doc) is not float and type(doc) is not bool and \
+                type(doc) is not str:
             reject(rejects.MALFORMED_PAYLOAD, f"{topic}: top level is {type(doc).__name__}")
         elif self.metric_topic_level is None:
             reject(rejects.MALFORMED_PAYLOAD, f"{topic}: top level is {type(doc).__name__}: a "
@@ -584,7 +608,7 @@ class PayloadDecoder:
                 return
             value = float(value)
         elif type(value) is not float:
-            state = _state(value)
+            state = _value_text(value) if type(value) is str else _state(value)
             if state is None:
                 reject(rejects.WRONG_TYPE, f"{device}: value {value!r}")
                 return

@@ -530,7 +530,8 @@ def test_clockless_off_the_shelf_sensors_are_read_through_the_broker(
             ("shellies/z1/sensor/state", orjson.dumps({"temperature": 19.0, "pressure": 1013,
                                                        "contact": True, "update": {}})),
             ("shellies/sh1/sensor/relay", b"on"),  # a Shelly relay's bare state: 1
-            ("shellies/sh2/sensor/relay", b'"on"'),  # a JSON string: no reading
+            ("shellies/sh2/sensor/relay", b'"on"'),  # a quoted state: 1 as well
+            ("shellies/sh3/sensor/mode", b'"warm"'),  # a JSON text that is no value
             # Tasmota: a sensor's object of quantities, its local time without an offset
             ("shellies/tas1/sensor/SENSOR", orjson.dumps({
                 "Time": "2026-12-03T10:00:00", "AM2301": {"Temperature": 20.6, "Humidity": 46},
@@ -557,9 +558,9 @@ def test_clockless_off_the_shelf_sensors_are_read_through_the_broker(
     assert len(logged) == 1
     assert "reason=malformed_payload" in logged[0]
     assert "detail=malformed_payload: " in logged[0]  # its own reason's sample
-    # 21.5, 40, temperature + pressure + contact of z1, sh1's relay, and the AM2301's two
-    assert s["readings_accepted"] == 8
-    assert s["rejected"] == 1  # '"on"' is a JSON string, no reading
+    # 21.5, 40, temperature + pressure + contact of z1, sh1's and sh2's relays, the AM2301's two
+    assert s["readings_accepted"] == 9
+    assert s["rejected"] == 1  # '"warm"' is a JSON string, no reading
     names = set(agent.pipeline.metrics.names)
     assert {"temperature", "humidity", "pressure", "contact", "relay", "AM2301_Temperature",
             "AM2301_Humidity"} <= names

@@ -253,12 +253,49 @@ def test_on_off_states_are_readings_of_one_and_zero_in_every_shape() -> None:
     # other texts stay refused where a value must be one, and a number is never a state
     cols, bad, _ = d.decode([
         ("devices/d1/readings", orjson.dumps({"metric": "pump", "ts": T, "value": "open"}), T),
-        ("devices/d1/readings", orjson.dumps({"metric": "pump", "ts": T, "value": "1"}), T),
         ("esphome/node-1/binary_sensor/motion/state", b"DETECTED", T),
         ("devices/d1/readings", orjson.dumps([{"bn": "d1:", "n": "v", "vb": "yes"}]), T),
         ("devices/d1/readings", orjson.dumps({"metric": "n", "ts": T, "value": 1}), T)])
     assert cols.value.tolist() == [1.0]
-    assert bad == {rejects.WRONG_TYPE: 3, rejects.MALFORMED_JSON: 1}
+    assert bad == {rejects.WRONG_TYPE: 2, rejects.MALFORMED_JSON: 1}
+
+
+def test_a_number_written_as_text_is_a_reading_where_a_value_must_be_one() -> None:
+    """Node-RED flows and bridges that pass everything on as strings publish ``"value":
+    "21.5"``; before, each was refused as ``wrong_type``. Where a value must be one (a single
+    reading, a batch's readings, a bare payload, JSON-quoted or not) a number in plain decimal
+    notation is that number, and a quoted state its 1 or 0. Other notations stay refused, and
+    the texts of a metric object (versions, channel numbers) are still no readings."""
+    d = PayloadDecoder(Interner(), Interner(), device_topic_level=1, metric_topic_level=3,
+                       receive_time=True)
+    good = [
+        ("devices/d1/readings", orjson.dumps({"metric": "t", "ts": T, "value": "21.5"}), T),
+        ("devices/d1/readings", orjson.dumps({"readings": [
+            {"metric": "t", "ts": T + 1, "value": " -3 "},
+            {"metric": "t", "ts": T + 2, "value": "1.5e3"},
+            {"metric": "t", "ts": T + 3, "value": 22.0}]}), T),
+        ("shellies/s1/sensor/temperature", b'"19.25"', T),
+        ("shellies/s1/relay/0", b'"on"', T),
+        ("shellies/s1/sensor/humidity", b"40", T),
+    ]
+    cols, bad, _ = d.decode(good)
+    assert not bad
+    got = [(d.devices.names[i], d.metrics.names[m], v) for i, m, v in
+           zip(cols.device, cols.metric, cols.value.tolist(), strict=True)]
+    assert got == [("d1", "t", 21.5), ("d1", "t", -3.0), ("d1", "t", 1500.0), ("d1", "t", 22.0),
+                   ("s1", "temperature", 19.25), ("s1", "0", 1.0), ("s1", "humidity", 40.0)]
+    bad_texts = ["0x1F", "1_000", "inf", "NaN", "21.5 C", "", "1.2.3", "1" * 65]
+    cols, bad, _ = d.decode(
+        [("devices/d1/readings", orjson.dumps({"metric": "t", "ts": T, "value": v}), T)
+         for v in bad_texts]
+        + [("devices/d1/readings", orjson.dumps({"metric": "t", "ts": T, "value": "1e999"}), T),
+           ("shellies/s1/sensor/temperature", b'"warm"', T),
+           # a metric object's texts are identifiers, not quantities
+           ("zigbee2mqtt/d2", orjson.dumps({"ts": T, "fw": "1.2", "channel": "3",
+                                            "temperature": 20.5}), T)])
+    assert [d.metrics.names[m] for m in cols.metric] == ["temperature"]
+    assert bad == {rejects.WRONG_TYPE: len(bad_texts), rejects.NOT_FINITE: 1,
+                   rejects.MALFORMED_PAYLOAD: 1}
 
 
 def test_tasmota_sensor_objects_are_readings_named_by_sensor_and_quantity() -> None:
