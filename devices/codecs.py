@@ -46,7 +46,8 @@ is unknown: Tasmota's local ``Time`` unless ``SetOption52 1`` adds the offset), 
 
 ``ts`` is event time in integer epoch milliseconds; epoch seconds (with a fraction or not),
 microseconds and nanoseconds are recognised by magnitude (``devices.readings.epoch_ms``), and an
-ISO 8601 string with a UTC offset is taken too. ``device`` may be omitted when the topic
+ISO 8601 string with a UTC offset is taken too, as is an epoch number written as text
+(``"1767225600"``). ``device`` may be omitted when the topic
 carries it. ``seq`` is optional: a per-device counter that lets duplicates and gaps be seen.
 
 One bad reading in a batch rejects that reading, never its neighbours; every rejection is counted
@@ -104,7 +105,8 @@ _BARE_STATES = {b"ON": 1.0, b"OFF": 0.0, b"on": 1.0, b"off": 0.0}
 # Node-RED and bridges that pass everything on as strings publish it): plain decimal notation
 # only, so "0x1F", "1_000", "inf" or "21.5 C" stay refused. Not for members of a metric object,
 # whose texts are identifiers and versions ("fw": "1.2", "channel": "3"), no quantities.
-_NUMBER_TEXT = re.compile(r"\s*[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?\s*")
+_NUMBER_TEXT = re.compile(r"\s*[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?\s*", re.ASCII)
+_INTEGER_TEXT = re.compile(r"\s*[-+]?\d+\s*", re.ASCII)
 _MAX_NUMBER_TEXT = 64
 _NOT_NAME = re.compile(r"[^A-Za-z0-9_]")  # what a metric name cannot hold (devices.catalog)
 
@@ -172,6 +174,17 @@ def _value_text(value: str) -> float | None:
     if len(value) <= _MAX_NUMBER_TEXT and _NUMBER_TEXT.fullmatch(value):
         return float(value)
     return None
+
+
+def _time_text(text: str) -> int | float | None:
+    """An event time given as text: ISO 8601 with a UTC offset (epoch ms), or an epoch number
+    in decimal notation (``"1767225600"``), left for the magnitude rules like any number."""
+    iso = _iso_ms(text)
+    if iso is not None:
+        return iso
+    if len(text) > _MAX_NUMBER_TEXT or not _NUMBER_TEXT.fullmatch(text):
+        return None
+    return int(text) if _INTEGER_TEXT.fullmatch(text) else float(text)
 
 
 def _loads(payload: bytes) -> tuple[Any, str | None]:
@@ -584,15 +597,15 @@ class PayloadDecoder:
         if not isinstance(metric, str) or not metric:
             reject(rejects.WRONG_TYPE, f"{device}: metric {metric!r}")
             return
+        if type(ts) is str:
+            # a time text the gateway cannot place (no UTC offset) is no matter when the
+            # gateway's own clock gives the event time: the policy replaces every device time
+            parsed = _time_text(ts)
+            ts = recv if parsed is None and self.receive_time else parsed
         if type(ts) is float and ts.is_integer():
             ts = int(ts)
         elif type(ts) is float and SECONDS_FROM <= ts < SECONDS_BELOW:
             ts = round(ts * 1000)  # epoch seconds with a fraction
-        elif type(ts) is str:
-            # a time text the gateway cannot place (no UTC offset) is no matter when the
-            # gateway's own clock gives the event time: the policy replaces every device time
-            parsed = _iso_ms(ts)
-            ts = recv if parsed is None and self.receive_time else parsed
         if type(ts) is not int:
             reject(rejects.WRONG_TYPE, f"{device}: ts {r.get('ts')!r} is not epoch ms (or s, "
                    "us, ns) nor an ISO 8601 time with an offset (Tasmota adds it with "

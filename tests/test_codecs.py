@@ -262,9 +262,10 @@ def test_on_off_states_are_readings_of_one_and_zero_in_every_shape() -> None:
 
 def test_a_number_written_as_text_is_a_reading_where_a_value_must_be_one() -> None:
     """Node-RED flows and bridges that pass everything on as strings publish ``"value":
-    "21.5"``; before, each was refused as ``wrong_type``. Where a value must be one (a single
-    reading, a batch's readings, a bare payload, JSON-quoted or not) a number in plain decimal
-    notation is that number, and a quoted state its 1 or 0. Other notations stay refused, and
+    "21.5"`` and ``"ts": "1767225600"``; before, each was refused as ``wrong_type``. Where a
+    value must be one (a single reading, a batch's readings, a bare payload, JSON-quoted or
+    not) a number in plain decimal notation is that number, and a quoted state its 1 or 0; a
+    time as text is an epoch number like any other. Other notations stay refused, and
     the texts of a metric object (versions, channel numbers) are still no readings."""
     d = PayloadDecoder(Interner(), Interner(), device_topic_level=1, metric_topic_level=3,
                        receive_time=True)
@@ -277,14 +278,23 @@ def test_a_number_written_as_text_is_a_reading_where_a_value_must_be_one() -> No
         ("shellies/s1/sensor/temperature", b'"19.25"', T),
         ("shellies/s1/relay/0", b'"on"', T),
         ("shellies/s1/sensor/humidity", b"40", T),
+        # a time as text: epoch seconds, with a fraction, milliseconds (ISO 8601 as before)
+        ("devices/d3/readings", orjson.dumps({"metric": "t", "ts": str(T // 1000),
+                                              "value": 1}), T),
+        ("devices/d3/readings", orjson.dumps({"metric": "t", "ts": f"{T / 1000 + 0.25}",
+                                              "value": 2}), T),
+        ("zigbee2mqtt/d3", orjson.dumps({"ts": str(T + 7), "t": 3}), T),
     ]
     cols, bad, _ = d.decode(good)
     assert not bad
+    assert cols.ts.tolist()[-3:] == [T // 1000 * 1000, T // 1000 * 1000 + 250, T + 7]
+    cols, bad, _ = d.decode(good[:-3])
     got = [(d.devices.names[i], d.metrics.names[m], v) for i, m, v in
            zip(cols.device, cols.metric, cols.value.tolist(), strict=True)]
     assert got == [("d1", "t", 21.5), ("d1", "t", -3.0), ("d1", "t", 1500.0), ("d1", "t", 22.0),
                    ("s1", "temperature", 19.25), ("s1", "0", 1.0), ("s1", "humidity", 40.0)]
-    bad_texts = ["0x1F", "1_000", "inf", "NaN", "21.5 C", "", "1.2.3", "1" * 65]
+    bad_texts = ["0x1F", "1_000", "inf", "NaN", "21.5 C", "", "1.2.3", "1" * 65,
+                 "\u0663"]  # an Arabic-Indic 3: decimal notation is ASCII digits
     cols, bad, _ = d.decode(
         [("devices/d1/readings", orjson.dumps({"metric": "t", "ts": T, "value": v}), T)
          for v in bad_texts]
@@ -296,6 +306,11 @@ def test_a_number_written_as_text_is_a_reading_where_a_value_must_be_one() -> No
     assert [d.metrics.names[m] for m in cols.metric] == ["temperature"]
     assert bad == {rejects.WRONG_TYPE: len(bad_texts), rejects.NOT_FINITE: 1,
                    rejects.MALFORMED_PAYLOAD: 1}
+    # a time text that is neither a number nor ISO 8601 with an offset stays refused
+    d = PayloadDecoder(Interner(), Interner(), device_topic_level=1)
+    _, bad, _ = d.decode([("devices/d1/readings", orjson.dumps(
+        {"metric": "t", "ts": ts, "value": 1}), T) for ts in ("soon", "0x65", "1767225600s")])
+    assert bad == {rejects.WRONG_TYPE: 3}
 
 
 def test_tasmota_sensor_objects_are_readings_named_by_sensor_and_quantity() -> None:
