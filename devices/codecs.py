@@ -38,11 +38,14 @@ fleet:
   where a value must be one; a metric object's texts stay no readings (they are versions and
   identifiers: ``"fw": "1.2"``).
 
-A reading without any time is refused (``missing_field``) unless the gateway takes event time
-from its own clock (``[clock] policy = "receive_time"``, for devices that keep none): then it
-is the time the gateway received the message. So is a time text without a UTC offset (its zone
-is unknown: Tasmota's local ``Time`` unless ``SetOption52 1`` adds the offset), refused as
-``wrong_type`` but taken under ``receive_time``, whose event time is the gateway's anyway.
+A reading without any time takes the time the gateway received the message when the gateway
+is told to (``untimed``: ``[clock] untimed = "receive_time"``, as shipped, for the many devices
+that keep no clock, Zigbee2MQTT's and ESPHome's among them; or ``[clock] policy =
+"receive_time"``, which takes it for every reading); otherwise it is refused
+(``missing_field``). So is a time text without a UTC offset (its zone is unknown: Tasmota's
+local ``Time`` unless ``SetOption52 1`` adds the offset), refused as ``wrong_type`` otherwise.
+Each reading so stamped is counted (the agent's ``readings_untimed``). Under the policy any
+time text the gateway cannot read is no matter either: the policy replaces every device time.
 
 ``ts`` is event time in integer epoch milliseconds; epoch seconds (with a fraction or not),
 microseconds and nanoseconds are recognised by magnitude (``devices.readings.epoch_ms``), and an
@@ -187,6 +190,16 @@ def _time_text(text: str) -> int | float | None:
     return int(text) if _INTEGER_TEXT.fullmatch(text) else float(text)
 
 
+def _zoneless(text: str) -> bool:
+    """An ISO 8601 date-time without a UTC offset (a local time whose zone nobody knows)."""
+    if len(text) > 40:
+        return False
+    try:
+        return dt.datetime.fromisoformat(text).tzinfo is None
+    except ValueError:
+        return False
+
+
 def _loads(payload: bytes) -> tuple[Any, str | None]:
     """Parse one payload; never raises (a payload no parser takes is ``malformed_json``)."""
     try:
@@ -299,6 +312,7 @@ class PayloadDecoder:
         admit_device: Callable[[str, int], str | None] | None = None,
         topic_identity: bool = False,
         receive_time: bool = False,
+        untimed: bool = False,
         metric_topic_level: int | None = None,
     ) -> None:
         self.devices = devices
@@ -317,6 +331,10 @@ class PayloadDecoder:
         self.max_payload_bytes = max_payload_bytes
         # event time is the receive time (the clock policy): a reading needs none of its own
         self.receive_time = receive_time
+        # a reading without a time of its own (or with a local time of unknown zone) takes the
+        # receive time; the others keep theirs. Counted: readings stamped so, cumulative
+        self.untimed = untimed
+        self.untimed_taken = 0
         self.rejected_devices: list[tuple[int, str]] = []
         self._not_readings: set[str] = set()  # members of metric objects left out (logged once)
 
@@ -587,10 +605,11 @@ class PayloadDecoder:
         ts = r.get("ts")
         value = r.get("value")
         seq = r.get("seq", NO_SEQ)
-        if ts is None and self.receive_time:
-            ts = recv  # a device without a clock; the policy makes every event time this
+        stamped = ts is None and (self.receive_time or self.untimed)
+        if stamped:
+            ts = recv  # a device without a clock
         if metric is None or ts is None or value is None:
-            hint = "" if ts is not None else (" (a device that keeps no time: [clock] policy "
+            hint = "" if ts is not None else (" (a device that keeps no time: [clock] untimed "
                                               "= \"receive_time\")")
             reject(rejects.MISSING_FIELD, f"{device}: needs metric, ts and value{hint}")
             return
@@ -598,10 +617,13 @@ class PayloadDecoder:
             reject(rejects.WRONG_TYPE, f"{device}: metric {metric!r}")
             return
         if type(ts) is str:
-            # a time text the gateway cannot place (no UTC offset) is no matter when the
-            # gateway's own clock gives the event time: the policy replaces every device time
+            # a time text the gateway cannot place is no matter when the gateway's own clock
+            # gives every event time (the policy); a local time of unknown zone is as good as
+            # none where readings without one take the receive time (untimed)
             parsed = _time_text(ts)
-            ts = recv if parsed is None and self.receive_time else parsed
+            if parsed is None and (self.receive_time or (self.untimed and _zoneless(ts))):
+                parsed, stamped = recv, True
+            ts = parsed
         if type(ts) is float and ts.is_integer():
             ts = int(ts)
         elif type(ts) is float and SECONDS_FROM <= ts < SECONDS_BELOW:
@@ -609,8 +631,8 @@ class PayloadDecoder:
         if type(ts) is not int:
             reject(rejects.WRONG_TYPE, f"{device}: ts {r.get('ts')!r} is not epoch ms (or s, "
                    "us, ns) nor an ISO 8601 time with an offset (Tasmota adds it with "
-                   "SetOption52 1; a device without a usable clock: [clock] policy = "
-                   "\"receive_time\")")
+                   "SetOption52 1; a local time without one is placed at its receipt under "
+                   "[clock] untimed = \"receive_time\")")
             return
         if not -INT_LIMIT < ts < INT_LIMIT:  # would not fit the int64 column
             reject(rejects.BAD_TIMESTAMP, f"{device}: ts {ts} out of any plausible range")
@@ -654,6 +676,7 @@ class PayloadDecoder:
             reject(rejects.INTAKE_OVERFLOW, f"too many distinct ids ({device}/{metric})")
             return
         out.append(d, m, ts, value, seq, recv)
+        self.untimed_taken += stamped
 
     def _senml(self, pack: list[Any], topic: str, recv: int, out: ColumnBuilder,
                reject: Any) -> None:

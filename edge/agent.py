@@ -129,6 +129,7 @@ class EdgePipeline:
             if registry is not None and config.unknown_devices == "reject" else None,
             topic_identity=config.device_identity == "topic",
             receive_time=config.engine.clock_policy == "receive_time",
+            untimed=config.untimed == "receive_time",
             metric_topic_level=config.metric_topic_level,
             admit_device=DeviceAdmission(self.devices, max_devices=config.max_devices,
                                          per_s=config.new_devices_per_s,
@@ -212,7 +213,9 @@ class EdgePipeline:
         """Decode, validate and fold raw messages (``refuse``: reject every reading in them
         for that reason, still per device)."""
         self.counters["messages_in"] += len(messages)
+        untimed = self.decoder.untimed_taken
         cols, bad, samples = self.decoder.decode(messages)
+        self.counters["readings_untimed"] += self.decoder.untimed_taken - untimed
         self._ledger_grow()
         by_reason: dict[str, list[int]] = {}
         for dev, reason in self.decoder.rejected_devices:
@@ -365,6 +368,8 @@ class EdgePipeline:
             "messages_in": c["messages_in"],
             "readings_received": received,
             "readings_accepted": c["readings_accepted"],
+            # of those received, without a time of their own: stamped with the receive time
+            "readings_untimed": c["readings_untimed"],
             "rejected": sum(rej.values()),
             "late_revised": c["late_revised"],
             "late_dropped": c["late_dropped"],
@@ -520,7 +525,7 @@ class EdgeAgent:
         self.intake = MqttIntake(config.intake_broker, config.topics, clock=self.clock,
                                  client_id=f"fieldline-edge-{gw}-intake", qos=config.intake_qos,
                                  max_pending=config.max_pending, manual_ack=config.durable,
-                                 skip_retained=config.engine.clock_policy == "receive_time")
+                                 skip_retained=config.stamps_receive_time())
         self.wal = IntakeLog(state_dir / "intake") if config.durable else None
         self.uplink = MqttUplink(config.uplink_broker, gw, clock=self.clock,
                                  client_id=f"fieldline-edge-{gw}", state_dir=state_dir)

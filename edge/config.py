@@ -18,6 +18,7 @@ from edge.engine import CLOCK_POLICIES, EngineConfig
 from edge.eventtime import EventTimeSpec
 from edge.windows import EPOCH_BASE_MS, MAX_OPEN_WINDOWS, WindowSpec
 
+UNTIMED = ("receive_time", "reject")  # [clock] untimed: what a reading without a time gets
 
 @dataclass(frozen=True, kw_only=True)
 class EdgeConfig:
@@ -29,6 +30,9 @@ class EdgeConfig:
     device_topic_level: int | None = 1
     metric_topic_level: int | None = None  # the topic level naming the metric of a bare number
     device_identity: str = "topic"  # topic: a payload may not name another device than its topic
+    # a reading without a time of its own: "receive_time" (stamped when the gateway received
+    # it, counted as readings_untimed) or "reject" (missing_field)
+    untimed: str = "receive_time"
     intake_qos: int = 1
     durable: bool = True  # intake log + acknowledging device messages only once logged
     checkpoint_interval_ms: int = 30_000
@@ -68,6 +72,13 @@ class EdgeConfig:
             raise ConfigError("intake.device_identity", "must be topic or payload")
         if self.unknown_devices not in ("reject", "accept"):
             raise ConfigError("gateway.unknown_devices", "must be reject or accept")
+        if self.untimed not in UNTIMED:
+            raise ConfigError("clock.untimed", f"must be one of {', '.join(UNTIMED)}")
+
+    def stamps_receive_time(self) -> bool:
+        """Some readings may take the receive time for their event time (all of them under the
+        clock policy, those without a time under ``untimed``)."""
+        return self.engine.clock_policy == "receive_time" or self.untimed == "receive_time"
 
     def load_registry(self) -> Registry | None:
         if self.registry_path is None:
@@ -215,6 +226,7 @@ def edge_config_from(root: Section) -> EdgeConfig:
         metric_topic_level=None if metric_level < 0 else metric_level,
         device_identity=intake.choice("device_identity", ("topic", "payload"),
                                       "topic" if level >= 0 else "payload"),
+        untimed=clock.choice("untimed", UNTIMED, "receive_time"),
         intake_qos=intake.integer("qos", 1, minimum=0, maximum=2),
         durable=intake.flag("durable", True),
         checkpoint_interval_ms=agent.duration_ms("checkpoint_interval", 30_000, minimum=100),

@@ -3,8 +3,10 @@
     fieldline demo [--duration S] [--gateways N] [--devices N] [--headless] [--fault F]
     fieldline view --influx-url URL --database DB     (or --config cloud.toml)
     fieldline edge run --config gateway.toml
+    fieldline edge install --gateway-id ID --cloud URL [--dry-run]   (and: edge uninstall)
     fieldline cloud run --config cloud.toml
     fieldline simulate --config fleet.toml
+    fieldline replay --data DIR --nab FILE | --skab FILE | --csv FILE --broker URL
     fieldline grafana export DIR | push --url URL --token T --influx-url URL
 """
 

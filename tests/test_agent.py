@@ -567,21 +567,26 @@ def test_clockless_off_the_shelf_sensors_are_read_through_the_broker(
 
 
 
-@pytest.mark.parametrize("policy", ["receive_time", "trust"])
+@pytest.mark.parametrize(("policy", "untimed"), [("receive_time", "reject"),
+                                                ("trust", "receive_time"), ("trust", "reject")])
 def test_a_retained_reading_handed_over_at_subscribe_is_no_new_reading_without_its_time(
-        mosquitto: Mosquitto, tmp_path: Path, policy: str) -> None:
+        mosquitto: Mosquitto, tmp_path: Path, policy: str, untimed: str) -> None:
     """ESPHome retains its sensors' states by default: at every subscribe the broker hands the
     agent the last one of each again. Where the gateway's receive time is the event time, that
     was a reading placed now that may be hours old, at every restart of the agent (a sensor
     dead since the morning came back with its last value). Such a gateway now subscribes
     without the retained messages (MQTT 5 retain handling 2); a retained one published while it
     runs is a new reading like any other. Where readings carry their own time, the retained
-    copy is still taken: its time places it (a repeat is a duplicate, an old one is late)."""
+    copy is still taken: its time places it (a repeat is a duplicate, an old one is late).
+    A gateway that stamps only readings without a time (``[clock] untimed``, as shipped) does
+    not take them either: a retained untimed value would be a reading placed now."""
     ts = int(time.time() * 1000)
-    payload = {"receive_time": b"21.5",
-               "trust": orjson.dumps({"temperature": 21.5, "ts": ts, "seq": 1})}[policy]
+    stamps = policy == "receive_time" or untimed == "receive_time"
+    timed = orjson.dumps({"temperature": 21.5, "ts": ts, "seq": 1})
+    payload = b"21.5" if stamps else timed
     engine = EngineConfig(windows=(WindowSpec(size_ms=10_000),), clock_policy=policy)
     agent = EdgeAgent(config(tmp_path, intake_broker=mosquitto.address, engine=engine,
+                             untimed=untimed,
                              uplink_broker=mosquitto.address, tick_ms=20,
                              topics=["esphome/+/sensor/+"], metric_topic_level=3,
                              device_topic_level=1, catalog=Catalog(undeclared="accept")))
@@ -597,8 +602,8 @@ def test_a_retained_reading_handed_over_at_subscribe_is_no_new_reading_without_i
         stop, task, c = await running(agent, mosquitto)
         await asyncio.sleep(1.0)  # what the broker hands over at subscribe has come by now
         handed_over = agent.stats()["messages_in"]
-        later = {"receive_time": b"22.5",
-                 "trust": orjson.dumps({"temperature": 22.5, "ts": ts + 1000, "seq": 2})}[policy]
+        later = b"22.5" if stamps else orjson.dumps({"temperature": 22.5, "ts": ts + 1000,
+                                                     "seq": 2})
         c.publish("esphome/e1/sensor/temperature", later, qos=1,
                   retain=True).wait_for_publish(5)
         deadline = time.monotonic() + 10
@@ -609,10 +614,11 @@ def test_a_retained_reading_handed_over_at_subscribe_is_no_new_reading_without_i
         c.loop_stop()
         stop.set()
         await task
-        assert handed_over == (0 if policy == "receive_time" else 1)
+        assert handed_over == (0 if stamps else 1)
 
     asyncio.run(scenario())
-    assert agent.stats()["readings_accepted"] == (1 if policy == "receive_time" else 2)
+    assert agent.stats()["readings_accepted"] == (1 if stamps else 2)
+    assert agent.stats()["readings_untimed"] == (1 if stamps else 0)
 
 
 def test_each_rejection_reason_is_logged_with_a_sample_of_its_own(
@@ -630,3 +636,37 @@ def test_each_rejection_reason_is_logged_with_a_sample_of_its_own(
     assert "detail=malformed_json: " in logged[0]
     assert "reason=unknown_metric" in logged[1]
     assert "detail=unknown_metric: " in logged[1]
+
+
+@pytest.mark.parametrize("untimed", ["receive_time", "reject"])
+def test_readings_without_a_time_take_the_receive_time_and_are_counted(
+        tmp_path: Path, untimed: str) -> None:
+    """Zigbee2MQTT, ESPHome and Shelly send no time, and Tasmota a local time without its
+    zone: under the shipped ``[clock] untimed = "receive_time"`` each such reading is placed at
+    the moment the gateway received it (counted as ``readings_untimed``) while a reading with
+    a time of its own keeps it, under the trusted clock policy. A time text that is no time at
+    all is still refused; with ``untimed = "reject"`` the untimed ones are refused as before."""
+    recv = T + 123_456
+    pipe = EdgePipeline(config(tmp_path, untimed=untimed, catalog=Catalog(undeclared="accept")),
+                        ManualClock(now_ms=recv))
+    tasmota = {"Time": "2026-12-03T10:00:00", "AM2301": {"Temperature": 20.6}}
+    pipe.process([
+        ("devices/z1/readings", orjson.dumps({"temperature": 21.3, "humidity": 45}), recv),
+        ("devices/t1/readings", orjson.dumps(tasmota), recv),
+        ("devices/d1/readings", encode_single("d1", "temperature", T, 20.0, 0), recv),
+        ("devices/d1/readings", orjson.dumps({"metric": "temperature", "ts": "soon",
+                                              "value": 1}), recv)])
+    s = pipe.stats()
+    res = pipe.emit(flush=True)
+    starts = {(pipe.devices.names[int(d)], int(st)) for d, st in zip(res.device, res.start,
+                                                                      strict=True)}
+    if untimed == "reject":
+        assert s["readings_untimed"] == 0
+        assert (s["rejected_missing_field"], s["rejected_wrong_type"]) == (2, 2)
+        assert starts == {("d1", T - T % 10_000)}
+        return
+    assert s["readings_untimed"] == 3
+    assert (s["rejected_missing_field"], s["rejected_wrong_type"]) == (0, 1)
+    assert s["readings_accepted"] == 4
+    at_recv = recv - recv % 10_000
+    assert starts == {("z1", at_recv), ("t1", at_recv), ("d1", T - T % 10_000)}

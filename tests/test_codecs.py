@@ -437,8 +437,9 @@ def test_readings_without_a_time_need_the_receive_time_policy() -> None:
 
 
 def test_a_gateway_on_receive_time_takes_timeless_sensors(tmp_path: Path) -> None:
-    """The agent hands its clock policy to the decoder: a clockless sensor's objects are
-    readings under ``[clock] policy = "receive_time"``, counted rejections otherwise."""
+    """The agent hands its clock policy and ``untimed`` to the decoder: a clockless sensor's
+    objects are readings under ``[clock] policy = "receive_time"`` or ``untimed =
+    "receive_time"`` (the default), counted rejections under trust with ``untimed = "reject"``."""
     import dataclasses
     import time
 
@@ -451,8 +452,10 @@ def test_a_gateway_on_receive_time_takes_timeless_sensors(tmp_path: Path) -> Non
     now = time.time_ns() // 1_000_000
     msgs = [(f"devices/z{i}/readings", orjson.dumps({"temperature": 20 + i, "humidity": 40}),
              now) for i in range(5)]
-    for policy, accepted in (("trust", 0), ("receive_time", 10)):
-        cfg = EdgeConfig(gateway="gw", intake_broker=nowhere, uplink_broker=nowhere)
+    for policy, untimed, accepted in (("trust", "reject", 0), ("receive_time", "reject", 10),
+                                      ("trust", "receive_time", 10)):
+        cfg = EdgeConfig(gateway="gw", intake_broker=nowhere, uplink_broker=nowhere,
+                         untimed=untimed)
         cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine,
                                                                   clock_policy=policy))
         pipe = EdgePipeline(cfg, SystemClock())

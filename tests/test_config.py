@@ -54,6 +54,7 @@ def test_good_edge_config_loads(tmp_path: Path) -> None:
     (GOOD_EDGE.replace('size = "10s"', 'specs = ["10s", "hopping:1m/7s"]'), "windows.specs[1]"),
     (GOOD_EDGE.replace('size = "10s"', 'specs = ["10s", "10s"]'), "windows.specs"),
     (GOOD_EDGE + '[clock]\npolicy = "guess"\n', "clock.policy"),
+    (GOOD_EDGE + '[clock]\nuntimed = "now"\n', "clock.untimed"),
     (GOOD_EDGE + '[agent]\ncompact_malloc = "yes"\n', "agent.compact_malloc"),
     (GOOD_EDGE.replace('size = "10s"', 'percentiles = [50]'), "windows.percentiles"),
     (GOOD_EDGE.replace('size = "10s"', 'percentiles = [0.5, 0.5]'), "windows.percentiles"),
@@ -84,8 +85,11 @@ def test_several_window_kinds_parse_from_config(tmp_path: Path) -> None:
     text = GOOD_EDGE.replace('size = "10s"', 'specs = ["10s", "1m", "hopping:1m/10s", '
                              '"session:30s/10m", "count:100"]\nforward_late = true\n'
                              '[clock]\npolicy = "correct"\nskew_tolerance = "5s"\n'
-                             '[dedup]\nmemory = 128\n')
+                             'untimed = "reject"\n[dedup]\nmemory = 128\n')
+    assert load_edge_config(write(tmp_path, GOOD_EDGE)).untimed == "receive_time"
     cfg = load_edge_config(write(tmp_path, text))
+    assert cfg.untimed == "reject"
+    assert not cfg.stamps_receive_time()
     assert cfg.engine.labels == ["10s", "1m", "1m/10s", "session:30s/10m", "count:100"]
     assert cfg.engine.clock_policy == "correct"
     assert cfg.engine.skew_tolerance_ms == 5_000
