@@ -38,6 +38,9 @@ fleet:
   where a value must be one; a metric object's texts stay no readings (they are versions and
   identifiers: ``"fw": "1.2"``).
 
+A Sparkplug B message (a topic under ``spBv1.0/``) is read by ``devices.sparkplug``: see
+``PayloadDecoder._sparkplug``.
+
 A reading without any time takes the time the gateway received the message when the gateway
 is told to (``untimed``: ``[clock] untimed = "receive_time"``, as shipped, for the many devices
 that keep no clock, Zigbee2MQTT's and ESPHome's among them; or ``[clock] policy =
@@ -73,7 +76,7 @@ import numpy as np
 import orjson
 from msgspec import UNSET, UnsetType
 
-from devices import rejects
+from devices import rejects, sparkplug
 from devices.readings import (
     NO_SEQ,
     SECONDS_BELOW,
@@ -112,6 +115,11 @@ _NUMBER_TEXT = re.compile(r"\s*[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?\s*"
 _INTEGER_TEXT = re.compile(r"\s*[-+]?\d+\s*", re.ASCII)
 _MAX_NUMBER_TEXT = 64
 _NOT_NAME = re.compile(r"[^A-Za-z0-9_]")  # what a metric name cannot hold (devices.catalog)
+# Sparkplug B: metrics that are an edge node's controls, properties or session number, not
+# measurements; and how many aliases and data types of births are remembered at most
+_SP_PREFIX = sparkplug.NAMESPACE + "/"
+_SP_NOT_READINGS = ("Node Control/", "Device Control/", "Properties/", "bdSeq")
+_SP_MAX_NAMES = 200_000
 
 
 def _envelope(doc: dict[str, Any]) -> tuple[dict[str, Any], object] | None:
@@ -337,6 +345,12 @@ class PayloadDecoder:
         self.untimed_taken = 0
         self.rejected_devices: list[tuple[int, str]] = []
         self._not_readings: set[str] = set()  # members of metric objects left out (logged once)
+        # Sparkplug B: what each device's birth said of its metrics (name by alias, data type
+        # by name), kept in the agent's checkpoint; and the edge nodes (group, node) whose
+        # data named an alias no birth had: the agent asks them to publish their births again
+        self.sp_alias: dict[tuple[str, int], str] = {}
+        self.sp_type: dict[tuple[str, str], int] = {}
+        self.rebirth_wanted: set[tuple[str, str]] = set()
 
     def _topic_device(self, topic: str) -> str | None:
         return _topic_level(topic, self.device_topic_level)
@@ -395,6 +409,9 @@ class PayloadDecoder:
         current[0] = self._topic_device(topic)
         if len(payload) > self.max_payload_bytes:
             reject(rejects.PAYLOAD_TOO_LARGE, f"{topic}: {len(payload)} bytes")
+            return
+        if topic.startswith(_SP_PREFIX):
+            self._sparkplug(topic, payload, recv, out, reject, current)
             return
         head = payload[:1]
         if head == b"{" and b'"readings"' in payload:
@@ -552,6 +569,65 @@ class PayloadDecoder:
         return self._columns_fast(device, names, ts.tolist(), [r.v for r in pack],
                                   [r.seq for r in pack], recv, out)
 
+    def _sparkplug(self, topic: str, payload: bytes, recv: int, out: ColumnBuilder,
+                   reject: Any, current: list[str | None]) -> None:
+        """A Sparkplug B message (``devices.sparkplug``): births and data are readings of the
+        device ``<edge node>`` (node metrics) or ``<edge node>.<device>``, each metric named
+        as a metric name may be (``Inputs/Temperature``: ``Inputs_Temperature``); deaths and
+        commands carry none, nor does a host application's ``STATE``."""
+        parts = sparkplug.topic_parts(topic)
+        if parts is None:
+            if topic.split("/")[1:2] != ["STATE"]:
+                reject(rejects.MALFORMED_PAYLOAD, f"{topic}: not a Sparkplug B topic "
+                       "(spBv1.0/<group>/<type>/<edge node>[/<device>])")
+            return
+        group, kind, node, dev = parts
+        if kind not in sparkplug.READING_MESSAGES:
+            return
+        device = node if dev is None else f"{node}.{dev}"
+        current[0] = device
+        if not _device_ok(device, topic, reject):
+            return
+        try:
+            msg = sparkplug.decode_payload(payload)
+        except sparkplug.SparkplugError as exc:
+            reject(rejects.MALFORMED_PAYLOAD, f"{topic}: not a Sparkplug B payload ({exc})")
+            return
+        birth = kind.endswith("BIRTH")
+        room = len(self.sp_alias) + len(self.sp_type) < _SP_MAX_NAMES
+        for m in msg.metrics:
+            name = m.name
+            if name is None and m.alias is not None:
+                name = self.sp_alias.get((device, m.alias))
+            if name is None:
+                self.rebirth_wanted.add((group, node))
+                reject(rejects.MISSING_FIELD, f"{device}: Sparkplug B metric alias {m.alias} "
+                       "was named in a birth certificate the agent did not see (it asks the "
+                       "edge node for its births again)")
+                continue
+            if birth and room:
+                if m.alias is not None:
+                    self.sp_alias[(device, m.alias)] = name
+                if m.datatype is not None:
+                    self.sp_type[(device, name)] = m.datatype
+            if name.startswith(_SP_NOT_READINGS):
+                continue
+            datatype = m.datatype if m.datatype is not None else self.sp_type.get((device, name))
+            value = m.reading(datatype)
+            if value is None:
+                if not m.is_null:
+                    self._not_a_reading(name, device)
+                continue
+            self._one({"metric": _NOT_NAME.sub("_", name),
+                       "ts": m.ts if m.ts is not None else msg.ts, "value": value},
+                      device, recv, out, reject)
+
+    def _not_a_reading(self, name: str, device: str) -> None:
+        if name not in self._not_readings and len(self._not_readings) < _MAX_LOGGED:
+            self._not_readings.add(name)
+            log.info("member %r of %s's messages is no number: not a reading (logged once)",
+                     name, device)
+
     def _members(self, doc: dict[str, Any], device: str, recv: int, out: ColumnBuilder,
                  reject: Any) -> None:
         """An object of metric names and numbers: a reading per numeric member. An object
@@ -593,10 +669,7 @@ class PayloadDecoder:
         if type(value) is int or type(value) is float or _state(value) is not None:
             self._one({"metric": name, "ts": ts, "value": value}, device, recv, out, reject)
             return True
-        if name not in self._not_readings and len(self._not_readings) < _MAX_LOGGED:
-            self._not_readings.add(name)
-            log.info("member %r of %s's messages is no number: not a reading (logged once)",
-                     name, device)
+        self._not_a_reading(name, device)
         return False
 
     def _one(self, r: dict[str, Any], device: str, recv: int, out: ColumnBuilder,

@@ -65,6 +65,11 @@ def _packet(first: int, body: bytes) -> bytes:
     return bytes([first]) + varint(len(body)) + body
 
 
+def publish0(topic: str, payload: bytes) -> bytes:
+    """PUBLISH at QoS 0, no properties (the intake's one message of its own: a request)."""
+    return _packet(0x30, _str(topic) + b"\x00" + payload)
+
+
 def connect(client_id: str, *, keepalive_s: int, clean_start: bool, session_expiry_s: int,
             receive_maximum: int | None, username: str | None = None,
             password: str | None = None) -> bytes:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from devices import rejects
+from devices import rejects, sparkplug
 from devices.clock import Clock, SystemClock
 from devices.codecs import PayloadDecoder
 from devices.contract import (
@@ -53,6 +53,7 @@ log = logging.getLogger("fieldline.edge")
 LEDGER_FIELDS = ("received", "accepted", "late_dropped", "duplicates", "rejected",
                  "windows_emitted", "gap")  # gap: sent by the device, never received (now)
 _REASON_INDEX = {r: i for i, r in enumerate(rejects.READING_REASONS)}
+REBIRTH_EVERY_MS = 60_000  # a Sparkplug B edge node is asked for its births at most this often
 
 
 def _padded(arr: np.ndarray, size: int) -> np.ndarray:
@@ -370,6 +371,8 @@ class EdgePipeline:
             "readings_accepted": c["readings_accepted"],
             # of those received, without a time of their own: stamped with the receive time
             "readings_untimed": c["readings_untimed"],
+            # Sparkplug B edge nodes asked for their births again (data by unknown aliases)
+            "rebirths_requested": c["rebirths_requested"],
             "rejected": sum(rej.values()),
             "late_revised": c["late_revised"],
             "late_dropped": c["late_dropped"],
@@ -462,6 +465,10 @@ class EdgePipeline:
         snap.update(self.guard.snapshot())
         snap["counters"] = np.array([orjson.dumps({"c": dict(self.counters),
                                                    "r": dict(self.rejects.counts)}).decode()])
+        d = self.decoder  # what Sparkplug B births said: data by alias needs it after a restart
+        snap["sparkplug"] = np.array([orjson.dumps({
+            "alias": [[dev, a, n] for (dev, a), n in d.sp_alias.items()],
+            "type": [[dev, n, t] for (dev, n), t in d.sp_type.items()]}).decode()])
         path = state_dir / CHECKPOINT
         tmp = state_dir / (CHECKPOINT + ".tmp")
         with tmp.open("wb") as fh:
@@ -493,6 +500,10 @@ class EdgePipeline:
             self.ledger_rejects = {j: _padded(saved[:, j], rows)
                                    for j in range(min(width, saved.shape[1]))
                                    if saved[:, j].any()}
+        if "sparkplug" in snap:
+            sp = orjson.loads(str(snap.pop("sparkplug")[0]))
+            self.decoder.sp_alias.update({(dev, a): n for dev, a, n in sp["alias"]})
+            self.decoder.sp_type.update({(dev, n): t for dev, n, t in sp["type"]})
         self.guard.restore(snap)
         self.gaps.restore(snap)
         if "counters" in snap:
@@ -526,6 +537,7 @@ class EdgeAgent:
                                  client_id=f"fieldline-edge-{gw}-intake", qos=config.intake_qos,
                                  max_pending=config.max_pending, manual_ack=config.durable,
                                  skip_retained=config.stamps_receive_time())
+        self._rebirth_asked: dict[tuple[str, str], int] = {}
         self.wal = IntakeLog(state_dir / "intake") if config.durable else None
         self.uplink = MqttUplink(config.uplink_broker, gw, clock=self.clock,
                                  client_id=f"fieldline-edge-{gw}", state_dir=state_dir)
@@ -701,6 +713,7 @@ class EdgeAgent:
                 self.pipeline.counters["internal_errors"] += 1
                 self.pipeline.rejects.reject(rejects.INTERNAL_ERROR, "see traceback", len(msgs))
                 log.exception("processing a batch of %d messages failed", len(msgs))
+            self._ask_rebirths()
             res = self.pipeline.emit()
             try:
                 self._store(res)
@@ -719,6 +732,25 @@ class EdgeAgent:
             late, self.pipeline.late_out = self.pipeline.late_out, []
             self.uplink.publish_late(orjson.dumps({"gw": self.config.gateway, "readings": late}))
         return n
+
+    def _ask_rebirths(self) -> None:
+        """Sparkplug B edge nodes whose data named an alias the agent has no name for (their
+        births came before it listened) are asked to publish their births again, as a
+        Sparkplug host application does: an ``NCMD`` with ``Node Control/Rebirth``, at most
+        once a minute per node."""
+        wanted = self.pipeline.decoder.rebirth_wanted
+        if not wanted:
+            return
+        now = self.clock.monotonic_ms()
+        for group, node in sorted(wanted):
+            if now - self._rebirth_asked.get((group, node), -REBIRTH_EVERY_MS) < REBIRTH_EVERY_MS:
+                continue
+            self._rebirth_asked[(group, node)] = now
+            self.pipeline.counters["rebirths_requested"] += 1
+            log.info("asking Sparkplug B edge node %s/%s for its births again (data named "
+                     "aliases the agent has no names for)", group, node)
+            self.intake.publish(*sparkplug.rebirth_request(group, node, self.pipeline.wall_ms()))
+        wanted.clear()
 
     def checkpoint(self) -> None:
         """Window state as of the last logged tick; the log before it can go. When the disk

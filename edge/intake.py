@@ -99,6 +99,8 @@ class MqttIntake:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._wake_r, self._wake_w = socket.socketpair()
+        # the few messages the agent itself publishes on this broker (QoS 0; a bounded queue)
+        self._outgoing: deque[bytes] = deque(maxlen=256)
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._would_block: tuple[type[BaseException], ...] = (BlockingIOError, InterruptedError)
@@ -121,6 +123,11 @@ class MqttIntake:
         if self._thread is not None:
             self._thread.join(CONNECT_TIMEOUT_S + 5)
             self._thread = None
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        """Publish at QoS 0 over the intake's connection (sent when it is up)."""
+        self._outgoing.append(wire.publish0(topic, payload))
+        self._wake()
 
     def drain(self, limit: int) -> list[Message]:
         """Take up to ``limit`` buffered messages, oldest first:
@@ -265,6 +272,8 @@ class MqttIntake:
                     self._take(parser.feed(data), out, conn_tag)
                     if parser.control:
                         self._control(parser, out)
+            while self._outgoing:
+                out += self._outgoing.popleft()
             if now - last_sent >= keepalive / 2 and not out:
                 out += wire.PINGREQ_PACKET
             if out:

@@ -61,6 +61,14 @@ async def running(agent: EdgeAgent, broker: Mosquitto
     return stop, task, c
 
 
+async def stopped(stop: asyncio.Event, task: asyncio.Task[None], c: mqtt.Client) -> None:
+    """The device's client gone, the agent stopped (what ``running`` started)."""
+    c.disconnect()
+    c.loop_stop()
+    stop.set()
+    await task
+
+
 def results_by_window(batches: list[object]) -> dict[int, tuple[int, float]]:
     out = {}
     for res in batches:
@@ -391,10 +399,7 @@ def test_a_failing_tick_is_counted_and_the_agent_keeps_going(mosquitto: Mosquitt
                              encode_single("d1", "temperature", now, 20.0 + batch_no), qos=1)
             info.wait_for_publish(5)
             await asyncio.sleep(0.3)
-        c.disconnect()
-        c.loop_stop()
-        stop.set()
-        await task
+        await stopped(stop, task, c)
 
     asyncio.run(scenario())
     s = agent.stats()
@@ -546,10 +551,7 @@ def test_clockless_off_the_shelf_sensors_are_read_through_the_broker(
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.2)
-        c.disconnect()
-        c.loop_stop()
-        stop.set()
-        await task
+        await stopped(stop, task, c)
 
     with caplog.at_level(logging.WARNING, logger="fieldline.edge"):
         asyncio.run(scenario())
@@ -610,10 +612,7 @@ def test_a_retained_reading_handed_over_at_subscribe_is_no_new_reading_without_i
         while agent.stats()["messages_in"] < handed_over + 1:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
-        c.disconnect()
-        c.loop_stop()
-        stop.set()
-        await task
+        await stopped(stop, task, c)
         assert handed_over == (0 if stamps else 1)
 
     asyncio.run(scenario())
@@ -670,3 +669,61 @@ def test_readings_without_a_time_take_the_receive_time_and_are_counted(
     assert s["readings_accepted"] == 4
     at_recv = recv - recv % 10_000
     assert starts == {("z1", at_recv), ("t1", at_recv), ("d1", T - T % 10_000)}
+
+
+@pytest.mark.integration
+def test_a_sparkplug_node_born_before_the_agent_is_asked_to_rebirth_through_the_broker(
+        mosquitto: Mosquitto, tmp_path: Path) -> None:
+    """A Sparkplug B edge node publishes its births once, when it connects; an agent started
+    after them receives data by alias it has no names for. It refuses those (counted), asks the
+    node over the broker for its births again (an NCMD with Node Control/Rebirth, as a
+    Sparkplug host application does), and reads the data that follows the new births."""
+    from devices.sparkplug import BOOLEAN, DOUBLE, OutMetric, decode_payload, encode_payload
+
+    now = int(time.time() * 1000)
+    births = [("spBv1.0/plant/NBIRTH/n1", encode_payload(
+                  [OutMetric("bdSeq", 0, 8), OutMetric("Node Control/Rebirth", False, BOOLEAN)],
+                  ts=now, seq=0)),
+              ("spBv1.0/plant/DBIRTH/n1/s1", encode_payload(
+                  [OutMetric("Inputs/Temperature", 20.0, DOUBLE, alias=7)], ts=now, seq=1))]
+    asked: list[bytes] = []
+    node = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+
+    def on_command(c: mqtt.Client, _u: object, m: mqtt.MQTTMessage) -> None:
+        asked.append(m.payload)
+        for topic, payload in births:  # what a node does when asked: its births again
+            c.publish(topic, payload, qos=0)
+
+    node.on_message = on_command
+    node.connect("127.0.0.1", mosquitto.port)
+    node.loop_start()
+    node.subscribe("spBv1.0/plant/NCMD/n1", qos=1)
+    for topic, payload in births:  # born before the agent listens: nobody gets these
+        node.publish(topic, payload, qos=1).wait_for_publish(5)
+    agent = EdgeAgent(config(tmp_path, intake_broker=mosquitto.address,
+                             uplink_broker=mosquitto.address, tick_ms=20,
+                             topics=["spBv1.0/#"], catalog=Catalog(undeclared="accept")))
+
+    async def scenario() -> None:
+        stop, task, c = await running(agent, mosquitto)
+        deadline = time.monotonic() + 15
+        k = 0
+        while agent.stats()["readings_accepted"] < 2:
+            assert time.monotonic() < deadline, agent.stats()
+            k += 1
+            node.publish("spBv1.0/plant/DDATA/n1/s1", encode_payload(
+                [OutMetric(None, 20.0 + k, DOUBLE, alias=7, typed=False)],
+                ts=now + k, seq=1 + k), qos=0).wait_for_publish(5)
+            await asyncio.sleep(0.2)
+        await stopped(stop, task, c)
+
+    asyncio.run(scenario())
+    node.disconnect()
+    node.loop_stop()
+    s = agent.stats()
+    assert s["rebirths_requested"] == 1, s  # asked once, however many refusals came first
+    assert s["rejected_missing_field"] >= 1
+    (rebirth,) = asked
+    assert [(m.name, m.reading(m.datatype)) for m in decode_payload(rebirth).metrics] == [
+        ("Node Control/Rebirth", 1.0)]
+    assert {"Inputs_Temperature"} <= set(agent.pipeline.metrics.names)

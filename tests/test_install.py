@@ -143,13 +143,16 @@ def test_misconfiguration_names_the_flag(tmp_path: Path) -> None:
 
 def test_installed_broker_login_works_on_the_shipped_dropin(tmp_path: Path) -> None:
     """The agent's user the install puts in Mosquitto's password file, with the password it
-    writes into gateway.toml, may read every device's readings through the shipped ACL."""
+    writes into gateway.toml, may read every device's readings through the shipped ACL, and
+    every Sparkplug B edge node's, which publish only under their own node id and receive the
+    agent's rebirth request."""
     root = scratch_root(tmp_path)
     r = fieldline("install", "--gateway-id", "gw-7", "--cloud", "mqtt://cloud.example:1883",
                   "--root", str(root))
     assert r.returncode == 0, r.stderr
     passwd = root / "etc/mosquitto/passwd"
     subprocess.run(["mosquitto_passwd", "-b", str(passwd), "d0", "device-pw"], check=True)
+    subprocess.run(["mosquitto_passwd", "-b", str(passwd), "n0", "node-pw"], check=True)
     acl = root / "etc/mosquitto/fieldline-gateway.acl"
     broker = DeployedMosquitto(
         tmp_path / "mosquitto", root / "etc/mosquitto/conf.d/fieldline-gateway.conf",
@@ -162,7 +165,8 @@ def test_installed_broker_login_works_on_the_shipped_dropin(tmp_path: Path) -> N
         sub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
                           protocol=mqtt.MQTTv5, client_id="agent")
         sub.username_pw_set(agent.username, agent.password)
-        sub.on_connect = lambda c, *_: c.subscribe("devices/+/readings", qos=1)
+        sub.on_connect = lambda c, *_: c.subscribe([("devices/+/readings", 1),
+                                                     ("spBv1.0/#", 1)])
         sub.on_subscribe = lambda *_: ready.set()
         sub.on_message = lambda _c, _u, m: got.append(m.topic)
         sub.connect("127.0.0.1", broker.port)
@@ -178,7 +182,29 @@ def test_installed_broker_login_works_on_the_shipped_dropin(tmp_path: Path) -> N
         while not got and time.monotonic() < deadline:
             time.sleep(0.05)
         assert got == ["devices/d0/readings"]
-        for c in (dev, sub):
+        commands: list[str] = []
+        node = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                           protocol=mqtt.MQTTv5, client_id="n0")
+        node.username_pw_set("n0", "node-pw")
+        node.on_message = lambda _c, _u, m: commands.append(m.topic)
+        node.connect("127.0.0.1", broker.port)
+        node.loop_start()
+        node.subscribe([("spBv1.0/plant/NCMD/n0", 1), ("spBv1.0/plant/NCMD/n9", 1)])
+        for topic in ("spBv1.0/plant/DDATA/n0/s1", "spBv1.0/plant/NBIRTH/n0",
+                      "spBv1.0/plant/DDATA/n9/s1", "devices/d0/readings"):
+            node.publish(topic, b"x", qos=1).wait_for_publish(10)
+        sub.publish("spBv1.0/plant/NCMD/n0", b"rebirth", qos=1).wait_for_publish(10)
+        sub.publish("spBv1.0/plant/NCMD/n9", b"rebirth", qos=1).wait_for_publish(10)
+        deadline = time.monotonic() + 10
+        while (len(got) < 4 or not commands) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # anything refused would have arrived by now
+        # its own node's and device's messages, and the agent's own command (it reads spBv1.0/#)
+        assert got == ["devices/d0/readings", "spBv1.0/plant/DDATA/n0/s1",
+                       "spBv1.0/plant/NBIRTH/n0", "spBv1.0/plant/NCMD/n0",
+                       "spBv1.0/plant/NCMD/n9"]
+        assert commands == ["spBv1.0/plant/NCMD/n0"]  # another node's commands: not for n0
+        for c in (dev, node, sub):
             c.disconnect()
             c.loop_stop()
     finally:
