@@ -29,6 +29,11 @@ fleet:
   readings at once). A LoRaWAN network server's uplink event is the device's decoded payload at
   the time the network received it (The Things Stack's ``uplink_message.decoded_payload`` at
   ``received_at``, ChirpStack's ``object`` at ``time``), not its frame counter or radio figures;
+* an array of any of the object shapes above, each read as if sent alone (an array is a SenML
+  pack only when a record carries SenML's own labels); within an object of metrics, a
+  quantity given as an object with its ``value`` (``{"temperature": {"value": 21.5, "unit":
+  "C"}}``) is a reading of ``temperature``, and the members of one generic wrapper
+  (``{"data": {"temperature": 21.5}}``, see ``_WRAPPERS``) are named as they are inside it;
 * a bare number on a topic that names the metric (``metric_topic_level``), as ESPHome and
   Shelly devices publish each value (``shellies/<device>/sensor/temperature``: ``21.5``), or a
   bare state (ESPHome's binary sensors ``ON``/``OFF``, Shelly's relays ``on``/``off``: 1 or 0);
@@ -115,6 +120,15 @@ _NUMBER_TEXT = re.compile(r"\s*[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?\s*"
 _INTEGER_TEXT = re.compile(r"\s*[-+]?\d+\s*", re.ASCII)
 _MAX_NUMBER_TEXT = 64
 _NOT_NAME = re.compile(r"[^A-Za-z0-9_]")  # what a metric name cannot hold (devices.catalog)
+# A JSON array is a SenML pack when a record has one of SenML's own labels (RFC 8428 2.5, less
+# "t" and "u", which short-named sensors use for temperature); else an array of readings
+_SENML_KEYS = frozenset({"n", "bn", "bt", "bu", "bv", "bs", "bver", "v", "vs", "vb", "vd",
+                         "s", "ut"})
+# An object wrapping a device's quantities under one generic name: its members are named as
+# they are (``{"ts": .., "data": {"temperature": 21.5}}`` is ``temperature``, not
+# ``data_temperature``); a sensor's object (Tasmota's ``AM2301``) keeps its name as a prefix
+_WRAPPERS = frozenset({"data", "payload", "values", "measurements", "telemetry", "fields",
+                       "sensors", "reading"})
 # Sparkplug B: metrics that are an edge node's controls, properties or session number, not
 # measurements; and how many aliases and data types of births are remembered at most
 _SP_PREFIX = sparkplug.NAMESPACE + "/"
@@ -426,37 +440,19 @@ class PayloadDecoder:
             reject(err, f"{topic}: {payload[:60]!r}")
             return
         if isinstance(doc, dict):
-            device = doc.get("device")
-            if device is None:
-                device = self._topic_device(topic)
-            elif not self._claim_ok(device, topic, reject):
-                return
-            if not _device_ok(device, topic, reject):
-                return
-            assert isinstance(device, str)
-            current[0] = device
-            readings = doc.get("readings")
-            if readings is None and "metric" not in doc and "value" not in doc:
-                self._members(doc, device, recv, out, reject)
-            elif readings is None:
-                metric = _topic_level(topic, self.metric_topic_level)
-                if metric and "metric" not in doc:
-                    doc = {**doc, "metric": metric}
-                self._one(doc, device, recv, out, reject)
-            elif isinstance(readings, list):
-                if not readings:
-                    reject(rejects.MALFORMED_PAYLOAD, f"{topic}: an empty batch")
-                for r in readings:
-                    if isinstance(r, dict):
-                        self._one(r, device, recv, out, reject)
-                    else:
-                        reject(rejects.MALFORMED_PAYLOAD, f"{topic}: reading is not an object")
-            else:
-                reject(rejects.MALFORMED_PAYLOAD, f"{topic}: 'readings' is not a list")
+            self._object(doc, topic, recv, out, reject, current)
         elif isinstance(doc, list):
             if not doc:
                 reject(rejects.MALFORMED_PAYLOAD, f"{topic}: an empty SenML pack")
-            self._senml(doc, topic, recv, out, reject)
+            elif any(type(r) is dict and not _SENML_KEYS.isdisjoint(r) for r in doc):
+                self._senml(doc, topic, recv, out, reject)
+            else:  # an array of readings (or of metric objects), each as if sent alone
+                for r in doc:
+                    if type(r) is dict:
+                        self._object(r, topic, recv, out, reject, current)
+                    else:
+                        reject(rejects.MALFORMED_PAYLOAD, f"{topic}: an array of readings "
+                               f"holds a {type(r).__name__}, not an object")
         elif type(doc) is str and _value_text(doc) is None:
             reject(rejects.MALFORMED_PAYLOAD, f"{topic}: top level is a text, neither a number "
                    "nor an on/off state")
@@ -569,6 +565,37 @@ class PayloadDecoder:
         return self._columns_fast(device, names, ts.tolist(), [r.v for r in pack],
                                   [r.seq for r in pack], recv, out)
 
+    def _object(self, doc: dict[str, Any], topic: str, recv: int, out: ColumnBuilder,
+                reject: Any, current: list[str | None]) -> None:
+        """One JSON object: a reading, a batch (``readings``) or an object of metrics."""
+        device = doc.get("device")
+        if device is None:
+            device = self._topic_device(topic)
+        elif not self._claim_ok(device, topic, reject):
+            return
+        if not _device_ok(device, topic, reject):
+            return
+        assert isinstance(device, str)
+        current[0] = device
+        readings = doc.get("readings")
+        if readings is None and "metric" not in doc and "value" not in doc:
+            self._members(doc, device, recv, out, reject)
+        elif readings is None:
+            metric = _topic_level(topic, self.metric_topic_level)
+            if metric and "metric" not in doc:
+                doc = {**doc, "metric": metric}
+            self._one(doc, device, recv, out, reject)
+        elif isinstance(readings, list):
+            if not readings:
+                reject(rejects.MALFORMED_PAYLOAD, f"{topic}: an empty batch")
+            for r in readings:
+                if isinstance(r, dict):
+                    self._one(r, device, recv, out, reject)
+                else:
+                    reject(rejects.MALFORMED_PAYLOAD, f"{topic}: reading is not an object")
+        else:
+            reject(rejects.MALFORMED_PAYLOAD, f"{topic}: 'readings' is not a list")
+
     def _sparkplug(self, topic: str, payload: bytes, recv: int, out: ColumnBuilder,
                    reject: Any, current: list[str | None]) -> None:
         """A Sparkplug B message (``devices.sparkplug``): births and data are readings of the
@@ -650,17 +677,42 @@ class PayloadDecoder:
         for name, value in doc.items():
             if name in _NOT_METRICS:
                 continue
-            if nested and type(value) is dict:
+            if type(value) is dict and "value" in value:  # {"temperature": {"value": 21.5, ..}}
+                found = self._valued(name, value, ts, device, recv, out, reject) or found
+            elif nested and type(value) is dict:
+                wrapper = name in _WRAPPERS
+                inner_ts = next((value[k] for k in _TIME_MEMBERS if k in value), ts)
                 for inner, v in value.items():
                     if inner in _NOT_METRICS:
                         continue
-                    found = self._member(_NOT_NAME.sub("_", f"{name}_{inner}"), v, ts, device,
-                                         recv, out, reject) or found
+                    metric = inner if wrapper else f"{name}_{inner}"
+                    if wrapper and type(v) is dict and "value" in v:
+                        found = self._valued(metric, v, inner_ts, device, recv, out,
+                                             reject) or found
+                        continue
+                    found = self._member(_NOT_NAME.sub("_", metric), v,
+                                         inner_ts if wrapper else ts, device, recv, out,
+                                         reject) or found
             else:
                 found = self._member(name, value, ts, device, recv, out, reject) or found
         if not found:
             reject(rejects.MISSING_FIELD, f"{device}: needs metric, ts and value (or metric "
                    "names with numbers)")
+
+    def _valued(self, name: str, obj: dict[str, Any], ts: object, device: str, recv: int,
+                out: ColumnBuilder, reject: Any) -> bool:
+        """A quantity given as an object with its ``value`` (and perhaps its unit and its own
+        time): ``{"temperature": {"value": 21.5, "unit": "C"}}`` is a reading of
+        ``temperature``."""
+        value = obj["value"]
+        if not (type(value) is int or type(value) is float or type(value) is bool
+                or (type(value) is str and _value_text(value) is not None)):
+            self._not_a_reading(name, device)  # {"status": {"value": "running"}}
+            return False
+        own = next((obj[k] for k in _TIME_MEMBERS if k in obj), ts)
+        self._one({"metric": _NOT_NAME.sub("_", name), "ts": own, "value": value},
+                  device, recv, out, reject)
+        return True
 
     def _member(self, name: str, value: object, ts: object, device: str, recv: int,
                 out: ColumnBuilder, reject: Any) -> bool:

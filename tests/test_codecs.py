@@ -499,3 +499,45 @@ def test_a_bare_number_takes_its_metric_from_the_topic(tmp_path: Path) -> None:
     cols, bad, samples = decoder().decode(msgs[:1])  # no metric level configured
     assert (len(cols), bad) == (0, {rejects.MALFORMED_PAYLOAD: 1})
     assert "metric_topic_level" in samples[0]
+
+
+def test_arrays_of_readings_wrapped_quantities_and_value_objects() -> None:
+    """Shapes gateways and cloud SDKs use that nobody announced: an array of reading objects
+    (or of metric objects) instead of a ``readings`` batch, which was refused as a SenML pack
+    without names; a device's quantities under one generic wrapper (``data``, ``payload``,
+    ...), which gave ``data_temperature``; and a quantity as an object with its ``value`` and
+    unit, which gave ``temperature_value``. A sensor's own object keeps its name as a prefix
+    (Tasmota), and a SenML pack is still one."""
+    d = PayloadDecoder(Interner(), Interner(), device_topic_level=1)
+    msgs = [
+        orjson.dumps([{"metric": "temperature", "ts": T, "value": 21.5, "seq": 1},
+                      {"device": "t-1", "metric": "humidity", "ts": T, "value": 40}]),
+        orjson.dumps([{"ts": T + 1000, "temperature": 21.6}, {"ts": T + 2000, "co2": 600}]),
+        orjson.dumps({"deviceId": "t-1", "timestamp": T, "payload": {"pressure": 1013}}),
+        orjson.dumps({"ts": T, "data": {"ts": T + 5, "voltage": 3.3, "mode": "eco",
+                                        "current": {"value": 0.2, "unit": "A"}}}),
+        orjson.dumps({"ts": T, "humidity": 41, "update": {"installed_version": 7},
+                      "temperature": {"value": "21.7", "unit": "C", "time": T + 7},
+                      "status": {"value": "running"}}),
+        orjson.dumps({"ts": T, "AM2301": {"Temperature": 20.6}}),
+        orjson.dumps([{"bn": "t-1:", "bt": T / 1000, "n": "level", "v": 0.5}]),
+    ]
+    cols, bad, _ = d.decode([("devices/t-1/readings", m, T) for m in msgs])
+    assert not bad
+    got = [(d.metrics.names[m], t - T, v) for m, t, v in
+           zip(cols.metric, cols.ts.tolist(), cols.value.tolist(), strict=True)]
+    assert got == [("temperature", 0, 21.5), ("humidity", 0, 40.0),
+                   ("temperature", 1000, 21.6), ("co2", 2000, 600.0),
+                   ("pressure", 0, 1013.0),
+                   ("voltage", 5, 3.3), ("current", 5, 0.2),
+                   ("humidity", 0, 41.0), ("temperature", 7, 21.7),
+                   ("AM2301_Temperature", 0, 20.6),
+                   ("level", 0, 0.5)]
+    assert cols.seq.tolist()[0] == 1
+    # an element of an array of readings that is no object, or claims another device
+    d = PayloadDecoder(Interner(), Interner(), device_topic_level=1, topic_identity=True)
+    cols, bad, _ = d.decode([("devices/t-1/readings", orjson.dumps(
+        [{"metric": "t", "ts": T, "value": 1}, 5, {"device": "t-2", "metric": "t", "ts": T,
+                                                   "value": 2}]), T)])
+    assert cols.value.tolist() == [1.0]
+    assert bad == {rejects.MALFORMED_PAYLOAD: 1, rejects.DEVICE_MISMATCH: 1}
