@@ -44,7 +44,7 @@ CHROOT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/
               "LANG": "C.UTF-8", "HOME": "/root"}  # what a login inside the root would have
 EDGE_TESTS = ["tests/test_windows.py", "tests/test_sketch.py", "tests/test_codecs.py",
               "tests/test_outbox.py", "tests/test_clockguard.py", "tests/test_contract.py",
-              "tests/test_schema.py"]
+              "tests/test_schema.py", "tests/test_sparkplug.py"]
 
 
 def sh(argv: list[str], timeout_s: float, **kw: object) -> subprocess.CompletedProcess[str]:

@@ -4,7 +4,9 @@ of births, data by alias, deaths and commands."""
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import given, settings
@@ -30,6 +32,10 @@ from devices.sparkplug import (
     rebirth_request,
     topic_parts,
 )
+
+if TYPE_CHECKING:  # (the module runs on a gateway without the cloud's parts: make pi-check)
+    from cloud.sinks.influx_v1 import InfluxV1Client
+    from fieldline.services import Mosquitto
 
 T = 1_767_225_600_000
 STRING = 12
@@ -251,3 +257,98 @@ def test_float_fields_are_little_endian_ieee() -> None:
     buf = b"\x12" + bytes([len(metric)]) + metric + b"\x12" + bytes([len(metric2)]) + metric2
     a, b = decode_payload(buf).metrics
     assert (a.reading(FLOAT), b.reading(DOUBLE)) == (1.5, -2.25)
+
+
+@pytest.mark.integration
+def test_a_sparkplug_plant_lands_in_influxdb_reading_for_reading(
+        mosquitto_factory: Callable[..., Mosquitto], influx_db: InfluxV1Client,
+        tmp_path: Path) -> None:
+    """End to end through real brokers and InfluxDB: an edge node with two devices publishes
+    its births, then two minutes of data by alias (no types, as the specification prefers),
+    a string status and a node metric beside them. Every numeric reading is in the
+    aggregates, under ``<node>.<device>`` and the metric's name as a metric name may be."""
+    import asyncio
+    import time
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from cloud.config import CloudConfig, InfluxConfig
+    from cloud.worker import CloudWorker
+    from devices.catalog import Catalog
+    from edge.agent import EdgeAgent
+    from edge.config import EdgeConfig
+    from edge.engine import EngineConfig
+    from edge.eventtime import EventTimeSpec
+    from edge.windows import WindowSpec
+    from tests.running import connected, settled
+
+    gw, cloud = mosquitto_factory(), mosquitto_factory()
+    engine = EngineConfig(windows=(WindowSpec(size_ms=10_000),), time=EventTimeSpec(
+        out_of_orderness_ms=1_000, allowed_lateness_ms=5_000, idle_timeout_ms=2_000))
+    agent = EdgeAgent(EdgeConfig(
+        gateway="gw-1", intake_broker=gw.address, uplink_broker=cloud.address,
+        topics=["spBv1.0/#"], engine=engine, state_dir=tmp_path / "edge", tick_ms=50,
+        catalog=Catalog(undeclared="accept")))
+    worker = CloudWorker(CloudConfig(
+        worker_id="w", broker=cloud.address,
+        influx=InfluxConfig(url=influx_db.url, database=influx_db.database,
+                            flush_interval_ms=100), health_interval_ms=500))
+    start = time.time_ns() // 1_000_000 - 10 * 60_000
+    start -= start % 10_000
+    msgs = [("spBv1.0/plant/NBIRTH/n1", encode_payload(
+                [OutMetric("bdSeq", 0, UINT64), OutMetric("Supply", 24.0, FLOAT, alias=1)],
+                ts=start, seq=0))]
+    for dev in ("s1", "s2"):
+        msgs.append((f"spBv1.0/plant/DBIRTH/n1/{dev}", encode_payload(
+            [OutMetric("Inputs/Temperature", 20.0, DOUBLE, alias=10),
+             OutMetric("Inputs/Offset", -1, INT16, alias=11),
+             OutMetric("Status", "RUN", STRING, alias=12)], ts=start, seq=1)))
+    sent = {("n1", "Supply"): 1, ("n1.s1", "Inputs_Temperature"): 1,
+            ("n1.s1", "Inputs_Offset"): 1, ("n1.s2", "Inputs_Temperature"): 1,
+            ("n1.s2", "Inputs_Offset"): 1}
+    for k in range(1, 121):
+        t = start + k * 1000
+        for dev in ("s1", "s2"):
+            msgs.append((f"spBv1.0/plant/DDATA/n1/{dev}", encode_payload(
+                [OutMetric(None, 20.0 + k / 10, DOUBLE, alias=10, typed=False),
+                 OutMetric(None, -k, INT16, alias=11, typed=False),
+                 OutMetric(None, "RUN", STRING, alias=12, typed=False)], ts=t, seq=k % 256)))
+            sent[("n1." + dev, "Inputs_Temperature")] += 1
+            sent[("n1." + dev, "Inputs_Offset")] += 1
+        if k % 10 == 0:
+            msgs.append(("spBv1.0/plant/NDATA/n1", encode_payload(
+                [OutMetric(None, 24.0 + k / 100, FLOAT, alias=1, typed=False)], ts=t)))
+            sent[("n1", "Supply")] += 1
+
+    async def scenario() -> None:
+        stops = asyncio.Event(), asyncio.Event()
+        wt = asyncio.create_task(worker.run(stops[0]))
+        at = asyncio.create_task(agent.run(stops[1]))
+        await connected([agent], worker)
+        node = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                           protocol=mqtt.MQTTv5)
+        node.connect("127.0.0.1", gw.port)
+        node.loop_start()
+        for topic, payload in msgs:
+            node.publish(topic, payload, qos=1)
+        node.publish("spBv1.0/plant/DDEATH/n1/s1", encode_payload([], ts=start + 121_000),
+                     qos=1).wait_for_publish(10)
+        node.disconnect()
+        node.loop_stop()
+        await settled([agent], worker, 60)
+        for s in stops:
+            s.set()
+        await asyncio.gather(wt, at)
+
+    asyncio.run(scenario())
+    s = agent.stats()
+    assert (s["rejected"], s["readings_accepted"]) == (0, sum(sent.values())), s
+    doc = influx_db.query('SELECT sum("count"), min("min") FROM "aggregates" '
+                          'GROUP BY "device", "metric"')
+    got = {(r["tags"]["device"], r["tags"]["metric"]): r["values"][0][1]
+           for r in doc["results"][0]["series"]}
+    assert got == sent
+    low = {(r["tags"]["device"], r["tags"]["metric"]): r["values"][0][2]
+           for r in doc["results"][0]["series"]}
+    assert low[("n1.s1", "Inputs_Offset")] == -120  # read as Int16 from the births' type
