@@ -202,17 +202,20 @@ class EdgePipeline:
             return
         if self.guard.held:
             messages = self.guard.release(now, mono) + messages
-        self._fold(messages)
+        self._fold(messages, now_ms=now)
 
     def wall_ms(self) -> int:
         """The time to stamp what leaves the agent: the gateway clock, or while it cannot be
         trusted, the best estimate of the true time."""
         return self.guard.estimate_ms(self.clock.now_ms(), self.clock.monotonic_ms())
 
-    def _fold(self, messages: list[tuple[str, bytes, int]], *, refuse: str | None = None
-              ) -> None:
+    def _fold(self, messages: list[tuple[str, bytes, int]], *, refuse: str | None = None,
+              now_ms: int | None = None) -> None:
         """Decode, validate and fold raw messages (``refuse``: reject every reading in them
-        for that reason, still per device)."""
+        for that reason, still per device). ``now_ms``: the gateway clock as ``process``
+        judged it sane; readings are validated against that reading of it, not a later one (a
+        network-time step between the two would have judged a batch by a clock the guard
+        never saw: readings 3 hours ahead of it, refused as clock_future instead of held)."""
         self.counters["messages_in"] += len(messages)
         untimed = self.decoder.untimed_taken
         cols, bad, samples = self.decoder.decode(messages)
@@ -240,7 +243,7 @@ class EdgePipeline:
             self._observe_gaps(cols, np.ones(len(cols), bool), np.empty(0, np.int64))
             return
         cols = self.engine.adjust_time(cols, self.clock.monotonic_ms())
-        ok, vbad = self.validator.check(cols, self.clock.now_ms())
+        ok, vbad = self.validator.check(cols, self.clock.now_ms() if now_ms is None else now_ms)
         for reason, n in vbad.items():
             self.rejects.reject(reason, f"{n} reading(s) in a batch of {len(cols)}", n)
         for rows, reason in self.validator.row_reasons:

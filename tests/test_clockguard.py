@@ -112,6 +112,46 @@ def test_a_clock_stepped_back_is_doubted_and_readings_wait_until_it_is_right(
     ledger_law(p)
 
 
+class SteppingClock(ManualClock):
+    """A wall clock that network time steps back after its next reading: between the moment
+    the agent judges the clock and the moment it validates the batch."""
+
+    def __init__(self, now_ms: int, monotonic_ms: int) -> None:
+        super().__init__(now_ms, monotonic_ms)
+        self.step_to: int | None = None
+
+    def now_ms(self) -> int:
+        now = super().now_ms()
+        if self.step_to is not None:
+            self.set_wall(self.step_to)
+            self.step_to = None
+        return now
+
+
+def test_a_step_back_in_the_middle_of_a_batch_judges_it_by_the_clock_it_was_judged_with(
+        tmp_path: Path) -> None:
+    """Found in the R7 fault test (1 run in 13: 12 readings of one tick lost): the agent judged
+    the clock sane, then read it again to validate the batch, by when network time had stepped
+    it back three hours; the batch's readings were refused as clock_future instead of being
+    accepted (they were fine by the clock that was judged) or held. Now a batch is validated
+    against the one reading of the clock the guard judged."""
+    clock = SteppingClock(now_ms=T + 1_000, monotonic_ms=5_000)
+    p = EdgePipeline(config(tmp_path, max_past_ms=7 * 86_400_000), clock)
+    p.process(stamped(readings("d1", range(0, 5)), clock))
+    batch = stamped(readings("d1", range(5, 10)), clock)
+    clock.step_to = T - 3 * 3_600_000  # right after process() reads the clock to judge it
+    p.process(batch)
+    s = p.stats()
+    assert (s["readings_accepted"], s["rejected"]) == (10, 0), s
+    p.process(stamped(readings("d1", range(10, 12)), clock))  # now the step is seen: held
+    assert (p.stats()["quarantine_held"], p.stats()["rejected"]) == (2, 0)
+    clock.set_wall(T + 12_000)
+    p.process([])
+    s = p.stats()
+    assert (s["readings_accepted"], s["rejected"], s["clock_unsynced"]) == (12, 0, 0)
+    ledger_law(p)
+
+
 def test_the_quarantine_is_bounded_and_what_it_sheds_is_counted_per_device(
         tmp_path: Path) -> None:
     clock = ManualClock(now_ms=BOOT_1970, monotonic_ms=BOOT_1970)
