@@ -453,12 +453,11 @@ class PayloadDecoder:
                     else:
                         reject(rejects.MALFORMED_PAYLOAD, f"{topic}: an array of readings "
                                f"holds a {type(r).__name__}, not an object")
+        elif type(doc) not in (int, float, bool, str):
+            reject(rejects.MALFORMED_PAYLOAD, f"{topic}: top level is {type(doc).__name__}")
         elif type(doc) is str and _value_text(doc) is None:
             reject(rejects.MALFORMED_PAYLOAD, f"{topic}: top level is a text, neither a number "
                    "nor an on/off state")
-        elif type(doc) is not int and type(doc) is not float and type(doc) is not bool and \
-                type(doc) is not str:
-            reject(rejects.MALFORMED_PAYLOAD, f"{topic}: top level is {type(doc).__name__}")
         elif self.metric_topic_level is None:
             reject(rejects.MALFORMED_PAYLOAD, f"{topic}: top level is {type(doc).__name__}: a "
                    "bare number needs its metric in the topic (intake.metric_topic_level)")
@@ -680,8 +679,9 @@ class PayloadDecoder:
             if type(value) is dict and "value" in value:  # {"temperature": {"value": 21.5, ..}}
                 found = self._valued(name, value, ts, device, recv, out, reject) or found
             elif nested and type(value) is dict:
-                wrapper = name in _WRAPPERS
-                inner_ts = next((value[k] for k in _TIME_MEMBERS if k in value), ts)
+                wrapper = name in _WRAPPERS  # its own time, if it has one, is its members'
+                inner_ts = next((value[k] for k in _TIME_MEMBERS if k in value), ts) \
+                    if wrapper else ts
                 for inner, v in value.items():
                     if inner in _NOT_METRICS:
                         continue
@@ -690,9 +690,8 @@ class PayloadDecoder:
                         found = self._valued(metric, v, inner_ts, device, recv, out,
                                              reject) or found
                         continue
-                    found = self._member(_NOT_NAME.sub("_", metric), v,
-                                         inner_ts if wrapper else ts, device, recv, out,
-                                         reject) or found
+                    found = self._member(_NOT_NAME.sub("_", metric), v, inner_ts, device, recv,
+                                         out, reject) or found
             else:
                 found = self._member(name, value, ts, device, recv, out, reject) or found
         if not found:

@@ -198,19 +198,19 @@ class EdgePipeline:
         if self.guard.judge(now, mono) is not None:
             shed = self.guard.hold(messages, now, mono)
             if shed:
-                self._fold(shed, refuse=rejects.CLOCK_UNSYNCED)
+                self._fold(shed, now, refuse=rejects.CLOCK_UNSYNCED)
             return
         if self.guard.held:
             messages = self.guard.release(now, mono) + messages
-        self._fold(messages, now_ms=now)
+        self._fold(messages, now)
 
     def wall_ms(self) -> int:
         """The time to stamp what leaves the agent: the gateway clock, or while it cannot be
         trusted, the best estimate of the true time."""
         return self.guard.estimate_ms(self.clock.now_ms(), self.clock.monotonic_ms())
 
-    def _fold(self, messages: list[tuple[str, bytes, int]], *, refuse: str | None = None,
-              now_ms: int | None = None) -> None:
+    def _fold(self, messages: list[tuple[str, bytes, int]], now_ms: int, *,
+              refuse: str | None = None) -> None:
         """Decode, validate and fold raw messages (``refuse``: reject every reading in them
         for that reason, still per device). ``now_ms``: the gateway clock as ``process``
         judged it sane; readings are validated against that reading of it, not a later one (a
@@ -243,7 +243,7 @@ class EdgePipeline:
             self._observe_gaps(cols, np.ones(len(cols), bool), np.empty(0, np.int64))
             return
         cols = self.engine.adjust_time(cols, self.clock.monotonic_ms())
-        ok, vbad = self.validator.check(cols, self.clock.now_ms() if now_ms is None else now_ms)
+        ok, vbad = self.validator.check(cols, now_ms)
         for reason, n in vbad.items():
             self.rejects.reject(reason, f"{n} reading(s) in a batch of {len(cols)}", n)
         for rows, reason in self.validator.row_reasons:

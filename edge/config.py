@@ -20,6 +20,7 @@ from edge.windows import EPOCH_BASE_MS, MAX_OPEN_WINDOWS, WindowSpec
 
 UNTIMED = ("receive_time", "reject")  # [clock] untimed: what a reading without a time gets
 
+
 @dataclass(frozen=True, kw_only=True)
 class EdgeConfig:
     gateway: str
