@@ -86,6 +86,7 @@ from devices.readings import (
     NO_SEQ,
     SECONDS_BELOW,
     SECONDS_FROM,
+    STAMPED_SEQ,
     ColumnBuilder,
     Interner,
     ReadingColumns,
@@ -799,6 +800,8 @@ class PayloadDecoder:
         if d < 0 or m < 0:
             reject(rejects.INTAKE_OVERFLOW, f"too many distinct ids ({device}/{metric})")
             return
+        if stamped and seq == NO_SEQ:
+            seq = STAMPED_SEQ  # never judged a duplicate (its time is its receipt)
         out.append(d, m, ts, value, seq, recv)
         self.untimed_taken += stamped
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
 SUBSCRIBE, SUBACK, PINGREQ, PINGRESP, DISCONNECT, AUTH = 8, 9, 12, 13, 14, 15
 
+DUP = 0x08  # a PUBLISH's first byte: a re-delivery of a packet sent before (MQTT 5.0, 3.3.1.1)
 PINGREQ_PACKET = b"\xc0\x00"
 DISCONNECT_PACKET = b"\xe0\x00"  # normal disconnection; the session stays (its expiry runs)
 
@@ -114,8 +115,9 @@ class Parser:
     """Splits the bytes from the broker into packets, across ``recv`` boundaries.
 
     ``feed`` returns the PUBLISH packets it completed, as (topic, payload, packet id, qos) (the
-    packet id 0 for QoS 0), and appends every other packet to ``control`` as (type, flags,
-    body) for the connection to act on."""
+    packet id 0 for QoS 0; ``qos | DUP`` for a re-delivery, the packet's DUP flag set), and
+    appends every other packet to ``control`` as (type, flags, body) for the connection to act
+    on."""
 
     buf: bytearray = field(default_factory=bytearray)
     control: list[tuple[int, int, bytes]] = field(default_factory=list)
@@ -177,7 +179,7 @@ class Parser:
                 k += plen
                 if k > end:
                     raise ProtocolError("a PUBLISH's properties run past its end")
-                append((topic, bytes(buf[k:end]), mid, qos))
+                append((topic, bytes(buf[k:end]), mid, qos | (b0 & DUP)))
             else:
                 self.control.append((b0 >> 4, b0 & 0x0F, bytes(buf[start:end])))
             i = end

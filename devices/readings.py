@@ -18,6 +18,9 @@ F64 = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
 
 NO_SEQ = -1  # a reading that carried no sequence number
+# ... and no time either: placed at its receipt, it has nothing that tells a repeat of it from
+# a new reading (two of the same value received in the same millisecond are two readings)
+STAMPED_SEQ = -2
 # Epoch times are milliseconds; a device sending seconds, microseconds or nanoseconds is told
 # by magnitude, where milliseconds cannot be meant: below 1e11 ms is before March 1973, from
 # 1e14 ms after the year 5000 (seconds from 1e9 are 2001 on; smaller ones are left alone, a

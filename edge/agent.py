@@ -34,7 +34,7 @@ from devices.contract import (
     SupersededRows,
     peek_batch_id,
 )
-from devices.readings import Interner, ReadingColumns, capacity
+from devices.readings import NO_SEQ, Interner, ReadingColumns, capacity
 from devices.rejects import RejectLog
 from edge.clockguard import ClockGuard
 from edge.config import EdgeConfig
@@ -273,7 +273,7 @@ class EdgePipeline:
             r = out.late_rows
             dn, mn = self.devices.names, self.metrics.names
             self.late_out.extend(
-                [dn[d], mn[m], t, v, q] for d, m, t, v, q in zip(
+                [dn[d], mn[m], t, v, max(q, NO_SEQ)] for d, m, t, v, q in zip(
                     good.device[r].tolist(), good.metric[r].tolist(), good.ts[r].tolist(),
                     good.value[r].tolist(), good.seq[r].tolist(), strict=True))
 
@@ -804,6 +804,9 @@ class EdgeAgent:
             # limits dropped (-1: not heard), and what it holds; per device: readings_gap
             "broker_dropped": self.intake.broker_dropped,
             "broker_stored": self.intake.broker_stored,
+            # messages the broker re-delivered after a reconnect that the agent already had
+            # (recognised by packet id and bytes, not handed over again)
+            "intake_redelivered": self.intake.redelivered,
             "outbox_depth": ob.depth,
             # state files found damaged at start and set aside (1: this run began that way)
             "outbox_journal_unreadable": int(ob.journal_unreadable),

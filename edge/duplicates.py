@@ -21,7 +21,9 @@ of each kind:
   its mark (a reboot) moves the mark down and clears the device's words.
 * **readings without seq**: a ring of hashes of (event time, value), filled in arrival order and
   compared whole; repeats within the batch by a sort. Allocated on the first such reading, so a
-  fleet that numbers its readings pays nothing for it.
+  fleet that numbers its readings pays nothing for it. A reading with neither a seq nor a time
+  of its own (placed at its receipt, ``STAMPED_SEQ``) is never a duplicate: two of the same
+  value received in the same millisecond are two readings.
 
 Why per-device memory rather than a set of everything within the lateness horizon: a lookup is
 one vectorised comparison, with no sorted inserts, and memory is ``devices x memory x 20`` bytes
@@ -46,7 +48,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from devices.readings import F64, I64, capacity
+from devices.readings import F64, I64, NO_SEQ, capacity
 from edge.eventtime import NEVER, running_max_before
 
 _M1 = np.uint64(0x9E3779B97F4A7C15)
@@ -180,17 +182,19 @@ class DuplicateFilter:
         numbered = seq >= 0
         every = bool(numbered.all())
         s = None if every else np.flatnonzero(numbered)
-        self._ensure(int(dev.max()) + 1, seq=s is None or len(s) > 0, hashed=s is not None)
+        h = None if every else np.flatnonzero(seq == NO_SEQ)  # (not those stamped at receipt)
+        self._ensure(int(dev.max()) + 1, seq=s is None or len(s) > 0,
+                     hashed=h is not None and len(h) > 0)
         if self.horizon_ms:
             self._learn_rate(dev, ts, seq, numbered)
-        if s is None:
+        if s is None or h is None:
             return self._check_seq(dev, seq, ts, newest_ts)
         dup = np.zeros(n, bool)
         if len(s):
             dup[s] = self._check_seq(dev[s], seq[s], ts[s], newest_ts)
-        h = np.flatnonzero(~numbered)
-        dup[h] = self._check_hashed(dev[h], _tv_code(ts[h], value[h],
-                                                     None if metric is None else metric[h]))
+        if len(h):
+            dup[h] = self._check_hashed(dev[h], _tv_code(ts[h], value[h],
+                                                         None if metric is None else metric[h]))
         return dup
 
     def _learn_rate(self, dev: I64, ts: I64, seq: I64, numbered: npt.NDArray[np.bool_]) -> None:

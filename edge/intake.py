@@ -18,9 +18,19 @@ With ``manual_ack`` the broker gets a message's PUBACK only when the agent says 
 message is in the fsynced intake log): the acknowledgements of a tick leave in one write. Until
 then the broker keeps the message and re-delivers it to the persistent session if the agent
 dies, and never has more than ``max_pending`` of them outstanding to us (MQTT 5's Receive
-Maximum). A message taken over a connection that has since dropped is never acknowledged over
-the next one: the broker re-delivers it there, and its packet id may by then name another
-message that is not yet logged.
+Maximum).
+
+A connection that drops leaves the broker holding what it delivered over it and did not hear
+acknowledged; it re-delivers those to the resumed session, with their packet ids and the DUP
+flag. The intake already has them (in its buffer, with the agent, or logged and acknowledged
+over the old connection too late), so a re-delivery that matches one of them (packet id, topic
+and payload) is not handed over a second time: the agent's acknowledgement of the first copy is
+sent for it over the new connection (at once, if it came before). A reading without a time of
+its own, stamped at its receipt, would otherwise count twice; one with its time would be a
+duplicate. Anything else with such an id (the broker reused it, or the session was lost) is a
+new message. A re-delivery after the agent itself restarted is not recognised here (its intake
+log holds no packet ids): a reading with its time is dropped as a duplicate, one without counts
+again.
 """
 
 from __future__ import annotations
@@ -95,6 +105,17 @@ class MqttIntake:
         self._conn = 0  # the current connection's number (tags the ids of what it delivered)
         self._keepalive = KEEPALIVE_S  # ours, or the broker's Server Keep Alive
         self._acks: list[int] = []  # tagged ids the agent acknowledged, not yet sent
+        # QoS 1/2 messages of the current connection not yet acknowledged over it, by tagged id
+        self._held: dict[int, Message] = {}
+        # acknowledgements written but maybe not sent: (stream position they end at, messages)
+        self._unflushed: deque[tuple[int, list[Message]]] = deque()
+        self._sent = 0  # bytes of the current connection handed to the socket
+        # taken over an earlier connection, maybe unknown to the broker as acknowledged: packet
+        # id -> (the tagged id the agent knows, topic, payload); those the agent acknowledged
+        self._awaiting: dict[int, tuple[int, str, bytes]] = {}
+        self._acked_waiting: set[int] = set()
+        self._alias: dict[int, int] = {}  # a taken message's id -> its re-delivery's
+        self.redelivered = 0  # re-deliveries of messages already taken (not handed over again)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -146,8 +167,7 @@ class MqttIntake:
         in the intake thread's next write."""
         if not self.manual_ack:
             return
-        conn = self._conn
-        ids = [m[3] for m in messages if m[4] and m[3] >> 18 == conn]
+        ids = [m[3] for m in messages if m[4]]
         if ids:
             with self._lock:
                 self._acks.extend(ids)
@@ -186,9 +206,8 @@ class MqttIntake:
             finally:
                 self.connected.clear()
                 self.subscribed.clear()
+                self._carry()
                 self._conn += 1  # what this connection delivered is never acknowledged now
-                with self._lock:
-                    self._acks.clear()
                 sock.close()
 
     def _open(self) -> tuple[socket.socket, wire.Parser, list[tuple[str, bytes, int, int]]]:
@@ -225,6 +244,10 @@ class MqttIntake:
                 log.error("intake connect to %s refused: %s", a.url, wire.reason(ack.code))
                 raise _RefusedError(wire.reason(ack.code))
             self._keepalive = ack.keepalive_s or KEEPALIVE_S
+            if not ack.session_present:  # nothing is re-delivered: whatever has such an id is new
+                self._awaiting.clear()
+                self._acked_waiting.clear()
+                self._alias.clear()
             sock.sendall(wire.subscribe(_SUB_MID, [(t, self.qos) for t in self.topics],
                                         retain_handling=2 if self.skip_retained else 0)
                          + wire.subscribe(_SYS_MID, [(SYS_DROPPED, 0), (SYS_STORED, 0)]))
@@ -241,6 +264,7 @@ class MqttIntake:
         sock.setblocking(False)
         out = bytearray()
         conn_tag = self._conn << 18
+        self._sent = 0
         now = time.monotonic()
         last_sent = last_heard = now
         keepalive = self._keepalive
@@ -258,7 +282,7 @@ class MqttIntake:
             if self._acks:
                 with self._lock:
                     ids, self._acks = self._acks, []
-                self._ack_bytes(ids, out, conn_tag)
+                self._agent_acks(ids, out, conn_tag)
             now = time.monotonic()
             if buffered or sock in readable:
                 try:
@@ -281,6 +305,10 @@ class MqttIntake:
                     sent = sock.send(out)
                     del out[:sent]
                     last_sent = now
+                    self._sent += sent
+                    unflushed = self._unflushed
+                    while unflushed and unflushed[0][0] <= self._sent:
+                        unflushed.popleft()
                 except self._would_block:
                     pass
             if now - last_heard > keepalive * 1.5:
@@ -299,32 +327,100 @@ class MqttIntake:
             return
         now_ms = self._clock.now_ms()
         pending = self._pending
+        manual = self.manual_ack
+        held, awaiting = self._held, self._awaiting
         auto: list[int] = []
-        for topic, payload, mid, qos in msgs:
+        for topic, payload, mid, q in msgs:
             if topic.startswith("$SYS/"):
                 self._sys(topic, payload)
                 continue
+            qos = q & 3
+            tag = conn_tag | qos << _MID_BITS | mid
+            if awaiting and qos and manual:
+                was = awaiting.pop(mid, None)
+                if was is not None:
+                    if q & wire.DUP and was[1] == topic and was[2] == payload:
+                        self._redelivery(was[0], (topic, payload, now_ms, tag, qos), auto)
+                        continue
+                    self._acked_waiting.discard(was[0])  # the broker reused the id: new
             self.received += 1
-            if not self.manual_ack and qos:
-                auto.append(conn_tag | qos << _MID_BITS | mid)
-            if len(pending) >= self.max_pending and not (self.manual_ack and qos):
+            msg = (topic, payload, now_ms, tag, qos)
+            if qos:
+                if manual:
+                    held[tag] = msg
+                else:
+                    auto.append(tag)
+            if len(pending) >= self.max_pending and not (manual and qos):
                 # (with manual acks the broker's Receive Maximum already bounds what is pending)
                 self.overflowed += 1
                 continue
-            pending.append((topic, payload, now_ms, conn_tag | qos << _MID_BITS | mid, qos))
+            pending.append(msg)
         if auto:
-            self._ack_bytes(auto, out, conn_tag)
+            self._ack_bytes(auto, out)
 
-    def _ack_bytes(self, ids: list[int], out: bytearray, conn_tag: int) -> None:
+    def _redelivery(self, first: int, again: Message, acks: list[int]) -> None:
+        """``again`` re-delivers the message the agent has as ``first``: it is acknowledged
+        over this connection when the agent acknowledges ``first`` (now, if it has)."""
+        self.redelivered += 1
+        self._held[again[3]] = again
+        if first in self._acked_waiting:
+            self._acked_waiting.discard(first)
+            acks.append(again[3])
+        else:
+            self._alias[first] = again[3]
+
+    def _agent_acks(self, ids: list[int], out: bytearray, conn_tag: int) -> None:
+        """The agent's acknowledgements: of a message taken over this connection, sent; of one
+        taken over an earlier one, sent for its re-delivery here (or once that comes)."""
+        alias = self._alias
+        now: list[int] = []
+        for first in ids:
+            t = first
+            while alias and t in alias:
+                t = alias.pop(t)
+            if t >> 18 << 18 == conn_tag:
+                now.append(t)
+            else:
+                was = self._awaiting.get(t & 0xFFFF)
+                if was is not None and was[0] == t:
+                    self._acked_waiting.add(t)
+        if now:
+            self._ack_bytes(now, out)
+
+    def _carry(self) -> None:
+        """The connection dropped: what it delivered that the broker may not have heard
+        acknowledged is expected again over the next one (under its packet id)."""
+        awaiting, acked = self._awaiting, self._acked_waiting
+
+        def expect(m: Message) -> None:
+            before = awaiting.get(m[3] & 0xFFFF)
+            if before is not None:
+                acked.discard(before[0])
+            awaiting[m[3] & 0xFFFF] = (m[3], m[0], m[1])
+
+        for _, msgs in self._unflushed:
+            for m in msgs:
+                expect(m)
+                acked.add(m[3])
+        for m in self._held.values():
+            expect(m)
+        self._unflushed.clear()
+        self._held.clear()
+
+    def _ack_bytes(self, ids: list[int], out: bytearray) -> None:
         """PUBACK (QoS 1) or PUBREC (QoS 2) of each id taken over this connection, in order."""
         mask = (1 << _MID_BITS) - 1
-        ids = [i for i in ids if i >> 18 << 18 == conn_tag]
         if all(i >> _MID_BITS & 3 == 1 for i in ids):
             out += wire.acks(wire.PUBACK, [i & mask for i in ids])
-            return
-        for i in ids:
-            out += wire.acks(wire.PUBACK if i >> _MID_BITS & 3 == 1 else wire.PUBREC,
-                             [i & mask])
+        else:
+            for i in ids:
+                out += wire.acks(wire.PUBACK if i >> _MID_BITS & 3 == 1 else wire.PUBREC,
+                                 [i & mask])
+        held = self._held
+        if held:  # (manual acks) gone from the broker once these bytes are sent
+            done = [m for m in (held.pop(i, None) for i in ids) if m is not None]
+            if done:
+                self._unflushed.append((self._sent + len(out), done))
 
     def _sys(self, topic: str, payload: bytes) -> None:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from devices import rejects
 from devices.catalog import Catalog
-from devices.clock import ManualClock
+from devices.clock import ManualClock, SystemClock
 from devices.codecs import encode_single
 from devices.mqtt import BrokerAddress
 from devices.registry import Device, Registry
@@ -23,6 +24,7 @@ from edge.agent import EdgeAgent, EdgePipeline
 from edge.config import EdgeConfig
 from edge.engine import EngineConfig
 from edge.eventtime import EventTimeSpec
+from edge.intake import MqttIntake
 from edge.windows import WindowSpec
 from fieldline.services import Mosquitto
 
@@ -669,6 +671,83 @@ def test_readings_without_a_time_take_the_receive_time_and_are_counted(
     assert s["readings_accepted"] == 4
     at_recv = recv - recv % 10_000
     assert starts == {("z1", at_recv), ("t1", at_recv), ("d1", T - T % 10_000)}
+
+
+def test_untimed_readings_of_one_value_received_together_are_each_a_reading(
+        tmp_path: Path) -> None:
+    """A reading without a time or a seq is placed at its receipt: two of the same value taken
+    in the same millisecond (one read of the socket; a device's backlog after an outage) are
+    two readings, not a reading and its repeat. With a time of its own, the same bytes twice
+    are still a repeat."""
+    recv = T + 5_000
+    pipe = EdgePipeline(config(tmp_path, catalog=Catalog(undeclared="accept")),
+                        ManualClock(now_ms=recv))
+    untimed = orjson.dumps({"temperature": 21.5})
+    timed = orjson.dumps({"temperature": 21.5, "ts": T})
+    pipe.process([("devices/z1/readings", untimed, recv)] * 3
+                 + [("devices/d1/readings", timed, recv)] * 2)
+    s = pipe.stats()
+    assert (s["readings_accepted"], s["duplicates"], s["readings_untimed"]) == (4, 1, 3)
+    res = pipe.emit(flush=True)
+    counts = {pipe.devices.names[int(d)]: int(c) for d, c in zip(res.device, res.count,
+                                                                 strict=True)}
+    assert counts == {"z1": 3, "d1": 1}
+
+
+@pytest.mark.integration
+def test_untimed_readings_re_delivered_after_a_broker_restart_count_once(
+        mosquitto_factory: Callable[..., Mosquitto], tmp_path: Path) -> None:
+    """Readings without a time are placed at their receipt, so a copy the broker re-delivers
+    would be a second reading, not a duplicate. Here the agent has logged twenty (its
+    acknowledgements held back, as when the connection drops before they leave) when the
+    gateway broker restarts: the broker re-delivers all twenty to the resumed session, and the
+    agent counts each once and acknowledges the re-deliveries for the copies it logged."""
+    broker = mosquitto_factory(persistence=True)
+    agent = EdgeAgent(config(tmp_path, intake_broker=broker.address,
+                             uplink_broker=broker.address, tick_ms=20,
+                             topics=["esphome/+/sensor/+"], metric_topic_level=3,
+                             device_topic_level=1, catalog=Catalog(undeclared="accept")))
+    held: list[list[tuple[str, bytes, int, int, int]]] = []
+    ack = agent.intake.ack
+    agent.intake.ack = held.append  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        stop, task, c = await running(agent, broker)
+        for _ in range(20):
+            c.publish("esphome/e1/sensor/temperature", b"21.5", qos=1).wait_for_publish(5)
+        await until(lambda: agent.stats()["messages_in"] == 20, "the twenty logged")
+        broker.stop()
+        broker.start()  # the session, and the twenty it never heard acknowledged, from disk
+        await until(lambda: agent.intake.redelivered == 20, "the twenty re-delivered")
+        agent.intake.ack = ack  # type: ignore[method-assign]
+        for msgs in held:
+            ack(msgs)
+        await asyncio.sleep(0.5)
+        c.disconnect()
+        c.loop_stop()
+        stop.set()
+        await task
+
+    asyncio.run(scenario())
+    s = agent.stats()
+    assert (s["messages_in"], s["readings_accepted"], s["readings_untimed"],
+            s["intake_redelivered"]) == (20, 20, 20, 20), s
+    again = MqttIntake(broker.address, ["esphome/+/sensor/+"], clock=SystemClock(),
+                       client_id=agent.intake.client_id, manual_ack=True)
+    again.start()
+    try:
+        time.sleep(1.0)
+        assert again.subscribed.is_set()
+        assert again.pending == 0
+    finally:
+        again.stop()
+
+
+async def until(cond: Callable[[], bool], what: str, timeout_s: float = 15) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
 
 
 @pytest.mark.integration

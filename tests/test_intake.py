@@ -1,7 +1,7 @@
 """The intake's own MQTT 5 subscriber: its packet parser (any split of the byte stream, malformed
 input) and, against a real Mosquitto, what the agent's custody rests on: acknowledgements only
-when the agent gives them, re-delivery of the rest to the persistent session, never an
-acknowledgement over a later connection, the broker's Receive Maximum, QoS 2, TLS."""
+when the agent gives them, re-delivery of the rest to the persistent session (recognised, not
+handed over twice), the broker's Receive Maximum, QoS 2, TLS."""
 
 from __future__ import annotations
 
@@ -96,11 +96,13 @@ def test_connack_and_suback_are_read() -> None:
 
 # against a real broker ----------------------------------------------------------------------
 
-def _publisher(port: int, qos: int, n: int, topic: str = "devices/d1/readings") -> None:
+def _publisher(port: int, qos: int, n: int, topic: str = "devices/d1/readings",
+               payload: bytes | None = None) -> None:
     c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     c.connect("127.0.0.1", port)
     c.loop_start()
-    infos = [c.publish(topic, f"{i}".encode(), qos=qos) for i in range(n)]
+    infos = [c.publish(topic, payload if payload is not None else f"{i}".encode(), qos=qos)
+             for i in range(n)]
     for info in infos:
         info.wait_for_publish(10)
     c.disconnect()
@@ -159,25 +161,149 @@ def test_only_what_the_agent_acknowledged_is_gone_from_the_session(
     third.stop()
 
 
-def test_a_message_taken_before_a_reconnect_is_not_acknowledged_after_it(
+def test_a_reconnect_does_not_hand_over_again_what_was_already_taken(
         mosquitto_factory: Callable[..., Mosquitto]) -> None:
+    """Readings without a time of their own repeat byte for byte: the broker's re-delivery of
+    one the agent has is told from a new one by its packet id and DUP flag, not its bytes."""
     broker = mosquitto_factory(persistence=True)
     intake = _intake(broker.address, manual_ack=True)
-    _publisher(broker.port, 1, 10)
+    _publisher(broker.port, 1, 10, payload=b"21.5")
     old = _take(intake, 10)
+    intake.ack(old[:4])
+    time.sleep(0.5)  # four acknowledged over the first connection, six not
     broker.stop()
-    broker.start()  # same port, the session (and the 10 unacknowledged) from its data
+    broker.start()  # same port, the session (and the six unacknowledged) from its data
     _wait(lambda: intake.connections == 2 and intake.subscribed.is_set(), "the reconnection")
-    again = _take(intake, 10)  # re-delivered to the session
-    assert [m[1] for m in again] == [m[1] for m in old]
-    # the packet ids of the first connection are not this one's: acknowledging them sends
-    # nothing (it could acknowledge another message that reused the id)
-    intake.ack(old)
+    _wait(lambda: intake.redelivered == 6, "the six re-deliveries")
+    assert _settles(intake, 0.5) == 0  # not handed over a second time
+    _publisher(broker.port, 1, 5, payload=b"21.5")  # the same bytes, new messages
+    new = _take(intake, 5)
+    assert intake.redelivered == 6
+    assert intake.received == 15
+    # the agent acknowledges the first copies: sent for their re-deliveries over this connection
+    intake.ack(old[4:] + new)
     time.sleep(0.5)
     intake.stop()
     after = _intake(broker.address, manual_ack=True)
-    assert len(_take(after, 10)) == 10
+    assert _settles(after) == 0  # the broker holds nothing unacknowledged
     after.stop()
+
+
+def test_a_lost_session_re_delivers_nothing_and_takes_everything_new(
+        mosquitto_factory: Callable[..., Mosquitto]) -> None:
+    broker = mosquitto_factory()  # no persistence: a restart forgets the session
+    intake = _intake(broker.address, manual_ack=True)
+    _publisher(broker.port, 1, 5, payload=b"on")
+    old = _take(intake, 5)
+    broker.stop()
+    broker.start()
+    _wait(lambda: intake.connections == 2 and intake.subscribed.is_set(), "the reconnection")
+    _publisher(broker.port, 1, 5, payload=b"on")  # the broker numbers them from 1 again
+    assert [m[1] for m in _take(intake, 5)] == [b"on"] * 5
+    assert intake.redelivered == 0
+    intake.ack(old)  # taken over a connection whose session is gone: nothing to send
+    time.sleep(0.3)
+    assert intake.connected.is_set()
+    intake.stop()
+
+
+class _ScriptedBroker:
+    """One side of MQTT 5 written by the test: it accepts the intake's connections one by one
+    and sends exactly the packets the test gives it (for what a real broker does only by
+    chance: a packet id reused right after a reconnect, a DUP flag on a message never sent)."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(10)
+        self.port = self.server.getsockname()[1]
+        self.conn: socket.socket | None = None
+        self.parser = wire.Parser()
+
+    def accept(self, session_present: bool) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.conn, _ = self.server.accept()
+        self.conn.settimeout(10)
+        self.parser = wire.Parser()
+        self.expect(wire.CONNECT)
+        self.conn.sendall(bytes([0x20, 3, int(session_present), 0, 0]))
+        for _ in range(2):  # the readings' subscription and the $SYS counters'
+            body = self.expect(wire.SUBSCRIBE)
+            self.conn.sendall(bytes([0x90, 4]) + body[:2] + b"\x00\x01")
+
+    def expect(self, kind: int) -> bytes:
+        assert self.conn is not None
+        while not self.parser.control:
+            data = self.conn.recv(65536)
+            assert data, "the intake closed the connection"
+            self.parser.feed(data)
+        got, _flags, body = self.parser.control.pop(0)
+        assert got == kind, f"packet type {got}, not {kind}"
+        return body
+
+    def publish(self, mid: int, payload: bytes, *, dup: bool = False) -> None:
+        assert self.conn is not None
+        packet = bytearray(_publish("devices/d1/readings", payload, 1, mid, b""))
+        packet[0] |= wire.DUP if dup else 0
+        self.conn.sendall(packet)
+
+    def pubacks(self, n: int) -> list[int]:
+        return [struct.unpack("!H", self.expect(wire.PUBACK)[:2])[0] for _ in range(n)]
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.server.close()
+
+
+def test_a_re_delivery_is_known_by_its_id_flag_and_bytes_and_answered_for_the_first_copy(
+        ) -> None:
+    fake = _ScriptedBroker()
+    intake = MqttIntake(BrokerAddress(host="127.0.0.1", port=fake.port), ["devices/+/readings"],
+                        clock=SystemClock(), client_id="test-intake", manual_ack=True)
+    intake.start()
+    try:
+        fake.accept(session_present=False)
+        for mid, payload in ((1, b"a"), (2, b"b"), (3, b"c")):
+            fake.publish(mid, payload)
+        first = _take(intake, 3)
+        intake.ack(first[:1])
+        assert fake.pubacks(1) == [1]
+        assert fake.conn is not None
+        fake.conn.close()  # the connection drops with b and c unacknowledged
+        _wait(lambda: not intake.connected.is_set(), "the drop")
+        intake.ack(first[1:2])  # b logged while the intake is offline
+        fake.accept(session_present=True)
+        fake.publish(2, b"b", dup=True)  # b again: the agent has acknowledged it
+        assert fake.pubacks(1) == [2]
+        fake.publish(3, b"c", dup=True)  # c again: the agent still has it
+        fake.publish(1, b"a")  # the id of a, acknowledged, reused: a new message
+        fake.publish(4, b"d", dup=True)  # a re-delivery of nothing this intake took: new
+        fake.publish(5, b"e")
+        again = _take(intake, 3)
+        assert [(m[1], m[3] & 0xFFFF) for m in again] == [(b"a", 1), (b"d", 4), (b"e", 5)]
+        assert intake.redelivered == 2
+        assert intake.received == 6
+        intake.ack(first[2:] + again)  # c's acknowledgement goes out for its re-delivery
+        assert fake.pubacks(4) == [3, 1, 4, 5]
+        # a session the broker lost: a DUP message with a remembered id and bytes is new
+        fake.publish(6, b"f")
+        kept = _take(intake, 1)
+        fake.conn.close()
+        _wait(lambda: not intake.connected.is_set(), "the second drop")
+        fake.accept(session_present=False)
+        fake.publish(6, b"f", dup=True)
+        assert [m[1] for m in _take(intake, 1)] == [b"f"]
+        assert intake.redelivered == 2
+        intake.ack(kept)  # its connection and session are gone: nothing is sent for it
+        fake.publish(7, b"g")
+        intake.ack(_take(intake, 1))
+        assert fake.pubacks(1) == [7]
+    finally:
+        intake.stop()
+        fake.close()
 
 
 def test_the_broker_holds_back_beyond_the_receive_maximum(mosquitto: Mosquitto) -> None:
