@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 import tomllib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -98,7 +99,8 @@ class Registry:
     @classmethod
     def _load_csv(cls, p: Path) -> Registry:
         """UTF-8 CSV as spreadsheets save it (with or without a byte-order mark, ',' or ';'
-        between fields); blank lines and lines starting with '#' are skipped."""
+        between fields; with ';', as European locales save it, a decimal comma in the numbers);
+        blank lines and lines starting with '#' are skipped."""
         try:
             text = p.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as exc:
@@ -107,8 +109,8 @@ class Registry:
         lines = [(n, ln) for n, ln in enumerate(text.splitlines(keepends=True), start=1)
                  if ln.strip() and not ln.lstrip().startswith("#")]
         header = lines[0][1] if lines else ""
-        reader = csv.DictReader((ln for _, ln in lines),
-                                delimiter=";" if header.count(";") > header.count(",") else ",")
+        delimiter = ";" if header.count(";") > header.count(",") else ","
+        reader = csv.DictReader((ln for _, ln in lines), delimiter=delimiter)
         missing = {"device_id", "gateway", "site", "kind"} - set(reader.fieldnames or ())
         if missing:
             raise ConfigError(
@@ -117,7 +119,7 @@ class Registry:
         devices: dict[str, tuple[int, Device]] = {}
         for r in reader:
             line = lines[reader.line_num - 1][0]
-            d = _device_from_row(dict(r), f"{p}:{line}")
+            d = _device_from_row(dict(r), f"{p}:{line}", decimal_comma=delimiter == ";")
             if d.device_id in devices:
                 raise ConfigError("device_id", f"{d.device_id!r} is registered twice (lines "
                                   f"{devices[d.device_id][0]} and {line})", source=str(p))
@@ -150,17 +152,24 @@ class Registry:
                             repr(d.calibration_offset)])
 
 
-def _optional_float(row: Mapping[str, object], key: str, where: str) -> float | None:
+_DECIMAL_COMMA = re.compile(r"\s*[+-]?[0-9]+,[0-9]+\s*")
+
+
+def _optional_float(row: Mapping[str, object], key: str, where: str,
+                    decimal_comma: bool = False) -> float | None:
     raw = row.get(key)
     if raw is None or (isinstance(raw, str) and raw.strip() == ""):
         return None
+    if decimal_comma and isinstance(raw, str) and _DECIMAL_COMMA.fullmatch(raw):
+        raw = raw.replace(",", ".")  # 21,5: a spreadsheet of a European locale
     try:
         return float(raw)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise ConfigError(key, f"not a number: {raw!r}", source=where) from None
 
 
-def _device_from_row(row: Mapping[str, object], where: str) -> Device:
+def _device_from_row(row: Mapping[str, object], where: str, *,
+                     decimal_comma: bool = False) -> Device:
     for key in ("device_id", "gateway", "site", "kind"):
         v = row.get(key)
         if not isinstance(v, str) or not v.strip():
@@ -171,9 +180,10 @@ def _device_from_row(row: Mapping[str, object], where: str) -> Device:
             gateway=str(row["gateway"]).strip(),
             site=str(row["site"]).strip(),
             kind=str(row["kind"]).strip(),
-            low=_optional_float(row, "low", where),
-            high=_optional_float(row, "high", where),
-            calibration_offset=_optional_float(row, "calibration_offset", where) or 0.0,
+            low=_optional_float(row, "low", where, decimal_comma),
+            high=_optional_float(row, "high", where, decimal_comma),
+            calibration_offset=_optional_float(row, "calibration_offset", where,
+                                               decimal_comma) or 0.0,
         )
     except ValueError as exc:
         raise ConfigError("device", str(exc), source=where) from None

@@ -149,8 +149,8 @@ def test_bad_registry_rows_name_file_row_and_column(tmp_path: Path) -> None:
 
 def test_a_registry_saved_by_a_spreadsheet_loads(tmp_path: Path) -> None:
     """Excel's "CSV UTF-8" starts with a byte-order mark, European locales separate fields with
-    ';', people leave comments and blank lines: the same devices every time, and a row's line
-    number in an error still counts the file's lines."""
+    ';' and write decimals with a comma, people leave comments and blank lines: the same
+    devices every time, and a row's line number in an error still counts the file's lines."""
     rows = ["device_id,gateway,site,kind,low,high", "d1,gw-1,hall,temperature,0,40",
             "d2,gw-1,yard,humidity,,"]
     forms = {
@@ -169,6 +169,19 @@ def test_a_registry_saved_by_a_spreadsheet_loads(tmp_path: Path) -> None:
     twice = write(tmp_path, "\n".join([*rows, rows[1]]) + "\n", "twice.csv")
     with pytest.raises(ConfigError, match=r"'d1' is registered twice \(lines 2 and 4\)"):
         Registry.load(twice)
+    german = write(tmp_path, "device_id;gateway;site;kind;low;high;calibration_offset\n"
+                             "d1;gw-1;hall;temperature;-10,5;40,25;-0,3\n"
+                             "d2;gw-1;yard;humidity;0;100;\n", "german.csv")
+    assert [(d.low, d.high, d.calibration_offset) for d in Registry.load(german)] == [
+        (-10.5, 40.25, -0.3), (0.0, 100.0, 0.0)]
+    for text in ("1.013,25", "1,2,3", "12,"):  # thousands separators, lists: not numbers
+        odd = write(tmp_path, f"device_id;gateway;site;kind;high\nd1;gw-1;hall;pressure;{text}\n",
+                    "odd.csv")
+        with pytest.raises(ConfigError, match=r"not a number"):
+            Registry.load(odd)
+    with pytest.raises(ConfigError, match=r"not a number: '40,5'"):  # ',' between fields
+        Registry.load(write(tmp_path, 'device_id,gateway,site,kind,high\n'
+                                      'd1,gw-1,hall,temperature,"40,5"\n', "quoted.csv"))
     latin = tmp_path / "latin.csv"
     latin.write_bytes(("\n".join(rows) + "\nd3,gw-1,Halle Süd,temperature,0,1\n")
                       .encode("latin-1"))
