@@ -16,7 +16,7 @@ import os
 import resource
 import tempfile
 import threading
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from edge.config import EdgeConfig
 from edge.engine import WindowEngine
 from edge.eventtime import UNKNOWN_SKEW
 from edge.gaps import SeqGaps
-from edge.intake import MqttIntake
+from edge.intake import WIRE_ID, MqttIntake
 from edge.outbox import Outbox
 from edge.uplink import MqttUplink, Shipper
 from edge.validate import Validator
@@ -645,12 +645,17 @@ class EdgeAgent:
         self.shipper.inflight.clear()
         self._unstored = []
         self.pipeline = EdgePipeline(self.config, self.clock)
-        self._recover()
+        self._recover(seed=False)  # (the intake runs on: it knows what it has taken)
         self._disk_reload = False
         self.disk_recoveries += 1
 
-    def _recover(self) -> None:
-        """Checkpoint, then the intake log after it, in its original ticks."""
+    def _recover(self, *, seed: bool = True) -> None:
+        """Checkpoint, then the intake log after it, in its original ticks. The last messages
+        logged (as many as the broker can have unacknowledged: ``max_pending``, its Receive
+        Maximum) are told to the intake (``seed``): an acknowledgement the last run did not get
+        out (it stopped, or crashed, after logging them) leaves them with the broker, which
+        re-delivers them; they are in the log, so a re-delivery is acknowledged and dropped
+        (a reading placed at its receipt would otherwise count twice)."""
         try:
             tick = self.pipeline.load_checkpoint(self.state_dir) or 0
         except Exception as exc:  # a gateway must start whatever its SD card kept
@@ -658,7 +663,12 @@ class EdgeAgent:
         if self.wal is None:
             return
         replayed = 0
-        for t, msgs in self.wal.replay(tick):
+        logged: deque[tuple[int, str, bytes]] = deque(maxlen=self.config.max_pending)
+        for t, msgs, ids in self.wal.replay(0):
+            if seed and ids is not None:
+                logged.extend((i, m[0], m[1]) for m, i in zip(msgs, ids, strict=True) if i)
+            if t <= tick:
+                continue  # in the checkpoint
             replayed += len(msgs)
             try:
                 self.pipeline.process(msgs)
@@ -671,6 +681,8 @@ class EdgeAgent:
                 continue
             self._store(self.pipeline.emit())
         self.outbox.sync()
+        if logged:
+            self.intake.expect_redelivered(logged)
         self.pipeline.counters["replayed_on_start"] += replayed
         if replayed:
             log.info("replayed %d logged messages after the checkpoint of tick %d", replayed,
@@ -697,7 +709,7 @@ class EdgeAgent:
             n = len(msgs)
             if self.wal is not None and raw:
                 try:
-                    self.wal.append(msgs)
+                    self.wal.append(msgs, [m[3] & WIRE_ID for m in raw])
                     self.wal.sync()  # group commit: durable before any of them is acknowledged
                 except OSError as exc:  # a full disk: keep them, unacknowledged, for later
                     self.wal.rollback()

@@ -28,9 +28,11 @@ and payload) is not handed over a second time: the agent's acknowledgement of th
 sent for it over the new connection (at once, if it came before). A reading without a time of
 its own, stamped at its receipt, would otherwise count twice; one with its time would be a
 duplicate. Anything else with such an id (the broker reused it, or the session was lost) is a
-new message. A re-delivery after the agent itself restarted is not recognised here (its intake
-log holds no packet ids): a reading with its time is dropped as a duplicate, one without counts
-again.
+new message. After the agent itself restarted (it stopped or crashed between logging messages and
+sending their acknowledgements), the intake log's packet ids of the last messages it logged
+(``expect_redelivered``) serve the same way. This rests on the broker giving a packet id to a
+new message only well after it was freed (Mosquitto counts them up, 65,535 before one comes
+back); the messages remembered are at most the broker's Receive Maximum.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 
 from devices import mqttwire as wire
 from devices.clock import Clock
@@ -57,6 +60,7 @@ RECONNECT_MIN_S, RECONNECT_MAX_S = 1.0, 30.0
 _RECV = 1 << 18
 _SUB_MID, _SYS_MID = 1, 2
 _MID_BITS = 16  # a taken message's id: connection number << 18 | qos << 16 | packet id
+WIRE_ID = (1 << 18) - 1  # of a taken message's id, what the broker knows: qos << 16 | packet id
 
 Message = tuple[str, bytes, int, int, int]  # topic, payload, receive ms, id, qos
 
@@ -161,6 +165,15 @@ class MqttIntake:
         """Put drained messages back in front, in their order (not logged, not acknowledged:
         the intake log could not take them; they are tried again)."""
         self._pending.extendleft(reversed(messages))
+
+    def expect_redelivered(self, logged: Iterable[tuple[int, str, bytes]]) -> None:
+        """Before ``start``: messages an earlier run of the agent logged, as (``qos << 16 |
+        packet id``, topic, payload), whose acknowledgements may never have reached the broker
+        (it stopped or crashed first). A re-delivery of one of them is acknowledged, not handed
+        over: its reading is in the intake log already."""
+        self._conn = 1  # (the earlier run's ids are those of connection 0)
+        for wire_id, topic, payload in logged:
+            self._expect(wire_id, topic, payload, acked=True)
 
     def ack(self, messages: list[Message]) -> None:
         """Acknowledge these (manual-ack mode), in the order they were received: all of them
@@ -390,22 +403,22 @@ class MqttIntake:
     def _carry(self) -> None:
         """The connection dropped: what it delivered that the broker may not have heard
         acknowledged is expected again over the next one (under its packet id)."""
-        awaiting, acked = self._awaiting, self._acked_waiting
-
-        def expect(m: Message) -> None:
-            before = awaiting.get(m[3] & 0xFFFF)
-            if before is not None:
-                acked.discard(before[0])
-            awaiting[m[3] & 0xFFFF] = (m[3], m[0], m[1])
-
         for _, msgs in self._unflushed:
             for m in msgs:
-                expect(m)
-                acked.add(m[3])
+                self._expect(m[3], m[0], m[1], acked=True)
         for m in self._held.values():
-            expect(m)
+            self._expect(m[3], m[0], m[1], acked=False)
         self._unflushed.clear()
         self._held.clear()
+
+    def _expect(self, tag: int, topic: str, payload: bytes, *, acked: bool) -> None:
+        pid = tag & 0xFFFF
+        before = self._awaiting.get(pid)
+        if before is not None:
+            self._acked_waiting.discard(before[0])
+        self._awaiting[pid] = (tag, topic, payload)
+        if acked:
+            self._acked_waiting.add(tag)
 
     def _ack_bytes(self, ids: list[int], out: bytearray) -> None:
         """PUBACK (QoS 1) or PUBREC (QoS 2) of each id taken over this connection, in order."""

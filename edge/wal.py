@@ -8,8 +8,14 @@ it, in their original groups, so the state is exactly what it was before the cra
 wholly covered by a checkpoint are deleted.
 
 A record is one tick: ``[tick, body length, crc32(body), messages]`` then, per message,
-``[receive ms, topic length, payload length]``, topic, payload. A record that is short or fails
-its CRC ends the log (a torn tail: that tick was never acknowledged, so the broker still has it).
+``[receive ms, topic length, payload length]``, topic, payload; then the MQTT packet id each
+message came with (``qos << 16 | id``, 0 for QoS 0, as 32-bit words; records of an earlier
+version have none, and a reader of that version stops before them). A record that is short or
+fails its CRC ends the log (a torn tail: that tick was never acknowledged, so the broker still
+has it).
+
+The packet ids let a restarted agent recognise what the broker re-delivers of the messages it
+logged whose acknowledgements never left (it stopped or crashed first): ``EdgeAgent._recover``.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ RECORD = struct.Struct("<QIII")  # tick, body length, crc32, message count
 MESSAGE = struct.Struct("<qII")  # receive ms, topic length, payload length
 
 Message = tuple[str, bytes, int]  # topic, payload, receive ms
+Logged = tuple[int, list[Message], list[int] | None]  # tick, its messages, their packet ids
 
 
 class IntakeLog:
@@ -47,7 +54,7 @@ class IntakeLog:
         self.bytes_written = 0
         self.torn = 0
         self.corrupt = 0  # damaged records in the middle of a segment (their ticks lost)
-        for _tick, _ in self._scan(0, truncate=True):
+        for _ in self._scan(0, truncate=True):
             pass
         # what is known durable: (segment, its size) and the tick, as of the last sync
         self._synced: tuple[Path | None, int, int] = (None, 0, self.last_tick)
@@ -55,7 +62,7 @@ class IntakeLog:
     def _segments(self) -> list[Path]:
         return sorted(self.dir.glob("*.wal"))
 
-    def _scan(self, after: int, *, truncate: bool = False) -> Iterator[tuple[int, list[Message]]]:
+    def _scan(self, after: int, *, truncate: bool = False) -> Iterator[Logged]:
         for seg in self._segments():
             data = seg.read_bytes()
             pos = 0
@@ -80,7 +87,7 @@ class IntakeLog:
                 pos += RECORD.size + length
                 self.last_tick = max(self.last_tick, tick)
                 if tick > after:
-                    yield tick, _decode(body, count)
+                    yield (tick, *_decode(body, count))
             if pos < len(data) and truncate:
                 self.torn += 1
                 log.warning("intake log %s: torn tail of %d bytes truncated (never acknowledged)",
@@ -90,17 +97,21 @@ class IntakeLog:
                     fh.flush()
                     os.fsync(fh.fileno())
 
-    def replay(self, after: int) -> Iterator[tuple[int, list[Message]]]:
-        """The ticks logged after ``after``, oldest first."""
+    def replay(self, after: int) -> Iterator[Logged]:
+        """The ticks logged after ``after``, oldest first, each with its messages and their
+        packet ids (None: logged by a version that did not keep them)."""
         yield from self._scan(after)
 
-    def append(self, messages: list[Message]) -> int:
-        """Log one tick's messages; returns its tick number. Durable after ``sync``."""
+    def append(self, messages: list[Message], ids: list[int] | None = None) -> int:
+        """Log one tick's messages, with the packet id each came with (``qos << 16 | id``);
+        returns its tick number. Durable after ``sync``."""
         self.last_tick += 1
         parts = []
         for topic, payload, recv in messages:
             tb = topic.encode()
             parts += [MESSAGE.pack(recv, len(tb), len(payload)), tb, payload]
+        if ids is not None:
+            parts.append(struct.pack(f"<{len(ids)}I", *ids))
         body = b"".join(parts)
         record = RECORD.pack(self.last_tick, len(body), zlib.crc32(body), len(messages)) + body
         fh = self._writer(len(record))
@@ -155,7 +166,7 @@ class IntakeLog:
             self._fh = None
 
 
-def _decode(body: bytes, count: int) -> list[Message]:
+def _decode(body: bytes, count: int) -> tuple[list[Message], list[int] | None]:
     out = []
     pos = 0
     for _ in range(count):
@@ -165,4 +176,6 @@ def _decode(body: bytes, count: int) -> list[Message]:
         pos += tl
         out.append((topic, body[pos:pos + pl], recv))
         pos += pl
-    return out
+    if len(body) - pos != 4 * count:
+        return out, None
+    return out, list(struct.unpack_from(f"<{count}I", body, pos))

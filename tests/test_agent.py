@@ -743,6 +743,58 @@ def test_untimed_readings_re_delivered_after_a_broker_restart_count_once(
         again.stop()
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize("end", ["stopped", "crashed"])
+def test_what_an_agent_logged_but_never_acknowledged_counts_once_after_its_restart(
+        mosquitto: Mosquitto, tmp_path: Path, end: str) -> None:
+    """An agent that stops (a restart for an upgrade) or crashes between logging messages and
+    sending their acknowledgements leaves them with the broker, which re-delivers them to the
+    next run. Their readings are in the intake log (and the checkpoint, after a clean stop):
+    the next run recognises the re-deliveries by the packet ids the log kept, acknowledges them
+    and does not count them again (readings without a time would count twice)."""
+    def agent() -> EdgeAgent:
+        return EdgeAgent(config(tmp_path, intake_broker=mosquitto.address,
+                                uplink_broker=mosquitto.address, tick_ms=20,
+                                topics=["esphome/+/sensor/+"], metric_topic_level=3,
+                                device_topic_level=1, catalog=Catalog(undeclared="accept")))
+
+    first = agent()
+    first.intake.ack = lambda _msgs: None  # type: ignore[method-assign]
+    if end == "crashed":  # nothing after the last tick: no final checkpoint, no flush
+        first._shutdown = lambda: (first.intake.stop(), first.uplink.stop())  # type: ignore[method-assign]
+
+    async def run_first() -> None:
+        stop, task, c = await running(first, mosquitto)
+        for _ in range(20):
+            c.publish("esphome/e1/sensor/temperature", b"21.5", qos=1).wait_for_publish(5)
+        await until(lambda: first.stats()["messages_in"] == 20, "the twenty logged")
+        await stopped(stop, task, c)
+
+    asyncio.run(run_first())
+    second = agent()
+
+    async def run_second() -> None:
+        stop, task, c = await running(second, mosquitto)
+        await until(lambda: second.intake.redelivered == 20, "the twenty re-delivered")
+        await asyncio.sleep(0.5)
+        await stopped(stop, task, c)
+
+    asyncio.run(run_second())
+    s = second.stats()
+    assert (s["readings_accepted"], s["readings_untimed"], s["intake_redelivered"]) == (
+        20, 20, 20), s
+    assert second.pipeline.counters["replayed_on_start"] == (20 if end == "crashed" else 0)
+    again = MqttIntake(mosquitto.address, ["esphome/+/sensor/+"], clock=SystemClock(),
+                       client_id=second.intake.client_id, manual_ack=True)
+    again.start()
+    try:
+        time.sleep(1.0)
+        assert again.subscribed.is_set()
+        assert again.pending == 0  # every re-delivery acknowledged
+    finally:
+        again.stop()
+
+
 async def until(cond: Callable[[], bool], what: str, timeout_s: float = 15) -> None:
     deadline = time.monotonic() + timeout_s
     while not cond():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 
 import pytest
@@ -272,6 +273,28 @@ def test_a_damaged_intake_log_record_loses_only_its_own_tick(tmp_path: Path, whe
         data[2 * size: 2 * size + RECORD.size] = bytes(RECORD.size)
     seg.write_bytes(bytes(data) + b"\x07" * 9)  # and a torn tail after the last record
     again = IntakeLog(tmp_path)
-    assert [t for t, _ in again.replay(0)] == [1, 2, 4, 5]
+    assert [t for t, _, _ in again.replay(0)] == [1, 2, 4, 5]
     assert (again.corrupt, again.torn) == (1, 1)
     assert again.last_tick == 5
+
+
+def test_the_intake_log_keeps_the_packet_id_of_each_message(tmp_path: Path) -> None:
+    """A restarted agent tells the broker's re-deliveries of what it logged by their packet
+    ids: the log keeps them (``qos << 16 | id``), and a record written before it did reads
+    with none."""
+    from edge.wal import MESSAGE, RECORD, IntakeLog
+
+    wal = IntakeLog(tmp_path)
+    wal.append([("devices/d1/readings", b"21.5", T), ("devices/d2/readings", b"", T + 1)],
+               [1 << 16 | 7, 0])
+    wal.append([("devices/d3/readings", b"x", T + 2)])  # no ids given: none kept
+    wal.sync()
+    wal.close()
+    tb = b"devices/d4/readings"  # a record as the version before wrote it
+    body = MESSAGE.pack(T + 3, len(tb), 2) + tb + b"22"
+    with next(tmp_path.glob("*.wal")).open("ab") as fh:
+        fh.write(RECORD.pack(3, len(body), zlib.crc32(body), 1) + body)
+    again = IntakeLog(tmp_path)
+    assert [(t, [m[1] for m in msgs], ids) for t, msgs, ids in again.replay(0)] == [
+        (1, [b"21.5", b""], [1 << 16 | 7, 0]), (2, [b"x"], None), (3, [b"22"], None)]
+    assert [t for t, _, _ in again.replay(2)] == [3]
