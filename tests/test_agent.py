@@ -732,15 +732,7 @@ def test_untimed_readings_re_delivered_after_a_broker_restart_count_once(
     s = agent.stats()
     assert (s["messages_in"], s["readings_accepted"], s["readings_untimed"],
             s["intake_redelivered"]) == (20, 20, 20, 20), s
-    again = MqttIntake(broker.address, ["esphome/+/sensor/+"], clock=SystemClock(),
-                       client_id=agent.intake.client_id, manual_ack=True)
-    again.start()
-    try:
-        time.sleep(1.0)
-        assert again.subscribed.is_set()
-        assert again.pending == 0
-    finally:
-        again.stop()
+    nothing_left_unacknowledged(broker, agent.intake.client_id)
 
 
 @pytest.mark.integration
@@ -784,13 +776,18 @@ def test_what_an_agent_logged_but_never_acknowledged_counts_once_after_its_resta
     assert (s["readings_accepted"], s["readings_untimed"], s["intake_redelivered"]) == (
         20, 20, 20), s
     assert second.pipeline.counters["replayed_on_start"] == (20 if end == "crashed" else 0)
-    again = MqttIntake(mosquitto.address, ["esphome/+/sensor/+"], clock=SystemClock(),
-                       client_id=second.intake.client_id, manual_ack=True)
+    nothing_left_unacknowledged(mosquitto, second.intake.client_id)
+
+
+def nothing_left_unacknowledged(broker: Mosquitto, client_id: str) -> None:
+    """The agent's session holds no message: every re-delivery was acknowledged."""
+    again = MqttIntake(broker.address, ["esphome/+/sensor/+"], clock=SystemClock(),
+                       client_id=client_id, manual_ack=True)
     again.start()
     try:
         time.sleep(1.0)
         assert again.subscribed.is_set()
-        assert again.pending == 0  # every re-delivery acknowledged
+        assert again.pending == 0
     finally:
         again.stop()
 
