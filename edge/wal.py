@@ -54,7 +54,8 @@ class IntakeLog:
         self.bytes_written = 0
         self.torn = 0
         self.corrupt = 0  # damaged records in the middle of a segment (their ticks lost)
-        for _ in self._scan(0, truncate=True):
+        # (checked, torn tail cut, last tick found; nothing decoded: the agent replays it)
+        for _ in self._scan(1 << 64, truncate=True):
             pass
         # what is known durable: (segment, its size) and the tick, as of the last sync
         self._synced: tuple[Path | None, int, int] = (None, 0, self.last_tick)
