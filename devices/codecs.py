@@ -52,7 +52,10 @@ that keep no clock, Zigbee2MQTT's and ESPHome's among them; or ``[clock] policy 
 "receive_time"``, which takes it for every reading); otherwise it is refused
 (``missing_field``). So is a time text without a UTC offset (its zone is unknown: Tasmota's
 local ``Time`` unless ``SetOption52 1`` adds the offset), refused as ``wrong_type`` otherwise.
-Each reading so stamped is counted (the agent's ``readings_untimed``). Under the policy any
+Each reading so stamped is counted (the agent's ``readings_untimed``), and so is a SenML
+record whose time is relative (reckoned from the receipt, as the RFC says): such readings are
+told apart by nothing but their ``seq``, so without one they are never judged duplicates
+(``STAMPED_SEQ``). Under the policy any
 time text the gateway cannot read is no matter either: the policy replaces every device time.
 
 ``ts`` is event time in integer epoch milliseconds; epoch seconds (with a fraction or not),
@@ -561,9 +564,20 @@ class PayloadDecoder:
         if not np.isfinite(ms).all() or np.abs(ms).max() >= INT_LIMIT:
             return False
         ts = ms.astype(np.int64)
-        ts[np.abs(seconds) < SENML_RELATIVE_LIMIT] += recv
-        return self._columns_fast(device, names, ts.tolist(), [r.v for r in pack],
-                                  [r.seq for r in pack], recv, out)
+        relative = np.abs(seconds) < SENML_RELATIVE_LIMIT
+        seqs = [r.seq for r in pack]
+        placed = 0
+        if relative.any():  # placed by the receipt: as readings without a time (_one)
+            ts[relative] += recv
+            placed = int(relative.sum())
+            for i in np.flatnonzero(relative).tolist():
+                if seqs[i] == NO_SEQ:
+                    seqs[i] = STAMPED_SEQ
+        if not self._columns_fast(device, names, ts.tolist(), [r.v for r in pack], seqs, recv,
+                                  out):
+            return False
+        self.untimed_taken += placed
+        return True
 
     def _object(self, doc: dict[str, Any], topic: str, recv: int, out: ColumnBuilder,
                 reject: Any, current: list[str | None]) -> None:
@@ -725,7 +739,9 @@ class PayloadDecoder:
         return False
 
     def _one(self, r: dict[str, Any], device: str, recv: int, out: ColumnBuilder,
-             reject: Any) -> None:
+             reject: Any, *, placed: bool = False) -> None:
+        """One reading; ``placed``: its ``ts`` was reckoned from the receipt (SenML's relative
+        times), so it counts as stamped, as a reading without a time does."""
         metric = r.get("metric")
         ts = r.get("ts")
         value = r.get("value")
@@ -733,6 +749,7 @@ class PayloadDecoder:
         stamped = ts is None and (self.receive_time or self.untimed)
         if stamped:
             ts = recv  # a device without a clock
+        stamped |= placed
         if metric is None or ts is None or value is None:
             hint = "" if ts is not None else (" (a device that keeps no time: [clock] untimed "
                                               "= \"receive_time\")")
@@ -847,7 +864,8 @@ class PayloadDecoder:
                 reject(rejects.BAD_TIMESTAMP, f"{topic}: SenML time {seconds}")
                 continue
             ts = round(seconds * 1000)
-            if abs(seconds) < SENML_RELATIVE_LIMIT:
+            relative = abs(seconds) < SENML_RELATIVE_LIMIT
+            if relative:
                 ts = recv + ts
             if not _valid_device_id(device):
                 reject(rejects.MISSING_FIELD, f"{topic}: SenML name {name!r} names no device")
@@ -857,7 +875,7 @@ class PayloadDecoder:
             assert device is not None
             seq = rec.get("seq", NO_SEQ)
             self._one({"metric": metric, "ts": ts, "value": v, "seq": seq}, device, recv, out,
-                      reject)
+                      reject, placed=relative)
 
 
 # ---- encoders (simulators and tests use them) ----------------------------------------------

@@ -943,12 +943,13 @@ class EdgeAgent:
             await asyncio.to_thread(self._shutdown)
 
     def _shutdown(self) -> None:
-        self.intake.stop()
+        self.intake.pause()  # nothing more is taken; what is logged now is still acknowledged
         try:
             if self._disk_reload:
                 raise OSError("the outbox is still to be reopened from disk")
             self.tick()  # what was already received still gets folded and stored
         except OSError as exc:  # a full disk: what was not logged was not acknowledged either
+            self.intake.stop()
             log.error("stopping with the disk under %s failing (%s); the broker keeps what "
                       "was not logged", self.state_dir, exc)
             self.outbox.abandon()
@@ -956,6 +957,10 @@ class EdgeAgent:
                 self.wal.rollback()
             self.uplink.stop()
             return
+        except BaseException:
+            self.intake.stop()
+            raise
+        self.intake.stop()
         if self.config.flush_on_stop:
             self._store(self.pipeline.emit(flush=True))
             self.outbox.sync()

@@ -122,6 +122,7 @@ class MqttIntake:
         self.redelivered = 0  # re-deliveries of messages already taken (not handed over again)
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._paused = threading.Event()  # stopping: take nothing more, still send acks
         self._thread: threading.Thread | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         # the few messages the agent itself publishes on this broker (QoS 0; a bounded queue)
@@ -138,11 +139,19 @@ class MqttIntake:
 
     def start(self) -> None:
         self._stop.clear()
+        self._paused.clear()
         self._thread = threading.Thread(target=self._run, name="fieldline-intake", daemon=True)
         self._thread.start()
 
+    def pause(self) -> None:
+        """Take no more messages (the broker keeps them for the session), but stay connected:
+        acknowledgements given until ``stop`` still reach the broker."""
+        self._paused.set()
+        self._wake()
+
     def stop(self) -> None:
-        """Disconnect (the broker keeps the session and what was not acknowledged)."""
+        """Send the acknowledgements given so far and disconnect (the broker keeps the
+        session and what was not acknowledged)."""
         self._stop.set()
         self._wake()
         if self._thread is not None:
@@ -285,10 +294,12 @@ class MqttIntake:
         self._control(parser, out)
         tls = self.address.tls
         while not self._stop.is_set():
-            buffered = tls and sock.pending() > 0  # type: ignore[attr-defined]
+            paused = self._paused.is_set()
+            buffered = tls and not paused and sock.pending() > 0  # type: ignore[attr-defined]
             wait = 0.0 if buffered else min(1.0, keepalive / 2)
             readable, _writable, _ = select.select(
-                [sock, self._wake_r], [sock] if out else [], [], wait)
+                [self._wake_r] if paused else [sock, self._wake_r], [sock] if out else [], [],
+                wait)
             if self._wake_r in readable:
                 with contextlib.suppress(OSError):
                     self._wake_r.recv(4096)
@@ -324,9 +335,14 @@ class MqttIntake:
                         unflushed.popleft()
                 except self._would_block:
                     pass
-            if now - last_heard > keepalive * 1.5:
+            if now - last_heard > keepalive * 1.5 and not paused:
                 raise OSError(f"nothing from the broker for {now - last_heard:.0f} s")
-        # a clean stop: the session (and whatever was not acknowledged) stays with the broker
+        # a clean stop: the acknowledgements the agent gave go first (what it logged as it
+        # stopped); the session, and whatever was not acknowledged, stays with the broker
+        if self._acks:
+            with self._lock:
+                ids, self._acks = self._acks, []
+            self._agent_acks(ids, out, conn_tag)
         try:
             sock.setblocking(True)
             sock.settimeout(2.0)

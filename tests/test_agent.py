@@ -677,21 +677,27 @@ def test_untimed_readings_of_one_value_received_together_are_each_a_reading(
         tmp_path: Path) -> None:
     """A reading without a time or a seq is placed at its receipt: two of the same value taken
     in the same millisecond (one read of the socket; a device's backlog after an outage) are
-    two readings, not a reading and its repeat. With a time of its own, the same bytes twice
-    are still a repeat."""
+    two readings, not a reading and its repeat. So are SenML records whose time is relative
+    (RFC 8428 reckons it from the receipt), in packs either decoding path takes. With a time
+    of its own, the same bytes twice are still a repeat."""
     recv = T + 5_000
     pipe = EdgePipeline(config(tmp_path, catalog=Catalog(undeclared="accept")),
                         ManualClock(now_ms=recv))
     untimed = orjson.dumps({"temperature": 21.5})
     timed = orjson.dumps({"temperature": 21.5, "ts": T})
+    relative = orjson.dumps([{"bn": "s1:", "n": "temperature", "v": 21.5}])
+    relative_per_record = orjson.dumps([{"bn": "s2:", "n": "temperature", "t": -1, "v": 21.5},
+                                        {"bn": "s2:", "n": "temperature", "t": -1, "v": 21.5}])
     pipe.process([("devices/z1/readings", untimed, recv)] * 3
-                 + [("devices/d1/readings", timed, recv)] * 2)
+                 + [("devices/d1/readings", timed, recv)] * 2
+                 + [("devices/s1/readings", relative, recv)] * 2
+                 + [("devices/s2/readings", relative_per_record, recv)])
     s = pipe.stats()
-    assert (s["readings_accepted"], s["duplicates"], s["readings_untimed"]) == (4, 1, 3)
+    assert (s["readings_accepted"], s["duplicates"], s["readings_untimed"]) == (8, 1, 7)
     res = pipe.emit(flush=True)
     counts = {pipe.devices.names[int(d)]: int(c) for d, c in zip(res.device, res.count,
                                                                  strict=True)}
-    assert counts == {"z1": 3, "d1": 1}
+    assert counts == {"z1": 3, "d1": 1, "s1": 2, "s2": 2}
 
 
 @pytest.mark.integration
@@ -777,6 +783,39 @@ def test_what_an_agent_logged_but_never_acknowledged_counts_once_after_its_resta
         20, 20, 20), s
     assert second.pipeline.counters["replayed_on_start"] == (20 if end == "crashed" else 0)
     nothing_left_unacknowledged(mosquitto, second.intake.client_id)
+
+
+@pytest.mark.integration
+def test_a_clean_stop_acknowledges_what_it_logged_as_it_stopped(mosquitto: Mosquitto,
+                                                                  tmp_path: Path) -> None:
+    """At a clean stop the agent folds and logs what the intake still held: those messages are
+    acknowledged before it disconnects, so the broker re-delivers none of them to the next run
+    (before, the last turn's acknowledgements never left: every restart had the broker send
+    them again, recognised only by their packet ids)."""
+    agent = EdgeAgent(config(tmp_path, intake_broker=mosquitto.address,
+                             uplink_broker=mosquitto.address, tick_ms=20,
+                             topics=["esphome/+/sensor/+"], metric_topic_level=3,
+                             device_topic_level=1, catalog=Catalog(undeclared="accept")))
+    tick, shutdown = agent.tick, agent._shutdown
+    agent.tick = lambda: 0  # type: ignore[method-assign]  # everything waits for the last turn
+
+    def last_turn() -> None:
+        agent.tick = tick  # type: ignore[method-assign]
+        shutdown()
+
+    agent._shutdown = last_turn  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        stop, task, c = await running(agent, mosquitto)
+        for _ in range(20):
+            c.publish("esphome/e1/sensor/temperature", b"21.5", qos=1).wait_for_publish(5)
+        await until(lambda: agent.intake.pending == 20, "the twenty received")
+        await stopped(stop, task, c)
+
+    asyncio.run(scenario())
+    s = agent.stats()
+    assert (s["messages_in"], s["readings_accepted"]) == (20, 20), s
+    nothing_left_unacknowledged(mosquitto, agent.intake.client_id)
 
 
 def nothing_left_unacknowledged(broker: Mosquitto, client_id: str) -> None:

@@ -9,7 +9,7 @@ import orjson
 
 from devices import rejects
 from devices.codecs import PayloadDecoder, encode_batch, encode_senml, encode_single
-from devices.readings import NO_SEQ, Interner
+from devices.readings import NO_SEQ, STAMPED_SEQ, Interner
 
 T = 1_700_000_000_000
 
@@ -83,10 +83,17 @@ def test_one_bad_reading_in_a_batch_rejects_only_itself() -> None:
 
 
 def test_senml_relative_time_is_relative_to_receive_time() -> None:
-    payload = orjson.dumps([{"bn": "dev9:", "n": "temperature", "t": -2.5, "v": 20}])
-    cols, bad, _ = decoder().decode([("x/y", payload, T)])
+    """Placed by the receipt, as a reading without a time: counted as such, and without a
+    seq of its own never taken for a repeat (STAMPED_SEQ); an absolute time is the device's."""
+    payload = orjson.dumps([{"bn": "dev9:", "n": "temperature", "t": -2.5, "v": 20},
+                            {"n": "temperature", "t": -1, "v": 20, "seq": 7},
+                            {"n": "temperature", "t": T / 1000 - 9, "v": 20}])
+    d = decoder()
+    cols, bad, _ = d.decode([("x/y", payload, T)])
     assert not bad
-    assert cols.ts.tolist() == [T - 2500]
+    assert cols.ts.tolist() == [T - 2500, T - 1000, T - 9000]
+    assert cols.seq.tolist() == [STAMPED_SEQ, 7, NO_SEQ]
+    assert d.untimed_taken == 2
 
 
 def test_invalid_device_ids_are_rejected() -> None:

@@ -110,7 +110,8 @@ def _same_either_way(msgs: list[tuple[str, bytes, int]], **kw: bool) -> None:
         got.append((
             [d.devices.names[i] for i in cols.device], [d.metrics.names[i] for i in cols.metric],
             cols.ts.tolist(), cols.value.tolist(), cols.seq.tolist(), cols.recv.tolist(),
-            dict(bad), d.rejected_devices, d.devices.names, d.metrics.names))
+            dict(bad), d.rejected_devices, d.devices.names, d.metrics.names,
+            d.untimed_taken))
     assert got[0] == got[1], msgs
 
 
