@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -175,13 +176,19 @@ class FencedError(Exception):
 
 
 class SnapshotStore:
-    """Per-partition snapshots: blobs in an object store, a KV pointer updated with CAS."""
+    """Per-partition snapshots: blobs in an object store, a KV pointer updated with CAS.
+
+    Each save writes an object of its own name (partition, sequence and a random part): a
+    worker whose save is fenced removes its own object, never one that another worker's
+    pointer names (two owners snapshot the same sequence whenever nothing arrived between
+    their turns)."""
 
     def __init__(self, js: Any, cfg: JetStreamConfig, owner: str) -> None:
         self.js = js
         self.cfg = cfg
         self.owner = owner
         self.revision: dict[int, int] = {}  # partition -> KV revision of our claim
+        self.missing = 0  # claims whose pointer named an object that is gone (full replays)
         self._kv: Any = None
         self._obs: Any = None
 
@@ -193,8 +200,16 @@ class SnapshotStore:
 
     async def claim(self, p: int) -> tuple[bytes | None, int]:
         """Take partition ``p`` over: its latest snapshot and the sequence it covers; the KV
-        pointer is rewritten naming us, so the previous owner's next save fails."""
-        from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+        pointer is rewritten naming us, so the previous owner's next save fails. A pointer
+        whose object is gone (lost from the store) cannot be restored: the partition is then
+        rebuilt by replaying the stream from its start (sequence 0), not left unowned."""
+        from nats.js.errors import (
+            BadObjectMetaError,
+            DigestMismatchError,
+            KeyNotFoundError,
+            KeyWrongLastSequenceError,
+            ObjectNotFoundError,
+        )
 
         kv, obs = await self._buckets()
         key = f"p{p}"
@@ -217,11 +232,18 @@ class SnapshotStore:
                     continue
                 raise
             self.revision[p] = new
-            blob = None
-            if ptr.get("object"):
+            if not ptr.get("object"):
+                return None, int(ptr.get("seq", 0))
+            try:
                 res = await obs.get(ptr["object"])
-                blob = bytes(res.data) if res.data is not None else None
-            return blob, int(ptr.get("seq", 0))
+            except (ObjectNotFoundError, BadObjectMetaError, DigestMismatchError) as exc:
+                self.missing += 1
+                log.error("partition %d: its snapshot %s (at sequence %s) cannot be read from "
+                          "%s (%s); rebuilding the partition from the start of the stream", p,
+                          ptr["object"], ptr.get("seq"), self.cfg.obj_bucket,
+                          type(exc).__name__)
+                return None, 0
+            return (bytes(res.data) if res.data is not None else None), int(ptr.get("seq", 0))
         raise FencedError(f"partition {p}: could not claim its snapshot key")
 
     async def save(self, p: int, blob: bytes, seq: int) -> None:
@@ -231,7 +253,7 @@ class SnapshotStore:
         rev = self.revision.get(p)
         if rev is None:
             raise FencedError(f"partition {p} is not ours")
-        name = f"p{p}.{seq}"
+        name = f"p{p}.{seq}.{secrets.token_hex(6)}"
         await obs.put(name, blob)
         ptr = {"seq": seq, "object": name, "owner": self.owner, "ts": int(time.time() * 1000)}
         try:
@@ -291,7 +313,8 @@ class JetStreamSource:
         self._replayed_to: dict[int, int] = {}
         self._epoch: dict[int, int] = {}
         self.counters: dict[str, int] = {"assigned": 0, "pin_lost": 0, "fenced": 0,
-                                         "stalls": 0, "replayed": 0, "skipped_replayed": 0}
+                                         "stalls": 0, "replayed": 0, "skipped_replayed": 0,
+                                         "snapshots_missing": 0}
         self.acks_refused: dict[str, int] = {}
         self.acks_unheard = 0
         self.connected = asyncio.Event()
@@ -500,6 +523,7 @@ class JetStreamSource:
         t0 = time.monotonic()
         await self._keepalive(p)
         blob, seq = await self.store.claim(p)
+        self.counters["snapshots_missing"] = self.store.missing
         self.owned[p] = pin
         self._epoch[p] = self._epoch.get(p, 0) + 1
         epoch = self._epoch[p]

@@ -29,9 +29,12 @@ from cloud.config import load_cloud_config
 from cloud.ingest import PartitionEvent, SourceMessage
 from cloud.jetstream import (
     PART,
+    FencedError,
     JetStreamConfig,
     JetStreamSource,
+    SnapshotStore,
     _topic,
+    ensure_stream,
     gateway_from_token,
     gateway_token,
     partition_of_gateway,
@@ -40,7 +43,7 @@ from cloud.sinks.base import MemorySink
 from cloud.sinks.influx_v1 import InfluxV1Client
 from cloud.sinks.points import encode
 from cloud.worker import CloudWorker
-from fieldline.services import Mosquitto, NatsCluster
+from fieldline.services import Mosquitto, NatsCluster, NatsServer
 from simulators.fleet import FleetSpec
 from tests.rig import FleetRig
 
@@ -93,6 +96,53 @@ def test_a_replay_waits_between_asks_while_the_consumer_is_not_ready() -> None:
 
     asyncio.run(watch())
     assert 1 <= Sub.asks <= 10, Sub.asks
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_a_fenced_save_never_removes_the_snapshot_another_owner_points_to(
+        tmp_path: Path) -> None:
+    """Two owners of a partition snapshot the same stream sequence whenever nothing arrived
+    between their turns (the fail-over test failing, 2026-12-04: a paused worker resumed, its
+    save was fenced, and its clean-up removed the object under the new owner's pointer by that
+    shared name; every later claim failed and the partition was never read again). Each save
+    has its own object now; and a pointer whose object is gone anyway (lost from the store) makes
+    the next owner rebuild the partition from the start of the stream instead of failing."""
+    import nats
+
+    server = NatsServer(tmp_path / "nats", "n1").start()
+
+    async def scenario() -> None:
+        nc = await nats.connect(server.url)
+        try:
+            cfg = JetStreamConfig(servers=(server.url,), partitions=2)
+            await ensure_stream(nc, cfg)
+            js = nc.jetstream()
+            a, b = SnapshotStore(js, cfg, "A"), SnapshotStore(js, cfg, "B")
+            assert await a.claim(0) == (None, 0)
+            await a.save(0, b"state of A", 5)
+            assert await b.claim(0) == (b"state of A", 5)  # A was paused past its pin
+            await b.save(0, b"state of B", 5)  # nothing new since: the same sequence
+            with pytest.raises(FencedError):  # A resumes and tries to save what it held
+                await a.save(0, b"stale state of A", 5)
+            obs = await js.object_store(cfg.obj_bucket)
+            live = [o.name for o in await obs.list(ignore_deletes=True)]
+            assert len(live) == 1, live  # B's; A's earlier and fenced ones are removed
+            c = SnapshotStore(js, cfg, "C")
+            assert await c.claim(0) == (b"state of B", 5)
+            await obs.delete(live[0])  # lost from the store
+            d = SnapshotStore(js, cfg, "D")
+            assert await d.claim(0) == (None, 0)  # replay it all
+            assert d.missing == 1
+            await d.save(0, b"state of D", 9)
+            assert await SnapshotStore(js, cfg, "E").claim(0) == (b"state of D", 9)
+        finally:
+            await nc.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.stop()
 
 
 def _run(coro: Any) -> Any:
