@@ -559,6 +559,12 @@ class JetStreamSource:
             deadline = time.monotonic() + 120.0
             while n < pending:
                 await self._keepalive(p)
+                if self._queue.qsize() >= self.max_queue:
+                    # a long tail (or the whole stream, its snapshot lost) is read as the
+                    # worker gets through it, not into memory all at once
+                    await asyncio.sleep(0.05)
+                    deadline = time.monotonic() + 120.0
+                    continue
                 try:
                     msgs = await sub.fetch(min(500, pending - n), timeout=2.0)
                 except Exception as exc:

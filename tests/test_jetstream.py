@@ -98,6 +98,60 @@ def test_a_replay_waits_between_asks_while_the_consumer_is_not_ready() -> None:
     assert 1 <= Sub.asks <= 10, Sub.asks
 
 
+def test_a_long_replay_is_read_as_the_worker_gets_through_it() -> None:
+    """A takeover replays the partition's tail after its snapshot (all of the stream when the
+    snapshot is lost): it is fetched as the worker consumes it, never all into memory."""
+    from types import SimpleNamespace
+
+    total, fetched, most = 5_000, [0], [0]
+
+    class Sub:
+        async def consumer_info(self) -> Any:
+            return SimpleNamespace(num_pending=total)
+
+        async def fetch(self, n: int, timeout: float) -> list[Any]:
+            most[0] = max(most[0], src._queue.qsize())
+            out = [SimpleNamespace(subject="fl.p.0.gw-1.results", data=b"",
+                                   metadata=SimpleNamespace(sequence=SimpleNamespace(
+                                       stream=fetched[0] + i + 1))) for i in range(n)]
+            fetched[0] += n
+            return out
+
+        async def unsubscribe(self) -> None:
+            return None
+
+    class Js:
+        async def pull_subscribe(self, *_a: object, **_k: object) -> Sub:
+            return Sub()
+
+    class Nc:
+        def jetstream(self) -> Js:
+            return Js()
+
+    src = JetStreamSource(JetStreamConfig(servers=("nats://127.0.0.1:1",)), worker_id="w",
+                          max_queue=300)
+    src._nc = Nc()
+
+    async def worker() -> list[int]:
+        seen = []
+        while len(seen) < total:
+            msg = await src._queue.get()
+            assert isinstance(msg, SourceMessage)
+            seen.append(msg.position)
+            if len(seen) % 50 == 0:
+                await asyncio.sleep(0.001)  # slower than the fetches
+        return seen
+
+    async def both() -> list[int]:
+        consume = asyncio.create_task(worker())
+        assert await src._replay(0, 0, 1) == total
+        return await asyncio.wait_for(consume, 30)
+
+    assert asyncio.run(both()) == list(range(1, total + 1))
+    assert most[0] < 300, most  # (without the wait: thousands queued at once)
+    assert src._replayed_to[0] == total
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_a_fenced_save_never_removes_the_snapshot_another_owner_points_to(
