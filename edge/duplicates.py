@@ -36,11 +36,13 @@ shown to it at all, so a replay of old data neither counts as a duplicate nor wa
 readings out of the memory (RELIABILITY R8: an hour replayed twice leaves InfluxDB unchanged).
 A device whose counter restarts after a reboot is followed: when its newest seq falls far below
 its mark, or (given each device's newest event time so far, as the engine does where device
-clocks are trusted) when its seq goes back to 0 or 1 with an event time newer than any it sent:
-a re-send carries the time of the reading it repeats, which was seen, so only a new reading can
-be newer (a re-send stamped anew is still a repeat, unless it is of seq 0 or 1). A device that
-crash-loops every minute re-uses the same few seqs at every boot: before this, each boot's
-readings were taken for repeats of the last boot's.
+clocks are trusted) when a seq 0 or 1 it already sent in its current count comes again with an
+event time newer than any it sent: a re-send carries the time of the reading it repeats, which
+was seen, so only a new reading can be newer (a re-send stamped anew is still a repeat, unless
+it is of seq 0 or 1); a seq 0 or 1 not seen before is no sign of a reboot, however new its time
+(its sensor's reading arriving after later-numbered ones of the device's other sensors). A
+device that crash-loops every minute re-uses the same few seqs at every boot: before this, each
+boot's readings were taken for repeats of the last boot's.
 """
 
 from __future__ import annotations
@@ -330,29 +332,42 @@ class DuplicateFilter:
 
     def _reboots(self, dev: I64, seq: I64, ts: I64, newest_ts: I64) -> I64 | None:
         """Per row, how many times its device's counter restarted before it in this batch (a
-        reboot: seq 0 or 1 again, after itself or a higher one, with a time newer than all the
-        device sent, as no re-send can be), or None when none did."""
+        reboot: seq 0 or 1 again, with a time newer than all the device sent, as no re-send
+        can be, and of a seq already seen in the device's current count), or None when none
+        did. A seq 0 or 1 that was not seen is a first arrival (late, out of order: a device's
+        sensors' times need not follow its numbering), however new its time: the count goes
+        on. Sequential over the few rows of seq 0 or 1 of the devices that have such a row,
+        in arrival order."""
         first_seqs = seq <= 1
         if not first_seqs.any():
             return None
+        before = running_max_before(dev, ts, newest_ts)
+        newer = first_seqs & (before != NEVER) & (ts > before)
+        if not newer.any():
+            return None
         n = len(dev)
+        w = self.words
+        tags = self.seq_tag.reshape(-1)
+        words = self.seq_bits.reshape(-1)
+        seen: dict[tuple[int, int], bool] = {}
+        point = np.zeros(n, bool)
+        rows = np.flatnonzero(first_seqs & np.isin(dev, dev[newer]))
+        for r, d, q, new in zip(rows.tolist(), dev[rows].tolist(), seq[rows].tolist(),
+                                newer[rows].tolist(), strict=True):
+            if (d, q) not in seen:  # the memory's word of block 0 holds seqs 0 and 1
+                f = d * w
+                seen[(d, q)] = bool(tags[f] == 0 and int(words[f]) >> q & 1)
+            if new and seen[(d, q)]:
+                point[r] = True
+                seen[(d, 0)] = seen[(d, 1)] = False  # a new count: nothing of it seen yet
+            seen[(d, q)] = True
+        if not point.any():
+            return None
         order = np.argsort(dev, kind="stable")
-        d_s, q_s = dev[order], seq[order]
+        d_s = dev[order]
         start = np.empty(n, bool)
         start[0] = True
         np.not_equal(d_s[1:], d_s[:-1], out=start[1:])
-        prev_s = np.empty(n, np.int64)  # the seq before each row: the row before, or the mark
-        prev_s[1:] = q_s[:-1]
-        prev_s[start] = self.high[d_s[start]]
-        prev = np.empty(n, np.int64)
-        prev[order] = prev_s
-        point = first_seqs & (seq <= prev)  # the counter went back (a fleet starting: it did not)
-        if not point.any():
-            return None
-        before = running_max_before(dev, ts, newest_ts)
-        point &= (before != NEVER) & (ts > before)
-        if not point.any():
-            return None
         p_s = point[order].astype(np.int64)
         upto = np.cumsum(p_s)
         heads = np.flatnonzero(start)
