@@ -60,6 +60,28 @@ def test_gateway_ids_round_trip_through_subject_tokens(gw: str) -> None:
     assert gateway_from_token(tok) == gw
 
 
+def source_reading_from(sub: type, max_queue: int | None = None) -> JetStreamSource:
+    """A source whose pull subscriptions are instances of ``sub`` (a stand-in for the server's
+    consumer: what it answers to ``consumer_info`` and ``fetch``), for the replay's pacing."""
+
+    class Sub(sub):  # type: ignore[misc]
+        async def unsubscribe(self) -> None:
+            return None
+
+    class Js:
+        async def pull_subscribe(self, *_a: object, **_k: object) -> Any:
+            return Sub()
+
+    class Nc:
+        def jetstream(self) -> Js:
+            return Js()
+
+    kw = {} if max_queue is None else {"max_queue": max_queue}
+    src = JetStreamSource(JetStreamConfig(servers=("nats://127.0.0.1:1",)), worker_id="w", **kw)
+    src._nc = Nc()
+    return src
+
+
 def test_a_replay_waits_between_asks_while_the_consumer_is_not_ready() -> None:
     """A consumer just created on a cluster answers 503 at once until it has a leader (the CI
     failure of 2026-12-03): the replay asks again after a pause, not in a busy loop, and gives
@@ -76,19 +98,7 @@ def test_a_replay_waits_between_asks_while_the_consumer_is_not_ready() -> None:
             Sub.asks += 1
             raise nats.js.errors.ServiceUnavailableError
 
-        async def unsubscribe(self) -> None:
-            return None
-
-    class Js:
-        async def pull_subscribe(self, *_a: object, **_k: object) -> Sub:
-            return Sub()
-
-    class Nc:
-        def jetstream(self) -> Js:
-            return Js()
-
-    src = JetStreamSource(JetStreamConfig(servers=("nats://127.0.0.1:1",)), worker_id="w")
-    src._nc = Nc()
+    src = source_reading_from(Sub)
 
     async def watch() -> None:
         with contextlib.suppress(TimeoutError):
@@ -117,20 +127,7 @@ def test_a_long_replay_is_read_as_the_worker_gets_through_it() -> None:
             fetched[0] += n
             return out
 
-        async def unsubscribe(self) -> None:
-            return None
-
-    class Js:
-        async def pull_subscribe(self, *_a: object, **_k: object) -> Sub:
-            return Sub()
-
-    class Nc:
-        def jetstream(self) -> Js:
-            return Js()
-
-    src = JetStreamSource(JetStreamConfig(servers=("nats://127.0.0.1:1",)), worker_id="w",
-                          max_queue=300)
-    src._nc = Nc()
+    src = source_reading_from(Sub, max_queue=300)
 
     async def worker() -> list[int]:
         seen = []
