@@ -208,8 +208,9 @@ def cmd_edge_run(args: argparse.Namespace) -> int:
 
 def _check_influxdb(url: str, source: str) -> None:
     """A URL that answers HTTP but not as InfluxDB (another service's port, a proxy's page)
-    fails at start naming the key; one where nothing answers yet is fine (InfluxDB may start
-    after the worker: it retries, and acknowledges nothing meanwhile)."""
+    fails at start naming the key; one where nothing answers yet, or only a server error (a
+    proxy's 502/503 while InfluxDB is down), is fine: InfluxDB may start after the worker, or
+    be restarted under it; the worker retries, and acknowledges nothing meanwhile."""
     from cloud.sinks.influx_v1 import InfluxV1Client
 
     client = InfluxV1Client(url, "-", timeout_s=5.0)
@@ -223,7 +224,8 @@ def _check_influxdb(url: str, source: str) -> None:
                           source=source)
     if version is None:
         logging.getLogger("fieldline.cloud").warning(
-            "InfluxDB at %s does not answer yet: writing starts when it does", url)
+            "InfluxDB at %s does not answer yet (or answers only with a server error): writing "
+            "starts when it does", url)
 
 
 def cmd_cloud_run(args: argparse.Namespace) -> int:

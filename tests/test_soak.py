@@ -3,6 +3,7 @@ minutes instead of seconds, many more kills, and a partition long enough to watc
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import Callable
@@ -14,7 +15,7 @@ import pytest
 from cloud.sinks.influx_v1 import InfluxV1Client
 from fieldline.services import Mosquitto
 from tests.rig import Rig
-from tests.test_faults import finish, overload
+from tests.test_faults import check_laws, finish, overload
 
 pytestmark = [pytest.mark.integration, pytest.mark.soak]
 
@@ -76,3 +77,65 @@ def test_soak_r10_five_times_overload_for_a_minute(
     """Issue 12, item 7 at length: a minute at 5x what the agent takes; every reading a device
     got a PUBACK for is in a window or counted as a gap, equal to the broker's drop count."""
     overload(tmp_path, mosquitto_factory, influx_db, seconds=60)
+
+
+@pytest.mark.parametrize("seed", [int(os.environ.get("FIELDLINE_CHAOS_SEED", "21"))])
+def test_soak_faults_mixed_and_overlapping(
+        seed: int, tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto],
+        influx_db: InfluxV1Client) -> None:
+    """Nobody announces faults one at a time: for ninety seconds, every one to four seconds,
+    one of them starts while the others may still be on (the worker or the agent SIGKILLed,
+    the agent's logs torn, the uplink blackholed or reset, the cloud broker SIGKILLed,
+    InfluxDB answering 503 or hanging), in an order drawn from ``seed``
+    (FIELDLINE_CHAOS_SEED picks another). Then everything heals and every reading is in
+    InfluxDB exactly once, the oracle clean and the ledger balanced."""
+    rng = random.Random(seed)
+    rig = Rig(tmp_path, mosquitto_factory, influx_db, devices=20, broker_persistence=True,
+              influx_proxy=True)
+    state = tmp_path / "edge-state"
+    done: list[str] = []
+    try:
+        rig.start_chain(fleet_s=100)
+        assert rig.influx_proxy is not None
+        end = time.monotonic() + 90
+        while time.monotonic() < end:
+            time.sleep(rng.uniform(1.0, 4.0))
+            fault = rng.choice(["worker", "agent", "uplink", "cloud_broker", "influx", "heal"])
+            done.append(fault)
+            if fault == "worker":
+                rig.kill_worker()
+                time.sleep(rng.uniform(0.0, 2.0))
+                rig.start_worker()
+            elif fault == "agent":
+                rig.kill_agent()
+                for d, pattern in (("outbox", "*.seg"), ("intake", "*.wal")):
+                    segs = sorted((state / d).glob(pattern))
+                    if segs and rng.random() < 0.5:
+                        with segs[-1].open("ab") as fh:
+                            fh.write(rng.randbytes(rng.randint(1, 40)))
+                rig.start_agent()
+            elif fault == "uplink":
+                rig.proxy.set_mode(rng.choice(["blackhole", "reset"]))
+            elif fault == "cloud_broker":
+                rig.cloud_broker.kill()
+                time.sleep(rng.uniform(0.2, 1.5))
+                rig.cloud_broker.restart()
+            elif fault == "influx":
+                rig.influx_proxy.set_mode(rng.choice(["http_503", "hang"]))
+            else:
+                rig.proxy.set_mode("pass")
+                rig.influx_proxy.set_mode("pass")
+        rig.proxy.set_mode("pass")
+        rig.influx_proxy.set_mode("pass")
+        print(f"seed {seed}: {' '.join(done)}")
+        rig.wait_fleet(300)
+        n = len(rig.published)
+        got = rig.wait_settled(n, timeout_s=240, quiet_s=30)
+        report = rig.oracle()
+        assert report.clean, f"seed {seed}, faults {done}: {report}"
+        assert got == n, (seed, done, got, n)
+        led = rig.ledger_when(lambda d: d.get("windows_pending", 1) == 0, 60)
+        check_laws(led)
+        assert led["readings_accepted"] == n, (seed, done, led)
+    finally:
+        rig.stop()

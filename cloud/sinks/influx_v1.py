@@ -160,12 +160,17 @@ class InfluxV1Client:
     def server_version(self) -> str | None:
         """What the server at the URL says it is (InfluxDB's ``X-Influxdb-Version`` on
         ``/ping``, 1.x and 2.x alike): "" when it answers without saying (not InfluxDB), None
-        when nothing answers (not started yet, perhaps)."""
+        when nothing answers (not started yet, perhaps), or only a server error does (5xx: a
+        proxy in front of an InfluxDB that is down, or InfluxDB itself unwell; an outage, not
+        a wrong URL)."""
         try:
-            _, _, headers = self._exchange("GET", "/ping", {})
+            status, _, headers = self._exchange("GET", "/ping", {})
         except SinkError:
             return None
-        return headers.get("X-Influxdb-Version") or ""
+        version = headers.get("X-Influxdb-Version") or ""
+        if not version and status >= 500:
+            return None
+        return version
 
     def write_lines(self, lines: list[str]) -> None:
         params = {"db": self.database, "precision": "ms"}
