@@ -85,8 +85,8 @@ def test_soak_faults_mixed_and_overlapping(
         influx_db: InfluxV1Client) -> None:
     """Nobody announces faults one at a time: for ninety seconds, every one to four seconds,
     one of them starts while the others may still be on (the worker or the agent SIGKILLed,
-    the agent's logs torn, the uplink blackholed or reset, the cloud broker SIGKILLed,
-    InfluxDB answering 503 or hanging), in an order drawn from ``seed``
+    the agent's logs torn, the uplink blackholed or reset, the cloud broker SIGKILLed, the
+    gateway broker restarted, InfluxDB answering 503 or hanging), in an order drawn from ``seed``
     (FIELDLINE_CHAOS_SEED picks another). Then everything heals and every reading is in
     InfluxDB exactly once, the oracle clean and the ledger balanced."""
     rng = random.Random(seed)
@@ -100,7 +100,8 @@ def test_soak_faults_mixed_and_overlapping(
         end = time.monotonic() + 90
         while time.monotonic() < end:
             time.sleep(rng.uniform(1.0, 4.0))
-            fault = rng.choice(["worker", "agent", "uplink", "cloud_broker", "influx", "heal"])
+            fault = rng.choice(["worker", "agent", "uplink", "cloud_broker", "gateway_broker",
+                                "influx", "heal"])
             done.append(fault)
             if fault == "worker":
                 rig.kill_worker()
@@ -120,6 +121,10 @@ def test_soak_faults_mixed_and_overlapping(
                 rig.cloud_broker.kill()
                 time.sleep(rng.uniform(0.2, 1.5))
                 rig.cloud_broker.restart()
+            elif fault == "gateway_broker":  # restarted cleanly (an upgrade): it saves its store
+                rig.gw_broker.stop()
+                time.sleep(rng.uniform(0.2, 1.5))
+                rig.gw_broker.restart()
             elif fault == "influx":
                 rig.influx_proxy.set_mode(rng.choice(["http_503", "hang"]))
             else:
