@@ -5,6 +5,7 @@ publishing in real time. Every wait is bounded."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -294,3 +295,17 @@ timeout = "2s"
 
 def restartable_influx(tmp: Path) -> InfluxDB:
     return InfluxDB(tmp / "influx").start()
+
+
+def shipped_gateway(tmp: Path, broker: str, uplink: str | None = None, *,
+                    out: Path | None = None) -> Path:
+    """deploy/gateway.toml as shipped, pointed at a test broker (``uplink``: another for the
+    [uplink], else the same) and a temporary state dir (``tmp``/edge-state); no registry."""
+    text = (Path(__file__).resolve().parent.parent / "deploy" / "gateway.toml").read_text()
+    brokers = iter([broker, uplink or broker])  # [intake] comes before [uplink]
+    text = re.sub(r'broker = "mqtts?://[^"]*"', lambda _m: f'broker = "{next(brokers)}"', text)
+    text = re.sub(r'state_dir = "[^"]*"', f'state_dir = "{tmp}/edge-state"', text)
+    text = re.sub(r'^registry = .*$', "", text, flags=re.M)
+    out = out or tmp / "gateway.toml"
+    out.write_text(text)
+    return out

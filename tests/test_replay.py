@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from devices.catalog import Catalog
 from fieldline.services import Mosquitto
 from simulators.replay import WEEK_MS, catalog_report, load_csv, shift_to
+from tests.rig import shipped_gateway
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,17 +74,6 @@ def test_event_time_moves_by_whole_weeks_to_just_before_now() -> None:
     shift = shift_to([rec], now)
     assert shift % WEEK_MS == 0
     assert now - WEEK_MS < p_rows[-1][0] + shift <= now
-
-
-def shipped_gateway(tmp: Path, broker: str) -> Path:
-    """deploy/gateway.toml as shipped, pointed at a test broker and a temporary state dir."""
-    text = (ROOT / "deploy" / "gateway.toml").read_text()
-    text = re.sub(r'broker = "mqtts?://[^"]*"', f'broker = "{broker}"', text)
-    text = re.sub(r'state_dir = "[^"]*"', f'state_dir = "{tmp}/state"', text)
-    text = re.sub(r'^registry = .*$', "", text, flags=re.M)
-    out = tmp / "gateway.toml"
-    out.write_text(text)
-    return out
 
 
 @pytest.mark.integration

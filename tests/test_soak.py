@@ -7,14 +7,16 @@ import os
 import random
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
 import pytest
 
 from cloud.sinks.influx_v1 import InfluxV1Client
+from fieldline.oracle import check, expected_windows, export_windows
 from fieldline.services import Mosquitto
-from tests.rig import Rig
+from tests.rig import Rig, shipped_gateway
 from tests.test_faults import check_laws, finish, overload
 
 pytestmark = [pytest.mark.integration, pytest.mark.soak]
@@ -79,68 +81,105 @@ def test_soak_r10_five_times_overload_for_a_minute(
     overload(tmp_path, mosquitto_factory, influx_db, seconds=60)
 
 
-@pytest.mark.parametrize("seed", [int(os.environ.get("FIELDLINE_CHAOS_SEED", "21"))])
+SEED = int(os.environ.get("FIELDLINE_CHAOS_SEED", "21"))
+
+
+def mixed_faults(rig: Rig, rng: random.Random, seconds: float) -> list[str]:
+    """For ``seconds``, every one to four seconds, one fault starts while the others may still
+    be on; then everything heals. Returns the faults in their order."""
+    assert rig.influx_proxy is not None
+    state = rig.tmp / "edge-state"
+    done: list[str] = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(rng.uniform(1.0, 4.0))
+        fault = rng.choice(["worker", "agent", "uplink", "cloud_broker", "gateway_broker",
+                            "influx", "heal"])
+        done.append(fault)
+        if fault == "worker":
+            rig.kill_worker()
+            time.sleep(rng.uniform(0.0, 2.0))
+            rig.start_worker()
+        elif fault == "agent":
+            rig.kill_agent()
+            for d, pattern in (("outbox", "*.seg"), ("intake", "*.wal")):
+                segs = sorted((state / d).glob(pattern))
+                if segs and rng.random() < 0.5:
+                    with segs[-1].open("ab") as fh:
+                        fh.write(rng.randbytes(rng.randint(1, 40)))
+            rig.start_agent()
+        elif fault == "uplink":
+            rig.proxy.set_mode(rng.choice(["blackhole", "reset"]))
+        elif fault == "cloud_broker":
+            rig.cloud_broker.kill()
+            time.sleep(rng.uniform(0.2, 1.5))
+            rig.cloud_broker.restart()
+        elif fault == "gateway_broker":  # restarted cleanly (an upgrade): it saves its store
+            rig.gw_broker.stop()
+            time.sleep(rng.uniform(0.2, 1.5))
+            rig.gw_broker.restart()
+        elif fault == "influx":
+            rig.influx_proxy.set_mode(rng.choice(["http_503", "hang"]))
+        else:
+            rig.proxy.set_mode("pass")
+            rig.influx_proxy.set_mode("pass")
+    rig.proxy.set_mode("pass")
+    rig.influx_proxy.set_mode("pass")
+    return done
+
+
 def test_soak_faults_mixed_and_overlapping(
-        seed: int, tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto],
+        tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto],
         influx_db: InfluxV1Client) -> None:
-    """Nobody announces faults one at a time: for ninety seconds, every one to four seconds,
-    one of them starts while the others may still be on (the worker or the agent SIGKILLed,
-    the agent's logs torn, the uplink blackholed or reset, the cloud broker SIGKILLed, the
-    gateway broker restarted, InfluxDB answering 503 or hanging), in an order drawn from ``seed``
-    (FIELDLINE_CHAOS_SEED picks another). Then everything heals and every reading is in
-    InfluxDB exactly once, the oracle clean and the ledger balanced."""
-    rng = random.Random(seed)
+    """Nobody announces faults one at a time: for ninety seconds the worker or the agent is
+    SIGKILLed, the agent's logs torn, the uplink blackholed or reset, the cloud broker
+    SIGKILLed, the gateway broker restarted, InfluxDB answering 503 or hanging, overlapping, in
+    an order drawn from a seed (FIELDLINE_CHAOS_SEED picks another). Then everything heals and
+    every reading is in InfluxDB exactly once, the oracle clean and the ledger balanced."""
     rig = Rig(tmp_path, mosquitto_factory, influx_db, devices=20, broker_persistence=True,
               influx_proxy=True)
-    state = tmp_path / "edge-state"
-    done: list[str] = []
     try:
         rig.start_chain(fleet_s=100)
-        assert rig.influx_proxy is not None
-        end = time.monotonic() + 90
-        while time.monotonic() < end:
-            time.sleep(rng.uniform(1.0, 4.0))
-            fault = rng.choice(["worker", "agent", "uplink", "cloud_broker", "gateway_broker",
-                                "influx", "heal"])
-            done.append(fault)
-            if fault == "worker":
-                rig.kill_worker()
-                time.sleep(rng.uniform(0.0, 2.0))
-                rig.start_worker()
-            elif fault == "agent":
-                rig.kill_agent()
-                for d, pattern in (("outbox", "*.seg"), ("intake", "*.wal")):
-                    segs = sorted((state / d).glob(pattern))
-                    if segs and rng.random() < 0.5:
-                        with segs[-1].open("ab") as fh:
-                            fh.write(rng.randbytes(rng.randint(1, 40)))
-                rig.start_agent()
-            elif fault == "uplink":
-                rig.proxy.set_mode(rng.choice(["blackhole", "reset"]))
-            elif fault == "cloud_broker":
-                rig.cloud_broker.kill()
-                time.sleep(rng.uniform(0.2, 1.5))
-                rig.cloud_broker.restart()
-            elif fault == "gateway_broker":  # restarted cleanly (an upgrade): it saves its store
-                rig.gw_broker.stop()
-                time.sleep(rng.uniform(0.2, 1.5))
-                rig.gw_broker.restart()
-            elif fault == "influx":
-                rig.influx_proxy.set_mode(rng.choice(["http_503", "hang"]))
-            else:
-                rig.proxy.set_mode("pass")
-                rig.influx_proxy.set_mode("pass")
-        rig.proxy.set_mode("pass")
-        rig.influx_proxy.set_mode("pass")
-        print(f"seed {seed}: {' '.join(done)}")
+        done = mixed_faults(rig, random.Random(SEED), 90)
+        print(f"seed {SEED}: {' '.join(done)}")
         rig.wait_fleet(300)
         n = len(rig.published)
         got = rig.wait_settled(n, timeout_s=240, quiet_s=30)
         report = rig.oracle()
-        assert report.clean, f"seed {seed}, faults {done}: {report}"
-        assert got == n, (seed, done, got, n)
+        assert report.clean, f"seed {SEED}, faults {done}: {report}"
+        assert got == n, (SEED, done, got, n)
         led = rig.ledger_when(lambda d: d.get("windows_pending", 1) == 0, 60)
         check_laws(led)
-        assert led["readings_accepted"] == n, (seed, done, led)
+        assert led["readings_accepted"] == n, (SEED, done, led)
+    finally:
+        rig.stop()
+
+
+def test_soak_faults_mixed_under_the_shipped_gateway_config(
+        tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto],
+        influx_db: InfluxV1Client) -> None:
+    """The same faults with deploy/gateway.toml as shipped (10 s and 1 min windows, 30 s of
+    lateness and idle timeout, its tick, acknowledgement timeout and checkpoints), only its
+    brokers and state directory pointed here: both window specs whole, exactly once."""
+    rig = Rig(tmp_path, mosquitto_factory, influx_db, devices=20, broker_persistence=True,
+              influx_proxy=True)
+    rig.spec = replace(rig.spec, topic_template="devices/{device}/readings")
+    shipped_gateway(tmp_path, rig.gw_broker.url, f"mqtt://127.0.0.1:{rig.proxy.port}",
+                    out=rig.gateway_cfg)
+    try:
+        rig.start_chain(fleet_s=100)
+        done = mixed_faults(rig, random.Random(SEED), 90)
+        print(f"seed {SEED}: {' '.join(done)}")
+        rig.wait_fleet(300)
+        n = len(rig.published)
+        got = rig.wait_settled(2 * n, timeout_s=300, quiet_s=45)  # every reading in both specs
+        for size_ms, label in ((10_000, "10s"), (60_000, "1m")):
+            report = check(expected_windows(rig.published, size_ms),
+                           export_windows(rig.influx, label))
+            assert report.clean, f"seed {SEED}, {label}, faults {done}: {report}"
+        assert got == 2 * n, (SEED, done, got, n)
+        led = rig.ledger_when(lambda d: d.get("windows_pending", 1) == 0, 60)
+        check_laws(led)
+        assert led["readings_accepted"] == n, (SEED, done, led)
     finally:
         rig.stop()
