@@ -283,7 +283,7 @@ class DuplicateFilter:
         words = self.seq_bits.reshape(-1)
         steady = bool((seq > self.high[dev]).all())  # the steady state: nothing seen before
         if ts is not None and newest_ts is not None:  # (looks only where seqs are 0 or 1)
-            epoch = self._reboots(dev, seq, ts, newest_ts)
+            epoch = self._reboots(dev, seq, ts, newest_ts, (blk, bit, flat))
             if epoch is not None:
                 return self._check_rebooted(dev, seq, epoch, (blk, bit, flat))
         if steady:
@@ -299,7 +299,7 @@ class DuplicateFilter:
                 self.seq_tag[restart] = EMPTY
                 self.seq_bits[restart] = 0
             self.high = np.where(restart, newest, np.maximum(self.high, newest))
-            dup = (tags[flat] == blk) & ((words[flat] & bit) != 0)
+            dup = self._held(flat, blk, bit)
         # the words the batch touches, each with a row standing for it: after a plain scatter
         # of row numbers, the row each word reads back (scratch: one cell per word, only for
         # this batch)
@@ -330,14 +330,16 @@ class DuplicateFilter:
             self._remember(tags, words, flat, blk, bit)
         return dup
 
-    def _reboots(self, dev: I64, seq: I64, ts: I64, newest_ts: I64) -> I64 | None:
+    def _reboots(self, dev: I64, seq: I64, ts: I64, newest_ts: I64,
+                 where: tuple[I64, npt.NDArray[np.uint64], I64]) -> I64 | None:
         """Per row, how many times its device's counter restarted before it in this batch (a
         reboot: seq 0 or 1 again, with a time newer than all the device sent, as no re-send
         can be, and of a seq already seen in the device's current count), or None when none
         did. A seq 0 or 1 that was not seen is a first arrival (late, out of order: a device's
         sensors' times need not follow its numbering), however new its time: the count goes
         on. Sequential over the few rows of seq 0 or 1 of the devices that have such a row,
-        in arrival order."""
+        in arrival order. ``where``: each row's block, bit and word (as ``_check_seq`` found
+        them)."""
         first_seqs = seq <= 1
         if not first_seqs.any():
             return None
@@ -346,17 +348,14 @@ class DuplicateFilter:
         if not newer.any():
             return None
         n = len(dev)
-        w = self.words
-        tags = self.seq_tag.reshape(-1)
-        words = self.seq_bits.reshape(-1)
+        rows = np.flatnonzero(first_seqs & np.isin(dev, dev[newer]))
+        blk, bit, flat = where
+        held = self._held(flat[rows], blk[rows], bit[rows])  # in the memory's (current) count
         seen: dict[tuple[int, int], bool] = {}
         point = np.zeros(n, bool)
-        rows = np.flatnonzero(first_seqs & np.isin(dev, dev[newer]))
-        for r, d, q, new in zip(rows.tolist(), dev[rows].tolist(), seq[rows].tolist(),
-                                newer[rows].tolist(), strict=True):
-            if (d, q) not in seen:  # the memory's word of block 0 holds seqs 0 and 1
-                f = d * w
-                seen[(d, q)] = bool(tags[f] == 0 and int(words[f]) >> q & 1)
+        for r, d, q, new, mem in zip(rows.tolist(), dev[rows].tolist(), seq[rows].tolist(),
+                                     newer[rows].tolist(), held.tolist(), strict=True):
+            seen.setdefault((d, q), mem)
             if new and seen[(d, q)]:
                 point[r] = True
                 seen[(d, 0)] = seen[(d, 1)] = False  # a new count: nothing of it seen yet
@@ -386,8 +385,7 @@ class DuplicateFilter:
         blk, bit, flat = where
         tags = self.seq_tag.reshape(-1)
         words = self.seq_bits.reshape(-1)
-        dup: npt.NDArray[np.bool_] = (epoch == 0) & (tags[flat] == blk) & (
-            (words[flat] & bit) != 0)
+        dup: npt.NDArray[np.bool_] = (epoch == 0) & self._held(flat, blk, bit)
         dup |= _repeats((dev, epoch, seq))
         last = np.zeros(len(self.high), np.int64)
         np.maximum.at(last, dev, epoch)
@@ -399,6 +397,12 @@ class DuplicateFilter:
         self._remember(tags, words, flat[keep], blk[keep], bit[keep])
         np.maximum.at(self.high, dev[keep], seq[keep])
         return dup
+
+    def _held(self, flat: I64, blk: I64, bit: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
+        """Per row (its word, block and bit), whether the memory holds its seq."""
+        held: npt.NDArray[np.bool_] = (self.seq_tag.reshape(-1)[flat] == blk) & (
+            (self.seq_bits.reshape(-1)[flat] & bit) != 0)
+        return held
 
     @staticmethod
     def _remember(tags: I64, words: npt.NDArray[np.uint64], flat: I64, blk: I64,
