@@ -279,7 +279,7 @@ def test_a_worker_pointed_at_something_that_is_not_influxdb_fails_at_start(
     try:
         if status == 503:
             assert proc.stderr is not None
-            line = proc.stderr.readline()  # its first word: a warning, not an exit
+            line = proc.stderr.readline()  # its first line: a warning, not an exit
             assert "does not answer yet" in line, line
             assert proc.poll() is None
             return
