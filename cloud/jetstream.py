@@ -115,20 +115,40 @@ async def _api(nc: Any, subject: str, body: dict[str, Any], timeout: float = 5.0
     return doc
 
 
-async def ensure_stream(nc: Any, cfg: JetStreamConfig, attempts: int = 30) -> None:
-    """The stream, its P pinned consumers and the snapshot buckets (idempotent; retried while
-    a fresh cluster elects its leaders)."""
+class StreamMismatchError(RuntimeError):
+    """The stream exists with a setting this configuration cannot change: waiting will not
+    help, the operator must."""
+
+
+async def ensure_stream(nc: Any, cfg: JetStreamConfig, attempts: int | None = 30,
+                        warn_every_s: float = 30.0) -> None:
+    """The stream, its P pinned consumers and the snapshot buckets (idempotent). Retried while
+    the cluster cannot answer (a fresh cluster electing its leaders, a cluster without quorum):
+    ``attempts`` times, or until it can (None: a worker waits, warning every ``warn_every_s``,
+    rather than exit because its cluster is down for a while). A stream that exists with another
+    partitioning fails at once."""
     js = nc.jetstream()
-    last: object = None
-    for _ in range(attempts):
+    tries = 0
+    warned = time.monotonic()
+    while True:
         try:
             await _ensure(nc, js, cfg)
+            if tries and attempts is None:
+                log.warning("JetStream stream %s set up after %d attempt(s)", cfg.stream,
+                            tries + 1)
             return
-        except Exception as exc:  # cluster not ready yet: no meta leader, timeouts
-            last = exc
-            await asyncio.sleep(0.5)
-    raise RuntimeError(f"JetStream stream {cfg.stream} could not be set up on {cfg.servers}: "
-                       f"{last!r}")
+        except StreamMismatchError:
+            raise
+        except Exception as exc:  # cluster not ready: no meta leader, no quorum, timeouts
+            tries += 1
+            if attempts is not None and tries >= attempts:
+                raise RuntimeError(f"JetStream stream {cfg.stream} could not be set up on "
+                                   f"{cfg.servers}: {exc!r}") from exc
+            if attempts is None and (tries == 1 or time.monotonic() - warned >= warn_every_s):
+                warned = time.monotonic()
+                log.warning("JetStream stream %s cannot be set up yet on engine.servers %s "
+                            "(%r): waiting for the cluster", cfg.stream, list(cfg.servers), exc)
+            await asyncio.sleep(min(0.5 * tries, 2.0))
 
 
 async def _ensure(nc: Any, js: Any, cfg: JetStreamConfig) -> None:
@@ -151,8 +171,9 @@ async def _ensure(nc: Any, js: Any, cfg: JetStreamConfig) -> None:
         info = await _api(nc, f"$JS.API.STREAM.INFO.{cfg.stream}", {})
         have = info.get("config", {}).get("subject_transform", {}).get("dest", "")
         if have != stream["subject_transform"]["dest"]:  # type: ignore[index]
-            raise RuntimeError(f"stream {cfg.stream} exists with another partitioning "
-                               f"({have!r}): changing the partition count needs a new stream")
+            raise StreamMismatchError(
+                f"stream {cfg.stream} exists with another partitioning ({have!r}): "
+                "changing engine.partitions needs a new stream (engine.stream)")
     for p in range(cfg.partitions):
         name = consumer_name(p)
         body = {"stream_name": cfg.stream, "config": {
@@ -329,7 +350,7 @@ class JetStreamSource:
         self._nc = await nats.connect(list(self.cfg.servers), name=self.worker_id,
                                       max_reconnect_attempts=-1, reconnect_time_wait=0.5,
                                       allow_reconnect=True, drain_timeout=5)
-        await ensure_stream(self._nc, self.cfg)
+        await ensure_stream(self._nc, self.cfg, attempts=None)
         self.store = SnapshotStore(self._nc.jetstream(), self.cfg, self.worker_id)
         self.connected.set()
         self._tasks = [asyncio.create_task(self._pull_loop(p), name=f"js-pull-{p}")

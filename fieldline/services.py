@@ -85,9 +85,20 @@ def find_binary(name: str, extra_dirs: tuple[str, ...] = ("/usr/sbin", "/usr/bin
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports (all held at once while chosen: free_port() called n times
+    may hand out one twice, e.g. a node's client port that is another's route port)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _port_open(port: int) -> bool:
@@ -413,9 +424,11 @@ class NatsCluster:
     streams and survives the loss of one node)."""
 
     def __init__(self, workdir: Path, size: int = 3) -> None:
-        cports = tuple(free_port() for _ in range(size))
-        self.nodes = [NatsServer(workdir / f"n{i + 1}", f"n{i + 1}", cluster_port=cports[i],
-                                 routes=cports if size > 1 else ()) for i in range(size)]
+        ports = free_ports(2 * size)
+        cports = tuple(ports[size:])
+        self.nodes = [NatsServer(workdir / f"n{i + 1}", f"n{i + 1}", port=ports[i],
+                                 cluster_port=cports[i], routes=cports if size > 1 else ())
+                      for i in range(size)]
 
     @property
     def urls(self) -> list[str]:

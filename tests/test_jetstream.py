@@ -33,6 +33,7 @@ from cloud.jetstream import (
     JetStreamConfig,
     JetStreamSource,
     SnapshotStore,
+    StreamMismatchError,
     _topic,
     ensure_stream,
     gateway_from_token,
@@ -196,6 +197,63 @@ def test_a_fenced_save_never_removes_the_snapshot_another_owner_points_to(
         server.stop()
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_a_worker_started_while_its_cluster_has_no_quorum_waits_for_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Found by the JetStream mixed-fault soak (2026-12-05): two of three NATS nodes were down
+    when a killed worker was started again; its set-up gave up after 30 tries of "JetStream
+    system temporarily unavailable" (~25 s) and the worker exited, so a partition had no
+    worker left and its gateway's results waited for good. A worker now waits for its cluster,
+    warning, and serves once quorum is back; a stream of another partitioning still fails at
+    once, naming the key."""
+    cluster = NatsCluster(tmp_path / "nats", 3).start()
+
+    async def scenario() -> None:
+        import nats
+
+        cfg = JetStreamConfig(servers=tuple(cluster.urls), partitions=2, replicas=3)
+        nc = await nats.connect(cluster.urls)
+        try:
+            await ensure_stream(nc, cfg)
+            with pytest.raises(StreamMismatchError, match=r"engine\.partitions"):
+                await ensure_stream(nc, replace(cfg, partitions=3))
+        finally:
+            await nc.close()
+        cluster.nodes[1].kill()
+        cluster.nodes[2].kill()
+        src = JetStreamSource(cfg, worker_id="w")
+        items = src.messages()
+        first = asyncio.ensure_future(items.__anext__())
+        try:
+            await asyncio.sleep(35)  # the old set-up gave up after 30 tries: 25 s here
+            assert not first.done(), first
+            assert not src.connected.is_set()
+            assert any("cannot be set up yet on engine.servers" in r.getMessage()
+                       for r in caplog.records)
+            cluster.nodes[1].restart()
+            cluster.nodes[2].restart()
+            await asyncio.wait_for(src.connected.wait(), 60)
+            nc = await nats.connect(cluster.urls)
+            try:
+                await nc.jetstream().publish(f"fl.in.{gateway_token('gw-1')}.results", b"x",
+                                             stream=cfg.stream)
+            finally:
+                await nc.close()
+            event = await asyncio.wait_for(first, 30)  # it claims the partition and reads
+            assert isinstance(event, PartitionEvent)
+            assert event.assigned
+            assert event.partition == partition_of_gateway("gw-1", 2)
+        finally:
+            first.cancel()
+            await src.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        cluster.stop()
+
+
 def _run(coro: Any) -> Any:
     return asyncio.run(coro)
 
@@ -275,9 +333,12 @@ detectors = ["spike", "novelty", "stuck"]
     def start_bridge(self) -> None:
         self._spawn("bridge", ["cloud", "bridge", "--config", str(self.cloud_cfg)])
 
+    def start_agent(self, gw: str) -> None:
+        self._spawn(gw, ["edge", "run", "--config", str(self.tmp / f"{gw}.toml")])
+
     def start_agents(self) -> None:
         for gw in GATEWAYS:
-            self._spawn(gw, ["edge", "run", "--config", str(self.tmp / f"{gw}.toml")])
+            self.start_agent(gw)
 
     def signal(self, name: str, sig: int) -> None:
         proc = self.procs[name]
@@ -442,7 +503,7 @@ def jsrig(tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto],
     r.stop()
 
 
-def _settled(rig: JsRig, expect: int, timeout_s: float) -> int:
+def settled(rig: JsRig, expect: int, timeout_s: float) -> int:
     deadline = time.monotonic() + timeout_s
     n = rig.in_influx()
     while n < expect and time.monotonic() < deadline:
@@ -523,7 +584,7 @@ def test_workers_fail_over_with_their_state(jsrig: JsRig) -> None:
     rig.wait_fleet()
     assert rig.sim is not None
     expected = len(rig.sim.published)
-    n = _settled(rig, expected, 120)
+    n = settled(rig, expected, 120)
     report = rig.oracle()
     health_c = rig.worker_health("C")
     print(f"partition moves: killed worker {moved_a:.1f} s, paused worker {moved_b:.1f} s; "
@@ -559,7 +620,7 @@ def test_restart_from_snapshots_replays_only_the_tail(jsrig: JsRig) -> None:
     rig.start_worker("W2")
     rig.wait_fleet()
     assert rig.sim is not None
-    n = _settled(rig, len(rig.sim.published), 90)
+    n = settled(rig, len(rig.sim.published), 90)
     health = rig.worker_health("W2")
     replayed = int(health.get("engine_replayed") or 0)
     print(f"before the restart {before} message(s) handled; after it {replayed} replayed "
@@ -569,3 +630,4 @@ def test_restart_from_snapshots_replays_only_the_tail(jsrig: JsRig) -> None:
     assert before > 50
     assert 0 < replayed < before / 2
     assert rig.influx_anomalies() == rig.reference_anomalies()
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -15,9 +16,10 @@ import pytest
 
 from cloud.sinks.influx_v1 import InfluxV1Client
 from fieldline.oracle import check, expected_windows, export_windows
-from fieldline.services import Mosquitto
+from fieldline.services import InfluxDB, Mosquitto
 from tests.rig import LABEL, WINDOW_MS, Rig, shipped_gateway
 from tests.test_faults import check_laws, finish, overload
+from tests.test_jetstream import GATEWAYS, JsRig, settled
 
 pytestmark = [pytest.mark.integration, pytest.mark.soak]
 
@@ -90,7 +92,7 @@ def test_soak_r10_five_times_overload_for_a_minute(
 SEED = int(os.environ.get("FIELDLINE_CHAOS_SEED", "21"))
 
 
-def mixed_faults(rig: Rig, rng: random.Random, seconds: float) -> list[str]:
+def mixed_faults(rig: Rig, influx: InfluxDB, rng: random.Random, seconds: float) -> list[str]:
     """For ``seconds``, every one to four seconds, one fault starts while the others may still
     be on; then everything heals. Returns the faults in their order."""
     assert rig.influx_proxy is not None
@@ -99,7 +101,7 @@ def mixed_faults(rig: Rig, rng: random.Random, seconds: float) -> list[str]:
     while time.monotonic() < end:
         time.sleep(rng.uniform(1.0, 4.0))
         fault = rng.choice(["worker", "agent", "uplink", "cloud_broker", "gateway_broker",
-                            "influx", "heal"])
+                            "influx", "influx_kill", "influx_pause", "heal"])
         done.append(fault)
         if fault == "worker":
             rig.kill_worker()
@@ -119,27 +121,42 @@ def mixed_faults(rig: Rig, rng: random.Random, seconds: float) -> list[str]:
             rig.gw_broker.restart()
         elif fault == "influx":
             rig.influx_proxy.set_mode(rng.choice(["http_503", "hang"]))
+        elif fault == "influx_kill":  # its WAL is all it keeps of what it acknowledged
+            influx.resume()
+            influx.kill()
+            time.sleep(rng.uniform(0.2, 3.0))
+            influx.start()
+        elif fault == "influx_pause":
+            influx.pause()
         else:
-            rig.proxy.set_mode("pass")
-            rig.influx_proxy.set_mode("pass")
+            heal(rig, influx)
+    heal(rig, influx)
+    return done
+
+
+def heal(rig: Rig, influx: InfluxDB) -> None:
+    assert rig.influx_proxy is not None
     rig.proxy.set_mode("pass")
     rig.influx_proxy.set_mode("pass")
-    return done
+    influx.resume()
 
 
 @pytest.mark.parametrize("config", ["rig", "shipped"])
 def test_soak_faults_mixed_and_overlapping(
-        config: str, tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto],
-        influx_db: InfluxV1Client) -> None:
+        config: str, tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto]) -> None:
     """Nobody announces faults one at a time: for ninety seconds the worker or the agent is
     SIGKILLed, the agent's logs torn, the uplink blackholed or reset, the cloud broker
-    SIGKILLed, the gateway broker restarted, InfluxDB answering 503 or hanging, overlapping, in
-    an order drawn from a seed (FIELDLINE_CHAOS_SEED picks another). Then everything heals and
-    every reading is in InfluxDB exactly once, the oracle clean and the ledger balanced.
+    SIGKILLed, the gateway broker restarted, InfluxDB SIGKILLed, paused, answering 503 or
+    hanging, overlapping, in an order drawn from a seed (FIELDLINE_CHAOS_SEED picks another).
+    Then everything heals and every reading is in InfluxDB exactly once, the oracle clean and
+    the ledger balanced.
     ``shipped``: the agent runs deploy/gateway.toml as shipped (10 s and 1 min windows, 30 s
     of lateness and idle timeout, its tick, acknowledgement timeout and checkpoints), only its
     brokers and state directory pointed here; both window specs are checked."""
-    rig = Rig(tmp_path, mosquitto_factory, influx_db, devices=20, broker_persistence=True,
+    influx = InfluxDB(tmp_path / "influx").start()
+    client = InfluxV1Client(influx.url, "mixed")
+    client.create_database()
+    rig = Rig(tmp_path, mosquitto_factory, client, devices=20, broker_persistence=True,
               influx_proxy=True)
     specs = [(WINDOW_MS, LABEL)]
     if config == "shipped":
@@ -149,7 +166,7 @@ def test_soak_faults_mixed_and_overlapping(
                         out=rig.gateway_cfg)
     try:
         rig.start_chain(fleet_s=100)
-        done = mixed_faults(rig, random.Random(SEED), 90)
+        done = mixed_faults(rig, influx, random.Random(SEED), 90)
         print(f"seed {SEED}: {' '.join(done)}")
         rig.wait_fleet(300)
         n = len(rig.published)
@@ -163,5 +180,110 @@ def test_soak_faults_mixed_and_overlapping(
         led = rig.ledger_when(lambda d: d.get("windows_pending", 1) == 0, 60)
         check_laws(led)
         assert led["readings_accepted"] == n, (SEED, done, led)
+    finally:
+        rig.stop()
+        influx.stop()
+
+
+def jetstream_mixed_faults(rig: JsRig, rng: random.Random, seconds: float,
+                           members: dict[str, str | None]) -> list[str]:
+    """For ``seconds``, every one to four seconds, one fault on the scale-out path while others
+    may still be on: a worker SIGKILLed (restarted after up to 2 s) or paused past its pin
+    timeout, a NATS node SIGKILLed (up to two at once: the cluster then has no quorum), the
+    bridge or an agent SIGKILLed, the cloud broker SIGKILLed. Then everything heals."""
+    done: list[str] = []
+    paused: set[str] = set()
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(rng.uniform(1.0, 4.0))
+        fault = rng.choice(["worker", "pause", "nats", "nats", "bridge", "agent",
+                            "cloud_broker", "heal"])
+        if fault == "worker":
+            name = rng.choice(sorted(members))
+            done.append(f"kill:{name}")
+            rig.signal(name, signal.SIGCONT)
+            rig.signal(name, signal.SIGKILL)
+            paused.discard(name)
+            time.sleep(rng.uniform(0.0, 2.0))
+            rig.start_worker(name, members[name])
+        elif fault == "pause":
+            name = rng.choice(sorted(members))
+            done.append(f"pause:{name}")
+            rig.signal(name, signal.SIGSTOP)
+            paused.add(name)
+        elif fault == "nats":
+            up = [n for n in rig.cluster.nodes if n.running]
+            if len(up) > 1:
+                node = rng.choice(up)
+                done.append(f"kill:{node.name}")
+                node.kill()
+        elif fault == "bridge":
+            done.append("kill:bridge")
+            rig.signal("bridge", signal.SIGKILL)
+            time.sleep(rng.uniform(0.0, 2.0))
+            rig.start_bridge()
+        elif fault == "agent":
+            gw = rng.choice(GATEWAYS)
+            done.append(f"kill:{gw}")
+            rig.signal(gw, signal.SIGKILL)
+            rig.start_agent(gw)
+        elif fault == "cloud_broker":
+            done.append("kill:cloud_broker")
+            rig.cloud_broker.kill()
+            time.sleep(rng.uniform(0.2, 1.5))
+            rig.cloud_broker.restart()
+        else:
+            done.append("heal")
+            heal_jetstream(rig, paused)
+    heal_jetstream(rig, paused)
+    return done
+
+
+def heal_jetstream(rig: JsRig, paused: set[str]) -> None:
+    for name in paused:
+        rig.signal(name, signal.SIGCONT)
+    paused.clear()
+    for node in rig.cluster.nodes:
+        if not node.running:
+            node.restart()
+
+
+@pytest.mark.timeout(900)
+def test_soak_jetstream_faults_mixed_and_overlapping(
+        tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto],
+        influx_db: InfluxV1Client) -> None:
+    """The scale-out path under faults nobody announces: three workers (two members and a
+    standby) on a 3-node NATS cluster, for eighty seconds workers SIGKILLed or paused past their
+    pin timeout, NATS nodes SIGKILLed (at times two: no quorum), the bridge, an agent or the
+    cloud broker SIGKILLed, overlapping, in an order drawn from FIELDLINE_CHAOS_SEED. Then all
+    heals: the oracle is clean, both ledger laws hold per gateway, and the anomalies in InfluxDB
+    are those of one uninterrupted pass over the stream (detector state moved, never relearned
+    or learned twice)."""
+    rig = JsRig(tmp_path, mosquitto_factory, influx_db)
+    members: dict[str, str | None] = {"A": "0/2", "B": "1/2", "C": None}
+    try:
+        for name, member in members.items():
+            rig.start_worker(name, member)
+        rig.start_bridge()
+        rig.start_agents()
+        time.sleep(2)
+        rig.run_fleet(100)
+        time.sleep(5)
+        done = jetstream_mixed_faults(rig, random.Random(SEED), 80, members)
+        print(f"seed {SEED}: {' '.join(done)}")
+        rig.wait_fleet(300)
+        n = len(rig.published)
+        got = settled(rig, n, 300)
+        report = rig.oracle()
+        assert report.clean, f"seed {SEED}, faults {done}: {report}"
+        assert got == n, (SEED, done, got, n)
+        for gw, led in rig.ledgers().items():
+            assert led["readings_received"] == (led["readings_accepted"] + led["rejected"]
+                                                + led["late_dropped"] + led["duplicates"]), \
+                (SEED, done, gw, led)
+        ours = rig.influx_anomalies()
+        ref = rig.reference_anomalies()
+        assert ref, "the fleet's spikes should have raised anomalies"
+        assert ours == ref, (SEED, done, set(ours) ^ set(ref))
     finally:
         rig.stop()
