@@ -26,7 +26,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from cloud.jetstream import ACK, IN, gateway_from_token, gateway_token
+from cloud.jetstream import ACK, IN, connect, gateway_from_token, gateway_token
 from devices.contract import TOPIC_ROOT, ack_topic, gateway_from_topic
 from devices.mqtt import BrokerAddress, make_client
 
@@ -58,14 +58,12 @@ class Bridge:
         self.connected = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
-        import nats
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
 
         loop = asyncio.get_running_loop()
         inbound: asyncio.Queue[_Inbound] = asyncio.Queue()
-        nc = await nats.connect(self.servers, name=self.client_id, max_reconnect_attempts=-1,
-                                reconnect_time_wait=0.5, drain_timeout=5)
+        nc = await connect(list(self.servers), self.client_id)
         js = nc.jetstream()
         client, props = make_client(self.broker, self.client_id,
                                     session_expiry_s=self.session_expiry_s, manual_ack=True)

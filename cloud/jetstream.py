@@ -45,6 +45,7 @@ IN = "fl.in"
 PART = "fl.p"
 ACK = "fl.ack"
 GROUP = "owner"
+PING_INTERVAL_S = 2  # a silent server is dropped after ~3 unanswered pings
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 
 
@@ -102,6 +103,18 @@ class JetStreamConfig:
     @property
     def obj_bucket(self) -> str:
         return f"{self.stream}_SNAPDATA"
+
+
+async def connect(servers: list[str], name: str) -> Any:
+    """A NATS connection that reconnects for ever and notices a silent server in seconds: a
+    node that hangs, or a link that drops packets, closes nothing, so only unanswered pings tell
+    (the client's default, a ping every 2 min with 2 outstanding, left the bridge and the
+    workers on such a node standing still for minutes)."""
+    import nats
+
+    return await nats.connect(servers, name=name, max_reconnect_attempts=-1,
+                              reconnect_time_wait=0.5, allow_reconnect=True, drain_timeout=5,
+                              ping_interval=PING_INTERVAL_S, max_outstanding_pings=2)
 
 
 def consumer_name(p: int) -> str:
@@ -345,11 +358,7 @@ class JetStreamSource:
     # ---- the PartitionedSource interface ------------------------------------------------
 
     async def messages(self) -> AsyncIterator[SourceMessage | PartitionEvent]:
-        import nats
-
-        self._nc = await nats.connect(list(self.cfg.servers), name=self.worker_id,
-                                      max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-                                      allow_reconnect=True, drain_timeout=5)
+        self._nc = await connect(list(self.cfg.servers), self.worker_id)
         await ensure_stream(self._nc, self.cfg, attempts=None)
         self.store = SnapshotStore(self._nc.jetstream(), self.cfg, self.worker_id)
         self.connected.set()

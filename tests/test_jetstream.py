@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -631,3 +632,49 @@ def test_restart_from_snapshots_replays_only_the_tail(jsrig: JsRig) -> None:
     assert 0 < replayed < before / 2
     assert rig.influx_anomalies() == rig.reference_anomalies()
 
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_a_hung_nats_node_stalls_the_bridge_and_workers_for_seconds_not_minutes(
+        jsrig: JsRig) -> None:
+    """A NATS node that stops answering without closing its connections (SIGSTOP here; a link
+    that drops packets looks the same to its clients): the bridge and the worker connected to
+    it notice within a few pings and move to the other nodes, which still have quorum. With
+    the client's default pings (every 2 min, 2 outstanding) both stood still for minutes, the
+    agents' results waiting in their outboxes."""
+    rig = jsrig
+    hung = rig.cluster.nodes[0]
+    # the bridge and the worker start on the node that will hang (they learn the others from it)
+    rig.cloud_cfg.write_text(re.sub(r"^servers = \[.*\]$", f'servers = ["{hung.url}"]',
+                                    rig.cloud_cfg.read_text(), flags=re.M))
+    rig.start_worker("W")
+    rig.start_bridge()
+    rig.start_agents()
+    time.sleep(2)
+    rig.run_fleet(60)
+    time.sleep(12)
+    assert rig.in_influx() > 0
+    rate = len(GATEWAYS) * rig.spec.devices_per_gateway * 1000 / rig.spec.interval_ms
+    hung.pause()
+    t0 = time.monotonic()
+    before = rig.in_influx()
+    moved_after = None
+    try:
+        while time.monotonic() - t0 < 40:
+            time.sleep(0.5)
+            # ten seconds of the fleet's readings more than before the node hung: more than
+            # anything in flight then, so the path works again without the hung node
+            if rig.in_influx() - before >= 10 * rate:
+                moved_after = time.monotonic() - t0
+                break
+    finally:
+        hung.resume()
+    print(f"the path worked again {moved_after} s after the node hung")
+    assert moved_after is not None, "nothing got through while one of three nodes hung"
+    rig.wait_fleet()
+    assert rig.sim is not None
+    n = settled(rig, len(rig.sim.published), 120)
+    report = rig.oracle()
+    assert report.lost == report.unexpected == report.mismatched == 0, report
+    assert n == len(rig.sim.published)

@@ -189,15 +189,16 @@ def jetstream_mixed_faults(rig: JsRig, rng: random.Random, seconds: float,
                            members: dict[str, str | None]) -> list[str]:
     """For ``seconds``, every one to four seconds, one fault on the scale-out path while others
     may still be on: a worker SIGKILLed (restarted after up to 2 s) or paused past its pin
-    timeout, a NATS node SIGKILLed (up to two at once: the cluster then has no quorum), the
-    bridge or an agent SIGKILLed, the cloud broker SIGKILLed. Then everything heals."""
+    timeout, a NATS node SIGKILLed or hung (up to two at once: the cluster then has no
+    quorum), the bridge or an agent SIGKILLed, the cloud broker SIGKILLed. Then everything
+    heals."""
     done: list[str] = []
     paused: set[str] = set()
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         time.sleep(rng.uniform(1.0, 4.0))
-        fault = rng.choice(["worker", "pause", "nats", "nats", "bridge", "agent",
-                            "cloud_broker", "heal"])
+        fault = rng.choice(["worker", "pause", "nats", "nats", "nats_pause", "bridge",
+                            "agent", "cloud_broker", "heal"])
         if fault == "worker":
             name = rng.choice(sorted(members))
             done.append(f"kill:{name}")
@@ -212,11 +213,18 @@ def jetstream_mixed_faults(rig: JsRig, rng: random.Random, seconds: float,
             rig.signal(name, signal.SIGSTOP)
             paused.add(name)
         elif fault == "nats":
-            up = [n for n in rig.cluster.nodes if n.running]
+            up = [n for n in rig.cluster.nodes if n.running and n.name not in paused]
             if len(up) > 1:
                 node = rng.choice(up)
                 done.append(f"kill:{node.name}")
                 node.kill()
+        elif fault == "nats_pause":  # hung: its connections stay open, nothing answers
+            up = [n for n in rig.cluster.nodes if n.running and n.name not in paused]
+            if len(up) > 1:
+                node = rng.choice(up)
+                done.append(f"pause:{node.name}")
+                node.pause()
+                paused.add(node.name)
         elif fault == "bridge":
             done.append("kill:bridge")
             rig.signal("bridge", signal.SIGKILL)
@@ -240,12 +248,14 @@ def jetstream_mixed_faults(rig: JsRig, rng: random.Random, seconds: float,
 
 
 def heal_jetstream(rig: JsRig, paused: set[str]) -> None:
-    for name in paused:
-        rig.signal(name, signal.SIGCONT)
-    paused.clear()
     for node in rig.cluster.nodes:
         if not node.running:
             node.restart()
+        elif node.name in paused:
+            node.resume()
+    for name in paused & set(rig.procs):
+        rig.signal(name, signal.SIGCONT)
+    paused.clear()
 
 
 @pytest.mark.timeout(900)
@@ -254,7 +264,7 @@ def test_soak_jetstream_faults_mixed_and_overlapping(
         influx_db: InfluxV1Client) -> None:
     """The scale-out path under faults nobody announces: three workers (two members and a
     standby) on a 3-node NATS cluster, for eighty seconds workers SIGKILLed or paused past their
-    pin timeout, NATS nodes SIGKILLed (at times two: no quorum), the bridge, an agent or the
+    pin timeout, NATS nodes SIGKILLed or hung (at times two: no quorum), the bridge, an agent or the
     cloud broker SIGKILLed, overlapping, in an order drawn from FIELDLINE_CHAOS_SEED. Then all
     heals: the oracle is clean, both ledger laws hold per gateway, and the anomalies in InfluxDB
     are those of one uninterrupted pass over the stream (detector state moved, never relearned
