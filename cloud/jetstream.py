@@ -223,6 +223,9 @@ class SnapshotStore:
         self.owner = owner
         self.revision: dict[int, int] = {}  # partition -> KV revision of our claim
         self.missing = 0  # claims whose pointer named an object that is gone (full replays)
+        self.swept = 0  # objects removed that no pointer named (see sweep)
+        self._mine: dict[int, set[str]] = {}  # objects we wrote while we own the partition
+        self._unsure: dict[int, set[str]] = {}  # objects whose pointer update went unanswered
         self._kv: Any = None
         self._obs: Any = None
 
@@ -288,6 +291,7 @@ class SnapshotStore:
         if rev is None:
             raise FencedError(f"partition {p} is not ours")
         name = f"p{p}.{seq}.{secrets.token_hex(6)}"
+        self._mine.setdefault(p, set()).add(name)
         await obs.put(name, blob)
         ptr = {"seq": seq, "object": name, "owner": self.owner, "ts": int(time.time() * 1000)}
         try:
@@ -299,12 +303,57 @@ class SnapshotStore:
             with contextlib.suppress(Exception):
                 await obs.delete(name)
             raise FencedError(f"partition {p} was claimed by another worker") from None
-        if old and old != name:
+        except BaseException:
+            # no answer (a timeout, no quorum): the pointer may name it or not; the next
+            # save that succeeds knows, or the next owner's sweep
+            self._unsure.setdefault(p, set()).add(name)
+            raise
+        # the update at our revision succeeded: the pointer named ``old`` until now, so none
+        # of the objects whose update went unanswered is named (a later answer to any of them
+        # would have moved the revision and failed this update)
+        for stale in {old, *self._unsure.pop(p, ())} - {name, None, ""}:
             with contextlib.suppress(Exception):
-                await obs.delete(old)
+                await obs.delete(stale)
+
+    async def sweep(self, p: int) -> int | None:
+        """After our claim of ``p``, remove the objects of ``p`` no pointer names: saves of owners
+        killed between writing their object and pointing to it, or never told whether their
+        update landed. Only an update at the current revision can move the pointer, and it
+        names an object written after that revision: so if the pointer is still at our revision
+        once the store was listed, nothing listed but the named object and our own saves can
+        ever be named again. Returns how many were removed: 0 when the partition is no longer
+        ours (its owner sweeps); None when the store could not be read or our own save moved
+        the pointer meanwhile (try again)."""
+        from nats.js.errors import NotFoundError
+
+        kv, obs = await self._buckets()
+        try:
+            infos = await obs.list(ignore_deletes=True)
+        except NotFoundError:  # nothing stored
+            return 0
+        except Exception:  # no quorum, a timeout
+            return None
+        try:
+            entry = await kv.get(f"p{p}")
+        except Exception:
+            return None
+        if entry.revision != self.revision.get(p):
+            return None if p in self.revision else 0
+        keep = {json.loads(entry.value or b"{}").get("object"), *self._mine.get(p, ())}
+        removed = 0
+        for info in infos:
+            name = str(info.name)
+            if name.startswith(f"p{p}.") and name not in keep:
+                with contextlib.suppress(Exception):
+                    await obs.delete(name)
+                    removed += 1
+        self.swept += removed
+        return removed
 
     def release(self, p: int) -> None:
         self.revision.pop(p, None)
+        self._mine.pop(p, None)
+        self._unsure.pop(p, None)
 
 
 def _status(msg: Any) -> str | None:
@@ -339,6 +388,7 @@ class JetStreamSource:
         self._queue: asyncio.Queue[SourceMessage | PartitionEvent] = asyncio.Queue()
         self._nc: Any = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._sweeps: set[asyncio.Task[None]] = set()
         self._pull_to: dict[int, tuple[str, str]] = {}  # partition -> (request subject, inbox)
         self.store: SnapshotStore | None = None
         self.owned: dict[int, str] = {}  # partition -> pin id, while we hold its state
@@ -348,7 +398,7 @@ class JetStreamSource:
         self._epoch: dict[int, int] = {}
         self.counters: dict[str, int] = {"assigned": 0, "pin_lost": 0, "fenced": 0,
                                          "stalls": 0, "replayed": 0, "skipped_replayed": 0,
-                                         "snapshots_missing": 0}
+                                         "snapshots_missing": 0, "snapshots_swept": 0}
         self.acks_refused: dict[str, int] = {}
         self.acks_unheard = 0
         self.connected = asyncio.Event()
@@ -374,9 +424,10 @@ class JetStreamSource:
     async def close(self) -> None:
         """Stop pulling, hand the pins back (a standby takes over at once instead of after
         the pin timeout) and disconnect; bounded in time even with the cluster unreachable."""
-        for t in self._tasks:
+        tasks = [*self._tasks, *self._sweeps]
+        for t in tasks:
             t.cancel()
-        for t in self._tasks:
+        for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         nc, self._nc = self._nc, None
@@ -557,6 +608,9 @@ class JetStreamSource:
         self.owned[p] = pin
         self._epoch[p] = self._epoch.get(p, 0) + 1
         epoch = self._epoch[p]
+        sweep = asyncio.create_task(self._sweep(p), name=f"js-sweep-{p}")
+        self._sweeps.add(sweep)
+        sweep.add_done_callback(self._sweeps.discard)
         self.counters["assigned"] += 1
         self._queue.put_nowait(PartitionEvent(p, True, snapshot=blob, position=seq,
                                               epoch=epoch))
@@ -568,6 +622,26 @@ class JetStreamSource:
         self.move_ms.append((time.monotonic() - t0) * 1000)
         log.info("%s took partition %d: snapshot at %d, replayed %d message(s) in %.0f ms",
                  self.worker_id, p, seq, n, self.move_ms[-1])
+
+    async def _sweep(self, p: int) -> None:
+        """The store's sweep of ``p`` after our claim, tried again while it cannot read the
+        store and the partition is ours."""
+        assert self.store is not None
+        epoch = self._epoch.get(p)
+        for attempt in range(60):
+            await asyncio.sleep(min(1.0 + attempt, 10.0))
+            if p not in self.owned or self._epoch.get(p) != epoch:
+                return
+            try:
+                n = await self.store.sweep(p)
+            except Exception:
+                n = None
+            if n is not None:
+                self.counters["snapshots_swept"] = self.store.swept
+                if n:
+                    log.info("%s: partition %d: removed %d snapshot object(s) no pointer names",
+                             self.worker_id, p, n)
+                return
 
     async def _replay(self, p: int, after: int, epoch: int) -> int:
         """Everything stored for ``p`` after sequence ``after``, in order, before the pinned

@@ -199,6 +199,75 @@ def test_a_fenced_save_never_removes_the_snapshot_another_owner_points_to(
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_snapshots_no_pointer_names_are_removed(tmp_path: Path) -> None:
+    """A worker SIGKILLed between writing its snapshot object and pointing to it, or never told
+    whether its pointer update landed (a timeout, a cluster without quorum), left the object in
+    the store for good. The next owner's claim sweeps the partition's objects its pointer does
+    not name (other partitions' untouched); an owner whose update went unanswered removes the
+    object at its next save that succeeds."""
+    import nats
+
+    server = NatsServer(tmp_path / "nats", "n1").start()
+
+    async def scenario() -> None:
+        nc = await nats.connect(server.url)
+        try:
+            cfg = JetStreamConfig(servers=(server.url,), partitions=2)
+            await ensure_stream(nc, cfg)
+            js = nc.jetstream()
+            obs = await js.object_store(cfg.obj_bucket)
+
+            async def live() -> set[str]:
+                return {o.name for o in await obs.list(ignore_deletes=True)}
+
+            a = SnapshotStore(js, cfg, "A")
+            await a.claim(0)
+            await a.save(0, b"A at 5", 5)
+            await a.claim(1)
+            await a.save(1, b"A's p1", 3)
+            await obs.put("p0.9.0123456789ab", b"A at 9, killed before pointing to it")
+            kv = await js.key_value(cfg.kv_bucket)
+            real_update = kv.update
+            calls = 0
+
+            async def unanswered(*args: Any, **kw: Any) -> int:
+                nonlocal calls
+                calls += 1
+                if calls == 1:
+                    raise TimeoutError("no answer")
+                return int(await real_update(*args, **kw))
+
+            a._kv = kv
+            kv.update = unanswered  # type: ignore[method-assign]
+            with pytest.raises(TimeoutError):
+                await a.save(1, b"A's p1, unanswered", 4)
+            assert len(await live()) == 4
+            await a.save(1, b"A's p1 again", 5)  # it knows now: the unanswered one is stale
+            assert sum(n.startswith("p1.") for n in await live()) == 1
+            kv.update = real_update  # type: ignore[method-assign]
+
+            b = SnapshotStore(js, cfg, "B")
+            assert await b.claim(0) == (b"A at 5", 5)
+            assert await b.sweep(0) == 1
+            names = await live()
+            assert "p0.9.0123456789ab" not in names
+            assert sum(n.startswith("p0.") for n in names) == 1  # the one the pointer names
+            assert sum(n.startswith("p1.") for n in names) == 1  # not B's partition
+            assert await SnapshotStore(js, cfg, "C").claim(0) == (b"A at 5", 5)
+            # C claimed since: B touches nothing (it tries again while it believes p0 is its)
+            assert await b.sweep(0) is None
+            assert sum(n.startswith("p0.") for n in await live()) == 1
+        finally:
+            await nc.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.stop()
+
+
+@pytest.mark.integration
 @pytest.mark.timeout(180)
 def test_a_worker_started_while_its_cluster_has_no_quorum_waits_for_it(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -375,6 +444,34 @@ detectors = ["spike", "novelty", "stuck"]
             return out
         finally:
             await nc.close()
+
+    async def _snapshots(self) -> tuple[set[str], set[str]]:
+        import json
+
+        import nats
+
+        nc = await nats.connect(self.cluster_urls_alive(), connect_timeout=2)
+        try:
+            js = nc.jetstream()
+            kv = await js.key_value("FIELDLINE_SNAP")
+            named = set()
+            for p in range(P):
+                with contextlib.suppress(Exception):
+                    name = json.loads((await kv.get(f"p{p}")).value or b"{}").get("object")
+                    if name:
+                        named.add(name)
+            obs = await js.object_store("FIELDLINE_SNAPDATA")
+            try:
+                live = {o.name for o in await obs.list(ignore_deletes=True)}
+            except Exception:  # an empty store answers "not found"
+                live = set()
+            return named, live
+        finally:
+            await nc.close()
+
+    def snapshots(self) -> tuple[set[str], set[str]]:
+        """The snapshot objects the partitions' pointers name, and those in the store."""
+        return tuple(_run(self._snapshots()))  # type: ignore[return-value]
 
     def owners(self) -> dict[int, str]:
         try:
