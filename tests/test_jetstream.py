@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ from cloud.sinks.base import MemorySink
 from cloud.sinks.influx_v1 import InfluxV1Client
 from cloud.sinks.points import encode
 from cloud.worker import CloudWorker
+from fieldline.faults import FaultProxy
 from fieldline.services import Mosquitto, NatsCluster, NatsServer
 from simulators.fleet import FleetSpec
 from tests.rig import FleetRig
@@ -151,6 +152,29 @@ def test_a_long_replay_is_read_as_the_worker_gets_through_it() -> None:
     assert src._replayed_to[0] == total
 
 
+def on_one_node(tmp_path: Path, scenario: Callable[[Any, JetStreamConfig], Awaitable[None]]
+                ) -> None:
+    """Run ``scenario(js, cfg)`` against one real nats-server with the stream (2 partitions)
+    and the snapshot buckets set up."""
+    import nats
+
+    server = NatsServer(tmp_path / "nats", "n1").start()
+
+    async def run() -> None:
+        nc = await nats.connect(server.url)
+        try:
+            cfg = JetStreamConfig(servers=(server.url,), partitions=2)
+            await ensure_stream(nc, cfg)
+            await scenario(nc.jetstream(), cfg)
+        finally:
+            await nc.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        server.stop()
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_a_fenced_save_never_removes_the_snapshot_another_owner_points_to(
@@ -161,41 +185,28 @@ def test_a_fenced_save_never_removes_the_snapshot_another_owner_points_to(
     shared name; every later claim failed and the partition was never read again). Each save
     has its own object now; and a pointer whose object is gone anyway (lost from the store) makes
     the next owner rebuild the partition from the start of the stream instead of failing."""
-    import nats
 
-    server = NatsServer(tmp_path / "nats", "n1").start()
+    async def scenario(js: Any, cfg: JetStreamConfig) -> None:
+        a, b = SnapshotStore(js, cfg, "A"), SnapshotStore(js, cfg, "B")
+        assert await a.claim(0) == (None, 0)
+        await a.save(0, b"state of A", 5)
+        assert await b.claim(0) == (b"state of A", 5)  # A was paused past its pin
+        await b.save(0, b"state of B", 5)  # nothing new since: the same sequence
+        with pytest.raises(FencedError):  # A resumes and tries to save what it held
+            await a.save(0, b"stale state of A", 5)
+        obs = await js.object_store(cfg.obj_bucket)
+        live = [o.name for o in await obs.list(ignore_deletes=True)]
+        assert len(live) == 1, live  # B's; A's earlier and fenced ones are removed
+        c = SnapshotStore(js, cfg, "C")
+        assert await c.claim(0) == (b"state of B", 5)
+        await obs.delete(live[0])  # lost from the store
+        d = SnapshotStore(js, cfg, "D")
+        assert await d.claim(0) == (None, 0)  # replay it all
+        assert d.missing == 1
+        await d.save(0, b"state of D", 9)
+        assert await SnapshotStore(js, cfg, "E").claim(0) == (b"state of D", 9)
 
-    async def scenario() -> None:
-        nc = await nats.connect(server.url)
-        try:
-            cfg = JetStreamConfig(servers=(server.url,), partitions=2)
-            await ensure_stream(nc, cfg)
-            js = nc.jetstream()
-            a, b = SnapshotStore(js, cfg, "A"), SnapshotStore(js, cfg, "B")
-            assert await a.claim(0) == (None, 0)
-            await a.save(0, b"state of A", 5)
-            assert await b.claim(0) == (b"state of A", 5)  # A was paused past its pin
-            await b.save(0, b"state of B", 5)  # nothing new since: the same sequence
-            with pytest.raises(FencedError):  # A resumes and tries to save what it held
-                await a.save(0, b"stale state of A", 5)
-            obs = await js.object_store(cfg.obj_bucket)
-            live = [o.name for o in await obs.list(ignore_deletes=True)]
-            assert len(live) == 1, live  # B's; A's earlier and fenced ones are removed
-            c = SnapshotStore(js, cfg, "C")
-            assert await c.claim(0) == (b"state of B", 5)
-            await obs.delete(live[0])  # lost from the store
-            d = SnapshotStore(js, cfg, "D")
-            assert await d.claim(0) == (None, 0)  # replay it all
-            assert d.missing == 1
-            await d.save(0, b"state of D", 9)
-            assert await SnapshotStore(js, cfg, "E").claim(0) == (b"state of D", 9)
-        finally:
-            await nc.close()
-
-    try:
-        asyncio.run(scenario())
-    finally:
-        server.stop()
+    on_one_node(tmp_path, scenario)
 
 
 @pytest.mark.integration
@@ -206,65 +217,52 @@ def test_snapshots_no_pointer_names_are_removed(tmp_path: Path) -> None:
     the store for good. The next owner's claim sweeps the partition's objects its pointer does
     not name (other partitions' untouched); an owner whose update went unanswered removes the
     object at its next save that succeeds."""
-    import nats
 
-    server = NatsServer(tmp_path / "nats", "n1").start()
+    async def scenario(js: Any, cfg: JetStreamConfig) -> None:
+        obs = await js.object_store(cfg.obj_bucket)
 
-    async def scenario() -> None:
-        nc = await nats.connect(server.url)
-        try:
-            cfg = JetStreamConfig(servers=(server.url,), partitions=2)
-            await ensure_stream(nc, cfg)
-            js = nc.jetstream()
-            obs = await js.object_store(cfg.obj_bucket)
+        async def live() -> set[str]:
+            return {o.name for o in await obs.list(ignore_deletes=True)}
 
-            async def live() -> set[str]:
-                return {o.name for o in await obs.list(ignore_deletes=True)}
+        a = SnapshotStore(js, cfg, "A")
+        await a.claim(0)
+        await a.save(0, b"A at 5", 5)
+        await a.claim(1)
+        await a.save(1, b"A's p1", 3)
+        await obs.put("p0.9.0123456789ab", b"A at 9, killed before pointing to it")
+        kv = await js.key_value(cfg.kv_bucket)
+        real_update = kv.update
+        calls = 0
 
-            a = SnapshotStore(js, cfg, "A")
-            await a.claim(0)
-            await a.save(0, b"A at 5", 5)
-            await a.claim(1)
-            await a.save(1, b"A's p1", 3)
-            await obs.put("p0.9.0123456789ab", b"A at 9, killed before pointing to it")
-            kv = await js.key_value(cfg.kv_bucket)
-            real_update = kv.update
-            calls = 0
+        async def unanswered(*args: Any, **kw: Any) -> int:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise TimeoutError("no answer")
+            return int(await real_update(*args, **kw))
 
-            async def unanswered(*args: Any, **kw: Any) -> int:
-                nonlocal calls
-                calls += 1
-                if calls == 1:
-                    raise TimeoutError("no answer")
-                return int(await real_update(*args, **kw))
+        a._kv = kv
+        kv.update = unanswered  # type: ignore[method-assign]
+        with pytest.raises(TimeoutError):
+            await a.save(1, b"A's p1, unanswered", 4)
+        assert len(await live()) == 4
+        await a.save(1, b"A's p1 again", 5)  # it knows now: the unanswered one is stale
+        assert sum(n.startswith("p1.") for n in await live()) == 1
+        kv.update = real_update  # type: ignore[method-assign]
 
-            a._kv = kv
-            kv.update = unanswered  # type: ignore[method-assign]
-            with pytest.raises(TimeoutError):
-                await a.save(1, b"A's p1, unanswered", 4)
-            assert len(await live()) == 4
-            await a.save(1, b"A's p1 again", 5)  # it knows now: the unanswered one is stale
-            assert sum(n.startswith("p1.") for n in await live()) == 1
-            kv.update = real_update  # type: ignore[method-assign]
+        b = SnapshotStore(js, cfg, "B")
+        assert await b.claim(0) == (b"A at 5", 5)
+        assert await b.sweep(0) == 1
+        names = await live()
+        assert "p0.9.0123456789ab" not in names
+        assert sum(n.startswith("p0.") for n in names) == 1  # the one the pointer names
+        assert sum(n.startswith("p1.") for n in names) == 1  # not B's partition
+        assert await SnapshotStore(js, cfg, "C").claim(0) == (b"A at 5", 5)
+        # C claimed since: B touches nothing (it tries again while it believes p0 is its)
+        assert await b.sweep(0) is None
+        assert sum(n.startswith("p0.") for n in await live()) == 1
 
-            b = SnapshotStore(js, cfg, "B")
-            assert await b.claim(0) == (b"A at 5", 5)
-            assert await b.sweep(0) == 1
-            names = await live()
-            assert "p0.9.0123456789ab" not in names
-            assert sum(n.startswith("p0.") for n in names) == 1  # the one the pointer names
-            assert sum(n.startswith("p1.") for n in names) == 1  # not B's partition
-            assert await SnapshotStore(js, cfg, "C").claim(0) == (b"A at 5", 5)
-            # C claimed since: B touches nothing (it tries again while it believes p0 is its)
-            assert await b.sweep(0) is None
-            assert sum(n.startswith("p0.") for n in await live()) == 1
-        finally:
-            await nc.close()
-
-    try:
-        asyncio.run(scenario())
-    finally:
-        server.stop()
+    on_one_node(tmp_path, scenario)
 
 
 @pytest.mark.integration
@@ -330,9 +328,15 @@ def _run(coro: Any) -> Any:
 
 class JsRig(FleetRig):
     def __init__(self, tmp: Path, mosquitto: Callable[..., Mosquitto], influx: InfluxV1Client,
-                 *, nodes: int = 3, devices: int = 8, interval_ms: int = 200) -> None:
+                 *, nodes: int = 3, devices: int = 8, interval_ms: int = 200,
+                 influx_proxy: bool = False) -> None:
         self.tmp = tmp
         self.influx = influx
+        port = int(influx.url.rsplit(":", 1)[1])
+        # the workers may reach InfluxDB through a fault proxy (503, hanging); the checks not
+        self.influx_proxy = FaultProxy("127.0.0.1", port).start() if influx_proxy else None
+        influx_url = (f"http://127.0.0.1:{self.influx_proxy.port}" if self.influx_proxy
+                      else influx.url)
         self.cluster = NatsCluster(tmp / "nats", nodes).start()
         self.gw_broker = mosquitto()
         self.cloud_broker = mosquitto()
@@ -383,7 +387,7 @@ priority_timeout = "3s"
 ack_wait = "6s"
 snapshot_interval = "2s"
 [influxdb]
-url = "{influx.url}"
+url = "{influx_url}"
 database = "{influx.database}"
 flush_interval = "200ms"
 timeout = "5s"
@@ -423,6 +427,8 @@ detectors = ["spike", "novelty", "stuck"]
             self.signal(name, signal.SIGCONT)
             self.signal(name, signal.SIGTERM)
         self.cluster.stop()
+        if self.influx_proxy is not None:
+            self.influx_proxy.stop()
 
     # ---- what the engine says --------------------------------------------------------------
 

@@ -185,20 +185,20 @@ def test_soak_faults_mixed_and_overlapping(
         influx.stop()
 
 
-def jetstream_mixed_faults(rig: JsRig, rng: random.Random, seconds: float,
+def jetstream_mixed_faults(rig: JsRig, influx: InfluxDB, rng: random.Random, seconds: float,
                            members: dict[str, str | None]) -> list[str]:
     """For ``seconds``, every one to four seconds, one fault on the scale-out path while others
     may still be on: a worker SIGKILLed (restarted after up to 2 s) or paused past its pin
     timeout, a NATS node SIGKILLed or hung (up to two at once: the cluster then has no
-    quorum), the bridge or an agent SIGKILLed, the cloud broker SIGKILLed. Then everything
-    heals."""
+    quorum), the bridge, an agent, the cloud broker or InfluxDB SIGKILLed, InfluxDB answering
+    503 or hanging. Then everything heals."""
     done: list[str] = []
     paused: set[str] = set()
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         time.sleep(rng.uniform(1.0, 4.0))
         fault = rng.choice(["worker", "pause", "nats", "nats", "nats_pause", "bridge",
-                            "agent", "cloud_broker", "heal"])
+                            "agent", "cloud_broker", "influx", "influx_kill", "heal"])
         if fault == "worker":
             name = rng.choice(sorted(members))
             done.append(f"kill:{name}")
@@ -240,6 +240,16 @@ def jetstream_mixed_faults(rig: JsRig, rng: random.Random, seconds: float,
             rig.cloud_broker.kill()
             time.sleep(rng.uniform(0.2, 1.5))
             rig.cloud_broker.restart()
+        elif fault == "influx":
+            assert rig.influx_proxy is not None
+            mode = rng.choice(["http_503", "hang"])
+            done.append(f"influx:{mode}")
+            rig.influx_proxy.set_mode(mode)
+        elif fault == "influx_kill":
+            done.append("kill:influx")
+            influx.kill()
+            time.sleep(rng.uniform(0.2, 3.0))
+            influx.start()
         else:
             done.append("heal")
             heal_jetstream(rig, paused)
@@ -248,6 +258,8 @@ def jetstream_mixed_faults(rig: JsRig, rng: random.Random, seconds: float,
 
 
 def heal_jetstream(rig: JsRig, paused: set[str]) -> None:
+    if rig.influx_proxy is not None:
+        rig.influx_proxy.set_mode("pass")
     for node in rig.cluster.nodes:
         if not node.running:
             node.restart()
@@ -260,16 +272,19 @@ def heal_jetstream(rig: JsRig, paused: set[str]) -> None:
 
 @pytest.mark.timeout(900)
 def test_soak_jetstream_faults_mixed_and_overlapping(
-        tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto],
-        influx_db: InfluxV1Client) -> None:
+        tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto]) -> None:
     """The scale-out path under faults nobody announces: three workers (two members and a
     standby) on a 3-node NATS cluster, for eighty seconds workers SIGKILLed or paused past their
-    pin timeout, NATS nodes SIGKILLed or hung (at times two: no quorum), the bridge, an agent or the
-    cloud broker SIGKILLed, overlapping, in an order drawn from FIELDLINE_CHAOS_SEED. Then all
+    pin timeout, NATS nodes SIGKILLed or hung (at times two: no quorum), the bridge, an agent,
+    the cloud broker or InfluxDB SIGKILLed, InfluxDB answering 503 or hanging, overlapping, in
+    an order drawn from FIELDLINE_CHAOS_SEED. Then all
     heals: the oracle is clean, both ledger laws hold per gateway, and the anomalies in InfluxDB
     are those of one uninterrupted pass over the stream (detector state moved, never relearned
     or learned twice)."""
-    rig = JsRig(tmp_path, mosquitto_factory, influx_db)
+    influx = InfluxDB(tmp_path / "influx").start()
+    client = InfluxV1Client(influx.url, "mixed")
+    client.create_database()
+    rig = JsRig(tmp_path, mosquitto_factory, client, influx_proxy=True)
     members: dict[str, str | None] = {"A": "0/2", "B": "1/2", "C": None}
     try:
         for name, member in members.items():
@@ -279,7 +294,7 @@ def test_soak_jetstream_faults_mixed_and_overlapping(
         time.sleep(2)
         rig.run_fleet(100)
         time.sleep(5)
-        done = jetstream_mixed_faults(rig, random.Random(SEED), 80, members)
+        done = jetstream_mixed_faults(rig, influx, random.Random(SEED), 80, members)
         print(f"seed {SEED}: {' '.join(done)}")
         rig.wait_fleet(300)
         n = len(rig.published)
@@ -302,3 +317,4 @@ def test_soak_jetstream_faults_mixed_and_overlapping(
         assert live == named, (SEED, done, live - named, named - live)
     finally:
         rig.stop()
+        influx.stop()
