@@ -92,6 +92,22 @@ def test_soak_r10_five_times_overload_for_a_minute(
 SEED = int(os.environ.get("FIELDLINE_CHAOS_SEED", "21"))
 
 
+def crash_broker(broker: Mosquitto, rng: random.Random) -> None:
+    """SIGKILL a broker and start it again on its port 0.2-1.5 s later."""
+    broker.kill()
+    time.sleep(rng.uniform(0.2, 1.5))
+    broker.restart()
+
+
+def crash_influx(influx: InfluxDB, rng: random.Random) -> None:
+    """SIGKILL InfluxDB (paused or not; its WAL is all it keeps of what it acknowledged) and
+    start it again on its port 0.2-3 s later."""
+    influx.resume()
+    influx.kill()
+    time.sleep(rng.uniform(0.2, 3.0))
+    influx.start()
+
+
 def mixed_faults(rig: Rig, influx: InfluxDB, rng: random.Random, seconds: float) -> list[str]:
     """For ``seconds``, every one to four seconds, one fault starts while the others may still
     be on; then everything heals. Returns the faults in their order."""
@@ -112,20 +128,15 @@ def mixed_faults(rig: Rig, influx: InfluxDB, rng: random.Random, seconds: float)
         elif fault == "uplink":
             rig.proxy.set_mode(rng.choice(["blackhole", "reset"]))
         elif fault == "cloud_broker":
-            rig.cloud_broker.kill()
-            time.sleep(rng.uniform(0.2, 1.5))
-            rig.cloud_broker.restart()
+            crash_broker(rig.cloud_broker, rng)
         elif fault == "gateway_broker":  # restarted cleanly (an upgrade): it saves its store
             rig.gw_broker.stop()
             time.sleep(rng.uniform(0.2, 1.5))
             rig.gw_broker.restart()
         elif fault == "influx":
             rig.influx_proxy.set_mode(rng.choice(["http_503", "hang"]))
-        elif fault == "influx_kill":  # its WAL is all it keeps of what it acknowledged
-            influx.resume()
-            influx.kill()
-            time.sleep(rng.uniform(0.2, 3.0))
-            influx.start()
+        elif fault == "influx_kill":
+            crash_influx(influx, rng)
         elif fault == "influx_pause":
             influx.pause()
         else:
@@ -237,9 +248,7 @@ def jetstream_mixed_faults(rig: JsRig, influx: InfluxDB, rng: random.Random, sec
             rig.start_agent(gw)
         elif fault == "cloud_broker":
             done.append("kill:cloud_broker")
-            rig.cloud_broker.kill()
-            time.sleep(rng.uniform(0.2, 1.5))
-            rig.cloud_broker.restart()
+            crash_broker(rig.cloud_broker, rng)
         elif fault == "influx":
             assert rig.influx_proxy is not None
             mode = rng.choice(["http_503", "hang"])
@@ -247,9 +256,7 @@ def jetstream_mixed_faults(rig: JsRig, influx: InfluxDB, rng: random.Random, sec
             rig.influx_proxy.set_mode(mode)
         elif fault == "influx_kill":
             done.append("kill:influx")
-            influx.kill()
-            time.sleep(rng.uniform(0.2, 3.0))
-            influx.start()
+            crash_influx(influx, rng)
         else:
             done.append("heal")
             heal_jetstream(rig, paused)
