@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ from devices.mqtt import BrokerAddress, make_client
 log = logging.getLogger("fieldline.cloud.bridge")
 
 KINDS = ("results", "health")
+STALL_WARN_S = 10.0
 
 
 @dataclass
@@ -56,6 +58,8 @@ class Bridge:
         self.counters: dict[str, int] = {"forwarded": 0, "acks_back": 0, "rejected": 0,
                                          "publish_retries": 0}
         self.connected = asyncio.Event()
+        self._failing_since: float | None = None
+        self._warned = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
         from paho.mqtt.packettypes import PacketTypes
@@ -131,12 +135,22 @@ class Bridge:
         while True:
             try:
                 await js.publish(subject, item.payload, timeout=5.0)
+                self._failing_since = None
                 break
             except Exception as exc:  # no quorum just now, a node gone: keep it, retry
                 self.counters["publish_retries"] += 1
-                if self.counters["publish_retries"] % 50 == 1:
-                    log.warning("bridge: JetStream did not store a message of %s (%r); "
-                                "retrying", gw, exc)
+                now = time.monotonic()
+                if self._failing_since is None or (
+                        now - self._failing_since >= STALL_WARN_S and now - self._warned >= 30.0):
+                    self._failing_since = self._failing_since or now
+                    self._warned = now
+                    log.warning(
+                        "bridge: JetStream has stored nothing for %.0f s (last: %r for %s); "
+                        "retrying, the message stays with the broker and the agents keep their "
+                        "results. If this lasts: no quorum, or JetStream disabled on the nodes "
+                        "(nats-server disables it on a full disk and keeps it so until "
+                        "restarted; its log says \"JetStream out of resources\")",
+                        now - self._failing_since, exc, gw)
                 if stop.is_set():
                     return  # not acked: the broker redelivers it to the next session
                 await asyncio.sleep(backoff * (0.5 + random.random()))

@@ -212,6 +212,10 @@ def _engine(e: Section, source: str | None) -> JetStreamConfig | None:
         ack_wait_ms=e.duration_ms("ack_wait", max(15_000, 3 * timeout), minimum=1_000),
         snapshot_interval_ms=e.duration_ms("snapshot_interval", 10_000, minimum=100),
         max_age_s=e.duration_ms("retention", 7 * 86_400_000, minimum=60_000) // 1000,
+        max_bytes=e.size("retention_bytes", 0),
     )
+    if 0 < cfg.max_bytes < 1 << 20:
+        raise ConfigError(e.key("retention_bytes"), "at least 1MiB (or 0: no cap)",
+                          source=source)
     e.done()
     return cfg

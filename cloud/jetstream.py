@@ -88,6 +88,7 @@ class JetStreamConfig:
     ack_wait_ms: int = 15_000
     snapshot_interval_ms: int = 10_000
     max_age_s: int = 7 * 86_400  # the stream keeps this much for replay (and the snapshots' tail)
+    max_bytes: int = 0  # and at most this much (per replica; 0: no cap of its own)
     pull_batch: int = 200
 
     def served(self) -> list[int]:
@@ -112,9 +113,23 @@ async def connect(servers: list[str], name: str) -> Any:
     workers on such a node standing still for minutes)."""
     import nats
 
-    return await nats.connect(servers, name=name, max_reconnect_attempts=-1,
-                              reconnect_time_wait=0.5, allow_reconnect=True, drain_timeout=5,
-                              ping_interval=PING_INTERVAL_S, max_outstanding_pings=2)
+    async def on_error(exc: Exception) -> None:
+        # the client's default logs a whole traceback at ERROR for every refused reconnect
+        log.warning("NATS (%s): %r", name, exc)
+
+    async def on_disconnect() -> None:
+        log.warning("NATS (%s): disconnected; reconnecting to one of %s", name, servers)
+
+    async def on_reconnect() -> None:
+        log.info("NATS (%s): reconnected to %s", name, nc.connected_url.netloc
+                 if nc.connected_url else "?")
+
+    nc = await nats.connect(servers, name=name, max_reconnect_attempts=-1,
+                            reconnect_time_wait=0.5, allow_reconnect=True, drain_timeout=5,
+                            ping_interval=PING_INTERVAL_S, max_outstanding_pings=2,
+                            error_cb=on_error, disconnected_cb=on_disconnect,
+                            reconnected_cb=on_reconnect)
+    return nc
 
 
 def consumer_name(p: int) -> str:
@@ -173,8 +188,8 @@ async def _ensure(nc: Any, js: Any, cfg: JetStreamConfig) -> None:
                               "dest": f"{PART}.{{{{partition({cfg.partitions},1)}}}}"
                                       f".{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}"},
         "retention": "limits", "storage": "file", "num_replicas": cfg.replicas,
-        "max_age": cfg.max_age_s * 1_000_000_000, "discard": "old",
-        "duplicate_window": 120 * 1_000_000_000,
+        "max_age": cfg.max_age_s * 1_000_000_000, "max_bytes": cfg.max_bytes or -1,
+        "discard": "old", "duplicate_window": 120 * 1_000_000_000,
     }
     doc = await _api(nc, f"$JS.API.STREAM.CREATE.{cfg.stream}", stream)
     err = doc.get("error")
@@ -187,6 +202,7 @@ async def _ensure(nc: Any, js: Any, cfg: JetStreamConfig) -> None:
             raise StreamMismatchError(
                 f"stream {cfg.stream} exists with another partitioning ({have!r}): "
                 "changing engine.partitions needs a new stream (engine.stream)")
+        await _retain(nc, cfg, info.get("config", {}), stream)
     for p in range(cfg.partitions):
         name = consumer_name(p)
         body = {"stream_name": cfg.stream, "config": {
@@ -203,6 +219,22 @@ async def _ensure(nc: Any, js: Any, cfg: JetStreamConfig) -> None:
                                              replicas=cfg.replicas))
     await js.create_object_store(cfg.obj_bucket, ObjectStoreConfig(
         bucket=cfg.obj_bucket, replicas=cfg.replicas, storage=StorageType.FILE))
+
+
+async def _retain(nc: Any, cfg: JetStreamConfig, have: dict[str, Any],
+                  want: dict[str, Any]) -> None:
+    """An existing stream takes a changed ``engine.retention`` / ``retention_bytes`` (before,
+    the values it was created with stayed, whatever the configuration said)."""
+    changed = {k: want[k] for k in ("max_age", "max_bytes") if have.get(k) != want[k]}
+    if not changed:
+        return
+    doc = await _api(nc, f"$JS.API.STREAM.UPDATE.{cfg.stream}", {**have, **changed})
+    if doc.get("error"):
+        raise RuntimeError(f"stream {cfg.stream}: could not apply engine.retention / "
+                           f"retention_bytes: {doc['error']}")
+    log.warning("JetStream stream %s: retention now %s s and %s bytes (was %s s and %s bytes)",
+                cfg.stream, want["max_age"] // 1_000_000_000, want["max_bytes"],
+                int(have.get("max_age", 0)) // 1_000_000_000, have.get("max_bytes"))
 
 
 class FencedError(Exception):
@@ -230,9 +262,12 @@ class SnapshotStore:
         self._obs: Any = None
 
     async def _buckets(self) -> tuple[Any, Any]:
-        if self._kv is None:
-            self._kv = await self.js.key_value(self.cfg.kv_bucket)
-            self._obs = await self.js.object_store(self.cfg.obj_bucket)
+        if self._kv is None or self._obs is None:
+            # both or neither: a lookup that fails (a timeout, JetStream unavailable) is asked
+            # again next time (keeping the one that answered left the other None for good)
+            kv = await self.js.key_value(self.cfg.kv_bucket)
+            obs = await self.js.object_store(self.cfg.obj_bucket)
+            self._kv, self._obs = kv, obs
         return self._kv, self._obs
 
     async def claim(self, p: int) -> tuple[bytes | None, int]:
@@ -356,6 +391,17 @@ class SnapshotStore:
         self._unsure.pop(p, None)
 
 
+UNANSWERED = "503"  # a pull nobody serves: "no responders"
+UNANSWERED_WARN_S = 10.0
+
+
+def _client_error(exc: BaseException) -> bool:
+    """An error the NATS client raises for a server, link or timeout (not a fault of ours)."""
+    import nats.errors
+
+    return isinstance(exc, (nats.errors.Error, TimeoutError, OSError))
+
+
 def _status(msg: Any) -> str | None:
     h = msg.headers or {}
     s = h.get("Status")
@@ -398,7 +444,8 @@ class JetStreamSource:
         self._epoch: dict[int, int] = {}
         self.counters: dict[str, int] = {"assigned": 0, "pin_lost": 0, "fenced": 0,
                                          "stalls": 0, "replayed": 0, "skipped_replayed": 0,
-                                         "snapshots_missing": 0, "snapshots_swept": 0}
+                                         "snapshots_missing": 0, "snapshots_swept": 0,
+                                         "pulls_unanswered": 0}
         self.acks_refused: dict[str, int] = {}
         self.acks_unheard = 0
         self.connected = asyncio.Event()
@@ -524,17 +571,44 @@ class JetStreamSource:
         subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.cfg.stream}.{consumer_name(p)}"
         expires = max(0.2, self.cfg.priority_timeout_ms / 1000 / 4)
         self._pull_to[p] = (subject, inbox)
+        backoff = 0.0
+        unanswered_since: float | None = None
+        warned = 0.0
         while True:
             try:
-                await self._pull_once(p, nc, sub, inbox, subject, expires)
+                status = await self._pull_once(p, nc, sub, inbox, subject, expires)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a connection change, a leader election: pull again
-                log.warning("partition %d: pull failed: %r", p, exc)
+                # anything but the client's own errors is a fault of ours: show where
+                log.warning("partition %d: pull failed: %r", p, exc,
+                            exc_info=not _client_error(exc))
                 await asyncio.sleep(0.5)
+                continue
+            if status != UNANSWERED:
+                backoff, unanswered_since = 0.0, None
+                continue
+            # nobody serves the consumer: no leader just now (an election, quorum lost) or
+            # JetStream disabled on the cluster. The answer comes at once, so pulling again at
+            # once spun a core per worker; ask again no faster than an idle pull would
+            self.counters["pulls_unanswered"] += 1
+            now = time.monotonic()
+            if unanswered_since is None:
+                unanswered_since = now
+            elif now - unanswered_since >= UNANSWERED_WARN_S and now - warned >= 30.0:
+                warned = now
+                log.warning(
+                    "partition %d: JetStream has not served its consumer for %.0f s (503 no "
+                    "responders): no leader (quorum lost?) or JetStream disabled; nats-server "
+                    "disables it on a full disk and keeps it so until restarted (its log: "
+                    "\"JetStream out of resources, will be DISABLED\")", p, now - unanswered_since)
+            backoff = min(expires, max(0.05, backoff * 2))
+            await asyncio.sleep(backoff)
 
     async def _pull_once(self, p: int, nc: Any, sub: Any, inbox: str, subject: str,
-                         expires: float) -> None:
+                         expires: float) -> str | None:
+        """One pull request and what it delivers; ``UNANSWERED`` when no server serves the
+        consumer."""
         batch = self.cfg.pull_batch if self._queue.qsize() < self.max_queue else 1
         req: dict[str, Any] = {"batch": batch, "expires": int(expires * 1e9), "group": GROUP}
         pin = self._pins.get(p)
@@ -547,22 +621,24 @@ class JetStreamSource:
         while got < batch:
             left = deadline - time.monotonic()
             if left <= 0:
-                return
+                return None
             try:
                 msg = await sub.next_msg(timeout=left)
             except Exception:  # nats TimeoutError: the request expired unanswered
-                return
+                return None
             status = _status(msg)
             if status is not None:
                 if status == "423":  # the server pinned someone else
                     if p in self.owned:
                         log.info("%s lost partition %d (pin moved)", self.worker_id, p)
                     self._lose(p, unpinned=True)
+                elif status == "503" and got == 0:
+                    return UNANSWERED
                 elif status not in ("404", "408", "100"):
                     log.debug("partition %d: pull status %s %s", p, status, msg.headers)
                     if status == "409":
                         await asyncio.sleep(0.2)
-                return
+                return None
             got += 1
             new_pin = (msg.headers or {}).get("Nats-Pin-Id")
             if new_pin and (p not in self.owned or new_pin != self.owned[p]):
@@ -583,6 +659,7 @@ class JetStreamSource:
                 continue
             self._queue.put_nowait(SourceMessage(p, sseq, _topic(msg.subject), msg.data,
                                                  handle=msg, epoch=self._epoch.get(p, 0)))
+        return None
 
     async def _keepalive(self, p: int) -> None:
         """A pull on the durable with our pin while we are busy elsewhere (claiming, replaying),

@@ -378,9 +378,13 @@ class NatsServer(_Child):
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
+    @property
+    def store_dir(self) -> Path:
+        return self.workdir / "jetstream"
+
     def _write_conf(self) -> Path:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        store = self.workdir / "jetstream"
+        store = self.store_dir
         lines = [
             f"server_name: {self.name}",
             f"listen: 127.0.0.1:{self.port}",

@@ -230,6 +230,13 @@ def test_the_commented_engine_block_of_deploy_cloud_toml_loads_as_written(tmp_pa
     assert (js.stream, js.partitions, js.replicas) == ("FIELDLINE", 64, 3)
     assert (js.priority_timeout_ms, js.snapshot_interval_ms, js.max_age_s) == (
         5_000, 10_000, 7 * 86_400)
+    assert js.max_bytes == 50_000_000_000
+    for bad in ('"1KB"', '"a lot"', "-5"):
+        cfg_path.write_text("\n".join(out).replace('retention_bytes = "50GB"',
+                                                   f"retention_bytes = {bad}") + "\n")
+        with pytest.raises(ConfigError) as info:
+            load_cloud_config(cfg_path)
+        assert info.value.key == "engine.retention_bytes", bad
 
 
 def test_a_fleet_topic_with_an_unknown_placeholder_or_a_wildcard_is_refused(

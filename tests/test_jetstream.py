@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -49,6 +50,7 @@ from fieldline.faults import FaultProxy
 from fieldline.services import Mosquitto, NatsCluster, NatsServer
 from simulators.fleet import FleetSpec
 from tests.rig import FleetRig
+from tests.test_faults import fill, tmpfs
 
 CMD = [sys.executable, "-m", "fieldline.cli", "--log-level", "INFO"]
 P = 4  # partitions; gw-1 -> 1, gw-2 -> 0: member 0/2 serves {0, 2}, member 1/2 {1, 3}
@@ -211,6 +213,59 @@ def test_a_fenced_save_never_removes_the_snapshot_another_owner_points_to(
 
 @pytest.mark.integration
 @pytest.mark.timeout(120)
+def test_a_snapshot_bucket_lookup_that_failed_is_asked_again(tmp_path: Path) -> None:
+    """Found by the disk-full test below: the store looked its two buckets up on first use, and
+    when the second lookup failed (JetStream just back after a restart, a timeout) it kept the
+    first and never asked again: every later claim of that worker failed ("'NoneType' object
+    has no attribute 'get'") and its partitions were never read again."""
+
+    async def scenario(js: Any, cfg: JetStreamConfig) -> None:
+        class Flaky:
+            failures = 1
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(js, name)
+
+            async def object_store(self, bucket: str) -> Any:
+                if self.failures:
+                    self.failures -= 1
+                    raise TimeoutError("JetStream did not answer")
+                return await js.object_store(bucket)
+
+        store = SnapshotStore(Flaky(), cfg, "A")
+        with pytest.raises(TimeoutError):
+            await store.claim(0)
+        assert await store.claim(0) == (None, 0)
+        await store.save(0, b"state", 4)
+        assert await SnapshotStore(js, cfg, "B").claim(0) == (b"state", 4)
+
+    on_one_node(tmp_path, scenario)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_a_changed_retention_reaches_the_existing_stream(tmp_path: Path) -> None:
+    """engine.retention and retention_bytes apply to a stream that exists: before, the stream
+    kept the values it was created with, whatever the configuration said later."""
+
+    async def scenario(js: Any, cfg: JetStreamConfig) -> None:
+        info = await js.stream_info(cfg.stream)
+        assert (info.config.max_age, info.config.max_bytes) == (7 * 86_400, -1)
+        nc = js._nc
+        await ensure_stream(nc, replace(cfg, max_age_s=3_600, max_bytes=2 << 20))
+        info = await js.stream_info(cfg.stream)
+        assert (info.config.max_age, info.config.max_bytes) == (3_600, 2 << 20)
+        subjects = info.config.subjects
+        await ensure_stream(nc, replace(cfg, max_age_s=3_600))  # the cap taken away again
+        info = await js.stream_info(cfg.stream)
+        assert (info.config.max_age, info.config.max_bytes) == (3_600, -1)
+        assert info.config.subjects == subjects  # the rest as it was
+
+    on_one_node(tmp_path, scenario)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
 def test_snapshots_no_pointer_names_are_removed(tmp_path: Path) -> None:
     """A worker SIGKILLed between writing its snapshot object and pointing to it, or never told
     whether its pointer update landed (a timeout, a cluster without quorum), left the object in
@@ -329,15 +384,20 @@ def _run(coro: Any) -> Any:
 class JsRig(FleetRig):
     def __init__(self, tmp: Path, mosquitto: Callable[..., Mosquitto], influx: InfluxV1Client,
                  *, nodes: int = 3, devices: int = 8, interval_ms: int = 200,
-                 influx_proxy: bool = False) -> None:
+                 influx_proxy: bool = False, nats_disk: str | None = None) -> None:
         self.tmp = tmp
+        self.mounts = contextlib.ExitStack()
         self.influx = influx
         port = int(influx.url.rsplit(":", 1)[1])
         # the workers may reach InfluxDB through a fault proxy (503, hanging); the checks not
         self.influx_proxy = FaultProxy("127.0.0.1", port).start() if influx_proxy else None
         influx_url = (f"http://127.0.0.1:{self.influx_proxy.port}" if self.influx_proxy
                       else influx.url)
-        self.cluster = NatsCluster(tmp / "nats", nodes).start()
+        self.cluster = NatsCluster(tmp / "nats", nodes)
+        if nats_disk:  # each node's JetStream store on a disk of its own, this small
+            for node in self.cluster.nodes:
+                self.mounts.enter_context(tmpfs(node.store_dir, nats_disk))
+        self.cluster.start()
         self.gw_broker = mosquitto()
         self.cloud_broker = mosquitto()
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -427,6 +487,7 @@ detectors = ["spike", "novelty", "stuck"]
             self.signal(name, signal.SIGCONT)
             self.signal(name, signal.SIGTERM)
         self.cluster.stop()
+        self.mounts.close()
         if self.influx_proxy is not None:
             self.influx_proxy.stop()
 
@@ -472,6 +533,21 @@ detectors = ["spike", "novelty", "stuck"]
             except Exception:  # an empty store answers "not found"
                 live = set()
             return named, live
+        finally:
+            await nc.close()
+
+    async def stream_state(self) -> dict[str, Any]:
+        """The stream's state (messages, bytes, first_seq, last_seq); {} while it is not
+        there or the cluster does not answer."""
+        import nats
+
+        nc = await nats.connect(self.cluster_urls_alive(), connect_timeout=2)
+        try:
+            doc = json.loads((await nc.request("$JS.API.STREAM.INFO.FIELDLINE", b"",
+                                               timeout=5)).data)
+            return dict(doc.get("state", {}))
+        except nats.errors.Error:
+            return {}
         finally:
             await nc.close()
 
@@ -781,3 +857,121 @@ def test_a_hung_nats_node_stalls_the_bridge_and_workers_for_seconds_not_minutes(
     report = rig.oracle()
     assert report.lost == report.unexpected == report.mismatched == 0, report
     assert n == len(rig.sim.published)
+
+
+def cpu_s(pid: int) -> float:
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.integration
+def test_r12_disk_full_under_every_nats_node_loses_nothing(
+        tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto],
+        influx_db: InfluxV1Client) -> None:
+    """R12 for the scale-out path: the disks under all three NATS nodes fill up while the fleet
+    publishes. nats-server meets ENOSPC, logs "JetStream out of resources, will be DISABLED" and
+    stays so after space returns (measured with nats-server 2.15: a restart is what brings
+    JetStream back). Meanwhile the bridge keeps every result unacknowledged on the cloud broker
+    and the agents keep theirs in their outboxes; once the operator has freed space and
+    restarted the nodes one by one, everything arrives: nothing lost, nothing twice, and the
+    stream the nodes wrote up to the full disk reads back whole."""
+    rig = JsRig(tmp_path, mosquitto_factory, influx_db, nats_disk="48m")
+    try:
+        rig.start_worker("A")
+        rig.start_worker("B")
+        rig.start_bridge()
+        rig.start_agents()
+        time.sleep(2)
+        rig.run_fleet(40)
+        time.sleep(8)
+        before = rig.in_influx()
+        assert before > 0
+        t_full = time.monotonic()
+        fillers = [fill(n.store_dir) for n in rig.cluster.nodes]
+        logs = [n.workdir / "nats.log" for n in rig.cluster.nodes]
+
+        def disabled() -> list[bool]:
+            return ["will be DISABLED" in p.read_text(errors="replace") for p in logs]
+
+        while time.monotonic() - t_full < 30 and not all(disabled()):
+            time.sleep(0.5)
+            for n in rig.cluster.nodes:
+                fill(n.store_dir)
+        off = disabled()
+        cpu0 = {k: cpu_s(p.pid) for k, p in rig.procs.items()}
+        time.sleep(8)
+        cpu = {k: round(cpu_s(p.pid) - cpu0[k], 2) for k, p in rig.procs.items()}
+        stalled = rig.in_influx()
+        for f in fillers:
+            f.unlink()
+        time.sleep(6)  # the workers warn after 10 s without an answer, then every 30 s
+        assert rig.in_influx() - stalled < 100, "JetStream came back without a restart"
+        for node in rig.cluster.nodes:  # the operator's part: a rolling restart
+            node.restart()
+            time.sleep(2)
+        outage_s = time.monotonic() - t_full
+        rig.wait_fleet()
+        assert rig.sim is not None
+        n = settled(rig, len(rig.sim.published), 120)
+        report = rig.oracle()
+        pulls = {w: rig.worker_health(w).get("engine_pulls_unanswered", -1) for w in "AB"}
+        print(f"disabled: {off}; in InfluxDB {before} before, {stalled} while full, {n} at the "
+              f"end of {len(rig.sim.published)}; CPU s in 8 s while disabled: {cpu}; pulls "
+              f"unanswered {pulls} in {outage_s:.0f} s")
+        assert all(off), off
+        assert report.lost == report.unexpected == report.mismatched == 0, report
+        assert n == len(rig.sim.published)
+        # nobody served the consumers meanwhile; a worker asked again at once (thousands of
+        # pulls a second, a core each), now no faster than an idle pull (expires = 0.75 s)
+        for w, k in pulls.items():
+            assert 0 < k <= P * (outage_s / 0.75 + 10), (w, k, outage_s)
+        for name in ("A", "B", "bridge"):
+            text = (tmp_path / f"{name}.log").read_text(errors="replace")
+            assert "JetStream out of resources" in text, name  # each names the likely cause
+            assert "Traceback" not in text, name
+    finally:
+        rig.stop()
+
+
+@pytest.mark.integration
+def test_a_stream_capped_below_the_backlog_loses_nothing(
+        tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto],
+        influx_db: InfluxV1Client) -> None:
+    """``engine.retention_bytes`` caps the stream (oldest dropped) so JetStream cannot fill its
+    disk. With no worker running, the backlog outgrows the cap and results nobody read are
+    dropped from the stream: the agents still hold them (a batch leaves an outbox only on the
+    worker's ack, after the InfluxDB write) and send them again, so once workers run nothing is
+    lost."""
+    rig = JsRig(tmp_path, mosquitto_factory, influx_db, devices=60, interval_ms=100)
+    cap = 1 << 20
+    rig.cloud_cfg.write_text(rig.cloud_cfg.read_text().replace(
+        'ack_wait = "6s"\n', f'ack_wait = "6s"\nretention_bytes = {cap}\n'))
+    try:
+        rig.start_worker("A")  # sets the stream up with its cap, then stops
+        deadline = time.monotonic() + 30
+        while not _run(rig.stream_state()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        rig.signal("A", signal.SIGTERM)
+        rig.start_bridge()
+        rig.start_agents()
+        time.sleep(2)
+        rig.run_fleet(25)
+        info: dict[str, Any] = {}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the stream at its cap, its oldest dropped
+            time.sleep(1)
+            info = _run(rig.stream_state())
+            if info.get("first_seq", 1) > 1:
+                break
+        assert info.get("first_seq", 1) > 1, info
+        assert info["bytes"] <= cap, info
+        rig.start_worker("A")
+        rig.wait_fleet()
+        assert rig.sim is not None
+        n = settled(rig, len(rig.sim.published), 120)
+        report = rig.oracle()
+        print(f"stream at its cap: {info}; {n} of {len(rig.sim.published)} in InfluxDB")
+        assert report.lost == report.unexpected == report.mismatched == 0, report
+        assert n == len(rig.sim.published)
+    finally:
+        rig.stop()
