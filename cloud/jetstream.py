@@ -395,6 +395,25 @@ UNANSWERED = "503"  # a pull nobody serves: "no responders"
 UNANSWERED_WARN_S = 10.0
 
 
+REPLICA_CHECK_S = 5.0
+
+
+def replicas_behind(info: dict[str, Any], replicas: int) -> int | None:
+    """From a STREAM.INFO answer: how many of ``replicas`` are not current (the leader is;
+    a peer is when the server says ``current`` and not ``offline``); all of them without a
+    leader; None for an error answer."""
+    if "error" in info or "config" not in info:
+        return None
+    cluster = info.get("cluster") or {}
+    if replicas <= 1:
+        return 0
+    if not cluster.get("leader"):
+        return replicas
+    peers = cluster.get("replicas") or []
+    current = 1 + sum(1 for r in peers if r.get("current") and not r.get("offline"))
+    return max(0, replicas - current)
+
+
 def _client_error(exc: BaseException) -> bool:
     """An error the NATS client raises for a server, link or timeout (not a fault of ours)."""
     import nats.errors
@@ -451,6 +470,10 @@ class JetStreamSource:
         self.connected = asyncio.Event()
         self._reset = asyncio.Event()
         self.move_ms: list[float] = []  # first message after a claim: claim + restore + replay
+        # replicas of the stream that are not current (None: not known yet, or no answer);
+        # the stream goes on with a quorum, but one node fewer stops it (a node whose disk
+        # filled keeps serving clients with JetStream disabled: only this tells)
+        self.replicas_behind: int | None = None
 
     # ---- the PartitionedSource interface ------------------------------------------------
 
@@ -461,6 +484,7 @@ class JetStreamSource:
         self.connected.set()
         self._tasks = [asyncio.create_task(self._pull_loop(p), name=f"js-pull-{p}")
                        for p in self.cfg.served()]
+        self._tasks.append(asyncio.create_task(self._watch_replicas(), name="js-replicas"))
         while True:
             item = await self._queue.get()
             yield item
@@ -564,6 +588,36 @@ class JetStreamSource:
         if event:
             self._queue.put_nowait(PartitionEvent(p, False, epoch=self._epoch[p]))
 
+    async def _watch_replicas(self, every_s: float = REPLICA_CHECK_S) -> None:
+        """Every ``every_s``: how many of the stream's replicas are not current. A change
+        that holds for two checks in a row is logged (a replica catching up after a restart
+        is behind for a moment)."""
+        seen: int | None = None
+        while True:
+            try:
+                doc = await _api(self._nc, f"$JS.API.STREAM.INFO.{self.cfg.stream}", {})
+                behind = replicas_behind(doc, self.cfg.replicas)
+            except Exception:  # no answer: the pulls say so; keep the last known
+                behind = None
+            if behind is not None:
+                if behind == seen and behind != self.replicas_behind:
+                    lagging = [r.get("name") for r in
+                               doc.get("cluster", {}).get("replicas") or []
+                               if not r.get("current") or r.get("offline")]
+                    if behind:
+                        log.warning(
+                            "stream %s: %d of its %d replicas not current (%s): it goes on while "
+                            "a majority is, one node fewer stops it. A node down, or one whose "
+                            "disk filled (nats-server then disables JetStream there until it "
+                            "is restarted)", self.cfg.stream, behind, self.cfg.replicas,
+                            ", ".join(str(n) for n in lagging) or "no leader")
+                    elif self.replicas_behind:
+                        log.warning("stream %s: all %d replicas current again", self.cfg.stream,
+                                    self.cfg.replicas)
+                    self.replicas_behind = behind
+                seen = behind
+            await asyncio.sleep(every_s)
+
     async def _pull_loop(self, p: int) -> None:
         nc = self._nc
         inbox = nc.new_inbox()
@@ -617,7 +671,11 @@ class JetStreamSource:
         self._last_pull[p] = time.monotonic()
         await nc.publish(subject, json.dumps(req).encode(), reply=inbox)
         got = 0
-        deadline = time.monotonic() + expires + 2.0
+        # wait for the server's answer (408 at expiry) with some slack, but ask again before
+        # fence_ok would take the silence for a stall of ours: a pull the server never answers
+        # (a consumer leader gone) made a worker with a 3 s priority_timeout drop everything
+        limit = self.cfg.priority_timeout_ms / 1000 * 0.8
+        deadline = time.monotonic() + expires + max(0.1, min(2.0, limit - expires - 0.3))
         while got < batch:
             left = deadline - time.monotonic()
             if left <= 0:

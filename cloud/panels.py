@@ -316,6 +316,13 @@ ALERT_RULES: tuple[AlertRule, ...] = (
         threshold=0.5, for_="5m", range_s=300, severity="critical",
         summary="Gateway {{ $labels.gateway }}'s outbox is over half full: the cloud is not "
                 "acknowledging; at 100 % its policy sheds results."),
+    AlertRule(
+        "fieldline-stream-replicas", "JetStream stream under-replicated",
+        f'SELECT last("engine_replicas_behind") {CLOUD} AND $timeFilter GROUP BY "worker"',
+        threshold=0, for_="5m", range_s=300,
+        summary="Worker {{ $labels.worker }} sees replicas of the JetStream stream not current: "
+                "a NATS node down, or one whose disk filled (nats-server then disables "
+                "JetStream there until restarted). One more node lost stops the pipeline."),
 )
 
 

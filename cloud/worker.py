@@ -483,6 +483,9 @@ class CloudWorker:
             s["partitions_owned"] = len(self.parts)
             for k, n in getattr(self.source, "counters", {}).items():
                 s["engine_" + k] = n
+            behind = getattr(self.source, "replicas_behind", None)
+            if behind is not None:
+                s["engine_replicas_behind"] = behind
             for k in ("partitions_assigned", "partitions_revoked", "partition_snapshots",
                       "partition_snapshot_errors", "messages_replayed", "messages_not_owned",
                       "fenced_points"):
@@ -496,7 +499,7 @@ class CloudWorker:
     def _health_points(self) -> Points:
         s = self.stats()
         gauges = {"buffered_points", "lag_p50_ms", "lag_p99_ms", "freshness_p50_ms",
-                  "partitions_owned"}
+                  "partitions_owned", "engine_replicas_behind"}
         return pipeline_points(
             "cloud", {"worker": self.config.worker_id},
             {k: int(v) for k, v in s.items() if k not in gauges},

@@ -41,7 +41,9 @@ from cloud.jetstream import (
     gateway_from_token,
     gateway_token,
     partition_of_gateway,
+    replicas_behind,
 )
+from cloud.panels import ALERT_RULES, Params, render
 from cloud.sinks.base import MemorySink
 from cloud.sinks.influx_v1 import InfluxV1Client
 from cloud.sinks.points import encode
@@ -973,5 +975,77 @@ def test_a_stream_capped_below_the_backlog_loses_nothing(
         print(f"stream at its cap: {info}; {n} of {len(rig.sim.published)} in InfluxDB")
         assert report.lost == report.unexpected == report.mismatched == 0, report
         assert n == len(rig.sim.published)
+    finally:
+        rig.stop()
+
+
+def test_replicas_behind_reads_the_servers_stream_info() -> None:
+    """The shape nats-server 2.15 answers with one of three nodes' disk full (recorded)."""
+    info: dict[str, Any] = {"config": {}, "cluster": {"leader": "n2", "replicas": [
+        {"name": "n1", "current": False, "active": 14091224823, "lag": 17972},
+        {"name": "n3", "current": True, "active": 598683}]}}
+    assert replicas_behind(info, 3) == 1
+    info["cluster"]["replicas"][0].update(current=True)
+    assert replicas_behind(info, 3) == 0
+    info["cluster"]["replicas"][1].update(offline=True)
+    assert replicas_behind(info, 3) == 1
+    assert replicas_behind({"config": {}, "cluster": {"name": "c"}}, 3) == 3  # no leader
+    assert replicas_behind({"config": {}}, 1) == 0
+    assert replicas_behind({"error": {"code": 503}}, 3) is None
+
+
+@pytest.mark.integration
+def test_a_full_disk_under_one_nats_node_is_reported_and_loses_nothing(
+        tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto],
+        influx_db: InfluxV1Client) -> None:
+    """One node's disk fills: nats-server disables JetStream on that node only, and the stream
+    goes on with two of its three replicas (publishes stall ~5 s while a leader there moves).
+    Nothing tells an operator that one more lost node now stops the pipeline, and the node
+    keeps serving clients: the workers now report the replicas that are not current
+    (`engine_replicas_behind`, an alert rule on it) and log it; back to 0 once the node has
+    space and is restarted. Nothing is lost."""
+    rig = JsRig(tmp_path, mosquitto_factory, influx_db, nats_disk="48m")
+    full = rig.cluster.nodes[0]
+    try:
+        rig.start_worker("A")
+        rig.start_bridge()
+        rig.start_agents()
+        time.sleep(2)
+        rig.run_fleet(45)
+        time.sleep(5)
+
+        def health() -> dict[str, Any]:
+            return rig.worker_health("A")
+
+        assert health().get("engine_replicas_behind") == 0
+        filler = fill(full.store_dir)
+        deadline = time.monotonic() + 40
+        h = health()
+        while time.monotonic() < deadline and h.get("engine_replicas_behind") != 1:
+            time.sleep(0.5)
+            fill(full.store_dir)
+            h = health()
+        assert h.get("engine_replicas_behind") == 1, h
+        assert "will be DISABLED" in (full.workdir / "nats.log").read_text(errors="replace")
+        # the shipped alert rule's query, as Grafana runs it, sees it
+        rule = next(r for r in ALERT_RULES if r.uid == "fieldline-stream-replicas")
+        doc: Any = rig.influx.query(render(rule.query, Params(range_s=300, points=300)))
+        series = doc["results"][0].get("series", [])
+        assert [(s["tags"]["worker"], s["values"][-1][1]) for s in series] == [("A", 1)], doc
+        filler.unlink()
+        full.restart()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and health().get("engine_replicas_behind") != 0:
+            time.sleep(0.5)
+        assert health().get("engine_replicas_behind") == 0
+        rig.wait_fleet()
+        assert rig.sim is not None
+        n = settled(rig, len(rig.sim.published), 120)
+        report = rig.oracle()
+        assert report.lost == report.unexpected == report.mismatched == 0, report
+        assert n == len(rig.sim.published)
+        log_a = (tmp_path / "A.log").read_text(errors="replace")
+        assert "1 of its 3 replicas not current" in log_a
+        assert "all 3 replicas current again" in log_a
     finally:
         rig.stop()
