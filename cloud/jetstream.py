@@ -392,10 +392,8 @@ class SnapshotStore:
 
 
 UNANSWERED = "503"  # a pull nobody serves: "no responders"
-UNANSWERED_WARN_S = 10.0
-
-
-REPLICA_CHECK_S = 5.0
+UNANSWERED_WARN_S = 10.0  # then a warning (every 30 s) naming the likely causes
+REPLICA_CHECK_S = 5.0  # how often a worker asks whether the stream's replicas are current
 
 
 def replicas_behind(info: dict[str, Any], replicas: int) -> int | None:

@@ -907,7 +907,8 @@ def test_r12_disk_full_under_every_nats_node_loses_nothing(
         for f in fillers:
             f.unlink()
         time.sleep(6)  # the workers warn after 10 s without an answer, then every 30 s
-        assert rig.in_influx() - stalled < 100, "JetStream came back without a restart"
+        # nats-server's behaviour, not ours (2.15 keeps JetStream off): reported, not asserted
+        came_back = rig.in_influx() - stalled
         for node in rig.cluster.nodes:  # the operator's part: a rolling restart
             node.restart()
             time.sleep(2)
@@ -919,7 +920,8 @@ def test_r12_disk_full_under_every_nats_node_loses_nothing(
         pulls = {w: rig.worker_health(w).get("engine_pulls_unanswered", -1) for w in "AB"}
         print(f"disabled: {off}; in InfluxDB {before} before, {stalled} while full, {n} at the "
               f"end of {len(rig.sim.published)}; CPU s in 8 s while disabled: {cpu}; pulls "
-              f"unanswered {pulls} in {outage_s:.0f} s")
+              f"unanswered {pulls} in {outage_s:.0f} s; {came_back} arrived after space "
+              "returned, before the restarts")
         assert all(off), off
         assert report.lost == report.unexpected == report.mismatched == 0, report
         assert n == len(rig.sim.published)

@@ -16,9 +16,9 @@ import pytest
 
 from cloud.sinks.influx_v1 import InfluxV1Client
 from fieldline.oracle import check, expected_windows, export_windows
-from fieldline.services import InfluxDB, Mosquitto
+from fieldline.services import InfluxDB, Mosquitto, NatsServer
 from tests.rig import LABEL, WINDOW_MS, Rig, shipped_gateway
-from tests.test_faults import check_laws, finish, overload
+from tests.test_faults import check_laws, fill, finish, overload
 from tests.test_jetstream import GATEWAYS, JsRig, settled
 
 pytestmark = [pytest.mark.integration, pytest.mark.soak]
@@ -200,16 +200,22 @@ def jetstream_mixed_faults(rig: JsRig, influx: InfluxDB, rng: random.Random, sec
                            members: dict[str, str | None]) -> list[str]:
     """For ``seconds``, every one to four seconds, one fault on the scale-out path while others
     may still be on: a worker SIGKILLed (restarted after up to 2 s) or paused past its pin
-    timeout, a NATS node SIGKILLed or hung (up to two at once: the cluster then has no
-    quorum), the bridge, an agent, the cloud broker or InfluxDB SIGKILLed, InfluxDB answering
-    503 or hanging. Then everything heals."""
+    timeout, a NATS node SIGKILLed, hung or its disk filled (up to two at once: the cluster
+    then has no quorum), the bridge, an agent, the cloud broker or InfluxDB SIGKILLed,
+    InfluxDB answering 503 or hanging. Then everything heals."""
     done: list[str] = []
     paused: set[str] = set()
+    full: dict[str, Path] = {}  # nodes whose disk we filled: JetStream off there till restart
     end = time.monotonic() + seconds
+
+    def up() -> list[NatsServer]:
+        return [n for n in rig.cluster.nodes
+                if n.running and n.name not in paused and n.name not in full]
+
     while time.monotonic() < end:
         time.sleep(rng.uniform(1.0, 4.0))
-        fault = rng.choice(["worker", "pause", "nats", "nats", "nats_pause", "bridge",
-                            "agent", "cloud_broker", "influx", "influx_kill", "heal"])
+        fault = rng.choice(["worker", "pause", "nats", "nats", "nats_pause", "nats_disk",
+                            "bridge", "agent", "cloud_broker", "influx", "influx_kill", "heal"])
         if fault == "worker":
             name = rng.choice(sorted(members))
             done.append(f"kill:{name}")
@@ -224,18 +230,21 @@ def jetstream_mixed_faults(rig: JsRig, influx: InfluxDB, rng: random.Random, sec
             rig.signal(name, signal.SIGSTOP)
             paused.add(name)
         elif fault == "nats":
-            up = [n for n in rig.cluster.nodes if n.running and n.name not in paused]
-            if len(up) > 1:
-                node = rng.choice(up)
+            if len(up()) > 1:
+                node = rng.choice(up())
                 done.append(f"kill:{node.name}")
                 node.kill()
         elif fault == "nats_pause":  # hung: its connections stay open, nothing answers
-            up = [n for n in rig.cluster.nodes if n.running and n.name not in paused]
-            if len(up) > 1:
-                node = rng.choice(up)
+            if len(up()) > 1:
+                node = rng.choice(up())
                 done.append(f"pause:{node.name}")
                 node.pause()
                 paused.add(node.name)
+        elif fault == "nats_disk":  # its disk full: it disables JetStream until restarted
+            if len(up()) > 1:
+                node = rng.choice(up())
+                done.append(f"disk_full:{node.name}")
+                full[node.name] = fill(node.store_dir)
         elif fault == "bridge":
             done.append("kill:bridge")
             rig.signal("bridge", signal.SIGKILL)
@@ -259,16 +268,21 @@ def jetstream_mixed_faults(rig: JsRig, influx: InfluxDB, rng: random.Random, sec
             crash_influx(influx, rng)
         else:
             done.append("heal")
-            heal_jetstream(rig, paused)
-    heal_jetstream(rig, paused)
+            heal_jetstream(rig, paused, full)
+    heal_jetstream(rig, paused, full)
     return done
 
 
-def heal_jetstream(rig: JsRig, paused: set[str]) -> None:
+def heal_jetstream(rig: JsRig, paused: set[str], full: dict[str, Path]) -> None:
+    """Everything as it was; a node whose disk filled gets its space back and is restarted
+    (the operator's part: nats-server keeps JetStream off until then)."""
     if rig.influx_proxy is not None:
         rig.influx_proxy.set_mode("pass")
     for node in rig.cluster.nodes:
-        if not node.running:
+        if node.name in full:
+            full.pop(node.name).unlink()
+            node.restart()
+        elif not node.running:
             node.restart()
         elif node.name in paused:
             node.resume()
@@ -282,7 +296,8 @@ def test_soak_jetstream_faults_mixed_and_overlapping(
         tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto]) -> None:
     """The scale-out path under faults nobody announces: three workers (two members and a
     standby) on a 3-node NATS cluster, for eighty seconds workers SIGKILLed or paused past their
-    pin timeout, NATS nodes SIGKILLed or hung (at times two: no quorum), the bridge, an agent,
+    pin timeout, NATS nodes SIGKILLed, hung or their disk filled (at times two: no quorum),
+    the bridge, an agent,
     the cloud broker or InfluxDB SIGKILLed, InfluxDB answering 503 or hanging, overlapping, in
     an order drawn from FIELDLINE_CHAOS_SEED. Then all
     heals: the oracle is clean, both ledger laws hold per gateway, and the anomalies in InfluxDB
@@ -291,7 +306,7 @@ def test_soak_jetstream_faults_mixed_and_overlapping(
     influx = InfluxDB(tmp_path / "influx").start()
     client = InfluxV1Client(influx.url, "mixed")
     client.create_database()
-    rig = JsRig(tmp_path, mosquitto_factory, client, influx_proxy=True)
+    rig = JsRig(tmp_path, mosquitto_factory, client, influx_proxy=True, nats_disk="64m")
     members: dict[str, str | None] = {"A": "0/2", "B": "1/2", "C": None}
     try:
         for name, member in members.items():
