@@ -407,9 +407,14 @@ def replicas_behind(info: dict[str, Any], replicas: int) -> int | None:
         return 0
     if not cluster.get("leader"):
         return replicas
-    peers = cluster.get("replicas") or []
-    current = 1 + sum(1 for r in peers if r.get("current") and not r.get("offline"))
+    current = 1 + len(cluster.get("replicas") or []) - len(_lagging(cluster))
     return max(0, replicas - current)
+
+
+def _lagging(cluster: dict[str, Any]) -> list[str]:
+    """The peers of a STREAM.INFO ``cluster`` that are not current (or offline)."""
+    return [str(r.get("name")) for r in cluster.get("replicas") or []
+            if not r.get("current") or r.get("offline")]
 
 
 def _client_error(exc: BaseException) -> bool:
@@ -599,16 +604,14 @@ class JetStreamSource:
                 behind = None
             if behind is not None:
                 if behind == seen and behind != self.replicas_behind:
-                    lagging = [r.get("name") for r in
-                               doc.get("cluster", {}).get("replicas") or []
-                               if not r.get("current") or r.get("offline")]
+                    lagging = _lagging(doc.get("cluster") or {})
                     if behind:
                         log.warning(
                             "stream %s: %d of its %d replicas not current (%s): it goes on while "
                             "a majority is, one node fewer stops it. A node down, or one whose "
                             "disk filled (nats-server then disables JetStream there until it "
                             "is restarted)", self.cfg.stream, behind, self.cfg.replicas,
-                            ", ".join(str(n) for n in lagging) or "no leader")
+                            ", ".join(lagging) or "no leader")
                     elif self.replicas_behind:
                         log.warning("stream %s: all %d replicas current again", self.cfg.stream,
                                     self.cfg.replicas)

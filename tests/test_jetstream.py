@@ -23,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -496,8 +497,6 @@ detectors = ["spike", "novelty", "stuck"]
     # ---- what the engine says --------------------------------------------------------------
 
     async def _owners(self) -> dict[int, str]:
-        import json
-
         import nats
 
         nc = await nats.connect(self.cluster_urls_alive(), connect_timeout=2)
@@ -515,8 +514,6 @@ detectors = ["spike", "novelty", "stuck"]
             await nc.close()
 
     async def _snapshots(self) -> tuple[set[str], set[str]]:
-        import json
-
         import nats
 
         nc = await nats.connect(self.cluster_urls_alive(), connect_timeout=2)
@@ -862,8 +859,8 @@ def test_a_hung_nats_node_stalls_the_bridge_and_workers_for_seconds_not_minutes(
 
 
 def cpu_s(pid: int) -> float:
-    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    t = psutil.Process(pid).cpu_times()
+    return float(t.user + t.system)
 
 
 @pytest.mark.integration
