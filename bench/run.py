@@ -16,6 +16,7 @@ from bench import (
     pipeline,
     simulator,
     sketches,
+    uplink,
 )
 
 
@@ -25,6 +26,7 @@ def main() -> None:
     sketches.main()
     pipeline.main()
     intake.main()
+    uplink.main()
     latency.main()
     custody.main()
     broker.main()

@@ -24,6 +24,11 @@ changed (a session whose start moved), as columns ``d``, ``m``, ``k``, ``s``.
 
 ``health``: counters and gauges of one gateway agent at one instant.
 
+A results message travels as that JSON or, once the cloud says it reads it (``reads`` in its
+acks), compressed with zlib (``pack_uplink``; its first byte is 0x78, which no JSON document
+starts with): window results compress about four to one, which is what a cellular gateway pays
+for and what its outbox holds through an outage. Readers take either (``decode_uplink``).
+
 A batch is identified by ``(gw, inc, seq)``: ``inc`` (optional, 0 when absent) is the agent's
 incarnation, drawn at random when its state directory is new, so numbers that restart at 0
 after a lost state are new batches; a result by ``(gw, device, metric, w, s)`` plus ``r``.
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +55,11 @@ from devices.schema import FLOAT_WIRE, INT_WIRE, RESULT, SEQ
 
 VERSION = 1
 TOPIC_ROOT = "fieldline/v1"
+# the compressed encodings of a results message this code reads; every ack names them, so an
+# agent compresses only for a cloud that can read it (an older one, mid-upgrade, gets JSON)
+READS = ("zlib",)
+ZLIB_LEVEL = 6  # zlib's default: ~60 MB/s here, a quarter of the JSON's size for window results
+MAX_INFLATED = 64 * 2**20  # a compressed message inflating beyond this is refused (a zip bomb)
 
 INT_COLUMNS = INT_WIRE
 FLOAT_COLUMNS = FLOAT_WIRE
@@ -115,6 +126,8 @@ class Ack:
     # of ``acked``: batches that came under a number the cloud already had another batch of
     # (two agents numbering under this incarnation: a copied state directory)
     conflicts: list[int] = field(default_factory=list)
+    # the compressed encodings the acknowledging cloud reads (``READS``; none: JSON only)
+    reads: tuple[str, ...] = ()
 
 
 def encode_ack(acked: list[int], rejected: list[int] | None = None, incarnation: int = 0,
@@ -130,6 +143,7 @@ def encode_ack(acked: list[int], rejected: list[int] | None = None, incarnation:
         doc["proof"] = {str(k): v for k, v in proofs.items()}
     if conflicts:
         doc["conflict"] = conflicts
+    doc["reads"] = list(READS)
     return orjson.dumps(doc)
 
 
@@ -154,7 +168,38 @@ def decode_ack(payload: bytes) -> Ack:
     conflicts = doc.get("conflict", [])
     if not (isinstance(conflicts, list) and all(type(x) is int for x in conflicts)):
         raise ContractError(BAD_UPLINK, "ack conflicts must be a list of integers")
-    return Ack(acked, rejected, inc, {int(k): v for k, v in raw.items()}, conflicts)
+    reads = doc.get("reads", [])
+    if not (isinstance(reads, list) and all(isinstance(x, str) for x in reads)):
+        raise ContractError(BAD_UPLINK, "ack reads must be a list of encoding names")
+    return Ack(acked, rejected, inc, {int(k): v for k, v in raw.items()}, conflicts,
+               tuple(reads))
+
+
+def pack_uplink(payload: bytes) -> bytes:
+    """A results message compressed for the uplink (for a cloud whose acks list ``"zlib"``)."""
+    return zlib.compress(payload, ZLIB_LEVEL)
+
+
+def uplink_json(payload: bytes) -> bytes:
+    """The JSON of an uplink message: as it came, or inflated when it came compressed.
+    Raises ``ContractError`` (``bad_uplink``) for a broken stream, trailing bytes, or one that
+    inflates beyond ``MAX_INFLATED``, which is refused before it is inflated any further."""
+    if payload[:1] != b"\x78":
+        return payload
+    z = zlib.decompressobj()
+    try:
+        out = z.decompress(payload, MAX_INFLATED + 1)
+    except zlib.error as exc:
+        raise ContractError(BAD_UPLINK, f"neither JSON nor a zlib stream ({exc})") from None
+    if len(out) > MAX_INFLATED:
+        raise ContractError(BAD_UPLINK, f"a compressed message inflating beyond "
+                                        f"{MAX_INFLATED:,} bytes")
+    if not z.eof:
+        raise ContractError(BAD_UPLINK, "a compressed message cut short")
+    if z.unused_data:
+        raise ContractError(BAD_UPLINK, f"{len(z.unused_data)} bytes after the compressed "
+                                        "message")
+    return out
 
 
 def late_topic(gateway: str) -> str:
@@ -388,8 +433,8 @@ def peek_batch_id(payload: bytes) -> tuple[str, int, int] | None:
     """(gateway, incarnation, seq) of a results message whose body may be unusable, if its
     header is fine."""
     try:
-        doc = orjson.loads(payload)
-    except orjson.JSONDecodeError:
+        doc = orjson.loads(uplink_json(payload))
+    except (orjson.JSONDecodeError, ContractError):
         return None
     if not isinstance(doc, dict) or doc.get("kind") != "results":
         return None
@@ -401,7 +446,9 @@ def peek_batch_id(payload: bytes) -> tuple[str, int, int] | None:
 
 
 def decode_uplink(payload: bytes) -> Uplink:
-    """Parse and check one uplink message; raise ``ContractError`` with a countable reason."""
+    """Parse and check one uplink message (JSON, or compressed: ``uplink_json``); raise
+    ``ContractError`` with a countable reason."""
+    payload = uplink_json(payload)
     try:
         doc = orjson.loads(payload)
     except orjson.JSONDecodeError:

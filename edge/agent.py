@@ -32,6 +32,7 @@ from devices.contract import (
     ResultBatch,
     ResultColumns,
     SupersededRows,
+    pack_uplink,
     peek_batch_id,
 )
 from devices.readings import NO_SEQ, Interner, ReadingColumns, capacity
@@ -70,6 +71,7 @@ def _field(label: str) -> str:
 CHECKPOINT = "windows.npz"
 DISK_RETRY_MS = 1_000  # after a failed write under state_dir, try again this much later
 UNATTRIBUTED = "(no device)"  # the ledger row of readings rejected before naming a device
+HEALTH_PACK_BYTES = 4096  # health reports above this go compressed (a ledger of many devices)
 
 
 def rss_mb() -> float:
@@ -551,6 +553,10 @@ class EdgeAgent:
         if self.uplink.seq.recovered:
             self._resume_sequence()
         self._last_overflow = 0
+        # result batches as JSON and as stored (compressed when the cloud reads it), in bytes
+        self.batch_json_bytes = 0
+        self.batch_stored_bytes = 0
+        self.batches_compressed = 0
         self._unstored: list[tuple[int, bytes, int, int]] = []  # refused by the outbox
         self._recover()
         self._next_checkpoint = self.clock.monotonic_ms() + config.checkpoint_interval_ms
@@ -788,12 +794,23 @@ class EdgeAgent:
         self._next_checkpoint = self.clock.monotonic_ms() + self.config.checkpoint_interval_ms
         self.pipeline.counters["checkpoints"] += 1
 
+    def _packing(self) -> bool:
+        """Compress what goes up: configured so, and the cloud said it reads zlib."""
+        return self.config.uplink_compression == "zlib" and "zlib" in self.shipper.cloud.reads
+
     def _store(self, res: ResultColumns) -> None:
         if len(res) == 0 and (res.superseded is None or len(res.superseded) == 0):
             return
+        pack = self._packing()
         for batch in self.pipeline.to_batches(res, self.uplink.seq.next,
                                               self.uplink.seq.incarnation):
-            self._unstored.append((batch.seq, batch.encode(), len(batch.results),
+            payload = batch.encode()
+            self.batch_json_bytes += len(payload)
+            if pack:
+                payload = pack_uplink(payload)
+                self.batches_compressed += 1
+            self.batch_stored_bytes += len(payload)
+            self._unstored.append((batch.seq, payload, len(batch.results),
                                    int(batch.results.count.sum())))
         self._store_pending()
 
@@ -867,6 +884,10 @@ class EdgeAgent:
             "uplink_oversize": self.uplink.oversize,
             "uplink_no_subscribers": self.uplink.no_subscribers,
             "uplink_bytes": self.uplink.bytes_sent,
+            # what compression saves: result batches' JSON against what was stored and sent
+            "batch_json_bytes": self.batch_json_bytes,
+            "batch_stored_bytes": self.batch_stored_bytes,
+            "batches_compressed": self.batches_compressed,
             "rss_mb": round(rss_mb(), 1),
             "disk_errors": self.disk_errors,
             "disk_blocked": int(self._disk_since is not None),
@@ -906,7 +927,10 @@ class EdgeAgent:
             rep = HealthReport(gateway=rep.gateway, ts=rep.ts, counters=rep.counters,
                                gauges=rep.gauges, devices=rep.devices,
                                ledger=self.pipeline.ledger_report())
-        self.uplink.publish_health(rep.encode())
+        payload = rep.encode()
+        if len(payload) > HEALTH_PACK_BYTES and self._packing():
+            payload = pack_uplink(payload)  # a ledger of thousands of devices; small ones stay
+        self.uplink.publish_health(payload)  # readable with mosquitto_sub
         wm = self.pipeline.engine.gateway_watermark()
         self.uplink.publish_status({
             "last_seen": rep.ts, "outbox_depth": self.outbox.depth,

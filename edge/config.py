@@ -56,6 +56,8 @@ class EdgeConfig:
     max_results_per_batch: int = 2_000
     max_inflight_batches: int = 16
     ack_timeout_ms: int = 30_000
+    # result batches compressed (zlib) once the cloud's acks say it reads them, or never
+    uplink_compression: str = "zlib"
     outbox_max_bytes: int = 256 * 2**20
     outbox_max_age_ms: int = 7 * 86_400_000
     outbox_policy: str = "drop_oldest"
@@ -240,6 +242,7 @@ def edge_config_from(root: Section) -> EdgeConfig:
         max_results_per_batch=uplink.integer("max_results_per_batch", 2_000, minimum=1),
         max_inflight_batches=uplink.integer("max_inflight", 16, minimum=1, maximum=10_000),
         ack_timeout_ms=uplink.duration_ms("ack_timeout", 30_000, minimum=100),
+        uplink_compression=uplink.choice("compression", ("zlib", "none"), "zlib"),
         outbox_max_bytes=outbox.size("max_bytes", 256 * 2**20, minimum=64 * 1024),
         outbox_max_age_ms=outbox.duration_ms("max_age", 7 * 86_400_000, minimum=1_000),
         outbox_policy=outbox.choice("policy", ("drop_oldest", "refuse_newest"), "drop_oldest"),

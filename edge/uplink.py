@@ -70,6 +70,7 @@ class SequenceAllocator:
     start again at 0 belong to a new incarnation and the cloud takes them as new batches."""
 
     def __init__(self, state_dir: Path, clock: Clock) -> None:
+        self.state_dir = state_dir
         self._path = state_dir / "uplink.seq"
         self._path.parent.mkdir(parents=True, exist_ok=True)
         # the file was unreadable and set aside: a new incarnation, whose numbers the agent
@@ -151,6 +152,33 @@ class SequenceAllocator:
         n = self._next
         self._next += 1
         return n
+
+
+class CloudReads:
+    """The compressed encodings the cloud said (in its latest ack) it reads, kept in the state
+    directory so an agent restarted during an outage stores compressed batches from the start.
+    An ack without them (an older worker) turns compression off again for what is stored next.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self._path = state_dir / "uplink.reads"
+        try:
+            self.reads = tuple(self._path.read_text().split())
+        except (OSError, UnicodeDecodeError):
+            self.reads = ()
+
+    def update(self, reads: tuple[str, ...]) -> None:
+        if reads == self.reads:
+            return
+        self.reads = reads
+        log.info("the cloud reads %s: result batches are stored %s", ", ".join(reads) or
+                 "JSON only", "compressed" if "zlib" in reads else "as JSON")
+        tmp = self._path.with_suffix(".tmp")
+        try:  # an optimisation: a failed write only means JSON again after a restart
+            tmp.write_text(" ".join(reads) + "\n")
+            os.replace(tmp, self._path)
+        except OSError as exc:
+            log.warning("could not keep what the cloud reads in %s: %s", self._path, exc)
 
 
 class MqttUplink:
@@ -342,6 +370,7 @@ class Shipper:
     def __init__(self, outbox: Any, uplink: MqttUplink, clock: Clock, *, max_inflight: int = 32,
                  ack_timeout_ms: int = 30_000) -> None:
         self.outbox = outbox
+        self.cloud = CloudReads(uplink.seq.state_dir)  # what the cloud reads besides JSON
         self.uplink = uplink
         self.clock = clock
         self.max_inflight = max_inflight
@@ -364,6 +393,7 @@ class Shipper:
         mine = self.uplink.seq.incarnation
         while self.uplink.acks:
             ack = self.uplink.acks.popleft()
+            self.cloud.update(ack.reads)
             if ack.incarnation not in (mine, 0) and ack.incarnation not in self.earlier:
                 self.foreign_acks += 1
                 continue

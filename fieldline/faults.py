@@ -9,6 +9,9 @@ Put it between a client and a server and switch its mode at any time:
   timeouts, e.g. MQTT keepalive);
 * ``reset``: abort every connection (RST) and refuse new ones;
 * ``latency``: forward with ``latency_ms`` of delay per chunk;
+* ``slow``: a slow link (a congested cellular uplink): each direction carries ``rate_bps``
+  bytes per second, each chunk arriving ``latency_ms`` after it was sent (chunks in flight
+  overlap, as on a real link; bytes beyond what is in flight wait in TCP's buffers);
 * ``http_503``: answer every request with ``503 Service Unavailable`` (an InfluxDB in trouble);
 * ``hang``: accept and never answer (a server that times out).
 
@@ -25,7 +28,7 @@ import threading
 from concurrent.futures import Future
 from typing import Any
 
-MODES = ("pass", "blackhole", "reset", "latency", "http_503", "hang")
+MODES = ("pass", "blackhole", "reset", "latency", "slow", "http_503", "hang")
 
 
 class FaultProxy:
@@ -34,6 +37,7 @@ class FaultProxy:
         self.listen_port = listen_port
         self.mode = "pass"
         self.latency_ms = 0
+        self.rate_bps = 0
         self.connections = 0
         self.bytes_forwarded = 0
         self._loop = asyncio.new_event_loop()
@@ -62,10 +66,13 @@ class FaultProxy:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.listen_port)
         self.listen_port = self._server.sockets[0].getsockname()[1]
 
-    def set_mode(self, mode: str, *, latency_ms: int = 0) -> None:
+    def set_mode(self, mode: str, *, latency_ms: int = 0, rate_bps: int = 0) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}")
+        if mode == "slow" and rate_bps <= 0:
+            raise ValueError("mode slow needs rate_bps > 0")
         self.latency_ms = latency_ms
+        self.rate_bps = rate_bps
         self.mode = mode
         self._call(self._set_flow(mode not in ("blackhole", "hang"))).result(10)
         if mode in ("reset", "http_503"):
@@ -124,22 +131,47 @@ class FaultProxy:
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         assert self._flowing is not None
+        loop = asyncio.get_running_loop()
+        on_link: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(maxsize=64)
+        deliver = asyncio.ensure_future(self._deliver(on_link, writer))
+        try:
+            while not deliver.done():
+                await self._flowing.wait()  # a partition holds the bytes back, never drops them
+                if self.mode == "slow":  # the link's rate: a chunk leaves when serialised
+                    data = await reader.read(max(1, min(65536, self.rate_bps // 20)))
+                    if data:
+                        await asyncio.sleep(len(data) / self.rate_bps)
+                else:
+                    data = await reader.read(65536)
+                await on_link.put((loop.time(), data))
+                if not data:
+                    break
+            await deliver
+        finally:
+            deliver.cancel()
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    async def _deliver(self, on_link: asyncio.Queue[tuple[float, bytes]],
+                       writer: asyncio.StreamWriter) -> None:
+        """The far end of the link: chunks in the order sent, each after the mode's delay."""
+        assert self._flowing is not None
+        loop = asyncio.get_running_loop()
         while True:
-            await self._flowing.wait()  # a partition holds the bytes back, it never drops them
-            data = await reader.read(65536)
+            sent_at, data = await on_link.get()
             if not data:
-                break
+                return
             await self._flowing.wait()
             if self.mode == "reset":
                 _abort(writer)
-                break
+                return
             if self.mode == "latency" and self.latency_ms:
                 await asyncio.sleep(self.latency_ms / 1000)
+            elif self.mode == "slow" and self.latency_ms:
+                await asyncio.sleep(max(0.0, sent_at + self.latency_ms / 1000 - loop.time()))
             writer.write(data)
             self.bytes_forwarded += len(data)
             await writer.drain()
-        with contextlib.suppress(Exception):
-            writer.close()
 
     def stop(self) -> None:
         async def close() -> None:

@@ -232,7 +232,7 @@ def test_an_ack_about_batches_this_agent_never_sent_moves_it_to_a_new_incarnatio
     marks as a conflict, moves this agent to a new incarnation for what it numbers next (on
     disk first); what its outbox holds stays under the old one, whose acks still count. A
     forger who keeps sending such acks gets one new incarnation in ten minutes, no more."""
-    from devices.contract import batch_digest, decode_ack, encode_ack
+    from devices.contract import batch_digest, decode_ack, encode_ack, uplink_json
 
     clock = ManualClock(now_ms=T + 60_000)
     agent, waiting = agent_holding_batches(tmp_path, clock)
@@ -260,9 +260,9 @@ def test_an_ack_about_batches_this_agent_never_sent_moves_it_to_a_new_incarnatio
     agent._store(agent.pipeline.emit(flush=True))
     later = [s for s in agent.outbox.pending() if s not in waiting]
     assert later
-    assert orjson.loads(agent.outbox.read(later[0]))["inc"] == new
+    assert orjson.loads(uplink_json(agent.outbox.read(later[0])))["inc"] == new
     rest = [s for s in waiting if s in agent.outbox.pending()]
-    assert all(orjson.loads(agent.outbox.read(s))["inc"] == old for s in rest)
+    assert all(orjson.loads(uplink_json(agent.outbox.read(s)))["inc"] == old for s in rest)
     # the old incarnation's acks still clear its batches
     agent.uplink.acks.append(decode_ack(encode_ack(
         rest, incarnation=old, proofs={s: batch_digest(agent.outbox.read(s)) for s in rest})))
@@ -894,3 +894,92 @@ def test_a_sparkplug_node_born_before_the_agent_is_asked_to_rebirth_through_the_
     assert [(m.name, m.reading(m.datatype)) for m in decode_payload(rebirth).metrics] == [
         ("Node Control/Rebirth", 1.0)]
     assert {"Inputs_Temperature"} <= set(agent.pipeline.metrics.names)
+
+
+def test_batches_are_stored_compressed_once_the_cloud_says_it_reads_them(
+        tmp_path: Path) -> None:
+    """JSON until an ack says the cloud reads zlib (an older cloud, mid-upgrade, would not read
+    it); then compressed, also after a restart; an ack of an older cloud (no reads) turns it
+    off again; ``compression = "none"`` never compresses. Either way the cloud reads the batch
+    and the ack's digest is of the stored bytes."""
+    from devices.contract import (
+        ResultBatch,
+        batch_digest,
+        decode_ack,
+        decode_uplink,
+        encode_ack,
+        uplink_json,
+    )
+
+    clock = ManualClock(now_ms=T + 60_000)
+    agent, waiting = agent_holding_batches(tmp_path, clock)
+    first = agent.outbox.read(waiting[0])
+    assert first.startswith(b"{")
+    inc = agent.uplink.seq.incarnation
+    agent.uplink.acks.append(decode_ack(encode_ack(
+        [waiting[0]], incarnation=inc, proofs={waiting[0]: batch_digest(first)})))
+    agent.shipper.apply_acks()
+    assert waiting[0] not in agent.outbox.pending()
+
+    def store_more(a: EdgeAgent, start: int) -> bytes:
+        before = set(a.outbox.pending())
+        a.pipeline.process(msgs("d1", range(start, start + 12)))
+        a._store(a.pipeline.emit(flush=True))
+        new = [s for s in a.outbox.pending() if s not in before]
+        assert new
+        return a.outbox.read(new[-1])
+
+    packed = store_more(agent, 25)
+    assert not packed.startswith(b"{")
+    assert isinstance(decode_uplink(packed), ResultBatch)
+    assert len(packed) < len(uplink_json(packed))
+    s = agent.stats()
+    assert s["batches_compressed"] >= 1
+    assert s["batch_stored_bytes"] < s["batch_json_bytes"]
+    agent.outbox.close()
+
+    again = EdgeAgent(config(tmp_path), clock=clock)  # restarted: it remembers
+    assert not store_more(again, 37).startswith(b"{")
+    old_cloud = orjson.dumps({"v": 1, "acked": [], "rejected": [], "inc": inc})
+    again.uplink.acks.append(decode_ack(old_cloud))
+    again.shipper.apply_acks()
+    assert store_more(again, 49).startswith(b"{")
+    again.outbox.close()
+
+    other = tmp_path / "none"
+    never = EdgeAgent(config(other, uplink_compression="none"), clock=clock)
+    never.uplink.acks.append(decode_ack(encode_ack([], incarnation=inc)))
+    never.shipper.apply_acks()
+    assert store_more(never, 61).startswith(b"{")
+    assert never.stats()["batches_compressed"] == 0
+
+
+def test_a_large_health_report_goes_compressed_and_a_small_one_stays_readable(
+        tmp_path: Path) -> None:
+    """The ledger of hundreds of devices (once a minute) is compressed for a cloud that reads
+    zlib; a report without it stays JSON (what an operator reads with mosquitto_sub)."""
+    from devices.contract import HealthReport, decode_ack, decode_uplink, encode_ack
+
+    clock = ManualClock(now_ms=T + 60_000)
+    agent = EdgeAgent(config(tmp_path), clock=clock)
+    for d in range(300):
+        agent.pipeline.process(msgs(f"device-{d:04d}", range(0, 3)))
+    sent: list[bytes] = []
+    agent.uplink.publish_health = sent.append  # type: ignore[method-assign]
+    agent._report()  # the first report carries the ledger: JSON while the cloud has not said
+    agent.uplink.acks.append(decode_ack(encode_ack([], incarnation=agent.uplink.seq.incarnation)))
+    agent.shipper.apply_acks()
+    agent._report()  # without the ledger (once a minute): small
+    for d in range(300):  # the ledger names the devices that moved since the last one
+        agent.pipeline.process(msgs(f"device-{d:04d}", range(3, 6)))
+    agent._next_ledger = 0
+    agent._report()  # with it
+    plain, small, packed = sent
+    assert plain.startswith(b"{")
+    assert small.startswith(b"{")
+    assert not packed.startswith(b"{")
+    assert len(packed) < len(plain) / 3
+    for payload in (plain, packed):
+        rep = decode_uplink(payload)
+        assert isinstance(rep, HealthReport)
+        assert len(rep.ledger["devices"]) >= 300

@@ -149,3 +149,48 @@ def test_batches_and_acks_carry_the_agents_incarnation(tmp_path: Path) -> None:
     assert first.next() == n + 1
     assert SequenceAllocator(tmp_path / "a", ManualClock()).incarnation == first.incarnation
     assert decode_ack(encode_ack([1])).incarnation == 0
+
+
+def test_a_compressed_batch_is_read_like_its_json() -> None:
+    """Result batches may come zlib-compressed (an agent whose cloud said it reads them): the
+    same batch, the same identity for acks of a batch the cloud cannot use; a quarter of the
+    bytes for a batch of realistic size."""
+    from devices.contract import pack_uplink, peek_batch_id
+
+    b = sample_batch(500)
+    raw = b.encode()
+    packed = pack_uplink(raw)
+    assert len(packed) < len(raw) / 3
+    back = decode_uplink(packed)
+    assert isinstance(back, ResultBatch)
+    assert back.encode() == raw
+    assert peek_batch_id(packed) == peek_batch_id(raw) == ("gw-1", 0, 42)
+
+
+def test_a_compressed_message_that_is_broken_or_a_bomb_is_refused_with_a_reason() -> None:
+    """A zip bomb is refused before it inflates past the limit; a stream cut short, one with
+    bytes after it, or garbage starting like one are refused, all counted as bad_uplink."""
+    import zlib
+
+    from devices.contract import MAX_INFLATED, pack_uplink, peek_batch_id
+
+    packed = pack_uplink(sample_batch().encode())
+    bomb = zlib.compress(b"{" + b" " * MAX_INFLATED, 9)
+    assert len(bomb) < MAX_INFLATED // 500
+    for payload, why in ((bomb, "inflating beyond"), (packed[:-5], "cut short"),
+                         (packed + b"{}", "bytes after"), (b"x not zlib", "neither JSON")):
+        with pytest.raises(ContractError, match=why) as info:
+            decode_uplink(payload)
+        assert info.value.reason == BAD_UPLINK
+        assert peek_batch_id(payload) is None
+
+
+def test_acks_say_what_the_cloud_reads() -> None:
+    """Every ack names the compressed encodings its cloud reads; an older cloud's ack names
+    none (the agent then stores JSON); a malformed list is refused."""
+    from devices.contract import READS, decode_ack, encode_ack
+
+    assert decode_ack(encode_ack([1])).reads == READS == ("zlib",)
+    assert decode_ack(orjson.dumps({"v": 1, "acked": [1], "rejected": []})).reads == ()
+    with pytest.raises(ContractError, match="reads"):
+        decode_ack(orjson.dumps({"v": 1, "acked": [1], "rejected": [], "reads": "zlib"}))

@@ -100,6 +100,40 @@ def test_r2_partition_then_heal_drains_fast(rig: Rig) -> None:
     assert (rss1 - rss0) / 2**20 < 15  # the backlog waits on disk, not in the agent's memory
 
 
+def test_a_link_slower_than_the_json_results_keeps_up_compressed(
+        tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto],
+        influx_db: InfluxV1Client) -> None:
+    """A congested cellular uplink (2.5 KB/s each way, 400 ms) carries less than this fleet's
+    results as JSON (~3 KB/s): once the worker's acks say it reads zlib the agent sends them
+    compressed, keeps up, drains a 12 s partition over the same link, and loses nothing."""
+    rig = Rig(tmp_path, mosquitto_factory, influx_db)
+    cfg = rig.gateway_cfg.read_text()
+    for old, new in (('ack_timeout = "3s"', 'ack_timeout = "30s"'),  # as shipped
+                     ('health_interval = "500ms"', 'health_interval = "2s"'),
+                     ('ledger_interval = "500ms"', 'ledger_interval = "2s"')):
+        assert old in cfg
+        cfg = cfg.replace(old, new)
+    rig.gateway_cfg.write_text(cfg)
+    try:
+        rig.proxy.set_mode("slow", latency_ms=400, rate_bps=2500)
+        rig.start_chain(fleet_s=40)
+        time.sleep(10)
+        rig.proxy.set_mode("blackhole")
+        time.sleep(12)
+        rig.proxy.set_mode("slow", latency_ms=400, rate_bps=2500)
+        rig.wait_fleet()
+        finish(rig)
+        h = rig.health("edge")
+        print(f"slow link: {h['batch_json_bytes']:,} bytes of JSON results sent as "
+              f"{h['batch_stored_bytes']:,}; {h['batches_compressed']} of "
+              f"{h['batches_stored']} batches compressed, {h['batches_resent']} re-sent")
+        assert h["batch_stored_bytes"] < h["batch_json_bytes"] / 2
+        # JSON only until the worker's first ack came back over the slow link
+        assert h["batches_compressed"] >= 0.8 * h["batches_stored"]
+    finally:
+        rig.stop()
+
+
 def test_r2b_partition_longer_than_the_outbox_sheds_by_policy(
         tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto],
         influx_db: InfluxV1Client) -> None:
