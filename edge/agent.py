@@ -547,7 +547,7 @@ class EdgeAgent:
         self.uplink = MqttUplink(config.uplink_broker, gw, clock=self.clock,
                                  client_id=f"fieldline-edge-{gw}", state_dir=state_dir)
         self.outbox = self._open_outbox()
-        self.shipper = Shipper(self.outbox, self.uplink, self.clock,
+        self.shipper = Shipper(self.outbox, self.uplink, self.clock, state_dir=state_dir,
                                max_inflight=config.max_inflight_batches,
                                ack_timeout_ms=config.ack_timeout_ms)
         if self.uplink.seq.recovered:

@@ -70,7 +70,6 @@ class SequenceAllocator:
     start again at 0 belong to a new incarnation and the cloud takes them as new batches."""
 
     def __init__(self, state_dir: Path, clock: Clock) -> None:
-        self.state_dir = state_dir
         self._path = state_dir / "uplink.seq"
         self._path.parent.mkdir(parents=True, exist_ok=True)
         # the file was unreadable and set aside: a new incarnation, whose numbers the agent
@@ -367,11 +366,11 @@ class Shipper:
 
     Runs in the agent's thread: decides what to (re)send, applies acks, counts."""
 
-    def __init__(self, outbox: Any, uplink: MqttUplink, clock: Clock, *, max_inflight: int = 32,
-                 ack_timeout_ms: int = 30_000) -> None:
+    def __init__(self, outbox: Any, uplink: MqttUplink, clock: Clock, *, state_dir: Path,
+                 max_inflight: int = 32, ack_timeout_ms: int = 30_000) -> None:
         self.outbox = outbox
-        self.cloud = CloudReads(uplink.seq.state_dir)  # what the cloud reads besides JSON
         self.uplink = uplink
+        self.cloud = CloudReads(state_dir)  # what the cloud reads besides JSON
         self.clock = clock
         self.max_inflight = max_inflight
         self.ack_timeout_ms = ack_timeout_ms
