@@ -570,6 +570,10 @@ class SessionWindows(WindowOperator):
     def __init__(self, spec: WindowSpec, **kw: object) -> None:
         super().__init__(spec, **kw)  # type: ignore[arg-type]
         self._next_id = 0
+        # emitted under its current start: a session moves to an earlier start when late
+        # readings extend it, and only what was emitted may be withdrawn (``rev`` counts the
+        # emissions under any start)
+        self.shown = np.empty(0, bool)
 
     def fold(self, dev: I64, met: I64, ts: I64, value: F64, seq: I64, wm_before: I64
              ) -> OperatorFold:
@@ -589,7 +593,7 @@ class SessionWindows(WindowOperator):
         cur_codes = series_code(cur_dev, cur_met)
         old = np.isin(cur_codes, touched)
         old_idx = np.flatnonzero(old)
-        old_closed = self.rev[old_idx] > 0  # already emitted once
+        old_shown = self.shown[old_idx]
         # items: existing sessions of touched series, then the new readings as singletons
         items = AggArrays.concat([self.agg.take(old_idx), singletons(t, v, q)])
         item_code = np.concatenate([cur_codes[old_idx], codes])
@@ -615,6 +619,7 @@ class SessionWindows(WindowOperator):
         is_old = order < n_old
         old_pos = np.where(is_old, order, 0)
         g_rev = np.zeros(ng, np.int64)
+        g_shown = np.zeros(ng, bool)
         g_slot = np.full(ng, -1, np.int64)
         if n_old:
             ow = np.flatnonzero(is_old)
@@ -631,7 +636,10 @@ class SessionWindows(WindowOperator):
                 self.sketches.move(src, g_slot[og[absorbed]])
                 self._free = np.concatenate([self._free, src])
             # an emitted session whose start changed is withdrawn under its old start
-            moved = old_closed[old_pos[ow]] & (self.anchor[orow] != merged.first_ts[og])
+            was_shown = old_shown[old_pos[ow]]
+            stays = self.anchor[orow] == merged.first_ts[og]
+            g_shown[og[was_shown & stays]] = True
+            moved = was_shown & ~stays
             for i in orow[moved].tolist():
                 self.superseded.device.append(int(cur_dev[i]))
                 self.superseded.metric.append(int(cur_met[i]))
@@ -659,6 +667,7 @@ class SessionWindows(WindowOperator):
         self.keys = self.keys[keep_rows]
         self.agg = self.agg.take(np.flatnonzero(keep_rows))
         self.rev = self.rev[keep_rows]
+        self.shown = self.shown[keep_rows]
         self.dirty = self.dirty[keep_rows]
         self.slot = self.slot[keep_rows]
         self.anchor = self.anchor[keep_rows]
@@ -667,6 +676,7 @@ class SessionWindows(WindowOperator):
         self.agg = AggArrays(*(np.insert(getattr(self.agg, f), at, getattr(merged, f))
                                for f in FIELDS))
         self.rev = np.insert(self.rev, at, g_rev)
+        self.shown = np.insert(self.shown, at, g_shown)
         self.dirty = np.insert(self.dirty, at, g_dirty)
         self.slot = np.insert(self.slot, at, g_slot)
         self.anchor = np.insert(self.anchor, at, merged.first_ts)
@@ -679,6 +689,7 @@ class SessionWindows(WindowOperator):
         self.keys = self.keys[order]
         self.agg = self.agg.take(order)
         self.rev = self.rev[order]
+        self.shown = self.shown[order]
         self.dirty = self.dirty[order]
         self.slot = self.slot[order]
         self.anchor = self.anchor[order]
@@ -706,11 +717,26 @@ class SessionWindows(WindowOperator):
         return np.asarray(np.maximum(self.agg.last_ts[idx] - self.agg.first_ts[idx] + 1, 1),
                           dtype=np.int64)
 
+    def _results(self, idx: I64, width: I64) -> WindowResults:
+        self.shown[idx] = True
+        return super()._results(idx, width)
+
+    def _keep(self, keep: npt.NDArray[np.bool_]) -> None:
+        self.shown = self.shown[keep]
+        super()._keep(keep)
+
+    def nbytes(self) -> int:
+        return super().nbytes() + int(self.shown.nbytes)
+
     def _extra_snapshot(self) -> dict[str, npt.NDArray[np.generic]]:
-        return {"next_id": np.array([self._next_id], np.int64)}
+        return {"next_id": np.array([self._next_id], np.int64), "shown": self.shown}
 
     def _extra_restore(self, get: object) -> None:
         self._next_id = int(get("next_id")[0])  # type: ignore[operator]
+        try:
+            self.shown = get("shown").astype(bool)  # type: ignore[operator]
+        except KeyError:  # a checkpoint from before 2026-12-05: what it could tell
+            self.shown = self.rev > 0
 
 
 class Operator(Protocol):

@@ -362,8 +362,19 @@ def test_a_worker_started_while_its_cluster_has_no_quorum_waits_for_it(
             await asyncio.wait_for(src.connected.wait(), 60)
             nc = await nats.connect(cluster.urls)
             try:
-                await nc.jetstream().publish(f"fl.in.{gateway_token('gw-1')}.results", b"x",
-                                             stream=cfg.stream)
+                # as the bridge does: the cluster answering the worker does not mean the stream
+                # has elected its leader yet ("no responders" until then; CI met it once)
+                deadline = time.monotonic() + 60
+                while True:
+                    try:
+                        await nc.jetstream().publish(
+                            f"fl.in.{gateway_token('gw-1')}.results", b"x", stream=cfg.stream,
+                            timeout=5.0)
+                        break
+                    except Exception:
+                        if time.monotonic() > deadline:
+                            raise
+                        await asyncio.sleep(0.5)
             finally:
                 await nc.close()
             event = await asyncio.wait_for(first, 30)  # it claims the partition and reads

@@ -244,6 +244,37 @@ def seq_slots(snap: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# device, metric, ms after BASE, value, seq (-1: none); found by hypothesis on 2026-12-05
+MOVED_TWICE = [(0, 0, 0, 0.0, -1), (0, 0, 0, 0.0, 1), (0, 0, 0, 0.0, 2), (1, 0, 2, 0.0, -1),
+               (1, 0, 1002, 0.0, 4), (0, 0, 0, 0.0, 5), (0, 0, 0, 0.0, -1), (0, 0, 0, 0.0, 7),
+               (0, 0, 0, 0.0, 8), (1, 0, 1, 0.0, -1), (1, 0, 3, 0.0, 10), (1, 0, 0, 0.0, 11)]
+
+
+def test_a_session_moved_twice_by_late_readings_withdraws_only_what_it_emitted() -> None:
+    """Device 1's session is emitted under start 2; late readings at 1 and 3 move it to 1 and
+    keep it open (withdrawn under 2, not emitted under 1 yet); a reading at 0 moves it again.
+    The engine withdrew start 1 too, which was never emitted (it took "emitted once" for
+    "emitted under this start"). ``run`` fails on withdrawing what it never got."""
+    final, dups, late = run(MOVED_TWICE, [5, 11])
+    check(MOVED_TWICE, final, dups, late)
+    sessions = sorted(k[3] - BASE for k in final if k[0] == "session:700ms" and k[1] == 1)
+    assert sessions == [0, 1002]
+    for at in (1, 2, 3):
+        assert run(MOVED_TWICE, [5, 11], snapshot_at=at) == (final, dups, late)
+
+
+def test_a_session_checkpoint_from_before_it_said_what_was_emitted_restores() -> None:
+    """Checkpoints written before 2026-12-05 do not say under which start a session was
+    emitted; they restore taking every emitted session as emitted under its start (at worst
+    a withdrawal of a point that was never written, which the cloud finds nothing for)."""
+    def older(snap: dict[str, Any]) -> dict[str, Any]:
+        assert any(k.endswith("shown") for k in snap)
+        return {k: v for k, v in snap.items() if not k.endswith("shown")}
+
+    straight = run(MOVED_TWICE, [5, 11])
+    assert run(MOVED_TWICE, [5, 11], snapshot_at=1, rewrite=older) == straight
+
+
 @settings(max_examples=60, deadline=None)
 @given(streams(), st.lists(st.integers(0, 200), min_size=2, max_size=8), st.integers(1, 4))
 def test_a_checkpoint_with_the_seq_slots_of_before_restores(rows, cuts, at) -> None:
