@@ -336,6 +336,10 @@ class MqttUplink:
             self.bytes_sent += len(payload)
         return info.mid
 
+    def connected_since_ms(self) -> int | None:
+        """Monotonic ms of the current connection's start (None: never connected)."""
+        return self._connected_at
+
     def on_the_wire(self, mid: int) -> bool:
         """True while paho still holds this publish (not PUBACKed): it retransmits it itself
         after a reconnect, so publishing it again would only queue a second copy."""
@@ -478,7 +482,11 @@ class Shipper:
 
     def _overdue(self, seq: int, now: int) -> None:
         waited = now - self.first_sent.setdefault(seq, now)
-        if waited >= 3 * self.ack_timeout_ms:
+        # the worker is to blame only for the time the uplink was up: after an outage the
+        # batch is simply sent again (the outage has its own log lines)
+        up_since = self.uplink.connected_since_ms()
+        if waited >= 3 * self.ack_timeout_ms and (
+                up_since is None or now - up_since >= 3 * self.ack_timeout_ms):
             self.overdue_warned += 1
             if self.overdue_warned <= 3 or self.overdue_warned % 100 == 0:
                 log.warning("batch %d sent %.0f s ago is still not acknowledged: is a cloud "

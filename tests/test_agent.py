@@ -983,3 +983,43 @@ def test_a_large_health_report_goes_compressed_and_a_small_one_stays_readable(
         rep = decode_uplink(payload)
         assert isinstance(rep, HealthReport)
         assert len(rep.ledger["devices"]) >= 300
+
+
+def test_a_batch_unacknowledged_through_an_uplink_outage_is_not_blamed_on_the_worker(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Batches wait for their acknowledgement through an outage of the uplink; once it is back
+    they are sent again, and only an acknowledgement still missing three ack timeouts after
+    that is warned about (as a worker or ACL problem). Before, the first pump after the
+    outage warned at once, pointing at the worker. No broker here: the uplink's paho side is
+    replaced (sends return a message id and are PUBACKed at once)."""
+    clock = ManualClock(now_ms=T + 60_000)
+    agent, waiting = agent_holding_batches(tmp_path, clock)
+    up, sh = agent.uplink, agent.shipper
+    up.publish_results = lambda _payload: 1  # type: ignore[method-assign]
+    up.on_the_wire = lambda _mid: False  # type: ignore[method-assign]
+
+    def connect() -> None:  # what the uplink's on-connect callback records
+        up._connected_at = clock.monotonic_ms()
+        up.connected.set()
+
+    def blamed() -> bool:
+        return any("still not acknowledged" in r.getMessage() for r in caplog.records)
+
+    connect()
+    assert sh.pump() == len(waiting)
+    up.connected.clear()
+    clock.advance(10 * sh.ack_timeout_ms)  # the uplink is down meanwhile
+    assert sh.pump() == 0
+    connect()
+    with caplog.at_level(logging.WARNING, logger="fieldline"):
+        assert sh.pump() == len(waiting)  # sent again, nobody blamed
+        assert not blamed()
+        for _ in range(2):
+            clock.advance(sh.ack_timeout_ms)
+            sh.pump()
+            assert not blamed()
+        clock.advance(sh.ack_timeout_ms)  # up for three ack timeouts, still no ack
+        sh.pump()
+        assert blamed()
+    assert sh.overdue() == len(waiting)
+    agent.outbox.close()
