@@ -71,6 +71,11 @@ class PartitionedSource(Protocol):
         ...
 
 
+# a connection that died silently (a partition, a NAT that forgot it, a hung broker) is
+# noticed within about two keepalives: 20 s, not aiomqtt's default 60 s (two minutes)
+KEEPALIVE_S = 10
+
+
 class MqttSource:
     """Subscribes to every gateway's uplink topics on one MQTT broker (owns all partitions).
 
@@ -119,6 +124,7 @@ class MqttSource:
                     username=self.address.username, password=self.address.password,
                     protocol=aiomqtt.ProtocolVersion.V5, clean_start=False, properties=props,
                     tls_params=tls, max_queued_incoming_messages=0,
+                    keepalive=KEEPALIVE_S,
                 ) as client:
                     self._client = client
                     self._watch_pubacks(client)

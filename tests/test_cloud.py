@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from cloud.worker import CloudWorker
 from devices.contract import ResultBatch, ResultColumns, SupersededRows, results_topic
 from devices.mqtt import BrokerAddress
 from devices.registry import Device, Registry
+from fieldline.services import Mosquitto
 
 pytestmark = pytest.mark.integration
 
@@ -305,3 +307,46 @@ def test_the_dedup_state_is_small_and_restores_from_either_format(tmp_path: Path
     assert [old.state("gw-2/1", s) for s in range(8)] == [
         Seen.WRITTEN, Seen.WRITTEN, Seen.WRITTEN, Seen.NEW, Seen.NEW, Seen.WRITTEN, Seen.NEW,
         Seen.WRITTEN]
+
+
+def test_a_worker_notices_a_hung_cloud_broker_and_reads_on_once_it_answers(
+        mosquitto: Mosquitto) -> None:
+    """A broker that stops answering without closing the connection (SIGSTOP here; a partition
+    or a NAT that forgot the connection look the same) was noticed after aiomqtt's default
+    keepalive twice over, two minutes, meanwhile nothing logged. Now within about two of the
+    worker's 10 s keepalives; once the broker answers again the worker is subscribed again
+    and reads what is published (its persistent session)."""
+    import time
+
+    from paho.mqtt import publish
+
+    from cloud.ingest import KEEPALIVE_S, MqttSource
+
+    async def scenario() -> None:
+        src = MqttSource(mosquitto.address, client_id="w-hung")
+        items = src.messages()
+        first = asyncio.ensure_future(items.__anext__())
+        try:
+            await asyncio.wait_for(src.connected.wait(), 10)
+            mosquitto.pause()
+            t0 = time.monotonic()
+            try:
+                while src.connected.is_set():
+                    assert time.monotonic() - t0 < 3 * KEEPALIVE_S + 10, "hang not noticed"
+                    await asyncio.sleep(0.2)
+                assert src.reconnects == 1
+            finally:
+                mosquitto.resume()
+            await asyncio.wait_for(src.connected.wait(), 30)
+            await asyncio.to_thread(publish.single, results_topic("gw-1"), b"{}", qos=1,
+                                    hostname="127.0.0.1", port=mosquitto.port)
+            msg = await asyncio.wait_for(first, 15)
+            assert isinstance(msg, SourceMessage)
+            assert msg.topic == results_topic("gw-1")
+        finally:
+            first.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await first
+            await items.aclose()
+
+    asyncio.run(scenario())
