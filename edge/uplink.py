@@ -256,10 +256,16 @@ class MqttUplink:
 
     def _on_disconnect(self, client: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode,
                        _p: Any = None) -> None:
+        was_up = self.connected.is_set()
         self.connected.clear()
         # exponential backoff with jitter, so a fleet does not reconnect in lockstep
         client.reconnect_delay_set(min_delay=1 + int(random.random() * 2),
                                    max_delay=20 + int(random.random() * 20))
+        if not was_up:
+            # paho reports a keepalive timeout twice (eclipse-paho/paho.mqtt.python#870), and
+            # an attempt that never had its CONNACK once: neither is a session that ended
+            log.debug("uplink to %s: %s (not connected)", self.address.url, rc)
+            return
         if rc.value in (PROTOCOL_ERROR, PACKET_TOO_LARGE) and self.largest_sent:
             self.size_disconnects += 1
             limit = (f"it announced a maximum packet size of {self.max_packet:,} bytes"

@@ -183,3 +183,37 @@ def test_two_agents_with_one_gateway_id_are_told_why_the_broker_keeps_closing_th
             for u in ups:
                 u.stop()
     assert "'fieldline-edge-gw-1'" in caplog.text
+
+
+def test_a_lost_connection_is_one_disconnect_however_often_paho_reports_it(
+        mosquitto: Mosquitto, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """paho calls on_disconnect twice for one keepalive timeout (eclipse-paho/paho.mqtt.python
+    #870), and once more for each attempt that gets no CONNACK from a broker still hung: the
+    agent logged each as a lost connection and counted each towards the "closed within
+    seconds, N times in a row" warning above (as if another agent took its client id)."""
+    from devices.clock import SystemClock
+    from edge.uplink import MqttUplink
+
+    up = MqttUplink(mosquitto.address, "gw-1", clock=SystemClock(), client_id="gw-1-hung",
+                    state_dir=tmp_path / "a", keepalive_s=1)
+    with caplog.at_level("DEBUG", logger="fieldline.edge.uplink"):
+        up.start()
+        try:
+            assert up.connected.wait(10)
+            mosquitto.pause()
+            try:
+                deadline = time.monotonic() + 15
+                while up.connected.is_set():
+                    assert time.monotonic() < deadline
+                    time.sleep(0.1)
+                # a few keepalives more while it tries to connect to a broker that is hung
+                time.sleep(6)
+            finally:
+                mosquitto.resume()
+            assert up.connected.wait(60)
+        finally:
+            up.stop()
+    lost = [r for r in caplog.records if "uplink disconnected" in r.getMessage()]
+    assert len(lost) == 1, [r.getMessage() for r in lost]
+    assert up.short_sessions <= 1
+    assert any("(not connected)" in r.getMessage() for r in caplog.records)  # the repeat
