@@ -16,9 +16,11 @@ Semantics (``wm`` is the reading's device watermark *before* it, see ``edge.even
   ``gap`` in event time form one session; a late reading can extend or bridge sessions. A session
   fires when ``wm >= last + gap``; a reading is dropped when ``wm >= ts + allowed_lateness``. A
   session is identified by its first event time: when a late reading moves that start, the result
-  under the old start is reported as *superseded* so the cloud can delete it. ``max_length``
-  caps a session's span; the cap is applied to what was merged so far, so under disorder a capped
-  session may be cut differently than a recomputation over the whole stream would.
+  under the old start is reported as *superseded* so the cloud can delete it (only a start a
+  result was emitted under: a session moved again before it closed withdraws nothing more).
+  ``max_length`` caps a session's span; the cap is applied to what was merged so far, so under
+  disorder a capped session may be cut differently than a recomputation over the whole stream
+  would.
 * **count** (``n``): every ``n`` accepted readings of a device and metric, in arrival order, form
   a window; it fires when full (or partially when the device goes silent, then is revised).
   Count windows never drop late readings. A count window is identified by the event time of its
