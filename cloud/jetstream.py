@@ -46,6 +46,7 @@ PART = "fl.p"
 ACK = "fl.ack"
 GROUP = "owner"
 PING_INTERVAL_S = 2  # a silent server is dropped after ~3 unanswered pings
+FLUSH_TIMEOUT_S = 10.0
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 
 
@@ -127,9 +128,26 @@ async def connect(servers: list[str], name: str) -> Any:
     nc = await nats.connect(servers, name=name, max_reconnect_attempts=-1,
                             reconnect_time_wait=0.5, allow_reconnect=True, drain_timeout=5,
                             ping_interval=PING_INTERVAL_S, max_outstanding_pings=2,
+                            # a publish that fills the client's buffer waits for it to be
+                            # written; on a hung node that wait had no end (the default)
+                            flush_timeout=FLUSH_TIMEOUT_S,
                             error_cb=on_error, disconnected_cb=on_disconnect,
                             reconnected_cb=on_reconnect)
     return nc
+
+
+async def close_quietly(nc: Any, timeout_s: float) -> None:
+    """Close a connection whatever state it is in. nats-py's close can raise CancelledError
+    of its own (closing after a flush timed out on a hung node, then resumed): that is not a
+    cancellation of ours, and must not end a worker's stop early; a real one still does."""
+    try:
+        await asyncio.wait_for(nc.close(), timeout_s)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+    except Exception as exc:  # closing: nothing left to do about it
+        log.debug("NATS close: %r", exc)
 
 
 def consumer_name(p: int) -> str:
@@ -516,8 +534,7 @@ class JetStreamSource:
         # next owner, while a drain would wait for them (up to its timeout, seconds of a stop)
         with contextlib.suppress(Exception):
             await nc.flush(timeout=2)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(nc.close(), 2)
+        await close_quietly(nc, 2)
 
     async def ack(self, gateway: str, acked: list[int], rejected: list[int],
                   incarnation: int = 0, proofs: dict[int, str] | None = None,

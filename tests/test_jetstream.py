@@ -1059,3 +1059,40 @@ def test_a_full_disk_under_one_nats_node_is_reported_and_loses_nothing(
         assert "all 3 replicas current again" in log_a
     finally:
         rig.stop()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_a_publish_to_a_hung_node_gives_up_instead_of_waiting_for_ever(tmp_path: Path) -> None:
+    """A node that stops answering (SIGSTOP) without closing the connection: a publish that
+    fills the NATS client's buffer (a snapshot's chunks, a burst of results) waited for the
+    buffer to be written with no time limit (nats-py's default flush_timeout), so a worker or
+    the bridge stood still, and did not stop on SIGTERM, until the node answered again (over
+    60 s in a /tmp experiment). Our connections give up after FLUSH_TIMEOUT_S with an error the
+    caller retries on."""
+    from cloud.jetstream import FLUSH_TIMEOUT_S, close_quietly, connect
+
+    server = NatsServer(tmp_path / "nats", "n1").start()
+
+    async def scenario() -> None:
+        nc = await connect([server.url], "t")
+        server.pause()
+        try:
+            async def burst() -> None:
+                chunk = b"x" * 65536
+                for _ in range(200):  # 13 MB: past the client's buffer and the socket's
+                    await nc.publish("fl.t", chunk)
+                await nc.flush(timeout=5)
+
+            t0 = time.monotonic()
+            with contextlib.suppress(Exception):  # which error it ends with is nats-py's
+                await asyncio.wait_for(burst(), 60)
+            assert time.monotonic() - t0 < 3 * FLUSH_TIMEOUT_S  # not wait_for's 60 s
+        finally:
+            server.resume()
+            await close_quietly(nc, 20)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.stop()
