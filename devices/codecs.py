@@ -43,6 +43,9 @@ fleet:
   where a value must be one; a metric object's texts stay no readings (they are versions and
   identifiers: ``"fw": "1.2"``).
 
+A UTF-8 byte order mark before JSON and C strings' NUL bytes after it are framing, not the
+payload (``_unframed``).
+
 A Sparkplug B message (a topic under ``spBv1.0/``) is read by ``devices.sparkplug``: see
 ``PayloadDecoder._sparkplug``.
 
@@ -224,6 +227,20 @@ def _zoneless(text: str) -> bool:
         return dt.datetime.fromisoformat(text).tzinfo is None
     except ValueError:
         return False
+
+
+_BOM = b"\xef\xbb\xbf"
+
+
+def _unframed(payload: bytes) -> bytes:
+    """A JSON text without what some publishers put around it: a UTF-8 byte order mark in
+    front (a file saved by Windows' Notepad and sent with ``mosquitto_pub -f``, .NET's and
+    PowerShell's UTF-8 writers; RFC 8259 lets a parser ignore it) and C strings' terminating
+    NUL bytes behind (firmware publishing ``strlen(buf) + 1`` or ``sizeof(buf)`` bytes).
+    JSON has no other use for either."""
+    if payload[:3] == _BOM:
+        payload = payload[3:]
+    return payload.rstrip(b"\x00")
 
 
 def _loads(payload: bytes) -> tuple[Any, str | None]:
@@ -431,6 +448,8 @@ class PayloadDecoder:
         if topic.startswith(_SP_PREFIX):
             self._sparkplug(topic, payload, recv, out, reject, current)
             return
+        if payload[:3] == _BOM or payload[-1:] == b"\x00":
+            payload = _unframed(payload)
         head = payload[:1]
         if head == b"{" and b'"readings"' in payload:
             if self._batch_fast(payload, topic, recv, out):

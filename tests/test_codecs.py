@@ -548,3 +548,28 @@ def test_arrays_of_readings_wrapped_quantities_and_value_objects() -> None:
                                                    "value": 2}]), T)])
     assert cols.value.tolist() == [1.0]
     assert bad == {rejects.MALFORMED_PAYLOAD: 1, rejects.DEVICE_MISMATCH: 1}
+
+
+def test_a_byte_order_mark_and_c_strings_nul_bytes_around_json_are_not_the_payload() -> None:
+    """A UTF-8 byte order mark in front (Notepad's file sent with ``mosquitto_pub -f``) and
+    the NUL bytes C firmware sends behind (``strlen(buf) + 1``) are framing, not JSON: the
+    readings inside are taken, in every shape; anything else around JSON stays refused."""
+    single = encode_single("d1", "temperature", T, 21.5, 1)
+    batch = encode_batch("d1", [("temperature", T + 1000, 21.75, 2)])
+    senml = encode_senml("d1", [("temperature", T + 2000, 22.0, 3)])
+    metrics = orjson.dumps({"ts": T + 3000, "humidity": 40})
+    framed = [b"\xef\xbb\xbf" + single, batch + b"\x00", b"\xef\xbb\xbf" + senml + b"\x00" * 7,
+              metrics + b"\x00"]
+    d = decoder()
+    cols, bad, _ = d.decode([("devices/d1/readings", p, 0) for p in framed])
+    assert not bad
+    assert cols.ts.tolist() == [T, T + 1000, T + 2000, T + 3000]
+    assert cols.value.tolist() == [21.5, 21.75, 22.0, 40.0]
+    assert cols.seq.tolist()[:3] == [1, 2, 3]
+    # a NUL or a mark anywhere else, another encoding's mark, or a mark alone: refused
+    refused = [single[:-1] + b"\x00}", b"\x00" + single, b"\xff\xfe" + single, b"\xef\xbb\xbf",
+               b"\x00\x00", single + b"\x00x"]
+    cols, bad, _ = decoder().decode([("devices/d1/readings", p, 0) for p in refused])
+    assert len(cols) == 0
+    assert sum(bad.values()) == len(refused)
+    assert set(bad) == {rejects.MALFORMED_JSON}
