@@ -24,7 +24,12 @@ A connection that drops leaves the broker holding what it delivered over it and 
 acknowledged; it re-delivers those to the resumed session, with their packet ids and the DUP
 flag. The intake already has them (in its buffer, with the agent, or logged and acknowledged
 over the old connection too late), so a re-delivery that matches one of them (packet id, topic
-and payload) is not handed over a second time: the agent's acknowledgement of the first copy is
+and payload) is not handed over a second time. An acknowledgement handed to the socket is no
+proof the broker read it (a broker stopping, or a connection cut, leaves it unread in a buffer:
+a clean restart of the gateway broker then re-delivered readings the agent had logged), so the
+last acknowledged messages are remembered too, as many as the broker can have delivered and
+not heard acknowledged (its Receive Maximum), each as its packet id and a digest of its topic
+and payload: the agent's acknowledgement of the first copy is
 sent for it over the new connection (at once, if it came before). A reading without a time of
 its own, stamped at its receipt, would otherwise count twice; one with its time would be a
 duplicate. Anything else with such an id (the broker reused it, or the session was lost) is a
@@ -43,6 +48,7 @@ import select
 import socket
 import threading
 import time
+from array import array
 from collections import deque
 from collections.abc import Iterable
 
@@ -63,6 +69,33 @@ _MID_BITS = 16  # a taken message's id: connection number << 18 | qos << 16 | pa
 WIRE_ID = (1 << 18) - 1  # of a taken message's id, what the broker knows: qos << 16 | packet id
 
 Message = tuple[str, bytes, int, int, int]  # topic, payload, receive ms, id, qos
+
+
+def _digest(topic: str, payload: bytes) -> int:
+    """What a re-delivery is matched by besides its packet id and DUP flag (this process's
+    hash: the messages are matched within one run of the agent)."""
+    return hash((topic, payload))
+
+
+class _Ring:
+    """The last ``size`` (tagged id, digest) pairs, in two fixed arrays: 16 bytes a message
+    (a deque of tuples would hold ~120, 1.2 MB at the shipped Receive Maximum). Written by
+    ``MqttIntake._ack_bytes`` (inlined there: it runs for every message)."""
+
+    def __init__(self, size: int) -> None:
+        self.tags = array("q", bytes(8 * size))
+        self.digests = array("q", bytes(8 * size))
+        self.next = 0
+        self.count = 0
+
+    def items(self) -> list[tuple[int, int]]:
+        """Oldest first."""
+        n, size = self.count, len(self.tags)
+        return [(self.tags[j], self.digests[j])
+                for j in ((self.next - n + k) % size for k in range(n))]
+
+    def clear(self) -> None:
+        self.next = self.count = 0
 
 
 class _RefusedError(Exception):
@@ -111,12 +144,13 @@ class MqttIntake:
         self._acks: list[int] = []  # tagged ids the agent acknowledged, not yet sent
         # QoS 1/2 messages of the current connection not yet acknowledged over it, by tagged id
         self._held: dict[int, Message] = {}
-        # acknowledgements written but maybe not sent: (stream position they end at, messages)
-        self._unflushed: deque[tuple[int, list[Message]]] = deque()
-        self._sent = 0  # bytes of the current connection handed to the socket
+        # the last messages acknowledged over the current connection, which the broker may not
+        # have read the acknowledgements of: (tagged id, digest), at most its Receive Maximum
+        self._acked = _Ring(max(1, min(max_pending, 65_535)))
         # taken over an earlier connection, maybe unknown to the broker as acknowledged: packet
-        # id -> (the tagged id the agent knows, topic, payload); those the agent acknowledged
-        self._awaiting: dict[int, tuple[int, str, bytes]] = {}
+        # id -> (the tagged id the agent knows, digest of topic and payload); those the agent
+        # acknowledged
+        self._awaiting: dict[int, tuple[int, int]] = {}
         self._acked_waiting: set[int] = set()
         self._alias: dict[int, int] = {}  # a taken message's id -> its re-delivery's
         self.redelivered = 0  # re-deliveries of messages already taken (not handed over again)
@@ -182,7 +216,7 @@ class MqttIntake:
         over: its reading is in the intake log already."""
         self._conn = 1  # (the earlier run's ids are those of connection 0)
         for wire_id, topic, payload in logged:
-            self._expect(wire_id, topic, payload, acked=True)
+            self._expect(wire_id, _digest(topic, payload), acked=True)
 
     def ack(self, messages: list[Message]) -> None:
         """Acknowledge these (manual-ack mode), in the order they were received: all of them
@@ -286,7 +320,6 @@ class MqttIntake:
         sock.setblocking(False)
         out = bytearray()
         conn_tag = self._conn << 18
-        self._sent = 0
         now = time.monotonic()
         last_sent = last_heard = now
         keepalive = self._keepalive
@@ -329,10 +362,6 @@ class MqttIntake:
                     sent = sock.send(out)
                     del out[:sent]
                     last_sent = now
-                    self._sent += sent
-                    unflushed = self._unflushed
-                    while unflushed and unflushed[0][0] <= self._sent:
-                        unflushed.popleft()
                 except self._would_block:
                     pass
             if now - last_heard > keepalive * 1.5 and not paused:
@@ -368,7 +397,7 @@ class MqttIntake:
             if awaiting and qos and manual:
                 was = awaiting.pop(mid, None)
                 if was is not None:
-                    if q & wire.DUP and was[1] == topic and was[2] == payload:
+                    if q & wire.DUP and was[1] == _digest(topic, payload):
                         self._redelivery(was[0], (topic, payload, now_ms, tag, qos), auto)
                         continue
                     self._acked_waiting.discard(was[0])  # the broker reused the id: new
@@ -419,20 +448,19 @@ class MqttIntake:
     def _carry(self) -> None:
         """The connection dropped: what it delivered that the broker may not have heard
         acknowledged is expected again over the next one (under its packet id)."""
-        for _, msgs in self._unflushed:
-            for m in msgs:
-                self._expect(m[3], m[0], m[1], acked=True)
+        for tag, digest in self._acked.items():
+            self._expect(tag, digest, acked=True)
         for m in self._held.values():
-            self._expect(m[3], m[0], m[1], acked=False)
-        self._unflushed.clear()
+            self._expect(m[3], _digest(m[0], m[1]), acked=False)
+        self._acked.clear()
         self._held.clear()
 
-    def _expect(self, tag: int, topic: str, payload: bytes, *, acked: bool) -> None:
+    def _expect(self, tag: int, digest: int, *, acked: bool) -> None:
         pid = tag & 0xFFFF
         before = self._awaiting.get(pid)
         if before is not None:
             self._acked_waiting.discard(before[0])
-        self._awaiting[pid] = (tag, topic, payload)
+        self._awaiting[pid] = (tag, digest)
         if acked:
             self._acked_waiting.add(tag)
 
@@ -446,10 +474,18 @@ class MqttIntake:
                 out += wire.acks(wire.PUBACK if i >> _MID_BITS & 3 == 1 else wire.PUBREC,
                                  [i & mask])
         held = self._held
-        if held:  # (manual acks) gone from the broker once these bytes are sent
-            done = [m for m in (held.pop(i, None) for i in ids) if m is not None]
-            if done:
-                self._unflushed.append((self._sent + len(out), done))
+        if held:  # (manual acks) gone from the broker once it reads these bytes
+            ring = self._acked
+            tags, digests, size = ring.tags, ring.digests, len(ring.tags)
+            j, k = ring.next, 0
+            for i in ids:
+                m = held.pop(i, None)
+                if m is not None:
+                    tags[j] = i
+                    digests[j] = hash((m[0], m[1]))  # _digest
+                    j = j + 1 if j + 1 < size else 0
+                    k += 1
+            ring.next, ring.count = j, min(ring.count + k, size)
 
     def _sys(self, topic: str, payload: bytes) -> None:
         try:

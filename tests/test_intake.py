@@ -5,6 +5,7 @@ handed over twice), the broker's Receive Maximum, QoS 2, TLS."""
 
 from __future__ import annotations
 
+import signal
 import struct
 import time
 from collections.abc import Callable
@@ -189,6 +190,36 @@ def test_a_reconnect_does_not_hand_over_again_what_was_already_taken(
     after.stop()
 
 
+def test_acknowledgements_a_stopping_broker_never_read_do_not_hand_readings_over_twice(
+        mosquitto_factory: Callable[..., Mosquitto]) -> None:
+    """A gateway broker stopped cleanly (an upgrade) while the agent's acknowledgements sit
+    unread in its socket saves those messages as unacknowledged and re-delivers them after its
+    restart. The intake remembers what it acknowledged, so they are acknowledged again, not
+    handed over: on the old code all ten came again (readings without a time of their own,
+    stamped at receipt, would have been counted twice)."""
+    broker = mosquitto_factory(persistence=True)
+    intake = _intake(broker.address, manual_ack=True)
+    _publisher(broker.port, 1, 10, payload=b"21.5")
+    old = _take(intake, 10)
+    broker.pause()  # busy: it reads nothing more before it stops
+    intake.ack(old)
+    time.sleep(0.3)  # the acknowledgements are in the socket
+    assert broker.proc is not None
+    broker.proc.send_signal(signal.SIGTERM)
+    broker.resume()
+    broker.proc.wait(10)
+    broker.proc = None
+    broker.start()  # same port; the session and the ten from its data
+    _wait(lambda: intake.connections == 2 and intake.subscribed.is_set(), "the reconnection")
+    _wait(lambda: intake.redelivered == 10, "the ten re-deliveries")
+    assert _settles(intake, 0.5) == 0
+    assert intake.received == 10
+    intake.stop()
+    after = _intake(broker.address, manual_ack=True)
+    assert _settles(after) == 0  # acknowledged again at once: the broker holds nothing
+    after.stop()
+
+
 def test_a_lost_session_re_delivers_nothing_and_takes_everything_new(
         mosquitto_factory: Callable[..., Mosquitto]) -> None:
     broker = mosquitto_factory()  # no persistence: a restart forgets the session
@@ -301,6 +332,44 @@ def test_a_re_delivery_is_known_by_its_id_flag_and_bytes_and_answered_for_the_fi
         fake.publish(7, b"g")
         intake.ack(_take(intake, 1))
         assert fake.pubacks(1) == [7]
+    finally:
+        intake.stop()
+        fake.close()
+
+
+def test_a_re_delivery_of_what_was_acknowledged_before_the_broker_read_it_is_known(
+        ) -> None:
+    """An acknowledgement handed to the socket is no proof the broker read it: a broker
+    stopping (a clean restart of the gateway broker, with persistence) or a cut connection leaves
+    it unread, and the resumed session re-delivers the message. The intake remembers the last
+    messages it acknowledged (the broker's Receive Maximum of them), so such a re-delivery is
+    acknowledged again and not handed over: an untimed reading would otherwise be counted
+    twice. Beyond the Receive Maximum nothing can be unacknowledged, so nothing is kept."""
+    fake = _ScriptedBroker()
+    intake = MqttIntake(BrokerAddress(host="127.0.0.1", port=fake.port), ["devices/+/readings"],
+                        clock=SystemClock(), client_id="test-intake", manual_ack=True,
+                        max_pending=3)
+    intake.start()
+    try:
+        fake.accept(session_present=False)
+        for mid, payload in ((1, b"21.5"), (2, b"21.5"), (3, b"21.5"), (4, b"21.5")):
+            fake.publish(mid, payload)
+        first = _take(intake, 4)
+        intake.ack(first)
+        assert fake.pubacks(4) == [1, 2, 3, 4]  # read here; "unread" by the broker
+        assert fake.conn is not None
+        fake.conn.close()
+        _wait(lambda: not intake.connected.is_set(), "the drop")
+        fake.accept(session_present=True)
+        # the broker had at most its Receive Maximum (3) unacknowledged: 2, 3 and 4 come again
+        for mid in (2, 3, 4):
+            fake.publish(mid, b"21.5", dup=True)
+        assert fake.pubacks(3) == [2, 3, 4]  # acknowledged at once: the agent has them
+        fake.publish(5, b"21.5")
+        assert [(m[1], m[3] & 0xFFFF) for m in _take(intake, 1)] == [(b"21.5", 5)]
+        assert intake.redelivered == 3
+        assert intake.received == 5
+        assert _settles(intake, 0.3) == 0
     finally:
         intake.stop()
         fake.close()

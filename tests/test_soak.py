@@ -17,6 +17,7 @@ import pytest
 from cloud.sinks.influx_v1 import InfluxV1Client
 from fieldline.oracle import check, expected_windows, export_windows
 from fieldline.services import InfluxDB, Mosquitto, NatsServer
+from simulators.faults import FaultSpec
 from tests.rig import LABEL, WINDOW_MS, Rig, shipped_gateway
 from tests.test_faults import check_laws, fill, finish, overload
 from tests.test_jetstream import GATEWAYS, JsRig, settled
@@ -152,7 +153,7 @@ def heal(rig: Rig, influx: InfluxDB) -> None:
     influx.resume()
 
 
-@pytest.mark.parametrize("config", ["rig", "shipped"])
+@pytest.mark.parametrize("config", ["rig", "shipped", "device_faults"])
 def test_soak_faults_mixed_and_overlapping(
         config: str, tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto]) -> None:
     """Nobody announces faults one at a time: for ninety seconds the worker or the agent is
@@ -163,7 +164,11 @@ def test_soak_faults_mixed_and_overlapping(
     the ledger balanced.
     ``shipped``: the agent runs deploy/gateway.toml as shipped (10 s and 1 min windows, 30 s
     of lateness and idle timeout, its tick, acknowledgement timeout and checkpoints), only its
-    brokers and state directory pointed here; both window specs are checked."""
+    brokers and state directory pointed here; both window specs are checked.
+    ``device_faults``: the devices misbehave meanwhile too (readings out of order, held back
+    seconds within the lateness, published twice, malformed), so the agent's duplicate filter,
+    revisions and rejections are restored from checkpoints and logs torn at random: each good
+    reading once, each copy and each malformed message counted as what it is."""
     influx = InfluxDB(tmp_path / "influx").start()
     client = InfluxV1Client(influx.url, "mixed")
     client.create_database()
@@ -175,22 +180,41 @@ def test_soak_faults_mixed_and_overlapping(
         rig.spec = replace(rig.spec, topic_template="devices/{device}/readings")
         shipped_gateway(tmp_path, rig.gw_broker.url, f"mqtt://127.0.0.1:{rig.proxy.port}",
                         out=rig.gateway_cfg)
+    if config == "device_faults":
+        rig.spec = replace(rig.spec, disorder_fraction=0.05, straggler_fraction=0.01,
+                           straggler_delay_ms=5_000, malformed_fraction=0.005,
+                           faults=(FaultSpec(type="duplicate", rate=0.02),))
     try:
         rig.start_chain(fleet_s=100)
         done = mixed_faults(rig, influx, random.Random(SEED), 90)
         print(f"seed {SEED}: {' '.join(done)}")
         rig.wait_fleet(300)
-        n = len(rig.published)
+        assert rig.sim is not None
+        hit = {(str(t["type"]), str(t["device"]), int(t["seq"]))  # type: ignore[call-overload]
+               for t in rig.sim.truth}
+        bad = {(d, q) for kind, d, q in hit if kind == "malformed"}
+        copies = {(d, q) for kind, d, q in hit if kind == "duplicate"}
+        good = [p for p in rig.published if (p.device, p.seq) not in bad]
+        n = len(good)
         # every reading once in each spec's windows (the 1 min windows close 30 s after)
         got = rig.wait_settled(len(specs) * n, timeout_s=300, quiet_s=45)
         for size_ms, label in specs:
-            report = check(expected_windows(rig.published, size_ms),
+            report = check(expected_windows(good, size_ms),
                            export_windows(rig.influx, label))
             assert report.clean, f"seed {SEED}, {label}, faults {done}: {report}"
         assert got == len(specs) * n, (SEED, done, got, n)
         led = rig.ledger_when(lambda d: d.get("windows_pending", 1) == 0, 60)
         check_laws(led)
         assert led["readings_accepted"] == n, (SEED, done, led)
+        # a device's copies, and what the devices' own MQTT clients sent again after the
+        # gateway broker's restarts (QoS 1: at least once), each counted as a duplicate
+        assert rig.pub is not None
+        resent = rig.pub.counters["resent"]
+        assert len(copies - bad) <= led["duplicates"] <= len(copies - bad) + resent, (
+            SEED, done, led, resent)
+        malformed = len(bad) + len(bad & copies)
+        assert malformed <= led["rejected"] <= malformed + resent, (SEED, done, led, resent)
+        assert led["late_dropped"] == 0, (SEED, done, led)
     finally:
         rig.stop()
         influx.stop()
