@@ -64,6 +64,7 @@ KEEPALIVE_S = 30
 CONNECT_TIMEOUT_S = 10.0
 RECONNECT_MIN_S, RECONNECT_MAX_S = 1.0, 30.0
 _RECV = 1 << 18
+ACKED_REMEMBERED = 32_767
 _SUB_MID, _SYS_MID = 1, 2
 _MID_BITS = 16  # a taken message's id: connection number << 18 | qos << 16 | packet id
 WIRE_ID = (1 << 18) - 1  # of a taken message's id, what the broker knows: qos << 16 | packet id
@@ -145,8 +146,10 @@ class MqttIntake:
         # QoS 1/2 messages of the current connection not yet acknowledged over it, by tagged id
         self._held: dict[int, Message] = {}
         # the last messages acknowledged over the current connection, which the broker may not
-        # have read the acknowledgements of: (tagged id, digest), at most its Receive Maximum
-        self._acked = _Ring(max(1, min(max_pending, 65_535)))
+        # have read the acknowledgements of: (tagged id, digest), at most its Receive Maximum,
+        # and at most half the packet ids (one is the broker's to reuse only after ~65,535
+        # others, so a remembered message is forgotten before its id can name another)
+        self._acked = _Ring(max(1, min(max_pending, ACKED_REMEMBERED)))
         # taken over an earlier connection, maybe unknown to the broker as acknowledged: packet
         # id -> (the tagged id the agent knows, digest of topic and payload); those the agent
         # acknowledged
