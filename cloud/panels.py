@@ -20,7 +20,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from cloud.points import AGGREGATES, ALERTS, ANOMALIES, DEVICES, GATEWAY_ROW, LEDGER, PIPELINE
+from cloud.points import (
+    AGGREGATES,
+    ALERTS,
+    ANOMALIES,
+    DEVICES,
+    GATEWAY_ROW,
+    LEDGER,
+    PIPELINE,
+    SITES,
+)
 from devices.rejects import READING_REASONS
 
 
@@ -128,9 +137,13 @@ SECTIONS: tuple[Section, ...] = (
             'SELECT max("devices_silent") AS "silent", max("devices_skewed") AS "skewed" '
             f'{EDGE} AND $timeFilter GROUP BY time($__interval), "gateway" fill(none)'),
             "$tag_gateway $col", thresholds=(Threshold(1, "orange"),)),
-        _ts("fleet_mean_by_site", "Mean by site", (
-            f'SELECT mean("mean") FROM "{AGGREGATES}" WHERE {SITE_SEL} AND $timeFilter '
-            'GROUP BY time($__interval), "site" fill(none)'), "$tag_site"),
+        _ts("fleet_mean_by_site", "Mean by site and metric", (
+            f'SELECT sum("sum") / sum("readings") AS "mean" FROM "{SITES}" WHERE {SITE_SEL} '
+            'AND $timeFilter GROUP BY time($__interval), "site", "metric" fill(none)'),
+            "$tag_site $tag_metric",
+            description="The mean of every reading of a metric at a site, from the worker's "
+                        "per-site rollups (a few points per window, not one per device); "
+                        "windows as first shipped, late readings' revisions left out."),
     )),
     Section("Device", "device", (
         Panel("device_metric", "Window mean, min-max band and p95", "band", (Query("A", (

@@ -5,6 +5,9 @@
 * ``anomalies``: one point per (window, detector), same timestamp as its window.
 * ``alerts``: one point per incident (a detector's or a rule's), at the start of the window that
   opened it; written when it opens (``state = "open"``) and overwritten when it resolves.
+* ``sites``: per-site rollups of the time-aligned windows' first results, one point per results
+  batch and (gateway, site, metric, window) at the window start plus a few milliseconds that
+  name the batch (``site_points``): what fleet-wide charts read instead of every device's series.
 * ``pipeline``: health counters and gauges, tag ``component`` = edge | cloud.
 
 Dashboards (``cloud.dashboards``) query exactly these names; change them together.
@@ -26,6 +29,7 @@ from cloud.sinks.points import FieldColumn, Points, Row
 from devices.schema import OUTPUTS, REVISION_FIELD, seq_run
 
 AGGREGATES = "aggregates"
+SITES = "sites"
 ANOMALIES = "anomalies"
 ALERTS = "alerts"
 DEVICE_SUBJECT = "(device)"  # the metric tag of alerts judged across a device's metrics
@@ -59,6 +63,51 @@ def aggregate_points(rows: EnrichedResults) -> Points:
     tags = {"gateway": [rows.gateway] * n, "site": rows.site, "device": rows.device,
             "metric": rows.metric, "window": rows.window, "unit": rows.unit}
     return Points(AGGREGATES, tags, fields, rows.start)
+
+
+def site_points(rows: EnrichedResults, seq: int) -> Points:
+    """The batch's first results (rev 0) of time-aligned windows (tumbling, hopping: not
+    sessions or count windows, whose starts differ per device) rolled up per (site, metric,
+    window spec, window start): ``devices`` (results), ``readings``, ``sum``, ``min``, ``max``.
+
+    A fleet-wide chart then reads a few points per site and window instead of one per device
+    (the site mean over an hour at 10,000 devices: 30 s of InfluxDB's time from ``aggregates``).
+    A gateway's results for one window come in several batches, so each batch writes its own
+    point, at the window start plus ``seq`` modulo the window's width (at most 999 ms): still
+    inside the window and the same time bucket, and never overwriting another batch's part;
+    a reader sums them (mean = sum("sum") / sum("readings")). Written again (a retried write),
+    a batch's points land on themselves. Revisions are left out (what they change is the
+    device's own series): the rollup is each window as first shipped."""
+    aligned = np.fromiter((":" not in w for w in rows.window), np.bool_, len(rows))
+    idx = np.flatnonzero(aligned & (rows.rev == 0) & (rows.count > 0))
+    if len(idx) == 0:
+        return Points.of(SITES, [])
+    codes: dict[tuple[str, str, str], int] = {}
+    site, metric, window = rows.site, rows.metric, rows.window
+    code = np.fromiter((codes.setdefault((site[i], metric[i], window[i]), len(codes))
+                        for i in idx.tolist()), np.int64, len(idx))
+    start = rows.start[idx]
+    order = np.lexsort((start, code))
+    code, start, idx = code[order], start[order], idx[order]
+    first = np.flatnonzero(np.r_[True, (code[1:] != code[:-1]) | (start[1:] != start[:-1])])
+    names = list(codes)
+    tags: dict[str, list[str]] = {"gateway": [rows.gateway] * len(first), "site": [],
+                                  "metric": [], "window": []}
+    for c in code[first].tolist():
+        s_, m_, w_ = names[c]
+        tags["site"].append(s_)
+        tags["metric"].append(m_)
+        tags["window"].append(w_)
+    fields: dict[str, FieldColumn] = {
+        "devices": np.diff(np.r_[first, len(idx)]).astype(np.int64),
+        "readings": np.add.reduceat(rows.count[idx], first),
+        "sum": np.add.reduceat(rows.sum[idx], first),
+        "min": np.minimum.reduceat(rows.min[idx], first),
+        "max": np.maximum.reduceat(rows.max[idx], first),
+    }
+    width = rows.width[idx][first]
+    at = start[first] + seq % np.maximum(np.minimum(width, 1000), 1)
+    return Points(SITES, tags, fields, at.astype(np.int64))
 
 
 def _put(fields: dict[str, FieldColumn], name: str, col: npt.NDArray[Any],

@@ -33,6 +33,7 @@ from cloud.points import (
     ledger_points,
     pipeline_points,
     rule_alert_points,
+    site_points,
     superseded_identities,
 )
 from cloud.refdata import ReferenceData
@@ -257,7 +258,8 @@ class CloudWorker:
         rows = self.enricher.enrich(batch)
         det = part.detection.run(rows)
         fired = part.rules.run(rows, det)
-        points = [aggregate_points(rows), anomaly_points(rows, det.anomalies),
+        points = [aggregate_points(rows), site_points(rows, batch.seq),
+                  anomaly_points(rows, det.anomalies),
                   alert_points(rows, det.alerts), rule_alert_points(fired)]
         for a in fired:
             self.counters["rule_alerts_opened" if a.state == "open"

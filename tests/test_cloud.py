@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from pathlib import Path
 
 import numpy as np
@@ -350,3 +351,61 @@ def test_a_worker_notices_a_hung_cloud_broker_and_reads_on_once_it_answers(
             await items.aclose()
 
     asyncio.run(scenario())
+
+
+def tumbling_batch(seq: int, devices: list[str], start: int, counts: list[int],
+                   means: list[float], revs: list[int]) -> ResultBatch:
+    n = len(devices)
+    c = np.array(counts, np.int64)
+    m = np.array(means)
+    ix = np.arange(n, dtype=np.int64)
+    res = ResultColumns(
+        device=ix, metric=ix * 0, start=np.full(n, start, np.int64),
+        width=np.full(n, 10_000, np.int64), rev=np.array(revs, np.int64), count=c,
+        sum=m * c, min=m - 1, max=m + 1, mean=m, m2=np.full(n, 0.5),
+        first_ts=np.full(n, start, np.int64), first=m, last_ts=np.full(n, start + 9_000, np.int64),
+        last=m, spec=ix * 0, pct=np.stack([m, m + 1], axis=1),
+        sk_keys=np.full(n, 150, np.int64), sk_counts=c, sk_offsets=np.arange(n + 1, dtype=np.int64))
+    return ResultBatch(gateway="gw-1", seq=seq, watermark=0, sent_ms=start, devices=devices,
+                       metrics=["temperature"], results=res, specs=["10s"],
+                       percentiles=[0.5, 0.99], alpha=0.01)
+
+
+def test_site_means_come_from_rollups_of_first_results_across_batches(
+        influx_db: InfluxV1Client) -> None:
+    """One 10 s window's results of three devices in two batches (one sent twice), and a late
+    reading's revision: the fleet page's "mean by site" panel, run as the view runs it, reads
+    the mean of every reading each site's devices first shipped, from the ``sites`` rollups
+    (a handful of points, not one per device)."""
+    from cloud.panels import PANELS, Params, render
+
+    reg = Registry([Device(device_id=d, gateway="gw-1", site=s, kind="temperature")
+                    for d, s in (("dev-a", "hall"), ("dev-b", "hall"), ("dev-c", "yard"))])
+    worker = CloudWorker(
+        CloudConfig(worker_id="t", broker=BrokerAddress(host="127.0.0.1", port=1),
+                    influx=InfluxConfig(url=influx_db.url, database=influx_db.database)),
+        registry=reg, source=object())  # type: ignore[arg-type]
+    start = int(time.time() * 1000) // 10_000 * 10_000 - 60_000
+    one = tumbling_batch(7, ["dev-a", "dev-b"], start, [10, 30], [20.0, 24.0], [0, 0])
+    two = tumbling_batch(8, ["dev-c", "dev-a"], start, [5, 12], [-3.0, 50.0], [0, 1])
+
+    async def scenario() -> None:
+        for k, b in enumerate((one, two, one)):
+            worker.handle(SourceMessage(0, k + 1, results_topic("gw-1"), b.encode()))
+            await worker.writer.flush(None)
+
+    asyncio.run(scenario())
+    doc = influx_db.query('SELECT * FROM "sites"')
+    assert isinstance(doc, dict)
+    assert len(doc["results"][0]["series"][0]["values"]) == 2  # one per batch and site
+    panel = PANELS["fleet_mean_by_site"]
+    doc = influx_db.query(render(panel.queries[0].text, Params(range_s=900)))
+    assert isinstance(doc, dict)
+    got = {s["tags"]["site"]: [v[1] for v in s["values"] if v[1] is not None]
+           for s in doc["results"][0]["series"]}
+    assert got == {"hall": [pytest.approx((10 * 20.0 + 30 * 24.0) / 40)], "yard": [-3.0]}
+    doc = influx_db.query('SELECT sum("devices"), sum("readings"), min("min"), max("max") '
+                          'FROM "sites" GROUP BY "site"')
+    assert isinstance(doc, dict)
+    assert {s["tags"]["site"]: s["values"][0][1:] for s in doc["results"][0]["series"]} == {
+        "hall": [2, 40, 19.0, 25.0], "yard": [1, 5, -4.0, -2.0]}

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cloud.enrich import EnrichedResults, Enricher
-from cloud.points import aggregate_points
+from cloud.points import SITES, aggregate_points, site_points
 from cloud.rules import parse_rules
 from cloud.sinks.lineproto import line, tag_prefix
 from devices.catalog import Catalog
@@ -206,3 +206,62 @@ def test_series_keys_equal_tag_prefix_whether_the_series_are_new_or_known(
     want = [tag_prefix(measurement, r) for r in rows]
     assert points().series() == want  # the first time (some of them new)
     assert points().series() == want  # all known
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows_=st.lists(st.tuples(
+    st.sampled_from(["s1", "s2"]), st.sampled_from(["t", "p"]),
+    st.sampled_from(["10s", "1m/10s", "session:30s", "count:100", "500ms"]),
+    st.integers(0, 3), st.integers(0, 2), st.integers(0, 50),
+    st.floats(-1e6, 1e6, allow_nan=False)), max_size=40),
+    seq=st.integers(0, 10**9))
+def test_site_rollups_sum_each_time_aligned_windows_first_results(
+        rows_: list[tuple[str, str, str, int, int, int, float]], seq: int) -> None:
+    """``site_points`` against a loop: per (site, metric, window, start), the first results of
+    tumbling and hopping windows summed (sessions, count windows and revisions left out), each
+    point inside its window's first second and named by the batch's seq."""
+    n = len(rows_)
+    widths = {"10s": 10_000, "1m/10s": 60_000, "session:30s": 45_000, "count:100": 7_000,
+              "500ms": 500}
+    start = np.array([1_700_000_000_000 + k * (500 if w == "500ms" else 10_000)
+                      for _, _, w, k, _, _, _ in rows_], np.int64)
+    count = np.array([c for *_, c, _ in rows_], np.int64)
+    mean = np.array([m for *_, m in rows_], np.float64)
+    rows = EnrichedResults(
+        gateway="gw", device=[f"d{i}" for i in range(n)], metric=[r[1] for r in rows_],
+        site=[r[0] for r in rows_], unit=[""] * n, window=[r[2] for r in rows_],
+        known=np.ones(n, bool), start=start,
+        width=np.array([widths[r[2]] for r in rows_], np.int64),
+        rev=np.array([r[4] for r in rows_], np.int64), count=count, sum=mean * count,
+        min=mean - 1, max=mean + 1, mean=mean, std=np.zeros(n), first=mean, last=mean,
+        low=np.full(n, np.nan), high=np.full(n, np.nan), scale_floor=np.ones(n),
+        rate=np.zeros(n), pct=np.empty((n, 0)), pct_names=[], seq_min=None, seq_max=None,
+        seq_sum=None)
+    want: dict[tuple[str, str, str, int], list[float]] = {}
+    for i, (site, metric, window, _, rev, c, m) in enumerate(rows_):
+        if ":" in window or rev or c == 0:
+            continue
+        w = want.setdefault((site, metric, window, int(start[i])), [0, 0, 0.0, np.inf, -np.inf])
+        w[0] += 1
+        w[1] += c
+        w[2] += m * c
+        w[3] = min(w[3], m - 1)
+        w[4] = max(w[4], m + 1)
+    pts = site_points(rows, seq)
+    assert pts.measurement == SITES
+    got: dict[tuple[str, str, str, int], list[float]] = {}
+    for i in range(len(pts)):
+        window = pts.tags["window"][i]
+        width = widths[window]
+        t = int(pts.time[i])
+        s = t - t % width if width < 1000 else t - t % 1000
+        assert t - s == seq % min(width, 1000)
+        assert pts.tags["gateway"][i] == "gw"
+        key = (pts.tags["site"][i], pts.tags["metric"][i], window, s)
+        assert key not in got
+        got[key] = [float(pts.fields[f][i]) for f in ("devices", "readings", "sum", "min", "max")]
+    assert got.keys() == want.keys()
+    for k, w in want.items():
+        assert got[k][:2] == w[:2]
+        assert got[k][2] == pytest.approx(w[2], rel=1e-9, abs=1e-6)
+        assert got[k][3:] == w[3:]

@@ -246,6 +246,88 @@ def test_every_page_loads_without_console_errors_and_draws_real_data(demo: Demo,
     assert console_errors(d) == []
 
 
+def test_a_fleet_of_hundreds_of_devices_shows_the_ones_that_need_attention(
+        influx_db: InfluxV1Client, browser: Any) -> None:
+    """A gateway of 400 devices lists its 6 that need attention (anomalies first, then skewed
+    clocks, then silence) and folds the healthy ones away until asked; a gateway whose every
+    device went silent says so instead of listing them; a small gateway shows all; the filter
+    finds any device; an open fold stays open across refreshes; and a panel that fails (the
+    site means, here) says so in its place while the tree is still drawn."""
+    d = browser
+    now = int(time.time() * 1000) // 10_000 * 10_000
+    lines = []
+    plan = [("big", 400, "s1"), ("down", 150, "s1"), ("small", 5, "s2")]
+    for gw, n, site in plan:
+        for i in range(n):
+            dev = f"{gw}-d{i:04d}"
+            old = gw == "down" or i in (10, 20, 30)  # silent: its last window 10 min ago
+            t = now - (600_000 if old else 10_000)
+            lines.append(f"aggregates,gateway={gw},site={site},device={dev},metric=t,window=10s,"
+                         f"unit=C count=10i,sum=200,mean=20,min=19,max=21,p95=21 {t}")
+    lines += [f"sites,gateway=big,site=s1,metric=t,window=10s devices=397i,readings=3970i,"
+              f"sum=79400,min=19,max=21 {now - 10_000}"]
+    for dev, n in (("big-d0100", 2), ("big-d0200", 5)):
+        lines += [f"anomalies,gateway=big,site=s1,device={dev},metric=t,window=10s,detector=spike "
+                  f"score=2,direction=1i,message=\"x\" {now - 10_000 * (k + 1)}" for k in range(n)]
+    lines += [f"devices,gateway=big,device={dev} skew_ms={ms}i {now - 5_000}"
+              for dev, ms in (("big-d0300", 2500), ("big-d0301", -1800))]
+    influx_db.write_lines(lines)
+    view = ViewServer(influx_db, ViewConfig(port=0, refresh_s=1.0)).start()
+    try:
+        open_page(d, view.url + "#/")
+        chips = ("return [...document.querySelectorAll("
+                 "`#tree [data-gateway='${arguments[0]}'] .dev`)].map(e => e.dataset.device)")
+        assert d.execute_script(chips, "big") == [
+            "big-d0200", "big-d0100", "big-d0300", "big-d0301", "big-d0010", "big-d0020",
+            "big-d0030"]
+        fold = "return document.querySelector(`[data-gateway='${arguments[0]}'] details`)"
+        assert d.execute_script(fold + ".dataset.healthy", "big") == "393"
+        assert d.execute_script(fold + ".open", "big") is False
+        assert d.execute_script(chips, "down") == []
+        text = d.execute_script(
+            "return document.querySelector(\"[data-gateway='down']\").textContent")
+        assert "is the gateway or its uplink down?" in text
+        assert "150 silent devices" in text
+        assert d.execute_script(chips, "small") == [f"small-d{i:04d}" for i in range(5)]
+        stats = d.execute_script("return Object.fromEntries([...document.querySelectorAll('.stat')]"
+                                 ".map(e => [e.dataset.stat, e.querySelector('b').textContent]))")
+        assert stats["devices online"] == "402", stats
+        assert stats["devices silent"] == "153", stats
+        assert stats["anomalous windows"] == "7", stats
+
+        d.execute_script(fold + ".querySelector('summary').click()", "big")
+        assert len(d.execute_script(chips, "big")) == 7 + 393
+        refreshes = int(d.execute_script("return window.fieldline.refreshes"))
+        wait_until(lambda: int(d.execute_script("return window.fieldline.refreshes"))
+                   >= refreshes + 2, 30, "two refreshes")
+        assert d.execute_script(fold + ".open", "big") is True
+        assert len(d.execute_script(chips, "big")) == 400
+
+        d.execute_script("const f = document.getElementById('fleet-filter');"
+                         "f.value = 'D012'; f.dispatchEvent(new Event('input'));")
+        found = d.execute_script("return [...document.querySelectorAll('#tree .dev')]"
+                                 ".map(e => e.dataset.device)")
+        assert found == [f"{gw}-d012{i}" for gw in ("big", "down") for i in range(10)]
+        d.execute_script("const f = document.getElementById('fleet-filter');"
+                         "f.value = ''; f.dispatchEvent(new Event('input'));")
+        assert d.execute_script("return window.fieldline.nextAt") >= 0  # paced refreshes are on
+
+        # the site means' query fails (as InfluxDB timing out on it would): the rest is drawn
+        d.execute_script("const f = window.fetch; window.fetch = (u, o) => String(u)"
+                         ".includes('fleet_mean_by_site') ? Promise.resolve(new Response("
+                         "JSON.stringify({error: 'InfluxDB timed out'}), {status: 502}))"
+                         " : f(u, o);")
+        wait_until(lambda: "update failed" in d.find_element("id", "status").text, 30,
+                   "the failure reported", saw=lambda: d.find_element("id", "status").text)
+        assert "Mean by site and metric: InfluxDB timed out" in d.find_element("id", "status").text
+        assert "failed" in d.find_element("id", "c-fleet_mean_by_site").text
+        assert len(d.execute_script(chips, "big")) == 400
+        assert d.execute_script(chips, "small") == [f"small-d{i:04d}" for i in range(5)]
+        assert console_errors(d) == []
+    finally:
+        view.stop()
+
+
 # ---- the server: allow-listed queries, credentials kept ------------------------------------
 
 def _get(url: str, path: str, method: str = "GET") -> tuple[int, bytes]:

@@ -6,6 +6,7 @@
   const state = {
     meta: null, range: "1h", route: null, charts: new Map(), timer: null, busy: false,
     refreshes: 0, loadId: Math.random().toString(36).slice(2), windowSpec: null,
+    fleetTree: null, fleetFilter: "", fleetOpen: new Set(), nextAt: 0,
   };
   window.fieldline = state; // read by the browser tests: loadId survives only without reload
 
@@ -233,67 +234,163 @@
   // ---- pages ------------------------------------------------------------------------------
   const pages = {};
 
+  // A gateway with more devices than this shows the ones that need attention (silent, with
+  // anomalies, with a skewed clock) and folds the healthy ones away: 10,000 chips redrawn every
+  // few seconds are neither readable nor cheap. The filter finds any device by name.
+  const SHOW_ALL = 120;
+  const MAX_CHIPS = 300;
+
+  function chip(gw, d) {
+    return h("a", {
+      class: "dev" + (d.silent ? " silent" : ""), "data-device": d.device,
+      href: `#/device/${encodeURIComponent(gw)}/${encodeURIComponent(d.device)}`,
+      title: `last window ${stamp(d.time)}; ${d.readings} readings in it` +
+        (d.skew !== null && d.skew !== undefined ? `; clock offset ${d.skew} ms` : ""),
+    }, d.device, d.anomalies ? h("span", { class: "badge", text: String(d.anomalies) }) : null,
+    d.skew ? h("span", { class: "skew", text: `${d.skew > 0 ? "+" : ""}${num(d.skew, "ms")}` }) : null);
+  }
+
+  function chips(gw, devices, limit, more) {
+    const box = h("div", { class: "devices" }, ...devices.slice(0, limit).map(d => chip(gw, d)));
+    if (devices.length > limit) box.append(h("span", { class: "more", text: `… ${num(devices.length - limit)} more${more}` }));
+    return box;
+  }
+
+  function gatewayBlock(gw, devices) {
+    const silent = devices.filter(d => d.silent).length;
+    const anomalous = devices.filter(d => d.anomalies).length;
+    const head = h("h3", { text: [`gateway ${gw} · ${num(devices.length)} devices`,
+      silent ? `${num(silent)} silent` : "", anomalous ? `${num(anomalous)} with anomalies` : ""]
+      .filter(Boolean).join(" · ") });
+    const block = h("div", { class: "gateway", "data-gateway": gw }, head);
+    const needle = state.fleetFilter;
+    if (needle) {
+      const hits = devices.filter(d => d.device.toLowerCase().includes(needle));
+      block.dataset.matches = String(hits.length);
+      block.append(hits.length ? chips(gw, hits, MAX_CHIPS, ": narrow the filter") : h("div", { class: "desc", text: "no device matches" }));
+      return block;
+    }
+    if (devices.length <= SHOW_ALL) {
+      block.append(chips(gw, devices, SHOW_ALL, ""));
+      return block;
+    }
+    const needs = d => d.silent || d.anomalies || d.skew;
+    // the most pressing first: anomalies, then clocks, then silence
+    const rank = d => (d.anomalies ? 0 : d.skew ? 1 : 2);
+    let attention = devices.filter(needs).sort((a, b) => rank(a) - rank(b) || (b.anomalies - a.anomalies));
+    let healthy = devices.filter(d => !needs(d));
+    let label = `${num(healthy.length)} healthy devices`;
+    if (silent === devices.length) {  // the gateway, or its uplink, rather than its devices
+      block.append(h("div", { class: "desc warn", text: "no device of this gateway sent a window in " +
+        `the last ${Math.round(state.meta.silent_after_s)} s: is the gateway or its uplink down?` }));
+      healthy = attention.filter(d => !d.anomalies && !d.skew);
+      attention = attention.filter(d => d.anomalies || d.skew);
+      label = `${num(healthy.length)} silent devices`;
+    }
+    block.append(attention.length ? chips(gw, attention, MAX_CHIPS, ": use the filter")
+      : h("div", { class: "desc", text: silent === devices.length ? "" : "every device reporting, no anomaly, no clock offset" }));
+    const fold = h("details", { class: "healthy", "data-healthy": String(healthy.length) },
+      h("summary", { text: label }));
+    const fill = () => { if (fold.open && fold.children.length === 1) fold.append(chips(gw, healthy, 2000, ": use the filter")); };
+    if (state.fleetOpen.has(gw)) fold.open = true;
+    fold.addEventListener("toggle", () => {
+      if (fold.open) state.fleetOpen.add(gw); else state.fleetOpen.delete(gw);
+      fill();
+    });
+    fill();
+    block.append(fold);
+    return block;
+  }
+
+  function drawTree() {
+    const tree = state.fleetTree;
+    if (!tree) return;
+    const out = [];
+    for (const [siteName, gws] of [...tree.entries()].sort()) {
+      const sect = h("div", { class: "site", "data-site": siteName }, h("h2", { text: `site ${siteName}` }));
+      for (const [gw, devices] of [...gws.entries()].sort()) sect.append(gatewayBlock(gw, devices));
+      out.push(sect);
+    }
+    document.getElementById("tree").replaceChildren(...(out.length ? out : [h("div", { class: "empty", text: "no device has sent a window in this range yet" })]));
+  }
+
+  // Every panel of a page is fetched at once; one that fails (InfluxDB slow on a large fleet)
+  // says so in its own place and the others are still drawn.
+  async function settled(keys) {
+    const res = await Promise.allSettled(keys.map(k => panel(k)));
+    const errors = [];
+    const got = keys.map((k, i) => {
+      if (res[i].status === "fulfilled") return res[i].value;
+      errors.push(`${def(k).title}: ${res[i].reason.message}`);
+      return null;
+    });
+    return { got, errors };
+  }
+  function failed(el, errors) {
+    el.replaceChildren(h("div", { class: "err", text: `failed: ${errors.join("; ")}` }));
+  }
+  function chartOrError(key, res, errors) {
+    const el = document.getElementById(`c-${key}`);
+    if (res) lineChart(el, key, res, def(key));
+    else { state.charts.get(key)?.u.destroy(); state.charts.delete(key); failed(el, errors.filter(e => e.startsWith(def(key).title))); }
+  }
+
   pages.fleet = {
     title: "Fleet",
     build(main) {
+      const filter = h("input", { id: "fleet-filter", type: "search", placeholder: "find a device", value: state.fleetFilter });
+      filter.addEventListener("input", () => { state.fleetFilter = filter.value.trim().toLowerCase(); drawTree(); });
       main.append(h("h1", { text: "Fleet" }), h("div", { class: "stats", id: "fleet-stats" }),
         h("section", { class: "card wide", id: "fleet-tree", "data-panel": "fleet_devices" },
           h("h2", { text: "Sites → gateways → devices" }),
           h("div", { class: "desc", text: "green: a window within the last " +
             `${Math.round(state.meta.silent_after_s)} s; grey: silent. Red badge: anomalous windows in range; ` +
-            "orange: clock offset reported by the edge. Click a device for its charts." }),
+            `orange: clock offset reported by the edge. Gateways of more than ${SHOW_ALL} devices show ` +
+            "the ones that need attention first. Click a device for its charts." }),
+          h("div", { class: "controls" }, filter),
           h("div", { id: "tree" })));
       const grid = h("div", { class: "grid" });
       for (const key of ["fleet_silent", "fleet_mean_by_site"]) grid.append(card(def(key), h("div", { class: "chart", id: `c-${key}` })));
       main.append(h("br"), grid);
     },
     async update() {
-      const [devs, anom, clocks, alerts, silent, site] = await Promise.all([
-        panel("fleet_devices"), panel("fleet_anomalies"), panel("fleet_clocks"), panel("alerts"),
-        panel("fleet_silent"), panel("fleet_mean_by_site")]);
-      const now = devs.now;
-      const count = new Map(rowsOf(anom).map(r => [`${r.gateway}/${r.device}`, r.anomalies]));
-      const clk = new Map(rowsOf(clocks).map(r => [`${r.gateway}/${r.device}`, r]));
-      const tree = new Map();
-      let online = 0;
-      let quiet = 0;
-      for (const r of rowsOf(devs)) {
-        const id = `${r.gateway}/${r.device}`;
-        const c = clk.get(id);
-        const edgeSilent = c && c.silent === true && now - c.time < 60000;
-        const isSilent = edgeSilent || (now - r.time) / 1000 > state.meta.silent_after_s;
-        if (isSilent) quiet++; else online++;
-        if (!tree.has(r.site)) tree.set(r.site, new Map());
-        const gws = tree.get(r.site);
-        if (!gws.has(r.gateway)) gws.set(r.gateway, []);
-        gws.get(r.gateway).push({ ...r, silent: isSilent, anomalies: count.get(id) || 0, skew: c ? c["clock offset ms"] : null });
-      }
-      const openAlerts = rowsOf(alerts).filter(a => a.state === "open").length;
-      const anomalous = rowsOf(anom).reduce((s, r) => s + r.anomalies, 0);
-      document.getElementById("fleet-stats").replaceChildren(
-        ...[["sites", tree.size], ["gateways", [...tree.values()].reduce((s, g) => s + g.size, 0)],
-          ["devices online", online], ["devices silent", quiet], ["anomalous windows", anomalous],
-          ["alerts open", openAlerts]].map(([k, v]) => h("div", { class: "stat", "data-stat": k }, h("b", { text: num(v) }), h("span", { text: k }))));
-      const out = [];
-      for (const [siteName, gws] of [...tree.entries()].sort()) {
-        const sect = h("div", { class: "site", "data-site": siteName }, h("h2", { text: `site ${siteName}` }));
-        for (const [gw, devices] of [...gws.entries()].sort()) {
-          devices.sort((a, b) => a.device.localeCompare(b.device));
-          sect.append(h("div", { class: "gateway", "data-gateway": gw },
-            h("h3", { text: `gateway ${gw} · ${devices.length} devices` }),
-            h("div", { class: "devices" }, ...devices.map(d => h("a", {
-              class: "dev" + (d.silent ? " silent" : ""), "data-device": d.device,
-              href: `#/device/${encodeURIComponent(gw)}/${encodeURIComponent(d.device)}`,
-              title: `last window ${stamp(d.time)}; ${d.readings} readings in it` +
-                (d.skew !== null && d.skew !== undefined ? `; clock offset ${d.skew} ms` : ""),
-            }, d.device, d.anomalies ? h("span", { class: "badge", text: String(d.anomalies) }) : null,
-            d.skew ? h("span", { class: "skew", text: `${d.skew > 0 ? "+" : ""}${num(d.skew, "ms")}` }) : null)))));
+      const { got, errors } = await settled(["fleet_devices", "fleet_anomalies", "fleet_clocks",
+        "alerts", "fleet_silent", "fleet_mean_by_site"]);
+      const [devs, anom, clocks, alerts, silent, site] = got;
+      if (devs) {
+        const now = devs.now;
+        const anomRows = anom ? rowsOf(anom) : [];
+        const count = new Map(anomRows.map(r => [`${r.gateway}/${r.device}`, r.anomalies]));
+        const clk = new Map((clocks ? rowsOf(clocks) : []).map(r => [`${r.gateway}/${r.device}`, r]));
+        const tree = new Map();
+        let online = 0;
+        let quiet = 0;
+        for (const r of rowsOf(devs)) {
+          const id = `${r.gateway}/${r.device}`;
+          const c = clk.get(id);
+          const edgeSilent = c && c.silent === true && now - c.time < 60000;
+          const isSilent = edgeSilent || (now - r.time) / 1000 > state.meta.silent_after_s;
+          if (isSilent) quiet++; else online++;
+          if (!tree.has(r.site)) tree.set(r.site, new Map());
+          const gws = tree.get(r.site);
+          if (!gws.has(r.gateway)) gws.set(r.gateway, []);
+          gws.get(r.gateway).push({ ...r, silent: isSilent, anomalies: count.get(id) || 0, skew: c ? c["clock offset ms"] : null });
         }
-        out.push(sect);
+        for (const gws of tree.values()) for (const devices of gws.values()) devices.sort((a, b) => a.device.localeCompare(b.device));
+        const openAlerts = alerts ? rowsOf(alerts).filter(a => a.state === "open").length : null;
+        const anomalous = anom ? anomRows.reduce((s, r) => s + r.anomalies, 0) : null;
+        document.getElementById("fleet-stats").replaceChildren(
+          ...[["sites", tree.size], ["gateways", [...tree.values()].reduce((s, g) => s + g.size, 0)],
+            ["devices online", online], ["devices silent", quiet], ["anomalous windows", anomalous],
+            ["alerts open", openAlerts]].map(([k, v]) => h("div", { class: "stat", "data-stat": k }, h("b", { text: v === null ? "?" : num(v) }), h("span", { text: k }))));
+        state.fleetTree = tree;
+        drawTree();
+      } else {
+        failed(document.getElementById("tree"), errors);
       }
-      document.getElementById("tree").replaceChildren(...(out.length ? out : [h("div", { class: "empty", text: "no device has sent a window in this range yet" })]));
-      lineChart(document.getElementById("c-fleet_silent"), "fleet_silent", silent, def("fleet_silent"));
-      lineChart(document.getElementById("c-fleet_mean_by_site"), "fleet_mean_by_site", site, def("fleet_mean_by_site"));
+      chartOrError("fleet_silent", silent, errors);
+      chartOrError("fleet_mean_by_site", site, errors);
+      if (errors.length) throw new Error(errors.join("; "));
     },
   };
 
@@ -426,12 +523,20 @@
     s.classList.toggle("error", !!bad);
   }
 
+  // A page whose update takes long (a large fleet on a busy InfluxDB) is refreshed less often:
+  // at most a third of the time goes to it, whatever refresh_s says.
+  function tick() {
+    if (Date.now() >= state.nextAt) refresh();
+  }
+
   async function refresh() {
     if (state.busy || !state.route) return;
     state.busy = true;
     const route = state.route;
+    const began = Date.now();
     try {
       await pages[route.name].update(...route.args);
+      state.nextAt = began + Math.max(0, 3 * (Date.now() - began) - state.meta.refresh_s * 1000);
       if (route !== state.route) return;
       state.refreshes += 1;
       document.body.dataset.refreshes = String(state.refreshes);
@@ -475,7 +580,7 @@
     window.addEventListener("hashchange", show);
     let resizeTimer = null;
     window.addEventListener("resize", () => { clearTimeout(resizeTimer); resizeTimer = setTimeout(refresh, 200); });
-    state.timer = setInterval(refresh, state.meta.refresh_s * 1000);
+    state.timer = setInterval(tick, state.meta.refresh_s * 1000);
     await show();
   }
 
