@@ -120,10 +120,19 @@ def _panel(p: Panel, pid: int) -> cogbuilder.Builder[dm.Panel]:
 
 
 def _variable(name: str, query: str) -> gd.QueryVariable:
-    return (gd.QueryVariable(name).label(name.capitalize()).datasource(DS).query(query)
-            .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED).include_all(True).multi(True)
-            .all_value(".*").sort(dm.VariableSort.ALPHABETICAL_ASC)
+    """A multi-value variable; "All" for all but ``device``: the device panels (raw windows of
+    each selected device) over every device of a large fleet would bring Grafana down (an hour
+    of 10,000 devices is 12 million windows), so Grafana starts on the first device instead."""
+    b = (gd.QueryVariable(name).label(name.capitalize()).datasource(DS).query(query)
+         .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED).multi(True)
+         .sort(dm.VariableSort.ALPHABETICAL_ASC))
+    if name in FLEET_SIZED:
+        return b.include_all(False)
+    return (b.include_all(True).all_value(".*")
             .current(dm.VariableOption(selected=True, text=["All"], value=["$__all"])))
+
+
+FLEET_SIZED = ("device",)  # variables with a value per device: never "All" by default
 
 
 def _encode(b: cogbuilder.Builder[Any]) -> dict[str, Any]:

@@ -248,8 +248,10 @@ SECTIONS: tuple[Section, ...] = (
             'SELECT last("received") AS "received", last("accepted") AS "accepted", '
             'last("rejected") AS "rejected", last("late_dropped") AS "late", '
             'last("duplicates") AS "duplicates", last("windows_emitted") AS "windows" '
-            f'FROM "{LEDGER}" WHERE {DEVICE_SEL} AND "device" != \'{GATEWAY_ROW}\' '
-            'AND $timeFilter GROUP BY "gateway", "device"'), width=24),
+            f'FROM "{LEDGER}" WHERE "gateway" =~ /^$gateway$/ AND "device" != \'{GATEWAY_ROW}\' '
+            'AND $timeFilter GROUP BY "gateway", "device"'), width=24,
+            description="Every device of the selected gateways, whichever device is selected "
+                        "above."),
     )),
 )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.server
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
@@ -28,7 +29,8 @@ from cloud.dashboards import (
     panel_queries,
     push,
 )
-from cloud.panels import ALERT_RULES, PANELS, SECTIONS
+from cloud.panels import ALERT_RULES, PANELS, SECTIONS, Params, render
+from cloud.sinks.influx_v1 import InfluxV1Client
 from fieldline.view.server import ViewConfig, meta
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -200,3 +202,68 @@ def test_push_creates_then_updates_datasource_dashboard_and_alert_rules(fake_gra
     assert len(groups) == 2
     assert [r["uid"] for r in groups[0]["rules"]] == [r.uid for r in ALERT_RULES]  # type: ignore[index]
     assert r2["alert_rules"]["rules"]
+
+
+@pytest.mark.integration
+def test_the_dashboard_as_provisioned_reads_one_device_not_the_whole_fleet(
+        influx_db: InfluxV1Client) -> None:
+    """Opened as provisioned, with its variables as Grafana starts them (``All``, or the
+    first value where "All" is not offered), against a real InfluxDB holding 300 devices: the
+    device panels read one device's series, not 300 (at 10,000 devices an hour of them is 12
+    million windows, more than Grafana can draw); the fleet tables read one row per device; the
+    site means read the rollups, one series per site and metric."""
+    now = int(time.time() * 1000) // 10_000 * 10_000
+    lines = []
+    for k in range(30):
+        t = now - 10_000 * (k + 1)
+        for i in range(300):
+            for m in ("t", "h"):
+                lines.append(f"aggregates,gateway=g{i % 3},site=s{i % 3},device=d{i:03d},"
+                             f"metric={m},window=10s,unit=x count=10i,sum=200,mean=20,min=19,"
+                             f"max=21,p50=20,p95=21,p99=21 {t}")
+        for g in range(3):
+            for m in ("t", "h"):
+                lines.append(f"sites,gateway=g{g},site=s{g},metric={m},window=10s devices=100i,"
+                             f"readings=1000i,sum=20000,min=19,max=21 {t}")
+    lines += [f"ledger,gateway=g{i % 3},device=d{i:03d} received=300i,accepted=300i {now}"
+              for i in range(300)]
+    influx_db.write_lines(lines)
+    d = dashboard()
+    start: dict[str, str] = {}
+    for v in d["templating"]["list"]:
+        if v["includeAll"]:
+            assert v["current"]["value"] == ["$__all"], v["name"]
+            continue
+        assert "current" not in v, v["name"]  # Grafana selects the first value
+        doc = influx_db.query(render(v["query"], Params(range_s=3600, values=start)))
+        assert isinstance(doc, dict)
+        start[v["name"]] = sorted(r[1] for r in doc["results"][0]["series"][0]["values"])[0]
+    assert start == {"device": "d000"}
+
+    def devices_read(key: str) -> set[str]:
+        doc = influx_db.query(render(PANELS[key].queries[0].text,
+                                     Params(range_s=3600, values=start)))
+        assert isinstance(doc, dict)
+        assert "error" not in doc["results"][0], (key, doc)
+        series = doc["results"][0].get("series", [])
+        out = {s.get("tags", {}).get("device", "") for s in series}
+        for s in series:  # raw selects name the device in a column
+            cols = s["columns"]
+            if "device" in cols:
+                out |= {r[cols.index("device")] for r in s["values"]}
+        return out - {""}
+
+    for key, p in PANELS.items():
+        if "$device" in p.queries[0].text:
+            assert devices_read(key) <= {"d000"}, key
+    doc = influx_db.query(render(PANELS["device_metric"].queries[0].text,
+                                 Params(range_s=3600, values=start)))
+    assert isinstance(doc, dict)  # its windows: 30 of each metric, of one device
+    assert sum(len(s["values"]) for s in doc["results"][0]["series"]) == 30 * 2
+    assert devices_read("device_mean") == {"d000"}
+    assert len(devices_read("fleet_devices")) == 300
+    assert len(devices_read("ledger_devices")) == 300  # every device's ledger, as before
+    doc = influx_db.query(render(PANELS["fleet_mean_by_site"].queries[0].text,
+                                 Params(range_s=3600, values=start)))
+    assert isinstance(doc, dict)
+    assert len(doc["results"][0]["series"]) == 3 * 2
