@@ -256,7 +256,7 @@ def test_a_fleet_of_hundreds_of_devices_shows_the_ones_that_need_attention(
     d = browser
     now = int(time.time() * 1000) // 10_000 * 10_000
     lines = []
-    plan = [("big", 400, "s1"), ("down", 150, "s1"), ("small", 5, "s2")]
+    plan = [("big", 400, "s1"), ("down", 150, "s1"), ("small", 5, "s2"), ("tiny", 2, "s10")]
     for gw, n, site in plan:
         for i in range(n):
             dev = f"{gw}-d{i:04d}"
@@ -291,7 +291,10 @@ def test_a_fleet_of_hundreds_of_devices_shows_the_ones_that_need_attention(
         assert d.execute_script(chips, "small") == [f"small-d{i:04d}" for i in range(5)]
         stats = d.execute_script("return Object.fromEntries([...document.querySelectorAll('.stat')]"
                                  ".map(e => [e.dataset.stat, e.querySelector('b').textContent]))")
-        assert stats["devices online"] == "402", stats
+        assert stats["devices online"] == "404", stats
+        sites = d.execute_script("return [...document.querySelectorAll('#tree .site')]"
+                                 ".map(e => e.dataset.site)")
+        assert sites == ["s1", "s2", "s10"]  # in natural order
         assert stats["devices silent"] == "153", stats
         assert stats["anomalous windows"] == "7", stats
 

@@ -238,6 +238,9 @@
   // anomalies, with a skewed clock) and folds the healthy ones away: 10,000 chips redrawn every
   // few seconds are neither readable nor cheap. The filter finds any device by name.
   const SHOW_ALL = 120;
+  // site-2 before site-10, dev-9 before dev-10
+  const natural = new Intl.Collator(undefined, { numeric: true, sensitivity: "base" });
+  const byName = (a, b) => natural.compare(a[0], b[0]);
   const MAX_CHIPS = 300;
 
   function chip(gw, d) {
@@ -306,9 +309,9 @@
     const tree = state.fleetTree;
     if (!tree) return;
     const out = [];
-    for (const [siteName, gws] of [...tree.entries()].sort()) {
+    for (const [siteName, gws] of [...tree.entries()].sort(byName)) {
       const sect = h("div", { class: "site", "data-site": siteName }, h("h2", { text: `site ${siteName}` }));
-      for (const [gw, devices] of [...gws.entries()].sort()) sect.append(gatewayBlock(gw, devices));
+      for (const [gw, devices] of [...gws.entries()].sort(byName)) sect.append(gatewayBlock(gw, devices));
       out.push(sect);
     }
     document.getElementById("tree").replaceChildren(...(out.length ? out : [h("div", { class: "empty", text: "no device has sent a window in this range yet" })]));
@@ -376,7 +379,7 @@
           if (!gws.has(r.gateway)) gws.set(r.gateway, []);
           gws.get(r.gateway).push({ ...r, silent: isSilent, anomalies: count.get(id) || 0, skew: c ? c["clock offset ms"] : null });
         }
-        for (const gws of tree.values()) for (const devices of gws.values()) devices.sort((a, b) => a.device.localeCompare(b.device));
+        for (const gws of tree.values()) for (const devices of gws.values()) devices.sort((a, b) => natural.compare(a.device, b.device));
         const openAlerts = alerts ? rowsOf(alerts).filter(a => a.state === "open").length : null;
         const anomalous = anom ? anomRows.reduce((s, r) => s + r.anomalies, 0) : null;
         document.getElementById("fleet-stats").replaceChildren(
