@@ -409,3 +409,63 @@ def test_site_means_come_from_rollups_of_first_results_across_batches(
     assert isinstance(doc, dict)
     assert {s["tags"]["site"]: s["values"][0][1:] for s in doc["results"][0]["series"]} == {
         "hall": [2, 40, 19.0, 25.0], "yard": [1, 5, -4.0, -2.0]}
+
+
+class _SnapshotStore:
+    """A partitioned source's snapshot side only (what JetStream's store does is tested in
+    test_jetstream.py): records what the worker saves."""
+
+    per_partition_state = True
+
+    def __init__(self) -> None:
+        self.saved: list[tuple[int, bytes, int, int]] = []
+
+    async def save_snapshot(self, p: int, blob: bytes, position: int, epoch: int) -> bool:
+        self.saved.append((p, blob, position, epoch))
+        return True
+
+
+def test_large_partition_snapshots_are_encoded_aside_and_taken_less_often(
+        influx_db: InfluxV1Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A partition's snapshot is copied between two messages and encoded in a thread; one
+    still on its way is not taken again; and the bigger the state, the longer between two
+    (``SNAPSHOT_BYTES_PER_S``, here lowered so 200 series' state means 30 s), which the
+    worker's health says (a takeover replays at most that much)."""
+    import cloud.worker as worker_mod
+    from cloud.ingest import PartitionEvent
+    from cloud.partition import PartitionState
+
+    store = _SnapshotStore()
+    cfg = CloudConfig(worker_id="t", broker=BrokerAddress(host="127.0.0.1", port=1),
+                      influx=InfluxConfig(url=influx_db.url, database=influx_db.database))
+    worker = CloudWorker(cfg, registry=Registry(), source=store)  # type: ignore[arg-type]
+    worker._on_partition(PartitionEvent(3, True, position=0, epoch=7))
+    start = int(time.time() * 1000) // 10_000 * 10_000 - 600_000
+    devices = [f"dev-{i:03d}" for i in range(200)]
+
+    async def scenario() -> None:
+        for k in range(3):
+            b = tumbling_batch(k + 1, devices, start + 10_000 * k, [10] * 200,
+                               [20.0 + i % 7 for i in range(200)], [0] * 200)
+            worker.handle(SourceMessage(3, k + 1, results_topic("gw-1"), b.encode(), epoch=7))
+        worker._snapshot_partitions()
+        worker._snapshot_partitions()  # the first is on its way: not taken twice
+        await worker.writer.flush(None)
+        while worker._bg:
+            await asyncio.gather(*list(worker._bg))
+
+    assert worker.snapshot_every_s() == 10.0  # nothing measured yet: the configured interval
+    asyncio.run(scenario())
+    at = worker.parts[3].position  # (the consume loop moves it; handed in here: as assigned)
+    assert [(p, pos, ep) for p, _, pos, ep in store.saved] == [(3, at, 7)]
+    blob = store.saved[0][1]
+    again = PartitionState.fresh(cfg)
+    assert again.restore_bytes(blob)
+    assert again.position == at
+    assert len(again.detection.series) == len(worker.parts[3].detection.series) == 200
+    assert worker.stats()["engine_snapshot_bytes"] == len(blob)
+    monkeypatch.setattr(worker_mod, "SNAPSHOT_BYTES_PER_S", len(blob) / 30)
+    assert worker.snapshot_every_s() == pytest.approx(30.0)
+    assert worker.stats()["engine_snapshot_every_s"] == pytest.approx(30.0)
+    monkeypatch.setattr(worker_mod, "SNAPSHOT_TIME_SHARE", 1e-9)  # time, too, is counted
+    assert worker.snapshot_every_s() > 1000

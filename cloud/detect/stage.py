@@ -503,9 +503,7 @@ class DetectionStage:
         return self._load(io.BytesIO(blob), source)
 
     def snapshot_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        _savez(self.snapshot(), buf)
-        return buf.getvalue()
+        return encode_detection(self.snapshot())
 
     def _load(self, src: Path | io.BytesIO, source: str) -> bool:
         try:
@@ -533,6 +531,13 @@ class DetectionStage:
 def _savez(snap: dict[str, Any], fh: Any) -> None:
     meta = json.dumps({k: snap[k] for k in ("series", "devices", "slots")})
     np.savez(fh, __meta__=np.array(meta), **snap["arrays"])
+
+
+def encode_detection(snap: dict[str, Any]) -> bytes:
+    """A ``DetectionStage.snapshot()`` as the bytes ``load_bytes`` reads."""
+    buf = io.BytesIO()
+    _savez(snap, buf)
+    return buf.getvalue()
 
 
 def write_snapshot(snap: dict[str, Any], path: Path) -> None:
