@@ -74,8 +74,8 @@ class PartitionState:
 
     def capture(self) -> Captured:
         """The state as it is now, copied (between two messages, where the stage runs), for
-        ``encode_snapshot`` to turn into bytes anywhere, a thread included: at 10,000 devices
-        x 3 metrics the copy takes a tenth of the encoding's time (280 MB)."""
+        ``encode_snapshot`` to turn into bytes anywhere, a thread included (at 10,000 devices
+        x 3 metrics, 280 MB: the copy 0.08-0.6 s, the encoding 0.5 s)."""
         meta = {"v": 1, "position": self.position,
                 "dedup": self.dedup.snapshot(pending_as_written=True),
                 "revisions": [[*k, v] for k, v in self.revisions.items()]}

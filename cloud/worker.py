@@ -59,6 +59,12 @@ from devices.rejects import RejectLog
 log = logging.getLogger("fieldline.cloud")
 
 _SNAPSHOT = object()  # writer token: publish this partition snapshot once it is all written
+# Partition snapshots (JetStream) of a large state are taken less often than snapshot_interval:
+# at most this share of the worker's time goes to them, and at most this many bytes a second to
+# the engine (the detectors' state is ~9 KB a series: 280 MB at 10,000 devices x 3 metrics, 0.8 s
+# to encode). A takeover then replays more of the stream: `engine_snapshot_every_s` says how much.
+SNAPSHOT_TIME_SHARE = 0.05
+SNAPSHOT_BYTES_PER_S = 4_000_000
 
 FOREIGN_DEVICE = "foreign_device"  # results of a device the registry assigns to another gateway
 
@@ -73,12 +79,6 @@ def _keep_rows(batch: ResultBatch, keep: np.ndarray, superseded: SupersededRows 
         sk_keys=kept.sk_keys, sk_counts=kept.sk_counts, sk_offsets=kept.sk_offsets,
         superseded=superseded)
     return replace(batch, results=results)
-# Partition snapshots (JetStream) of a large state are taken less often than snapshot_interval:
-# at most this share of the worker's time goes to them, and at most this many bytes a second to
-# the engine (the detectors' state is ~9 KB a series: 280 MB at 10,000 devices x 3 metrics, 0.8 s
-# to encode). A takeover then replays more of the stream: `engine_snapshot_every_s` says how much.
-SNAPSHOT_TIME_SHARE = 0.05
-SNAPSHOT_BYTES_PER_S = 4_000_000
 DETECT_SNAPSHOT_S = 300.0  # how often the detector state is saved to state_dir (and at stop)
 
 __all__ = ["CloudWorker", "build_detection", "build_sink", "dedup_key"]
@@ -412,18 +412,24 @@ class CloudWorker:
                 continue
             began = time.perf_counter()
             captured = part.capture()
-            self._snapshot_cost[p] = (time.perf_counter() - began, 0)
+            # the size stays the last one's until this one is encoded
+            self._snapshot_cost[p] = (time.perf_counter() - began,
+                                      self._snapshot_cost.get(p, (0.0, 0))[1])
             self._snapshots_busy.add(p)
             self.writer.add([], token=(_SNAPSHOT, p, part.epoch, captured, part.position))
 
     def snapshot_every_s(self) -> float:
         """How often partitions are snapshotted: ``snapshot_interval``, or longer where their
         state is large (``SNAPSHOT_TIME_SHARE``, ``SNAPSHOT_BYTES_PER_S``)."""
-        cost = [self._snapshot_cost[p] for p in self.parts if p in self._snapshot_cost]
-        seconds = sum(c[0] for c in cost)
-        size = sum(c[1] for c in cost)
+        seconds, size = self._snapshot_totals()
         return max(self.snapshot_interval_s, seconds / SNAPSHOT_TIME_SHARE,
                    size / SNAPSHOT_BYTES_PER_S)
+
+    def _snapshot_totals(self) -> tuple[float, int]:
+        """The last snapshots' seconds (copy and encoding) and bytes, over the partitions
+        held now."""
+        cost = [self._snapshot_cost[p] for p in self.parts if p in self._snapshot_cost]
+        return sum(c[0] for c in cost), sum(c[1] for c in cost)
 
     async def _save_partition(self, p: int, epoch: int, snap: bytes | Captured,
                               position: int) -> None:
@@ -529,7 +535,7 @@ class CloudWorker:
                 s["engine_replicas_behind"] = behind
             # a takeover replays at most this much of a partition's stream
             s["engine_snapshot_every_s"] = round(self.snapshot_every_s(), 1)
-            s["engine_snapshot_bytes"] = sum(c[1] for c in self._snapshot_cost.values())
+            s["engine_snapshot_bytes"] = self._snapshot_totals()[1]
             for k in ("partitions_assigned", "partitions_revoked", "partition_snapshots",
                       "partition_snapshot_errors", "messages_replayed", "messages_not_owned",
                       "fenced_points"):
