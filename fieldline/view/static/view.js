@@ -242,6 +242,7 @@
   const natural = new Intl.Collator(undefined, { numeric: true, sensitivity: "base" });
   const byName = (a, b) => natural.compare(a[0], b[0]);
   const MAX_CHIPS = 300;
+  const ALERTS_LIMIT = 200;  // the LIMIT of the alerts panel's query (cloud/panels.py)
 
   function chip(gw, d) {
     return h("a", {
@@ -380,12 +381,16 @@
           gws.get(r.gateway).push({ ...r, silent: isSilent, anomalies: count.get(id) || 0, skew: c ? c["clock offset ms"] : null });
         }
         for (const gws of tree.values()) for (const devices of gws.values()) devices.sort((a, b) => natural.compare(a.device, b.device));
-        const openAlerts = alerts ? rowsOf(alerts).filter(a => a.state === "open").length : null;
+        // the alerts panel holds the newest ALERTS_LIMIT incidents: a full one is a lower bound
+        const alertRows = alerts ? rowsOf(alerts) : [];
+        const openAlerts = alerts ? alertRows.filter(a => a.state === "open").length : null;
+        const atLeast = alertRows.length >= ALERTS_LIMIT ? "≥ " : "";
         const anomalous = anom ? anomRows.reduce((s, r) => s + r.anomalies, 0) : null;
         document.getElementById("fleet-stats").replaceChildren(
           ...[["sites", tree.size], ["gateways", [...tree.values()].reduce((s, g) => s + g.size, 0)],
             ["devices online", online], ["devices silent", quiet], ["anomalous windows", anomalous],
-            ["alerts open", openAlerts]].map(([k, v]) => h("div", { class: "stat", "data-stat": k }, h("b", { text: v === null ? "?" : num(v) }), h("span", { text: k }))));
+            ["alerts open", openAlerts]].map(([k, v]) => h("div", { class: "stat", "data-stat": k },
+            h("b", { text: v === null ? "?" : (k === "alerts open" ? atLeast : "") + num(v) }), h("span", { text: k }))));
         state.fleetTree = tree;
         drawTree();
       } else {
