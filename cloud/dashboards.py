@@ -119,6 +119,9 @@ def _panel(p: Panel, pid: int) -> cogbuilder.Builder[dm.Panel]:
     return b  # type: ignore[no-any-return]
 
 
+FLEET_SIZED = ("device",)  # variables with a value per device: never "All" by default
+
+
 def _variable(name: str, query: str) -> gd.QueryVariable:
     """A multi-value variable; "All" for all but ``device``: the device panels (raw windows of
     each selected device) over every device of a large fleet would bring Grafana down (an hour
@@ -131,8 +134,6 @@ def _variable(name: str, query: str) -> gd.QueryVariable:
     return (b.include_all(True).all_value(".*")
             .current(dm.VariableOption(selected=True, text=["All"], value=["$__all"])))
 
-
-FLEET_SIZED = ("device",)  # variables with a value per device: never "All" by default
 
 
 def _encode(b: cogbuilder.Builder[Any]) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from cloud.enrich import EnrichedResults
 from cloud.rules import RuleAlert
 from cloud.sinks.points import FieldColumn, Points, Row
 from devices.schema import OUTPUTS, REVISION_FIELD, seq_run
+from devices.settings import time_aligned
 
 AGGREGATES = "aggregates"
 SITES = "sites"
@@ -78,7 +79,8 @@ def site_points(rows: EnrichedResults, seq: int) -> Points:
     a reader sums them (mean = sum("sum") / sum("readings")). Written again (a retried write),
     a batch's points land on themselves. Revisions are left out (what they change is the
     device's own series): the rollup is each window as first shipped."""
-    aligned = np.fromiter((":" not in w for w in rows.window), np.bool_, len(rows))
+    kinds = {w: time_aligned(w) for w in set(rows.window)}
+    aligned = np.fromiter((kinds[w] for w in rows.window), np.bool_, len(rows))
     idx = np.flatnonzero(aligned & (rows.rev == 0) & (rows.count > 0))
     if len(idx) == 0:
         return Points.of(SITES, [])

@@ -434,12 +434,12 @@ class CloudWorker:
     async def _save_partition(self, p: int, epoch: int, snap: bytes | Captured,
                               position: int) -> None:
         try:
-            await self._save_partition_now(p, epoch, snap, position)
+            await self._save_partition_once(p, epoch, snap, position)
         finally:
-            self._snapshots_busy.discard(p)
+            self._snapshots_busy.discard(p)  # saved, refused or failed: the next may be taken
 
-    async def _save_partition_now(self, p: int, epoch: int, snap: bytes | Captured,
-                                  position: int) -> None:
+    async def _save_partition_once(self, p: int, epoch: int, snap: bytes | Captured,
+                                   position: int) -> None:
         save = getattr(self.source, "save_snapshot", None)
         part = self.parts.get(p)
         if save is None or part is None or part.epoch != epoch:

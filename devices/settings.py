@@ -69,6 +69,12 @@ def window_label(text: str, key: str, source: str | None = None) -> str:
                       "\"session:30s\", \"count:100\")", source=source)
 
 
+def time_aligned(label: str) -> bool:
+    """Whether windows of this spec (a ``window_label``) start at the same times for every
+    device: tumbling and hopping ("10s", "1m/10s"), not sessions or count windows."""
+    return ":" not in label
+
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)\s*$")
 _SIZE_UNIT = {"B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KiB": 1024, "MiB": 1024**2,
               "GiB": 1024**3}
