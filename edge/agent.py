@@ -44,6 +44,7 @@ from edge.eventtime import UNKNOWN_SKEW
 from edge.gaps import SeqGaps
 from edge.intake import WIRE_ID, MqttIntake
 from edge.outbox import Outbox
+from edge.status import write_status
 from edge.uplink import MqttUplink, Shipper
 from edge.validate import Validator
 from edge.wal import IntakeLog
@@ -570,6 +571,10 @@ class EdgeAgent:
         self._disk_reload = False  # outbox state unsure: reopen it and replay, as after a crash
         self._disk_retry_at = 0  # monotonic ms: no intake (and no reload) before this
         self._disk_since: int | None = None
+        # for `fieldline edge status`: when the agent started, and each link's state and since
+        self._started = self.clock.now_ms()
+        self._links: dict[str, tuple[bool, int]] = {}
+        self._status_failed = False
 
     def _resume_sequence(self) -> None:
         """After an unreadable sequence file: new batches are numbered past the outbox's (its
@@ -940,6 +945,36 @@ class EdgeAgent:
             # then devices' messages reach nobody (a fresh broker keeps no session for the agent)
             "intake_subscribed": self.intake.subscribed.is_set(),
             "watermark": wm if wm is not None else 0})
+        self._write_status(rep, "running")
+
+    def _link(self, name: str, up: bool, now: int) -> dict[str, Any]:
+        was = self._links.get(name)
+        if was is None or was[0] != up:
+            self._links[name] = was = (up, now)
+        return {"connected": up, "since": was[1]}
+
+    def _write_status(self, rep: HealthReport, state: str) -> None:
+        """The status ``fieldline edge status`` reads on the gateway (edge/status.py)."""
+        c = self.config
+        try:
+            write_status(self.state_dir, {
+                "gw": rep.gateway, "ts": rep.ts,
+                "state": state, "pid": os.getpid(), "started": self._started,
+                "health_interval_ms": c.health_interval_ms, "ack_timeout_ms": c.ack_timeout_ms,
+                "outbox_max_bytes": c.outbox_max_bytes, "outbox_policy": c.outbox_policy,
+                "clock_unsynced": self.pipeline.guard.reason,
+                "links": {
+                    "intake": {"url": c.intake_broker.url, "topics": c.topics,
+                               "subscribed": self.intake.subscribed.is_set(),
+                               **self._link("intake", self.intake.connected.is_set(), rep.ts)},
+                    "uplink": {"url": c.uplink_broker.url,
+                               **self._link("uplink", self.uplink.connected.is_set(), rep.ts)}},
+                "counters": rep.counters, "gauges": rep.gauges, "devices": rep.devices})
+            self._status_failed = False
+        except OSError as exc:  # only the operator's view: never the agent's work
+            if not self._status_failed:
+                log.warning("cannot write the agent's status under %s: %s", self.state_dir, exc)
+            self._status_failed = True
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then stop cleanly (checkpoint or flush, sync outbox)."""
@@ -1004,6 +1039,7 @@ class EdgeAgent:
         self.shipper.apply_acks()
         self._next_ledger = 0
         self._report()
+        self._write_status(self.health(), "stopped")
         try:
             self.outbox.close()
         except OSError:  # what did not reach the disk is replayed from the intake log

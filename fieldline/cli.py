@@ -4,6 +4,7 @@
     fieldline view --influx-url URL --database DB     (or --config cloud.toml)
     fieldline edge run --config gateway.toml
     fieldline edge install --gateway-id ID --cloud URL [--dry-run]   (and: edge uninstall)
+    fieldline edge status [--config gateway.toml] [--json]
     fieldline cloud run --config cloud.toml
     fieldline simulate --config fleet.toml
     fieldline replay --data DIR --nab FILE | --skab FILE | --csv FILE --broker URL
@@ -50,8 +51,23 @@ def cmd_edge_install(args: argparse.Namespace) -> int:
     n = inst.run(inst.install_plan(), dry_run=args.dry_run)
     if not args.dry_run:
         print(f"fieldline edge installed for gateway {args.gateway_id}: {n} steps changed "
-              "something. Devices: mosquitto_passwd /etc/mosquitto/passwd <device-id>")
+              "something. Devices: mosquitto_passwd /etc/mosquitto/passwd <device-id>. "
+              "The agent: fieldline edge status")
     return 0
+
+
+def cmd_edge_status(args: argparse.Namespace) -> int:
+    from edge.config import load_edge_config
+    from edge.status import UNKNOWN, status_command
+
+    try:
+        cfg = load_edge_config(args.config)
+    except (ConfigError, OSError) as exc:
+        print(f"UNKNOWN: {args.config}: {exc}", file=sys.stderr)
+        return UNKNOWN
+    code, text = status_command(cfg.state_dir, as_json=args.json)
+    print(text)
+    return code
 
 
 def cmd_edge_uninstall(args: argparse.Namespace) -> int:
@@ -529,6 +545,12 @@ def build_parser() -> argparse.ArgumentParser:
     er = e.add_parser("run", help="run the edge agent")
     er.add_argument("--config", required=True, type=Path)
     er.set_defaults(func=cmd_edge_run)
+    es = e.add_parser("status", help="is the agent on this gateway running, and what needs "
+                                     "attention (exit 0 ok, 1 warning, 2 critical, 3 unknown)")
+    es.add_argument("--config", type=Path, default=Path("/etc/fieldline/gateway.toml"),
+                    help="the agent's config (default: where `edge install` puts it)")
+    es.add_argument("--json", action="store_true", help="the verdict and the agent's status")
+    es.set_defaults(func=cmd_edge_status)
     ei = e.add_parser("install", help="install the agent on this gateway (idempotent): user, "
                                       "config, Mosquitto drop-in, ACL and user, systemd unit")
     ei.add_argument("--gateway-id", required=True)

@@ -290,6 +290,12 @@ def test_emulated_agent_in_the_real_chain(pi: PiRoot, tmp_path: Path,
                                             + led["late_dropped"] + led["duplicates"]), led
         assert led["windows_emitted"] == (led["windows_acked"] + led["windows_shed"]
                                           + led["windows_pending"]), led
+        # and the operator's view on the gateway, by the arm64 `fieldline` (edge/status.py)
+        st = subprocess.run(["chroot", str(PI), f"{VENV}/bin/fieldline", "edge", "status",
+                             "--config", str(rig.gateway_cfg)], capture_output=True, text=True,
+                            timeout=300, check=False)
+        assert st.returncode == 0, st.stdout + st.stderr
+        assert st.stdout.startswith("gateway gw-1: OK, agent running"), st.stdout
         health = rig.health("edge")
         print(f"emulated agent: {n:,} readings from 1,000 devices, all in InfluxDB; "
               f"agent RSS {health.get('rss_mb', 0):.0f} MiB")

@@ -1,0 +1,181 @@
+"""`fieldline edge status`: what an operator standing beside a gateway learns from the gateway
+itself, above all when its uplink is down and the cloud's view of it has stopped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from cloud.sinks.influx_v1 import InfluxV1Client
+from edge.status import (
+    CRITICAL,
+    OK,
+    STATUS_FILE,
+    UNKNOWN,
+    WARNING,
+    status_command,
+    write_status,
+)
+from fieldline.services import Mosquitto
+from tests.rig import CMD, Rig
+from tests.test_faults import finish
+
+
+def edge_status(cfg: Path, *extra: str) -> tuple[int, str]:
+    r = subprocess.run([*CMD, "edge", "status", "--config", str(cfg), *extra],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert "Traceback" not in r.stderr, r.stderr
+    return r.returncode, r.stdout + r.stderr
+
+
+def status_when(cfg: Path, cond: Callable[[int, dict[str, Any]], bool], timeout_s: float
+                ) -> tuple[int, dict[str, Any], str]:
+    """Poll `edge status --json` until ``cond(code, doc)``; then the text form too."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        code, out = edge_status(cfg, "--json")
+        doc = orjson.loads(out) if code != UNKNOWN else {}
+        if doc and cond(code, doc):
+            return code, doc, edge_status(cfg)[1]
+        assert time.monotonic() < deadline, f"status never got there: {code} {out[-3000:]}"
+        time.sleep(0.3)
+
+
+@pytest.fixture
+def rig(tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto],
+        influx_db: InfluxV1Client) -> Iterator[Rig]:
+    r = Rig(tmp_path, mosquitto_factory, influx_db)
+    yield r
+    r.stop()
+
+
+@pytest.mark.integration
+def test_edge_status_tells_the_operator_at_the_gateway_what_the_cloud_cannot_see(
+        rig: Rig) -> None:
+    """A real agent, broker and worker: OK while results are acknowledged; WARNING, naming the
+    uplink and what waits in the outbox, once the cloud is cut off (the cloud's own view of the
+    gateway stops there); CRITICAL when the agent is SIGKILLed, with the outbox it left; OK again
+    after a restart and the heal, every reading once; CRITICAL "stopped" after SIGTERM."""
+    cfg = rig.gateway_cfg
+    rig.start_chain(fleet_s=14)
+    assert rig.agent is not None
+    pid = rig.agent.pid
+
+    def acked(code: int, d: dict[str, Any]) -> bool:
+        return code == OK and d["agent"]["counters"].get("readings_acked", 0) > 0
+
+    code, doc, text = status_when(cfg, acked, 30)
+    c = doc["agent"]["counters"]
+    assert doc["running"]
+    assert doc["status"] == "OK"
+    assert c["readings_received"] == (c["readings_accepted"] + c["rejected"]
+                                      + c["late_dropped"] + c["duplicates"])
+    assert text.startswith(f"gateway gw-1: OK, agent running (pid {pid})"), text
+    assert f"intake   {rig.gw_broker.url} connected" in text
+    assert "readings since" in text
+    assert " received = " in text
+
+    rig.proxy.set_mode("reset")  # the cloud broker unreachable: connections cut and refused
+
+    def cut_off(code: int, d: dict[str, Any]) -> bool:
+        return code == WARNING and d["agent"]["gauges"]["outbox_depth"] > 0 and any(
+            "uplink to" in a["text"] for a in d["attention"])
+
+    code, doc, text = status_when(cfg, cut_off, 30)
+    assert f"! uplink to mqtt://127.0.0.1:{rig.proxy.port} down for" in text, text
+    assert "result batch" in text
+    assert "in the outbox, the oldest" in text
+
+    rig.kill_agent()  # SIGKILL, the uplink still down: the outbox holds what was not sent
+    code, text = edge_status(cfg)
+    assert code == CRITICAL, text
+    assert "NOT RUNNING" in text, text
+    assert f"(pid {pid}) is gone: killed or crashed" in text, text
+    assert "in the outbox" in text
+
+    rig.proxy.set_mode("pass")
+    rig.start_agent()
+
+    def drained(code: int, d: dict[str, Any]) -> bool:
+        return (code == OK and d["agent"]["pid"] != pid
+                and d["agent"]["gauges"]["outbox_depth"] == 0)
+
+    status_when(cfg, drained, 60)  # the new agent, the backlog shipped
+    rig.wait_fleet()
+    finish(rig)  # every reading in InfluxDB once, the oracle clean, the ledger balanced
+
+    rig._kill(rig.agent, signal.SIGTERM)
+    code, text = edge_status(cfg)
+    assert code == CRITICAL, text
+    assert "NOT RUNNING" in text, text
+    assert "the agent stopped at" in text, text
+
+
+def base_status(**over: Any) -> dict[str, Any]:
+    now = int(time.time() * 1000)
+    doc: dict[str, Any] = {
+        "gw": "gw-9", "ts": now, "state": "running", "pid": os.getpid(), "started": now - 60_000,
+        "health_interval_ms": 5_000, "ack_timeout_ms": 30_000, "outbox_max_bytes": 2**20,
+        "outbox_policy": "drop_oldest", "clock_unsynced": None,
+        "links": {"intake": {"url": "mqtt://127.0.0.1:1883", "topics": ["devices/+/readings"],
+                             "subscribed": True, "connected": True, "since": now - 60_000},
+                  "uplink": {"url": "mqtts://cloud:8883", "connected": True,
+                             "since": now - 60_000}},
+        "counters": {"readings_received": 10, "readings_accepted": 10},
+        "gauges": {"outbox_depth": 0, "outbox_fill": 0.0, "devices_seen": 2},
+        "devices": {"silent": []},
+    }
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(doc.get(k), dict):
+            doc[k] = {**doc[k], **v}
+        else:
+            doc[k] = v
+    return doc
+
+
+@pytest.mark.parametrize(("over", "age_ms", "code", "words"), [
+    ({}, 0, OK, "OK, agent running"),
+    ({}, 16_000, CRITICAL, "has written no status for 16 s: hung or stopped"),
+    ({"pid": 2**22 + 12345}, 0, CRITICAL, "is gone: killed or crashed"),
+    ({"gauges": {"outbox_depth": 40, "outbox_fill": 0.6, "outbox_bytes": 600_000}}, 0, WARNING,
+     "the outbox is 60% full (585.9 KiB of 1.0 MiB): when full, its policy (drop_oldest)"),
+    ({"gauges": {"outbox_depth": 90, "outbox_fill": 0.93, "outbox_bytes": 970_000}}, 0,
+     CRITICAL, "the outbox is 93% full"),
+    ({"gauges": {"disk_blocked": 1}}, 0, CRITICAL, "the disk under the state directory fails"),
+    ({"gauges": {"clock_unsynced": 1, "quarantine_held": 7},
+      "clock_unsynced": "before 2024-01-01"}, 0, WARNING,
+     "clock is not trusted (before 2024-01-01): 7 messages held"),
+    ({"counters": {"identity_conflicts": 3}}, 0, WARNING, "another agent uses this gateway's id"),
+    ({"gauges": {"devices_silent": 7, "devices_seen": 9},
+      "devices": {"silent": [f"d{i}" for i in range(7)]}}, 0, OK,
+     "7 of 9 devices silent: d0, d1, d2, d3, d4, ..."),
+])
+def test_the_status_verdict(tmp_path: Path, over: dict[str, Any], age_ms: int, code: int,
+                            words: str) -> None:
+    doc = base_status(**over)
+    write_status(tmp_path, doc)
+    got, text = status_command(tmp_path, as_json=False, now_ms=doc["ts"] + age_ms)
+    assert got == code, text
+    assert words in text, text
+
+
+def test_a_status_that_cannot_be_read_is_unknown_and_says_why(tmp_path: Path) -> None:
+    assert status_command(None, as_json=False)[0] == UNKNOWN
+    code, text = status_command(tmp_path, as_json=False)
+    assert code == UNKNOWN
+    assert "has not run with this state directory" in text
+    (tmp_path / STATUS_FILE).write_bytes(b'{"v": 1, "gw": "gw-9", "ts": 17')  # power cut
+    code, text = status_command(tmp_path, as_json=False)
+    assert code == UNKNOWN
+    assert "cut short" in text
+    code, text = edge_status(tmp_path / "nowhere.toml")
+    assert code == UNKNOWN
+    assert "nowhere.toml" in text
