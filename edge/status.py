@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ LEVELS = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"
 STALE_INTERVALS = 3  # reports missed before the agent counts as not running
 STALE_MIN_MS = 15_000
 OUTBOX_WARN, OUTBOX_CRITICAL = 0.5, 0.9  # outbox fill (of outbox.max_bytes)
+DISK_FULL_BYTES = 1 << 20  # less free under the state directory: full for the agent
 
 
 def write_status(state_dir: Path, doc: Mapping[str, Any]) -> None:
@@ -114,7 +116,29 @@ class Verdict:
         self.code = max(self.code, level)
 
 
-def assess(doc: Mapping[str, Any], now_ms: int, *, alive: bool) -> Verdict:
+@dataclass(frozen=True)
+class Disk:
+    """The filesystem under the state directory, as the agent's user sees it."""
+
+    path: Path
+    free: int
+    total: int
+
+    @classmethod
+    def of(cls, path: Path) -> Disk | None:
+        try:
+            du = shutil.disk_usage(path)
+        except OSError:
+            return None
+        return cls(path, du.free, du.total)
+
+    @property
+    def full(self) -> bool:
+        return self.free < DISK_FULL_BYTES
+
+
+def assess(doc: Mapping[str, Any], now_ms: int, *, alive: bool,
+           disk: Disk | None = None) -> Verdict:
     """What the status says: running or not, and what needs attention (worst first)."""
     c: Mapping[str, Any] = doc.get("counters") or {}
     g: Mapping[str, Any] = doc.get("gauges") or {}
@@ -132,10 +156,23 @@ def assess(doc: Mapping[str, Any], now_ms: int, *, alive: bool) -> Verdict:
             why = f"the agent stopped at {at(int(doc['ts']))}"
         elif not alive:
             why = f"the agent (pid {doc.get('pid')}) is gone: killed or crashed"
+        elif disk is not None and disk.full:
+            why = (f"the agent has written no status for {duration(age)}: its disk is full "
+                   "(or it hung)")
         else:
             why = f"the agent has written no status for {duration(age)}: hung or stopped"
         v.add(CRITICAL, f"not running: {why}; {waiting}" if depth else f"not running: {why}")
-    if g.get("disk_blocked"):
+    if disk is not None and disk.full:
+        v.add(CRITICAL, f"the filesystem under {disk.path} is full ({size(disk.free)} free): "
+                        "the agent can log no readings and store no results, and holds its "
+                        "intake until there is room (devices' readings wait in the gateway "
+                        "broker)")
+    elif disk is not None and disk.free < int(doc.get("outbox_max_bytes", 0)) - int(
+            g.get("outbox_bytes", 0)):
+        v.add(WARNING, f"the outbox may grow to {size(doc.get('outbox_max_bytes', 0))} but "
+                       f"{disk.path} has {size(disk.free)} free: lower outbox.max_bytes or "
+                       "free space, or the disk fills before the outbox's policy applies")
+    elif g.get("disk_blocked"):
         v.add(CRITICAL, "the disk under the state directory fails (full?): the agent takes "
                         "no readings until it can write again (disk_errors "
                         f"{int(c.get('disk_errors', 0)):,})")
@@ -186,7 +223,8 @@ def assess(doc: Mapping[str, Any], now_ms: int, *, alive: bool) -> Verdict:
     return v
 
 
-def render(doc: Mapping[str, Any], verdict: Verdict, now_ms: int) -> str:
+def render(doc: Mapping[str, Any], verdict: Verdict, now_ms: int,
+           disk: Disk | None = None) -> str:
     c: Mapping[str, Any] = doc.get("counters") or {}
     g: Mapping[str, Any] = doc.get("gauges") or {}
     links: Mapping[str, Any] = doc.get("links") or {}
@@ -226,6 +264,8 @@ def render(doc: Mapping[str, Any], verdict: Verdict, now_ms: int) -> str:
         f"outbox   {plural(int(g.get('outbox_depth', 0)), 'batch', 'batches')}, "
         f"{size(g.get('outbox_bytes', 0))} "
         f"({float(g.get('outbox_fill', 0)):.1%} of {size(doc.get('outbox_max_bytes', 0))})",
+        f"disk     {disk.path}: {size(disk.free)} free of {size(disk.total)}" if disk else
+        "disk     (not readable)",
         f"agent    {float(g.get('rss_mb', 0)):.1f} MiB resident, {int(g.get('open_windows', 0)):,}"
         f" open windows, watermark {duration(g.get('watermark_lag_ms', 0))} behind",
     ]
@@ -246,10 +286,13 @@ def status_command(state_dir: Path | None, *, as_json: bool,
     alive = False
     with contextlib.suppress(Exception):
         alive = pid_alive(doc.get("pid"))
-    verdict = assess(doc, now, alive=alive)
+    disk = Disk.of(state_dir)
+    verdict = assess(doc, now, alive=alive, disk=disk)
     if as_json:
         out = {"status": LEVELS[verdict.code], "running": verdict.running,
                "attention": [{"level": LEVELS[lv], "text": t} for lv, t in verdict.attention],
+               "disk": {"path": str(disk.path), "free": disk.free, "total": disk.total}
+               if disk else None,
                "agent": doc}
         return verdict.code, orjson.dumps(out, option=orjson.OPT_INDENT_2).decode()
-    return verdict.code, render(doc, verdict, now)
+    return verdict.code, render(doc, verdict, now, disk)

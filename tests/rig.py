@@ -30,6 +30,14 @@ WINDOW_MS = 1_000
 LABEL = "1s"
 
 
+def edge_status(cfg: Path, *extra: str) -> tuple[int, str]:
+    """`fieldline edge status --config cfg`: its exit code and output."""
+    r = subprocess.run([*CMD, "edge", "status", "--config", str(cfg), *extra],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert "Traceback" not in r.stderr, r.stderr
+    return r.returncode, r.stdout + r.stderr
+
+
 class FleetRig:
     """A fleet publishing in real time to the gateway broker, and what reached InfluxDB."""
 
@@ -273,6 +281,9 @@ timeout = "2s"
             return {}
         s = series[0]
         return dict(zip(s["columns"], s["values"][0], strict=True))
+
+    def edge_status(self, *extra: str) -> tuple[int, str]:
+        return edge_status(self.gateway_cfg, *extra)
 
     def agent_status(self) -> dict[str, Any]:
         """The retained status of the gateway, read from the cloud broker."""

@@ -419,12 +419,18 @@ def test_r12_disk_full_under_the_agent_loses_nothing(
         # full for 8 s, then (still full) until a health report made since says so: the worker
         # writes health as background points, up to 5 s behind its results
         h: dict[str, Any] = {}
+        status: list[tuple[int, str]] = []
 
         def told() -> bool:
             h.update(rig.health("edge"))
+            if not status:  # and the operator at the gateway is told so (edge/status.py)
+                status.append(rig.edge_status())
             return bool(h.get("disk_blocked"))
 
         keep_full(small_disk, 8, until=told).unlink()
+        code, text = status[0]
+        assert code == 2, text
+        assert f"the filesystem under {small_disk} is full" in text, text
         rig.wait_fleet()
         led = finish(rig)
         assert h.get("disk_errors", 0) > 0, h  # it noticed, and said so

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,19 +20,14 @@ from edge.status import (
     STATUS_FILE,
     UNKNOWN,
     WARNING,
+    Disk,
+    assess,
     status_command,
     write_status,
 )
 from fieldline.services import Mosquitto
-from tests.rig import CMD, Rig
+from tests.rig import Rig, edge_status
 from tests.test_faults import finish
-
-
-def edge_status(cfg: Path, *extra: str) -> tuple[int, str]:
-    r = subprocess.run([*CMD, "edge", "status", "--config", str(cfg), *extra],
-                       capture_output=True, text=True, timeout=60, check=False)
-    assert "Traceback" not in r.stderr, r.stderr
-    return r.returncode, r.stdout + r.stderr
 
 
 def status_when(cfg: Path, cond: Callable[[int, dict[str, Any]], bool], timeout_s: float
@@ -179,3 +173,25 @@ def test_a_status_that_cannot_be_read_is_unknown_and_says_why(tmp_path: Path) ->
     code, text = edge_status(tmp_path / "nowhere.toml")
     assert code == UNKNOWN
     assert "nowhere.toml" in text
+
+
+def test_a_disk_smaller_than_the_outbox_may_grow_is_a_warning(tmp_path: Path) -> None:
+    """An SD card with less free than outbox.max_bytes fills before the outbox's policy (drop
+    the oldest) can apply: said at once, not when the outage is long enough to fill it."""
+    doc = base_status(outbox_max_bytes=256 * 2**20,
+                      gauges={"outbox_depth": 3, "outbox_bytes": 3 * 2**20})
+    roomy = Disk(tmp_path, free=10 * 2**30, total=30 * 2**30)
+    assert assess(doc, doc["ts"], alive=True, disk=roomy).code == OK
+    small = Disk(tmp_path, free=100 * 2**20, total=30 * 2**30)
+    v = assess(doc, doc["ts"], alive=True, disk=small)
+    assert v.code == WARNING
+    assert "the outbox may grow to 256.0 MiB but" in v.attention[0][1]
+    full = Disk(tmp_path, free=4096, total=30 * 2**30)
+    v = assess(doc, doc["ts"] + 60_000, alive=True, disk=full)
+    assert v.code == CRITICAL
+    assert [t for _, t in v.attention][:2] == [
+        "not running: the agent has written no status for 60 s: its disk is full (or it "
+        "hung); 3 result batches (3.0 MiB) wait in the outbox, the oldest 0.0 s old",
+        f"the filesystem under {tmp_path} is full (4.0 KiB free): the agent can log no readings "
+        "and store no results, and holds its intake until there is room (devices' readings "
+        "wait in the gateway broker)"]
