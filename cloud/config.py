@@ -74,6 +74,8 @@ class CloudConfig:
     detect_windows: tuple[str, ...] = (PRIMARY,)  # window specs judged ("primary": the first)
     alerts: PolicyConfig = field(default_factory=PolicyConfig)
     relearn_after: int = 30  # windows a device incident keeps its state out of the baseline
+    # a series without a window for this long (the worker's time) is forgotten; 0: never
+    forget_after_ms: int = 30 * 86_400_000
     rules: list[Rule] = field(default_factory=list)
     health_interval_ms: int = 5_000
     catalog: Catalog = field(default_factory=Catalog)
@@ -122,6 +124,11 @@ def cloud_config_from(root: Section) -> CloudConfig:
     windows = tuple(w if w == PRIMARY else window_label(w, det.key("windows"), root.source)
                     for w in det.str_list("windows", [PRIMARY]))
     relearn_after = det.integer("relearn_after", 30, minimum=1)
+    forget_after = det.duration_ms("forget_after", 30 * 86_400_000)
+    if 0 < forget_after < 3_600_000:
+        raise ConfigError(det.key("forget_after"), "must be 0 (never) or at least 1h: a series "
+                          "silent for less may be a device between two readings",
+                          source=root.source)
     resolution_steps = det.number("resolution_steps", 3.0, minimum=0.0)
     if not windows:
         raise ConfigError(det.key("windows"), "name at least one window spec (or \"primary\")",
@@ -166,6 +173,7 @@ def cloud_config_from(root: Section) -> CloudConfig:
         detect_windows=windows,
         alerts=alerts,
         relearn_after=relearn_after,
+        forget_after_ms=forget_after,
         rules=parse_rules(root.raw("rules", None), root.source),
         health_interval_ms=w.duration_ms("health_interval", 5_000, minimum=100),
         catalog=catalog,

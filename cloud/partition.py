@@ -35,7 +35,8 @@ def build_detection(config: CloudConfig) -> DetectionStage:
     return build_stage(config.detectors, config.detector_options, policy=config.alerts,
                        windows=config.detect_windows, relearn_after=config.relearn_after,
                        min_change=config.min_change,
-                       resolution_steps=config.resolution_steps)
+                       resolution_steps=config.resolution_steps,
+                       forget_after_ms=config.forget_after_ms)
 
 
 @dataclass(frozen=True)

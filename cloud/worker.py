@@ -389,9 +389,14 @@ class CloudWorker:
         if done is not None:
             await done(msgs)
 
+    def _drop_part(self, p: int) -> None:
+        part = self.parts.pop(p, None)
+        if part is not None:  # its counts stay in this worker's
+            self.counters["series_forgotten"] += part.detection.counters["series_forgotten"]
+
     def _on_partition(self, ev: PartitionEvent) -> None:
         if not ev.assigned:
-            self.parts.pop(ev.partition, None)
+            self._drop_part(ev.partition)
             self.counters["partitions_revoked"] += 1
             return
         part = PartitionState.fresh(self.config, epoch=ev.epoch)
@@ -460,7 +465,7 @@ class CloudWorker:
         if ok:
             self.counters["partition_snapshots"] += 1
         elif (part := self.parts.get(p)) is not None and part.epoch == epoch:
-            self.parts.pop(p, None)  # fenced: another worker holds it now
+            self._drop_part(p)  # fenced: another worker holds it now
 
     async def _final_snapshots(self) -> None:
         """At a clean stop, after the last write: every partition's state as it ends, so a
@@ -524,6 +529,13 @@ class CloudWorker:
         for reason, n in refused.items():
             s["acks_refused_" + reason] = n
         s["acks_unheard"] = getattr(self.source, "acks_unheard", 0)
+        # detector state: the series it holds now (~9 KB each with the shipped detectors) and
+        # those forgotten after [detect] forget_after without a window
+        stages = [part.detection for part in self.parts.values()]
+        s["detector_series"] = sum(len(d.series) for d in stages)
+        s["detector_state_mb"] = round(sum(d.state_bytes() for d in stages) / 2**20, 1)
+        s["series_forgotten"] = c["series_forgotten"] + sum(
+            d.counters["series_forgotten"] for d in stages)
         s["registry_reloads"] = self.registry.reloads
         s["registry_reload_errors"] = self.registry.reload_errors
         if self.per_partition:
@@ -550,7 +562,7 @@ class CloudWorker:
         s = self.stats()
         gauges = {"buffered_points", "lag_p50_ms", "lag_p99_ms", "freshness_p50_ms",
                   "partitions_owned", "engine_replicas_behind", "engine_snapshot_every_s",
-                  "engine_snapshot_bytes"}
+                  "engine_snapshot_bytes", "detector_series", "detector_state_mb"}
         return pipeline_points(
             "cloud", {"worker": self.config.worker_id},
             {k: int(v) for k, v in s.items() if k not in gauges},

@@ -116,7 +116,9 @@ def test_bad_cloud_config_names_the_key(tmp_path: Path) -> None:
                        ('[worker]\nid = ""\n', "worker.id"),
                        ('[detect.min_change]\ntemperature = -1\n', "detect.min_change.temperature"),
                        ('[detect.min_change]\nflow = "lots"\n', "detect.min_change.flow"),
-                       ('[detect]\nresolution_steps = -1\n', "detect.resolution_steps")):
+                       ('[detect]\nresolution_steps = -1\n', "detect.resolution_steps"),
+                       ('[detect]\nforget_after = "30m"\n', "detect.forget_after"),
+                       ('[detect]\nforget_after = "a month"\n', "detect.forget_after")):
         with pytest.raises(ConfigError) as info:
             load_cloud_config(write(tmp_path, base + extra))
         assert info.value.key == key, extra
@@ -130,6 +132,9 @@ def test_bad_cloud_config_names_the_key(tmp_path: Path) -> None:
                                   '[detect.min_change]\nhumidity = 0\nflow = 0.5\n'))
     assert det.min_change == {"flow": 0.5}
     assert det.resolution_steps == 2.0
+    assert det.forget_after_ms == 30 * 86_400_000  # the default
+    assert load_cloud_config(write(tmp_path, base + '[detect]\nforget_after = 0\n')
+                             ).forget_after_ms == 0
     for url in ("http://127.0.0.1:abc", "http://127.0.0.1:99999", "http://:8086",
                 "http://127.0.0.1:0"):
         with pytest.raises(ConfigError) as info:

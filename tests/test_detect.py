@@ -4,6 +4,7 @@ detector is for, and the alert policy."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 from cloud.detect import DETECTORS, PolicyConfig, build_stage
 from cloud.detect.policy import AlertPolicy
 from cloud.detect.robust import robust_scale
-from cloud.detect.stage import DetectionStage, rounds
+from cloud.detect.stage import DetectionStage, rounds, write_snapshot
 from tests.detectkit import T0, Win, noisy_fleet, rows
 
 WIDTH = 300_000
@@ -34,7 +35,9 @@ PLAIN = PolicyConfig(likelihood=0.0)  # detectors alone; the policy has tests of
 
 
 def stage_of(name: str) -> DetectionStage:
-    return build_stage([name], SMALL, policy=PLAIN)
+    # the worker's clock, which only says when a series was last seen (for forgetting), held
+    # still: states are compared array by array
+    return build_stage([name], SMALL, policy=PLAIN, clock=lambda: T0 / 1000)
 
 
 def drive(stage: DetectionStage, batches: list[list[Win]]
@@ -533,3 +536,114 @@ def test_a_change_of_a_few_steps_of_the_sensor_is_no_anomaly_a_larger_one_is() -
     assert np.isinf(old.grain["step"][: len(old.series)]).all()
     drive(old, chunks(fleet[100:110], [1]))
     assert math.isclose(float(old.grain["step"][0]), 0.1)
+
+
+def churned(windows: list[list[Win]], *, gone_after: int, back_at: int) -> list[list[Win]]:
+    """The fleet plus two devices that stop after ``gone_after`` window times (replaced
+    sensors, tags that left); one of them ("old-1") comes back at ``back_at``."""
+    out = []
+    for k, ws in enumerate(windows):
+        extra = []
+        for d in ("old-0", "old-1"):
+            if k < gone_after or (d == "old-1" and k >= back_at):
+                extra += [Win(d, w.metric, w.start, w.mean + 3, spread=w.spread)
+                          for w in ws if w.device == "dev0"]
+        out.append(extra + ws)  # first seen: their ids come before the fleet's
+    return out
+
+
+def only(result: tuple[dict[tuple[str, str, int], float], set[tuple[object, ...]]],
+         keep: Callable[[str, int], bool]
+         ) -> tuple[dict[tuple[str, str, int], float], set[tuple[object, ...]]]:
+    sev, alerts = result
+    return ({k: v for k, v in sev.items() if keep(k[0], k[2])},
+            {a for a in alerts if keep(str(a[0]), int(a[4]))})  # type: ignore[call-overload]
+
+
+def test_series_silent_past_forget_after_are_forgotten_and_the_rest_continue_exactly() -> None:
+    """Device ids churn. A series with no window for ``forget_after`` of the worker's time is
+    forgotten with its device (its state, ~9 KB a series with the shipped detectors, would
+    otherwise stay for good, in memory and in every snapshot); the other series continue
+    exactly as in a stage that never forgets, and one that comes back starts afresh, as a
+    device never seen."""
+    stream = churned(FLEET, gone_after=300, back_at=900)
+    batches = chunks(stream, [5])
+    hour = 3_600_000
+    now = [T0 / 1000]
+
+    def clock() -> float:
+        return now[0]
+
+    forgetful = build_stage(SHIPPED, SMALL, forget_after_ms=48 * hour, clock=clock)
+    keeper = build_stage(SHIPPED, SMALL, forget_after_ms=0)
+    sizes = []
+    got_f: tuple[dict[tuple[str, str, int], float], set[tuple[object, ...]]] = ({}, set())
+    got_k: tuple[dict[tuple[str, str, int], float], set[tuple[object, ...]]] = ({}, set())
+    for b in batches:  # an hour of the worker's time between two batches
+        now[0] += hour / 1000
+        for stage, got in ((forgetful, got_f), (keeper, got_k)):
+            sev, alerts = drive(stage, [b])
+            got[0].update(sev)
+            got[1].update(alerts)
+        sizes.append(len(forgetful.series))
+    n_series = len(keeper.series)  # 3 devices x 3 metrics + 2 x 3, never forgotten
+    assert n_series == 15
+    # gone at batch 60; forgotten 48 h (batches) later, at the first sweep past that
+    assert sizes[59] == 15
+    assert min(sizes) == 9
+    assert forgetful.counters["series_forgotten"] == 6
+    assert sizes[-1] == 12  # old-1 came back, as new series
+    assert len(forgetful.devices) == 4
+    assert forgetful.state_bytes() < keeper.state_bytes()
+    # the fleet's own series: exactly as if nothing had been forgotten
+    last = stream[-1][0].start
+
+    def fleet(d: str, _t: int) -> bool:
+        return d.startswith("dev")
+
+    assert only(got_f, fleet) == only(got_k, fleet)
+    # the returning device: judged as a device never seen before
+    back = stream[900][0].start
+    fresh = build_stage(SHIPPED, SMALL, forget_after_ms=0)
+    newcomer = drive(fresh, chunks([[w for w in ws if w.device == "old-1"]
+                                    for ws in stream[900:]], [5]))
+
+    def returned(d: str, t: int) -> bool:
+        return d == "old-1" and back <= t <= last
+
+    assert only(got_f, returned) == newcomer
+    assert only(got_k, returned) != newcomer  # (the keeper judged it against its past)
+
+
+def test_a_series_with_an_open_incident_is_not_forgotten() -> None:
+    """An incident open on a series (or its device) keeps it: forgetting it would leave the
+    alert open for good with nothing left that could resolve it."""
+    hour = 3_600_000
+    stage = build_stage(["spike"], SMALL, forget_after_ms=48 * hour, clock=lambda: T0 / 1000)
+    drive(stage, chunks([[w for w in ws if w.device in ("dev0", "dev1")] for ws in FLEET[:50]],
+                        [5]))
+    assert len(stage.series) == 6
+    sid = stage.series.get(("gw", "dev1", "b", "1m"))
+    assert sid is not None
+    stage.series_policy.state["incident"][sid] = T0  # as if open
+    assert stage.forget_silent(T0 + 49 * hour) == 5
+    assert stage.series.keys == [("gw", "dev1", "b", "1m")]
+    assert int(stage.series_policy.state["incident"][0]) == T0
+    assert stage.devices.keys == [("gw", "dev1", "1m")]
+
+
+def test_detector_state_from_before_forgetting_loads_with_every_series_seen_now(
+        tmp_path: Path) -> None:
+    """An upgrade: a worker's detect.npz (or a partition snapshot) written before series were
+    forgotten has no last-seen times. It is taken, not thrown away, each series counted as seen
+    at the load (so forgotten ``forget_after`` later if it never comes back)."""
+    stage = build_stage(SHIPPED, SMALL, clock=lambda: T0 / 1000)
+    drive(stage, chunks(FLEET[:100], [5]))
+    snap = stage.snapshot()
+    del snap["arrays"]["seen.at"]
+    write_snapshot(snap, tmp_path / "detect.npz")
+    later = build_stage(SHIPPED, SMALL, clock=lambda: T0 / 1000 + 86_400)
+    assert later.load(tmp_path / "detect.npz")
+    assert later.series.keys == stage.series.keys
+    assert (later.seen["at"][: len(later.series)] == T0 + 86_400_000).all()
+    assert drive(later, chunks(FLEET[100:200], [5])) == drive(stage, chunks(FLEET[100:200], [5]))

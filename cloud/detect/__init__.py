@@ -18,11 +18,21 @@ Detectors are named in the cloud config and imported lazily from ``DETECTORS``:
 from __future__ import annotations
 
 import importlib
+import time
+from collections.abc import Callable
 from typing import Any
 
 from cloud.detect.base import Detector, DeviceDetector
 from cloud.detect.policy import PolicyConfig
-from cloud.detect.stage import PRIMARY, AlertEvent, Anomaly, Detections, DetectionStage, rounds
+from cloud.detect.stage import (
+    FORGET_AFTER_MS,
+    PRIMARY,
+    AlertEvent,
+    Anomaly,
+    Detections,
+    DetectionStage,
+    rounds,
+)
 
 DETECTORS: dict[str, str] = {
     "threshold": "cloud.detect.limits:ThresholdDetector",
@@ -45,7 +55,9 @@ def build_stage(names: list[str] | tuple[str, ...], options: dict[str, dict[str,
                 *, policy: PolicyConfig | None = None,
                 windows: tuple[str, ...] = (PRIMARY,), relearn_after: int = 30,
                 min_change: dict[str, float] | None = None,
-                resolution_steps: float = 3.0) -> DetectionStage:
+                resolution_steps: float = 3.0,
+                forget_after_ms: int = FORGET_AFTER_MS,
+                clock: Callable[[], float] = time.time) -> DetectionStage:
     """Detectors by config name with their options (``ValueError``/``TypeError`` name the
     problem), wrapped in a stage."""
     series: list[Detector] = []
@@ -55,7 +67,8 @@ def build_stage(names: list[str] | tuple[str, ...], options: dict[str, dict[str,
         (devices if det.level == "device" else series).append(det)
     return DetectionStage(series, device_detectors=devices, policy=policy, windows=windows,
                           relearn_after=relearn_after, min_change=min_change,
-                          resolution_steps=resolution_steps)
+                          resolution_steps=resolution_steps,
+                          forget_after_ms=forget_after_ms, clock=clock)
 
 
 __all__ = ["DEFAULT_DETECTORS", "DETECTORS", "PRIMARY", "AlertEvent", "Anomaly",

@@ -18,6 +18,13 @@
   can resolve. (Series detectors hold an excursion themselves: ``cloud.detect.records``.)
 * **Snapshots.** ``snapshot()`` returns the keys, every detector's and the policy's state and
   the learned-up-to marks as arrays; ``restore()`` takes them back and continues exactly.
+* **Forgetting.** A series that has had no window for ``forget_after_ms`` of the worker's own
+  time (processing time, as Flink's state TTL: a replay of 2014's recordings is as alive as a
+  live fleet) is forgotten, with its device once none of the device's series is left, unless
+  an incident of either is open: a fleet whose device ids churn (replaced sensors, asset tags
+  passing a gateway) would otherwise keep every id it ever saw, ~9 KB a series, in memory and in
+  every snapshot. One that comes back starts afresh, as a new series. The others continue
+  exactly: forgetting is a snapshot without them, restored (ids are dense again).
 """
 
 from __future__ import annotations
@@ -26,8 +33,9 @@ import io
 import json
 import logging
 import os
+import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +52,11 @@ from devices.readings import F64, I64
 log = logging.getLogger("fieldline.cloud.detect")
 PRIMARY = "primary"
 BoolArray = npt.NDArray[np.bool_]
+FORGET_AFTER_MS = 30 * 86_400_000  # default: a series silent for 30 days is forgotten
+SWEEP_EVERY_MS = 3_600_000  # how often (processing time) forgetting is considered
+NEVER_SEEN = np.iinfo(np.int64).min
+# snapshot arrays whose first axis is the device id (the rest: the series id)
+DEVICE_ARRAYS = ("dmarks.", "dpolicy.", "ddet.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,8 +130,13 @@ class DetectionStage:
                  policy: PolicyConfig | None = None, windows: Sequence[str] = (PRIMARY,),
                  max_device_metrics: int = 16, relearn_after: int = 30,
                  min_change: dict[str, float] | None = None,
-                 resolution_steps: float = 3.0) -> None:
+                 resolution_steps: float = 3.0,
+                 forget_after_ms: int = FORGET_AFTER_MS,
+                 clock: Callable[[], float] = time.time) -> None:
         self.detectors = list(detectors)
+        self.forget_after_ms = forget_after_ms  # 0: never
+        self.clock = clock  # seconds (processing time, for forgetting only)
+        self._swept_at = clock() * 1000
         self.min_change = dict(min_change or {})
         self.resolution_steps = resolution_steps
         self.device_detectors = list(device_detectors)
@@ -146,6 +164,8 @@ class DetectionStage:
                                   "most": Column((), np.float64, np.nan)})
         self.device_marks = StateArrays({"learned": Column((), np.int64,
                                                            np.iinfo(np.int64).min)})
+        # per series: the worker's time (ms) of its latest window, for forgetting
+        self.seen = StateArrays({"at": Column((), np.int64, NEVER_SEEN)})
         self.counters: Counter[str] = Counter()
         self.anomalies = 0
 
@@ -174,12 +194,57 @@ class DetectionStage:
         if len(self.series) > known:
             self._new_series(known)
         self._reserve()
+        now = int(self.clock() * 1000)
+        self.seen["at"][sid] = now
         for r in rounds(sid, rows.start[judge]):
             self._series_round(rows, judge[r], sid[r], out)
         if self.device_detectors:
             self._device_pass(rows, judge, sid, out)
         self.anomalies += len(out.anomalies)
+        if self.forget_after_ms and now - self._swept_at >= SWEEP_EVERY_MS:
+            self._swept_at = now
+            self.forget_silent(now)
         return out
+
+    def forget_silent(self, now_ms: int) -> int:
+        """Forget the series without a window for ``forget_after_ms`` and no open incident
+        (nor their device's), and the devices left without series; returns how many series."""
+        n = len(self.series)
+        if not n or not self.forget_after_ms:
+            return 0
+        self._reserve()
+        gone = self.seen["at"][:n] < now_ms - self.forget_after_ms
+        if not gone.any():
+            return 0
+        busy = self.series_policy.state["incident"][:n] != NO_INCIDENT
+        dev = self.series_device[:n]
+        dinc = self.device_policy.state["incident"][: self.device_policy.state.size]
+        dbusy = np.zeros(len(self.devices), bool)
+        dbusy[: len(dinc)] = dinc != NO_INCIDENT
+        keep = ~gone | busy | dbusy[dev]
+        forgotten = n - int(keep.sum())
+        if forgotten:
+            self._keep(keep)
+            self.counters["series_forgotten"] += forgotten
+            log.info("forgot %d series not seen for %d days (%d left): if they come back, "
+                     "their detectors start afresh", forgotten,
+                     self.forget_after_ms // 86_400_000, len(self.series))
+        return forgotten
+
+    def _keep(self, keep: BoolArray) -> None:
+        """Only the series ``keep`` says (and their devices), as a snapshot restored."""
+        snap = self.snapshot()
+        keep_dev = np.zeros(len(self.devices), bool)
+        keep_dev[self.series_device[: len(keep)][keep]] = True
+        new_dev = np.cumsum(keep_dev) - 1
+        arrays = {k: v[(keep_dev if k.startswith(DEVICE_ARRAYS) else keep)[: len(v)]]
+                  for k, v in snap["arrays"].items()}
+        self.restore({
+            "series": [k for k, ok in zip(snap["series"], keep.tolist(), strict=True) if ok],
+            "devices": [k for k, ok in zip(snap["devices"], keep_dev.tolist(), strict=True)
+                        if ok],
+            "slots": [[int(new_dev[d]), m, sl] for d, m, sl in snap["slots"] if keep_dev[d]],
+            "arrays": arrays})
 
     def _reserve(self) -> None:
         n = len(self.series)
@@ -188,6 +253,7 @@ class DetectionStage:
         self.marks.reserve(n)
         self.on_off.reserve(n)
         self.grain.reserve(n)
+        self.seen.reserve(n)
         self.series_policy.state.reserve(n)
 
     def _series_round(self, rows: EnrichedResults, idx: I64, sid: I64, out: Detections) -> None:
@@ -442,6 +508,7 @@ class DetectionStage:
         arrays.update(self.marks.snapshot("marks."))
         arrays.update(self.on_off.snapshot("marks."))
         arrays.update(self.grain.snapshot("grain."))
+        arrays.update(self.seen.snapshot("seen."))
         arrays.update(self.device_marks.snapshot("dmarks."))
         arrays.update(self.series_policy.state.snapshot("policy."))
         arrays.update(self.device_policy.state.snapshot("dpolicy."))
@@ -479,6 +546,12 @@ class DetectionStage:
         # from before resolutions (or the ranges beside them) were kept: learned from the next
         # windows on
         self.grain.restore(a, "grain.", absent=self.marks.size)
+        # from before series were forgotten: each seen now (forgotten 30 days on if silent)
+        if "seen.at" in a:
+            self.seen.restore(a, "seen.")
+        else:
+            self.seen.restore({"seen.at": np.full(self.marks.size, int(self.clock() * 1000),
+                                                  np.int64)}, "seen.")
         self.device_marks.restore(a, "dmarks.")
         self.series_policy.state.restore(a, "policy.")
         self.device_policy.state.restore(a, "dpolicy.")
@@ -515,7 +588,9 @@ class DetectionStage:
                         source, type(exc).__name__, exc)
             return False
         expected = {k: v.shape[1:] for k, v in self.snapshot()["arrays"].items()}
-        if {k: v.shape[1:] for k, v in arrays.items()} != expected:
+        optional = {k for k in expected if k.startswith("seen.") and k not in arrays}
+        if {k: v.shape[1:] for k, v in arrays.items()} != {
+                k: v for k, v in expected.items() if k not in optional}:
             log.warning("detector state in %s was written by other detectors or options: "
                         "they start afresh", source)
             return False
