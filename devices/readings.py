@@ -54,28 +54,60 @@ def capacity(needed: int) -> int:
     return max(needed + needed // 16, 64)
 
 class Interner:
-    """Maps names to dense integer ids and back. Ids are never reused or reassigned."""
+    """Maps names to dense integer ids and back. An id is never reassigned while its name
+    holds it; ``release`` frees ids (their names become ""), and new names take freed ids
+    before new ones. ``len()`` is the id space (what per-id arrays must hold), ``live`` the
+    names holding an id."""
 
     def __init__(self, names: list[str] | None = None, *, limit: int = 1 << 20) -> None:
         self._ids: dict[str, int] = {}
         self.names: list[str] = []
         self.limit = limit
+        self.free: list[int] = []  # released ids, the lowest last (taken first)
         for n in names or []:
             self.intern(n)
 
     def intern(self, name: str) -> int:
-        """The id of ``name``, allocating one if new; -1 once ``limit`` ids exist."""
+        """The id of ``name``, allocating one if new; -1 once ``limit`` ids are held."""
         i = self._ids.get(name)
         if i is None:
-            if len(self.names) >= self.limit:
+            if self.free:
+                i = self.free.pop()
+                self.names[i] = name
+            elif len(self.names) >= self.limit:
                 return -1
-            i = len(self.names)
+            else:
+                i = len(self.names)
+                self.names.append(name)
             self._ids[name] = i
-            self.names.append(name)
         return i
+
+    def release(self, ids: list[int]) -> list[str]:
+        """Free ``ids`` for new names; returns the names that held them."""
+        gone = []
+        for i in ids:
+            name = self.names[i]
+            if self._ids.get(name) == i:
+                del self._ids[name]
+                self.names[i] = ""
+                gone.append(name)
+                self.free.append(i)
+        self.free.sort(reverse=True)
+        return gone
+
+    def restore(self, names: list[str], free: list[int]) -> None:
+        """The state ``names`` (with "" at the ``free`` ids) and ``free`` describe."""
+        freed = set(free)
+        self._ids = {n: i for i, n in enumerate(names) if i not in freed}
+        self.names = [("" if i in freed else n) for i, n in enumerate(names)]
+        self.free = sorted(freed, reverse=True)
 
     def get(self, name: str) -> int | None:
         return self._ids.get(name)
+
+    @property
+    def live(self) -> int:
+        return len(self._ids)
 
     def __len__(self) -> int:
         return len(self.names)

@@ -72,6 +72,7 @@ def _field(label: str) -> str:
 CHECKPOINT = "windows.npz"
 DISK_RETRY_MS = 1_000  # after a failed write under state_dir, try again this much later
 UNATTRIBUTED = "(no device)"  # the ledger row of readings rejected before naming a device
+RELEASE_EVERY_MS = 60_000  # how often ids of devices gone for good are looked for
 HEALTH_PACK_BYTES = 4096  # health reports above this go compressed (a ledger of many devices)
 
 
@@ -101,7 +102,8 @@ class DeviceAdmission:
         self.last_ms: int | None = None
 
     def __call__(self, name: str, recv_ms: int) -> str | None:
-        if len(self.devices) >= self.max_devices:
+        # (the ledger row of readings without a device is no device)
+        if self.devices.live - (self.devices.get(UNATTRIBUTED) is not None) >= self.max_devices:
             return rejects.DEVICE_LIMIT
         if self.last_ms is not None and recv_ms > self.last_ms:
             self.tokens = min(self.burst,
@@ -157,6 +159,7 @@ class EdgePipeline:
         self._ledger_dirty: np.ndarray = np.zeros(0, bool)
         self._ledger_reported: int | None = None
         self.gaps = SeqGaps()  # holes in each device's numbering: lost before the agent
+        self._next_release = 0  # monotonic ms: when to look for device ids to release next
         # the gateway's own clock: while it cannot be trusted, messages wait here
         self.guard = ClockGuard(floor_ms=config.clock_floor_ms,
                                 max_future_ms=config.max_future_ms,
@@ -294,7 +297,42 @@ class EdgePipeline:
         self._ledger_dirty[:n] |= self.ledger["gap"][:n] != self.gaps.gap[:n]
         self.ledger["gap"][:n] = self.gaps.gap[:n]
 
+    def release_devices(self) -> list[str]:
+        """Give the ids of devices gone for good to new devices (``WindowEngine.releasable``:
+        silent, their newest reading older than the oldest the agent accepts, no window held),
+        so a gateway whose device ids churn (replaced sensors, asset tags passing by) neither
+        grows nor reaches ``max_devices`` and refuses every new device for good. Their ledger
+        rows were reported while they counted; the gateway's totals keep what they counted.
+        Not while the gateway clock is untrusted (the age is judged by it)."""
+        if self.guard.reason is not None:
+            return []
+        ids = self.engine.releasable(self.wall_ms() - self.config.max_past_ms)
+        unattributed = self.devices.get(UNATTRIBUTED)
+        ids = ids[(ids < len(self.devices)) & (ids != (-1 if unattributed is None
+                                                       else unattributed))]
+        if not len(ids):
+            return []
+        self.engine.release(ids)
+        self.counters["readings_gap_released"] += self.gaps.reset(ids)
+        self._ledger_grow()
+        for col in (*self.ledger.values(), *self.ledger_rejects.values()):
+            col[ids] = 0
+        self._ledger_dirty[ids] = False
+        names = self.devices.release(ids.tolist())
+        self.counters["devices_released"] += len(names)
+        gone = set(names)
+        d = self.decoder
+        d.sp_alias = {k: v for k, v in d.sp_alias.items() if k[0] not in gone}
+        d.sp_type = {k: v for k, v in d.sp_type.items() if k[0] not in gone}
+        log.info("%d devices silent since before the oldest reading the agent accepts "
+                 "(validate.max_past) released their ids for new devices, e.g. %s",
+                 len(names), ", ".join(names[:3]))
+        return names
+
     def emit(self, *, flush: bool = False) -> ResultColumns:
+        if not flush and self.clock.monotonic_ms() >= self._next_release:
+            self._next_release = self.clock.monotonic_ms() + RELEASE_EVERY_MS
+            self.release_devices()
         res = self.engine.flush_all() if flush else self.engine.emit(self.clock.monotonic_ms())
         self.counters["windows_emitted"] += len(res)
         self._count("windows_emitted", res.device)
@@ -388,13 +426,15 @@ class EdgePipeline:
             "windows_superseded": c["windows_superseded"],
             "open_windows": self.engine.open_windows,
             "window_state_kb": self.engine.state_bytes() // 1024,
-            "devices_seen": len(self.devices) - (self.devices.get(UNATTRIBUTED) is not None),
+            "devices_seen": self.devices.live - (self.devices.get(UNATTRIBUTED) is not None),
+            # devices gone for good whose ids went to new devices (release_devices)
+            "devices_released": c["devices_released"],
             "devices_silent": len(self.engine.silent_devices()),
             "clock_corrected": self.engine.corrected,
             "watermark_lag_ms": (self.wall_ms() - wm) if wm is not None else 0,
             "internal_errors": c["internal_errors"],
             "checkpoint_unreadable": c["checkpoint_unreadable"],
-            "readings_gap": int(self.gaps.gap.sum()),
+            "readings_gap": int(self.gaps.gap.sum()) + c["readings_gap_released"],
             # readings remembered per device to tell a repeat (grows to the lateness horizon)
             "dedup_memory": self.engine.dedup.memory,
             "windows_unshipped": c["windows_unshipped"],
@@ -431,6 +471,8 @@ class EdgePipeline:
             idx = np.arange(n)
         self._ledger_dirty[:] = False
         self._ledger_reported = n
+        names = self.devices.names
+        idx = idx[[bool(names[i]) for i in idx.tolist()]] if self.devices.free else idx
         by = {j: col[:n][idx] for j, col in sorted(self.ledger_rejects.items())}
         return {
             "devices": [self.devices.names[i] for i in idx.tolist()],
@@ -457,6 +499,7 @@ class EdgePipeline:
         state_dir.mkdir(parents=True, exist_ok=True)
         snap = self.engine.snapshot()
         snap["device_names"] = np.array(self.devices.names, dtype=str)
+        snap["device_free"] = np.array(self.devices.free, np.int64)
         snap["metric_names"] = np.array(self.metrics.names, dtype=str)
         snap["tick"] = np.array([tick], np.int64)
         for k, v in self.ledger.items():
@@ -491,8 +534,9 @@ class EdgePipeline:
             return None
         with np.load(path, allow_pickle=False) as z:
             snap = {k: z[k] for k in z.files}
-        for name in snap.pop("device_names").tolist():
-            self.devices.intern(str(name))
+        names = [str(n) for n in snap.pop("device_names").tolist()]
+        free = snap.pop("device_free").tolist() if "device_free" in snap else []
+        self.devices.restore(names, [int(i) for i in free])
         for name in snap.pop("metric_names").tolist():
             self.metrics.intern(str(name))
         tick = int(snap.pop("tick")[0]) if "tick" in snap else 0

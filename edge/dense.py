@@ -348,6 +348,18 @@ class DenseFixedWindows:
         ready = np.flatnonzero(self.dirty)
         return _concat([self._results(ready), self.overflow.flush_all()], len(self.percentiles))
 
+    def holding(self, n: int) -> npt.NDArray[np.bool_]:
+        out = self.overflow.holding(n)
+        live = np.flatnonzero(self.widx != FREE)
+        if len(live):
+            dev = self.series_dev[live % self.cap]
+            out[dev[dev < n]] = True
+        return out
+
+    def release(self, devices: npt.NDArray[np.bool_]) -> None:
+        # a released device's series keep their (empty) cells for the device that takes its id
+        self.overflow.release(devices)
+
     def forget(self, purged_devices: npt.NDArray[np.bool_]) -> None:
         live = np.flatnonzero(self.widx != FREE)
         if len(live) and len(purged_devices):

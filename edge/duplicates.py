@@ -173,6 +173,15 @@ class DuplicateFilter:
             pos[: len(self.pos)] = self.pos
             self.pos = pos
 
+    def reset(self, ids: I64) -> None:
+        """Ids released for other devices: nothing remembered of them."""
+        for arr, fill in ((self.seq_tag, EMPTY), (self.seq_bits, 0), (self.hash_ring, EMPTY),
+                          (self.pos, 0), (self.high, -1), (self.anchor_ts, -1),
+                          (self.anchor_seq, 0), (self._counted, 0)):
+            mine = ids[ids < len(arr)]
+            if len(mine):
+                arr[mine] = fill
+
     def check(self, dev: I64, ts: I64, value: F64, seq: I64, metric: I64 | None = None,
               newest_ts: I64 | None = None) -> npt.NDArray[np.bool_]:
         """Mask of duplicates; the others are remembered. ``newest_ts``: per device, the

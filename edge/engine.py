@@ -26,7 +26,7 @@ from devices.contract import ResultColumns, SupersededRows
 from devices.readings import I64, ReadingColumns
 from edge.aggregates import AggArrays
 from edge.duplicates import DuplicateFilter
-from edge.eventtime import PURGED, UNKNOWN_SKEW, DeviceTime, EventTimeSpec
+from edge.eventtime import NEVER, PURGED, UNKNOWN_SKEW, DeviceTime, EventTimeSpec
 from edge.sketch import SketchParams
 from edge.windows import (
     EPOCH_BASE_MS,
@@ -211,6 +211,32 @@ class WindowEngine:
             if purged.any():
                 op.forget(purged)
         return self._combine(parts)
+
+    def releasable(self, older_than_ms: int) -> I64:
+        """Devices whose state no longer matters: silent past lateness (their windows all
+        emitted and purged), their newest reading older than ``older_than_ms`` (the oldest
+        the agent still accepts: nothing they could send again is taken, so what they sent
+        need not be remembered), and holding no window."""
+        t = self.time
+        n = len(t.state)
+        cand = (t.state == PURGED) & (t.max_ts != NEVER) & (t.max_ts < older_than_ms)
+        if not cand.any():
+            return np.zeros(0, np.int64)
+        for op in self.operators:
+            cand &= ~op.holding(n)
+        return np.flatnonzero(cand)
+
+    def release(self, ids: I64) -> None:
+        """Give ``ids`` to other devices: their time, duplicate memory and per-series state
+        as if never seen (they hold no window: ``releasable``)."""
+        if not len(ids):
+            return
+        self.time.reset(ids)
+        self.dedup.reset(ids)
+        mask = np.zeros(len(self.time.state), bool)
+        mask[ids] = True
+        for op in self.operators:
+            op.release(mask)
 
     def flush_all(self) -> ResultColumns:
         """Every dirty window now, fired or not (partial results; for a final shutdown)."""

@@ -111,6 +111,16 @@ class DeviceTime:
         self.skew_cur = _grow(self.skew_cur, n, UNKNOWN_SKEW)
         self.skew_est = _grow(self.skew_est, n, UNKNOWN_SKEW)
 
+    def reset(self, ids: I64) -> None:
+        """Ids released for other devices: as if never seen."""
+        self.ensure(int(ids.max()) + 1 if len(ids) else 0)
+        self.max_ts[ids] = NEVER
+        self.wm_floor[ids] = NEVER
+        self.last_seen[ids] = 0
+        self.state[ids] = ACTIVE
+        self.skew_cur[ids] = UNKNOWN_SKEW
+        self.skew_est[ids] = UNKNOWN_SKEW
+
     # ---- watermarks ---------------------------------------------------------------------
 
     def watermarks(self) -> I64:

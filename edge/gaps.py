@@ -158,6 +158,16 @@ class SeqGaps:
         else:
             self.gap[d] = max(0, int(self.gap[d]) - 1)
 
+    def reset(self, ids: np.ndarray) -> int:
+        """Ids released for other devices: as if never seen; returns the gaps they had."""
+        mine = ids[ids < len(self.hi)]
+        had = int(self.gap[mine].sum())
+        self.hi[mine] = -1
+        self.lo[mine] = 0
+        self.seen[mine] = 0
+        self.gap[mine] = 0
+        return had
+
     def snapshot(self) -> dict[str, np.ndarray]:
         return {"gaps_hi": self.hi, "gaps_lo": self.lo, "gaps_seen": self.seen,
                 "gaps_gap": self.gap}

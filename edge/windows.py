@@ -355,6 +355,18 @@ class WindowOperator:
             if drop.any():
                 self._keep(~drop)
 
+    def holding(self, n: int) -> npt.NDArray[np.bool_]:
+        """Which of the devices ``0..n-1`` have a window here (open, or kept for lateness)."""
+        out = np.zeros(n, bool)
+        if len(self.keys):
+            dev, _, _ = self.unkey(self.keys)
+            out[dev[dev < n]] = True
+        return out
+
+    def release(self, devices: npt.NDArray[np.bool_]) -> None:
+        """Devices whose ids go to other devices: drop what is kept of them between windows
+        (they hold no window: ``holding``)."""
+
     def flush_all(self) -> WindowResults:
         idx = np.flatnonzero(self.dirty)
         return self._results(idx, self._width(idx))
@@ -479,6 +491,14 @@ class CountWindows(WindowOperator):
         self._series: I64 = np.empty(0, np.int64)  # sorted series codes
         self._seen: I64 = np.empty(0, np.int64)  # readings counted per series
         self._anchor: I64 = np.empty(0, np.int64)  # identity of the series' latest window
+
+    def release(self, devices: npt.NDArray[np.bool_]) -> None:
+        if not len(devices) or not len(self._series):
+            return
+        dev = self._series >> METRIC_BITS
+        keep = ~devices[np.minimum(dev, len(devices) - 1)] | (dev >= len(devices))
+        self._series, self._seen, self._anchor = (
+            self._series[keep], self._seen[keep], self._anchor[keep])
 
     def fold(self, dev: I64, met: I64, ts: I64, value: F64, seq: I64, wm_before: I64
              ) -> OperatorFold:
@@ -755,6 +775,10 @@ class Operator(Protocol):
     def flush_all(self) -> WindowResults: ...
 
     def forget(self, purged_devices: npt.NDArray[np.bool_]) -> None: ...
+
+    def holding(self, n: int) -> npt.NDArray[np.bool_]: ...
+
+    def release(self, devices: npt.NDArray[np.bool_]) -> None: ...
 
     @property
     def open_windows(self) -> int: ...

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import numpy as np
 import orjson
 import paho.mqtt.client as mqtt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
 from devices import rejects
@@ -1023,3 +1026,138 @@ def test_a_batch_unacknowledged_through_an_uplink_outage_is_not_blamed_on_the_wo
         assert blamed()
     assert sh.overdue() == len(waiting)
     agent.outbox.close()
+
+
+def test_devices_gone_for_good_give_their_ids_to_new_devices(tmp_path: Path) -> None:
+    """Device ids churn (replaced sensors, asset tags passing a dock door). An id used to be
+    kept for good, in memory and in every checkpoint, so a gateway that had seen
+    ``max_devices`` ids refused every new device from then on, restarts included. A device
+    silent since before the oldest reading the agent accepts (validate.max_past), whose windows
+    are all out, now gives its id to the next new device, which starts as if the id were new:
+    no duplicate memory, sequence, count or ledger of the old one."""
+    hour = 3_600_000
+    clock = ManualClock(now_ms=T + 60_000)
+    engine = EngineConfig(windows=(WindowSpec(size_ms=10_000), WindowSpec.parse("count:4")),
+                          time=EventTimeSpec(out_of_orderness_ms=0, allowed_lateness_ms=1_000,
+                                             idle_timeout_ms=5_000))
+    cfg = config(tmp_path, max_devices=3, max_past_ms=hour, engine=engine)
+    pipe = EdgePipeline(cfg, clock)
+
+    def send(devices: list[str], values: float) -> list[object]:
+        now = clock.now_ms()
+        pipe.process([(f"devices/{d}/readings",
+                       encode_single(d, "temperature", now - 5_000 + k * 1000, values + k, k),
+                       now) for d in devices for k in range(5)])
+        out = []
+        for _ in range(4):  # the windows close, the devices go silent, then past lateness
+            clock.advance(10_000)
+            out.append(pipe.emit())
+        return out
+
+    first = send(["a", "b", "c"], 20.0)
+    assert sum(len(r) for r in first) > 0  # type: ignore[arg-type]
+    ids_before = {d: pipe.devices.get(d) for d in "abc"}
+    send(["d"], 0.0)  # within the hour: a, b, c still count
+    s = pipe.stats()
+    assert s["rejected_device_limit"] == 5
+    assert s["devices_released"] == 0
+
+    clock.advance(2 * hour)  # a, b, c's newest readings are now older than any it accepts
+    pipe.emit()
+    s = pipe.stats()
+    assert s["devices_released"] == 3
+    assert s["devices_seen"] == 0
+    assert pipe.devices.get("a") is None
+
+    # new devices, and "a" back, numbering from 0 again as the old ones did
+    later = send(["d", "e", "a"], 50.0)
+    s = pipe.stats()
+    assert s["rejected_device_limit"] == 5  # none more
+    assert s["duplicates"] == 0  # no memory of the old "a" (nor of b, c) on reused ids
+    assert len(pipe.devices) == 4  # the id space did not grow
+    assert {pipe.devices.get(d) for d in "dea"} == set(ids_before.values())
+    by: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for res in later:
+        for i in range(len(res)):  # type: ignore[arg-type]
+            name = pipe.devices.names[int(res.device[i])]  # type: ignore[attr-defined]
+            spec = pipe.engine.config.labels[int(res.spec[i])]  # type: ignore[attr-defined]
+            by.setdefault((name, spec), []).append(
+                (int(res.count[i]), float(res.sum[i])))  # type: ignore[attr-defined]
+    for d in "dea":  # each its own 5 readings: 50..54; count windows of 4 from its first
+        assert sum(c for c, _ in by[(d, "10s")]) == 5
+        assert sum(v for _, v in by[(d, "10s")]) == pytest.approx(260.0)
+        assert sorted(c for c, _ in by[(d, "count:4")]) == [1, 4]
+        assert pipe.ledger["accepted"][pipe.devices.get(d)] == 5
+    rep = pipe.ledger_report(changed_only=False)
+    assert sorted(n for n in rep["devices"] if n != "(no device)") == ["a", "d", "e"]  # type: ignore[union-attr]
+
+    # a checkpoint keeps which ids are free; a restart does not hand them out twice
+    clock.advance(2 * hour)
+    pipe.emit()
+    assert pipe.stats()["devices_released"] == 6
+    pipe.save_checkpoint(tmp_path)
+    again = EdgePipeline(cfg, clock)
+    again.load_checkpoint(tmp_path)
+    assert again.devices.names == pipe.devices.names
+    assert again.devices.free == pipe.devices.free
+    assert again.devices.intern("f") in set(ids_before.values())
+    assert again.devices.intern("g") in set(ids_before.values())
+    assert again.devices.intern("f") != again.devices.intern("g")
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.sets(st.sampled_from("abcdefgh"), min_size=1, max_size=4),
+                          st.sampled_from([20_000, 600_000, 7_200_000])),
+                min_size=1, max_size=8))
+def test_property_released_ids_never_mix_two_devices_readings(
+        phases: list[tuple[set[str], int]]) -> None:
+    """Whatever devices come and go, and however long they stay away (past validate.max_past
+    or not): every reading accepted is in the windows of the device that sent it, exactly once,
+    and none is taken for a duplicate of another device's reading on the same id."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        clock = ManualClock(now_ms=T + 60_000)
+        engine = EngineConfig(windows=(WindowSpec(size_ms=10_000), WindowSpec.parse("count:3")),
+                              time=EventTimeSpec(out_of_orderness_ms=0,
+                                                 allowed_lateness_ms=1_000,
+                                                 idle_timeout_ms=5_000))
+        pipe = EdgePipeline(config(Path(tmp), max_devices=4, max_past_ms=3_600_000,
+                                   engine=engine), clock)
+        seq: dict[str, int] = {}
+        sent: Counter[str] = Counter()
+        got: dict[str, Counter[str]] = {"10s": Counter(), "count:3": Counter()}
+
+        def collect(res: object) -> None:
+            for i in range(len(res)):  # type: ignore[arg-type]
+                name = pipe.devices.names[int(res.device[i])]  # type: ignore[attr-defined]
+                spec = pipe.engine.config.labels[int(res.spec[i])]  # type: ignore[attr-defined]
+                got[spec][name] += int(res.count[i])  # type: ignore[attr-defined]
+
+        for devices, away in phases:
+            now = clock.now_ms()
+            batch = []
+            for d in sorted(devices):
+                for k in range(3):  # each device numbers its readings on, across phases
+                    n = seq.get(d, 0)
+                    seq[d] = n + 1
+                    batch.append((f"devices/{d}/readings",
+                                  encode_single(d, "temperature", now - 3_000 + k * 1000,
+                                                float(n), n), now))
+            before = pipe.ledger["accepted"].copy() if len(pipe.ledger["accepted"]) else None
+            pipe.process(batch)
+            for d in devices:
+                i = pipe.devices.get(d)
+                if i is not None:
+                    was = int(before[i]) if before is not None and i < len(before) else 0
+                    sent[d] += int(pipe.ledger["accepted"][i]) - was
+            for _ in range(3):  # windows out (names read before any id can be released)
+                clock.advance(10_000)
+                collect(pipe.emit())
+            clock.advance(away)
+            collect(pipe.emit())
+        s = pipe.stats()
+        assert s["duplicates"] == 0
+        assert s["readings_accepted"] == sum(sent.values())
+        for spec, counts in got.items():
+            assert counts == +sent, spec
