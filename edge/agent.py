@@ -72,7 +72,7 @@ def _field(label: str) -> str:
 CHECKPOINT = "windows.npz"
 DISK_RETRY_MS = 1_000  # after a failed write under state_dir, try again this much later
 UNATTRIBUTED = "(no device)"  # the ledger row of readings rejected before naming a device
-RELEASE_EVERY_MS = 60_000  # how often ids of devices gone for good are looked for
+RELEASE_EVERY_MS = 1_000  # how often ids of devices gone for good are looked for (cheap)
 HEALTH_PACK_BYTES = 4096  # health reports above this go compressed (a ledger of many devices)
 
 

@@ -617,3 +617,57 @@ def test_r12_disk_full_under_influxdb_and_the_gateway_broker_loses_nothing(
             rig.stop()
             client.close()
             influx.stop()
+
+
+def test_device_ids_that_churn_never_fill_the_agent(rig: Rig) -> None:
+    """Devices come and go (replaced sensors, asset tags passing a dock door): six devices
+    report, fall silent for good, and six others take their place, with max_devices 6 and
+    validate.max_past 10 s. The second six used to be refused for good (device_limit: the
+    gateway had seen six ids); now the first six give their ids up once silent past max_past,
+    and every reading of all twelve is in InfluxDB, none refused, per device."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from devices.codecs import encode_single
+
+    cfg = rig.gateway_cfg.read_text()
+    cfg = cfg.replace('allowed_lateness = "60s"', 'allowed_lateness = "2s"')
+    cfg = cfg.replace('[intake]', 'max_devices = 6\n[intake]', 1)
+    rig.gateway_cfg.write_text(cfg + '\n[validate]\nmax_past = "10s"\n')
+    rig.start_worker()
+    rig.start_agent()
+    rig.wait_agent_subscribed()
+    c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c.connect("127.0.0.1", rig.gw_broker.port)
+    c.loop_start()
+    sent: dict[str, int] = {}
+
+    def report(devices: list[str], seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            now = int(time.time() * 1000)
+            for d in devices:
+                n = sent.get(d, 0)
+                c.publish(f"gw-1/devices/{d}/readings",
+                          encode_single(d, "temperature", now, 20.0 + n % 7, n), qos=1
+                          ).wait_for_publish(10)
+                sent[d] = n + 1
+            time.sleep(0.2)
+
+    try:
+        report([f"old-{i}" for i in range(6)], 3)
+        time.sleep(14)  # silent past idle_timeout + lateness, then past max_past (10 s)
+        report([f"new-{i}" for i in range(6)], 3)
+    finally:
+        c.loop_stop()
+        c.disconnect()
+    total = sum(sent.values())
+    assert rig.wait_settled(total, timeout_s=60) == total
+    doc = rig.influx.query('SELECT sum("count") FROM "aggregates" GROUP BY "device"')
+    got = {s["tags"]["device"]: int(s["values"][0][1]) for s in doc["results"][0]["series"]}
+    assert got == sent
+    led = rig.ledger_when(lambda d: d.get("readings_accepted", 0) >= total, 30)
+    check_laws(led)
+    h = rig.health("edge")
+    assert h.get("rejected_device_limit", 0) == 0, h
+    assert h.get("devices_released", 0) >= 6, h
