@@ -62,6 +62,10 @@ def cmd_edge_status(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_edge_config(args.config)
+    except PermissionError:
+        print(f"UNKNOWN: {args.config}: permission denied (the agent's config and state are "
+              "its user's and root's: sudo fieldline edge status)", file=sys.stderr)
+        return UNKNOWN
     except (ConfigError, OSError) as exc:
         print(f"UNKNOWN: {args.config}: {exc}", file=sys.stderr)
         return UNKNOWN

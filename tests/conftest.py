@@ -5,11 +5,15 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from cloud.sinks.influx_v1 import InfluxV1Client
 from fieldline.services import InfluxDB, Mosquitto, ServiceError, find_binary
+
+if TYPE_CHECKING:
+    from tests.rig import Rig
 
 
 def _have(name: str) -> bool:
@@ -65,3 +69,14 @@ def influx_db(influxdb: InfluxDB) -> Iterator[InfluxV1Client]:
     yield client
     client.query(f'DROP DATABASE "{name}"', database="")
     client.close()
+
+
+@pytest.fixture
+def rig(tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto],
+        influx_db: InfluxV1Client) -> Iterator[Rig]:
+    """The whole deployment on loopback of the fault tests (``tests/rig.py``), stopped after."""
+    from tests.rig import Rig
+
+    r = Rig(tmp_path, mosquitto_factory, influx_db)
+    yield r
+    r.stop()

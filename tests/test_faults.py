@@ -25,14 +25,6 @@ from tests.rig import LABEL, WINDOW_MS, Rig
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def rig(tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto],
-        influx_db: InfluxV1Client) -> Rig:
-    r = Rig(tmp_path, mosquitto_factory, influx_db)
-    yield r
-    r.stop()
-
-
 def finish(rig: Rig, *, shed: int = 0) -> dict[str, int]:
     """Every published reading in InfluxDB exactly once (less what the ledger says was shed by
     policy), the oracle clean, and the gateway's ledger balanced."""

@@ -6,14 +6,13 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
-from cloud.sinks.influx_v1 import InfluxV1Client
 from edge.status import (
     CRITICAL,
     OK,
@@ -25,7 +24,6 @@ from edge.status import (
     status_command,
     write_status,
 )
-from fieldline.services import Mosquitto
 from tests.rig import Rig, edge_status
 from tests.test_faults import finish
 
@@ -41,14 +39,6 @@ def status_when(cfg: Path, cond: Callable[[int, dict[str, Any]], bool], timeout_
             return code, doc, edge_status(cfg)[1]
         assert time.monotonic() < deadline, f"status never got there: {code} {out[-3000:]}"
         time.sleep(0.3)
-
-
-@pytest.fixture
-def rig(tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto],
-        influx_db: InfluxV1Client) -> Iterator[Rig]:
-    r = Rig(tmp_path, mosquitto_factory, influx_db)
-    yield r
-    r.stop()
 
 
 @pytest.mark.integration
