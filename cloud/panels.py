@@ -229,6 +229,13 @@ SECTIONS: tuple[Section, ...] = (
             'SELECT max("open_windows") AS "open windows", max("rss_mb") AS "RSS MiB" '
             f'{EDGE} AND $timeFilter GROUP BY time($__interval), "gateway" fill(none)'),
             "$tag_gateway $col", width=8),
+        _ts("cloud_detector_state", "Cloud: detector state", (
+            'SELECT max("detector_series") AS "series", max("detector_state_mb") AS "MiB" '
+            f'{CLOUD} AND $timeFilter GROUP BY time($__interval), "worker" fill(none)'),
+            "$tag_worker $col", width=8,
+            description="Series the detectors hold (about 9 KB each) and their state in MiB; "
+                        "a series without a window for [detect] forget_after (30 days) is "
+                        "forgotten, so churning device ids do not grow it for good."),
     )),
     Section("Ledger: every reading accounted for", "health", (
         _table("ledger_balance", "Conservation laws per gateway (0 = holds)", (

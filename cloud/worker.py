@@ -533,7 +533,7 @@ class CloudWorker:
         # those forgotten after [detect] forget_after without a window
         stages = [part.detection for part in self.parts.values()]
         s["detector_series"] = sum(len(d.series) for d in stages)
-        s["detector_state_mb"] = round(sum(d.state_bytes() for d in stages) / 2**20, 1)
+        s["detector_state_mb"] = round(sum(d.state_bytes() for d in stages) / 2**20, 2)
         s["series_forgotten"] = c["series_forgotten"] + sum(
             d.counters["series_forgotten"] for d in stages)
         s["registry_reloads"] = self.registry.reloads

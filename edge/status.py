@@ -249,7 +249,9 @@ def render(doc: Mapping[str, Any], verdict: Verdict, now_ms: int,
     lines += [
         f"intake   {link(intake)}; topics {', '.join(intake.get('topics', []))}",
         f"devices  {int(g.get('devices_seen', 0)):,} seen, {int(g.get('devices_silent', 0)):,} "
-        f"silent, {int(g.get('devices_skewed', 0)):,} with skewed clocks",
+        f"silent, {int(g.get('devices_skewed', 0)):,} with skewed clocks"
+        + (f"; {n('devices_released')} gone for good gave their ids to new ones"
+           if c.get("devices_released") else ""),
         f"readings since {at(started)}: {n('readings_received')} received = "
         f"{n('readings_accepted')} accepted + {n('rejected')} rejected + "
         f"{n('late_dropped')} too late + {n('duplicates')} duplicates",

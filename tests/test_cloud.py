@@ -106,6 +106,10 @@ def test_worker_keeps_its_detector_state_across_a_restart(tmp_path: Path) -> Non
     asyncio.run(first._save_detection())
     second = CloudWorker(cfg, source=object(), sink=object())  # type: ignore[arg-type]
     assert second.detection.series.keys == first.detection.series.keys
+    s = second.stats()  # what it holds, in its health
+    assert s["detector_series"] == 1
+    assert 0 < s["detector_state_mb"] < 1
+    assert s["series_forgotten"] == 0
     a, b = first.detection.snapshot()["arrays"], second.detection.snapshot()["arrays"]
     assert a.keys() == b.keys()
     for k in a:
