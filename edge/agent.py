@@ -86,6 +86,11 @@ def rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def devices_held(devices: Interner) -> int:
+    """Devices holding an id (the ledger row of readings without a device is no device)."""
+    return devices.live - (devices.get(UNATTRIBUTED) is not None)
+
+
 class DeviceAdmission:
     """Who gets a device id: at most ``max_devices`` in all, and new ones at most ``per_s`` a
     second once a burst of ``burst`` is spent (a token bucket in receive time). A flood of
@@ -102,8 +107,7 @@ class DeviceAdmission:
         self.last_ms: int | None = None
 
     def __call__(self, name: str, recv_ms: int) -> str | None:
-        # (the ledger row of readings without a device is no device)
-        if self.devices.live - (self.devices.get(UNATTRIBUTED) is not None) >= self.max_devices:
+        if devices_held(self.devices) >= self.max_devices:
             return rejects.DEVICE_LIMIT
         if self.last_ms is not None and recv_ms > self.last_ms:
             self.tokens = min(self.burst,
@@ -307,9 +311,7 @@ class EdgePipeline:
         if self.guard.reason is not None:
             return []
         ids = self.engine.releasable(self.wall_ms() - self.config.max_past_ms)
-        unattributed = self.devices.get(UNATTRIBUTED)
-        ids = ids[(ids < len(self.devices)) & (ids != (-1 if unattributed is None
-                                                       else unattributed))]
+        ids = ids[ids < len(self.devices)]
         if not len(ids):
             return []
         self.engine.release(ids)
@@ -426,7 +428,7 @@ class EdgePipeline:
             "windows_superseded": c["windows_superseded"],
             "open_windows": self.engine.open_windows,
             "window_state_kb": self.engine.state_bytes() // 1024,
-            "devices_seen": self.devices.live - (self.devices.get(UNATTRIBUTED) is not None),
+            "devices_seen": devices_held(self.devices),
             # devices gone for good whose ids went to new devices (release_devices)
             "devices_released": c["devices_released"],
             "devices_silent": len(self.engine.silent_devices()),

@@ -11,7 +11,6 @@ is running, and names what needs attention, with an exit code monitoring can use
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import time
@@ -69,7 +68,7 @@ def pid_alive(pid: object) -> bool:
         return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:  # alive, another user's
         return True
@@ -285,11 +284,8 @@ def status_command(state_dir: Path | None, *, as_json: bool,
         doc = read_status(state_dir)
     except StatusUnreadableError as exc:
         return UNKNOWN, f"UNKNOWN: {exc}"
-    alive = False
-    with contextlib.suppress(Exception):
-        alive = pid_alive(doc.get("pid"))
     disk = Disk.of(state_dir)
-    verdict = assess(doc, now, alive=alive, disk=disk)
+    verdict = assess(doc, now, alive=pid_alive(doc.get("pid")), disk=disk)
     if as_json:
         out = {"status": LEVELS[verdict.code], "running": verdict.running,
                "attention": [{"level": LEVELS[lv], "text": t} for lv, t in verdict.attention],
