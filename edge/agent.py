@@ -58,9 +58,9 @@ _REASON_INDEX = {r: i for i, r in enumerate(rejects.READING_REASONS)}
 REBIRTH_EVERY_MS = 60_000  # a Sparkplug B edge node is asked for its births at most this often
 
 
-def _padded(arr: np.ndarray, size: int) -> np.ndarray:
-    """``arr`` copied into the start of ``size`` elements of its dtype, zeros after it."""
-    out = np.zeros(size, arr.dtype)
+def _padded(arr: np.ndarray, size: int, fill: int = 0) -> np.ndarray:
+    """``arr`` copied into the start of ``size`` elements of its dtype, ``fill`` after it."""
+    out = np.full(size, fill, arr.dtype)
     out[: len(arr)] = arr
     return out
 
@@ -73,6 +73,7 @@ CHECKPOINT = "windows.npz"
 DISK_RETRY_MS = 1_000  # after a failed write under state_dir, try again this much later
 UNATTRIBUTED = "(no device)"  # the ledger row of readings rejected before naming a device
 RELEASE_EVERY_MS = 1_000  # how often ids of devices gone for good are looked for (cheap)
+NOT_REJECTED = np.iinfo(np.int64).min  # a device's last rejection: none
 HEALTH_PACK_BYTES = 4096  # health reports above this go compressed (a ledger of many devices)
 
 
@@ -163,6 +164,9 @@ class EdgePipeline:
         self._ledger_dirty: np.ndarray = np.zeros(0, bool)
         self._ledger_reported: int | None = None
         self.gaps = SeqGaps()  # holes in each device's numbering: lost before the agent
+        # per device, when (monotonic ms) the agent last rejected one of its readings: a device
+        # still sending, if only readings it refuses, keeps its id (and its ledger row)
+        self._rejected_mono: np.ndarray = np.zeros(0, np.int64)
         self._next_release = 0  # monotonic ms: when to look for device ids to release next
         # the gateway's own clock: while it cannot be trusted, messages wait here
         self.guard = ClockGuard(floor_ms=config.clock_floor_ms,
@@ -177,6 +181,9 @@ class EdgePipeline:
             self.ledger_rejects = {j: _padded(col, size) for j, col in self.ledger_rejects.items()}
         if len(self._ledger_dirty) < len(self.ledger["accepted"]):  # grown, or restored
             self._ledger_dirty = _padded(self._ledger_dirty, len(self.ledger["accepted"]))
+        if len(self._rejected_mono) < len(self.ledger["accepted"]):
+            self._rejected_mono = _padded(self._rejected_mono, len(self.ledger["accepted"]),
+                                          NOT_REJECTED)
 
     def _unattributed(self) -> int:
         """The ledger row of rejections without a device (unparseable, unregistered): a name
@@ -200,6 +207,7 @@ class EdgePipeline:
                 col = self.ledger_rejects[j] = np.zeros(len(self.ledger["accepted"]), np.int64)
             np.add.at(col, known, 1)
             self._ledger_dirty[known] = True
+            self._rejected_mono[known] = self.clock.monotonic_ms()
 
     def process(self, messages: list[tuple[str, bytes, int]]) -> None:
         """Decode, validate and fold one micro-batch of raw messages; while the gateway clock
@@ -302,24 +310,37 @@ class EdgePipeline:
         self.ledger["gap"][:n] = self.gaps.gap[:n]
 
     def release_devices(self) -> list[str]:
-        """Give the ids of devices gone for good to new devices (``WindowEngine.releasable``:
-        silent, their newest reading older than the oldest the agent accepts, no window held),
-        so a gateway whose device ids churn (replaced sensors, asset tags passing by) neither
-        grows nor reaches ``max_devices`` and refuses every new device for good. Their ledger
-        rows were reported while they counted; the gateway's totals keep what they counted.
-        Not while the gateway clock is untrusted (the age is judged by it)."""
+        """Give the ids of devices gone for good to new devices, so a gateway whose device ids
+        churn (replaced sensors, asset tags passing by) neither grows nor reaches
+        ``max_devices`` and refuses every new device for good. Gone for good: silent, their
+        newest reading older than the oldest the agent accepts, no window held
+        (``WindowEngine.releasable``), or never a reading accepted (every one refused: a
+        device clock at 1970, values out of range); and in either case, none of their
+        readings refused for as long (``validate.max_past`` of the agent's own monotonic
+        time). Their ledger rows were reported while they counted; the gateway's totals keep
+        what they counted. Not while the gateway clock is untrusted (the age is judged by it)."""
         if self.guard.reason is not None:
             return []
-        ids = self.engine.releasable(self.wall_ms() - self.config.max_past_ms)
-        ids = ids[ids < len(self.devices)]
+        self._ledger_grow()
+        n = len(self.devices)
+        rejected = self._rejected_mono[:n]
+        quiet = rejected < self.clock.monotonic_ms() - self.config.max_past_ms
+        refused_only = self.engine.never_folded(n) & (rejected != NOT_REJECTED) & quiet
+        ids = np.union1d(self.engine.releasable(self.wall_ms() - self.config.max_past_ms),
+                         np.flatnonzero(refused_only)).astype(np.int64)
+        ids = ids[ids < n]
+        ids = ids[quiet[ids]]
+        unattributed = self.devices.get(UNATTRIBUTED)
+        if unattributed is not None:  # readings without a device: the row stays
+            ids = ids[ids != unattributed]
         if not len(ids):
             return []
         self.engine.release(ids)
         self.counters["readings_gap_released"] += self.gaps.reset(ids)
-        self._ledger_grow()
         for col in (*self.ledger.values(), *self.ledger_rejects.values()):
             col[ids] = 0
         self._ledger_dirty[ids] = False
+        self._rejected_mono[ids] = NOT_REJECTED
         names = self.devices.release(ids.tolist())
         self.counters["devices_released"] += len(names)
         gone = set(names)
@@ -512,6 +533,11 @@ class EdgePipeline:
         for j, col in self.ledger_rejects.items():
             matrix[:, j] = col
         snap["ledger_rejects"] = matrix
+        # how long ago each device's last refused reading was (-1: none): monotonic time does
+        # not survive a restart, an age does (the time the agent was down is not counted)
+        mono = self.clock.monotonic_ms()
+        snap["ledger_rejected_age_ms"] = np.where(
+            self._rejected_mono == NOT_REJECTED, -1, mono - self._rejected_mono)
         snap.update(self.gaps.snapshot())
         snap.update(self.guard.snapshot())
         snap["counters"] = np.array([orjson.dumps({"c": dict(self.counters),
@@ -552,6 +578,10 @@ class EdgePipeline:
             self.ledger_rejects = {j: _padded(saved[:, j], rows)
                                    for j in range(min(width, saved.shape[1]))
                                    if saved[:, j].any()}
+        if "ledger_rejected_age_ms" in snap:  # (checkpoints before it: none refused, as then)
+            age = snap.pop("ledger_rejected_age_ms").astype(np.int64)
+            self._rejected_mono = np.where(age < 0, NOT_REJECTED,
+                                           self.clock.monotonic_ms() - age)
         if "sparkplug" in snap:
             sp = orjson.loads(str(snap.pop("sparkplug")[0]))
             self.decoder.sp_alias.update({(dev, a): n for dev, a, n in sp["alias"]})

@@ -226,6 +226,14 @@ class WindowEngine:
             cand &= ~op.holding(n)
         return np.flatnonzero(cand)
 
+    def never_folded(self, n: int) -> npt.NDArray[np.bool_]:
+        """Which of the devices ``0..n-1`` never had a reading folded (every one refused, or
+        none sent yet)."""
+        out = np.ones(n, bool)
+        m = min(n, len(self.time.max_ts))
+        out[:m] = self.time.max_ts[:m] == NEVER
+        return out
+
     def release(self, ids: I64) -> None:
         """Give ``ids`` to other devices: their time, duplicate memory and per-series state
         as if never seen (they hold no window: ``releasable``)."""

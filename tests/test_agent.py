@@ -1105,6 +1105,68 @@ def test_devices_gone_for_good_give_their_ids_to_new_devices(tmp_path: Path) -> 
     assert again.devices.intern("f") != again.devices.intern("g")
 
 
+def test_devices_whose_every_reading_is_refused_also_give_their_ids_back_once_quiet(
+        tmp_path: Path) -> None:
+    """A device whose every reading is refused (its clock at 1970, values out of range) never
+    had an event time, so its id was kept for good: churn of such devices filled the agent as
+    churn of any device used to. Now it is released once nothing of it has been refused for
+    ``validate.max_past`` either; and a device still sending, if only readings the agent
+    refuses, keeps its id and its ledger row (it used to be released while it talked, its
+    ledger starting again from 0). A restart keeps how long ago each refusal was."""
+    minute = 60_000
+    clock = ManualClock(now_ms=T + 60_000, monotonic_ms=5_000)
+    engine = EngineConfig(windows=(WindowSpec(size_ms=10_000),),
+                          time=EventTimeSpec(out_of_orderness_ms=0, allowed_lateness_ms=1_000,
+                                             idle_timeout_ms=5_000))
+    cfg = config(tmp_path, max_devices=10, max_past_ms=60 * minute, engine=engine)
+    pipe = EdgePipeline(cfg, clock)
+
+    def send(device: str, good: bool, n: int = 3) -> None:
+        now = clock.now_ms()
+        pipe.process([(f"devices/{device}/readings",
+                       encode_single(device, "temperature",
+                                     now - 5_000 + k * 1000 if good else 1_000 + k, 20.0 + k, k),
+                       now) for k in range(n)])
+
+    def settle(ms: int) -> None:
+        for _ in range(ms // 10_000):
+            clock.advance(10_000)
+            pipe.emit()
+
+    for d in ("x", "y"):
+        send(d, good=False)  # stamped at 1970: refused as older than max_past
+    send("w", good=True)
+    send("c", good=True)
+    assert pipe.stats()["devices_seen"] == 4
+    settle(40 * minute)
+    send("y", good=False)
+    send("w", good=False)  # w now sends only what is refused: still there
+    settle(30 * minute)  # x: 70 minutes quiet, never accepted; c: 70 minutes, its windows out
+    s = pipe.stats()
+    assert s["devices_released"] == 2
+    assert {d for d in "xywc" if pipe.devices.get(d) is not None} == {"y", "w"}
+    y, w = pipe.devices.get("y"), pipe.devices.get("w")
+    assert y is not None
+    assert w is not None
+    assert pipe.ledger["rejected"][y] == 6
+    assert pipe.ledger["accepted"][w] == 3
+    assert pipe.ledger["rejected"][w] == 3
+
+    pipe.save_checkpoint(tmp_path)
+    clock = ManualClock(now_ms=clock.now_ms() + 5 * minute, monotonic_ms=1_000)  # a reboot
+    pipe = EdgePipeline(cfg, clock)
+    pipe.load_checkpoint(tmp_path)
+    settle(20 * minute)  # y, w: 50 minutes quiet (the 5 minutes down not counted)
+    assert {d for d in "yw" if pipe.devices.get(d) is not None} == {"y", "w"}
+    settle(20 * minute)
+    assert pipe.stats()["devices_released"] == 4
+    assert pipe.stats()["devices_seen"] == 0
+    for d in ("n1", "n2", "n3", "n4"):  # the four ids go to new devices; the space did not grow
+        send(d, good=True)
+    assert len(pipe.devices) == 4
+    assert all(pipe.ledger["rejected"][pipe.devices.get(d)] == 0 for d in ("n1", "n2", "n3", "n4"))
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.tuples(st.sets(st.sampled_from("abcdefgh"), min_size=1, max_size=4),
                           st.sampled_from([20_000, 600_000, 7_200_000])),
