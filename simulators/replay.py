@@ -39,7 +39,7 @@ from simulators.fleet import Published, Tick
 NAB_TIME = "%Y-%m-%d %H:%M:%S"
 
 
-def _parse_time(text: str) -> int:
+def parse_time(text: str) -> int:
     text = text.strip()
     for fmt in (NAB_TIME, "%Y-%m-%d %H:%M:%S.%f", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%SZ"):
         try:
@@ -77,16 +77,16 @@ def load_nab(data_dir: Path, relative: str, device: str | None = None,
     rows = []
     with path.open(newline="", encoding="utf-8-sig") as fh:
         for r in csv.DictReader(fh):
-            rows.append((_parse_time(r["timestamp"]), {metric: float(r["value"])}))
+            rows.append((parse_time(r["timestamp"]), {metric: float(r["value"])}))
     dev = device or "nab-" + metric_name(Path(relative).stem).replace("_", "-")
     labels: list[dict[str, object]] = []
     windows = json.loads((data_dir / "labels" / "combined_windows.json").read_text())
     for lo, hi in windows.get(relative, []):
-        labels.append({"type": "label_window", "orig_start": _parse_time(lo),
-                       "orig_end": _parse_time(hi)})
+        labels.append({"type": "label_window", "orig_start": parse_time(lo),
+                       "orig_end": parse_time(hi)})
     points = json.loads((data_dir / "labels" / "combined_labels.json").read_text())
     for ts in points.get(relative, []):
-        labels.append({"type": "label_point", "orig_ts": _parse_time(ts)})
+        labels.append({"type": "label_point", "orig_ts": parse_time(ts)})
     return Recording(dev, path, rows, labels)
 
 
@@ -102,7 +102,7 @@ def load_skab(data_dir: Path, relative: str, device: str | None = None) -> Recor
     with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh, delimiter=";")
         for r in reader:
-            t = _parse_time(r["datetime"])
+            t = parse_time(r["datetime"])
             values = {SKAB_RENAME.get(metric_name(k), metric_name(k)): float(v)
                       for k, v in r.items()
                       if k not in ("datetime", "anomaly", "changepoint") and v not in ("", None)}
@@ -281,7 +281,7 @@ def load_csv(path: Path, device: str | None = None, time_column: str | None = No
     for n, r in enumerate(reader, start=2):
         raw_t = (r.get(tcol) or "").strip()
         try:
-            t = _parse_time(raw_t)
+            t = parse_time(raw_t)
         except ValueError:
             try:
                 x = float(raw_t)

@@ -144,6 +144,31 @@ def test_per_file_scores_match_nab_exactly() -> None:
     assert checked > 1000
 
 
+@pytest.mark.skipif(RESULTS is None, reason="set FIELDLINE_NAB_RESULTS to NAB's results/ "
+                                            "directory (github.com/numenta/NAB) to run")
+def test_whole_corpus_scores_match_nab_scoreboard() -> None:
+    """NAB's scoreboard (``results/final_results.json``: all 58 files, the held-out ones
+    ``bench.nab_corpus`` compares on included) from the published per-row results at NAB's own
+    thresholds (``config/thresholds.json`` of the same checkout)."""
+    from bench.nab_corpus import PUBLISHED, published_scores
+
+    assert RESULTS is not None
+    nab = Path(RESULTS).absolute().parent
+    windows = json.loads((nab / "labels" / "combined_windows.json").read_text())
+    thresholds = json.loads((nab / "config" / "thresholds.json").read_text())
+    final = json.loads((Path(RESULTS) / "final_results.json").read_text())
+    assert len(windows) == 58
+    for det in PUBLISHED:
+        files, scores = [], []
+        for name in sorted(windows):
+            ts, s = published_scores(nab, det, name)
+            files.append(NabFile.from_times(name, ts, [(t(a), t(b)) for a, b in windows[name]]))
+            scores.append(s)
+        for profile in NAB_PROFILES:
+            got = nab_corpus_score(files, scores, thresholds[det][profile]["threshold"], profile)
+            assert got.normalised == pytest.approx(final[det][profile], abs=1e-6), (det, profile)
+
+
 def test_skab_point_wise_counts_after_the_fitting_rows() -> None:
     label = np.zeros(1000, bool)
     label[600:800] = True

@@ -263,9 +263,9 @@ def test_replay_of_nab_and_skab_arrives_with_values_and_labels(mosquitto: Mosqui
 
 
 def load_time(text: str) -> int:
-    from simulators.replay import _parse_time
+    from simulators.replay import parse_time
 
-    return _parse_time(text)
+    return parse_time(text)
 
 
 def test_a_rebooting_device_counts_from_zero_again_and_the_agent_keeps_every_reading(
