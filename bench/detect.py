@@ -33,7 +33,7 @@ from cloud.config import CloudConfig, load_cloud_config
 from cloud.enrich import EnrichedResults
 from cloud.partition import build_detection
 from cloud.points import aggregate_points
-from edge.config import load_edge_config
+from edge.config import EdgeConfig, load_edge_config
 from fieldline.evaluate import (
     Outcome,
     bench_edge_config,
@@ -41,6 +41,7 @@ from fieldline.evaluate import (
     run_recordings,
     skab_cases,
 )
+from simulators.replay import load_skab
 from simulators.scoring import (
     NAB_PROFILES,
     NabFile,
@@ -199,6 +200,37 @@ def white_noise_alarms(cloud: CloudConfig, series: int = 300, windows: int = 8_0
     return (1000 * early / (series * young), 1000 * late / (series * (windows - young)))
 
 
+def clean_run_alarms(skab: Path, edge: EdgeConfig,
+                     cloud: CloudConfig) -> tuple[float, float, str] | None:
+    """Incidents opened on SKAB's anomaly-free run (the pump with no fault: every alert is a
+    false one), the real-data counterpart of the white-noise figures: per series and 1,000
+    windows of the primary spec, during the run's first hour and after it; and a note."""
+    paths = sorted((skab / "data" / "anomaly-free").glob("*.csv"))
+    if not paths:
+        return None
+    recs = [load_skab(skab, f"anomaly-free/{p.name}") for p in paths]
+    outs = run_recordings(recs, edge, cloud, ref_ms=REF_MS)
+    width = edge.engine.windows[0].size_ms or 10_000  # (a session or count spec: 10 s)
+    early = late = 0
+    early_w = late_w = 0.0
+    for rec, o in zip(recs, outs, strict=True):
+        series = len({m for _, values in rec.rows for m in values})
+        start, end = int(o.ts[0]) + o.shift_ms, int(o.ts[-1]) + o.shift_ms
+        first = min(end - start, HOUR_MS)
+        early_w += series * first / width
+        late_w += series * (end - start - first) / width
+        for _, e in o.alerts:
+            if e.state == "open":
+                if e.incident - start < HOUR_MS:
+                    early += 1
+                else:
+                    late += 1
+    hours = sum((int(o.ts[-1]) - int(o.ts[0])) / HOUR_MS for o in outs)
+    note = (f"{early + late} incidents on {len(paths)} run(s), {hours:.1f} h, "
+            f"{early} in the first hour")
+    return (1000 * early / max(early_w, 1.0), 1000 * late / max(late_w, 1.0), note)
+
+
 def river_figures(data: Path, cloud: CloudConfig) -> list[Figure]:
     """River's online detectors on the same recordings (``bench.river_compare``)."""
     try:
@@ -311,6 +343,12 @@ def main(argv: list[str] | None = None) -> None:
             figures.append(figure("SKAB detection delay after the fault starts, median",
                                   float(np.median(d)), "s (data time)",
                                   note=f"p90 {np.percentile(d, 90):.0f} s"))
+        clean = clean_run_alarms(skab_dir, edge, cloud)
+        if clean is not None:
+            figures.append(figure("alerts on SKAB's anomaly-free run, its first hour", clean[0],
+                                  "per series and 1,000 windows", note=clean[2]))
+            figures.append(figure("alerts on SKAB's anomaly-free run, after that", clean[1],
+                                  "per series and 1,000 windows"))
         summary["skab"] = {"files": len(cases_s), "tp": s.points.tp, "fp": s.points.fp,
                            "fn": s.points.fn, "tn": s.points.tn, "f1": s.points.f1,
                            "far": s.points.far, "mar": s.points.mar,

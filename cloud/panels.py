@@ -101,6 +101,7 @@ DEVICE_SEL = '"gateway" =~ /^$gateway$/ AND "device" =~ /^$device$/'
 EDGE = f'''FROM "{PIPELINE}" WHERE "component" = 'edge' AND "gateway" =~ /^$gateway$/'''
 CLOUD = f'''FROM "{PIPELINE}" WHERE "component" = 'cloud\''''
 LAG_ORANGE, LAG_RED = 30_000, 60_000
+ANOMALY_SHARE = 0.1  # a site whose judged windows are this share anomalous, for 5 minutes
 
 
 def _ts(key: str, title: str, text: str, alias: str = "", **kw: object) -> Panel:
@@ -188,9 +189,14 @@ SECTIONS: tuple[Section, ...] = (
             f'"reference", "message" FROM "{ANOMALIES}" WHERE "site" =~ /^$site$/ '
             'AND "metric" =~ /^$metric$/ AND $timeFilter ORDER BY time DESC LIMIT 200'),
             width=16),
-        _ts("anomalies_by_site", "Anomalous windows by site", (
-            f'SELECT count("score") FROM "{ANOMALIES}" WHERE "site" =~ /^$site$/ AND '
-            '$timeFilter GROUP BY time($__interval), "site" fill(0)'), "$tag_site", width=8),
+        _ts("anomalies_by_site", "Share of windows anomalous, by site", (
+            f'SELECT sum("anomalous") / sum("judged") FROM "{SITES}" WHERE "site" =~ /^$site$/ '
+            'AND "judged" > 0 AND $timeFilter GROUP BY time($__interval), "site" fill(none)'),
+            "$tag_site", width=8, unit="percentunit",
+            thresholds=(Threshold(ANOMALY_SHARE, "red"),),
+            description="Of the windows the detectors judged at each site, the share they found "
+                        "anomalous, whatever the site's size; the alert rule \"Anomaly rate "
+                        "high\" fires above the line for 5 minutes."),
     )),
     Section("Pipeline health", "health", (
         _ts("edge_accepted", "Edge: readings accepted /s", (
@@ -299,11 +305,12 @@ class AlertRule:
 ALERT_RULES: tuple[AlertRule, ...] = (
     AlertRule(
         "fieldline-anomaly-rate", "Anomaly rate high",
-        f'SELECT count("score") FROM "{ANOMALIES}" WHERE $timeFilter '
-        'GROUP BY time(1m), "site" fill(0)',
-        threshold=30, reducer="mean", for_="5m",
-        summary="More than 30 anomalous windows a minute at site {{ $labels.site }} over 10 "
-                "minutes: a fleet-wide event, or detectors too sensitive for this site."),
+        f'SELECT sum("anomalous") / sum("judged") FROM "{SITES}" WHERE "judged" > 0 AND '
+        '$timeFilter GROUP BY time(1m), "site" fill(none)',
+        threshold=ANOMALY_SHARE, reducer="mean", for_="5m",
+        summary="More than 10 % of the windows judged at site {{ $labels.site }} anomalous "
+                "over 10 minutes: a site-wide event, or detectors too sensitive for this "
+                "site."),
     AlertRule(
         "fieldline-ledger-imbalance", "Ledger does not balance",
         'SELECT ' + " + ".join(f"abs({law.imbalance()})" for law in LAWS)

@@ -66,10 +66,16 @@ def aggregate_points(rows: EnrichedResults) -> Points:
     return Points(AGGREGATES, tags, fields, rows.start)
 
 
-def site_points(rows: EnrichedResults, seq: int) -> Points:
+def site_points(rows: EnrichedResults, seq: int,
+                judged: npt.NDArray[np.bool_] | None = None,
+                anomalous: npt.NDArray[np.bool_] | None = None) -> Points:
     """The batch's first results (rev 0) of time-aligned windows (tumbling, hopping: not
     sessions or count windows, whose starts differ per device) rolled up per (site, metric,
-    window spec, window start): ``devices`` (results), ``readings``, ``sum``, ``min``, ``max``.
+    window spec, window start): ``devices`` (results), ``readings``, ``sum``, ``min``, ``max``;
+    and, given which rows the detectors judged and which they found anomalous (per row),
+    ``judged`` and ``anomalous`` (how many of those results), on the points with a judged
+    result only: a site's share of anomalous windows, whatever its size, is
+    ``sum("anomalous") / sum("judged")``.
 
     A fleet-wide chart then reads a few points per site and window instead of one per device
     (the site mean over an hour at 10,000 devices: 30 s of InfluxDB's time from ``aggregates``).
@@ -107,6 +113,11 @@ def site_points(rows: EnrichedResults, seq: int) -> Points:
         "min": np.minimum.reduceat(rows.min[idx], first),
         "max": np.maximum.reduceat(rows.max[idx], first),
     }
+    if judged is not None and anomalous is not None and len(judged) == len(rows):
+        k = np.add.reduceat(judged[idx].astype(np.int64), first)
+        _put(fields, "judged", k, k > 0)
+        _put(fields, "anomalous", np.add.reduceat((anomalous & judged)[idx].astype(np.int64),
+                                                  first), k > 0)
     width = rows.width[idx][first]
     at = start[first] + seq % np.maximum(np.minimum(width, 1000), 1)
     return Points(SITES, tags, fields, at.astype(np.int64))

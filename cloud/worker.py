@@ -266,7 +266,10 @@ class CloudWorker:
         rows = self.enricher.enrich(batch)
         det = part.detection.run(rows)
         fired = part.rules.run(rows, det)
-        points = [aggregate_points(rows), site_points(rows, batch.seq),
+        anomalous = np.zeros(len(rows), bool)
+        anomalous[[a.row for a in det.anomalies]] = True
+        points = [aggregate_points(rows),
+                  site_points(rows, batch.seq, np.isfinite(det.severity), anomalous),
                   anomaly_points(rows, det.anomalies),
                   alert_points(rows, det.alerts), rule_alert_points(fired)]
         for a in fired:

@@ -380,11 +380,14 @@ def test_site_means_come_from_rollups_of_first_results_across_batches(
     """One 10 s window's results of three devices in two batches (one sent twice), and a late
     reading's revision: the fleet page's "mean by site" panel, run as the view runs it, reads
     the mean of every reading each site's devices first shipped, from the ``sites`` rollups
-    (a handful of points, not one per device)."""
-    from cloud.panels import PANELS, Params, render
+    (a handful of points, not one per device). The rollups also count the windows the
+    detectors judged and found anomalous, so the "Anomaly rate high" rule reads each site's
+    share (dev-b's and dev-c's windows are below their registry limits)."""
+    from cloud.panels import ALERT_RULES, PANELS, Params, render
 
-    reg = Registry([Device(device_id=d, gateway="gw-1", site=s, kind="temperature")
-                    for d, s in (("dev-a", "hall"), ("dev-b", "hall"), ("dev-c", "yard"))])
+    reg = Registry([Device(device_id=d, gateway="gw-1", site=s, kind="temperature", low=low)
+                    for d, s, low in (("dev-a", "hall", None), ("dev-b", "hall", 30.0),
+                                      ("dev-c", "yard", 0.0))])
     worker = CloudWorker(
         CloudConfig(worker_id="t", broker=BrokerAddress(host="127.0.0.1", port=1),
                     influx=InfluxConfig(url=influx_db.url, database=influx_db.database)),
@@ -413,6 +416,11 @@ def test_site_means_come_from_rollups_of_first_results_across_batches(
     assert isinstance(doc, dict)
     assert {s["tags"]["site"]: s["values"][0][1:] for s in doc["results"][0]["series"]} == {
         "hall": [2, 40, 19.0, 25.0], "yard": [1, 5, -4.0, -2.0]}
+    rule = next(r for r in ALERT_RULES if r.uid == "fieldline-anomaly-rate")
+    doc = influx_db.query(render(rule.query, Params(range_s=900)))
+    assert isinstance(doc, dict)
+    share = {s["tags"]["site"]: [v[1] for v in s["values"]] for s in doc["results"][0]["series"]}
+    assert share == {"hall": [0.5], "yard": [1.0]}, share
 
 
 class _SnapshotStore:

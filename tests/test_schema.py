@@ -8,7 +8,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from cloud.enrich import EnrichedResults, Enricher
@@ -208,19 +208,28 @@ def test_series_keys_equal_tag_prefix_whether_the_series_are_new_or_known(
     assert points().series() == want  # all known
 
 
+@example(rows_=[("s1", "t", "10s", 0, 0, 5, 1.0), ("s1", "t", "10s", 0, 0, 5, 2.0)], seq=3,
+         marks=[(True, False), (False, True)] * 20)  # one window, one judged, one not
 @settings(max_examples=60, deadline=None)
 @given(rows_=st.lists(st.tuples(
     st.sampled_from(["s1", "s2"]), st.sampled_from(["t", "p"]),
     st.sampled_from(["10s", "1m/10s", "session:30s", "count:100", "500ms"]),
     st.integers(0, 3), st.integers(0, 2), st.integers(0, 50),
     st.floats(-1e6, 1e6, allow_nan=False)), max_size=40),
-    seq=st.integers(0, 10**9))
+    seq=st.integers(0, 10**9), marks=st.lists(st.sampled_from([(False, False), (True, False),
+                                                               (True, True), (False, True)]),
+                                               min_size=40, max_size=40))
 def test_site_rollups_sum_each_time_aligned_windows_first_results(
-        rows_: list[tuple[str, str, str, int, int, int, float]], seq: int) -> None:
+        rows_: list[tuple[str, str, str, int, int, int, float]], seq: int,
+        marks: list[tuple[bool, bool]]) -> None:
     """``site_points`` against a loop: per (site, metric, window, start), the first results of
     tumbling and hopping windows summed (sessions, count windows and revisions left out), each
-    point inside its window's first second and named by the batch's seq."""
+    point inside its window's first second and named by the batch's seq; with the results the
+    detectors judged and those they found anomalous counted (an anomaly on a row not judged
+    is not counted), on the points with a judged result only."""
     n = len(rows_)
+    judged = np.array([j for j, _ in marks[:n]], bool)
+    anomalous = np.array([a for _, a in marks[:n]], bool)
     widths = {"10s": 10_000, "1m/10s": 60_000, "session:30s": 45_000, "count:100": 7_000,
               "500ms": 500}
     start = np.array([1_700_000_000_000 + k * (500 if w == "500ms" else 10_000)
@@ -241,13 +250,18 @@ def test_site_rollups_sum_each_time_aligned_windows_first_results(
     for i, (site, metric, window, _, rev, c, m) in enumerate(rows_):
         if ":" in window or rev or c == 0:
             continue
-        w = want.setdefault((site, metric, window, int(start[i])), [0, 0, 0.0, np.inf, -np.inf])
+        w = want.setdefault((site, metric, window, int(start[i])),
+                            [0, 0, 0.0, np.inf, -np.inf, 0, 0])
         w[0] += 1
         w[1] += c
         w[2] += m * c
         w[3] = min(w[3], m - 1)
         w[4] = max(w[4], m + 1)
-    pts = site_points(rows, seq)
+        w[5] += judged[i]
+        w[6] += judged[i] and anomalous[i]
+    assert len(site_points(rows, seq)) == len(want)
+    assert not {"judged", "anomalous"} & set(site_points(rows, seq).fields)
+    pts = site_points(rows, seq, judged, anomalous)
     assert pts.measurement == SITES
     got: dict[tuple[str, str, str, int], list[float]] = {}
     for i in range(len(pts)):
@@ -260,8 +274,13 @@ def test_site_rollups_sum_each_time_aligned_windows_first_results(
         key = (pts.tags["site"][i], pts.tags["metric"][i], window, s)
         assert key not in got
         got[key] = [float(pts.fields[f][i]) for f in ("devices", "readings", "sum", "min", "max")]
+        counted = [pts.fields[f][i] if f in pts.fields else None
+                   for f in ("judged", "anomalous")]
+        got[key] += [0, 0] if counted == [None, None] else counted
+        assert (counted == [None, None]) == (got[key][5] == 0)  # only on judged points
     assert got.keys() == want.keys()
     for k, w in want.items():
+        assert got[k][5:] == w[5:]
         assert got[k][:2] == w[:2]
         assert got[k][2] == pytest.approx(w[2], rel=1e-9, abs=1e-6)
         assert got[k][3:] == w[3:]

@@ -80,6 +80,7 @@
     if (v === null || v === undefined || Number.isNaN(v)) return "";
     if (typeof v !== "number") return String(v);
     if (unit === "ms") return Math.abs(v) >= 10000 ? `${(v / 1000).toFixed(1)} s` : `${Math.round(v)} ms`;
+    if (unit === "percentunit") return `${(100 * v).toFixed(Math.abs(v) >= 0.1 || v === 0 ? 0 : 1)} %`;
     if (unit === "reqps") {
       const a = Math.abs(v);
       return `${a >= 100 ? Math.round(v).toLocaleString() : a >= 1 || a === 0 ? v.toFixed(1) : v.toPrecision(2)}/s`;
