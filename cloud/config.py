@@ -41,6 +41,7 @@ class InfluxConfig:
     org: str | None = None  # 2.x
     bucket: str | None = None  # 2.x
     create_database: bool = True
+    retention_ms: int = 0  # 1.x: how long the database keeps data (0: as InfluxDB keeps it)
     batch_points: int = 5_000
     flush_interval_ms: int = 1_000
     timeout_ms: int = 10_000
@@ -59,6 +60,13 @@ class InfluxConfig:
                                   any(c in self.database for c in '"\n\r\t')):
             raise ConfigError("influxdb.database", f"a database name, without quotes or line "
                               f"breaks, got {self.database!r}")
+        if self.retention_ms and self.version == 2:
+            raise ConfigError("influxdb.retention", "is for InfluxDB 1.x: a 2.x bucket keeps "
+                              "data as long as its own retention says (influx bucket update "
+                              "--retention); remove the key")
+        if 0 < self.retention_ms < 3_600_000:
+            raise ConfigError("influxdb.retention", "must be at least 1h (InfluxDB's shortest "
+                              "retention), or 0 to keep data as InfluxDB keeps it")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,6 +120,7 @@ def cloud_config_from(root: Section) -> CloudConfig:
         org=ix.text("org", None),
         bucket=ix.text("bucket", None),
         create_database=ix.flag("create_database", True),
+        retention_ms=ix.duration_ms("retention", 0),
         batch_points=ix.integer("batch_points", 5_000, minimum=1),
         flush_interval_ms=ix.duration_ms("flush_interval", 1_000, minimum=10),
         timeout_ms=ix.duration_ms("timeout", 10_000, minimum=100),

@@ -118,7 +118,11 @@ def test_bad_cloud_config_names_the_key(tmp_path: Path) -> None:
                        ('[detect.min_change]\nflow = "lots"\n', "detect.min_change.flow"),
                        ('[detect]\nresolution_steps = -1\n', "detect.resolution_steps"),
                        ('[detect]\nforget_after = "30m"\n', "detect.forget_after"),
-                       ('[detect]\nforget_after = "a month"\n', "detect.forget_after")):
+                       ('[detect]\nforget_after = "a month"\n', "detect.forget_after"),
+                       ('[influxdb]\nretention = "30m"\n', "influxdb.retention"),
+                       ('[influxdb]\nretention = "a year"\n', "influxdb.retention"),
+                       ('[influxdb]\nversion = 2\ntoken = "t"\norg = "o"\nbucket = "b"\n'
+                        'retention = "30d"\n', "influxdb.retention")):
         with pytest.raises(ConfigError) as info:
             load_cloud_config(write(tmp_path, base + extra))
         assert info.value.key == key, extra

@@ -1,5 +1,6 @@
 """Sinks against a real InfluxDB 1.6: points land, bad points are refused by count, 413 splits,
-a dropped database is recreated, an unreachable server is retried, never dropped."""
+a dropped database is recreated, the configured retention is applied, an unreachable server is
+retried, never dropped."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import ClassVar
 
 import pytest
 
+from cloud.config import load_cloud_config
 from cloud.sinks.base import BufferedWriter, SinkError
 from cloud.sinks.influx_v1 import InfluxV1Client, InfluxV1Sink
 from cloud.sinks.lineproto import line
@@ -69,6 +71,45 @@ def test_a_dropped_database_is_recreated_and_the_write_retried(
         sink.write(from_lines([f"m v=2.0 {T + 1}"]))
     assert info.value.retryable
     sink.write(from_lines([f"m v=2.0 {T + 1}"]))
+    assert count_points(influx_db) == 1
+
+
+def test_influxdb_retention_is_applied_kept_and_reapplied_to_a_recreated_database(
+        influx_db: InfluxV1Client, tmp_path: Path) -> None:
+    """``[influxdb] retention``: the database's default retention policy is set before the
+    first write (its shard groups made shorter when longer than it), left alone when already
+    so, set again when the database was dropped and created under the worker; a point older
+    than it is refused by InfluxDB and counted, the rest of its batch kept; without the key
+    InfluxDB's own is kept."""
+    def show() -> tuple[str, int, int]:
+        return influx_db.retention()
+
+    assert show()[1:] == (0, 7 * 86_400_000)  # a new database: autogen, kept forever
+    InfluxV1Sink(influx_db.url, influx_db.database).write(from_lines([f"m v=1.0 {T_NOW}"]))
+    assert show()[1] == 0  # no key: as InfluxDB keeps it
+    cfg = tmp_path / "cloud.toml"
+    cfg.write_text(f'[ingest]\nbroker = "mqtt://127.0.0.1:1883"\n[influxdb]\n'
+                   f'url = "{influx_db.url}"\ndatabase = "{influx_db.database}"\n'
+                   'retention = "400d"\n')
+    sink = InfluxV1Sink.from_config(load_cloud_config(cfg).influx)
+    sink.write(from_lines([f"m v=2.0 {T_NOW + 1}"]))
+    assert show() == ("autogen", 400 * 86_400_000, 7 * 86_400_000)
+    assert not influx_db.set_retention(400 * 86_400_000)  # already so: nothing to do
+    short = InfluxV1Sink(influx_db.url, influx_db.database, retention_ms=2 * 86_400_000)
+    old = T_NOW - 10 * 86_400_000  # (before the 7-day shard group the first points opened)
+    with pytest.raises(SinkError) as info:  # the 7-day shard groups made 1 day long
+        short.write(from_lines([f"m v=3.0 {T_NOW + 2}", f"m v=4.0 {old}"]))
+    assert show() == ("autogen", 2 * 86_400_000, 86_400_000)
+    assert not info.value.retryable
+    assert info.value.rejected == 1
+    assert "retention" in str(info.value)
+    assert count_points(influx_db) == 3
+    influx_db.query(f'DROP DATABASE "{influx_db.database}"', database="")
+    with pytest.raises(SinkError) as info:
+        short.write(from_lines([f"m v=5.0 {T_NOW + 3}"]))
+    assert info.value.retryable  # created again, and written at the next attempt
+    short.write(from_lines([f"m v=5.0 {T_NOW + 3}"]))
+    assert show() == ("autogen", 2 * 86_400_000, 86_400_000)
     assert count_points(influx_db) == 1
 
 

@@ -5,7 +5,7 @@ Errors are classified at this boundary (RELIABILITY.md):
 * 204: written. 413: the batch is split in halves and each half written.
 * 400 ``partial write … dropped=N``: N points refused for good (bad type, retention policy), the
   rest kept: not retryable, counted.
-* 404 (database missing, e.g. dropped under us): created again, then retried.
+* 404 (database missing, e.g. dropped under us): created again (with its retention), then retried.
 * 429, 5xx, timeouts, refused connections: retryable.
 """
 
@@ -28,6 +28,26 @@ if TYPE_CHECKING:
 log = logging.getLogger("fieldline.cloud.influx")
 
 _DROPPED = re.compile(r"dropped=(\d+)")
+_GO_DURATION = re.compile(r"(\d+(?:\.\d+)?)(h|m|s|ms|us|µs|ns)")
+_GO_UNIT_MS = {"h": 3_600_000.0, "m": 60_000.0, "s": 1_000.0, "ms": 1.0, "us": 1e-3, "µs": 1e-3,
+               "ns": 1e-6}
+HOUR_MS, DAY_MS = 3_600_000, 86_400_000
+
+
+def go_duration_ms(text: str) -> int:
+    """A Go duration as InfluxDB 1.x shows it (``168h0m0s``, ``0s``) in milliseconds."""
+    parts = _GO_DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"not a duration: {text!r}")
+    return round(sum(float(n) * _GO_UNIT_MS[u] for n, u in parts))
+
+
+def shard_duration_ms(retention_ms: int) -> int:
+    """The shard group duration InfluxDB 1.x gives a retention policy of that duration: 1 h
+    under 2 days, 1 day up to 6 months, 7 days beyond (its documented defaults)."""
+    if retention_ms < 2 * DAY_MS:
+        return HOUR_MS
+    return DAY_MS if retention_ms <= 180 * DAY_MS else 7 * DAY_MS
 
 
 def _influx_error(body: bytes) -> bool:
@@ -73,6 +93,7 @@ class InfluxV1Client:
         self._lock = threading.Lock()
         self._conns: set[http.client.HTTPConnection] = set()
         self.disk_full = 0  # writes InfluxDB refused for want of disk space
+        self.recreated = 0  # times the database was missing (dropped under us) and created
         self.not_influx = 0  # writes answered as InfluxDB never answers (a wrong URL)
 
     def _connection(self) -> http.client.HTTPConnection:
@@ -150,6 +171,41 @@ class InfluxV1Client:
         name = self.database.replace('"', '\\"')
         self.query(f'CREATE DATABASE "{name}"', database="")
 
+    def retention(self) -> tuple[str, int, int]:
+        """The database's default retention policy: name, duration and shard group duration
+        (ms; a duration of 0: kept forever)."""
+        doc = self.query(f'SHOW RETENTION POLICIES ON "{_ident(self.database)}"', database="",
+                         read_only=True)
+        assert isinstance(doc, dict)  # (query raises on anything but InfluxDB's JSON)
+        for res in doc.get("results", []):
+            for series in res.get("series", []):
+                cols = series["columns"]
+                for row in series.get("values", []):
+                    rp = dict(zip(cols, row, strict=True))
+                    if rp.get("default"):
+                        return (str(rp["name"]), go_duration_ms(str(rp["duration"])),
+                                go_duration_ms(str(rp["shardGroupDuration"])))
+        raise SinkError(f"database {self.database} has no default retention policy",
+                        retryable=False)
+
+    def set_retention(self, duration_ms: int) -> bool:
+        """Make the database's default retention policy keep ``duration_ms`` (0: forever):
+        InfluxDB then drops each shard group once all of it is older. Its shard groups are
+        made shorter when they would be longer than that. True when something changed."""
+        name, current, shard = self.retention()
+        if current == duration_ms:
+            return False
+        if duration_ms and shard > duration_ms:
+            shard = shard_duration_ms(duration_ms)
+        self.query(f'ALTER RETENTION POLICY "{_ident(name)}" ON "{_ident(self.database)}" '
+                   f"DURATION {duration_ms // 1000 if duration_ms else 'INF'}"
+                   f"{'s' if duration_ms else ''} SHARD DURATION {shard // 1000}s DEFAULT",
+                   database="")
+        log.info("database %s keeps data %s (retention policy %s, shard groups of %d h)",
+                 self.database, f"{duration_ms / DAY_MS:g} days" if duration_ms else "forever",
+                 name, shard // HOUR_MS)
+        return True
+
     def ping(self) -> bool:
         try:
             status, _ = self.request("GET", "/ping", {})
@@ -194,6 +250,7 @@ class InfluxV1Client:
                 raise SinkError(f"database {self.database} is missing and could not be "
                                 f"created ({exc}): create it, or grant the right",
                                 retryable=True) from None
+            self.recreated += 1
             raise SinkError(f"database {self.database} was missing, created", retryable=True)
         if status == 400 and _influx_error(resp):  # InfluxDB's, about points
             m = _DROPPED.search(text)
@@ -253,21 +310,34 @@ class InfluxV1Sink:
     def __init__(self, url: str, database: str, *, username: str | None = None,
                  password: str | None = None, token: str | None = None,
                  create_database: bool = True, retention_policy: str | None = None,
-                 timeout_s: float = 10.0) -> None:
+                 retention_ms: int = 0, timeout_s: float = 10.0) -> None:
         self.client = InfluxV1Client(url, database, username=username, password=password,
                                      token=token, retention_policy=retention_policy,
                                      timeout_s=timeout_s)
         self._create = create_database
+        self._retention_ms = retention_ms  # 0: as InfluxDB keeps it
         self._created = False
 
     @classmethod
     def from_config(cls, ix: InfluxConfig) -> InfluxV1Sink:
         return cls(ix.url, ix.database, username=ix.username, password=ix.password,
                    token=ix.token, create_database=ix.create_database,
-                   timeout_s=ix.timeout_ms / 1000)
+                   retention_ms=ix.retention_ms, timeout_s=ix.timeout_ms / 1000)
 
     def write(self, batch: list[Points]) -> None:
-        if self._create and not self._created:
+        if not self._created:
+            self._prepare()
+        recreated = self.client.recreated
+        try:
+            self.client.write_lines(encode(batch))
+        finally:
+            if self.client.recreated != recreated:  # dropped under us: its retention again
+                self._created = False
+
+    def _prepare(self) -> None:
+        """Before the first write: the database created (unless told not to) and its default
+        retention policy set to ``influxdb.retention`` (when given)."""
+        if self._create:
             try:
                 self.client.create_database()
             except SinkError as exc:
@@ -276,8 +346,18 @@ class InfluxV1Sink:
                 # (a user may write without the right to create: the write says if it is missing)
                 log.warning("database %s not created (%s): writing to it as it is",
                             self.client.database, exc)
-            self._created = True
-        self.client.write_lines(encode(batch))
+        if self._retention_ms:
+            try:
+                self.client.set_retention(self._retention_ms)
+            except SinkError as exc:
+                if exc.retryable:
+                    raise
+                # (a user without the right to: data is kept as InfluxDB keeps it, and said so)
+                log.error("influxdb.retention: the retention of database %s could not be set "
+                          "(%s); it keeps data as its retention policy says. Grant the worker's "
+                          "user ALL on it, or set it by hand (ALTER RETENTION POLICY)",
+                          self.client.database, exc)
+        self._created = True
 
     def delete(self, points: list[tuple[str, dict[str, str], int]]) -> None:
         self.client.delete(points)
