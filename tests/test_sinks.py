@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import http.server
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -263,11 +264,12 @@ def test_writer_retries_until_influxdb_is_back_and_loses_nothing(tmp_path) -> No
 
 @pytest.mark.parametrize("file_ok", [True, False])
 def test_r6_bad_points_are_dead_lettered_and_the_rest_lands(influx_db: InfluxV1Client,
-                                                            tmp_path: Path,
-                                                            file_ok: bool) -> None:
-    """R6: a batch with a type-conflicting point and one beyond the retention policy. Also
+                                                            tmp_path: Path, file_ok: bool,
+                                                            caplog: pytest.LogCaptureFixture
+                                                            ) -> None:
+    """R6: a batch with a type-conflicting point and two beyond the retention policy. Also
     when the dead-letter file cannot be written (a full disk; here, a directory in its place):
-    the rest still lands, the bad points are counted and logged."""
+    the rest still lands, the bad points are counted and logged, one line per reason."""
     influx_db.query(f'CREATE RETENTION POLICY "short" ON "{influx_db.database}" DURATION 1h '
                     'REPLICATION 1 DEFAULT', database="")
     sink = InfluxV1Sink(influx_db.url, influx_db.database)
@@ -280,16 +282,24 @@ def test_r6_bad_points_are_dead_lettered_and_the_rest_lands(influx_db: InfluxV1C
     lines = [f"m,d=b{i} v={i}.5 {T_NOW + i}" for i in range(60)]
     lines[17] = f'm,d=b17 v="seventeen" {T_NOW + 17}'  # type conflict
     lines[42] = f"m,d=b42 v=42.5 {T_NOW - 3 * 3_600_000}"  # older than the retention policy
+    lines[43] = f"m,d=b43 v=43.5 {T_NOW - 4 * 3_600_000}"
     writer.add(from_lines(lines), token="t")
-    ok = asyncio.run(writer.flush(None, attempts=3))
+    with caplog.at_level(logging.ERROR, logger="fieldline"):
+        ok = asyncio.run(writer.flush(None, attempts=3))
     assert ok
-    assert count_points(influx_db) == 1 + 58
-    assert dict(writer.dead_letters) == {"field_type_conflict": 1, "beyond_retention": 1}
-    assert writer.points_written == 58
+    assert count_points(influx_db) == 1 + 57
+    assert dict(writer.dead_letters) == {"field_type_conflict": 1, "beyond_retention": 2}
+    assert writer.points_written == 57
     assert writer.dead_letter_file_errors == (0 if file_ok else 1)
+    said = sorted(r.getMessage().split(":")[0] for r in caplog.records
+                  if r.getMessage().startswith("dead-lettered ") and "not written" not in
+                  r.getMessage())
+    assert said == ["dead-lettered 2 points (beyond_retention), the first",
+                    "dead-lettered a point (field_type_conflict)"], said
     if file_ok:
         recorded = [json.loads(x) for x in dead.read_text().splitlines()]
-        assert sorted(r["line"].split(" ")[0] for r in recorded) == ["m,d=b17", "m,d=b42"]
+        assert sorted(r["line"].split(" ")[0] for r in recorded) == ["m,d=b17", "m,d=b42",
+                                                                      "m,d=b43"]
 
 
 class _SlowRecorder:

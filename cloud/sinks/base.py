@@ -504,9 +504,20 @@ class BufferedWriter:
         return out
 
     def _dead_letter(self, bad: list[tuple[str, str]]) -> None:
+        """Counted by reason, kept in the dead-letter file, and logged: one line per reason
+        and batch (a backfill older than the database's retention can refuse thousands)."""
+        first: dict[str, str] = {}
+        counts: Counter[str] = Counter()
         for line, reason in bad:
             self.dead_letters[reason] += 1
-            log.error("dead-lettered a point (%s): %s", reason, line[:200])
+            counts[reason] += 1
+            first.setdefault(reason, line)
+        for reason, n in counts.items():
+            if n == 1:
+                log.error("dead-lettered a point (%s): %s", reason, first[reason][:200])
+            else:
+                log.error("dead-lettered %d points (%s), the first: %s", n, reason,
+                          first[reason][:200])
         if self.dead_letter_path is not None:
             try:
                 with self.dead_letter_path.open("a") as fh:
