@@ -13,7 +13,7 @@ from cloud.rules import Rule, parse_rules
 from devices.catalog import Catalog
 from devices.errors import ConfigError
 from devices.mqtt import BrokerAddress, parse_broker_url
-from devices.settings import Section, load_toml, window_label
+from devices.settings import HEALTH_WHY, MAX_HEALTH_INTERVAL_MS, Section, load_toml, window_label
 
 
 def check_http_url(url: str, key: str) -> None:
@@ -184,7 +184,9 @@ def cloud_config_from(root: Section) -> CloudConfig:
         relearn_after=relearn_after,
         forget_after_ms=forget_after,
         rules=parse_rules(root.raw("rules", None), root.source),
-        health_interval_ms=w.duration_ms("health_interval", 5_000, minimum=100),
+        health_interval_ms=w.duration_ms(
+            "health_interval", 5_000, minimum=100, maximum=MAX_HEALTH_INTERVAL_MS,
+            why=HEALTH_WHY),
         catalog=catalog,
         jetstream=jetstream,
         min_change={name: v for name, v in min_change.items() if v > 0},

@@ -102,6 +102,20 @@ EDGE = f'''FROM "{PIPELINE}" WHERE "component" = 'edge' AND "gateway" =~ /^$gate
 CLOUD = f'''FROM "{PIPELINE}" WHERE "component" = 'cloud\''''
 LAG_ORANGE, LAG_RED = 30_000, 60_000
 ANOMALY_SHARE = 0.1  # a site whose judged windows are this share anomalous, for 5 minutes
+REPORTS_WITHIN = "10m"  # a gateway or worker with no health report in this long is not reporting
+REPORTERS_FOR_S = 86_400  # ... among those that reported within this long (then forgotten)
+
+
+def reports_query(component: str, tag: str, field: str) -> str:
+    """Health reports per gateway (or worker) in the last ``REPORTS_WITHIN``, for every one that
+    reported in the range (0 for those gone quiet): a series that stops has no points left
+    for a rule to judge, so the union with the range's last report keeps it in the answer.
+    Counted in InfluxDB's time, not in buckets (a bucket just begun would count 0), and
+    tolerant of a reporter's clock running late by less than ``REPORTS_WITHIN``."""
+    where = f"FROM \"{PIPELINE}\" WHERE \"component\" = '{component}' AND"
+    return (f'SELECT sum("reports") FROM (SELECT count("{field}") AS "reports" {where} '
+            f'time > now() - {REPORTS_WITHIN} GROUP BY "{tag}"), (SELECT last("{field}") * 0 '
+            f'AS "reports" {where} $timeFilter GROUP BY "{tag}") GROUP BY "{tag}"')
 
 
 def _ts(key: str, title: str, text: str, alias: str = "", **kw: object) -> Panel:
@@ -345,6 +359,22 @@ ALERT_RULES: tuple[AlertRule, ...] = (
         threshold=0.5, for_="5m", range_s=300, severity="critical",
         summary="Gateway {{ $labels.gateway }}'s outbox is over half full: the cloud is not "
                 "acknowledging; at 100 % its policy sheds results."),
+    AlertRule(
+        "fieldline-gateway-not-reporting", "Gateway not reporting",
+        reports_query("edge", "gateway", "readings_accepted"),
+        threshold=1, op="lt", reducer="last", for_="1m", range_s=REPORTERS_FOR_S,
+        severity="critical",
+        summary="Gateway {{ $labels.gateway }} sent no health report in 10 minutes: its agent "
+                "or its machine is down, or its uplink is (its outbox keeps the results until "
+                "it is back). Once quiet for a day it is no longer judged."),
+    AlertRule(
+        "fieldline-worker-not-reporting", "Cloud worker not reporting",
+        reports_query("cloud", "worker", "messages_in"),
+        threshold=1, op="lt", reducer="last", for_="1m", range_s=REPORTERS_FOR_S,
+        severity="critical",
+        summary="Cloud worker {{ $labels.worker }} wrote no health report in 10 minutes: it is "
+                "down (the gateways keep their results), or cannot write to InfluxDB. A worker "
+                "taken out of service stops being judged after a day."),
     AlertRule(
         "fieldline-stream-replicas", "JetStream stream under-replicated",
         f'SELECT last("engine_replicas_behind") {CLOUD} AND $timeFilter GROUP BY "worker"',

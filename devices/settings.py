@@ -20,6 +20,11 @@ from devices.errors import ConfigError
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+# a health report at least this often: the shipped alert rules (cloud/panels.py) take a gateway
+# or worker with none in 10 minutes for one that is down
+MAX_HEALTH_INTERVAL_MS = 300_000
+HEALTH_WHY = (" (the shipped alert rules take a gateway or worker with no health report in 10 "
+              "minutes for one that is down)")
 _MISSING: Any = object()
 
 
@@ -231,13 +236,16 @@ class Section:
             raise self._fail(name, f"must be true or false, got {v!r}")
         return v
 
-    def duration_ms(self, name: str, default: Any = _MISSING, *, minimum: int = 0) -> Any:
+    def duration_ms(self, name: str, default: Any = _MISSING, *, minimum: int = 0,
+                    maximum: int | None = None, why: str = "") -> Any:
         v = self._get(name, default)
         if v is None:
             return v
         ms = parse_duration_ms(v, self.key(name), self.source)
         if ms < minimum:
             raise self._fail(name, f"must be at least {minimum} ms, got {ms} ms")
+        if maximum is not None and ms > maximum:
+            raise self._fail(name, f"must be at most {maximum} ms{why}, got {ms} ms")
         return ms
 
     def size(self, name: str, default: Any = _MISSING, *, minimum: int = 0) -> Any:

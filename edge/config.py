@@ -13,7 +13,7 @@ from devices.catalog import Catalog
 from devices.errors import ConfigError
 from devices.mqtt import BrokerAddress, parse_broker_url
 from devices.registry import Registry
-from devices.settings import Section, load_toml
+from devices.settings import HEALTH_WHY, MAX_HEALTH_INTERVAL_MS, Section, load_toml
 from edge.engine import CLOCK_POLICIES, EngineConfig
 from edge.eventtime import EventTimeSpec
 from edge.windows import EPOCH_BASE_MS, MAX_OPEN_WINDOWS, WindowSpec
@@ -255,7 +255,9 @@ def edge_config_from(root: Section) -> EdgeConfig:
         quarantine_max_bytes=validate.size("quarantine_max", 64 * 2**20, minimum=64 * 1024),
         tick_ms=agent.duration_ms("tick", 200, minimum=10),
         max_batch_messages=agent.integer("max_batch_messages", 50_000, minimum=1),
-        health_interval_ms=agent.duration_ms("health_interval", 5_000, minimum=100),
+        health_interval_ms=agent.duration_ms(
+            "health_interval", 5_000, minimum=100, maximum=MAX_HEALTH_INTERVAL_MS,
+            why=HEALTH_WHY),
         ledger_interval_ms=agent.duration_ms("ledger_interval", 60_000, minimum=100),
         flush_on_stop=agent.flag("flush_on_stop", False),
         compact_malloc=agent.flag("compact_malloc", True),

@@ -423,6 +423,39 @@ def test_site_means_come_from_rollups_of_first_results_across_batches(
     assert share == {"hall": [0.5], "yard": [1.0]}, share
 
 
+def test_gateways_and_workers_that_stop_reporting_are_the_ones_their_rules_find(
+        influx_db: InfluxV1Client) -> None:
+    """The "not reporting" alert rules, their queries run against InfluxDB as Grafana runs
+    them: a gateway (or worker) whose health reports stopped 11 minutes ago gives 0, and so
+    fires (below the threshold) although no point of it is left to judge in the last minutes;
+    one reporting, or one whose clock runs 6 minutes late, does not; one quiet for two days is
+    no longer judged."""
+    from cloud.panels import ALERT_RULES, Params, render
+
+    now = int(time.time() * 1000)
+    lines = []
+    for name, first, last in (("alive", now - 3_600_000, now), ("dead", now - 3_600_000,
+                                                                now - 660_000),
+                              ("late", now - 3_600_000, now - 360_000),
+                              ("gone", now - 2 * 86_400_000, now - 2 * 86_400_000 + 60_000)):
+        lines += [f"pipeline,component=edge,gateway=gw-{name} readings_accepted={k}i {t}"
+                  for k, t in enumerate(range(first, last, 5_000))]
+        lines += [f"pipeline,component=cloud,worker=w-{name} messages_in={k}i {t}"
+                  for k, t in enumerate(range(first, last, 5_000))]
+    influx_db.write_lines(lines)
+    for uid, tag, prefix in (("fieldline-gateway-not-reporting", "gateway", "gw-"),
+                             ("fieldline-worker-not-reporting", "worker", "w-")):
+        rule = next(r for r in ALERT_RULES if r.uid == uid)
+        doc = influx_db.query(render(rule.query, Params(range_s=rule.range_s)))
+        assert isinstance(doc, dict)
+        got = {s["tags"][tag]: s["values"][-1][1] for s in doc["results"][0]["series"]}
+        assert got.keys() == {f"{prefix}alive", f"{prefix}dead", f"{prefix}late"}, got
+        firing = {k for k, v in got.items() if (v < rule.threshold if rule.op == "lt"
+                                                else v > rule.threshold)}
+        assert firing == {f"{prefix}dead"}, got
+        assert got[f"{prefix}alive"] >= 100, got  # ~120 reports in 10 minutes
+
+
 class _SnapshotStore:
     """A partitioned source's snapshot side only (what JetStream's store does is tested in
     test_jetstream.py): records what the worker saves."""

@@ -53,6 +53,7 @@ def test_good_edge_config_loads(tmp_path: Path) -> None:
                        'broker = "mqtt://127.0.0.1:1884"\ncompression = "gzip"'),
      "uplink.compression"),
     (GOOD_EDGE + '[agent]\ntick = -5\n', "agent.tick"),
+    (GOOD_EDGE + '[agent]\nhealth_interval = "10m"\n', "agent.health_interval"),
     (GOOD_EDGE + '[intake.extra]\n', "intake.extra"),
     (GOOD_EDGE.replace('size = "10s"', 'specs = ["10s", "hopping:1m/7s"]'), "windows.specs[1]"),
     (GOOD_EDGE.replace('size = "10s"', 'specs = ["10s", "10s"]'), "windows.specs"),
@@ -119,6 +120,7 @@ def test_bad_cloud_config_names_the_key(tmp_path: Path) -> None:
                        ('[detect]\nresolution_steps = -1\n', "detect.resolution_steps"),
                        ('[detect]\nforget_after = "30m"\n', "detect.forget_after"),
                        ('[detect]\nforget_after = "a month"\n', "detect.forget_after"),
+                       ('[worker]\nhealth_interval = "6m"\n', "worker.health_interval"),
                        ('[influxdb]\nretention = "30m"\n', "influxdb.retention"),
                        ('[influxdb]\nretention = "a year"\n', "influxdb.retention"),
                        ('[influxdb]\nversion = 2\ntoken = "t"\norg = "o"\nbucket = "b"\n'
