@@ -309,7 +309,7 @@ class AlertRule:
     query: str
     threshold: float
     summary: str
-    reducer: Literal["last", "max", "mean"] = "last"
+    reducer: Literal["last", "max", "mean", "sum"] = "last"
     op: Literal["gt", "lt"] = "gt"
     for_: str = "2m"
     range_s: int = 600
@@ -375,6 +375,14 @@ ALERT_RULES: tuple[AlertRule, ...] = (
         summary="Cloud worker {{ $labels.worker }} wrote no health report in 10 minutes: it is "
                 "down (the gateways keep their results), or cannot write to InfluxDB. A worker "
                 "taken out of service stops being judged after a day."),
+    AlertRule(
+        "fieldline-points-refused", "InfluxDB refusing points",
+        f'SELECT non_negative_difference(max("points_rejected")) {CLOUD} AND $timeFilter '
+        'GROUP BY time(10s), "worker" fill(none)',
+        threshold=0, reducer="sum", for_="0s", range_s=600,
+        summary="InfluxDB refused points of worker {{ $labels.worker }} in the last 10 minutes "
+                "(a field's type changed, a window older than the database's retention): "
+                "they are in the worker's dead-letter file, with the reason, and its log."),
     AlertRule(
         "fieldline-stream-replicas", "JetStream stream under-replicated",
         f'SELECT last("engine_replicas_behind") {CLOUD} AND $timeFilter GROUP BY "worker"',

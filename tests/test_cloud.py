@@ -456,6 +456,39 @@ def test_gateways_and_workers_that_stop_reporting_are_the_ones_their_rules_find(
         assert got[f"{prefix}alive"] >= 100, got  # ~120 reports in 10 minutes
 
 
+def test_points_refused_by_influxdb_fire_their_rule_for_ten_minutes(
+        influx_db: InfluxV1Client) -> None:
+    """"InfluxDB refusing points": the worker's ``points_rejected`` counter grew in the range
+    (3 points 8 minutes ago, 2 more a minute ago, across a restart that began it at 0 again)
+    gives their sum; a worker whose counter stands still gives 0, one refused 20 minutes ago
+    is not judged any more."""
+    from cloud.panels import ALERT_RULES, Params, render
+
+    now = int(time.time() * 1000)
+
+    def refused(t: int, worker: str) -> int:
+        if worker == "w-quiet":
+            return 7
+        if worker == "w-old":
+            return 0 if t < now - 1_200_000 else 4
+        # 3 refused 8 minutes ago, a restart 4 minutes ago (0 again), 2 more a minute ago
+        return (0 if t < now - 480_000 else 3) if t < now - 240_000 else (
+            0 if t < now - 60_000 else 2)
+
+    influx_db.write_lines([f"pipeline,component=cloud,worker={w} points_rejected={refused(t, w)}i"
+                           f" {t}" for w in ("w-busy", "w-quiet", "w-old")
+                           for t in range(now - 1_800_000, now, 5_000)])
+    rule = next(r for r in ALERT_RULES if r.uid == "fieldline-points-refused")
+    doc = influx_db.query(render(rule.query, Params(range_s=rule.range_s)))
+    assert isinstance(doc, dict)
+    got = {s["tags"]["worker"]: sum(v[1] or 0 for v in s["values"])  # Grafana's sum
+           for s in doc["results"][0]["series"]}
+    assert got == {"w-busy": 5, "w-quiet": 0, "w-old": 0}, got
+    assert rule.reducer == "sum"
+    assert rule.op == "gt"
+    assert rule.threshold == 0
+
+
 class _SnapshotStore:
     """A partitioned source's snapshot side only (what JetStream's store does is tested in
     test_jetstream.py): records what the worker saves."""
