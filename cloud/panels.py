@@ -376,6 +376,15 @@ ALERT_RULES: tuple[AlertRule, ...] = (
                 "down (the gateways keep their results), or cannot write to InfluxDB. A worker "
                 "taken out of service stops being judged after a day."),
     AlertRule(
+        "fieldline-certificate-expiring", "Gateway certificate expiring",
+        f'''SELECT last("cert_days_left") FROM "{PIPELINE}" WHERE "component" = 'edge' '''
+        'AND $timeFilter GROUP BY "gateway"',
+        threshold=30, op="lt", for_="0s", range_s=3600,
+        summary="A TLS certificate gateway {{ $labels.gateway }}'s links use (its client "
+                "certificate or a CA) expires within 30 days: renew it, or the link fails its "
+                "handshake and the gateway goes silent (`fieldline edge status` names the "
+                "file)."),
+    AlertRule(
         "fieldline-points-refused", "InfluxDB refusing points",
         f'SELECT non_negative_difference(max("points_rejected")) {CLOUD} AND $timeFilter '
         'GROUP BY time(10s), "worker" fill(none)',

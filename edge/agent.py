@@ -37,6 +37,7 @@ from devices.contract import (
 )
 from devices.readings import NO_SEQ, Interner, ReadingColumns, capacity
 from devices.rejects import RejectLog
+from devices.x509 import CertificateError, earliest_expiry
 from edge.clockguard import ClockGuard
 from edge.config import EdgeConfig
 from edge.engine import WindowEngine
@@ -44,7 +45,7 @@ from edge.eventtime import UNKNOWN_SKEW
 from edge.gaps import SeqGaps
 from edge.intake import WIRE_ID, MqttIntake
 from edge.outbox import Outbox
-from edge.status import write_status
+from edge.status import CERT_WARN_DAYS, write_status
 from edge.uplink import MqttUplink, Shipper
 from edge.validate import Validator
 from edge.wal import IntakeLog
@@ -75,6 +76,8 @@ UNATTRIBUTED = "(no device)"  # the ledger row of readings rejected before namin
 RELEASE_EVERY_MS = 1_000  # how often ids of devices gone for good are looked for (cheap)
 NOT_REJECTED = np.iinfo(np.int64).min  # a device's last rejection: none
 HEALTH_PACK_BYTES = 4096  # health reports above this go compressed (a ledger of many devices)
+CERT_CHECK_MS = 3_600_000  # the links' certificates are read again this often
+DAY_MS = 86_400_000
 
 
 def rss_mb() -> float:
@@ -651,6 +654,11 @@ class EdgeAgent:
         self._started = self.clock.now_ms()
         self._links: dict[str, tuple[bool, int]] = {}
         self._status_failed = False
+        # the TLS certificates the links use (client certificates, CAs): the soonest expiry
+        self._cert_files = sorted({f for b in (config.intake_broker, config.uplink_broker)
+                                   if b.tls for f in (b.ca_file, b.cert_file) if f})
+        self._cert_expiry: tuple[int, str] | None = None  # (not after, epoch ms; its file)
+        self._next_cert_check = 0
 
     def _resume_sequence(self) -> None:
         """After an unreadable sequence file: new batches are numbered past the outbox's (its
@@ -975,6 +983,9 @@ class EdgeAgent:
             "checkpoint_errors": self.checkpoint_errors,
             "disk_recoveries": self.disk_recoveries,
         })
+        if self._cert_expiry is not None:
+            s["cert_days_left"] = round((self._cert_expiry[0] - self.pipeline.wall_ms())
+                                        / DAY_MS, 2)
         return s
 
     def health(self) -> HealthReport:
@@ -985,7 +996,8 @@ class EdgeAgent:
                   "rss_mb",
                   "skew_max_abs_ms", "devices_skewed", "outbox_depth", "outbox_bytes",
                   "outbox_fill", "outbox_oldest_age_ms", "backpressure", "disk_blocked",
-                  "clock_unsynced", "quarantine_held", "quarantine_bytes", "dedup_memory"}
+                  "clock_unsynced", "quarantine_held", "quarantine_bytes", "dedup_memory",
+                  "cert_days_left"}
         return HealthReport(
             gateway=self.config.gateway, ts=self.pipeline.wall_ms(),
             counters={k: int(v) for k, v in s.items() if k not in gauges},
@@ -993,8 +1005,38 @@ class EdgeAgent:
             devices=self.pipeline.device_report(),
         )
 
+    def _check_certificates(self) -> None:
+        """The soonest expiry of the links' TLS certificates, read at start and hourly: once one
+        has expired its link fails its handshake and the gateway goes silent, so the log warns
+        under ``CERT_WARN_DAYS`` left, and health (``cert_days_left``) and ``fieldline edge
+        status`` say so."""
+        now = self.clock.monotonic_ms()
+        if not self._cert_files or now < self._next_cert_check:
+            return
+        self._next_cert_check = now + CERT_CHECK_MS
+        soonest: tuple[int, str] | None = None
+        for f in self._cert_files:
+            try:
+                t = earliest_expiry(Path(f))
+            except (OSError, CertificateError) as exc:
+                log.warning("cannot read when the certificates in %s expire (%s)", f, exc)
+                continue
+            if soonest is None or t < soonest[0]:
+                soonest = (t, f)
+        self._cert_expiry = soonest
+        if soonest is None:
+            return
+        days = (soonest[0] - self.pipeline.wall_ms()) / DAY_MS
+        if days < 0:
+            log.error("the TLS certificate in %s expired %.1f days ago: the link using it fails "
+                      "its handshake until it is renewed", soonest[1], -days)
+        elif days < CERT_WARN_DAYS:
+            log.warning("the TLS certificate in %s expires in %.1f days: renew it before, or the "
+                        "link using it fails", soonest[1], days)
+
     def _report(self) -> None:
         """Health (counters) and the retained status, ahead of any bulk replay."""
+        self._check_certificates()
         rep = self.health()
         dropped = self.intake.broker_dropped
         if dropped > self._broker_dropped >= 0:
@@ -1039,6 +1081,8 @@ class EdgeAgent:
                 "health_interval_ms": c.health_interval_ms, "ack_timeout_ms": c.ack_timeout_ms,
                 "outbox_max_bytes": c.outbox_max_bytes, "outbox_policy": c.outbox_policy,
                 "clock_unsynced": self.pipeline.guard.reason,
+                "cert": None if self._cert_expiry is None else {
+                    "file": self._cert_expiry[1], "not_after": self._cert_expiry[0]},
                 "links": {
                     "intake": {"url": c.intake_broker.url, "topics": c.topics,
                                "subscribed": self.intake.subscribed.is_set(),

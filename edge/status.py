@@ -29,6 +29,7 @@ STALE_INTERVALS = 3  # reports missed before the agent counts as not running
 STALE_MIN_MS = 15_000
 OUTBOX_WARN, OUTBOX_CRITICAL = 0.5, 0.9  # outbox fill (of outbox.max_bytes)
 DISK_FULL_BYTES = 1 << 20  # less free under the state directory: full for the agent
+CERT_WARN_DAYS = 30  # a link's certificate expiring sooner: a warning
 
 
 def write_status(state_dir: Path, doc: Mapping[str, Any]) -> None:
@@ -201,6 +202,17 @@ def assess(doc: Mapping[str, Any], now_ms: int, *, alive: bool,
         held = plural(int(g.get("quarantine_held", 0)), "message", "messages")
         v.add(WARNING, f"the gateway's clock is not trusted ({doc.get('clock_unsynced')}): "
                        f"{held} held until it is")
+    cert = doc.get("cert")
+    if cert:
+        left = (int(cert["not_after"]) - now_ms) / 86_400_000
+        if left < 0:
+            v.add(CRITICAL, f"the TLS certificate in {cert['file']} expired at "
+                            f"{at(int(cert['not_after']))}: the link using it fails its "
+                            "handshake until it is renewed")
+        elif left < CERT_WARN_DAYS:
+            v.add(WARNING, f"the TLS certificate in {cert['file']} expires in {left:.0f} "
+                           f"days ({at(int(cert['not_after']))}): renew it before, or the "
+                           "link using it fails")
     if g.get("backpressure"):
         v.add(WARNING, "backpressure: the agent takes readings more slowly than they come")
     for key, text in (

@@ -161,6 +161,16 @@ def test_the_chain_runs_through_both_shipped_broker_configs_over_tls(
     assert ws["acks_sent"] > 0
     assert st["broker_dropped"] == 0  # the shipped ACL lets the agent read the broker's count
     assert st["readings_gap"] == 0
+    # the throwaway CA and certificates are valid for two days: the agent says so, and the
+    # "Gateway certificate expiring" rule finds it in what the worker wrote
+    assert 1.9 < st["cert_days_left"] <= 2.0, st["cert_days_left"]
+    from cloud.panels import ALERT_RULES, Params, render
+
+    rule = next(r for r in ALERT_RULES if r.uid == "fieldline-certificate-expiring")
+    doc = influx_db.query(render(rule.query, Params(range_s=rule.range_s)))  # type: ignore[attr-defined]
+    left = {s["tags"]["gateway"]: s["values"][-1][1] for s in doc["results"][0]["series"]}
+    assert left.keys() == {"gw-1"}, left
+    assert left["gw-1"] < rule.threshold, left
 
 
 @pytest.mark.integration
