@@ -657,7 +657,7 @@ class EdgeAgent:
         # the TLS certificates the links use (client certificates, CAs): the soonest expiry
         self._cert_files = sorted({f for b in (config.intake_broker, config.uplink_broker)
                                    if b.tls for f in (b.ca_file, b.cert_file) if f})
-        self._cert_expiry: tuple[int, str] | None = None  # (not after, epoch ms; its file)
+        self._cert_expiry: tuple[int, str] | None = None  # (not after, epoch ms; which one)
         self._next_cert_check = 0
 
     def _resume_sequence(self) -> None:
@@ -1006,12 +1006,14 @@ class EdgeAgent:
         )
 
     def _check_certificates(self) -> None:
-        """The soonest expiry of the links' TLS certificates, read at start and hourly: once one
-        has expired its link fails its handshake and the gateway goes silent, so the log warns
+        """The soonest expiry of the links' TLS certificates (the files: client certificates and
+        CAs; and the one the cloud broker showed), read at start and hourly: once one has
+        expired its link fails its handshake and the gateway goes silent, so the log warns
         under ``CERT_WARN_DAYS`` left, and health (``cert_days_left``) and ``fieldline edge
         status`` say so."""
         now = self.clock.monotonic_ms()
-        if not self._cert_files or now < self._next_cert_check:
+        if not (self._cert_files or self.config.uplink_broker.tls) or \
+                now < self._next_cert_check:
             return
         self._next_cert_check = now + CERT_CHECK_MS
         soonest: tuple[int, str] | None = None
@@ -1022,16 +1024,19 @@ class EdgeAgent:
                 log.warning("cannot read when the certificates in %s expire (%s)", f, exc)
                 continue
             if soonest is None or t < soonest[0]:
-                soonest = (t, f)
+                soonest = (t, f"in {f}")
+        server = self.uplink.server_cert_expiry  # the cloud broker's, as it last showed it
+        if server is not None and (soonest is None or server < soonest[0]):
+            soonest = (server, f"the cloud broker {self.config.uplink_broker.url} shows")
         self._cert_expiry = soonest
         if soonest is None:
             return
         days = (soonest[0] - self.pipeline.wall_ms()) / DAY_MS
         if days < 0:
-            log.error("the TLS certificate in %s expired %.1f days ago: the link using it fails "
+            log.error("the TLS certificate %s expired %.1f days ago: the link using it fails "
                       "its handshake until it is renewed", soonest[1], -days)
         elif days < CERT_WARN_DAYS:
-            log.warning("the TLS certificate in %s expires in %.1f days: renew it before, or the "
+            log.warning("the TLS certificate %s expires in %.1f days: renew it before, or the "
                         "link using it fails", soonest[1], days)
 
     def _report(self) -> None:
@@ -1082,7 +1087,7 @@ class EdgeAgent:
                 "outbox_max_bytes": c.outbox_max_bytes, "outbox_policy": c.outbox_policy,
                 "clock_unsynced": self.pipeline.guard.reason,
                 "cert": None if self._cert_expiry is None else {
-                    "file": self._cert_expiry[1], "not_after": self._cert_expiry[0]},
+                    "what": self._cert_expiry[1], "not_after": self._cert_expiry[0]},
                 "links": {
                     "intake": {"url": c.intake_broker.url, "topics": c.topics,
                                "subscribed": self.intake.subscribed.is_set(),

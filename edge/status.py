@@ -206,11 +206,11 @@ def assess(doc: Mapping[str, Any], now_ms: int, *, alive: bool,
     if cert:
         left = (int(cert["not_after"]) - now_ms) / 86_400_000
         if left < 0:
-            v.add(CRITICAL, f"the TLS certificate in {cert['file']} expired at "
+            v.add(CRITICAL, f"the TLS certificate {cert['what']} expired at "
                             f"{at(int(cert['not_after']))}: the link using it fails its "
                             "handshake until it is renewed")
         elif left < CERT_WARN_DAYS:
-            v.add(WARNING, f"the TLS certificate in {cert['file']} expires in {left:.0f} "
+            v.add(WARNING, f"the TLS certificate {cert['what']} expires in {left:.0f} "
                            f"days ({at(int(cert['not_after']))}): renew it before, or the "
                            "link using it fails")
     if g.get("backpressure"):

@@ -180,6 +180,22 @@ class CloudReads:
             log.warning("could not keep what the cloud reads in %s: %s", self._path, exc)
 
 
+def _peer_not_after_ms(client: mqtt.Client) -> int | None:
+    """The end of the validity of the certificate the broker showed on this connection (TLS
+    only; None otherwise): the one certificate every gateway of a fleet depends on."""
+    sock = client.socket()
+    getpeercert = getattr(sock, "getpeercert", None)
+    if getpeercert is None:  # plain TCP
+        return None
+    try:
+        cert = getpeercert()
+        import ssl  # loaded already: the connection is TLS
+
+        return int(ssl.cert_time_to_seconds(str(cert["notAfter"])) * 1000) if cert else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 class MqttUplink:
     """The MQTT side of the uplink. The agent's thread decides what to send; paho's thread
     only records acknowledgements and connection changes (no application locks held there)."""
@@ -229,6 +245,8 @@ class MqttUplink:
         # announced and breaking it closes with a bare "Protocol error". Either way the batch
         # stays in the outbox and is sent again, so the agent must say what is wrong.
         self.max_packet: int | None = None  # the broker's, from CONNACK
+        # when the certificate the cloud broker showed (TLS) stops being valid, epoch ms
+        self.server_cert_expiry: int | None = None
         self.largest_sent = 0  # the largest publish since the last (re)connect, in bytes
         self.size_disconnects = 0  # closed by the broker after a publish it may find too large
         self.oversize = 0  # batches larger than the broker's announced maximum
@@ -251,6 +269,7 @@ class MqttUplink:
                        retain=True)
         self.connects += 1
         self._connected_at = self._clock.monotonic_ms()
+        self.server_cert_expiry = _peer_not_after_ms(client)
         self.connected.set()
         log.info("uplink connected to %s", self.address.url)
 

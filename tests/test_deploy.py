@@ -164,6 +164,10 @@ def test_the_chain_runs_through_both_shipped_broker_configs_over_tls(
     # the throwaway CA and certificates are valid for two days: the agent says so, and the
     # "Gateway certificate expiring" rule finds it in what the worker wrote
     assert 1.9 < st["cert_days_left"] <= 2.0, st["cert_days_left"]
+    from devices.x509 import earliest_expiry
+
+    shown = agent.uplink.server_cert_expiry  # type: ignore[attr-defined]
+    assert shown == earliest_expiry(tmp_path / "pki" / "server.crt")  # what the broker showed
     from cloud.panels import ALERT_RULES, Params, render
 
     rule = next(r for r in ALERT_RULES if r.uid == "fieldline-certificate-expiring")

@@ -138,14 +138,14 @@ def base_status(**over: Any) -> dict[str, Any]:
       "clock_unsynced": "before 2024-01-01"}, 0, WARNING,
      "clock is not trusted (before 2024-01-01): 7 messages held"),
     ({"counters": {"identity_conflicts": 3}}, 0, WARNING, "another agent uses this gateway's id"),
-    ({"cert": {"file": "/etc/fieldline/gw.crt", "not_after": int(time.time() * 1000)
+    ({"cert": {"what": "in /etc/fieldline/gw.crt", "not_after": int(time.time() * 1000)
                + 12 * 86_400_000 + 3_600_000}}, 0, WARNING,
      "the TLS certificate in /etc/fieldline/gw.crt expires in 12 days"),
-    ({"cert": {"file": "/etc/fieldline/ca.crt", "not_after": int(time.time() * 1000)
+    ({"cert": {"what": "in /etc/fieldline/ca.crt", "not_after": int(time.time() * 1000)
                + 45 * 86_400_000}}, 0, OK, "OK, agent running"),
-    ({"cert": {"file": "/etc/fieldline/ca.crt", "not_after": int(time.time() * 1000)
-               - 3_600_000}}, 0, CRITICAL,
-     "the TLS certificate in /etc/fieldline/ca.crt expired at"),
+    ({"cert": {"what": "the cloud broker mqtts://cloud:8883 shows", "not_after":
+               int(time.time() * 1000) - 3_600_000}}, 0, CRITICAL,
+     "the TLS certificate the cloud broker mqtts://cloud:8883 shows expired at"),
     ({"gauges": {"devices_silent": 7, "devices_seen": 9},
       "devices": {"silent": [f"d{i}" for i in range(7)]}}, 0, OK,
      "7 of 9 devices silent: d0, d1, d2, d3, d4, ..."),
