@@ -381,9 +381,9 @@ ALERT_RULES: tuple[AlertRule, ...] = (
         'AND $timeFilter GROUP BY "gateway"',
         threshold=30, op="lt", for_="0s", range_s=3600,
         summary="A TLS certificate gateway {{ $labels.gateway }}'s links use (its client "
-                "certificate or a CA) expires within 30 days: renew it, or the link fails its "
-                "handshake and the gateway goes silent (`fieldline edge status` names the "
-                "file)."),
+                "certificate, a CA, or the one the cloud broker shows: then every gateway's) "
+                "expires within 30 days: renew it, or the link fails its handshake and the "
+                "gateway goes silent (`fieldline edge status` and its log name which)."),
     AlertRule(
         "fieldline-points-refused", "InfluxDB refusing points",
         f'SELECT non_negative_difference(max("points_rejected")) {CLOUD} AND $timeFilter '
