@@ -316,6 +316,13 @@ class AlertRule:
     severity: str = "warning"
 
 
+def not_reporting(tag: str, who: str, query: str, says: str) -> AlertRule:
+    """A rule that fires for a gateway or worker with no health report (``reports_query``)."""
+    return AlertRule(f"fieldline-{tag}-not-reporting", f"{who} not reporting", query,
+                     threshold=1, op="lt", reducer="last", for_="1m", range_s=REPORTERS_FOR_S,
+                     severity="critical", summary=f"{who} {{{{ $labels.{tag} }}}} {says}")
+
+
 ALERT_RULES: tuple[AlertRule, ...] = (
     AlertRule(
         "fieldline-anomaly-rate", "Anomaly rate high",
@@ -359,22 +366,16 @@ ALERT_RULES: tuple[AlertRule, ...] = (
         threshold=0.5, for_="5m", range_s=300, severity="critical",
         summary="Gateway {{ $labels.gateway }}'s outbox is over half full: the cloud is not "
                 "acknowledging; at 100 % its policy sheds results."),
-    AlertRule(
-        "fieldline-gateway-not-reporting", "Gateway not reporting",
-        reports_query("edge", "gateway", "readings_accepted"),
-        threshold=1, op="lt", reducer="last", for_="1m", range_s=REPORTERS_FOR_S,
-        severity="critical",
-        summary="Gateway {{ $labels.gateway }} sent no health report in 10 minutes: its agent "
-                "or its machine is down, or its uplink is (its outbox keeps the results until "
-                "it is back). Once quiet for a day it is no longer judged."),
-    AlertRule(
-        "fieldline-worker-not-reporting", "Cloud worker not reporting",
-        reports_query("cloud", "worker", "messages_in"),
-        threshold=1, op="lt", reducer="last", for_="1m", range_s=REPORTERS_FOR_S,
-        severity="critical",
-        summary="Cloud worker {{ $labels.worker }} wrote no health report in 10 minutes: it is "
-                "down (the gateways keep their results), or cannot write to InfluxDB. A worker "
-                "taken out of service stops being judged after a day."),
+    not_reporting(
+        "gateway", "Gateway", reports_query("edge", "gateway", "readings_accepted"),
+        "sent no health report in 10 minutes: its agent or its machine is down, or its uplink "
+        "is (its outbox keeps the results until it is back). Once quiet for a day it is no "
+        "longer judged."),
+    not_reporting(
+        "worker", "Cloud worker", reports_query("cloud", "worker", "messages_in"),
+        "wrote no health report in 10 minutes: it is down (the gateways keep their results), "
+        "or cannot write to InfluxDB. A worker taken out of service stops being judged after "
+        "a day."),
     AlertRule(
         "fieldline-certificate-expiring", "Gateway certificate expiring",
         f'''SELECT last("cert_days_left") FROM "{PIPELINE}" WHERE "component" = 'edge' '''
