@@ -102,6 +102,7 @@ EDGE = f'''FROM "{PIPELINE}" WHERE "component" = 'edge' AND "gateway" =~ /^$gate
 CLOUD = f'''FROM "{PIPELINE}" WHERE "component" = 'cloud\''''
 LAG_ORANGE, LAG_RED = 30_000, 60_000
 ANOMALY_SHARE = 0.1  # a site whose judged windows are this share anomalous, for 5 minutes
+REFUSED_SHARE = 0.1  # a gateway refusing this share of the readings it receives, for 5 minutes
 REPORTS_WITHIN = "10m"  # a gateway or worker with no health report in this long is not reporting
 REPORTERS_FOR_S = 86_400  # ... among those that reported within this long (then forgotten)
 
@@ -376,6 +377,15 @@ ALERT_RULES: tuple[AlertRule, ...] = (
         "wrote no health report in 10 minutes: it is down (the gateways keep their results), "
         "or cannot write to InfluxDB. A worker taken out of service stops being judged after "
         "a day."),
+    AlertRule(
+        "fieldline-readings-refused", "Gateway refusing readings",
+        f'SELECT spread("rejected") / spread("readings_received") FROM "{PIPELINE}" '
+        "WHERE \"component\" = 'edge' AND $timeFilter GROUP BY \"gateway\"",
+        threshold=REFUSED_SHARE, for_="5m", range_s=600,
+        summary="Gateway {{ $labels.gateway }} refused more than 10 % of the readings it "
+                "received in 10 minutes (a firmware update that changed the devices' payloads, "
+                "a new metric or unit, clocks gone wrong): they reach no window. The view's "
+                "Health page and `fieldline edge status` give the reasons."),
     AlertRule(
         "fieldline-certificate-expiring", "Gateway certificate expiring",
         f'''SELECT last("cert_days_left") FROM "{PIPELINE}" WHERE "component" = 'edge' '''

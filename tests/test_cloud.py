@@ -456,6 +456,32 @@ def test_gateways_and_workers_that_stop_reporting_are_the_ones_their_rules_find(
         assert got[f"{prefix}alive"] >= 100, got  # ~120 reports in 10 minutes
 
 
+def test_a_gateway_refusing_its_readings_fires_its_rule(influx_db: InfluxV1Client) -> None:
+    """"Gateway refusing readings": the share of what a gateway received in the range that it
+    refused (its counters survive restarts: the agent keeps them in its checkpoint). Devices
+    whose payloads changed (40 %) fire it; the usual few (1 %), or a gateway whose devices
+    send nothing, do not; what was refused an hour ago is no longer judged."""
+    from cloud.panels import ALERT_RULES, Params, render
+
+    now = int(time.time() * 1000)
+    lines = []
+    for k, t in enumerate(range(now - 3_600_000, now, 5_000)):
+        healed = min(t, now - 900_000)  # refused 40 % until a quarter of an hour ago
+        for gw, received, refused in (("usual", 100 * k, k), ("changed", 100 * k, 40 * k),
+                                      ("quiet", 5, 2),
+                                      ("healed", 100 * k, 40 * ((healed - now) // 5_000 + 720))):
+            lines.append(f"pipeline,component=edge,gateway={gw} readings_received={received}i,"
+                         f"rejected={refused}i {t}")
+    influx_db.write_lines(lines)
+    rule = next(r for r in ALERT_RULES if r.uid == "fieldline-readings-refused")
+    doc = influx_db.query(render(rule.query, Params(range_s=rule.range_s)))
+    assert isinstance(doc, dict)
+    share = {s["tags"]["gateway"]: s["values"][-1][1] for s in doc["results"][0]["series"]}
+    assert share["changed"] == pytest.approx(0.4, abs=0.01), share
+    firing = {gw for gw, v in share.items() if v > rule.threshold}
+    assert firing == {"changed"}, share
+
+
 def test_points_refused_by_influxdb_fire_their_rule_for_ten_minutes(
         influx_db: InfluxV1Client) -> None:
     """"InfluxDB refusing points": the worker's ``points_rejected`` counter grew in the range
