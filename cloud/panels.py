@@ -387,6 +387,15 @@ ALERT_RULES: tuple[AlertRule, ...] = (
                 "a new metric or unit, clocks gone wrong): they reach no window. The view's "
                 "Health page and `fieldline edge status` give the reasons."),
     AlertRule(
+        "fieldline-clock-untrusted", "Gateway clock not trusted",
+        f'''SELECT last("clock_unsynced") FROM "{PIPELINE}" WHERE "component" = 'edge' '''
+        'AND $timeFilter GROUP BY "gateway"',
+        threshold=0, for_="5m", range_s=300,
+        summary="Gateway {{ $labels.gateway }}'s clock is implausible (before "
+                "validate.clock_floor, or stepped back behind readings it accepted): it holds "
+                "its devices' messages until network time sets it, and sheds the oldest beyond "
+                "validate.quarantine_max (rejected as clock_unsynced). Check its NTP."),
+    AlertRule(
         "fieldline-certificate-expiring", "Gateway certificate expiring",
         f'''SELECT last("cert_days_left") FROM "{PIPELINE}" WHERE "component" = 'edge' '''
         'AND $timeFilter GROUP BY "gateway"',

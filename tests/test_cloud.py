@@ -482,6 +482,24 @@ def test_a_gateway_refusing_its_readings_fires_its_rule(influx_db: InfluxV1Clien
     assert firing == {"changed"}, share
 
 
+def test_a_gateway_whose_clock_is_not_trusted_fires_its_rule(
+        influx_db: InfluxV1Client) -> None:
+    """"Gateway clock not trusted": the gateway's last report says its clock is implausible
+    (the worker files such a report at its own time); one whose clock was set again does not."""
+    from cloud.panels import ALERT_RULES, Params, render
+
+    now = int(time.time() * 1000)
+    until = {"unset": now, "set": now - 120_000, "fine": now - 600_000}  # implausible till
+    influx_db.write_lines([
+        f"pipeline,component=edge,gateway={gw} clock_unsynced={int(t < end)} {t}"
+        for gw, end in until.items() for t in range(now - 600_000, now, 5_000)])
+    rule = next(r for r in ALERT_RULES if r.uid == "fieldline-clock-untrusted")
+    doc = influx_db.query(render(rule.query, Params(range_s=rule.range_s)))
+    assert isinstance(doc, dict)
+    last = {s["tags"]["gateway"]: s["values"][-1][1] for s in doc["results"][0]["series"]}
+    assert {gw for gw, v in last.items() if v > rule.threshold} == {"unset"}, last
+
+
 def test_points_refused_by_influxdb_fire_their_rule_for_ten_minutes(
         influx_db: InfluxV1Client) -> None:
     """"InfluxDB refusing points": the worker's ``points_rejected`` counter grew in the range
