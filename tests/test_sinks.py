@@ -302,6 +302,49 @@ def test_r6_bad_points_are_dead_lettered_and_the_rest_lands(influx_db: InfluxV1C
                                                                       "m,d=b43"]
 
 
+class _RefusesOld:
+    """Refuses every point older than the retention, as InfluxDB does (no server needed)."""
+
+    name = "refuses-old"
+
+    def write(self, batch: list[Points]) -> None:
+        lines = encode(batch)
+        old = sum(int(x.rsplit(" ", 1)[1]) < T_NOW for x in lines)
+        if old:
+            raise SinkError("partial write: points beyond retention policy dropped=1",
+                            retryable=False, rejected=old)
+
+    def delete(self, points: list[object]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_dead_letter_file_is_moved_aside_past_its_bound(tmp_path: Path) -> None:
+    """A backfill older than the database's retention is refused point by point: the
+    dead-letter file, past its bound, becomes ``<name>.1`` (the one before it dropped), so the
+    two never hold more than twice the bound, and every refused point is in one of them."""
+    dead = tmp_path / "dead-letter.jsonl"
+    writer = BufferedWriter(_RefusesOld(), clock=ManualClock(), batch_points=50,  # type: ignore[arg-type]
+                            flush_interval_ms=10, dead_letter_path=dead)
+    writer.dead_letter_max_bytes = 4_000
+    kept: list[str] = []
+    for round_ in range(6):
+        writer.add(from_lines([f"m,d=r{round_} v={i}.5 {T_NOW - 1_000 - i}" for i in range(20)]
+                              + [f"m,d=r{round_} v=1.0 {T_NOW + 1}"]), token=round_)
+        assert asyncio.run(writer.flush(None, attempts=3))
+        kept.append(dead.read_text())
+    assert writer.dead_letters == {"beyond_retention": 120}
+    older = dead.with_name("dead-letter.jsonl.1")
+    assert older.exists()
+    assert dead.stat().st_size + older.stat().st_size <= 2 * 4_000 + 4_000
+    lines = [json.loads(x) for x in (older.read_text() + dead.read_text()).splitlines()]
+    assert len({x["line"] for x in lines}) == len(lines)
+    assert {x["line"].split(" ")[0] for x in lines} <= {f"m,d=r{k}" for k in range(6)}
+    assert f"m,d=r5 v=0.5 {T_NOW - 1_000}" in dead.read_text()  # the newest are in the file
+
+
 class _SlowRecorder:
     """Records each request; requests overlap (random sleeps in the writer's threads)."""
 

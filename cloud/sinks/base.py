@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import random
 import threading
 from collections import Counter, deque
@@ -132,6 +133,7 @@ _TICK_MS = 20  # the writer looks for background points (which do not wake it) t
 # longer than BACKGROUND_MAX_WAIT_MS: then all of them go out behind what is queued.
 BACKGROUND_SLICE = 1_000
 BACKGROUND_MAX_WAIT_MS = 5_000
+DEAD_LETTER_MAX_BYTES = 64 << 20  # a dead-letter file past this is moved aside (one kept)
 
 
 class _Lane:
@@ -247,6 +249,7 @@ class BufferedWriter:
         self.points_deleted = 0
         self.dead_letters: Counter[str] = Counter()
         self.dead_letter_path = dead_letter_path
+        self.dead_letter_max_bytes = DEAD_LETTER_MAX_BYTES  # then it becomes <name>.1
         self.dead_letter_file_errors = 0
         self.write_errors = 0
         self.writes = 0
@@ -520,6 +523,7 @@ class BufferedWriter:
                           first[reason][:200])
         if self.dead_letter_path is not None:
             try:
+                self._rotate_dead_letters(self.dead_letter_path)
                 with self.dead_letter_path.open("a") as fh:
                     for line, reason in bad:
                         fh.write(json.dumps({"ts": self.clock.now_ms(), "reason": reason,
@@ -528,6 +532,20 @@ class BufferedWriter:
                 self.dead_letter_file_errors += 1
                 log.error("dead-lettered points not written to %s (%s); they are in this log",
                           self.dead_letter_path, exc.strerror or exc)
+
+    def _rotate_dead_letters(self, path: Path) -> None:
+        """A dead-letter file past its bound becomes ``<name>.1`` (replacing the one before), so
+        the file and its predecessor take at most twice the bound: a backfill older than the
+        database's retention, refused point by point, cannot fill the worker's disk."""
+        try:
+            if path.stat().st_size < self.dead_letter_max_bytes:
+                return
+        except FileNotFoundError:
+            return
+        old = path.with_name(path.name + ".1")
+        os.replace(path, old)
+        log.warning("dead-letter file %s reached %d bytes: moved to %s (the one before it "
+                    "dropped)", path, self.dead_letter_max_bytes, old.name)
 
     async def _write_with_retry(self, batch: list[Points], stop: asyncio.Event | None,
                                 attempts: int | None) -> bool:
