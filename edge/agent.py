@@ -455,7 +455,7 @@ class EdgePipeline:
             "devices_seen": devices_held(self.devices),
             # devices gone for good whose ids went to new devices (release_devices)
             "devices_released": c["devices_released"],
-            "devices_silent": len(self.engine.silent_devices()),
+            "devices_silent": len(self.engine.silent_devices(self.clock.monotonic_ms())),
             "clock_corrected": self.engine.corrected,
             "watermark_lag_ms": (self.wall_ms() - wm) if wm is not None else 0,
             "internal_errors": c["internal_errors"],
@@ -510,7 +510,8 @@ class EdgePipeline:
     def device_report(self, limit: int = 50) -> dict[str, object]:
         """Silent devices and the most skewed clocks, by name (bounded, for health)."""
         names = self.devices.names
-        silent = [names[i] for i in self.engine.silent_devices()[:limit].tolist()
+        silent = [names[i] for i in
+                  self.engine.silent_devices(self.clock.monotonic_ms())[:limit].tolist()
                   if i < len(names)]
         skew = self.engine.time.skew()[: len(names)]
         known = np.flatnonzero((skew != UNKNOWN_SKEW)

@@ -303,8 +303,8 @@ class WindowEngine:
     def active_devices(self) -> int:
         return self.time.active_devices
 
-    def silent_devices(self) -> I64:
-        return self.time.silent_devices()
+    def silent_devices(self, now_mono_ms: int) -> I64:
+        return self.time.silent_devices(now_mono_ms)
 
     @property
     def open_windows(self) -> int:

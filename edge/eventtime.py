@@ -8,6 +8,11 @@
   every window it could still be in, so they close, and it no longer holds back the gateway
   watermark (the minimum over active devices). After a further ``allowed_lateness`` its retained
   state is purged.
+* What the agent *reports* silent is judged against each device's own pace: a device heard
+  from every 5 minutes (a battery sensor) is idle between its readings, not silent. Each
+  device's typical interval between arrivals is learned (``interval``, processing time), and a
+  device is reported silent once quiet for ``SILENT_INTERVALS`` of them, and at least
+  ``idle_timeout``.
 * Clock skew: for every device the minimum of ``receive time - event time`` over a period of
   processing time estimates its clock offset (plus the smallest transport delay): a device whose
   clock runs ahead shows a negative offset at once; buffered old data (a backfill) shows a large
@@ -29,6 +34,8 @@ NEVER = np.iinfo(np.int64).min // 4  # "no event time seen yet"
 UNKNOWN_SKEW = np.iinfo(np.int64).max // 4
 
 ACTIVE, SILENT, PURGED = 0, 1, 2
+SILENT_INTERVALS = 3  # a device quiet for this many of its usual intervals is reported silent
+INTERVAL_UNKNOWN, INTERVAL_ONE = 0, -1  # no arrival yet in this process; one arrival so far
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,6 +105,7 @@ class DeviceTime:
         self.max_ts: I64 = np.empty(0, np.int64)
         self.wm_floor: I64 = np.empty(0, np.int64)
         self.last_seen: I64 = np.empty(0, np.int64)
+        self.interval: I64 = np.empty(0, np.int64)  # usual ms between arrivals (or a code)
         self.state: I64 = np.empty(0, np.int64)
         self.skew_cur: I64 = np.empty(0, np.int64)  # min(recv - ts) in the current period
         self.skew_est: I64 = np.empty(0, np.int64)  # ... over the last complete period
@@ -107,6 +115,7 @@ class DeviceTime:
         self.max_ts = _grow(self.max_ts, n, NEVER)
         self.wm_floor = _grow(self.wm_floor, n, NEVER)
         self.last_seen = _grow(self.last_seen, n, 0)
+        self.interval = _grow(self.interval, n, INTERVAL_UNKNOWN)
         self.state = _grow(self.state, n, ACTIVE)
         self.skew_cur = _grow(self.skew_cur, n, UNKNOWN_SKEW)
         self.skew_est = _grow(self.skew_est, n, UNKNOWN_SKEW)
@@ -117,6 +126,7 @@ class DeviceTime:
         self.max_ts[ids] = NEVER
         self.wm_floor[ids] = NEVER
         self.last_seen[ids] = 0
+        self.interval[ids] = INTERVAL_UNKNOWN
         self.state[ids] = ACTIVE
         self.skew_cur[ids] = UNKNOWN_SKEW
         self.skew_est[ids] = UNKNOWN_SKEW
@@ -164,9 +174,21 @@ class DeviceTime:
         self.max_ts = batch_max
         present = np.zeros(len(self.state), bool)
         present[dev] = True
+        self._learn_interval(present, now_mono_ms)
         self.last_seen[present] = now_mono_ms
         self.state[present] = ACTIVE
         return out
+
+    def _learn_interval(self, present: npt.NDArray[np.bool_], now_mono_ms: int) -> None:
+        """Each arriving device's usual interval: a moving average of the gaps between its
+        arrivals (a quarter weight to the newest), a gap counted at most 4 times the usual one,
+        so that one outage does not make a device look slow for long."""
+        prev = self.interval[present]
+        gap = np.maximum(now_mono_ms - self.last_seen[present], 1)
+        learned = (3 * prev + np.minimum(gap, 4 * prev)) // 4
+        self.interval[present] = np.where(prev == INTERVAL_UNKNOWN, INTERVAL_ONE,
+                                          np.where(prev == INTERVAL_ONE, gap,
+                                                   np.maximum(learned, 1)))
 
     def gateway_watermark(self) -> int | None:
         wm = self.watermarks()
@@ -177,8 +199,14 @@ class DeviceTime:
     def active_devices(self) -> int:
         return int(((self.state == ACTIVE) & (self.max_ts != NEVER)).sum())
 
-    def silent_devices(self) -> I64:
-        return np.flatnonzero((self.state != ACTIVE) & (self.max_ts != NEVER))
+    def silent_devices(self, now_mono_ms: int) -> I64:
+        """The devices reported silent: quiet for ``SILENT_INTERVALS`` of their usual interval,
+        and at least ``idle_timeout`` (which is also how long a device unheard from since the
+        agent started, or heard once, may be quiet)."""
+        quiet = now_mono_ms - self.last_seen
+        usual = np.where(self.interval > 0, SILENT_INTERVALS * self.interval, 0)
+        after = np.maximum(usual, self.spec.idle_timeout_ms)
+        return np.flatnonzero((self.state != ACTIVE) & (self.max_ts != NEVER) & (quiet >= after))
 
     def idle_step(self, now_mono_ms: int) -> npt.NDArray[np.bool_]:
         """Apply idle transitions; returns the mask of devices that went silent just now."""
@@ -224,7 +252,7 @@ class DeviceTime:
     def snapshot(self) -> dict[str, npt.NDArray[np.generic]]:
         return {"dt_max_ts": self.max_ts, "dt_wm_floor": self.wm_floor,
                 "dt_state": self.state, "dt_skew_est": self.skew_est,
-                "dt_skew_cur": self.skew_cur}
+                "dt_skew_cur": self.skew_cur, "dt_interval": self.interval}
 
     def restore(self, snap: dict[str, npt.NDArray[np.generic]], now_mono_ms: int) -> None:
         self.max_ts = snap["dt_max_ts"].astype(np.int64)
@@ -233,3 +261,6 @@ class DeviceTime:
         self.skew_est = snap["dt_skew_est"].astype(np.int64)
         self.skew_cur = snap["dt_skew_cur"].astype(np.int64)
         self.last_seen = np.full(len(self.max_ts), now_mono_ms, np.int64)
+        # (a checkpoint from before: each device's pace learned again)
+        self.interval = (snap["dt_interval"].astype(np.int64) if "dt_interval" in snap
+                         else np.full(len(self.max_ts), INTERVAL_UNKNOWN, np.int64))

@@ -415,6 +415,54 @@ def test_a_failing_tick_is_counted_and_the_agent_keeps_going(mosquitto: Mosquitt
 
 
 @pytest.mark.integration
+def test_a_device_slower_than_the_idle_timeout_is_not_reported_silent_between_its_readings(
+        mosquitto: Mosquitto, tmp_path: Path) -> None:
+    """A device that reports every 0.6 s to an agent whose idle timeout is 0.3 s (as a battery
+    sensor heard from every 5 minutes against the shipped 30 s) has its windows closed between
+    its readings, but is not reported silent while it keeps its pace; once it stops, it is,
+    after 3 of its intervals (1.8 s; asserted from 4 s, for a loaded machine)."""
+    agent = EdgeAgent(config(tmp_path, intake_broker=mosquitto.address,
+                             uplink_broker=mosquitto.address, tick_ms=20,
+                             health_interval_ms=100, engine=EngineConfig(
+                                 windows=(WindowSpec(size_ms=1_000),), time=EventTimeSpec(
+                                     out_of_orderness_ms=0, allowed_lateness_ms=0,
+                                     idle_timeout_ms=300))))
+    seen: list[tuple[float, int]] = []  # (seconds since the last reading, silent)
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(agent.run(stop))
+        while not agent.intake.subscribed.is_set():
+            await asyncio.sleep(0.02)
+        pub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                          protocol=mqtt.MQTTv5)
+        pub.connect("127.0.0.1", mosquitto.port)
+        pub.loop_start()
+        last = time.monotonic()
+        for seq in range(10):
+            now = time.time_ns() // 1_000_000
+            pub.publish("devices/slow/readings",
+                        encode_single("slow", "temperature", now, 20.0, seq), qos=1)
+            last = time.monotonic()
+            for _ in range(6):
+                await asyncio.sleep(0.1)
+                if seq >= 3:  # its pace learned
+                    seen.append((time.monotonic() - last, int(agent.stats()["devices_silent"])))
+        while time.monotonic() - last < 4.5:
+            await asyncio.sleep(0.1)
+            seen.append((time.monotonic() - last, int(agent.stats()["devices_silent"])))
+        pub.disconnect()
+        pub.loop_stop()
+        stop.set()
+        await task
+
+    asyncio.run(scenario())
+    while_paced = [s for quiet, s in seen if quiet < 1.0]
+    assert while_paced, seen
+    assert not any(while_paced), seen
+    assert all(s == 1 for quiet, s in seen if quiet > 4.0), seen
+
+
 def test_late_readings_are_forwarded_raw_and_silent_devices_reported(
         mosquitto: Mosquitto, tmp_path: Path) -> None:
     """A reading beyond allowed lateness goes out on fieldline/v1/<gw>/late; a device gone

@@ -354,10 +354,39 @@ def test_silent_devices_close_their_windows_and_stop_holding_the_gateway_back() 
     assert (res.device == 1).sum() == 1  # device 1's first window fired normally
     assert eng.gateway_watermark() == BASE + 51_000  # device 0 no longer counts
     assert eng.active_devices == 1
-    assert eng.silent_devices().tolist() == [0]
+    assert eng.silent_devices(2_500).tolist() == [0]
     eng.emit(10_000)  # silent beyond idle_timeout + lateness: device 0's state is purged
     assert eng.watermarks()[0] >= BASE + 1_000 + 5_000
     assert eng.time.max_ts[0] != NEVER
+
+
+def test_silence_is_judged_against_each_devices_own_pace() -> None:
+    """A device heard from every 5 minutes (a battery sensor) is idle between its readings,
+    not silent: it is reported silent once quiet for 3 of its intervals (its windows still
+    close after ``idle_timeout``); a 1 Hz device after ``idle_timeout``; one long outage does
+    not make a device look slow for long; a checkpoint keeps each device's pace."""
+    spec = EngineConfig(windows=(WindowSpec(size_ms=1_000),), time=EventTimeSpec(
+        out_of_orderness_ms=0, allowed_lateness_ms=0, idle_timeout_ms=30_000))
+    eng = WindowEngine(spec)
+    minute = 60_000
+    for k in range(6):  # device 0: every 5 minutes; device 1: every second
+        eng.fold(cols([(0, 0, k * 5 * minute, 1.0, k)]), now_mono_ms=k * 5 * minute)
+        for t in range(k * 5 * minute, (k + 1) * 5 * minute, 1_000):
+            eng.fold(cols([(1, 0, t, 2.0, t // 1_000)]), now_mono_ms=t)
+        eng.emit((k + 1) * 5 * minute - 1)
+    now = 30 * minute - 1  # device 0 quiet for 5 min: its windows closed, yet not silent
+    assert eng.time.state[0] != 0
+    assert eng.silent_devices(now).tolist() == []
+    assert eng.time.interval[:2].tolist() == [5 * minute, 1_000]
+    eng.emit(now + 30_000)
+    assert eng.silent_devices(now + 30_000).tolist() == [1]  # the 1 Hz one after idle_timeout
+    assert eng.silent_devices(25 * minute + 15 * minute).tolist() == [0, 1]  # 3 intervals
+    eng.fold(cols([(0, 0, 90 * minute, 1.0, 6)]), now_mono_ms=90 * minute)  # after an hour out
+    assert eng.time.interval[0] < 2 * 5 * minute  # 5 -> 8.75 min, not an hour's average
+    restored = WindowEngine(spec)
+    restored.restore(eng.snapshot(), now_mono_ms=0)
+    assert restored.time.interval[:2].tolist() == eng.time.interval[:2].tolist()
+    assert restored.silent_devices(60_000).tolist() == [1]  # device 1 silent before, 1 min on
 
 
 def test_a_late_reading_that_moves_a_session_start_supersedes_the_old_result() -> None:
