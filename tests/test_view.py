@@ -256,12 +256,15 @@ def test_a_fleet_of_hundreds_of_devices_shows_the_ones_that_need_attention(
     d = browser
     now = int(time.time() * 1000) // 10_000 * 10_000
     lines = []
-    plan = [("big", 400, "s1"), ("down", 150, "s1"), ("small", 5, "s2"), ("tiny", 2, "s10")]
+    plan = [("big", 400, "s1"), ("down", 150, "s1"), ("small", 5, "s2"), ("tiny", 2, "s10"),
+            ("slow", 3, "s2")]
     for gw, n, site in plan:
         for i in range(n):
             dev = f"{gw}-d{i:04d}"
             old = gw == "down" or i in (10, 20, 30)  # silent: its last window 10 min ago
-            t = now - (600_000 if old else 10_000)
+            # slow: battery sensors heard from every 5 minutes, last 4 minutes ago, and their
+            # gateway, reporting, says none is silent: the window's age alone does not judge
+            t = now - (240_000 if gw == "slow" else 600_000 if old else 10_000)
             lines.append(f"aggregates,gateway={gw},site={site},device={dev},metric=t,window=10s,"
                          f"unit=C count=10i,sum=200,mean=20,min=19,max=21,p95=21 {t}")
     lines += [f"sites,gateway=big,site=s1,metric=t,window=10s devices=397i,readings=3970i,"
@@ -271,6 +274,8 @@ def test_a_fleet_of_hundreds_of_devices_shows_the_ones_that_need_attention(
                   f"score=2,direction=1i,message=\"x\" {now - 10_000 * (k + 1)}" for k in range(n)]
     lines += [f"devices,gateway=big,device={dev} skew_ms={ms}i {now - 5_000}"
               for dev, ms in (("big-d0300", 2500), ("big-d0301", -1800))]
+    lines += [f"pipeline,component=edge,gateway=slow devices_silent=0,devices_skewed=0 "
+              f"{now - 5_000}"]
     # a site-wide incident: more alerts than the alerts table holds (its newest 200)
     lines += [f"alerts,gateway=big,site=s1,device=big-d{i:04d},metric=t,window=10s,source=rule,"
               f"name=hot state=\"open\",open=true,opened={now}i {now - 10_000 - i}"
@@ -295,7 +300,10 @@ def test_a_fleet_of_hundreds_of_devices_shows_the_ones_that_need_attention(
         assert d.execute_script(chips, "small") == [f"small-d{i:04d}" for i in range(5)]
         stats = d.execute_script("return Object.fromEntries([...document.querySelectorAll('.stat')]"
                                  ".map(e => [e.dataset.stat, e.querySelector('b').textContent]))")
-        assert stats["devices online"] == "404", stats
+        assert stats["devices online"] == "407", stats
+        assert d.execute_script(chips, "slow") == [f"slow-d{i:04d}" for i in range(3)]
+        assert not d.execute_script(
+            "return [...document.querySelectorAll(\"[data-gateway='slow'] .dev.silent\")].length")
         sites = d.execute_script("return [...document.querySelectorAll('#tree .site')]"
                                  ".map(e => e.dataset.site)")
         assert sites == ["s1", "s2", "s10"]  # in natural order

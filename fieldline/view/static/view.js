@@ -244,6 +244,8 @@
   const byName = (a, b) => natural.compare(a[0], b[0]);
   const MAX_CHIPS = 300;
   const ALERTS_LIMIT = 200;  // the LIMIT of the alerts panel's query (cloud/panels.py)
+  const SILENT_LISTED = 50;  // the most silent devices a gateway's report names (edge/agent.py)
+  const REPORT_FRESH_MS = 120000;  // a gateway's report this recent vouches for its devices
 
   function chip(gw, d) {
     return h("a", {
@@ -349,7 +351,8 @@
         h("section", { class: "card wide", id: "fleet-tree", "data-panel": "fleet_devices" },
           h("h2", { text: "Sites → gateways → devices" }),
           h("div", { class: "desc", text: "green: a window within the last " +
-            `${Math.round(state.meta.silent_after_s)} s; grey: silent. Red badge: anomalous windows in range; ` +
+            `${Math.round(state.meta.silent_after_s)} s, or its gateway, reporting, does not count it silent ` +
+            "(each device judged against its own pace); grey: silent. Red badge: anomalous windows in range; " +
             `orange: clock offset reported by the edge. Gateways of more than ${SHOW_ALL} devices show ` +
             "the ones that need attention first. Click a device for its charts." }),
           h("div", { class: "controls" }, filter),
@@ -367,6 +370,19 @@
         const anomRows = anom ? rowsOf(anom) : [];
         const count = new Map(anomRows.map(r => [`${r.gateway}/${r.device}`, r.anomalies]));
         const clk = new Map((clocks ? rowsOf(clocks) : []).map(r => [`${r.gateway}/${r.device}`, r]));
+        // a gateway that reported lately names its silent devices itself (judged against each
+        // device's own pace: a sensor heard from every 5 minutes is not silent between its
+        // readings), as long as its report can list them all; the others are judged by their
+        // newest window's age
+        const reported = new Map();
+        for (const r of silent ? rowsOf(silent) : []) {
+          const was = reported.get(r.gateway);
+          if (r.silent !== null && r.silent !== undefined && (!was || r.time > was.time)) reported.set(r.gateway, r);
+        }
+        const vouched = gw => {
+          const g = reported.get(gw);
+          return g !== undefined && now - g.time < REPORT_FRESH_MS && g.silent <= SILENT_LISTED;
+        };
         const tree = new Map();
         let online = 0;
         let quiet = 0;
@@ -374,7 +390,7 @@
           const id = `${r.gateway}/${r.device}`;
           const c = clk.get(id);
           const edgeSilent = c && c.silent === true && now - c.time < 60000;
-          const isSilent = edgeSilent || (now - r.time) / 1000 > state.meta.silent_after_s;
+          const isSilent = edgeSilent || (!vouched(r.gateway) && (now - r.time) / 1000 > state.meta.silent_after_s);
           if (isSilent) quiet++; else online++;
           if (!tree.has(r.site)) tree.set(r.site, new Map());
           const gws = tree.get(r.site);
