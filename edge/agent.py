@@ -605,6 +605,16 @@ class EdgePipeline:
         return tick
 
 
+def _read_expiry(path: str) -> int | None:
+    """When the certificates in a PEM file stop being valid (the soonest), None if unreadable
+    (said in the log: the link using it fails anyway)."""
+    try:
+        return earliest_expiry(Path(path))
+    except (OSError, CertificateError) as exc:
+        log.warning("cannot read when the certificates in %s expire (%s)", path, exc)
+        return None
+
+
 class EdgeAgent:
     """One gateway's agent: the pipeline plus its MQTT intake, outbox and uplink."""
 
@@ -660,6 +670,9 @@ class EdgeAgent:
                                    if b.tls for f in (b.ca_file, b.cert_file) if f})
         self._cert_expiry: tuple[int, str] | None = None  # (not after, epoch ms; which one)
         self._next_cert_check = 0
+        # what the links loaded when they were made (renewed files take effect at a restart)
+        self._cert_loaded = {f: _read_expiry(f) for f in self._cert_files}
+        self._cert_replaced: set[str] = set()
 
     def _resume_sequence(self) -> None:
         """After an unreadable sequence file: new batches are numbered past the outbox's (its
@@ -1019,13 +1032,18 @@ class EdgeAgent:
         self._next_cert_check = now + CERT_CHECK_MS
         soonest: tuple[int, str] | None = None
         for f in self._cert_files:
-            try:
-                t = earliest_expiry(Path(f))
-            except (OSError, CertificateError) as exc:
-                log.warning("cannot read when the certificates in %s expire (%s)", f, exc)
-                continue
-            if soonest is None or t < soonest[0]:
-                soonest = (t, f"in {f}")
+            t = _read_expiry(f)
+            loaded = self._cert_loaded.get(f)
+            if loaded is None:  # unreadable when the agent started: what it reads now
+                self._cert_loaded[f] = loaded = t
+            if t is not None and t != loaded and f not in self._cert_replaced:
+                self._cert_replaced.add(f)
+                log.warning("the certificates in %s were replaced on disk: the agent's links use "
+                            "them once it is restarted (systemctl restart fieldline-edge)", f)
+            if loaded is not None and (soonest is None or loaded < soonest[0]):
+                replaced = " (replaced on disk: restart the agent to use the new one)" \
+                    if f in self._cert_replaced else ""
+                soonest = (loaded, f"in {f}{replaced}")
         server = self.uplink.server_cert_expiry  # the cloud broker's, as it last showed it
         if server is not None and (soonest is None or server < soonest[0]):
             soonest = (server, f"the cloud broker {self.config.uplink_broker.url} shows")

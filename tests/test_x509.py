@@ -54,3 +54,34 @@ def test_what_is_no_certificate_is_said_to_be_none(tmp_path: Path) -> None:
         not_after_ms(b"\x02\x01\x00")  # an integer, not a certificate
     with pytest.raises(FileNotFoundError):
         earliest_expiry(tmp_path / "missing.crt")
+
+
+def test_a_certificate_renewed_on_disk_counts_once_the_agent_restarts(tmp_path: Path) -> None:
+    """The links load their certificates when the agent starts: a file renewed while it runs
+    changes nothing until a restart. So the agent keeps reporting the expiry of what it loaded
+    (10 days left), says the file was replaced and that a restart uses it; the restarted agent
+    reports the renewed one."""
+    from devices.mqtt import BrokerAddress
+    from edge.agent import EdgeAgent
+    from tests.test_agent import config
+
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    crt = make_cert(certs, "gw", 10)
+    tls = BrokerAddress(host="127.0.0.1", port=1, tls=True, ca_file=str(crt), cert_file=str(crt),
+                        key_file=str(certs / "gw.key"))
+    cfg = config(tmp_path / "state", uplink_broker=tls)
+    agent = EdgeAgent(cfg)
+    agent._check_certificates()
+    assert 9.9 < agent.stats()["cert_days_left"] <= 10
+    make_cert(certs, "gw", 400)  # renewed in place, key and certificate
+    agent._next_cert_check = 0
+    agent._check_certificates()
+    assert 9.9 < agent.stats()["cert_days_left"] <= 10  # still what the links use
+    assert agent._cert_expiry is not None
+    assert "replaced on disk: restart the agent" in agent._cert_expiry[1]
+    agent.outbox.close()
+    restarted = EdgeAgent(cfg)
+    restarted._check_certificates()
+    assert 399 < restarted.stats()["cert_days_left"] <= 400
+    restarted.outbox.close()
