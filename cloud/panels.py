@@ -396,14 +396,15 @@ ALERT_RULES: tuple[AlertRule, ...] = (
                 "its devices' messages until network time sets it, and sheds the oldest beyond "
                 "validate.quarantine_max (rejected as clock_unsynced). Check its NTP."),
     AlertRule(
-        "fieldline-certificate-expiring", "Gateway certificate expiring",
-        f'''SELECT last("cert_days_left") FROM "{PIPELINE}" WHERE "component" = 'edge' '''
-        'AND $timeFilter GROUP BY "gateway"',
+        "fieldline-certificate-expiring", "Certificate expiring",
+        f'SELECT last("cert_days_left") FROM "{PIPELINE}" WHERE $timeFilter '
+        'GROUP BY "component", "gateway", "worker"',
         threshold=30, op="lt", for_="0s", range_s=3600,
-        summary="A TLS certificate gateway {{ $labels.gateway }}'s links use (its client "
-                "certificate, a CA, or the one the cloud broker shows: then every gateway's) "
-                "expires within 30 days: renew it, or the link fails its handshake and the "
-                "gateway goes silent (`fieldline edge status` and its log name which)."),
+        summary="A TLS certificate the {{ $labels.component }} {{ $labels.gateway }}"
+                "{{ $labels.worker }} uses for its MQTT links (its own, a CA, or, for a "
+                "gateway, the one the cloud broker shows: then every gateway's) expires within "
+                "30 days: renew it and restart it, or the link fails its handshake (its log and, "
+                "on a gateway, `fieldline edge status` name which)."),
     AlertRule(
         "fieldline-points-refused", "InfluxDB refusing points",
         f'SELECT non_negative_difference(max("points_rejected")) {CLOUD} AND $timeFilter '

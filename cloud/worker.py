@@ -55,6 +55,7 @@ from devices.contract import (
 from devices.errors import ContractError
 from devices.registry import Registry
 from devices.rejects import RejectLog
+from devices.x509 import CERT_WARN_DAYS, DAY_MS, expiry_or_warn
 
 log = logging.getLogger("fieldline.cloud")
 
@@ -80,6 +81,7 @@ def _keep_rows(batch: ResultBatch, keep: np.ndarray, superseded: SupersededRows 
         superseded=superseded)
     return replace(batch, results=results)
 DETECT_SNAPSHOT_S = 300.0  # how often the detector state is saved to state_dir (and at stop)
+CERT_WARN_EVERY_S = 3_600.0  # a certificate about to expire is warned about this often
 
 __all__ = ["CloudWorker", "build_detection", "build_sink", "dedup_key"]
 
@@ -119,6 +121,11 @@ class CloudWorker:
             source = JetStreamSource(config.jetstream, worker_id=config.worker_id)
         self.source = source or MqttSource(config.broker, partitions=config.partitions,
                                            client_id=f"fieldline-cloud-{config.worker_id}")
+        # the TLS certificates its broker link loaded (its own, the CA): the soonest expiry
+        b = config.broker
+        self.cert_expiry = min((t for f in (b.ca_file, b.cert_file) if b.tls and f
+                                if (t := expiry_or_warn(f, log)) is not None), default=None)
+        self._cert_warned = -CERT_WARN_EVERY_S
         self.sink = sink or build_sink(config.influx)
         self.writer = BufferedWriter(self.sink, clock=self.clock,
                                      batch_points=config.influx.batch_points,
@@ -559,11 +566,26 @@ class CloudWorker:
             s["dead_lettered_" + reason] = n
         if self.writer.dead_letter_file_errors:
             s["dead_letter_file_errors"] = self.writer.dead_letter_file_errors
+        if self.cert_expiry is not None:
+            s["cert_days_left"] = round((self.cert_expiry - self.clock.now_ms()) / DAY_MS, 2)
         return s
+
+    def _warn_certificates(self) -> None:
+        """Hourly, while a certificate of the broker link has less than 30 days left."""
+        if self.cert_expiry is None or time.monotonic() - self._cert_warned < CERT_WARN_EVERY_S:
+            return
+        days = (self.cert_expiry - self.clock.now_ms()) / DAY_MS
+        if days < CERT_WARN_DAYS:
+            self._cert_warned = time.monotonic()
+            b = self.config.broker
+            when = f"expired {-days:.1f} days ago" if days < 0 else f"expires in {days:.1f} days"
+            log.warning("a TLS certificate of the link to %s (%s) %s: renew it and restart the "
+                        "worker", b.url, ", ".join(f for f in (b.ca_file, b.cert_file) if f), when)
 
     def _health_points(self) -> Points:
         s = self.stats()
         gauges = {"buffered_points", "lag_p50_ms", "lag_p99_ms", "freshness_p50_ms",
+                  "cert_days_left",
                   "partitions_owned", "engine_replicas_behind", "engine_snapshot_every_s",
                   "engine_snapshot_bytes", "detector_series", "detector_state_mb"}
         return pipeline_points(
@@ -661,6 +683,7 @@ class CloudWorker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.config.health_interval_ms / 1000)
             self._check_registry()
+            self._warn_certificates()
             self.writer.add(self._health_points(), background=True)
             if (self.per_partition and not stop.is_set()
                     and time.monotonic() - last_snap >= self.snapshot_every_s()):

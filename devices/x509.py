@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import re
 from datetime import UTC, datetime
 from pathlib import Path
 
 _PEM = re.compile(rb"-----BEGIN CERTIFICATE-----(.+?)-----END CERTIFICATE-----", re.S)
 SEQUENCE, INTEGER, UTC_TIME, GENERALIZED_TIME, VERSION = 0x30, 0x02, 0x17, 0x18, 0xA0
+CERT_WARN_DAYS = 30  # a certificate expiring sooner is warned about (log, status, alert rule)
+DAY_MS = 86_400_000
 
 
 class CertificateError(ValueError):
@@ -83,3 +86,13 @@ def earliest_expiry(path: Path) -> int:
         return min(not_after_ms(base64.b64decode(b"".join(b.split()))) for b in blocks)
     except (binascii.Error, UnicodeDecodeError) as exc:
         raise CertificateError(f"{path}: {exc}") from None
+
+
+def expiry_or_warn(path: str, log: logging.Logger) -> int | None:
+    """``earliest_expiry`` of a configured file, or None when it cannot be read (said in
+    ``log``: the link that uses it fails anyway, with its own error)."""
+    try:
+        return earliest_expiry(Path(path))
+    except (OSError, CertificateError) as exc:
+        log.warning("cannot read when the certificates in %s expire (%s)", path, exc)
+        return None

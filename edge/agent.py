@@ -37,7 +37,7 @@ from devices.contract import (
 )
 from devices.readings import NO_SEQ, Interner, ReadingColumns, capacity
 from devices.rejects import RejectLog
-from devices.x509 import CertificateError, earliest_expiry
+from devices.x509 import CERT_WARN_DAYS, DAY_MS, expiry_or_warn
 from edge.clockguard import ClockGuard
 from edge.config import EdgeConfig
 from edge.engine import WindowEngine
@@ -45,7 +45,7 @@ from edge.eventtime import UNKNOWN_SKEW
 from edge.gaps import SeqGaps
 from edge.intake import WIRE_ID, MqttIntake
 from edge.outbox import Outbox
-from edge.status import CERT_WARN_DAYS, write_status
+from edge.status import write_status
 from edge.uplink import MqttUplink, Shipper
 from edge.validate import Validator
 from edge.wal import IntakeLog
@@ -77,7 +77,6 @@ RELEASE_EVERY_MS = 1_000  # how often ids of devices gone for good are looked fo
 NOT_REJECTED = np.iinfo(np.int64).min  # a device's last rejection: none
 HEALTH_PACK_BYTES = 4096  # health reports above this go compressed (a ledger of many devices)
 CERT_CHECK_MS = 3_600_000  # the links' certificates are read again this often
-DAY_MS = 86_400_000
 
 
 def rss_mb() -> float:
@@ -605,16 +604,6 @@ class EdgePipeline:
         return tick
 
 
-def _read_expiry(path: str) -> int | None:
-    """When the certificates in a PEM file stop being valid (the soonest), None if unreadable
-    (said in the log: the link using it fails anyway)."""
-    try:
-        return earliest_expiry(Path(path))
-    except (OSError, CertificateError) as exc:
-        log.warning("cannot read when the certificates in %s expire (%s)", path, exc)
-        return None
-
-
 class EdgeAgent:
     """One gateway's agent: the pipeline plus its MQTT intake, outbox and uplink."""
 
@@ -671,7 +660,7 @@ class EdgeAgent:
         self._cert_expiry: tuple[int, str] | None = None  # (not after, epoch ms; which one)
         self._next_cert_check = 0
         # what the links loaded when they were made (renewed files take effect at a restart)
-        self._cert_loaded = {f: _read_expiry(f) for f in self._cert_files}
+        self._cert_loaded = {f: expiry_or_warn(f, log) for f in self._cert_files}
         self._cert_replaced: set[str] = set()
 
     def _resume_sequence(self) -> None:
@@ -1032,7 +1021,7 @@ class EdgeAgent:
         self._next_cert_check = now + CERT_CHECK_MS
         soonest: tuple[int, str] | None = None
         for f in self._cert_files:
-            t = _read_expiry(f)
+            t = expiry_or_warn(f, log)
             loaded = self._cert_loaded.get(f)
             if loaded is None:  # unreadable when the agent started: what it reads now
                 self._cert_loaded[f] = loaded = t

@@ -21,6 +21,8 @@ from typing import Any
 
 import orjson
 
+from devices.x509 import CERT_WARN_DAYS
+
 STATUS_FILE = "status.json"
 VERSION = 1
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
@@ -29,7 +31,6 @@ STALE_INTERVALS = 3  # reports missed before the agent counts as not running
 STALE_MIN_MS = 15_000
 OUTBOX_WARN, OUTBOX_CRITICAL = 0.5, 0.9  # outbox fill (of outbox.max_bytes)
 DISK_FULL_BYTES = 1 << 20  # less free under the state directory: full for the agent
-CERT_WARN_DAYS = 30  # a link's certificate expiring sooner: a warning
 
 
 def write_status(state_dir: Path, doc: Mapping[str, Any]) -> None:

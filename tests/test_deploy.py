@@ -162,7 +162,7 @@ def test_the_chain_runs_through_both_shipped_broker_configs_over_tls(
     assert st["broker_dropped"] == 0  # the shipped ACL lets the agent read the broker's count
     assert st["readings_gap"] == 0
     # the throwaway CA and certificates are valid for two days: the agent says so, and the
-    # "Gateway certificate expiring" rule finds it in what the worker wrote
+    # "Certificate expiring" rule finds it in what the worker wrote
     assert 1.9 < st["cert_days_left"] <= 2.0, st["cert_days_left"]
     from devices.x509 import earliest_expiry
 
@@ -172,9 +172,11 @@ def test_the_chain_runs_through_both_shipped_broker_configs_over_tls(
 
     rule = next(r for r in ALERT_RULES if r.uid == "fieldline-certificate-expiring")
     doc = influx_db.query(render(rule.query, Params(range_s=rule.range_s)))  # type: ignore[attr-defined]
-    left = {s["tags"]["gateway"]: s["values"][-1][1] for s in doc["results"][0]["series"]}
-    assert left.keys() == {"gw-1"}, left
-    assert left["gw-1"] < rule.threshold, left
+    left = {s["tags"]["gateway"] or s["tags"]["worker"]: s["values"][-1][1]
+            for s in doc["results"][0]["series"]}
+    assert left.keys() == {"gw-1", "t"}, left  # the gateway and the cloud worker
+    assert all(v < rule.threshold for v in left.values()), left
+    assert 1.9 < ws["cert_days_left"] <= 2.0, ws["cert_days_left"]
 
 
 @pytest.mark.integration
