@@ -103,6 +103,7 @@ CLOUD = f'''FROM "{PIPELINE}" WHERE "component" = 'cloud\''''
 LAG_ORANGE, LAG_RED = 30_000, 60_000
 ANOMALY_SHARE = 0.1  # a site whose judged windows are this share anomalous, for 5 minutes
 REFUSED_SHARE = 0.1  # a gateway refusing this share of the readings it receives, for 5 minutes
+REFUSED_FLOOR = 20  # ... counted as if it had received this many more (one bad message of a few)
 REPORTS_WITHIN = "10m"  # a gateway or worker with no health report in this long is not reporting
 REPORTERS_FOR_S = 86_400  # ... among those that reported within this long (then forgotten)
 
@@ -379,7 +380,8 @@ ALERT_RULES: tuple[AlertRule, ...] = (
         "a day."),
     AlertRule(
         "fieldline-readings-refused", "Gateway refusing readings",
-        f'SELECT spread("rejected") / spread("readings_received") FROM "{PIPELINE}" '
+        f'SELECT spread("rejected") / (spread("readings_received") + {REFUSED_FLOOR}) '
+        f'FROM "{PIPELINE}" '
         "WHERE \"component\" = 'edge' AND $timeFilter GROUP BY \"gateway\"",
         threshold=REFUSED_SHARE, for_="5m", range_s=600,
         summary="Gateway {{ $labels.gateway }} refused more than 10 % of the readings it "
