@@ -31,6 +31,7 @@ from cloud.points import (
     SITES,
 )
 from devices.rejects import READING_REASONS
+from devices.x509 import CERT_WARN_DAYS
 
 
 @dataclass(frozen=True)
@@ -401,7 +402,7 @@ ALERT_RULES: tuple[AlertRule, ...] = (
         "fieldline-certificate-expiring", "Certificate expiring",
         f'SELECT last("cert_days_left") FROM "{PIPELINE}" WHERE $timeFilter '
         'GROUP BY "component", "gateway", "worker"',
-        threshold=30, op="lt", for_="0s", range_s=3600,
+        threshold=CERT_WARN_DAYS, op="lt", for_="0s", range_s=3600,
         summary="A TLS certificate the {{ $labels.component }} {{ $labels.gateway }}"
                 "{{ $labels.worker }} uses for its MQTT links (its own, a CA, or, for a "
                 "gateway, the one the cloud broker shows: then every gateway's) expires within "
