@@ -44,6 +44,7 @@ from devices.contract import (
 )
 from devices.errors import ContractError
 from devices.mqtt import NO_MATCHING_SUBSCRIBERS, BrokerAddress, make_client
+from devices.x509 import not_after_ms
 
 log = logging.getLogger("fieldline.edge.uplink")
 
@@ -188,11 +189,9 @@ def _peer_not_after_ms(client: mqtt.Client) -> int | None:
     if getpeercert is None:  # plain TCP
         return None
     try:
-        cert = getpeercert()
-        import ssl  # loaded already: the connection is TLS
-
-        return int(ssl.cert_time_to_seconds(str(cert["notAfter"])) * 1000) if cert else None
-    except (OSError, ValueError, KeyError, TypeError):
+        der = getpeercert(binary_form=True)  # read as the agent reads its own certificates
+        return not_after_ms(der) if der else None
+    except (OSError, ValueError):  # (CertificateError is a ValueError)
         return None
 
 

@@ -197,10 +197,9 @@ class InfluxV1Client:
             return False
         if duration_ms and shard > duration_ms:
             shard = shard_duration_ms(duration_ms)
+        keep = f"{duration_ms // 1000}s" if duration_ms else "INF"
         self.query(f'ALTER RETENTION POLICY "{_ident(name)}" ON "{_ident(self.database)}" '
-                   f"DURATION {duration_ms // 1000 if duration_ms else 'INF'}"
-                   f"{'s' if duration_ms else ''} SHARD DURATION {shard // 1000}s DEFAULT",
-                   database="")
+                   f"DURATION {keep} SHARD DURATION {shard // 1000}s DEFAULT", database="")
         log.info("database %s keeps data %s (retention policy %s, shard groups of %d h)",
                  self.database, f"{duration_ms / DAY_MS:g} days" if duration_ms else "forever",
                  name, shard // HOUR_MS)
