@@ -104,6 +104,11 @@ class MqttSource:
         self._paho: Any = None
         self._early: dict[int, Any] = {}  # PUBACKs that came before their future
 
+    @property
+    def link_up(self) -> bool:
+        """Connected to the broker and subscribed now (for the operator's status)."""
+        return self.connected.is_set()
+
     async def messages(self) -> AsyncIterator[SourceMessage | PartitionEvent]:
         import aiomqtt
         from paho.mqtt.packettypes import PacketTypes

@@ -496,6 +496,11 @@ class JetStreamSource:
         # filled keeps serving clients with JetStream disabled: only this tells)
         self.replicas_behind: int | None = None
 
+    @property
+    def link_up(self) -> bool:
+        """Connected to a NATS server now (for the operator's status)."""
+        return self._nc is not None and bool(self._nc.is_connected)
+
     # ---- the PartitionedSource interface ------------------------------------------------
 
     async def messages(self) -> AsyncIterator[SourceMessage | PartitionEvent]:

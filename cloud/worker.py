@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections import Counter, deque
 from dataclasses import replace
@@ -40,6 +41,7 @@ from cloud.refdata import ReferenceData
 from cloud.sinks import build_sink
 from cloud.sinks.base import BufferedWriter, Sink
 from cloud.sinks.points import Points
+from cloud.status import QUIET_MS, QUIET_SHOWN, write_status
 from devices.clock import Clock, SystemClock
 from devices.contract import (
     BASE_FIELDS,
@@ -55,6 +57,7 @@ from devices.contract import (
 from devices.errors import ContractError
 from devices.registry import Registry
 from devices.rejects import RejectLog
+from devices.status import Links
 from devices.x509 import CERT_WARN_DAYS, DAY_MS, expiry_or_warn
 
 log = logging.getLogger("fieldline.cloud")
@@ -153,7 +156,11 @@ class CloudWorker:
         # batches whose newest window ended before this are history (a backfill, a replay):
         # not counted in freshness (0: all are)
         self.freshness_since_ms = 0
-        self.edge_health: dict[str, HealthReport] = {}
+        # gateway -> (when its last health report came, by this worker's clock; its partition)
+        self.gateways_heard: dict[str, tuple[int, int]] = {}
+        self._started = self.clock.now_ms()
+        self._links = Links()
+        self._status_failed = False
         # (gateway, incarnation) -> (acked, rejected) batch numbers, sent by the acker task
         self._acks: dict[tuple[str, int], tuple[list[int], list[int], dict[int, str],
                                                 list[int]]] = {}
@@ -224,13 +231,14 @@ class CloudWorker:
                                 f"{msg.topic} carries gateway {up.gateway!r}")
             return
         if isinstance(up, HealthReport):
+            if not msg.replay:  # heard now (a replay after a takeover was heard before)
+                self.gateways_heard[up.gateway] = (self.clock.now_ms(), msg.partition)
             self._handle_health(up)
         else:
             self._handle_results(up, batch_digest(msg.payload), part, msg.partition)
 
     def _handle_health(self, rep: HealthReport) -> None:
         self.counters["health_in"] += 1
-        self.edge_health[rep.gateway] = rep
         # a gateway whose own clock is not set yet says so: its report is filed at our time
         ts = self.clock.now_ms() if rep.gauges.get("clock_unsynced") else rep.ts
         points = [pipeline_points("edge", {"gateway": rep.gateway}, rep.counters, rep.gauges, ts)]
@@ -593,6 +601,51 @@ class CloudWorker:
             {k: int(v) for k, v in s.items() if k not in gauges},
             {k: float(v) for k, v in s.items() if k in gauges}, self.clock.now_ms())
 
+    def _quiet_gateways(self, now: int) -> list[str]:
+        """Gateways heard since the start (of this worker's partitions) but not for QUIET_MS,
+        the longest quiet first."""
+        quiet = [(t, gw) for gw, (t, p) in self.gateways_heard.items()
+                 if now - t > QUIET_MS and (not self.per_partition or p in self.parts)]
+        return [gw for _, gw in sorted(quiet)]
+
+    def write_status(self, state: str) -> None:
+        """The status ``fieldline cloud status`` reads beside the worker (cloud/status.py):
+        its links and counters, also when InfluxDB (where its health goes) is not there."""
+        c = self.config
+        if c.state_dir is None:
+            return
+        now = self.clock.now_ms()
+        w = self.writer
+        quiet = self._quiet_gateways(now)
+        b = c.broker
+        up = bool(getattr(self.source, "link_up", True))
+        try:
+            write_status(c.state_dir, c.worker_id, {
+                "worker": c.worker_id, "ts": now, "state": state, "pid": os.getpid(),
+                "started": self._started, "health_interval_ms": c.health_interval_ms,
+                "member": "/".join(map(str, c.jetstream.member))
+                if c.jetstream is not None and c.jetstream.member else None,
+                "cert": None if self.cert_expiry is None else {
+                    "what": "of the link to " + b.url + " (" + ", ".join(
+                        f for f in (b.ca_file, b.cert_file) if f) + ")",
+                    "not_after": self.cert_expiry},
+                "dead_letters": str(w.dead_letter_path) if w.dead_letter_path else None,
+                "links": {
+                    "ingest": {"url": ", ".join(c.jetstream.servers) if c.jetstream else b.url,
+                               **self._links.state("ingest", up, now)},
+                    "influxdb": {"url": c.influx.url, "database": c.influx.database,
+                                 "ok": w.failing_since is None,
+                                 "failing_since": w.failing_since, "last_ok": w.last_ok,
+                                 "last_error": w.last_error}},
+                "gateways": {"heard": len(self.gateways_heard), "quiet": len(quiet),
+                             "quiet_names": quiet[:QUIET_SHOWN]},
+                "stats": self.stats()})
+            self._status_failed = False
+        except OSError as exc:  # only the operator's view: never the worker's work
+            if not self._status_failed:
+                log.warning("cannot write the worker's status under %s: %s", c.state_dir, exc)
+            self._status_failed = True
+
     # ---- async shell --------------------------------------------------------------------
 
     async def _consume(self) -> None:
@@ -685,6 +738,7 @@ class CloudWorker:
             self._check_registry()
             self._warn_certificates()
             self.writer.add(self._health_points(), background=True)
+            self.write_status("running")
             if (self.per_partition and not stop.is_set()
                     and time.monotonic() - last_snap >= self.snapshot_every_s()):
                 last_snap = time.monotonic()
@@ -729,6 +783,7 @@ class CloudWorker:
             if close is not None:
                 await close()
             await asyncio.to_thread(self.sink.close)
+            self.write_status("stopped")
             log.info("cloud worker %s stopped", self.config.worker_id)
         if consume.done() and not consume.cancelled() and consume.exception():
             raise RuntimeError("cloud worker ingest failed") from consume.exception()

@@ -37,6 +37,7 @@ from devices.contract import (
 )
 from devices.readings import NO_SEQ, Interner, ReadingColumns, capacity
 from devices.rejects import RejectLog
+from devices.status import Links
 from devices.x509 import CERT_WARN_DAYS, DAY_MS, expiry_or_warn
 from edge.clockguard import ClockGuard
 from edge.config import EdgeConfig
@@ -652,7 +653,7 @@ class EdgeAgent:
         self._disk_since: int | None = None
         # for `fieldline edge status`: when the agent started, and each link's state and since
         self._started = self.clock.now_ms()
-        self._links: dict[str, tuple[bool, int]] = {}
+        self._links = Links()
         self._status_failed = False
         # the TLS certificates the links use (client certificates, CAs): the soonest expiry
         self._cert_files = sorted({f for b in (config.intake_broker, config.uplink_broker)
@@ -1078,15 +1079,9 @@ class EdgeAgent:
             "watermark": wm if wm is not None else 0})
         self._write_status(rep, "running")
 
-    def _link(self, name: str, up: bool, now: int) -> dict[str, Any]:
-        was = self._links.get(name)
-        if was is None or was[0] != up:
-            self._links[name] = was = (up, now)
-        return {"connected": up, "since": was[1]}
-
     def _write_status(self, rep: HealthReport, state: str) -> None:
         """The status ``fieldline edge status`` reads on the gateway (edge/status.py)."""
-        c = self.config
+        c, links = self.config, self._links
         try:
             write_status(self.state_dir, {
                 "gw": rep.gateway, "ts": rep.ts,
@@ -1099,9 +1094,9 @@ class EdgeAgent:
                 "links": {
                     "intake": {"url": c.intake_broker.url, "topics": c.topics,
                                "subscribed": self.intake.subscribed.is_set(),
-                               **self._link("intake", self.intake.connected.is_set(), rep.ts)},
+                               **links.state("intake", self.intake.connected.is_set(), rep.ts)},
                     "uplink": {"url": c.uplink_broker.url,
-                               **self._link("uplink", self.uplink.connected.is_set(), rep.ts)}},
+                               **links.state("uplink", self.uplink.connected.is_set(), rep.ts)}},
                 "counters": rep.counters, "gauges": rep.gauges, "devices": rep.devices})
             self._status_failed = False
         except OSError as exc:  # only the operator's view: never the agent's work

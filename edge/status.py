@@ -11,131 +11,42 @@ is running, and names what needs attention, with an exit code monitoring can use
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from devices.x509 import CERT_WARN_DAYS
+from devices import status as st
+from devices.status import (
+    CRITICAL,
+    LEVELS,
+    OK,
+    UNKNOWN,
+    WARNING,
+    Disk,
+    StatusUnreadableError,
+    Verdict,
+    at,
+    duration,
+    link_text,
+    pid_alive,
+    plural,
+    size,
+)
+
+__all__ = ["CRITICAL", "OK", "STATUS_FILE", "UNKNOWN", "WARNING", "Disk", "assess",
+           "status_command", "write_status"]
 
 STATUS_FILE = "status.json"
-VERSION = 1
-OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
-LEVELS = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
-STALE_INTERVALS = 3  # reports missed before the agent counts as not running
-STALE_MIN_MS = 15_000
 OUTBOX_WARN, OUTBOX_CRITICAL = 0.5, 0.9  # outbox fill (of outbox.max_bytes)
-DISK_FULL_BYTES = 1 << 20  # less free under the state directory: full for the agent
+WHO = "the agent"
 
 
 def write_status(state_dir: Path, doc: Mapping[str, Any]) -> None:
     """Replace ``status.json`` whole (a reader sees the old file or the new one)."""
-    tmp = state_dir / (STATUS_FILE + ".tmp")
-    tmp.write_bytes(orjson.dumps({"v": VERSION, **doc}))
-    os.replace(tmp, state_dir / STATUS_FILE)
-
-
-class StatusUnreadableError(Exception):
-    """No status to judge (exit 3), with the reason."""
-
-
-def read_status(state_dir: Path) -> dict[str, Any]:
-    path = state_dir / STATUS_FILE
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise StatusUnreadableError(
-            f"no {path}: the agent has not run with this state directory yet (or is a "
-            "version that wrote none)") from None
-    except PermissionError:
-        raise StatusUnreadableError(f"{path}: permission denied (the agent's state is "
-                               "readable by its user only: run as root)") from None
-    try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise StatusUnreadableError(f"{path} is unreadable (cut short: written as the machine "
-                               "lost power?); the agent replaces it at its next report") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("ts"), int):
-        raise StatusUnreadableError(f"{path} is not an agent status")
-    return doc
-
-
-def pid_alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
-def plural(n: int, one: str, many: str) -> str:
-    return f"{n:,} {one if n == 1 else many}"
-
-
-def duration(ms: float) -> str:
-    s = max(0.0, ms / 1000)
-    if s < 10:
-        return f"{s:.1f} s"
-    if s < 120:
-        return f"{s:.0f} s"
-    m = s / 60
-    if m < 120:
-        return f"{m:.0f} min"
-    h = m / 60
-    return f"{h:.1f} h" if h < 48 else f"{h / 24:.1f} days"
-
-
-def size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def at(ms: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000))
-
-
-@dataclass
-class Verdict:
-    code: int
-    running: bool
-    attention: list[tuple[int, str]] = field(default_factory=list)
-
-    def add(self, level: int, text: str) -> None:
-        self.attention.append((level, text))
-        self.code = max(self.code, level)
-
-
-@dataclass(frozen=True)
-class Disk:
-    """The filesystem under the state directory, as the agent's user sees it."""
-
-    path: Path
-    free: int
-    total: int
-
-    @classmethod
-    def of(cls, path: Path) -> Disk | None:
-        try:
-            du = shutil.disk_usage(path)
-        except OSError:
-            return None
-        return cls(path, du.free, du.total)
-
-    @property
-    def full(self) -> bool:
-        return self.free < DISK_FULL_BYTES
+    st.write_status(state_dir / STATUS_FILE, doc)
 
 
 def assess(doc: Mapping[str, Any], now_ms: int, *, alive: bool,
@@ -144,24 +55,14 @@ def assess(doc: Mapping[str, Any], now_ms: int, *, alive: bool,
     c: Mapping[str, Any] = doc.get("counters") or {}
     g: Mapping[str, Any] = doc.get("gauges") or {}
     links: Mapping[str, Any] = doc.get("links") or {}
-    age = now_ms - int(doc["ts"])
-    stale_ms = max(STALE_MIN_MS, STALE_INTERVALS * int(doc.get("health_interval_ms", 5_000)))
-    v = Verdict(OK, running=doc.get("state") == "running" and alive and age <= stale_ms)
+    v = Verdict(OK, running=st.running(doc, now_ms, alive))
     depth, fill = int(g.get("outbox_depth", 0)), float(g.get("outbox_fill", 0.0))
     waiting = (f"{plural(depth, 'result batch', 'result batches')} "
                f"({size(g.get('outbox_bytes', 0))}) {'waits' if depth == 1 else 'wait'} in the "
                f"outbox" + (f", the oldest {duration(g.get('outbox_oldest_age_ms', 0))} old"
                             if depth else ""))
     if not v.running:
-        if doc.get("state") == "stopped":
-            why = f"the agent stopped at {at(int(doc['ts']))}"
-        elif not alive:
-            why = f"the agent (pid {doc.get('pid')}) is gone: killed or crashed"
-        elif disk is not None and disk.full:
-            why = (f"the agent has written no status for {duration(age)}: its disk is full "
-                   "(or it hung)")
-        else:
-            why = f"the agent has written no status for {duration(age)}: hung or stopped"
+        why = st.why_not_running(doc, now_ms, WHO, alive=alive, disk=disk)
         v.add(CRITICAL, f"not running: {why}; {waiting}" if depth else f"not running: {why}")
     if disk is not None and disk.full:
         v.add(CRITICAL, f"the filesystem under {disk.path} is full ({size(disk.free)} free): "
@@ -203,17 +104,7 @@ def assess(doc: Mapping[str, Any], now_ms: int, *, alive: bool,
         held = plural(int(g.get("quarantine_held", 0)), "message", "messages")
         v.add(WARNING, f"the gateway's clock is not trusted ({doc.get('clock_unsynced')}): "
                        f"{held} held until it is")
-    cert = doc.get("cert")
-    if cert:
-        left = (int(cert["not_after"]) - now_ms) / 86_400_000
-        if left < 0:
-            v.add(CRITICAL, f"the TLS certificate {cert['what']} expired at "
-                            f"{at(int(cert['not_after']))}: the link using it fails its "
-                            "handshake until it is renewed")
-        elif left < CERT_WARN_DAYS:
-            v.add(WARNING, f"the TLS certificate {cert['what']} expires in {left:.0f} "
-                           f"days ({at(int(cert['not_after']))}): renew it before, or the "
-                           "link using it fails")
+    st.judge_certificate(v, doc.get("cert"), now_ms)
     if g.get("backpressure"):
         v.add(WARNING, "backpressure: the agent takes readings more slowly than they come")
     for key, text in (
@@ -231,7 +122,7 @@ def assess(doc: Mapping[str, Any], now_ms: int, *, alive: bool,
         names = list((doc.get("devices") or {}).get("silent") or [])
         shown = ", ".join(str(n) for n in names[:5]) + (", ..." if silent > 5 else "")
         v.add(OK, f"{silent:,} of {int(g.get('devices_seen', 0)):,} devices silent: {shown}")
-    v.attention.sort(key=lambda a: -a[0])
+    v.sort()
     return v
 
 
@@ -250,8 +141,7 @@ def render(doc: Mapping[str, Any], verdict: Verdict, now_ms: int,
     intake, up = links.get("intake") or {}, links.get("uplink") or {}
 
     def link(d: Mapping[str, Any]) -> str:
-        state = "connected" if d.get("connected") else "DOWN"
-        return f"{d.get('url')} {state} since {at(int(d.get('since', doc['ts'])))}"
+        return link_text(d, int(doc["ts"]))
 
     def n(key: str) -> str:
         return f"{int(c.get(key, 0)):,}"
@@ -294,7 +184,7 @@ def status_command(state_dir: Path | None, *, as_json: bool,
                          "status) in a temporary directory; set gateway.state_dir")
     now = int(time.time() * 1000) if now_ms is None else now_ms
     try:
-        doc = read_status(state_dir)
+        doc = st.read_status(state_dir / STATUS_FILE, WHO)
     except StatusUnreadableError as exc:
         return UNKNOWN, f"UNKNOWN: {exc}"
     disk = Disk.of(state_dir)

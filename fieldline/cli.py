@@ -6,6 +6,7 @@
     fieldline edge install --gateway-id ID --cloud URL [--dry-run]   (and: edge uninstall)
     fieldline edge status [--config gateway.toml] [--json]
     fieldline cloud run --config cloud.toml
+    fieldline cloud status [--config cloud.toml] [--worker-id ID] [--json]
     fieldline simulate --config fleet.toml
     fieldline replay --data DIR --nab FILE | --skab FILE | --csv FILE --broker URL
     fieldline grafana export DIR | push --url URL --token T --influx-url URL
@@ -285,6 +286,24 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
 
     asyncio.run(main())
     return 0
+
+
+def cmd_cloud_status(args: argparse.Namespace) -> int:
+    from cloud.config import load_cloud_config
+    from cloud.status import UNKNOWN, status_command
+
+    try:
+        cfg = load_cloud_config(args.config)
+    except PermissionError:
+        print(f"UNKNOWN: {args.config}: permission denied (the worker's config and state are "
+              "its user's and root's: sudo fieldline cloud status)", file=sys.stderr)
+        return UNKNOWN
+    except (ConfigError, OSError) as exc:
+        print(f"UNKNOWN: {args.config}: {exc}", file=sys.stderr)
+        return UNKNOWN
+    code, text = status_command(cfg.state_dir, worker=args.worker_id, as_json=args.json)
+    print(text)
+    return code
 
 
 def cmd_cloud_bridge(args: argparse.Namespace) -> int:
@@ -585,6 +604,16 @@ def build_parser() -> argparse.ArgumentParser:
                          "second worker with the same k as its hot standby")
     cr.add_argument("--worker-id", default=None, help="overrides worker.id")
     cr.set_defaults(func=cmd_cloud_run)
+    cs = c.add_parser("status", help="are the cloud workers of this machine running, and what "
+                                     "needs attention (exit 0 ok, 1 warning, 2 critical, 3 "
+                                     "unknown)")
+    cs.add_argument("--config", type=Path, default=Path("/etc/fieldline/cloud.toml"),
+                    help="the workers' config (default: where deploy/systemd reads it)")
+    cs.add_argument("--worker-id", default=None,
+                    help="this worker only (default: every worker whose status is in "
+                         "worker.state_dir)")
+    cs.add_argument("--json", action="store_true", help="the verdicts and the workers' status")
+    cs.set_defaults(func=cmd_cloud_status)
     cb = c.add_parser("bridge", help="forward the cloud broker's uplink into NATS JetStream "
                                      "and the workers' acks back")
     cb.add_argument("--config", required=True, type=Path)

@@ -38,6 +38,14 @@ def edge_status(cfg: Path, *extra: str) -> tuple[int, str]:
     return r.returncode, r.stdout + r.stderr
 
 
+def cloud_status(cfg: Path, *extra: str) -> tuple[int, str]:
+    """`fieldline cloud status --config cfg`: its exit code and output."""
+    r = subprocess.run([*CMD, "cloud", "status", "--config", str(cfg), *extra],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert "Traceback" not in r.stderr, r.stderr
+    return r.returncode, r.stdout + r.stderr
+
+
 class FleetRig:
     """A fleet publishing in real time to the gateway broker, and what reached InfluxDB."""
 

@@ -52,7 +52,7 @@ from cloud.worker import CloudWorker
 from fieldline.faults import FaultProxy
 from fieldline.services import Mosquitto, NatsCluster, NatsServer
 from simulators.fleet import FleetSpec
-from tests.rig import FleetRig
+from tests.rig import FleetRig, cloud_status
 from tests.test_faults import fill, tmpfs
 
 CMD = [sys.executable, "-m", "fieldline.cli", "--log-level", "INFO"]
@@ -450,6 +450,7 @@ checkpoint_interval = "1s"
 [worker]
 id = "w"
 health_interval = "500ms"
+state_dir = "{tmp}/cloud-state"
 [ingest]
 broker = "{self.cloud_broker.url}"
 [engine]
@@ -785,6 +786,17 @@ def test_workers_fail_over_with_their_state(jsrig: JsRig) -> None:
                                             + led["late_dropped"] + led["duplicates"]), (gw, led)
     # the standby continued from snapshots: it replayed only their tails
     assert health_c.get("partitions_assigned", 0) >= 2
+    # beside the workers (one state directory for the three): the killed one named, the one
+    # that was paused now a standby, the standby serving from another NATS node
+    code, text = cloud_status(rig.cloud_cfg)
+    assert code == 2, text
+    assert "worker A (member 0/2): CRITICAL, worker NOT RUNNING" in text, text
+    assert f"the worker (pid {rig.procs['A'].pid}) is gone: killed or crashed" in text, text
+    assert "worker B (member 1/2): " in text, text
+    assert "owns no partition: a hot standby" in text, text
+    block_c = text[text.index("worker C: "):]
+    assert "worker C: CRITICAL" not in block_c, text
+    assert f"ingest   {', '.join(rig.cluster.urls)} connected since" in block_c, text
     ours = rig.influx_anomalies()
     ref = rig.reference_anomalies()
     assert ref, "the fleet's spikes should have raised anomalies"

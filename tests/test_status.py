@@ -1,5 +1,7 @@
 """`fieldline edge status`: what an operator standing beside a gateway learns from the gateway
-itself, above all when its uplink is down and the cloud's view of it has stopped."""
+itself, above all when its uplink is down and the cloud's view of it has stopped; and
+`fieldline cloud status`: the same beside a cloud worker, above all when InfluxDB (where its
+health goes) is not there."""
 
 from __future__ import annotations
 
@@ -7,12 +9,15 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
+from cloud import status as cloud
+from cloud.sinks.influx_v1 import InfluxV1Client
 from edge.status import (
     CRITICAL,
     OK,
@@ -24,7 +29,8 @@ from edge.status import (
     status_command,
     write_status,
 )
-from tests.rig import Rig, edge_status
+from fieldline.services import Mosquitto
+from tests.rig import Rig, cloud_status, edge_status
 from tests.test_faults import finish
 
 
@@ -193,3 +199,239 @@ def test_a_disk_smaller_than_the_outbox_may_grow_is_a_warning(tmp_path: Path) ->
         f"the filesystem under {tmp_path} is full (4.0 KiB free): the agent can log no readings "
         "and store no results, and holds its intake until there is room (devices' readings "
         "wait in the gateway broker)"]
+
+
+# ---- fieldline cloud status ---------------------------------------------------------------
+
+
+NOW = int(time.time() * 1000)  # the cases' times are relative to it (fixed at collection)
+
+
+def base_worker(**over: Any) -> dict[str, Any]:
+    now = NOW
+    doc: dict[str, Any] = {
+        "worker": "cloud-9", "ts": now, "state": "running", "pid": os.getpid(),
+        "started": now - 60_000, "health_interval_ms": 5_000, "member": None, "cert": None,
+        "dead_letters": "/var/lib/fieldline-cloud/dead-letter.jsonl",
+        "links": {"ingest": {"url": "mqtts://cloud:8883", "connected": True,
+                             "since": now - 60_000},
+                  "influxdb": {"url": "http://influx:8086", "database": "fieldline", "ok": True,
+                               "failing_since": None, "last_ok": now - 1_000,
+                               "last_error": None}},
+        "gateways": {"heard": 3, "quiet": 0, "quiet_names": []},
+        "stats": {"batches_in": 10, "results_in": 300, "results_written": 300,
+                  "points_written": 700, "buffered_points": 0},
+    }
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(doc.get(k), dict):
+            doc[k] = {**doc[k], **v}
+        else:
+            doc[k] = v
+    return doc
+
+
+def _ago(ms: int) -> int:
+    return NOW - ms
+
+
+@pytest.mark.parametrize(("over", "age_ms", "code", "words"), [
+    ({}, 0, OK, "worker cloud-9: OK, worker running"),
+    ({}, 16_000, CRITICAL, "the worker has written no status for 16 s: hung or stopped"),
+    ({"pid": 2**22 + 12345}, 0, CRITICAL, "the worker (pid 4206649) is gone: killed or crashed"),
+    ({"state": "stopped"}, 0, CRITICAL, "not running: the worker stopped at"),
+    ({"links": {"ingest": {"url": "mqtts://cloud:8883", "connected": False,
+                           "since": _ago(12_000)}}}, 0, WARNING,
+     "not connected to mqtts://cloud:8883 for 12 s: no results come in"),
+    ({"links": {"ingest": {"url": "mqtts://cloud:8883", "connected": False,
+                           "since": _ago(95_000)}}}, 0, CRITICAL,
+     "not connected to mqtts://cloud:8883 for 95 s"),
+    ({"links": {"influxdb": {"url": "http://influx:8086", "ok": False,
+                             "failing_since": _ago(5_000), "last_error": "connection refused"}},
+      "stats": {"buffered_points": 4200}}, 0, WARNING,
+     "writes to InfluxDB at http://influx:8086 have failed for 5.0 s (connection refused): "
+     "4,200 points wait in memory"),
+    ({"links": {"influxdb": {"url": "http://influx:8086", "ok": False,
+                             "failing_since": _ago(40 * 60_000),
+                             "last_error": '(503): {"error":"unavailable"}'}}},
+     0, CRITICAL, 'have failed for 40 min ((503): {"error":"unavailable"})'),
+    ({"gateways": {"heard": 5, "quiet": 2, "quiet_names": ["gw-3", "gw-1"]}}, 0, WARNING,
+     "2 of 5 gateways heard since the worker started have sent no health report for 10 min "
+     "(down, or their uplink): gw-3, gw-1"),
+    ({"gateways": {"heard": 50, "quiet": 30, "quiet_names": [f"g{i}" for i in range(20)]}},
+     0, WARNING, "g18, g19, ..."),
+    ({"stats": {"points_rejected": 12}}, 0, WARNING,
+     "12 points InfluxDB refused for good (dead-lettered: see "
+     "/var/lib/fieldline-cloud/dead-letter.jsonl) since the worker started"),
+    ({"stats": {"batch_conflicts": 2}}, 0, WARNING, "two agents use one gateway id"),
+    ({"stats": {"acks_refused": 4}}, 0, WARNING, "its ACL must let the worker publish"),
+    ({"stats": {"engine_replicas_behind": 1}}, 0, WARNING, "1 JetStream replica is not current"),
+    ({"cert": {"what": "of the link to mqtts://cloud:8883 (ca.crt)",
+               "not_after": _ago(-5 * 86_400_000 - 3_600_000)}}, 0, WARNING,
+     "the TLS certificate of the link to mqtts://cloud:8883 (ca.crt) expires in 5 days"),
+    ({"stats": {"unknown_device_results": 9}}, 0, OK, "9 results of devices the registry"),
+    ({"member": "1/3", "stats": {"partitions_owned": 0}}, 0, OK,
+     "owns no partition: a hot standby"),
+])
+def test_the_cloud_status_verdict(tmp_path: Path, over: dict[str, Any], age_ms: int, code: int,
+                                  words: str) -> None:
+    doc = base_worker(**over)
+    cloud.write_status(tmp_path, doc["worker"], doc)
+    got, text = cloud.status_command(tmp_path, as_json=False, now_ms=doc["ts"] + age_ms)
+    assert got == code, text
+    assert words in text, text
+
+
+def test_cloud_status_reads_every_worker_of_a_shared_directory(tmp_path: Path) -> None:
+    """Workers of one JetStream cluster may share a state directory: each writes its own
+    status, the command judges each, exits with the worst, or reads one with --worker-id."""
+    assert cloud.status_command(None, as_json=False)[0] == UNKNOWN
+    code, text = cloud.status_command(tmp_path, as_json=False)
+    assert code == UNKNOWN
+    assert "no worker has run with this state directory" in text
+    ok = base_worker(worker="w/0", member="0/2")
+    ok["stats"]["partitions_owned"] = 32
+    gone = base_worker(worker="w-1", member="1/2", pid=2**22 + 12345)
+    cloud.write_status(tmp_path, "w/0", ok)
+    cloud.write_status(tmp_path, "w-1", gone)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["status-w-1.json", "status-w_0.json"]
+    code, text = cloud.status_command(tmp_path, as_json=False, now_ms=ok["ts"])
+    assert code == CRITICAL, text
+    assert "worker w-1 (member 1/2): CRITICAL, worker NOT RUNNING" in text
+    assert "worker w/0 (member 0/2): OK, worker running" in text
+    assert "engine   32 partitions owned" in text
+    code, out = cloud.status_command(tmp_path, worker="w/0", as_json=True, now_ms=ok["ts"])
+    assert code == OK
+    doc = orjson.loads(out)
+    assert [w["worker"]["worker"] for w in doc["workers"]] == ["w/0"]
+    (tmp_path / "status-w-1.json").write_bytes(b'{"v": 1, "worker": "w-1", "ts": 17')
+    code, text = cloud.status_command(tmp_path, as_json=False, now_ms=ok["ts"])
+    assert code == UNKNOWN
+    assert "cut short" in text
+    assert "worker w/0 (member 0/2): OK" in text  # the other one still judged
+
+
+def test_a_worker_names_the_gateways_it_stopped_hearing(tmp_path: Path) -> None:
+    """Gateways whose health reports stopped for 10 minutes of the worker's clock (as the
+    Grafana rule "Gateway not reporting" judges them), the longest quiet first; a replayed
+    report (a takeover) is no proof of life."""
+    from cloud.config import CloudConfig, InfluxConfig
+    from cloud.ingest import SourceMessage
+    from cloud.sinks.base import MemorySink
+    from cloud.worker import CloudWorker
+    from devices.clock import ManualClock
+    from devices.contract import HealthReport, health_topic
+    from devices.mqtt import BrokerAddress
+    from devices.registry import Registry
+
+    clock = ManualClock()
+    cfg = CloudConfig(worker_id="t", broker=BrokerAddress(host="127.0.0.1", port=1),
+                      influx=InfluxConfig(), state_dir=tmp_path)
+    worker = CloudWorker(cfg, clock=clock, registry=Registry(), sink=MemorySink(),
+                         source=object())  # type: ignore[arg-type]
+    pos = iter(range(1, 100))
+
+    def heard(gw: str, *, replay: bool = False) -> None:
+        msg = SourceMessage(0, next(pos), health_topic(gw),
+                            HealthReport(gateway=gw, ts=clock.now_ms()).encode())
+        worker.handle(replace(msg, replay=True) if replay else msg)
+
+    for gw in ("gw-a", "gw-b", "gw-c"):
+        heard(gw)
+    clock.advance(4 * 60_000)
+    heard("gw-b")
+    clock.advance(7 * 60_000)  # gw-a and gw-c quiet for 11 minutes, gw-b for 7
+    heard("gw-c", replay=True)
+    heard("gw-a", replay=True)
+    worker.write_status("running")
+    doc = orjson.loads((tmp_path / "status-t.json").read_bytes())
+    assert doc["gateways"] == {"heard": 3, "quiet": 2, "quiet_names": ["gw-a", "gw-c"]}
+    assert doc["links"]["influxdb"]["ok"] is True
+    v = cloud.assess(doc, clock.now_ms(), alive=True)
+    assert v.code == WARNING
+    assert "2 of 3 gateways" in v.attention[0][1]
+    heard("gw-a")
+    worker.write_status("stopped")
+    doc = orjson.loads((tmp_path / "status-t.json").read_bytes())
+    assert doc["gateways"]["quiet_names"] == ["gw-c"]
+    assert doc["state"] == "stopped"
+
+
+@pytest.mark.integration
+def test_cloud_status_tells_the_operator_what_influxdb_cannot_show(
+        tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto],
+        influx_db: InfluxV1Client) -> None:
+    """A real worker, agent, brokers and InfluxDB (through a fault proxy): OK while results
+    are written; InfluxDB cut off (where the worker's own health goes) is named with its error;
+    the cloud broker stopped is named; SIGKILL and SIGTERM are told apart; every reading in
+    InfluxDB once at the end."""
+    rig = Rig(tmp_path, mosquitto_factory, influx_db, influx_proxy=True)
+    try:
+        cfg = rig.cloud_cfg
+        rig.start_chain(fleet_s=25)
+        assert rig.worker is not None
+        pid = rig.worker.pid
+
+        def written(code: int, d: dict[str, Any]) -> bool:
+            w = d["workers"][0]["worker"]
+            return (code == OK and w["stats"]["results_written"] > 0
+                    and w["gateways"]["heard"] == 1)
+
+        _code, _doc, text = cloud_status_when(cfg, written, 30)
+        assert text.startswith(f"worker rig: OK, worker running (pid {pid})"), text
+        assert f"ingest   {rig.cloud_broker.url} connected since" in text, text
+        assert "database " + influx_db.database + ": writing, the last write at" in text, text
+
+        assert rig.influx_proxy is not None
+        rig.influx_proxy.set_mode("reset")
+
+        def failing(code: int, d: dict[str, Any]) -> bool:
+            return code in (WARNING, CRITICAL) and any(
+                "writes to InfluxDB at" in a["text"] for a in d["workers"][0]["attention"])
+
+        _code, _doc, text = cloud_status_when(cfg, failing, 30)
+        assert f"writes to InfluxDB at http://127.0.0.1:{rig.influx_proxy.port} have failed " \
+               "for" in text, text
+        assert ": FAILING since" in text, text
+        rig.influx_proxy.set_mode("pass")
+        cloud_status_when(cfg, lambda c, _d: c == OK, 60)
+
+        rig.cloud_broker.stop()
+
+        def cut(code: int, d: dict[str, Any]) -> bool:
+            return code in (WARNING, CRITICAL) and any(
+                f"not connected to {rig.cloud_broker.url}" in a["text"]
+                for a in d["workers"][0]["attention"])
+
+        code, _doc, text = cloud_status_when(cfg, cut, 60)
+        assert f"ingest   {rig.cloud_broker.url} DOWN since" in text, text
+        rig.cloud_broker.start()
+        cloud_status_when(cfg, lambda c, _d: c == OK, 60)
+
+        rig.kill_worker()
+        code, text = cloud_status(cfg)
+        assert code == CRITICAL, text
+        assert f"the worker (pid {pid}) is gone: killed or crashed" in text, text
+        rig.start_worker()
+        cloud_status_when(cfg, lambda c, d: c == OK and d["workers"][0]["worker"]["pid"] != pid,
+                          60)
+        rig.wait_fleet()
+        finish(rig)
+        rig._kill(rig.worker, signal.SIGTERM)
+        code, text = cloud_status(cfg)
+        assert code == CRITICAL, text
+        assert "not running: the worker stopped at" in text, text
+    finally:
+        rig.stop()
+
+
+def cloud_status_when(cfg: Path, cond: Callable[[int, dict[str, Any]], bool], timeout_s: float
+                      ) -> tuple[int, dict[str, Any], str]:
+    """Poll `cloud status --json` until ``cond(code, doc)``; then the text form too."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        code, out = cloud_status(cfg, "--json")
+        doc = orjson.loads(out) if code != UNKNOWN else {}
+        if doc and cond(code, doc):
+            return code, doc, cloud_status(cfg)[1]
+        assert time.monotonic() < deadline, f"status never got there: {code} {out[-3000:]}"
+        time.sleep(0.3)

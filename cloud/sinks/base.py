@@ -254,6 +254,10 @@ class BufferedWriter:
         self.write_errors = 0
         self.writes = 0
         self.last_error: str | None = None
+        # the sink's state for the operator (`fieldline cloud status`): since when (clock ms)
+        # writes have failed without one getting through, and when one last got through
+        self.failing_since: int | None = None
+        self.last_ok: int | None = None
 
     @property
     def buffered(self) -> int:
@@ -558,12 +562,14 @@ class BufferedWriter:
                 if n:
                     await asyncio.to_thread(self.sink.write, batch)
                     self.writes += 1
+                    self.failing_since, self.last_ok = None, self.clock.now_ms()
                 self.points_written += n
                 return True
             except SinkError as exc:
                 self.write_errors += 1
                 self.last_error = str(exc)
-                if not exc.retryable:
+                if not exc.retryable:  # the server answers: it is reachable, taking writes
+                    self.failing_since, self.last_ok = None, self.clock.now_ms()
                     # The server refused some points for good (1.x keeps the rest): find them by
                     # bisection, dead-letter them with the reason, never resend them forever.
                     bad = await self._isolate(batch, stop)
@@ -573,6 +579,8 @@ class BufferedWriter:
                     self.points_written += n - len(bad)
                     self._dead_letter(bad)
                     return True
+                if self.failing_since is None:
+                    self.failing_since = self.clock.now_ms()
                 log.warning("sink %s write failed (attempt %d, retrying): %s",
                             self.sink.name, tries, exc)
                 if attempts is not None and tries >= attempts:

@@ -1,0 +1,231 @@
+"""A cloud worker's status on its own machine: ``fieldline cloud status``.
+
+The worker's health goes into InfluxDB, which is exactly what is missing when InfluxDB is
+down, refuses the worker, or when the worker itself hangs. So at every health report the
+worker also replaces ``status-<worker id>.json`` in its state directory (the workers of a
+JetStream cluster may share one directory, each under its own name): its links (the broker
+or NATS it reads, the InfluxDB it writes), the gateways it hears from, and its counters.
+``fieldline cloud status`` reads every such file there (or one worker's), says whether each
+worker runs and what needs attention, worst first, with the Nagios exit code of the worst.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from devices import status as st
+from devices.status import (
+    CRITICAL,
+    LEVELS,
+    OK,
+    UNKNOWN,
+    WARNING,
+    Disk,
+    StatusUnreadableError,
+    Verdict,
+    at,
+    duration,
+    link_text,
+    pid_alive,
+    plural,
+    size,
+)
+
+__all__ = ["CRITICAL", "OK", "UNKNOWN", "WARNING", "assess", "status_command", "status_path",
+           "write_status"]
+
+WHO = "the worker"
+DOWN_CRITICAL_MS = 30_000  # a link down (or InfluxDB failing) this long is critical, not a blip
+QUIET_MS = 10 * 60_000  # a gateway with no health report this long is not reporting (the
+# Grafana rule "Gateway not reporting" uses the same, panels.REPORTS_WITHIN)
+QUIET_SHOWN = 20  # gateways named in a status (the count is always whole)
+
+# counters since the worker started that need the operator: (key, what it means)
+SINCE_START = (
+    ("internal_errors", "internal errors (see the journal)"),
+    ("batch_conflicts", "batches under a number another batch of the same gateway has: two "
+                        "agents use one gateway id, or a copy of its state directory"),
+    ("points_rejected", "points InfluxDB refused for good (dead-lettered: see {dead_letters})"),
+    ("rejected_messages", "uplink messages the worker could not read (counted by reason in "
+                          "its health: rejected_*)"),
+    ("acks_unsent", "acknowledgements it could not send (the gateways send those batches "
+                    "again: written once, but their outboxes wait)"),
+    ("acks_refused", "acknowledgements the broker refused (its ACL must let the worker publish "
+                     "fieldline/v1/<gateway>/ack)"),
+    ("state_save_errors", "failures to save which batches are in InfluxDB to its state "
+                          "directory (a restart then may write some batches again)"),
+    ("detector_snapshot_errors", "failures to save the detectors' state (a restart then "
+                                 "relearns from the last saved one)"),
+    ("registry_reload_errors", "reloads of the device registry that failed (the reference "
+                               "data loaded before is kept)"),
+    ("partition_snapshot_errors", "partition snapshots JetStream did not take (a takeover "
+                                  "replays more)"),
+    ("dead_letter_file_errors", "dead-lettered points it could not write to {dead_letters}"),
+)
+
+
+def status_path(state_dir: Path, worker_id: str) -> Path:
+    return state_dir / f"status-{re.sub(r'[^A-Za-z0-9._-]', '_', worker_id)}.json"
+
+
+def write_status(state_dir: Path, worker_id: str, doc: Mapping[str, Any]) -> None:
+    st.write_status(status_path(state_dir, worker_id), doc)
+
+
+def _down(since: object, now_ms: int) -> tuple[int, str]:
+    """How bad a link down (or failing) since ``since`` is, and for how long, as text."""
+    ms = now_ms - (since if isinstance(since, int) else now_ms)
+    return CRITICAL if ms >= DOWN_CRITICAL_MS else WARNING, duration(ms)
+
+
+def assess(doc: Mapping[str, Any], now_ms: int, *, alive: bool,
+           disk: Disk | None = None) -> Verdict:
+    """What a worker's status says: running or not, and what needs attention (worst first)."""
+    s: Mapping[str, Any] = doc.get("stats") or {}
+    links: Mapping[str, Any] = doc.get("links") or {}
+    v = Verdict(OK, running=st.running(doc, now_ms, alive))
+    buffered = int(s.get("buffered_points", 0))
+    if not v.running:
+        why = st.why_not_running(doc, now_ms, WHO, alive=alive, disk=disk)
+        v.add(CRITICAL, f"not running: {why}; the gateways keep what it had not written in "
+                        "their outboxes until a worker acknowledges it")
+    if disk is not None and disk.full:
+        v.add(CRITICAL, f"the filesystem under {disk.path} is full ({size(disk.free)} free): "
+                        "the worker cannot save which batches are in InfluxDB, nor its "
+                        "detectors' state, nor dead letters")
+    if v.running:
+        ingest = links.get("ingest") or {}
+        if not ingest.get("connected", True):
+            level, long = _down(ingest.get("since"), now_ms)
+            v.add(level, f"not connected to {ingest.get('url')} for {long}: no results come in "
+                         "(the gateways keep them in their outboxes)")
+        influx = links.get("influxdb") or {}
+        if not influx.get("ok", True):
+            level, long = _down(influx.get("failing_since"), now_ms)
+            error = str(influx.get("last_error") or "?")[:200]
+            v.add(level, f"writes to InfluxDB at {influx.get('url')} have failed for {long} "
+                         f"({error}): {buffered:,} points wait in memory and the gateways' "
+                         "batches are not acknowledged until they are written")
+        behind = int(s.get("engine_replicas_behind", 0))
+        if behind:
+            v.add(WARNING, f"{plural(behind, 'JetStream replica is', 'JetStream replicas are')}"
+                           " not current: a node is down or lagging (the stream survives one "
+                           "node less until it catches up)")
+        quiet = doc.get("gateways") or {}
+        n_quiet = int(quiet.get("quiet", 0))
+        if n_quiet:
+            names = list(quiet.get("quiet_names") or [])
+            shown = ", ".join(str(n) for n in names) + (", ..." if n_quiet > len(names) else "")
+            v.add(WARNING, f"{n_quiet:,} of {int(quiet.get('heard', 0)):,} gateways heard since "
+                           f"the worker started have sent no health report for "
+                           f"{duration(QUIET_MS)} (down, or their uplink): {shown}")
+    st.judge_certificate(v, doc.get("cert"), now_ms)
+    for key, text in SINCE_START:
+        if s.get(key):
+            v.add(WARNING, f"{int(s[key]):,} "
+                           + text.format(dead_letters=doc.get("dead_letters") or "its log")
+                           + " since the worker started")
+    unknown = int(s.get("unknown_device_results", 0))
+    if unknown:
+        v.add(OK, f"{unknown:,} results of devices the registry does not know (written "
+                  "without their reference data: add them to the registry)")
+    if doc.get("member") and v.running and not int(s.get("partitions_owned", 0)):
+        v.add(OK, "owns no partition: a hot standby (or the cluster has not assigned it yet)")
+    v.sort()
+    return v
+
+
+def render(doc: Mapping[str, Any], verdict: Verdict, now_ms: int,
+           disk: Disk | None = None) -> str:
+    s: Mapping[str, Any] = doc.get("stats") or {}
+    links: Mapping[str, Any] = doc.get("links") or {}
+    started = int(doc.get("started", doc["ts"]))
+    head = (f"running (pid {doc.get('pid')}), up {duration(now_ms - started)}"
+            if verdict.running else "NOT RUNNING")
+    member = f" (member {doc['member']})" if doc.get("member") else ""
+    lines = [f"worker {doc.get('worker')}{member}: {LEVELS[verdict.code]}, worker {head}; "
+             f"status of {at(int(doc['ts']))} ({duration(now_ms - int(doc['ts']))} ago)"]
+    for level, text in verdict.attention:
+        lines.append(f"  {'!' if level >= WARNING else '-'} {text}")
+
+    def n(key: str) -> str:
+        return f"{int(s.get(key, 0)):,}"
+
+    ingest = links.get("ingest") or {}
+    influx = links.get("influxdb") or {}
+    if influx.get("ok", True):
+        writes = (f"writing, the last write at {at(int(influx['last_ok']))}"
+                  if influx.get("last_ok") else "no write yet")
+    else:
+        writes = f"FAILING since {at(int(influx.get('failing_since', doc['ts'])))}"
+    gw = doc.get("gateways") or {}
+    lines += [
+        f"ingest   {link_text(ingest, int(doc['ts']))}",
+        f"results  {n('batches_in')} batches ({n('duplicate_batches')} duplicates), "
+        f"{n('results_in')} results in, {n('results_written')} written; window end -> "
+        f"written p50 {duration(float(s.get('freshness_p50_ms', 0)))}",
+        f"influxdb {influx.get('url')} database {influx.get('database')}: {writes}; "
+        f"{n('points_written')} points written, {n('buffered_points')} waiting, "
+        f"{n('points_rejected')} refused",
+        f"gateways {int(gw.get('heard', 0)):,} heard since the worker started, "
+        f"{int(gw.get('quiet', 0)):,} quiet for {duration(QUIET_MS)}",
+        f"detect   {n('detector_series')} series ({float(s.get('detector_state_mb', 0)):.1f} "
+        f"MiB), {n('anomalies')} anomalies, alerts {n('alerts_opened')} opened / "
+        f"{n('alerts_resolved')} resolved",
+        f"disk     {disk.path}: {size(disk.free)} free of {size(disk.total)}" if disk else
+        "disk     (not readable)",
+    ]
+    if doc.get("member"):
+        lines.append(f"engine   {n('partitions_owned')} partitions owned, snapshots every "
+                     f"{float(s.get('engine_snapshot_every_s', 0)):.0f} s")
+    return "\n".join(lines)
+
+
+def status_command(state_dir: Path | None, *, worker: str | None = None, as_json: bool,
+                   now_ms: int | None = None) -> tuple[int, str]:
+    """The text (or JSON) ``fieldline cloud status`` prints, and its exit code: the status of
+    every worker that wrote one in ``state_dir`` (or of ``worker`` alone), the worst code."""
+    if state_dir is None:
+        return UNKNOWN, ("worker.state_dir is not set: the worker writes no status (and keeps "
+                         "which batches are in InfluxDB only in memory); set worker.state_dir")
+    now = int(time.time() * 1000) if now_ms is None else now_ms
+    if worker is not None:
+        paths = [status_path(state_dir, worker)]
+    else:
+        try:
+            paths = sorted(state_dir.glob("status-*.json"))
+        except OSError as exc:
+            return UNKNOWN, f"UNKNOWN: {state_dir}: {exc}"
+        if not paths:
+            return UNKNOWN, (f"UNKNOWN: no status-*.json in {state_dir}: no worker has run with "
+                             "this state directory yet (or is a version that wrote none)")
+    disk = Disk.of(state_dir)
+    code, texts = OK, []
+    docs: list[dict[str, Any]] = []
+    for path in paths:
+        try:
+            doc = st.read_status(path, WHO)
+        except StatusUnreadableError as exc:
+            code = max(code, UNKNOWN)
+            texts.append(f"UNKNOWN: {exc}")
+            docs.append({"status": "UNKNOWN", "error": str(exc)})
+            continue
+        verdict = assess(doc, now, alive=pid_alive(doc.get("pid")), disk=disk)
+        code = max(code, verdict.code)
+        texts.append(render(doc, verdict, now, disk))
+        docs.append({"status": LEVELS[verdict.code], "running": verdict.running,
+                     "attention": [{"level": LEVELS[lv], "text": t}
+                                   for lv, t in verdict.attention],
+                     "worker": doc})
+    if as_json:
+        out = {"status": LEVELS[code], "workers": docs,
+               "disk": {"path": str(disk.path), "free": disk.free, "total": disk.total}
+               if disk else None}
+        return code, orjson.dumps(out, option=orjson.OPT_INDENT_2).decode()
+    return code, "\n\n".join(texts)
