@@ -20,22 +20,7 @@ from typing import Any
 import orjson
 
 from devices import status as st
-from devices.status import (
-    CRITICAL,
-    LEVELS,
-    OK,
-    UNKNOWN,
-    WARNING,
-    Disk,
-    StatusUnreadableError,
-    Verdict,
-    at,
-    duration,
-    link_text,
-    pid_alive,
-    plural,
-    size,
-)
+from devices.status import CRITICAL, OK, UNKNOWN, WARNING, Verdict, duration, plural, size
 
 __all__ = ["CRITICAL", "OK", "UNKNOWN", "WARNING", "assess", "status_command", "status_path",
            "write_status"]
@@ -85,7 +70,7 @@ def _down(since: object, now_ms: int) -> tuple[int, str]:
 
 
 def assess(doc: Mapping[str, Any], now_ms: int, *, alive: bool,
-           disk: Disk | None = None) -> Verdict:
+           disk: st.Disk | None = None) -> Verdict:
     """What a worker's status says: running or not, and what needs attention (worst first)."""
     s: Mapping[str, Any] = doc.get("stats") or {}
     links: Mapping[str, Any] = doc.get("links") or {}
@@ -142,15 +127,15 @@ def assess(doc: Mapping[str, Any], now_ms: int, *, alive: bool,
 
 
 def render(doc: Mapping[str, Any], verdict: Verdict, now_ms: int,
-           disk: Disk | None = None) -> str:
+           disk: st.Disk | None = None) -> str:
     s: Mapping[str, Any] = doc.get("stats") or {}
     links: Mapping[str, Any] = doc.get("links") or {}
     started = int(doc.get("started", doc["ts"]))
     head = (f"running (pid {doc.get('pid')}), up {duration(now_ms - started)}"
             if verdict.running else "NOT RUNNING")
     member = f" (member {doc['member']})" if doc.get("member") else ""
-    lines = [f"worker {doc.get('worker')}{member}: {LEVELS[verdict.code]}, worker {head}; "
-             f"status of {at(int(doc['ts']))} ({duration(now_ms - int(doc['ts']))} ago)"]
+    lines = [f"worker {doc.get('worker')}{member}: {st.LEVELS[verdict.code]}, worker {head}; "
+             f"status of {st.at(int(doc['ts']))} ({duration(now_ms - int(doc['ts']))} ago)"]
     for level, text in verdict.attention:
         lines.append(f"  {'!' if level >= WARNING else '-'} {text}")
 
@@ -160,13 +145,13 @@ def render(doc: Mapping[str, Any], verdict: Verdict, now_ms: int,
     ingest = links.get("ingest") or {}
     influx = links.get("influxdb") or {}
     if influx.get("ok", True):
-        writes = (f"writing, the last write at {at(int(influx['last_ok']))}"
+        writes = (f"writing, the last write at {st.at(int(influx['last_ok']))}"
                   if influx.get("last_ok") else "no write yet")
     else:
-        writes = f"FAILING since {at(int(influx.get('failing_since', doc['ts'])))}"
+        writes = f"FAILING since {st.at(int(influx.get('failing_since', doc['ts'])))}"
     gw = doc.get("gateways") or {}
     lines += [
-        f"ingest   {link_text(ingest, int(doc['ts']))}",
+        f"ingest   {st.link_text(ingest, int(doc['ts']))}",
         f"results  {n('batches_in')} batches ({n('duplicate_batches')} duplicates), "
         f"{n('results_in')} results in, {n('results_written')} written; window end -> "
         f"written p50 {duration(float(s.get('freshness_p50_ms', 0)))}",
@@ -205,26 +190,26 @@ def status_command(state_dir: Path | None, *, worker: str | None = None, as_json
         if not paths:
             return UNKNOWN, (f"UNKNOWN: no status-*.json in {state_dir}: no worker has run with "
                              "this state directory yet (or is a version that wrote none)")
-    disk = Disk.of(state_dir)
+    disk = st.Disk.of(state_dir)
     code, texts = OK, []
     docs: list[dict[str, Any]] = []
     for path in paths:
         try:
             doc = st.read_status(path, WHO)
-        except StatusUnreadableError as exc:
+        except st.StatusUnreadableError as exc:
             code = max(code, UNKNOWN)
             texts.append(f"UNKNOWN: {exc}")
             docs.append({"status": "UNKNOWN", "error": str(exc)})
             continue
-        verdict = assess(doc, now, alive=pid_alive(doc.get("pid")), disk=disk)
+        verdict = assess(doc, now, alive=st.pid_alive(doc.get("pid")), disk=disk)
         code = max(code, verdict.code)
         texts.append(render(doc, verdict, now, disk))
-        docs.append({"status": LEVELS[verdict.code], "running": verdict.running,
-                     "attention": [{"level": LEVELS[lv], "text": t}
+        docs.append({"status": st.LEVELS[verdict.code], "running": verdict.running,
+                     "attention": [{"level": st.LEVELS[lv], "text": t}
                                    for lv, t in verdict.attention],
                      "worker": doc})
     if as_json:
-        out = {"status": LEVELS[code], "workers": docs,
+        out = {"status": st.LEVELS[code], "workers": docs,
                "disk": {"path": str(disk.path), "free": disk.free, "total": disk.total}
                if disk else None}
         return code, orjson.dumps(out, option=orjson.OPT_INDENT_2).decode()

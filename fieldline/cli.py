@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from devices.errors import ConfigError, FieldlineError
 
@@ -57,22 +57,32 @@ def cmd_edge_install(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_edge_status(args: argparse.Namespace) -> int:
-    from edge.config import load_edge_config
-    from edge.status import UNKNOWN, status_command
+def _status(args: argparse.Namespace, part: str, who: str,
+            load: Callable[[Path], Any], judge: Callable[[Any], tuple[int, str]]) -> int:
+    """`fieldline <part> status`: the config read (its failure is UNKNOWN, exit 3), then
+    ``judge(config)`` prints the verdict and gives the exit code."""
+    from devices.status import UNKNOWN
 
     try:
-        cfg = load_edge_config(args.config)
+        cfg = load(args.config)
     except PermissionError:
-        print(f"UNKNOWN: {args.config}: permission denied (the agent's config and state are "
-              "its user's and root's: sudo fieldline edge status)", file=sys.stderr)
+        print(f"UNKNOWN: {args.config}: permission denied ({who}'s config and state are "
+              f"its user's and root's: sudo fieldline {part} status)", file=sys.stderr)
         return UNKNOWN
     except (ConfigError, OSError) as exc:
         print(f"UNKNOWN: {args.config}: {exc}", file=sys.stderr)
         return UNKNOWN
-    code, text = status_command(cfg.state_dir, as_json=args.json)
+    code, text = judge(cfg)
     print(text)
     return code
+
+
+def cmd_edge_status(args: argparse.Namespace) -> int:
+    from edge.config import load_edge_config
+    from edge.status import status_command
+
+    return _status(args, "edge", "the agent", load_edge_config,
+                   lambda cfg: status_command(cfg.state_dir, as_json=args.json))
 
 
 def cmd_edge_uninstall(args: argparse.Namespace) -> int:
@@ -290,20 +300,11 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
 
 def cmd_cloud_status(args: argparse.Namespace) -> int:
     from cloud.config import load_cloud_config
-    from cloud.status import UNKNOWN, status_command
+    from cloud.status import status_command
 
-    try:
-        cfg = load_cloud_config(args.config)
-    except PermissionError:
-        print(f"UNKNOWN: {args.config}: permission denied (the worker's config and state are "
-              "its user's and root's: sudo fieldline cloud status)", file=sys.stderr)
-        return UNKNOWN
-    except (ConfigError, OSError) as exc:
-        print(f"UNKNOWN: {args.config}: {exc}", file=sys.stderr)
-        return UNKNOWN
-    code, text = status_command(cfg.state_dir, worker=args.worker_id, as_json=args.json)
-    print(text)
-    return code
+    return _status(args, "cloud", "the worker", load_cloud_config,
+                   lambda cfg: status_command(cfg.state_dir, worker=args.worker_id,
+                                              as_json=args.json))
 
 
 def cmd_cloud_bridge(args: argparse.Namespace) -> int:

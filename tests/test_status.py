@@ -34,15 +34,17 @@ from tests.rig import Rig, cloud_status, edge_status
 from tests.test_faults import finish
 
 
-def status_when(cfg: Path, cond: Callable[[int, dict[str, Any]], bool], timeout_s: float
+def status_when(cfg: Path, cond: Callable[[int, dict[str, Any]], bool], timeout_s: float,
+                command: Callable[..., tuple[int, str]] = edge_status
                 ) -> tuple[int, dict[str, Any], str]:
-    """Poll `edge status --json` until ``cond(code, doc)``; then the text form too."""
+    """Poll `edge status --json` (or ``command``'s) until ``cond(code, doc)``; then the text
+    form too."""
     deadline = time.monotonic() + timeout_s
     while True:
-        code, out = edge_status(cfg, "--json")
+        code, out = command(cfg, "--json")
         doc = orjson.loads(out) if code != UNKNOWN else {}
         if doc and cond(code, doc):
-            return code, doc, edge_status(cfg)[1]
+            return code, doc, command(cfg)[1]
         assert time.monotonic() < deadline, f"status never got there: {code} {out[-3000:]}"
         time.sleep(0.3)
 
@@ -109,6 +111,16 @@ def test_edge_status_tells_the_operator_at_the_gateway_what_the_cloud_cannot_see
     assert "the agent stopped at" in text, text
 
 
+def merged(doc: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` with ``over``'s keys, sections (dicts) merged one level deep."""
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(doc.get(k), dict):
+            doc[k] = {**doc[k], **v}
+        else:
+            doc[k] = v
+    return doc
+
+
 def base_status(**over: Any) -> dict[str, Any]:
     now = int(time.time() * 1000)
     doc: dict[str, Any] = {
@@ -123,12 +135,7 @@ def base_status(**over: Any) -> dict[str, Any]:
         "gauges": {"outbox_depth": 0, "outbox_fill": 0.0, "devices_seen": 2},
         "devices": {"silent": []},
     }
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(doc.get(k), dict):
-            doc[k] = {**doc[k], **v}
-        else:
-            doc[k] = v
-    return doc
+    return merged(doc, over)
 
 
 @pytest.mark.parametrize(("over", "age_ms", "code", "words"), [
@@ -222,12 +229,7 @@ def base_worker(**over: Any) -> dict[str, Any]:
         "stats": {"batches_in": 10, "results_in": 300, "results_written": 300,
                   "points_written": 700, "buffered_points": 0},
     }
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(doc.get(k), dict):
-            doc[k] = {**doc[k], **v}
-        else:
-            doc[k] = v
-    return doc
+    return merged(doc, over)
 
 
 def _ago(ms: int) -> int:
@@ -426,12 +428,4 @@ def test_cloud_status_tells_the_operator_what_influxdb_cannot_show(
 
 def cloud_status_when(cfg: Path, cond: Callable[[int, dict[str, Any]], bool], timeout_s: float
                       ) -> tuple[int, dict[str, Any], str]:
-    """Poll `cloud status --json` until ``cond(code, doc)``; then the text form too."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        code, out = cloud_status(cfg, "--json")
-        doc = orjson.loads(out) if code != UNKNOWN else {}
-        if doc and cond(code, doc):
-            return code, doc, cloud_status(cfg)[1]
-        assert time.monotonic() < deadline, f"status never got there: {code} {out[-3000:]}"
-        time.sleep(0.3)
+    return status_when(cfg, cond, timeout_s, cloud_status)
