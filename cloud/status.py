@@ -31,7 +31,10 @@ QUIET_MS = 10 * 60_000  # a gateway with no health report this long is not repor
 # Grafana rule "Gateway not reporting" uses the same, panels.REPORTS_WITHIN)
 QUIET_SHOWN = 20  # gateways named in a status (the count is always whole)
 
-# counters since the worker started that need the operator: (key, what it means)
+# counters since the worker started that need the operator: (key, what it means). Not the
+# acks it could not send: they go with its broker being down (said as such while it is), and
+# the gateways send those batches again; counting them for good would keep a worker in WARNING
+# after every broker restart
 SINCE_START = (
     ("internal_errors", "internal errors (see the journal)"),
     ("batch_conflicts", "batches under a number another batch of the same gateway has: two "
@@ -39,8 +42,6 @@ SINCE_START = (
     ("points_rejected", "points InfluxDB refused for good (dead-lettered: see {dead_letters})"),
     ("rejected_messages", "uplink messages the worker could not read (counted by reason in "
                           "its health: rejected_*)"),
-    ("acks_unsent", "acknowledgements it could not send (the gateways send those batches "
-                    "again: written once, but their outboxes wait)"),
     ("acks_refused", "acknowledgements the broker refused (its ACL must let the worker publish "
                      "fieldline/v1/<gateway>/ack)"),
     ("state_save_errors", "failures to save which batches are in InfluxDB to its state "
