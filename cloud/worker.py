@@ -590,8 +590,7 @@ class CloudWorker:
             log.warning("a TLS certificate of the link to %s (%s) %s: renew it and restart the "
                         "worker", b.url, ", ".join(f for f in (b.ca_file, b.cert_file) if f), when)
 
-    def _health_points(self) -> Points:
-        s = self.stats()
+    def _health_points(self, s: dict[str, float]) -> Points:
         gauges = {"buffered_points", "lag_p50_ms", "lag_p99_ms", "freshness_p50_ms",
                   "cert_days_left",
                   "partitions_owned", "engine_replicas_behind", "engine_snapshot_every_s",
@@ -608,7 +607,7 @@ class CloudWorker:
                  if now - t > QUIET_MS and (not self.per_partition or p in self.parts)]
         return [gw for _, gw in sorted(quiet)]
 
-    def write_status(self, state: str) -> None:
+    def write_status(self, state: str, stats: dict[str, float] | None = None) -> None:
         """The status ``fieldline cloud status`` reads beside the worker (cloud/status.py):
         its links and counters, also when InfluxDB (where its health goes) is not there."""
         c = self.config
@@ -639,7 +638,7 @@ class CloudWorker:
                                  "last_error": w.last_error}},
                 "gateways": {"heard": len(self.gateways_heard), "quiet": len(quiet),
                              "quiet_names": quiet[:QUIET_SHOWN]},
-                "stats": self.stats()})
+                "stats": self.stats() if stats is None else stats})
             self._status_failed = False
         except OSError as exc:  # only the operator's view: never the worker's work
             if not self._status_failed:
@@ -737,8 +736,9 @@ class CloudWorker:
                 await asyncio.wait_for(stop.wait(), self.config.health_interval_ms / 1000)
             self._check_registry()
             self._warn_certificates()
-            self.writer.add(self._health_points(), background=True)
-            self.write_status("running")
+            stats = self.stats()  # one reading of the counters for InfluxDB and the status
+            self.writer.add(self._health_points(stats), background=True)
+            self.write_status("running", stats)
             if (self.per_partition and not stop.is_set()
                     and time.monotonic() - last_snap >= self.snapshot_every_s()):
                 last_snap = time.monotonic()
