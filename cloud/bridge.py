@@ -11,6 +11,12 @@ Custody is still the edge's: a batch leaves its outbox only on the worker's ack,
 after the InfluxDB write. The bridge is stateless; run one per cloud broker (a restart resumes
 its MQTT session), or several with an MQTT shared subscription.
 
+Beside it, the bridge replaces ``status-fieldline-bridge-<worker id>.json`` in
+``worker.state_dir`` at every health interval (both links, whether JetStream stores what it is
+given, its counters), which ``fieldline cloud status`` judges with the workers'
+(cloud/status.py): a bridge that stopped, or a JetStream that stores nothing, is otherwise seen
+only as every gateway going quiet.
+
 Why not NATS's own MQTT listener: it speaks MQTT 3.1.1 only (no PUBACK reason codes, which the
 agents use to tell "refused" from "delivered"), and its QoS 1 PUBACK covers its internal
 ``$MQTT_msgs`` stream, not a user stream; the app-level ack would cover that, but the agents
@@ -22,14 +28,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cloud.jetstream import ACK, IN, connect, gateway_from_token, gateway_token
+from cloud.status import status_path
+from devices import status as st
 from devices.contract import TOPIC_ROOT, ack_topic, gateway_from_topic
 from devices.mqtt import BrokerAddress, make_client
+from devices.x509 import link_certificate
 
 log = logging.getLogger("fieldline.cloud.bridge")
 
@@ -48,23 +59,38 @@ class _Inbound:
 class Bridge:
     def __init__(self, broker: BrokerAddress, servers: list[str], *, client_id: str,
                  receive_maximum: int = 200, session_expiry_s: int = 3600,
-                 shared_group: str | None = None) -> None:
+                 shared_group: str | None = None, state_dir: Path | None = None,
+                 status_interval_ms: int = 5_000) -> None:
         self.broker = broker
         self.servers = servers
         self.client_id = client_id
         self.receive_maximum = receive_maximum
         self.session_expiry_s = session_expiry_s
         self.shared_group = shared_group
+        self.state_dir = state_dir
+        self.status_interval_ms = status_interval_ms
         self.counters: dict[str, int] = {"forwarded": 0, "acks_back": 0, "rejected": 0,
                                          "publish_retries": 0}
         self.connected = asyncio.Event()
         self._failing_since: float | None = None
         self._warned = 0.0
+        # for its status: since when JetStream stores nothing (epoch ms), the last error, the
+        # last message stored; the links' states and since when
+        self._store_failing_since: int | None = None
+        self._store_error: str | None = None
+        self._last_stored: int | None = None
+        self._links = st.Links()
+        self._started = _now_ms()
+        self._status_failed = False
+        self._cert = (link_certificate(broker.url, (broker.ca_file, broker.cert_file), log)
+                      if broker.tls else None)
 
     async def run(self, stop: asyncio.Event) -> None:
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
 
+        if self.state_dir is not None:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
         inbound: asyncio.Queue[_Inbound] = asyncio.Queue()
         nc = await connect(list(self.servers), self.client_id)
@@ -107,6 +133,9 @@ class Bridge:
         client.connect_async(self.broker.host, self.broker.port, keepalive=10,
                              clean_start=False, properties=props)
         client.loop_start()
+        # its own task: a forward retrying against a JetStream that stores nothing must not
+        # keep the bridge from saying so
+        reporter = asyncio.create_task(self._report(nc, inbound, stop))
         try:
             while not stop.is_set():
                 try:
@@ -115,6 +144,10 @@ class Bridge:
                     continue
                 await self._forward(js, client, item, stop)
         finally:
+            reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reporter
+            self.write_status("stopped", nc, inbound)
             client.loop_stop()
             with contextlib.suppress(Exception):
                 client.disconnect()
@@ -136,9 +169,14 @@ class Bridge:
             try:
                 await js.publish(subject, item.payload, timeout=5.0)
                 self._failing_since = None
+                self._store_failing_since = None
+                self._last_stored = _now_ms()
                 break
             except Exception as exc:  # no quorum just now, a node gone: keep it, retry
                 self.counters["publish_retries"] += 1
+                if self._store_failing_since is None:
+                    self._store_failing_since = _now_ms()
+                self._store_error = repr(exc)[:300]
                 now = time.monotonic()
                 if self._failing_since is None or (
                         now - self._failing_since >= STALL_WARN_S and now - self._warned >= 30.0):
@@ -157,3 +195,40 @@ class Bridge:
                 backoff = min(backoff * 2, 5.0)
         client.ack(item.mid, item.qos)
         self.counters["forwarded"] += 1
+
+    async def _report(self, nc: Any, inbound: asyncio.Queue[_Inbound],
+                      stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self.write_status("running", nc, inbound)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.status_interval_ms / 1000)
+
+    def write_status(self, state: str, nc: Any, inbound: asyncio.Queue[_Inbound]) -> None:
+        """The status ``fieldline cloud status`` reads beside the bridge (cloud/status.py)."""
+        if self.state_dir is None:
+            return
+        now = _now_ms()
+        try:
+            st.write_status(status_path(self.state_dir, self.client_id), {
+                "kind": "bridge", "bridge": self.client_id, "ts": now, "state": state,
+                "pid": os.getpid(), "started": self._started,
+                "health_interval_ms": self.status_interval_ms, "cert": self._cert,
+                "links": {
+                    "broker": {"url": self.broker.url,
+                               **self._links.state("broker", self.connected.is_set(), now)},
+                    "nats": {"url": ", ".join(self.servers),
+                             **self._links.state("nats", bool(nc.is_connected), now)}},
+                "store": {"ok": self._store_failing_since is None,
+                          "failing_since": self._store_failing_since,
+                          "last_ok": self._last_stored, "last_error": self._store_error},
+                "stats": {**self.counters, "waiting": inbound.qsize()}})
+            self._status_failed = False
+        except OSError as exc:  # only the operator's view: never the bridge's work
+            if not self._status_failed:
+                log.warning("cannot write the bridge's status under %s: %s", self.state_dir,
+                            exc)
+            self._status_failed = True
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -7,6 +7,9 @@ JetStream cluster may share one directory, each under its own name): its links (
 or NATS it reads, the InfluxDB it writes), the gateways it hears from, and its counters.
 ``fieldline cloud status`` reads every such file there (or one worker's), says whether each
 worker runs and what needs attention, worst first, with the Nagios exit code of the worst.
+The bridge from the cloud broker to JetStream (cloud/bridge.py), which writes nothing to
+InfluxDB at all, writes ``status-fieldline-bridge-<worker id>.json`` there alike (``"kind":
+"bridge"``) and is judged with the workers.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ import orjson
 from devices import status as st
 from devices.status import CRITICAL, OK, UNKNOWN, WARNING, Verdict, duration, plural, size
 
-__all__ = ["CRITICAL", "OK", "UNKNOWN", "WARNING", "assess", "status_command", "status_path",
-           "write_status"]
+__all__ = ["CRITICAL", "OK", "UNKNOWN", "WARNING", "assess", "assess_bridge", "status_command",
+           "status_path", "write_status"]
 
 WHO = "the worker"
+BRIDGE = "the bridge"
 DOWN_CRITICAL_MS = 30_000  # a link down (or InfluxDB failing) this long is critical, not a blip
 QUIET_MS = 10 * 60_000  # a gateway with no health report this long is not reporting (the
 # Grafana rule "Gateway not reporting" uses the same, panels.REPORTS_WITHIN)
@@ -127,6 +131,71 @@ def assess(doc: Mapping[str, Any], now_ms: int, *, alive: bool,
     return v
 
 
+def assess_bridge(doc: Mapping[str, Any], now_ms: int, *, alive: bool,
+                  disk: st.Disk | None = None) -> Verdict:
+    """What the bridge's status says (cloud/bridge.py): running or not, its two links, and
+    whether JetStream stores what it is given."""
+    s: Mapping[str, Any] = doc.get("stats") or {}
+    links: Mapping[str, Any] = doc.get("links") or {}
+    v = Verdict(OK, running=st.running(doc, now_ms, alive))
+    if not v.running:
+        why = st.why_not_running(doc, now_ms, BRIDGE, alive=alive, disk=disk)
+        v.add(CRITICAL, f"not running: {why}; no result reaches a worker: the gateways' "
+                        "results wait on the cloud broker (the bridge's persistent session) "
+                        "and in the agents' outboxes")
+    if v.running:
+        broker = links.get("broker") or {}
+        if not broker.get("connected", True):
+            level, long = _down(broker.get("since"), now_ms)
+            v.add(level, f"not connected to the cloud broker {broker.get('url')} for {long}: "
+                         "no result is taken from it (the agents keep them in their outboxes)")
+        nats = links.get("nats") or {}
+        if not nats.get("connected", True):
+            level, long = _down(nats.get("since"), now_ms)
+            v.add(level, f"not connected to NATS ({nats.get('url')}) for {long}: nothing is "
+                         "forwarded (the results stay on the cloud broker)")
+        store = doc.get("store") or {}
+        if not store.get("ok", True):
+            level, long = _down(store.get("failing_since"), now_ms)
+            error = str(store.get("last_error") or "?")[:200]
+            v.add(level, f"JetStream has stored nothing for {long} ({error}): no quorum, or "
+                         "JetStream disabled on the nodes (nats-server does so on a full disk "
+                         "and keeps it off until restarted; its log says \"JetStream out of "
+                         f"resources\"); {int(s.get('waiting', 0)):,} messages wait, the "
+                         "rest stay on the cloud broker")
+    st.judge_certificate(v, doc.get("cert"), now_ms)
+    if s.get("rejected"):
+        v.add(WARNING, f"{int(s['rejected']):,} messages on topics that are not a gateway's "
+                       "results or health dropped since the bridge started")
+    v.sort()
+    return v
+
+
+def render_bridge(doc: Mapping[str, Any], verdict: Verdict, now_ms: int) -> str:
+    s: Mapping[str, Any] = doc.get("stats") or {}
+    links: Mapping[str, Any] = doc.get("links") or {}
+    store = doc.get("store") or {}
+    started = int(doc.get("started", doc["ts"]))
+    head = (f"running (pid {doc.get('pid')}), up {duration(now_ms - started)}"
+            if verdict.running else "NOT RUNNING")
+    lines = [f"bridge {doc.get('bridge')}: {st.LEVELS[verdict.code]}, bridge {head}; "
+             f"status of {st.at(int(doc['ts']))} ({duration(now_ms - int(doc['ts']))} ago)"]
+    lines += [f"  {'!' if level >= WARNING else '-'} {text}" for level, text in verdict.attention]
+    if store.get("ok", True):
+        stored = (f"the last stored at {st.at(int(store['last_ok']))}" if store.get("last_ok")
+                  else "nothing to store yet")
+    else:
+        stored = f"FAILING since {st.at(int(store.get('failing_since', doc['ts'])))}"
+    lines += [
+        f"broker   {st.link_text(links.get('broker') or {}, int(doc['ts']))}",
+        f"nats     {st.link_text(links.get('nats') or {}, int(doc['ts']))}",
+        f"stored   {int(s.get('forwarded', 0)):,} messages in JetStream, {stored}; "
+        f"{int(s.get('waiting', 0)):,} waiting, {int(s.get('publish_retries', 0)):,} retries; "
+        f"{int(s.get('acks_back', 0)):,} acks passed back to the gateways",
+    ]
+    return "\n".join(lines)
+
+
 def render(doc: Mapping[str, Any], verdict: Verdict, now_ms: int,
            disk: st.Disk | None = None) -> str:
     s: Mapping[str, Any] = doc.get("stats") or {}
@@ -202,13 +271,19 @@ def status_command(state_dir: Path | None, *, worker: str | None = None, as_json
             texts.append(f"UNKNOWN: {exc}")
             docs.append({"status": "UNKNOWN", "error": str(exc)})
             continue
-        verdict = assess(doc, now, alive=st.pid_alive(doc.get("pid")), disk=disk)
+        alive = st.pid_alive(doc.get("pid"))
+        bridge = doc.get("kind") == "bridge"
+        if bridge:
+            verdict = assess_bridge(doc, now, alive=alive, disk=disk)
+            texts.append(render_bridge(doc, verdict, now))
+        else:
+            verdict = assess(doc, now, alive=alive, disk=disk)
+            texts.append(render(doc, verdict, now, disk))
         code = max(code, verdict.code)
-        texts.append(render(doc, verdict, now, disk))
         docs.append({"status": st.LEVELS[verdict.code], "running": verdict.running,
                      "attention": [{"level": st.LEVELS[lv], "text": t}
                                    for lv, t in verdict.attention],
-                     "worker": doc})
+                     "bridge" if bridge else "worker": doc})
     if as_json:
         out = {"status": st.LEVELS[code], "workers": docs,
                "disk": {"path": str(disk.path), "free": disk.free, "total": disk.total}

@@ -58,7 +58,7 @@ from devices.errors import ContractError
 from devices.registry import Registry
 from devices.rejects import RejectLog
 from devices.status import Links
-from devices.x509 import CERT_WARN_DAYS, DAY_MS, expiry_or_warn
+from devices.x509 import CERT_WARN_DAYS, DAY_MS, link_certificate
 
 log = logging.getLogger("fieldline.cloud")
 
@@ -126,8 +126,8 @@ class CloudWorker:
                                            client_id=f"fieldline-cloud-{config.worker_id}")
         # the TLS certificates its broker link loaded (its own, the CA): the soonest expiry
         b = config.broker
-        self.cert_expiry = min((t for f in (b.ca_file, b.cert_file) if b.tls and f
-                                if (t := expiry_or_warn(f, log)) is not None), default=None)
+        self.cert = link_certificate(b.url, (b.ca_file, b.cert_file), log) if b.tls else None
+        self.cert_expiry: int | None = None if self.cert is None else self.cert["not_after"]
         self._cert_warned = -CERT_WARN_EVERY_S
         self.sink = sink or build_sink(config.influx)
         self.writer = BufferedWriter(self.sink, clock=self.clock,
@@ -624,10 +624,7 @@ class CloudWorker:
                 "started": self._started, "health_interval_ms": c.health_interval_ms,
                 "member": "/".join(map(str, c.jetstream.member))
                 if c.jetstream is not None and c.jetstream.member else None,
-                "cert": None if self.cert_expiry is None else {
-                    "what": "of the link to " + b.url + " (" + ", ".join(
-                        f for f in (b.ca_file, b.cert_file) if f) + ")",
-                    "not_after": self.cert_expiry},
+                "cert": self.cert,
                 "dead_letters": str(w.dead_letter_path) if w.dead_letter_path else None,
                 "links": {
                     "ingest": {"url": ", ".join(c.jetstream.servers) if c.jetstream else b.url,

@@ -15,6 +15,7 @@ import logging
 import re
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 _PEM = re.compile(rb"-----BEGIN CERTIFICATE-----(.+?)-----END CERTIFICATE-----", re.S)
 SEQUENCE, INTEGER, UTC_TIME, GENERALIZED_TIME, VERSION = 0x30, 0x02, 0x17, 0x18, 0xA0
@@ -96,3 +97,14 @@ def expiry_or_warn(path: str, log: logging.Logger) -> int | None:
     except (OSError, CertificateError) as exc:
         log.warning("cannot read when the certificates in %s expire (%s)", path, exc)
         return None
+
+
+def link_certificate(url: str, files: tuple[str | None, ...],
+                     log: logging.Logger) -> dict[str, Any] | None:
+    """The soonest-expiring certificate of the files a TLS link to ``url`` loaded (its CA, its
+    own), as a status file carries it (``what``, ``not_after``): None when none is readable."""
+    named = [f for f in files if f]
+    soonest = min((t for f in named if (t := expiry_or_warn(f, log)) is not None), default=None)
+    if soonest is None:
+        return None
+    return {"what": f"of the link to {url} ({', '.join(named)})", "not_after": soonest}

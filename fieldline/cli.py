@@ -317,7 +317,8 @@ def cmd_cloud_bridge(args: argparse.Namespace) -> int:
     if cfg.jetstream is None:
         raise ConfigError("engine.kind", "the bridge needs [engine] kind = \"jetstream\"")
     bridge = Bridge(cfg.broker, list(cfg.jetstream.servers),
-                    client_id=f"fieldline-bridge-{cfg.worker_id}")
+                    client_id=f"fieldline-bridge-{cfg.worker_id}", state_dir=cfg.state_dir,
+                    status_interval_ms=cfg.health_interval_ms)
 
     async def main() -> None:
         await bridge.run(_stop_event())

@@ -72,7 +72,8 @@ def test_agent_state_is_private_outside_systemd(tmp_path: Path) -> None:
 
 def test_systemd_units_can_write_the_configured_state_dirs() -> None:
     for unit, cfg in (("fieldline-edge.service", "gateway.toml"),
-                      ("fieldline-cloud.service", "cloud.toml")):
+                      ("fieldline-cloud.service", "cloud.toml"),
+                      ("fieldline-bridge.service", "cloud.toml")):
         parser = configparser.ConfigParser(strict=False, interpolation=None)
         parser.read_string((ROOT / "deploy" / "systemd" / unit).read_text())
         state = parser["Service"]["StateDirectory"].split()
@@ -93,7 +94,7 @@ def test_every_shipped_unit_passes_systemd_analyze_verify(tmp_path: Path) -> Non
     if shutil.which("systemd-analyze") is None:
         raise AssertionError("systemd-analyze missing (Debian: apt-get install -y systemd)")
     units = sorted((ROOT / "deploy" / "systemd").glob("*.service"))
-    assert len(units) == 3
+    assert len(units) == 4
     for shipped in units:
         text = shipped.read_text()
         assert re.search(r"^ExecStart=/opt/fieldline/venv/bin/fieldline ", text, re.M), shipped

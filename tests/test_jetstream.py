@@ -797,6 +797,12 @@ def test_workers_fail_over_with_their_state(jsrig: JsRig) -> None:
     block_c = text[text.index("worker C: "):]
     assert "worker C: CRITICAL" not in block_c, text
     assert f"ingest   {', '.join(rig.cluster.urls)} connected since" in block_c, text
+    # and the bridge beside them, forwarding through the node lost
+    block_bridge = text[text.index("bridge fieldline-bridge-w: "):]
+    assert block_bridge.startswith("bridge fieldline-bridge-w: OK, bridge running"), text
+    assert f"nats     {', '.join(rig.cluster.urls)} connected since" in block_bridge, text
+    stored = int(block_bridge.split("stored   ")[1].split(" messages")[0].replace(",", ""))
+    assert stored > 0, text
     ours = rig.influx_anomalies()
     ref = rig.reference_anomalies()
     assert ref, "the fleet's spikes should have raised anomalies"
@@ -924,6 +930,14 @@ def test_r12_disk_full_under_every_nats_node_loses_nothing(
         time.sleep(8)
         cpu = {k: round(cpu_s(p.pid) - cpu0[k], 2) for k, p in rig.procs.items()}
         stalled = rig.in_influx()
+        # beside the bridge, which writes nothing to InfluxDB: what it meets, and the cause
+        code, text = cloud_status(rig.cloud_cfg)
+        block = text[text.index("bridge fieldline-bridge-w: "):]
+        print(f"fieldline cloud status, the bridge while JetStream is disabled:\n{block}")
+        assert code >= 1, text
+        assert "bridge fieldline-bridge-w: OK" not in block, text
+        assert "JetStream has stored nothing for" in block, text
+        assert "JetStream out of resources" in block, text
         for f in fillers:
             f.unlink()
         time.sleep(6)  # the workers warn after 10 s without an answer, then every 30 s

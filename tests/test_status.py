@@ -312,6 +312,73 @@ def test_cloud_status_reads_every_worker_of_a_shared_directory(tmp_path: Path) -
     assert "worker w/0 (member 0/2): OK" in text  # the other one still judged
 
 
+def base_bridge(**over: Any) -> dict[str, Any]:
+    now = NOW
+    doc: dict[str, Any] = {
+        "kind": "bridge", "bridge": "fieldline-bridge-cloud-9", "ts": now, "state": "running",
+        "pid": os.getpid(), "started": now - 60_000, "health_interval_ms": 5_000, "cert": None,
+        "links": {"broker": {"url": "mqtts://cloud:8883", "connected": True,
+                             "since": now - 60_000},
+                  "nats": {"url": "nats://n1:4222, nats://n2:4222", "connected": True,
+                           "since": now - 60_000}},
+        "store": {"ok": True, "failing_since": None, "last_ok": now - 500, "last_error": None},
+        "stats": {"forwarded": 120, "acks_back": 60, "rejected": 0, "publish_retries": 0,
+                  "waiting": 0},
+    }
+    return merged(doc, over)
+
+
+@pytest.mark.parametrize(("over", "age_ms", "code", "words"), [
+    ({}, 0, OK, "bridge fieldline-bridge-cloud-9: OK, bridge running"),
+    ({}, 0, OK, "stored   120 messages in JetStream, the last stored at"),
+    ({}, 16_000, CRITICAL, "the bridge has written no status for 16 s: hung or stopped"),
+    ({"pid": 2**22 + 12345}, 0, CRITICAL,
+     "the bridge (pid 4206649) is gone: killed or crashed; no result reaches a worker"),
+    ({"state": "stopped"}, 0, CRITICAL, "not running: the bridge stopped at"),
+    ({"links": {"broker": {"url": "mqtts://cloud:8883", "connected": False,
+                           "since": _ago(7_000)}}}, 0, WARNING,
+     "not connected to the cloud broker mqtts://cloud:8883 for 7.0 s"),
+    ({"links": {"nats": {"url": "nats://n1:4222", "connected": False,
+                         "since": _ago(45_000)}}}, 0, CRITICAL,
+     "not connected to NATS (nats://n1:4222) for 45 s: nothing is forwarded"),
+    ({"store": {"ok": False, "failing_since": _ago(3_000), "last_error": "TimeoutError()"},
+      "stats": {"waiting": 17}}, 0, WARNING,
+     "JetStream has stored nothing for 3.0 s (TimeoutError()): no quorum"),
+    ({"store": {"ok": False, "failing_since": _ago(120_000),
+                "last_error": "ServiceUnavailableError"}}, 0, CRITICAL,
+     "JetStream out of resources"),
+    ({"store": {"ok": False, "failing_since": _ago(120_000), "last_error": "x"}}, 0, CRITICAL,
+     "stored   120 messages in JetStream, FAILING since"),
+    ({"stats": {"rejected": 3}}, 0, WARNING, "3 messages on topics that are not a gateway's"),
+    ({"cert": {"what": "of the link to mqtts://cloud:8883 (ca.crt)",
+               "not_after": _ago(86_400_000)}}, 0, CRITICAL,
+     "the TLS certificate of the link to mqtts://cloud:8883 (ca.crt) expired"),
+])
+def test_the_bridge_status_verdict(tmp_path: Path, over: dict[str, Any], age_ms: int,
+                                   code: int, words: str) -> None:
+    doc = base_bridge(**over)
+    cloud.write_status(tmp_path, doc["bridge"], doc)
+    got, text = cloud.status_command(tmp_path, as_json=False, now_ms=doc["ts"] + age_ms)
+    assert got == code, text
+    assert words in text, text
+
+
+def test_the_bridge_is_judged_with_the_workers_of_its_directory(tmp_path: Path) -> None:
+    worker = base_worker()
+    bridge = base_bridge(pid=2**22 + 12345)  # killed
+    cloud.write_status(tmp_path, worker["worker"], worker)
+    cloud.write_status(tmp_path, bridge["bridge"], bridge)
+    code, text = cloud.status_command(tmp_path, as_json=False, now_ms=NOW)
+    assert code == CRITICAL, text
+    assert "worker cloud-9: OK, worker running" in text, text
+    assert "bridge fieldline-bridge-cloud-9: CRITICAL, bridge NOT RUNNING" in text, text
+    code, out = cloud.status_command(tmp_path, as_json=True, now_ms=NOW)
+    doc = orjson.loads(out)
+    assert doc["status"] == "CRITICAL"
+    assert [(w["status"], "bridge" in w) for w in doc["workers"]] == [
+        ("OK", False), ("CRITICAL", True)]
+
+
 def test_a_worker_names_the_gateways_it_stopped_hearing(tmp_path: Path) -> None:
     """Gateways whose health reports stopped for 10 minutes of the worker's clock (as the
     Grafana rule "Gateway not reporting" judges them), the longest quiet first; a replayed
