@@ -25,8 +25,8 @@ import orjson
 from devices import status as st
 from devices.status import CRITICAL, OK, UNKNOWN, WARNING, Verdict, duration, plural, size
 
-__all__ = ["CRITICAL", "OK", "UNKNOWN", "WARNING", "assess", "assess_bridge", "status_command",
-           "status_path", "write_status"]
+__all__ = ["CRITICAL", "OK", "UNKNOWN", "WARNING", "assess", "assess_bridge", "bridge_id",
+           "status_command", "status_path", "write_status"]
 
 WHO = "the worker"
 BRIDGE = "the bridge"
@@ -58,6 +58,11 @@ SINCE_START = (
                                   "replays more)"),
     ("dead_letter_file_errors", "dead-lettered points it could not write to {dead_letters}"),
 )
+
+
+def bridge_id(worker_id: str) -> str:
+    """The bridge's name (its MQTT client id, and its status file's) beside ``worker_id``."""
+    return f"fieldline-bridge-{worker_id}"
 
 
 def status_path(state_dir: Path, worker_id: str) -> Path:
@@ -245,13 +250,17 @@ def render(doc: Mapping[str, Any], verdict: Verdict, now_ms: int,
 def status_command(state_dir: Path | None, *, worker: str | None = None, as_json: bool,
                    now_ms: int | None = None) -> tuple[int, str]:
     """The text (or JSON) ``fieldline cloud status`` prints, and its exit code: the status of
-    every worker that wrote one in ``state_dir`` (or of ``worker`` alone), the worst code."""
+    every worker that wrote one in ``state_dir`` (or of ``worker`` alone, with the bridge of
+    the same worker id when there is one), the worst code."""
     if state_dir is None:
         return UNKNOWN, ("worker.state_dir is not set: the worker writes no status (and keeps "
                          "which batches are in InfluxDB only in memory); set worker.state_dir")
     now = int(time.time() * 1000) if now_ms is None else now_ms
     if worker is not None:
         paths = [status_path(state_dir, worker)]
+        beside = status_path(state_dir, bridge_id(worker))
+        if beside not in paths and beside.exists():
+            paths.append(beside)
     else:
         try:
             paths = sorted(state_dir.glob("status-*.json"))

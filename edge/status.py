@@ -164,7 +164,9 @@ def render(doc: Mapping[str, Any], verdict: Verdict, now_ms: int,
     lines += [
         f"uplink   {link(up)}; "
         f"{plural(int(c.get('batches_acked', 0)), 'batch', 'batches')} acknowledged by the "
-        f"cloud ({n('readings_acked')} readings)",
+        # a reading is in one result of each window spec (and in a revision of one): more
+        # readings here than received is no double count
+        f"cloud ({n('readings_acked')} readings in their window results)",
         f"outbox   {plural(int(g.get('outbox_depth', 0)), 'batch', 'batches')}, "
         f"{size(g.get('outbox_bytes', 0))} "
         f"({float(g.get('outbox_fill', 0)):.1%} of {size(doc.get('outbox_max_bytes', 0))})",

@@ -4,9 +4,9 @@
     fieldline view --influx-url URL --database DB     (or --config cloud.toml)
     fieldline edge run --config gateway.toml
     fieldline edge install --gateway-id ID --cloud URL [--dry-run]   (and: edge uninstall)
-    fieldline edge status [--config gateway.toml] [--json]
+    fieldline edge status [--config gateway.toml | --state-dir DIR] [--json]
     fieldline cloud run --config cloud.toml
-    fieldline cloud status [--config cloud.toml] [--worker-id ID] [--json]
+    fieldline cloud status [--config cloud.toml | --state-dir DIR] [--worker-id ID] [--json]
     fieldline simulate --config fleet.toml
     fieldline replay --data DIR --nab FILE | --skab FILE | --csv FILE --broker URL
     fieldline grafana export DIR | push --url URL --token T --influx-url URL
@@ -58,23 +58,35 @@ def cmd_edge_install(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace, part: str, who: str,
-            load: Callable[[Path], Any], judge: Callable[[Any], tuple[int, str]]) -> int:
-    """`fieldline <part> status`: the config read (its failure is UNKNOWN, exit 3), then
-    ``judge(config)`` prints the verdict and gives the exit code."""
+            load: Callable[[Path], Any], judge: Callable[[Path | None], tuple[int, str]]) -> int:
+    """`fieldline <part> status`: the state directory given (``--state-dir``) or the config's
+    (a config that cannot be read is UNKNOWN, exit 3), then ``judge(state_dir)`` prints the
+    verdict and gives the exit code."""
     from devices.status import UNKNOWN
 
-    try:
-        cfg = load(args.config)
-    except PermissionError:
-        print(f"UNKNOWN: {args.config}: permission denied ({who}'s config and state are "
-              f"its user's and root's: sudo fieldline {part} status)", file=sys.stderr)
-        return UNKNOWN
-    except (ConfigError, OSError) as exc:
-        print(f"UNKNOWN: {args.config}: {exc}", file=sys.stderr)
-        return UNKNOWN
-    code, text = judge(cfg)
+    if args.state_dir is not None:
+        state_dir: Path | None = args.state_dir
+    else:
+        try:
+            state_dir = load(args.config).state_dir
+        except PermissionError:
+            print(f"UNKNOWN: {args.config}: permission denied ({who}'s config and state are "
+                  f"its user's and root's: sudo fieldline {part} status)", file=sys.stderr)
+            return UNKNOWN
+        except (ConfigError, OSError) as exc:
+            print(f"UNKNOWN: {args.config}: {exc}", file=sys.stderr)
+            return UNKNOWN
+    code, text = judge(state_dir)
     print(text)
     return code
+
+
+def _status_source(p: argparse.ArgumentParser, config: str, config_help: str) -> None:
+    """A status command's --config, or --state-dir in its place (a demo's, a copied one)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--config", type=Path, default=Path(config), help=config_help)
+    g.add_argument("--state-dir", type=Path, default=None,
+                   help="read the status in this directory (the config is not read)")
 
 
 def cmd_edge_status(args: argparse.Namespace) -> int:
@@ -82,7 +94,7 @@ def cmd_edge_status(args: argparse.Namespace) -> int:
     from edge.status import status_command
 
     return _status(args, "edge", "the agent", load_edge_config,
-                   lambda cfg: status_command(cfg.state_dir, as_json=args.json))
+                   lambda state_dir: status_command(state_dir, as_json=args.json))
 
 
 def cmd_edge_uninstall(args: argparse.Namespace) -> int:
@@ -303,8 +315,8 @@ def cmd_cloud_status(args: argparse.Namespace) -> int:
     from cloud.status import status_command
 
     return _status(args, "cloud", "the worker", load_cloud_config,
-                   lambda cfg: status_command(cfg.state_dir, worker=args.worker_id,
-                                              as_json=args.json))
+                   lambda state_dir: status_command(state_dir, worker=args.worker_id,
+                                                    as_json=args.json))
 
 
 def cmd_cloud_bridge(args: argparse.Namespace) -> int:
@@ -312,12 +324,13 @@ def cmd_cloud_bridge(args: argparse.Namespace) -> int:
 
     from cloud.bridge import Bridge
     from cloud.config import load_cloud_config
+    from cloud.status import bridge_id
 
     cfg = load_cloud_config(args.config)
     if cfg.jetstream is None:
         raise ConfigError("engine.kind", "the bridge needs [engine] kind = \"jetstream\"")
     bridge = Bridge(cfg.broker, list(cfg.jetstream.servers),
-                    client_id=f"fieldline-bridge-{cfg.worker_id}", state_dir=cfg.state_dir,
+                    client_id=bridge_id(cfg.worker_id), state_dir=cfg.state_dir,
                     status_interval_ms=cfg.health_interval_ms)
 
     async def main() -> None:
@@ -572,8 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
     er.set_defaults(func=cmd_edge_run)
     es = e.add_parser("status", help="is the agent on this gateway running, and what needs "
                                      "attention (exit 0 ok, 1 warning, 2 critical, 3 unknown)")
-    es.add_argument("--config", type=Path, default=Path("/etc/fieldline/gateway.toml"),
-                    help="the agent's config (default: where `edge install` puts it)")
+    _status_source(es, "/etc/fieldline/gateway.toml",
+                   "the agent's config (default: where `edge install` puts it)")
     es.add_argument("--json", action="store_true", help="the verdict and the agent's status")
     es.set_defaults(func=cmd_edge_status)
     ei = e.add_parser("install", help="install the agent on this gateway (idempotent): user, "
@@ -609,8 +622,8 @@ def build_parser() -> argparse.ArgumentParser:
     cs = c.add_parser("status", help="are the cloud workers of this machine running, and what "
                                      "needs attention (exit 0 ok, 1 warning, 2 critical, 3 "
                                      "unknown)")
-    cs.add_argument("--config", type=Path, default=Path("/etc/fieldline/cloud.toml"),
-                    help="the workers' config (default: where deploy/systemd reads it)")
+    _status_source(cs, "/etc/fieldline/cloud.toml",
+                   "the workers' config (default: where deploy/systemd reads it)")
     cs.add_argument("--worker-id", default=None,
                     help="this worker only (default: every worker whose status is in "
                          "worker.state_dir)")

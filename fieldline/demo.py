@@ -108,10 +108,12 @@ def _fmt(v: float) -> str:
 
 def render(agents: list[EdgeAgent], worker: CloudWorker, pub: PublisherProcess | None,
            opts: DemoOptions, influx_url: str, elapsed_s: float, final: bool = False,
-           view: ViewServer | None = None) -> str:
+           view: ViewServer | None = None, status: str | None = None) -> str:
     lines = []
     if view is not None and not final:
         lines.append(f"view: {view.url}")
+    if status is not None and not final:
+        lines.append(status)
     head = "fieldline demo summary" if final else "fieldline demo (Ctrl-C stops everything)"
     lines.append(f"{head}: {opts.gateways} gateways x {opts.devices} devices, "
                  f"{opts.window_s}s windows, running {int(elapsed_s)}s")
@@ -246,7 +248,12 @@ async def run_demo(opts: DemoOptions) -> int:
                 flush_on_stop=True, health_interval_ms=2000)))
         worker = CloudWorker(CloudConfig(
             worker_id="demo", broker=cloud_broker, registry_path=registry_path,
-            influx=InfluxConfig(url=influx_url, database=opts.database), health_interval_ms=2000))
+            influx=InfluxConfig(url=influx_url, database=opts.database), health_interval_ms=2000,
+            state_dir=workdir / "state" / "cloud"))
+        # what an operator runs beside the real thing works beside the demo too
+        me = _own_command()
+        status = (f"status: {me} edge status --state-dir {workdir / 'state' / gw_ids[0]}"
+                  f"  |  {me} cloud status --state-dir {workdir / 'state' / 'cloud'}")
         # the backfill's windows end minutes before they reach InfluxDB by design: the summary's
         # window end -> InfluxDB is that of the live windows
         worker.freshness_since_ms = start_ms + opts.backfill_s * 1000
@@ -260,11 +267,14 @@ async def run_demo(opts: DemoOptions) -> int:
         pub = PublisherProcess(spec, gw_brokers, start_ms, duration_s=opts.duration_s,
                                truth_path=workdir / "truth.jsonl")
         pub.start()
+        if opts.headless:
+            print(status, file=sys.stderr, flush=True)
         t0 = time.monotonic()
         while not stop.is_set() and not pub.finished:
             if not opts.headless:
                 sys.stdout.write("\x1b[H\x1b[2J" + render(agents, worker, pub, opts, influx_url,
-                                                          time.monotonic() - t0, view=view)
+                                                          time.monotonic() - t0, view=view,
+                                                          status=status)
                                  + "\n")
                 sys.stdout.flush()
             with contextlib.suppress(TimeoutError):
@@ -298,6 +308,18 @@ async def run_demo(opts: DemoOptions) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
         elif opts.keep:
             print(f"kept {workdir}", file=sys.stderr)
+
+
+def _own_command() -> str:
+    """``fieldline`` as the user can type it: the bare name when it is on the PATH as this
+    installation's, else the path of this installation's (e.g. ``.venv/bin/fieldline``)."""
+    here = Path(sys.executable).parent / "fieldline"
+    if not here.exists() or shutil.which("fieldline") == str(here):
+        return "fieldline"
+    try:
+        return str(here.relative_to(Path.cwd()))
+    except ValueError:
+        return str(here)
 
 
 def _start_view(opts: DemoOptions, influx_url: str, *, created: bool) -> ViewServer:

@@ -30,20 +30,22 @@ WINDOW_MS = 1_000
 LABEL = "1s"
 
 
-def edge_status(cfg: Path, *extra: str) -> tuple[int, str]:
-    """`fieldline edge status --config cfg`: its exit code and output."""
-    r = subprocess.run([*CMD, "edge", "status", "--config", str(cfg), *extra],
+def status_of(part: str, *args: str) -> tuple[int, str]:
+    """`fieldline <part> status args...`: its exit code and output."""
+    r = subprocess.run([*CMD, part, "status", *args],
                        capture_output=True, text=True, timeout=60, check=False)
     assert "Traceback" not in r.stderr, r.stderr
     return r.returncode, r.stdout + r.stderr
+
+
+def edge_status(cfg: Path, *extra: str) -> tuple[int, str]:
+    """`fieldline edge status --config cfg`: its exit code and output."""
+    return status_of("edge", "--config", str(cfg), *extra)
 
 
 def cloud_status(cfg: Path, *extra: str) -> tuple[int, str]:
     """`fieldline cloud status --config cfg`: its exit code and output."""
-    r = subprocess.run([*CMD, "cloud", "status", "--config", str(cfg), *extra],
-                       capture_output=True, text=True, timeout=60, check=False)
-    assert "Traceback" not in r.stderr, r.stderr
-    return r.returncode, r.stdout + r.stderr
+    return status_of("cloud", "--config", str(cfg), *extra)
 
 
 class FleetRig:

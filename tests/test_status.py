@@ -30,7 +30,7 @@ from edge.status import (
     write_status,
 )
 from fieldline.services import Mosquitto
-from tests.rig import Rig, cloud_status, edge_status
+from tests.rig import Rig, cloud_status, edge_status, status_of
 from tests.test_faults import finish
 
 
@@ -377,6 +377,41 @@ def test_the_bridge_is_judged_with_the_workers_of_its_directory(tmp_path: Path) 
     assert doc["status"] == "CRITICAL"
     assert [(w["status"], "bridge" in w) for w in doc["workers"]] == [
         ("OK", False), ("CRITICAL", True)]
+
+
+def test_the_status_commands_read_a_state_directory_named_in_place_of_a_config(
+        tmp_path: Path) -> None:
+    """`--state-dir` (a demo's, a copied one) is read without any config; `--worker-id` reads
+    that worker and the bridge beside it, not the other workers of a shared directory."""
+    now = int(time.time() * 1000)  # the commands judge by their own clock
+    gw, shared = tmp_path / "gw", tmp_path / "cloud"
+    gw.mkdir()
+    shared.mkdir()
+    write_status(gw, base_status(ts=now))
+    worker = base_worker(ts=now)
+    cloud.write_status(shared, worker["worker"], worker)
+    cloud.write_status(shared, cloud.bridge_id(worker["worker"]),
+                       base_bridge(ts=now, pid=2**22 + 12345))  # killed
+    other = base_worker(ts=now, worker="cloud-10")
+    cloud.write_status(shared, "cloud-10", other)
+    code, text = status_of("edge", "--state-dir", str(gw))
+    assert code == OK, text
+    assert text.startswith("gateway gw-9: OK, agent running"), text
+    code, text = status_of("cloud", "--state-dir", str(shared), "--worker-id", "cloud-9")
+    assert code == CRITICAL, text
+    assert "worker cloud-9: OK" in text, text
+    assert "bridge fieldline-bridge-cloud-9: CRITICAL, bridge NOT RUNNING" in text, text
+    assert "cloud-10" not in text, text
+    code, text = status_of("cloud", "--state-dir", str(shared), "--worker-id", "cloud-10")
+    assert (code, "bridge" in text) == (OK, False), text
+    code, text = status_of("cloud", "--state-dir", str(shared))
+    assert code == CRITICAL, text
+    assert "worker cloud-10: OK" in text, text
+    # one or the other: a state directory given and a config too is refused, not guessed
+    code, text = status_of("cloud", "--state-dir", str(shared),
+                           "--config", str(tmp_path / "cloud.toml"))
+    assert code == 2, text
+    assert "not allowed with argument" in text, text
 
 
 def test_a_worker_names_the_gateways_it_stopped_hearing(tmp_path: Path) -> None:
