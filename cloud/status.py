@@ -22,11 +22,13 @@ from typing import Any
 
 import orjson
 
+from cloud.panels import REPORTERS_FOR_S
 from devices import status as st
 from devices.status import CRITICAL, OK, UNKNOWN, WARNING, Verdict, duration, plural, size
 
 __all__ = ["CRITICAL", "OK", "UNKNOWN", "WARNING", "assess", "assess_bridge", "bridge_id",
-           "status_command", "status_path", "write_status"]
+           "heard_path", "load_heard", "save_heard", "status_command", "status_path",
+           "write_status"]
 
 WHO = "the worker"
 BRIDGE = "the bridge"
@@ -34,6 +36,10 @@ DOWN_CRITICAL_MS = 30_000  # a link down (or InfluxDB failing) this long is crit
 QUIET_MS = 10 * 60_000  # a gateway with no health report this long is not reporting (the
 # Grafana rule "Gateway not reporting" uses the same, panels.REPORTS_WITHIN)
 QUIET_SHOWN = 20  # gateways named in a status (the count is always whole)
+# a gateway heard is remembered this long after its last health report, across the worker's
+# restarts (its own file in the state directory): one that went quiet just before a restart
+# is still named after it. As long as the Grafana rule keeps one (panels.REPORTERS_FOR_S)
+HEARD_FOR_MS = REPORTERS_FOR_S * 1000
 
 # counters since the worker started that need the operator: (key, what it means). Not the
 # acks it could not send: they go with its broker being down (said as such while it is), and
@@ -71,6 +77,37 @@ def status_path(state_dir: Path, worker_id: str) -> Path:
 
 def write_status(state_dir: Path, worker_id: str, doc: Mapping[str, Any]) -> None:
     st.write_status(status_path(state_dir, worker_id), doc)
+
+
+def heard_path(state_dir: Path, worker_id: str) -> Path:
+    """Where a worker keeps the gateways it heard (not a ``status-*.json``: not judged)."""
+    return state_dir / f"heard-{re.sub(r'[^A-Za-z0-9._-]', '_', worker_id)}.json"
+
+
+def save_heard(path: Path, heard: Mapping[str, tuple[int, int]]) -> None:
+    """Replace ``path`` with gateway -> (its last health report by the worker's clock, its
+    partition)."""
+    st.write_status(path, {"heard": heard})
+
+
+def load_heard(path: Path, now_ms: int) -> dict[str, tuple[int, int]]:
+    """What :func:`save_heard` kept, less what was last heard over ``HEARD_FOR_MS`` ago; no
+    file is nothing heard. Raises ``ValueError`` with the reason for a file it cannot use."""
+    try:
+        doc = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"{path} is unreadable ({exc})") from None
+    heard = doc.get("heard") if isinstance(doc, dict) else None
+    if not isinstance(heard, dict):
+        raise ValueError(f"{path} holds no gateways heard")
+    out: dict[str, tuple[int, int]] = {}
+    for gw, entry in heard.items():
+        if (isinstance(entry, list) and len(entry) == 2
+                and all(type(x) is int for x in entry) and now_ms - entry[0] <= HEARD_FOR_MS):
+            out[gw] = (entry[0], entry[1])
+    return out
 
 
 def _down(since: object, now_ms: int) -> tuple[int, str]:
@@ -117,8 +154,8 @@ def assess(doc: Mapping[str, Any], now_ms: int, *, alive: bool,
         if n_quiet:
             names = list(quiet.get("quiet_names") or [])
             shown = ", ".join(str(n) for n in names) + (", ..." if n_quiet > len(names) else "")
-            v.add(WARNING, f"{n_quiet:,} of {int(quiet.get('heard', 0)):,} gateways heard since "
-                           f"the worker started have sent no health report for "
+            v.add(WARNING, f"{n_quiet:,} of {int(quiet.get('heard', 0)):,} gateways heard in "
+                           f"the last {duration(HEARD_FOR_MS)} have sent no health report for "
                            f"{duration(QUIET_MS)} (down, or their uplink): {shown}")
     st.judge_certificate(v, doc.get("cert"), now_ms)
     for key, text in SINCE_START:
@@ -233,7 +270,7 @@ def render(doc: Mapping[str, Any], verdict: Verdict, now_ms: int,
         f"influxdb {influx.get('url')} database {influx.get('database')}: {writes}; "
         f"{n('points_written')} points written, {n('buffered_points')} waiting, "
         f"{n('points_rejected')} refused",
-        f"gateways {int(gw.get('heard', 0)):,} heard since the worker started, "
+        f"gateways {int(gw.get('heard', 0)):,} heard in the last {duration(HEARD_FOR_MS)}, "
         f"{int(gw.get('quiet', 0)):,} quiet for {duration(QUIET_MS)}",
         f"detect   {n('detector_series')} series ({float(s.get('detector_state_mb', 0)):.1f} "
         f"MiB), {n('anomalies')} anomalies, alerts {n('alerts_opened')} opened / "

@@ -41,7 +41,15 @@ from cloud.refdata import ReferenceData
 from cloud.sinks import build_sink
 from cloud.sinks.base import BufferedWriter, Sink
 from cloud.sinks.points import Points
-from cloud.status import QUIET_MS, QUIET_SHOWN, write_status
+from cloud.status import (
+    HEARD_FOR_MS,
+    QUIET_MS,
+    QUIET_SHOWN,
+    heard_path,
+    load_heard,
+    save_heard,
+    write_status,
+)
 from devices.clock import Clock, SystemClock
 from devices.contract import (
     BASE_FIELDS,
@@ -177,6 +185,14 @@ class CloudWorker:
             config.state_dir.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
             if not self.per_partition and self.dedup.load(self._dedup_path):
                 log.info("dedup state restored from %s", self._dedup_path)
+        # the gateways heard before a restart: one that went quiet just before it is named too
+        self._heard_path = (heard_path(config.state_dir, config.worker_id)
+                            if config.state_dir else None)
+        if self._heard_path is not None:
+            try:
+                self.gateways_heard.update(load_heard(self._heard_path, self._started))
+            except (OSError, ValueError) as exc:  # only the operator's view: start without
+                log.warning("the gateways heard before are not known: %s", exc)
 
     # the single-worker path's one state (also what tests and the demo look at)
     @property
@@ -600,12 +616,19 @@ class CloudWorker:
             {k: int(v) for k, v in s.items() if k not in gauges},
             {k: float(v) for k, v in s.items() if k in gauges}, self.clock.now_ms())
 
-    def _quiet_gateways(self, now: int) -> list[str]:
-        """Gateways heard since the start (of this worker's partitions) but not for QUIET_MS,
-        the longest quiet first."""
-        quiet = [(t, gw) for gw, (t, p) in self.gateways_heard.items()
-                 if now - t > QUIET_MS and (not self.per_partition or p in self.parts)]
-        return [gw for _, gw in sorted(quiet)]
+    def _heard_here(self, now: int) -> list[tuple[int, str]]:
+        """(last heard, gateway) of this worker's partitions, those heard over HEARD_FOR_MS ago
+        forgotten (as the Grafana rule forgets them)."""
+        gone = [gw for gw, (t, _) in self.gateways_heard.items() if now - t > HEARD_FOR_MS]
+        for gw in gone:
+            del self.gateways_heard[gw]
+        return [(t, gw) for gw, (t, p) in self.gateways_heard.items()
+                if not self.per_partition or p in self.parts]
+
+    def _quiet_gateways(self, heard: list[tuple[int, str]], now: int) -> list[str]:
+        """Gateways heard (:meth:`_heard_here`) but not for QUIET_MS, the longest quiet
+        first."""
+        return [gw for t, gw in sorted(heard) if now - t > QUIET_MS]
 
     def write_status(self, state: str, stats: dict[str, float] | None = None) -> None:
         """The status ``fieldline cloud status`` reads beside the worker (cloud/status.py):
@@ -615,7 +638,8 @@ class CloudWorker:
             return
         now = self.clock.now_ms()
         w = self.writer
-        quiet = self._quiet_gateways(now)
+        heard = self._heard_here(now)
+        quiet = self._quiet_gateways(heard, now)
         b = c.broker
         up = bool(getattr(self.source, "link_up", True))
         try:
@@ -633,9 +657,11 @@ class CloudWorker:
                                  "ok": w.failing_since is None,
                                  "failing_since": w.failing_since, "last_ok": w.last_ok,
                                  "last_error": w.last_error}},
-                "gateways": {"heard": len(self.gateways_heard), "quiet": len(quiet),
+                "gateways": {"heard": len(heard), "quiet": len(quiet),
                              "quiet_names": quiet[:QUIET_SHOWN]},
                 "stats": self.stats() if stats is None else stats})
+            if self._heard_path is not None:
+                save_heard(self._heard_path, self.gateways_heard)
             self._status_failed = False
         except OSError as exc:  # only the operator's view: never the worker's work
             if not self._status_failed:

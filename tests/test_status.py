@@ -257,7 +257,7 @@ def _ago(ms: int) -> int:
                              "last_error": '(503): {"error":"unavailable"}'}}},
      0, CRITICAL, 'have failed for 40 min ((503): {"error":"unavailable"})'),
     ({"gateways": {"heard": 5, "quiet": 2, "quiet_names": ["gw-3", "gw-1"]}}, 0, WARNING,
-     "2 of 5 gateways heard since the worker started have sent no health report for 10 min "
+     "2 of 5 gateways heard in the last 24.0 h have sent no health report for 10 min "
      "(down, or their uplink): gw-3, gw-1"),
     ({"gateways": {"heard": 50, "quiet": 30, "quiet_names": [f"g{i}" for i in range(20)]}},
      0, WARNING, "g18, g19, ..."),
@@ -417,7 +417,8 @@ def test_the_status_commands_read_a_state_directory_named_in_place_of_a_config(
 def test_a_worker_names_the_gateways_it_stopped_hearing(tmp_path: Path) -> None:
     """Gateways whose health reports stopped for 10 minutes of the worker's clock (as the
     Grafana rule "Gateway not reporting" judges them), the longest quiet first; a replayed
-    report (a takeover) is no proof of life."""
+    report (a takeover) is no proof of life; a restart forgets none of them, a day of
+    silence does (as the rule)."""
     from cloud.config import CloudConfig, InfluxConfig
     from cloud.ingest import SourceMessage
     from cloud.sinks.base import MemorySink
@@ -458,6 +459,40 @@ def test_a_worker_names_the_gateways_it_stopped_hearing(tmp_path: Path) -> None:
     doc = orjson.loads((tmp_path / "status-t.json").read_bytes())
     assert doc["gateways"]["quiet_names"] == ["gw-c"]
     assert doc["state"] == "stopped"
+
+    # restarted (an upgrade) while gw-c is down: still named, not forgotten with the process,
+    # nor is gw-b, gone quiet since (its last report heard by the worker before)
+    clock.advance(4 * 60_000)
+    worker = CloudWorker(cfg, clock=clock, registry=Registry(), sink=MemorySink(),
+                         source=object())  # type: ignore[arg-type]
+    worker.write_status("running")
+    doc = orjson.loads((tmp_path / "status-t.json").read_bytes())
+    assert doc["gateways"] == {"heard": 3, "quiet": 2, "quiet_names": ["gw-c", "gw-b"]}
+    code, text = cloud.status_command(tmp_path, as_json=False, now_ms=clock.now_ms())
+    assert code == WARNING, text
+    assert "2 of 3 gateways heard in the last 24.0 h have sent no health report" in text, text
+    # ... until the Grafana rule forgets them too: a day after their last report
+    heard("gw-a")
+    clock.advance(cloud.HEARD_FOR_MS - 30_000)
+    worker.write_status("running")
+    doc = orjson.loads((tmp_path / "status-t.json").read_bytes())
+    assert doc["gateways"] == {"heard": 1, "quiet": 1, "quiet_names": ["gw-a"]}
+    clock.advance(60_000)
+    worker.write_status("running")
+    doc = orjson.loads((tmp_path / "status-t.json").read_bytes())
+    assert doc["gateways"] == {"heard": 0, "quiet": 0, "quiet_names": []}
+    # a file it cannot use costs that memory only (said in the log), never the start
+    heard("gw-d")
+    worker.write_status("running")
+    assert sorted(orjson.loads((tmp_path / "heard-t.json").read_bytes())["heard"]) == ["gw-d"]
+    (tmp_path / "heard-t.json").write_bytes(b'{"v": 1, "heard": {"gw-d": [1')
+    worker = CloudWorker(cfg, clock=clock, registry=Registry(), sink=MemorySink(),
+                         source=object())  # type: ignore[arg-type]
+    assert worker.gateways_heard == {}
+    heard("gw-e")
+    worker.write_status("running")
+    doc = orjson.loads((tmp_path / "status-t.json").read_bytes())
+    assert doc["gateways"]["heard"] == 1
 
 
 @pytest.mark.integration
