@@ -127,7 +127,11 @@ def assess(doc: Mapping[str, Any], now_ms: int, *, alive: bool,
         why = st.why_not_running(doc, now_ms, WHO, alive=alive, disk=disk)
         v.add(CRITICAL, f"not running: {why}; the gateways keep what it had not written in "
                         "their outboxes until a worker acknowledges it")
-    if disk is not None and disk.full:
+    if disk is not None and disk.read_only:
+        v.add(CRITICAL, st.read_only_text(
+            disk, "the worker", "cannot save which batches are in InfluxDB, nor its "
+            "detectors' state, nor dead letters, nor its status"))
+    elif disk is not None and disk.full:
         v.add(CRITICAL, f"the filesystem under {disk.path} is full ({size(disk.free)} free): "
                         "the worker cannot save which batches are in InfluxDB, nor its "
                         "detectors' state, nor dead letters")
@@ -332,7 +336,6 @@ def status_command(state_dir: Path | None, *, worker: str | None = None, as_json
                      "bridge" if bridge else "worker": doc})
     if as_json:
         out = {"status": st.LEVELS[code], "workers": docs,
-               "disk": {"path": str(disk.path), "free": disk.free, "total": disk.total}
-               if disk else None}
+               "disk": disk.as_json() if disk else None}
         return code, orjson.dumps(out, option=orjson.OPT_INDENT_2).decode()
     return code, "\n\n".join(texts)

@@ -11,6 +11,7 @@ torn one says so.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import time
@@ -127,6 +128,7 @@ class Disk:
     path: Path
     free: int
     total: int
+    read_only: bool = False
 
     @classmethod
     def of(cls, path: Path) -> Disk | None:
@@ -134,11 +136,37 @@ class Disk:
             du = shutil.disk_usage(path)
         except OSError:
             return None
-        return cls(path, du.free, du.total)
+        return cls(path, du.free, du.total, read_only=takes_no_writes(path))
 
     @property
     def full(self) -> bool:
         return self.free < DISK_FULL_BYTES
+
+    def as_json(self) -> dict[str, Any]:
+        return {"path": str(self.path), "free": self.free, "total": self.total,
+                "read_only": self.read_only}
+
+
+def takes_no_writes(path: Path) -> bool:
+    """Whether the filesystem under ``path`` is read-only: mounted so, or remounted so by the
+    kernel after errors (ext4's ``errors=remount-ro``, what a failing SD card meets), which
+    ``statvfs`` does not always show: so an unnamed file is made there (``O_TMPFILE``: nothing
+    is left behind). A user who may not write there learns nothing from it: not read-only."""
+    try:
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return True
+        fd = os.open(path, os.O_TMPFILE | os.O_WRONLY, 0o600)
+    except OSError as exc:
+        return exc.errno == errno.EROFS
+    os.close(fd)
+    return False
+
+
+def read_only_text(disk: Disk, who: str, loses: str) -> str:
+    """What a read-only state directory means for ``who``, and what repairs it."""
+    return (f"the filesystem under {disk.path} is read-only (the kernel remounts a disk "
+            f"read-only after errors, a failing SD card for one): {who} {loses}. Stop it, "
+            "check the filesystem (fsck) or replace the card, and start it again")
 
 
 def running(doc: Mapping[str, Any], now_ms: int, alive: bool) -> bool:
@@ -158,6 +186,9 @@ def why_not_running(doc: Mapping[str, Any], now_ms: int, who: str, *, alive: boo
         return f"{who} (pid {doc.get('pid')}) is gone: killed or crashed"
     if disk is not None and disk.full:
         return f"{who} has written no status for {duration(age)}: its disk is full (or it hung)"
+    if disk is not None and disk.read_only:
+        return (f"{who} has written no status for {duration(age)}: its filesystem is "
+                "read-only")
     return f"{who} has written no status for {duration(age)}: hung or stopped"
 
 

@@ -64,7 +64,12 @@ def assess(doc: Mapping[str, Any], now_ms: int, *, alive: bool,
     if not v.running:
         why = st.why_not_running(doc, now_ms, WHO, alive=alive, disk=disk)
         v.add(CRITICAL, f"not running: {why}; {waiting}" if depth else f"not running: {why}")
-    if disk is not None and disk.full:
+    if disk is not None and disk.read_only:
+        v.add(CRITICAL, st.read_only_text(
+            disk, "the agent", "can log no readings and store no results, and holds its "
+            "intake (devices' readings wait in the gateway broker; nothing it acknowledged is "
+            "lost)"))
+    elif disk is not None and disk.full:
         v.add(CRITICAL, f"the filesystem under {disk.path} is full ({size(disk.free)} free): "
                         "the agent can log no readings and store no results, and holds its "
                         "intake until there is room (devices' readings wait in the gateway "
@@ -75,8 +80,8 @@ def assess(doc: Mapping[str, Any], now_ms: int, *, alive: bool,
                        f"{disk.path} has {size(disk.free)} free: lower outbox.max_bytes or "
                        "free space, or the disk fills before the outbox's policy applies")
     elif g.get("disk_blocked"):
-        v.add(CRITICAL, "the disk under the state directory fails (full?): the agent takes "
-                        "no readings until it can write again (disk_errors "
+        v.add(CRITICAL, "the disk under the state directory fails (full? read-only?): the "
+                        "agent takes no readings until it can write again (disk_errors "
                         f"{int(c.get('disk_errors', 0)):,})")
     if fill >= OUTBOX_WARN:
         v.add(CRITICAL if fill >= OUTBOX_CRITICAL else WARNING,
@@ -194,8 +199,7 @@ def status_command(state_dir: Path | None, *, as_json: bool,
     if as_json:
         out = {"status": LEVELS[verdict.code], "running": verdict.running,
                "attention": [{"level": LEVELS[lv], "text": t} for lv, t in verdict.attention],
-               "disk": {"path": str(disk.path), "free": disk.free, "total": disk.total}
-               if disk else None,
+               "disk": disk.as_json() if disk else None,
                "agent": doc}
         return verdict.code, orjson.dumps(out, option=orjson.OPT_INDENT_2).decode()
     return verdict.code, render(doc, verdict, now, disk)

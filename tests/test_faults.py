@@ -433,6 +433,85 @@ def test_r12_disk_full_under_the_agent_loses_nothing(
         rig.stop()
 
 
+@contextlib.contextmanager
+def sd_card(mnt: Path, image: Path) -> Iterator[Path]:
+    """An ext4 filesystem at ``mnt`` mounted as Raspberry Pi OS mounts its card's root
+    (``errors=remount-ro``): after an error the kernel makes it read-only under the processes
+    using it, as it does when a worn SD card fails (the tests run as root, as CI does)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a filesystem image needs root (CI runs as root)")
+    with image.open("wb") as fh:
+        fh.truncate(64 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    mnt.mkdir(parents=True)
+    mount = subprocess.run(["mount", "-o", "loop,errors=remount-ro", str(image), str(mnt)],
+                           capture_output=True, text=True, check=False)
+    if mount.returncode != 0:  # a container without loop devices
+        pytest.skip(f"cannot mount a filesystem image here: {mount.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def card_fails(mnt: Path) -> None:
+    """An error on the card's filesystem: the kernel remounts it read-only at once."""
+    dev = next(line.split()[0] for line in Path("/proc/mounts").read_text().splitlines()
+               if line.split()[1] == str(mnt))
+    Path(f"/sys/fs/ext4/{Path(dev).name}/trigger_fs_error").write_text("the card failed\n")
+
+
+def card_repaired(mnt: Path, image: Path) -> None:
+    """What the operator does: unmount, fsck (repairs: exit 1), mount again."""
+    subprocess.run(["umount", str(mnt)], check=True)
+    fsck = subprocess.run(["e2fsck", "-f", "-y", str(image)], capture_output=True, text=True,
+                          check=False)
+    assert fsck.returncode in (0, 1), fsck.stdout + fsck.stderr
+    subprocess.run(["mount", "-o", "loop,errors=remount-ro", str(image), str(mnt)], check=True)
+
+
+def test_r12_sd_card_gone_read_only_under_the_agent_loses_nothing(
+        tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto],
+        influx_db: InfluxV1Client) -> None:
+    """The filesystem under the agent's state directory fails while the fleet publishes and the
+    kernel remounts it read-only (a worn SD card: on a Pi the commonest end of a gateway's
+    disk), which `statvfs` does not show. The agent holds its intake (readings wait in the
+    gateway broker), `fieldline edge status` names the read-only filesystem and what repairs
+    it; the operator stops the agent, checks the filesystem, starts the agent again: every
+    reading reaches InfluxDB once, the ledger balanced. What the card had not been told to keep
+    (nothing the agent acknowledged or shipped) goes with the error, as on a power cut."""
+    with sd_card(tmp_path / "edge-state", tmp_path / "card.img") as card:
+        rig = Rig(tmp_path, mosquitto_factory, influx_db)
+        assert rig.gateway_cfg.read_text().count(str(card)) == 1
+        try:
+            rig.start_chain(fleet_s=20)
+            time.sleep(4)
+            card_fails(card)
+            seen: list[tuple[int, str]] = []
+
+            def told() -> bool:
+                seen.append(rig.edge_status())
+                return "is read-only" in seen[-1][1]
+
+            wait_for(told, 30)
+            code, text = seen[-1]
+            assert code == 2, text
+            assert f"the filesystem under {card} is read-only" in text, text
+            assert "Stop it, check the filesystem (fsck)" in text, text
+            time.sleep(2)  # the fleet goes on publishing into the gateway broker
+            assert rig.agent is not None
+            rig.agent.send_signal(signal.SIGTERM)  # the operator: stop, fsck, start
+            assert rig.agent.wait(30) is not None
+            card_repaired(card, tmp_path / "card.img")
+            rig.start_agent()
+            rig.wait_fleet()
+            led = finish(rig)
+            assert led["readings_gap"] == 0
+            assert "Read-only file system" in (tmp_path / "agent.log").read_text()
+        finally:
+            rig.stop()
+
+
 def test_r12_disk_full_under_the_workers_state_directory_loses_nothing(
         tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto],
         influx_db: InfluxV1Client) -> None:

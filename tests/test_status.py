@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -206,6 +207,40 @@ def test_a_disk_smaller_than_the_outbox_may_grow_is_a_warning(tmp_path: Path) ->
         f"the filesystem under {tmp_path} is full (4.0 KiB free): the agent can log no readings "
         "and store no results, and holds its intake until there is room (devices' readings "
         "wait in the gateway broker)"]
+
+
+def test_a_read_only_state_directory_is_critical_for_agent_and_worker(tmp_path: Path) -> None:
+    """A filesystem the kernel made read-only (a failing SD card) is named, with the repair,
+    whether the process still writes a status (it cannot) or not; a real read-only mount is
+    seen as such, a writable directory not (and the probe leaves nothing behind)."""
+    ro = Disk(tmp_path, free=10 * 2**30, total=30 * 2**30, read_only=True)
+    doc = base_status()
+    v = assess(doc, doc["ts"] + 60_000, alive=True, disk=ro)
+    assert v.code == CRITICAL
+    texts = [t for _, t in v.attention]
+    assert texts[0] == ("not running: the agent has written no status for 60 s: its "
+                        "filesystem is read-only")
+    assert texts[1].startswith(f"the filesystem under {tmp_path} is read-only (the kernel "
+                               "remounts a disk read-only after errors"), texts
+    assert "Stop it, check the filesystem (fsck) or replace the card" in texts[1]
+    worker = base_worker()
+    v = cloud.assess(worker, worker["ts"], alive=True, disk=ro)
+    assert v.code == CRITICAL
+    assert "the worker cannot save which batches are in InfluxDB" in v.attention[0][1]
+    assert not Disk.of(tmp_path).read_only  # type: ignore[union-attr]
+    assert list(tmp_path.iterdir()) == []
+    write_status(tmp_path, doc)
+    code, out = status_command(tmp_path, as_json=True)
+    assert (code, orjson.loads(out)["disk"]["read_only"]) == (OK, False), out
+    if os.geteuid() != 0:
+        return  # mounting needs root (CI runs as root)
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mnt)], check=True)
+    try:
+        assert Disk.of(mnt).read_only  # type: ignore[union-attr]
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 # ---- fieldline cloud status ---------------------------------------------------------------
