@@ -39,7 +39,7 @@ from cloud.jetstream import ACK, IN, connect, gateway_from_token, gateway_token
 from cloud.status import status_path
 from devices import status as st
 from devices.contract import TOPIC_ROOT, ack_topic, gateway_from_topic
-from devices.mqtt import BrokerAddress, make_client
+from devices.mqtt import BrokerAddress, LinkErrors, make_client
 from devices.x509 import link_certificate
 
 log = logging.getLogger("fieldline.cloud.bridge")
@@ -80,6 +80,7 @@ class Bridge:
         self._store_error: str | None = None
         self._last_stored: int | None = None
         self._links = st.Links()
+        self.broker_errors = LinkErrors("bridge", broker.url, log)  # why it cannot connect
         self._started = _now_ms()
         self._status_failed = False
         self._cert = (link_certificate(broker.url, (broker.ca_file, broker.cert_file), log)
@@ -104,7 +105,9 @@ class Bridge:
         def on_connect(c: Any, _u: Any, _f: Any, rc: Any, _p: Any = None) -> None:
             if rc.is_failure:
                 log.error("bridge: %s refused the connection: %s", self.broker.url, rc)
+                self.broker_errors.failed(f"refused: {rc}", logged=True)
                 return
+            self.broker_errors.up()
             for kind in KINDS:
                 topic = f"{TOPIC_ROOT}/+/{kind}"
                 if self.shared_group:
@@ -121,6 +124,7 @@ class Bridge:
             loop.call_soon_threadsafe(inbound.put_nowait, item)
 
         client.on_connect = on_connect
+        client.on_connect_fail = self.broker_errors.on_connect_fail
         client.on_disconnect = on_disconnect
         client.on_message = on_message
 
@@ -215,7 +219,8 @@ class Bridge:
                 "health_interval_ms": self.status_interval_ms, "cert": self._cert,
                 "links": {
                     "broker": {"url": self.broker.url,
-                               **self._links.state("broker", self.connected.is_set(), now)},
+                               **self._links.state("broker", self.connected.is_set(), now),
+                               "error": self.broker_errors.last},
                     "nats": {"url": ", ".join(self.servers),
                              **self._links.state("nats", bool(nc.is_connected), now)}},
                 "store": {"ok": self._store_failing_since is None,

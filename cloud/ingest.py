@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from devices.contract import TOPIC_ROOT, ack_topic, encode_ack
-from devices.mqtt import BrokerAddress
+from devices.mqtt import BrokerAddress, describe
 
 log = logging.getLogger("fieldline.cloud.ingest")
 
@@ -95,6 +95,7 @@ class MqttSource:
         self._position = 0
         self.connected = asyncio.Event()
         self.reconnects = 0
+        self.link_error: str | None = None  # why the last connection failed, while down
         self._client: Any = None
         self.acks_sent = 0
         # acks the broker refused (not authorised, quota...) by reason, and acks nobody heard
@@ -136,6 +137,7 @@ class MqttSource:
                     await client.subscribe(f"{TOPIC_ROOT}/+/results", qos=1)
                     await client.subscribe(f"{TOPIC_ROOT}/+/health", qos=1)
                     self.connected.set()
+                    self.link_error = None
                     backoff = 0.5
                     log.info("ingest subscribed on %s", self.address.url)
                     async for msg in client.messages:
@@ -149,6 +151,7 @@ class MqttSource:
                 self._client = None
                 self.connected.clear()
                 self.reconnects += 1
+                self.link_error = describe(exc)
                 log.warning("ingest lost %s: %s; reconnecting in %.1fs", self.address.url, exc,
                             backoff)
                 await asyncio.sleep(backoff * (0.5 + random.random()))

@@ -139,8 +139,8 @@ def assess(doc: Mapping[str, Any], now_ms: int, *, alive: bool,
         ingest = links.get("ingest") or {}
         if not ingest.get("connected", True):
             level, long = _down(ingest.get("since"), now_ms)
-            v.add(level, f"not connected to {ingest.get('url')} for {long}: no results come in "
-                         "(the gateways keep them in their outboxes)")
+            v.add(level, f"not connected to {ingest.get('url')} for {long}{st.because(ingest)}:"
+                         " no results come in (the gateways keep them in their outboxes)")
         influx = links.get("influxdb") or {}
         if not influx.get("ok", True):
             level, long = _down(influx.get("failing_since"), now_ms)
@@ -193,8 +193,9 @@ def assess_bridge(doc: Mapping[str, Any], now_ms: int, *, alive: bool,
         broker = links.get("broker") or {}
         if not broker.get("connected", True):
             level, long = _down(broker.get("since"), now_ms)
-            v.add(level, f"not connected to the cloud broker {broker.get('url')} for {long}: "
-                         "no result is taken from it (the agents keep them in their outboxes)")
+            v.add(level, f"not connected to the cloud broker {broker.get('url')} for {long}"
+                         f"{st.because(broker)}: no result is taken from it (the agents keep "
+                         "them in their outboxes)")
         nats = links.get("nats") or {}
         if not nats.get("connected", True):
             level, long = _down(nats.get("since"), now_ms)

@@ -652,7 +652,8 @@ class CloudWorker:
                 "dead_letters": str(w.dead_letter_path) if w.dead_letter_path else None,
                 "links": {
                     "ingest": {"url": ", ".join(c.jetstream.servers) if c.jetstream else b.url,
-                               **self._links.state("ingest", up, now)},
+                               **self._links.state("ingest", up, now),
+                               "error": getattr(self.source, "link_error", None)},
                     "influxdb": {"url": c.influx.url, "database": c.influx.database,
                                  "ok": w.failing_since is None,
                                  "failing_since": w.failing_since, "last_ok": w.last_ok,

@@ -11,9 +11,11 @@ that the edge agent can decide from its configuration whether it loads OpenSSL a
 
 from __future__ import annotations
 
+import logging
+import sys
 from dataclasses import dataclass
 from types import ModuleType, SimpleNamespace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from devices.errors import ConfigError
@@ -24,6 +26,40 @@ if TYPE_CHECKING:
 
 # MQTT 5 reason codes that mean "your PUBLISH did not get through" (RELIABILITY.md).
 NO_MATCHING_SUBSCRIBERS = 0x10
+
+
+class LinkErrors:
+    """Why a link's connections fail: the first failure of each outage logged (a broker's
+    name that does not resolve, a refused port, a TLS certificate not trusted...), the latest
+    kept for the process's status until the link is up again.
+
+    paho's own reconnect loop (``loop_start``) swallows the error of a failed attempt; it
+    calls ``on_connect_fail`` inside its ``except OSError`` block, where the exception is still
+    at hand: :meth:`on_connect_fail` is that callback."""
+
+    def __init__(self, what: str, url: str, log: logging.Logger) -> None:
+        self.what, self.url, self._log = what, url, log
+        self.last: str | None = None
+        self.failures = 0  # since the link was last up
+
+    def failed(self, error: str, *, logged: bool = False) -> None:
+        """A failed attempt; ``logged``: the caller said so already."""
+        self.failures += 1
+        self.last = error
+        if self.failures == 1 and not logged:
+            self._log.warning("%s cannot reach %s: %s (retrying)", self.what, self.url, error)
+
+    def up(self) -> None:
+        self.failures, self.last = 0, None
+
+    def on_connect_fail(self, _client: Any, _userdata: Any) -> None:
+        exc = sys.exc_info()[1]
+        self.failed(describe(exc) if exc is not None else "connection failed")
+
+
+def describe(exc: BaseException) -> str:
+    """An exception as an operator reads it: its text, or its kind when it has none."""
+    return str(exc) or type(exc).__name__
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -222,4 +222,10 @@ class Links:
 
 def link_text(d: Mapping[str, Any], default_since: int) -> str:
     state = "connected" if d.get("connected") else "DOWN"
-    return f"{d.get('url')} {state} since {at(int(d.get('since', default_since)))}"
+    return (f"{d.get('url')} {state} since {at(int(d.get('since', default_since)))}"
+            + because(d))
+
+
+def because(link: Mapping[str, Any]) -> str:
+    """`` (why)`` a link that is down failed its last attempt, if it knows; else nothing."""
+    return f" ({link['error']})" if not link.get("connected") and link.get("error") else ""

@@ -1094,9 +1094,11 @@ class EdgeAgent:
                 "links": {
                     "intake": {"url": c.intake_broker.url, "topics": c.topics,
                                "subscribed": self.intake.subscribed.is_set(),
-                               **links.state("intake", self.intake.connected.is_set(), rep.ts)},
+                               **links.state("intake", self.intake.connected.is_set(), rep.ts),
+                               "error": self.intake.errors.last},
                     "uplink": {"url": c.uplink_broker.url,
-                               **links.state("uplink", self.uplink.connected.is_set(), rep.ts)}},
+                               **links.state("uplink", self.uplink.connected.is_set(), rep.ts),
+                               "error": self.uplink.errors.last}},
                 "counters": rep.counters, "gauges": rep.gauges, "devices": rep.devices})
             self._status_failed = False
         except OSError as exc:  # only the operator's view: never the agent's work

@@ -54,7 +54,7 @@ from collections.abc import Iterable
 
 from devices import mqttwire as wire
 from devices.clock import Clock
-from devices.mqtt import BrokerAddress
+from devices.mqtt import BrokerAddress, LinkErrors, describe
 
 log = logging.getLogger("fieldline.edge.intake")
 
@@ -135,6 +135,7 @@ class MqttIntake:
         self.received = 0
         self.overflowed = 0
         self.connected = threading.Event()
+        self.errors = LinkErrors("intake", address.url, log)  # why it cannot connect
         self.subscribed = threading.Event()  # set once the broker acknowledged the subscription
         # the broker's counters, as it last published them (-1: not heard, e.g. no ACL for it)
         self.broker_dropped = -1
@@ -244,18 +245,18 @@ class MqttIntake:
 
     def _run(self) -> None:
         delay = RECONNECT_MIN_S
-        failures = 0
         while not self._stop.is_set():
             try:
                 sock, parser, early = self._open()
             except (OSError, wire.ProtocolError, _RefusedError) as exc:
-                failures += 1
-                if failures == 1 and not isinstance(exc, _RefusedError):
-                    log.warning("intake cannot reach %s: %s (retrying)", self.address.url, exc)
+                refused = isinstance(exc, _RefusedError)
+                self.errors.failed(f"refused: {exc}" if refused else describe(exc),
+                                   logged=refused)
                 self._stop.wait(delay)
                 delay = min(delay * 2, RECONNECT_MAX_S)
                 continue
-            delay, failures = RECONNECT_MIN_S, 0
+            delay = RECONNECT_MIN_S
+            self.errors.up()
             try:
                 self._serve(sock, parser, early)
             except (OSError, wire.ProtocolError) as exc:

@@ -91,11 +91,13 @@ def assess(doc: Mapping[str, Any], now_ms: int, *, alive: bool,
     up = links.get("uplink") or {}
     if v.running and not up.get("connected", True):
         v.add(WARNING, f"uplink to {up.get('url')} down for "
-                       f"{duration(now_ms - int(up.get('since', now_ms)))}; {waiting}")
+                       f"{duration(now_ms - int(up.get('since', now_ms)))}{st.because(up)}; "
+                       f"{waiting}")
     intake = links.get("intake") or {}
     if v.running and not intake.get("connected", True):
         v.add(WARNING, f"not connected to the gateway broker {intake.get('url')} for "
-                       f"{duration(now_ms - int(intake.get('since', now_ms)))}: devices' "
+                       f"{duration(now_ms - int(intake.get('since', now_ms)))}"
+                       f"{st.because(intake)}: devices' "
                        "readings wait there (those its queue limits drop are lost)")
     elif v.running and not intake.get("subscribed", True):
         v.add(WARNING, f"the gateway broker {intake.get('url')} has not acknowledged the "

@@ -43,7 +43,7 @@ from devices.contract import (
     status_topic,
 )
 from devices.errors import ContractError
-from devices.mqtt import NO_MATCHING_SUBSCRIBERS, BrokerAddress, make_client
+from devices.mqtt import NO_MATCHING_SUBSCRIBERS, BrokerAddress, LinkErrors, make_client
 from devices.x509 import not_after_ms
 
 log = logging.getLogger("fieldline.edge.uplink")
@@ -248,6 +248,7 @@ class MqttUplink:
         self.server_cert_expiry: int | None = None
         self.largest_sent = 0  # the largest publish since the last (re)connect, in bytes
         self.size_disconnects = 0  # closed by the broker after a publish it may find too large
+        self.errors = LinkErrors("uplink", self.address.url, log)  # why it cannot connect
         self.oversize = 0  # batches larger than the broker's announced maximum
 
     def _status(self, extra: dict[str, Any]) -> bytes:
@@ -259,7 +260,9 @@ class MqttUplink:
                     _p: Any = None) -> None:
         if rc.is_failure:
             log.error("uplink connect to %s refused: %s", self.address.url, rc)
+            self.errors.failed(f"refused: {rc}", logged=True)
             return
+        self.errors.up()
         announced = getattr(_p, "MaximumPacketSize", None) if _p is not None else None
         self.max_packet = int(announced) if announced else None
         self.largest_sent = 0
@@ -336,6 +339,7 @@ class MqttUplink:
     # agent side ----------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._client.on_connect_fail = self.errors.on_connect_fail
         # a short keepalive: a silently dead connection (a partition) is noticed within about
         # two keepalives, and paho then reconnects and retransmits what it holds
         self._client.connect_async(self.address.host, self.address.port,

@@ -443,3 +443,59 @@ def test_tls_and_a_refused_login(mosquitto_factory: Callable[..., Mosquitto],
         _wait(lambda: "refused" in caplog.text, "the refusal to be logged")
         stranger.stop()
     assert not stranger.connected.is_set()
+    assert (stranger.errors.last or "").startswith("refused: "), stranger.errors.last
+
+
+def test_links_that_cannot_connect_say_why_once_and_in_the_status(
+        mosquitto_factory: Callable[..., Mosquitto], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """paho's reconnect loop swallows why a connection fails. A cloud broker whose certificate
+    the gateway does not trust (a CA file from another PKI), a broker name that does not
+    resolve, a port nobody listens on: each link logs the cause once per outage (not at every
+    retry), keeps it for `fieldline edge status` while the link is down, forgets it once up."""
+    from edge.uplink import MqttUplink
+    from tests.pki import make_pki
+
+    pki, stranger = make_pki(tmp_path / "pki"), make_pki(tmp_path / "stranger")
+    crt, key = pki.cert("server")
+    tls_port = free_port()
+    mosquitto_factory(extra_conf=f"listener {tls_port} 127.0.0.1\ncafile {pki.ca}\n"
+                                 f"certfile {crt}\nkeyfile {key}\n")
+
+    def uplink(host: str, port: int, ca: Path | None) -> MqttUplink:
+        address = BrokerAddress(host=host, port=port, tls=ca is not None,
+                                ca_file=str(ca) if ca else None)
+        return MqttUplink(address, "gw-1", clock=SystemClock(), client_id=f"gw-1-{port}",
+                          state_dir=tmp_path / f"up-{port}")
+
+    untrusted = uplink("127.0.0.1", tls_port, stranger.ca)
+    nobody = uplink("127.0.0.1", free_port(), None)
+    unnamed = MqttIntake(BrokerAddress(host="broker.invalid", port=1883), ["devices/+/readings"],
+                         clock=SystemClock(), client_id="unnamed")
+    with caplog.at_level("WARNING", logger="fieldline.edge"):
+        for link in (untrusted, nobody, unnamed):
+            link.start()
+        try:
+            _wait(lambda: all(link.errors.failures >= 3 for link in (untrusted, nobody)),
+                  "three failed attempts each", timeout_s=30)
+            _wait(lambda: unnamed.errors.failures >= 1, "the name to fail")
+            assert "CERTIFICATE_VERIFY_FAILED" in (untrusted.errors.last or "")
+            assert "Connection refused" in (nobody.errors.last or "")
+            assert unnamed.errors.last  # the resolver's words (they vary with the machine)
+            lines = [r.getMessage() for r in caplog.records]
+            for link, url in ((untrusted, f"mqtts://127.0.0.1:{tls_port}"),
+                              (nobody, nobody.address.url),
+                              (unnamed, "mqtt://broker.invalid:1883")):
+                said = [line for line in lines if f"cannot reach {url}: " in line]
+                assert said == [f"{link.errors.what} cannot reach {url}: {link.errors.last} "
+                                "(retrying)"], lines
+        finally:
+            for link in (untrusted, nobody, unnamed):
+                link.stop()
+    trusted = uplink("127.0.0.1", tls_port, pki.ca)
+    trusted.start()
+    try:
+        _wait(trusted.connected.is_set, "the uplink with the right CA")
+        assert (trusted.errors.last, trusted.errors.failures) == (None, 0)
+    finally:
+        trusted.stop()
