@@ -116,6 +116,14 @@ def _down(since: object, now_ms: int) -> tuple[int, str]:
     return CRITICAL if ms >= DOWN_CRITICAL_MS else WARNING, duration(ms)
 
 
+def _not_connected(v: Verdict, link: Mapping[str, Any], to: str, then: str,
+                   now_ms: int) -> None:
+    """A link ``link`` to ``to`` that is down: since when, why if it knows, and ``then``."""
+    if not link.get("connected", True):
+        level, long = _down(link.get("since"), now_ms)
+        v.add(level, f"not connected to {to} for {long}{st.because(link)}: {then}")
+
+
 def assess(doc: Mapping[str, Any], now_ms: int, *, alive: bool,
            disk: st.Disk | None = None) -> Verdict:
     """What a worker's status says: running or not, and what needs attention (worst first)."""
@@ -137,10 +145,8 @@ def assess(doc: Mapping[str, Any], now_ms: int, *, alive: bool,
                         "detectors' state, nor dead letters")
     if v.running:
         ingest = links.get("ingest") or {}
-        if not ingest.get("connected", True):
-            level, long = _down(ingest.get("since"), now_ms)
-            v.add(level, f"not connected to {ingest.get('url')} for {long}{st.because(ingest)}:"
-                         " no results come in (the gateways keep them in their outboxes)")
+        _not_connected(v, ingest, str(ingest.get("url")), "no results come in (the gateways "
+                       "keep them in their outboxes)", now_ms)
         influx = links.get("influxdb") or {}
         if not influx.get("ok", True):
             level, long = _down(influx.get("failing_since"), now_ms)
@@ -191,16 +197,11 @@ def assess_bridge(doc: Mapping[str, Any], now_ms: int, *, alive: bool,
                         "and in the agents' outboxes")
     if v.running:
         broker = links.get("broker") or {}
-        if not broker.get("connected", True):
-            level, long = _down(broker.get("since"), now_ms)
-            v.add(level, f"not connected to the cloud broker {broker.get('url')} for {long}"
-                         f"{st.because(broker)}: no result is taken from it (the agents keep "
-                         "them in their outboxes)")
+        _not_connected(v, broker, f"the cloud broker {broker.get('url')}", "no result is "
+                       "taken from it (the agents keep them in their outboxes)", now_ms)
         nats = links.get("nats") or {}
-        if not nats.get("connected", True):
-            level, long = _down(nats.get("since"), now_ms)
-            v.add(level, f"not connected to NATS ({nats.get('url')}) for {long}: nothing is "
-                         "forwarded (the results stay on the cloud broker)")
+        _not_connected(v, nats, f"NATS ({nats.get('url')})", "nothing is forwarded (the "
+                       "results stay on the cloud broker)", now_ms)
         store = doc.get("store") or {}
         if not store.get("ok", True):
             level, long = _down(store.get("failing_since"), now_ms)

@@ -329,8 +329,13 @@ def _ago(ms: int) -> int:
 ])
 def test_the_cloud_status_verdict(tmp_path: Path, over: dict[str, Any], age_ms: int, code: int,
                                   words: str) -> None:
-    doc = base_worker(**over)
-    cloud.write_status(tmp_path, doc["worker"], doc)
+    judged_alone(tmp_path, base_worker(**over), "worker", age_ms, code, words)
+
+
+def judged_alone(tmp_path: Path, doc: dict[str, Any], kind: str, age_ms: int, code: int,
+                 words: str) -> None:
+    """``doc`` (a worker's or the bridge's status) judged ``age_ms`` after it was written."""
+    cloud.write_status(tmp_path, doc[kind], doc)
     got, text = cloud.status_command(tmp_path, as_json=False, now_ms=doc["ts"] + age_ms)
     assert got == code, text
     assert words in text, text
@@ -412,11 +417,7 @@ def base_bridge(**over: Any) -> dict[str, Any]:
 ])
 def test_the_bridge_status_verdict(tmp_path: Path, over: dict[str, Any], age_ms: int,
                                    code: int, words: str) -> None:
-    doc = base_bridge(**over)
-    cloud.write_status(tmp_path, doc["bridge"], doc)
-    got, text = cloud.status_command(tmp_path, as_json=False, now_ms=doc["ts"] + age_ms)
-    assert got == code, text
-    assert words in text, text
+    judged_alone(tmp_path, base_bridge(**over), "bridge", age_ms, code, words)
 
 
 def test_the_bridge_is_judged_with_the_workers_of_its_directory(tmp_path: Path) -> None:
