@@ -319,3 +319,38 @@ def test_bad_command_flags_fail_at_start_naming_the_flag(
     assert rc == 2, err
     assert flag in err, err
     assert "Traceback" not in err, err
+
+
+def test_the_example_registry_is_what_the_shipped_configs_load(tmp_path: Path) -> None:
+    """deploy/devices.example.csv, the registry an operator copies to the path both shipped
+    configs name, loads as they load theirs (its kinds known to the shipped catalog), and the
+    agent judges by it: a listed device's reading kept, a listed humidity sensor's 101 %
+    refused as out of range, an unlisted device refused as unknown."""
+    from dataclasses import replace
+
+    from devices import rejects
+    from devices.clock import ManualClock
+    from devices.codecs import encode_single
+    from edge.agent import EdgePipeline
+
+    deploy = Path(__file__).resolve().parent.parent / "deploy"
+    example = deploy / "devices.example.csv"
+    shipped = load_edge_config(deploy / "gateway.toml")
+    assert shipped.registry_path == load_cloud_config(deploy / "cloud.toml").registry_path
+    gateway = replace(shipped, registry_path=example, state_dir=tmp_path)
+    registry = gateway.load_registry()
+    assert registry is not None
+    assert len(registry) == len(example.read_text().splitlines()) - 1
+    t = 1_700_000_000_000
+    p = EdgePipeline(gateway, ManualClock(now_ms=t))
+    assert registry.get("gw-1-h0002") is not None
+    p.process([(f"devices/{d}/readings", encode_single(d, kind, t, v, 1), t) for d, kind, v in (
+        ("gw-1-t0001", "temperature", 21.5),
+        ("gw-1-h0002", "humidity", 101.0),  # beyond what its kind can read (its low/high are
+        # the cloud's alarm thresholds, not this)
+        ("gw-9-x0001", "temperature", 21.5))])
+    rep = p.ledger_report(changed_only=False)
+    assert rep["devices"] == ["gw-1-t0001", "gw-1-h0002", "(no device)"], rep
+    assert rep["accepted"] == [1, 0, 0], rep
+    assert rep["rejected_by"] == {rejects.OUT_OF_RANGE: [0, 1, 0],
+                                  rejects.UNKNOWN_DEVICE: [0, 0, 1]}, rep
