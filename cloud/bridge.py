@@ -31,6 +31,7 @@ import logging
 import os
 import random
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,20 +82,40 @@ class Bridge:
         self._last_stored: int | None = None
         self._links = st.Links()
         self.broker_errors = LinkErrors("bridge", broker.url, log)  # why it cannot connect
+        self.nats_errors = LinkErrors("bridge", ", ".join(servers), log)
+        self._nc: Any = None  # its NATS connection, once a server answered
         self._started = _now_ms()
         self._status_failed = False
         self._cert = (link_certificate(broker.url, (broker.ca_file, broker.cert_file), log)
                       if broker.tls else None)
 
     async def run(self, stop: asyncio.Event) -> None:
+        if self.state_dir is not None:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        inbound: asyncio.Queue[_Inbound] = asyncio.Queue()
+        # its own task, from the start: a bridge waiting for a NATS server, or a forward
+        # retrying against a JetStream that stores nothing, must not keep it from saying so
+        reporter = asyncio.create_task(self._report(inbound, stop))
+        try:
+            self._nc = await _unless_stopped(
+                connect(list(self.servers), self.client_id, self.nats_errors), stop)
+            if self._nc is not None:
+                await self._bridge(self._nc, inbound, stop)
+        finally:
+            reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reporter
+            self.write_status("stopped", inbound)
+            if self._nc is not None:
+                with contextlib.suppress(Exception):
+                    await self._nc.drain()
+
+    async def _bridge(self, nc: Any, inbound: asyncio.Queue[_Inbound],
+                      stop: asyncio.Event) -> None:
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
 
-        if self.state_dir is not None:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
-        inbound: asyncio.Queue[_Inbound] = asyncio.Queue()
-        nc = await connect(list(self.servers), self.client_id)
         js = nc.jetstream()
         client, props = make_client(self.broker, self.client_id,
                                     session_expiry_s=self.session_expiry_s, manual_ack=True)
@@ -137,9 +158,6 @@ class Bridge:
         client.connect_async(self.broker.host, self.broker.port, keepalive=10,
                              clean_start=False, properties=props)
         client.loop_start()
-        # its own task: a forward retrying against a JetStream that stores nothing must not
-        # keep the bridge from saying so
-        reporter = asyncio.create_task(self._report(nc, inbound, stop))
         try:
             while not stop.is_set():
                 try:
@@ -148,17 +166,11 @@ class Bridge:
                     continue
                 await self._forward(js, client, item, stop)
         finally:
-            reporter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reporter
-            self.write_status("stopped", nc, inbound)
             client.loop_stop()
             with contextlib.suppress(Exception):
                 client.disconnect()
             with contextlib.suppress(Exception):
                 await ack_sub.unsubscribe()
-            with contextlib.suppress(Exception):
-                await nc.drain()
 
     async def _forward(self, js: Any, client: Any, item: _Inbound, stop: asyncio.Event) -> None:
         gw = gateway_from_topic(item.topic)
@@ -200,18 +212,18 @@ class Bridge:
         client.ack(item.mid, item.qos)
         self.counters["forwarded"] += 1
 
-    async def _report(self, nc: Any, inbound: asyncio.Queue[_Inbound],
-                      stop: asyncio.Event) -> None:
+    async def _report(self, inbound: asyncio.Queue[_Inbound], stop: asyncio.Event) -> None:
         while not stop.is_set():
-            self.write_status("running", nc, inbound)
+            self.write_status("running", inbound)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.status_interval_ms / 1000)
 
-    def write_status(self, state: str, nc: Any, inbound: asyncio.Queue[_Inbound]) -> None:
+    def write_status(self, state: str, inbound: asyncio.Queue[_Inbound]) -> None:
         """The status ``fieldline cloud status`` reads beside the bridge (cloud/status.py)."""
         if self.state_dir is None:
             return
         now = _now_ms()
+        nats_up = self._nc is not None and bool(self._nc.is_connected)
         try:
             st.write_status(status_path(self.state_dir, self.client_id), {
                 "kind": "bridge", "bridge": self.client_id, "ts": now, "state": state,
@@ -220,9 +232,13 @@ class Bridge:
                 "links": {
                     "broker": {"url": self.broker.url,
                                **self._links.state("broker", self.connected.is_set(), now),
-                               "error": self.broker_errors.last},
+                               # it connects to the broker once it has somewhere to forward to
+                               "error": self.broker_errors.last or (
+                                   None if self._nc is not None
+                                   else "not tried yet: it waits for a NATS server first")},
                     "nats": {"url": ", ".join(self.servers),
-                             **self._links.state("nats", bool(nc.is_connected), now)}},
+                             **self._links.state("nats", nats_up, now),
+                             "error": self.nats_errors.last}},
                 "store": {"ok": self._store_failing_since is None,
                           "failing_since": self._store_failing_since,
                           "last_ok": self._last_stored, "last_error": self._store_error},
@@ -233,6 +249,20 @@ class Bridge:
                 log.warning("cannot write the bridge's status under %s: %s", self.state_dir,
                             exc)
             self._status_failed = True
+
+
+async def _unless_stopped(connecting: Coroutine[Any, Any, Any], stop: asyncio.Event) -> Any:
+    """``connecting``'s result, or None if ``stop`` came first (it is then abandoned)."""
+    task = asyncio.ensure_future(connecting)
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
+    return task.result()
 
 
 def _now_ms() -> int:

@@ -38,6 +38,7 @@ from typing import Any
 
 from cloud.ingest import PartitionEvent, SourceMessage
 from devices.contract import TOPIC_ROOT, encode_ack
+from devices.mqtt import LinkErrors, describe
 
 log = logging.getLogger("fieldline.cloud.jetstream")
 
@@ -107,32 +108,63 @@ class JetStreamConfig:
         return f"{self.stream}_SNAPDATA"
 
 
-async def connect(servers: list[str], name: str) -> Any:
+async def connect(servers: list[str], name: str, errors: LinkErrors | None = None) -> Any:
     """A NATS connection that reconnects for ever and notices a silent server in seconds: a
     node that hangs, or a link that drops packets, closes nothing, so only unanswered pings tell
     (the client's default, a ping every 2 min with 2 outstanding, left the bridge and the
-    workers on such a node standing still for minutes)."""
-    import nats
+    workers on such a node standing still for minutes).
+
+    It also waits for ever for a first server: nats-py tries them all again every
+    ``reconnect_time_wait`` and reports each failed attempt to ``error_cb``. Each server's
+    first failure of an outage is logged ("worker w cannot reach nats://n2:4222: ... (retrying)",
+    not one warning an attempt: four a second with two servers down) and the latest of every
+    server kept in ``errors`` for the process's status until a server answers; errors on a
+    connected link (a permission refused, a slow consumer) are logged as they come."""
+    from nats.aio.client import Client
+
+    link = errors if errors is not None else LinkErrors(f"NATS ({name})", ", ".join(servers), log)
+    failing: dict[str, str] = {}  # server -> why its last attempt failed, this outage
+    nc = Client()
 
     async def on_error(exc: Exception) -> None:
-        # the client's default logs a whole traceback at ERROR for every refused reconnect
-        log.warning("NATS (%s): %r", name, exc)
+        if nc.is_connected:
+            log.warning("NATS (%s): %s", name, describe(exc))
+            return
+        # nats-py tries the server it moved to the end of its pool (internals: without them
+        # the error alone, which names no server when a name does not resolve)
+        pool = getattr(nc, "_server_pool", None)
+        uri = getattr(pool[-1], "uri", None) if pool else None
+        server = f"{uri.scheme}://{uri.netloc}" if uri is not None else "a server"
+        if server not in failing:
+            log.warning("%s cannot reach %s: %s (retrying)", link.what, server, describe(exc))
+        failing[server] = describe(exc)
+        link.failed("; ".join(f"{k}: {v}" for k, v in sorted(failing.items())), logged=True)
+
+    def up() -> None:
+        failing.clear()
+        link.up()
 
     async def on_disconnect() -> None:
+        if nc.is_closed:  # its own close says so too: a stop, not an outage
+            return
         log.warning("NATS (%s): disconnected; reconnecting to one of %s", name, servers)
 
     async def on_reconnect() -> None:
+        up()
         log.info("NATS (%s): reconnected to %s", name, nc.connected_url.netloc
                  if nc.connected_url else "?")
 
-    nc = await nats.connect(servers, name=name, max_reconnect_attempts=-1,
-                            reconnect_time_wait=0.5, allow_reconnect=True, drain_timeout=5,
-                            ping_interval=PING_INTERVAL_S, max_outstanding_pings=2,
-                            # a publish that fills the client's buffer waits for it to be
-                            # written; on a hung node that wait had no end (the default)
-                            flush_timeout=FLUSH_TIMEOUT_S,
-                            error_cb=on_error, disconnected_cb=on_disconnect,
-                            reconnected_cb=on_reconnect)
+    await nc.connect(servers, name=name, max_reconnect_attempts=-1,
+                     # seconds, typed int by nats-py but used as a float
+                     reconnect_time_wait=0.5,  # type: ignore[arg-type]
+                     allow_reconnect=True, drain_timeout=5,
+                     ping_interval=PING_INTERVAL_S, max_outstanding_pings=2,
+                     # a publish that fills the client's buffer waits for it to be
+                     # written; on a hung node that wait had no end (the default)
+                     flush_timeout=FLUSH_TIMEOUT_S,
+                     error_cb=on_error, disconnected_cb=on_disconnect,
+                     reconnected_cb=on_reconnect)
+    up()
     return nc
 
 
@@ -473,6 +505,7 @@ class JetStreamSource:
         self.max_queue = max_queue
         self._queue: asyncio.Queue[SourceMessage | PartitionEvent] = asyncio.Queue()
         self._nc: Any = None
+        self.link_errors = LinkErrors(f"worker {worker_id}", ", ".join(cfg.servers), log)
         self._tasks: list[asyncio.Task[None]] = []
         self._sweeps: set[asyncio.Task[None]] = set()
         self._pull_to: dict[int, tuple[str, str]] = {}  # partition -> (request subject, inbox)
@@ -501,10 +534,15 @@ class JetStreamSource:
         """Connected to a NATS server now (for the operator's status)."""
         return self._nc is not None and bool(self._nc.is_connected)
 
+    @property
+    def link_error(self) -> str | None:
+        """Why its last attempt to reach a NATS server failed, while it has none."""
+        return self.link_errors.last
+
     # ---- the PartitionedSource interface ------------------------------------------------
 
     async def messages(self) -> AsyncIterator[SourceMessage | PartitionEvent]:
-        self._nc = await connect(list(self.cfg.servers), self.worker_id)
+        self._nc = await connect(list(self.cfg.servers), self.worker_id, self.link_errors)
         await ensure_stream(self._nc, self.cfg, attempts=None)
         self.store = SnapshotStore(self._nc.jetstream(), self.cfg, self.worker_id)
         self.connected.set()

@@ -1122,3 +1122,85 @@ def test_a_publish_to_a_hung_node_gives_up_instead_of_waiting_for_ever(tmp_path:
         asyncio.run(scenario())
     finally:
         server.stop()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(150)
+def test_workers_and_the_bridge_say_why_no_nats_server_answers(
+        tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto],
+        influx_db: InfluxV1Client) -> None:
+    """A worker or a bridge started while no NATS server of its ``engine.servers`` answers
+    (a port nobody listens on, a name that does not resolve) waited without a word in its
+    status, and logged one warning per server at every attempt (four a second here). Each now
+    logs the cause once, `fieldline cloud status` shows it beside the link; a bridge asked to
+    stop while it waits stops (it waited for NATS for ever, deaf to SIGTERM); once a server
+    is up both connect and the cause is gone."""
+    broker = mosquitto_factory()
+    node = NatsServer(tmp_path / "nats", "n1")  # its port: nobody listens there yet
+    cfg = tmp_path / "cloud.toml"
+    cfg.write_text(f"""
+[worker]
+id = "w"
+health_interval = "500ms"
+state_dir = "{tmp_path}/state"
+[ingest]
+broker = "{broker.url}"
+[engine]
+kind = "jetstream"
+servers = ["{node.url}", "nats://nats.invalid:4222"]
+partitions = 2
+replicas = 1
+[influxdb]
+url = "{influx_db.url}"
+database = "{influx_db.database}"
+""")
+    logs = {name: tmp_path / f"{name}.log" for name in ("worker", "bridge")}
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def spawn(name: str) -> None:
+        with logs[name].open("ab") as out:
+            procs[name] = subprocess.Popen(
+                [*CMD, "cloud", "run" if name == "worker" else "bridge", "--config", str(cfg)],
+                stdout=out, stderr=subprocess.STDOUT)
+
+    def status_when(cond: Callable[[str], bool], what: str) -> str:
+        deadline = time.monotonic() + 40
+        while True:
+            _, said = cloud_status(cfg)
+            if cond(said):
+                return said
+            assert time.monotonic() < deadline, f"{what}; the status says:\n{said}"
+            time.sleep(0.5)
+
+    refused = f"{node.url}: [Errno 111] Connect call failed"
+    unnamed = "nats://nats.invalid:4222: "  # the resolver's words vary with the machine
+    try:
+        spawn("worker")
+        spawn("bridge")
+        said = status_when(lambda s: s.count(refused) >= 2 and s.count(unnamed) >= 2
+                           and "bridge fieldline" in s, "both causes beside both links")
+        assert "waits for a NATS server first" in said, said  # the bridge's broker link
+        time.sleep(3)  # a dozen more attempts
+        for name, log_file in logs.items():
+            text = log_file.read_text()
+            for url in (node.url, "nats://nats.invalid:4222"):
+                said_why = [ln for ln in text.splitlines() if f"cannot reach {url}: " in ln]
+                assert len(said_why) == 1, (name, text)
+                assert said_why[0].endswith("(retrying)"), said_why
+            assert "Traceback" not in text, text
+        procs["bridge"].send_signal(signal.SIGTERM)
+        assert procs["bridge"].wait(15) == 0, logs["bridge"].read_text()
+        spawn("bridge")
+        node.start()
+        said = status_when(lambda s: "Connect call failed" not in s and "waits for" not in s
+                           and "bridge fieldline" in s and "DOWN" not in s,
+                           "both connected once the server is up")
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        node.stop()
