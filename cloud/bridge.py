@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cloud.jetstream import ACK, IN, connect, gateway_from_token, gateway_token
+from cloud.jetstream import ACK, IN, connect, gateway_from_token, gateway_token, shown
 from cloud.status import status_path
 from devices import status as st
 from devices.contract import TOPIC_ROOT, ack_topic, gateway_from_topic
@@ -82,7 +82,7 @@ class Bridge:
         self._last_stored: int | None = None
         self._links = st.Links()
         self.broker_errors = LinkErrors("bridge", broker.url, log)  # why it cannot connect
-        self.nats_errors = LinkErrors("bridge", ", ".join(servers), log)
+        self.nats_errors = LinkErrors("bridge", shown(*servers), log)
         self._nc: Any = None  # its NATS connection, once a server answered
         self._started = _now_ms()
         self._status_failed = False
@@ -135,7 +135,7 @@ class Bridge:
                     topic = f"$share/{self.shared_group}/{topic}"
                 c.subscribe(topic, qos=1)
             loop.call_soon_threadsafe(self.connected.set)
-            log.info("bridge: %s -> NATS %s", self.broker.url, self.servers)
+            log.info("bridge: %s -> NATS %s", self.broker.url, shown(*self.servers))
 
         def on_disconnect(_c: Any, _u: Any, _f: Any, _rc: Any, _p: Any = None) -> None:
             loop.call_soon_threadsafe(self.connected.clear)
@@ -236,7 +236,7 @@ class Bridge:
                                "error": self.broker_errors.last or (
                                    None if self._nc is not None
                                    else "not tried yet: it waits for a NATS server first")},
-                    "nats": {"url": ", ".join(self.servers),
+                    "nats": {"url": shown(*self.servers),
                              **self._links.state("nats", nats_up, now),
                              "error": self.nats_errors.last}},
                 "store": {"ok": self._store_failing_since is None,

@@ -35,6 +35,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from cloud.ingest import PartitionEvent, SourceMessage
 from devices.contract import TOPIC_ROOT, encode_ack
@@ -108,6 +109,17 @@ class JetStreamConfig:
         return f"{self.stream}_SNAPDATA"
 
 
+def shown(*servers: str) -> str:
+    """NATS servers as logs and statuses show them: without the user, password or token a URL
+    may carry (``nats://user:secret@host:4222`` is how nats-py takes credentials)."""
+    out = []
+    for url in servers:
+        parts = urlsplit(url)
+        out.append(urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+                   if "@" in parts.netloc else url)
+    return ", ".join(out)
+
+
 async def connect(servers: list[str], name: str, errors: LinkErrors | None = None) -> Any:
     """A NATS connection that reconnects for ever and notices a silent server in seconds: a
     node that hangs, or a link that drops packets, closes nothing, so only unanswered pings tell
@@ -122,7 +134,7 @@ async def connect(servers: list[str], name: str, errors: LinkErrors | None = Non
     connected link (a permission refused, a slow consumer) are logged as they come."""
     from nats.aio.client import Client
 
-    link = errors if errors is not None else LinkErrors(f"NATS ({name})", ", ".join(servers), log)
+    link = errors if errors is not None else LinkErrors(f"NATS ({name})", shown(*servers), log)
     failing: dict[str, str] = {}  # server -> why its last attempt failed, this outage
     nc = Client()
 
@@ -134,7 +146,7 @@ async def connect(servers: list[str], name: str, errors: LinkErrors | None = Non
         # the error alone, which names no server when a name does not resolve)
         pool = getattr(nc, "_server_pool", None)
         uri = getattr(pool[-1], "uri", None) if pool else None
-        server = f"{uri.scheme}://{uri.netloc}" if uri is not None else "a server"
+        server = shown(f"{uri.scheme}://{uri.netloc}") if uri is not None else "a server"
         if server not in failing:
             log.warning("%s cannot reach %s: %s (retrying)", link.what, server, describe(exc))
         failing[server] = describe(exc)
@@ -147,12 +159,12 @@ async def connect(servers: list[str], name: str, errors: LinkErrors | None = Non
     async def on_disconnect() -> None:
         if nc.is_closed:  # its own close says so too: a stop, not an outage
             return
-        log.warning("NATS (%s): disconnected; reconnecting to one of %s", name, servers)
+        log.warning("NATS (%s): disconnected; reconnecting to one of %s", name, shown(*servers))
 
     async def on_reconnect() -> None:
         up()
-        log.info("NATS (%s): reconnected to %s", name, nc.connected_url.netloc
-                 if nc.connected_url else "?")
+        log.info("NATS (%s): reconnected to %s", name,
+                 nc.connected_url.netloc.rpartition("@")[2] if nc.connected_url else "?")
 
     await nc.connect(servers, name=name, max_reconnect_attempts=-1,
                      # seconds, typed int by nats-py but used as a float
@@ -221,11 +233,11 @@ async def ensure_stream(nc: Any, cfg: JetStreamConfig, attempts: int | None = 30
             tries += 1
             if attempts is not None and tries >= attempts:
                 raise RuntimeError(f"JetStream stream {cfg.stream} could not be set up on "
-                                   f"{cfg.servers}: {exc!r}") from exc
+                                   f"{shown(*cfg.servers)}: {exc!r}") from exc
             if attempts is None and (tries == 1 or time.monotonic() - warned >= warn_every_s):
                 warned = time.monotonic()
                 log.warning("JetStream stream %s cannot be set up yet on engine.servers %s "
-                            "(%r): waiting for the cluster", cfg.stream, list(cfg.servers), exc)
+                            "(%r): waiting for the cluster", cfg.stream, shown(*cfg.servers), exc)
             await asyncio.sleep(min(0.5 * tries, 2.0))
 
 
@@ -505,7 +517,7 @@ class JetStreamSource:
         self.max_queue = max_queue
         self._queue: asyncio.Queue[SourceMessage | PartitionEvent] = asyncio.Queue()
         self._nc: Any = None
-        self.link_errors = LinkErrors(f"worker {worker_id}", ", ".join(cfg.servers), log)
+        self.link_errors = LinkErrors(f"worker {worker_id}", shown(*cfg.servers), log)
         self._tasks: list[asyncio.Task[None]] = []
         self._sweeps: set[asyncio.Task[None]] = set()
         self._pull_to: dict[int, tuple[str, str]] = {}  # partition -> (request subject, inbox)

@@ -25,6 +25,7 @@ from cloud.detect import DetectionStage
 from cloud.detect.stage import write_snapshot
 from cloud.enrich import UNKNOWN_SITE, Enricher
 from cloud.ingest import MqttSource, PartitionedSource, PartitionEvent, SourceMessage
+from cloud.jetstream import shown
 from cloud.partition import Captured, PartitionState, build_detection, encode_snapshot
 from cloud.points import (
     aggregate_points,
@@ -651,7 +652,7 @@ class CloudWorker:
                 "cert": self.cert,
                 "dead_letters": str(w.dead_letter_path) if w.dead_letter_path else None,
                 "links": {
-                    "ingest": {"url": ", ".join(c.jetstream.servers) if c.jetstream else b.url,
+                    "ingest": {"url": shown(*c.jetstream.servers) if c.jetstream else b.url,
                                **self._links.state("ingest", up, now),
                                "error": getattr(self.source, "link_error", None)},
                     "influxdb": {"url": c.influx.url, "database": c.influx.database,

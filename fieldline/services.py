@@ -365,9 +365,11 @@ class NatsServer(_Child):
     """One ``nats-server`` with JetStream on 127.0.0.1, optionally one node of a cluster."""
 
     def __init__(self, workdir: Path, name: str, *, port: int | None = None,
-                 cluster_port: int | None = None, routes: tuple[int, ...] = ()) -> None:
+                 cluster_port: int | None = None, routes: tuple[int, ...] = (),
+                 extra_conf: str = "") -> None:
         super().__init__()
         self.workdir = workdir
+        self.extra_conf = extra_conf  # more of nats-server's configuration (authorization...)
         self.name = name
         self.port = port or free_port()
         self.cluster_port = cluster_port
@@ -397,6 +399,8 @@ class NatsServer(_Child):
                                if p != self.cluster_port)
             lines.append(f"cluster {{ name: fieldline, listen: 127.0.0.1:{self.cluster_port}, "
                          f"routes: [{routes}] }}")
+        if self.extra_conf:
+            lines.append(self.extra_conf)
         conf = self.workdir / "nats.conf"
         conf.write_text("\n".join(lines) + "\n")
         return conf

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
@@ -1134,9 +1135,17 @@ def test_workers_and_the_bridge_say_why_no_nats_server_answers(
     status, and logged one warning per server at every attempt (four a second here). Each now
     logs the cause once, `fieldline cloud status` shows it beside the link; a bridge asked to
     stop while it waits stops (it waited for NATS for ever, deaf to SIGTERM); once a server
-    is up both connect and the cause is gone."""
+    is up both connect and the cause is gone. The server takes a login in its URL (how
+    nats-py takes credentials): no log or status shows the password, and a wrong one is
+    named as the cause."""
+    from cloud.jetstream import connect
+    from devices.mqtt import LinkErrors
+
     broker = mosquitto_factory()
-    node = NatsServer(tmp_path / "nats", "n1")  # its port: nobody listens there yet
+    secret = "s3cret-Pa55"
+    node = NatsServer(tmp_path / "nats", "n1",  # its port: nobody listens there yet
+                      extra_conf=f'authorization {{ user: fl, password: "{secret}" }}')
+    login = node.url.replace("nats://", f"nats://fl:{secret}@")
     cfg = tmp_path / "cloud.toml"
     cfg.write_text(f"""
 [worker]
@@ -1147,7 +1156,7 @@ state_dir = "{tmp_path}/state"
 broker = "{broker.url}"
 [engine]
 kind = "jetstream"
-servers = ["{node.url}", "nats://nats.invalid:4222"]
+servers = ["{login}", "nats://nats.invalid:4222"]
 partitions = 2
 replicas = 1
 [influxdb]
@@ -1195,6 +1204,28 @@ database = "{influx_db.database}"
         said = status_when(lambda s: "Connect call failed" not in s and "waits for" not in s
                            and "bridge fieldline" in s and "DOWN" not in s,
                            "both connected once the server is up")
+        assert f"ingest   {node.url}, nats://nats.invalid:4222 connected since" in said, said
+
+        async def wrong_password() -> str | None:
+            errors = LinkErrors("test", node.url, logging.getLogger("test"))
+            trying = asyncio.ensure_future(connect([login.replace(secret, "wrong-one")], "t",
+                                                   errors))
+            try:
+                while errors.failures < 2:
+                    assert not trying.done(), trying
+                    await asyncio.sleep(0.1)
+            finally:
+                trying.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await trying
+            return errors.last
+
+        assert asyncio.run(asyncio.wait_for(wrong_password(), 20)) == \
+            f"{node.url}: nats: 'Authorization Violation'"
+        for log_file in logs.values():
+            assert secret not in log_file.read_text()
+        for doc in (tmp_path / "state").glob("status-*.json"):
+            assert secret not in doc.read_text()
     finally:
         for proc in procs.values():
             if proc.poll() is None:
