@@ -5,7 +5,8 @@
     fieldline edge run --config gateway.toml
     fieldline edge install --gateway-id ID --cloud URL [--dry-run]   (and: edge uninstall)
     fieldline edge status [--config gateway.toml | --state-dir DIR] [--json]
-    fieldline cloud run --config cloud.toml
+    fieldline cloud run --config cloud.toml [--worker-id ID] [--member K/N]
+    fieldline cloud bridge --config cloud.toml        (JetStream: the cloud broker into NATS)
     fieldline cloud status [--config cloud.toml | --state-dir DIR] [--worker-id ID] [--json]
     fieldline simulate --config fleet.toml
     fieldline replay --data DIR --nab FILE | --skab FILE | --csv FILE --broker URL
