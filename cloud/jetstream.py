@@ -32,7 +32,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -40,6 +40,7 @@ from urllib.parse import urlsplit, urlunsplit
 from cloud.ingest import PartitionEvent, SourceMessage
 from devices.contract import TOPIC_ROOT, encode_ack
 from devices.mqtt import LinkErrors, describe
+from devices.status import plural
 
 log = logging.getLogger("fieldline.cloud.jetstream")
 
@@ -149,6 +150,8 @@ async def connect(servers: list[str], name: str, errors: LinkErrors | None = Non
         server = shown(f"{uri.scheme}://{uri.netloc}") if uri is not None else "a server"
         if server not in failing:
             log.warning("%s cannot reach %s: %s (retrying)", link.what, server, describe(exc))
+        elif isinstance(exc, ConnectionResetError):
+            return  # what follows a server's refusal (a wrong login): keep the refusal
         failing[server] = describe(exc)
         link.failed("; ".join(f"{k}: {v}" for k, v in sorted(failing.items())), logged=True)
 
@@ -211,12 +214,13 @@ class StreamMismatchError(RuntimeError):
 
 
 async def ensure_stream(nc: Any, cfg: JetStreamConfig, attempts: int | None = 30,
-                        warn_every_s: float = 30.0) -> None:
+                        warn_every_s: float = 30.0,
+                        on_failure: Callable[[Exception], None] | None = None) -> None:
     """The stream, its P pinned consumers and the snapshot buckets (idempotent). Retried while
     the cluster cannot answer (a fresh cluster electing its leaders, a cluster without quorum):
     ``attempts`` times, or until it can (None: a worker waits, warning every ``warn_every_s``,
     rather than exit because its cluster is down for a while). A stream that exists with another
-    partitioning fails at once."""
+    partitioning fails at once. ``on_failure`` hears of each failed attempt."""
     js = nc.jetstream()
     tries = 0
     warned = time.monotonic()
@@ -231,6 +235,8 @@ async def ensure_stream(nc: Any, cfg: JetStreamConfig, attempts: int | None = 30
             raise
         except Exception as exc:  # cluster not ready: no meta leader, no quorum, timeouts
             tries += 1
+            if on_failure is not None:
+                on_failure(exc)
             if attempts is not None and tries >= attempts:
                 raise RuntimeError(f"JetStream stream {cfg.stream} could not be set up on "
                                    f"{shown(*cfg.servers)}: {exc!r}") from exc
@@ -540,6 +546,10 @@ class JetStreamSource:
         # the stream goes on with a quorum, but one node fewer stops it (a node whose disk
         # filled keeps serving clients with JetStream disabled: only this tells)
         self.replicas_behind: int | None = None
+        # what keeps JetStream from serving this worker, for its status (epoch ms since when):
+        # the stream not set up yet (no quorum), or partitions whose pulls nobody answers
+        self._setup_failing: tuple[int, str] | None = None
+        self._unanswered: dict[int, int] = {}
 
     @property
     def link_up(self) -> bool:
@@ -551,11 +561,35 @@ class JetStreamSource:
         """Why its last attempt to reach a NATS server failed, while it has none."""
         return self.link_errors.last
 
+    @property
+    def engine_trouble(self) -> dict[str, Any] | None:
+        """Since when (epoch ms) and why JetStream does not serve this worker though it is
+        connected, for its status; None while it does."""
+        if self._setup_failing is not None:
+            since, error = self._setup_failing
+            return {"since": since, "error": f"the stream {self.cfg.stream} cannot be set up: "
+                                             f"{error}"}
+        if self._unanswered:
+            parts = sorted(self._unanswered)
+            named = ", ".join(map(str, parts[:8])) + (", ..." if len(parts) > 8 else "")
+            which = plural(len(parts), "partition", "partitions")
+            return {"since": min(self._unanswered.values()),
+                    "error": f"no server answers the pulls of {which} ({named}; 503 no "
+                             "responders): no leader (quorum lost?) or "
+                             "JetStream disabled (nats-server disables it on a full disk, until "
+                             "restarted)"}
+        return None
+
+    def _setup_failed(self, exc: Exception) -> None:
+        since = self._setup_failing[0] if self._setup_failing else _now_ms()
+        self._setup_failing = (since, describe(exc) or repr(exc))
+
     # ---- the PartitionedSource interface ------------------------------------------------
 
     async def messages(self) -> AsyncIterator[SourceMessage | PartitionEvent]:
         self._nc = await connect(list(self.cfg.servers), self.worker_id, self.link_errors)
-        await ensure_stream(self._nc, self.cfg, attempts=None)
+        await ensure_stream(self._nc, self.cfg, attempts=None, on_failure=self._setup_failed)
+        self._setup_failing = None
         self.store = SnapshotStore(self._nc.jetstream(), self.cfg, self.worker_id)
         self.connected.set()
         self._tasks = [asyncio.create_task(self._pull_loop(p), name=f"js-pull-{p}")
@@ -714,6 +748,7 @@ class JetStreamSource:
                 continue
             if status != UNANSWERED:
                 backoff, unanswered_since = 0.0, None
+                self._unanswered.pop(p, None)
                 continue
             # nobody serves the consumer: no leader just now (an election, quorum lost) or
             # JetStream disabled on the cluster. The answer comes at once, so pulling again at
@@ -722,6 +757,7 @@ class JetStreamSource:
             now = time.monotonic()
             if unanswered_since is None:
                 unanswered_since = now
+                self._unanswered[p] = _now_ms()
             elif now - unanswered_since >= UNANSWERED_WARN_S and now - warned >= 30.0:
                 warned = now
                 log.warning(
@@ -897,3 +933,7 @@ class JetStreamSource:
         self._replayed_to[p] = last
         self.counters["replayed"] += n
         return n
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

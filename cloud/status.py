@@ -147,6 +147,12 @@ def assess(doc: Mapping[str, Any], now_ms: int, *, alive: bool,
         ingest = links.get("ingest") or {}
         _not_connected(v, ingest, str(ingest.get("url")), "no results come in (the gateways "
                        "keep them in their outboxes)", now_ms)
+        engine = doc.get("engine")
+        if ingest.get("connected", True) and isinstance(engine, Mapping):
+            level, long = _down(engine.get("since"), now_ms)
+            v.add(level, f"JetStream has not served the worker for {long} "
+                         f"({engine.get('error')}): no results come in (the gateways keep "
+                         "them in their outboxes)")
         influx = links.get("influxdb") or {}
         if not influx.get("ok", True):
             level, long = _down(influx.get("failing_since"), now_ms)

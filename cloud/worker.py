@@ -650,6 +650,8 @@ class CloudWorker:
                 "member": "/".join(map(str, c.jetstream.member))
                 if c.jetstream is not None and c.jetstream.member else None,
                 "cert": self.cert,
+                # JetStream connected but not serving it (cloud/jetstream.py), or None
+                "engine": getattr(self.source, "engine_trouble", None),
                 "dead_letters": str(w.dead_letter_path) if w.dead_letter_path else None,
                 "links": {
                     "ingest": {"url": shown(*c.jetstream.servers) if c.jetstream else b.url,

@@ -356,6 +356,9 @@ def test_a_worker_started_while_its_cluster_has_no_quorum_waits_for_it(
             await asyncio.sleep(35)  # the old set-up gave up after 30 tries: 25 s here
             assert not first.done(), first
             assert not src.connected.is_set()
+            # its status says so (it had said nothing: a standby-like "owns no partition")
+            trouble = src.engine_trouble or {}
+            assert "the stream FIELDLINE cannot be set up: " in trouble.get("error", ""), trouble
             assert any("cannot be set up yet on engine.servers" in r.getMessage()
                        for r in caplog.records)
             cluster.nodes[1].restart()
@@ -382,6 +385,7 @@ def test_a_worker_started_while_its_cluster_has_no_quorum_waits_for_it(
             assert isinstance(event, PartitionEvent)
             assert event.assigned
             assert event.partition == partition_of_gateway("gw-1", 2)
+            assert "cannot be set up" not in str(src.engine_trouble)
         finally:
             first.cancel()
             await src.close()
@@ -939,6 +943,12 @@ def test_r12_disk_full_under_every_nats_node_loses_nothing(
         assert "bridge fieldline-bridge-w: OK" not in block, text
         assert "JetStream has stored nothing for" in block, text
         assert "JetStream out of resources" in block, text
+        # and beside each worker: connected to NATS, but not served, and why
+        for name in ("A", "B"):
+            worker = text[text.index(f"worker {name}: "):].split("\n\n")[0]
+            assert f"worker {name}: OK" not in worker, text
+            assert "JetStream has not served the worker for " in worker, text
+            assert "no server answers the pulls of 4 partitions (0, 1, 2, 3; 503" in worker, text
         for f in fillers:
             f.unlink()
         time.sleep(6)  # the workers warn after 10 s without an answer, then every 30 s

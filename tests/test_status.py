@@ -320,6 +320,12 @@ def _ago(ms: int) -> int:
     ({"stats": {"batch_conflicts": 2}}, 0, WARNING, "two agents use one gateway id"),
     ({"stats": {"acks_refused": 4}}, 0, WARNING, "its ACL must let the worker publish"),
     ({"stats": {"engine_replicas_behind": 1}}, 0, WARNING, "1 JetStream replica is not current"),
+    ({"member": "0/2", "engine": {"since": _ago(8_000), "error": "the stream FIELDLINE cannot "
+                                  "be set up: nats: timeout"}}, 0, WARNING,
+     "JetStream has not served the worker for 8.0 s (the stream FIELDLINE cannot be set up: "
+     "nats: timeout): no results come in"),
+    ({"engine": {"since": _ago(45_000), "error": "no server answers"}}, 0, CRITICAL,
+     "JetStream has not served the worker for 45 s (no server answers)"),
     ({"cert": {"what": "of the link to mqtts://cloud:8883 (ca.crt)",
                "not_after": _ago(-5 * 86_400_000 - 3_600_000)}}, 0, WARNING,
      "the TLS certificate of the link to mqtts://cloud:8883 (ca.crt) expires in 5 days"),
