@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from devices.contract import TOPIC_ROOT, ack_topic, encode_ack
-from devices.mqtt import BrokerAddress, describe
+from devices.mqtt import BrokerAddress, describe, tls_context
 
 log = logging.getLogger("fieldline.cloud.ingest")
 
@@ -117,11 +117,7 @@ class MqttSource:
 
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self.session_expiry_s
-        tls = None
-        if self.address.tls:
-            tls = aiomqtt.TLSParameters(ca_certs=self.address.ca_file,
-                                        certfile=self.address.cert_file,
-                                        keyfile=self.address.key_file)
+        tls = tls_context(self.address) if self.address.tls else None
         backoff = 0.5
         while True:
             try:
@@ -129,7 +125,7 @@ class MqttSource:
                     self.address.host, self.address.port, identifier=self.client_id,
                     username=self.address.username, password=self.address.password,
                     protocol=aiomqtt.ProtocolVersion.V5, clean_start=False, properties=props,
-                    tls_params=tls, max_queued_incoming_messages=0,
+                    tls_context=tls, max_queued_incoming_messages=0,
                     keepalive=KEEPALIVE_S,
                 ) as client:
                     self._client = client

@@ -104,6 +104,61 @@ def parse_broker_url(url: str, key: str = "broker", *, ca_file: str | None = Non
     )
 
 
+def tls_context(address: BrokerAddress) -> Any:
+    """The ``ssl.SSLContext`` of a TLS broker link: its CA file (else the system's CAs), and
+    its own certificate and key if it has one."""
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=address.ca_file)
+    if address.cert_file:
+        ctx.load_cert_chain(address.cert_file, address.key_file, password=_no_passphrase)
+    return ctx
+
+
+def _no_passphrase() -> bytes:
+    # OpenSSL's own prompt would wait on a terminal a service does not have
+    raise ValueError("the key is encrypted: give a key file without a passphrase")
+
+
+def usable_tls(address: BrokerAddress, section: str, source: str | None = None) -> None:
+    """A process's TLS files checked at start, each error naming its key (``section.ca_file``,
+    ``.cert_file``, ``.key_file``): a CA file that is missing or not PEM, a key that does not
+    belong to its certificate, files given to a link without TLS. Without this, a missing CA
+    file crashed the agent with a traceback and kept a worker retrying for ever."""
+    files = {"ca_file": address.ca_file, "cert_file": address.cert_file,
+             "key_file": address.key_file}
+    given = [k for k, v in files.items() if v]
+    if not address.tls:
+        if given:
+            raise ConfigError(f"{section}.{given[0]}", f"is set, but {section}.broker "
+                              f"({address.url}) does not use TLS: mqtts://", source=source)
+        return
+    if address.key_file and not address.cert_file:
+        raise ConfigError(f"{section}.key_file", f"needs {section}.cert_file (the certificate "
+                          "it is the key of)", source=source)
+    for key in given:
+        try:
+            with open(str(files[key]), "rb") as fh:
+                fh.read(1)
+        except OSError as exc:
+            raise ConfigError(f"{section}.{key}", f"cannot read {files[key]}: "
+                              f"{exc.strerror or exc}", source=source) from None
+    import ssl
+
+    try:
+        ssl.create_default_context(cafile=address.ca_file)
+    except (ssl.SSLError, ValueError) as exc:
+        raise ConfigError(f"{section}.ca_file", f"{address.ca_file} holds no CA certificate "
+                          f"OpenSSL can read (PEM): {describe(exc)}", source=source) from None
+    try:
+        tls_context(address)
+    except (ssl.SSLError, ValueError) as exc:
+        raise ConfigError(f"{section}.cert_file", f"{address.cert_file} with "
+                          f"{address.key_file or 'the key in it'} cannot be loaded (a "
+                          f"certificate and its own unencrypted key, PEM): {describe(exc)}",
+                          source=source) from None
+
+
 class _SSLWantReadError(OSError):
     """Stands for ``ssl.SSLWantReadError`` where ``ssl`` is not loaded: nothing raises it."""
 
@@ -145,12 +200,7 @@ def make_client(address: BrokerAddress, client_id: str, *, session_expiry_s: int
     if address.username is not None:
         client.username_pw_set(address.username, address.password)
     if address.tls:
-        import ssl
-
-        ctx = ssl.create_default_context(cafile=address.ca_file)
-        if address.cert_file:
-            ctx.load_cert_chain(address.cert_file, address.key_file)
-        client.tls_set_context(ctx)
+        client.tls_set_context(tls_context(address))
     client.reconnect_delay_set(min_delay=1, max_delay=30)
     props: Properties | None = None
     if session_expiry_s > 0:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from devices.errors import ConfigError
-from devices.mqtt import parse_broker_url
+from devices.mqtt import parse_broker_url, usable_tls
 
 USER = "fieldline"
 BROKER_USER = "fieldline-edge"
@@ -87,8 +87,23 @@ class InstallOptions:
                 raise ConfigError(flag, "required with an mqtts:// cloud broker")
             if path is not None and not path.is_file():
                 raise ConfigError(flag, f"{path} is not a file")
+            if path is not None and not tls:
+                raise ConfigError(flag, "only with an mqtts:// cloud broker")
+        if tls:  # what the agent checks at start, checked before anything is installed
+            flags = {"uplink.ca_file": "--ca", "uplink.cert_file": "--cert",
+                     "uplink.key_file": "--key"}
+            try:
+                usable_tls(parse_broker_url(self.cloud, "--cloud", ca_file=_str(self.ca),
+                                            cert_file=_str(self.cert), key_file=_str(self.key)),
+                           "uplink")
+            except ConfigError as exc:
+                raise ConfigError(flags.get(exc.key, exc.key), exc.problem) from None
         if self.registry is not None and not self.registry.is_file():
             raise ConfigError("--registry", f"{self.registry} is not a file")
+
+
+def _str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 @dataclass

@@ -229,9 +229,12 @@ def cmd_edge_run(args: argparse.Namespace) -> int:
             "no broker uses TLS: running without OpenSSL (ssl, _hashlib)")
     import asyncio
 
+    from devices.mqtt import usable_tls
     from devices.settings import usable_dir
     from edge.agent import EdgeAgent
 
+    usable_tls(cfg.intake_broker, "intake", str(args.config))
+    usable_tls(cfg.uplink_broker, "uplink", str(args.config))
     if cfg.state_dir is not None:
         usable_dir(cfg.state_dir, "gateway.state_dir", str(args.config), lock=".lock")
     agent = EdgeAgent(cfg)
@@ -277,6 +280,7 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
 
     from cloud.config import load_cloud_config
     from cloud.worker import CloudWorker
+    from devices.mqtt import usable_tls
 
     private_files()
     cfg = load_cloud_config(args.config)
@@ -292,6 +296,7 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
                                                  member=parse_member(args.member, "--member")))
         if args.worker_id:
             cfg = replace(cfg, worker_id=args.worker_id)
+    usable_tls(cfg.broker, "ingest", str(args.config))
     _check_influxdb(cfg.influx.url, str(args.config))
     if cfg.state_dir is not None:
         from devices.settings import usable_dir
@@ -326,10 +331,12 @@ def cmd_cloud_bridge(args: argparse.Namespace) -> int:
     from cloud.bridge import Bridge
     from cloud.config import load_cloud_config
     from cloud.status import bridge_id
+    from devices.mqtt import usable_tls
 
     cfg = load_cloud_config(args.config)
     if cfg.jetstream is None:
         raise ConfigError("engine.kind", "the bridge needs [engine] kind = \"jetstream\"")
+    usable_tls(cfg.broker, "ingest", str(args.config))
     bridge = Bridge(cfg.broker, list(cfg.jetstream.servers),
                     client_id=bridge_id(cfg.worker_id), state_dir=cfg.state_dir,
                     status_interval_ms=cfg.health_interval_ms)

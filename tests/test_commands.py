@@ -146,6 +146,29 @@ def test_misconfiguration_fails_at_start_naming_the_key(tmp_path: Path) -> None:
         assert out.returncode == 2, out.stderr
         assert key in out.stderr
         assert "Traceback" not in out.stderr
+    # a CA file that is not there: the agent crashed with a traceback, the worker and the
+    # bridge retried for ever; each now fails at start naming the key
+    nope = tmp_path / "nope" / "ca.crt"
+    (tmp_path / "tls-gw.toml").write_text(
+        f'[gateway]\nid = "gw-1"\nstate_dir = "{tmp_path}/s"\n[intake]\n'
+        'broker = "mqtt://127.0.0.1:1"\n[uplink]\nbroker = "mqtts://127.0.0.1:2"\n'
+        f'ca_file = "{nope}"\n')
+    (tmp_path / "tls-cloud.toml").write_text(
+        f'[worker]\nid = "w"\n[ingest]\nbroker = "mqtts://127.0.0.1:2"\nca_file = "{nope}"\n'
+        '[engine]\nkind = "jetstream"\nservers = ["nats://127.0.0.1:3"]\n'
+        '[influxdb]\nurl = "http://127.0.0.1:4"\ndatabase = "x"\n')
+    for args, key in [(["edge", "run", "--config", str(tmp_path / "tls-gw.toml")],
+                       "'uplink.ca_file'"),
+                      (["cloud", "run", "--config", str(tmp_path / "tls-cloud.toml")],
+                       "'ingest.ca_file'"),
+                      (["cloud", "bridge", "--config", str(tmp_path / "tls-cloud.toml")],
+                       "'ingest.ca_file'")]:
+        out = subprocess.run([*CMD, *args], capture_output=True, text=True, timeout=60,
+                             check=False)
+        assert out.returncode == 2, out.stderr
+        assert f"{key} in {tmp_path}" in out.stderr, out.stderr
+        assert str(nope) in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
     # a URL whose port cannot be read is a named misconfiguration, not a traceback
     out = subprocess.run([*CMD, "view", "--influx-url", "http://127.0.0.1:abc"],
                          capture_output=True, text=True, timeout=60, check=False)

@@ -7,6 +7,7 @@ leaves nothing but what the user keeps."""
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -55,8 +56,12 @@ def fieldline(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def tls(tmp_path: Path) -> list[str]:
-    for name in ("ca.crt", "gw.crt", "gw.key"):
-        (tmp_path / name).write_text(f"-----{name}-----\n")
+    from tests.pki import make_pki
+
+    pki = make_pki(tmp_path / "pki", clients=("gw-7",))  # the installer loads them as TLS does
+    crt, key = pki.cert("gw-7")
+    for name, src in (("ca.crt", pki.ca), ("gw.crt", crt), ("gw.key", key)):
+        shutil.copyfile(src, tmp_path / name)
     (tmp_path / "devices.csv").write_text("device_id,gateway,site,kind\nd0,gw-7,s1,temperature\n")
     return ["--ca", str(tmp_path / "ca.crt"), "--cert", str(tmp_path / "gw.crt"),
             "--key", str(tmp_path / "gw.key"), "--registry", str(tmp_path / "devices.csv")]
@@ -129,6 +134,19 @@ def test_misconfiguration_names_the_flag(tmp_path: Path) -> None:
                   "--root", str(root))
     assert r.returncode == 2
     assert "'--ca'" in r.stderr
+    # files that cannot work are named here, before anything is installed, not by the agent
+    (tmp_path / "ca.crt").write_text("not a certificate\n")
+    r = fieldline("install", "--gateway-id", "gw-7", "--cloud", "mqtts://c:8883",
+                  "--ca", str(tmp_path / "ca.crt"), "--cert", str(tmp_path / "ca.crt"),
+                  "--key", str(tmp_path / "ca.crt"), "--root", str(root))
+    assert r.returncode == 2
+    assert "'--ca'" in r.stderr, r.stderr
+    assert "no CA certificate" in r.stderr, r.stderr
+    r = fieldline("install", "--gateway-id", "gw-7", "--cloud", "mqtt://c:1883",
+                  "--ca", str(tmp_path / "ca.crt"), "--root", str(root))
+    assert r.returncode == 2
+    assert "'--ca'" in r.stderr, r.stderr
+    assert "only with an mqtts://" in r.stderr, r.stderr
     r = fieldline("install", "--gateway-id", "gw/7", "--cloud", "mqtt://c", "--root", str(root))
     assert r.returncode == 2
     assert "'--gateway-id'" in r.stderr

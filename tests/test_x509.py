@@ -85,3 +85,44 @@ def test_a_certificate_renewed_on_disk_counts_once_the_agent_restarts(tmp_path: 
     restarted._check_certificates()
     assert 399 < restarted.stats()["cert_days_left"] <= 400
     restarted.outbox.close()
+
+
+def test_tls_files_that_cannot_work_fail_at_start_naming_their_key(tmp_path: Path) -> None:
+    """A link's TLS files are checked when the process starts (`usable_tls`, called by `edge
+    run`, `cloud run`, `cloud bridge`): a missing CA file crashed the agent with a traceback
+    and kept a worker retrying for ever. Each cause names its key; good files pass."""
+    from devices.errors import ConfigError
+    from devices.mqtt import parse_broker_url, usable_tls
+    from tests.pki import make_pki
+
+    pki = make_pki(tmp_path / "pki", clients=("gw-1", "gw-2"))
+    crt, key = pki.cert("gw-1")
+    _, other_key = pki.cert("gw-2")
+    garbage = tmp_path / "not-a-ca.crt"
+    garbage.write_text("this is no certificate\n")
+    locked = tmp_path / "locked.key"
+    subprocess.run(["openssl", "pkey", "-in", str(key), "-aes256", "-passout", "pass:x",
+                    "-out", str(locked)], check=True, capture_output=True, timeout=60)
+
+    def check(url: str, **files: Path) -> None:
+        address = parse_broker_url(url, "uplink.broker",
+                                   **{k: str(v) for k, v in files.items()})
+        usable_tls(address, "uplink", "gateway.toml")
+
+    check("mqtts://cloud:8883", ca_file=pki.ca, cert_file=crt, key_file=key)
+    check("mqtts://cloud:8883")  # the system's CAs
+    for url, files, key_named, words in [
+            ("mqtts://cloud:8883", {"ca_file": tmp_path / "nope.crt"}, "ca_file",
+             "No such file or directory"),
+            ("mqtts://cloud:8883", {"ca_file": garbage}, "ca_file", "no CA certificate"),
+            ("mqtts://cloud:8883", {"ca_file": pki.ca, "cert_file": crt, "key_file": other_key},
+             "cert_file", "cannot be loaded"),
+            ("mqtts://cloud:8883", {"ca_file": pki.ca, "cert_file": crt, "key_file": locked},
+             "cert_file", "the key is encrypted"),
+            ("mqtts://cloud:8883", {"key_file": key}, "key_file", "needs uplink.cert_file"),
+            ("mqtt://cloud:1883", {"ca_file": pki.ca}, "ca_file", "does not use TLS")]:
+        with pytest.raises(ConfigError) as err:
+            check(url, **files)
+        assert err.value.key == f"uplink.{key_named}", err.value
+        assert words in str(err.value), err.value
+        assert "gateway.toml" in str(err.value)
