@@ -59,11 +59,13 @@ class _Inbound:
 
 class Bridge:
     def __init__(self, broker: BrokerAddress, servers: list[str], *, client_id: str,
+                 nats_tls: Any = None, nats_cert: dict[str, Any] | None = None,
                  receive_maximum: int = 200, session_expiry_s: int = 3600,
                  shared_group: str | None = None, state_dir: Path | None = None,
                  status_interval_ms: int = 5_000) -> None:
         self.broker = broker
         self.servers = servers
+        self.nats_tls = nats_tls  # an ssl.SSLContext for the NATS servers, or None
         self.client_id = client_id
         self.receive_maximum = receive_maximum
         self.session_expiry_s = session_expiry_s
@@ -86,8 +88,10 @@ class Bridge:
         self._nc: Any = None  # its NATS connection, once a server answered
         self._started = _now_ms()
         self._status_failed = False
-        self._cert = (link_certificate(broker.url, (broker.ca_file, broker.cert_file), log)
-                      if broker.tls else None)
+        # the soonest-expiring TLS certificate of its two links (the broker's, NATS')
+        certs = [c for c in (link_certificate(broker.url, (broker.ca_file, broker.cert_file),
+                                              log) if broker.tls else None, nats_cert) if c]
+        self._cert = min(certs, key=lambda c: int(c["not_after"])) if certs else None
 
     async def run(self, stop: asyncio.Event) -> None:
         if self.state_dir is not None:
@@ -98,7 +102,8 @@ class Bridge:
         reporter = asyncio.create_task(self._report(inbound, stop))
         try:
             self._nc = await _unless_stopped(
-                connect(list(self.servers), self.client_id, self.nats_errors), stop)
+                connect(list(self.servers), self.client_id, self.nats_errors, self.nats_tls),
+                stop)
             if self._nc is not None:
                 await self._bridge(self._nc, inbound, stop)
         finally:

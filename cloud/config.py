@@ -218,6 +218,11 @@ def _engine(e: Section, source: str | None) -> JetStreamConfig | None:
     if not servers or not all(s.startswith(("nats://", "tls://")) for s in servers):
         raise ConfigError(e.key("servers"), "list the NATS servers as nats://host:port",
                           source=source)
+    files = {k: e.text(k, None) for k in ("ca_file", "cert_file", "key_file")}
+    if any(files.values()) and not all(s.startswith("tls://") for s in servers):
+        # nats-py uses TLS only with a server that requires it: say so in the URLs
+        raise ConfigError(e.key("servers"), f"with engine.{next(k for k, v in files.items() if v)}"
+                          " list the NATS servers as tls://host:port", source=source)
     member = e.text("member", None)
     # above the worst pause of a busy worker's event loop, or it loses its pins while working
     timeout = e.duration_ms("priority_timeout", 5_000, minimum=2_000)
@@ -232,6 +237,7 @@ def _engine(e: Section, source: str | None) -> JetStreamConfig | None:
         snapshot_interval_ms=e.duration_ms("snapshot_interval", 10_000, minimum=100),
         max_age_s=e.duration_ms("retention", 7 * 86_400_000, minimum=60_000) // 1000,
         max_bytes=e.size("retention_bytes", 0),
+        **files,
     )
     if 0 < cfg.max_bytes < 1 << 20:
         raise ConfigError(e.key("retention_bytes"), "at least 1MiB (or 0: no cap)",

@@ -39,8 +39,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 from cloud.ingest import PartitionEvent, SourceMessage
 from devices.contract import TOPIC_ROOT, encode_ack
-from devices.mqtt import LinkErrors, describe
+from devices.mqtt import LinkErrors, describe, ssl_context
 from devices.status import plural
+from devices.x509 import link_certificate
 
 log = logging.getLogger("fieldline.cloud.jetstream")
 
@@ -93,6 +94,11 @@ class JetStreamConfig:
     snapshot_interval_ms: int = 10_000
     max_age_s: int = 7 * 86_400  # the stream keeps this much for replay (and the snapshots' tail)
     max_bytes: int = 0  # and at most this much (per replica; 0: no cap of its own)
+    # TLS to the servers (tls://): the CA that signed their certificates (else the system's),
+    # and this process's own certificate and key when the servers verify clients
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
     pull_batch: int = 200
 
     def served(self) -> list[int]:
@@ -100,6 +106,21 @@ class JetStreamConfig:
             return list(range(self.partitions))
         k, n = self.member
         return [p for p in range(self.partitions) if p % n == k]
+
+    @property
+    def tls(self) -> Any:
+        """The ``ssl.SSLContext`` for the servers when TLS files are configured, else None
+        (nats-py then uses the system's CAs for a server that requires TLS)."""
+        if not (self.ca_file or self.cert_file):
+            return None
+        return ssl_context(self.ca_file, self.cert_file, self.key_file)
+
+    def certificate(self, log: logging.Logger) -> dict[str, Any] | None:
+        """The soonest-expiring certificate the NATS links load (their CA, this process's
+        own), for the process's status; None without TLS files."""
+        if not (self.ca_file or self.cert_file):
+            return None
+        return link_certificate(shown(*self.servers), (self.ca_file, self.cert_file), log)
 
     @property
     def kv_bucket(self) -> str:
@@ -121,7 +142,8 @@ def shown(*servers: str) -> str:
     return ", ".join(out)
 
 
-async def connect(servers: list[str], name: str, errors: LinkErrors | None = None) -> Any:
+async def connect(servers: list[str], name: str, errors: LinkErrors | None = None,
+                  tls: Any = None) -> Any:
     """A NATS connection that reconnects for ever and notices a silent server in seconds: a
     node that hangs, or a link that drops packets, closes nothing, so only unanswered pings tell
     (the client's default, a ping every 2 min with 2 outstanding, left the bridge and the
@@ -170,6 +192,7 @@ async def connect(servers: list[str], name: str, errors: LinkErrors | None = Non
                  nc.connected_url.netloc.rpartition("@")[2] if nc.connected_url else "?")
 
     await nc.connect(servers, name=name, max_reconnect_attempts=-1,
+                     **({"tls": tls} if tls is not None else {}),
                      # seconds, typed int by nats-py but used as a float
                      reconnect_time_wait=0.5,  # type: ignore[arg-type]
                      allow_reconnect=True, drain_timeout=5,
@@ -587,7 +610,8 @@ class JetStreamSource:
     # ---- the PartitionedSource interface ------------------------------------------------
 
     async def messages(self) -> AsyncIterator[SourceMessage | PartitionEvent]:
-        self._nc = await connect(list(self.cfg.servers), self.worker_id, self.link_errors)
+        self._nc = await connect(list(self.cfg.servers), self.worker_id, self.link_errors,
+                                 self.cfg.tls)
         await ensure_stream(self._nc, self.cfg, attempts=None, on_failure=self._setup_failed)
         self._setup_failing = None
         self.store = SnapshotStore(self._nc.jetstream(), self.cfg, self.worker_id)

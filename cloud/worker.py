@@ -133,9 +133,12 @@ class CloudWorker:
             source = JetStreamSource(config.jetstream, worker_id=config.worker_id)
         self.source = source or MqttSource(config.broker, partitions=config.partitions,
                                            client_id=f"fieldline-cloud-{config.worker_id}")
-        # the TLS certificates its broker link loaded (its own, the CA): the soonest expiry
+        # the TLS certificates its ingest link loaded (its own, the CA): the soonest expiry;
+        # a JetStream worker's link is to NATS
         b = config.broker
-        self.cert = link_certificate(b.url, (b.ca_file, b.cert_file), log) if b.tls else None
+        self.cert = (config.jetstream.certificate(log) if config.jetstream is not None
+                     else link_certificate(b.url, (b.ca_file, b.cert_file), log)
+                     if b.tls else None)
         self.cert_expiry: int | None = None if self.cert is None else self.cert["not_after"]
         self._cert_warned = -CERT_WARN_EVERY_S
         self.sink = sink or build_sink(config.influx)

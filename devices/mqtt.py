@@ -107,11 +107,17 @@ def parse_broker_url(url: str, key: str = "broker", *, ca_file: str | None = Non
 def tls_context(address: BrokerAddress) -> Any:
     """The ``ssl.SSLContext`` of a TLS broker link: its CA file (else the system's CAs), and
     its own certificate and key if it has one."""
+    return ssl_context(address.ca_file, address.cert_file, address.key_file)
+
+
+def ssl_context(ca_file: str | None, cert_file: str | None, key_file: str | None) -> Any:
+    """An ``ssl.SSLContext`` trusting ``ca_file`` (else the system's CAs), presenting
+    ``cert_file`` with ``key_file`` (or the key in it) when given."""
     import ssl
 
-    ctx = ssl.create_default_context(cafile=address.ca_file)
-    if address.cert_file:
-        ctx.load_cert_chain(address.cert_file, address.key_file, password=_no_passphrase)
+    ctx = ssl.create_default_context(cafile=ca_file)
+    if cert_file:
+        ctx.load_cert_chain(cert_file, key_file, password=_no_passphrase)
     return ctx
 
 
@@ -121,10 +127,9 @@ def _no_passphrase() -> bytes:
 
 
 def usable_tls(address: BrokerAddress, section: str, source: str | None = None) -> None:
-    """A process's TLS files checked at start, each error naming its key (``section.ca_file``,
-    ``.cert_file``, ``.key_file``): a CA file that is missing or not PEM, a key that does not
-    belong to its certificate, files given to a link without TLS. Without this, a missing CA
-    file crashed the agent with a traceback and kept a worker retrying for ever."""
+    """A broker link's TLS files checked at start (:func:`usable_tls_files`); files given to a
+    link without TLS are a misconfiguration too. Without this, a missing CA file crashed the
+    agent with a traceback and kept a worker retrying for ever."""
     files = {"ca_file": address.ca_file, "cert_file": address.cert_file,
              "key_file": address.key_file}
     given = [k for k, v in files.items() if v]
@@ -133,29 +138,40 @@ def usable_tls(address: BrokerAddress, section: str, source: str | None = None) 
             raise ConfigError(f"{section}.{given[0]}", f"is set, but {section}.broker "
                               f"({address.url}) does not use TLS: mqtts://", source=source)
         return
-    if address.key_file and not address.cert_file:
+    usable_tls_files(section, source, address.ca_file, address.cert_file, address.key_file)
+
+
+def usable_tls_files(section: str, source: str | None, ca_file: str | None,
+                     cert_file: str | None, key_file: str | None) -> None:
+    """TLS files checked at start, each error naming its key (``section.ca_file``,
+    ``.cert_file``, ``.key_file``): one that cannot be read, a CA file that is not PEM, a key
+    that does not belong to its certificate or is encrypted."""
+    files = {"ca_file": ca_file, "cert_file": cert_file, "key_file": key_file}
+    if key_file and not cert_file:
         raise ConfigError(f"{section}.key_file", f"needs {section}.cert_file (the certificate "
                           "it is the key of)", source=source)
-    for key in given:
+    for key, path in files.items():
+        if not path:
+            continue
         try:
-            with open(str(files[key]), "rb") as fh:
+            with open(path, "rb") as fh:
                 fh.read(1)
         except OSError as exc:
-            raise ConfigError(f"{section}.{key}", f"cannot read {files[key]}: "
-                              f"{exc.strerror or exc}", source=source) from None
+            raise ConfigError(f"{section}.{key}", f"cannot read {path}: {exc.strerror or exc}",
+                              source=source) from None
     import ssl
 
     try:
-        ssl.create_default_context(cafile=address.ca_file)
+        ssl.create_default_context(cafile=ca_file)
     except (ssl.SSLError, ValueError) as exc:
-        raise ConfigError(f"{section}.ca_file", f"{address.ca_file} holds no CA certificate "
-                          f"OpenSSL can read (PEM): {describe(exc)}", source=source) from None
+        raise ConfigError(f"{section}.ca_file", f"{ca_file} holds no CA certificate OpenSSL "
+                          f"can read (PEM): {describe(exc)}", source=source) from None
     try:
-        tls_context(address)
+        ssl_context(ca_file, cert_file, key_file)
     except (ssl.SSLError, ValueError) as exc:
-        raise ConfigError(f"{section}.cert_file", f"{address.cert_file} with "
-                          f"{address.key_file or 'the key in it'} cannot be loaded (a "
-                          f"certificate and its own unencrypted key, PEM): {describe(exc)}",
+        raise ConfigError(f"{section}.cert_file", f"{cert_file} with "
+                          f"{key_file or 'the key in it'} cannot be loaded (a certificate and "
+                          f"its own unencrypted key, PEM): {describe(exc)}",
                           source=source) from None
 
 

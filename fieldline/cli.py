@@ -280,7 +280,7 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
 
     from cloud.config import load_cloud_config
     from cloud.worker import CloudWorker
-    from devices.mqtt import usable_tls
+    from devices.mqtt import usable_tls, usable_tls_files
 
     private_files()
     cfg = load_cloud_config(args.config)
@@ -297,6 +297,9 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
         if args.worker_id:
             cfg = replace(cfg, worker_id=args.worker_id)
     usable_tls(cfg.broker, "ingest", str(args.config))
+    if cfg.jetstream is not None:
+        js = cfg.jetstream
+        usable_tls_files("engine", str(args.config), js.ca_file, js.cert_file, js.key_file)
     _check_influxdb(cfg.influx.url, str(args.config))
     if cfg.state_dir is not None:
         from devices.settings import usable_dir
@@ -331,13 +334,16 @@ def cmd_cloud_bridge(args: argparse.Namespace) -> int:
     from cloud.bridge import Bridge
     from cloud.config import load_cloud_config
     from cloud.status import bridge_id
-    from devices.mqtt import usable_tls
+    from devices.mqtt import usable_tls, usable_tls_files
 
     cfg = load_cloud_config(args.config)
     if cfg.jetstream is None:
         raise ConfigError("engine.kind", "the bridge needs [engine] kind = \"jetstream\"")
     usable_tls(cfg.broker, "ingest", str(args.config))
-    bridge = Bridge(cfg.broker, list(cfg.jetstream.servers),
+    js = cfg.jetstream
+    usable_tls_files("engine", str(args.config), js.ca_file, js.cert_file, js.key_file)
+    bridge = Bridge(cfg.broker, list(js.servers), nats_tls=js.tls,
+                    nats_cert=js.certificate(logging.getLogger("fieldline.cloud.bridge")),
                     client_id=bridge_id(cfg.worker_id), state_dir=cfg.state_dir,
                     status_interval_ms=cfg.health_interval_ms)
 

@@ -251,6 +251,29 @@ def test_the_commented_engine_block_of_deploy_cloud_toml_loads_as_written(tmp_pa
         with pytest.raises(ConfigError) as info:
             load_cloud_config(cfg_path)
         assert info.value.key == "engine.retention_bytes", bad
+    # TLS files for NATS: the servers must say tls:// (nats-py uses TLS only with a server
+    # that requires it; a nats:// URL with a CA file would look encrypted and might not be)
+    tls = "\n".join(out).replace('kind = "jetstream"', 'kind = "jetstream"\nca_file = "/ca.crt"')
+    cfg_path.write_text(tls + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_cloud_config(cfg_path)
+    assert info.value.key == "engine.servers"
+    assert "with engine.ca_file list the NATS servers as tls://" in str(info.value)
+    cfg_path.write_text(tls.replace("nats://", "tls://") + "\n")
+    js = load_cloud_config(cfg_path).jetstream
+    assert js is not None
+    assert (js.servers[0], js.ca_file, js.cert_file) == ("tls://nats-1:4222", "/ca.crt", None)
+    # the shipped TLS lines, un-commented with the servers as they say
+    tls_at = lines.index("# TLS to the NATS servers: list them as tls://host:4222 (the servers "
+                         "must require TLS: a tls {} block)")
+    for i in range(tls_at + 1, tls_at + 4):
+        out[i] = lines[i][2:]
+    cfg_path.write_text("\n".join(out).replace("nats://", "tls://") + "\n")
+    js = load_cloud_config(cfg_path).jetstream
+    assert js is not None
+    assert (js.ca_file, js.cert_file, js.key_file) == (
+        "/etc/fieldline/tls/nats-ca.crt", "/etc/fieldline/tls/worker.crt",
+        "/etc/fieldline/tls/worker.key")
 
 
 def test_a_fleet_topic_with_an_unknown_placeholder_or_a_wildcard_is_refused(

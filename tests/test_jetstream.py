@@ -1245,3 +1245,113 @@ database = "{influx_db.database}"
                 except subprocess.TimeoutExpired:
                     proc.kill()
         node.stop()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(150)
+def test_nats_over_tls_with_a_private_ca_and_client_certificates(
+        tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto],
+        influx_db: InfluxV1Client) -> None:
+    """NATS servers that require TLS with certificates of the operator's own CA, and verify
+    their clients' (`[engine] ca_file`, `cert_file`, `key_file`; the servers as tls://): the
+    worker and the bridge connect and results flow into the stream; the certificates' expiry is
+    judged by `cloud status`; a CA that did not sign the servers' certificates is named as the
+    cause. (Before, only the system's CAs could be used: a private CA could not connect.)"""
+    import nats
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from devices.mqtt import ssl_context
+    from tests.pki import make_pki
+
+    pki = make_pki(tmp_path / "pki", clients=("fieldline",))
+    stranger = make_pki(tmp_path / "stranger")
+    crt, key = pki.cert("server")
+    client_crt, client_key = pki.cert("fieldline")
+    node = NatsServer(tmp_path / "nats", "n1", extra_conf=(
+        f'tls {{ cert_file: "{crt}", key_file: "{key}", ca_file: "{pki.ca}", verify: true }}'))
+    node.start()
+    url = node.url.replace("nats://", "tls://")
+    broker = mosquitto_factory()
+
+    def config(name: str, ca: Path) -> Path:
+        path = tmp_path / f"{name}.toml"
+        path.write_text(f"""
+[worker]
+id = "w"
+health_interval = "500ms"
+state_dir = "{tmp_path}/{name}-state"
+[ingest]
+broker = "{broker.url}"
+[engine]
+kind = "jetstream"
+servers = ["{url}"]
+partitions = 2
+ca_file = "{ca}"
+cert_file = "{client_crt}"
+key_file = "{client_key}"
+[influxdb]
+url = "{influx_db.url}"
+database = "{influx_db.database}"
+""")
+        return path
+
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(cfg: Path, *args: str) -> None:
+        with (tmp_path / f"{cfg.stem}-{args[0]}.log").open("ab") as out:
+            procs.append(subprocess.Popen([*CMD, "cloud", *args, "--config", str(cfg)],
+                                          stdout=out, stderr=subprocess.STDOUT))
+
+    def status_when(cfg: Path, cond: Callable[[str], bool], what: str) -> str:
+        deadline = time.monotonic() + 40
+        while True:
+            _, said = cloud_status(cfg)
+            if cond(said):
+                return said
+            assert time.monotonic() < deadline, f"{what}; the status says:\n{said}"
+            time.sleep(0.5)
+
+    async def stored() -> int:
+        nc = await nats.connect(node.url, tls=ssl_context(str(pki.ca), str(client_crt),
+                                                          str(client_key)))
+        try:
+            info = json.loads((await nc.request("$JS.API.STREAM.INFO.FIELDLINE", b"",
+                                                timeout=5)).data)
+            return int(info.get("state", {}).get("messages", 0))
+        finally:
+            await nc.close()
+
+    try:
+        wrong = config("wrong", stranger.ca)
+        spawn(wrong, "run")
+        status_when(wrong, lambda s: "CERTIFICATE_VERIFY_FAILED" in s,
+                    "the untrusted server's certificate named as the cause")
+        right = config("right", pki.ca)
+        spawn(right, "run")
+        spawn(right, "bridge")
+        said = status_when(right, lambda s: "bridge fieldline" in s and "DOWN" not in s
+                           and "JetStream has not served" not in s, "both connected over TLS")
+        # make_pki's certificates live two days: judged from the NATS link's files
+        assert f"of the link to {url} ({pki.ca}, {client_crt}) expires in" in said, said
+        pub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        pub.connect("127.0.0.1", broker.port)
+        pub.loop_start()
+        try:
+            pub.publish("fieldline/v1/gw-1/results", b"{}", qos=1).wait_for_publish(10)
+        finally:
+            pub.loop_stop()
+            pub.disconnect()
+        deadline = time.monotonic() + 30
+        while asyncio.run(stored()) < 1:
+            assert time.monotonic() < deadline, "the bridge stored nothing in JetStream"
+            time.sleep(0.3)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        node.stop()
