@@ -605,7 +605,7 @@ class JetStreamSource:
 
     def _setup_failed(self, exc: Exception) -> None:
         since = self._setup_failing[0] if self._setup_failing else _now_ms()
-        self._setup_failing = (since, describe(exc) or repr(exc))
+        self._setup_failing = (since, describe(exc))
 
     # ---- the PartitionedSource interface ------------------------------------------------
 
