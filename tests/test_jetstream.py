@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -1135,6 +1135,29 @@ def test_a_publish_to_a_hung_node_gives_up_instead_of_waiting_for_ever(tmp_path:
         server.stop()
 
 
+def status_when(cfg: Path, cond: Callable[[str], bool], what: str,
+                timeout_s: float = 40) -> str:
+    """`fieldline cloud status --config cfg` once ``cond`` holds of what it says."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        _, said = cloud_status(cfg)
+        if cond(said):
+            return said
+        assert time.monotonic() < deadline, f"{what}; the status says:\n{said}"
+        time.sleep(0.5)
+
+
+def terminate(procs: Iterable[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM each process still running, SIGKILL one that does not stop in 30 s."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(150)
 def test_workers_and_the_bridge_say_why_no_nats_server_answers(
@@ -1182,21 +1205,12 @@ database = "{influx_db.database}"
                 [*CMD, "cloud", "run" if name == "worker" else "bridge", "--config", str(cfg)],
                 stdout=out, stderr=subprocess.STDOUT)
 
-    def status_when(cond: Callable[[str], bool], what: str) -> str:
-        deadline = time.monotonic() + 40
-        while True:
-            _, said = cloud_status(cfg)
-            if cond(said):
-                return said
-            assert time.monotonic() < deadline, f"{what}; the status says:\n{said}"
-            time.sleep(0.5)
-
     refused = f"{node.url}: [Errno 111] Connect call failed"
     unnamed = "nats://nats.invalid:4222: "  # the resolver's words vary with the machine
     try:
         spawn("worker")
         spawn("bridge")
-        said = status_when(lambda s: s.count(refused) >= 2 and s.count(unnamed) >= 2
+        said = status_when(cfg, lambda s: s.count(refused) >= 2 and s.count(unnamed) >= 2
                            and "bridge fieldline" in s, "both causes beside both links")
         assert "waits for a NATS server first" in said, said  # the bridge's broker link
         time.sleep(3)  # a dozen more attempts
@@ -1211,7 +1225,7 @@ database = "{influx_db.database}"
         assert procs["bridge"].wait(15) == 0, logs["bridge"].read_text()
         spawn("bridge")
         node.start()
-        said = status_when(lambda s: "Connect call failed" not in s and "waits for" not in s
+        said = status_when(cfg, lambda s: "Connect call failed" not in s and "waits for" not in s
                            and "bridge fieldline" in s and "DOWN" not in s,
                            "both connected once the server is up")
         assert f"ingest   {node.url}, nats://nats.invalid:4222 connected since" in said, said
@@ -1237,13 +1251,7 @@ database = "{influx_db.database}"
         for doc in (tmp_path / "state").glob("status-*.json"):
             assert secret not in doc.read_text()
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        terminate(procs.values())
         node.stop()
 
 
@@ -1303,15 +1311,6 @@ database = "{influx_db.database}"
             procs.append(subprocess.Popen([*CMD, "cloud", *args, "--config", str(cfg)],
                                           stdout=out, stderr=subprocess.STDOUT))
 
-    def status_when(cfg: Path, cond: Callable[[str], bool], what: str) -> str:
-        deadline = time.monotonic() + 40
-        while True:
-            _, said = cloud_status(cfg)
-            if cond(said):
-                return said
-            assert time.monotonic() < deadline, f"{what}; the status says:\n{said}"
-            time.sleep(0.5)
-
     async def stored() -> int:
         nc = await nats.connect(node.url, tls=ssl_context(str(pki.ca), str(client_crt),
                                                           str(client_key)))
@@ -1347,11 +1346,5 @@ database = "{influx_db.database}"
             assert time.monotonic() < deadline, "the bridge stored nothing in JetStream"
             time.sleep(0.3)
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        terminate(procs)
         node.stop()
