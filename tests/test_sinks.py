@@ -663,10 +663,12 @@ def test_a_lane_keeps_writing_while_the_other_waits_on_a_slow_request() -> None:
     async def scenario() -> None:
         writer.add(from_lines([slow, *others]), token="t")
         flush = asyncio.ensure_future(writer.flush(None, attempts=3))
-        await _until(lambda: len(sink.written()) == 60, "the other lane's six requests")
+        # the sink records a request in its thread before the writer hears it came back:
+        # wait for both (make test once read 11 buffered, the sixth request not yet heard)
+        await _until(lambda: len(sink.written()) == 60 and writer.buffered == 1,
+                     "the other lane's six requests, written and heard")
         assert sink.held.is_set()
         assert not confirmed
-        assert writer.buffered == 1
         sink.gate.set()
         assert await flush
         assert confirmed == ["t"]
