@@ -296,8 +296,9 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
                                                  member=parse_member(args.member, "--member")))
         if args.worker_id:
             cfg = replace(cfg, worker_id=args.worker_id)
-    usable_tls(cfg.broker, "ingest", str(args.config))
-    if cfg.jetstream is not None:
+    if cfg.jetstream is None:
+        usable_tls(cfg.broker, "ingest", str(args.config))
+    else:  # the worker reads NATS only: the broker's files may be on the bridge's host alone
         js = cfg.jetstream
         usable_tls_files("engine", str(args.config), js.ca_file, js.cert_file, js.key_file)
     _check_influxdb(cfg.influx.url, str(args.config))

@@ -153,15 +153,20 @@ def test_misconfiguration_fails_at_start_naming_the_key(tmp_path: Path) -> None:
         f'[gateway]\nid = "gw-1"\nstate_dir = "{tmp_path}/s"\n[intake]\n'
         'broker = "mqtt://127.0.0.1:1"\n[uplink]\nbroker = "mqtts://127.0.0.1:2"\n'
         f'ca_file = "{nope}"\n')
-    (tmp_path / "tls-cloud.toml").write_text(
-        f'[worker]\nid = "w"\n[ingest]\nbroker = "mqtts://127.0.0.1:2"\nca_file = "{nope}"\n'
-        '[engine]\nkind = "jetstream"\nservers = ["nats://127.0.0.1:3"]\n'
-        '[influxdb]\nurl = "http://127.0.0.1:4"\ndatabase = "x"\n')
+    cloud = (f'[worker]\nid = "w"\n[ingest]\nbroker = "mqtts://127.0.0.1:2"\nca_file = "{nope}"\n'
+             '[influxdb]\nurl = "http://127.0.0.1:4"\ndatabase = "x"\n')
+    (tmp_path / "tls-cloud.toml").write_text(cloud)
+    # on JetStream the bridge reads the broker, a worker reads NATS (over TLS here)
+    (tmp_path / "tls-js.toml").write_text(
+        cloud + f'[engine]\nkind = "jetstream"\nservers = ["tls://127.0.0.1:3"]\n'
+                f'ca_file = "{nope}"\n')
     for args, key in [(["edge", "run", "--config", str(tmp_path / "tls-gw.toml")],
                        "'uplink.ca_file'"),
                       (["cloud", "run", "--config", str(tmp_path / "tls-cloud.toml")],
                        "'ingest.ca_file'"),
-                      (["cloud", "bridge", "--config", str(tmp_path / "tls-cloud.toml")],
+                      (["cloud", "run", "--config", str(tmp_path / "tls-js.toml")],
+                       "'engine.ca_file'"),
+                      (["cloud", "bridge", "--config", str(tmp_path / "tls-js.toml")],
                        "'ingest.ca_file'")]:
         out = subprocess.run([*CMD, *args], capture_output=True, text=True, timeout=60,
                              check=False)
