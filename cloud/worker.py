@@ -599,16 +599,17 @@ class CloudWorker:
         return s
 
     def _warn_certificates(self) -> None:
-        """Hourly, while a certificate of the broker link has less than 30 days left."""
-        if self.cert_expiry is None or time.monotonic() - self._cert_warned < CERT_WARN_EVERY_S:
+        """Hourly, while a certificate of its ingest link (the broker, or NATS) has less than
+        30 days left."""
+        if self.cert is None or self.cert_expiry is None or \
+                time.monotonic() - self._cert_warned < CERT_WARN_EVERY_S:
             return
         days = (self.cert_expiry - self.clock.now_ms()) / DAY_MS
         if days < CERT_WARN_DAYS:
             self._cert_warned = time.monotonic()
-            b = self.config.broker
             when = f"expired {-days:.1f} days ago" if days < 0 else f"expires in {days:.1f} days"
-            log.warning("a TLS certificate of the link to %s (%s) %s: renew it and restart the "
-                        "worker", b.url, ", ".join(f for f in (b.ca_file, b.cert_file) if f), when)
+            log.warning("a TLS certificate %s %s: renew it and restart the worker",
+                        self.cert["what"], when)
 
     def _health_points(self, s: dict[str, float]) -> Points:
         gauges = {"buffered_points", "lag_p50_ms", "lag_p99_ms", "freshness_p50_ms",

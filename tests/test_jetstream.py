@@ -1333,6 +1333,9 @@ database = "{influx_db.database}"
                            and "JetStream has not served" not in s, "both connected over TLS")
         # make_pki's certificates live two days: judged from the NATS link's files
         assert f"of the link to {url} ({pki.ca}, {client_crt}) expires in" in said, said
+        logged = (tmp_path / "right-run.log").read_text()
+        assert f"a TLS certificate of the link to {url} ({pki.ca}, {client_crt}) expires in " \
+               "2.0 days: renew it and restart the worker" in logged, logged
         pub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         pub.connect("127.0.0.1", broker.port)
         pub.loop_start()
