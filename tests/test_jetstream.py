@@ -1064,6 +1064,11 @@ def test_a_full_disk_under_one_nats_node_is_reported_and_loses_nothing(
         def health() -> dict[str, Any]:
             return rig.worker_health("A")
 
+        # known once two checks 5 s apart agree: from about 6 s after the worker's stream is
+        # set up (asserting at 7 s after its start failed once on a loaded machine)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and health().get("engine_replicas_behind") is None:
+            time.sleep(0.5)
         assert health().get("engine_replicas_behind") == 0
         filler = fill(full.store_dir)
         deadline = time.monotonic() + 40
