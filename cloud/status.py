@@ -183,10 +183,16 @@ def assess(doc: Mapping[str, Any], now_ms: int, *, alive: bool,
     if unknown:
         v.add(OK, f"{unknown:,} results of devices the registry does not know (written "
                   "without their reference data: add them to the registry)")
-    if doc.get("member") and v.running and not int(s.get("partitions_owned", 0)):
+    if _partitioned(doc) and v.running and not int(s.get("partitions_owned", 0)):
         v.add(OK, "owns no partition: a hot standby (or the cluster has not assigned it yet)")
     v.sort()
     return v
+
+
+def _partitioned(doc: Mapping[str, Any]) -> bool:
+    """A JetStream worker (a member of the partitions, or a standby of them all): it owns
+    partitions. Statuses written before the key existed name their member only."""
+    return bool(doc.get("jetstream") or doc.get("member"))
 
 
 def assess_bridge(doc: Mapping[str, Any], now_ms: int, *, alive: bool,
@@ -290,7 +296,7 @@ def render(doc: Mapping[str, Any], verdict: Verdict, now_ms: int,
         f"disk     {disk.path}: {size(disk.free)} free of {size(disk.total)}" if disk else
         "disk     (not readable)",
     ]
-    if doc.get("member"):
+    if _partitioned(doc):
         lines.append(f"engine   {n('partitions_owned')} partitions owned, snapshots every "
                      f"{float(s.get('engine_snapshot_every_s', 0)):.0f} s")
     return "\n".join(lines)

@@ -653,6 +653,7 @@ class CloudWorker:
                 "started": self._started, "health_interval_ms": c.health_interval_ms,
                 "member": "/".join(map(str, c.jetstream.member))
                 if c.jetstream is not None and c.jetstream.member else None,
+                "jetstream": c.jetstream is not None,  # pulls partitions (member or all)
                 "cert": self.cert,
                 # JetStream connected but not serving it (cloud/jetstream.py), or None
                 "engine": getattr(self.source, "engine_trouble", None),

@@ -332,6 +332,10 @@ def _ago(ms: int) -> int:
     ({"stats": {"unknown_device_results": 9}}, 0, OK, "9 results of devices the registry"),
     ({"member": "1/3", "stats": {"partitions_owned": 0}}, 0, OK,
      "owns no partition: a hot standby"),
+    ({"jetstream": True, "stats": {"partitions_owned": 0}}, 0, OK,
+     "owns no partition: a hot standby"),  # not a member: a standby of every partition
+    ({"jetstream": True, "stats": {"partitions_owned": 3}}, 0, OK,
+     "engine   3 partitions owned"),
 ])
 def test_the_cloud_status_verdict(tmp_path: Path, over: dict[str, Any], age_ms: int, code: int,
                                   words: str) -> None:
