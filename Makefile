@@ -55,8 +55,13 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
+# the tests that need no service binaries run on two processes (they are CPU-bound and
+# time nothing); those that start Mosquitto, InfluxDB, NATS and the fieldline processes run one
+# at a time, as their fault timings assume
 unit: setup
-	$(BIN)/pytest -q --durations=40
+	$(BIN)/pytest -q -n 2 --dist loadfile -m 'not integration and not soak and not pi' \
+		--durations=15
+	$(BIN)/pytest -q -m 'integration and not soak and not pi' --durations=30
 
 test: lint typecheck unit
 

@@ -873,7 +873,7 @@ def test_a_hung_nats_node_stalls_the_bridge_and_workers_for_seconds_not_minutes(
     rig.start_bridge()
     rig.start_agents()
     time.sleep(2)
-    rig.run_fleet(60)
+    rig.run_fleet(45)  # the node hangs 12 s in; the path works again about 10 s after
     time.sleep(12)
     assert rig.in_influx() > 0
     rate = len(GATEWAYS) * rig.spec.devices_per_gateway * 1000 / rig.spec.interval_ms
