@@ -490,9 +490,22 @@ detectors = ["spike", "novelty", "stuck"]
     def start_agent(self, gw: str) -> None:
         self._spawn(gw, ["edge", "run", "--config", str(self.tmp / f"{gw}.toml")])
 
-    def start_agents(self) -> None:
+    def start_agents(self, timeout_s: float = 90) -> None:
+        """Every agent started and subscribed on its gateway broker: what the fleet publishes
+        before then reaches nobody (a loaded machine once took over 2 s to start one)."""
         for gw in GATEWAYS:
             self.start_agent(gw)
+        deadline = time.monotonic() + timeout_s
+        for gw in GATEWAYS:
+            path = self.tmp / f"edge-{gw}" / "status.json"
+            while True:
+                assert self.procs[gw].poll() is None, f"the agent {gw} exited"
+                with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                    doc = json.loads(path.read_bytes())
+                    if doc["links"]["intake"]["subscribed"]:
+                        break
+                assert time.monotonic() < deadline, f"the agent {gw} did not subscribe"
+                time.sleep(0.2)
 
     def signal(self, name: str, sig: int) -> None:
         proc = self.procs[name]
