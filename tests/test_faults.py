@@ -134,7 +134,7 @@ def test_r2b_partition_longer_than_the_outbox_sheds_by_policy(
     try:
         rig.start_worker()
         rig.start_agent()
-        time.sleep(2)
+        rig.wait_agent_subscribed()
         rig.proxy.set_mode("blackhole")
         rig.run_fleet(16)
         rig.wait_fleet()
@@ -279,7 +279,7 @@ def test_agent_state_wiped_then_restarted_loses_nothing(rig: Rig) -> None:
     rig._kill(rig.agent, signal.SIGTERM)
     shutil.rmtree(rig.tmp / "edge-state")  # everything the agent knew
     rig.start_agent()
-    time.sleep(2)
+    rig.wait_agent_subscribed()
     rig.run_fleet(5)
     rig.wait_fleet()
     everything = first + list(rig.published)
@@ -311,7 +311,7 @@ def overload(tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto],
     try:
         rig.start_worker()
         rig.start_agent()
-        time.sleep(2)
+        rig.wait_agent_subscribed()
         rig.run_fleet(seconds)  # 1,000 msg/s: 5x what the agent takes
         rig.wait_fleet()
         assert rig.pub is not None
@@ -586,7 +586,7 @@ def test_r11_a_forged_ack_deletes_nothing(rig: Rig) -> None:
     from devices.contract import ack_topic, encode_ack
 
     rig.start_agent()
-    time.sleep(2)
+    rig.wait_agent_subscribed()
     rig.run_fleet(10)
     wait_for(lambda: rig.agent_status().get("outbox_depth", 0) >= 3, 20)
     depth = rig.agent_status()["outbox_depth"]
@@ -638,7 +638,7 @@ def test_r8_an_hour_replayed_twice_leaves_influxdb_unchanged(rig: Rig, tmp_path:
 
     rig.start_worker()
     rig.start_agent()
-    time.sleep(2)
+    rig.wait_agent_subscribed()
     replay()
     assert rig.wait_settled(n) == n
     led = rig.ledger_when(lambda d: d.get("readings_received") == n
