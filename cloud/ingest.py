@@ -42,6 +42,7 @@ class SourceMessage:
     epoch: int = 0  # the ownership period of its partition it was read in
     replay: bool = False  # read again after a takeover, to rebuild the partition's state
     covered: bool = False  # a delivery the replay already handled: only acknowledge it
+    stored_ms: int = 0  # when the engine stored it (a replay's), if it says; 0: unknown
 
 
 @dataclass(frozen=True)

@@ -948,8 +948,10 @@ class JetStreamSource:
                     continue
                 for m in msgs:
                     last = m.metadata.sequence.stream
+                    stored = int(m.metadata.timestamp.timestamp() * 1000)
                     self._queue.put_nowait(SourceMessage(p, last, _topic(m.subject), m.data,
-                                                         epoch=epoch, replay=True))
+                                                         epoch=epoch, replay=True,
+                                                         stored_ms=stored))
                     n += 1
         finally:
             with contextlib.suppress(Exception):

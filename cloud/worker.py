@@ -251,11 +251,22 @@ class CloudWorker:
                                 f"{msg.topic} carries gateway {up.gateway!r}")
             return
         if isinstance(up, HealthReport):
-            if not msg.replay:  # heard now (a replay after a takeover was heard before)
-                self.gateways_heard[up.gateway] = (self.clock.now_ms(), msg.partition)
+            # heard now; a replay (after a takeover) was heard when the engine stored it
+            self._heard(up.gateway, msg.stored_ms if msg.replay else self.clock.now_ms(),
+                        msg.partition)
             self._handle_health(up)
         else:
             self._handle_results(up, batch_digest(msg.payload), part, msg.partition)
+
+    def _heard(self, gateway: str, at_ms: int, partition: int) -> None:
+        """``gateway``'s health report came at ``at_ms`` (0: when is not known, not kept)."""
+        if at_ms > self.gateways_heard.get(gateway, (0, 0))[0]:
+            self.gateways_heard[gateway] = (at_ms, partition)
+
+    def _heard_in(self, partition: int) -> dict[str, int]:
+        """The gateways of ``partition`` heard, for its snapshot: its next owner names those
+        that went quiet before it took over."""
+        return {gw: t for gw, (t, p) in self.gateways_heard.items() if p == partition}
 
     def _handle_health(self, rep: HealthReport) -> None:
         self.counters["health_in"] += 1
@@ -443,6 +454,9 @@ class CloudWorker:
             self.counters["snapshot_restore_failed"] += 1
             log.warning("partition %d: its snapshot could not be restored in full (detectors "
                         "start afresh)", ev.partition)
+        for gw, t in part.heard_before.items():
+            self._heard(gw, t, ev.partition)
+        part.heard_before.clear()
         self.parts[ev.partition] = part
         self.counters["partitions_assigned"] += 1
 
@@ -454,7 +468,7 @@ class CloudWorker:
             if p in self._snapshots_busy:
                 continue
             began = time.perf_counter()
-            captured = part.capture()
+            captured = part.capture(self._heard_in(p))
             # the size stays the last one's until this one is encoded
             self._snapshot_cost[p] = (time.perf_counter() - began,
                                       self._snapshot_cost.get(p, (0.0, 0))[1])
@@ -513,7 +527,8 @@ class CloudWorker:
         if not self.per_partition or self.writer.buffered:
             return
         for p, part in list(self.parts.items()):
-            await self._save_partition(p, part.epoch, part.snapshot_bytes(), part.position)
+            await self._save_partition(p, part.epoch, part.snapshot_bytes(self._heard_in(p)),
+                                       part.position)
 
     def _fence(self) -> bool:
         """Before each write: a worker that may have lost its partitions while it was not

@@ -120,9 +120,10 @@ def test_a_replay_waits_between_asks_while_the_consumer_is_not_ready() -> None:
 def test_a_long_replay_is_read_as_the_worker_gets_through_it() -> None:
     """A takeover replays the partition's tail after its snapshot (all of the stream when the
     snapshot is lost): it is fetched as the worker consumes it, never all into memory."""
+    from datetime import UTC, datetime
     from types import SimpleNamespace
 
-    total, fetched, most = 5_000, [0], [0]
+    total, fetched, most, stored_s = 5_000, [0], [0], 1_700_000_000
 
     class Sub:
         async def consumer_info(self) -> Any:
@@ -131,8 +132,11 @@ def test_a_long_replay_is_read_as_the_worker_gets_through_it() -> None:
         async def fetch(self, n: int, timeout: float) -> list[Any]:
             most[0] = max(most[0], src._queue.qsize())
             out = [SimpleNamespace(subject="fl.p.0.gw-1.results", data=b"",
-                                   metadata=SimpleNamespace(sequence=SimpleNamespace(
-                                       stream=fetched[0] + i + 1))) for i in range(n)]
+                                   metadata=SimpleNamespace(
+                                       sequence=SimpleNamespace(stream=fetched[0] + i + 1),
+                                       timestamp=datetime.fromtimestamp(  # when stored
+                                           stored_s + fetched[0] + i + 1, UTC)))
+                   for i in range(n)]
             fetched[0] += n
             return out
 
@@ -143,6 +147,7 @@ def test_a_long_replay_is_read_as_the_worker_gets_through_it() -> None:
         while len(seen) < total:
             msg = await src._queue.get()
             assert isinstance(msg, SourceMessage)
+            assert (msg.replay, msg.stored_ms) == (True, (stored_s + msg.position) * 1000)
             seen.append(msg.position)
             if len(seen) % 50 == 0:
                 await asyncio.sleep(0.001)  # slower than the fetches
@@ -1132,9 +1137,9 @@ def test_a_publish_to_a_hung_node_gives_up_instead_of_waiting_for_ever(tmp_path:
     fills the NATS client's buffer (a snapshot's chunks, a burst of results) waited for the
     buffer to be written with no time limit (nats-py's default flush_timeout), so a worker or
     the bridge stood still, and did not stop on SIGTERM, until the node answered again (over
-    60 s in a /tmp experiment). Our connections give up after FLUSH_TIMEOUT_S with an error the
+    60 s in a /tmp experiment). Our connections give up after FLUSH_TIMEOUstored_s with an error the
     caller retries on."""
-    from cloud.jetstream import FLUSH_TIMEOUT_S, close_quietly, connect
+    from cloud.jetstream import FLUSH_TIMEOUstored_s, close_quietly, connect
 
     server = NatsServer(tmp_path / "nats", "n1").start()
 
@@ -1151,7 +1156,7 @@ def test_a_publish_to_a_hung_node_gives_up_instead_of_waiting_for_ever(tmp_path:
             t0 = time.monotonic()
             with contextlib.suppress(Exception):  # which error it ends with is nats-py's
                 await asyncio.wait_for(burst(), 60)
-            assert time.monotonic() - t0 < 3 * FLUSH_TIMEOUT_S  # not wait_for's 60 s
+            assert time.monotonic() - t0 < 3 * FLUSH_TIMEOUstored_s  # not wait_for's 60 s
         finally:
             server.resume()
             await close_quietly(nc, 20)

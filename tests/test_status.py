@@ -562,6 +562,65 @@ def test_a_worker_names_the_gateways_it_stopped_hearing(tmp_path: Path) -> None:
     assert doc["gateways"]["heard"] == 1
 
 
+def test_a_partitions_next_owner_names_the_gateways_that_went_quiet_before_it_took_over(
+        tmp_path: Path) -> None:
+    """JetStream: the gateways a partition's owner heard travel in its snapshot, so the worker
+    that takes the partition over names one that went quiet before the takeover (it never
+    hears that one itself); a report replayed after the snapshot counts as heard when the
+    engine stored it, not when it is replayed; another partition's gateways stay out."""
+    from cloud.config import CloudConfig, InfluxConfig
+    from cloud.ingest import PartitionEvent, SourceMessage
+    from cloud.sinks.base import MemorySink
+    from cloud.worker import CloudWorker
+    from devices.clock import ManualClock
+    from devices.contract import HealthReport, health_topic
+    from devices.mqtt import BrokerAddress
+    from devices.registry import Registry
+
+    class Partitioned:  # the partitioned source's side the worker uses here
+        per_partition_state = True
+        partitions = 4
+
+    clock = ManualClock()
+
+    def worker(name: str) -> CloudWorker:
+        cfg = CloudConfig(worker_id=name, broker=BrokerAddress(host="127.0.0.1", port=1),
+                          influx=InfluxConfig(), state_dir=tmp_path / name)
+        return CloudWorker(cfg, clock=clock, registry=Registry(), sink=MemorySink(),
+                           source=Partitioned())  # type: ignore[arg-type]
+
+    def report(w: CloudWorker, gw: str, p: int, *, stored_ms: int | None = None) -> None:
+        msg = SourceMessage(p, 1, health_topic(gw),
+                            HealthReport(gateway=gw, ts=clock.now_ms()).encode(),
+                            epoch=w.parts[p].epoch)
+        w.handle(msg if stored_ms is None else replace(msg, replay=True, stored_ms=stored_ms))
+
+    a, b = worker("a"), worker("b")
+    for p in (1, 2):
+        a._on_partition(PartitionEvent(p, True, epoch=1))
+    report(a, "gw-quiet", 1)
+    report(a, "gw-other", 2)
+    clock.advance(3 * 60_000)
+    report(a, "gw-live", 1)
+    blob = a.parts[1].snapshot_bytes(a._heard_in(1))
+    clock.advance(60_000)
+    stored = clock.now_ms()  # gw-live reported once more after the snapshot, then a died
+    clock.advance(2 * 60_000)
+    b._on_partition(PartitionEvent(1, True, snapshot=blob, epoch=2))
+    report(b, "gw-live", 1, stored_ms=stored)
+    report(b, "gw-late", 1, stored_ms=0)  # the engine did not say when: not counted
+    assert b.gateways_heard == {"gw-quiet": (stored - 4 * 60_000, 1),
+                                "gw-live": (stored, 1)}
+    clock.advance(5 * 60_000)  # gw-quiet silent for 11 minutes, gw-live for 7
+    b.write_status("running")
+    doc = orjson.loads((tmp_path / "b" / "status-b.json").read_bytes())
+    assert doc["gateways"] == {"heard": 2, "quiet": 1, "quiet_names": ["gw-quiet"]}
+    report(b, "gw-quiet", 1)  # back: heard now, whatever the snapshot said
+    clock.advance(4 * 60_000)
+    b.write_status("running")
+    doc = orjson.loads((tmp_path / "b" / "status-b.json").read_bytes())
+    assert doc["gateways"] == {"heard": 2, "quiet": 1, "quiet_names": ["gw-live"]}
+
 @pytest.mark.integration
 def test_cloud_status_tells_the_operator_what_influxdb_cannot_show(
         tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto],
