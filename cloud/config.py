@@ -220,7 +220,7 @@ def _engine(e: Section, source: str | None) -> JetStreamConfig | None:
                           source=source)
     files = {k: e.text(k, None) for k in ("ca_file", "cert_file", "key_file")}
     if any(files.values()) and not all(s.startswith("tls://") for s in servers):
-        # nats-py uses TLS only with a server that requires it: say so in the URLs
+        # TLS is spoken to the servers listed as tls:// (cloud/jetstream.py): say so in the URLs
         raise ConfigError(e.key("servers"), f"with engine.{next(k for k, v in files.items() if v)}"
                           " list the NATS servers as tls://host:port", source=source)
     member = e.text("member", None)

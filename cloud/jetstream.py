@@ -34,7 +34,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from cloud.ingest import PartitionEvent, SourceMessage
@@ -42,6 +42,9 @@ from devices.contract import TOPIC_ROOT, encode_ack
 from devices.mqtt import LinkErrors, describe, ssl_context
 from devices.status import plural
 from devices.x509 import link_certificate
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
 
 log = logging.getLogger("fieldline.cloud.jetstream")
 
@@ -142,6 +145,39 @@ def shown(*servers: str) -> str:
     return ", ".join(out)
 
 
+class TlsNotOfferedError(ConnectionError):
+    """A server listed as ``tls://`` offered no TLS: nothing, a login above all, is sent to
+    it in the clear."""
+
+
+def _tls_only_client() -> Client:
+    """A nats-py client that speaks TLS to every server listed as ``tls://``, or nothing.
+
+    nats-py upgrades to TLS only when the server's INFO says ``tls_required``: to a server
+    listed as tls:// that merely offers TLS (``allow_non_tls``) it spoke in the clear, and to
+    one without TLS (its ``tls {}`` block forgotten, or anything answering at its address) it
+    sent its CONNECT, the login in it, in the clear. As NATS documents for its clients ("if
+    configured to connect with TLS, client libraries will fail to connect to a server without
+    TLS"), a server that offers TLS is spoken to in TLS, and one that does not is refused before
+    anything is sent (nats-py internals: its INFO is checked where the client reads it)."""
+    from nats.aio.client import Client
+
+    class TlsOnly(Client):
+        async def _process_info(self, info: dict[str, Any],
+                                initial_connection: bool = False) -> None:
+            uri = self._current_server.uri if self._current_server is not None else None
+            if initial_connection and uri is not None and uri.scheme == "tls" \
+                    and not info.get("tls_required"):
+                if not info.get("tls_available"):
+                    raise TlsNotOfferedError(
+                        f"{shown(f'tls://{uri.netloc}')} offers no TLS (its configuration has "
+                        "no tls {} block?): nothing sent to it in the clear")
+                info["tls_required"] = True  # offered, not required: take it
+            await super()._process_info(info, initial_connection)
+
+    return TlsOnly()
+
+
 async def connect(servers: list[str], name: str, errors: LinkErrors | None = None,
                   tls: Any = None) -> Any:
     """A NATS connection that reconnects for ever and notices a silent server in seconds: a
@@ -155,11 +191,9 @@ async def connect(servers: list[str], name: str, errors: LinkErrors | None = Non
     not one warning an attempt: four a second with two servers down) and the latest of every
     server kept in ``errors`` for the process's status until a server answers; errors on a
     connected link (a permission refused, a slow consumer) are logged as they come."""
-    from nats.aio.client import Client
-
     link = errors if errors is not None else LinkErrors(f"NATS ({name})", shown(*servers), log)
     failing: dict[str, str] = {}  # server -> why its last attempt failed, this outage
-    nc = Client()
+    nc = _tls_only_client()
 
     async def on_error(exc: Exception) -> None:
         if nc.is_connected:

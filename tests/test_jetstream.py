@@ -39,6 +39,7 @@ from cloud.jetstream import (
     SnapshotStore,
     StreamMismatchError,
     _topic,
+    connect,
     ensure_stream,
     gateway_from_token,
     gateway_token,
@@ -115,6 +116,51 @@ def test_a_replay_waits_between_asks_while_the_consumer_is_not_ready() -> None:
 
     asyncio.run(watch())
     assert 1 <= Sub.asks <= 10, Sub.asks
+
+
+@pytest.mark.parametrize("offers", ["no TLS", "TLS, not required"])
+def test_a_server_listed_as_tls_gets_tls_or_nothing(offers: str) -> None:
+    """A server listed as tls:// whose INFO does not require TLS: nats-py alone spoke to it in
+    the clear, its CONNECT carrying the login (a server whose `tls {}` block was forgotten, or
+    whatever answers at its address). Now one that offers TLS (`allow_non_tls`) is spoken to in
+    TLS (the next bytes are a TLS handshake), and one that does not is sent nothing: the cause
+    is named for the status, never the password. (A fake server: it sends an INFO and records
+    what comes back.)"""
+    from devices.mqtt import LinkErrors
+
+    received = bytearray()
+    info = {"server_id": "fake", "version": "2.11.0", "proto": 1, "max_payload": 1 << 20,
+            "auth_required": True, **({"tls_available": True} if offers != "no TLS" else {})}
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"INFO " + json.dumps(info).encode() + b"\r\n")
+        await writer.drain()
+        with contextlib.suppress(asyncio.TimeoutError, OSError):
+            while chunk := await asyncio.wait_for(reader.read(4096), 1.0):
+                received.extend(chunk)
+        writer.close()
+
+    async def scenario() -> LinkErrors:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        link = LinkErrors("NATS (t)", f"tls://127.0.0.1:{port}", logging.getLogger("t"))
+        with pytest.raises(asyncio.TimeoutError):  # it keeps trying, as with any failure
+            await asyncio.wait_for(connect([f"tls://fieldline:s3cret@127.0.0.1:{port}"], "t",
+                                           errors=link), 2.5)
+        server.close()
+        return link
+
+    link = asyncio.run(scenario())
+    assert b"s3cret" not in received, bytes(received[:200])
+    assert b"CONNECT" not in received, bytes(received[:200])
+    if offers == "no TLS":
+        assert received == b""
+        said = link.last or ""
+        assert "offers no TLS" in said, said
+        assert "tls://127.0.0.1:" in said, said
+        assert "s3cret" not in said, said
+    else:
+        assert received[:2] == b"\x16\x03", bytes(received[:20])  # a TLS ClientHello
 
 
 def test_a_long_replay_is_read_as_the_worker_gets_through_it() -> None:
@@ -1284,6 +1330,41 @@ database = "{influx_db.database}"
             assert secret not in doc.read_text()
     finally:
         terminate(procs.values())
+        node.stop()
+
+
+@pytest.mark.integration
+def test_a_nats_server_that_only_offers_tls_is_spoken_to_in_tls(tmp_path: Path) -> None:
+    """A real nats-server with a `tls {}` block and `allow_non_tls: true` tells its clients
+    TLS is available, not required: a worker listing it as tls:// connects in TLS (its own
+    monitoring page says so), where nats-py alone spoke to it in the clear."""
+    import urllib.request
+
+    from devices.mqtt import ssl_context
+    from fieldline.services import free_port
+    from tests.pki import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    crt, key = pki.cert("server")
+    http = free_port()
+    node = NatsServer(tmp_path / "nats", "n1", extra_conf=(
+        f'allow_non_tls: true\nhttp: "127.0.0.1:{http}"\n'
+        f'tls {{ cert_file: "{crt}", key_file: "{key}" }}'))
+    node.start()
+
+    async def tls_version() -> str | None:
+        nc = await asyncio.wait_for(connect([node.url.replace("nats://", "tls://")], "probe",
+                                            tls=ssl_context(str(pki.ca), None, None)), 10)
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http}/connz", timeout=5) as r:
+                conns = json.loads(r.read())["connections"]
+            return next(c.get("tls_version") for c in conns if c.get("name") == "probe")
+        finally:
+            await nc.close()
+
+    try:
+        assert asyncio.run(tls_version()) == "1.3"
+    finally:
         node.stop()
 
 
