@@ -222,8 +222,9 @@ async def connect(servers: list[str], name: str, errors: LinkErrors | None = Non
 
     async def on_reconnect() -> None:
         up()
+        url = nc.connected_url
         log.info("NATS (%s): reconnected to %s", name,
-                 nc.connected_url.netloc.rpartition("@")[2] if nc.connected_url else "?")
+                 shown(f"{url.scheme}://{url.netloc}") if url is not None else "?")
 
     await nc.connect(servers, name=name, max_reconnect_attempts=-1,
                      **({"tls": tls} if tls is not None else {}),
