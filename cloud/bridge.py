@@ -73,7 +73,10 @@ class Bridge:
         self.state_dir = state_dir
         self.status_interval_ms = status_interval_ms
         self.counters: dict[str, int] = {"forwarded": 0, "acks_back": 0, "rejected": 0,
-                                         "publish_retries": 0}
+                                         "publish_retries": 0, "too_large": 0}
+        # the last message over NATS's max_payload: its gateway, kind, bytes, the limit, when
+        self._too_large: dict[str, Any] | None = None
+        self._too_large_warned: dict[str, float] = {}  # gateway -> when last logged
         self.connected = asyncio.Event()
         self._failing_since: float | None = None
         self._warned = 0.0
@@ -187,6 +190,10 @@ class Bridge:
         subject = f"{IN}.{gateway_token(gw)}.{kind}"
         backoff = 0.2
         while True:
+            # (asked at each attempt: a server reconnected to may have another max_payload)
+            if self._over_max_payload(gw, kind, len(item.payload)):
+                client.ack(item.mid, item.qos)  # never storable: the next must not wait
+                return
             try:
                 await js.publish(subject, item.payload, timeout=5.0)
                 self._failing_since = None
@@ -216,6 +223,29 @@ class Bridge:
                 backoff = min(backoff * 2, 5.0)
         client.ack(item.mid, item.qos)
         self.counters["forwarded"] += 1
+
+    def _over_max_payload(self, gw: str, kind: str, size: int) -> bool:
+        """A message NATS would never take (over its servers' ``max_payload``, 1 MB unless
+        configured): counted and named instead of retried for ever, which held up every
+        gateway's messages behind it. A results batch stays in its agent's outbox, which sends
+        it again until it is acknowledged: nothing is lost once ``max_payload`` is raised."""
+        limit = int(getattr(self._nc, "max_payload", 0) or 0)
+        if not limit or size <= limit:
+            return False
+        self.counters["too_large"] += 1
+        self._too_large = {"gateway": gw, "kind": kind, "bytes": size, "max_payload": limit,
+                           "ts": _now_ms()}
+        now = time.monotonic()
+        if now - self._too_large_warned.get(gw, -1e9) >= 60.0:
+            self._too_large_warned[gw] = now
+            log.warning(
+                "bridge: a %s message of gateway %s is %d bytes, over the NATS servers' "
+                "max_payload of %d: not stored (%s). Set max_payload in every NATS server's "
+                "configuration to at least the cloud broker's message_size_limit (4 MiB in "
+                "deploy/mosquitto/cloud.conf) and restart them one at a time", kind, gw, size,
+                limit, "its agent keeps the batch and sends it again" if kind == "results"
+                else "the gateway's next report may fit")
+        return True
 
     async def _report(self, inbound: asyncio.Queue[_Inbound], stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -247,6 +277,7 @@ class Bridge:
                 "store": {"ok": self._store_failing_since is None,
                           "failing_since": self._store_failing_since,
                           "last_ok": self._last_stored, "last_error": self._store_error},
+                "too_large": self._too_large,
                 "stats": {**self.counters, "waiting": inbound.qsize()}})
             self._status_failed = False
         except OSError as exc:  # only the operator's view: never the bridge's work

@@ -36,6 +36,9 @@ DOWN_CRITICAL_MS = 30_000  # a link down (or InfluxDB failing) this long is crit
 QUIET_MS = 10 * 60_000  # a gateway with no health report this long is not reporting (the
 # Grafana rule "Gateway not reporting" uses the same, panels.REPORTS_WITHIN)
 QUIET_SHOWN = 20  # gateways named in a status (the count is always whole)
+# a message over NATS's max_payload within this long makes the bridge critical (its agent sends
+# a results batch again every ack_timeout until it is stored); older ones are a warning
+TOO_LARGE_FOR_MS = 10 * 60_000
 # a gateway heard is remembered this long after its last health report, across the worker's
 # restarts (its own file in the state directory): one that went quiet just before a restart
 # is still named after it. As long as the Grafana rule keeps one (panels.REPORTERS_FOR_S)
@@ -223,6 +226,17 @@ def assess_bridge(doc: Mapping[str, Any], now_ms: int, *, alive: bool,
                          "and keeps it off until restarted; its log says \"JetStream out of "
                          f"resources\"); {int(s.get('waiting', 0)):,} messages wait, the "
                          "rest stay on the cloud broker")
+    big = doc.get("too_large")
+    if isinstance(big, Mapping) and s.get("too_large"):
+        ago = now_ms - int(big.get("ts", 0))
+        v.add(CRITICAL if ago < TOO_LARGE_FOR_MS else WARNING,
+              f"{plural(int(s['too_large']), 'message', 'messages')} over the NATS servers' "
+              f"max_payload ({int(big.get('max_payload', 0)):,} bytes) not stored since the "
+              "bridge started, "
+              f"the last {duration(ago)} ago: a {big.get('kind')} message of gateway "
+              f"{big.get('gateway')}, {int(big.get('bytes', 0)):,} bytes; raise max_payload in "
+              "every NATS server's configuration to at least the cloud broker's "
+              "message_size_limit (the agents keep their batches until then)")
     st.judge_certificate(v, doc.get("cert"), now_ms)
     if s.get("rejected"):
         v.add(WARNING, f"{int(s['rejected']):,} messages on topics that are not a gateway's "

@@ -366,9 +366,10 @@ class NatsServer(_Child):
 
     def __init__(self, workdir: Path, name: str, *, port: int | None = None,
                  cluster_port: int | None = None, routes: tuple[int, ...] = (),
-                 extra_conf: str = "") -> None:
+                 extra_conf: str = "", max_payload: str = "8MB") -> None:
         super().__init__()
         self.workdir = workdir
+        self.max_payload = max_payload  # nats-server's default is 1MB
         self.extra_conf = extra_conf  # more of nats-server's configuration (authorization...)
         self.name = name
         self.port = port or free_port()
@@ -390,7 +391,7 @@ class NatsServer(_Child):
         lines = [
             f"server_name: {self.name}",
             f"listen: 127.0.0.1:{self.port}",
-            "max_payload: 8MB",
+            f"max_payload: {self.max_payload}",
             f'jetstream {{ store_dir: "{store}", max_memory_store: 64MB, '
             "max_file_store: 2GB }",
         ]

@@ -1334,6 +1334,87 @@ database = "{influx_db.database}"
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(150)
+def test_a_message_over_the_nats_max_payload_holds_up_no_other(
+        tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto],
+        influx_db: InfluxV1Client) -> None:
+    """NATS servers left at their default max_payload (1 MB) under a cloud broker that takes
+    4 MiB (deploy/mosquitto/cloud.conf): the bridge retried a message over it for ever, so one
+    gateway's large batch held up every gateway's messages behind it, while it said "no
+    quorum, or JetStream disabled". Now such a message is counted and named (the gateway, its
+    size, the limit, the fix; `cloud status` critical) and the next messages are stored."""
+    import nats
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    node = NatsServer(tmp_path / "nats", "n1", max_payload="1MB")
+    node.start()
+    broker = mosquitto_factory()
+    cfg = tmp_path / "cloud.toml"
+    cfg.write_text(f"""
+[worker]
+id = "w"
+health_interval = "500ms"
+state_dir = "{tmp_path}/state"
+[ingest]
+broker = "{broker.url}"
+[engine]
+kind = "jetstream"
+servers = ["{node.url}"]
+partitions = 2
+[influxdb]
+url = "{influx_db.url}"
+database = "{influx_db.database}"
+""")
+    procs: list[subprocess.Popen[bytes]] = []
+    for what in ("run", "bridge"):
+        with (tmp_path / f"{what}.log").open("ab") as out:
+            procs.append(subprocess.Popen([*CMD, "cloud", what, "--config", str(cfg)],
+                                          stdout=out, stderr=subprocess.STDOUT))
+
+    async def stored() -> dict[str, int]:
+        nc = await nats.connect(node.url)
+        try:
+            info = json.loads((await nc.request(
+                "$JS.API.STREAM.INFO.FIELDLINE", json.dumps({"subjects_filter": ">"}).encode(),
+                timeout=5)).data)
+            return {k.split(".")[-2] if k.count(".") >= 2 else k: v
+                    for k, v in (info.get("state", {}).get("subjects") or {}).items()}
+        finally:
+            await nc.close()
+
+    big = 1_500_000
+    try:
+        status_when(cfg, lambda s: "bridge fieldline" in s and "DOWN" not in s
+                    and "JetStream has not served" not in s, "the worker and bridge connected")
+        pub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        pub.connect("127.0.0.1", broker.port)
+        pub.loop_start()
+        try:
+            pub.publish("fieldline/v1/gw-big/results", b"x" * big, qos=1).wait_for_publish(10)
+            for _ in range(3):
+                pub.publish("fieldline/v1/gw-small/results", b"{}", qos=1).wait_for_publish(10)
+        finally:
+            pub.loop_stop()
+            pub.disconnect()
+        said = status_when(cfg, lambda s: "max_payload" in s, "the refusal named")
+        assert "1 message over the NATS servers' max_payload (1,048,576 bytes)" in said, said
+        assert f"a results message of gateway gw-big, {big:,} bytes" in said, said
+        assert "bridge fieldline-bridge-w: CRITICAL" in said, said
+        deadline = time.monotonic() + 20
+        while (got := asyncio.run(stored())).get(gateway_token("gw-small"), 0) < 3:
+            assert time.monotonic() < deadline, f"the messages behind it not stored: {got}"
+            time.sleep(0.3)
+        assert gateway_token("gw-big") not in got, got
+        logged = (tmp_path / "bridge.log").read_text()
+        assert f"a results message of gateway gw-big is {big} bytes, over the NATS servers' " \
+               "max_payload of 1048576: not stored (its agent keeps the batch" in logged, logged
+    finally:
+        terminate(procs)
+        node.stop()
+
+
+@pytest.mark.integration
 def test_a_nats_server_that_only_offers_tls_is_spoken_to_in_tls(tmp_path: Path) -> None:
     """A real nats-server with a `tls {}` block and `allow_non_tls: true` tells its clients
     TLS is available, not required: a worker listing it as tls:// connects in TLS (its own

@@ -421,6 +421,16 @@ def base_bridge(**over: Any) -> dict[str, Any]:
     ({"store": {"ok": False, "failing_since": _ago(120_000), "last_error": "x"}}, 0, CRITICAL,
      "stored   120 messages in JetStream, FAILING since"),
     ({"stats": {"rejected": 3}}, 0, WARNING, "3 messages on topics that are not a gateway's"),
+    ({"stats": {"too_large": 4}, "too_large": {"gateway": "gw-7", "kind": "results",
+                                              "bytes": 1_500_000, "max_payload": 1_048_576,
+                                              "ts": _ago(30_000)}}, 0, CRITICAL,
+     "4 messages over the NATS servers' max_payload (1,048,576 bytes) not stored since the "
+     "bridge started, the last 30 s ago: a results message of gateway gw-7, 1,500,000 bytes"),
+    ({"stats": {"too_large": 1}, "too_large": {"gateway": "gw-7", "kind": "health",
+                                              "bytes": 1_500_000, "max_payload": 1_048_576,
+                                              "ts": _ago(11 * 60_000)}}, 0, WARNING,
+     "1 message over the NATS servers' max_payload (1,048,576 bytes) not stored since the "
+     "bridge started, the last 11 min ago: a health message"),
     ({"cert": {"what": "of the link to mqtts://cloud:8883 (ca.crt)",
                "not_after": _ago(86_400_000)}}, 0, CRITICAL,
      "the TLS certificate of the link to mqtts://cloud:8883 (ca.crt) expired"),
