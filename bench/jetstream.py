@@ -195,7 +195,9 @@ def _move(work: Path, urls: list[str], ix: InfluxDB) -> float:
 def main(n: int = 160_000) -> list[Figure]:
     with tempfile.TemporaryDirectory(prefix="fieldline-bench-js-") as d:
         work = Path(d)
-        cluster = NatsCluster(work / "nats", 3).start()
+        cluster = NatsCluster(work / "nats", 3,  # the shipped configuration
+                              shipped=Path(__file__).resolve().parents[1] / "deploy" / "nats"
+                              / "nats-server.conf").start()
         ix = InfluxDB(work / "influx").start()
         try:
             raw = InfluxV1Client(ix.url, "raw")

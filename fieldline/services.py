@@ -362,12 +362,20 @@ def nats_server_binary() -> str:
 
 
 class NatsServer(_Child):
-    """One ``nats-server`` with JetStream on 127.0.0.1, optionally one node of a cluster."""
+    """One ``nats-server`` with JetStream on 127.0.0.1, optionally one node of a cluster.
+
+    ``shipped``: a configuration file used as it is (deploy/nats/nats-server.conf), as its
+    systemd unit runs it (the node's name in ``NATS_SERVER_NAME``, ``--store_dir``), with this
+    node's loopback addresses and routes given on the command line, which override the file's."""
 
     def __init__(self, workdir: Path, name: str, *, port: int | None = None,
                  cluster_port: int | None = None, routes: tuple[int, ...] = (),
-                 extra_conf: str = "", max_payload: str = "8MB") -> None:
+                 extra_conf: str = "", max_payload: str = "8MB",
+                 shipped: Path | None = None) -> None:
         super().__init__()
+        if shipped is not None and (extra_conf or max_payload != "8MB"):
+            raise ValueError("a shipped configuration is used as it is")
+        self.shipped = shipped
         self.workdir = workdir
         self.max_payload = max_payload  # nats-server's default is 1MB
         self.extra_conf = extra_conf  # more of nats-server's configuration (authorization...)
@@ -406,12 +414,23 @@ class NatsServer(_Child):
         conf.write_text("\n".join(lines) + "\n")
         return conf
 
+    def _command(self) -> tuple[list[str], dict[str, str] | None]:
+        if self.shipped is None:
+            return [self.binary, "-c", str(self._write_conf())], None
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cmd = [self.binary, "-c", str(self.shipped), "-a", "127.0.0.1", "-p", str(self.port),
+               "--store_dir", str(self.store_dir)]
+        if self.cluster_port is not None:
+            cmd += ["--cluster", f"nats://127.0.0.1:{self.cluster_port}", "--routes",
+                    ",".join(f"nats-route://127.0.0.1:{p}" for p in self.routes
+                             if p != self.cluster_port)]
+        return cmd, {**os.environ, "NATS_SERVER_NAME": self.name}
+
     def start(self, timeout_s: float = 15.0) -> NatsServer:
-        conf = self._write_conf()
+        cmd, env = self._command()
         logpath = self.workdir / "nats.log"
         with logpath.open("ab") as logfh:
-            self.proc = _spawn([self.binary, "-c", str(conf)], stdout=logfh,
-                               stderr=subprocess.STDOUT)
+            self.proc = _spawn(cmd, stdout=logfh, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -432,11 +451,12 @@ class NatsCluster:
     """``size`` JetStream nodes routed to each other on loopback (a 3-node cluster takes R3
     streams and survives the loss of one node)."""
 
-    def __init__(self, workdir: Path, size: int = 3) -> None:
+    def __init__(self, workdir: Path, size: int = 3, *, shipped: Path | None = None) -> None:
         ports = free_ports(2 * size)
         cports = tuple(ports[size:])
         self.nodes = [NatsServer(workdir / f"n{i + 1}", f"n{i + 1}", port=ports[i],
-                                 cluster_port=cports[i], routes=cports if size > 1 else ())
+                                 cluster_port=cports[i], routes=cports if size > 1 else (),
+                                 shipped=shipped)
                       for i in range(size)]
 
     @property

@@ -83,6 +83,15 @@ def test_systemd_units_can_write_the_configured_state_dirs() -> None:
         configured = Path(section["state_dir"])
         assert configured.parent == Path("/var/lib"), (unit, cfg)
         assert configured.name in state, (unit, cfg)
+    # the NATS node: its store where its unit may write, its configuration where it reads it
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.read_string((ROOT / "deploy" / "systemd" / "fieldline-nats.service").read_text())
+    run = parser["Service"]["ExecStart"].split()
+    store = Path(run[run.index("--store_dir") + 1])
+    assert store.parent == Path("/var/lib")
+    assert store.name in parser["Service"]["StateDirectory"].split()
+    assert run[run.index("--config") + 1] == "/etc/fieldline/nats-server.conf"
+    assert parser["Service"]["ConfigurationDirectory"] == "fieldline"
 
 
 def test_every_shipped_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
@@ -94,12 +103,14 @@ def test_every_shipped_unit_passes_systemd_analyze_verify(tmp_path: Path) -> Non
     if shutil.which("systemd-analyze") is None:
         raise AssertionError("systemd-analyze missing (Debian: apt-get install -y systemd)")
     units = sorted((ROOT / "deploy" / "systemd").glob("*.service"))
-    assert len(units) == 4
+    assert len(units) == 5
     for shipped in units:
         text = shipped.read_text()
-        assert re.search(r"^ExecStart=/opt/fieldline/venv/bin/fieldline ", text, re.M), shipped
+        run = re.search(r"^ExecStart=/opt/fieldline/venv/bin/(fieldline|nats-server) ", text,
+                        re.M)
+        assert run, shipped
         unit = tmp_path / shipped.name
-        unit.write_text(re.sub(r"^ExecStart=\S+", f"ExecStart={sys.prefix}/bin/fieldline",
+        unit.write_text(re.sub(r"^ExecStart=\S+", f"ExecStart={sys.prefix}/bin/{run[1]}",
                                text, flags=re.M))
         v = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
                            text=True, timeout=60, check=False)

@@ -58,6 +58,7 @@ from tests.rig import FleetRig, cloud_status
 from tests.test_faults import fill, tmpfs
 
 CMD = [sys.executable, "-m", "fieldline.cli", "--log-level", "INFO"]
+NATS_CONF = Path(__file__).resolve().parents[1] / "deploy" / "nats" / "nats-server.conf"
 P = 4  # partitions; gw-1 -> 1, gw-2 -> 0: member 0/2 serves {0, 2}, member 1/2 {1, 3}
 GATEWAYS = ("gw-1", "gw-2")
 
@@ -385,7 +386,7 @@ def test_a_worker_started_while_its_cluster_has_no_quorum_waits_for_it(
     worker left and its gateway's results waited for good. A worker now waits for its cluster,
     warning, and serves once quorum is back; a stream of another partitioning still fails at
     once, naming the key."""
-    cluster = NatsCluster(tmp_path / "nats", 3).start()
+    cluster = NatsCluster(tmp_path / "nats", 3, shipped=NATS_CONF).start()
 
     async def scenario() -> None:
         import nats
@@ -463,7 +464,7 @@ class JsRig(FleetRig):
         self.influx_proxy = FaultProxy("127.0.0.1", port).start() if influx_proxy else None
         influx_url = (f"http://127.0.0.1:{self.influx_proxy.port}" if self.influx_proxy
                       else influx.url)
-        self.cluster = NatsCluster(tmp / "nats", nodes)
+        self.cluster = NatsCluster(tmp / "nats", nodes, shipped=NATS_CONF)  # as shipped
         if nats_disk:  # each node's JetStream store on a disk of its own, this small
             for node in self.cluster.nodes:
                 self.mounts.enter_context(tmpfs(node.store_dir, nats_disk))
