@@ -1184,9 +1184,9 @@ def test_a_publish_to_a_hung_node_gives_up_instead_of_waiting_for_ever(tmp_path:
     fills the NATS client's buffer (a snapshot's chunks, a burst of results) waited for the
     buffer to be written with no time limit (nats-py's default flush_timeout), so a worker or
     the bridge stood still, and did not stop on SIGTERM, until the node answered again (over
-    60 s in a /tmp experiment). Our connections give up after FLUSH_TIMEOUstored_s with an error the
+    60 s in a /tmp experiment). Our connections give up after FLUSH_TIMEOUT_S with an error the
     caller retries on."""
-    from cloud.jetstream import FLUSH_TIMEOUstored_s, close_quietly, connect
+    from cloud.jetstream import FLUSH_TIMEOUT_S, close_quietly, connect
 
     server = NatsServer(tmp_path / "nats", "n1").start()
 
@@ -1203,7 +1203,7 @@ def test_a_publish_to_a_hung_node_gives_up_instead_of_waiting_for_ever(tmp_path:
             t0 = time.monotonic()
             with contextlib.suppress(Exception):  # which error it ends with is nats-py's
                 await asyncio.wait_for(burst(), 60)
-            assert time.monotonic() - t0 < 3 * FLUSH_TIMEOUstored_s  # not wait_for's 60 s
+            assert time.monotonic() - t0 < 3 * FLUSH_TIMEOUT_S  # not wait_for's 60 s
         finally:
             server.resume()
             await close_quietly(nc, 20)
