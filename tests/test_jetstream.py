@@ -1214,6 +1214,30 @@ def test_a_publish_to_a_hung_node_gives_up_instead_of_waiting_for_ever(tmp_path:
         server.stop()
 
 
+def write_cloud_toml(path: Path, *, state_dir: Path, broker_url: str, servers: list[str],
+                     influx: InfluxV1Client, engine: str = "") -> Path:
+    """A worker's and bridge's cloud.toml on JetStream (2 partitions), ``engine``: more of its
+    [engine] section."""
+    quoted = ", ".join(f'"{s}"' for s in servers)
+    path.write_text(f"""
+[worker]
+id = "w"
+health_interval = "500ms"
+state_dir = "{state_dir}"
+[ingest]
+broker = "{broker_url}"
+[engine]
+kind = "jetstream"
+servers = [{quoted}]
+partitions = 2
+{engine}
+[influxdb]
+url = "{influx.url}"
+database = "{influx.database}"
+""")
+    return path
+
+
 def status_when(cfg: Path, cond: Callable[[str], bool], what: str,
                 timeout_s: float = 40) -> str:
     """`fieldline cloud status --config cfg` once ``cond`` holds of what it says."""
@@ -1258,23 +1282,9 @@ def test_workers_and_the_bridge_say_why_no_nats_server_answers(
     node = NatsServer(tmp_path / "nats", "n1",  # its port: nobody listens there yet
                       extra_conf=f'authorization {{ user: fl, password: "{secret}" }}')
     login = node.url.replace("nats://", f"nats://fl:{secret}@")
-    cfg = tmp_path / "cloud.toml"
-    cfg.write_text(f"""
-[worker]
-id = "w"
-health_interval = "500ms"
-state_dir = "{tmp_path}/state"
-[ingest]
-broker = "{broker.url}"
-[engine]
-kind = "jetstream"
-servers = ["{login}", "nats://nats.invalid:4222"]
-partitions = 2
-replicas = 1
-[influxdb]
-url = "{influx_db.url}"
-database = "{influx_db.database}"
-""")
+    cfg = write_cloud_toml(tmp_path / "cloud.toml", state_dir=tmp_path / "state",
+                           broker_url=broker.url, influx=influx_db, engine="replicas = 1",
+                           servers=[login, "nats://nats.invalid:4222"])
     logs = {name: tmp_path / f"{name}.log" for name in ("worker", "bridge")}
     procs: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -1351,22 +1361,8 @@ def test_a_message_over_the_nats_max_payload_holds_up_no_other(
     node = NatsServer(tmp_path / "nats", "n1", max_payload="1MB")
     node.start()
     broker = mosquitto_factory()
-    cfg = tmp_path / "cloud.toml"
-    cfg.write_text(f"""
-[worker]
-id = "w"
-health_interval = "500ms"
-state_dir = "{tmp_path}/state"
-[ingest]
-broker = "{broker.url}"
-[engine]
-kind = "jetstream"
-servers = ["{node.url}"]
-partitions = 2
-[influxdb]
-url = "{influx_db.url}"
-database = "{influx_db.database}"
-""")
+    cfg = write_cloud_toml(tmp_path / "cloud.toml", state_dir=tmp_path / "state",
+                           broker_url=broker.url, servers=[node.url], influx=influx_db)
     procs: list[subprocess.Popen[bytes]] = []
     for what in ("run", "bridge"):
         with (tmp_path / f"{what}.log").open("ab") as out:
@@ -1478,26 +1474,10 @@ def test_nats_over_tls_with_a_private_ca_and_client_certificates(
     broker = mosquitto_factory()
 
     def config(name: str, ca: Path) -> Path:
-        path = tmp_path / f"{name}.toml"
-        path.write_text(f"""
-[worker]
-id = "w"
-health_interval = "500ms"
-state_dir = "{tmp_path}/{name}-state"
-[ingest]
-broker = "{broker.url}"
-[engine]
-kind = "jetstream"
-servers = ["{url}"]
-partitions = 2
-ca_file = "{ca}"
-cert_file = "{client_crt}"
-key_file = "{client_key}"
-[influxdb]
-url = "{influx_db.url}"
-database = "{influx_db.database}"
-""")
-        return path
+        return write_cloud_toml(
+            tmp_path / f"{name}.toml", state_dir=tmp_path / f"{name}-state",
+            broker_url=broker.url, servers=[url], influx=influx_db,
+            engine=f'ca_file = "{ca}"\ncert_file = "{client_crt}"\nkey_file = "{client_key}"')
 
     procs: list[subprocess.Popen[bytes]] = []
 
