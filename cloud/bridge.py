@@ -143,7 +143,8 @@ class Bridge:
                     topic = f"$share/{self.shared_group}/{topic}"
                 c.subscribe(topic, qos=1)
             loop.call_soon_threadsafe(self.connected.set)
-            log.info("bridge: %s -> NATS %s", self.broker.url, shown(*self.servers))
+            log.info("bridge: %s -> NATS %s (max_payload %s bytes)", self.broker.url,
+                     shown(*self.servers), f"{getattr(self._nc, 'max_payload', 0):,}")
 
         def on_disconnect(_c: Any, _u: Any, _f: Any, _rc: Any, _p: Any = None) -> None:
             loop.call_soon_threadsafe(self.connected.clear)
