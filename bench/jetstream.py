@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bench.common import Figure, figure, report, stop_processes, wait_until
+from bench.common import DEPLOY, Figure, figure, report, stop_processes, wait_until
 from bench.pipeline import result_batches
 from cloud.jetstream import IN, JetStreamConfig, ensure_stream, gateway_token, partition_of_gateway
 from cloud.sinks.influx_v1 import InfluxV1Client
@@ -196,8 +196,7 @@ def main(n: int = 160_000) -> list[Figure]:
     with tempfile.TemporaryDirectory(prefix="fieldline-bench-js-") as d:
         work = Path(d)
         cluster = NatsCluster(work / "nats", 3,  # the shipped configuration
-                              shipped=Path(__file__).resolve().parents[1] / "deploy" / "nats"
-                              / "nats-server.conf").start()
+                              shipped=DEPLOY / "nats" / "nats-server.conf").start()
         ix = InfluxDB(work / "influx").start()
         try:
             raw = InfluxV1Client(ix.url, "raw")

@@ -404,15 +404,17 @@ class NatsServer(_Child):
             "max_file_store: 2GB }",
         ]
         if self.cluster_port is not None:
-            routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in self.routes
-                               if p != self.cluster_port)
             lines.append(f"cluster {{ name: fieldline, listen: 127.0.0.1:{self.cluster_port}, "
-                         f"routes: [{routes}] }}")
+                         f"routes: [{', '.join(self._routes())}] }}")
         if self.extra_conf:
             lines.append(self.extra_conf)
         conf = self.workdir / "nats.conf"
         conf.write_text("\n".join(lines) + "\n")
         return conf
+
+    def _routes(self) -> list[str]:
+        """This node's routes to the other nodes of its cluster."""
+        return [f"nats-route://127.0.0.1:{p}" for p in self.routes if p != self.cluster_port]
 
     def _command(self) -> tuple[list[str], dict[str, str] | None]:
         if self.shipped is None:
@@ -421,9 +423,8 @@ class NatsServer(_Child):
         cmd = [self.binary, "-c", str(self.shipped), "-a", "127.0.0.1", "-p", str(self.port),
                "--store_dir", str(self.store_dir)]
         if self.cluster_port is not None:
-            cmd += ["--cluster", f"nats://127.0.0.1:{self.cluster_port}", "--routes",
-                    ",".join(f"nats-route://127.0.0.1:{p}" for p in self.routes
-                             if p != self.cluster_port)]
+            cmd += ["--cluster", f"nats://127.0.0.1:{self.cluster_port}",
+                    "--routes", ",".join(self._routes())]
         return cmd, {**os.environ, "NATS_SERVER_NAME": self.name}
 
     def start(self, timeout_s: float = 15.0) -> NatsServer:
