@@ -8,7 +8,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from cloud.detect import DEFAULT_DETECTORS, DETECTORS, PRIMARY, PolicyConfig
-from cloud.jetstream import JetStreamConfig
+from cloud.jetstream import JetStreamConfig, logins
 from cloud.rules import Rule, parse_rules
 from devices.catalog import Catalog
 from devices.errors import ConfigError
@@ -218,6 +218,10 @@ def _engine(e: Section, source: str | None) -> JetStreamConfig | None:
     if not servers or not all(s.startswith(("nats://", "tls://")) for s in servers):
         raise ConfigError(e.key("servers"), "list the NATS servers as nats://host:port",
                           source=source)
+    if len(logins(*servers)) > 1:
+        # one login goes to every node, the ones the cluster announces too (cloud/jetstream.py)
+        raise ConfigError(e.key("servers"), "the NATS servers take one login: "
+                          "user:password@ given on any of them goes to all", source=source)
     files = {k: e.text(k, None) for k in ("ca_file", "cert_file", "key_file")}
     if any(files.values()) and not all(s.startswith("tls://") for s in servers):
         # TLS is spoken to the servers listed as tls:// (cloud/jetstream.py): say so in the URLs

@@ -35,7 +35,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from cloud.ingest import PartitionEvent, SourceMessage
 from devices.contract import TOPIC_ROOT, encode_ack
@@ -145,6 +145,34 @@ def shown(*servers: str) -> str:
     return ", ".join(out)
 
 
+def login(*servers: str) -> tuple[list[str], dict[str, Any]]:
+    """The servers without the login their URLs carry, and that login as nats-py's options.
+
+    nats-py takes a login from the URL of the server it is connecting to, and the servers a
+    cluster announces (its ``connect_urls``, the nodes' own addresses) carry none: a client that
+    lost its listed node was refused by every announced one ("Authorization Violation") and, with
+    one node listed, never came back. Given as options, the login goes to every server.
+    ``servers`` share one login (the configuration checks it: :func:`logins`)."""
+    found = logins(*servers)
+    bare = [shown(url) for url in servers]
+    if not found:
+        return bare, {}
+    parts = urlsplit(next(iter(found)))
+    user, password = unquote(parts.username or ""), parts.password
+    return bare, ({"token": user} if password is None
+                  else {"user": user, "password": unquote(password)})
+
+
+def logins(*servers: str) -> set[str]:
+    """The distinct logins (``scheme://user:password@``) the servers' URLs carry."""
+    out = set()
+    for url in servers:
+        parts = urlsplit(url)
+        if "@" in parts.netloc:
+            out.add(f"nats://{parts.netloc.rpartition('@')[0]}@")
+    return out
+
+
 class TlsNotOfferedError(ConnectionError):
     """A server listed as ``tls://`` offered no TLS: nothing, a login above all, is sent to
     it in the clear."""
@@ -226,8 +254,9 @@ async def connect(servers: list[str], name: str, errors: LinkErrors | None = Non
         log.info("NATS (%s): reconnected to %s", name,
                  shown(f"{url.scheme}://{url.netloc}") if url is not None else "?")
 
-    await nc.connect(servers, name=name, max_reconnect_attempts=-1,
-                     **({"tls": tls} if tls is not None else {}),
+    bare, credentials = login(*servers)
+    await nc.connect(bare, name=name, max_reconnect_attempts=-1,
+                     **({"tls": tls} if tls is not None else {}), **credentials,
                      # seconds, typed int by nats-py but used as a float
                      reconnect_time_wait=0.5,  # type: ignore[arg-type]
                      allow_reconnect=True, drain_timeout=5,

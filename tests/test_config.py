@@ -259,6 +259,15 @@ def test_the_commented_engine_block_of_deploy_cloud_toml_loads_as_written(tmp_pa
         load_cloud_config(cfg_path)
     assert info.value.key == "engine.servers"
     assert "with engine.ca_file list the NATS servers as tls://" in str(info.value)
+    # one login for the cluster: it goes to every node, the ones the cluster announces too
+    login = "\n".join(out).replace("nats://nats-1", "nats://fl:pw1@nats-1")
+    cfg_path.write_text(login.replace("nats://nats-2", "nats://fl:pw2@nats-2") + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_cloud_config(cfg_path)
+    assert info.value.key == "engine.servers"
+    assert "take one login" in str(info.value)
+    cfg_path.write_text(login.replace("nats://nats-2", "nats://fl:pw1@nats-2") + "\n")
+    assert load_cloud_config(cfg_path).jetstream is not None
     cfg_path.write_text(tls.replace("nats://", "tls://") + "\n")
     js = load_cloud_config(cfg_path).jetstream
     assert js is not None

@@ -43,6 +43,7 @@ from cloud.jetstream import (
     ensure_stream,
     gateway_from_token,
     gateway_token,
+    login,
     partition_of_gateway,
     replicas_behind,
 )
@@ -52,7 +53,7 @@ from cloud.sinks.influx_v1 import InfluxV1Client
 from cloud.sinks.points import encode
 from cloud.worker import CloudWorker
 from fieldline.faults import FaultProxy
-from fieldline.services import Mosquitto, NatsCluster, NatsServer
+from fieldline.services import Mosquitto, NatsCluster, NatsServer, free_ports
 from simulators.fleet import FleetSpec
 from tests.rig import FleetRig, cloud_status
 from tests.test_faults import fill, tmpfs
@@ -91,6 +92,15 @@ def source_reading_from(sub: type, max_queue: int | None = None) -> JetStreamSou
     src = JetStreamSource(JetStreamConfig(servers=("nats://127.0.0.1:1",)), worker_id="w", **kw)
     src._nc = Nc()
     return src
+
+
+def test_a_login_is_taken_out_of_the_server_urls() -> None:
+    """...and given to nats-py as options, which it sends to every server (see
+    test_a_login_reaches_the_nodes_the_cluster_announces)."""
+    assert login("nats://fl:p%40ss@n1:4222", "tls://n2:4222") == (
+        ["nats://n1:4222", "tls://n2:4222"], {"user": "fl", "password": "p@ss"})
+    assert login("nats://a-token@n1:4222") == (["nats://n1:4222"], {"token": "a-token"})
+    assert login("nats://n1:4222", "nats://n2:4222") == (["nats://n1:4222", "nats://n2:4222"], {})
 
 
 def test_a_replay_waits_between_asks_while_the_consumer_is_not_ready() -> None:
@@ -1259,6 +1269,52 @@ def terminate(procs: Iterable[subprocess.Popen[bytes]]) -> None:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_a_login_reaches_the_nodes_the_cluster_announces(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """nats-py takes a login from the URL of the server it connects to, and the nodes a
+    cluster announces (their own addresses) carry none: a worker that lost the one node it
+    listed was refused by every other ("Authorization Violation") and never came back; with all
+    three listed, it was refused by the announced copies of them on its way round. The login
+    now goes to every node."""
+    secret = "s3cret-Pa55"
+    ports = free_ports(6)
+    cports = tuple(ports[3:])
+    nodes = [NatsServer(tmp_path / f"n{i}", f"n{i}", port=ports[i], cluster_port=cports[i],
+                        routes=cports,
+                        extra_conf=f'authorization {{ user: fl, password: "{secret}" }}')
+             for i in range(3)]
+
+    async def scenario() -> str:
+        nc = await connect([nodes[0].url.replace("nats://", f"nats://fl:{secret}@")], "t")
+        try:
+            deadline = time.monotonic() + 15
+            while len(nc.discovered_servers) < 2:  # the cluster announced the two others
+                assert time.monotonic() < deadline, nc.discovered_servers
+                await asyncio.sleep(0.1)
+            nodes[0].stop()
+            while not (nc.is_connected and nc.connected_url.port != nodes[0].port):
+                assert time.monotonic() < deadline + 15, "never reconnected to another node"
+                await asyncio.sleep(0.1)
+            inbox = await nc.subscribe("t.echo")
+            await nc.publish("t.echo", b"after")
+            return bytes((await inbox.next_msg(timeout=5)).data).decode()
+        finally:
+            await nc.close()
+
+    try:
+        for node in nodes:
+            node.start()
+        with caplog.at_level(logging.WARNING, logger="fieldline.cloud.jetstream"):
+            assert asyncio.run(asyncio.wait_for(scenario(), 45)) == "after"
+        assert "Authorization Violation" not in caplog.text, caplog.text
+        assert secret not in caplog.text
+    finally:
+        for node in nodes:
+            node.stop()
 
 
 @pytest.mark.integration
