@@ -355,6 +355,19 @@ def cmd_cloud_bridge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cloud_nats_env(args: argparse.Namespace) -> int:
+    from cloud.natslogin import write_env
+
+    nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
+    line = write_env(args.out, nodes)
+    print(f"wrote {args.out} (0600): copy it to /etc/fieldline/nats.env on each of "
+          f"{', '.join(nodes)}, then start fieldline-nats there", file=sys.stderr)
+    print("[engine] servers for cloud.toml (the workers' and the bridge's login):",
+          file=sys.stderr)
+    print(line)
+    return 0
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from simulators.config import load_sim_config
     from simulators.fleet import FleetSimulator
@@ -648,6 +661,14 @@ def build_parser() -> argparse.ArgumentParser:
                                      "and the workers' acks back")
     cb.add_argument("--config", required=True, type=Path)
     cb.set_defaults(func=cmd_cloud_bridge)
+    cn = c.add_parser("nats-env", help="new logins for the NATS cluster (scale-out): write the "
+                                       "nodes' environment file and print cloud.toml's servers")
+    cn.add_argument("--nodes", default="nats-1,nats-2,nats-3",
+                    help="the nodes' hosts, comma-separated (default: %(default)s, as "
+                         "deploy/nats/nats-server.conf's routes)")
+    cn.add_argument("--out", type=Path, default=Path("nats.env"),
+                    help="the file to write, never over an existing one (default: %(default)s)")
+    cn.set_defaults(func=cmd_cloud_nats_env)
 
     s = sub.add_parser("simulate", help="publish a simulated fleet")
     s.add_argument("--config", required=True, type=Path)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from cloud import natslogin
 from devices.mqtt import BrokerAddress
 
 
@@ -364,14 +365,17 @@ def nats_server_binary() -> str:
 class NatsServer(_Child):
     """One ``nats-server`` with JetStream on 127.0.0.1, optionally one node of a cluster.
 
-    ``shipped``: a configuration file used as it is (deploy/nats/nats-server.conf), as its
-    systemd unit runs it (the node's name in ``NATS_SERVER_NAME``, ``--store_dir``), with this
-    node's loopback addresses and routes given on the command line, which override the file's."""
+    ``shipped``: a configuration file used as its systemd unit runs it, with this node's
+    loopback addresses in place of its ``listen`` lines: the node's name in
+    ``NATS_SERVER_NAME``, the logins and routes from a ``nats.env`` written as ``fieldline
+    cloud nats-env`` writes it (``password``, ``route_password``: new ones unless given, as a
+    cluster shares them), ``--store_dir``. Its ``url`` carries the clients' login."""
 
     def __init__(self, workdir: Path, name: str, *, port: int | None = None,
                  cluster_port: int | None = None, routes: tuple[int, ...] = (),
                  extra_conf: str = "", max_payload: str = "8MB",
-                 shipped: Path | None = None) -> None:
+                 shipped: Path | None = None, password: str | None = None,
+                 route_password: str | None = None) -> None:
         super().__init__()
         if shipped is not None and (extra_conf or max_payload != "8MB"):
             raise ValueError("a shipped configuration is used as it is")
@@ -384,10 +388,21 @@ class NatsServer(_Child):
         self.cluster_port = cluster_port
         self.routes = routes
         self.binary = nats_server_binary()
+        self.password: str | None = None  # the clients' login (the shipped configuration)
+        self.route_password = route_password or natslogin.new_password()
+        if shipped is not None:
+            self.password = password or natslogin.new_password()
+
+    @property
+    def address(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        """Where a client connects, with the login the server takes."""
+        if self.password is None:
+            return self.address
+        return f"nats://{natslogin.USER}:{self.password}@127.0.0.1:{self.port}"
 
     @property
     def store_dir(self) -> Path:
@@ -419,13 +434,23 @@ class NatsServer(_Child):
     def _command(self) -> tuple[list[str], dict[str, str] | None]:
         if self.shipped is None:
             return [self.binary, "-c", str(self._write_conf())], None
+        assert self.password is not None
         self.workdir.mkdir(parents=True, exist_ok=True)
-        cmd = [self.binary, "-c", str(self.shipped), "-a", "127.0.0.1", "-p", str(self.port),
-               "--store_dir", str(self.store_dir)]
-        if self.cluster_port is not None:
-            cmd += ["--cluster", f"nats://127.0.0.1:{self.cluster_port}",
-                    "--routes", ",".join(self._routes())]
-        return cmd, {**os.environ, "NATS_SERVER_NAME": self.name}
+        text = self.shipped.read_text()
+        cport = self.cluster_port or free_port()
+        for shipped, here in ((natslogin.CLIENT_PORT, self.port), (natslogin.ROUTE_PORT, cport)):
+            line = f"listen: 0.0.0.0:{shipped}"
+            if text.count(line) != 1:
+                raise ServiceError(f"{self.shipped} has not one {line!r}")
+            text = text.replace(line, f"listen: 127.0.0.1:{here}")
+        conf = self.workdir / "nats-server.conf"
+        conf.write_text(text)
+        env_file = self.workdir / "nats.env"
+        env_file.write_text(natslogin.env_text(natslogin.node_env(
+            [f"127.0.0.1:{p}" for p in self.routes], self.password, self.route_password)))
+        cmd = [self.binary, "--config", str(conf), "--store_dir", str(self.store_dir)]
+        return cmd, {**os.environ, "NATS_SERVER_NAME": self.name,
+                     **natslogin.read_env(env_file)}
 
     def start(self, timeout_s: float = 15.0) -> NatsServer:
         cmd, env = self._command()
@@ -455,14 +480,22 @@ class NatsCluster:
     def __init__(self, workdir: Path, size: int = 3, *, shipped: Path | None = None) -> None:
         ports = free_ports(2 * size)
         cports = tuple(ports[size:])
+        password, route_password = natslogin.new_password(), natslogin.new_password()
         self.nodes = [NatsServer(workdir / f"n{i + 1}", f"n{i + 1}", port=ports[i],
                                  cluster_port=cports[i], routes=cports if size > 1 else (),
-                                 shipped=shipped)
+                                 shipped=shipped, password=password,
+                                 route_password=route_password)
                       for i in range(size)]
 
     @property
     def urls(self) -> list[str]:
+        """Where clients connect, with the login the nodes take."""
         return [n.url for n in self.nodes]
+
+    @property
+    def addresses(self) -> list[str]:
+        """The nodes' URLs without a login, as logs and statuses show them."""
+        return [n.address for n in self.nodes]
 
     def start(self) -> NatsCluster:
         for n in self.nodes:

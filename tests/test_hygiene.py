@@ -6,6 +6,7 @@ from __future__ import annotations
 import configparser
 import http.server
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import threading
 import tomllib
 from pathlib import Path
 
+from cloud import natslogin
 from cloud.sinks.influx_v1 import InfluxV1Client
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,6 +94,11 @@ def test_systemd_units_can_write_the_configured_state_dirs() -> None:
     assert store.name in parser["Service"]["StateDirectory"].split()
     assert run[run.index("--config") + 1] == "/etc/fieldline/nats-server.conf"
     assert parser["Service"]["ConfigurationDirectory"] == "fieldline"
+    # its logins and routes, where `fieldline cloud nats-env` is told to write them
+    assert parser["Service"]["EnvironmentFile"] == str(natslogin.ENV_FILE)
+    conf = (ROOT / "deploy" / "nats" / "nats-server.conf").read_text()
+    used = set(re.findall(r"^[^#]*\$([A-Z_]+)", conf, flags=re.M))
+    assert used == {"NATS_SERVER_NAME", *natslogin.node_env([], "p", "r")}, used
 
 
 def test_every_shipped_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:

@@ -387,6 +387,91 @@ def test_snapshots_no_pointer_names_are_removed(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(90)
+def test_the_shipped_nats_nodes_let_no_one_in_without_their_logins(tmp_path: Path) -> None:
+    """deploy/nats/nats-server.conf as its unit runs it (logins and routes from the nats.env
+    `fieldline cloud nats-env` writes): a client without the login is refused, and so is a
+    node without the route login, which would otherwise join the cluster and see and publish
+    everything; the nodes' own routes, with it, carry messages."""
+    import nats
+    import nats.errors
+    cluster = NatsCluster(tmp_path / "nats", 2, shipped=NATS_CONF).start()
+    n1, n2 = cluster.nodes
+    intruder = NatsServer(tmp_path / "intruder", "x", cluster_port=free_ports(1)[0],
+                          routes=(n1.cluster_port or 0,))
+
+    async def scenario() -> None:
+        with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+            await nats.connect(n1.address, allow_reconnect=False, max_reconnect_attempts=0)
+        sub_nc = await nats.connect(n1.url)
+        pub_nc = await nats.connect(n2.url)
+        x_nc = await nats.connect(intruder.url)
+        try:
+            inbox = await sub_nc.subscribe("probe.>")
+            await sub_nc.flush()
+            deadline = time.monotonic() + 10
+            got = None
+            while got is None:  # the route between the shipped nodes is up once one arrives
+                assert time.monotonic() < deadline, "the shipped nodes never routed"
+                await pub_nc.publish("probe.ours", b"ours")
+                with contextlib.suppress(nats.errors.TimeoutError):
+                    got = (await inbox.next_msg(timeout=0.5)).data
+            assert got == b"ours"
+            log_file = n1.workdir / "nats.log"
+            while "authentication error" not in log_file.read_text():  # the intruder tried
+                assert time.monotonic() < deadline + 10, log_file.read_text()[-2000:]
+                await asyncio.sleep(0.2)
+            for _ in range(3):
+                await x_nc.publish("probe.theirs", b"theirs")
+                await x_nc.flush()
+                with pytest.raises(nats.errors.TimeoutError):
+                    await inbox.next_msg(timeout=0.7)
+        finally:
+            for nc in (sub_nc, pub_nc, x_nc):
+                await nc.close()
+
+    try:
+        intruder.start()
+        asyncio.run(asyncio.wait_for(scenario(), 60))
+    finally:
+        intruder.stop()
+        cluster.stop()
+
+
+def test_nats_env_writes_new_logins_once(tmp_path: Path) -> None:
+    """`fieldline cloud nats-env`: the nodes' environment file (0600, never written over: its
+    passwords are in use) and cloud.toml's servers with the clients' login."""
+    from cloud.natslogin import ROUTE_USER, USER, read_env
+    out = tmp_path / "nats.env"
+    cmd = [*CMD, "cloud", "nats-env", "--nodes", "nats-a,nats-b", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True)
+    assert out.stat().st_mode & 0o777 == 0o600
+    env = read_env(out)
+    password, route = env["NATS_PASSWORD"], env["NATS_ROUTE_PASSWORD"]
+    assert password != route
+    assert min(len(password), len(route)) >= 32
+    assert env["NATS_ROUTES"] == (f"[nats-route://{ROUTE_USER}:{route}@nats-a:6222,"
+                                  f"nats-route://{ROUTE_USER}:{route}@nats-b:6222]")
+    cfg = tmp_path / "cloud.toml"
+    cfg.write_text(f'[worker]\nstate_dir = "s"\n[ingest]\nbroker = "mqtt://127.0.0.1:1883"\n'
+                   f'[engine]\nkind = "jetstream"\n{done.stdout}')
+    js = load_cloud_config(cfg).jetstream
+    assert js is not None
+    assert js.servers == (f"nats://{USER}:{password}@nats-a:4222",
+                          f"nats://{USER}:{password}@nats-b:4222")
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+    assert again.returncode != 0, again.stderr
+    assert "exists" in again.stderr, again.stderr
+    assert read_env(out) == env
+    bad = subprocess.run([*CMD, "cloud", "nats-env", "--nodes", "nats-a:4222",
+                          "--out", str(tmp_path / "other.env")],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert bad.returncode != 0, bad.stderr
+    assert "--nodes" in bad.stderr, bad.stderr
+    assert not (tmp_path / "other.env").exists()
+
+
+@pytest.mark.integration
 @pytest.mark.timeout(180)
 def test_a_worker_started_while_its_cluster_has_no_quorum_waits_for_it(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -885,11 +970,13 @@ def test_workers_fail_over_with_their_state(jsrig: JsRig) -> None:
     block_c = text[text.index("worker C: "):]
     assert "worker C: CRITICAL" not in block_c, text
     assert "partitions owned" in block_c, text
-    assert f"ingest   {', '.join(rig.cluster.urls)} connected since" in block_c, text
+    # the nodes as shipped take a login: no status shows it
+    assert f"ingest   {', '.join(rig.cluster.addresses)} connected since" in block_c, text
+    assert str(rig.cluster.nodes[0].password) not in text
     # and the bridge beside them, forwarding through the node lost
     block_bridge = text[text.index("bridge fieldline-bridge-w: "):]
     assert block_bridge.startswith("bridge fieldline-bridge-w: OK, bridge running"), text
-    assert f"nats     {', '.join(rig.cluster.urls)} connected since" in block_bridge, text
+    assert f"nats     {', '.join(rig.cluster.addresses)} connected since" in block_bridge, text
     stored = int(block_bridge.split("stored   ")[1].split(" messages")[0].replace(",", ""))
     assert stored > 0, text
     ours = rig.influx_anomalies()
