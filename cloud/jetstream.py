@@ -22,6 +22,14 @@ it covers, once everything up to that sequence is in InfluxDB, into an object st
 it from a KV key updated with compare-and-set (a stale owner cannot overwrite a newer snapshot).
 A new owner claims the key, restores the snapshot and replays the partition from the next
 sequence, so detectors continue with the history they had instead of relearning it.
+
+A partition's messages reach its state once each and in stream order (detectors and revisions
+depend on the order; aggregates alone would not show a swap). A delivery the server sent but the
+worker never got (a connection cut, a NATS node lost) comes again only after ``ack_wait``, behind
+newer ones: the consumer's delivery sequence shows the hole at the next delivery, and the worker
+then reads the partition's stream from the last message it took, in order, before going on.
+Deliveries of what it already took (those redeliveries, ones that crossed a replay) are only
+acknowledged.
 """
 
 from __future__ import annotations
@@ -585,11 +593,15 @@ def _status(msg: Any) -> str | None:
     return str(s) if s is not None else None
 
 
-def _stream_seq(reply: str) -> int:
-    # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ts>.<pending>
-    # (or with a domain and account hash prefix: the stream seq is 5th from the end)
+def _seqs(reply: str) -> tuple[int, int]:
+    """The stream sequence of a delivery and the consumer's delivery sequence (one more for
+    every delivery, redeliveries included)."""
+    # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ts>.<pending>, or
+    # with a domain and account hash before the stream and a random token after <pending>
     parts = reply.split(".")
-    return int(parts[-4])
+    if len(parts) >= 11:
+        return int(parts[7]), int(parts[8])
+    return int(parts[5]), int(parts[6])
 
 
 def _topic(subject: str) -> str:
@@ -618,10 +630,15 @@ class JetStreamSource:
         self.owned: dict[int, str] = {}  # partition -> pin id, while we hold its state
         self._pins: dict[int, str] = {}  # the pin id the server gave us last, per partition
         self._last_pull: dict[int, float] = {}
-        self._replayed_to: dict[int, int] = {}
+        # per partition held: the last stream sequence handed to the worker (replayed or
+        # delivered; what is at or below it is only acknowledged), and the delivery sequence
+        # the next delivery should have (another one: a delivery was lost on the way)
+        self._through: dict[int, int] = {}
+        self._next_delivery: dict[int, int] = {}
         self._epoch: dict[int, int] = {}
         self.counters: dict[str, int] = {"assigned": 0, "pin_lost": 0, "fenced": 0,
                                          "stalls": 0, "replayed": 0, "skipped_replayed": 0,
+                                         "deliveries_lost": 0,
                                          "snapshots_missing": 0, "snapshots_swept": 0,
                                          "pulls_unanswered": 0}
         self.acks_refused: dict[str, int] = {}
@@ -776,6 +793,7 @@ class JetStreamSource:
     def _lose(self, p: int, *, event: bool = True, unpinned: bool = False) -> None:
         if unpinned:
             self._pins.pop(p, None)
+        self._next_delivery.pop(p, None)  # the next owner's deliveries are counted afresh
         if self.owned.pop(p, None) is None:
             return
         self._epoch[p] = self._epoch.get(p, 0) + 1
@@ -903,15 +921,32 @@ class JetStreamSource:
                 await self._assign(p, new_pin)
             if p not in self.owned:
                 continue  # an in-flight delivery after we dropped it: leave it unacked
-            sseq = _stream_seq(msg.reply)
-            if sseq <= self._replayed_to.get(p, 0):
-                # handled by the replay: acknowledged once that is written (if the worker
-                # drops it unwritten, the redelivery brings the partition back)
+            sseq, dseq = _seqs(msg.reply)
+            expected = self._next_delivery.get(p)
+            self._next_delivery[p] = dseq + 1
+            if expected is not None and dseq != expected:
+                # a delivery to us was lost on the way (or a new consumer leader counts
+                # afresh): what it carried comes again after ack_wait, behind newer messages.
+                # Read on from the last message taken, in stream order, before this one
+                self.counters["deliveries_lost"] += 1
+                log.info("partition %d: delivery %d came after %d (a delivery lost on the "
+                         "way): reading the partition on from sequence %d", p, dseq,
+                         expected - 1, self._through.get(p, 0) + 1)
+                try:
+                    await self._replay(p, self._through.get(p, 0), self._epoch.get(p, 0))
+                except Exception:
+                    self._lose(p, unpinned=True)  # from the snapshot with the next delivery
+                    raise
+            if sseq <= self._through.get(p, 0):
+                # taken already (by a replay, or delivered before): acknowledged once that is
+                # written (if the worker drops it unwritten, the redelivery brings the
+                # partition back)
                 self.counters["skipped_replayed"] += 1
                 self._queue.put_nowait(SourceMessage(p, sseq, "", b"", handle=msg,
                                                      epoch=self._epoch.get(p, 0),
                                                      covered=True))
                 continue
+            self._through[p] = sseq
             self._queue.put_nowait(SourceMessage(p, sseq, _topic(msg.subject), msg.data,
                                                  handle=msg, epoch=self._epoch.get(p, 0)))
         return None
@@ -1020,7 +1055,7 @@ class JetStreamSource:
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-        self._replayed_to[p] = last
+        self._through[p] = last
         self.counters["replayed"] += n
         return n
 

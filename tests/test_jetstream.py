@@ -217,7 +217,7 @@ def test_a_long_replay_is_read_as_the_worker_gets_through_it() -> None:
 
     assert asyncio.run(both()) == list(range(1, total + 1))
     assert most[0] < 300, most  # (without the wait: thousands queued at once)
-    assert src._replayed_to[0] == total
+    assert src._through[0] == total
 
 
 def on_one_node(tmp_path: Path, scenario: Callable[[Any, JetStreamConfig], Awaitable[None]]
@@ -275,6 +275,86 @@ def test_a_fenced_save_never_removes_the_snapshot_another_owner_points_to(
         assert await SnapshotStore(js, cfg, "E").claim(0) == (b"state of D", 9)
 
     on_one_node(tmp_path, scenario)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_a_delivery_lost_on_its_way_still_reaches_the_worker_in_stream_order(
+        tmp_path: Path) -> None:
+    """CI, 2026-12-07: in the fail-over test, after a NATS node was killed, the anomalies of one
+    partition differed from one pass over the stream (its aggregates were right). A delivery
+    the server sent but the worker never got (in flight on the connection lost) comes again
+    only after ack_wait, behind newer messages, and the worker took it out of order: detectors
+    and revisions depend on the order. Here one delivery is dropped on its way in: the worker
+    must still get every message once, in stream order."""
+    import nats
+
+    server = NatsServer(tmp_path / "nats", "n1").start()
+    cfg = JetStreamConfig(servers=(server.url,), partitions=2, ack_wait_ms=1_000)
+    p = partition_of_gateway("gw-1", cfg.partitions)
+    subject = f"fl.in.{gateway_token('gw-1')}.results"
+    dropped: list[bytes] = []
+
+    class LossySub:
+        def __init__(self, sub: Any) -> None:
+            self.sub = sub
+
+        async def next_msg(self, timeout: float) -> Any:
+            while True:
+                msg = await self.sub.next_msg(timeout=timeout)
+                if msg.data == b"m5" and not dropped:
+                    dropped.append(msg.data)  # lost on the way: the server thinks it sent it
+                    continue
+                return msg
+
+    class Lossy(JetStreamSource):
+        async def _pull_once(self, p: int, nc: Any, sub: Any, inbox: str, subject: str,
+                             expires: float) -> str | None:
+            return await super()._pull_once(p, nc, LossySub(sub), inbox, subject, expires)
+
+    src = Lossy(cfg, worker_id="w")
+    got: list[bytes] = []
+
+    async def read() -> None:
+        async for item in src.messages():
+            if isinstance(item, SourceMessage):
+                if not item.covered:
+                    got.append(item.payload)
+                await src.done([item])  # as the worker does once written
+
+    async def until(cond: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + 20
+        while not cond():
+            assert time.monotonic() < deadline, f"{what}: {got}"
+            await asyncio.sleep(0.05)
+
+    async def scenario() -> None:
+        nc = await nats.connect(server.url)
+        reader = asyncio.create_task(read())
+        try:
+            js = nc.jetstream()
+            await ensure_stream(nc, cfg)
+            await js.publish(subject, b"m0", stream=cfg.stream)
+            await until(lambda: p in src.owned and got == [b"m0"], "the partition taken")
+            for i in range(1, 20):  # delivered as they come
+                await js.publish(subject, f"m{i}".encode(), stream=cfg.stream)
+                await asyncio.sleep(0.1)
+            await until(lambda: len(got) >= 20, "every message")
+            await asyncio.sleep(2.5)  # past ack_wait: the lost delivery came again meanwhile
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            await src.close()
+            await nc.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.stop()
+    assert dropped == [b"m5"]
+    assert got == [f"m{i}".encode() for i in range(20)]
+    assert src.counters["deliveries_lost"] >= 1
 
 
 @pytest.mark.integration
