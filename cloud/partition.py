@@ -1,15 +1,17 @@
 """The state of one partition of the cloud worker's input, and its snapshot.
 
 Everything a worker learns from a partition's results lives here: which batches are written
-(dedup marks), the detectors' histories, pattern rules, and the latest revision written per
-window. The single-worker path has one such state for every gateway; on JetStream each partition
-has its own, snapshotted with the stream sequence it covers and moved with the partition.
+(dedup marks), the detectors' histories, the pattern rules' state, and the latest revision
+written per window. The single-worker path has one such state for every gateway; on JetStream
+each partition has its own, snapshotted with the stream sequence it covers and moved with the
+partition.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +24,8 @@ from cloud.detect import DetectionStage, build_stage
 from cloud.detect.stage import encode_detection
 from cloud.rules import RuleEngine
 from devices.errors import ConfigError
+
+log = logging.getLogger("fieldline.cloud.partition")
 
 RevisionKey = tuple[str, str, str, str, int]  # gateway, device, metric, spec label, start
 
@@ -74,8 +78,8 @@ class PartitionState:
 
     def snapshot_bytes(self, heard: Mapping[str, int] | None = None) -> bytes:
         """Dedup marks (pending ones as written: the snapshot is published only once they
-        are), revisions, position, the gateways ``heard`` (gateway -> when its last health
-        report came, ms) and detector state in one blob."""
+        are), revisions, the rules' state, position, the gateways ``heard`` (gateway -> when
+        its last health report came, ms) and detector state in one blob."""
         return encode_snapshot(self.capture(heard))
 
     def capture(self, heard: Mapping[str, int] | None = None) -> Captured:
@@ -85,12 +89,12 @@ class PartitionState:
         meta = {"v": 1, "position": self.position,
                 "dedup": self.dedup.snapshot(pending_as_written=True),
                 "revisions": [[*k, v] for k, v in self.revisions.items()],
-                "heard": dict(heard or {})}
+                "heard": dict(heard or {}), "rules": self.rules.snapshot()}
         return Captured(json.dumps(meta).encode(), self.detection.snapshot())
 
     def restore_bytes(self, blob: bytes) -> bool:
         """False when the blob is unreadable or the detectors changed (they start afresh;
-        the dedup marks are restored whenever readable)."""
+        the dedup marks are restored whenever readable, the rules' state when readable)."""
         try:
             with np.load(io.BytesIO(blob), allow_pickle=False) as z:
                 meta = json.loads(z["meta"].tobytes())
@@ -101,6 +105,13 @@ class PartitionState:
         self.dedup.restore(meta["dedup"])
         self.revisions = {(g, d, m, s, int(t)): int(r) for g, d, m, s, t, r in meta["revisions"]}
         self.revised = {(k[0], k[1]) for k in self.revisions}
+        rules = meta.get("rules")  # absent from the snapshots of older versions
+        if rules is not None:
+            try:
+                self.rules.restore(rules)
+            except ValueError as exc:
+                log.warning("partition snapshot at %d: %s; the rules start afresh",
+                            self.position, exc)
         heard = meta.get("heard")  # absent from the snapshots of older versions
         if isinstance(heard, dict):
             self.heard_before = {str(g): int(t) for g, t in heard.items()

@@ -25,9 +25,13 @@ and again, same identity, when it resolves.
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,6 +42,8 @@ from devices.errors import ConfigError
 from devices.readings import F64
 from devices.schema import OUTPUTS, output_names
 from devices.settings import parse_duration_ms
+
+log = logging.getLogger("fieldline.cloud.rules")
 
 KINDS = ("consecutive", "rate", "absence", "sequence", "site")
 LEVELS = ("info", "warning", "critical")
@@ -391,6 +397,62 @@ class RuleEngine:
                             f"{rule.within_ms / 1000:,.0f} s (rule {rule.name})"))
         return out
 
+    # ---- state that outlives the process -----------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """The rules' state as JSON data: runs, open alerts, silences and first events. A
+        restart (or a partition's next owner) goes on from it: an alert open when the worker
+        stopped resolves later instead of staying open for good, a run goes on counting."""
+        return {
+            "v": 1,
+            "series": [[*k, s.learned, s.run, s.run_start, s.open_since,
+                        None if math.isnan(s.last_value) else s.last_value, s.last_time]
+                       for k, s in self.series.items()],
+            "last_end": {r: [[*k, t] for k, t in d.items()] for r, d in self.last_end.items()},
+            "absent": {r: [[*k, t] for k, t in d.items()] for r, d in self.absent.items()},
+            "seq_first": [[*k, list(v)] for k, v in self.seq_first.items()],
+            "site_hits": [[*k, sorted(v)] for k, v in self.site_hits.items()],
+            "site_open": [list(k) for k in self.site_open]}
+
+    def restore(self, doc: Any) -> None:
+        """Take a :meth:`snapshot` back; raises ``ValueError`` (state unchanged) for one it
+        cannot read."""
+        def ends(d: Any) -> dict[str, dict[tuple[str, str, str], int]]:
+            return {str(r): {(str(x[0]), str(x[1]), str(x[2])): int(x[3]) for x in v}
+                    for r, v in d.items()}
+        try:
+            if doc.get("v") != 1:
+                raise ValueError(f"version {doc.get('v')!r}")
+            series = {(str(x[0]), str(x[1]), str(x[2]), str(x[3]), str(x[4])): _Series(
+                int(x[5]), int(x[6]), int(x[7]), None if x[8] is None else int(x[8]),
+                math.nan if x[9] is None else float(x[9]), int(x[10])) for x in doc["series"]}
+            last_end, absent = ends(doc["last_end"]), ends(doc["absent"])
+            seq_first = {(str(x[0]), str(x[1]), str(x[2])): [int(t) for t in x[3]]
+                         for x in doc["seq_first"]}
+            site_hits = {(str(x[0]), str(x[1]), int(x[2])): {str(d) for d in x[3]}
+                         for x in doc["site_hits"]}
+            site_open = {(str(x[0]), str(x[1]), int(x[2])) for x in doc["site_open"]}
+        except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:
+            raise ValueError(f"rule state unreadable ({type(exc).__name__}: {exc})") from None
+        self.series, self.last_end, self.absent = series, last_end, absent
+        self.seq_first, self.site_hits, self.site_open = seq_first, site_hits, site_open
+
+    def load(self, path: Path) -> bool:
+        """Restore what :func:`save_rules` wrote; a file that cannot be read is kept aside
+        and logged, and the rules start afresh (False) instead of the worker not at all."""
+        try:
+            self.restore(json.loads(path.read_bytes()))
+        except FileNotFoundError:
+            return False
+        except ValueError as exc:  # JSON errors included
+            aside = path.with_name(path.name + ".unreadable")
+            os.replace(path, aside)
+            log.error("rule state %s unreadable (%s), kept as %s: the rules start afresh "
+                      "(an alert open before the restart does not resolve)", path, exc,
+                      aside.name)
+            return False
+        return True
+
     # ---- plumbing --------------------------------------------------------------------------
 
     def _alert(self, rule: Rule, rows: EnrichedResults, i: int, state: str, opened: int,
@@ -440,3 +502,14 @@ def _site_of(rows: EnrichedResults, device: str) -> str:
         return rows.site[rows.device.index(device)]
     except ValueError:
         return "unknown"
+
+
+def save_rules(doc: Mapping[str, Any], path: Path) -> None:
+    """A :meth:`RuleEngine.snapshot` to ``path``, atomically (take the snapshot where the
+    rules run, write it anywhere: a thread)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as fh:
+        json.dump(doc, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

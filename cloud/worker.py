@@ -39,6 +39,7 @@ from cloud.points import (
     superseded_identities,
 )
 from cloud.refdata import ReferenceData
+from cloud.rules import save_rules
 from cloud.sinks import build_sink
 from cloud.sinks.base import BufferedWriter, Sink
 from cloud.sinks.points import Points
@@ -181,6 +182,10 @@ class CloudWorker:
         self._ack_wake = asyncio.Event()
         self._dedup_path = config.state_dir / "dedup.json" if config.state_dir else None
         self._detect_path = config.state_dir / "detect.npz" if config.state_dir else None
+        self._rules_path = config.state_dir / "rules.json" if config.state_dir else None
+        if (self._rules_path is not None and not self.per_partition and config.rules
+                and self.parts[0].rules.load(self._rules_path)):
+            log.info("rule state restored from %s", self._rules_path)
         if (self._detect_path is not None and not self.per_partition
                 and self.detection.load(self._detect_path)):
             log.info("detector state restored from %s (%d series)", self._detect_path,
@@ -753,16 +758,21 @@ class CloudWorker:
                 path.with_suffix(".tmp").unlink(missing_ok=True)  # what the failed save left
 
     async def _save_detection(self) -> None:
-        """Detector state to ``state_dir`` (a restart continues with the histories it had)."""
-        if self._detect_path is None or self.per_partition:
+        """Detector and rule state to ``state_dir`` (a restart continues with the histories,
+        runs and open alerts it had)."""
+        if self._detect_path is None or self._rules_path is None or self.per_partition:
             return
-        snap = self.detection.snapshot()  # a copy, taken between two messages
+        snap = self.detection.snapshot()  # copies, taken between two messages
+        rules = self.parts[0].rules.snapshot() if self.config.rules else None
         try:
             await asyncio.to_thread(write_snapshot, snap, self._detect_path)
+            if rules is not None:
+                await asyncio.to_thread(save_rules, rules, self._rules_path)
             self.counters["detector_snapshots"] += 1
         except OSError as exc:
             self.counters["detector_snapshot_errors"] += 1
-            log.error("detector state not saved to %s: %s", self._detect_path, exc)
+            log.error("detector and rule state not saved under %s: %s",
+                      self._detect_path.parent, exc)
 
     def request_reload(self) -> None:
         """Reload the registry at the next health tick (SIGHUP)."""

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from cloud.config import CloudConfig, InfluxConfig
 from cloud.ingest import SourceMessage
+from cloud.rules import parse_rules
 from cloud.sinks.influx_v1 import InfluxV1Client
 from cloud.worker import CloudWorker
 from devices.contract import ResultBatch, ResultColumns, SupersededRows, results_topic
@@ -93,11 +94,16 @@ def test_an_older_revision_never_overwrites_a_newer_one(influx_db: InfluxV1Clien
     assert worker.stats()["stale_revisions"] == 1
 
 
+RULES = parse_rules([{"name": "hot", "kind": "consecutive", "field": "mean", "above": 1e9},
+                     {"name": "silent", "kind": "absence", "after": "1h"}])
+
+
 def test_worker_keeps_its_detector_state_across_a_restart(tmp_path: Path) -> None:
-    """A worker saves its detectors to state_dir (at stop, and every few minutes); the next one
-    starts from there instead of learning every series again."""
+    """A worker saves its detectors and its rules' state to state_dir (at stop, and every few
+    minutes); the next one starts from there instead of learning every series again (and an
+    alert open at the stop still resolves)."""
     cfg = CloudConfig(worker_id="t", broker=BrokerAddress(host="127.0.0.1", port=1),
-                      influx=InfluxConfig(), state_dir=tmp_path)
+                      influx=InfluxConfig(), state_dir=tmp_path, rules=RULES)
     first = CloudWorker(cfg, source=object(), sink=object())  # type: ignore[arg-type]
     for k in range(5):
         first.handle(SourceMessage(0, k, results_topic("gw-1"),
@@ -114,6 +120,35 @@ def test_worker_keeps_its_detector_state_across_a_restart(tmp_path: Path) -> Non
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
+    rules = first.parts[0].rules.snapshot()
+    assert rules["series"], rules
+    assert rules["last_end"]["silent"], rules
+    assert second.parts[0].rules.snapshot() == rules
+
+
+def test_a_partition_moves_with_its_rules_state() -> None:
+    """On JetStream a partition's snapshot carries its rules' state to its next owner (runs,
+    silences and open alerts went on from nothing there)."""
+    from cloud.ingest import PartitionEvent
+    from cloud.sinks.base import MemorySink
+
+    class Partitioned:
+        per_partition_state = True
+        partitions = 2
+
+    cfg = CloudConfig(worker_id="t", broker=BrokerAddress(host="127.0.0.1", port=1),
+                      influx=InfluxConfig(), rules=RULES)
+    a = CloudWorker(cfg, source=Partitioned(), sink=MemorySink())  # type: ignore[arg-type]
+    a._on_partition(PartitionEvent(1, True, epoch=1))
+    for k in range(5):
+        a.handle(SourceMessage(1, k + 1, results_topic("gw-1"),
+                               session_batch(k, T + 60_000 * k, 4, []).encode(), epoch=1))
+    rules = a.parts[1].rules.snapshot()
+    assert rules["last_end"]["silent"], rules
+    b = CloudWorker(cfg, source=Partitioned(), sink=MemorySink())  # type: ignore[arg-type]
+    b._on_partition(PartitionEvent(1, True, snapshot=a.parts[1].snapshot_bytes(), position=5,
+                                   epoch=1))
+    assert b.parts[1].rules.snapshot() == rules
 
 
 @pytest.mark.parametrize("damage", [b"", b"\0" * 64, b'{"gateways": {"gw-1": ', b"\xc1\xff"])
@@ -122,17 +157,19 @@ def test_a_worker_starts_on_damaged_state_files(tmp_path: Path, damage: bytes,
     """dedup.json and detect.npz cut short or zeroed by a failing disk: the worker starts
     without them (saying so) instead of failing at every start; the dedup file is kept."""
     cfg = CloudConfig(worker_id="t", broker=BrokerAddress(host="127.0.0.1", port=1),
-                      influx=InfluxConfig(), state_dir=tmp_path)
+                      influx=InfluxConfig(), state_dir=tmp_path, rules=RULES)
     first = CloudWorker(cfg, source=object(), sink=object())  # type: ignore[arg-type]
     first.handle(SourceMessage(0, 0, results_topic("gw-1"),
                                session_batch(0, T, 4, []).encode()))
     first.dedup.save(tmp_path / "dedup.json")
     (tmp_path / "dedup.json").write_bytes(damage)
     (tmp_path / "detect.npz").write_bytes(damage)
+    (tmp_path / "rules.json").write_bytes(damage)
     with caplog.at_level("WARNING"):
         second = CloudWorker(cfg, source=object(), sink=object())  # type: ignore[arg-type]
     assert "dedup state" in caplog.text
     assert "detector state" in caplog.text
+    assert "rule state" in caplog.text
     assert (tmp_path / "dedup.json.unreadable").read_bytes() == damage
     second.handle(SourceMessage(0, 1, results_topic("gw-1"),
                                 session_batch(1, T + 60_000, 4, []).encode()))

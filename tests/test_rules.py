@@ -4,11 +4,12 @@ replay or a revision does not raise it twice."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from cloud.detect.stage import AlertEvent, Detections
-from cloud.rules import RuleAlert, RuleEngine, parse_rules
+from cloud.rules import RuleAlert, RuleEngine, parse_rules, save_rules
 from devices.errors import ConfigError
 from tests.detectkit import T0, Win, rows
 
@@ -131,3 +132,53 @@ def test_misconfigured_rules_name_the_key(spec: dict[str, object], key: str) -> 
     with pytest.raises(ConfigError) as info:
         parse_rules([spec])
     assert info.value.key == key
+
+
+def test_the_rules_go_on_after_a_restart_from_their_saved_state(tmp_path: Path) -> None:
+    """Their state outlives the process (a worker restarted, a partition's next owner): an
+    alert open when the worker stopped resolves afterwards, a silence and a sequence go on,
+    exactly as without the stop; a file that cannot be read is kept aside, the rules start
+    afresh."""
+    specs: list[dict[str, object]] = [
+        {"name": "hot", "kind": "consecutive", "metric": "t", "field": "max", "above": 80,
+         "count": 2},
+        {"name": "silent", "kind": "absence", "after": "3m"},
+        {"name": "p_then_t", "kind": "sequence", "first": "anomaly:p", "then": "anomaly:t",
+         "within": "10m"},
+        {"name": "site_wide", "kind": "site", "event": "anomaly", "devices": 2,
+         "within": "10m"}]
+    means = [70, 85, 86, 87, 70, 70, 85, 86, 70]
+
+    def batch(k: int) -> tuple[list[Win], list[AlertEvent]]:
+        wins = [Win("a", "t", T0 + k * W, means[k], spread=0.0), Win("a", "p", T0 + k * W, 1.0)]
+        if k < 2 or k > 6:
+            wins.append(Win("b", "t", T0 + k * W, 1.0))
+        alerts = [alert(1, T0 + k * W)] if k == 2 else []  # a's p at 2 ...
+        if k == 4:
+            alerts = [alert(0, T0 + k * W)]  # ... then a's t at 4
+        return wins, alerts
+
+    def run(eng: RuleEngine, ks: range) -> list[RuleAlert]:
+        out: list[RuleAlert] = []
+        for k in ks:
+            out += feed(eng, *batch(k))
+        return out
+
+    whole = run(engine(*specs), range(len(means)))
+    kinds = {a.rule for a in whole}
+    assert kinds == {"hot", "silent", "p_then_t"}, whole  # every kind left state behind
+    assert [a.state for a in whole if a.rule == "hot"] == ["open", "resolved"] * 2
+    before = engine(*specs)
+    first = run(before, range(3))
+    path = tmp_path / "rules.json"
+    save_rules(before.snapshot(), path)
+    after = engine(*specs)
+    assert after.load(path)
+    assert first + run(after, range(3, len(means))) == whole
+    assert run(engine(*specs), range(3, len(means))) != whole[len(first):]  # (state matters)
+    path.write_text('{"v": 1, "series": [["hot"]]}')
+    fresh = engine(*specs)
+    assert not fresh.load(path)
+    assert not path.exists()
+    assert (tmp_path / "rules.json.unreadable").exists()
+    assert not fresh.load(path)  # no file: nothing to restore
