@@ -386,3 +386,26 @@ def test_the_example_registry_is_what_the_shipped_configs_load(tmp_path: Path) -
     assert rep["accepted"] == [1, 0, 0], rep
     assert rep["rejected_by"] == {rejects.OUT_OF_RANGE: [0, 1, 0],
                                   rejects.UNKNOWN_DEVICE: [0, 0, 1]}, rep
+
+
+def test_the_commented_rules_of_deploy_cloud_toml_load_as_written(tmp_path: Path) -> None:
+    """deploy/cloud.toml ships no pattern rule but one commented example of each kind: with the
+    rules un-commented as a user would, the file must load, one rule per kind as described."""
+    text = (ROOT / "deploy" / "cloud.toml").read_text()
+    assert load_cloud_config(ROOT / "deploy" / "cloud.toml").rules == []
+    lines = text.splitlines()
+    at = lines.index("# [[rules]]")
+    out = lines[:at] + [ln[2:] if ln.startswith("# ") else "" if ln == "#" else ln
+                        for ln in lines[at:]]
+    cfg_path = tmp_path / "cloud.toml"
+    cfg_path.write_text("\n".join(out) + "\n")
+    rules = load_cloud_config(cfg_path).rules
+    assert [r.kind for r in rules] == ["consecutive", "rate", "absence", "sequence", "site"]
+    hot, fast, silent, seq, site = rules
+    assert (hot.metric, hot.field, hot.above, hot.count, hot.level) == (
+        "temperature", "max", 80.0, 3, "critical")
+    assert (fast.above, fast.per_ms) == (2.0, 60_000)
+    assert (silent.metric, silent.after_ms) == (None, 900_000)
+    assert (seq.first, seq.then, seq.within_ms) == (
+        "anomaly:pressure", "anomaly:temperature", 600_000)
+    assert (site.event, site.devices, site.within_ms) == ("anomaly", 3, 300_000)
