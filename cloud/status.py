@@ -61,6 +61,9 @@ SINCE_START = (
                           "directory (a restart then may write some batches again)"),
     ("detector_snapshot_errors", "failures to save the detectors' state (a restart then "
                                  "relearns from the last saved one)"),
+    ("rule_state_save_errors", "failures to save the pattern rules' state (a restart then "
+                               "goes on from the last saved one: an alert opened since may "
+                               "stay open)"),
     ("registry_reload_errors", "reloads of the device registry that failed (the reference "
                                "data loaded before is kept)"),
     ("partition_snapshot_errors", "partition snapshots JetStream did not take (a takeover "

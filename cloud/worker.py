@@ -73,6 +73,7 @@ from devices.x509 import CERT_WARN_DAYS, DAY_MS, link_certificate
 log = logging.getLogger("fieldline.cloud")
 
 _SNAPSHOT = object()  # writer token: publish this partition snapshot once it is all written
+_RULES = object()  # writer token: the rules' state as it was here, to save once it is all written
 # Partition snapshots (JetStream) of a large state are taken less often than snapshot_interval:
 # at most this share of the worker's time goes to them, and at most this many bytes a second to
 # the engine (the detectors' state is ~9 KB a series: 280 MB at 10,000 devices x 3 metrics, 0.8 s
@@ -183,7 +184,10 @@ class CloudWorker:
         self._dedup_path = config.state_dir / "dedup.json" if config.state_dir else None
         self._detect_path = config.state_dir / "detect.npz" if config.state_dir else None
         self._rules_path = config.state_dir / "rules.json" if config.state_dir else None
-        if (self._rules_path is not None and not self.per_partition and config.rules
+        # the single path keeps its rules' state in state_dir (JetStream: in partition snapshots)
+        self._keeps_rules = bool(self._rules_path and not self.per_partition and config.rules)
+        self._rules_written: dict[str, Any] | None = None  # to save: all its effects written
+        if (self._keeps_rules and self._rules_path is not None
                 and self.parts[0].rules.load(self._rules_path)):
             log.info("rule state restored from %s", self._rules_path)
         if (self._detect_path is not None and not self.per_partition
@@ -317,6 +321,9 @@ class CloudWorker:
         rows = self.enricher.enrich(batch)
         det = part.detection.run(rows)
         fired = part.rules.run(rows, det)
+        # an alert opened or resolved: the rules' state goes to disk once these points are
+        # written and before their batch is acknowledged (a crash then loses no open alert)
+        rules_now = part.rules.snapshot() if fired and self._keeps_rules else None
         anomalous = np.zeros(len(rows), bool)
         anomalous[[a.row for a in det.anomalies]] = True
         points = [aggregate_points(rows),
@@ -331,7 +338,7 @@ class CloudWorker:
             self.counters["alerts_opened" if e.state == "open" else "alerts_resolved"] += 1
         max_end = int((batch.results.start + batch.results.width).max()) if len(rows) else 0
         self.writer.add(points, token=(batch.gateway, inc, batch.seq, batch.sent_ms, max_end,
-                                      len(rows), digest, pkey, part.epoch, conflict))
+                                      len(rows), digest, pkey, part.epoch, conflict, rules_now))
         sup = batch.results.superseded
         if sup is not None and len(sup):
             self.counters["superseded"] += len(sup)
@@ -412,6 +419,11 @@ class CloudWorker:
             if tok[0] is _SNAPSHOT:
                 self._background(self._save_partition(tok[1], tok[2], tok[3], tok[4]))
                 continue
+            if tok[0] is _RULES:
+                self._rules_written = tok[1]
+                continue
+            if tok[10] is not None:  # before its ack: the acker saves it first
+                self._rules_written = tok[10]
             gw: str = tok[0]
             inc: int = tok[1]
             seq: int = tok[2]
@@ -556,6 +568,9 @@ class CloudWorker:
             "batch_conflicts": c["batch_conflicts"],
             # the dedup state not saved to state_dir (a full disk): acks went out anyway
             "state_save_errors": c["state_save_errors"],
+            # the detectors' and the rules' state not saved (a restart goes on from older)
+            "detector_snapshot_errors": c["detector_snapshot_errors"],
+            "rule_state_save_errors": c["rule_state_save_errors"],
             "results_in": c["results_in"],
             "results_written": c["results_written"],
             "rejected_messages": self.rejects.total,
@@ -729,6 +744,7 @@ class CloudWorker:
                 self._ack_wake.clear()
                 continue
             todo, self._acks = self._acks, {}
+            await self._save_rules()  # first: what these batches did to the rules' state
             if self._dedup_path is not None and not self.per_partition:
                 await self._save_dedup(self._dedup_path)
             for (gw, inc), (acked, rejected, proofs, conflicts) in todo.items():
@@ -758,21 +774,33 @@ class CloudWorker:
                 path.with_suffix(".tmp").unlink(missing_ok=True)  # what the failed save left
 
     async def _save_detection(self) -> None:
-        """Detector and rule state to ``state_dir`` (a restart continues with the histories,
-        runs and open alerts it had)."""
-        if self._detect_path is None or self._rules_path is None or self.per_partition:
+        """Detector state to ``state_dir`` (a restart continues with the histories it had); the
+        rules' state as it is now, saved once everything before it is written."""
+        if self._keeps_rules:
+            self.writer.add([], token=(_RULES, self.parts[0].rules.snapshot()))
+        if self._detect_path is None or self.per_partition:
             return
-        snap = self.detection.snapshot()  # copies, taken between two messages
-        rules = self.parts[0].rules.snapshot() if self.config.rules else None
+        snap = self.detection.snapshot()  # a copy, taken between two messages
         try:
             await asyncio.to_thread(write_snapshot, snap, self._detect_path)
-            if rules is not None:
-                await asyncio.to_thread(save_rules, rules, self._rules_path)
             self.counters["detector_snapshots"] += 1
         except OSError as exc:
             self.counters["detector_snapshot_errors"] += 1
-            log.error("detector and rule state not saved under %s: %s",
-                      self._detect_path.parent, exc)
+            log.error("detector state not saved to %s: %s", self._detect_path, exc)
+
+    async def _save_rules(self) -> None:
+        """The rules' state whose effects are all written (runs, silences, open alerts), to
+        ``state_dir``: a restart goes on from it, and an alert open at a crash still resolves.
+        A disk that refuses it is logged; the next one is tried at the next round."""
+        doc, self._rules_written = self._rules_written, None
+        if doc is None or self._rules_path is None:
+            return
+        try:
+            await asyncio.to_thread(save_rules, doc, self._rules_path)
+            self.counters["rule_state_saves"] += 1
+        except OSError as exc:
+            self.counters["rule_state_save_errors"] += 1
+            log.error("rule state not saved to %s: %s", self._rules_path, exc)
 
     def request_reload(self) -> None:
         """Reload the registry at the next health tick (SIGHUP)."""
@@ -831,6 +859,7 @@ class CloudWorker:
             acker_stop.set()
             self._ack_wake.set()
             await acker
+            await self._save_rules()  # the state as it ends, if everything before it is written
             try:  # bounded: an unreachable engine must not keep the worker from stopping
                 await asyncio.wait_for(self._final_snapshots(), 15)
             except TimeoutError:

@@ -94,16 +94,11 @@ def test_an_older_revision_never_overwrites_a_newer_one(influx_db: InfluxV1Clien
     assert worker.stats()["stale_revisions"] == 1
 
 
-RULES = parse_rules([{"name": "hot", "kind": "consecutive", "field": "mean", "above": 1e9},
-                     {"name": "silent", "kind": "absence", "after": "1h"}])
-
-
 def test_worker_keeps_its_detector_state_across_a_restart(tmp_path: Path) -> None:
-    """A worker saves its detectors and its rules' state to state_dir (at stop, and every few
-    minutes); the next one starts from there instead of learning every series again (and an
-    alert open at the stop still resolves)."""
+    """A worker saves its detectors to state_dir (at stop, and every few minutes); the next one
+    starts from there instead of learning every series again."""
     cfg = CloudConfig(worker_id="t", broker=BrokerAddress(host="127.0.0.1", port=1),
-                      influx=InfluxConfig(), state_dir=tmp_path, rules=RULES)
+                      influx=InfluxConfig(), state_dir=tmp_path)
     first = CloudWorker(cfg, source=object(), sink=object())  # type: ignore[arg-type]
     for k in range(5):
         first.handle(SourceMessage(0, k, results_topic("gw-1"),
@@ -120,10 +115,59 @@ def test_worker_keeps_its_detector_state_across_a_restart(tmp_path: Path) -> Non
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
-    rules = first.parts[0].rules.snapshot()
-    assert rules["series"], rules
-    assert rules["last_end"]["silent"], rules
-    assert second.parts[0].rules.snapshot() == rules
+
+
+def test_a_rule_alert_open_when_the_worker_dies_still_resolves_after_its_restart(
+        tmp_path: Path) -> None:
+    """The rules' state goes to state_dir once the points of a batch that opened (or resolved)
+    an alert are written, before that batch is acknowledged: a worker killed right after (no
+    clean stop, no periodic save) leaves it there, and the next one resolves the alert instead
+    of leaving it open for good. A state whose points are not written yet is not saved."""
+    from cloud.sinks.base import MemorySink
+
+    hot = parse_rules([{"name": "hot", "kind": "consecutive", "field": "mean", "above": 25.0,
+                        "count": 2}])
+    cfg = CloudConfig(worker_id="t", broker=BrokerAddress(host="127.0.0.1", port=1),
+                      influx=InfluxConfig(), state_dir=tmp_path, rules=hot)
+
+    class Broker:
+        def __init__(self) -> None:
+            self.acked: list[int] = []
+
+        async def ack(self, gateway: str, acked: list[int], rejected: list[int], inc: int,
+                      proofs: object, conflicts: object) -> bool:
+            self.acked += acked
+            return True
+
+    def batch(k: int, mean: float) -> SourceMessage:
+        b = tumbling_batch(k + 1, ["dev-1"], T + 10_000 * k, [10], [mean], [0])
+        return SourceMessage(0, k, results_topic("gw-1"), b.encode())
+
+    broker = Broker()
+    first = CloudWorker(cfg, source=broker, sink=MemorySink())  # type: ignore[arg-type]
+
+    async def live() -> None:
+        for k in range(3):
+            first.handle(batch(k, 30.0))
+        await first._save_rules()
+        assert not (tmp_path / "rules.json").exists()  # its points are not written yet
+        await first.writer.flush(None)
+        stop = asyncio.Event()
+        stop.set()
+        await first._acker(stop)  # one round of acks, the rules' state saved before it
+
+    asyncio.run(live())
+    assert broker.acked == [1, 2, 3]
+    assert first.stats()["rule_alerts_opened"] == 1
+    # killed here: no clean stop, no periodic save
+    second = CloudWorker(cfg, source=Broker(), sink=MemorySink())  # type: ignore[arg-type]
+    second.handle(batch(3, 20.0))
+    assert second.stats()["rule_alerts_resolved"] == 1
+    assert second.stats()["rule_alerts_opened"] == 0
+
+
+RULES = parse_rules([{"name": "hot", "kind": "consecutive", "field": "mean", "above": 1e9},
+                     {"name": "silent", "kind": "absence", "after": "1h"}])
 
 
 def test_a_partition_moves_with_its_rules_state() -> None:

@@ -70,6 +70,28 @@ def test_r1_worker_sigkilled_repeatedly(rig: Rig) -> None:
     assert max(recoveries) < 5.0, recoveries  # back to writing within 5 s of each restart
 
 
+def test_a_rule_alert_is_not_opened_twice_across_worker_kills(rig: Rig) -> None:
+    """Pattern rules keep their state through SIGKILLs of the worker: a rule true of every
+    window (`count` above 0) opens one alert per series and never a second one. Before, each
+    restart forgot the alerts open and opened new ones (the first left open for good)."""
+    with rig.cloud_cfg.open("a") as fh:
+        fh.write('\n[[rules]]\nname = "always"\nkind = "consecutive"\nfield = "count"\n'
+                 'above = 0\ncount = 1\n')
+    rig.start_chain(fleet_s=14)
+    for _ in range(2):
+        time.sleep(4)
+        rig.kill_worker()  # SIGKILL: no clean stop, no periodic save
+        rig.start_worker()
+    rig.wait_fleet()
+    finish(rig)
+    doc: Any = rig.influx.query('SELECT "opened", "state" FROM "alerts" WHERE "source" = '
+                                '\'rule\' GROUP BY "device", "metric"')
+    series = doc["results"][0].get("series", [])
+    assert len(series) == rig.spec.devices_per_gateway, series  # one sensor each
+    for s in series:
+        assert [v[2] for v in s["values"]] == ["open"], s
+
+
 def test_r2_partition_then_heal_drains_fast(rig: Rig) -> None:
     rig.start_chain(fleet_s=16)
     time.sleep(3)
