@@ -434,8 +434,24 @@ class RuleEngine:
             site_open = {(str(x[0]), str(x[1]), int(x[2])) for x in doc["site_open"]}
         except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:
             raise ValueError(f"rule state unreadable ({type(exc).__name__}: {exc})") from None
-        self.series, self.last_end, self.absent = series, last_end, absent
-        self.seq_first, self.site_hits, self.site_open = seq_first, site_hits, site_open
+        # the state of rules no longer configured goes; what they had open is said, not hidden
+        names = {r.name for r in self.rules}
+        gone = ({k[0] for k in series} | set(last_end) | {k[0] for k in seq_first}
+                | {k[0] for k in site_hits}) - names
+        if gone:
+            still_open = (sum(s.open_since is not None for k, s in series.items() if k[0] in gone)
+                          + sum(len(d) for r, d in absent.items() if r in gone)
+                          + sum(k[0] in gone for k in site_open))
+            log.warning("rule state: %s no longer configured: %s state dropped; %d alert(s) "
+                        "it had open stay open in `alerts` (nothing will resolve them)",
+                        ", ".join(sorted(gone)), "its" if len(gone) == 1 else "their",
+                        still_open)
+        self.series = {k: v for k, v in series.items() if k[0] in names}
+        self.last_end = {r: d for r, d in last_end.items() if r in names}
+        self.absent = {r: d for r, d in absent.items() if r in names}
+        self.seq_first = {k: v for k, v in seq_first.items() if k[0] in names}
+        self.site_hits = {k: v for k, v in site_hits.items() if k[0] in names}
+        self.site_open = {k for k in site_open if k[0] in names}
 
     def load(self, path: Path) -> bool:
         """Restore what :func:`save_rules` wrote; a file that cannot be read is kept aside

@@ -182,3 +182,29 @@ def test_the_rules_go_on_after_a_restart_from_their_saved_state(tmp_path: Path) 
     assert not path.exists()
     assert (tmp_path / "rules.json.unreadable").exists()
     assert not fresh.load(path)  # no file: nothing to restore
+
+
+def test_the_state_of_a_rule_no_longer_configured_is_dropped_and_said(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A rule removed from the config between two runs: its state is not carried on for good,
+    and the alerts it had open (which nothing will resolve now) are named in the log."""
+    hot = {"name": "hot", "kind": "consecutive", "metric": "t", "above": 80, "count": 1}
+    silent = {"name": "silent", "kind": "absence", "after": "5m"}
+    before = engine(hot, silent)
+    got: list[RuleAlert] = []
+    for k in range(3):
+        got += feed(before, [Win("d", "t", T0 + k * W, 90.0)])
+    assert opened(got) == [("hot", "d", T0)]
+    after = engine(silent)
+    with caplog.at_level("WARNING"):
+        after.restore(before.snapshot())
+    assert "hot no longer configured" in caplog.text
+    assert "1 alert(s) it had open stay open" in caplog.text
+    assert [k[0] for k in after.series] == []
+    assert list(after.last_end) == ["silent"]
+    same = engine(hot, silent)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        same.restore(before.snapshot())
+    assert caplog.text == ""
+    assert same.snapshot() == before.snapshot()
