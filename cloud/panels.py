@@ -326,6 +326,27 @@ def not_reporting(tag: str, who: str, query: str, says: str) -> AlertRule:
                      severity="critical", summary=f"{who} {{{{ $labels.{tag} }}}} {says}")
 
 
+RULE_ALERTS_FOR_S = 7 * 86_400  # an alert of a pattern rule open longer stops notifying
+
+
+def rule_alerts_open(level: str) -> AlertRule:
+    """The alerts of the pattern rules (``[[rules]]``) of one level, open now: one Grafana
+    alert per rule and subject, resolved when the worker resolves it (its point in ``alerts``
+    overwritten with ``open = false``). The point is at the event time that opened it, hence
+    the range; ``info`` rules are not notified (they are in the Alerts panel)."""
+    return AlertRule(
+        f"fieldline-rule-{level}", f"Pattern rule alert ({level})",
+        f'SELECT count("state") FROM "{ALERTS}" WHERE "source" = \'rule\' AND "open" = true '
+        f'AND "level" = \'{level}\' AND $timeFilter '
+        'GROUP BY "name", "site", "gateway", "device", "metric"',
+        threshold=0, for_="0s", range_s=RULE_ALERTS_FOR_S, severity=level,
+        summary="Rule {{ $labels.name }}: {{ $labels.device }} {{ $labels.metric }} at site "
+                "{{ $labels.site }} (gateway {{ $labels.gateway }}); its message is in the "
+                "dashboard's Alerts panel and the view. It resolves when the rule's condition "
+                "ends (a sequence alert: with the incident that completed it; a site alert: "
+                "once fewer devices than the rule's count are in incident).")
+
+
 ALERT_RULES: tuple[AlertRule, ...] = (
     AlertRule(
         "fieldline-anomaly-rate", "Anomaly rate high",
@@ -423,6 +444,8 @@ ALERT_RULES: tuple[AlertRule, ...] = (
         summary="Worker {{ $labels.worker }} sees replicas of the JetStream stream not current: "
                 "a NATS node down, or one whose disk filled (nats-server then disables "
                 "JetStream there until restarted). One more node lost stops the pipeline."),
+    rule_alerts_open("critical"),
+    rule_alerts_open("warning"),
 )
 
 

@@ -20,7 +20,11 @@ Everything is judged in event time, in the order of the windows, and each window
 once (the first result that arrives; a revision is not taken again), so a replay of the same
 results opens the same alerts. Each rule alert's identity is the rule, its subject (series,
 device or site) and the event time that opened it; it is written to ``alerts`` when it opens
-and again, same identity, when it resolves.
+and again, same identity (the site it opened with), when it resolves. Every kind resolves:
+``consecutive`` and ``rate`` on the first window back within the limit, ``absence`` when the
+device speaks again, ``sequence`` with the incident that completed it (``then``), ``site`` once
+fewer than ``devices`` of the devices that raised it are still in incident; the open alerts of
+a rule removed from the config are resolved with the next batch after the restart.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +89,30 @@ class RuleAlert:
     until: int  # event time it resolved (0: open)
     value: float
     message: str
+
+
+# an alert's identity, as its point in ``alerts`` has it: rule, gateway, site (site rules
+# only: a device's alert keeps the site it opened with), device, metric, window, opened
+Ident = tuple[str, str, str, str, str, str, int]
+# an incident another rule waits on: gateway, device, metric, event name, opened
+Incident = tuple[str, str, str, str, int]
+
+
+def ident(a: RuleAlert) -> Ident:
+    return (a.rule, a.gateway, a.site if a.device == "(site)" else "", a.device, a.metric,
+            a.window, a.opened)
+
+
+def _ident(x: Sequence[Any]) -> Ident:
+    return (str(x[0]), str(x[1]), str(x[2]), str(x[3]), str(x[4]), str(x[5]), int(x[6]))
+
+
+def _wait(w: Sequence[Any]) -> list[Any]:
+    if w[0] == "alert":
+        return ["alert", *_ident(w[1:])]
+    if w[0] == "site":
+        return ["site", str(w[1]), str(w[2]), int(w[3]), str(w[4])]
+    raise ValueError(f"what waits on an incident: {w[0]!r}")
 
 
 def parse_rules(raw: object, source: str | None = None) -> list[Rule]:
@@ -221,12 +249,24 @@ class RuleEngine:
     absent: dict[str, dict[tuple[str, str, str], int]] = field(default_factory=dict)
     seq_first: dict[tuple[str, str, str], list[int]] = field(default_factory=dict)
     site_hits: dict[tuple[str, str, int], set[str]] = field(default_factory=dict)
-    site_open: set[tuple[str, str, int]] = field(default_factory=set)
+    site_open: set[tuple[str, str, int]] = field(default_factory=set)  # opened once, ever
+    # every alert open now, by identity: what resolves it takes its tags from here (a site
+    # changed in the registry meanwhile still overwrites the point that opened)
+    open: dict[Ident, RuleAlert] = field(default_factory=dict)
+    # what waits for an incident (gateway, device, metric, event, opened) to resolve: a
+    # sequence alert it opened (["alert", *ident]), a site it counts toward (["site", rule,
+    # site, bucket, device])
+    waits: dict[Incident, list[list[Any]]] = field(default_factory=dict)
+    site_live: dict[tuple[str, str, int], dict[str, int]] = field(default_factory=dict)
+    site_alert: dict[tuple[str, str, int], Ident] = field(default_factory=dict)
+    orphans: list[RuleAlert] = field(default_factory=list)  # open alerts of removed rules
     max_keys: int = 1_000_000
 
     def run(self, rows: EnrichedResults, det: Detections) -> list[RuleAlert]:
         """Judge one batch: window rules on its results, event rules on its alerts."""
         out: list[RuleAlert] = []
+        if self.orphans and len(rows):  # closed at the event time of the next batch
+            out += self._close_orphans(int((rows.start + rows.width).max()))
         if not self.rules or not len(rows):
             return out
         order = np.lexsort((rows.start,))
@@ -242,7 +282,80 @@ class RuleEngine:
                 out += self._sequence(rule, rows, events)
             elif rule.kind == "site":
                 out += self._site(rule, rows, events)
+        out = self._track(out)
+        out += self._incidents_resolved(rows, det.alerts, out)
         self._bound()
+        return out
+
+    # ---- every alert resolves --------------------------------------------------------------
+
+    def _track(self, alerts: list[RuleAlert]) -> list[RuleAlert]:
+        """Keep what opens; a resolution overwrites exactly the point its opening wrote."""
+        out = []
+        for a in alerts:
+            k = ident(a)
+            if a.state == "open":
+                self.open[k] = a
+                out.append(a)
+            elif (was := self.open.pop(k, None)) is not None:
+                out.append(replace(a, site=was.site))
+            else:
+                out.append(a)
+        return out
+
+    def _close(self, k: Ident, until: int, message: str) -> RuleAlert | None:
+        a = self.open.pop(k, None)
+        if a is None:
+            return None
+        return replace(a, state="resolved", until=until, message=message)
+
+    def _incidents_resolved(self, rows: EnrichedResults, alerts: list[AlertEvent],
+                            rule_alerts: list[RuleAlert]) -> list[RuleAlert]:
+        """Sequence and site alerts resolve with the incidents that raised them: a sequence
+        alert when its ``then`` incident resolves, a site alert once fewer than ``devices``
+        of the devices that raised it are still in incident."""
+        ends: list[tuple[int, Incident]] = []
+        for a in alerts:
+            if a.state == "resolved":
+                metric = rows.metric[a.row] if a.level == "series" else "(device)"
+                ends.append((a.until, (rows.gateway, rows.device[a.row], metric, "anomaly",
+                                       a.incident)))
+        for r in rule_alerts:
+            if r.state == "resolved" and r.device != "(site)":
+                ends.append((r.until, (r.gateway, r.device, r.metric, "rule:" + r.rule,
+                                       r.opened)))
+        out = []
+        ends.sort()
+        rules = {r.name: r for r in self.rules}
+        for until, inc in ends:
+            for w in self.waits.pop(inc, []):
+                if w[0] == "alert":
+                    k = _ident(w[1:])
+                    done = self._close(k, until, f"{k[3]}: {inc[3]} back to normal "
+                                                 f"(rule {k[0]})")
+                else:
+                    key, dev = (str(w[1]), str(w[2]), int(w[3])), str(w[4])
+                    live = self.site_live.get(key, {})
+                    live[dev] = live.get(dev, 1) - 1
+                    if live[dev] <= 0:
+                        live.pop(dev, None)
+                    if not live:
+                        self.site_live.pop(key, None)
+                    rule = rules.get(key[0])
+                    if rule is None or key not in self.site_alert or len(live) >= rule.devices:
+                        continue
+                    done = self._close(self.site_alert.pop(key), until,
+                                       f"site {key[1]}: {len(live)} device(s) still in "
+                                       f"incident, fewer than {rule.devices} (rule {key[0]})")
+                if done is not None:
+                    out.append(done)
+        return out
+
+    def _close_orphans(self, until: int) -> list[RuleAlert]:
+        out = [replace(a, state="resolved", until=max(until, a.opened),
+                        message=f"{a.device} {a.metric}: rule {a.rule} is no longer configured")
+               for a in self.orphans]
+        self.orphans = []
         return out
 
     # ---- window rules ----------------------------------------------------------------------
@@ -361,12 +474,16 @@ class RuleEngine:
                 firsts = [x for x in self.seq_first.get(k, []) if 0 <= t - x <= rule.within_ms]
                 if firsts:
                     i = rows.device.index(dev)
-                    out.append(RuleAlert(
+                    a = RuleAlert(
                         rule=rule.name, kind=rule.kind, level=rule.level, state="open",
                         gateway=rows.gateway, site=rows.site[i], device=dev, metric=metric,
                         window=rows.window[i], opened=t, until=0, value=float(t - firsts[0]),
                         message=f"{dev}: {rule.first} then {rule.then} "
-                                f"{(t - firsts[0]) / 1000:,.0f} s later (rule {rule.name})"))
+                                f"{(t - firsts[0]) / 1000:,.0f} s later (rule {rule.name})")
+                    out.append(a)
+                    # it resolves with the incident that completed it
+                    self.waits.setdefault((rows.gateway, dev, metric, name, t), []).append(
+                        ["alert", *ident(a)])
             if self._matches(rule.first, metric, name):
                 lst = self.seq_first.setdefault(k, [])
                 if t not in lst:
@@ -387,14 +504,20 @@ class RuleEngine:
             k = (rule.name, site, bucket)
             hits = self.site_hits.setdefault(k, set())
             hits.add(dev)
+            live = self.site_live.setdefault(k, {})
+            live[dev] = live.get(dev, 0) + 1  # its incidents counted here, still open
+            self.waits.setdefault((rows.gateway, dev, metric, name, t), []).append(
+                ["site", *k, dev])
             if len(hits) >= rule.devices and k not in self.site_open:
                 self.site_open.add(k)
-                out.append(RuleAlert(
+                a = RuleAlert(
                     rule=rule.name, kind=rule.kind, level=rule.level, state="open",
                     gateway=rows.gateway, site=site, device="(site)", metric=metric,
                     window=rows.window[i], opened=bucket, until=0, value=float(len(hits)),
                     message=f"site {site}: {rule.event} on {len(hits)} devices within "
-                            f"{rule.within_ms / 1000:,.0f} s (rule {rule.name})"))
+                            f"{rule.within_ms / 1000:,.0f} s (rule {rule.name})")
+                out.append(a)
+                self.site_alert[k] = ident(a)
         return out
 
     # ---- state that outlives the process -----------------------------------------------------
@@ -412,7 +535,13 @@ class RuleEngine:
             "absent": {r: [[*k, t] for k, t in d.items()] for r, d in self.absent.items()},
             "seq_first": [[*k, list(v)] for k, v in self.seq_first.items()],
             "site_hits": [[*k, sorted(v)] for k, v in self.site_hits.items()],
-            "site_open": [list(k) for k in self.site_open]}
+            "site_open": [list(k) for k in self.site_open],
+            "open": [[a.rule, a.kind, a.level, a.gateway, a.site, a.device, a.metric, a.window,
+                      a.opened, None if math.isnan(a.value) else a.value, a.message]
+                     for a in (*self.open.values(), *self.orphans)],
+            "waits": [[*k, v] for k, v in self.waits.items()],
+            "site_live": [[*k, v] for k, v in self.site_live.items()],
+            "site_alert": [[*k, list(v)] for k, v in self.site_alert.items()]}
 
     def restore(self, doc: Any) -> None:
         """Take a :meth:`snapshot` back; raises ``ValueError`` (state unchanged) for one it
@@ -432,20 +561,46 @@ class RuleEngine:
             site_hits = {(str(x[0]), str(x[1]), int(x[2])): {str(d) for d in x[3]}
                          for x in doc["site_hits"]}
             site_open = {(str(x[0]), str(x[1]), int(x[2])) for x in doc["site_open"]}
+            # absent from the state of older versions: their open alerts are not known
+            alerts = [RuleAlert(
+                rule=str(x[0]), kind=str(x[1]), level=str(x[2]), state="open",
+                gateway=str(x[3]), site=str(x[4]), device=str(x[5]), metric=str(x[6]),
+                window=str(x[7]), opened=int(x[8]), until=0,
+                value=math.nan if x[9] is None else float(x[9]), message=str(x[10]))
+                for x in doc.get("open", [])]
+            waits = {(str(x[0]), str(x[1]), str(x[2]), str(x[3]), int(x[4])): [
+                _wait(w) for w in x[5]] for x in doc.get("waits", [])}
+            site_live = {(str(x[0]), str(x[1]), int(x[2])): {str(d): int(n) for d, n in
+                                                             x[3].items()}
+                         for x in doc.get("site_live", [])}
+            site_alert = {(str(x[0]), str(x[1]), int(x[2])): _ident(x[3])
+                          for x in doc.get("site_alert", [])}
         except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:
             raise ValueError(f"rule state unreadable ({type(exc).__name__}: {exc})") from None
-        # the state of rules no longer configured goes; what they had open is said, not hidden
+        # the state of rules no longer configured goes; the alerts they had open are closed
+        # with the next batch (nothing would judge them again), or, from an older version's
+        # state that did not keep them, said
         names = {r.name for r in self.rules}
         gone = ({k[0] for k in series} | set(last_end) | {k[0] for k in seq_first}
-                | {k[0] for k in site_hits}) - names
+                | {k[0] for k in site_hits} | {a.rule for a in alerts}) - names
+        self.orphans = [a for a in alerts if a.rule in gone]
         if gone:
-            still_open = (sum(s.open_since is not None for k, s in series.items() if k[0] in gone)
-                          + sum(len(d) for r, d in absent.items() if r in gone)
-                          + sum(k[0] in gone for k in site_open))
+            unknown = 0 if "open" in doc else (
+                sum(s.open_since is not None for k, s in series.items() if k[0] in gone)
+                + sum(len(d) for r, d in absent.items() if r in gone)
+                + sum(k[0] in gone for k in site_open))
+            one = len(gone) == 1
             log.warning("rule state: %s no longer configured: %s state dropped; %d alert(s) "
-                        "it had open stay open in `alerts` (nothing will resolve them)",
-                        ", ".join(sorted(gone)), "its" if len(gone) == 1 else "their",
-                        still_open)
+                        "%s had open are closed with the next batch%s",
+                        ", ".join(sorted(gone)), "its" if one else "their",
+                        len(self.orphans), "it" if one else "they",
+                        f"; {unknown} more stay open in `alerts` (saved by an older version, "
+                        "which did not keep them)" if unknown else "")
+        self.open = {ident(a): a for a in alerts if a.rule in names}
+        self.waits = {k: kept for k, v in waits.items()
+                      if (kept := [w for w in v if w[1] in names])}
+        self.site_live = {k: v for k, v in site_live.items() if k[0] in names}
+        self.site_alert = {k: v for k, v in site_alert.items() if k[0] in names}
         self.series = {k: v for k, v in series.items() if k[0] in names}
         self.last_end = {r: d for r, d in last_end.items() if r in names}
         self.absent = {r: d for r, d in absent.items() if r in names}
@@ -493,7 +648,8 @@ class RuleEngine:
 
     def _bound(self) -> None:
         """Keys are bounded: the oldest go first (a long-gone series forgets its run)."""
-        maps: list[dict[Any, Any]] = [self.series, self.seq_first, self.site_hits,
+        maps: list[dict[Any, Any]] = [self.series, self.seq_first, self.site_hits, self.open,
+                                      self.waits, self.site_live, self.site_alert,
                                       *self.last_end.values()]
         for d in maps:
             while len(d) > self.max_keys:

@@ -184,8 +184,10 @@ class CloudWorker:
         self._dedup_path = config.state_dir / "dedup.json" if config.state_dir else None
         self._detect_path = config.state_dir / "detect.npz" if config.state_dir else None
         self._rules_path = config.state_dir / "rules.json" if config.state_dir else None
-        # the single path keeps its rules' state in state_dir (JetStream: in partition snapshots)
-        self._keeps_rules = bool(self._rules_path and not self.per_partition and config.rules)
+        # the single path keeps its rules' state in state_dir (JetStream: in partition snapshots);
+        # with every rule removed, a state left is still read: the alerts it has open close
+        self._keeps_rules = bool(self._rules_path and not self.per_partition
+                                 and (config.rules or self._rules_path.exists()))
         self._rules_written: dict[str, Any] | None = None  # to save: all its effects written
         if (self._keeps_rules and self._rules_path is not None
                 and self.parts[0].rules.load(self._rules_path)):

@@ -504,6 +504,72 @@ def test_site_means_come_from_rollups_of_first_results_across_batches(
     assert share == {"hall": [0.5], "yard": [1.0]}, share
 
 
+def test_pattern_rule_alerts_notify_until_they_resolve_or_their_rule_is_removed(
+        influx_db: InfluxV1Client, tmp_path: Path) -> None:
+    """The "Pattern rule alert" Grafana rules (critical, warning), their queries run against
+    InfluxDB as Grafana runs them, over what a real worker wrote: an alert of a rule fires
+    its level's rule while it is open (``info`` notifies nobody), and stops once the worker
+    resolves it: when its condition ends, or, for a rule removed from the config before a
+    restart, with the next batch. A device moved to another site meanwhile: the resolution
+    overwrites the point that opened it, none is left open under the old site."""
+    from cloud.panels import ALERT_RULES, Params, render
+
+    specs: list[dict[str, object]] = [
+        {"name": "hot", "kind": "consecutive", "field": "mean", "above": 25.0, "count": 2,
+         "level": "critical"},
+        {"name": "warm", "kind": "consecutive", "field": "mean", "above": 22.0, "count": 1},
+        {"name": "note", "kind": "consecutive", "field": "mean", "above": 0.0, "count": 1,
+         "level": "info"}]
+    start = int(time.time() * 1000) // 10_000 * 10_000 - 600_000
+
+    def worker(rules: list[dict[str, object]], site: str) -> CloudWorker:
+        reg = Registry([Device(device_id="dev-a", gateway="gw-1", site=site,
+                               kind="temperature")])
+        return CloudWorker(CloudConfig(
+            worker_id="t", broker=BrokerAddress(host="127.0.0.1", port=1), state_dir=tmp_path,
+            influx=InfluxConfig(url=influx_db.url, database=influx_db.database),
+            rules=parse_rules(rules)), registry=reg, source=object())  # type: ignore[arg-type]
+
+    def feed(w: CloudWorker, ks: range, mean: float) -> None:
+        async def go() -> None:
+            for k in ks:
+                b = tumbling_batch(k + 1, ["dev-a"], start + 10_000 * k, [10], [mean], [0])
+                w.handle(SourceMessage(0, k + 1, results_topic("gw-1"), b.encode()))
+            await w.writer.flush(None)
+            await w._save_rules()  # as the acker does before acknowledging them
+
+        asyncio.run(go())
+
+    def firing(level: str) -> set[tuple[str, str, str]]:
+        rule = next(r for r in ALERT_RULES if r.uid == f"fieldline-rule-{level}")
+        assert rule.severity == level
+        doc = influx_db.query(render(rule.query, Params(range_s=rule.range_s)))
+        assert isinstance(doc, dict)
+        return {(x["tags"]["name"], x["tags"]["device"], x["tags"]["site"])
+                for r in doc["results"] for x in r.get("series", [])
+                if x["values"][-1][1] > rule.threshold}
+
+    def points() -> list[tuple[str, str, str]]:
+        doc = influx_db.query('SELECT "state" FROM "alerts" GROUP BY "name", "site"')
+        assert isinstance(doc, dict)
+        return sorted((x["tags"]["name"], x["tags"]["site"], v[1])
+                      for r in doc["results"] for x in r.get("series", []) for v in x["values"])
+
+    first = worker(specs, "hall")
+    feed(first, range(3), 30.0)
+    assert firing("critical") == {("hot", "dev-a", "hall")}
+    assert firing("warning") == {("warm", "dev-a", "hall")}
+    assert ("note", "hall", "open") in points()  # written, notified to nobody
+    second = worker(specs[:1], "yard")  # warm and note removed; dev-a moved to the yard
+    feed(second, range(3, 4), 30.0)
+    assert firing("warning") == set()
+    assert firing("critical") == {("hot", "dev-a", "hall")}
+    feed(second, range(4, 5), 20.0)  # hot's condition ends
+    assert firing("critical") == set()
+    assert points() == [("hot", "hall", "resolved"), ("note", "hall", "resolved"),
+                        ("warm", "hall", "resolved")]
+
+
 def test_gateways_and_workers_that_stop_reporting_are_the_ones_their_rules_find(
         influx_db: InfluxV1Client) -> None:
     """The "not reporting" alert rules, their queries run against InfluxDB as Grafana runs

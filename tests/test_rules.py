@@ -3,6 +3,7 @@ replay or a revision does not raise it twice."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -72,6 +73,10 @@ def alert(row: int, t: int, level: str = "series") -> AlertEvent:
                       reference=0.0, message="")
 
 
+def resolved(row: int, t: int, until: int) -> AlertEvent:
+    return replace(alert(row, t), state="resolved", until=until)
+
+
 def test_a_followed_by_b_within_t_on_one_device() -> None:
     eng = engine({"name": "press_then_temp", "kind": "sequence", "first": "anomaly:p",
                   "then": "anomaly:t", "within": "10m"})
@@ -80,6 +85,13 @@ def test_a_followed_by_b_within_t_on_one_device() -> None:
     w2 = [Win("d", "p", T0 + 5 * W, 1.0), Win("d", "t", T0 + 5 * W, 1.0)]
     got = feed(eng, w2, [alert(1, T0 + 5 * W)])
     assert opened(got) == [("press_then_temp", "d", T0 + 5 * W)]
+    # it resolves with the incident that completed it (t back to normal), not with p's
+    w4 = [Win("d", "p", T0 + 7 * W, 1.0), Win("d", "t", T0 + 7 * W, 1.0)]
+    assert feed(eng, w4, [resolved(0, T0 + 5 * W, T0 + 7 * W)]) == []
+    got = feed(eng, w4, [resolved(1, T0 + 5 * W, T0 + 8 * W)])
+    assert [(a.rule, a.state, a.device, a.metric, a.opened, a.until) for a in got] == [
+        ("press_then_temp", "resolved", "d", "t", T0 + 5 * W, T0 + 8 * W)]
+    assert feed(eng, w4, [resolved(1, T0 + 5 * W, T0 + 8 * W)]) == []  # once
     w3 = [Win("d", "p", T0 + 30 * W, 1.0), Win("d", "t", T0 + 30 * W, 1.0)]
     assert feed(eng, w3, [alert(1, T0 + 30 * W)]) == []  # too long after
 
@@ -95,7 +107,17 @@ def test_k_of_n_devices_of_a_site_at_once() -> None:
         ("site_wide", "(site)", "s", T0)]
     assert feed(eng, wins, [alert(3, T0 + 30_000)]) == []  # one alert for that minute
     # another site is another subject
-    assert feed(eng, wins, [alert(0, T0), alert(1, T0), alert(2, T0)], site="other") != []
+    other = [alert(k, T0 + 1_000) for k in range(3)]  # (incidents of their own)
+    assert feed(eng, wins, other, site="other") != []
+    # it resolves once fewer than 3 of the devices that raised it are still in incident
+    assert feed(eng, wins, [resolved(0, T0, T0 + 2 * W)]) == []  # 3 of 4 still
+    got = feed(eng, wins, [resolved(1, T0 + 10_000, T0 + 3 * W)])
+    assert [(a.rule, a.state, a.device, a.site, a.opened, a.until) for a in got] == [
+        ("site_wide", "resolved", "(site)", "s", T0, T0 + 3 * W)]
+    assert feed(eng, wins, [resolved(2, T0 + 20_000, T0 + 4 * W)]) == []
+    got = feed(eng, wins, [resolved(k, T0 + 1_000, T0 + 5 * W) for k in range(2)],
+               site="other")
+    assert [(a.state, a.site) for a in got] == [("resolved", "other")]
 
 
 def test_replay_and_revisions_do_not_raise_twice() -> None:
@@ -153,9 +175,12 @@ def test_the_rules_go_on_after_a_restart_from_their_saved_state(tmp_path: Path) 
         wins = [Win("a", "t", T0 + k * W, means[k], spread=0.0), Win("a", "p", T0 + k * W, 1.0)]
         if k < 2 or k > 6:
             wins.append(Win("b", "t", T0 + k * W, 1.0))
-        alerts = [alert(1, T0 + k * W)] if k == 2 else []  # a's p at 2 ...
-        if k == 4:
-            alerts = [alert(0, T0 + k * W)]  # ... then a's t at 4
+        alerts = {1: [alert(2, T0 + W)],  # b's t at 1 (with a's p: the site's two devices)
+                  2: [alert(1, T0 + 2 * W)],  # a's p at 2 ...
+                  4: [alert(0, T0 + 4 * W)],  # ... then a's t at 4
+                  6: [resolved(0, T0 + 4 * W, T0 + 7 * W)],  # a's t back: the sequence too
+                  7: [resolved(2, T0 + W, T0 + 8 * W)],  # b's back: one device left
+                  }.get(k, [])
         return wins, alerts
 
     def run(eng: RuleEngine, ks: range) -> list[RuleAlert]:
@@ -166,16 +191,20 @@ def test_the_rules_go_on_after_a_restart_from_their_saved_state(tmp_path: Path) 
 
     whole = run(engine(*specs), range(len(means)))
     kinds = {a.rule for a in whole}
-    assert kinds == {"hot", "silent", "p_then_t"}, whole  # every kind left state behind
+    assert kinds == {"hot", "silent", "p_then_t", "site_wide"}, whole  # each left state behind
     assert [a.state for a in whole if a.rule == "hot"] == ["open", "resolved"] * 2
-    before = engine(*specs)
-    first = run(before, range(3))
+    for rule in ("silent", "p_then_t", "site_wide"):
+        assert [a.state for a in whole if a.rule == rule] == ["open", "resolved"], rule
     path = tmp_path / "rules.json"
-    save_rules(before.snapshot(), path)
-    after = engine(*specs)
-    assert after.load(path)
-    assert first + run(after, range(3, len(means))) == whole
-    assert run(engine(*specs), range(3, len(means))) != whole[len(first):]  # (state matters)
+    for cut in range(1, len(means)):
+        before = engine(*specs)
+        first = run(before, range(cut))
+        save_rules(before.snapshot(), path)
+        after = engine(*specs)
+        assert after.load(path)
+        assert first + run(after, range(cut, len(means))) == whole, cut
+    assert run(engine(*specs), range(3, len(means))) != whole[len(run(engine(*specs),
+                                                                      range(3))):]  # (state)
     path.write_text('{"v": 1, "series": [["hot"]]}')
     fresh = engine(*specs)
     assert not fresh.load(path)
@@ -184,24 +213,45 @@ def test_the_rules_go_on_after_a_restart_from_their_saved_state(tmp_path: Path) 
     assert not fresh.load(path)  # no file: nothing to restore
 
 
-def test_the_state_of_a_rule_no_longer_configured_is_dropped_and_said(
+def test_the_state_of_a_rule_no_longer_configured_is_dropped_and_its_alerts_closed(
         caplog: pytest.LogCaptureFixture) -> None:
     """A rule removed from the config between two runs: its state is not carried on for good,
-    and the alerts it had open (which nothing will resolve now) are named in the log."""
+    and the alerts it had open (which nothing would judge again) are resolved with the next
+    batch, overwriting the points that opened them; with every rule removed too. A state
+    saved by an older version, which did not keep its open alerts, says how many stay open."""
     hot = {"name": "hot", "kind": "consecutive", "metric": "t", "above": 80, "count": 1}
     silent = {"name": "silent", "kind": "absence", "after": "5m"}
     before = engine(hot, silent)
     got: list[RuleAlert] = []
     for k in range(3):
-        got += feed(before, [Win("d", "t", T0 + k * W, 90.0)])
+        got += feed(before, [Win("d", "t", T0 + k * W, 90.0)], site="hall")
     assert opened(got) == [("hot", "d", T0)]
-    after = engine(silent)
+    for rules in ([silent], []):
+        after = engine(*rules)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            after.restore(before.snapshot())
+        assert f"{'hot' if rules else 'hot, silent'} no longer configured" in caplog.text
+        assert "1 alert(s) " in caplog.text
+        assert "had open are closed with the next batch" in caplog.text
+        assert [k[0] for k in after.series] == []
+        assert list(after.last_end) == (["silent"] if rules else [])
+        again = engine(*rules)  # a restart before that batch closes them all the same
+        again.restore(after.snapshot())
+        for eng in (after, again):
+            closed = feed(eng, [Win("d", "t", T0 + 3 * W, 90.0)], site="yard")
+            assert [(a.rule, a.state, a.site, a.device, a.metric, a.opened, a.until)
+                    for a in closed if a.rule == "hot"] == [
+                ("hot", "resolved", "hall", "d", "t", T0, T0 + 4 * W)], closed
+            assert "no longer configured" in closed[0].message
+            assert feed(eng, [Win("d", "t", T0 + 4 * W, 90.0)]) == []  # once
+            assert "hot" not in json.dumps(eng.snapshot())
+    old = before.snapshot()
+    del old["open"], old["waits"], old["site_live"], old["site_alert"]
+    caplog.clear()
     with caplog.at_level("WARNING"):
-        after.restore(before.snapshot())
-    assert "hot no longer configured" in caplog.text
-    assert "1 alert(s) it had open stay open" in caplog.text
-    assert [k[0] for k in after.series] == []
-    assert list(after.last_end) == ["silent"]
+        engine(silent).restore(old)
+    assert "1 more stay open in `alerts`" in caplog.text
     same = engine(hot, silent)
     caplog.clear()
     with caplog.at_level("WARNING"):
