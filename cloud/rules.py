@@ -29,11 +29,12 @@ a rule removed from the config are resolved with the next batch after the restar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,12 @@ def ident(a: RuleAlert) -> Ident:
 
 def _ident(x: Sequence[Any]) -> Ident:
     return (str(x[0]), str(x[1]), str(x[2]), str(x[3]), str(x[4]), str(x[5]), int(x[6]))
+
+
+STATE_VERSION = 2
+STATE_FIELDS = ("series", "last_end", "absent", "seq_first", "site_hits", "site_open", "open",
+                "waits", "site_live", "site_alert", "orphans", "number")
+SITE_HORIZON_MS = 6 * 3_600_000  # a site rule counts events this far behind its newest
 
 
 def _wait(w: Sequence[Any]) -> list[Any]:
@@ -261,6 +268,21 @@ class RuleEngine:
     site_alert: dict[tuple[str, str, int], Ident] = field(default_factory=dict)
     orphans: list[RuleAlert] = field(default_factory=list)  # open alerts of removed rules
     max_keys: int = 1_000_000
+    # what changed since the last take_delta() (kept only when journaled: the worker's single
+    # path writes each batch's changes to a journal before acknowledging the batch)
+    journaled: bool = False
+    number: int = 0  # of the last delta or snapshot taken: a journal replays only newer ones
+    _dirty: dict[str, set[Any]] = field(default_factory=dict)  # (last_end: (rule, key))
+    _site_newest: int = -(1 << 62)  # newest event time a site rule counted
+    _site_pruned: int = -(1 << 62)
+
+    def _mark(self, struct: str, key: Any) -> None:
+        if self.journaled:
+            self._dirty.setdefault(struct, set()).add(key)
+
+    def _marker(self, struct: str) -> Callable[[Any], None] | None:
+        """For a loop over many rows: its ``add``, or None when nothing is journaled."""
+        return self._dirty.setdefault(struct, set()).add if self.journaled else None
 
     def run(self, rows: EnrichedResults, det: Detections) -> list[RuleAlert]:
         """Judge one batch: window rules on its results, event rules on its alerts."""
@@ -294,6 +316,7 @@ class RuleEngine:
         out = []
         for a in alerts:
             k = ident(a)
+            self._mark("open", k)
             if a.state == "open":
                 self.open[k] = a
                 out.append(a)
@@ -307,6 +330,7 @@ class RuleEngine:
         a = self.open.pop(k, None)
         if a is None:
             return None
+        self._mark("open", k)
         return replace(a, state="resolved", until=until, message=message)
 
     def _incidents_resolved(self, rows: EnrichedResults, alerts: list[AlertEvent],
@@ -328,6 +352,8 @@ class RuleEngine:
         ends.sort()
         rules = {r.name: r for r in self.rules}
         for until, inc in ends:
+            if inc in self.waits:
+                self._mark("waits", inc)
             for w in self.waits.pop(inc, []):
                 if w[0] == "alert":
                     k = _ident(w[1:])
@@ -335,6 +361,7 @@ class RuleEngine:
                                                  f"(rule {k[0]})")
                 else:
                     key, dev = (str(w[1]), str(w[2]), int(w[3])), str(w[4])
+                    self._mark("site_live", key)
                     live = self.site_live.get(key, {})
                     live[dev] = live.get(dev, 1) - 1
                     if live[dev] <= 0:
@@ -344,6 +371,7 @@ class RuleEngine:
                     rule = rules.get(key[0])
                     if rule is None or key not in self.site_alert or len(live) >= rule.devices:
                         continue
+                    self._mark("site_alert", key)
                     done = self._close(self.site_alert.pop(key), until,
                                        f"site {key[1]}: {len(live)} device(s) still in "
                                        f"incident, fewer than {rule.devices} (rule {key[0]})")
@@ -356,6 +384,7 @@ class RuleEngine:
                         message=f"{a.device} {a.metric}: rule {a.rule} is no longer configured")
                for a in self.orphans]
         self.orphans = []
+        self._mark("orphans", None)
         return out
 
     # ---- window rules ----------------------------------------------------------------------
@@ -373,6 +402,7 @@ class RuleEngine:
         values = fields.get(rule.field)
         if values is None:
             return out
+        mark = self._marker("series")
         for i in order.tolist():
             if not self._selected(rule, rows, i):
                 continue
@@ -382,6 +412,8 @@ class RuleEngine:
             if start <= st.learned:
                 continue  # a revision, or older than what was taken: taken once
             st.learned = start
+            if mark is not None:
+                mark(key)
             v = float(values[i])
             end = start + int(rows.width[i])
             if rule.kind == "consecutive":
@@ -415,6 +447,7 @@ class RuleEngine:
         last = self.last_end.setdefault(rule.name, {})
         absent = self.absent.setdefault(rule.name, {})
         latest: dict[tuple[str, str, str], tuple[int, int]] = {}
+        mark = self._marker("last_end")
         for i in range(len(rows)):
             if rule.metric is not None and rows.metric[i] != rule.metric:
                 continue
@@ -425,13 +458,17 @@ class RuleEngine:
         for k, (end, i) in latest.items():
             if k in absent and end > absent[k]:  # it speaks again
                 opened = absent.pop(k)
+                self._mark("absent", (rule.name, k))
                 out.append(self._alert(rule, rows, i, "resolved", opened, end,
                                        float(end - opened), metric=k[2]))
             last[k] = max(last.get(k, end), end)
+            if mark is not None:
+                mark((rule.name, k))
         for k, end in last.items():
             if k[0] != rows.gateway or k in absent or newest - end < rule.after_ms:
                 continue
             absent[k] = end
+            self._mark("absent", (rule.name, k))
             gw, dev, met = k
             out.append(RuleAlert(
                 rule=rule.name, kind=rule.kind, level=rule.level, state="open", gateway=gw,
@@ -482,14 +519,16 @@ class RuleEngine:
                                 f"{(t - firsts[0]) / 1000:,.0f} s later (rule {rule.name})")
                     out.append(a)
                     # it resolves with the incident that completed it
-                    self.waits.setdefault((rows.gateway, dev, metric, name, t), []).append(
-                        ["alert", *ident(a)])
+                    inc = (rows.gateway, dev, metric, name, t)
+                    self.waits.setdefault(inc, []).append(["alert", *ident(a)])
+                    self._mark("waits", inc)
             if self._matches(rule.first, metric, name):
                 lst = self.seq_first.setdefault(k, [])
                 if t not in lst:
                     lst.append(t)
                     lst.sort()
-                del lst[:-16]  # the latest few are enough
+                    del lst[:-16]  # the latest few are enough
+                    self._mark("seq_first", k)
         return out
 
     def _site(self, rule: Rule, rows: EnrichedResults,
@@ -506,10 +545,14 @@ class RuleEngine:
             hits.add(dev)
             live = self.site_live.setdefault(k, {})
             live[dev] = live.get(dev, 0) + 1  # its incidents counted here, still open
-            self.waits.setdefault((rows.gateway, dev, metric, name, t), []).append(
-                ["site", *k, dev])
+            inc = (rows.gateway, dev, metric, name, t)
+            self.waits.setdefault(inc, []).append(["site", *k, dev])
+            self._site_newest = max(self._site_newest, t)
+            for struct, key in (("site_hits", k), ("site_live", k), ("waits", inc)):
+                self._mark(struct, key)
             if len(hits) >= rule.devices and k not in self.site_open:
                 self.site_open.add(k)
+                self._mark("site_open", k)
                 a = RuleAlert(
                     rule=rule.name, kind=rule.kind, level=rule.level, state="open",
                     gateway=rows.gateway, site=site, device="(site)", metric=metric,
@@ -518,110 +561,184 @@ class RuleEngine:
                             f"{rule.within_ms / 1000:,.0f} s (rule {rule.name})")
                 out.append(a)
                 self.site_alert[k] = ident(a)
+                self._mark("site_alert", k)
         return out
 
     # ---- state that outlives the process -----------------------------------------------------
+    # The state is a set of entries [structure, key, value] (value None: the entry is gone): a
+    # snapshot holds them all, a delta those a batch changed. The worker's single path writes a
+    # batch's delta to ``rules.journal`` before acknowledging the batch, and every few minutes
+    # a snapshot to ``rules.json``: a restart (a SIGKILL included) goes on exactly from the
+    # last batch acknowledged. On JetStream the snapshot rides in each partition's.
 
     def snapshot(self) -> dict[str, Any]:
-        """The rules' state as JSON data: runs, open alerts, silences and first events. A
-        restart (or a partition's next owner) goes on from it: an alert open when the worker
-        stopped resolves later instead of staying open for good, a run goes on counting."""
-        return {
-            "v": 1,
-            "series": [[*k, s.learned, s.run, s.run_start, s.open_since,
-                        None if math.isnan(s.last_value) else s.last_value, s.last_time]
-                       for k, s in self.series.items()],
-            "last_end": {r: [[*k, t] for k, t in d.items()] for r, d in self.last_end.items()},
-            "absent": {r: [[*k, t] for k, t in d.items()] for r, d in self.absent.items()},
-            "seq_first": [[*k, list(v)] for k, v in self.seq_first.items()],
-            "site_hits": [[*k, sorted(v)] for k, v in self.site_hits.items()],
-            "site_open": [list(k) for k in self.site_open],
-            "open": [[a.rule, a.kind, a.level, a.gateway, a.site, a.device, a.metric, a.window,
-                      a.opened, None if math.isnan(a.value) else a.value, a.message]
-                     for a in (*self.open.values(), *self.orphans)],
-            "waits": [[*k, v] for k, v in self.waits.items()],
-            "site_live": [[*k, v] for k, v in self.site_live.items()],
-            "site_alert": [[*k, list(v)] for k, v in self.site_alert.items()]}
+        """Every entry, numbered after the deltas taken so far."""
+        self._dirty.clear()
+        self.number += 1
+        keys: dict[str, Any] = {st: list(getattr(self, st)) for st in (
+            "series", "seq_first", "site_hits", "site_open", "open", "waits", "site_live",
+            "site_alert")}
+        for st in ("last_end", "absent"):
+            keys[st] = [(r, k) for r, d in getattr(self, st).items() for k in d]
+        if self.orphans:
+            keys["orphans"] = [None]
+        return {"v": STATE_VERSION, "n": self.number, "d": self._entries(keys)}
 
-    def restore(self, doc: Any) -> None:
-        """Take a :meth:`snapshot` back; raises ``ValueError`` (state unchanged) for one it
-        cannot read."""
-        def ends(d: Any) -> dict[str, dict[tuple[str, str, str], int]]:
-            return {str(r): {(str(x[0]), str(x[1]), str(x[2])): int(x[3]) for x in v}
-                    for r, v in d.items()}
+    def take_delta(self) -> dict[str, Any] | None:
+        """The entries changed since the last delta or snapshot (None: nothing changed)."""
+        if not any(self._dirty.values()):
+            return None
+        self.number += 1
+        d = self._entries(self._dirty)
+        self._dirty = {}
+        return {"n": self.number, "d": d}
+
+    def _entries(self, keys: Mapping[str, Any]) -> list[Any]:
+        """[structure, key, value] of these keys, as JSON data (copies; value None: gone)."""
+        out: list[Any] = []
+        for struct, ks in keys.items():
+            if struct == "series":
+                ser = self.series
+                out += [("series", k, None if (s := ser.get(k)) is None else (
+                    s.learned, s.run, s.run_start, s.open_since,
+                    s.last_value if s.last_value == s.last_value else None, s.last_time))
+                    for k in ks]
+            elif struct in ("last_end", "absent"):
+                m = getattr(self, struct)
+                out += [(struct, (r, *k), m.get(r, {}).get(k)) for r, k in ks]
+            else:
+                out += [(struct, k, self._value(struct, k)) for k in ks]
+        return out
+
+    def _value(self, struct: str, key: Any) -> Any:
+        """An entry's value as JSON data (a copy), None when it is gone."""
+        if struct == "orphans":
+            return [_alert_row(a) for a in self.orphans]
+        if struct == "site_open":
+            return True if key in self.site_open else None
+        v = getattr(self, struct).get(key)
+        if v is None:
+            return None
+        if struct == "open":
+            return _alert_row(v)
+        if struct == "site_hits":
+            return sorted(v)
+        if struct == "waits":
+            return [list(w) for w in v]
+        if struct == "site_live":
+            return dict(v)
+        return list(v)  # seq_first, site_alert
+
+    def _apply(self, entries: Any) -> None:
+        """Take entries (a snapshot's or a delta's) into this state."""
+        for struct, raw_key, v in entries:
+            key = _decode_key(struct, raw_key)
+            if struct in ("last_end", "absent"):
+                d = getattr(self, struct)
+                if v is None:
+                    d.get(key[0], {}).pop(key[1:], None)
+                else:
+                    d.setdefault(key[0], {})[key[1:]] = int(v)
+                continue
+            if struct == "orphans":
+                self.orphans = [_alert_from(x) for x in v or []]
+                continue
+            if struct == "site_open":
+                (self.site_open.discard if v is None else self.site_open.add)(key)
+                continue
+            target: dict[Any, Any] = getattr(self, struct)
+            if v is None:
+                target.pop(key, None)
+            elif struct == "series":
+                target[key] = _Series(int(v[0]), int(v[1]), int(v[2]),
+                                      None if v[3] is None else int(v[3]),
+                                      math.nan if v[4] is None else float(v[4]), int(v[5]))
+            elif struct == "open":
+                target[key] = _alert_from(v)
+            elif struct == "seq_first":
+                target[key] = [int(t) for t in v]
+            elif struct == "site_hits":
+                target[key] = {str(d) for d in v}
+            elif struct == "waits":
+                target[key] = [_wait(w) for w in v]
+            elif struct == "site_live":
+                target[key] = {str(d): int(n) for d, n in v.items()}
+            else:  # site_alert
+                target[key] = _ident(v)
+
+    def restore(self, doc: Any, journal: Sequence[Any] = ()) -> None:
+        """Take a :meth:`snapshot` back, then the deltas of ``journal`` newer than it, in
+        order; raises ``ValueError`` (state unchanged) for one it cannot read. The state of
+        rules no longer configured is dropped; the alerts they had open are resolved with the
+        next batch (nothing would judge them again)."""
+        fresh = RuleEngine(self.rules, max_keys=self.max_keys, journaled=self.journaled)
         try:
-            if doc.get("v") != 1:
+            if doc.get("v") != STATE_VERSION:
                 raise ValueError(f"version {doc.get('v')!r}")
-            series = {(str(x[0]), str(x[1]), str(x[2]), str(x[3]), str(x[4])): _Series(
-                int(x[5]), int(x[6]), int(x[7]), None if x[8] is None else int(x[8]),
-                math.nan if x[9] is None else float(x[9]), int(x[10])) for x in doc["series"]}
-            last_end, absent = ends(doc["last_end"]), ends(doc["absent"])
-            seq_first = {(str(x[0]), str(x[1]), str(x[2])): [int(t) for t in x[3]]
-                         for x in doc["seq_first"]}
-            site_hits = {(str(x[0]), str(x[1]), int(x[2])): {str(d) for d in x[3]}
-                         for x in doc["site_hits"]}
-            site_open = {(str(x[0]), str(x[1]), int(x[2])) for x in doc["site_open"]}
-            # absent from the state of older versions: their open alerts are not known
-            alerts = [RuleAlert(
-                rule=str(x[0]), kind=str(x[1]), level=str(x[2]), state="open",
-                gateway=str(x[3]), site=str(x[4]), device=str(x[5]), metric=str(x[6]),
-                window=str(x[7]), opened=int(x[8]), until=0,
-                value=math.nan if x[9] is None else float(x[9]), message=str(x[10]))
-                for x in doc.get("open", [])]
-            waits = {(str(x[0]), str(x[1]), str(x[2]), str(x[3]), int(x[4])): [
-                _wait(w) for w in x[5]] for x in doc.get("waits", [])}
-            site_live = {(str(x[0]), str(x[1]), int(x[2])): {str(d): int(n) for d, n in
-                                                             x[3].items()}
-                         for x in doc.get("site_live", [])}
-            site_alert = {(str(x[0]), str(x[1]), int(x[2])): _ident(x[3])
-                          for x in doc.get("site_alert", [])}
+            fresh._apply(doc["d"])
+            fresh.number = int(doc["n"])
+            for rec in journal:
+                if int(rec["n"]) > fresh.number:
+                    fresh._apply(rec["d"])
+                    fresh.number = int(rec["n"])
         except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:
             raise ValueError(f"rule state unreadable ({type(exc).__name__}: {exc})") from None
-        # the state of rules no longer configured goes; the alerts they had open are closed
-        # with the next batch (nothing would judge them again), or, from an older version's
-        # state that did not keep them, said
+        fresh._dirty.clear()
         names = {r.name for r in self.rules}
-        gone = ({k[0] for k in series} | set(last_end) | {k[0] for k in seq_first}
-                | {k[0] for k in site_hits} | {a.rule for a in alerts}) - names
-        self.orphans = [a for a in alerts if a.rule in gone]
+        gone = ({k[0] for k in fresh.series} | set(fresh.last_end) | set(fresh.absent)
+                | {k[0] for k in fresh.seq_first} | {k[0] for k in fresh.site_hits}
+                | {k[0] for k in fresh.open} | {a.rule for a in fresh.orphans}) - names
+        # an orphan whose rule is back in the config is its open alert again
+        fresh.open.update({ident(a): a for a in fresh.orphans if a.rule in names})
+        fresh.orphans = [a for a in (*fresh.orphans, *fresh.open.values()) if a.rule in gone]
         if gone:
-            unknown = 0 if "open" in doc else (
-                sum(s.open_since is not None for k, s in series.items() if k[0] in gone)
-                + sum(len(d) for r, d in absent.items() if r in gone)
-                + sum(k[0] in gone for k in site_open))
-            one = len(gone) == 1
             log.warning("rule state: %s no longer configured: %s state dropped; %d alert(s) "
-                        "%s had open are closed with the next batch%s",
-                        ", ".join(sorted(gone)), "its" if one else "their",
-                        len(self.orphans), "it" if one else "they",
-                        f"; {unknown} more stay open in `alerts` (saved by an older version, "
-                        "which did not keep them)" if unknown else "")
-        self.open = {ident(a): a for a in alerts if a.rule in names}
-        self.waits = {k: kept for k, v in waits.items()
-                      if (kept := [w for w in v if w[1] in names])}
-        self.site_live = {k: v for k, v in site_live.items() if k[0] in names}
-        self.site_alert = {k: v for k, v in site_alert.items() if k[0] in names}
-        self.series = {k: v for k, v in series.items() if k[0] in names}
-        self.last_end = {r: d for r, d in last_end.items() if r in names}
-        self.absent = {r: d for r, d in absent.items() if r in names}
-        self.seq_first = {k: v for k, v in seq_first.items() if k[0] in names}
-        self.site_hits = {k: v for k, v in site_hits.items() if k[0] in names}
-        self.site_open = {k for k in site_open if k[0] in names}
+                        "%s had open are resolved with the next batch",
+                        ", ".join(sorted(gone)), "its" if len(gone) == 1 else "their",
+                        len(fresh.orphans), "it" if len(gone) == 1 else "they")
+        fresh.open = {k: a for k, a in fresh.open.items() if a.rule in names}
+        fresh.series = {k: v for k, v in fresh.series.items() if k[0] in names}
+        fresh.last_end = {r: d for r, d in fresh.last_end.items() if r in names}
+        fresh.absent = {r: d for r, d in fresh.absent.items() if r in names}
+        fresh.seq_first = {k: v for k, v in fresh.seq_first.items() if k[0] in names}
+        fresh.site_hits = {k: v for k, v in fresh.site_hits.items() if k[0] in names}
+        fresh.site_open = {k for k in fresh.site_open if k[0] in names}
+        fresh.waits = {k: kept for k, v in fresh.waits.items()
+                       if (kept := [w for w in v if w[1] in names])}
+        fresh.site_live = {k: v for k, v in fresh.site_live.items() if k[0] in names}
+        fresh.site_alert = {k: v for k, v in fresh.site_alert.items() if k[0] in names}
+        for f in STATE_FIELDS:
+            setattr(self, f, getattr(fresh, f))
+        self._dirty.clear()
 
     def load(self, path: Path) -> bool:
-        """Restore what :func:`save_rules` wrote; a file that cannot be read is kept aside
-        and logged, and the rules start afresh (False) instead of the worker not at all."""
+        """Restore what :func:`save_rules` and :func:`append_rules` wrote (``path`` and its
+        journal beside it). A snapshot that cannot be read is kept aside with its journal and
+        logged, and the rules start afresh (False) instead of the worker not at all; a
+        journal's torn last line (a crash while it was written: its batches were not
+        acknowledged, they come again) is left out."""
+        journal = journal_path(path)
         try:
-            self.restore(json.loads(path.read_bytes()))
+            raw = path.read_bytes()
         except FileNotFoundError:
+            raw = None
+        records, bad = _read_journal(journal)
+        if raw is None and not records:
             return False
+        try:
+            doc = json.loads(raw) if raw is not None else {"v": STATE_VERSION, "n": 0, "d": []}
+            self.restore(doc, records)
         except ValueError as exc:  # JSON errors included
-            aside = path.with_name(path.name + ".unreadable")
-            os.replace(path, aside)
+            for f in (path, journal):
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(f, f.with_name(f.name + ".unreadable"))
             log.error("rule state %s unreadable (%s), kept as %s: the rules start afresh "
                       "(an alert open before the restart does not resolve)", path, exc,
-                      aside.name)
+                      path.name + ".unreadable")
             return False
+        if bad:
+            log.warning("rule state journal %s: %d line(s) after line %d unreadable, left out",
+                        journal, bad, len(records))
         return True
 
     # ---- plumbing --------------------------------------------------------------------------
@@ -647,14 +764,34 @@ class RuleEngine:
                                     f"(rule {rule.name})")
 
     def _bound(self) -> None:
-        """Keys are bounded: the oldest go first (a long-gone series forgets its run)."""
-        maps: list[dict[Any, Any]] = [self.series, self.seq_first, self.site_hits, self.open,
-                                      self.waits, self.site_live, self.site_alert,
-                                      *self.last_end.values()]
-        for d in maps:
+        """Keys are bounded: the oldest go first (a long-gone series forgets its run). A site
+        rule's minutes older than ``SITE_HORIZON_MS`` before the newest event it counted are
+        forgotten (once an hour), unless their alert is still open."""
+        if self._site_newest - self._site_pruned >= 3_600_000:
+            self._site_pruned = self._site_newest
+            horizon = self._site_newest - SITE_HORIZON_MS
+            for k in [k for k in self.site_hits if k[2] < horizon and k not in self.site_alert]:
+                self.site_hits.pop(k, None)
+                self.site_open.discard(k)
+                self.site_live.pop(k, None)
+                for struct in ("site_hits", "site_open", "site_live"):
+                    self._mark(struct, k)
+        maps: list[tuple[str, dict[Any, Any]]] = [
+            ("series", self.series), ("seq_first", self.seq_first),
+            ("site_hits", self.site_hits), ("open", self.open), ("waits", self.waits),
+            ("site_live", self.site_live), ("site_alert", self.site_alert)]
+        for struct, d in maps:
             while len(d) > self.max_keys:
+                self._mark(struct, next(iter(d)))
                 d.pop(next(iter(d)))
+        for struct in ("last_end", "absent"):
+            for r, d in getattr(self, struct).items():
+                while len(d) > self.max_keys:
+                    self._mark(struct, (r, next(iter(d))))
+                    d.pop(next(iter(d)))
         if len(self.site_open) > self.max_keys:
+            for k in self.site_open:
+                self._mark("site_open", k)
             self.site_open.clear()
 
 
@@ -676,12 +813,76 @@ def _site_of(rows: EnrichedResults, device: str) -> str:
         return "unknown"
 
 
+def _alert_row(a: RuleAlert) -> list[Any]:
+    return [a.rule, a.kind, a.level, a.gateway, a.site, a.device, a.metric, a.window, a.opened,
+            None if math.isnan(a.value) else a.value, a.message]
+
+
+def _alert_from(x: Sequence[Any]) -> RuleAlert:
+    return RuleAlert(rule=str(x[0]), kind=str(x[1]), level=str(x[2]), state="open",
+                     gateway=str(x[3]), site=str(x[4]), device=str(x[5]), metric=str(x[6]),
+                     window=str(x[7]), opened=int(x[8]), until=0,
+                     value=math.nan if x[9] is None else float(x[9]), message=str(x[10]))
+
+
+def _decode_key(struct: str, k: Any) -> Any:
+    if struct == "series":
+        return (str(k[0]), str(k[1]), str(k[2]), str(k[3]), str(k[4]))
+    if struct in ("last_end", "absent"):
+        return (str(k[0]), str(k[1]), str(k[2]), str(k[3]))
+    if struct == "seq_first":
+        return (str(k[0]), str(k[1]), str(k[2]))
+    if struct in ("site_hits", "site_open", "site_live", "site_alert"):
+        return (str(k[0]), str(k[1]), int(k[2]))
+    if struct == "open":
+        return _ident(k)
+    if struct == "waits":
+        return (str(k[0]), str(k[1]), str(k[2]), str(k[3]), int(k[4]))
+    if struct == "orphans":
+        return None
+    raise ValueError(f"no such part of the rules' state: {struct!r}")
+
+
+def journal_path(path: Path) -> Path:
+    return path.with_suffix(".journal")
+
+
+def _read_journal(path: Path) -> tuple[list[Any], int]:
+    """The journal's records up to the first line that cannot be read, and how many lines
+    were left out from there."""
+    try:
+        lines = path.read_bytes().splitlines()
+    except FileNotFoundError:
+        return [], 0
+    records: list[Any] = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            return records, len(lines) - i
+    return records, 0
+
+
 def save_rules(doc: Mapping[str, Any], path: Path) -> None:
-    """A :meth:`RuleEngine.snapshot` to ``path``, atomically (take the snapshot where the
-    rules run, write it anywhere: a thread)."""
+    """A :meth:`RuleEngine.snapshot` to ``path``, atomically, then the journal emptied (what
+    it holds is older than the snapshot: replayed on top of it, it would be skipped). Take
+    the snapshot where the rules run, write it anywhere: a thread."""
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w") as fh:
         json.dump(doc, fh)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    with contextlib.suppress(FileNotFoundError):
+        os.truncate(journal_path(path), 0)
+
+
+def append_rules(records: Sequence[Mapping[str, Any]], path: Path) -> int:
+    """Deltas (:meth:`RuleEngine.take_delta`) appended to the journal beside ``path``, on
+    disk before this returns; the journal's size after."""
+    with journal_path(path).open("ab") as fh:
+        fh.write(b"".join(json.dumps(r, separators=(",", ":")).encode() + b"\n"
+                          for r in records))
+        fh.flush()
+        os.fsync(fh.fileno())
+        return fh.tell()

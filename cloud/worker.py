@@ -39,7 +39,7 @@ from cloud.points import (
     superseded_identities,
 )
 from cloud.refdata import ReferenceData
-from cloud.rules import save_rules
+from cloud.rules import append_rules, journal_path, save_rules
 from cloud.sinks import build_sink
 from cloud.sinks.base import BufferedWriter, Sink
 from cloud.sinks.points import Points
@@ -94,6 +94,8 @@ def _keep_rows(batch: ResultBatch, keep: np.ndarray, superseded: SupersededRows 
         sk_keys=kept.sk_keys, sk_counts=kept.sk_counts, sk_offsets=kept.sk_offsets,
         superseded=superseded)
     return replace(batch, results=results)
+RULES_JOURNAL_MAX = 64 << 20  # the rules' journal past this: a snapshot replaces it
+RULES_SNAPSHOT_WAIT_S = 60.0  # a rules snapshot queued: the next once it is written, or after this
 DETECT_SNAPSHOT_S = 300.0  # how often the detector state is saved to state_dir (and at stop)
 CERT_WARN_EVERY_S = 3_600.0  # a certificate about to expire is warned about this often
 
@@ -186,12 +188,18 @@ class CloudWorker:
         self._rules_path = config.state_dir / "rules.json" if config.state_dir else None
         # the single path keeps its rules' state in state_dir (JetStream: in partition snapshots);
         # with every rule removed, a state left is still read: the alerts it has open close
-        self._keeps_rules = bool(self._rules_path and not self.per_partition
-                                 and (config.rules or self._rules_path.exists()))
-        self._rules_written: dict[str, Any] | None = None  # to save: all its effects written
-        if (self._keeps_rules and self._rules_path is not None
-                and self.parts[0].rules.load(self._rules_path)):
-            log.info("rule state restored from %s", self._rules_path)
+        self._keeps_rules = bool(self._rules_path and not self.per_partition and (
+            config.rules or self._rules_path.exists() or journal_path(self._rules_path).exists()))
+        # to save, all their effects written: a snapshot (then the journal starts afresh),
+        # each batch's changes since, in order
+        self._rules_full: dict[str, Any] | None = None
+        self._rules_deltas: list[dict[str, Any]] = []
+        self._rules_journal_bytes = 0
+        self._rules_snapshot_queued = -RULES_SNAPSHOT_WAIT_S  # monotonic s: one on its way
+        if self._keeps_rules and self._rules_path is not None:
+            self.parts[0].rules.journaled = True
+            if self.parts[0].rules.load(self._rules_path):
+                log.info("rule state restored from %s", self._rules_path)
         if (self._detect_path is not None and not self.per_partition
                 and self.detection.load(self._detect_path)):
             log.info("detector state restored from %s (%d series)", self._detect_path,
@@ -323,9 +331,9 @@ class CloudWorker:
         rows = self.enricher.enrich(batch)
         det = part.detection.run(rows)
         fired = part.rules.run(rows, det)
-        # an alert opened or resolved: the rules' state goes to disk once these points are
-        # written and before their batch is acknowledged (a crash then loses no open alert)
-        rules_now = part.rules.snapshot() if fired and self._keeps_rules else None
+        # what this batch changed in the rules' state goes to the journal once its points are
+        # written and before it is acknowledged (a crash then loses none of it)
+        rules_now = part.rules.take_delta() if self._keeps_rules else None
         anomalous = np.zeros(len(rows), bool)
         anomalous[[a.row for a in det.anomalies]] = True
         points = [aggregate_points(rows),
@@ -421,11 +429,12 @@ class CloudWorker:
             if tok[0] is _SNAPSHOT:
                 self._background(self._save_partition(tok[1], tok[2], tok[3], tok[4]))
                 continue
-            if tok[0] is _RULES:
-                self._rules_written = tok[1]
+            if tok[0] is _RULES:  # a snapshot: what came before it is in it
+                self._rules_full, self._rules_deltas = tok[1], []
+                self._rules_snapshot_queued = -RULES_SNAPSHOT_WAIT_S
                 continue
             if tok[10] is not None:  # before its ack: the acker saves it first
-                self._rules_written = tok[10]
+                self._rules_deltas.append(tok[10])
             gw: str = tok[0]
             inc: int = tok[1]
             seq: int = tok[2]
@@ -778,8 +787,7 @@ class CloudWorker:
     async def _save_detection(self) -> None:
         """Detector state to ``state_dir`` (a restart continues with the histories it had); the
         rules' state as it is now, saved once everything before it is written."""
-        if self._keeps_rules:
-            self.writer.add([], token=(_RULES, self.parts[0].rules.snapshot()))
+        self._queue_rules_snapshot()
         if self._detect_path is None or self.per_partition:
             return
         snap = self.detection.snapshot()  # a copy, taken between two messages
@@ -790,19 +798,45 @@ class CloudWorker:
             self.counters["detector_snapshot_errors"] += 1
             log.error("detector state not saved to %s: %s", self._detect_path, exc)
 
+    def _queue_rules_snapshot(self) -> None:
+        """A snapshot of the rules' state (taken here, between two messages) behind what the
+        writer holds: saved once all of it is written, it replaces the journal."""
+        now = time.monotonic()
+        if not self._keeps_rules or now - self._rules_snapshot_queued < RULES_SNAPSHOT_WAIT_S:
+            return
+        self._rules_snapshot_queued = now
+        self.writer.add([], token=(_RULES, self.parts[0].rules.snapshot()))
+
     async def _save_rules(self) -> None:
         """The rules' state whose effects are all written (runs, silences, open alerts), to
-        ``state_dir``: a restart goes on from it, and an alert open at a crash still resolves.
-        A disk that refuses it is logged; the next one is tried at the next round."""
-        doc, self._rules_written = self._rules_written, None
-        if doc is None or self._rules_path is None:
+        ``state_dir`` before those batches are acknowledged: a snapshot when one came
+        (``rules.json``; the journal then starts afresh), each batch's changes since appended
+        to ``rules.journal``. A restart, a crash included, goes on exactly from the last batch
+        acknowledged. A disk that refuses it is counted and logged, and a snapshot asked for
+        at once (what was not saved is in it; the acks go out all the same, as with the dedup
+        state: a crash before a save works loses that much of the rules' progress)."""
+        full, deltas = self._rules_full, self._rules_deltas
+        path = self._rules_path
+        if (full is None and not deltas) or path is None:
             return
+        self._rules_full, self._rules_deltas = None, []
+
+        def write() -> int:
+            if full is not None:
+                save_rules(full, path)
+            return append_rules(deltas, path) if deltas else 0
+
         try:
-            await asyncio.to_thread(save_rules, doc, self._rules_path)
+            self._rules_journal_bytes = await asyncio.to_thread(write)
             self.counters["rule_state_saves"] += 1
         except OSError as exc:
             self.counters["rule_state_save_errors"] += 1
-            log.error("rule state not saved to %s: %s", self._rules_path, exc)
+            log.error("rule state not saved to %s: %s", path, exc)
+            self._rules_snapshot_queued = -RULES_SNAPSHOT_WAIT_S
+            self._queue_rules_snapshot()
+            return
+        if self._rules_journal_bytes > RULES_JOURNAL_MAX:
+            self._queue_rules_snapshot()
 
     def request_reload(self) -> None:
         """Reload the registry at the next health tick (SIGHUP)."""

@@ -73,10 +73,14 @@ def test_r1_worker_sigkilled_repeatedly(rig: Rig) -> None:
 def test_a_rule_alert_is_not_opened_twice_across_worker_kills(rig: Rig) -> None:
     """Pattern rules keep their state through SIGKILLs of the worker: a rule true of every
     window (`count` above 0) opens one alert per series and never a second one. Before, each
-    restart forgot the alerts open and opened new ones (the first left open for good)."""
+    restart forgot the alerts open and opened new ones (the first left open for good). One
+    that needs ten windows in a row (the kills come within the first ten) opens at each
+    series' first window, as without the kills: a run in progress goes on counting (before
+    the journal, each kill restarted it, and it never opened)."""
     with rig.cloud_cfg.open("a") as fh:
-        fh.write('\n[[rules]]\nname = "always"\nkind = "consecutive"\nfield = "count"\n'
-                 'above = 0\ncount = 1\n')
+        for name, count in (("always", 1), ("ten", 10)):
+            fh.write(f'\n[[rules]]\nname = "{name}"\nkind = "consecutive"\nfield = "count"\n'
+                     f'above = 0\ncount = {count}\n')
     rig.start_chain(fleet_s=14)
     for _ in range(2):
         time.sleep(4)
@@ -85,11 +89,16 @@ def test_a_rule_alert_is_not_opened_twice_across_worker_kills(rig: Rig) -> None:
     rig.wait_fleet()
     finish(rig)
     doc: Any = rig.influx.query('SELECT "opened", "state" FROM "alerts" WHERE "source" = '
-                                '\'rule\' GROUP BY "device", "metric"')
+                                '\'rule\' GROUP BY "name", "device", "metric"')
     series = doc["results"][0].get("series", [])
-    assert len(series) == rig.spec.devices_per_gateway, series  # one sensor each
+    assert len(series) == 2 * rig.spec.devices_per_gateway, series  # one sensor each
     for s in series:
         assert [v[2] for v in s["values"]] == ["open"], s
+    doc = rig.influx.query(f'SELECT first("count") FROM "aggregates" WHERE "window" = '
+                           f'\'{LABEL}\' GROUP BY "device"')
+    first = {s["tags"]["device"]: s["values"][0][0] for s in doc["results"][0]["series"]}
+    ten = {s["tags"]["device"]: s["values"][0][1] for s in series if s["tags"]["name"] == "ten"}
+    assert ten == first
 
 
 def test_r2_partition_then_heal_drains_fast(rig: Rig) -> None:
