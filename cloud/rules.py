@@ -736,9 +736,13 @@ class RuleEngine:
                       "(an alert open before the restart does not resolve)", path, exc,
                       path.name + ".unreadable")
             return False
-        if bad:
+        if bad:  # what is appended next must not follow a line that cannot be read
             log.warning("rule state journal %s: %d line(s) after line %d unreadable, left out",
                         journal, bad, len(records))
+            try:
+                save_rules(self.snapshot(), path)
+            except OSError as exc:
+                log.error("rule state not saved to %s: %s", path, exc)
         return True
 
     # ---- plumbing --------------------------------------------------------------------------

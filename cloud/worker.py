@@ -94,6 +94,8 @@ def _keep_rows(batch: ResultBatch, keep: np.ndarray, superseded: SupersededRows 
         sk_keys=kept.sk_keys, sk_counts=kept.sk_counts, sk_offsets=kept.sk_offsets,
         superseded=superseded)
     return replace(batch, results=results)
+
+
 RULES_JOURNAL_MAX = 64 << 20  # the rules' journal past this: a snapshot replaces it
 RULES_SNAPSHOT_WAIT_S = 60.0  # a rules snapshot queued: the next once it is written, or after this
 DETECT_SNAPSHOT_S = 300.0  # how often the detector state is saved to state_dir (and at stop)

@@ -290,9 +290,17 @@ def test_the_journal_of_each_batch_restores_the_rules_exactly_where_they_were(
             with journal_path(path).open("ab") as fh:
                 fh.write(b'{"n": 99999, "d": [["series", ["hot", "gw"')  # torn
             after = engine(*specs)
+            after.journaled = True
             assert after.load(path)
+            # the torn line is gone before anything is appended after it
+            assert b"99999" not in journal_path(path).read_bytes()
             for k in range(cut, len(means)):
                 got += feed(after, *batch(k))
+                append_rules([after.take_delta() or {"n": 0, "d": []}], path)
+                if k == cut:  # and a second restart reads what came after it
+                    after = engine(*specs)
+                    after.journaled = True
+                    assert after.load(path)
             assert got == whole, (snap_at, cut)
 
 
