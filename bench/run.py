@@ -14,6 +14,7 @@ from bench import (
     jetstream,
     latency,
     pipeline,
+    rules,
     simulator,
     sketches,
     uplink,
@@ -29,6 +30,7 @@ def main() -> None:
     uplink.main()
     latency.main()
     custody.main()
+    rules.main()
     broker.main()
     jetstream.main()
     simulator.main()

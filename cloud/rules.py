@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 from cloud.detect.stage import AlertEvent, Detections
 from cloud.enrich import EnrichedResults
@@ -273,6 +274,7 @@ class RuleEngine:
     journaled: bool = False
     number: int = 0  # of the last delta or snapshot taken: a journal replays only newer ones
     _dirty: dict[str, set[Any]] = field(default_factory=dict)  # (last_end: (rule, key))
+    _moved: list[tuple[tuple[str, str, str, str, str], _Series]] = field(default_factory=list)
     _site_newest: int = -(1 << 62)  # newest event time a site rule counted
     _site_pruned: int = -(1 << 62)
 
@@ -383,6 +385,8 @@ class RuleEngine:
         out = [replace(a, state="resolved", until=max(until, a.opened),
                         message=f"{a.device} {a.metric}: rule {a.rule} is no longer configured")
                for a in self.orphans]
+        for a in self.orphans:  # gone from the open ones a snapshot before may hold
+            self._mark("open", ident(a))
         self.orphans = []
         self._mark("orphans", None)
         return out
@@ -402,7 +406,8 @@ class RuleEngine:
         values = fields.get(rule.field)
         if values is None:
             return out
-        mark = self._marker("series")
+        # the series this batch moves on, with their state (serialised at take_delta)
+        moved = self._moved.append if self.journaled else None
         for i in order.tolist():
             if not self._selected(rule, rows, i):
                 continue
@@ -412,8 +417,8 @@ class RuleEngine:
             if start <= st.learned:
                 continue  # a revision, or older than what was taken: taken once
             st.learned = start
-            if mark is not None:
-                mark(key)
+            if moved is not None:
+                moved((key, st))
             v = float(values[i])
             end = start + int(rows.width[i])
             if rule.kind == "consecutive":
@@ -574,6 +579,7 @@ class RuleEngine:
     def snapshot(self) -> dict[str, Any]:
         """Every entry, numbered after the deltas taken so far."""
         self._dirty.clear()
+        self._moved.clear()
         self.number += 1
         keys: dict[str, Any] = {st: list(getattr(self, st)) for st in (
             "series", "seq_first", "site_hits", "site_open", "open", "waits", "site_live",
@@ -586,11 +592,12 @@ class RuleEngine:
 
     def take_delta(self) -> dict[str, Any] | None:
         """The entries changed since the last delta or snapshot (None: nothing changed)."""
-        if not any(self._dirty.values()):
+        if not self._moved and not any(self._dirty.values()):
             return None
         self.number += 1
-        d = self._entries(self._dirty)
-        self._dirty = {}
+        d = [("series", k, _series_row(st)) for k, st in self._moved]
+        d += self._entries(self._dirty)  # after: a series gone since is gone
+        self._moved, self._dirty = [], {}
         return {"n": self.number, "d": d}
 
     def _entries(self, keys: Mapping[str, Any]) -> list[Any]:
@@ -599,13 +606,12 @@ class RuleEngine:
         for struct, ks in keys.items():
             if struct == "series":
                 ser = self.series
-                out += [("series", k, None if (s := ser.get(k)) is None else (
-                    s.learned, s.run, s.run_start, s.open_since,
-                    s.last_value if s.last_value == s.last_value else None, s.last_time))
-                    for k in ks]
+                out += [("series", k, None if (s := ser.get(k)) is None else _series_row(s))
+                        for k in ks]
             elif struct in ("last_end", "absent"):
                 m = getattr(self, struct)
-                out += [(struct, (r, *k), m.get(r, {}).get(k)) for r, k in ks]
+                none: dict[Any, int] = {}
+                out += [(struct, (r, *k), m.get(r, none).get(k)) for r, k in ks]
             else:
                 out += [(struct, k, self._value(struct, k)) for k in ks]
         return out
@@ -817,6 +823,11 @@ def _site_of(rows: EnrichedResults, device: str) -> str:
         return "unknown"
 
 
+def _series_row(s: _Series) -> tuple[int, int, int, int | None, float | None, int]:
+    v = s.last_value
+    return s.learned, s.run, s.run_start, s.open_since, None if math.isnan(v) else v, s.last_time
+
+
 def _alert_row(a: RuleAlert) -> list[Any]:
     return [a.rule, a.kind, a.level, a.gateway, a.site, a.device, a.metric, a.window, a.opened,
             None if math.isnan(a.value) else a.value, a.message]
@@ -885,8 +896,7 @@ def append_rules(records: Sequence[Mapping[str, Any]], path: Path) -> int:
     """Deltas (:meth:`RuleEngine.take_delta`) appended to the journal beside ``path``, on
     disk before this returns; the journal's size after."""
     with journal_path(path).open("ab") as fh:
-        fh.write(b"".join(json.dumps(r, separators=(",", ":")).encode() + b"\n"
-                          for r in records))
+        fh.write(b"".join(orjson.dumps(r) + b"\n" for r in records))
         fh.flush()
         os.fsync(fh.fileno())
         return fh.tell()

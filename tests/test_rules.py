@@ -305,7 +305,7 @@ def test_the_journal_of_each_batch_restores_the_rules_exactly_where_they_were(
 
 
 def test_the_state_of_a_rule_no_longer_configured_is_dropped_and_its_alerts_closed(
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
     """A rule removed from the config between two runs: its state is not carried on for good,
     and the alerts it had open (which nothing would judge again) are resolved with the next
     batch, overwriting the points that opened them; with every rule removed too."""
@@ -336,6 +336,22 @@ def test_the_state_of_a_rule_no_longer_configured_is_dropped_and_its_alerts_clos
             assert "no longer configured" in closed[0].message
             assert feed(eng, [Win("d", "t", T0 + 4 * W, 90.0)]) == []  # once
             assert "hot" not in json.dumps(eng.snapshot())
+    # journaled (the worker's single path): once closed, the next restart closes none again
+    from cloud.rules import append_rules
+
+    path = tmp_path / "rules.json"
+    for rules in ([silent], []):
+        save_rules(before.snapshot(), path)
+        live = engine(*rules)
+        live.journaled = True
+        assert live.load(path)
+        got = feed(live, [Win("d", "t", T0 + 3 * W, 90.0)])
+        assert [a.state for a in got] == ["resolved"]
+        append_rules([live.take_delta() or {}], path)
+        back = engine(*rules)
+        assert back.load(path)
+        assert back.orphans == []
+        assert feed(back, [Win("d", "t", T0 + 4 * W, 90.0)]) == []
     same = engine(hot, silent)
     caplog.clear()
     with caplog.at_level("WARNING"):
