@@ -30,7 +30,6 @@ a rule removed from the config are resolved with the next batch after the restar
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -732,7 +731,7 @@ class RuleEngine:
         if raw is None and not records:
             return False
         try:
-            doc = json.loads(raw) if raw is not None else {"v": STATE_VERSION, "n": 0, "d": []}
+            doc = orjson.loads(raw) if raw is not None else {"v": STATE_VERSION, "n": 0, "d": []}
             self.restore(doc, records)
         except ValueError as exc:  # JSON errors included
             for f in (path, journal):
@@ -872,7 +871,7 @@ def _read_journal(path: Path) -> tuple[list[Any], int]:
     records: list[Any] = []
     for i, line in enumerate(lines):
         try:
-            records.append(json.loads(line))
+            records.append(orjson.loads(line))
         except ValueError:
             return records, len(lines) - i
     return records, 0
@@ -883,8 +882,8 @@ def save_rules(doc: Mapping[str, Any], path: Path) -> None:
     it holds is older than the snapshot: replayed on top of it, it would be skipped). Take
     the snapshot where the rules run, write it anywhere: a thread."""
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as fh:
-        json.dump(doc, fh)
+    with tmp.open("wb") as fh:
+        fh.write(orjson.dumps(doc))
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
