@@ -112,6 +112,11 @@ STATE_VERSION = 2
 STATE_FIELDS = ("series", "last_end", "absent", "seq_first", "site_hits", "site_open", "open",
                 "waits", "site_live", "site_alert", "orphans", "number")
 SITE_HORIZON_MS = 6 * 3_600_000  # a site rule counts events this far behind its newest
+SEEN_MAX = 200  # metric names and window specs kept to name when a rule matches none
+
+
+def _few(names: Sequence[str], n: int = 12) -> str:
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "") if names else "nothing"
 
 
 def _wait(w: Sequence[Any]) -> list[Any]:
@@ -274,6 +279,10 @@ class RuleEngine:
     number: int = 0  # of the last delta or snapshot taken: a journal replays only newer ones
     _dirty: dict[str, set[Any]] = field(default_factory=dict)  # (last_end: (rule, key))
     _moved: list[tuple[tuple[str, str, str, str, str], _Series]] = field(default_factory=list)
+    # since the process started: the windows each window or absence rule judged, and what the
+    # results were (metric, window spec): a rule that judges none names what it waits for
+    judged: dict[str, int] = field(default_factory=dict)
+    seen: dict[str, set[str]] = field(default_factory=lambda: {"metric": set(), "window": set()})
     _site_newest: int = -(1 << 62)  # newest event time a site rule counted
     _site_pruned: int = -(1 << 62)
 
@@ -294,6 +303,9 @@ class RuleEngine:
             return out
         order = np.lexsort((rows.start,))
         fields = _fields(rows)
+        for what, values in (("metric", rows.metric), ("window", rows.window)):
+            if len(self.seen[what]) < SEEN_MAX:
+                self.seen[what].update(values)
         for rule in self.rules:
             if rule.kind in ("consecutive", "rate"):
                 out += self._window_rule(rule, rows, order, fields)
@@ -407,9 +419,11 @@ class RuleEngine:
             return out
         # the series this batch moves on, with their state (serialised at take_delta)
         moved = self._moved.append if self.journaled else None
+        judged = 0
         for i in order.tolist():
             if not self._selected(rule, rows, i):
                 continue
+            judged += 1
             key = (rule.name, rows.gateway, rows.device[i], rows.metric[i], rows.window[i])
             st = self.series.setdefault(key, _Series())
             start = int(rows.start[i])
@@ -441,6 +455,28 @@ class RuleEngine:
             elif not hit and st.open_since is not None:
                 out.append(self._alert(rule, rows, i, "resolved", st.open_since, end, shown))
                 st.open_since = None
+        self.judged[rule.name] = self.judged.get(rule.name, 0) + judged
+        return out
+
+    def idle(self) -> list[dict[str, str]]:
+        """The window and absence rules that have judged no window since the process started,
+        each with what in it matches none of the results that came (a metric or a window
+        spec misspelt, a percentile the windows do not compute): such a rule never fires."""
+        out = []
+        seen = {k: sorted(v) for k, v in self.seen.items()}
+        for r in self.rules:
+            if r.kind not in ("consecutive", "rate", "absence") or self.judged.get(r.name):
+                continue
+            if r.metric is not None and r.metric not in self.seen["metric"]:
+                why = f"no result has metric {r.metric!r} (seen: {_few(seen['metric'])})"
+            elif r.windows and not set(r.windows) & self.seen["window"]:
+                why = (f"no result is of window spec {' or '.join(map(repr, r.windows))} (seen: "
+                       f"{_few(seen['window'])}; without `windows`, the gateway's first)")
+            elif r.kind != "absence" and r.field not in FIELDS:
+                why = f"no window spec computes {r.field!r} (a percentile of its `percentiles`)"
+            else:
+                why = "none of the results matches its metric and window spec together"
+            out.append({"rule": r.name, "why": why})
         return out
 
     def _absence(self, rule: Rule, rows: EnrichedResults) -> list[RuleAlert]:
@@ -452,6 +488,8 @@ class RuleEngine:
         absent = self.absent.setdefault(rule.name, {})
         latest: dict[tuple[str, str, str], tuple[int, int]] = {}
         mark = self._marker("last_end")
+        self.judged[rule.name] = self.judged.get(rule.name, 0) + sum(
+            1 for m in rows.metric if rule.metric is None or m == rule.metric)
         for i in range(len(rows)):
             if rule.metric is not None and rows.metric[i] != rule.metric:
                 continue

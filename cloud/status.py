@@ -180,6 +180,10 @@ def assess(doc: Mapping[str, Any], now_ms: int, *, alive: bool,
                            f"the last {duration(HEARD_FOR_MS)} have sent no health report for "
                            f"{duration(QUIET_MS)} (down, or their uplink): {shown}")
     st.judge_certificate(v, doc.get("cert"), now_ms)
+    for r in doc.get("rules_idle") or []:
+        v.add(WARNING, f"rule {r.get('rule')!r} has judged none of the "
+                       f"{int(s.get('results_in', 0)):,} results since the worker started: "
+                       f"{r.get('why')}; it cannot fire (`[[rules]]` in its config)")
     for key, text in SINCE_START:
         if s.get(key):
             v.add(WARNING, f"{int(s[key]):,} "

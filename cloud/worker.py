@@ -39,7 +39,7 @@ from cloud.points import (
     superseded_identities,
 )
 from cloud.refdata import ReferenceData
-from cloud.rules import append_rules, journal_path, save_rules
+from cloud.rules import RuleEngine, append_rules, journal_path, save_rules
 from cloud.sinks import build_sink
 from cloud.sinks.base import BufferedWriter, Sink
 from cloud.sinks.points import Points
@@ -96,6 +96,7 @@ def _keep_rows(batch: ResultBatch, keep: np.ndarray, superseded: SupersededRows 
     return replace(batch, results=results)
 
 
+RULES_IDLE_AFTER = 1_000  # results taken before a rule that judged none of them is named
 RULES_JOURNAL_MAX = 64 << 20  # the rules' journal past this: a snapshot replaces it
 RULES_SNAPSHOT_WAIT_S = 60.0  # a rules snapshot queued: the next once it is written, or after this
 DETECT_SNAPSHOT_S = 300.0  # how often the detector state is saved to state_dir (and at stop)
@@ -179,6 +180,7 @@ class CloudWorker:
         self._started = self.clock.now_ms()
         self._links = Links()
         self._status_failed = False
+        self._idle_said: set[str] = set()  # rules logged as judging nothing
         # (gateway, incarnation) -> (acked, rejected) batch numbers, sent by the acker task
         self._acks: dict[tuple[str, int], tuple[list[int], list[int], dict[int, str],
                                                 list[int]]] = {}
@@ -716,6 +718,7 @@ class CloudWorker:
                                  "last_error": w.last_error}},
                 "gateways": {"heard": len(heard), "quiet": len(quiet),
                              "quiet_names": quiet[:QUIET_SHOWN]},
+                "rules_idle": self.rules_idle(),
                 "stats": self.stats() if stats is None else stats})
             if self._heard_path is not None:
                 save_heard(self._heard_path, self.gateways_heard)
@@ -724,6 +727,27 @@ class CloudWorker:
             if not self._status_failed:
                 log.warning("cannot write the worker's status under %s: %s", c.state_dir, exc)
             self._status_failed = True
+
+    def rules_idle(self) -> list[dict[str, str]]:
+        """The window and absence rules that judged none of the results since the worker
+        started, once ``RULES_IDLE_AFTER`` came (a metric or window spec misspelt: the rule
+        can never fire), each logged once."""
+        results = self.counters["results_in"]
+        if not self.config.rules or results < RULES_IDLE_AFTER or not self.parts:
+            return []
+        merged = RuleEngine(self.config.rules)
+        for part in self.parts.values():
+            for name, n in part.rules.judged.items():
+                merged.judged[name] = merged.judged.get(name, 0) + n
+            for what, names in part.rules.seen.items():
+                merged.seen[what] |= names
+        idle = merged.idle()
+        for r in idle:
+            if r["rule"] not in self._idle_said:
+                self._idle_said.add(r["rule"])
+                log.warning("rule %s has judged none of the %s results since the worker "
+                            "started: %s; it cannot fire", r["rule"], f"{results:,}", r["why"])
+        return idle
 
     # ---- async shell --------------------------------------------------------------------
 

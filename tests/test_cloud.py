@@ -183,6 +183,43 @@ def test_a_rule_alert_open_when_the_worker_dies_still_resolves_after_its_restart
     assert third.stats()["rule_alerts_opened"] == 1
 
 
+def test_a_rule_that_can_never_fire_is_named_in_the_status_and_the_log(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A rule whose metric is misspelt judges no window: once the worker has taken 1,000
+    results it names the rule in its status (``fieldline cloud status`` says WARNING, with
+    the metrics that came) and logs it once; a rule that judges them is not named."""
+    from cloud import status as cloud_status
+    from cloud.sinks.base import MemorySink
+    from cloud.worker import RULES_IDLE_AFTER
+
+    rules = parse_rules([
+        {"name": "typo", "kind": "consecutive", "metric": "temprature", "above": 80.0},
+        {"name": "hot", "kind": "consecutive", "metric": "temperature", "above": 80.0}])
+    cfg = CloudConfig(worker_id="t", broker=BrokerAddress(host="127.0.0.1", port=1),
+                      influx=InfluxConfig(), state_dir=tmp_path, rules=rules)
+    w = CloudWorker(cfg, source=object(), sink=MemorySink())  # type: ignore[arg-type]
+    devices = [f"dev-{i}" for i in range(100)]
+
+    def status() -> tuple[int, str]:
+        w.write_status("running")
+        return cloud_status.status_command(tmp_path, as_json=False, now_ms=w.clock.now_ms())
+
+    k = 0
+    while w.counters["results_in"] < RULES_IDLE_AFTER:
+        assert "typo" not in status()[1]  # not before it had its chance
+        b = tumbling_batch(k + 1, devices, T + 10_000 * k, [10] * 100, [20.0] * 100, [0] * 100)
+        w.handle(SourceMessage(0, k + 1, results_topic("gw-1"), b.encode()))
+        k += 1
+    with caplog.at_level("WARNING"):
+        code, text = status()
+        status()
+    assert code == cloud_status.WARNING, text
+    assert ("rule 'typo' has judged none of the 1,000 results since the worker started: no "
+            "result has metric 'temprature' (seen: temperature); it cannot fire") in text, text
+    assert "'hot'" not in text
+    assert caplog.text.count("rule typo has judged none") == 1, caplog.text
+
+
 RULES = parse_rules([{"name": "hot", "kind": "consecutive", "field": "mean", "above": 1e9},
                      {"name": "silent", "kind": "absence", "after": "1h"}])
 

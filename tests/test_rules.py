@@ -145,6 +145,30 @@ def test_a_site_rule_forgets_its_old_minutes_but_not_an_open_alert() -> None:
     assert min(k[2] for k in eng.site_hits) > T0
 
 
+def test_a_rule_that_matches_no_result_says_what_it_waits_for() -> None:
+    """A metric or window spec misspelt in a rule, or a percentile the windows do not
+    compute: the rule judges nothing and can never fire, which nothing showed. The rules
+    that judged no window name what in them matched none of the results, and what came."""
+    eng = engine(
+        {"name": "typo", "kind": "consecutive", "metric": "temprature", "above": 1},
+        {"name": "spec", "kind": "rate", "above": 1, "windows": ["60s"]},
+        {"name": "pct", "kind": "consecutive", "field": "p95", "above": 1},
+        {"name": "gone", "kind": "absence", "metric": "humidity"},
+        {"name": "fine", "kind": "consecutive", "metric": "t", "windows": ["1m"], "above": 1},
+        {"name": "quiet", "kind": "absence"},
+        {"name": "site", "kind": "site", "event": "anomaly"})  # events: rare by nature
+    assert [r["rule"] for r in eng.idle()] == ["typo", "spec", "pct", "gone", "fine", "quiet"]
+    for k in range(3):
+        feed(eng, [Win("d", "t", T0 + k * W, 1.0), Win("d", "p", T0 + k * W, 1.0)])
+    why = {r["rule"]: r["why"] for r in eng.idle()}
+    assert why == {
+        "typo": "no result has metric 'temprature' (seen: p, t)",
+        "spec": "no result is of window spec '60s' (seen: 1m; without `windows`, the "
+                "gateway's first)",
+        "pct": "no window spec computes 'p95' (a percentile of its `percentiles`)",
+        "gone": "no result has metric 'humidity' (seen: p, t)"}, why
+
+
 def test_replay_and_revisions_do_not_raise_twice() -> None:
     spec = {"name": "hot", "kind": "consecutive", "metric": "t", "above": 80, "count": 2}
     eng = engine(spec)

@@ -329,6 +329,10 @@ def _ago(ms: int) -> int:
     ({"cert": {"what": "of the link to mqtts://cloud:8883 (ca.crt)",
                "not_after": _ago(-5 * 86_400_000 - 3_600_000)}}, 0, WARNING,
      "the TLS certificate of the link to mqtts://cloud:8883 (ca.crt) expires in 5 days"),
+    ({"rules_idle": [{"rule": "hot", "why": "no result has metric 'temprature' (seen: t)"}],
+      "stats": {"results_in": 1200}}, 0, WARNING,
+     "rule 'hot' has judged none of the 1,200 results since the worker started: no result has "
+     "metric 'temprature' (seen: t); it cannot fire"),
     ({"stats": {"unknown_device_results": 9}}, 0, OK, "9 results of devices the registry"),
     ({"member": "1/3", "stats": {"partitions_owned": 0}}, 0, OK,
      "owns no partition: a hot standby"),
