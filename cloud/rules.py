@@ -632,7 +632,11 @@ class RuleEngine:
         if not self._moved and not any(self._dirty.values()):
             return None
         self.number += 1
-        d = [("series", k, _series_row(st)) for k, st in self._moved]
+        isnan = math.isnan
+        d: list[Any] = [("series", k, (
+            st.learned, st.run, st.run_start, st.open_since,
+            None if isnan(st.last_value) else st.last_value, st.last_time))
+            for k, st in self._moved]  # (_series_row, inlined: 20,000 calls a batch)
         d += self._entries(self._dirty)  # after: a series gone since is gone
         self._moved, self._dirty = [], {}
         return {"n": self.number, "d": d}
@@ -915,18 +919,20 @@ def _read_journal(path: Path) -> tuple[list[Any], int]:
     return records, 0
 
 
-def save_rules(doc: Mapping[str, Any], path: Path) -> None:
+def save_rules(doc: Mapping[str, Any], path: Path) -> int:
     """A :meth:`RuleEngine.snapshot` to ``path``, atomically, then the journal emptied (what
-    it holds is older than the snapshot: replayed on top of it, it would be skipped). Take
-    the snapshot where the rules run, write it anywhere: a thread."""
+    it holds is older than the snapshot: replayed on top of it, it would be skipped); its
+    size. Take the snapshot where the rules run, write it anywhere: a thread."""
     tmp = path.with_name(path.name + ".tmp")
+    data = orjson.dumps(doc)
     with tmp.open("wb") as fh:
-        fh.write(orjson.dumps(doc))
+        fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     with contextlib.suppress(FileNotFoundError):
         os.truncate(journal_path(path), 0)
+    return len(data)
 
 
 def append_rules(records: Sequence[Mapping[str, Any]], path: Path) -> int:
