@@ -205,19 +205,25 @@ def test_misconfigured_rules_name_the_key(spec: dict[str, object], key: str) -> 
     assert info.value.key == key
 
 
-def test_the_rules_go_on_after_a_restart_from_their_saved_state(tmp_path: Path) -> None:
-    """Their state outlives the process (a worker restarted, a partition's next owner): an
-    alert open when the worker stopped resolves afterwards, a silence and a sequence go on,
-    exactly as without the stop; a file that cannot be read is kept aside, the rules start
-    afresh."""
-    specs: list[dict[str, object]] = [
+def stateful_rules(hot_count: int) -> list[dict[str, object]]:
+    """A rule of each kind that carries state from one batch to the next (a run, a silence,
+    a first event, a site's devices)."""
+    return [
         {"name": "hot", "kind": "consecutive", "metric": "t", "field": "max", "above": 80,
-         "count": 2},
+         "count": hot_count},
         {"name": "silent", "kind": "absence", "after": "3m"},
         {"name": "p_then_t", "kind": "sequence", "first": "anomaly:p", "then": "anomaly:t",
          "within": "10m"},
         {"name": "site_wide", "kind": "site", "event": "anomaly", "devices": 2,
          "within": "10m"}]
+
+
+def test_the_rules_go_on_after_a_restart_from_their_saved_state(tmp_path: Path) -> None:
+    """Their state outlives the process (a worker restarted, a partition's next owner): an
+    alert open when the worker stopped resolves afterwards, a silence and a sequence go on,
+    exactly as without the stop; a file that cannot be read is kept aside, the rules start
+    afresh."""
+    specs = stateful_rules(hot_count=2)
     means = [70, 85, 86, 87, 70, 70, 85, 86, 70]
 
     def batch(k: int) -> tuple[list[Win], list[AlertEvent]]:
@@ -272,14 +278,7 @@ def test_the_journal_of_each_batch_restores_the_rules_exactly_where_they_were(
     while it was written) is left out, and its batch, never acknowledged, comes again."""
     from cloud.rules import append_rules, journal_path
 
-    specs: list[dict[str, object]] = [
-        {"name": "hot", "kind": "consecutive", "metric": "t", "field": "max", "above": 80,
-         "count": 3},
-        {"name": "silent", "kind": "absence", "after": "3m"},
-        {"name": "p_then_t", "kind": "sequence", "first": "anomaly:p", "then": "anomaly:t",
-         "within": "10m"},
-        {"name": "site_wide", "kind": "site", "event": "anomaly", "devices": 2,
-         "within": "10m"}]
+    specs = stateful_rules(hot_count=3)
     means = [70, 85, 86, 70, 85, 86, 87, 88, 70, 90, 91, 92, 93, 70]
 
     def batch(k: int) -> tuple[list[Win], list[AlertEvent]]:
