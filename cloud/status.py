@@ -317,6 +317,9 @@ def render(doc: Mapping[str, Any], verdict: Verdict, now_ms: int,
         f"disk     {disk.path}: {size(disk.free)} free of {size(disk.total)}" if disk else
         "disk     (not readable)",
     ]
+    if s.get("rule_alerts_opened") or s.get("rule_alerts_open"):
+        lines.append(f"rules    {n('rule_alerts_open')} alerts open, {n('rule_alerts_opened')} "
+                     f"opened / {n('rule_alerts_resolved')} resolved since the start")
     if _partitioned(doc):
         lines.append(f"engine   {n('partitions_owned')} partitions owned, snapshots every "
                      f"{float(s.get('engine_snapshot_every_s', 0)):.0f} s")

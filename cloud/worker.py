@@ -598,6 +598,7 @@ class CloudWorker:
             "alerts_resolved": c["alerts_resolved"],
             "rule_alerts_opened": c["rule_alerts_opened"],
             "rule_alerts_resolved": c["rule_alerts_resolved"],
+            "rule_alerts_open": sum(len(p.rules.open) for p in self.parts.values()),
             "acks_sent": c["acks_sent"],
             "acks_unsent": c["acks_unsent"],
             "batches_rejected": c["batches_rejected"],

@@ -160,11 +160,14 @@ def test_a_rule_alert_open_when_the_worker_dies_still_resolves_after_its_restart
     asyncio.run(live())
     assert broker.acked == [1, 2, 3]
     assert first.stats()["rule_alerts_opened"] == 1
+    assert first.stats()["rule_alerts_open"] == 1
     # killed here: no clean stop, no periodic save
     second = CloudWorker(cfg, source=broker, sink=MemorySink())  # type: ignore[arg-type]
+    assert second.stats()["rule_alerts_open"] == 1  # restored
     second.handle(batch(3, 20.0))
     assert second.stats()["rule_alerts_resolved"] == 1
     assert second.stats()["rule_alerts_opened"] == 0
+    assert second.stats()["rule_alerts_open"] == 0
 
     # a batch that opens nothing moves a run on all the same: acknowledged, its part of the
     # run is on disk (the journal) before the ack, and the next worker goes on counting

@@ -333,6 +333,8 @@ def _ago(ms: int) -> int:
       "stats": {"results_in": 1200}}, 0, WARNING,
      "rule 'hot' has judged none of the 1,200 results since the worker started: no result has "
      "metric 'temprature' (seen: t); it cannot fire"),
+    ({"stats": {"rule_alerts_open": 2, "rule_alerts_opened": 5, "rule_alerts_resolved": 3}},
+     0, OK, "rules    2 alerts open, 5 opened / 3 resolved since the start"),
     ({"stats": {"unknown_device_results": 9}}, 0, OK, "9 results of devices the registry"),
     ({"member": "1/3", "stats": {"partitions_owned": 0}}, 0, OK,
      "owns no partition: a hot standby"),
