@@ -34,7 +34,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -394,7 +394,8 @@ class RuleEngine:
 
     def _close_orphans(self, until: int) -> list[RuleAlert]:
         out = [replace(a, state="resolved", until=max(until, a.opened),
-                        message=f"{a.device} {a.metric}: rule {a.rule} is no longer configured")
+                        message=f"{a.device} {a.metric}: rule {a.rule} is no longer configured "
+                                "(removed, or changed)")
                for a in self.orphans]
         for a in self.orphans:  # gone from the open ones a snapshot before may hold
             self._mark("open", ident(a))
@@ -625,7 +626,8 @@ class RuleEngine:
             keys[st] = [(r, k) for r, d in getattr(self, st).items() for k in d]
         if self.orphans:
             keys["orphans"] = [None]
-        return {"v": STATE_VERSION, "n": self.number, "d": self._entries(keys)}
+        return {"v": STATE_VERSION, "n": self.number, "d": self._entries(keys),
+                "rules": {r.name: _definition(r) for r in self.rules}}
 
     def take_delta(self) -> dict[str, Any] | None:
         """The entries changed since the last delta or snapshot (None: nothing changed)."""
@@ -731,7 +733,12 @@ class RuleEngine:
         except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:
             raise ValueError(f"rule state unreadable ({type(exc).__name__}: {exc})") from None
         fresh._dirty.clear()
-        names = {r.name for r in self.rules}
+        # a rule changed since (its definition as the snapshot has it) starts afresh, as one
+        # removed and added: its runs counted another limit, its alerts another condition
+        before = doc.get("rules") or {}
+        changed = {r.name for r in self.rules
+                   if r.name in before and before[r.name] != _definition(r)}
+        names = {r.name for r in self.rules} - changed
         gone = ({k[0] for k in fresh.series} | set(fresh.last_end) | set(fresh.absent)
                 | {k[0] for k in fresh.seq_first} | {k[0] for k in fresh.site_hits}
                 | {k[0] for k in fresh.open} | {a.rule for a in fresh.orphans}) - names
@@ -739,9 +746,10 @@ class RuleEngine:
         fresh.open.update({ident(a): a for a in fresh.orphans if a.rule in names})
         fresh.orphans = [a for a in (*fresh.orphans, *fresh.open.values()) if a.rule in gone]
         if gone:
-            log.warning("rule state: %s no longer configured: %s state dropped; %d alert(s) "
+            log.warning("rule state: %s no longer configured%s: %s state dropped; %d alert(s) "
                         "%s had open are resolved with the next batch",
-                        ", ".join(sorted(gone)), "its" if len(gone) == 1 else "their",
+                        ", ".join(sorted(gone)), " as it was" if gone <= changed else "",
+                        "its" if len(gone) == 1 else "their",
                         len(fresh.orphans), "it" if len(gone) == 1 else "they")
         fresh.open = {k: a for k, a in fresh.open.items() if a.rule in names}
         fresh.series = {k: v for k, v in fresh.series.items() if k[0] in names}
@@ -757,6 +765,17 @@ class RuleEngine:
         for f in STATE_FIELDS:
             setattr(self, f, getattr(fresh, f))
         self._dirty.clear()
+
+    def reconfigure(self, rules: Sequence[Rule]) -> None:
+        """Rules read again (the worker's SIGHUP): a rule added starts afresh, one removed
+        has its state dropped and its open alerts resolved with the next batch, one changed
+        both; the others go on."""
+        doc = self.snapshot()
+        self.rules = list(rules)
+        judged, seen = self.judged, self.seen
+        self.restore(doc)
+        self.judged = {k: v for k, v in judged.items() if k in {r.name for r in rules}}
+        self.seen = seen
 
     def load(self, path: Path) -> bool:
         """Restore what :func:`save_rules` and :func:`append_rules` wrote (``path`` and its
@@ -867,6 +886,11 @@ def _site_of(rows: EnrichedResults, device: str) -> str:
 def _series_row(s: _Series) -> tuple[int, int, int, int | None, float | None, int]:
     v = s.last_value
     return s.learned, s.run, s.run_start, s.open_since, None if math.isnan(v) else v, s.last_time
+
+
+def _definition(r: Rule) -> dict[str, Any]:
+    """A rule as JSON data, as a snapshot keeps it to tell a rule changed since."""
+    return orjson.loads(orjson.dumps(asdict(r)))  # type: ignore[no-any-return]
 
 
 def _alert_row(a: RuleAlert) -> list[Any]:

@@ -66,6 +66,8 @@ SINCE_START = (
                                "stay open)"),
     ("registry_reload_errors", "reloads of the device registry that failed (the reference "
                                "data loaded before is kept)"),
+    ("rule_reload_errors", "reloads of the rules (SIGHUP) whose config could not be read (the "
+                           "rules before go on)"),
     ("partition_snapshot_errors", "partition snapshots JetStream did not take (a takeover "
                                   "replays more)"),
     ("dead_letter_file_errors", "dead-lettered points it could not write to {dead_letters}"),

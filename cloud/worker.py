@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from cloud.points import (
     superseded_identities,
 )
 from cloud.refdata import ReferenceData
-from cloud.rules import RuleEngine, append_rules, journal_path, save_rules
+from cloud.rules import Rule, RuleEngine, append_rules, journal_path, save_rules
 from cloud.sinks import build_sink
 from cloud.sinks.base import BufferedWriter, Sink
 from cloud.sinks.points import Points
@@ -64,7 +65,7 @@ from devices.contract import (
     gateway_from_topic,
     peek_batch_id,
 )
-from devices.errors import ContractError
+from devices.errors import ConfigError, ContractError
 from devices.registry import Registry
 from devices.rejects import RejectLog
 from devices.status import Links
@@ -136,6 +137,8 @@ class CloudWorker:
         self.registry = ReferenceData(registry, path=config.registry_path,
                                       catalog=config.catalog)
         self._reload_requested = False
+        # ``[[rules]]`` read again at a SIGHUP (``fieldline cloud run`` sets it: the config file)
+        self.rules_source: Callable[[], Sequence[Rule]] | None = None
         if source is None and config.jetstream is not None:
             from cloud.jetstream import JetStreamSource
 
@@ -599,6 +602,7 @@ class CloudWorker:
             "rule_alerts_opened": c["rule_alerts_opened"],
             "rule_alerts_resolved": c["rule_alerts_resolved"],
             "rule_alerts_open": sum(len(p.rules.open) for p in self.parts.values()),
+            "rule_reload_errors": c["rule_reload_errors"],
             "acks_sent": c["acks_sent"],
             "acks_unsent": c["acks_unsent"],
             "batches_rejected": c["batches_rejected"],
@@ -869,7 +873,7 @@ class CloudWorker:
             self._queue_rules_snapshot()
 
     def request_reload(self) -> None:
-        """Reload the registry at the next health tick (SIGHUP)."""
+        """Reload the registry and the rules at the next health tick (SIGHUP)."""
         self._reload_requested = True
 
     def _check_registry(self) -> None:
@@ -877,8 +881,41 @@ class CloudWorker:
         if self._reload_requested:
             self._reload_requested = False
             self.registry.reload(now)
+            self._reload_rules()
         else:
             self.registry.maybe_reload(now)
+
+    def _reload_rules(self) -> None:
+        """``[[rules]]`` read again from the config (``rules_source``, set by ``fieldline cloud
+        run``): added ones start, removed or changed ones have their open alerts resolved with
+        the next batch, the others go on. A config that cannot be read keeps the rules before
+        (logged, counted)."""
+        if self.rules_source is None:
+            return
+        try:
+            rules = list(self.rules_source())
+        except (ConfigError, OSError) as exc:
+            self.counters["rule_reload_errors"] += 1
+            log.error("SIGHUP: the rules were not read again (%s): the ones before go on", exc)
+            return
+        before = {r.name: r for r in self.config.rules}
+        if rules == list(self.config.rules):
+            log.info("SIGHUP: the rules are as they were")
+            return
+        self.config = replace(self.config, rules=rules)
+        for part in self.parts.values():
+            part.rules.reconfigure(rules)
+        now = {r.name: r for r in rules}
+        changes = (now.keys() - before.keys(), before.keys() - now.keys(),
+                   {k for k in now.keys() & before.keys() if now[k] != before[k]})
+        log.warning("SIGHUP: rules read again: %d added (%s), %d removed (%s), %d changed (%s)",
+                    *(x for names in changes
+                      for x in (len(names), ", ".join(sorted(names)) or "-")))
+        if self._rules_path is not None and not self.per_partition and not self._keeps_rules:
+            self._keeps_rules = True  # rules where there were none: their state is kept now
+            self.parts[0].rules.journaled = True
+        self._rules_snapshot_queued = -RULES_SNAPSHOT_WAIT_S  # what was dropped, on disk too
+        self._queue_rules_snapshot()
 
     async def _health(self, stop: asyncio.Event) -> None:
         last_save = last_snap = time.monotonic()

@@ -310,6 +310,7 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
         usable_dir(cfg.state_dir, "worker.state_dir", str(args.config),
                    lock=f".lock-{cfg.worker_id}" if cfg.jetstream is not None else ".lock")
     worker = CloudWorker(cfg)
+    worker.rules_source = lambda: load_cloud_config(args.config).rules  # read again at SIGHUP
 
     async def main() -> None:
         stop = _stop_event()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 
 from cloud.config import CloudConfig, InfluxConfig
 from cloud.ingest import SourceMessage
-from cloud.rules import parse_rules
+from cloud.rules import Rule, parse_rules
 from cloud.sinks.influx_v1 import InfluxV1Client
 from cloud.worker import CloudWorker
 from devices.contract import ResultBatch, ResultColumns, SupersededRows, results_topic
@@ -184,6 +185,58 @@ def test_a_rule_alert_open_when_the_worker_dies_still_resolves_after_its_restart
     third = CloudWorker(cfg, source=broker, sink=MemorySink())  # type: ignore[arg-type]
     asyncio.run(one(third, 5, 30.0))  # run 2 of 2
     assert third.stats()["rule_alerts_opened"] == 1
+
+
+def test_a_sighup_reads_the_rules_again(tmp_path: Path) -> None:
+    """``systemctl reload``: the worker reads its rules again from its config; a rule removed
+    has its open alert resolved with the next batch, the new state goes to disk at once (a
+    restart does not resolve it a second time); a config that cannot be read keeps the rules
+    before, counted."""
+    from cloud.sinks.base import MemorySink
+    from devices.errors import ConfigError
+
+    hot = {"name": "hot", "kind": "consecutive", "field": "mean", "above": 25.0, "count": 1}
+    cold = {"name": "cold", "kind": "consecutive", "field": "mean", "below": 0.0, "count": 1}
+    cfg = CloudConfig(worker_id="t", broker=BrokerAddress(host="127.0.0.1", port=1),
+                      influx=InfluxConfig(), state_dir=tmp_path, rules=parse_rules([hot]))
+    w = CloudWorker(cfg, source=object(), sink=MemorySink())  # type: ignore[arg-type]
+    now: list[object] = [[cold]]
+
+    def source() -> list[Rule]:
+        if isinstance(now[0], Exception):
+            raise now[0]
+        return parse_rules(now[0])
+
+    w.rules_source = source
+
+    def batch(k: int) -> SourceMessage:
+        b = tumbling_batch(k + 1, ["dev-1"], T + 10_000 * k, [10], [30.0], [0])
+        return SourceMessage(0, k, results_topic("gw-1"), b.encode())
+
+    async def go() -> None:
+        w.handle(batch(0))
+        await w.writer.flush(None)
+        await w._save_rules()
+        assert w.stats()["rule_alerts_open"] == 1
+        w.request_reload()
+        w._check_registry()
+        assert [r.name for r in w.config.rules] == ["cold"]
+        w.handle(batch(1))  # hot's alert resolved with it
+        assert w.stats()["rule_alerts_resolved"] == 1
+        await w.writer.flush(None)
+        await w._save_rules()
+        now[0] = ConfigError("rules[0].kind", "must be one of ...")
+        w.request_reload()
+        w._check_registry()
+        assert w.stats()["rule_reload_errors"] == 1
+        assert [r.name for r in w.config.rules] == ["cold"]
+
+    asyncio.run(go())
+    again = CloudWorker(replace(cfg, rules=parse_rules([cold])), source=object(),
+                        sink=MemorySink())  # type: ignore[arg-type]
+    again.handle(batch(2))
+    assert again.stats()["rule_alerts_resolved"] == 0  # resolved once, before the restart
+    assert again.stats()["rule_alerts_open"] == 0
 
 
 def test_a_rule_that_can_never_fire_is_named_in_the_status_and_the_log(

@@ -228,7 +228,8 @@ def test_a_second_run_on_the_same_state_directory_is_refused_at_start(
     service) would both append to one outbox and rewrite one sequence file and one checkpoint.
     The second fails at start naming the key and the holder's pid; the first runs on untouched;
     once it is gone, stopped or SIGKILLed, the directory can be taken again. (A SIGHUP on the
-    way: the worker reads its registry again, the agent says it has nothing to read again.)"""
+    way: the worker reads its registry and its rules again, a rule added to its config on
+    the way is taken; the agent says it has nothing to read again.)"""
     state = tmp_path / "state"
     cfg = tmp_path / f"{part}.toml"
     if part == "edge":
@@ -238,6 +239,7 @@ def test_a_second_run_on_the_same_state_directory_is_refused_at_start(
         key = "gateway.state_dir"
     else:
         cfg.write_text(f'[worker]\nid = "cloud-1"\nstate_dir = "{state}"\n'
+                       'health_interval = "200ms"\n'
                        '[ingest]\nbroker = "mqtt://127.0.0.1:1"\n'
                        '[influxdb]\nurl = "http://127.0.0.1:2"\n')
         key = "worker.state_dir"
@@ -253,6 +255,9 @@ def test_a_second_run_on_the_same_state_directory_is_refused_at_start(
         assert "Traceback" not in second.stderr
         assert first.poll() is None  # the one holding it runs on
         # and a SIGHUP (systemctl reload, a log rotation's habit) does not end it
+        if part == "cloud":
+            with cfg.open("a") as fh:
+                fh.write('[[rules]]\nname = "hot"\nkind = "consecutive"\nabove = 80\n')
         first.send_signal(signal.SIGHUP)
         time.sleep(1.0)
         assert first.poll() is None
@@ -260,6 +265,9 @@ def test_a_second_run_on_the_same_state_directory_is_refused_at_start(
         first.send_signal(signal.SIGTERM)
         out, _ = first.communicate(timeout=60)
     assert first.returncode == 0, out[-3000:]
+    if part == "cloud":
+        assert "SIGHUP: rules read again: 1 added (hot), 0 removed (-), 0 changed (-)" in out, \
+            out[-3000:]
     # stopped: taken again; SIGKILLed: the lock went with the process, nothing to clean up
     again = subprocess.Popen(run, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -268,6 +268,36 @@ def test_the_rules_go_on_after_a_restart_from_their_saved_state(tmp_path: Path) 
     assert not fresh.load(path)  # no file: nothing to restore
 
 
+def test_rules_read_again_go_on_start_or_close_what_they_had_open(tmp_path: Path) -> None:
+    """The rules read again (a SIGHUP) or changed between two runs: one unchanged goes on
+    (its run, its open alert), one added starts, one removed or changed has its open alert
+    resolved with the next batch (the changed one counted its run against another limit) and
+    starts afresh."""
+    keep = {"name": "keep", "kind": "consecutive", "metric": "t", "above": 80, "count": 2}
+    edit = {"name": "edit", "kind": "consecutive", "metric": "t", "above": 80, "count": 1}
+    drop = {"name": "drop", "kind": "consecutive", "metric": "t", "above": 80, "count": 1}
+    new = {"name": "new", "kind": "consecutive", "metric": "t", "above": 80, "count": 1}
+    edited = {**edit, "count": 3}
+    hot = [Win("d", "t", T0 + k * W, 90.0) for k in range(6)]
+
+    live = engine(keep, edit, drop)
+    got = feed(live, [hot[0]]) + feed(live, [hot[1]])
+    assert sorted(opened(got)) == [("drop", "d", T0), ("edit", "d", T0), ("keep", "d", T0)]
+    path = tmp_path / "rules.json"
+    save_rules(live.snapshot(), path)
+    restarted = engine(keep, edited, new)  # the config edited while the worker was down
+    assert restarted.load(path)
+    live.reconfigure(parse_rules([keep, edited, new]))  # the same edit, read at a SIGHUP
+    for eng in (live, restarted):
+        got = feed(eng, [hot[2]])
+        assert sorted((a.rule, a.state, a.opened) for a in got) == [
+            ("drop", "resolved", T0), ("edit", "resolved", T0), ("new", "open", T0 + 2 * W)]
+        assert "(removed, or changed)" in got[0].message
+        got = feed(eng, [hot[3]]) + feed(eng, [hot[4]])
+        assert opened(got) == [("edit", "d", T0 + 2 * W)]  # 3 in a row from the edit on
+        assert "keep" in {k[0] for k in eng.series}  # it went on: no second alert of it
+
+
 def test_the_journal_of_each_batch_restores_the_rules_exactly_where_they_were(
         tmp_path: Path) -> None:
     """The worker's single path: each batch's changes go to the journal before its ack, a
