@@ -726,6 +726,7 @@ class CloudWorker:
                                  "last_error": w.last_error}},
                 "gateways": {"heard": len(heard), "quiet": len(quiet),
                              "quiet_names": quiet[:QUIET_SHOWN]},
+                "rules": [r.name for r in c.rules],  # in force (a SIGHUP reads them again)
                 "rules_idle": self.rules_idle(),
                 "stats": self.stats() if stats is None else stats})
             if self._heard_path is not None:

@@ -261,6 +261,13 @@ def test_a_second_run_on_the_same_state_directory_is_refused_at_start(
         first.send_signal(signal.SIGHUP)
         time.sleep(1.0)
         assert first.poll() is None
+        if part == "cloud":  # its status names the rules in force once it read them again
+            status = state / "status-cloud-1.json"
+            deadline = time.monotonic() + 30
+            while b'"hot"' not in (status.read_bytes() if status.exists() else b""):
+                assert time.monotonic() < deadline, "the rules were not read again"
+                assert first.poll() is None
+                time.sleep(0.2)
     finally:
         first.send_signal(signal.SIGTERM)
         out, _ = first.communicate(timeout=60)
