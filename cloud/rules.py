@@ -33,7 +33,7 @@ import contextlib
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -634,11 +634,7 @@ class RuleEngine:
         if not self._moved and not any(self._dirty.values()):
             return None
         self.number += 1
-        isnan = math.isnan
-        d: list[Any] = [("series", k, (
-            st.learned, st.run, st.run_start, st.open_since,
-            None if isnan(st.last_value) else st.last_value, st.last_time))
-            for k, st in self._moved]  # (_series_row, inlined: 20,000 calls a batch)
+        d = _series_entries(self._moved)
         d += self._entries(self._dirty)  # after: a series gone since is gone
         self._moved, self._dirty = [], {}
         return {"n": self.number, "d": d}
@@ -648,9 +644,7 @@ class RuleEngine:
         out: list[Any] = []
         for struct, ks in keys.items():
             if struct == "series":
-                ser = self.series
-                out += [("series", k, None if (s := ser.get(k)) is None else _series_row(s))
-                        for k in ks]
+                out += _series_entries((k, self.series.get(k)) for k in ks)
             elif struct in ("last_end", "absent"):
                 m = getattr(self, struct)
                 none: dict[Any, int] = {}
@@ -883,9 +877,13 @@ def _site_of(rows: EnrichedResults, device: str) -> str:
         return "unknown"
 
 
-def _series_row(s: _Series) -> tuple[int, int, int, int | None, float | None, int]:
-    v = s.last_value
-    return s.learned, s.run, s.run_start, s.open_since, None if math.isnan(v) else v, s.last_time
+def _series_entries(pairs: Iterable[tuple[Any, _Series | None]]) -> list[Any]:
+    """The entries of these series (None: gone), in one comprehension: a batch of 10,000
+    devices moves 20,000 of them."""
+    isnan = math.isnan
+    return [("series", k, None if st is None else (
+        st.learned, st.run, st.run_start, st.open_since,
+        None if isnan(st.last_value) else st.last_value, st.last_time)) for k, st in pairs]
 
 
 def _definition(r: Rule) -> dict[str, Any]:

@@ -833,13 +833,15 @@ class CloudWorker:
             self.counters["detector_snapshot_errors"] += 1
             log.error("detector state not saved to %s: %s", self._detect_path, exc)
 
-    def _queue_rules_snapshot(self) -> None:
+    def _queue_rules_snapshot(self, *, now: bool = False) -> None:
         """A snapshot of the rules' state (taken here, between two messages) behind what the
-        writer holds: saved once all of it is written, it replaces the journal."""
-        now = time.monotonic()
-        if not self._keeps_rules or now - self._rules_snapshot_queued < RULES_SNAPSHOT_WAIT_S:
+        writer holds: saved once all of it is written, it replaces the journal. Unless ``now``,
+        not while one queued less than ``RULES_SNAPSHOT_WAIT_S`` ago is on its way."""
+        t = time.monotonic()
+        if not self._keeps_rules or (not now and t - self._rules_snapshot_queued
+                                     < RULES_SNAPSHOT_WAIT_S):
             return
-        self._rules_snapshot_queued = now
+        self._rules_snapshot_queued = t
         self.writer.add([], token=(_RULES, self.parts[0].rules.snapshot()))
 
     async def _save_rules(self) -> None:
@@ -867,8 +869,7 @@ class CloudWorker:
         except OSError as exc:
             self.counters["rule_state_save_errors"] += 1
             log.error("rule state not saved to %s: %s", path, exc)
-            self._rules_snapshot_queued = -RULES_SNAPSHOT_WAIT_S
-            self._queue_rules_snapshot()
+            self._queue_rules_snapshot(now=True)
             return
         if self._rules_journal_bytes > max(RULES_JOURNAL_MIN, self._rules_snapshot_bytes):
             self._queue_rules_snapshot()
@@ -915,8 +916,7 @@ class CloudWorker:
         if self._rules_path is not None and not self.per_partition and not self._keeps_rules:
             self._keeps_rules = True  # rules where there were none: their state is kept now
             self.parts[0].rules.journaled = True
-        self._rules_snapshot_queued = -RULES_SNAPSHOT_WAIT_S  # what was dropped, on disk too
-        self._queue_rules_snapshot()
+        self._queue_rules_snapshot(now=True)  # what was dropped, on disk too
 
     async def _health(self, stop: asyncio.Event) -> None:
         last_save = last_snap = time.monotonic()
