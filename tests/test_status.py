@@ -36,16 +36,19 @@ from tests.test_faults import finish
 
 
 def status_when(cfg: Path, cond: Callable[[int, dict[str, Any]], bool], timeout_s: float,
-                command: Callable[..., tuple[int, str]] = edge_status
-                ) -> tuple[int, dict[str, Any], str]:
+                command: Callable[..., tuple[int, str]] = edge_status,
+                words: tuple[str, ...] = ()) -> tuple[int, dict[str, Any], str]:
     """Poll `edge status --json` (or ``command``'s) until ``cond(code, doc)``; then the text
-    form too."""
+    form too, read again until it has ``words`` (a moment later than the JSON, an ack in
+    flight when the link was cut may have emptied the outbox meanwhile)."""
     deadline = time.monotonic() + timeout_s
     while True:
         code, out = command(cfg, "--json")
         doc = orjson.loads(out) if code != UNKNOWN else {}
         if doc and cond(code, doc):
-            return code, doc, command(cfg)[1]
+            text = command(cfg)[1]
+            if all(w in text for w in words):
+                return code, doc, text
         assert time.monotonic() < deadline, f"status never got there: {code} {out[-3000:]}"
         time.sleep(0.3)
 
@@ -82,7 +85,7 @@ def test_edge_status_tells_the_operator_at_the_gateway_what_the_cloud_cannot_see
         return code == WARNING and d["agent"]["gauges"]["outbox_depth"] > 0 and any(
             "uplink to" in a["text"] for a in d["attention"])
 
-    code, doc, text = status_when(cfg, cut_off, 30)
+    code, doc, text = status_when(cfg, cut_off, 30, words=("in the outbox, the oldest",))
     assert f"! uplink to mqtt://127.0.0.1:{rig.proxy.port} down for" in text, text
     assert "result batch" in text
     assert "in the outbox, the oldest" in text
