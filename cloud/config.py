@@ -84,6 +84,8 @@ class CloudConfig:
     relearn_after: int = 30  # windows a device incident keeps its state out of the baseline
     # a series without a window for this long (the worker's time) is forgotten; 0: never
     forget_after_ms: int = 30 * 86_400_000
+    # an incident of a series silent this long while its gateway sends others resolves; 0: never
+    resolve_silent_after_ms: int = 3_600_000
     rules: list[Rule] = field(default_factory=list)
     health_interval_ms: int = 5_000
     catalog: Catalog = field(default_factory=Catalog)
@@ -138,6 +140,11 @@ def cloud_config_from(root: Section) -> CloudConfig:
         raise ConfigError(det.key("forget_after"), "must be 0 (never) or at least 1h: a series "
                           "silent for less may be a device between two readings",
                           source=root.source)
+    resolve_silent = det.duration_ms("resolve_silent_after", 3_600_000)
+    if 0 < resolve_silent < 600_000:
+        raise ConfigError(det.key("resolve_silent_after"), "must be 0 (never) or at least 10m: "
+                          "a series silent for less may be a device between two readings",
+                          source=root.source)
     resolution_steps = det.number("resolution_steps", 3.0, minimum=0.0)
     if not windows:
         raise ConfigError(det.key("windows"), "name at least one window spec (or \"primary\")",
@@ -183,6 +190,7 @@ def cloud_config_from(root: Section) -> CloudConfig:
         alerts=alerts,
         relearn_after=relearn_after,
         forget_after_ms=forget_after,
+        resolve_silent_after_ms=resolve_silent,
         rules=parse_rules(root.raw("rules", None), root.source),
         health_interval_ms=w.duration_ms(
             "health_interval", 5_000, minimum=100, maximum=MAX_HEALTH_INTERVAL_MS,

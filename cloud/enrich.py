@@ -93,6 +93,16 @@ class Enricher:
         self.unknown_results = 0
         self.unknown_devices: set[str] = set()
 
+    def site_at(self, device: str, t_ms: int) -> str:
+        """The device's site for a window starting at ``t_ms``, as ``enrich`` gives it."""
+        dev = self.registry.get(device)
+        as_of = getattr(self.registry, "as_of", None)
+        if as_of is not None:
+            since = self.registry.changed(device)  # type: ignore[union-attr]
+            if since is not None and t_ms < since:
+                dev = as_of(device, t_ms)
+        return dev.site if dev is not None else UNKNOWN_SITE
+
     def enrich(self, batch: ResultBatch) -> EnrichedResults:
         r = batch.results
         nd = len(batch.devices)

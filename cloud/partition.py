@@ -41,7 +41,8 @@ def build_detection(config: CloudConfig) -> DetectionStage:
                        windows=config.detect_windows, relearn_after=config.relearn_after,
                        min_change=config.min_change,
                        resolution_steps=config.resolution_steps,
-                       forget_after_ms=config.forget_after_ms)
+                       forget_after_ms=config.forget_after_ms,
+                       resolve_silent_after_ms=config.resolve_silent_after_ms)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cloud.detect import AlertEvent, Anomaly
+from cloud.detect.stage import DEVICE_SUBJECT, subject_of
 from cloud.enrich import EnrichedResults
 from cloud.rules import RuleAlert
 from cloud.sinks.points import FieldColumn, Points, Row
@@ -33,7 +34,6 @@ AGGREGATES = "aggregates"
 SITES = "sites"
 ANOMALIES = "anomalies"
 ALERTS = "alerts"
-DEVICE_SUBJECT = "(device)"  # the metric tag of alerts judged across a device's metrics
 CRITICAL_SEVERITY = 5.0  # a detector's alert this far past its threshold is "critical"
 PIPELINE = "pipeline"
 
@@ -157,10 +157,10 @@ def alert_points(rows: EnrichedResults, events: list[AlertEvent]) -> Points:
     """An incident's point: its identity is the subject and the window that opened it."""
     out: list[Row] = []
     for e in events:
-        i = e.row
-        tags = {"gateway": rows.gateway, "site": rows.site[i], "device": rows.device[i],
-                "metric": rows.metric[i] if e.level == "series" else DEVICE_SUBJECT,
-                "window": rows.window[i], "source": e.source, "name": e.name}
+        gateway, device, metric, window = subject_of(rows, e)
+        site = rows.site[e.row] if e.site is None else e.site
+        tags = {"gateway": gateway, "site": site, "device": device, "metric": metric,
+                "window": window, "source": e.source, "name": e.name}
         fields: dict[str, object] = {
             "state": e.state, "open": e.state == "open", "severity": e.severity,
             "level": "critical" if e.severity >= CRITICAL_SEVERITY else "warning",

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from cloud.detect.stage import AlertEvent, Detections
+from cloud.detect.stage import AlertEvent, Detections, subject_of
 from cloud.enrich import EnrichedResults
 from devices.errors import ConfigError
 from devices.readings import F64
@@ -354,9 +354,8 @@ class RuleEngine:
         ends: list[tuple[int, Incident]] = []
         for a in alerts:
             if a.state == "resolved":
-                metric = rows.metric[a.row] if a.level == "series" else "(device)"
-                ends.append((a.until, (rows.gateway, rows.device[a.row], metric, "anomaly",
-                                       a.incident)))
+                gateway, device, metric, _ = subject_of(rows, a)
+                ends.append((a.until, (gateway, device, metric, "anomaly", a.incident)))
         for r in rule_alerts:
             if r.state == "resolved" and r.device != "(site)":
                 ends.append((r.until, (r.gateway, r.device, r.metric, "rule:" + r.rule,
@@ -529,8 +528,8 @@ class RuleEngine:
         ev: list[tuple[int, str, str, str]] = []
         for a in alerts:
             if a.state == "open":
-                metric = rows.metric[a.row] if a.level == "series" else "(device)"
-                ev.append((a.incident, rows.device[a.row], metric, "anomaly"))
+                _, device, metric, _ = subject_of(rows, a)
+                ev.append((a.incident, device, metric, "anomaly"))
         for r in rule_alerts:
             if r.state == "open" and r.device != "(site)":
                 ev.append((r.opened, r.device, r.metric, "rule:" + r.rule))

@@ -340,6 +340,10 @@ class CloudWorker:
             return
         rows = self.enricher.enrich(batch)
         det = part.detection.run(rows)
+        if any(e.subject is not None for e in det.alerts):  # incidents resolved as silent
+            det.alerts = [e if e.subject is None else
+                          replace(e, site=self.enricher.site_at(e.subject[1], e.incident))
+                          for e in det.alerts]
         fired = part.rules.run(rows, det)
         # what this batch changed in the rules' state goes to the journal once its points are
         # written and before it is acknowledged (a crash then loses none of it)
@@ -479,7 +483,8 @@ class CloudWorker:
     def _drop_part(self, p: int) -> None:
         part = self.parts.pop(p, None)
         if part is not None:  # its counts stay in this worker's
-            self.counters["series_forgotten"] += part.detection.counters["series_forgotten"]
+            for k in ("series_forgotten", "alerts_resolved_silent"):
+                self.counters[k] += part.detection.counters[k]
 
     def _on_partition(self, ev: PartitionEvent) -> None:
         if not ev.assigned:
@@ -630,8 +635,9 @@ class CloudWorker:
         stages = [part.detection for part in self.parts.values()]
         s["detector_series"] = sum(len(d.series) for d in stages)
         s["detector_state_mb"] = round(sum(d.state_bytes() for d in stages) / 2**20, 2)
-        s["series_forgotten"] = c["series_forgotten"] + sum(
-            d.counters["series_forgotten"] for d in stages)
+        # ... and the incidents resolved because their series fell silent
+        for k in ("series_forgotten", "alerts_resolved_silent"):
+            s[k] = c[k] + sum(d.counters[k] for d in stages)
         s["registry_reloads"] = self.registry.reloads
         s["registry_reload_errors"] = self.registry.reload_errors
         if self.per_partition:

@@ -28,6 +28,7 @@ import numpy.typing as npt
 
 from cloud.config import CloudConfig
 from cloud.detect import AlertEvent, DetectionStage
+from cloud.detect.stage import subject_of
 from cloud.enrich import EnrichedResults, Enricher
 from cloud.partition import build_detection
 from devices.clock import ManualClock
@@ -81,8 +82,8 @@ class _Collector:
                                  rows.width.tolist(), severity.tolist(), strict=True):
             self.windows.setdefault(d, {}).setdefault(m, []).append((s, w, v))
         for e in alerts:
-            subject = rows.metric[e.row] if e.level == "series" else "(device)"
-            self.events.setdefault(rows.device[e.row], []).append((subject, e))
+            _, device, subject, _ = subject_of(rows, e)
+            self.events.setdefault(device, []).append((subject, e))
 
 
 def run_recordings(recs: Sequence[Recording], edge: EdgeConfig, cloud: CloudConfig, *,

@@ -680,6 +680,60 @@ def test_pattern_rule_alerts_notify_until_they_resolve_or_their_rule_is_removed(
                         ("warm", "hall", "resolved")]
 
 
+def test_an_incident_of_a_device_that_died_in_it_resolves_in_influxdb(
+        influx_db: InfluxV1Client) -> None:
+    """dev-b goes over its registry limit and then dies; dev-a, on the same gateway, goes on.
+    Its incident's point in ``alerts`` (open: the view counts it, "alerts open") is
+    overwritten as resolved once an hour of the worker's time and of dev-a's windows passed
+    without one of dev-b's, under the site it opened with though dev-b was moved meanwhile:
+    no point is left open. The worker counts it in its health."""
+    reg = Registry([Device(device_id="dev-a", gateway="gw-1", site="hall", kind="temperature",
+                           high=30.0),
+                    Device(device_id="dev-b", gateway="gw-1", site="hall", kind="temperature",
+                           high=30.0)])
+    worker = CloudWorker(
+        CloudConfig(worker_id="t", broker=BrokerAddress(host="127.0.0.1", port=1),
+                    influx=InfluxConfig(url=influx_db.url, database=influx_db.database)),
+        registry=reg, source=object())  # type: ignore[arg-type]
+    now = [time.time()]
+    worker.detection.clock = lambda: now[0]  # the worker's time, moved by the test
+    start = int(time.time() * 1000) // 10_000 * 10_000 - 3 * 3_600_000
+
+    def feed(ks: range, devices: list[str], means: list[float]) -> None:
+        async def go() -> None:
+            for k in ks:
+                now[0] += 10.0
+                b = tumbling_batch(k + 1, devices, start + 10_000 * k, [10] * len(devices),
+                                   means, [0] * len(devices))
+                worker.handle(SourceMessage(0, k + 1, results_topic("gw-1"), b.encode()))
+            await worker.writer.flush(None)
+
+        asyncio.run(go())
+
+    def alerts() -> list[tuple[str, str, str, bool]]:
+        doc = influx_db.query('SELECT "state", "open", "message" FROM "alerts" '
+                              'GROUP BY "device", "site"')
+        assert isinstance(doc, dict)
+        return sorted((x["tags"]["device"], x["tags"]["site"], v[1], v[2])
+                      for r in doc["results"] for x in r.get("series", []) for v in x["values"])
+
+    feed(range(10), ["dev-a", "dev-b"], [20.0, 40.0])
+    assert alerts() == [("dev-b", "hall", "open", True)]
+    worker.registry.replace(Registry([  # type: ignore[attr-defined]
+        Device(device_id="dev-a", gateway="gw-1", site="hall", kind="temperature", high=30.0),
+        Device(device_id="dev-b", gateway="gw-1", site="yard", kind="temperature", high=30.0)]),
+        int(time.time() * 1000))
+    feed(range(10, 300), ["dev-a"], [20.0])  # 48 minutes: not yet
+    assert alerts() == [("dev-b", "hall", "open", True)]
+    feed(range(300, 380), ["dev-a"], [20.0])
+    assert alerts() == [("dev-b", "hall", "resolved", False)]
+    doc = influx_db.query('SELECT "message" FROM "alerts"')
+    assert isinstance(doc, dict)
+    assert "resolved as silent" in doc["results"][0]["series"][0]["values"][0][1]
+    assert worker.stats()["alerts_resolved_silent"] == 1
+    assert worker.stats()["alerts_resolved"] == 1
+
+
 def test_gateways_and_workers_that_stop_reporting_are_the_ones_their_rules_find(
         influx_db: InfluxV1Client) -> None:
     """The "not reporting" alert rules, their queries run against InfluxDB as Grafana runs

@@ -120,6 +120,8 @@ def test_bad_cloud_config_names_the_key(tmp_path: Path) -> None:
                        ('[detect]\nresolution_steps = -1\n', "detect.resolution_steps"),
                        ('[detect]\nforget_after = "30m"\n', "detect.forget_after"),
                        ('[detect]\nforget_after = "a month"\n', "detect.forget_after"),
+                       ('[detect]\nresolve_silent_after = "5m"\n',
+                        "detect.resolve_silent_after"),
                        ('[worker]\nhealth_interval = "6m"\n', "worker.health_interval"),
                        ('[influxdb]\nretention = "30m"\n', "influxdb.retention"),
                        ('[influxdb]\nretention = "a year"\n', "influxdb.retention"),
@@ -141,6 +143,9 @@ def test_bad_cloud_config_names_the_key(tmp_path: Path) -> None:
     assert det.forget_after_ms == 30 * 86_400_000  # the default
     assert load_cloud_config(write(tmp_path, base + '[detect]\nforget_after = 0\n')
                              ).forget_after_ms == 0
+    assert det.resolve_silent_after_ms == 3_600_000  # the default
+    assert load_cloud_config(write(tmp_path, base + '[detect]\nresolve_silent_after = 0\n')
+                             ).resolve_silent_after_ms == 0
     for url in ("http://127.0.0.1:abc", "http://127.0.0.1:99999", "http://:8086",
                 "http://127.0.0.1:0"):
         with pytest.raises(ConfigError) as info:

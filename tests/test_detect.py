@@ -13,10 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloud.detect import DETECTORS, PolicyConfig, build_stage
+from cloud.detect import DETECTORS, AlertEvent, PolicyConfig, build_stage
 from cloud.detect.policy import AlertPolicy
 from cloud.detect.robust import robust_scale
-from cloud.detect.stage import DetectionStage, rounds, write_snapshot
+from cloud.detect.stage import DetectionStage, rounds, subject_of, write_snapshot
 from tests.detectkit import T0, Win, noisy_fleet, rows
 
 WIDTH = 300_000
@@ -53,7 +53,8 @@ def drive(stage: DetectionStage, batches: list[list[Win]]
             if not math.isnan(s):
                 sev[(r.device[i], r.metric[i], int(r.start[i]))] = s
         for e in det.alerts:
-            alerts.add((r.device[e.row], r.metric[e.row] if e.level == "series" else "*",
+            _, device, metric, _ = subject_of(r, e)
+            alerts.add((device, metric if e.level == "series" else "*",
                         e.name, e.state, e.incident, e.until, round(e.severity, 9)))
     return sev, alerts
 
@@ -640,10 +641,159 @@ def test_detector_state_from_before_forgetting_loads_with_every_series_seen_now(
     stage = build_stage(SHIPPED, SMALL, clock=lambda: T0 / 1000)
     drive(stage, chunks(FLEET[:100], [5]))
     snap = stage.snapshot()
-    del snap["arrays"]["seen.at"]
+    for k in ("seen.at", "seen.end", "seen.gap"):  # none of them was kept then
+        del snap["arrays"][k]
     write_snapshot(snap, tmp_path / "detect.npz")
     later = build_stage(SHIPPED, SMALL, clock=lambda: T0 / 1000 + 86_400)
     assert later.load(tmp_path / "detect.npz")
     assert later.series.keys == stage.series.keys
     assert (later.seen["at"][: len(later.series)] == T0 + 86_400_000).all()
+    n = len(later.series)  # the end of each series' newest window: at least its start
+    assert (later.seen["end"][:n] == stage.marks["learned"][:n]).all()
     assert drive(later, chunks(FLEET[100:200], [5])) == drive(stage, chunks(FLEET[100:200], [5]))
+
+
+# ---- incidents of series that fall silent ------------------------------------------------
+
+MINUTE = 60_000
+
+
+class WorkerClock:
+    """The worker's own clock (seconds), moved by the test."""
+
+    def __init__(self, t_ms: int) -> None:
+        self.t_ms = t_ms
+
+    def __call__(self) -> float:
+        return self.t_ms / 1000
+
+
+def limited(device: str, k: int, value: float, *, at: int = T0) -> Win:
+    """Window ``k`` of a device whose registry limit is 30: a value over it is an incident."""
+    return Win(device, "m", at + k * MINUTE, value, high=30.0)
+
+
+def silence_stage(clock: WorkerClock, **kw: int) -> DetectionStage:
+    return build_stage(["threshold"], {}, policy=PLAIN, clock=clock, **kw)  # type: ignore[arg-type]
+
+
+def run_minutes(stage: DetectionStage, clock: WorkerClock, wins: list[list[Win]], *,
+                step_ms: int = MINUTE) -> list[tuple[int, AlertEvent]]:
+    """One batch per window time, ``step_ms`` of the worker's time apart: (batch, event)."""
+    out = []
+    for k, ws in enumerate(wins):
+        clock.t_ms += step_ms
+        det = stage.run(rows(ws, width=MINUTE))
+        out += [(k, e) for e in det.alerts]
+    return out
+
+
+def test_an_incident_of_a_series_that_falls_silent_resolves_once_its_gateway_sends_others(
+        ) -> None:
+    """A device dies in the middle of an incident: nothing would resolve it (the policy needs
+    windows below the limit), the view would count it open for good and the series could never
+    be forgotten. Once its gateway has sent others' windows for ``resolve_silent_after`` (in the
+    worker's time and in event time) without one of it, the incident resolves: the same
+    identity, its last window over the limit as its end, the reason in its message."""
+    clock = WorkerClock(T0)
+    stage = silence_stage(clock)
+    hot = [[limited("a", k, 20.0), limited("b", k, 40.0 if k >= 5 else 20.0)] for k in range(10)]
+    opened = run_minutes(stage, clock, hot)
+    assert [(k, e.state, e.incident) for k, e in opened] == [(5, "open", T0 + 5 * MINUTE)]
+    # b falls silent in its incident; a goes on, a window a minute
+    quiet = [[limited("a", k, 20.0)] for k in range(10, 130)]
+    got = run_minutes(stage, clock, quiet)
+    assert len(got) == 1
+    k, e = got[0]
+    # b's last window ended at minute 10; its gateway's newest passes minute 70 at k = 69
+    assert k == 69 - 10
+    assert (e.state, e.level, e.name, e.incident) == ("resolved", "series", "threshold",
+                                                      T0 + 5 * MINUTE)
+    assert e.until == T0 + 10 * MINUTE  # the end of its last window over the limit
+    assert e.subject == ("gw", "b", "m", "1m")
+    assert "no window for 60 min" in e.message
+    assert "resolved as silent" in e.message
+    assert e.row == -1
+    assert stage.counters["alerts_resolved_silent"] == 1
+    assert not len(stage.series_policy.open_incidents())
+    # a series whose incident is resolved can be forgotten like any other
+    assert stage.forget_silent(clock.t_ms + stage.forget_after_ms) == 1
+    assert stage.series.keys == [("gw", "a", "m", "1m")]
+
+
+def test_a_backlog_after_an_outage_is_not_silence() -> None:
+    """The gateway's link is down for three hours; its agent keeps every window and sends them
+    all at once when it is back. The worker heard nothing of the series for three hours, but
+    nothing of its gateway either: the backlog carries b's windows (still over its limit)
+    right behind a's, so b's incident stays open, and resolves by its windows when they say
+    so. Nor does a gateway quiet for longer than ``resolve_silent_after`` resolve anything."""
+    clock = WorkerClock(T0)
+    stage = silence_stage(clock)
+    run_minutes(stage, clock, [[limited("a", k, 20.0), limited("b", k, 40.0 if k >= 5 else 20.0)]
+                               for k in range(10)])
+    clock.t_ms += 3 * 3_600_000
+    backlog = [[limited("a", k, 20.0), limited("b", k, 40.0 if k < 200 else 20.0)]
+               for k in range(10, 220)]
+    got = run_minutes(stage, clock, backlog, step_ms=200)  # five batches a second
+    assert [(k + 10, e.state, e.incident) for k, e in got] == [
+        (202, "resolved", T0 + 5 * MINUTE)]  # its third window under the limit
+    assert "back to normal" in got[0][1].message
+    assert stage.counters["alerts_resolved_silent"] == 0
+
+
+def test_recordings_of_other_years_on_one_gateway_are_not_silence() -> None:
+    """``fieldline replay --event-time recorded``: one gateway carries a recording of 2014 and
+    one of 2026, live. In event time b (2014) is twelve years behind its gateway's newest window
+    from the first batch on; it is not silent while its windows keep coming in the worker's
+    time. Once they stop (its recording ended), its incident resolves like any other."""
+    clock = WorkerClock(T0)
+    stage = silence_stage(clock)
+    old = T0 - 12 * 365 * 86_400_000
+    both = [[limited("a", k, 20.0), limited("b", k, 40.0 if k >= 5 else 20.0, at=old)]
+            for k in range(200)]
+    assert [(k, e.state) for k, e in run_minutes(stage, clock, both)] == [(5, "open")]
+    got = run_minutes(stage, clock, [[limited("a", k, 20.0)] for k in range(200, 300)])
+    assert [(k, e.state, e.subject) for k, e in got] == [(59, "resolved", ("gw", "b", "m", "1m"))]
+
+
+def test_a_device_that_reports_seldom_is_not_silent_between_its_reports() -> None:
+    """A battery sensor sends one window every 30 minutes: an hour between two of them is its
+    usual pace, not silence. Silence is also at least ``clear + 1`` of its usual gaps (here
+    4 x 30 min) of event time; past that its incident resolves."""
+    clock = WorkerClock(T0)
+    stage = silence_stage(clock)
+    wins: list[list[Win]] = []
+    for k in range(450):
+        ws = [limited("a", k, 20.0)]
+        if k % 30 == 0 and k <= 300:
+            ws.append(limited("b", k, 40.0 if k >= 150 else 20.0))
+        wins.append(ws)
+    got = run_minutes(stage, clock, wins)
+    # its last window ends at minute 301: 4 x 30 min later its gateway's newest window ends at
+    # minute 421 (batch 420); an hour of the worker's time had passed at batch 360 already
+    assert [(k, e.state) for k, e in got] == [(150, "open"), (420, "resolved")]
+    assert "no window for 2.0 h" in got[1][1].message
+
+
+def test_an_incident_of_a_gateway_gone_for_good_resolves_after_forget_after() -> None:
+    """A gateway is never heard again: nothing of it can say its series are silent. After
+    ``forget_after`` of the worker's time without a window their incidents resolve anyway
+    (with any gateway's next batch), and the series are forgotten at the next sweep."""
+    clock = WorkerClock(T0)
+    stage = silence_stage(clock, forget_after_ms=2 * 3_600_000)
+    stage.run(rows([limited("b", 0, 40.0)], width=MINUTE, gateway="gone"))
+    assert len(stage.series_policy.open_incidents()) == 1
+    got = run_minutes(stage, clock, [[limited("a", k, 20.0)] for k in range(1, 200)],
+                      step_ms=MINUTE)
+    assert [(k, e.subject) for k, e in got] == [(120, ("gone", "b", "m", "1m"))]
+    clock.t_ms += 3_600_000
+    stage.run(rows([limited("a", 200, 20.0)], width=MINUTE))
+    assert stage.series.keys == [("gw", "a", "m", "1m")]
+
+
+def test_resolve_silent_after_zero_keeps_the_incident_open() -> None:
+    clock = WorkerClock(T0)
+    stage = silence_stage(clock, resolve_silent_after_ms=0)
+    run_minutes(stage, clock, [[limited("a", k, 20.0), limited("b", k, 40.0)] for k in range(5)])
+    assert not run_minutes(stage, clock, [[limited("a", k, 20.0)] for k in range(5, 400)])
+    assert len(stage.series_policy.open_incidents()) == 1

@@ -96,6 +96,27 @@ def test_a_followed_by_b_within_t_on_one_device() -> None:
     assert feed(eng, w3, [alert(1, T0 + 30 * W)]) == []  # too long after
 
 
+def test_a_sequence_alert_resolves_with_its_incident_resolved_as_silent() -> None:
+    """The device of a sequence alert dies in its incident: the detection stage resolves the
+    incident as silent in a batch that holds none of its windows (the event names its
+    subject); the sequence alert resolves with it, and a site alert's count of devices in
+    incident drops."""
+    eng = engine({"name": "press_then_temp", "kind": "sequence", "first": "anomaly:p",
+                  "then": "anomaly:t", "within": "10m"},
+                 {"name": "site_wide", "kind": "site", "event": "anomaly:t", "devices": 2,
+                  "within": "1m"})
+    w = [Win("d", "p", T0, 1.0), Win("d", "t", T0, 1.0), Win("e", "t", T0, 1.0)]
+    feed(eng, w, [alert(0, T0)])
+    got = feed(eng, w, [alert(1, T0 + 10_000), alert(2, T0 + 20_000)])
+    assert sorted(opened(got)) == [("press_then_temp", "d", T0 + 10_000),
+                                   ("site_wide", "(site)", T0)]
+    silent = replace(resolved(-1, T0 + 10_000, T0 + W), subject=("gw", "d", "t", "1m"))
+    got = feed(eng, [Win("other", "t", T0 + 90 * W, 1.0)], [silent])
+    assert sorted((a.rule, a.state, a.device, a.until) for a in got) == [
+        ("press_then_temp", "resolved", "d", T0 + W), ("site_wide", "resolved", "(site)", T0 + W)]
+    assert not eng.open
+
+
 def test_k_of_n_devices_of_a_site_at_once() -> None:
     eng = engine({"name": "site_wide", "kind": "site", "event": "anomaly", "devices": 3,
                   "within": "1m"})

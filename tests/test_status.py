@@ -339,6 +339,8 @@ def _ago(ms: int) -> int:
     ({"stats": {"rule_alerts_open": 2, "rule_alerts_opened": 5, "rule_alerts_resolved": 3}},
      0, OK, "rules    2 alerts open, 5 opened / 3 resolved since the start"),
     ({"stats": {"unknown_device_results": 9}}, 0, OK, "9 results of devices the registry"),
+    ({"stats": {"alerts_opened": 4, "alerts_resolved": 3, "alerts_resolved_silent": 1}}, 0, OK,
+     "alerts 4 opened / 3 resolved (1 as silent: their series sent no more windows)"),
     ({"member": "1/3", "stats": {"partitions_owned": 0}}, 0, OK,
      "owns no partition: a hot standby"),
     ({"jetstream": True, "stats": {"partitions_owned": 0}}, 0, OK,

@@ -27,6 +27,7 @@ from cloud.detect.policy import PolicyConfig
 from cloud.detect.stage import (
     FORGET_AFTER_MS,
     PRIMARY,
+    RESOLVE_SILENT_AFTER_MS,
     AlertEvent,
     Anomaly,
     Detections,
@@ -57,6 +58,7 @@ def build_stage(names: list[str] | tuple[str, ...], options: dict[str, dict[str,
                 min_change: dict[str, float] | None = None,
                 resolution_steps: float = 3.0,
                 forget_after_ms: int = FORGET_AFTER_MS,
+                resolve_silent_after_ms: int = RESOLVE_SILENT_AFTER_MS,
                 clock: Callable[[], float] = time.time) -> DetectionStage:
     """Detectors by config name with their options (``ValueError``/``TypeError`` name the
     problem), wrapped in a stage."""
@@ -68,7 +70,8 @@ def build_stage(names: list[str] | tuple[str, ...], options: dict[str, dict[str,
     return DetectionStage(series, device_detectors=devices, policy=policy, windows=windows,
                           relearn_after=relearn_after, min_change=min_change,
                           resolution_steps=resolution_steps,
-                          forget_after_ms=forget_after_ms, clock=clock)
+                          forget_after_ms=forget_after_ms,
+                          resolve_silent_after_ms=resolve_silent_after_ms, clock=clock)
 
 
 __all__ = ["DEFAULT_DETECTORS", "DETECTORS", "PRIMARY", "AlertEvent", "Anomaly",

@@ -123,3 +123,14 @@ class AlertPolicy:
     def open_incidents(self) -> I64:
         """Subjects with an incident open now."""
         return np.flatnonzero(self.state["incident"][: self.state.size] != NO_INCIDENT)
+
+    def close(self, subjects: I64) -> None:
+        """Resolve the open incidents of ``subjects`` from outside the windows (their series
+        went silent): as if they had resolved at their last window."""
+        if not len(subjects):
+            return
+        s = self.state
+        s["incident"][subjects] = NO_INCIDENT
+        s["resolved_n"][subjects] = s["n"][subjects]
+        s["quiet"][subjects] = 0
+        s["peak"][subjects] = 0.0

@@ -25,6 +25,18 @@
   passing a gateway) would otherwise keep every id it ever saw, ~9 KB a series, in memory and in
   every snapshot. One that comes back starts afresh, as a new series. The others continue
   exactly: forgetting is a snapshot without them, restored (ids are dense again).
+* **Silence.** An incident open on a series that stopped sending windows (a device that died,
+  or was unplugged, in the middle of one) would stay open for good, and keep its series from
+  being forgotten. It is resolved as silent once the series has had no window for
+  ``resolve_silent_after_ms`` while its gateway kept sending others, measured both ways: in
+  the worker's time (a backlog replayed after an outage is not silence: the gateway sent
+  nothing meanwhile) and in event time against the gateway's newest window (replayed
+  recordings of different years, or a backlog's first batches, are not silence either), and
+  in event time for at least ``clear + 1`` of the series' usual gaps between windows (a device
+  that reports once a day is not silent between two reports). A series without any window for
+  ``forget_after_ms`` has its incident resolved whatever its gateway does (a gateway gone for
+  good). The resolution overwrites the incident's point like any other, its message says why.
+  A gateway's silent series are sought at most once a minute of the worker's time.
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 import time
 from collections import Counter
@@ -55,6 +68,10 @@ BoolArray = npt.NDArray[np.bool_]
 FORGET_AFTER_MS = 30 * 86_400_000  # default: a series silent for 30 days is forgotten
 SWEEP_EVERY_MS = 3_600_000  # how often (processing time) forgetting is considered
 NEVER_SEEN = np.iinfo(np.int64).min
+RESOLVE_SILENT_AFTER_MS = 3_600_000  # default: an incident of a series silent for 1 h resolves
+SILENCE_CHECK_EVERY_MS = 60_000  # how often (worker's time) a gateway's silent series are sought
+GAP_MEMORY = 0.1  # weight of the newest gap between a series' windows in its usual gap
+DEVICE_SUBJECT = "(device)"  # the metric of an incident judged across a device's metrics
 # snapshot arrays whose first axis is the device id (the rest: the series id)
 DEVICE_ARRAYS = ("dmarks.", "dpolicy.", "ddet.")
 
@@ -89,6 +106,19 @@ class AlertEvent:
     value: float
     reference: float
     message: str
+    # an event of no row of the batch (an incident resolved as silent): its subject (gateway,
+    # device, metric or DEVICE_SUBJECT, window); the site is filled in by the worker
+    subject: tuple[str, str, str, str] | None = None
+    site: str | None = None
+
+
+def subject_of(rows: EnrichedResults, e: AlertEvent) -> tuple[str, str, str, str]:
+    """(gateway, device, metric or ``DEVICE_SUBJECT``, window) of an event."""
+    if e.subject is not None:
+        return e.subject
+    i = e.row
+    return (rows.gateway, rows.device[i],
+            rows.metric[i] if e.level == "series" else DEVICE_SUBJECT, rows.window[i])
 
 
 @dataclass
@@ -132,9 +162,13 @@ class DetectionStage:
                  min_change: dict[str, float] | None = None,
                  resolution_steps: float = 3.0,
                  forget_after_ms: int = FORGET_AFTER_MS,
+                 resolve_silent_after_ms: int = RESOLVE_SILENT_AFTER_MS,
                  clock: Callable[[], float] = time.time) -> None:
         self.detectors = list(detectors)
         self.forget_after_ms = forget_after_ms  # 0: never
+        self.resolve_silent_after_ms = resolve_silent_after_ms  # 0: never
+        self.gateway_end: dict[str, int] = {}  # gateway -> end of its newest window judged
+        self._silence_checked: dict[str, int] = {}  # gateway -> when (worker's time)
         self.clock = clock  # seconds (processing time, for forgetting only)
         self._swept_at = clock() * 1000
         self.min_change = dict(min_change or {})
@@ -164,8 +198,12 @@ class DetectionStage:
                                   "most": Column((), np.float64, np.nan)})
         self.device_marks = StateArrays({"learned": Column((), np.int64,
                                                            np.iinfo(np.int64).min)})
-        # per series: the worker's time (ms) of its latest window, for forgetting
-        self.seen = StateArrays({"at": Column((), np.int64, NEVER_SEEN)})
+        # per series: the worker's time (ms) of its latest window, for forgetting; the end of
+        # its newest window learned and its usual gap between windows' starts (event time),
+        # for silence
+        self.seen = StateArrays({"at": Column((), np.int64, NEVER_SEEN),
+                                 "end": Column((), np.int64, NEVER_SEEN),
+                                 "gap": Column((), np.float64, 0.0)})
         self.counters: Counter[str] = Counter()
         self.anomalies = 0
 
@@ -201,6 +239,11 @@ class DetectionStage:
         if self.device_detectors:
             self._device_pass(rows, judge, sid, out)
         self.anomalies += len(out.anomalies)
+        end = int((rows.start[judge] + rows.width[judge]).max())
+        self.gateway_end[gw] = max(self.gateway_end.get(gw, end), end)
+        if now - self._silence_checked.get(gw, NEVER_SEEN) >= SILENCE_CHECK_EVERY_MS:
+            self._silence_checked[gw] = now
+            out.alerts += self.resolve_silent(gw, now)
         if self.forget_after_ms and now - self._swept_at >= SWEEP_EVERY_MS:
             self._swept_at = now
             self.forget_silent(now)
@@ -272,6 +315,7 @@ class DetectionStage:
                     v.severity[states] = 0.0
         self._small_changes(rows, idx, f, fresh, verdicts)
         learn_rows = np.flatnonzero(fresh)
+        self._learned(f.key[learn_rows], f.start[learn_rows], f.width[learn_rows])
         if not verdicts:
             learned[sid[learn_rows]] = f.start[learn_rows]
             return
@@ -312,6 +356,99 @@ class DetectionStage:
                     message=_message(rows.metric[i], det.name, int(v.direction[k]),
                                      float(v.value[k]), float(v.reference[k]),
                                      float(v.severity[k]))))
+
+    def _learned(self, key: I64, start: I64, width: I64) -> None:
+        """The series' newest window end and its usual gap between windows (before its
+        ``learned`` mark moves to ``start``)."""
+        if not len(key):
+            return
+        prev = self.marks["learned"][key]
+        gap = self.seen["gap"][key]
+        had = prev != np.iinfo(np.int64).min
+        d = (start - np.where(had, prev, start)).astype(np.float64)
+        self.seen["gap"][key] = np.where(~had, gap, np.where(gap == 0.0, d,
+                                                             gap + GAP_MEMORY * (d - gap)))
+        self.seen["end"][key] = np.maximum(self.seen["end"][key], start + width)
+
+    # ---- silence -----------------------------------------------------------------------------
+
+    def resolve_silent(self, gateway: str, now_ms: int) -> list[AlertEvent]:
+        """Resolve the incidents of series (and devices) silent while ``gateway`` (of the
+        batch at hand) sent others, and of any series silent for ``forget_after_ms``."""
+        out: list[AlertEvent] = []
+        if not self.resolve_silent_after_ms and not self.forget_after_ms:
+            return out
+        self._reserve()
+        for level in ("series", "device"):
+            policy = self.series_policy if level == "series" else self.device_policy
+            subj = policy.open_incidents()
+            if not len(subj):
+                continue
+            at, end, gap, width = self._silence_of(level, subj)
+            quiet = np.zeros(len(subj), bool)
+            if self.forget_after_ms:
+                quiet |= at < now_ms - self.forget_after_ms
+            t = self.resolve_silent_after_ms
+            if t and gateway in self.gateway_end:
+                keys = self.series.keys if level == "series" else self.devices.keys
+                mine = np.fromiter((keys[j][0] == gateway for j in subj.tolist()),
+                                   bool, count=len(subj))
+                wait = np.maximum(t, (policy.config.clear + 1) * gap)
+                quiet |= (mine & (at <= now_ms - t) & (end != NEVER_SEEN)
+                          & (self.gateway_end[gateway] - end >= wait))
+            for k in np.flatnonzero(quiet).tolist():
+                out.append(self._silent_event(level, int(subj[k]), now_ms - int(at[k]),
+                                              int(width[k])))
+            policy.close(subj[quiet])
+        self.counters["alerts_resolved_silent"] += len(out)
+        return out
+
+    def _silence_of(self, level: str, subj: I64) -> tuple[I64, I64, F64, I64]:
+        """Per subject: the worker's time of its latest window, its newest window's end, its
+        usual gap and its window width (a device: those of its series, the latest)."""
+        seen = self.seen
+        n = len(self.series)
+        if level == "series":
+            learned = self.marks["learned"][subj]
+            end = seen["end"][subj]
+            return (seen["at"][subj], end, seen["gap"][subj],
+                    np.where(end != NEVER_SEEN, end - learned, 0))
+        nd = len(self.devices)
+        dev = self.series_device[:n]
+        at = np.full(nd, NEVER_SEEN, np.int64)
+        end = np.full(nd, NEVER_SEEN, np.int64)
+        gap = np.zeros(nd)
+        width = np.zeros(nd, np.int64)
+        np.maximum.at(at, dev, seen["at"][:n])
+        np.maximum.at(end, dev, seen["end"][:n])
+        np.maximum.at(gap, dev, seen["gap"][:n])
+        known = seen["end"][:n] != NEVER_SEEN
+        np.maximum.at(width, dev[known], seen["end"][:n][known]
+                      - self.marks["learned"][:n][known])
+        return at[subj], end[subj], gap[subj], width[subj]
+
+    def _silent_event(self, level: str, j: int, quiet_ms: int, width: int) -> AlertEvent:
+        policy = self.series_policy if level == "series" else self.device_policy
+        s = policy.state
+        if level == "series":
+            key: tuple[str, ...] = self.series.keys[j]  # type: ignore[assignment]
+            gw, dev, metric, win = key
+            names = [d.name for d in self.detectors]
+        else:
+            key = self.devices.keys[j]  # type: ignore[assignment]
+            gw, dev, win = key
+            metric = DEVICE_SUBJECT
+            names = [d.name for d in self.device_detectors]
+        by = int(s["by"][j])
+        what = metric if level == "series" else "device"
+        return AlertEvent(
+            row=-1, level=level, source="detector",
+            name=names[by] if 0 <= by < len(names) else "detector", state="resolved",
+            incident=int(s["incident"][j]), until=int(s["last_high"][j]) + width,
+            severity=float(s["peak"][j]), direction="", value=math.nan, reference=math.nan,
+            message=f"{dev} {what}: no window for {_span(quiet_ms)} while its gateway sent "
+                    "others; resolved as silent",
+            subject=(str(gw), str(dev), str(metric), str(win)))
 
     def _small_changes(self, rows: EnrichedResults, idx: I64, f: Frame, fresh: BoolArray,
                        verdicts: list[Verdict]) -> None:
@@ -547,11 +684,15 @@ class DetectionStage:
         # windows on
         self.grain.restore(a, "grain.", absent=self.marks.size)
         # from before series were forgotten: each seen now (forgotten 30 days on if silent)
-        if "seen.at" in a:
-            self.seen.restore(a, "seen.")
-        else:
-            self.seen.restore({"seen.at": np.full(self.marks.size, int(self.clock() * 1000),
-                                                  np.int64)}, "seen.")
+        if "seen.at" not in a:
+            a = {**a, "seen.at": np.full(self.marks.size, int(self.clock() * 1000), np.int64)}
+        # from before silence was told: each series' newest window ended at least at the start
+        # of the newest it learned (its usual gap is learned from its next windows)
+        if "seen.end" not in a:
+            learned = np.asarray(a["marks.learned"])
+            a = {**a, "seen.end": np.where(learned != np.iinfo(np.int64).min, learned,
+                                           NEVER_SEEN)}
+        self.seen.restore(a, "seen.", absent=self.marks.size)
         self.device_marks.restore(a, "dmarks.")
         self.series_policy.state.restore(a, "policy.")
         self.device_policy.state.restore(a, "dpolicy.")
@@ -624,6 +765,17 @@ def write_snapshot(snap: dict[str, Any], path: Path) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def _span(ms: int) -> str:
+    """A duration as a person says it: 45 s, 12 min, 3.5 h, 2.0 days."""
+    if ms < 120_000:
+        return f"{ms / 1000:.0f} s"
+    if ms < 7_200_000:
+        return f"{ms / 60_000:.0f} min"
+    if ms < 2 * 86_400_000:
+        return f"{ms / 3_600_000:.1f} h"
+    return f"{ms / 86_400_000:.1f} days"
 
 
 def _floor(rows: EnrichedResults, idx: I64) -> F64:
