@@ -23,7 +23,7 @@ import numpy as np
 from cloud.config import CloudConfig
 from cloud.dedup import BatchDedup, Seen
 from cloud.detect import DetectionStage
-from cloud.detect.stage import write_snapshot
+from cloud.detect.stage import subject_of, write_snapshot
 from cloud.enrich import UNKNOWN_SITE, Enricher
 from cloud.ingest import MqttSource, PartitionedSource, PartitionEvent, SourceMessage
 from cloud.jetstream import shown
@@ -340,10 +340,9 @@ class CloudWorker:
             return
         rows = self.enricher.enrich(batch)
         det = part.detection.run(rows)
-        if any(e.subject is not None for e in det.alerts):  # incidents resolved as silent
-            det.alerts = [e if e.subject is None else
-                          replace(e, site=self.enricher.site_at(e.subject[1], e.incident))
-                          for e in det.alerts]
+        if det.alerts:  # a resolution overwrites its opening: under the site it opened with
+            det.alerts = [e if e.state == "open" else replace(e, site=self.enricher.site_at(
+                subject_of(rows, e)[1], e.incident)) for e in det.alerts]
         fired = part.rules.run(rows, det)
         # what this batch changed in the rules' state goes to the journal once its points are
         # written and before it is acknowledged (a crash then loses none of it)

@@ -680,13 +680,15 @@ def test_pattern_rule_alerts_notify_until_they_resolve_or_their_rule_is_removed(
                         ("warm", "hall", "resolved")]
 
 
-def test_an_incident_of_a_device_that_died_in_it_resolves_in_influxdb(
-        influx_db: InfluxV1Client) -> None:
-    """dev-b goes over its registry limit and then dies; dev-a, on the same gateway, goes on.
-    Its incident's point in ``alerts`` (open: the view counts it, "alerts open") is
-    overwritten as resolved once an hour of the worker's time and of dev-a's windows passed
-    without one of dev-b's, under the site it opened with though dev-b was moved meanwhile:
-    no point is left open. The worker counts it in its health."""
+@pytest.mark.parametrize("how", ["dies", "recovers"])
+def test_an_incident_resolves_in_influxdb_under_the_site_it_opened_with(
+        influx_db: InfluxV1Client, how: str) -> None:
+    """dev-b goes over its registry limit, is moved to another site in the registry, and then
+    dies (dev-a, on the same gateway, goes on) or comes back under its limit. Its incident's
+    point in ``alerts`` (open: the view counts it, "alerts open") is overwritten as resolved,
+    under the site it opened with: no point is left open. Dead, once an hour of the worker's
+    time and of dev-a's windows passed without one of dev-b's ("resolved as silent", counted
+    in the worker's health)."""
     reg = Registry([Device(device_id="dev-a", gateway="gw-1", site="hall", kind="temperature",
                            high=30.0),
                     Device(device_id="dev-b", gateway="gw-1", site="hall", kind="temperature",
@@ -722,15 +724,19 @@ def test_an_incident_of_a_device_that_died_in_it_resolves_in_influxdb(
     worker.registry.replace(Registry([  # type: ignore[attr-defined]
         Device(device_id="dev-a", gateway="gw-1", site="hall", kind="temperature", high=30.0),
         Device(device_id="dev-b", gateway="gw-1", site="yard", kind="temperature", high=30.0)]),
-        int(time.time() * 1000))
-    feed(range(10, 300), ["dev-a"], [20.0])  # 48 minutes: not yet
-    assert alerts() == [("dev-b", "hall", "open", True)]
-    feed(range(300, 380), ["dev-a"], [20.0])
+        start + 10_000 * 10)  # in force from the windows after the incident's on
+    if how == "recovers":
+        feed(range(10, 20), ["dev-a", "dev-b"], [20.0, 20.0])
+    else:
+        feed(range(10, 300), ["dev-a"], [20.0])  # 48 minutes: not yet
+        assert alerts() == [("dev-b", "hall", "open", True)]
+        feed(range(300, 380), ["dev-a"], [20.0])
     assert alerts() == [("dev-b", "hall", "resolved", False)]
     doc = influx_db.query('SELECT "message" FROM "alerts"')
     assert isinstance(doc, dict)
-    assert "resolved as silent" in doc["results"][0]["series"][0]["values"][0][1]
-    assert worker.stats()["alerts_resolved_silent"] == 1
+    message = doc["results"][0]["series"][0]["values"][0][1]
+    assert ("resolved as silent" if how == "dies" else "back to normal") in message
+    assert worker.stats()["alerts_resolved_silent"] == (how == "dies")
     assert worker.stats()["alerts_resolved"] == 1
 
 

@@ -107,7 +107,9 @@ class AlertEvent:
     reference: float
     message: str
     # an event of no row of the batch (an incident resolved as silent): its subject (gateway,
-    # device, metric or DEVICE_SUBJECT, window); the site is filled in by the worker
+    # device, metric or DEVICE_SUBJECT, window)
+    # a resolution's site, the one its incident opened with (the worker fills it in from the
+    # registry as of the incident's start: a device moved meanwhile leaves no point open)
     subject: tuple[str, str, str, str] | None = None
     site: str | None = None
 
