@@ -680,6 +680,37 @@ def test_pattern_rule_alerts_notify_until_they_resolve_or_their_rule_is_removed(
                         ("warm", "hall", "resolved")]
 
 
+def test_a_rule_alert_open_for_weeks_is_still_notified(influx_db: InfluxV1Client) -> None:
+    """A device dead for weeks: its rule alert's point sits at the event time that opened it,
+    a month ago. The Grafana rule, run as Grafana runs it, still fires for it (it read 7 days
+    and notified it as resolved after a week), and stops once the worker resolves it."""
+    from cloud.panels import ALERT_RULES, Params, render
+
+    rule = next(r for r in ALERT_RULES if r.uid == "fieldline-rule-critical")
+    worker = CloudWorker(CloudConfig(
+        worker_id="t", broker=BrokerAddress(host="127.0.0.1", port=1),
+        influx=InfluxConfig(url=influx_db.url, database=influx_db.database),
+        rules=parse_rules([{"name": "hot", "kind": "consecutive", "field": "mean",
+                            "above": 25.0, "count": 1, "level": "critical"}])),
+        registry=Registry(), source=object())  # type: ignore[arg-type]
+    month_ago = int(time.time() * 1000) // 10_000 * 10_000 - 30 * 86_400_000
+
+    def feed(k: int, mean: float) -> set[str]:
+        async def go() -> None:
+            b = tumbling_batch(k, ["dev-a"], month_ago + 10_000 * k, [10], [mean], [0])
+            worker.handle(SourceMessage(0, k, results_topic("gw-1"), b.encode()))
+            await worker.writer.flush(None)
+
+        asyncio.run(go())
+        doc = influx_db.query(render(rule.query, Params(range_s=rule.range_s)))
+        assert isinstance(doc, dict)
+        return {x["tags"]["device"] for r in doc["results"] for x in r.get("series", [])
+                if x["values"][-1][1] > rule.threshold}
+
+    assert feed(1, 30.0) == {"dev-a"}
+    assert feed(2, 20.0) == set()
+
+
 @pytest.mark.parametrize("how", ["dies", "recovers"])
 def test_an_incident_resolves_in_influxdb_under_the_site_it_opened_with(
         influx_db: InfluxV1Client, how: str) -> None:
