@@ -110,7 +110,8 @@ def _ident(x: Sequence[Any]) -> Ident:
 
 STATE_VERSION = 2
 STATE_FIELDS = ("series", "last_end", "absent", "seq_first", "site_hits", "site_open", "open",
-                "waits", "site_live", "site_alert", "orphans", "number")
+                "waits", "site_live", "site_alert", "orphans", "number", "incidents",
+                "keeps_incidents")
 SITE_HORIZON_MS = 6 * 3_600_000  # a site rule counts events this far behind its newest
 SEEN_MAX = 200  # metric names and window specs kept to name when a rule matches none
 
@@ -272,6 +273,14 @@ class RuleEngine:
     site_live: dict[tuple[str, str, int], dict[str, int]] = field(default_factory=dict)
     site_alert: dict[tuple[str, str, int], Ident] = field(default_factory=dict)
     orphans: list[RuleAlert] = field(default_factory=list)  # open alerts of removed rules
+    # the detectors' incidents open now, by subject (gateway, device, metric or "(device)",
+    # window): [incident, detector, peak severity, until]. Kept here, with the rules' state
+    # (journaled before each ack), so that a worker whose detector snapshot is older than its
+    # last acknowledged batch (a SIGKILL between two saves) knows exactly which are open
+    incidents: dict[tuple[str, str, str, str], list[Any]] = field(default_factory=dict)
+    # whether ``incidents`` is kept (False: a state from before it was, or none: adopt the
+    # detectors' open incidents)
+    keeps_incidents: bool = False
     max_keys: int = 1_000_000
     # what changed since the last take_delta() (kept only when journaled: the worker's single
     # path writes each batch's changes to a journal before acknowledging the batch)
@@ -297,6 +306,8 @@ class RuleEngine:
     def run(self, rows: EnrichedResults, det: Detections) -> list[RuleAlert]:
         """Judge one batch: window rules on its results, event rules on its alerts."""
         out: list[RuleAlert] = []
+        if det.alerts:
+            self._track_incidents(rows, det.alerts)
         if self.orphans and len(rows):  # closed at the event time of the next batch
             out += self._close_orphans(int((rows.start + rows.width).max()))
         if not self.rules or not len(rows):
@@ -321,6 +332,26 @@ class RuleEngine:
         out += self._incidents_resolved(rows, det.alerts, out)
         self._bound()
         return out
+
+    def _track_incidents(self, rows: EnrichedResults, alerts: list[AlertEvent]) -> None:
+        for a in alerts:
+            k = subject_of(rows, a)
+            if a.state == "open":
+                self.incidents[k] = [a.incident, a.name, a.severity, a.until]
+            elif self.incidents.pop(k, None) is None:
+                continue
+            self._mark("incidents", k)
+
+    def adopt_incidents(self, open_now: Mapping[tuple[str, str, str, str], list[Any]]) -> int:
+        """From a state that did not keep the detectors' incidents (or none): take those
+        ``open_now`` (the detectors' snapshot's) beside any it has; kept from now on."""
+        new = {k: v for k, v in open_now.items() if k not in self.incidents}
+        self.incidents.update(new)
+        for k in new:
+            self._mark("incidents", k)
+        self.keeps_incidents = True
+        self._mark("kept", "incidents")
+        return len(new)
 
     # ---- every alert resolves --------------------------------------------------------------
 
@@ -620,7 +651,9 @@ class RuleEngine:
         self.number += 1
         keys: dict[str, Any] = {st: list(getattr(self, st)) for st in (
             "series", "seq_first", "site_hits", "site_open", "open", "waits", "site_live",
-            "site_alert")}
+            "site_alert", "incidents")}
+        if self.keeps_incidents:
+            keys["kept"] = ["incidents"]
         for st in ("last_end", "absent"):
             keys[st] = [(r, k) for r, d in getattr(self, st).items() for k in d]
         if self.orphans:
@@ -658,6 +691,8 @@ class RuleEngine:
             return [_alert_row(a) for a in self.orphans]
         if struct == "site_open":
             return True if key in self.site_open else None
+        if struct == "kept":
+            return self.keeps_incidents or None
         v = getattr(self, struct).get(key)
         if v is None:
             return None
@@ -688,6 +723,9 @@ class RuleEngine:
             if struct == "site_open":
                 (self.site_open.discard if v is None else self.site_open.add)(key)
                 continue
+            if struct == "kept":
+                self.keeps_incidents = v is True
+                continue
             target: dict[Any, Any] = getattr(self, struct)
             if v is None:
                 target.pop(key, None)
@@ -705,6 +743,8 @@ class RuleEngine:
                 target[key] = [_wait(w) for w in v]
             elif struct == "site_live":
                 target[key] = {str(d): int(n) for d, n in v.items()}
+            elif struct == "incidents":
+                target[key] = [int(v[0]), str(v[1]), float(v[2]), int(v[3])]
             else:  # site_alert
                 target[key] = _ident(v)
 
@@ -842,7 +882,8 @@ class RuleEngine:
         maps: list[tuple[str, dict[Any, Any]]] = [
             ("series", self.series), ("seq_first", self.seq_first),
             ("site_hits", self.site_hits), ("open", self.open), ("waits", self.waits),
-            ("site_live", self.site_live), ("site_alert", self.site_alert)]
+            ("site_live", self.site_live), ("site_alert", self.site_alert),
+            ("incidents", self.incidents)]
         for struct, d in maps:
             while len(d) > self.max_keys:
                 self._mark(struct, next(iter(d)))
@@ -917,6 +958,10 @@ def _decode_key(struct: str, k: Any) -> Any:
         return (str(k[0]), str(k[1]), str(k[2]), str(k[3]), int(k[4]))
     if struct == "orphans":
         return None
+    if struct == "incidents":
+        return (str(k[0]), str(k[1]), str(k[2]), str(k[3]))
+    if struct == "kept":
+        return str(k)
     raise ValueError(f"no such part of the rules' state: {struct!r}")
 
 

@@ -40,7 +40,7 @@ from cloud.points import (
     superseded_identities,
 )
 from cloud.refdata import ReferenceData
-from cloud.rules import Rule, RuleEngine, append_rules, journal_path, save_rules
+from cloud.rules import Rule, RuleEngine, append_rules, save_rules
 from cloud.sinks import build_sink
 from cloud.sinks.base import BufferedWriter, Sink
 from cloud.sinks.points import Points
@@ -196,9 +196,9 @@ class CloudWorker:
         self._detect_path = config.state_dir / "detect.npz" if config.state_dir else None
         self._rules_path = config.state_dir / "rules.json" if config.state_dir else None
         # the single path keeps its rules' state in state_dir (JetStream: in partition snapshots);
-        # with every rule removed, a state left is still read: the alerts it has open close
-        self._keeps_rules = bool(self._rules_path and not self.per_partition and (
-            config.rules or self._rules_path.exists() or journal_path(self._rules_path).exists()))
+        # with every rule removed, a state left is still read: the alerts it has open close.
+        # Rules or none, that state keeps the detectors' open incidents exactly too
+        self._keeps_rules = bool(self._rules_path and not self.per_partition)
         # to save, all their effects written: a snapshot (then the journal starts afresh),
         # each batch's changes since, in order
         self._rules_full: dict[str, Any] | None = None
@@ -214,6 +214,8 @@ class CloudWorker:
                 and self.detection.load(self._detect_path)):
             log.info("detector state restored from %s (%d series)", self._detect_path,
                      len(self.detection.series))
+        if self._keeps_rules:
+            self._reconcile_incidents()
         if self._dedup_path is not None:
             config.state_dir.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
             if not self.per_partition and self.dedup.load(self._dedup_path):
@@ -226,6 +228,22 @@ class CloudWorker:
                 self.gateways_heard.update(load_heard(self._heard_path, self._started))
             except (OSError, ValueError) as exc:  # only the operator's view: start without
                 log.warning("the gateways heard before are not known: %s", exc)
+
+    def _reconcile_incidents(self) -> None:
+        """The detectors' snapshot is saved every few minutes, the incidents written with
+        every batch (in the rules' state): a restart takes the open incidents from the latter,
+        or, from a state that did not keep them yet, from the former."""
+        rules = self.parts[0].rules
+        if not rules.keeps_incidents:
+            n = rules.adopt_incidents(self.detection.open_incidents())
+            opened, closed = self.detection.reconcile(rules.incidents, close=False)
+            if n or opened:
+                log.info("open incidents kept with the rules' state from now on: %d", n + opened)
+            return
+        opened, closed = self.detection.reconcile(rules.incidents)
+        if opened or closed:
+            log.info("detector state is older than the last batch acknowledged: %d incident(s) "
+                     "opened since reopened, %d resolved since closed", opened, closed)
 
     # the single-worker path's one state (also what tests and the demo look at)
     @property

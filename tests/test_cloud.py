@@ -187,6 +187,77 @@ def test_a_rule_alert_open_when_the_worker_dies_still_resolves_after_its_restart
     assert third.stats()["rule_alerts_opened"] == 1
 
 
+def test_incidents_opened_or_resolved_since_the_last_detector_save_survive_a_kill(
+        tmp_path: Path) -> None:
+    """The detectors' state is saved every 5 minutes, an incident is written with its batch.
+    A worker killed between two saves used to come back with the incidents of its last save:
+    one opened since stayed open in InfluxDB for good (nothing knew it any more), one
+    resolved since was resolved a second time. The open incidents are kept with the rules'
+    state (journaled before each ack, rules configured or not): the next worker reopens the
+    first, which then resolves, and closes the second. A state dir from before (a detector
+    snapshot, no rules' state) has its snapshot's open incidents adopted."""
+    from cloud.sinks.base import MemorySink
+
+    reg = Registry([Device(device_id=f"dev-{i}", gateway="gw-1", site="hall",
+                           kind="temperature", high=25.0) for i in (1, 2, 3)])
+    cfg = CloudConfig(worker_id="t", broker=BrokerAddress(host="127.0.0.1", port=1),
+                      influx=InfluxConfig(), state_dir=tmp_path)
+
+    class Broker:
+        async def ack(self, *_a: object, **_k: object) -> bool:
+            return True
+
+    def worker() -> tuple[CloudWorker, MemorySink]:
+        sink = MemorySink(strict=True)
+        return CloudWorker(cfg, registry=reg, source=Broker(), sink=sink), sink  # type: ignore[arg-type]
+
+    def feed(w: CloudWorker, ks: range, mean: float, dev: str = "dev-1") -> None:
+        async def go() -> None:
+            for k in ks:
+                b = tumbling_batch(k + 1, [dev], T + 10_000 * k, [10], [mean], [0])
+                w.handle(SourceMessage(0, k, results_topic("gw-1"), b.encode()))
+            await w.writer.flush(None)
+            stop = asyncio.Event()
+            stop.set()
+            await w._acker(stop)  # one round of acks: what they changed is on disk before
+
+        asyncio.run(go())
+
+    def states(sink: MemorySink) -> list[tuple[str, int, object]]:
+        return sorted((dict(tags)["device"], ts, f["state"])
+                      for (m, tags, ts), f in sink.points.items() if m == "alerts")
+
+    first, _ = worker()
+    feed(first, range(5), 20.0)
+    asyncio.run(first._save_detection())  # the periodic save: no incident yet
+    feed(first, range(5, 7), 30.0)  # opens one
+    assert first.stats()["alerts_opened"] == 1
+    # killed here
+    second, sink = worker()
+    feed(second, range(7, 10), 20.0)
+    assert states(sink) == [("dev-1", T + 50_000, "resolved")]
+    feed(second, range(10, 15), 20.0, "dev-2")
+    feed(second, range(15, 17), 30.0, "dev-2")  # opens another ...
+    asyncio.run(second._save_detection())  # ... saved open
+    feed(second, range(17, 20), 20.0, "dev-2")  # and resolved
+    assert second.stats()["alerts_resolved"] == 2
+    # killed here
+    third, sink = worker()
+    feed(third, range(20, 25), 20.0, "dev-2")
+    assert third.stats()["alerts_resolved"] == 0  # not a second time
+    assert not third.detection.open_incidents()
+    # a state dir of the code before: the detectors' snapshot (one open) and no rules' state
+    feed(third, range(25, 30), 20.0, "dev-3")
+    feed(third, range(30, 32), 30.0, "dev-3")
+    asyncio.run(third._save_detection())
+    for name in ("rules.json", "rules.journal"):
+        (tmp_path / name).unlink(missing_ok=True)
+    fourth, sink = worker()
+    assert fourth.parts[0].rules.incidents == fourth.detection.open_incidents() != {}
+    feed(fourth, range(32, 35), 20.0, "dev-3")
+    assert states(sink) == [("dev-3", T + 300_000, "resolved")]
+
+
 def test_a_sighup_reads_the_rules_again(tmp_path: Path) -> None:
     """``systemctl reload``: the worker reads its rules again from its config; a rule removed
     has its open alert resolved with the next batch, the new state goes to disk at once (a

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cloud.detect.stage import AlertEvent, Detections
-from cloud.rules import RuleAlert, RuleEngine, parse_rules, save_rules
+from cloud.rules import RuleAlert, RuleEngine, append_rules, parse_rules, save_rules
 from devices.errors import ConfigError
 from tests.detectkit import T0, Win, rows
 
@@ -287,6 +287,37 @@ def test_the_rules_go_on_after_a_restart_from_their_saved_state(tmp_path: Path) 
     assert not path.exists()
     assert (tmp_path / "rules.json.unreadable").exists()
     assert not fresh.load(path)  # no file: nothing to restore
+
+
+def test_the_detectors_open_incidents_are_kept_with_the_rules_state(tmp_path: Path) -> None:
+    """Rules or none, the state keeps which detector incidents are open (opened: in; resolved:
+    out), in each batch's delta and in snapshots, and says that it keeps them: a state from
+    before (no such mark) adopts those of the detectors' snapshot once."""
+    eng = RuleEngine([], journaled=True)
+    w = [Win("d", "t", T0, 1.0), Win("e", "t", T0, 1.0)]
+    assert eng.adopt_incidents({}) == 0
+    feed(eng, w, [alert(0, T0), alert(1, T0 + 5 * W, level="device")])
+    assert eng.incidents == {("gw", "d", "t", "1m"): [T0, "novelty", 2.0, 0],
+                             ("gw", "e", "(device)", "1m"): [T0 + 5 * W, "novelty", 2.0, 0]}
+    first = eng.take_delta()
+    assert first is not None
+    feed(eng, w, [resolved(0, T0, T0 + 9 * W)])
+    second = eng.take_delta()
+    path = tmp_path / "rules.json"
+    save_rules({"v": 2, "n": 0, "d": []}, path)
+    append_rules([first, second], path)
+    back = RuleEngine([])
+    assert back.load(path)
+    assert back.incidents == {("gw", "e", "(device)", "1m"): [T0 + 5 * W, "novelty", 2.0, 0]}
+    assert back.keeps_incidents  # (the adoption's mark rode in the first delta)
+    save_rules(back.snapshot(), path)
+    again = RuleEngine([])
+    assert again.load(path)
+    assert (again.incidents, again.keeps_incidents) == (back.incidents, True)
+    old = RuleEngine([])  # a state from before: nothing says it keeps them
+    old.restore({"v": 2, "n": 0, "d": []})
+    assert not old.keeps_incidents
+    assert old.adopt_incidents({("gw", "f", "t", "1m"): [T0, "spike", 3.0, T0 + W]}) == 1
 
 
 def test_rules_read_again_go_on_start_or_close_what_they_had_open(tmp_path: Path) -> None:

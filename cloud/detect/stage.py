@@ -48,7 +48,7 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -451,6 +451,95 @@ class DetectionStage:
             message=f"{dev} {what}: no window for {_span(quiet_ms)} while its gateway sent "
                     "others; resolved as silent",
             subject=(str(gw), str(dev), str(metric), str(win)))
+
+    # ---- the incidents written -------------------------------------------------------------
+
+    def open_incidents(self) -> dict[tuple[str, str, str, str], list[Any]]:
+        """The incidents open now, by subject (gateway, device, metric or
+        ``DEVICE_SUBJECT``, window): [incident, detector, peak, until], as the rules' state
+        keeps them (``RuleEngine.incidents``)."""
+        out: dict[tuple[str, str, str, str], list[Any]] = {}
+        for level in ("series", "device"):
+            policy = self.series_policy if level == "series" else self.device_policy
+            subj = policy.open_incidents()
+            if not len(subj):
+                continue
+            _, _, _, width = self._silence_of(level, subj)
+            names = [d.name for d in (self.detectors if level == "series"
+                                      else self.device_detectors)]
+            st = policy.state
+            for j, w in zip(subj.tolist(), width.tolist(), strict=True):
+                by = int(st["by"][j])
+                out[self._subject(level, j)] = [
+                    int(st["incident"][j]), names[by] if 0 <= by < len(names) else "",
+                    float(st["peak"][j]), int(st["last_high"][j]) + int(w)]
+        return out
+
+    def _subject(self, level: str, j: int) -> tuple[str, str, str, str]:
+        if level == "series":
+            k: tuple[str, ...] = self.series.keys[j]  # type: ignore[assignment]
+            return (k[0], k[1], k[2], k[3])
+        k = self.devices.keys[j]  # type: ignore[assignment]
+        return (k[0], k[1], DEVICE_SUBJECT, k[2])
+
+    def reconcile(self, written: Mapping[tuple[str, str, str, str], Sequence[Any]], *,
+                  close: bool = True) -> tuple[int, int]:
+        """Make the open incidents those ``written`` says (the rules' state keeps them
+        exactly, to the last batch acknowledged): a detector snapshot older than that (a
+        SIGKILL between two saves, or none that could be read) lacks those opened since, which
+        would stay open in InfluxDB for good, and holds those resolved since. Those it lacks are
+        opened again as they were (a series it never saw is added); with ``close``, those it
+        holds that are not written open are closed. Returns (opened, closed)."""
+        have = self.open_incidents()
+        opened = closed = 0
+        for key, (inc, name, peak, until) in written.items():
+            if have.get(key, [None])[0] == inc:
+                continue
+            level = "device" if key[2] == DEVICE_SUBJECT else "series"
+            names = ([d.name for d in self.detectors] if level == "series"
+                     else [d.name for d in self.device_detectors])
+            by = names.index(name) if name in names else None
+            if by is None:
+                log.warning("incident of %s opened by %r, which is not configured now: it "
+                            "stays as written", key, name)
+                continue
+            if level == "series":
+                known = len(self.series)
+                j = int(self.series.ids([key])[0])
+                if len(self.series) > known:
+                    self._new_series(known)
+                self._reserve()
+                width = self._silence_of(level, np.array([j]))[3]
+            else:
+                got = self.devices.get((key[0], key[1], key[3]))
+                if got is None:  # (device detectors need a long history: not since a save)
+                    log.warning("incident of device %s of gateway %s not reopened: its "
+                                "detectors do not know it", key[1], key[0])
+                    continue
+                j = got
+                self.device_policy.state.reserve(len(self.devices))
+                width = self._silence_of(level, np.array([j]))[3]
+            st = (self.series_policy if level == "series" else self.device_policy).state
+            st["incident"][j] = int(inc)
+            st["by"][j] = by
+            st["peak"][j] = float(peak)
+            st["last_high"][j] = int(until) - int(width[0])
+            st["quiet"][j] = 0
+            st["opened_n"][j] = st["n"][j]
+            opened += 1
+        if close:
+            for key in have.keys() - written.keys():
+                level = "device" if key[2] == DEVICE_SUBJECT else "series"
+                if level == "series":
+                    sid = self.series.get(key)
+                    policy = self.series_policy
+                else:
+                    sid = self.devices.get((key[0], key[1], key[3]))
+                    policy = self.device_policy
+                if sid is not None:
+                    policy.close(np.array([sid], np.int64))
+                    closed += 1
+        return opened, closed
 
     def _small_changes(self, rows: EnrichedResults, idx: I64, f: Frame, fresh: BoolArray,
                        verdicts: list[Verdict]) -> None:
