@@ -381,20 +381,15 @@ class DetectionStage:
         if not self.resolve_silent_after_ms and not self.forget_after_ms:
             return out
         self._reserve()
-        for level in ("series", "device"):
-            policy = self.series_policy if level == "series" else self.device_policy
-            subj = policy.open_incidents()
-            if not len(subj):
-                continue
+        for level, policy, subj in self._open_levels():
             at, end, gap, width = self._silence_of(level, subj)
             quiet = np.zeros(len(subj), bool)
             if self.forget_after_ms:
                 quiet |= at < now_ms - self.forget_after_ms
             t = self.resolve_silent_after_ms
             if t and gateway in self.gateway_end:
-                keys = self.series.keys if level == "series" else self.devices.keys
-                mine = np.fromiter((keys[j][0] == gateway for j in subj.tolist()),
-                                   bool, count=len(subj))
+                mine = np.fromiter((self._subject(level, j)[0] == gateway
+                                    for j in subj.tolist()), bool, count=len(subj))
                 wait = np.maximum(t, (policy.config.clear + 1) * gap)
                 quiet |= (mine & (at <= now_ms - t) & (end != NEVER_SEEN)
                           & (self.gateway_end[gateway] - end >= wait))
@@ -430,27 +425,36 @@ class DetectionStage:
         return at[subj], end[subj], gap[subj], width[subj]
 
     def _silent_event(self, level: str, j: int, quiet_ms: int, width: int) -> AlertEvent:
-        policy = self.series_policy if level == "series" else self.device_policy
-        s = policy.state
-        if level == "series":
-            key: tuple[str, ...] = self.series.keys[j]  # type: ignore[assignment]
-            gw, dev, metric, win = key
-            names = [d.name for d in self.detectors]
-        else:
-            key = self.devices.keys[j]  # type: ignore[assignment]
-            gw, dev, win = key
-            metric = DEVICE_SUBJECT
-            names = [d.name for d in self.device_detectors]
-        by = int(s["by"][j])
-        what = metric if level == "series" else "device"
+        s = (self.series_policy if level == "series" else self.device_policy).state
+        subject = self._subject(level, j)
+        what = subject[2] if level == "series" else "device"
         return AlertEvent(
-            row=-1, level=level, source="detector",
-            name=names[by] if 0 <= by < len(names) else "detector", state="resolved",
-            incident=int(s["incident"][j]), until=int(s["last_high"][j]) + width,
-            severity=float(s["peak"][j]), direction="", value=math.nan, reference=math.nan,
-            message=f"{dev} {what}: no window for {_span(quiet_ms)} while its gateway sent "
-                    "others; resolved as silent",
-            subject=(str(gw), str(dev), str(metric), str(win)))
+            row=-1, level=level, source="detector", name=self._opener(level, j) or "detector",
+            state="resolved", incident=int(s["incident"][j]),
+            until=int(s["last_high"][j]) + width, severity=float(s["peak"][j]), direction="",
+            value=math.nan, reference=math.nan,
+            message=f"{subject[1]} {what}: no window for {_span(quiet_ms)} while its gateway "
+                    "sent others; resolved as silent", subject=subject)
+
+    def _open_levels(self) -> list[tuple[str, AlertPolicy, I64]]:
+        """(level, its policy, the subjects with an incident open) of each level with one."""
+        out = []
+        for level, policy in (("series", self.series_policy), ("device", self.device_policy)):
+            subj = policy.open_incidents()
+            if len(subj):
+                out.append((level, policy, subj))
+        return out
+
+    def _names(self, level: str) -> list[str]:
+        return ([d.name for d in self.detectors] if level == "series"
+                else [d.name for d in self.device_detectors])
+
+    def _opener(self, level: str, j: int) -> str:
+        """The detector that opened the subject's incident ("" if it is not configured)."""
+        names = self._names(level)
+        by = int((self.series_policy if level == "series" else self.device_policy)
+                 .state["by"][j])
+        return names[by] if 0 <= by < len(names) else ""
 
     # ---- the incidents written -------------------------------------------------------------
 
@@ -459,20 +463,13 @@ class DetectionStage:
         ``DEVICE_SUBJECT``, window): [incident, detector, peak, until], as the rules' state
         keeps them (``RuleEngine.incidents``)."""
         out: dict[tuple[str, str, str, str], list[Any]] = {}
-        for level in ("series", "device"):
-            policy = self.series_policy if level == "series" else self.device_policy
-            subj = policy.open_incidents()
-            if not len(subj):
-                continue
-            _, _, _, width = self._silence_of(level, subj)
-            names = [d.name for d in (self.detectors if level == "series"
-                                      else self.device_detectors)]
+        for level, policy, subj in self._open_levels():
+            width = self._silence_of(level, subj)[3]
             st = policy.state
             for j, w in zip(subj.tolist(), width.tolist(), strict=True):
-                by = int(st["by"][j])
                 out[self._subject(level, j)] = [
-                    int(st["incident"][j]), names[by] if 0 <= by < len(names) else "",
-                    float(st["peak"][j]), int(st["last_high"][j]) + int(w)]
+                    int(st["incident"][j]), self._opener(level, j), float(st["peak"][j]),
+                    int(st["last_high"][j]) + int(w)]
         return out
 
     def _subject(self, level: str, j: int) -> tuple[str, str, str, str]:
@@ -496,8 +493,7 @@ class DetectionStage:
             if have.get(key, [None])[0] == inc:
                 continue
             level = "device" if key[2] == DEVICE_SUBJECT else "series"
-            names = ([d.name for d in self.detectors] if level == "series"
-                     else [d.name for d in self.device_detectors])
+            names = self._names(level)
             by = names.index(name) if name in names else None
             if by is None:
                 log.warning("incident of %s opened by %r, which is not configured now: it "
