@@ -936,9 +936,6 @@ class CloudWorker:
         log.warning("SIGHUP: rules read again: %d added (%s), %d removed (%s), %d changed (%s)",
                     *(x for names in changes
                       for x in (len(names), ", ".join(sorted(names)) or "-")))
-        if self._rules_path is not None and not self.per_partition and not self._keeps_rules:
-            self._keeps_rules = True  # rules where there were none: their state is kept now
-            self.parts[0].rules.journaled = True
         self._queue_rules_snapshot(now=True)  # what was dropped, on disk too
 
     async def _health(self, stop: asyncio.Event) -> None:
