@@ -101,6 +101,37 @@ def test_a_rule_alert_is_not_opened_twice_across_worker_kills(rig: Rig) -> None:
     assert ten == first
 
 
+def test_a_detector_incident_is_not_opened_twice_across_worker_kills(rig: Rig) -> None:
+    """Every device's readings are above its registry limit all along: one incident per
+    series, opened at its first window and open at the end, never a second one. The worker
+    saves its detectors every 5 minutes, so one killed sooner had none to restart from: it
+    opened every incident again at its next window (the first left open for good). Now the
+    open incidents are kept with each batch's acknowledgement and reopened at the restart."""
+    from dataclasses import replace
+
+    from devices.registry import Registry
+    from simulators.fleet import FleetSimulator
+
+    Registry([replace(d, low=None, high=-1e6) for d in FleetSimulator(rig.spec, 0).registry()]
+             ).to_csv(rig.tmp / "devices.csv")
+    text = rig.cloud_cfg.read_text()
+    rig.cloud_cfg.write_text(text.replace("[worker]\n",
+                                          f'[worker]\nregistry = "{rig.tmp}/devices.csv"\n', 1))
+    rig.start_chain(fleet_s=14)
+    for _ in range(2):
+        time.sleep(4)
+        rig.kill_worker()  # SIGKILL: no clean stop, no periodic save
+        rig.start_worker()
+    rig.wait_fleet()
+    finish(rig)
+    doc: Any = rig.influx.query('SELECT "name", "state" FROM "alerts" WHERE "source" = '
+                                '\'detector\' GROUP BY "device", "metric"')
+    series = doc["results"][0].get("series", [])
+    assert len(series) == rig.spec.devices_per_gateway, series  # one sensor each
+    for s in series:
+        assert [v[1:] for v in s["values"]] == [["threshold", "open"]], s
+
+
 def test_r2_partition_then_heal_drains_fast(rig: Rig) -> None:
     rig.start_chain(fleet_s=16)
     time.sleep(3)
