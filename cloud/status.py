@@ -314,8 +314,8 @@ def render(doc: Mapping[str, Any], verdict: Verdict, now_ms: int,
         f"gateways {int(gw.get('heard', 0)):,} heard in the last {duration(HEARD_FOR_MS)}, "
         f"{int(gw.get('quiet', 0)):,} quiet for {duration(QUIET_MS)}",
         f"detect   {n('detector_series')} series ({float(s.get('detector_state_mb', 0)):.1f} "
-        f"MiB), {n('anomalies')} anomalies, alerts {n('alerts_opened')} opened / "
-        f"{n('alerts_resolved')} resolved"
+        f"MiB), {n('anomalies')} anomalies, alerts {n('alerts_open')} open, "
+        f"{n('alerts_opened')} opened / {n('alerts_resolved')} resolved"
         + (f" ({n('alerts_resolved_silent')} as silent: their series sent no more windows)"
            if s.get("alerts_resolved_silent") else ""),
         f"disk     {disk.path}: {size(disk.free)} free of {size(disk.total)}" if disk else

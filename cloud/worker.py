@@ -651,6 +651,7 @@ class CloudWorker:
         # those forgotten after [detect] forget_after without a window
         stages = [part.detection for part in self.parts.values()]
         s["detector_series"] = sum(len(d.series) for d in stages)
+        s["alerts_open"] = sum(d.incidents_open() for d in stages)  # detectors' incidents, now
         s["detector_state_mb"] = round(sum(d.state_bytes() for d in stages) / 2**20, 2)
         # ... and the incidents resolved because their series fell silent
         for k in ("series_forgotten", "alerts_resolved_silent"):

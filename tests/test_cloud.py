@@ -823,6 +823,7 @@ def test_an_incident_resolves_in_influxdb_under_the_site_it_opened_with(
 
     feed(range(10), ["dev-a", "dev-b"], [20.0, 40.0])
     assert alerts() == [("dev-b", "hall", "open", True)]
+    assert worker.stats()["alerts_open"] == 1
     worker.registry.replace(Registry([  # type: ignore[attr-defined]
         Device(device_id="dev-a", gateway="gw-1", site="hall", kind="temperature", high=30.0),
         Device(device_id="dev-b", gateway="gw-1", site="yard", kind="temperature", high=30.0)]),
@@ -840,6 +841,7 @@ def test_an_incident_resolves_in_influxdb_under_the_site_it_opened_with(
     assert ("resolved as silent" if how == "dies" else "back to normal") in message
     assert worker.stats()["alerts_resolved_silent"] == (how == "dies")
     assert worker.stats()["alerts_resolved"] == 1
+    assert worker.stats()["alerts_open"] == 0
 
 
 def test_gateways_and_workers_that_stop_reporting_are_the_ones_their_rules_find(

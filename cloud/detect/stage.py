@@ -472,6 +472,10 @@ class DetectionStage:
                     int(st["last_high"][j]) + int(w)]
         return out
 
+    def incidents_open(self) -> int:
+        """How many incidents are open now (series and devices)."""
+        return len(self.series_policy.open_incidents()) + len(self.device_policy.open_incidents())
+
     def _subject(self, level: str, j: int) -> tuple[str, str, str, str]:
         if level == "series":
             k: tuple[str, ...] = self.series.keys[j]  # type: ignore[assignment]
