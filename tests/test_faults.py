@@ -70,17 +70,33 @@ def test_r1_worker_sigkilled_repeatedly(rig: Rig) -> None:
     assert max(recoveries) < 5.0, recoveries  # back to writing within 5 s of each restart
 
 
-def test_a_rule_alert_is_not_opened_twice_across_worker_kills(rig: Rig) -> None:
-    """Pattern rules keep their state through SIGKILLs of the worker: a rule true of every
-    window (`count` above 0) opens one alert per series and never a second one. Before, each
-    restart forgot the alerts open and opened new ones (the first left open for good). One
-    that needs ten windows in a row (the kills come within the first ten) opens at each
-    series' first window, as without the kills: a run in progress goes on counting (before
-    the journal, each kill restarted it, and it never opened)."""
-    with rig.cloud_cfg.open("a") as fh:
-        for name, count in (("always", 1), ("ten", 10)):
-            fh.write(f'\n[[rules]]\nname = "{name}"\nkind = "consecutive"\nfield = "count"\n'
-                     f'above = 0\ncount = {count}\n')
+def test_alerts_and_incidents_are_not_opened_twice_across_worker_kills(rig: Rig) -> None:
+    """Pattern rules and the detectors' incidents keep their state through SIGKILLs of the
+    worker (within its first minute: its detectors are saved every 5 minutes, none yet).
+
+    A rule true of every window (`count` above 0) opens one alert per series and never a
+    second one; one that needs ten windows in a row (the kills come within the first ten)
+    opens at each series' first window, as without the kills: a run in progress goes on
+    counting. Before the rules' journal, each restart forgot the alerts open and opened new
+    ones (the first left open for good), and the ten-window rule never opened.
+
+    Every device's readings are above its registry limit all along: one detector incident per
+    series, opened at its first window and open at the end. Before the open incidents were
+    kept with each acknowledgement, each restart opened every incident again at its next
+    window (three per series, two left open for good)."""
+    from dataclasses import replace
+
+    from devices.registry import Registry
+    from simulators.fleet import FleetSimulator
+
+    Registry([replace(d, low=None, high=-1e6) for d in FleetSimulator(rig.spec, 0).registry()]
+             ).to_csv(rig.tmp / "devices.csv")
+    text = rig.cloud_cfg.read_text().replace(
+        "[worker]\n", f'[worker]\nregistry = "{rig.tmp}/devices.csv"\n', 1)
+    for name, count in (("always", 1), ("ten", 10)):
+        text += (f'\n[[rules]]\nname = "{name}"\nkind = "consecutive"\nfield = "count"\n'
+                 f'above = 0\ncount = {count}\n')
+    rig.cloud_cfg.write_text(text)
     rig.start_chain(fleet_s=14)
     for _ in range(2):
         time.sleep(4)
@@ -99,37 +115,13 @@ def test_a_rule_alert_is_not_opened_twice_across_worker_kills(rig: Rig) -> None:
     first = {s["tags"]["device"]: s["values"][0][0] for s in doc["results"][0]["series"]}
     ten = {s["tags"]["device"]: s["values"][0][1] for s in series if s["tags"]["name"] == "ten"}
     assert ten == first
-
-
-def test_a_detector_incident_is_not_opened_twice_across_worker_kills(rig: Rig) -> None:
-    """Every device's readings are above its registry limit all along: one incident per
-    series, opened at its first window and open at the end, never a second one. The worker
-    saves its detectors every 5 minutes, so one killed sooner had none to restart from: it
-    opened every incident again at its next window (the first left open for good). Now the
-    open incidents are kept with each batch's acknowledgement and reopened at the restart."""
-    from dataclasses import replace
-
-    from devices.registry import Registry
-    from simulators.fleet import FleetSimulator
-
-    Registry([replace(d, low=None, high=-1e6) for d in FleetSimulator(rig.spec, 0).registry()]
-             ).to_csv(rig.tmp / "devices.csv")
-    text = rig.cloud_cfg.read_text()
-    rig.cloud_cfg.write_text(text.replace("[worker]\n",
-                                          f'[worker]\nregistry = "{rig.tmp}/devices.csv"\n', 1))
-    rig.start_chain(fleet_s=14)
-    for _ in range(2):
-        time.sleep(4)
-        rig.kill_worker()  # SIGKILL: no clean stop, no periodic save
-        rig.start_worker()
-    rig.wait_fleet()
-    finish(rig)
-    doc: Any = rig.influx.query('SELECT "name", "state" FROM "alerts" WHERE "source" = '
-                                '\'detector\' GROUP BY "device", "metric"')
+    doc = rig.influx.query('SELECT "name", "state" FROM "alerts" WHERE "source" = '
+                           '\'detector\' GROUP BY "device", "metric"')
     series = doc["results"][0].get("series", [])
-    assert len(series) == rig.spec.devices_per_gateway, series  # one sensor each
+    assert len(series) == rig.spec.devices_per_gateway, series
     for s in series:
         assert [v[1:] for v in s["values"]] == [["threshold", "open"]], s
+    assert {s["tags"]["device"]: s["values"][0][0] for s in series} == first
 
 
 def test_r2_partition_then_heal_drains_fast(rig: Rig) -> None:
