@@ -797,3 +797,28 @@ def test_resolve_silent_after_zero_keeps_the_incident_open() -> None:
     run_minutes(stage, clock, [[limited("a", k, 20.0), limited("b", k, 40.0)] for k in range(5)])
     assert not run_minutes(stage, clock, [[limited("a", k, 20.0)] for k in range(5, 400)])
     assert len(stage.series_policy.open_incidents()) == 1
+
+
+def test_incidents_written_are_reopened_even_on_a_series_never_seen() -> None:
+    """``reconcile``: an incident the rules' state has open on a series the detectors' snapshot
+    never saw (first seen after the last save) is reopened on a new series, counted as seen
+    now (not silent since for ever), and resolves by its windows; one the snapshot holds open
+    that is not written open is closed."""
+    clock = WorkerClock(T0)
+    stage = silence_stage(clock)
+    run_minutes(stage, clock, [[limited("a", k, 40.0)] for k in range(3)])
+    have = stage.open_incidents()
+    assert list(have) == [("gw", "a", "m", "1m")]
+    inc, name, _, until = have[("gw", "a", "m", "1m")]
+    assert (inc, name, until) == (T0, "threshold", T0 + 3 * MINUTE)
+    written = {("gw", "b", "m", "1m"): [T0 + 2 * MINUTE, "threshold", 2.0, T0 + 3 * MINUTE]}
+    assert stage.reconcile(written) == (1, 1)
+    assert stage.open_incidents() == {("gw", "b", "m", "1m"): [T0 + 2 * MINUTE, "threshold",
+                                                               2.0, T0 + 3 * MINUTE]}
+    clock.t_ms += 2 * 3_600_000  # nothing is silent yet: b was seen at the restart
+    assert stage.resolve_silent("gw", clock.t_ms) == []
+    got = run_minutes(stage, clock, [[limited("a", k, 20.0), limited("b", k, 20.0)]
+                                     for k in range(3, 6)])
+    assert [(k, e.state, e.subject, e.incident) for k, e in got] == [
+        (2, "resolved", None, T0 + 2 * MINUTE)]
+    assert "back to normal" in got[0][1].message

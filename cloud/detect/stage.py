@@ -509,6 +509,8 @@ class DetectionStage:
                 if len(self.series) > known:
                     self._new_series(known)
                 self._reserve()
+                if self.seen["at"][j] == NEVER_SEEN:  # new: seen now, as far as silence goes
+                    self.seen["at"][j] = int(self.clock() * 1000)
                 width = self._silence_of(level, np.array([j]))[3]
             else:
                 got = self.devices.get((key[0], key[1], key[3]))
