@@ -235,8 +235,8 @@ class CloudWorker:
         or, from a state that did not keep them yet, from the former."""
         rules = self.parts[0].rules
         if not rules.keeps_incidents:
-            n = rules.adopt_incidents(self.detection.open_incidents())
-            opened, closed = self.detection.reconcile(rules.incidents, close=False)
+            n = rules.adopt_incidents(self.detection.open_by_subject())
+            opened, _ = self.detection.reconcile(rules.incidents, close=False)
             if n or opened:
                 log.info("open incidents kept with the rules' state from now on: %d", n + opened)
             return
@@ -651,7 +651,7 @@ class CloudWorker:
         # those forgotten after [detect] forget_after without a window
         stages = [part.detection for part in self.parts.values()]
         s["detector_series"] = sum(len(d.series) for d in stages)
-        s["alerts_open"] = sum(d.incidents_open() for d in stages)  # detectors' incidents, now
+        s["alerts_open"] = sum(d.open_count() for d in stages)  # detectors' incidents, now
         s["detector_state_mb"] = round(sum(d.state_bytes() for d in stages) / 2**20, 2)
         # ... and the incidents resolved because their series fell silent
         for k in ("series_forgotten", "alerts_resolved_silent"):

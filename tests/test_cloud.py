@@ -245,7 +245,7 @@ def test_incidents_opened_or_resolved_since_the_last_detector_save_survive_a_kil
     third, sink = worker()
     feed(third, range(20, 25), 20.0, "dev-2")
     assert third.stats()["alerts_resolved"] == 0  # not a second time
-    assert not third.detection.open_incidents()
+    assert not third.detection.open_by_subject()
     # a state dir of the code before: the detectors' snapshot (one open) and no rules' state
     feed(third, range(25, 30), 20.0, "dev-3")
     feed(third, range(30, 32), 30.0, "dev-3")
@@ -253,7 +253,7 @@ def test_incidents_opened_or_resolved_since_the_last_detector_save_survive_a_kil
     for name in ("rules.json", "rules.journal"):
         (tmp_path / name).unlink(missing_ok=True)
     fourth, sink = worker()
-    assert fourth.parts[0].rules.incidents == fourth.detection.open_incidents() != {}
+    assert fourth.parts[0].rules.incidents == fourth.detection.open_by_subject() != {}
     feed(fourth, range(32, 35), 20.0, "dev-3")
     assert states(sink) == [("dev-3", T + 300_000, "resolved")]
 

@@ -807,13 +807,13 @@ def test_incidents_written_are_reopened_even_on_a_series_never_seen() -> None:
     clock = WorkerClock(T0)
     stage = silence_stage(clock)
     run_minutes(stage, clock, [[limited("a", k, 40.0)] for k in range(3)])
-    have = stage.open_incidents()
+    have = stage.open_by_subject()
     assert list(have) == [("gw", "a", "m", "1m")]
     inc, name, _, until = have[("gw", "a", "m", "1m")]
     assert (inc, name, until) == (T0, "threshold", T0 + 3 * MINUTE)
     written = {("gw", "b", "m", "1m"): [T0 + 2 * MINUTE, "threshold", 2.0, T0 + 3 * MINUTE]}
     assert stage.reconcile(written) == (1, 1)
-    assert stage.open_incidents() == {("gw", "b", "m", "1m"): [T0 + 2 * MINUTE, "threshold",
+    assert stage.open_by_subject() == {("gw", "b", "m", "1m"): [T0 + 2 * MINUTE, "threshold",
                                                                2.0, T0 + 3 * MINUTE]}
     clock.t_ms += 2 * 3_600_000  # nothing is silent yet: b was seen at the restart
     assert stage.resolve_silent("gw", clock.t_ms) == []

@@ -458,7 +458,7 @@ class DetectionStage:
 
     # ---- the incidents written -------------------------------------------------------------
 
-    def open_incidents(self) -> dict[tuple[str, str, str, str], list[Any]]:
+    def open_by_subject(self) -> dict[tuple[str, str, str, str], list[Any]]:
         """The incidents open now, by subject (gateway, device, metric or
         ``DEVICE_SUBJECT``, window): [incident, detector, peak, until], as the rules' state
         keeps them (``RuleEngine.incidents``)."""
@@ -472,7 +472,7 @@ class DetectionStage:
                     int(st["last_high"][j]) + int(w)]
         return out
 
-    def incidents_open(self) -> int:
+    def open_count(self) -> int:
         """How many incidents are open now (series and devices)."""
         return len(self.series_policy.open_incidents()) + len(self.device_policy.open_incidents())
 
@@ -491,7 +491,7 @@ class DetectionStage:
         would stay open in InfluxDB for good, and holds those resolved since. Those it lacks are
         opened again as they were (a series it never saw is added); with ``close``, those it
         holds that are not written open are closed. Returns (opened, closed)."""
-        have = self.open_incidents()
+        have = self.open_by_subject()
         opened = closed = 0
         for key, (inc, name, peak, until) in written.items():
             if have.get(key, [None])[0] == inc:
