@@ -14,10 +14,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import psutil
 import pytest
 
 from cloud.sinks.influx_v1 import InfluxV1Client
+from edge.status import STATUS_FILE
 from fieldline.oracle import check, expected_windows, export_windows
 from fieldline.services import InfluxDB, Mosquitto, free_port
 from tests.rig import LABEL, WINDOW_MS, Rig
@@ -183,13 +185,24 @@ def test_a_link_slower_than_the_json_results_keeps_up_compressed(
 def test_r2b_partition_longer_than_the_outbox_sheds_by_policy(
         tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto],
         influx_db: InfluxV1Client) -> None:
+    """A partition the agent has noticed before the first window closes: every batch it
+    shed (the oldest first, once 64 KiB of them wait) is lost for good and counted, nothing
+    else. (A batch published before the agent noticed the partition waits in the link and
+    its ack comes after all: counted again as acknowledged, not shed; whether any such batch
+    is shed depends on timing, so it is not this test's subject: tests/test_outbox.py.)"""
     rig = Rig(tmp_path, mosquitto_factory, influx_db, devices=40,
               outbox='max_bytes = "64KiB"\npolicy = "drop_oldest"')
     try:
         rig.start_worker()
         rig.start_agent()
         rig.wait_agent_subscribed()
-        rig.proxy.set_mode("blackhole")
+        rig.proxy.set_mode("reset")  # the link drops: its connection is cut, at once
+        status = tmp_path / "edge-state" / STATUS_FILE
+        deadline = time.monotonic() + 30
+        while orjson.loads(status.read_bytes())["links"]["uplink"]["connected"]:
+            assert time.monotonic() < deadline, "the agent never noticed its uplink cut"
+            time.sleep(0.1)
+        rig.proxy.set_mode("blackhole")  # and stays down: connecting again gets no answer
         rig.run_fleet(16)
         rig.wait_fleet()
         time.sleep(3)  # idle devices close their last windows into the full outbox
