@@ -64,6 +64,13 @@ class EnrichedResults:
     def __len__(self) -> int:
         return len(self.start)
 
+    @classmethod
+    def none(cls, gateway: str) -> EnrichedResults:
+        """No rows, of ``gateway`` (what its events without rows are judged with)."""
+        i, f = np.zeros(0, np.int64), np.zeros(0)
+        return cls(gateway, [], [], [], [], [], np.zeros(0, bool), i, i, i, i, f, f, f, f, f, f,
+                   f, f, f, f, f, None, None, None, np.zeros((0, 0)), [])
+
 
 def calibrated(r: ResultColumns, off: F64) -> ResultColumns:
     """The state columns with a calibration offset per row applied as ``devices.schema`` says

@@ -310,7 +310,9 @@ class RuleEngine:
             self._track_incidents(rows, det.alerts)
         if self.orphans and len(rows):  # closed at the event time of the next batch
             out += self._close_orphans(int((rows.start + rows.width).max()))
-        if not self.rules or not len(rows):
+        if not len(rows):  # incidents resolved as silent (an idle gateway): what waited on them
+            return out + self._incidents_resolved(rows, det.alerts, out)
+        if not self.rules:
             return out
         order = np.lexsort((rows.start,))
         fields = _fields(rows)

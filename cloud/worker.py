@@ -23,8 +23,8 @@ import numpy as np
 from cloud.config import CloudConfig
 from cloud.dedup import BatchDedup, Seen
 from cloud.detect import DetectionStage
-from cloud.detect.stage import subject_of, write_snapshot
-from cloud.enrich import UNKNOWN_SITE, Enricher
+from cloud.detect.stage import Detections, subject_of, write_snapshot
+from cloud.enrich import UNKNOWN_SITE, EnrichedResults, Enricher
 from cloud.ingest import MqttSource, PartitionedSource, PartitionEvent, SourceMessage
 from cloud.jetstream import shown
 from cloud.partition import Captured, PartitionState, build_detection, encode_snapshot
@@ -75,6 +75,11 @@ log = logging.getLogger("fieldline.cloud")
 
 _SNAPSHOT = object()  # writer token: publish this partition snapshot once it is all written
 _RULES = object()  # writer token: the rules' state as it was here, to save once it is all written
+_DELTA = object()  # writer token: what changed in the rules' state, to journal once written
+# a gateway's health gauges that say something waits there for the cloud (its outbox is a
+# gauge it must report: an agent that does not is never taken for idle)
+BUSY_GAUGES = ("intake_pending", "quarantine_held", "backpressure", "disk_blocked",
+               "clock_unsynced")
 # Partition snapshots (JetStream) of a large state are taken less often than snapshot_interval:
 # at most this share of the worker's time goes to them, and at most this many bytes a second to
 # the engine (the detectors' state is ~9 KB a series: 280 MB at 10,000 devices x 3 metrics, 0.8 s
@@ -302,6 +307,8 @@ class CloudWorker:
             self._heard(up.gateway, msg.stored_ms if msg.replay else self.clock.now_ms(),
                         msg.partition)
             self._handle_health(up)
+            if not msg.replay:  # what it says of its gateway now, not as it was
+                self._idle_gateway(up, part)
         else:
             self._handle_results(up, batch_digest(msg.payload), part, msg.partition)
 
@@ -325,6 +332,38 @@ class CloudWorker:
         points.append(ledger_points(rep.gateway, rep.counters, rep.ledger, ts,
                                     self.written_by_gateway.get(rep.gateway, 0)))
         self.writer.add(points, background=True)
+
+    def _idle_gateway(self, rep: HealthReport, part: PartitionState) -> None:
+        """A gateway with nothing waiting for the cloud: the detectors may take its series
+        without a window since for silent, as its windows' arrival would let them (a gateway
+        all of whose devices fell silent sends none)."""
+        g = rep.gauges
+        idle = "outbox_depth" in g and not g["outbox_depth"] and not any(
+            g.get(k) for k in BUSY_GAUGES)
+        alerts = part.detection.heard(rep.gateway, rep.ts, idle=idle,
+                                      running=int(rep.counters.get("messages_in", 0)))
+        if alerts:
+            points, rules_now = self._judged(EnrichedResults.none(rep.gateway),
+                                             Detections(alerts=alerts), part)
+            self.writer.add(points, token=None if rules_now is None else (_DELTA, rules_now))
+
+    def _judged(self, rows: EnrichedResults, det: Detections,
+                part: PartitionState) -> tuple[list[Points], dict[str, Any] | None]:
+        """The points of the detectors' alerts on ``rows`` and of the rules judging them, and
+        what that changed in the rules' state (to journal once written, before the batch's
+        ack: a crash then loses none of it)."""
+        if det.alerts:  # a resolution overwrites its opening: under the site it opened with
+            det.alerts = [e if e.state == "open" else replace(e, site=self.enricher.site_at(
+                subject_of(rows, e)[1], e.incident)) for e in det.alerts]
+        fired = part.rules.run(rows, det)
+        rules_now = part.rules.take_delta() if self._keeps_rules else None
+        for a in fired:
+            self.counters["rule_alerts_opened" if a.state == "open"
+                          else "rule_alerts_resolved"] += 1
+        self.counters["anomalies"] += len(det.anomalies)
+        for e in det.alerts:
+            self.counters["alerts_opened" if e.state == "open" else "alerts_resolved"] += 1
+        return [alert_points(rows, det.alerts), rule_alert_points(fired)], rules_now
 
     def _handle_results(self, batch: ResultBatch, digest: str, part: PartitionState,
                         pkey: int = 0) -> None:
@@ -358,25 +397,12 @@ class CloudWorker:
             return
         rows = self.enricher.enrich(batch)
         det = part.detection.run(rows)
-        if det.alerts:  # a resolution overwrites its opening: under the site it opened with
-            det.alerts = [e if e.state == "open" else replace(e, site=self.enricher.site_at(
-                subject_of(rows, e)[1], e.incident)) for e in det.alerts]
-        fired = part.rules.run(rows, det)
-        # what this batch changed in the rules' state goes to the journal once its points are
-        # written and before it is acknowledged (a crash then loses none of it)
-        rules_now = part.rules.take_delta() if self._keeps_rules else None
+        judged, rules_now = self._judged(rows, det, part)
         anomalous = np.zeros(len(rows), bool)
         anomalous[[a.row for a in det.anomalies]] = True
         points = [aggregate_points(rows),
                   site_points(rows, batch.seq, np.isfinite(det.severity), anomalous),
-                  anomaly_points(rows, det.anomalies),
-                  alert_points(rows, det.alerts), rule_alert_points(fired)]
-        for a in fired:
-            self.counters["rule_alerts_opened" if a.state == "open"
-                          else "rule_alerts_resolved"] += 1
-        self.counters["anomalies"] += len(det.anomalies)
-        for e in det.alerts:
-            self.counters["alerts_opened" if e.state == "open" else "alerts_resolved"] += 1
+                  anomaly_points(rows, det.anomalies), *judged]
         max_end = int((batch.results.start + batch.results.width).max()) if len(rows) else 0
         self.writer.add(points, token=(batch.gateway, inc, batch.seq, batch.sent_ms, max_end,
                                       len(rows), digest, pkey, part.epoch, conflict, rules_now))
@@ -463,6 +489,9 @@ class CloudWorker:
             if tok[0] is _RULES:  # a snapshot: what came before it is in it
                 self._rules_full, self._rules_deltas = tok[1], []
                 self._rules_snapshot_queued = -RULES_SNAPSHOT_WAIT_S
+                continue
+            if tok[0] is _DELTA:  # journaled with the next acks' (none waits on it)
+                self._rules_deltas.append(tok[1])
                 continue
             if tok[10] is not None:  # before its ack: the acker saves it first
                 self._rules_deltas.append(tok[10])

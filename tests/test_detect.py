@@ -791,6 +791,55 @@ def test_an_incident_of_a_gateway_gone_for_good_resolves_after_forget_after() ->
     assert stage.series.keys == [("gw", "a", "m", "1m")]
 
 
+def health_reports(stage: DetectionStage, clock: WorkerClock, minutes: int, *,
+                   idle: bool = True, running: int = 1) -> list[tuple[int, AlertEvent]]:
+    """Its gateway's health reports, every 10 s for ``minutes``, its agent's clock set:
+    (report, event)."""
+    out = []
+    for k in range(minutes * 6):
+        clock.t_ms += 10_000
+        out += [(k, e) for e in stage.heard("gw", clock.t_ms, idle=idle, running=running)]
+    return out
+
+
+def test_incidents_of_a_gateway_whose_devices_all_fall_silent_resolve_by_its_health() -> None:
+    """Every device of a gateway falls silent at once (their network or their broker gone, the
+    agent alive): no window comes to say so. Its health reports do: once it has reported
+    nothing waiting for the cloud for ``resolve_silent_after``, without a restart, its series
+    without a window since are silent. An agent that restarted starts its run again (its
+    devices' broker may hold a backlog for it); so does one with something waiting."""
+    clock = WorkerClock(T0)
+    stage = silence_stage(clock)
+    run_minutes(stage, clock, [[limited("a", k, 20.0), limited("b", k, 40.0 if k >= 5 else 20.0)]
+                               for k in range(10)])
+    assert not health_reports(stage, clock, 50, running=500)
+    assert not health_reports(stage, clock, 50, running=3)  # restarted: a run of 50 min again
+    assert not health_reports(stage, clock, 240, idle=False)  # its outbox holds batches
+    got = health_reports(stage, clock, 70)
+    assert [(k // 6, e.state, e.subject) for k, e in got] == [
+        (60, "resolved", ("gw", "b", "m", "1m"))]
+    e = got[0][1]
+    assert e.incident == T0 + 5 * MINUTE
+    assert e.until == T0 + 10 * MINUTE
+    assert "resolved as silent" in e.message
+    assert stage.counters["alerts_resolved_silent"] == 1
+    assert not len(stage.series_policy.open_incidents())
+
+
+def test_an_idle_gateway_does_not_make_a_live_series_silent() -> None:
+    """Idle health reports count only for series without a window since: a device that keeps
+    sending (over its limit) keeps its incident open however long its gateway reports idle,
+    even with its windows' event time falling behind its agent's clock (a window every 2 min
+    of the agent's time, each a minute on from the last)."""
+    clock = WorkerClock(T0)
+    stage = silence_stage(clock)
+    got = []
+    for k in range(300):
+        got += [(k, e.state) for _, e in run_minutes(stage, clock, [[limited("b", k, 40.0)]])]
+        got += [(k, e.state) for _, e in health_reports(stage, clock, 1)]
+    assert got == [(0, "open")]
+
+
 def test_resolve_silent_after_zero_keeps_the_incident_open() -> None:
     clock = WorkerClock(T0)
     stage = silence_stage(clock, resolve_silent_after_ms=0)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from cloud.detect.stage import AlertEvent, Detections
+from cloud.enrich import EnrichedResults
 from cloud.rules import RuleAlert, RuleEngine, append_rules, parse_rules, save_rules
 from devices.errors import ConfigError
 from tests.detectkit import T0, Win, rows
@@ -96,11 +97,13 @@ def test_a_followed_by_b_within_t_on_one_device() -> None:
     assert feed(eng, w3, [alert(1, T0 + 30 * W)]) == []  # too long after
 
 
-def test_a_sequence_alert_resolves_with_its_incident_resolved_as_silent() -> None:
+@pytest.mark.parametrize("with_rows", ["others' windows", "none"])
+def test_a_sequence_alert_resolves_with_its_incident_resolved_as_silent(with_rows: str) -> None:
     """The device of a sequence alert dies in its incident: the detection stage resolves the
     incident as silent in a batch that holds none of its windows (the event names its
-    subject); the sequence alert resolves with it, and a site alert's count of devices in
-    incident drops."""
+    subject), or with no rows at all (a gateway all of whose devices fell silent, by its
+    health reports); the sequence alert resolves with it, and a site alert's count of devices
+    in incident drops."""
     eng = engine({"name": "press_then_temp", "kind": "sequence", "first": "anomaly:p",
                   "then": "anomaly:t", "within": "10m"},
                  {"name": "site_wide", "kind": "site", "event": "anomaly:t", "devices": 2,
@@ -111,7 +114,8 @@ def test_a_sequence_alert_resolves_with_its_incident_resolved_as_silent() -> Non
     assert sorted(opened(got)) == [("press_then_temp", "d", T0 + 10_000),
                                    ("site_wide", "(site)", T0)]
     silent = replace(resolved(-1, T0 + 10_000, T0 + W), subject=("gw", "d", "t", "1m"))
-    got = feed(eng, [Win("other", "t", T0 + 90 * W, 1.0)], [silent])
+    got = (feed(eng, [Win("other", "t", T0 + 90 * W, 1.0)], [silent]) if with_rows != "none"
+           else eng.run(EnrichedResults.none("gw"), Detections(alerts=[silent])))
     assert sorted((a.rule, a.state, a.device, a.until) for a in got) == [
         ("press_then_temp", "resolved", "d", T0 + W), ("site_wide", "resolved", "(site)", T0 + W)]
     assert not eng.open

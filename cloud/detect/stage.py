@@ -37,6 +37,10 @@
   ``forget_after_ms`` has its incident resolved whatever its gateway does (a gateway gone for
   good). The resolution overwrites the incident's point like any other, its message says why.
   A gateway's silent series are sought at most once a minute of the worker's time.
+  A gateway whose devices all fell silent sends no windows at all; its health reports stand in
+  (``heard``): one that has reported nothing waiting for the cloud (outbox empty, intake caught
+  up, clock set), without a break or a restart, for ``resolve_silent_after_ms`` has sent all
+  its devices gave it up to its report's time, which then counts as its newest window's end.
 """
 
 from __future__ import annotations
@@ -69,6 +73,9 @@ FORGET_AFTER_MS = 30 * 86_400_000  # default: a series silent for 30 days is for
 SWEEP_EVERY_MS = 3_600_000  # how often (processing time) forgetting is considered
 NEVER_SEEN = np.iinfo(np.int64).min
 RESOLVE_SILENT_AFTER_MS = 3_600_000  # default: an incident of a series silent for 1 h resolves
+# health reports further apart than this (worker's time) do not make one run of idle reports
+# (twice the longest health interval an agent takes: a gateway this quiet is down)
+IDLE_REPORT_GAP_MS = 600_000
 SILENCE_CHECK_EVERY_MS = 60_000  # how often (worker's time) a gateway's silent series are sought
 GAP_MEMORY = 0.1  # weight of the newest gap between a series' windows in its usual gap
 DEVICE_SUBJECT = "(device)"  # the metric of an incident judged across a device's metrics
@@ -171,6 +178,9 @@ class DetectionStage:
         self.resolve_silent_after_ms = resolve_silent_after_ms  # 0: never
         self.gateway_end: dict[str, int] = {}  # gateway -> end of its newest window judged
         self._silence_checked: dict[str, int] = {}  # gateway -> when (worker's time)
+        # gateway -> its run of idle health reports: (worker's time of the first and of the
+        # latest, the agent's time of the latest, its agent's counter then)
+        self.gateway_idle: dict[str, tuple[int, int, int, int]] = {}
         self.clock = clock  # seconds (processing time, for forgetting only)
         self._swept_at = clock() * 1000
         self.min_change = dict(min_change or {})
@@ -374,9 +384,43 @@ class DetectionStage:
 
     # ---- silence -----------------------------------------------------------------------------
 
+    def heard(self, gateway: str, ts_ms: int, *, idle: bool,
+              running: int) -> list[AlertEvent]:
+        """A health report of ``gateway`` came (now, by the worker's clock), its agent's time
+        ``ts_ms``; ``idle``: nothing waits there for the cloud; ``running``: a counter that only
+        grows while its agent runs (lower than the last report's: it restarted, and a backlog
+        its devices' broker kept for it may be on its way). Once it has been idle without a
+        break for ``resolve_silent_after_ms``, its silent series are sought (at most once a
+        minute), its report's time standing for its newest window's end."""
+        now_ms = int(self.clock() * 1000)
+        prev = self.gateway_idle.get(gateway)
+        if not idle:
+            self.gateway_idle.pop(gateway, None)
+            return []
+        if prev is None or now_ms - prev[1] > IDLE_REPORT_GAP_MS or running < prev[3]:
+            prev = (now_ms, now_ms, ts_ms, running)
+        self.gateway_idle[gateway] = (prev[0], now_ms, max(prev[2], ts_ms), running)
+        t = self.resolve_silent_after_ms
+        if (not t or now_ms - prev[0] < t
+                or now_ms - self._silence_checked.get(gateway, NEVER_SEEN)
+                < SILENCE_CHECK_EVERY_MS):
+            return []
+        self._silence_checked[gateway] = now_ms
+        return self.resolve_silent(gateway, now_ms)
+
+    def _horizon(self, gateway: str, now_ms: int) -> int:
+        """The event time up to which ``gateway`` has sent all it will: its newest window's
+        end, or its agent's time in a run of idle reports ``resolve_silent_after_ms`` long."""
+        end = self.gateway_end.get(gateway, NEVER_SEEN)
+        idle = self.gateway_idle.get(gateway)
+        if idle is not None and now_ms - idle[0] >= self.resolve_silent_after_ms:
+            return max(end, idle[2])
+        return end
+
     def resolve_silent(self, gateway: str, now_ms: int) -> list[AlertEvent]:
         """Resolve the incidents of series (and devices) silent while ``gateway`` (of the
-        batch at hand) sent others, and of any series silent for ``forget_after_ms``."""
+        batch at hand, or of an idle health report) was up, and of any series silent for
+        ``forget_after_ms``."""
         out: list[AlertEvent] = []
         if not self.resolve_silent_after_ms and not self.forget_after_ms:
             return out
@@ -387,12 +431,13 @@ class DetectionStage:
             if self.forget_after_ms:
                 quiet |= at < now_ms - self.forget_after_ms
             t = self.resolve_silent_after_ms
-            if t and gateway in self.gateway_end:
+            horizon = self._horizon(gateway, now_ms)
+            if t and horizon != NEVER_SEEN:
                 mine = np.fromiter((self._subject(level, j)[0] == gateway
                                     for j in subj.tolist()), bool, count=len(subj))
                 wait = np.maximum(t, (policy.config.clear + 1) * gap)
                 quiet |= (mine & (at <= now_ms - t) & (end != NEVER_SEEN)
-                          & (self.gateway_end[gateway] - end >= wait))
+                          & (horizon - end >= wait))
             for k in np.flatnonzero(quiet).tolist():
                 out.append(self._silent_event(level, int(subj[k]), now_ms - int(at[k]),
                                               int(width[k])))
@@ -434,7 +479,7 @@ class DetectionStage:
             until=int(s["last_high"][j]) + width, severity=float(s["peak"][j]), direction="",
             value=math.nan, reference=math.nan,
             message=f"{subject[1]} {what}: no window for {_span(quiet_ms)} while its gateway "
-                    "sent others; resolved as silent", subject=subject)
+                    "was up; resolved as silent", subject=subject)
 
     def _open_levels(self) -> list[tuple[str, AlertPolicy, I64]]:
         """(level, its policy, the subjects with an incident open) of each level with one."""
