@@ -100,6 +100,9 @@ def _panel(p: Panel, pid: int) -> cogbuilder.Builder[dm.Panel]:
          .span(p.width).height(p.height).thresholds(_thresholds(p)))
     if p.unit:
         b = b.unit(p.unit)
+    if p.range_s:
+        b = b.time_from(f"{p.range_s // 86_400}d" if p.range_s % 86_400 == 0
+                        else f"{p.range_s}s")
     queries = p.queries
     if p.kind == "band":
         # one panel per metric (repeated over $metric): the band between the window's min and

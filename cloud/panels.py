@@ -62,6 +62,9 @@ class Panel:
     thresholds: tuple[Threshold, ...] = ()
     width: int = 12
     height: int = 8
+    # its own range in seconds, whatever the page's or dashboard's (Grafana's relative time);
+    # 0: the page's
+    range_s: int = 0
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,12 @@ REFUSED_SHARE = 0.1  # a gateway refusing this share of the readings it receives
 REFUSED_FLOOR = 20  # ... counted as if it had received this many more (one bad message of a few)
 REPORTS_WITHIN = "10m"  # a gateway or worker with no health report in this long is not reporting
 REPORTERS_FOR_S = 86_400  # ... among those that reported within this long (then forgotten)
+# an alert open longer is not counted open, and a pattern rule's stops notifying: its point is at
+# the event time that opened it. As long as deploy/cloud.toml's example retention: an absence
+# rule's alert for a device dead for weeks must not be notified as resolved after 7 days, as it
+# was. Cheap: alerts are a handful of points per incident.
+ALERTS_OPEN_FOR_S = 400 * 86_400
+RULE_ALERTS_FOR_S = ALERTS_OPEN_FOR_S
 
 
 def reports_query(component: str, tag: str, field: str) -> str:
@@ -201,6 +210,12 @@ SECTIONS: tuple[Section, ...] = (
         _ts("alerts_by_source", "Alerts opened by source", (
             f'SELECT count("state") FROM "{ALERTS}" WHERE "site" =~ /^$site$/ AND $timeFilter '
             'GROUP BY time($__interval), "source" fill(0)'), "$tag_source", width=8),
+        _table("alerts_open", "Alerts open now, by source", (
+            f'SELECT count("state") AS "open" FROM "{ALERTS}" WHERE "site" =~ /^$site$/ AND '
+            '"open" = true AND $timeFilter GROUP BY "source"'), width=8, range_s=ALERTS_OPEN_FOR_S,
+            description="Every incident and rule alert open now, whenever it opened (up to "
+                        f"{ALERTS_OPEN_FOR_S // 86_400} days ago), whatever the time range: "
+                        "the Alerts table holds the newest 200 of the range."),
         _table("anomalies", "Anomalous windows", (
             'SELECT "gateway", "device", "metric", "detector", "direction", "score", "value", '
             f'"reference", "message" FROM "{ANOMALIES}" WHERE "site" =~ /^$site$/ '
@@ -325,12 +340,6 @@ def not_reporting(tag: str, who: str, query: str, says: str) -> AlertRule:
                      threshold=1, op="lt", reducer="last", for_="1m", range_s=REPORTERS_FOR_S,
                      severity="critical", summary=f"{who} {{{{ $labels.{tag} }}}} {says}")
 
-
-# an alert of a pattern rule open longer stops notifying: its point is at the event time that
-# opened it. As long as deploy/cloud.toml's example retention: an absence rule's alert for a
-# device dead for weeks must not be notified as resolved after 7 days, as it was. Cheap: the rule
-# reads only the rules' series of ``alerts`` (a tag), a handful of points each.
-RULE_ALERTS_FOR_S = 400 * 86_400
 
 
 def rule_alerts_open(level: str) -> AlertRule:

@@ -16,7 +16,7 @@ import http.server
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -157,6 +157,8 @@ class ViewServer:
         if p is None:
             raise KeyError(key)
         params = Params.parse(query)
+        if p.range_s:  # its own range, whatever the page's
+            params = replace(params, range_s=p.range_s)
         cache_key = (key, *sorted(f"{k}={v}" for k, v in query.items()))
 
         def run() -> bytes:

@@ -243,7 +243,6 @@
   const natural = new Intl.Collator(undefined, { numeric: true, sensitivity: "base" });
   const byName = (a, b) => natural.compare(a[0], b[0]);
   const MAX_CHIPS = 300;
-  const ALERTS_LIMIT = 200;  // the LIMIT of the alerts panel's query (cloud/panels.py)
   const SILENT_LISTED = 50;  // the most silent devices a gateway's report names (edge/agent.py)
   const REPORT_FRESH_MS = 120000;  // a gateway's report this recent vouches for its devices
 
@@ -363,7 +362,7 @@
     },
     async update() {
       const { got, errors } = await settled(["fleet_devices", "fleet_anomalies", "fleet_clocks",
-        "alerts", "fleet_silent", "fleet_mean_by_site"]);
+        "alerts_open", "fleet_silent", "fleet_mean_by_site"]);
       const [devs, anom, clocks, alerts, silent, site] = got;
       if (devs) {
         const now = devs.now;
@@ -398,16 +397,14 @@
           gws.get(r.gateway).push({ ...r, silent: isSilent, anomalies: count.get(id) || 0, skew: c ? c["clock offset ms"] : null });
         }
         for (const gws of tree.values()) for (const devices of gws.values()) devices.sort((a, b) => natural.compare(a.device, b.device));
-        // the alerts panel holds the newest ALERTS_LIMIT incidents: a full one is a lower bound
-        const alertRows = alerts ? rowsOf(alerts) : [];
-        const openAlerts = alerts ? alertRows.filter(a => a.state === "open").length : null;
-        const atLeast = alertRows.length >= ALERTS_LIMIT ? "≥ " : "";
+        // every alert open now, whenever it opened (by source)
+        const openAlerts = alerts ? rowsOf(alerts).reduce((s, r) => s + (r.open || 0), 0) : null;
         const anomalous = anom ? anomRows.reduce((s, r) => s + r.anomalies, 0) : null;
         document.getElementById("fleet-stats").replaceChildren(
           ...[["sites", tree.size], ["gateways", [...tree.values()].reduce((s, g) => s + g.size, 0)],
             ["devices online", online], ["devices silent", quiet], ["anomalous windows", anomalous],
             ["alerts open", openAlerts]].map(([k, v]) => h("div", { class: "stat", "data-stat": k },
-            h("b", { text: v === null ? "?" : (k === "alerts open" ? atLeast : "") + num(v) }), h("span", { text: k }))));
+            h("b", { text: v === null ? "?" : num(v) }), h("span", { text: k }))));
         state.fleetTree = tree;
         drawTree();
       } else {
