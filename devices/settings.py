@@ -29,10 +29,13 @@ _MISSING: Any = object()
 
 
 def parse_duration_ms(raw: object, key: str, source: str | None = None) -> int:
-    """``"10s"``, ``"500ms"``, ``"2m"``, ``"1h"`` or an integer number of milliseconds."""
+    """``"10s"``, ``"500ms"``, ``"2m"``, ``"1h"`` or an integer number of milliseconds; ``"0"``
+    is 0 (the only length without a unit that means one thing)."""
     if type(raw) is int:
         return raw
     if isinstance(raw, str):
+        if raw.strip() == "0":
+            return 0
         m = _DURATION.match(raw)
         if m:
             return round(float(m.group(1)) * _UNIT_MS[m.group(2)])

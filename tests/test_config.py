@@ -144,8 +144,12 @@ def test_bad_cloud_config_names_the_key(tmp_path: Path) -> None:
     assert load_cloud_config(write(tmp_path, base + '[detect]\nforget_after = 0\n')
                              ).forget_after_ms == 0
     assert det.resolve_silent_after_ms == 3_600_000  # the default
-    assert load_cloud_config(write(tmp_path, base + '[detect]\nresolve_silent_after = 0\n')
-                             ).resolve_silent_after_ms == 0
+    for zero in ('0', '"0"', '"0s"'):  # 0 written as a duration, as the shipped comment says
+        assert load_cloud_config(write(tmp_path, base + f'[detect]\nresolve_silent_after = '
+                                       f'{zero}\nforget_after = {zero}\n')
+                                 ).resolve_silent_after_ms == 0
+    with pytest.raises(ConfigError, match=r"detect\.forget_after"):  # a number without its unit
+        load_cloud_config(write(tmp_path, base + '[detect]\nforget_after = "30"\n'))
     for url in ("http://127.0.0.1:abc", "http://127.0.0.1:99999", "http://:8086",
                 "http://127.0.0.1:0"):
         with pytest.raises(ConfigError) as info:
