@@ -80,6 +80,14 @@ _DELTA = object()  # writer token: what changed in the rules' state, to journal 
 # gauge it must report: an agent that does not is never taken for idle)
 BUSY_GAUGES = ("intake_pending", "quarantine_held", "backpressure", "disk_blocked",
                "clock_unsynced")
+
+
+def idle_report(rep: HealthReport) -> bool:
+    """Nothing waits at this report's gateway for the cloud: its outbox is empty (every batch
+    it stored acknowledged), its intake caught up, its clock set, its disk writable."""
+    g = rep.gauges
+    return "outbox_depth" in g and not g["outbox_depth"] and not any(
+        g.get(k) for k in BUSY_GAUGES)
 # Partition snapshots (JetStream) of a large state are taken less often than snapshot_interval:
 # at most this share of the worker's time goes to them, and at most this many bytes a second to
 # the engine (the detectors' state is ~9 KB a series: 280 MB at 10,000 devices x 3 metrics, 0.8 s
@@ -337,10 +345,7 @@ class CloudWorker:
         """A gateway with nothing waiting for the cloud: the detectors may take its series
         without a window since for silent, as its windows' arrival would let them (a gateway
         all of whose devices fell silent sends none)."""
-        g = rep.gauges
-        idle = "outbox_depth" in g and not g["outbox_depth"] and not any(
-            g.get(k) for k in BUSY_GAUGES)
-        alerts = part.detection.heard(rep.gateway, rep.ts, idle=idle,
+        alerts = part.detection.heard(rep.gateway, rep.ts, idle=idle_report(rep),
                                       running=int(rep.counters.get("messages_in", 0)))
         if alerts:
             points, rules_now = self._judged(EnrichedResults.none(rep.gateway),

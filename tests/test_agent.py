@@ -187,6 +187,23 @@ def test_an_unreadable_checkpoint_is_kept_aside_and_the_agent_starts(
     assert agent.pipeline.counters["readings_accepted"] == 10
 
 
+def test_the_cloud_takes_an_agent_for_idle_once_what_it_stored_is_acknowledged(
+        tmp_path: Path) -> None:
+    """The worker resolves the incidents of a gateway whose devices all fell silent by its
+    health reports, once they say nothing waits there (``cloud.worker.idle_report``): read
+    from the gauges a real agent reports, not from names that could drift apart."""
+    from cloud.worker import idle_report
+    from devices.contract import batch_digest
+
+    clock = ManualClock(now_ms=T + 60_000)
+    agent, waiting = agent_holding_batches(tmp_path, clock)
+    assert not idle_report(agent.health())  # batches in its outbox: a backlog, not silence
+    agent.outbox.ack(waiting, {s: batch_digest(agent.outbox.read(s)) for s in waiting})
+    assert idle_report(agent.health())
+    agent.pipeline.guard.reason = "before 2020"  # its clock not set: its times mean nothing
+    assert not idle_report(agent.health())
+
+
 def agent_holding_batches(tmp_path: Path, clock: ManualClock) -> tuple[EdgeAgent, list[int]]:
     """An agent whose outbox holds the batches of 25 s of one device, not sent yet."""
     agent = EdgeAgent(config(tmp_path), clock=clock)
