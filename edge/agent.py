@@ -940,6 +940,8 @@ class EdgeAgent:
             "outbox_shed_batches": ob.shed_batches,
             "windows_shed": ob.shed_windows,
             "readings_shed": ob.shed_readings,
+            # shed batches the cloud acknowledged after all (they were on the wire): not lost
+            "outbox_recovered": ob.recovered_batches,
             "outbox_expired": ob.expired_batches,
             "outbox_refused": ob.refused,
             "outbox_torn_records": ob.torn_records,

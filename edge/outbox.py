@@ -362,6 +362,11 @@ class Outbox:
                 del self._shed_recently[seq]
                 self._journal(RECOVERED, seq, gone[0], gone[1])
                 self.recovered_batches += 1
+                if self.recovered_batches <= 5 or self.recovered_batches % 1000 == 0:
+                    log.warning("batch seq=%d, shed from the outbox, reached the cloud after all "
+                                "(it was on the wire): its %d windows are counted acknowledged, "
+                                "not shed (%d such batches)", seq, gone[0],
+                                self.recovered_batches)
                 continue
             del self.entries[seq]
             n += 1
@@ -396,7 +401,8 @@ class Outbox:
         if why == "expired":
             self.expired_batches += 1
         if self.shed_batches <= 5 or self.shed_batches % 1000 == 0:
-            log.warning("outbox %s: batch seq=%d with %d windows shed (total %d)", why, seq,
+            log.warning("outbox %s: batch seq=%d with %d windows shed (total %d; lost unless "
+                        "it is on the wire and the cloud acknowledges it)", why, seq,
                         e.windows, self.shed_batches)
 
     def expire(self, now_ms: int) -> None:
