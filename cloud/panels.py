@@ -341,7 +341,6 @@ def not_reporting(tag: str, who: str, query: str, says: str) -> AlertRule:
                      severity="critical", summary=f"{who} {{{{ $labels.{tag} }}}} {says}")
 
 
-
 def rule_alerts_open(level: str) -> AlertRule:
     """The alerts of the pattern rules (``[[rules]]``) of one level, open now: one Grafana
     alert per rule and subject, resolved when the worker resolves it (its point in ``alerts``
