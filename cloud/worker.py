@@ -80,14 +80,8 @@ _DELTA = object()  # writer token: what changed in the rules' state, to journal 
 # gauge it must report: an agent that does not is never taken for idle)
 BUSY_GAUGES = ("intake_pending", "quarantine_held", "backpressure", "disk_blocked",
                "clock_unsynced")
-
-
-def idle_report(rep: HealthReport) -> bool:
-    """Nothing waits at this report's gateway for the cloud: its outbox is empty (every batch
-    it stored acknowledged), its intake caught up, its clock set, its disk writable."""
-    g = rep.gauges
-    return "outbox_depth" in g and not g["outbox_depth"] and not any(
-        g.get(k) for k in BUSY_GAUGES)
+# the detection stages' counters a worker reports (each partition's, and those it held before)
+STAGE_COUNTERS = ("series_forgotten", "alerts_resolved_silent")
 # Partition snapshots (JetStream) of a large state are taken less often than snapshot_interval:
 # at most this share of the worker's time goes to them, and at most this many bytes a second to
 # the engine (the detectors' state is ~9 KB a series: 280 MB at 10,000 devices x 3 metrics, 0.8 s
@@ -96,6 +90,14 @@ SNAPSHOT_TIME_SHARE = 0.05
 SNAPSHOT_BYTES_PER_S = 4_000_000
 
 FOREIGN_DEVICE = "foreign_device"  # results of a device the registry assigns to another gateway
+
+
+def idle_report(rep: HealthReport) -> bool:
+    """Nothing waits at this report's gateway for the cloud: its outbox is empty (every batch
+    it stored acknowledged), its intake caught up, its clock set, its disk writable."""
+    g = rep.gauges
+    return "outbox_depth" in g and not g["outbox_depth"] and not any(
+        g.get(k) for k in BUSY_GAUGES)
 
 
 def _keep_rows(batch: ResultBatch, keep: np.ndarray, superseded: SupersededRows | None
@@ -534,7 +536,7 @@ class CloudWorker:
     def _drop_part(self, p: int) -> None:
         part = self.parts.pop(p, None)
         if part is not None:  # its counts stay in this worker's
-            for k in ("series_forgotten", "alerts_resolved_silent"):
+            for k in STAGE_COUNTERS:
                 self.counters[k] += part.detection.counters[k]
 
     def _on_partition(self, ev: PartitionEvent) -> None:
@@ -688,7 +690,7 @@ class CloudWorker:
         s["alerts_open"] = sum(d.open_count() for d in stages)  # detectors' incidents, now
         s["detector_state_mb"] = round(sum(d.state_bytes() for d in stages) / 2**20, 2)
         # ... and the incidents resolved because their series fell silent
-        for k in ("series_forgotten", "alerts_resolved_silent"):
+        for k in STAGE_COUNTERS:
             s[k] = c[k] + sum(d.counters[k] for d in stages)
         s["registry_reloads"] = self.registry.reloads
         s["registry_reload_errors"] = self.registry.reload_errors

@@ -397,11 +397,12 @@ class DetectionStage:
         if not idle:
             self.gateway_idle.pop(gateway, None)
             return []
-        if prev is None or now_ms - prev[1] > IDLE_REPORT_GAP_MS or running < prev[3]:
-            prev = (now_ms, now_ms, ts_ms, running)
-        self.gateway_idle[gateway] = (prev[0], now_ms, max(prev[2], ts_ms), running)
+        since = now_ms  # a run of idle reports begins, unless this one goes on with it
+        if prev is not None and now_ms - prev[1] <= IDLE_REPORT_GAP_MS and running >= prev[3]:
+            since, ts_ms = prev[0], max(prev[2], ts_ms)
+        self.gateway_idle[gateway] = (since, now_ms, ts_ms, running)
         t = self.resolve_silent_after_ms
-        if (not t or now_ms - prev[0] < t
+        if (not t or now_ms - since < t
                 or now_ms - self._silence_checked.get(gateway, NEVER_SEEN)
                 < SILENCE_CHECK_EVERY_MS):
             return []
@@ -425,13 +426,13 @@ class DetectionStage:
         if not self.resolve_silent_after_ms and not self.forget_after_ms:
             return out
         self._reserve()
+        t = self.resolve_silent_after_ms
+        horizon = self._horizon(gateway, now_ms)
         for level, policy, subj in self._open_levels():
             at, end, gap, width = self._silence_of(level, subj)
             quiet = np.zeros(len(subj), bool)
             if self.forget_after_ms:
                 quiet |= at < now_ms - self.forget_after_ms
-            t = self.resolve_silent_after_ms
-            horizon = self._horizon(gateway, now_ms)
             if t and horizon != NEVER_SEEN:
                 mine = np.fromiter((self._subject(level, j)[0] == gateway
                                     for j in subj.tolist()), bool, count=len(subj))
@@ -556,7 +557,6 @@ class DetectionStage:
                 self._reserve()
                 if self.seen["at"][j] == NEVER_SEEN:  # new: seen now, as far as silence goes
                     self.seen["at"][j] = int(self.clock() * 1000)
-                width = self._silence_of(level, np.array([j]))[3]
             else:
                 got = self.devices.get((key[0], key[1], key[3]))
                 if got is None:  # (device detectors need a long history: not since a save)
@@ -565,7 +565,7 @@ class DetectionStage:
                     continue
                 j = got
                 self.device_policy.state.reserve(len(self.devices))
-                width = self._silence_of(level, np.array([j]))[3]
+            width = self._silence_of(level, np.array([j]))[3]
             st = (self.series_policy if level == "series" else self.device_policy).state
             st["incident"][j] = int(inc)
             st["by"][j] = by
