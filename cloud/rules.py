@@ -17,7 +17,8 @@ Events, for ``sequence`` and ``site``: ``anomaly`` (a detector opened an inciden
 device), ``anomaly:<metric>`` (on that metric), ``rule:<name>`` (another rule opened one).
 
 Everything is judged in event time, in the order of the windows, and each window is taken
-once (the first result that arrives; a revision is not taken again), so a replay of the same
+once (the first result that arrives; a revision is not taken again), and an incident opened
+again (the same one, a batch re-delivered) is not counted again, so a replay of the same
 results opens the same alerts. Each rule alert's identity is the rule, its subject (series,
 device or site) and the event time that opened it; it is written to ``alerts`` when it opens
 and again, same identity (the site it opened with), when it resolves. Every kind resolves:
@@ -582,9 +583,10 @@ class RuleEngine:
         out = []
         for t, dev, metric, name in events:
             k = (rule.name, rows.gateway, dev)
+            inc = (rows.gateway, dev, metric, name, t)
             if self._matches(rule.then, metric, name):
                 firsts = [x for x in self.seq_first.get(k, []) if 0 <= t - x <= rule.within_ms]
-                if firsts:
+                if firsts and not self._waits_on(inc, "alert", rule.name):
                     i = rows.device.index(dev)
                     a = RuleAlert(
                         rule=rule.name, kind=rule.kind, level=rule.level, state="open",
@@ -594,7 +596,6 @@ class RuleEngine:
                                 f"{(t - firsts[0]) / 1000:,.0f} s later (rule {rule.name})")
                     out.append(a)
                     # it resolves with the incident that completed it
-                    inc = (rows.gateway, dev, metric, name, t)
                     self.waits.setdefault(inc, []).append(["alert", *ident(a)])
                     self._mark("waits", inc)
             if self._matches(rule.first, metric, name):
@@ -606,12 +607,21 @@ class RuleEngine:
                     self._mark("seq_first", k)
         return out
 
+    def _waits_on(self, inc: Incident, what: str, rule: str) -> bool:
+        """Whether a ``what`` ("alert", "site") of ``rule`` waits on the incident already: an
+        incident opened again is the same one taken twice (a batch re-delivered after its
+        dedup mark was lost), not a new one to count."""
+        return any(w[0] == what and w[1] == rule for w in self.waits.get(inc, ()))
+
     def _site(self, rule: Rule, rows: EnrichedResults,
               events: list[tuple[int, str, str, str]]) -> list[RuleAlert]:
         out = []
         for t, dev, metric, name in events:
             if not self._matches(rule.event, metric, name):
                 continue
+            inc = (rows.gateway, dev, metric, name, t)
+            if self._waits_on(inc, "site", rule.name):
+                continue  # the same incident, taken again (a batch re-delivered): counted
             i = rows.device.index(dev)
             site = rows.site[i]
             bucket = t - t % rule.within_ms
@@ -620,7 +630,6 @@ class RuleEngine:
             hits.add(dev)
             live = self.site_live.setdefault(k, {})
             live[dev] = live.get(dev, 0) + 1  # its incidents counted here, still open
-            inc = (rows.gateway, dev, metric, name, t)
             self.waits.setdefault(inc, []).append(["site", *k, dev])
             self._site_newest = max(self._site_newest, t)
             for struct, key in (("site_hits", k), ("site_live", k), ("waits", inc)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -263,6 +264,63 @@ def test_incidents_opened_or_resolved_since_the_last_detector_save_survive_a_kil
     assert fourth.parts[0].rules.incidents == fourth.detection.open_by_subject() != {}
     feed(fourth, range(32, 35), 20.0, "dev-3")
     assert states(sink) == [("dev-3", T + 300_000, "resolved")]
+
+
+def test_a_batch_redelivered_after_its_dedup_mark_was_not_saved_counts_once_in_the_rules(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dedup state could not be saved (a nearly full disk: the rules' small journal
+    append went through, the dedup snapshot did not), the acks went out, one was lost, the
+    worker restarted: the batch came again and was taken again. Its incidents are the ones
+    the rules' state already counted (the open incidents are kept with it): opened again, a
+    site rule would count them twice and keep its alert open after every device was back to
+    normal (tests/test_rules.py has the rules taking an incident twice)."""
+    from cloud.sinks.base import MemorySink
+
+    reg = Registry([Device(device_id=f"dev-{i}", gateway="gw-1", site="hall",
+                           kind="temperature", high=25.0) for i in (1, 2)])
+    site = parse_rules([{"name": "hall_hot", "kind": "site", "event": "anomaly", "devices": 2,
+                         "within": "1m"}])
+    cfg = CloudConfig(worker_id="t", broker=BrokerAddress(host="127.0.0.1", port=1),
+                      influx=InfluxConfig(), state_dir=tmp_path, rules=site)
+
+    class Broker:
+        async def ack(self, *_a: object, **_k: object) -> bool:
+            return True
+
+    def feed(w: CloudWorker, ks: range, mean: float) -> None:
+        async def go() -> None:
+            for k in ks:
+                b = tumbling_batch(k + 1, ["dev-1", "dev-2"], T + 10_000 * k, [10, 10],
+                                   [mean, mean], [0, 0])
+                w.handle(SourceMessage(0, k, results_topic("gw-1"), b.encode()))
+            await w.writer.flush(None)
+            stop = asyncio.Event()
+            stop.set()
+            await w._acker(stop)
+
+        asyncio.run(go())
+
+    def worker() -> CloudWorker:
+        return CloudWorker(cfg, registry=reg, source=Broker(), sink=MemorySink())  # type: ignore[arg-type]
+
+    def full(path: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    first = worker()
+    monkeypatch.setattr(first.dedup, "save", full)
+    feed(first, range(5), 20.0)
+    feed(first, range(5, 7), 30.0)  # both devices hot: the site's alert opens
+    assert first.stats()["rule_alerts_opened"] == 1
+    assert first.counters["state_save_errors"] > 0  # the dedup state was not saved
+    # killed here; the last batch's ack was lost: it comes again
+    second = worker()
+    assert second.stats()["rule_alerts_open"] == 1
+    feed(second, range(5, 7), 30.0)
+    assert second.stats()["rule_alerts_opened"] == 0
+    feed(second, range(7, 12), 20.0)  # both back to normal
+    assert second.stats()["rule_alerts_resolved"] == 1
+    assert second.stats()["rule_alerts_open"] == 0
+    assert not second.parts[0].rules.site_live
 
 
 def test_a_sighup_reads_the_rules_again(tmp_path: Path) -> None:

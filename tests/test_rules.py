@@ -214,6 +214,31 @@ def test_replay_and_revisions_do_not_raise_twice() -> None:
     assert opened(replay) == opened(first)
 
 
+def test_an_incident_opened_again_by_a_replay_is_counted_once() -> None:
+    """A batch taken twice with its detections (its dedup mark not saved while the rules'
+    journal was, then the batch re-delivered after a restart): the incidents it opened are the
+    same incidents, not new ones. A site rule that counted them twice kept its alert open
+    after they all resolved; a sequence alert was raised again."""
+    eng = engine({"name": "press_then_temp", "kind": "sequence", "first": "anomaly:p",
+                  "then": "anomaly:t", "within": "10m"},
+                 {"name": "site_wide", "kind": "site", "event": "anomaly:t", "devices": 2,
+                  "within": "1m"})
+    w = [Win("d", "p", T0, 1.0), Win("d", "t", T0, 1.0), Win("e", "t", T0, 1.0)]
+    feed(eng, w, [alert(0, T0)])
+    batch = [alert(1, T0 + 10_000), alert(2, T0 + 20_000)]
+    got = feed(eng, w, batch)
+    assert sorted(opened(got)) == [("press_then_temp", "d", T0 + 10_000),
+                                   ("site_wide", "(site)", T0)]
+    assert feed(eng, w, batch) == []  # the same batch again: nothing new
+    assert all(len(v) == len({tuple(x) for x in v}) for v in eng.waits.values())
+    later = [Win("d", "t", T0 + 5 * W, 1.0), Win("e", "t", T0 + 5 * W, 1.0)]
+    got = feed(eng, later, [resolved(0, T0 + 10_000, T0 + 4 * W)])  # d's t
+    assert sorted((a.rule, a.state, a.until) for a in got) == [
+        ("press_then_temp", "resolved", T0 + 4 * W), ("site_wide", "resolved", T0 + 4 * W)]
+    assert feed(eng, later, [resolved(1, T0 + 20_000, T0 + 5 * W)]) == []  # e's t
+    assert eng.open == eng.site_live == eng.waits == {}
+
+
 @pytest.mark.parametrize(("spec", "key"), [
     ({"kind": "consecutive", "above": 1}, "rules[0].name"),
     ({"name": "x", "kind": "magic"}, "rules[0].kind"),
