@@ -7,10 +7,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import logging
 import os
+import pwd
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -102,19 +106,70 @@ def parse_size(raw: object, key: str, source: str | None = None) -> int:
 
 def usable_dir(path: Path, key: str, source: str | None = None, *,
                lock: str | None = None) -> None:
-    """Create ``path`` if need be and check this process may write there: a state directory
-    that cannot be used fails at start naming its key, not at the first write. ``lock``: and
-    take it for this process alone under that file name (``_lock_dir``)."""
+    """Create ``path`` if need be and check this process may write there, and read and write
+    everything in it: a state directory that cannot be used fails at start naming its key,
+    not at the first write (or with a traceback at the first read: files left by a run as
+    another user, say ``sudo fieldline edge run`` before the service's). ``lock``: and take it
+    for this process alone under that file name (``_lock_dir``)."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".fieldline-probe-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise ConfigError(key, f"{path} cannot be used: {exc.strerror or exc}",
+        whose = f" ({path} is {_owner(path)}; this process runs as {_me()})" if (
+            exc.errno in (errno.EACCES, errno.EPERM) and path.exists()) else ""
+        raise ConfigError(key, f"{path} cannot be used: {exc.strerror or exc}{whose}",
                           source=source) from None
+    bad = _not_usable(path)
+    if bad:
+        me = _me()
+        raise ConfigError(key, f"{path} holds {len(bad):,}{'+' if len(bad) >= 100 else ''} "
+                          f"file(s) this process (user {me}) cannot read and write, e.g. "
+                          f"{bad[0]} ({_owner(bad[0])}): left by a run as another user? "
+                          f"`chown -R {me}: {path}`", source=source)
     if lock is not None:
         _lock_dir(path, key, source, lock)
+
+
+def _not_usable(path: Path, most: int = 100, scan: int = 100_000) -> list[Path]:
+    """Up to ``most`` entries under ``path`` this process may not read and write (directories:
+    and enter), of the first ``scan``. (As root, every one may.)"""
+    eff = os.access in os.supports_effective_ids
+    bad: list[Path] = []
+    seen = 0
+    for top, dirs, files in os.walk(path):
+        for names, mode in ((dirs, os.R_OK | os.W_OK | os.X_OK), (files, os.R_OK | os.W_OK)):
+            for name in names:
+                p = Path(top, name)
+                if not os.access(p, mode, effective_ids=eff) and not p.is_symlink():
+                    bad.append(p)
+                    if len(bad) >= most:
+                        return bad
+        seen += len(dirs) + len(files)
+        if seen >= scan:
+            break
+    return bad
+
+
+def _me() -> str:
+    uid = os.geteuid()
+    with contextlib.suppress(KeyError):
+        return pwd.getpwuid(uid).pw_name
+    return str(uid)
+
+
+def _owner(p: Path) -> str:
+    """``owned by root, mode 0600``."""
+    try:
+        st = p.stat()
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    try:
+        who = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        who = str(st.st_uid)
+    return f"owned by {who}, mode {stat.S_IMODE(st.st_mode):04o}"
 
 
 log = logging.getLogger("fieldline.settings")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -418,3 +422,72 @@ def test_the_commented_rules_of_deploy_cloud_toml_load_as_written(tmp_path: Path
     assert (seq.first, seq.then, seq.within_ms) == (
         "anomaly:pressure", "anomaly:temperature", 600_000)
     assert (site.event, site.devices, site.within_ms) == ("anomaly", 3, 300_000)
+
+
+def _as_nobody(fn: Callable[[], str]) -> str:
+    """``fn()`` in a child process that runs as uid/gid 65534 (nobody): what it returns, or
+    the error it raised."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never back into pytest
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            try:
+                out = fn()
+            except Exception as exc:  # reported to the parent as text
+                out = f"{type(exc).__name__}: {exc}"
+            os.write(w, out.encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as fh:
+        out = fh.read().decode()
+    os.waitpid(pid, 0)
+    return out
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs a child as another user: needs root")
+def test_a_state_directory_left_by_a_run_as_another_user_fails_at_start_naming_the_fix() -> None:
+    """The agent (or worker) run once by hand as root, then as the service's user: the state
+    directory was writable, but the files the root run left in it (0600) were not, and the
+    agent died at start with a traceback at the first one it read. Now: the key, a file, its
+    owner and the command that fixes it; the directory itself owned by another, its owner."""
+    from devices.settings import usable_dir
+
+    base = Path(tempfile.mkdtemp(prefix="fieldline-perm-"))  # under /tmp: nobody can enter
+    try:
+        base.chmod(0o755)
+        state = base / "state"
+        (state / "outbox").mkdir(parents=True)
+        (state / "uplink.seq").write_text("1 2\n")
+        (state / "outbox" / "seg-1").write_bytes(b"x")
+        for p in (state, state / "outbox"):
+            p.chmod(0o700)
+
+        def check() -> str:
+            usable_dir(state, "gateway.state_dir", "gw.toml", lock=".lock")
+            return "usable"
+
+        got = _as_nobody(check)  # all root's, 0700: the directory itself
+        assert got.startswith("ConfigError"), got
+        assert "'gateway.state_dir'" in got
+        assert (f"{state} cannot be used: Permission denied ({state} is owned by root, mode "
+                "0700; this process runs as nobody)") in got, got
+        os.chown(state, 65534, 65534)  # the directory handed over, not what is in it
+        got = _as_nobody(check)
+        assert "'gateway.state_dir'" in got
+        assert "holds 2 file(s) this process (user nobody) cannot read and write" in got, got
+        assert "(owned by root, mode 0" in got
+        assert f"`chown -R nobody: {state}`" in got
+        assert "Traceback" not in got
+        for p in [state, *state.rglob("*")]:
+            os.chown(p, 65534, 65534)
+        assert _as_nobody(check) == "usable"
+        for p in [state, *state.rglob("*")]:
+            os.chown(p, 0, 0)
+        usable_dir(state, "gateway.state_dir")  # root may, whoever owns them
+    finally:
+        shutil.rmtree(base)
