@@ -217,7 +217,7 @@ class CloudWorker:
         # to save, all their effects written: a snapshot (then the journal starts afresh),
         # each batch's changes since, in order
         self._rules_full: dict[str, Any] | None = None
-        self._rules_deltas: list[dict[str, Any]] = []
+        self._rules_deltas: list[bytes] = []
         self._rules_journal_bytes = 0
         self._rules_snapshot_bytes = 0
         self._rules_snapshot_queued = -RULES_SNAPSHOT_WAIT_S  # monotonic s: one on its way
@@ -355,7 +355,7 @@ class CloudWorker:
             self.writer.add(points, token=None if rules_now is None else (_DELTA, rules_now))
 
     def _judged(self, rows: EnrichedResults, det: Detections,
-                part: PartitionState) -> tuple[list[Points], dict[str, Any] | None]:
+                part: PartitionState) -> tuple[list[Points], bytes | None]:
         """The points of the detectors' alerts on ``rows`` and of the rules judging them, and
         what that changed in the rules' state (to journal once written, before the batch's
         ack: a crash then loses none of it)."""

@@ -430,7 +430,7 @@ def test_the_journal_of_each_batch_restores_the_rules_exactly_where_they_were(
             assert b"99999" not in journal_path(path).read_bytes()
             for k in range(cut, len(means)):
                 got += feed(after, *batch(k))
-                append_rules([after.take_delta() or {"n": 0, "d": []}], path)
+                append_rules([after.take_delta() or b'{"n": 0, "d": []}'], path)
                 if k == cut:  # and a second restart reads what came after it
                     after = engine(*specs)
                     after.journaled = True
@@ -481,7 +481,7 @@ def test_the_state_of_a_rule_no_longer_configured_is_dropped_and_its_alerts_clos
         assert live.load(path)
         got = feed(live, [Win("d", "t", T0 + 3 * W, 90.0)])
         assert [a.state for a in got] == ["resolved"]
-        append_rules([live.take_delta() or {}], path)
+        append_rules([live.take_delta() or b"{}"], path)
         back = engine(*rules)
         assert back.load(path)
         assert back.orphans == []
