@@ -100,6 +100,8 @@ def _panel(p: Panel, pid: int) -> cogbuilder.Builder[dm.Panel]:
          .span(p.width).height(p.height).thresholds(_thresholds(p)))
     if p.unit:
         b = b.unit(p.unit)
+    if p.no_value:  # (a table or stat with no series shows it in place of "No data")
+        b = b.no_value(p.no_value)
     if p.range_s:
         b = b.time_from(f"{p.range_s // 86_400}d" if p.range_s % 86_400 == 0
                         else f"{p.range_s}s")

@@ -65,6 +65,8 @@ class Panel:
     # its own range in seconds, whatever the page's or dashboard's (Grafana's relative time);
     # 0: the page's
     range_s: int = 0
+    # what Grafana shows when the query returns no series ("" : its "No data")
+    no_value: str = ""
 
 
 @dataclass(frozen=True)
@@ -213,6 +215,7 @@ SECTIONS: tuple[Section, ...] = (
         _table("alerts_open", "Alerts open now, by source", (
             f'SELECT count("state") AS "open" FROM "{ALERTS}" WHERE "site" =~ /^$site$/ AND '
             '"open" = true AND $timeFilter GROUP BY "source"'), width=8, range_s=ALERTS_OPEN_FOR_S,
+            no_value="None open",
             description="Every incident and rule alert open now, whenever it opened (up to "
                         f"{ALERTS_OPEN_FOR_S // 86_400} days ago), whatever the time range: "
                         "the Alerts table holds the newest 200 of the range."),

@@ -72,6 +72,11 @@ def test_grafana_and_the_view_show_the_same_panels_from_one_definition() -> None
     units = {p["title"]: p["fieldConfig"]["defaults"].get("unit", "") for p in d["panels"]
              if p["type"] != "row"}
     assert units == {p.title: p.unit for p in PANELS.values()}
+    # a panel whose query returns no series when all is well says so, not Grafana's "No data"
+    # (what its table panel shows then is the field config's noValue)
+    no_value = {p["title"]: p["fieldConfig"]["defaults"]["noValue"] for p in d["panels"]
+                if "noValue" in p.get("fieldConfig", {}).get("defaults", {})}
+    assert no_value == {PANELS["alerts_open"].title: "None open"}
     lag = next(p for p in d["panels"] if p.get("title", "").startswith("End-to-end lag"))
     steps = lag["fieldConfig"]["defaults"]["thresholds"]["steps"]
     assert [s["value"] for s in steps] == [None, 30_000, 60_000]
