@@ -826,6 +826,30 @@ def test_incidents_of_a_gateway_whose_devices_all_fall_silent_resolve_by_its_hea
     assert not len(stage.series_policy.open_incidents())
 
 
+@pytest.mark.parametrize("down_min", [2, 20])
+def test_a_run_of_idle_reports_goes_on_across_a_restart(down_min: int) -> None:
+    """The run of idle health reports is in the detectors' snapshot: a worker restarted (or a
+    partition's next owner) 40 minutes into it resolves the silent incident 20 minutes on, as
+    without the restart, not an hour later; down longer than IDLE_REPORT_GAP_MS between two
+    reports, the run starts again (a backlog may be on its way). A forgetting sweep keeps it."""
+    from cloud.detect.stage import IDLE_REPORT_GAP_MS
+
+    clock = WorkerClock(T0)
+    stage = silence_stage(clock)
+    run_minutes(stage, clock, [[limited("a", k, 20.0), limited("b", k, 40.0 if k >= 5 else 20.0)]
+                               for k in range(10)])
+    assert not health_reports(stage, clock, 40)
+    stage._keep(np.ones(len(stage.series), bool))  # what a forgetting sweep does
+    snap = stage.snapshot_bytes()
+    clock.t_ms += down_min * MINUTE
+    again = silence_stage(clock)
+    assert again.load_bytes(snap)
+    got = health_reports(again, clock, 80)
+    restart_gap = down_min * MINUTE + 10_000 > IDLE_REPORT_GAP_MS
+    assert [(k // 6, e.state) for k, e in got] == [(60 if restart_gap else 20 - down_min,
+                                                    "resolved")]
+
+
 def test_an_idle_gateway_does_not_make_a_live_series_silent() -> None:
     """Idle health reports count only for series without a window since: a device that keeps
     sending (over its limit) keeps its incident open however long its gateway reports idle,

@@ -179,7 +179,9 @@ class DetectionStage:
         self.gateway_end: dict[str, int] = {}  # gateway -> end of its newest window judged
         self._silence_checked: dict[str, int] = {}  # gateway -> when (worker's time)
         # gateway -> its run of idle health reports: (worker's time of the first and of the
-        # latest, the agent's time of the latest, its agent's counter then)
+        # latest, the agent's time of the latest, its agent's counter then); in snapshots, so
+        # a restart (or the partition's next owner) goes on with a run (a gap of more than
+        # IDLE_REPORT_GAP_MS between its reports, the restart's included, starts it again)
         self.gateway_idle: dict[str, tuple[int, int, int, int]] = {}
         self.clock = clock  # seconds (processing time, for forgetting only)
         self._swept_at = clock() * 1000
@@ -299,7 +301,7 @@ class DetectionStage:
             "devices": [k for k, ok in zip(snap["devices"], keep_dev.tolist(), strict=True)
                         if ok],
             "slots": [[int(new_dev[d]), m, sl] for d, m, sl in snap["slots"] if keep_dev[d]],
-            "arrays": arrays})
+            "idle": snap["idle"], "arrays": arrays})
 
     def _reserve(self) -> None:
         n = len(self.series)
@@ -796,12 +798,16 @@ class DetectionStage:
                 "devices": [list(k) for k in self.devices.snapshot()  # type: ignore[call-overload]
                             ],
                 "slots": [[d, m, s] for (d, m), s in self.slots.items()],
+                "idle": [[g, *run] for g, run in self.gateway_idle.items()],
                 "arrays": arrays}
 
     def restore(self, snap: dict[str, Any]) -> None:
         self.series.restore(tuple(k) for k in snap["series"])
         self.devices.restore(tuple(k) for k in snap["devices"])
         self.slots = {(int(d), str(m)): int(s) for d, m, s in snap["slots"]}
+        # (from before runs of idle reports were kept: none)
+        self.gateway_idle = {str(g): (int(a), int(b), int(c), int(r))
+                             for g, a, b, c, r in snap.get("idle", [])}
         self.slot_count = Counter()
         for (d, _), s in self.slots.items():
             self.slot_count[d] = max(self.slot_count[d], s + 1)
@@ -883,7 +889,7 @@ class DetectionStage:
 
 
 def _savez(snap: dict[str, Any], fh: Any) -> None:
-    meta = json.dumps({k: snap[k] for k in ("series", "devices", "slots")})
+    meta = json.dumps({k: snap[k] for k in ("series", "devices", "slots", "idle")})
     np.savez(fh, __meta__=np.array(meta), **snap["arrays"])
 
 
