@@ -97,6 +97,22 @@ def test_a_followed_by_b_within_t_on_one_device() -> None:
     assert feed(eng, w3, [alert(1, T0 + 30 * W)]) == []  # too long after
 
 
+def sequence_and_site_open() -> tuple[RuleEngine, list[AlertEvent]]:
+    """A sequence rule (p then t on one device) and a site rule (t on 2 devices), each with
+    its alert open: d's p, then d's and e's t (the batch that opened both, returned)."""
+    eng = engine({"name": "press_then_temp", "kind": "sequence", "first": "anomaly:p",
+                  "then": "anomaly:t", "within": "10m"},
+                 {"name": "site_wide", "kind": "site", "event": "anomaly:t", "devices": 2,
+                  "within": "1m"})
+    w = [Win("d", "p", T0, 1.0), Win("d", "t", T0, 1.0), Win("e", "t", T0, 1.0)]
+    feed(eng, w, [alert(0, T0)])
+    batch = [alert(1, T0 + 10_000), alert(2, T0 + 20_000)]
+    got = feed(eng, w, batch)
+    assert sorted(opened(got)) == [("press_then_temp", "d", T0 + 10_000),
+                                   ("site_wide", "(site)", T0)]
+    return eng, batch
+
+
 @pytest.mark.parametrize("with_rows", ["others' windows", "none"])
 def test_a_sequence_alert_resolves_with_its_incident_resolved_as_silent(with_rows: str) -> None:
     """The device of a sequence alert dies in its incident: the detection stage resolves the
@@ -104,15 +120,7 @@ def test_a_sequence_alert_resolves_with_its_incident_resolved_as_silent(with_row
     subject), or with no rows at all (a gateway all of whose devices fell silent, by its
     health reports); the sequence alert resolves with it, and a site alert's count of devices
     in incident drops."""
-    eng = engine({"name": "press_then_temp", "kind": "sequence", "first": "anomaly:p",
-                  "then": "anomaly:t", "within": "10m"},
-                 {"name": "site_wide", "kind": "site", "event": "anomaly:t", "devices": 2,
-                  "within": "1m"})
-    w = [Win("d", "p", T0, 1.0), Win("d", "t", T0, 1.0), Win("e", "t", T0, 1.0)]
-    feed(eng, w, [alert(0, T0)])
-    got = feed(eng, w, [alert(1, T0 + 10_000), alert(2, T0 + 20_000)])
-    assert sorted(opened(got)) == [("press_then_temp", "d", T0 + 10_000),
-                                   ("site_wide", "(site)", T0)]
+    eng, _ = sequence_and_site_open()
     silent = replace(resolved(-1, T0 + 10_000, T0 + W), subject=("gw", "d", "t", "1m"))
     got = (feed(eng, [Win("other", "t", T0 + 90 * W, 1.0)], [silent]) if with_rows != "none"
            else eng.run(EnrichedResults.none("gw"), Detections(alerts=[silent])))
@@ -219,16 +227,8 @@ def test_an_incident_opened_again_by_a_replay_is_counted_once() -> None:
     journal was, then the batch re-delivered after a restart): the incidents it opened are the
     same incidents, not new ones. A site rule that counted them twice kept its alert open
     after they all resolved; a sequence alert was raised again."""
-    eng = engine({"name": "press_then_temp", "kind": "sequence", "first": "anomaly:p",
-                  "then": "anomaly:t", "within": "10m"},
-                 {"name": "site_wide", "kind": "site", "event": "anomaly:t", "devices": 2,
-                  "within": "1m"})
+    eng, batch = sequence_and_site_open()
     w = [Win("d", "p", T0, 1.0), Win("d", "t", T0, 1.0), Win("e", "t", T0, 1.0)]
-    feed(eng, w, [alert(0, T0)])
-    batch = [alert(1, T0 + 10_000), alert(2, T0 + 20_000)]
-    got = feed(eng, w, batch)
-    assert sorted(opened(got)) == [("press_then_temp", "d", T0 + 10_000),
-                                   ("site_wide", "(site)", T0)]
     assert feed(eng, w, batch) == []  # the same batch again: nothing new
     assert all(len(v) == len({tuple(x) for x in v}) for v in eng.waits.values())
     later = [Win("d", "t", T0 + 5 * W, 1.0), Win("e", "t", T0 + 5 * W, 1.0)]
