@@ -134,11 +134,15 @@ def usable_dir(path: Path, key: str, source: str | None = None, *,
 
 def _not_usable(path: Path, most: int = 100, scan: int = 100_000) -> list[Path]:
     """Up to ``most`` entries under ``path`` this process may not read and write (directories:
-    and enter), of the first ``scan``. (As root, every one may.)"""
+    and enter), of the first ``scan``. (As root, every one may.) The ``lost+found`` of a state
+    directory that is a file system of its own (a partition or a disk for the outbox) is the
+    file system's, not ours."""
     eff = os.access in os.supports_effective_ids
     bad: list[Path] = []
     seen = 0
     for top, dirs, files in os.walk(path):
+        if top == str(path) and "lost+found" in dirs:
+            dirs.remove("lost+found")
         for names, mode in ((dirs, os.R_OK | os.W_OK | os.X_OK), (files, os.R_OK | os.W_OK)):
             for name in names:
                 p = Path(top, name)

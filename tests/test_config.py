@@ -454,7 +454,8 @@ def test_a_state_directory_left_by_a_run_as_another_user_fails_at_start_naming_t
     """The agent (or worker) run once by hand as root, then as the service's user: the state
     directory was writable, but the files the root run left in it (0600) were not, and the
     agent died at start with a traceback at the first one it read. Now: the key, a file, its
-    owner and the command that fixes it; the directory itself owned by another, its owner."""
+    owner and the command that fixes it; the directory itself owned by another, its owner. A
+    state directory that is a file system's root has its ``lost+found`` (root's): no matter."""
     from devices.settings import usable_dir
 
     base = Path(tempfile.mkdtemp(prefix="fieldline-perm-"))  # under /tmp: nobody can enter
@@ -485,6 +486,7 @@ def test_a_state_directory_left_by_a_run_as_another_user_fails_at_start_naming_t
         assert "Traceback" not in got
         for p in [state, *state.rglob("*")]:
             os.chown(p, 65534, 65534)
+        (state / "lost+found").mkdir(mode=0o700)  # a file system of its own: its, not ours
         assert _as_nobody(check) == "usable"
         for p in [state, *state.rglob("*")]:
             os.chown(p, 0, 0)
