@@ -435,6 +435,17 @@ ALERT_RULES: tuple[AlertRule, ...] = (
                 "its devices' messages until network time sets it, and sheds the oldest beyond "
                 "validate.quarantine_max (rejected as clock_unsynced). Check its NTP."),
     AlertRule(
+        "fieldline-clock-off", "Gateway clock off",
+        f'''SELECT last("clock_off") FROM "{PIPELINE}" WHERE "component" = 'edge' '''
+        'AND $timeFilter GROUP BY "gateway"',
+        threshold=0, for_="5m", range_s=300,
+        summary="Gateway {{ $labels.gateway }}'s clock is set but more than a minute off the "
+                "cloud worker's (told from the time its health reports take; its health is "
+                "filed at the worker's time): what it stamps with its own time (readings "
+                "without a time of their own) is misplaced by as much. Check its time sync "
+                "(NTP, UDP 123 through the site's firewall); `fieldline cloud status` says by "
+                "how much."),
+    AlertRule(
         "fieldline-certificate-expiring", "Certificate expiring",
         f'SELECT last("cert_days_left") FROM "{PIPELINE}" WHERE $timeFilter '
         'GROUP BY "component", "gateway", "worker"',

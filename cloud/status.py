@@ -22,6 +22,7 @@ from typing import Any
 
 import orjson
 
+from cloud.gatewayclock import CLOCK_OFF_MS, told
 from cloud.panels import REPORTERS_FOR_S
 from devices import status as st
 from devices.status import CRITICAL, OK, UNKNOWN, WARNING, Verdict, duration, plural, size
@@ -181,6 +182,17 @@ def assess(doc: Mapping[str, Any], now_ms: int, *, alive: bool,
             v.add(WARNING, f"{n_quiet:,} of {int(quiet.get('heard', 0)):,} gateways heard in "
                            f"the last {duration(HEARD_FOR_MS)} have sent no health report for "
                            f"{duration(QUIET_MS)} (down, or their uplink): {shown}")
+        clocks = doc.get("clocks") or {}
+        n_off = int(clocks.get("off", 0))
+        if n_off:
+            by: Mapping[str, Any] = clocks.get("off_by") or {}
+            shown = ", ".join(f"{gw} ({told(int(ms))})" for gw, ms in by.items()) + (
+                ", ..." if n_off > len(by) else "")
+            v.add(WARNING, f"{plural(n_off, 'gateway clock is', 'gateway clocks are')} more "
+                           f"than {duration(CLOCK_OFF_MS)} off the worker's (by the time their "
+                           f"health reports take): {shown}; what they stamp with "
+                           "their own time (readings without a time of their own) is misplaced "
+                           "by as much: check their time sync (NTP, UDP 123)")
     st.judge_certificate(v, doc.get("cert"), now_ms)
     for r in doc.get("rules_idle") or []:
         v.add(WARNING, f"rule {r.get('rule')!r} has judged none of the "

@@ -25,6 +25,7 @@ from cloud.dedup import BatchDedup, Seen
 from cloud.detect import DetectionStage
 from cloud.detect.stage import Detections, subject_of, write_snapshot
 from cloud.enrich import UNKNOWN_SITE, EnrichedResults, Enricher
+from cloud.gatewayclock import GatewayClocks
 from cloud.ingest import MqttSource, PartitionedSource, PartitionEvent, SourceMessage
 from cloud.jetstream import shown
 from cloud.partition import Captured, PartitionState, build_detection, encode_snapshot
@@ -197,6 +198,7 @@ class CloudWorker:
         self.freshness_since_ms = 0
         # gateway -> (when its last health report came, by this worker's clock; its partition)
         self.gateways_heard: dict[str, tuple[int, int]] = {}
+        self.gateway_clocks = GatewayClocks()  # each gateway's clock against ours
         self._started = self.clock.now_ms()
         self._links = Links()
         self._status_failed = False
@@ -314,9 +316,9 @@ class CloudWorker:
             return
         if isinstance(up, HealthReport):
             # heard now; a replay (after a takeover) was heard when the engine stored it
-            self._heard(up.gateway, msg.stored_ms if msg.replay else self.clock.now_ms(),
-                        msg.partition)
-            self._handle_health(up)
+            at = msg.stored_ms if msg.replay else self.clock.now_ms()
+            self._heard(up.gateway, at, msg.partition)
+            self._handle_health(up, at)
             if not msg.replay:  # what it says of its gateway now, not as it was
                 self._idle_gateway(up, part)
         else:
@@ -332,11 +334,19 @@ class CloudWorker:
         that went quiet before it took over."""
         return {gw: t for gw, (t, p) in self.gateways_heard.items() if p == partition}
 
-    def _handle_health(self, rep: HealthReport) -> None:
+    def _handle_health(self, rep: HealthReport, at_ms: int) -> None:
+        """A gateway's health report, which came at ``at_ms`` (the worker's time)."""
         self.counters["health_in"] += 1
-        # a gateway whose own clock is not set yet says so: its report is filed at our time
-        ts = self.clock.now_ms() if rep.gauges.get("clock_unsynced") else rep.ts
-        points = [pipeline_points("edge", {"gateway": rep.gateway}, rep.counters, rep.gauges, ts)]
+        gauges = rep.gauges
+        offset = (self.gateway_clocks.report(rep.gateway, rep.ts, at_ms) if at_ms > 0
+                  else None)  # (a replay the engine did not say when it stored: not told)
+        off = rep.gateway in self.gateway_clocks.off
+        if offset is not None:  # its clock against ours, once known
+            gauges = {**gauges, "clock_offset_ms": offset, "clock_off": int(off)}
+        # a gateway whose own clock is not set yet says so, one whose clock is off ours we
+        # tell: its report is filed at our time (at its own, it would look long gone)
+        ts = (at_ms or self.clock.now_ms()) if off or rep.gauges.get("clock_unsynced") else rep.ts
+        points = [pipeline_points("edge", {"gateway": rep.gateway}, rep.counters, gauges, ts)]
         if rep.devices:
             points.append(device_points(rep.gateway, rep.devices, ts))
         points.append(ledger_points(rep.gateway, rep.counters, rep.ledger, ts,
@@ -786,6 +796,10 @@ class CloudWorker:
                                  "last_error": w.last_error}},
                 "gateways": {"heard": len(heard), "quiet": len(quiet),
                              "quiet_names": quiet[:QUIET_SHOWN]},
+                # the gateways whose clock is off ours, the furthest first: by how much
+                "clocks": {"off": len(self.gateway_clocks.off),
+                           "off_by": dict(sorted(self.gateway_clocks.off.items(),
+                                                 key=lambda kv: -abs(kv[1]))[:QUIET_SHOWN])},
                 "rules": [r.name for r in c.rules],  # in force (a SIGHUP reads them again)
                 "rules_idle": self.rules_idle(),
                 "stats": self.stats() if stats is None else stats})

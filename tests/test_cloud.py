@@ -1008,6 +1008,26 @@ def test_a_gateway_whose_clock_is_not_trusted_fires_its_rule(
     assert {gw for gw, v in last.items() if v > rule.threshold} == {"unset"}, last
 
 
+def test_a_gateway_whose_clock_is_off_the_workers_fires_its_rule(
+        influx_db: InfluxV1Client) -> None:
+    """"Gateway clock off": the worker tells a gateway's clock off its own (and files its
+    health at its own time, with ``clock_off``); one set right since does not fire, nor one
+    never judged (no such field: a worker of the version before)."""
+    from cloud.panels import ALERT_RULES, Params, render
+
+    now = int(time.time() * 1000)
+    until = {"off": now, "set": now - 120_000}  # off until
+    influx_db.write_lines([
+        f"pipeline,component=edge,gateway={gw} clock_off={int(t < end)} {t}"
+        for gw, end in until.items() for t in range(now - 600_000, now, 5_000)]
+        + [f"pipeline,component=edge,gateway=older outbox_depth=0 {now - 5_000}"])
+    rule = next(r for r in ALERT_RULES if r.uid == "fieldline-clock-off")
+    doc = influx_db.query(render(rule.query, Params(range_s=rule.range_s)))
+    assert isinstance(doc, dict)
+    last = {s["tags"]["gateway"]: s["values"][-1][1] for s in doc["results"][0]["series"]}
+    assert {gw for gw, v in last.items() if v is not None and v > rule.threshold} == {"off"}, last
+
+
 def test_points_refused_by_influxdb_fire_their_rule_for_ten_minutes(
         influx_db: InfluxV1Client) -> None:
     """"InfluxDB refusing points": the worker's ``points_rejected`` counter grew in the range

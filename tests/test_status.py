@@ -317,6 +317,11 @@ def _ago(ms: int) -> int:
      "(down, or their uplink): gw-3, gw-1"),
     ({"gateways": {"heard": 50, "quiet": 30, "quiet_names": [f"g{i}" for i in range(20)]}},
      0, WARNING, "g18, g19, ..."),
+    ({"clocks": {"off": 3, "off_by": {"gw-9": -259_200_000, "gw-2": 300_000}}}, 0, WARNING,
+     "3 gateway clocks are more than 60 s off the worker's (by the time their health reports "
+     "take): gw-9 (3.0 days behind), gw-2 (5 min ahead), ...; what they stamp with their own "
+     "time (readings without a time of their own) is misplaced by as much: check their time "
+     "sync (NTP, UDP 123)"),
     ({"stats": {"points_rejected": 12}}, 0, WARNING,
      "12 points InfluxDB refused for good (dead-lettered: see "
      "/var/lib/fieldline-cloud/dead-letter.jsonl) since the worker started"),

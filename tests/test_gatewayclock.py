@@ -1,0 +1,114 @@
+"""A gateway's clock against the worker's, told from the time its health reports take: a
+clock set but wrong (days behind, minutes ahead) is found and said, a backlog of reports
+queued while the worker was down is not taken for one, and the gateway's health is filed at
+the worker's time while its clock is off (at its own it looked long gone)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+
+from cloud import status as cloud
+from cloud.config import CloudConfig, InfluxConfig
+from cloud.gatewayclock import CLOCK_OFF_MS, GatewayClocks
+from cloud.ingest import SourceMessage
+from cloud.sinks.base import MemorySink
+from cloud.sinks.points import encode
+from cloud.worker import CloudWorker
+from devices.clock import ManualClock
+from devices.contract import HealthReport, health_topic
+from devices.mqtt import BrokerAddress
+from devices.registry import Registry
+
+T = 1_800_000_000_000
+DAY = 86_400_000
+
+
+def reports(clocks: GatewayClocks, gw: str, at: int, n: int, *, skew: int = 0,
+            every: int = 5_000, delay: int = 40) -> tuple[int, list[int | None]]:
+    """``n`` reports of ``gw`` from ``at`` on, its clock ``skew`` ahead, each taking
+    ``delay``: (the worker's time after them, what each told)."""
+    told = []
+    for _ in range(n):
+        told.append(clocks.report(gw, at - delay + skew, at))
+        at += every
+    return at, told
+
+
+def edge_health(lines: list[str]) -> dict[tuple[str, int], dict[str, float]]:
+    """The edge health points of line protocol: (gateway, time in ms) -> numeric fields."""
+    out = {}
+    for ln in lines:
+        if not ln.startswith("pipeline,component=edge,"):
+            continue
+        key, fields, ts = ln.split(" ")
+        gw = dict(t.split("=") for t in key.split(",")[1:])["gateway"]
+        out[gw, int(ts)] = {k: float(v.rstrip("i")) for k, v in
+                            (f.split("=") for f in fields.split(","))}
+    return out
+
+
+@pytest.mark.parametrize("skew", [-3 * DAY, -2 * CLOCK_OFF_MS, 5 * 60_000])
+def test_a_clock_set_but_wrong_is_found_after_two_minutes_of_reports(skew: int) -> None:
+    clocks = GatewayClocks()
+    at, told = reports(clocks, "gw", T, 24)  # 2 minutes of reports: not judged yet
+    at, told = reports(clocks, "gw", at, 1)
+    assert told == [-40]  # in sync: off by the least delay of its reports
+    assert not clocks.off
+    at, told = reports(clocks, "gw-2", at, 30, skew=skew)
+    assert told[:23] == [None] * 23
+    assert told[-1] == skew - 40
+    assert clocks.off == {"gw-2": skew - 40}
+    # set right: back once its wrong reports are out of the last 2.5 minutes
+    at, told = reports(clocks, "gw-2", at, 40)
+    assert told[-1] == -40
+    assert not clocks.off
+
+
+def test_reports_queued_while_the_worker_was_down_are_not_a_clock_off() -> None:
+    """Twenty minutes of reports queued in the broker reach a restarted worker in two seconds
+    (each looks up to 20 minutes behind): not judged on that; the live ones after say the
+    clock is right."""
+    clocks = GatewayClocks()
+    at = T
+    for k in range(240):  # sent every 5 s over 20 minutes, all taken now
+        assert clocks.report("gw", T - 1_200_000 + 5_000 * k, at + 8 * k) is None
+    at, told = reports(clocks, "gw", at + 5_000, 60)
+    assert {t for t in told if t is not None} == {-40}
+    assert not clocks.off
+
+
+def test_a_worker_files_the_health_of_a_gateway_whose_clock_is_off_at_its_own_time(
+        tmp_path: Path) -> None:
+    """The gateway's clock is a day behind: its health points were filed a day back (the
+    dashboards and the "Gateway not reporting" rule took it for gone). Once told, they are
+    filed at the worker's time with the offset and ``clock_off``, and `cloud status` says
+    so; a gateway in sync keeps its own time and gets ``clock_off`` 0."""
+    clock = ManualClock(T)
+    cfg = CloudConfig(worker_id="t", broker=BrokerAddress(host="127.0.0.1", port=1),
+                      influx=InfluxConfig(), state_dir=tmp_path)
+    worker = CloudWorker(cfg, clock=clock, registry=Registry(), sink=MemorySink(),
+                         source=object())  # type: ignore[arg-type]
+    for k in range(30):
+        for gw, skew in (("gw-late", -DAY), ("gw-fine", 0)):
+            rep = HealthReport(gateway=gw, ts=clock.now_ms() + skew,
+                               gauges={"outbox_depth": 0})
+            worker.handle(SourceMessage(0, k, health_topic(gw), rep.encode()))
+        clock.advance(5_000)
+    pipeline = edge_health(encode(worker.writer.pending()))
+    late = sorted(ts for gw, ts in pipeline if gw == "gw-late")
+    assert late[0] < T - DAY + 60_000  # its first reports: at its own time, not known yet
+    last = late[-1]
+    assert last == clock.now_ms() - 5_000  # at the worker's
+    assert pipeline["gw-late", last]["clock_off"] == 1.0
+    assert pipeline["gw-late", last]["clock_offset_ms"] == -DAY
+    fine = max(ts for gw, ts in pipeline if gw == "gw-fine")
+    assert pipeline["gw-fine", fine]["clock_off"] == 0.0
+    worker.write_status("running")
+    doc = orjson.loads((tmp_path / "status-t.json").read_bytes())
+    assert doc["clocks"] == {"off": 1, "off_by": {"gw-late": -DAY}}
+    v = cloud.assess(doc, clock.now_ms(), alive=True)
+    assert "1 gateway clock is more than 60 s off the worker's" in v.attention[0][1]
+    assert "gw-late (24.0 h behind)" in v.attention[0][1]
