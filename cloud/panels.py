@@ -337,6 +337,14 @@ class AlertRule:
     severity: str = "warning"
 
 
+def gateway_flag(uid: str, title: str, field: str, summary: str) -> AlertRule:
+    """A rule that fires for a gateway whose last health point in 5 minutes has ``field`` set
+    (a flag its agent reports, or the worker adds), and has for 5 minutes."""
+    return AlertRule(uid, title, f'SELECT last("{field}") FROM "{PIPELINE}" WHERE "component" '
+                     "= 'edge' AND $timeFilter GROUP BY \"gateway\"", threshold=0, for_="5m",
+                     range_s=300, summary=summary)
+
+
 def not_reporting(tag: str, who: str, query: str, says: str) -> AlertRule:
     """A rule that fires for a gateway or worker with no health report (``reports_query``)."""
     return AlertRule(f"fieldline-{tag}-not-reporting", f"{who} not reporting", query,
@@ -425,26 +433,19 @@ ALERT_RULES: tuple[AlertRule, ...] = (
                 "received in 10 minutes (a firmware update that changed the devices' payloads, "
                 "a new metric or unit, clocks gone wrong): they reach no window. The view's "
                 "Health page and `fieldline edge status` give the reasons."),
-    AlertRule(
-        "fieldline-clock-untrusted", "Gateway clock not trusted",
-        f'''SELECT last("clock_unsynced") FROM "{PIPELINE}" WHERE "component" = 'edge' '''
-        'AND $timeFilter GROUP BY "gateway"',
-        threshold=0, for_="5m", range_s=300,
-        summary="Gateway {{ $labels.gateway }}'s clock is implausible (before "
-                "validate.clock_floor, or stepped back behind readings it accepted): it holds "
-                "its devices' messages until network time sets it, and sheds the oldest beyond "
-                "validate.quarantine_max (rejected as clock_unsynced). Check its NTP."),
-    AlertRule(
-        "fieldline-clock-off", "Gateway clock off",
-        f'''SELECT last("clock_off") FROM "{PIPELINE}" WHERE "component" = 'edge' '''
-        'AND $timeFilter GROUP BY "gateway"',
-        threshold=0, for_="5m", range_s=300,
-        summary="Gateway {{ $labels.gateway }}'s clock is set but more than a minute off the "
-                "cloud worker's (told from the time its health reports take; its health is "
-                "filed at the worker's time): what it stamps with its own time (readings "
-                "without a time of their own) is misplaced by as much. Check its time sync "
-                "(NTP, UDP 123 through the site's firewall); `fieldline cloud status` says by "
-                "how much."),
+    gateway_flag(
+        "fieldline-clock-untrusted", "Gateway clock not trusted", "clock_unsynced",
+        "Gateway {{ $labels.gateway }}'s clock is implausible (before validate.clock_floor, or "
+        "stepped back behind readings it accepted): it holds its devices' messages until "
+        "network time sets it, and sheds the oldest beyond validate.quarantine_max (rejected "
+        "as clock_unsynced). Check its NTP."),
+    gateway_flag(
+        "fieldline-clock-off", "Gateway clock off", "clock_off",
+        "Gateway {{ $labels.gateway }}'s clock is set but more than a minute off the cloud "
+        "worker's (told from the time its health reports take; its health is filed at the "
+        "worker's time): what it stamps with its own time (readings without a time of their "
+        "own) is misplaced by as much. Check its time sync (NTP, UDP 123 through the site's "
+        "firewall); `fieldline cloud status` says by how much."),
     AlertRule(
         "fieldline-certificate-expiring", "Certificate expiring",
         f'SELECT last("cert_days_left") FROM "{PIPELINE}" WHERE $timeFilter '

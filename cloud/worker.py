@@ -341,8 +341,9 @@ class CloudWorker:
         offset = (self.gateway_clocks.report(rep.gateway, rep.ts, at_ms) if at_ms > 0
                   else None)  # (a replay the engine did not say when it stored: not told)
         off = rep.gateway in self.gateway_clocks.off
+        gauges = {**gauges, "clock_off": int(off)}  # (0 also while not told yet)
         if offset is not None:  # its clock against ours, once known
-            gauges = {**gauges, "clock_offset_ms": offset, "clock_off": int(off)}
+            gauges["clock_offset_ms"] = offset
         # a gateway whose own clock is not set yet says so, one whose clock is off ours we
         # tell: its report is filed at our time (at its own, it would look long gone)
         ts = (at_ms or self.clock.now_ms()) if off or rep.gauges.get("clock_unsynced") else rep.ts

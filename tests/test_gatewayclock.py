@@ -103,6 +103,7 @@ def test_a_worker_files_the_health_of_a_gateway_whose_clock_is_off_at_its_own_ti
     pipeline = edge_health(encode(worker.writer.pending()))
     late = sorted(ts for gw, ts in pipeline if gw == "gw-late")
     assert late[0] < T - DAY + 60_000  # its first reports: at its own time, not known yet
+    assert pipeline["gw-late", late[0]] == {"outbox_depth": 0.0, "clock_off": 0.0}
     last = late[-1]
     assert last == clock.now_ms() - 5_000  # at the worker's
     assert pipeline["gw-late", last]["clock_off"] == 1.0
