@@ -277,6 +277,13 @@ SECTIONS: tuple[Section, ...] = (
             description="Series the detectors hold (about 9 KB each) and their state in MiB; "
                         "a series without a window for [detect] forget_after (30 days) is "
                         "forgotten, so churning device ids do not grow it for good."),
+        _table("edge_clocks", "Edge: gateway clocks against the worker's", (
+            'SELECT last("clock_off") AS "off", last("clock_offset_ms") AS "offset ms" '
+            f'{EDGE} AND $timeFilter GROUP BY "gateway"'), width=8,
+            description="Told by the cloud worker from the time each gateway's health reports "
+                        "take (the least of 2 minutes of them); off: more than 60 s (the "
+                        "alert rule \"Gateway clock off\"); a negative offset: the gateway's "
+                        "clock runs behind. No offset yet: not told yet."),
     )),
     Section("Ledger: every reading accounted for", "health", (
         _table("ledger_balance", "Conservation laws per gateway (0 = holds)", (

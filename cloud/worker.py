@@ -337,11 +337,10 @@ class CloudWorker:
     def _handle_health(self, rep: HealthReport, at_ms: int) -> None:
         """A gateway's health report, which came at ``at_ms`` (the worker's time)."""
         self.counters["health_in"] += 1
-        gauges = rep.gauges
         offset = (self.gateway_clocks.report(rep.gateway, rep.ts, at_ms) if at_ms > 0
                   else None)  # (a replay the engine did not say when it stored: not told)
         off = rep.gateway in self.gateway_clocks.off
-        gauges = {**gauges, "clock_off": int(off)}  # (0 also while not told yet)
+        gauges = {**rep.gauges, "clock_off": int(off)}  # (0 also while not told yet)
         if offset is not None:  # its clock against ours, once known
             gauges["clock_offset_ms"] = offset
         # a gateway whose own clock is not set yet says so, one whose clock is off ours we
