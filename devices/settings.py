@@ -156,11 +156,15 @@ def _not_usable(path: Path, most: int = 100, scan: int = 100_000) -> list[Path]:
     return bad
 
 
-def _me() -> str:
-    uid = os.geteuid()
+def _user(uid: int) -> str:
+    """The user's name, or its number when it has none."""
     with contextlib.suppress(KeyError):
         return pwd.getpwuid(uid).pw_name
     return str(uid)
+
+
+def _me() -> str:
+    return _user(os.geteuid())
 
 
 def _owner(p: Path) -> str:
@@ -169,11 +173,7 @@ def _owner(p: Path) -> str:
         st = p.stat()
     except OSError as exc:
         return exc.strerror or str(exc)
-    try:
-        who = pwd.getpwuid(st.st_uid).pw_name
-    except KeyError:
-        who = str(st.st_uid)
-    return f"owned by {who}, mode {stat.S_IMODE(st.st_mode):04o}"
+    return f"owned by {_user(st.st_uid)}, mode {stat.S_IMODE(st.st_mode):04o}"
 
 
 log = logging.getLogger("fieldline.settings")
