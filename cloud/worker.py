@@ -52,6 +52,7 @@ from cloud.status import (
     heard_path,
     load_heard,
     save_heard,
+    status_path,
     write_status,
 )
 from devices.clock import Clock, SystemClock
@@ -71,6 +72,17 @@ from devices.registry import Registry
 from devices.rejects import RejectLog
 from devices.status import Links
 from devices.x509 import CERT_WARN_DAYS, DAY_MS, link_certificate
+
+# what a worker keeps in ``worker.state_dir``, beside its status and heard files
+DEDUP_FILE, DETECT_FILE, RULES_FILE = "dedup.json", "detect.npz", "rules.json"
+DEAD_LETTER_FILE = "dead-letter.jsonl"
+
+
+def state_files(worker_id: str) -> tuple[str, ...]:
+    """The files a worker of that name reads and writes in its state directory."""
+    return (DEDUP_FILE, DETECT_FILE, RULES_FILE, DEAD_LETTER_FILE,
+            status_path(Path(), worker_id).name, heard_path(Path(), worker_id).name)
+
 
 log = logging.getLogger("fieldline.cloud")
 
@@ -175,7 +187,7 @@ class CloudWorker:
                                      flush_interval_ms=config.influx.flush_interval_ms,
                                      concurrency=config.influx.write_concurrency,
                                      on_written=self._on_written,
-                                     dead_letter_path=config.state_dir / "dead-letter.jsonl"
+                                     dead_letter_path=config.state_dir / DEAD_LETTER_FILE
                                      if config.state_dir else None,
                                      fence=self._fence)
         self.enricher = Enricher(self.registry, config.catalog)
@@ -209,9 +221,9 @@ class CloudWorker:
         self.written_by_gateway: dict[str, int] = {}  # results written since this worker start
         self.max_tracked_revisions = 1_000_000  # per partition (dedup covers older re-sends)
         self._ack_wake = asyncio.Event()
-        self._dedup_path = config.state_dir / "dedup.json" if config.state_dir else None
-        self._detect_path = config.state_dir / "detect.npz" if config.state_dir else None
-        self._rules_path = config.state_dir / "rules.json" if config.state_dir else None
+        self._dedup_path = config.state_dir / DEDUP_FILE if config.state_dir else None
+        self._detect_path = config.state_dir / DETECT_FILE if config.state_dir else None
+        self._rules_path = config.state_dir / RULES_FILE if config.state_dir else None
         # the single path keeps its rules' state in state_dir (JetStream: in partition snapshots);
         # with every rule removed, a state left is still read: the alerts it has open close.
         # Rules or none, that state keeps the detectors' open incidents exactly too

@@ -16,7 +16,7 @@ import pwd
 import re
 import stat
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -105,12 +105,16 @@ def parse_size(raw: object, key: str, source: str | None = None) -> int:
 
 
 def usable_dir(path: Path, key: str, source: str | None = None, *,
-               lock: str | None = None) -> None:
+               lock: str | None = None, files: Iterable[str] = (),
+               dirs: Iterable[str] = ()) -> None:
     """Create ``path`` if need be and check this process may write there, and read and write
     everything in it: a state directory that cannot be used fails at start naming its key,
     not at the first write (or with a traceback at the first read: files left by a run as
     another user, say ``sudo fieldline edge run`` before the service's). ``lock``: and take it
-    for this process alone under that file name (``_lock_dir``)."""
+    for this process alone under that file name (``_lock_dir``). ``files``, ``dirs``: the
+    names the process keeps there as files and as directories; one there of the other kind
+    (a ``mkdir`` by hand, a restore from a backup gone wrong) fails at start too, not with a
+    traceback at its first read or a save failing at every interval."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".fieldline-probe-{os.getpid()}"
@@ -128,6 +132,13 @@ def usable_dir(path: Path, key: str, source: str | None = None, *,
                           f"file(s) this process (user {me}) cannot read and write, e.g. "
                           f"{bad[0]} ({_owner(bad[0])}): left by a run as another user? "
                           f"`chown -R {me}: {path}`", source=source)
+    for names, want_dir in ((files, False), (dirs, True)):
+        for name in names:
+            p = path / name
+            if p.exists() and p.is_dir() != want_dir:
+                raise ConfigError(key, f"{p} is {'not ' if want_dir else ''}a directory, where "
+                                  f"fieldline keeps a {'directory' if want_dir else 'file'}: "
+                                  f"move it away (`mv {p} {p}.aside`)", source=source)
     if lock is not None:
         _lock_dir(path, key, source, lock)
 

@@ -46,8 +46,8 @@ from edge.eventtime import UNKNOWN_SKEW
 from edge.gaps import SeqGaps
 from edge.intake import WIRE_ID, MqttIntake
 from edge.outbox import Outbox
-from edge.status import write_status
-from edge.uplink import MqttUplink, Shipper
+from edge.status import STATUS_FILE, write_status
+from edge.uplink import READS_FILE, SEQ_FILE, MqttUplink, Shipper
 from edge.validate import Validator
 from edge.wal import IntakeLog
 from edge.windows import MAX_DEVICES, MAX_METRICS
@@ -72,6 +72,10 @@ def _field(label: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in label)
 
 CHECKPOINT = "windows.npz"
+OUTBOX_DIR, INTAKE_DIR = "outbox", "intake"  # in the gateway's state directory
+# what the agent keeps there, as files and as directories
+STATE_FILES = (CHECKPOINT, SEQ_FILE, READS_FILE, STATUS_FILE)
+STATE_DIRS = (OUTBOX_DIR, INTAKE_DIR)
 DISK_RETRY_MS = 1_000  # after a failed write under state_dir, try again this much later
 UNATTRIBUTED = "(no device)"  # the ledger row of readings rejected before naming a device
 RELEASE_EVERY_MS = 1_000  # how often ids of devices gone for good are looked for (cheap)
@@ -624,7 +628,7 @@ class EdgeAgent:
                                  max_pending=config.max_pending, manual_ack=config.durable,
                                  skip_retained=config.stamps_receive_time())
         self._rebirth_asked: dict[tuple[str, str], int] = {}
-        self.wal = IntakeLog(state_dir / "intake") if config.durable else None
+        self.wal = IntakeLog(state_dir / INTAKE_DIR) if config.durable else None
         self.uplink = MqttUplink(config.uplink_broker, gw, clock=self.clock,
                                  client_id=f"fieldline-edge-{gw}", state_dir=state_dir)
         self.outbox = self._open_outbox()
@@ -700,7 +704,7 @@ class EdgeAgent:
 
     def _open_outbox(self) -> Outbox:
         c = self.config
-        return Outbox(self.state_dir / "outbox", max_bytes=c.outbox_max_bytes,
+        return Outbox(self.state_dir / OUTBOX_DIR, max_bytes=c.outbox_max_bytes,
                       max_age_ms=c.outbox_max_age_ms, policy=c.outbox_policy,
                       fsync=c.outbox_fsync)
 

@@ -49,6 +49,7 @@ from devices.x509 import not_after_ms
 log = logging.getLogger("fieldline.edge.uplink")
 
 SEQ_BLOCK = 1024
+SEQ_FILE, READS_FILE = "uplink.seq", "uplink.reads"  # in the gateway's state directory
 
 
 PROTOCOL_ERROR = 0x82  # MQTT 5 reason codes a broker closes with
@@ -71,7 +72,7 @@ class SequenceAllocator:
     start again at 0 belong to a new incarnation and the cloud takes them as new batches."""
 
     def __init__(self, state_dir: Path, clock: Clock) -> None:
-        self._path = state_dir / "uplink.seq"
+        self._path = state_dir / SEQ_FILE
         self._path.parent.mkdir(parents=True, exist_ok=True)
         # the file was unreadable and set aside: a new incarnation, whose numbers the agent
         # moves past those still in its outbox (``skip_to``)
@@ -161,7 +162,7 @@ class CloudReads:
     """
 
     def __init__(self, state_dir: Path) -> None:
-        self._path = state_dir / "uplink.reads"
+        self._path = state_dir / READS_FILE
         try:
             self.reads = tuple(self._path.read_text().split())
         except (OSError, UnicodeDecodeError):

@@ -231,12 +231,13 @@ def cmd_edge_run(args: argparse.Namespace) -> int:
 
     from devices.mqtt import usable_tls
     from devices.settings import usable_dir
-    from edge.agent import EdgeAgent
+    from edge.agent import STATE_DIRS, STATE_FILES, EdgeAgent
 
     usable_tls(cfg.intake_broker, "intake", str(args.config))
     usable_tls(cfg.uplink_broker, "uplink", str(args.config))
     if cfg.state_dir is not None:
-        usable_dir(cfg.state_dir, "gateway.state_dir", str(args.config), lock=".lock")
+        usable_dir(cfg.state_dir, "gateway.state_dir", str(args.config), lock=".lock",
+                   files=STATE_FILES, dirs=STATE_DIRS)
     agent = EdgeAgent(cfg)
 
     async def main() -> None:
@@ -279,7 +280,7 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
     import asyncio
 
     from cloud.config import load_cloud_config
-    from cloud.worker import CloudWorker
+    from cloud.worker import CloudWorker, state_files
     from devices.mqtt import usable_tls, usable_tls_files
 
     private_files()
@@ -308,7 +309,8 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
         # workers of one JetStream cluster may share a directory (their state is in NATS),
         # each under its own name; a single worker's dedup and detector files are its alone
         usable_dir(cfg.state_dir, "worker.state_dir", str(args.config),
-                   lock=f".lock-{cfg.worker_id}" if cfg.jetstream is not None else ".lock")
+                   lock=f".lock-{cfg.worker_id}" if cfg.jetstream is not None else ".lock",
+                   files=state_files(cfg.worker_id))
     worker = CloudWorker(cfg)
     worker.rules_source = lambda: load_cloud_config(args.config).rules  # read again at SIGHUP
 
@@ -335,7 +337,7 @@ def cmd_cloud_bridge(args: argparse.Namespace) -> int:
 
     from cloud.bridge import Bridge
     from cloud.config import load_cloud_config
-    from cloud.status import bridge_id
+    from cloud.status import bridge_id, status_path
     from devices.mqtt import usable_tls, usable_tls_files
 
     cfg = load_cloud_config(args.config)
@@ -344,6 +346,11 @@ def cmd_cloud_bridge(args: argparse.Namespace) -> int:
     usable_tls(cfg.broker, "ingest", str(args.config))
     js = cfg.jetstream
     usable_tls_files("engine", str(args.config), js.ca_file, js.cert_file, js.key_file)
+    if cfg.state_dir is not None:  # its status file, beside the workers' (no lock: shared)
+        from devices.settings import usable_dir
+
+        usable_dir(cfg.state_dir, "worker.state_dir", str(args.config),
+                   files=(status_path(cfg.state_dir, bridge_id(cfg.worker_id)).name,))
     bridge = Bridge(cfg.broker, list(js.servers), nats_tls=js.tls,
                     nats_cert=js.certificate(logging.getLogger("fieldline.cloud.bridge")),
                     client_id=bridge_id(cfg.worker_id), state_dir=cfg.state_dir,

@@ -221,6 +221,43 @@ def _started(proc: subprocess.Popen[str], lock: Path) -> None:
                          f"{proc.communicate(timeout=30)[0][-2000:]}")
 
 
+def _state_config(tmp_path: Path, part: str) -> tuple[Path, Path, str]:
+    """An agent's (or a worker's) config on brokers that are not there: its state directory,
+    the config file and the state directory's key."""
+    state = tmp_path / "state"
+    cfg = tmp_path / f"{part}.toml"
+    if part == "edge":
+        cfg.write_text(f'[gateway]\nid = "gw-1"\nstate_dir = "{state}"\n'
+                       '[intake]\nbroker = "mqtt://127.0.0.1:1"\n'
+                       '[uplink]\nbroker = "mqtt://127.0.0.1:2"\n')
+        return state, cfg, "gateway.state_dir"
+    cfg.write_text(f'[worker]\nid = "cloud-1"\nstate_dir = "{state}"\n'
+                   'health_interval = "200ms"\n'
+                   '[ingest]\nbroker = "mqtt://127.0.0.1:1"\n'
+                   '[influxdb]\nurl = "http://127.0.0.1:2"\n')
+    return state, cfg, "worker.state_dir"
+
+
+@pytest.mark.parametrize(("part", "name"), [("edge", "outbox"), ("cloud", "dedup.json")])
+def test_a_state_file_of_the_wrong_kind_is_refused_at_start_not_with_a_traceback(
+        tmp_path: Path, part: str, name: str) -> None:
+    """The worker's batch dedup state turned into a directory (a ``mkdir`` by hand, a backup
+    restored wrongly) ended the worker with an IsADirectoryError traceback at start; the
+    agent's outbox a file, likewise. Both now fail at start naming the key and the path."""
+    state, cfg, key = _state_config(tmp_path, part)
+    if part == "cloud":
+        (state / name).mkdir(parents=True)
+    else:
+        state.mkdir()
+        (state / name).write_text("not an outbox")
+    got = subprocess.run([*CMD, part, "run", "--config", str(cfg)], capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert got.returncode == 2, got.stderr[-2000:]
+    assert key in got.stderr, got.stderr[-2000:]
+    assert f"{state / name} is " in got.stderr, got.stderr[-2000:]
+    assert "Traceback" not in got.stderr
+
+
 @pytest.mark.parametrize("part", ["edge", "cloud"])
 def test_a_second_run_on_the_same_state_directory_is_refused_at_start(
         tmp_path: Path, part: str) -> None:
@@ -230,19 +267,7 @@ def test_a_second_run_on_the_same_state_directory_is_refused_at_start(
     once it is gone, stopped or SIGKILLed, the directory can be taken again. (A SIGHUP on the
     way: the worker reads its registry and its rules again, a rule added to its config on
     the way is taken; the agent says it has nothing to read again.)"""
-    state = tmp_path / "state"
-    cfg = tmp_path / f"{part}.toml"
-    if part == "edge":
-        cfg.write_text(f'[gateway]\nid = "gw-1"\nstate_dir = "{state}"\n'
-                       '[intake]\nbroker = "mqtt://127.0.0.1:1"\n'
-                       '[uplink]\nbroker = "mqtt://127.0.0.1:2"\n')
-        key = "gateway.state_dir"
-    else:
-        cfg.write_text(f'[worker]\nid = "cloud-1"\nstate_dir = "{state}"\n'
-                       'health_interval = "200ms"\n'
-                       '[ingest]\nbroker = "mqtt://127.0.0.1:1"\n'
-                       '[influxdb]\nurl = "http://127.0.0.1:2"\n')
-        key = "worker.state_dir"
+    state, cfg, key = _state_config(tmp_path, part)
     run = [*CMD, part, "run", "--config", str(cfg)]
     lock = state / ".lock"
     first = subprocess.Popen(run, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

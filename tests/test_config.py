@@ -493,3 +493,48 @@ def test_a_state_directory_left_by_a_run_as_another_user_fails_at_start_naming_t
         usable_dir(state, "gateway.state_dir")  # root may, whoever owns them
     finally:
         shutil.rmtree(base)
+
+
+@pytest.mark.parametrize("part", ["edge", "cloud"])
+def test_a_state_file_of_the_wrong_kind_fails_at_start_naming_it(tmp_path: Path,
+                                                                  part: str) -> None:
+    """A directory where the agent or the worker keeps a file (a ``mkdir`` by hand, a backup
+    restored into the wrong place), or a file where it keeps a directory: the worker died with
+    a traceback at its first read of ``dedup.json``, and its saves failed at every interval.
+    Now each of those names fails at start naming the key, the path and the way out; the same
+    directory with each of the right kind is used as it is."""
+    from cloud.worker import state_files
+    from devices.settings import usable_dir
+    from edge.agent import STATE_DIRS, STATE_FILES
+
+    if part == "edge":
+        key, files, dirs = "gateway.state_dir", STATE_FILES, STATE_DIRS
+        assert {"windows.npz", "uplink.seq", "status.json"} <= set(files)
+        assert {"outbox", "intake"} <= set(dirs)
+    else:
+        key, files, dirs = "worker.state_dir", state_files("cloud 1"), ()
+        assert {"dedup.json", "detect.npz", "rules.json", "status-cloud_1.json"} <= set(files)
+    wrong = [(name, True) for name in files] + [(name, False) for name in dirs]
+    for i, (name, as_dir) in enumerate(wrong):
+        state = tmp_path / f"state-{i}"
+        state.mkdir()
+        p = state / name
+        if as_dir:
+            p.mkdir()
+            (p / "inside").write_text("kept")
+        else:
+            p.write_text("a file")
+        with pytest.raises(ConfigError) as err:
+            usable_dir(state, key, "x.toml", files=files, dirs=dirs)
+        msg = str(err.value)
+        assert key in msg, msg
+        assert "x.toml" in msg, msg
+        assert (f"{p} is {'' if as_dir else 'not '}a directory, where fieldline keeps a "
+                f"{'file' if as_dir else 'directory'}: move it away (`mv {p} {p}.aside`)") in msg
+        assert (p / "inside").exists() if as_dir else p.read_text() == "a file"  # untouched
+        p.rename(p.with_name(name + ".aside"))
+        if as_dir:
+            p.write_bytes(b"")
+        else:
+            p.mkdir()
+        usable_dir(state, key, "x.toml", files=files, dirs=dirs)
