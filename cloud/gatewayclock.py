@@ -13,9 +13,14 @@ only ever add, so the least of the reports of the last minutes is the truest; on
 that come as they were sent count (``LIVE``: the worker's time since the gateway's previous
 one at least 0.8 of the gateway's: reports queued in the broker while the worker was down,
 drained faster than they were sent, each look far behind), and it is judged only on reports
-spread over at least 2 minutes of the worker's time. (A worker that stays over a minute
-behind everything its gateways send, at their pace, takes their clocks for behind too: its
-"End-to-end lag high" rule fires then.)
+spread over at least 2 minutes of the worker's time.
+
+The worker's own clock can be the wrong one (its host's time sync broken), or it can stay
+minutes behind everything its gateways send, at their pace (short of CPU, or of InfluxDB):
+then every gateway looks off by the same amount, and the alert would send someone to each of
+them. With ``FLEET`` gateways or more told, the median of their clocks is the reference: the
+worker is said to be off when that median is (``worker_off``), and each gateway is judged
+against it, the one clock off its peers' found as before.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ CLOCK_OFF_MS = 60_000  # a gateway's clock this far from the worker's is off
 BUCKET_MS = 30_000  # the least delay is kept per this much of the worker's time ...
 SPAN_BUCKETS = 4  # ... judged on reports spread over at least this many (2 minutes)
 KEEP_BUCKETS = 5  # ... of the last this many (a clock set right is seen so 2.5 minutes on)
+FLEET = 3  # with this many gateways told, each is judged against their median clock
 LIVE = 0.8  # a report counts when the worker's time since the previous one is this share of
 # the gateway's, or more (a backlog drained faster than it was sent does not)
 
@@ -47,6 +53,12 @@ class GatewayClocks:
         self._seen: dict[str, list[list[int]]] = {}
         self.off: dict[str, int] = {}  # the gateways whose clock is off now: by how much
         self._last: dict[str, tuple[int, int]] = {}  # gateway -> (at, sent) of its last report
+        self._told: dict[str, tuple[int, int]] = {}  # gateway -> (bucket, offset) last told
+        # the gateways' median clock minus the worker's when it is off itself (the worker's
+        # clock, or its lag): what each gateway is judged against then; 0 when it is not
+        self.worker_off = 0
+        self._fleet_at = -1  # the bucket ``worker_off`` was reckoned in
+        self._first: dict[str, int] = {}  # gateway -> the bucket it was first told in
 
     def report(self, gateway: str, sent_ms: int, at_ms: int) -> int | None:
         """A health report ``gateway`` stamped ``sent_ms`` came at ``at_ms`` (the worker's
@@ -67,16 +79,63 @@ class GatewayClocks:
         if not seen or b - seen[0][0] < SPAN_BUCKETS:
             return None
         offset = -min(x[1] for x in seen)
-        if abs(offset) >= CLOCK_OFF_MS:
-            if gateway not in self.off:
-                log.warning("gateway %s's clock is %s%s the worker's (by the time its health "
-                            "reports take): what it stamps with its own time (readings without "
-                            "a time of their own, its health) is misplaced by as much; its "
-                            "health is filed at the worker's time. Check its time sync (NTP, "
-                            "UDP 123 through the site's firewall)", gateway, told(offset),
-                            " of" if offset > 0 else "")
-            self.off[gateway] = offset
-        elif self.off.pop(gateway, None) is not None:
-            log.info("gateway %s's clock agrees with the worker's again (%s ms)", gateway,
-                     offset)
+        new = gateway not in self._told
+        self._told[gateway] = (b, offset)
+        if new:
+            self._first[gateway] = b
+        if new or b != self._fleet_at:
+            self._reckon_fleet(b)
+        self._judge(gateway, offset, b)
         return offset
+
+    def _judge(self, gateway: str, offset: int, b: int) -> None:
+        """Whether ``gateway``'s clock is off (against the worker's, or its peers'), logged
+        when that begins and when it ends. Not before ``FLEET`` gateways are told, or a minute
+        after it was (a fleet starting together is judged together: none is said to be off
+        the worker's before its peers can say whether it is the worker that is off)."""
+        if len(self._told) < FLEET and b < self._first[gateway] + 2:
+            return
+        rel = offset - self.worker_off
+        against = "the worker's" if not self.worker_off else "its peers' (their median)"
+        if abs(rel) >= CLOCK_OFF_MS:
+            if gateway not in self.off:
+                log.warning("gateway %s's clock is %s%s %s (by the time its health reports "
+                            "take): what it stamps with its own time (readings without a time "
+                            "of their own, its health) is misplaced by as much; its health is "
+                            "filed at the worker's time. Check its time sync (NTP, UDP 123 "
+                            "through the site's firewall)", gateway, told(rel),
+                            " of" if rel > 0 else "", against)
+            self.off[gateway] = rel
+        elif self.off.pop(gateway, None) is not None:
+            log.info("gateway %s's clock agrees with %s again (%s ms)", gateway, against, rel)
+
+    def _reckon_fleet(self, b: int) -> None:
+        """At each bucket's first report, and when a gateway is told the first time: the
+        median clock of the gateways told in the last ``KEEP_BUCKETS`` (those gone quiet are
+        forgotten, and not said to be off any more), and whether the worker is off it. When
+        that changes, each gateway is judged again against it."""
+        turn, self._fleet_at = b != self._fleet_at, b
+        for gw in [gw for gw, (tb, _) in self._told.items() if tb <= b - KEEP_BUCKETS]:
+            del self._told[gw], self._first[gw]
+            self.off.pop(gw, None)
+        offsets = sorted(o for _, o in self._told.values())
+        was = self.worker_off
+        median = offsets[len(offsets) // 2] if len(offsets) >= FLEET else 0
+        self.worker_off = median if abs(median) >= CLOCK_OFF_MS else 0
+        if self.worker_off and not was:
+            log.warning("the gateways' clocks are %s the worker's (the median of %d): the "
+                        "worker's own clock is off, or it stays that far behind what they "
+                        "send; each gateway is judged against its peers until it is not. "
+                        "Check this host's time sync (timedatectl) and the worker's lag",
+                        told(median), len(offsets))
+        elif was and not self.worker_off:
+            log.info("the gateways' clocks agree with the worker's again (the median of %d: "
+                     "%s ms)", len(offsets), median)
+        if self.worker_off != was:  # those off only against the old reference are not said
+            # one by one (the line above says why)
+            for gw in [gw for gw in self.off
+                       if abs(self._told[gw][1] - self.worker_off) < CLOCK_OFF_MS]:
+                del self.off[gw]
+        if turn or self.worker_off != was:
+            for gw, (_, o) in self._told.items():
+                self._judge(gw, o, b)

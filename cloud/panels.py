@@ -281,9 +281,12 @@ SECTIONS: tuple[Section, ...] = (
             'SELECT last("clock_off") AS "off", last("clock_offset_ms") AS "offset ms" '
             f'{EDGE} AND $timeFilter GROUP BY "gateway"'), width=8,
             description="Told by the cloud worker from the time each gateway's health reports "
-                        "take (the least of 2 minutes of them); off: more than 60 s (the "
-                        "alert rule \"Gateway clock off\"); a negative offset: the gateway's "
-                        "clock runs behind. No offset yet: not told yet."),
+                        "take (the least of 2 minutes of them); off: more than 60 s off the "
+                        "worker's, or, when the median of three gateways or more is off the "
+                        "worker's (the worker's clock, or its lag: `fieldline cloud status` "
+                        "says), off that median (the alert rule \"Gateway clock off\"); a "
+                        "negative offset: the gateway's clock runs behind. No offset yet: not "
+                        "told yet."),
     )),
     Section("Ledger: every reading accounted for", "health", (
         _table("ledger_balance", "Conservation laws per gateway (0 = holds)", (
@@ -450,7 +453,8 @@ ALERT_RULES: tuple[AlertRule, ...] = (
         "fieldline-clock-off", "Gateway clock off", "clock_off",
         "Gateway {{ $labels.gateway }}'s clock is set but more than a minute off the cloud "
         "worker's (told from the time its health reports take; its health is filed at the "
-        "worker's time): what it stamps with its own time (readings without a time of their "
+        "worker's time), or, when the worker is off its gateways' median clock, off that "
+        "median: what it stamps with its own time (readings without a time of their "
         "own) is misplaced by as much. Check its time sync (NTP, UDP 123 through the site's "
         "firewall); `fieldline cloud status` says by how much."),
     AlertRule(

@@ -183,16 +183,23 @@ def assess(doc: Mapping[str, Any], now_ms: int, *, alive: bool,
                            f"the last {duration(HEARD_FOR_MS)} have sent no health report for "
                            f"{duration(QUIET_MS)} (down, or their uplink): {shown}")
         clocks = doc.get("clocks") or {}
-        n_off = int(clocks.get("off", 0))
+        n_off, mine = int(clocks.get("off", 0)), int(clocks.get("worker_off_by", 0))
+        if mine:
+            v.add(WARNING, f"the gateways' clocks are {told(mine)} the worker's (their median): "
+                           "this host's clock is off, or the worker stays that far behind what "
+                           "they send; its lag rules and what it files at its own time are off "
+                           "by as much: check this host's time sync (timedatectl) and the "
+                           "worker's lag (the gateways are judged against each other meanwhile)")
         if n_off:
             by: Mapping[str, Any] = clocks.get("off_by") or {}
             shown = ", ".join(f"{gw} ({told(int(ms))})" for gw, ms in by.items()) + (
                 ", ..." if n_off > len(by) else "")
+            ref = "their peers' (the median)" if mine else "the worker's"
             v.add(WARNING, f"{plural(n_off, 'gateway clock is', 'gateway clocks are')} more "
-                           f"than {duration(CLOCK_OFF_MS)} off the worker's (by the time their "
-                           f"health reports take): {shown}; what they stamp with "
-                           "their own time (readings without a time of their own) is misplaced "
-                           "by as much: check their time sync (NTP, UDP 123)")
+                           f"than {duration(CLOCK_OFF_MS)} off {ref} (by the time their health "
+                           f"reports take): {shown}; what they stamp "
+                           "with their own time (readings without a time of their own) is "
+                           "misplaced by as much: check their time sync (NTP, UDP 123)")
     st.judge_certificate(v, doc.get("cert"), now_ms)
     for r in doc.get("rules_idle") or []:
         v.add(WARNING, f"rule {r.get('rule')!r} has judged none of the "

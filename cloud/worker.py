@@ -808,10 +808,12 @@ class CloudWorker:
                                  "last_error": w.last_error}},
                 "gateways": {"heard": len(heard), "quiet": len(quiet),
                              "quiet_names": quiet[:QUIET_SHOWN]},
-                # the gateways whose clock is off ours, the furthest first: by how much
+                # the gateways whose clock is off ours (or, when the gateways' median clock
+                # is off ours, off that), the furthest first: by how much
                 "clocks": {"off": len(self.gateway_clocks.off),
                            "off_by": dict(sorted(self.gateway_clocks.off.items(),
-                                                 key=lambda kv: -abs(kv[1]))[:QUIET_SHOWN])},
+                                                 key=lambda kv: -abs(kv[1]))[:QUIET_SHOWN]),
+                           "worker_off_by": self.gateway_clocks.worker_off},
                 "rules": [r.name for r in c.rules],  # in force (a SIGHUP reads them again)
                 "rules_idle": self.rules_idle(),
                 "stats": self.stats() if stats is None else stats})

@@ -5,6 +5,7 @@ the worker's time while its clock is off (at its own it looked long gone)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import orjson
@@ -52,6 +53,8 @@ def edge_health(lines: list[str]) -> dict[tuple[str, int], dict[str, float]]:
 
 @pytest.mark.parametrize("skew", [-3 * DAY, -2 * CLOCK_OFF_MS, 5 * 60_000])
 def test_a_clock_set_but_wrong_is_found_after_two_minutes_of_reports(skew: int) -> None:
+    """Told after two minutes of reports; judged a minute later when the worker has fewer
+    than three gateways (which clock is wrong, theirs or its, cannot be told then)."""
     clocks = GatewayClocks()
     at, told = reports(clocks, "gw", T, 24)  # 2 minutes of reports: not judged yet
     at, told = reports(clocks, "gw", at, 1)
@@ -60,6 +63,8 @@ def test_a_clock_set_but_wrong_is_found_after_two_minutes_of_reports(skew: int) 
     at, told = reports(clocks, "gw-2", at, 30, skew=skew)
     assert told[:23] == [None] * 23
     assert told[-1] == skew - 40
+    assert not clocks.off
+    at, told = reports(clocks, "gw-2", at, 12, skew=skew)
     assert clocks.off == {"gw-2": skew - 40}
     # set right: back once its wrong reports are out of the last 2.5 minutes
     at, told = reports(clocks, "gw-2", at, 40)
@@ -83,6 +88,69 @@ def test_reports_queued_while_the_worker_was_down_are_not_a_clock_off(drain_ms: 
     assert not clocks.off
 
 
+def fleet(clocks: GatewayClocks, skews: dict[str, int], at: int, rounds: int, *,
+          every: int = 5_000, delay: int = 40) -> int:
+    """``rounds`` rounds of one report from each gateway (its clock ``skews[gw]`` ahead of
+    the worker's), each taking ``delay``: the worker's time after them."""
+    for _ in range(rounds):
+        for gw, skew in skews.items():
+            clocks.report(gw, at - delay + skew, at)
+        at += every
+    return at
+
+
+def test_a_worker_off_its_gateways_is_said_and_each_gateway_judged_against_its_peers(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The worker's host lost its time sync and runs 10 minutes fast (or the worker stays
+    10 minutes behind everything, at its gateways' pace): every gateway looked 10 minutes
+    behind, and "Gateway clock off" would have fired for the whole fleet. With three gateways
+    or more told, their median clock is the reference: the worker is said to be off it, and
+    only the gateway off its peers is (by how much it is off them); once the worker's clock
+    is set right, against the worker's again."""
+    caplog.set_level(logging.INFO, "fieldline.cloud")
+    clocks = GatewayClocks()
+    fast = 10 * 60_000
+    skews = {f"gw-{i}": -fast for i in range(4)} | {"gw-bad": -fast - DAY}
+    at = fleet(clocks, skews, T, 30)
+    assert clocks.worker_off == -fast - 40
+    assert clocks.off == {"gw-bad": -DAY}
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("the gateways' clocks are 10 min behind the worker's (the median of 3)" in m
+               for m in said) == 1, said
+    off = [m for m in said if m.startswith("gateway gw-")]
+    assert all("gw-bad" in m for m in off), off  # no gateway in sync with its peers named
+    # the clocks are as they were (the fleet reckoned as told: not one by one, each report)
+    assert sum("24.0 h behind its peers' (their median)" in m for m in off) == 1, off
+    caplog.clear()
+    at = fleet(clocks, {gw: s + fast for gw, s in skews.items()}, at, 40)  # host's clock set
+    assert clocks.worker_off == 0
+    assert clocks.off == {"gw-bad": -DAY - 40}
+    assert any("agree with the worker's again" in r.getMessage() for r in caplog.records)
+    # two gateways cannot tell which clock is wrong: against the worker's, as before
+    pair = GatewayClocks()
+    fleet(pair, {"a": -fast, "b": -fast}, T, 42)
+    assert pair.worker_off == 0
+    assert pair.off == {"a": -fast - 40, "b": -fast - 40}
+    doc = {"state": "running", "ts": T, "clocks": {"off": 1, "off_by": {"gw-bad": -DAY},
+                                          "worker_off_by": -fast}}
+    v = cloud.assess(doc, T, alive=True)
+    said = [m for _, m in v.attention]
+    assert any(m.startswith("the gateways' clocks are 10 min behind the worker's (their "
+                            "median): this host's clock is off") for m in said), said
+    assert any("1 gateway clock is more than 60 s off their peers' (the median) (by the time "
+               "their health reports take): gw-bad (24.0 h behind)" in m for m in said), said
+
+
+def test_a_gateway_gone_quiet_is_not_said_to_be_off_for_good() -> None:
+    """A gateway whose clock was off, then stopped reporting (unplugged, replaced): it was
+    named in `cloud status` for as long as the worker ran. Forgotten 2.5 minutes on."""
+    clocks = GatewayClocks()
+    at = fleet(clocks, {"gw-off": -DAY, "gw-ok": 0}, T, 42)
+    assert set(clocks.off) == {"gw-off"}
+    at = fleet(clocks, {"gw-ok": 0}, at, 31)
+    assert not clocks.off
+
+
 def test_a_worker_files_the_health_of_a_gateway_whose_clock_is_off_at_its_own_time(
         tmp_path: Path) -> None:
     """The gateway's clock is a day behind: its health points were filed a day back (the
@@ -94,7 +162,7 @@ def test_a_worker_files_the_health_of_a_gateway_whose_clock_is_off_at_its_own_ti
                       influx=InfluxConfig(), state_dir=tmp_path)
     worker = CloudWorker(cfg, clock=clock, registry=Registry(), sink=MemorySink(),
                          source=object())  # type: ignore[arg-type]
-    for k in range(30):
+    for k in range(42):  # told after 2 minutes, judged a minute on (two gateways)
         for gw, skew in (("gw-late", -DAY), ("gw-fine", 0)):
             rep = HealthReport(gateway=gw, ts=clock.now_ms() + skew,
                                gauges={"outbox_depth": 0})
@@ -112,7 +180,7 @@ def test_a_worker_files_the_health_of_a_gateway_whose_clock_is_off_at_its_own_ti
     assert pipeline["gw-fine", fine]["clock_off"] == 0.0
     worker.write_status("running")
     doc = orjson.loads((tmp_path / "status-t.json").read_bytes())
-    assert doc["clocks"] == {"off": 1, "off_by": {"gw-late": -DAY}}
+    assert doc["clocks"] == {"off": 1, "off_by": {"gw-late": -DAY}, "worker_off_by": 0}
     v = cloud.assess(doc, clock.now_ms(), alive=True)
     assert "1 gateway clock is more than 60 s off the worker's" in v.attention[0][1]
     assert "gw-late (24.0 h behind)" in v.attention[0][1]
