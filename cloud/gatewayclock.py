@@ -27,22 +27,18 @@ from __future__ import annotations
 
 import logging
 
-from devices.status import duration
+from devices.status import CLOCK_OFF_MS, told
+
+__all__ = ["CLOCK_OFF_MS", "GatewayClocks", "told"]
 
 log = logging.getLogger("fieldline.cloud")
 
-CLOCK_OFF_MS = 60_000  # a gateway's clock this far from the worker's is off
 BUCKET_MS = 30_000  # the least delay is kept per this much of the worker's time ...
 SPAN_BUCKETS = 4  # ... judged on reports spread over at least this many (2 minutes)
 KEEP_BUCKETS = 5  # ... of the last this many (a clock set right is seen so 2.5 minutes on)
 FLEET = 3  # with this many gateways told, each is judged against their median clock
 LIVE = 0.8  # a report counts when the worker's time since the previous one is this share of
 # the gateway's, or more (a backlog drained faster than it was sent does not)
-
-
-def told(offset_ms: int) -> str:
-    """``3.0 days behind``, ``2 min ahead``: how a gateway's clock stands to the worker's."""
-    return f"{duration(abs(offset_ms))} {'ahead' if offset_ms > 0 else 'behind'}"
 
 
 class GatewayClocks:
@@ -87,6 +83,12 @@ class GatewayClocks:
             self._reckon_fleet(b)
         self._judge(gateway, offset, b)
         return offset
+
+    def against(self, gateway: str) -> int | None:
+        """``gateway``'s clock minus the reference (the worker's, or its gateways' median
+        when the worker is off that), as last told; None when not told (lately)."""
+        t = self._told.get(gateway)
+        return None if t is None else t[1] - self.worker_off
 
     def _judge(self, gateway: str, offset: int, b: int) -> None:
         """Whether ``gateway``'s clock is off (against the worker's, or its peers'), logged

@@ -65,10 +65,10 @@ class PartitionedSource(Protocol):
 
     async def ack(self, gateway: str, acked: list[int], rejected: list[int],
                   incarnation: int = 0, proofs: dict[int, str] | None = None,
-                  conflicts: list[int] | None = None) -> bool:
+                  conflicts: list[int] | None = None, clock_ms: int | None = None) -> bool:
         """Tell a gateway (its ``incarnation``) which batches are safely stored (and which are
-        unusable); False when it could not be sent now (the gateway will re-send, and be
-        acked again)."""
+        unusable), and how its clock stands to the cloud's (``clock_ms``); False when it
+        could not be sent now (the gateway will re-send, and be acked again)."""
         ...
 
 
@@ -173,7 +173,8 @@ class MqttSource:
 
     async def ack(self, gateway: str, acked: list[int], rejected: list[int],
                   incarnation: int = 0, proofs: dict[int, str] | None = None,
-                  conflicts: list[int] | None = None, timeout_s: float = 10.0) -> bool:
+                  conflicts: list[int] | None = None, clock_ms: int | None = None,
+                  timeout_s: float = 10.0) -> bool:
         """Publish the ack and wait for its PUBACK; False (counted, logged) when it could not
         be sent or the broker refused it: the gateway will re-send, and be acked again."""
         import aiomqtt
@@ -182,7 +183,7 @@ class MqttSource:
         if client is None:
             return False
         try:
-            payload = encode_ack(acked, rejected, incarnation, proofs, conflicts)
+            payload = encode_ack(acked, rejected, incarnation, proofs, conflicts, clock_ms)
             info = self._paho.publish(ack_topic(gateway), payload, qos=1)
             if info.rc != 0:
                 raise aiomqtt.MqttError(f"publish failed ({info.rc})")

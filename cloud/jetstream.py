@@ -732,13 +732,13 @@ class JetStreamSource:
 
     async def ack(self, gateway: str, acked: list[int], rejected: list[int],
                   incarnation: int = 0, proofs: dict[int, str] | None = None,
-                  conflicts: list[int] | None = None) -> bool:
+                  conflicts: list[int] | None = None, clock_ms: int | None = None) -> bool:
         if self._nc is None or not self._nc.is_connected:
             return False
         try:
             await self._nc.publish(f"{ACK}.{gateway_token(gateway)}",
                                    encode_ack(acked, rejected, incarnation, proofs,
-                                              conflicts))
+                                              conflicts, clock_ms))
         except Exception as exc:
             log.warning("could not publish the ack for %s: %s", gateway, exc)
             return False

@@ -882,7 +882,9 @@ class CloudWorker:
             if self._dedup_path is not None and not self.per_partition:
                 await self._save_dedup(self._dedup_path)
             for (gw, inc), (acked, rejected, proofs, conflicts) in todo.items():
-                if await self.source.ack(gw, acked, rejected, inc, proofs, conflicts or None):
+                # (and how its clock stands to ours, or its peers': its `edge status` says)
+                if await self.source.ack(gw, acked, rejected, inc, proofs, conflicts or None,
+                                         clock_ms=self.gateway_clocks.against(gw)):
                     self.counters["acks_sent"] += len(acked) + len(rejected)
                 else:
                     self.counters["acks_unsent"] += len(acked) + len(rejected)

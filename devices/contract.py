@@ -128,14 +128,19 @@ class Ack:
     conflicts: list[int] = field(default_factory=list)
     # the compressed encodings the acknowledging cloud reads (``READS``; none: JSON only)
     reads: tuple[str, ...] = ()
+    # the gateway's clock minus the cloud's reference (the worker's, or the median of its
+    # gateways' when the worker's is off that), as the worker tells it from the time the
+    # gateway's health reports take; None: not told (yet, or an older worker)
+    clock_ms: int | None = None
 
 
 def encode_ack(acked: list[int], rejected: list[int] | None = None, incarnation: int = 0,
                proofs: dict[int, str] | None = None,
-               conflicts: list[int] | None = None) -> bytes:
+               conflicts: list[int] | None = None, clock_ms: int | None = None) -> bytes:
     """Batches now in InfluxDB (``acked``), and batches the cloud cannot use (``rejected``),
     of the agent incarnation ``incarnation``, with the digest of each as received; and which
-    of them were ``conflicts`` (another batch had their number: see ``Ack``)."""
+    of them were ``conflicts`` (another batch had their number: see ``Ack``); and how the
+    gateway's clock stands to the cloud's (``clock_ms``, see ``Ack``)."""
     doc: dict[str, Any] = {"v": VERSION, "acked": acked, "rejected": rejected or []}
     if incarnation:
         doc["inc"] = incarnation
@@ -143,6 +148,8 @@ def encode_ack(acked: list[int], rejected: list[int] | None = None, incarnation:
         doc["proof"] = {str(k): v for k, v in proofs.items()}
     if conflicts:
         doc["conflict"] = conflicts
+    if clock_ms is not None:
+        doc["clock"] = clock_ms
     doc["reads"] = list(READS)
     return orjson.dumps(doc)
 
@@ -171,8 +178,11 @@ def decode_ack(payload: bytes) -> Ack:
     reads = doc.get("reads", [])
     if not (isinstance(reads, list) and all(isinstance(x, str) for x in reads)):
         raise ContractError(BAD_UPLINK, "ack reads must be a list of encoding names")
+    clock = doc.get("clock")
+    if clock is not None and type(clock) is not int:
+        raise ContractError(BAD_UPLINK, "ack clock must be an integer number of ms")
     return Ack(acked, rejected, inc, {int(k): v for k, v in raw.items()}, conflicts,
-               tuple(reads))
+               tuple(reads), clock)
 
 
 def pack_uplink(payload: bytes) -> bytes:

@@ -81,6 +81,14 @@ def plural(n: int, one: str, many: str) -> str:
     return f"{n:,} {one if n == 1 else many}"
 
 
+CLOCK_OFF_MS = 60_000  # a gateway's clock this far off the cloud worker's (or its peers') is off
+
+
+def told(offset_ms: int) -> str:
+    """``3.0 days behind``, ``2 min ahead``: how a clock stands to another."""
+    return f"{duration(abs(offset_ms))} {'ahead' if offset_ms > 0 else 'behind'}"
+
+
 def duration(ms: float) -> str:
     s = max(0.0, ms / 1000)
     if s < 10:

@@ -1095,6 +1095,9 @@ class EdgeAgent:
                 "health_interval_ms": c.health_interval_ms, "ack_timeout_ms": c.ack_timeout_ms,
                 "outbox_max_bytes": c.outbox_max_bytes, "outbox_policy": c.outbox_policy,
                 "clock_unsynced": self.pipeline.guard.reason,
+                # how the cloud finds this gateway's clock (Ack.clock_ms), and when it said so
+                "cloud_clock": None if self.shipper.cloud_clock is None else dict(
+                    zip(("offset_ms", "told"), self.shipper.cloud_clock, strict=True)),
                 "cert": None if self._cert_expiry is None else {
                     "what": self._cert_expiry[1], "not_after": self._cert_expiry[0]},
                 "links": {

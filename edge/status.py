@@ -20,6 +20,7 @@ import orjson
 
 from devices import status as st
 from devices.status import (
+    CLOCK_OFF_MS,
     CRITICAL,
     LEVELS,
     OK,
@@ -34,6 +35,7 @@ from devices.status import (
     pid_alive,
     plural,
     size,
+    told,
 )
 
 __all__ = ["CRITICAL", "OK", "STATUS_FILE", "UNKNOWN", "WARNING", "Disk", "assess",
@@ -111,6 +113,14 @@ def assess(doc: Mapping[str, Any], now_ms: int, *, alive: bool,
         held = plural(int(g.get("quarantine_held", 0)), "message", "messages")
         v.add(WARNING, f"the gateway's clock is not trusted ({doc.get('clock_unsynced')}): "
                        f"{held} held until it is")
+    cloud_clock = doc.get("cloud_clock") or {}
+    if abs(int(cloud_clock.get("offset_ms", 0))) >= CLOCK_OFF_MS:
+        ago = duration(int(doc["ts"]) - int(cloud_clock.get("told", doc["ts"])))
+        v.add(WARNING, f"the cloud worker finds the gateway's clock "
+                       f"{told(int(cloud_clock['offset_ms']))} (told {ago} before this status, "
+                       "from the time its health reports take): what the agent stamps with it "
+                       "(readings without a time of their own) is misplaced by as much: check "
+                       "its time sync (timedatectl; NTP, UDP 123 through the site's firewall)")
     st.judge_certificate(v, doc.get("cert"), now_ms)
     if g.get("backpressure"):
         v.add(WARNING, "backpressure: the agent takes readings more slowly than they come")
@@ -182,6 +192,11 @@ def render(doc: Mapping[str, Any], verdict: Verdict, now_ms: int,
         f"agent    {float(g.get('rss_mb', 0)):.1f} MiB resident, {int(g.get('open_windows', 0)):,}"
         f" open windows, watermark {duration(g.get('watermark_lag_ms', 0))} behind",
     ]
+    cloud_clock = doc.get("cloud_clock")
+    if cloud_clock:  # (an older worker does not tell)
+        lines.append(f"clock    {told(int(cloud_clock['offset_ms']))} the cloud's, as its worker "
+                     f"told {duration(int(doc['ts']) - int(cloud_clock['told']))} before this "
+                     "status")
     return "\n".join(lines)
 
 

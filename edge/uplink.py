@@ -44,6 +44,7 @@ from devices.contract import (
 )
 from devices.errors import ContractError
 from devices.mqtt import NO_MATCHING_SUBSCRIBERS, BrokerAddress, LinkErrors, make_client
+from devices.status import CLOCK_OFF_MS, told
 from devices.x509 import not_after_ms
 
 log = logging.getLogger("fieldline.edge.uplink")
@@ -420,12 +421,17 @@ class Shipper:
         # acks of this incarnation about batches it never sent: another agent numbers under it
         self.identity_conflicts = 0
         self._renewed_at: int | None = None  # monotonic ms of the last new incarnation drawn
+        # how the cloud finds this gateway's clock (``Ack.clock_ms``), and when it said so
+        # (this gateway's time): (offset ms, told at ms), or None until an ack says
+        self.cloud_clock: tuple[int, int] | None = None
 
     def apply_acks(self) -> None:
         mine = self.uplink.seq.incarnation
         while self.uplink.acks:
             ack = self.uplink.acks.popleft()
             self.cloud.update(ack.reads)
+            if ack.clock_ms is not None:
+                self._cloud_clock(ack.clock_ms)
             if ack.incarnation not in (mine, 0) and ack.incarnation not in self.earlier:
                 self.foreign_acks += 1
                 continue
@@ -447,6 +453,24 @@ class Shipper:
                     or any(s >= self.uplink.seq.handed_out for s in acked + rejected)):
                 self._another_agent_numbers_as_this_one(acked + rejected)
                 mine = self.uplink.seq.incarnation
+
+    def _cloud_clock(self, offset: int) -> None:
+        """The cloud worker tells how this gateway's clock stands to its own (or to its
+        gateways' median), from the time the gateway's health reports take: the one way a
+        clock set but wrong (a Pi booted from its saved time where a firewall lets MQTT
+        through but not NTP) is found here. Said when it begins and when it ends, and by
+        `fieldline edge status`; the agent changes nothing it does (anyone who may publish on
+        the ack topic could say it)."""
+        was = self.cloud_clock is not None and abs(self.cloud_clock[0]) >= CLOCK_OFF_MS
+        self.cloud_clock = (offset, self.clock.now_ms())
+        if abs(offset) >= CLOCK_OFF_MS and not was:
+            log.warning("the cloud worker finds this gateway's clock %s (from the time its "
+                        "health reports take): what the agent stamps with it (readings without "
+                        "a time of their own, its health) is misplaced by as much. Check the "
+                        "time sync (timedatectl; NTP, UDP 123 through the site's firewall)",
+                        told(offset))
+        elif was and abs(offset) < CLOCK_OFF_MS:
+            log.info("the cloud worker finds this gateway's clock right again (%d ms)", offset)
 
     def _another_agent_numbers_as_this_one(self, seqs: list[int]) -> None:
         """An ack of this agent's incarnation about a batch it never sent (a number it has not

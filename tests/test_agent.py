@@ -301,6 +301,48 @@ def test_an_ack_about_batches_this_agent_never_sent_moves_it_to_a_new_incarnatio
     assert agent.uplink.seq.incarnation not in (old, new)
 
 
+def test_the_agent_says_when_the_cloud_finds_its_clock_off(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A clock set but wrong (a Pi booted from its saved time where a firewall lets MQTT
+    through but not NTP) cannot be found at the gateway. The cloud worker tells it, in its
+    acks, from the time the gateway's health reports take: the agent logs it when it begins
+    and when it ends, and `fieldline edge status` warns with by how much (its ``clock`` line
+    shows it in any case). An ack of an older worker, without it, changes nothing."""
+    from devices.contract import decode_ack, encode_ack
+    from edge.status import status_command
+
+    clock = ManualClock(now_ms=T + 60_000)
+    agent, _ = agent_holding_batches(tmp_path, clock)
+
+    def ack(clock_ms: int | None) -> None:
+        agent.uplink.acks.append(decode_ack(encode_ack([], clock_ms=clock_ms)))
+        agent.shipper.apply_acks()
+
+    def status() -> str:
+        agent._write_status(agent.health(), "running")
+        return status_command(tmp_path, as_json=False, now_ms=clock.now_ms())[1]
+
+    ack(None)
+    assert agent.shipper.cloud_clock is None
+    assert "clock    " not in status()
+    caplog.set_level(logging.INFO, "fieldline.edge")
+    for _ in range(3):
+        ack(-3 * 86_400_000)
+        clock.advance(5_000)
+    said = [r.getMessage() for r in caplog.records if "cloud worker finds" in r.getMessage()]
+    assert len(said) == 1, said
+    assert "this gateway's clock 3.0 days behind" in said[0]
+    text = status()
+    assert ("! the cloud worker finds the gateway's clock 3.0 days behind (told 5.0 s before "
+            "this status, from the time its health reports take)") in text, text
+    assert "clock    3.0 days behind the cloud's, as its worker told 5.0 s before" in text
+    ack(-40)  # its time sync mended
+    assert "right again" in caplog.text
+    text = status()
+    assert "cloud worker finds" not in text
+    assert "clock    0.0 s behind the cloud's, as its worker told 0.0 s before" in text
+
+
 @pytest.mark.integration
 def test_a_redelivered_reading_is_received_and_counted_as_a_duplicate(tmp_path: Path) -> None:
     # a broker re-delivering after an agent restart: the reading arrived twice, is in its

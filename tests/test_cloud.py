@@ -145,7 +145,7 @@ def test_a_rule_alert_open_when_the_worker_dies_still_resolves_after_its_restart
             self.acked: list[int] = []
 
         async def ack(self, gateway: str, acked: list[int], rejected: list[int], inc: int,
-                      proofs: object, conflicts: object) -> bool:
+                      proofs: object, conflicts: object, clock_ms: object) -> bool:
             self.acked += acked
             return True
 

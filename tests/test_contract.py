@@ -194,3 +194,16 @@ def test_acks_say_what_the_cloud_reads() -> None:
     assert decode_ack(orjson.dumps({"v": 1, "acked": [1], "rejected": []})).reads == ()
     with pytest.raises(ContractError, match="reads"):
         decode_ack(orjson.dumps({"v": 1, "acked": [1], "rejected": [], "reads": "zlib"}))
+
+
+def test_acks_tell_the_gateway_how_its_clock_stands_to_the_clouds() -> None:
+    """An ack carries the gateway's clock minus the cloud's, once the worker has told it;
+    without it (not told yet, an older worker) None; anything but an integer is refused."""
+    from devices.contract import decode_ack, encode_ack
+
+    assert decode_ack(encode_ack([1], clock_ms=-86_400_000)).clock_ms == -86_400_000
+    assert decode_ack(encode_ack([1], clock_ms=0)).clock_ms == 0
+    assert decode_ack(encode_ack([1])).clock_ms is None
+    for bad in ("-5", 1.5, True, [1]):
+        with pytest.raises(ContractError, match="clock"):
+            decode_ack(orjson.dumps({"v": 1, "acked": [1], "rejected": [], "clock": bad}))

@@ -5,6 +5,7 @@ the worker's time while its clock is off (at its own it looked long gone)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -160,8 +161,18 @@ def test_a_worker_files_the_health_of_a_gateway_whose_clock_is_off_at_its_own_ti
     clock = ManualClock(T)
     cfg = CloudConfig(worker_id="t", broker=BrokerAddress(host="127.0.0.1", port=1),
                       influx=InfluxConfig(), state_dir=tmp_path)
+    class Acks:  # the source's side of the acks: what each gateway is told
+        def __init__(self) -> None:
+            self.told: dict[str, int | None] = {}
+
+        async def ack(self, gateway: str, *_a: object, clock_ms: int | None = None,
+                      **_k: object) -> bool:
+            self.told[gateway] = clock_ms
+            return True
+
+    acks = Acks()
     worker = CloudWorker(cfg, clock=clock, registry=Registry(), sink=MemorySink(),
-                         source=object())  # type: ignore[arg-type]
+                         source=acks)  # type: ignore[arg-type]
     for k in range(42):  # told after 2 minutes, judged a minute on (two gateways)
         for gw, skew in (("gw-late", -DAY), ("gw-fine", 0)):
             rep = HealthReport(gateway=gw, ts=clock.now_ms() + skew,
@@ -184,3 +195,11 @@ def test_a_worker_files_the_health_of_a_gateway_whose_clock_is_off_at_its_own_ti
     v = cloud.assess(doc, clock.now_ms(), alive=True)
     assert "1 gateway clock is more than 60 s off the worker's" in v.attention[0][1]
     assert "gw-late (24.0 h behind)" in v.attention[0][1]
+    # and each gateway is told, with its acks (its `edge status` says it); one not told yet
+    # is told nothing
+    for gw in ("gw-late", "gw-fine", "gw-new"):
+        worker._acks[gw, 0] = ([1], [], {}, [])
+    stop = asyncio.Event()
+    stop.set()
+    asyncio.run(worker._acker(stop))
+    assert acks.told == {"gw-late": -DAY, "gw-fine": 0, "gw-new": None}
