@@ -241,9 +241,20 @@ class EdgePipeline:
         judged it sane; readings are validated against that reading of it, not a later one (a
         network-time step between the two would have judged a batch by a clock the guard
         never saw: readings 3 hours ahead of it, refused as clock_future instead of held)."""
-        self.counters["messages_in"] += len(messages)
         untimed = self.decoder.untimed_taken
         cols, bad, samples = self.decoder.decode(messages)
+        if (refuse is None and len(cols) and self.config.engine.clock_policy == "trust"
+                and self.guard.devices_say(cols.device, cols.ts, cols.recv, now_ms,
+                                           self.clock.monotonic_ms())):
+            # its devices agree the gateway clock is behind theirs: held with what follows,
+            # nothing of them counted yet (decoded again when released)
+            mono = self.clock.monotonic_ms()
+            self.guard.judge(now_ms, mono)
+            shed = self.guard.hold(messages, now_ms, mono)
+            if shed:
+                self._fold(shed, now_ms, refuse=rejects.CLOCK_UNSYNCED)
+            return
+        self.counters["messages_in"] += len(messages)
         self.counters["readings_untimed"] += self.decoder.untimed_taken - untimed
         self._ledger_grow()
         by_reason: dict[str, list[int]] = {}
@@ -635,6 +646,10 @@ class EdgeAgent:
         self.shipper = Shipper(self.outbox, self.uplink, self.clock, state_dir=state_dir,
                                max_inflight=config.max_inflight_batches,
                                ack_timeout_ms=config.ack_timeout_ms)
+        # the cloud's word on this gateway's clock: devices ahead of a clock it finds right
+        # do not make the clock untrusted (ClockGuard.devices_say)
+        self.shipper.on_clock = lambda offset: self.pipeline.guard.cloud_says(
+            offset, self.clock.monotonic_ms())
         if self.uplink.seq.recovered:
             self._resume_sequence()
         self._last_overflow = 0

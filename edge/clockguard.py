@@ -15,7 +15,17 @@ The clock is implausible when
   those were accepted as at most ``max_future`` ahead of the clock of that moment, so a clock
   now behind them went back (a step of the network time, a reboot without network, an RTC
   with a flat battery). Readings only ever move this mark forward if they passed ``max_future``,
-  so a steady clock is never judged implausible by it.
+  so a steady clock is never judged implausible by it; or
+* its devices agree it is behind (``devices_say``): a clock set, but from a time saved days ago
+  (a Pi booted where a firewall lets MQTT through but not NTP), is past the floor and steps
+  back from nothing, yet every device that stamps its readings finds them ``clock_future``.
+  When ``AGREE`` devices or more, and more than those in step with it, send readings ahead of
+  it by more than ``max_future`` within a minute (and by about as much: within ``max_future``
+  of each other), the gateway clock is the wrong one, not each of theirs. It is sane again
+  once it has caught up with them (their time carried forward by the monotonic clock). Unless
+  the cloud worker said within the last ``CLOUD_SAYS_MS`` that this clock is right
+  (``cloud_says``, from the time the gateway's health reports take): then the devices are
+  wrong, and their readings are refused as before.
 
 A quarantine that outgrows its bound sheds its oldest messages, decoded and counted as rejected
 ``clock_unsynced``: per device, like every other rejection.
@@ -30,10 +40,17 @@ from typing import NamedTuple
 
 import numpy as np
 
+from devices.readings import capacity
+from devices.status import CLOCK_OFF_MS, duration
+
 log = logging.getLogger("fieldline.edge.clock")
 
 SLACK_MS = 60_000  # how far a clock may step back (a slewed second, a leap) before it is doubted
+AGREE = 3  # devices ahead of the gateway clock that, as the most of those heard, say it is behind
+AGREE_MS = 60_000  # ... within this much monotonic time
+CLOUD_SAYS_MS = 600_000  # the cloud's word that the clock is right holds this long
 NO_MONO = -1  # a held message's monotonic time is unknown (received in an earlier boot)
+NEVER_MS = np.iinfo(np.int64).min // 4  # (a device not seen so)
 
 
 def boot_id() -> str:
@@ -73,6 +90,15 @@ class ClockGuard:
         self.episodes = 0  # times the clock turned implausible
         self._sane: tuple[int, int] | None = None  # (wall, monotonic) last seen sane this run
         self.boot = boot_id()
+        # per device id, the monotonic ms of its last reading in step with the clock, of its
+        # last ahead of it by more than max_future, and by how much that was (devices_say)
+        self._step_mono = np.zeros(0, np.int64)
+        self._lead_mono = np.zeros(0, np.int64)
+        self._lead = np.zeros(0, np.int64)
+        # the devices' time when they said the clock is behind: (wall ms, monotonic ms)
+        self._devices_time: tuple[int, int] | None = None
+        self._devices_said = ""
+        self._cloud_fine_at: int | None = None  # monotonic ms the cloud last said it is right
 
     def judge(self, now_ms: int, mono_ms: int) -> str | None:
         """Why the clock reading ``now_ms`` cannot be trusted, or None (and remember it)."""
@@ -83,9 +109,15 @@ class ClockGuard:
             why = (f"the gateway clock reads {iso(now_ms)}, {(self.trusted_ms - now_ms) / 1000:.0f}"
                    f" s behind readings it already accepted (up to {iso(self.trusted_ms)}): "
                    f"it went back")
+        elif self._devices_time is not None and now_ms < (
+                self._devices_time[0] + mono_ms - self._devices_time[1] - self.max_future_ms):
+            theirs = self._devices_time[0] + mono_ms - self._devices_time[1]
+            why = (f"the gateway clock reads {iso(now_ms)}, {duration(theirs - now_ms)} behind "
+                   f"its devices' clocks ({self._devices_said})")
         else:
             why = None
         if why is None:
+            self._devices_time = None
             self._sane = (now_ms, mono_ms)
             if self.reason is not None:
                 log.warning("the gateway clock is sane again (%s): re-judging %d held messages",
@@ -96,6 +128,60 @@ class ClockGuard:
                       "%d bytes), nothing is judged by it", why, self.max_bytes)
         self.reason = why
         return why
+
+    def devices_say(self, device: np.ndarray, ts: np.ndarray, recv: np.ndarray, now_ms: int,
+                    mono_ms: int) -> bool:
+        """Whether the devices of a decoded batch (``device``, event times ``ts``, receive
+        times ``recv``) now say the clock reading ``now_ms`` is behind (then it is not trusted
+        from here on: ``judge``). Each device's last reading in step with the clock, and its
+        last ahead of it (and by how much), are kept per device id: what the last ``AGREE_MS``
+        showed is judged, whatever batches it came in. Readings stamped at receipt
+        (``ts == recv``) say nothing of the time."""
+        if not len(device):
+            return False
+        n = int(device.max()) + 1
+        if n > len(self._step_mono):
+            grown = np.full(capacity(n), NEVER_MS, np.int64)
+            grown[:len(self._step_mono)] = self._step_mono
+            self._step_mono = grown
+        ahead = ts > now_ms + self.max_future_ms
+        self._step_mono[device[~ahead & (ts != recv)]] = mono_ms
+        if not ahead.any():
+            return False
+        if len(self._lead_mono) < len(self._step_mono):
+            lead_mono = np.full(len(self._step_mono), NEVER_MS, np.int64)
+            lead_mono[:len(self._lead_mono)] = self._lead_mono
+            lead = np.zeros(len(self._step_mono), np.int64)
+            lead[:len(self._lead)] = self._lead
+            self._lead_mono, self._lead = lead_mono, lead
+        dev = device[ahead]
+        self._lead[dev] = np.iinfo(np.int64).max
+        np.minimum.at(self._lead, dev, ts[ahead] - now_ms)  # its least lead in this batch
+        self._lead_mono[dev] = mono_ms
+        recent = self._lead_mono > mono_ms - AGREE_MS
+        leads = np.sort(self._lead[recent])
+        in_step = int(np.count_nonzero((self._step_mono > mono_ms - AGREE_MS) & ~recent))
+        if len(leads) < AGREE:
+            return False
+        mid = int(leads[len(leads) // 2])
+        agree = int(np.count_nonzero(np.abs(leads - mid) <= self.max_future_ms))
+        if agree < AGREE or agree <= in_step:  # fewer than those in step, or each ahead its
+            return False  # own way: their clocks are the wrong ones
+        if self._cloud_fine_at is not None and mono_ms - self._cloud_fine_at < CLOUD_SAYS_MS:
+            return False  # the cloud finds this clock right: the devices' are the wrong ones
+        self._devices_said = (f"{agree} devices' readings {duration(mid)} ahead of it, "
+                              f"{in_step} in step with it")
+        self._devices_time = (now_ms + mid, mono_ms)
+        self._lead_mono[:] = NEVER_MS  # (said: gathered afresh next time)
+        return True
+
+    def cloud_says(self, offset_ms: int, mono_ms: int) -> None:
+        """The cloud worker's word on this clock (``Ack.clock_ms``): right (within
+        ``CLOCK_OFF_MS``), devices ahead of it are wrong for the next ``CLOUD_SAYS_MS``."""
+        if abs(offset_ms) < CLOCK_OFF_MS:
+            self._cloud_fine_at = mono_ms
+        else:
+            self._cloud_fine_at = None
 
     def estimate_ms(self, now_ms: int, mono_ms: int) -> int:
         """The best guess of the true time: the clock itself when sane, else the last sane

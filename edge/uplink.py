@@ -25,6 +25,7 @@ import random
 import secrets
 import threading
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -424,6 +425,7 @@ class Shipper:
         # how the cloud finds this gateway's clock (``Ack.clock_ms``), and when it said so
         # (this gateway's time): (offset ms, told at ms), or None until an ack says
         self.cloud_clock: tuple[int, int] | None = None
+        self.on_clock: Callable[[int], None] | None = None  # told each offset the cloud says
 
     def apply_acks(self) -> None:
         mine = self.uplink.seq.incarnation
@@ -459,10 +461,14 @@ class Shipper:
         gateways' median), from the time the gateway's health reports take: the one way a
         clock set but wrong (a Pi booted from its saved time where a firewall lets MQTT
         through but not NTP) is found here. Said when it begins and when it ends, and by
-        `fieldline edge status`; the agent changes nothing it does (anyone who may publish on
-        the ack topic could say it)."""
+        `fieldline edge status`. It changes one thing the agent does (``on_clock``): while
+        the cloud finds the clock right, devices ahead of it are refused as theirs being
+        wrong instead of making it untrusted (``ClockGuard.devices_say``): what an ack forged
+        by anyone who may publish on the ack topic could do is what the agent did before."""
         was = self.cloud_clock is not None and abs(self.cloud_clock[0]) >= CLOCK_OFF_MS
         self.cloud_clock = (offset, self.clock.now_ms())
+        if self.on_clock is not None:
+            self.on_clock(offset)
         if abs(offset) >= CLOCK_OFF_MS and not was:
             log.warning("the cloud worker finds this gateway's clock %s (from the time its "
                         "health reports take): what the agent stamps with it (readings without "

@@ -245,3 +245,73 @@ def test_clock_floor_is_a_date_and_a_bad_one_names_its_key(tmp_path: Path) -> No
     bad.write_text(shipped.replace("clock_floor = 2020-01-01", 'clock_floor = "last week"'))
     with pytest.raises(ConfigError, match=r"validate\.clock_floor"):
         load_edge_config(bad)
+
+
+def msg_at(device: str, ts_ms: int, seq: int) -> tuple[str, bytes, int]:
+    """One reading ``device`` stamped ``ts_ms`` by its own clock."""
+    return (f"devices/{device}/readings",
+            encode_single(device, "temperature", ts_ms, 20.0 + seq % 30, seq), 0)
+
+
+def test_a_clock_set_days_behind_its_devices_holds_their_readings_until_it_is_mended(
+        tmp_path: Path) -> None:
+    """A Pi booted from the time it saved three days ago, where a firewall lets MQTT through
+    but not NTP: its clock is past the floor and never steps back, so it was trusted, and
+    every reading of its devices (which stamp their own, true, time) was rejected as
+    clock_future. Its devices agree it is behind: held, then accepted once it is mended; a
+    device without a time of its own says nothing either way."""
+    clock = ManualClock(now_ms=T - 3 * 86_400_000, monotonic_ms=5_000)
+    p = EdgePipeline(config(tmp_path, max_past_ms=7 * 86_400_000), clock)
+    for s in range(10):
+        p.process(stamped([*(msg_at(f"d{i}", T + s * 1000, s) for i in range(3)),
+                           senml_now("plain", 20.0 + s)], clock))
+        clock.advance(1000)
+    s = p.stats()
+    assert s["rejected"] == 0
+    assert s["readings_received"] == 0
+    assert s["clock_unsynced"] == 1
+    assert s["quarantine_held"] == 40
+    assert "3.0 days behind its devices' clocks (3 devices' readings 3.0 days ahead of it, " \
+           "0 in step with it)" in str(p.guard.reason)
+    clock.advance(50_000)  # (the devices' time goes on with the monotonic clock)
+    p.process([])
+    assert p.stats()["clock_unsynced"] == 1
+    clock.set_wall(T + 60_000)  # network time arrives
+    p.process([])
+    s = p.stats()
+    assert s["clock_unsynced"] == 0
+    assert s["quarantine_released"] == 40
+    assert s["readings_accepted"] == 40
+    assert s["rejected"] == 0
+    assert s["clock_unsynced_episodes"] == 1
+    ledger_law(p)
+
+
+DAY = 86_400_000
+
+
+@pytest.mark.parametrize(("leads", "in_step", "cloud_fine", "apart"), [
+    ([3 * DAY, 3 * DAY], 0, False, False),  # two devices cannot say it: each may be wrong
+    ([3 * DAY] * 3, 4, False, False),  # more devices in step with the clock than ahead of it
+    ([3 * DAY] * 3, 4, False, True),  # ... in batches of their own
+    ([3_600_000, DAY, 3 * DAY], 0, False, False),  # each ahead its own way: theirs are wrong
+    ([3 * DAY] * 3, 0, True, False),  # the cloud finds the clock right: the devices are wrong
+])
+def test_devices_ahead_of_a_clock_they_cannot_show_wrong_are_refused_as_before(
+        tmp_path: Path, leads: list[int], in_step: int, cloud_fine: bool, apart: bool) -> None:
+    clock = ManualClock(now_ms=T, monotonic_ms=5_000)
+    p = EdgePipeline(config(tmp_path, max_past_ms=7 * 86_400_000), clock)
+    if cloud_fine:
+        p.guard.cloud_says(-40, clock.monotonic_ms())
+    for s in range(10):
+        fine = [msg_at(f"fine-{i}", T - 200 + s * 1000, s) for i in range(in_step)]
+        ahead = [msg_at(f"ahead-{i}", T + lead + s * 1000, s) for i, lead in enumerate(leads)]
+        for batch in ([fine, ahead] if apart else [fine + ahead]):
+            p.process(stamped(batch, clock))
+            clock.advance(500)
+    s = p.stats()
+    assert s["clock_unsynced"] == 0
+    assert s["quarantine_held"] == 0
+    assert s["rejected_clock_future"] == 10 * len(leads)
+    assert s["readings_accepted"] == 10 * in_step
+    ledger_law(p)

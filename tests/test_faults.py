@@ -641,6 +641,41 @@ def test_r7_gateway_clock_at_1970_then_stepped_forward_and_back_loses_nothing(
         rig.stop()
 
 
+def test_r7b_gateway_clock_set_days_behind_its_devices_then_mended_loses_nothing(
+        tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto],
+        influx_db: InfluxV1Client) -> None:
+    """A gateway clock past validate.clock_floor but three days behind (a Pi booted from the
+    time it saved when it was switched off, where a firewall lets MQTT through but not NTP):
+    it never steps back, so the guard did not doubt it, and every reading of its devices,
+    which stamp their own time, was rejected as clock_future and lost. Now the devices agree
+    it is behind: it is not trusted (health and `edge status` say why), their messages are
+    held, and once network time mends it every reading reaches InfluxDB."""
+    clock_file = tmp_path / "gateway-clock-offset-ms"
+    clock_file.write_text(str(-3 * 86_400_000))
+    rig = Rig(tmp_path, mosquitto_factory, influx_db, wallclock=clock_file)
+    try:
+        rig.start_chain(fleet_s=16)
+        time.sleep(5)
+        held = rig.health("edge")
+        text = rig.edge_status()[1]  # (by this host's clock: the status looks 3 days old)
+        clock_file.write_text("0")  # network time arrives
+        rig.wait_fleet()
+        led = finish(rig)
+        assert held.get("clock_unsynced") == 1, held
+        assert held.get("quarantine_held", 0) > 0, held
+        assert ("the gateway's clock is not trusted (the gateway clock reads "
+                in text), text
+        assert "3.0 days behind its devices' clocks (12 devices' readings 3.0 days ahead" in text
+        h = rig.health("edge")
+        assert h["clock_unsynced"] == 0, h
+        assert h["clock_unsynced_episodes"] == 1, h
+        assert h["messages_quarantined"] == h["quarantine_released"] > 0, h
+        assert led["rejected"] == 0
+        assert led["readings_gap"] == 0
+    finally:
+        rig.stop()
+
+
 def test_r11_a_forged_ack_deletes_nothing(rig: Rig) -> None:
     """Issue 12, item 11: anyone who may publish on a gateway's ack topic (no ACL, a leaked
     credential) acknowledges every sequence number, with no proof, with made-up proofs, for
