@@ -29,13 +29,14 @@ import logging
 
 from devices.status import CLOCK_OFF_MS, told
 
-__all__ = ["CLOCK_OFF_MS", "GatewayClocks", "told"]
+__all__ = ["CLOCK_OFF_MS", "CLOCK_TELL_MS", "GatewayClocks", "told"]
 
 log = logging.getLogger("fieldline.cloud")
 
 BUCKET_MS = 30_000  # the least delay is kept per this much of the worker's time ...
 SPAN_BUCKETS = 4  # ... judged on reports spread over at least this many (2 minutes)
 KEEP_BUCKETS = 5  # ... of the last this many (a clock set right is seen so 2.5 minutes on)
+CLOCK_TELL_MS = 60_000  # each gateway is told its clock in an ack of its own this often
 FLEET = 3  # with this many gateways told, each is judged against their median clock
 LIVE = 0.8  # a report counts when the worker's time since the previous one is this share of
 # the gateway's, or more (a backlog drained faster than it was sent does not)

@@ -25,7 +25,7 @@ from cloud.dedup import BatchDedup, Seen
 from cloud.detect import DetectionStage
 from cloud.detect.stage import Detections, subject_of, write_snapshot
 from cloud.enrich import UNKNOWN_SITE, EnrichedResults, Enricher
-from cloud.gatewayclock import GatewayClocks
+from cloud.gatewayclock import CLOCK_TELL_MS, GatewayClocks
 from cloud.ingest import MqttSource, PartitionedSource, PartitionEvent, SourceMessage
 from cloud.jetstream import shown
 from cloud.partition import Captured, PartitionState, build_detection, encode_snapshot
@@ -211,6 +211,7 @@ class CloudWorker:
         # gateway -> (when its last health report came, by this worker's clock; its partition)
         self.gateways_heard: dict[str, tuple[int, int]] = {}
         self.gateway_clocks = GatewayClocks()  # each gateway's clock against ours
+        self._clock_told: dict[str, int] = {}  # gateway -> when (our ms) an ack last told it
         self._started = self.clock.now_ms()
         self._links = Links()
         self._status_failed = False
@@ -355,6 +356,12 @@ class CloudWorker:
         gauges = {**rep.gauges, "clock_off": int(off)}  # (0 also while not told yet)
         if offset is not None:  # its clock against ours, once known
             gauges["clock_offset_ms"] = offset
+            if at_ms - self._clock_told.get(rep.gateway, -CLOCK_TELL_MS) >= CLOCK_TELL_MS:
+                # and the gateway told so, in an ack of its own at most once a minute, batches
+                # or none (one whose devices doubt its clock holds them all, and sends none)
+                self._clock_told[rep.gateway] = at_ms
+                self._acks.setdefault((rep.gateway, 0), ([], [], {}, []))
+                self._ack_wake.set()
         # a gateway whose own clock is not set yet says so, one whose clock is off ours we
         # tell: its report is filed at our time (at its own, it would look long gone)
         ts = (at_ms or self.clock.now_ms()) if off or rep.gauges.get("clock_unsynced") else rep.ts

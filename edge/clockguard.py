@@ -24,8 +24,9 @@ The clock is implausible when
   of each other), the gateway clock is the wrong one, not each of theirs. It is sane again
   once it has caught up with them (their time carried forward by the monotonic clock). Unless
   the cloud worker said within the last ``CLOUD_SAYS_MS`` that this clock is right
-  (``cloud_says``, from the time the gateway's health reports take): then the devices are
-  wrong, and their readings are refused as before.
+  (``cloud_says``: it tells each gateway once a minute, from the time its health reports take):
+  then the devices are wrong (a site's devices set to local time, say), their readings are
+  refused as before, and a doubt they raised ends.
 
 A quarantine that outgrows its bound sheds its oldest messages, decoded and counted as rejected
 ``clock_unsynced``: per device, like every other rejection.
@@ -177,9 +178,15 @@ class ClockGuard:
 
     def cloud_says(self, offset_ms: int, mono_ms: int) -> None:
         """The cloud worker's word on this clock (``Ack.clock_ms``): right (within
-        ``CLOCK_OFF_MS``), devices ahead of it are wrong for the next ``CLOUD_SAYS_MS``."""
+        ``CLOCK_OFF_MS``), devices ahead of it are wrong for the next ``CLOUD_SAYS_MS``, and a
+        doubt they raised ends (what it held is released, and judged by the clock)."""
         if abs(offset_ms) < CLOCK_OFF_MS:
             self._cloud_fine_at = mono_ms
+            if self._devices_time is not None:  # a doubt the devices raised ends (theirs are
+                log.warning("the cloud worker finds the gateway clock right (%d ms off its "
+                            "own): the devices ahead of it are the wrong ones; their readings "
+                            "are refused as clock_future", offset_ms)
+                self._devices_time = None  # wrong: a site's devices set to local time, say)
         else:
             self._cloud_fine_at = None
 

@@ -315,3 +315,29 @@ def test_devices_ahead_of_a_clock_they_cannot_show_wrong_are_refused_as_before(
     assert s["rejected_clock_future"] == 10 * len(leads)
     assert s["readings_accepted"] == 10 * in_step
     ledger_law(p)
+
+
+def test_devices_set_to_local_time_are_found_wrong_once_the_cloud_says_the_clock_is_right(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A site's devices all stamp local time as if it were UTC (three hours ahead): they agree
+    the gateway clock is behind, and their messages are held. The cloud worker, which tells
+    each gateway its clock once a minute from the time its health reports take, finds it
+    right: the doubt ends, what was held is judged by the clock, and refused as clock_future,
+    as it was before (counted per device; the held bytes do not stay for good)."""
+    clock = ManualClock(now_ms=T, monotonic_ms=5_000)
+    p = EdgePipeline(config(tmp_path, max_past_ms=7 * 86_400_000), clock)
+    for s in range(10):
+        p.process(stamped([msg_at(f"d{i}", T + 3 * 3_600_000 + s * 1000, s) for i in range(4)],
+                          clock))
+        clock.advance(1000)
+    assert p.stats()["clock_unsynced"] == 1
+    assert p.stats()["quarantine_held"] == 40
+    p.guard.cloud_says(-35, clock.monotonic_ms())  # an ack: 35 ms off the cloud's
+    assert "the devices ahead of it are the wrong ones" in caplog.text
+    p.process(stamped([msg_at(f"d{i}", T + 3 * 3_600_000 + 10_000, 10) for i in range(4)], clock))
+    s = p.stats()
+    assert s["clock_unsynced"] == 0
+    assert s["quarantine_held"] == 0
+    assert s["rejected_clock_future"] == 44
+    assert s["clock_unsynced_episodes"] == 1
+    ledger_law(p)

@@ -195,11 +195,26 @@ def test_a_worker_files_the_health_of_a_gateway_whose_clock_is_off_at_its_own_ti
     v = cloud.assess(doc, clock.now_ms(), alive=True)
     assert "1 gateway clock is more than 60 s off the worker's" in v.attention[0][1]
     assert "gw-late (24.0 h behind)" in v.attention[0][1]
-    # and each gateway is told, with its acks (its `edge status` says it); one not told yet
-    # is told nothing
-    for gw in ("gw-late", "gw-fine", "gw-new"):
-        worker._acks[gw, 0] = ([1], [], {}, [])
+    # and each gateway is told (its `edge status` says it): in an ack of its own once told,
+    # batches or none (one whose devices doubt its clock sends none)
     stop = asyncio.Event()
     stop.set()
+    assert set(worker._acks) == {("gw-late", 0), ("gw-fine", 0)}
+    asyncio.run(worker._acker(stop))
+    assert acks.told == {"gw-late": -DAY, "gw-fine": 0}
+    tells: list[tuple[str, int]] = []
+    for _ in range(24):  # then once a minute, not at every report: twice in 2 minutes
+        for gw in ("gw-late", "gw-fine"):
+            rep = HealthReport(gateway=gw, ts=clock.now_ms() - DAY * (gw == "gw-late"),
+                               gauges={"outbox_depth": 0})
+            worker.handle(SourceMessage(0, 0, health_topic(gw), rep.encode()))
+        tells += list(worker._acks)
+        asyncio.run(worker._acker(stop))
+        clock.advance(5_000)
+    assert sorted(tells) == [("gw-fine", 0)] * 2 + [("gw-late", 0)] * 2
+    # with every ack of its batches too; one not told yet is told nothing
+    for gw in ("gw-late", "gw-fine", "gw-new"):
+        worker._acks[gw, 7] = ([1], [], {}, [])
+    acks.told.clear()
     asyncio.run(worker._acker(stop))
     assert acks.told == {"gw-late": -DAY, "gw-fine": 0, "gw-new": None}
