@@ -191,13 +191,10 @@ class ClockGuard:
             self._cloud_fine_at = None
 
     def estimate_ms(self, now_ms: int, mono_ms: int) -> int:
-        """The best guess of the true time: the clock itself when sane, else (its devices
-        agreeing it is behind) their time, else the last sane reading, carried forward by the
-        monotonic clock (else the last accepted event time)."""
+        """The best guess of the true time: the clock itself when sane, else the last sane
+        reading carried forward by the monotonic clock (else the last accepted event time)."""
         if self.reason is None:
             return now_ms
-        if self._devices_time is not None:
-            return self._devices_time[0] + mono_ms - self._devices_time[1]
         if self._sane is not None:
             return self._sane[0] + mono_ms - self._sane[1]
         return max(self.trusted_ms, self.floor_ms)
