@@ -192,7 +192,10 @@ class ClockGuard:
 
     def estimate_ms(self, now_ms: int, mono_ms: int) -> int:
         """The best guess of the true time: the clock itself when sane, else the last sane
-        reading carried forward by the monotonic clock (else the last accepted event time)."""
+        reading carried forward by the monotonic clock (else the last accepted event time).
+        (Not its devices' time when they doubt it: the health reports stamped with this are
+        what the cloud worker tells the clock by, and its word may be that the devices are
+        wrong. Stamped with theirs, the cloud would find the clock as far off as they do.)"""
         if self.reason is None:
             return now_ms
         if self._sane is not None:

@@ -273,6 +273,9 @@ def test_a_clock_set_days_behind_its_devices_holds_their_readings_until_it_is_me
     assert s["quarantine_held"] == 40
     assert "3.0 days behind its devices' clocks (3 devices' readings 3.0 days ahead of it, " \
            "0 in step with it)" in str(p.guard.reason)
+    # what leaves the agent meanwhile (its health) is stamped with its own clock: the cloud
+    # tells the clock by it (and finds it behind, or right: then the devices are wrong)
+    assert p.wall_ms() == T - 3 * 86_400_000 + 10_000
     clock.advance(50_000)  # (the devices' time goes on with the monotonic clock)
     p.process([])
     assert p.stats()["clock_unsynced"] == 1

@@ -10,7 +10,9 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import orjson
 import psutil
 import pytest
 
@@ -19,7 +21,7 @@ from fieldline.oracle import check, expected_windows, export_windows
 from fieldline.services import InfluxDB, Mosquitto, NatsServer
 from simulators.faults import FaultSpec
 from tests.rig import LABEL, WINDOW_MS, Rig, shipped_gateway
-from tests.test_faults import check_laws, fill, finish, overload
+from tests.test_faults import check_laws, fill, finish, overload, wait_for
 from tests.test_jetstream import GATEWAYS, JsRig, settled
 
 pytestmark = [pytest.mark.integration, pytest.mark.soak]
@@ -364,3 +366,42 @@ def test_soak_jetstream_faults_mixed_and_overlapping(
     finally:
         rig.stop()
         influx.stop()
+
+
+@pytest.mark.timeout(420)
+def test_soak_devices_on_local_time_are_found_wrong_by_the_cloud(
+        tmp_path: Path, mosquitto_factory: Callable[..., Mosquitto],
+        influx_db: InfluxV1Client) -> None:
+    """A site's devices all stamp local time as if it were UTC (three hours ahead) while the
+    gateway's clock is right. They agree the gateway clock is behind, and it holds their
+    messages; the cloud worker, which tells each gateway its clock once a minute from the
+    time its health reports take (batches or none), finds it right: the doubt ends, and what
+    was held is refused as clock_future, as before the devices could doubt the clock, every
+    reading counted. (Health stamped with the devices' time made the cloud find the clock as
+    far off as they did, and the doubt lasted for good: the soak that found it.)"""
+    rig = Rig(tmp_path, mosquitto_factory, influx_db)
+    rig.spec = replace(rig.spec, faults=(FaultSpec(type="clock_jump", at_ms=0,
+                                                   offset_ms=3 * 3_600_000),))
+    status = tmp_path / "edge-state" / "status.json"
+
+    def agent() -> dict[str, Any]:
+        return dict(orjson.loads(status.read_bytes())) if status.exists() else {}
+
+    try:
+        rig.start_chain(fleet_s=180)
+        wait_for(lambda: agent().get("gauges", {}).get("clock_unsynced") == 1, 30)
+        assert "3.0 h behind its devices' clocks" in str(agent().get("clock_unsynced"))
+        wait_for(lambda: agent().get("cloud_clock") is not None
+                      and agent()["gauges"].get("clock_unsynced") == 0, 240)
+        assert abs(agent()["cloud_clock"]["offset_ms"]) < 60_000
+        rig.wait_fleet()
+        led = rig.ledger_when(lambda d: d.get("readings_received", 0) == len(rig.published), 60)
+        check_laws(led)
+        assert led["readings_accepted"] == 0
+        assert led["rejected"] == len(rig.published)
+        h = rig.health("edge")
+        assert h["messages_quarantined"] == h["quarantine_released"] > 0, h
+        assert h["clock_unsynced"] == 0, h
+        assert "clock    0.0 s behind the cloud's" in rig.edge_status()[1]
+    finally:
+        rig.stop()
