@@ -53,6 +53,26 @@ def ledger_law(p: EdgePipeline) -> None:
     assert (rec == parts).all()
 
 
+def held(p: EdgePipeline, n: int) -> None:
+    """The clock not trusted, ``n`` messages held, none of their readings counted yet."""
+    s = p.stats()
+    assert s["rejected"] == 0
+    assert s["readings_received"] == 0
+    assert s["clock_unsynced"] == 1
+    assert s["quarantine_held"] == n
+
+
+def released(p: EdgePipeline, n: int) -> None:
+    """The clock trusted again, the ``n`` messages held released, and every reading accepted."""
+    s = p.stats()
+    assert s["clock_unsynced"] == 0
+    assert s["quarantine_held"] == 0
+    assert s["quarantine_released"] == n
+    assert s["readings_accepted"] == n
+    assert s["rejected"] == 0
+    ledger_law(p)
+
+
 def window_counts(p: EdgePipeline) -> dict[tuple[str, int], int]:
     res = p.emit(flush=True)
     names = p.devices.names
@@ -67,23 +87,13 @@ def test_a_gateway_booted_at_1970_holds_readings_until_network_time_then_accepts
     for s in range(0, 20):
         p.process(stamped([*readings("d1", range(s, s + 1)), senml_now("d2", 20.0 + s)], clock))
         clock.advance(1000)
-    s = p.stats()
     # before: 20 of d1 rejected as clock_future, 20 of d2 as bad_timestamp (stamped 1970)
-    assert s["rejected"] == 0
-    assert s["readings_received"] == 0
-    assert s["clock_unsynced"] == 1
-    assert s["quarantine_held"] == 40
-    assert s["messages_quarantined"] == 40
+    held(p, 40)
+    assert p.stats()["messages_quarantined"] == 40
     # network time arrives: the wall clock steps to the true time (20 s after the first reading)
     clock.set_wall(T + 20_000)
     p.process([])
-    s = p.stats()
-    assert s["clock_unsynced"] == 0
-    assert s["quarantine_held"] == 0
-    assert s["quarantine_released"] == 40
-    assert s["readings_accepted"] == 40
-    assert s["rejected"] == 0
-    ledger_law(p)
+    released(p, 40)
     # d2's readings are restamped from the monotonic clock to when they arrived, so both
     # devices fill the same two windows, ten readings each
     assert window_counts(p) == {(d, T + w): 10 for d in ("d1", "d2") for w in (0, 10_000)}
@@ -266,11 +276,7 @@ def test_a_clock_set_days_behind_its_devices_holds_their_readings_until_it_is_me
         p.process(stamped([*(msg_at(f"d{i}", T + s * 1000, s) for i in range(3)),
                            senml_now("plain", 20.0 + s)], clock))
         clock.advance(1000)
-    s = p.stats()
-    assert s["rejected"] == 0
-    assert s["readings_received"] == 0
-    assert s["clock_unsynced"] == 1
-    assert s["quarantine_held"] == 40
+    held(p, 40)
     assert "3.0 days behind its devices' clocks (3 devices' readings 3.0 days ahead of it, " \
            "0 in step with it)" in str(p.guard.reason)
     # what leaves the agent meanwhile (its health) is stamped with its own clock: the cloud
@@ -281,13 +287,8 @@ def test_a_clock_set_days_behind_its_devices_holds_their_readings_until_it_is_me
     assert p.stats()["clock_unsynced"] == 1
     clock.set_wall(T + 60_000)  # network time arrives
     p.process([])
-    s = p.stats()
-    assert s["clock_unsynced"] == 0
-    assert s["quarantine_released"] == 40
-    assert s["readings_accepted"] == 40
-    assert s["rejected"] == 0
-    assert s["clock_unsynced_episodes"] == 1
-    ledger_law(p)
+    released(p, 40)
+    assert p.stats()["clock_unsynced_episodes"] == 1
 
 
 DAY = 86_400_000
