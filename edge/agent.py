@@ -243,12 +243,11 @@ class EdgePipeline:
         never saw: readings 3 hours ahead of it, refused as clock_future instead of held)."""
         untimed = self.decoder.untimed_taken
         cols, bad, samples = self.decoder.decode(messages)
+        mono = self.clock.monotonic_ms()
         if (refuse is None and len(cols) and self.config.engine.clock_policy == "trust"
-                and self.guard.devices_say(cols.device, cols.ts, cols.recv, now_ms,
-                                           self.clock.monotonic_ms())):
+                and self.guard.devices_say(cols.device, cols.ts, cols.recv, now_ms, mono)):
             # its devices agree the gateway clock is behind theirs: held with what follows,
             # nothing of them counted yet (decoded again when released)
-            mono = self.clock.monotonic_ms()
             self.guard.judge(now_ms, mono)
             shed = self.guard.hold(messages, now_ms, mono)
             if shed:
