@@ -445,8 +445,9 @@ ALERT_RULES: tuple[AlertRule, ...] = (
                 "Health page and `fieldline edge status` give the reasons."),
     gateway_flag(
         "fieldline-clock-untrusted", "Gateway clock not trusted", "clock_unsynced",
-        "Gateway {{ $labels.gateway }}'s clock is implausible (before validate.clock_floor, or "
-        "stepped back behind readings it accepted): it holds its devices' messages until "
+        "Gateway {{ $labels.gateway }}'s clock is implausible (before validate.clock_floor, "
+        "stepped back behind readings it accepted, or behind its devices' clocks, which agree "
+        "on it: set from a saved time without network time): it holds its devices' messages until "
         "network time sets it, and sheds the oldest beyond validate.quarantine_max (rejected "
         "as clock_unsynced). Check its NTP."),
     gateway_flag(
