@@ -357,8 +357,8 @@ class CloudWorker:
         if offset is not None:  # its clock against ours, once known
             gauges["clock_offset_ms"] = offset
             if at_ms - self._clock_told.get(rep.gateway, -CLOCK_TELL_MS) >= CLOCK_TELL_MS:
-                # and the gateway told so, in an ack of its own at most once a minute, batches
-                # or none (one whose devices doubt its clock holds them all, and sends none)
+                # and the gateway told so: every ack says it; one that had none for a minute
+                # (its devices doubt its clock and it holds them all, say) gets one of its own
                 self._clock_told[rep.gateway] = at_ms
                 self._acks.setdefault((rep.gateway, 0), ([], [], {}, []))
                 self._ack_wake.set()
@@ -890,9 +890,12 @@ class CloudWorker:
                 await self._save_dedup(self._dedup_path)
             for (gw, inc), (acked, rejected, proofs, conflicts) in todo.items():
                 # (and how its clock stands to ours, or its peers': its `edge status` says)
+                clock_ms = self.gateway_clocks.against(gw)
                 if await self.source.ack(gw, acked, rejected, inc, proofs, conflicts or None,
-                                         clock_ms=self.gateway_clocks.against(gw)):
+                                         clock_ms=clock_ms):
                     self.counters["acks_sent"] += len(acked) + len(rejected)
+                    if clock_ms is not None:
+                        self._clock_told[gw] = self.clock.now_ms()
                 else:
                     self.counters["acks_unsent"] += len(acked) + len(rejected)
             if stop.is_set():

@@ -202,19 +202,33 @@ def test_a_worker_files_the_health_of_a_gateway_whose_clock_is_off_at_its_own_ti
     assert set(worker._acks) == {("gw-late", 0), ("gw-fine", 0)}
     asyncio.run(worker._acker(stop))
     assert acks.told == {"gw-late": -DAY, "gw-fine": 0}
-    tells: list[tuple[str, int]] = []
-    for _ in range(24):  # then once a minute, not at every report: twice in 2 minutes
+    tells: dict[tuple[str, int], list[int]] = {}
+    for _ in range(30):  # then once a minute, not at every report
         for gw in ("gw-late", "gw-fine"):
             rep = HealthReport(gateway=gw, ts=clock.now_ms() - DAY * (gw == "gw-late"),
                                gauges={"outbox_depth": 0})
             worker.handle(SourceMessage(0, 0, health_topic(gw), rep.encode()))
-        tells += list(worker._acks)
+        for key in worker._acks:
+            tells.setdefault(key, []).append(clock.now_ms())
         asyncio.run(worker._acker(stop))
         clock.advance(5_000)
-    assert sorted(tells) == [("gw-fine", 0)] * 2 + [("gw-late", 0)] * 2
+    assert set(tells) == {("gw-late", 0), ("gw-fine", 0)}
+    for at in tells.values():
+        assert len(at) == 2
+        assert 60_000 <= at[1] - at[0] <= 65_000
     # with every ack of its batches too; one not told yet is told nothing
     for gw in ("gw-late", "gw-fine", "gw-new"):
         worker._acks[gw, 7] = ([1], [], {}, [])
     acks.told.clear()
     asyncio.run(worker._acker(stop))
     assert acks.told == {"gw-late": -DAY, "gw-fine": 0, "gw-new": None}
+    # and one whose batches are acknowledged gets no ack of its own: it was told with them
+    for _ in range(13):
+        for gw in ("gw-late", "gw-fine"):
+            rep = HealthReport(gateway=gw, ts=clock.now_ms() - DAY * (gw == "gw-late"),
+                               gauges={"outbox_depth": 0})
+            worker.handle(SourceMessage(0, 0, health_topic(gw), rep.encode()))
+        assert ("gw-late", 0) not in worker._acks
+        worker._acks["gw-late", 7] = ([1], [], {}, [])
+        asyncio.run(worker._acker(stop))
+        clock.advance(5_000)
