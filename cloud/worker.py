@@ -13,10 +13,10 @@ import logging
 import os
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -76,6 +76,21 @@ from devices.x509 import CERT_WARN_DAYS, DAY_MS, link_certificate
 # what a worker keeps in ``worker.state_dir``, beside its status and heard files
 DEDUP_FILE, DETECT_FILE, RULES_FILE = "dedup.json", "detect.npz", "rules.json"
 DEAD_LETTER_FILE = "dead-letter.jsonl"
+
+
+ACK_CONCURRENCY = 64  # acks in flight at once (each waits for its PUBACK)
+T = TypeVar("T")
+
+
+async def bounded(calls: list[Coroutine[Any, Any, T]], most: int) -> list[T]:
+    """Await ``calls`` with at most ``most`` of them running at once; their results in order."""
+    gate = asyncio.Semaphore(most)
+
+    async def one(call: Coroutine[Any, Any, T]) -> T:
+        async with gate:
+            return await call
+
+    return list(await asyncio.gather(*(one(c) for c in calls)))
 
 
 def state_files(worker_id: str) -> tuple[str, ...]:
@@ -888,14 +903,22 @@ class CloudWorker:
             await self._save_rules()  # first: what these batches did to the rules' state
             if self._dedup_path is not None and not self.per_partition:
                 await self._save_dedup(self._dedup_path)
-            for (gw, inc), (acked, rejected, proofs, conflicts) in todo.items():
-                # (and how its clock stands to ours, or its peers': its `edge status` says)
-                clock_ms = self.gateway_clocks.against(gw)
-                if await self.source.ack(gw, acked, rejected, inc, proofs, conflicts or None,
-                                         clock_ms=clock_ms):
+            # (and how its clock stands to ours, or its peers': its `edge status` says)
+            clocks = [self.gateway_clocks.against(gw) for gw, _ in todo]
+            # all in flight at once: each waits for its PUBACK, and one after the other a
+            # round cost a round trip to the broker per gateway (`python -m bench.acks`)
+            sent = await bounded([
+                self.source.ack(gw, acked, rejected, inc, proofs, conflicts or None,
+                                clock_ms=clock_ms)
+                for ((gw, inc), (acked, rejected, proofs, conflicts)), clock_ms
+                in zip(todo.items(), clocks, strict=True)], ACK_CONCURRENCY)
+            now = self.clock.now_ms()
+            for ((gw, _), (acked, rejected, _, _)), clock_ms, ok in zip(
+                    todo.items(), clocks, sent, strict=True):
+                if ok:
                     self.counters["acks_sent"] += len(acked) + len(rejected)
                     if clock_ms is not None:
-                        self._clock_told[gw] = self.clock.now_ms()
+                        self._clock_told[gw] = now
                 else:
                     self.counters["acks_unsent"] += len(acked) + len(rejected)
             if stop.is_set():

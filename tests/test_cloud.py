@@ -1119,3 +1119,40 @@ def test_large_partition_snapshots_are_encoded_aside_and_taken_less_often(
     assert worker.stats()["engine_snapshot_every_s"] == pytest.approx(30.0)
     monkeypatch.setattr(worker_mod, "SNAPSHOT_TIME_SHARE", 1e-9)  # time, too, is counted
     assert worker.snapshot_every_s() > 1000
+
+
+def test_a_round_of_acks_is_in_flight_at_once(tmp_path: Path) -> None:
+    """Each ack waits for the broker's PUBACK (one it refuses is not taken as sent): one
+    after the other, a round acknowledging 100 gateways cost 100 round trips to the broker
+    (0.8 s with a broker 2 ms away: `python -m bench.acks`), and every gateway's next batch
+    waited on them. Now a round's acks are in flight together, at most ACK_CONCURRENCY; each
+    is counted as sent or not as before."""
+    from cloud.sinks.base import MemorySink
+    from cloud.worker import ACK_CONCURRENCY
+
+    class Broker:
+        def __init__(self) -> None:
+            self.in_flight = self.most = 0
+            self.acked: dict[str, list[int]] = {}
+
+        async def ack(self, gateway: str, acked: list[int], *_a: object, **_k: object) -> bool:
+            self.in_flight += 1
+            self.most = max(self.most, self.in_flight)
+            await asyncio.sleep(0.01)
+            self.in_flight -= 1
+            self.acked[gateway] = acked
+            return gateway != "gw-13"  # one the broker refuses
+
+    cfg = CloudConfig(worker_id="t", broker=BrokerAddress(host="127.0.0.1", port=1),
+                      influx=InfluxConfig(), state_dir=tmp_path)
+    broker = Broker()
+    worker = CloudWorker(cfg, source=broker, sink=MemorySink())  # type: ignore[arg-type]
+    for i in range(100):
+        worker._acks[f"gw-{i}", 1] = ([i, i + 1], [], {}, [])
+    stop = asyncio.Event()
+    stop.set()
+    asyncio.run(worker._acker(stop))
+    assert broker.most == ACK_CONCURRENCY
+    assert broker.acked == {f"gw-{i}": [i, i + 1] for i in range(100)}
+    assert worker.counters["acks_sent"] == 198
+    assert worker.counters["acks_unsent"] == 2
