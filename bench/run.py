@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from bench import (
+    acks,
     arm64,
     broker,
     custody,
@@ -31,6 +32,7 @@ def main() -> None:
     latency.main()
     custody.main()
     rules.main()
+    acks.main()
     broker.main()
     jetstream.main()
     simulator.main()
