@@ -1125,8 +1125,8 @@ def test_a_round_of_acks_is_in_flight_at_once(tmp_path: Path) -> None:
     """Each ack waits for the broker's PUBACK (one it refuses is not taken as sent): one
     after the other, a round acknowledging N gateways cost N round trips to the broker (0.93
     s for 200 with a broker 2 ms away, 0.17 s at once: `python -m bench.acks`), and every
-    gateway's next batch waited on them. Now a round's acks are in flight together, at most ACK_CONCURRENCY; each
-    is counted as sent or not as before."""
+    gateway's next batch waited on them. Now a round's acks are in flight together, at most
+    ACK_CONCURRENCY; each is counted as sent or not as before."""
     from cloud.sinks.base import MemorySink
     from cloud.worker import ACK_CONCURRENCY
 
