@@ -53,6 +53,15 @@ def capacity(needed: int) -> int:
     quarter left 24 % of a 10,000-device agent's window state empty: 4.4 MB)."""
     return max(needed + needed // 16, 64)
 
+
+def grow(arr: I64, n: int, fill: int) -> I64:
+    """``arr`` with room for ``n`` rows (``capacity``), new rows ``fill``: itself when it has."""
+    if len(arr) >= n:
+        return arr
+    out = np.full(capacity(n), fill, dtype=np.int64)
+    out[: len(arr)] = arr
+    return out
+
 class Interner:
     """Maps names to dense integer ids and back. An id is never reassigned while its name
     holds it; ``release`` frees ids (their names become ""), and new names take freed ids

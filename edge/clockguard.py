@@ -41,7 +41,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from devices.readings import capacity
+from devices.readings import grow
 from devices.status import CLOCK_OFF_MS, duration
 
 log = logging.getLogger("fieldline.edge.clock")
@@ -140,21 +140,14 @@ class ClockGuard:
         (``ts == recv``) say nothing of the time."""
         if not len(device):
             return False
-        n = int(device.max()) + 1
-        if n > len(self._step_mono):
-            grown = np.full(capacity(n), NEVER_MS, np.int64)
-            grown[:len(self._step_mono)] = self._step_mono
-            self._step_mono = grown
+        n = int(device.max()) + 1  # (the three grow together: one length)
+        self._step_mono = grow(self._step_mono, n, NEVER_MS)
+        self._lead_mono = grow(self._lead_mono, n, NEVER_MS)
+        self._lead = grow(self._lead, n, 0)
         ahead = ts > now_ms + self.max_future_ms
         self._step_mono[device[~ahead & (ts != recv)]] = mono_ms
         if not ahead.any():
             return False
-        if len(self._lead_mono) < len(self._step_mono):
-            lead_mono = np.full(len(self._step_mono), NEVER_MS, np.int64)
-            lead_mono[:len(self._lead_mono)] = self._lead_mono
-            lead = np.zeros(len(self._step_mono), np.int64)
-            lead[:len(self._lead)] = self._lead
-            self._lead_mono, self._lead = lead_mono, lead
         dev = device[ahead]
         self._lead[dev] = np.iinfo(np.int64).max
         np.minimum.at(self._lead, dev, ts[ahead] - now_ms)  # its least lead in this batch

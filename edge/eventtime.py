@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from devices.readings import I64, capacity
+from devices.readings import I64, grow
 
 NEVER = np.iinfo(np.int64).min // 4  # "no event time seen yet"
 UNKNOWN_SKEW = np.iinfo(np.int64).max // 4
@@ -49,14 +49,6 @@ class EventTimeSpec:
             raise ValueError("out_of_orderness and allowed_lateness must be >= 0")
         if self.idle_timeout_ms <= 0:
             raise ValueError("idle_timeout must be > 0")
-
-
-def _grow(arr: I64, n: int, fill: int) -> I64:
-    if len(arr) >= n:
-        return arr
-    out = np.full(capacity(n), fill, dtype=np.int64)
-    out[: len(arr)] = arr
-    return out
 
 
 def running_max_before(dev: I64, ts: I64, prior: I64) -> I64:
@@ -112,13 +104,13 @@ class DeviceTime:
         self.skew_period_start: int | None = None
 
     def ensure(self, n: int) -> None:
-        self.max_ts = _grow(self.max_ts, n, NEVER)
-        self.wm_floor = _grow(self.wm_floor, n, NEVER)
-        self.last_seen = _grow(self.last_seen, n, 0)
-        self.interval = _grow(self.interval, n, INTERVAL_UNKNOWN)
-        self.state = _grow(self.state, n, ACTIVE)
-        self.skew_cur = _grow(self.skew_cur, n, UNKNOWN_SKEW)
-        self.skew_est = _grow(self.skew_est, n, UNKNOWN_SKEW)
+        self.max_ts = grow(self.max_ts, n, NEVER)
+        self.wm_floor = grow(self.wm_floor, n, NEVER)
+        self.last_seen = grow(self.last_seen, n, 0)
+        self.interval = grow(self.interval, n, INTERVAL_UNKNOWN)
+        self.state = grow(self.state, n, ACTIVE)
+        self.skew_cur = grow(self.skew_cur, n, UNKNOWN_SKEW)
+        self.skew_est = grow(self.skew_est, n, UNKNOWN_SKEW)
 
     def reset(self, ids: I64) -> None:
         """Ids released for other devices: as if never seen."""
